@@ -1,0 +1,98 @@
+"""Building the megatron CogVideoX for the current parallel layout, from an architecture or from a
+diffusers model directory.
+
+``build_model_from_hf(dir)`` is the one-call entry: it sets up a world of one when no process groups
+exist yet, builds the model for the layout in force (TP / SP / CP from megatron's parallel_state),
+and loads the diffusers weights, each rank taking its own tensor-parallel shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from megatron.core import parallel_state
+from safetensors.torch import load_file
+
+from adm_megatron.convert.cogvideox_mapping import hf_to_megatron
+from adm_megatron.models.cogvideox import CogVideoXTransformer
+from adm_megatron.models.cogvideox_config import CogVideoXArch, make_transformer_config
+from adm_megatron.models.specs import select_spec
+from adm_megatron.models.weights import load_full_state_dict
+from adm_megatron.parallel import ensure_parallel, get_device
+
+_WEIGHTS = "diffusion_pytorch_model.safetensors"
+_INDEX = _WEIGHTS + ".index.json"
+
+
+def check_layout(arch: CogVideoXArch, tensor_parallel: int, context_parallel: int) -> None:
+    """One-line errors for layouts the architecture cannot take (before any tensor is built)."""
+    if arch.num_attention_heads % tensor_parallel:
+        raise ValueError(
+            f"num_attention_heads={arch.num_attention_heads}: not divisible by "
+            f"tensor_parallel={tensor_parallel}"
+        )
+    if arch.ffn_hidden_size % tensor_parallel:
+        raise ValueError(
+            f"ffn hidden size {arch.ffn_hidden_size}: not divisible by tensor_parallel={tensor_parallel}"
+        )
+
+
+def build_model(
+    arch: CogVideoXArch,
+    *,
+    sequence_parallel: bool = False,
+    recompute: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    impl: str = "auto",
+    device: torch.device | str | None = None,
+) -> CogVideoXTransformer:
+    """A randomly initialised model for the parallel layout in force (a world of one if none).
+
+    ``device='meta'`` builds without allocating memory (shapes and parameter counts only).
+    """
+    ensure_parallel()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    cp = parallel_state.get_context_parallel_world_size()
+    check_layout(arch, tp, cp)
+    config = make_transformer_config(
+        arch,
+        tensor_parallel=tp,
+        context_parallel=cp,
+        sequence_parallel=sequence_parallel,
+        recompute=recompute,
+        params_dtype=params_dtype,
+        use_cpu_initialization=True,
+    )
+    target = torch.device(device) if device is not None else get_device()
+    if target.type == "meta":
+        with torch.device("meta"):
+            return CogVideoXTransformer(arch, config, select_spec("local" if impl == "auto" else impl))
+    return CogVideoXTransformer(arch, config, select_spec(impl)).to(target)
+
+
+def read_diffusers_weights(path: str) -> dict[str, torch.Tensor]:
+    """The state dict of a diffusers model directory (single or sharded safetensors), on CPU."""
+    single, index = os.path.join(path, _WEIGHTS), os.path.join(path, _INDEX)
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for name in files:
+            state.update(load_file(os.path.join(path, name)))
+        return state
+    raise FileNotFoundError(f"{path}: neither {_WEIGHTS} nor {_INDEX} found (a diffusers model directory expected)")
+
+
+def build_model_from_hf(hf_dir: str, **kwargs) -> CogVideoXTransformer:
+    """The megatron CogVideoX with the weights of a diffusers ``CogVideoXTransformer3DModel``
+    directory (``save_pretrained`` output), for the current parallel layout. ``kwargs`` as
+    ``build_model``."""
+    arch = CogVideoXArch.from_pretrained_dir(hf_dir)
+    model = build_model(arch, **kwargs)
+    weights = hf_to_megatron(read_diffusers_weights(hf_dir), arch.num_attention_heads)
+    load_full_state_dict(model, weights, source=hf_dir)
+    return model

@@ -1,0 +1,144 @@
+"""CogVideoX architecture settings: read from a diffusers config, validated, and turned into a
+megatron-core ``TransformerConfig`` for a given parallel layout.
+
+The diffusers ``config.json`` of ``CogVideoXTransformer3DModel`` is the single source of truth for
+the architecture; this module only checks that the parts we implement cover it and says clearly
+what does not (CogVideoX 1.5's temporal patching, the I2V ``ofs`` embedding, learned positional
+embeddings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+DIFFUSERS_CLASS_NAME = "CogVideoXTransformer3DModel"
+
+
+@dataclass(frozen=True)
+class CogVideoXArch:
+    """The architecture fields of a diffusers CogVideoX transformer config (names kept)."""
+
+    num_attention_heads: int = 30
+    attention_head_dim: int = 64
+    in_channels: int = 16
+    out_channels: int = 16
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    time_embed_dim: int = 512
+    text_embed_dim: int = 4096
+    num_layers: int = 30
+    dropout: float = 0.0
+    attention_bias: bool = True
+    sample_width: int = 90
+    sample_height: int = 60
+    sample_frames: int = 49
+    patch_size: int = 2
+    temporal_compression_ratio: int = 4
+    max_text_seq_length: int = 226
+    activation_fn: str = "gelu-approximate"
+    timestep_activation_fn: str = "silu"
+    norm_elementwise_affine: bool = True
+    norm_eps: float = 1e-5
+    spatial_interpolation_scale: float = 1.875
+    temporal_interpolation_scale: float = 1.0
+    use_rotary_positional_embeddings: bool = False
+    use_learned_positional_embeddings: bool = False
+    patch_bias: bool = True
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        return 4 * self.hidden_size
+
+    @classmethod
+    def from_diffusers_config(cls, config: dict[str, Any], source: str = "config") -> "CogVideoXArch":
+        """Build from a diffusers config dict; one-line ValueError for what is not supported."""
+        if config.get("_class_name", DIFFUSERS_CLASS_NAME) != DIFFUSERS_CLASS_NAME:
+            raise ValueError(
+                f"{source}: _class_name is {config['_class_name']!r}, expected {DIFFUSERS_CLASS_NAME!r}"
+            )
+        must_be = {
+            "patch_size_t": None,
+            "ofs_embed_dim": None,
+            "use_learned_positional_embeddings": False,
+            "activation_fn": "gelu-approximate",
+            "timestep_activation_fn": "silu",
+        }
+        for key, expected in must_be.items():
+            if config.get(key, expected) != expected:
+                raise ValueError(
+                    f"{source}: {key}={config[key]!r} is not supported (CogVideoX 1.0 2b/5b T2V "
+                    f"architecture expected: {key}={expected!r})"
+                )
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in config.items() if k in names}
+        if kwargs.get("out_channels") is None:
+            kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained_dir(cls, path: str) -> "CogVideoXArch":
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{config_path}: no diffusers config.json in this directory")
+        with open(config_path) as f:
+            return cls.from_diffusers_config(json.load(f), source=config_path)
+
+    def to_diffusers_config(self) -> dict[str, Any]:
+        cfg = dataclasses.asdict(self)
+        cfg.update(patch_size_t=None, ofs_embed_dim=None)
+        return cfg
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def make_transformer_config(
+    arch: CogVideoXArch,
+    *,
+    tensor_parallel: int = 1,
+    context_parallel: int = 1,
+    sequence_parallel: bool = False,
+    recompute: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    use_cpu_initialization: bool = True,
+) -> TransformerConfig:
+    """The megatron-core config of the DiT blocks for one parallel layout."""
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        kv_channels=arch.attention_head_dim,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        add_bias_linear=arch.attention_bias,
+        add_qkv_bias=arch.attention_bias,
+        gated_linear_unit=False,
+        activation_func=_gelu_tanh,
+        bias_activation_fusion=False,
+        layernorm_epsilon=arch.norm_eps,
+        qk_layernorm=True,
+        hidden_dropout=arch.dropout,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tensor_parallel,
+        context_parallel_size=context_parallel,
+        sequence_parallel=sequence_parallel and tensor_parallel > 1,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=True,
+    )

@@ -1,0 +1,68 @@
+"""Moving whole (unsharded) weights in and out of a tensor-parallel megatron module.
+
+A megatron parallel linear marks its sharded parameters with ``tensor_model_parallel`` and
+``partition_dim``; each rank keeps the contiguous ``1 / tp`` slice of that dimension. These helpers
+slice a full tensor for this rank on load and gather the shards back for export, with one-line
+errors naming the tensor and both shapes on any mismatch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+def _is_sharded(param: torch.Tensor) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False)) and (
+        parallel_state.get_tensor_model_parallel_world_size() > 1
+    )
+
+
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    shape = list(param.shape)
+    if _is_sharded(param):
+        shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
+    return tuple(shape)
+
+
+def load_full_state_dict(module: torch.nn.Module, full: dict[str, torch.Tensor], source: str) -> None:
+    """Copy whole tensors into ``module``'s (possibly TP-sharded) parameters and buffers."""
+    own = dict(module.named_parameters())
+    own.update((n, b) for n, b in module.named_buffers() if n in module.state_dict())
+    missing = sorted(set(own) - set(full))
+    if missing:
+        raise KeyError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    unexpected = sorted(set(full) - set(own))
+    if unexpected:
+        raise KeyError(f"{source}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    with torch.no_grad():
+        for name, target in own.items():
+            tensor = full[name]
+            if tuple(tensor.shape) != full_shape(target):
+                raise ValueError(
+                    f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
+                    f"{full_shape(target)}"
+                )
+            if _is_sharded(target):
+                tensor = tensor.chunk(tp_size, dim=target.partition_dim)[tp_rank]
+            target.copy_(tensor.to(dtype=target.dtype, device=target.device))
+
+
+def gather_full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Whole tensors of ``module`` on every TP rank (all-gather of the sharded ones), on CPU."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    out = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if name.endswith("_extra_state"):
+            continue
+        data = tensor.detach()
+        if _is_sharded(tensor):
+            shards = [torch.empty_like(data) for _ in range(tp_size)]
+            dist.all_gather(shards, data.contiguous(), group=group)
+            data = torch.cat(shards, dim=tensor.partition_dim)
+        out[name] = data.cpu().clone()
+    return out
