@@ -83,7 +83,8 @@ def test_features_are_every_third_block_video_tokens(world_of_one, hf_dirs):
         video = block_out[arch.max_text_seq_length:].transpose(0, 1)  # [b, tokens, hidden]
         assert torch.equal(feature.permute(0, 2, 3, 4, 1).reshape(2, -1, arch.hidden_size), video)
     assert torch.equal(out.sample, model(latents, text, timestep).sample)
-    assert len(model(latents, text, timestep, return_features=True).features) == 0  # 2 blocks, k=3
+    with pytest.raises(ValueError, match="every=3 taps no block of a 2-layer"):
+        model(latents, text, timestep, return_features=True)
 
 
 @pytest.mark.parametrize("preset", ["cogvideox-2b", "cogvideox-5b"])

@@ -1,7 +1,8 @@
 """DiT backbones on megatron-core (CogVideoX 2b / 5b)."""
 
 from adm_megatron.models.build import build_model, build_model_from_hf, read_diffusers_weights
-from adm_megatron.models.cogvideox import CogVideoXOutput, CogVideoXTransformer, tapped_block_indices
+from adm_megatron.models.cogvideox import CogVideoXOutput, CogVideoXTransformer
+from adm_megatron.models.taps import tapped_block_indices
 from adm_megatron.models.cogvideox_config import CogVideoXArch
 
 __all__ = [

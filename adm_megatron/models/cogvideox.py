@@ -37,14 +37,7 @@ from adm_megatron.models.adaln import AdaLNOut
 from adm_megatron.models.cogvideox_config import CogVideoXArch
 from adm_megatron.models.cogvideox_layer import TokenLayout
 from adm_megatron.models.norms import LayerNorm
-
-
-def tapped_block_indices(num_layers: int, every: int) -> list[int]:
-    """0-based blocks whose outputs feed discriminator heads: every k-th counting from 1
-    (blocks k-1, 2k-1, ...): 10 of CogVideoX-2b's 30 blocks and 14 of 5b's 42 for k = 3."""
-    if every < 1:
-        raise ValueError(f"feature_every={every}: expected a positive integer")
-    return list(range(every - 1, num_layers, every))
+from adm_megatron.models.taps import tapped_block_indices
 
 
 @dataclass

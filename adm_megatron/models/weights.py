@@ -51,18 +51,20 @@ def load_full_state_dict(module: torch.nn.Module, full: dict[str, torch.Tensor],
             target.copy_(tensor.to(dtype=target.dtype, device=target.device))
 
 
+def gather_tensor_parallel(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor from this rank's shard of ``tensor`` (laid out like ``param``, e.g. its
+    weight or its gradient): an all-gather over the TP group along ``param``'s partition dim."""
+    if not _is_sharded(param):
+        return tensor
+    shards = [torch.empty_like(tensor) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
+    dist.all_gather(shards, tensor.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(shards, dim=param.partition_dim)
+
+
 def gather_full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Whole tensors of ``module`` on every TP rank (all-gather of the sharded ones), on CPU."""
-    group = parallel_state.get_tensor_model_parallel_group()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    out = {}
-    for name, tensor in module.state_dict(keep_vars=True).items():
-        if name.endswith("_extra_state"):
-            continue
-        data = tensor.detach()
-        if _is_sharded(tensor):
-            shards = [torch.empty_like(data) for _ in range(tp_size)]
-            dist.all_gather(shards, data.contiguous(), group=group)
-            data = torch.cat(shards, dim=tensor.partition_dim)
-        out[name] = data.cpu().clone()
-    return out
+    return {
+        name: gather_tensor_parallel(tensor.detach(), tensor).cpu().clone()
+        for name, tensor in module.state_dict(keep_vars=True).items()
+        if not name.endswith("_extra_state")
+    }
