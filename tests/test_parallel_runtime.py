@@ -400,7 +400,7 @@ def test_bad_layout_raises_before_any_process_group(monkeypatch, env, tp, cp, nu
 
 
 @pytest.mark.parametrize("tp, cp", [(0, 1), (1, 0), (-2, 1)])
-def test_nonpositive_sizes_rejected(monkeypatch, tp, cp):
+def test_nonpositive_sizes_rejected(tp, cp):
     destroy_parallel()
     with pytest.raises(ValueError, match="positive"):
         initialize_parallel(tensor_parallel=tp, context_parallel=cp)

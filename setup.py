@@ -1,0 +1,45 @@
+"""adm-megatron: Adversarial Distribution Matching distillation of diffusion transformers on
+megatron-core.  CI installs the exact versions in requirements-ci.txt; the ranges here are the
+ones the code is written for."""
+
+import os
+
+from setuptools import find_packages, setup
+
+here = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
+    long_description = f.read()
+
+setup(
+    name="adm-megatron",
+    version="0.1.0",
+    description="ADM / ADP / DMD diffusion distillation trainer on megatron-core",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    packages=find_packages(exclude=("tests", "tests.*", "tools", "tools.*", "examples", "examples.*")),
+    python_requires=">=3.11",
+    install_requires=[
+        # no upper pins: megatron-core 0.17+ needs Python >= 3.12 and a newer torch, and both are
+        # meant to work; torch itself is best installed first (CPU wheel or the cluster's CUDA build)
+        "torch>=2.4",
+        "megatron-core>=0.16",
+        "diffusers>=0.32",
+        "transformers>=4.46",
+        "einops>=0.7",
+        "pyyaml>=6.0",
+        "safetensors>=0.4",
+        "psutil>=5.9",
+        "wandb>=0.17",
+        "imageio>=2.31",
+        "imageio-ffmpeg>=0.5",
+        "tqdm>=4.66",
+        "rich>=13",
+        "sentencepiece>=0.2",
+    ],
+    extras_require={
+        # Transformer Engine kernels (BF16 / FP8, TE attention with context parallel); needs CUDA
+        "te": ["transformer-engine[pytorch]"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+    entry_points={"console_scripts": ["adm-megatron = adm_megatron.cli:main"]},
+)
