@@ -87,12 +87,16 @@ def read_diffusers_weights(path: str) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{path}: neither {_WEIGHTS} nor {_INDEX} found (a diffusers model directory expected)")
 
 
+def load_hf_weights(hf_dir: str, arch: CogVideoXArch) -> dict[str, torch.Tensor]:
+    """The full (unsharded) megatron-named weights of a diffusers CogVideoX directory."""
+    return hf_to_megatron(read_diffusers_weights(hf_dir), arch.num_attention_heads)
+
+
 def build_model_from_hf(hf_dir: str, **kwargs) -> CogVideoXTransformer:
     """The megatron CogVideoX with the weights of a diffusers ``CogVideoXTransformer3DModel``
     directory (``save_pretrained`` output), for the current parallel layout. ``kwargs`` as
     ``build_model``."""
     arch = CogVideoXArch.from_pretrained_dir(hf_dir)
     model = build_model(arch, **kwargs)
-    weights = hf_to_megatron(read_diffusers_weights(hf_dir), arch.num_attention_heads)
-    load_full_state_dict(model, weights, source=hf_dir)
+    load_full_state_dict(model, load_hf_weights(hf_dir, arch), source=hf_dir)
     return model

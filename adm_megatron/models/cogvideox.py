@@ -25,6 +25,7 @@ from diffusers.models.embeddings import CogVideoXPatchEmbed, TimestepEmbedding, 
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import BaseOutput
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
@@ -49,6 +50,8 @@ class CogVideoXOutput(BaseOutput):
 
 
 class CogVideoXTransformer(MegatronModule):
+    model_type = ModelType.encoder_or_decoder  # what megatron's schedules expect of a model
+
     def __init__(self, arch: CogVideoXArch, config: TransformerConfig, layer_spec: ModuleSpec):
         super().__init__(config=config)
         self.arch = arch
@@ -90,6 +93,12 @@ class CogVideoXTransformer(MegatronModule):
         if config.sequence_parallel:
             for param in self.proj_out.parameters():
                 setattr(param, "sequence_parallel", True)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """megatron's schedules hand a pipeline stage its input here; with one stage (PP = 1, all
+        this model supports so far) it is always ``[None]``."""
+        if any(t is not None for t in input_tensor):
+            raise NotImplementedError("CogVideoXTransformer: pipeline parallelism is not supported yet")
 
     # -- input checks ------------------------------------------------------------------------
     def _check_inputs(self, hidden_states, encoder_hidden_states, image_rotary_emb):

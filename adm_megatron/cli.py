@@ -1,0 +1,69 @@
+"""``adm-megatron``: the command line. ``train`` runs a distillation from a YAML config with dotted
+``key=value`` overrides, in one process or under torchrun / srun (one process per GPU)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from adm_megatron.config import ConfigError, load_config
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from adm_megatron.train.trainer import Trainer
+
+    config = load_config(args.config, args.overrides)
+    result = Trainer(config).fit()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run finished: {result.iterations} iterations, outputs in {result.output_dir}")
+        if result.generator_dir:
+            print(f"generator (diffusers format): {result.generator_dir}")
+        for path in result.samples:
+            print(f"sample: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adm-megatron",
+        description="Distil CogVideoX diffusion transformers into few-step generators (ADM / DMD2) "
+        "on megatron-core.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser(
+        "train",
+        help="run a distillation",
+        description="Run a distillation. Many processes: torchrun --nproc-per-node N -m "
+        "adm_megatron.cli train --config FILE ... (or srun with one task per GPU).",
+    )
+    train.add_argument("--config", required=True, help="YAML run config (see examples/cogvideox/)")
+    train.add_argument(
+        "overrides", nargs="*", metavar="key=value",
+        help="dotted overrides in YAML syntax, e.g. train.max_iterations=10 distill.method=dmd2",
+    )
+    train.set_defaults(func=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"adm-megatron: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Run configuration: dataclasses, YAML loading, dotted command-line overrides, validation.
+
+A run is described by one YAML file whose sections mirror the dataclasses below; ``key=value``
+overrides use dotted names (``train.max_iterations=10``, ``distill.method=dmd2``) and YAML value
+syntax. Unknown keys, wrong types and impossible settings each give a one-line ``ConfigError``
+naming the file and the key, before any process group or model exists (``validate_config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message is one line naming the source, the key and the value."""
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = ""  # diffusers transformer dir, CogVideoX pipeline dir, or megatron checkpoint
+    pipeline: str = ""  # pipeline dir (VAE, text encoder) for samples; default: teacher if a pipeline
+    impl: str = "auto"  # auto | local | te
+    sequence_parallel: bool = False
+    recompute: bool = False
+    dtype: str = "fp32"  # fp32 | bf16 (autocast on GPU)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    context_parallel: int = 1
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | shards
+    path: str = ""  # text-embedding shards (tools/precompute_text_embeddings.py)
+    num_prompts: int = 64  # synthetic source only
+    batch_size: int = 1  # per data-parallel rank
+    frames: int = 13  # latent frames
+    height: int = 60  # latent height
+    width: int = 90  # latent width
+
+
+@dataclass
+class DistillConfig:
+    method: str = "adm"  # adm | dmd2
+    generator_steps: int = 8
+    delta_t: int = 16  # the fake / teacher ODE step, in training timesteps (T/64)
+    guidance_scale: tuple[float, float] = (5.0, 7.0)  # CFG scale range, drawn per sample
+    ttur: int = 1  # generator and discriminator update every ttur-th iteration
+    head_every: int = 3  # a discriminator head on every k-th block
+    head_hidden: int = 256
+    head_blocks: int = 2
+    head_reduction: str = "sum"  # sum | mean over heads
+    gan_weight: float = 0.0  # dmd2 only: weight of the GAN term (0: plain DMD)
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-6
+    betas: tuple[float, float] = (0.0, 0.99)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class OptimConfig:
+    generator: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-7))
+    fake_score: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-6))
+    discriminator: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=5e-6))
+
+
+@dataclass
+class TrainConfig:
+    max_iterations: int = 1000
+    log_every: int = 1
+    save_every: int = 0  # 0: a checkpoint at the end only
+    ema_decay: float = 0.0  # generator EMA; 0 disables it
+    nan_policy: str = "error"  # error | skip (skip the update of a non-finite phase)
+    num_samples: int = 2  # videos rendered at the end
+    export: bool = True  # export the generator as a diffusers directory at the end
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_project: str = "adm-megatron"
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output_dir: str = "outputs/run"
+    seed: int = 1234
+
+
+CHOICES = {
+    "model.impl": ("auto", "local", "te"),
+    "model.dtype": ("fp32", "bf16"),
+    "data.source": ("synthetic", "shards"),
+    "distill.method": ("adm", "dmd2"),
+    "distill.head_reduction": ("sum", "mean"),
+    "train.nan_policy": ("error", "skip"),
+    "logging.wandb_mode": ("offline", "online", "disabled"),
+}
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        item_types = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
+            raise ConfigError(f"{source}: {key}={value!r}: expected a list of {len(item_types)} numbers")
+        return tuple(_coerce(v, t, key, source) for v, t in zip(value, item_types))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key}={value!r}: expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key}={value!r}: expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key}={value!r}: expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key}={value!r}: expected a string")
+        return value
+    raise ConfigError(f"{source}: {key}: unsupported field type {hint}")
+
+
+def _apply(obj: Any, values: dict, prefix: str, source: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key {dotted!r} (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {dotted} must be a mapping, got {value!r}")
+            _apply(current, value, dotted + ".", source)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], dotted, source))
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """A ``Config`` from a YAML file (optional) and ``key=value`` overrides, type-checked."""
+    config = Config()
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path}: config file not found")
+        with open(path) as f:
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        _apply(config, values, "", path)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. train.max_iterations=10)")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _apply(config, _nest(key, value), "", "command line")
+    _check_fields(config, path or "command line")
+    return config
+
+
+def _check_fields(config: Config, source: str) -> None:
+    """Choices and ranges that need no file system or model."""
+    for dotted, allowed in CHOICES.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{source}: {dotted}={value!r}: expected one of {', '.join(allowed)}")
+    positive = {
+        "parallel.tensor_parallel": config.parallel.tensor_parallel,
+        "parallel.context_parallel": config.parallel.context_parallel,
+        "data.batch_size": config.data.batch_size,
+        "data.frames": config.data.frames,
+        "data.height": config.data.height,
+        "data.width": config.data.width,
+        "data.num_prompts": config.data.num_prompts,
+        "distill.generator_steps": config.distill.generator_steps,
+        "distill.delta_t": config.distill.delta_t,
+        "distill.ttur": config.distill.ttur,
+        "distill.head_every": config.distill.head_every,
+        "train.max_iterations": config.train.max_iterations,
+        "train.log_every": config.train.log_every,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{source}: {key}={value}: must be >= 1")
+    lo, hi = config.distill.guidance_scale
+    if not 0 <= lo <= hi:
+        raise ConfigError(f"{source}: distill.guidance_scale=[{lo}, {hi}]: expected 0 <= low <= high")
+    if not 0 <= config.train.ema_decay < 1:
+        raise ConfigError(f"{source}: train.ema_decay={config.train.ema_decay}: expected 0 <= decay < 1")
+    for name in ("generator", "fake_score", "discriminator"):
+        opt = getattr(config.optim, name)
+        if opt.lr <= 0 or opt.grad_clip < 0 or opt.weight_decay < 0:
+            raise ConfigError(f"{source}: optim.{name}: lr must be > 0, grad_clip and weight_decay >= 0")
+    if not config.model.teacher:
+        raise ConfigError(f"{source}: model.teacher is required (a diffusers directory or megatron checkpoint)")
+    if config.data.source == "shards" and not config.data.path:
+        raise ConfigError(f"{source}: data.source=shards needs data.path")
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

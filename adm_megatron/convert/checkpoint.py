@@ -1,0 +1,545 @@
+"""megatron-core distributed checkpoints of the megatron CogVideoX, and conversion to and from
+diffusers directories.
+
+A checkpoint directory holds megatron-core's ``dist_checkpointing`` output (torch_dist backend:
+``*.distcp`` shards, ``.metadata``, ``common.pt``, ``metadata.json``) plus
+``adm_megatron_checkpoint.json``: the format version and the diffusers architecture config, from
+which :func:`load_megatron_checkpoint` rebuilds the model for whatever tensor / context parallel
+layout is in force when it loads (tensors are stored whole-shaped, so any layout can read them).
+
+Collective functions (call them on every rank): :func:`save_megatron_checkpoint`,
+:func:`load_megatron_checkpoint`, :func:`load_megatron_checkpoint_into`,
+:func:`hf_to_megatron_checkpoint`, :func:`megatron_to_hf_checkpoint`.
+
+Outputs are never left half written: everything goes to ``<out>.tmp-<id>`` and is renamed to
+``<out>`` by rank 0 once every rank has finished; on a failure the temporary directory is removed.
+An existing non-empty ``<out>`` is only replaced with ``overwrite=True``.
+
+The sharded state dict: megatron's default ``MegatronModule.sharded_state_dict`` treats any child
+that is not itself a megatron module (here the ``torch.nn.ModuleList`` of blocks) as replicated
+across tensor-parallel ranks, so under TP > 1 it would store rank 0's shard of every parallel
+linear as the whole tensor.  :func:`sharded_state_dict` walks the module tree instead: modules with
+their own ``sharded_state_dict`` (megatron's parallel linears, TE layers) give theirs; everything
+else is sharded by its parameters' ``tensor_model_parallel`` / ``partition_dim`` tags, replicated
+otherwise; and the result is checked against those tags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_FORMAT_VERSION",
+    "CHECKPOINT_META_FILE",
+    "CheckpointError",
+    "check_output_dir",
+    "hf_to_megatron_checkpoint",
+    "load_megatron_checkpoint",
+    "load_megatron_checkpoint_into",
+    "megatron_to_hf_checkpoint",
+    "read_checkpoint_meta",
+    "save_megatron_checkpoint",
+    "sharded_state_dict",
+]
+
+CHECKPOINT_FORMAT = "adm_megatron.megatron_checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_META_FILE = "adm_megatron_checkpoint.json"
+SUPPORTED_MODELS = ("cogvideox",)
+_MCORE_CONFIG = "metadata.json"  # written last by megatron's dist_checkpointing.save
+_DCP_METADATA = ".metadata"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message is one line."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint (or diffusers) directory or one of its files does not exist."""
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# rank helpers (all work without a process group too: a plain process is a world of one)
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist() else 0
+
+
+def _barrier() -> None:
+    if _dist() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    if not _dist() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_true(flag: bool) -> bool:
+    if not _dist() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+# --------------------------------------------------------------------------------------------
+# atomic output directories
+
+
+def check_output_dir(out_dir: str, overwrite: bool = False) -> None:
+    """One-line CheckpointError if ``out_dir`` may not be written (exists, non-empty, and
+    ``overwrite`` is False; or is a file). Local check, no collectives."""
+    if os.path.isfile(out_dir):
+        raise CheckpointError(f"output {out_dir} exists and is a file")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise CheckpointError(
+            f"output directory {out_dir} exists and is not empty (pass overwrite=True / --overwrite "
+            "to replace it)"
+        )
+
+
+def _write_atomically(out_dir: str, overwrite: bool, write: Callable[[str], None]) -> str:
+    """Collective: ``write(tmp)`` on every rank into a shared temporary directory, then rank 0
+    renames it to ``out_dir``. On any rank's failure the temporary directory is removed and every
+    rank raises (the failing rank its own exception)."""
+    out_dir = os.path.abspath(out_dir)
+    error = None
+    if _rank() == 0:
+        try:
+            check_output_dir(out_dir, overwrite)
+        except CheckpointError as exc:
+            error = str(exc)
+    error = _from_rank0(error)
+    if error:
+        raise CheckpointError(error)
+
+    tmp = _from_rank0(f"{out_dir}.tmp-{uuid.uuid4().hex[:12]}")
+    made = None
+    if _rank() == 0:
+        try:
+            os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
+            os.mkdir(tmp)
+        except OSError as exc:
+            made = f"cannot create {tmp}: {_one_line(exc)}"
+    made = _from_rank0(made)
+    if made:
+        raise CheckpointError(made)
+
+    failure: BaseException | None = None
+    try:
+        write(tmp)
+    except BaseException as exc:  # noqa: BLE001 - cleaned up and re-raised below
+        failure = exc
+    ok = _all_true(failure is None)
+    if ok and _rank() == 0:
+        try:
+            _replace_dir(tmp, out_dir)
+        except OSError as exc:
+            failure = CheckpointError(f"cannot move {tmp} to {out_dir}: {_one_line(exc)}")
+        ok = failure is None
+    ok = _from_rank0(ok)
+    if not ok:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        if failure is not None:
+            raise failure
+        raise CheckpointError(f"writing {out_dir} failed on another rank; nothing was written")
+    _barrier()
+    return out_dir
+
+
+def _replace_dir(tmp: str, out_dir: str) -> None:
+    """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside first and deleted after."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        old = f"{out_dir}.old-{uuid.uuid4().hex[:12]}"
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)  # replaces an empty directory atomically
+
+
+# --------------------------------------------------------------------------------------------
+# the sharded state dict
+
+
+def _dp_cp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def _own_sharded_state_dict(module: torch.nn.Module) -> bool:
+    from megatron.core.transformer.module import MegatronModule
+
+    method = getattr(type(module), "sharded_state_dict", None)
+    return method is not None and method is not MegatronModule.sharded_state_dict
+
+
+def _walk(module, prefix, metadata, tp_group, tp_size):
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    if _own_sharded_state_dict(module):
+        return module.sharded_state_dict(prefix=prefix, sharded_offsets=(), metadata=metadata)
+    local: dict[str, Any] = {}
+    module._save_to_state_dict(local, "", keep_vars=True)
+    axes = {
+        name: int(t.partition_dim)
+        for name, t in local.items()
+        if isinstance(t, torch.Tensor) and getattr(t, "tensor_model_parallel", False) and tp_size > 1
+    }
+    out = make_sharded_tensors_for_checkpoint(
+        local, prefix, axes, (), tp_group=tp_group, dp_cp_group=metadata["dp_cp_group"]
+    )
+    for name, child in module.named_children():
+        out.update(_walk(child, f"{prefix}{name}.", metadata, tp_group, tp_size))
+    return out
+
+
+def sharded_state_dict(model: torch.nn.Module) -> dict:
+    """``{state-dict key: ShardedTensor / ShardedObject}`` for ``model`` at the current layout,
+    keyed like ``model.state_dict()``; every tensor-parallel parameter is checked to be sharded
+    ``tp`` ways along its ``partition_dim`` (see the module docstring for why)."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    sd = _walk(model, "", {"dp_cp_group": _dp_cp_group()}, tp_group, tp_size)
+
+    expected = model.state_dict(keep_vars=True)
+    if set(sd) != set(expected):
+        diff = sorted(set(sd) ^ set(expected))
+        raise CheckpointError(f"sharded state dict and state_dict disagree on key {diff[0]!r}")
+    for key, value in expected.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        sh = sd[key]
+        if not isinstance(sh, ShardedTensor):
+            raise CheckpointError(f"tensor {key!r} is not a ShardedTensor in the sharded state dict")
+        if tp_size > 1 and getattr(value, "tensor_model_parallel", False):
+            dim = int(value.partition_dim)
+            if sh.axis_fragmentations[dim] != tp_size:
+                raise CheckpointError(
+                    f"tensor {key!r} is tensor-parallel along dim {dim} but its sharded state dict "
+                    f"entry is split {sh.axis_fragmentations[dim]} ways, not {tp_size}"
+                )
+    return sd
+
+
+# --------------------------------------------------------------------------------------------
+# metadata
+
+
+def _layout() -> dict[str, int]:
+    from megatron.core import parallel_state
+
+    return {
+        "world_size": dist.get_world_size() if _dist() else 1,
+        "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+        "context_parallel": parallel_state.get_context_parallel_world_size(),
+    }
+
+
+def _diffusers_config(arch) -> dict[str, Any]:
+    from adm_megatron.models.cogvideox_config import DIFFUSERS_CLASS_NAME
+
+    return {"_class_name": DIFFUSERS_CLASS_NAME, **arch.to_diffusers_config()}
+
+
+def read_checkpoint_meta(ckpt_dir: str) -> dict[str, Any]:
+    """The ``adm_megatron_checkpoint.json`` of a checkpoint, validated; one-line errors for a
+    missing directory, a missing / unreadable / foreign / newer JSON, or missing megatron files."""
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointNotFoundError(f"checkpoint directory {ckpt_dir} does not exist")
+    path = os.path.join(ckpt_dir, CHECKPOINT_META_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(
+            f"{ckpt_dir}: no {CHECKPOINT_META_FILE} (not an adm_megatron megatron checkpoint, or an "
+            "incomplete one)"
+        )
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({_one_line(exc)})") from None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: format is not {CHECKPOINT_FORMAT!r}")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {version!r} is not supported (this code reads up to "
+            f"{CHECKPOINT_FORMAT_VERSION})"
+        )
+    if meta.get("model") not in SUPPORTED_MODELS:
+        raise CheckpointError(f"{path}: model {meta.get('model')!r} is not one of {SUPPORTED_MODELS}")
+    if not isinstance(meta.get("diffusers_config"), dict):
+        raise CheckpointError(f"{path}: diffusers_config is missing")
+    for name in (_MCORE_CONFIG, _DCP_METADATA):
+        if not os.path.isfile(os.path.join(ckpt_dir, name)):
+            raise CheckpointNotFoundError(f"{ckpt_dir}: megatron checkpoint file {name} is missing")
+    return meta
+
+
+def _arch_from_meta(meta: dict[str, Any], ckpt_dir: str):
+    from adm_megatron.models import CogVideoXArch
+
+    try:
+        return CogVideoXArch.from_diffusers_config(
+            meta["diffusers_config"], source=os.path.join(ckpt_dir, CHECKPOINT_META_FILE)
+        )
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(_one_line(exc)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# save / load
+
+
+def save_megatron_checkpoint(model, out_dir: str, arch=None, *, overwrite: bool = False) -> str:
+    """Collective: write ``model`` (at any TP / CP / DP layout) as a megatron-core distributed
+    checkpoint in ``out_dir`` plus the architecture JSON (``arch`` defaults to ``model.arch``).
+    Returns the absolute ``out_dir``."""
+    from megatron.core import dist_checkpointing
+
+    arch = arch if arch is not None else model.arch
+    sd = sharded_state_dict(model)
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "model": "cogvideox",
+        "diffusers_config": _diffusers_config(arch),
+        "params_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "saved_layout": _layout(),
+        "megatron_core": _version("megatron-core"),
+        "torch": torch.__version__,
+    }
+
+    def write(tmp: str) -> None:
+        dist_checkpointing.save(sd, tmp)
+        if _rank() == 0:
+            with open(os.path.join(tmp, CHECKPOINT_META_FILE), "w") as f:
+                json.dump(meta, f, indent=2, sort_keys=True)
+                f.write("\n")
+
+    return _write_atomically(out_dir, overwrite, write)
+
+
+def _version(dist_name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist_name)
+    except PackageNotFoundError:
+        return None
+
+
+def _read_dcp_metadata(ckpt_dir: str):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        return FileSystemReader(ckpt_dir).read_metadata()
+    except Exception as exc:  # noqa: BLE001 - any unpickling / IO error of a damaged file
+        raise CheckpointError(
+            f"{os.path.join(ckpt_dir, _DCP_METADATA)}: unreadable checkpoint metadata "
+            f"({type(exc).__name__}: {_one_line(exc, 150)})"
+        ) from None
+
+
+def _precheck(sd: dict, ckpt_dir: str) -> None:
+    """Compare what the model needs with what the checkpoint holds, before megatron reads any
+    tensor: every tensor present with the same global shape, every shard file there and long
+    enough. One-line CheckpointError naming the tensor (and the shapes / file)."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = _read_dcp_metadata(ckpt_dir)
+    stored = metadata.state_dict_metadata
+    for key, sh in sd.items():
+        if not isinstance(sh, ShardedTensor):
+            continue
+        entry = stored.get(sh.key)
+        if entry is None:
+            raise CheckpointError(
+                f"{ckpt_dir}: tensor {sh.key!r} is missing from the checkpoint (the model expects "
+                f"shape {tuple(sh.global_shape)})"
+            )
+        if not isinstance(entry, TensorStorageMetadata):
+            raise CheckpointError(f"{ckpt_dir}: {sh.key!r} is stored as an object, not a tensor")
+        if tuple(entry.size) != tuple(sh.global_shape):
+            raise CheckpointError(
+                f"{ckpt_dir}: tensor {sh.key!r} has shape {tuple(entry.size)} in the checkpoint, "
+                f"the model expects {tuple(sh.global_shape)} (a different architecture?)"
+            )
+    wanted = {sh.key for sh in sd.values() if isinstance(sh, ShardedTensor)}
+    extra = sorted(k for k, v in stored.items() if isinstance(v, TensorStorageMetadata) and k not in wanted)
+    if extra:
+        raise CheckpointError(
+            f"{ckpt_dir}: the checkpoint has tensor {extra[0]!r} that the model does not "
+            f"({len(extra)} in all; a different architecture?)"
+        )
+    sizes: dict[str, int | None] = {}
+    for index, info in (metadata.storage_data or {}).items():
+        path = os.path.join(ckpt_dir, str(info.relative_path))
+        if path not in sizes:
+            sizes[path] = os.path.getsize(path) if os.path.isfile(path) else None
+        size = sizes[path]
+        what = f"tensor {index.fqn!r} (shard at offset {tuple(index.offset or ())})"
+        if size is None:
+            raise CheckpointError(f"{ckpt_dir}: {what}: shard file {info.relative_path} is missing")
+        if size < info.offset + info.length:
+            raise CheckpointError(
+                f"{ckpt_dir}: {what}: shard file {info.relative_path} is truncated ({size} bytes, "
+                f"needs {info.offset + info.length})"
+            )
+
+
+def load_megatron_checkpoint_into(model, ckpt_dir: str) -> dict[str, Any]:
+    """Collective: load the checkpoint into an already built ``model`` (any TP / CP layout);
+    returns the checkpoint's metadata JSON. One-line CheckpointError on any mismatch."""
+    from megatron.core import dist_checkpointing
+
+    meta = read_checkpoint_meta(ckpt_dir)
+    sd = sharded_state_dict(model)
+    _precheck(sd, ckpt_dir)
+    try:
+        loaded = dist_checkpointing.load(sd, ckpt_dir)
+    except Exception as exc:  # noqa: BLE001 - megatron / torch DCP errors are long and multi-line
+        raise CheckpointError(
+            f"{ckpt_dir}: loading failed ({type(exc).__name__}: {_one_line(exc, 200)})"
+        ) from exc
+    try:
+        model.load_state_dict(loaded, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{ckpt_dir}: {_one_line(exc)}") from exc
+    return meta
+
+
+def load_megatron_checkpoint(ckpt_dir: str, *, arch=None, **build_kwargs):
+    """Collective: build the model described by the checkpoint's JSON (or ``arch``) for the current
+    parallel layout (a world of one if none is initialized) and load the checkpoint into it.
+    ``build_kwargs`` go to ``adm_megatron.models.build_model`` (sequence_parallel, params_dtype...)."""
+    from adm_megatron.models import build_model
+
+    meta = read_checkpoint_meta(ckpt_dir)
+    if arch is None:
+        arch = _arch_from_meta(meta, ckpt_dir)
+    model = build_model(arch, **build_kwargs)
+    load_megatron_checkpoint_into(model, ckpt_dir)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# conversion
+
+
+def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, *, overwrite: bool = False, **build_kwargs) -> str:
+    """Collective: diffusers ``CogVideoXTransformer3DModel`` directory -> megatron checkpoint,
+    written at the current layout (a world of one if none is initialized)."""
+    from adm_megatron.models import build_model_from_hf
+
+    if not os.path.isdir(hf_dir):
+        raise CheckpointNotFoundError(f"diffusers model directory {hf_dir} does not exist")
+    check_output_dir(os.path.abspath(out_dir), overwrite)
+    model = build_model_from_hf(hf_dir, **build_kwargs)
+    return save_megatron_checkpoint(model, out_dir, model.arch, overwrite=overwrite)
+
+
+def _diffusers_model(config: dict[str, Any], state: dict[str, torch.Tensor]):
+    """A diffusers CogVideoX with exactly ``state`` (built on the meta device, then assigned, so no
+    random initialisation of a multi-billion-parameter model happens)."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    with torch.device("meta"):
+        model = CogVideoXTransformer3DModel.from_config(config)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"diffusers CogVideoXTransformer3DModel: {_one_line(exc)}") from exc
+    leftover = [n for n, t in model.state_dict().items() if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"diffusers CogVideoXTransformer3DModel: tensor {leftover[0]!r} not loaded")
+    return model
+
+
+def megatron_to_hf_checkpoint(ckpt_dir: str, out_dir: str, *, overwrite: bool = False, **build_kwargs) -> str:
+    """Collective: megatron checkpoint -> diffusers directory (``save_pretrained`` output, loadable
+    with ``CogVideoXTransformer3DModel.from_pretrained``). Loads at the current layout, gathers
+    the whole tensors, and rank 0 writes."""
+    from adm_megatron.convert.cogvideox_mapping import megatron_to_hf
+    from adm_megatron.models.weights import gather_full_state_dict
+
+    meta = read_checkpoint_meta(ckpt_dir)
+    check_output_dir(os.path.abspath(out_dir), overwrite)
+    model = load_megatron_checkpoint(ckpt_dir, **build_kwargs)
+    full = gather_full_state_dict(model)
+    del model
+    config = meta["diffusers_config"]
+
+    def write(tmp: str) -> None:
+        if _rank() != 0:
+            return
+        hf_state = megatron_to_hf(full, int(config["num_attention_heads"]))
+        _diffusers_model(config, hf_state).save_pretrained(tmp)
+
+    return _write_atomically(out_dir, overwrite, write)
+
+
+# --------------------------------------------------------------------------------------------
+# used by the trainer
+
+
+def is_megatron_checkpoint(path: str) -> bool:
+    """Whether ``path`` looks like a checkpoint written by ``save_megatron_checkpoint``."""
+    return os.path.isfile(os.path.join(path, CHECKPOINT_META_FILE))
+
+
+def read_checkpoint_arch(ckpt_dir: str):
+    """The ``CogVideoXArch`` a checkpoint was saved with (validated JSON, one-line errors)."""
+    return _arch_from_meta(read_checkpoint_meta(ckpt_dir), ckpt_dir)
+
+
+def export_diffusers(model, arch, out_dir: str, *, overwrite: bool = False) -> str:
+    """Collective: a (possibly TP-sharded) megatron CogVideoX as a diffusers directory; rank 0
+    writes it atomically."""
+    from adm_megatron.convert.cogvideox_mapping import megatron_to_hf
+    from adm_megatron.models.weights import gather_full_state_dict
+
+    full = gather_full_state_dict(model)
+    config = _diffusers_config(arch)
+
+    def write(tmp: str) -> None:
+        if _rank() == 0:
+            hf_state = megatron_to_hf(full, arch.num_attention_heads)
+            _diffusers_model(config, hf_state).save_pretrained(tmp)
+
+    return _write_atomically(out_dir, overwrite, write)
+
+
+write_atomically = _write_atomically

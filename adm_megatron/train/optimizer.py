@@ -1,0 +1,64 @@
+"""One optimiser per trainable network, behind one small interface.
+
+The gradients arrive in megatron-core DDP's ``param.main_grad`` buffers (already averaged over the
+data-and-context-parallel group by ``finalize_model_grads``). ``NetworkOptimizer.step`` computes the
+global gradient norm with megatron-core's ``get_grad_norm_fp32`` over the non-duplicated shards
+(summed over the model-parallel group), clips, and steps a ``torch.optim.AdamW`` that reads the
+main grads. megatron-core's own optimizers (FP32Optimizer, DistributedOptimizer) hard-code CUDA
+tensors, so they cannot run on CPU; AdamW on the main grads runs on both and is what the tests
+check. Parameters stay fp32 (BF16 is autocast), so the main grads are the optimizer's grads as is.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+from adm_megatron.config import OptimizerConfig
+from adm_megatron.parallel.device_scope import cpu_device_scope
+
+
+class NetworkOptimizer:
+    def __init__(self, module: torch.nn.Module, config: OptimizerConfig):
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.config = config
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+        )
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def grad_norm(self) -> float:
+        grads = [
+            p.main_grad for p in self.params if param_is_not_tensor_parallel_duplicate(p)
+        ]
+        with cpu_device_scope():
+            return float(
+                get_grad_norm_fp32(grads, grad_stats_parallel_group=parallel_state.get_model_parallel_group())
+            )
+
+    def step(self, skip_if_not_finite: bool) -> tuple[float, bool]:
+        """Clip and step; returns (grad norm before clipping, whether the step was taken).
+
+        A non-finite gradient norm raises unless ``skip_if_not_finite`` (then nothing changes).
+        """
+        norm = self.grad_norm()
+        if not math.isfinite(norm):
+            if not skip_if_not_finite:
+                raise FloatingPointError(f"gradient norm is {norm}")
+            return norm, False
+        scale = 1.0
+        if self.config.grad_clip > 0 and norm > self.config.grad_clip:
+            scale = self.config.grad_clip / (norm + 1e-6)
+        for p in self.params:
+            p.grad = p.main_grad if scale == 1.0 else p.main_grad * scale
+        self.optimizer.step()
+        for p in self.params:
+            p.grad = None
+        return norm, True

@@ -1,0 +1,117 @@
+"""The phase scheduler: runs one update of one network (fake score, generator or discriminator).
+
+Each phase's forward and backward go through megatron-core's forward-backward schedule
+(``get_forward_backward_func``; one microbatch, no pipeline for now), which also calls
+``finalize_model_grads`` (DP / CP average, TP sums for sequence-parallel and q/k-norm gradients) on
+that phase's DDP-wrapped network. Every other trainable network is frozen for the phase, so only the
+phase's own parameters receive gradients and change. A non-finite loss or gradient norm raises or
+skips the update, as ``train.nan_policy`` says. The ADM schedule itself (fake score every
+iteration, generator and discriminator every ``ttur``-th) lives in the trainer loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from adm_megatron.parallel.device_scope import cpu_device_scope
+from adm_megatron.train.optimizer import NetworkOptimizer
+
+PHASES = ("fake_score", "generator", "discriminator")
+
+
+class NonFiniteError(FloatingPointError):
+    """A phase produced a NaN / Inf loss or gradient under ``train.nan_policy=error``."""
+
+
+@dataclass
+class TrainableNetwork:
+    module: torch.nn.Module  # megatron DDP wrapper of the network
+    optimizer: NetworkOptimizer
+
+
+@contextlib.contextmanager
+def frozen(modules: list[torch.nn.Module]):
+    """Parameters of ``modules`` take no gradient inside the block (their flags restored after)."""
+    saved = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def prepare_for_schedule(ddp_module: torch.nn.Module) -> None:
+    """Point the network's config at megatron's gradient finalisation and DDP's no_sync."""
+    config = ddp_module.config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp_module.no_sync
+
+
+class PhaseRunner:
+    def __init__(self, networks: dict[str, TrainableNetwork], nan_policy: str = "error"):
+        unknown = set(networks) - set(PHASES)
+        if unknown:
+            raise ValueError(f"unknown phase(s) {sorted(unknown)}: expected {PHASES}")
+        self.networks = networks
+        self.nan_policy = nan_policy
+        self.forward_backward = get_forward_backward_func()
+        for net in networks.values():
+            prepare_for_schedule(net.module)
+
+    def run(self, phase: str, loss_fn: Callable[[], tuple], iteration: int) -> tuple[dict, object]:
+        """One update of ``phase``'s network with ``loss_fn() -> (loss, metrics, extra)``.
+
+        Returns the phase's metrics (prefixed with the phase name) and ``extra`` from loss_fn.
+        """
+        own = self.networks[phase]
+        others = [net.module for name, net in self.networks.items() if name != phase]
+        result: dict = {}
+
+        def forward_step(data_iterator, model):
+            loss, metrics, extra = loss_fn()
+            result.update(metrics=metrics, extra=extra, loss=loss.detach().item())
+            # (loss, num_tokens, reported): megatron divides by num_tokens = 1 and the microbatch
+            # count, and adds no context-parallel factor (outputs are gathered on every CP rank).
+            return loss, lambda out: (out, torch.ones((), dtype=torch.int), {"loss": out.detach()})
+
+        start = time.perf_counter()
+        own.module.zero_grad_buffer()
+        with frozen(others), cpu_device_scope():
+            self.forward_backward(
+                forward_step_func=forward_step,
+                data_iterator=iter([None]),
+                model=[own.module],
+                num_microbatches=1,
+                seq_length=1,
+                micro_batch_size=1,
+                forward_only=False,
+            )
+        skip = self.nan_policy == "skip"
+        if math.isfinite(result["loss"]):
+            try:
+                norm, stepped = own.optimizer.step(skip_if_not_finite=skip)
+            except FloatingPointError as err:
+                raise NonFiniteError(f"iteration {iteration}, phase {phase}: {err}") from None
+        elif skip:
+            norm, stepped = float("nan"), False
+        else:
+            raise NonFiniteError(f"iteration {iteration}, phase {phase}: loss is {result['loss']}")
+        metrics = {
+            f"{phase}/loss": result["loss"],
+            f"{phase}/grad_norm": norm,
+            f"{phase}/lr": own.optimizer.lr,
+            f"{phase}/seconds": time.perf_counter() - start,
+            f"{phase}/skipped": not stepped,
+        }
+        metrics.update({f"{phase}/{k}": v for k, v in result["metrics"].items()})
+        return metrics, result["extra"]

@@ -1,0 +1,52 @@
+"""What a run reports: ``metrics.jsonl`` (one JSON object per iteration), wandb (offline unless
+configured online) and a progress bar, all on rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tqdm import tqdm
+
+
+class RunLogger:
+    def __init__(self, output_dir: str, config: dict, total: int, start: int, enabled: bool,
+                 wandb_mode: str = "offline", wandb_project: str = "adm-megatron", progress: bool = True):
+        self.enabled = enabled
+        self.wandb = None
+        self.bar = None
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.file = open(self.path, "a")
+        if wandb_mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=wandb_project, dir=output_dir, config=config, mode=wandb_mode,
+                reinit="finish_previous",
+            )
+        if progress:
+            self.bar = tqdm(total=total, initial=start, desc="adm", unit="it", dynamic_ncols=True)
+
+    def log(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if k != "iteration"}, step=metrics["iteration"])
+        if self.bar is not None:
+            self.bar.update(1)
+            shown = {k.split("/")[0][:4]: round(v, 4) for k, v in metrics.items() if k.endswith("/loss")}
+            self.bar.set_postfix(shown)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()

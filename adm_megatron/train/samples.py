@@ -1,0 +1,163 @@
+"""Sample videos from a (distilled) CogVideoX transformer, written as gif or mp4 files.
+
+:func:`render_samples` runs diffusers' ``CogVideoXPipeline`` from a pipeline directory (VAE and
+scheduler; the text encoder is never loaded -- prompts come as precomputed embeddings) with the
+transformer swapped for the one in ``transformer_dir``. Sampling uses a ``CogVideoXDDIMScheduler``
+built from the pipeline's scheduler config (also where the pipeline ships the stochastic
+``CogVideoXDPMScheduler``, as CogVideoX-5b does): its deterministic, 'trailing'-spaced N-step
+DDIM is the PF-ODE schedule the generator is distilled on. :func:`video_shape` reads the pixel and
+latent video sizes from the component configs without loading weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import torch
+
+FORMATS = ("gif", "mp4")
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoShape:
+    """Default video size of a pipeline: pixels ``(frames, height, width)`` and latents
+    ``(latent_channels, latent_frames, latent_height, latent_width)``."""
+
+    frames: int
+    height: int
+    width: int
+    latent_channels: int
+    latent_frames: int
+    latent_height: int
+    latent_width: int
+
+
+def _config(directory: str, name: str, what: str) -> dict:
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found ({what})")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _component(pipeline_dir: str, name: str, config: str = "config.json") -> dict:
+    return _config(os.path.join(pipeline_dir, name), config, f"pipeline component {name!r}")
+
+
+def video_shape(pipeline_dir: str, transformer_dir: str | None = None) -> VideoShape:
+    """The pipeline's default video size, as ``CogVideoXPipeline.__call__`` derives it."""
+    transformer = (_config(transformer_dir, "config.json", "transformer") if transformer_dir
+                   else _component(pipeline_dir, "transformer"))
+    vae = _component(pipeline_dir, "vae")
+    spatial = 2 ** (len(vae["block_out_channels"]) - 1)
+    frames = transformer["sample_frames"]
+    return VideoShape(
+        frames=frames,
+        height=transformer["sample_height"] * spatial,
+        width=transformer["sample_width"] * spatial,
+        latent_channels=transformer["in_channels"],
+        latent_frames=(frames - 1) // vae["temporal_compression_ratio"] + 1,
+        latent_height=transformer["sample_height"],
+        latent_width=transformer["sample_width"],
+    )
+
+
+def _load_pipeline(pipeline_dir: str, transformer_dir: str | None, dtype: torch.dtype, device):
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    from adm_megatron.diffusion import VPVPredSchedule
+
+    _config(pipeline_dir, "model_index.json", "pipeline index")
+    _component(pipeline_dir, "vae")
+    scheduler_config = _component(pipeline_dir, "scheduler", "scheduler_config.json")
+    try:  # the generator's PF-ODE schedule, or a one-line error
+        VPVPredSchedule.from_diffusers_config(scheduler_config)
+    except ValueError as err:
+        raise ValueError(f"{os.path.join(pipeline_dir, 'scheduler', 'scheduler_config.json')}: {err}") from None
+    if transformer_dir is None:
+        transformer_dir = os.path.join(pipeline_dir, "transformer")
+    _config(transformer_dir, "config.json", "transformer")
+    transformer = CogVideoXTransformer3DModel.from_pretrained(transformer_dir, dtype=dtype)
+    pipeline = CogVideoXPipeline.from_pretrained(
+        pipeline_dir, transformer=transformer, text_encoder=None, tokenizer=None, dtype=dtype)
+    pipeline.scheduler = CogVideoXDDIMScheduler.from_config(scheduler_config)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def _write(frames: np.ndarray, path: str, fmt: str, fps: int) -> None:
+    """``frames``: ``[F, H, W, 3]`` floats in [0, 1]."""
+    if fmt == "gif":
+        import imageio.v3 as iio
+
+        pixels = (frames * 255).round().clip(0, 255).astype(np.uint8)
+        iio.imwrite(path, pixels, extension=".gif", duration=1000 / fps, loop=0)
+    else:
+        from diffusers.utils import export_to_video
+
+        export_to_video(list(frames), path, fps=fps)
+
+
+def render_samples(
+    pipeline_dir: str,
+    transformer_dir: str | None,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    num_inference_steps: int,
+    out_dir: str,
+    fmt: str = "gif",
+    guidance_scale: float = 1.0,
+    seed: int = 0,
+    fps: int = 8,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> list[str]:
+    """One video per row of ``prompt_embeds`` ``[B, L, D]``, written to ``out_dir/sample-{i:03d}.{fmt}``.
+
+    Sample ``i`` starts from noise seeded by ``seed + i``, so it does not depend on the other rows.
+    ``negative_embeds`` (``[L, D]`` or ``[B, L, D]``) is the unconditional input, used only when
+    ``guidance_scale > 1``. ``transformer_dir`` ``None`` samples the pipeline's own transformer.
+    Size defaults to :func:`video_shape`; returns the written paths.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if prompt_embeds.dim() != 3:
+        raise ValueError(f"prompt_embeds must be [B, L, D], got shape {tuple(prompt_embeds.shape)}")
+    batch = prompt_embeds.shape[0]
+    if guidance_scale > 1.0:
+        if negative_embeds is None:
+            raise ValueError(f"guidance_scale {guidance_scale} > 1 needs negative_embeds")
+        if negative_embeds.dim() == 2:
+            negative_embeds = negative_embeds.unsqueeze(0).expand(batch, -1, -1)
+        if negative_embeds.shape != prompt_embeds.shape:
+            raise ValueError(f"negative_embeds shape {tuple(negative_embeds.shape)} does not match "
+                             f"prompt_embeds {tuple(prompt_embeds.shape)}")
+    pipeline = _load_pipeline(pipeline_dir, transformer_dir, dtype, device)
+    text_dim = pipeline.transformer.config.text_embed_dim
+    if prompt_embeds.shape[-1] != text_dim:
+        raise ValueError(
+            f"prompt_embeds width {prompt_embeds.shape[-1]} != the transformer's text_embed_dim {text_dim}")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for i in range(batch):
+        negative = negative_embeds[i : i + 1].to(device, dtype) if guidance_scale > 1.0 else None
+        video = pipeline(
+            prompt_embeds=prompt_embeds[i : i + 1].to(device, dtype),
+            negative_prompt_embeds=negative,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            generator=torch.Generator(device).manual_seed(seed + i),
+            output_type="np",
+        ).frames[0]
+        paths.append(os.path.join(out_dir, f"sample-{i:03d}.{fmt}"))
+        _write(video, paths[-1], fmt, fps)
+    return paths

@@ -1,0 +1,219 @@
+"""The distillation run: set up, the iteration loop, and what a run leaves in ``output_dir``.
+
+One iteration (ADM's Algorithm 1 with TTUR = ``distill.ttur``): the fake score is updated every
+iteration; the generator and then the discriminator every ``ttur``-th, the discriminator on the
+generator phase's ODE pair. Randomness is drawn for the global batch from generators seeded by
+(seed, iteration, phase), each data-parallel rank keeping its rows: every rank of a replica draws
+the same, a run is reproducible, and its draws do not depend on the data-parallel layout.
+
+Outputs: ``metrics.jsonl``, wandb files, ``config.yaml``, checkpoints, and at the end the generator
+as a diffusers directory (``generator/``) and sample videos (``samples/``) rendered through the
+real ``CogVideoXPipeline`` when the teacher came with a pipeline.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import zlib
+from dataclasses import dataclass
+
+import torch
+import yaml
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+from adm_megatron.algorithms.adm import ADM, PhaseBatch
+from adm_megatron.algorithms.dmd import DMD2
+from adm_megatron.algorithms.networks import DiTFunction, Networks
+from adm_megatron.algorithms.randomness import BatchRandom
+from adm_megatron.config import Config, config_to_dict
+from adm_megatron.heads import MultiHeadDiscriminator
+from adm_megatron.models import tapped_block_indices
+from adm_megatron.models.rotary import cogvideox_rotary_emb
+from adm_megatron.parallel import initialize_parallel, launch_env
+from adm_megatron.train.ema import ParameterEMA
+from adm_megatron.train.optimizer import NetworkOptimizer
+from adm_megatron.train.phases import PhaseRunner, TrainableNetwork
+from adm_megatron.train.run_log import RunLogger
+from adm_megatron.train.single_stage import SingleStage
+from adm_megatron.train.teacher import TeacherSource, resolve_teacher
+from adm_megatron.train.validate import validate_run
+
+logger = logging.getLogger("adm_megatron")
+
+
+@dataclass
+class RunResult:
+    output_dir: str
+    iterations: int
+    generator_dir: str | None
+    samples: list[str]
+    last_metrics: dict
+
+
+def _seed(*parts) -> int:
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
+def build_algorithm(config: Config, networks: Networks, schedule) -> ADM:
+    """ADM or the DMD2 baseline: ``distill.method`` is the only difference."""
+    d = config.distill
+    common = dict(
+        networks=networks, schedule=schedule, generator_steps=d.generator_steps,
+        delta_t=d.delta_t, guidance_scale=d.guidance_scale, head_reduction=d.head_reduction,
+    )
+    if d.method == "dmd2":
+        return DMD2(**common, gan_weight=d.gan_weight)
+    return ADM(**common)
+
+
+class Trainer:
+    def __init__(self, config: Config):
+        self.config = config
+        self.teacher_source: TeacherSource = resolve_teacher(config.model.teacher, config.model.pipeline)
+        validate_run(config, self.teacher_source, launch_env().world_size)
+        self.schedule = self.teacher_source.schedule()
+        self.info = initialize_parallel(
+            config.parallel.tensor_parallel, config.parallel.context_parallel, seed=config.seed
+        )
+        self.device = self.info.device
+        self.arch = self.teacher_source.arch
+        self._build_networks()
+        self.algorithm = build_algorithm(config, self.networks, self.schedule)
+        self._build_data()
+        self.ema = (
+            ParameterEMA(self.generator, config.train.ema_decay) if config.train.ema_decay > 0 else None
+        )
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _wrap(self, module: torch.nn.Module, config) -> DistributedDataParallel:
+        config.enable_autocast = self.config.model.dtype == "bf16"
+        config.autocast_dtype = torch.bfloat16
+        return DistributedDataParallel(config, DistributedDataParallelConfig(), module)
+
+    def _build_networks(self) -> None:
+        c = self.config
+        m = c.model
+        teacher, self.fake_score, self.generator = self.teacher_source.build_models(
+            3, sequence_parallel=m.sequence_parallel, recompute=m.recompute, impl=m.impl
+        )
+        teacher.eval().requires_grad_(False)
+        fake = self.fake_score
+        self.heads = heads = MultiHeadDiscriminator(
+            num_heads=len(tapped_block_indices(self.arch.num_layers, c.distill.head_every)),
+            in_channels=self.arch.hidden_size, kind="3d",
+            hidden_channels=c.distill.head_hidden, num_blocks=c.distill.head_blocks,
+        ).to(self.device)
+        for p in heads.parameters():  # identical start on every rank (seeded per rank by megatron)
+            torch.distributed.broadcast(p.data, src=0)
+        heads = SingleStage(heads, copy.copy(fake.config))  # a config of its own: hooks are per network
+        wrapped = {
+            "fake_score": self._wrap(fake, fake.config),
+            "generator": self._wrap(self.generator, self.generator.config),
+            "discriminator": self._wrap(heads, heads.config),
+        }
+        optim = {"fake_score": c.optim.fake_score, "generator": c.optim.generator,
+                 "discriminator": c.optim.discriminator}
+        self.trainable = {
+            name: TrainableNetwork(module, NetworkOptimizer(module, optim[name]))
+            for name, module in wrapped.items()
+        }
+        self.phases = PhaseRunner(self.trainable, nan_policy=c.train.nan_policy)
+        d = c.data
+        rotary = cogvideox_rotary_emb(self.arch, d.frames, d.height, d.width, device=self.device)
+        self.networks = Networks(
+            teacher=DiTFunction(teacher, rotary),
+            fake_score=DiTFunction(wrapped["fake_score"], rotary),
+            generator=DiTFunction(wrapped["generator"], rotary),
+            heads=wrapped["discriminator"],
+            head_every=c.distill.head_every,
+        )
+
+    def _build_data(self) -> None:
+        from adm_megatron.data import PromptSampler, SyntheticTextEmbeddings, TextEmbeddingShards
+
+        d = self.config.data
+        if d.source == "shards":
+            self.text_source = TextEmbeddingShards(d.path)
+        else:
+            self.text_source = SyntheticTextEmbeddings(
+                d.num_prompts, self.arch.max_text_seq_length, self.arch.text_embed_dim, seed=self.config.seed
+            )
+        self.sampler = PromptSampler(
+            self.text_source, d.batch_size, seed=self.config.seed,
+            dp_rank=self.info.dp_rank, dp_size=self.info.dp_size,
+        )
+
+    # -- the loop ------------------------------------------------------------------------------
+    def rng(self, iteration: int, phase: str) -> BatchRandom:
+        """Draws for this rank's rows of the global batch (the same whatever the DP layout)."""
+        b = self.config.data.batch_size
+        rows = slice(self.info.dp_rank * b, (self.info.dp_rank + 1) * b)
+        generator = torch.Generator().manual_seed(_seed(self.config.seed, iteration, phase))
+        return BatchRandom(generator, b * self.info.dp_size, rows)
+
+    def batch(self, iteration: int) -> PhaseBatch:
+        text, negative = self.sampler.batch(iteration)
+        d = self.config.data
+        shape = (d.batch_size, d.frames, self.arch.in_channels, d.height, d.width)
+        noise = self.rng(iteration, "noise").randn(torch.empty(shape))
+        to = dict(device=self.device)
+        return PhaseBatch(text=text.to(**to), negative=negative.to(**to), noise=noise.to(**to))
+
+    def train_iteration(self, iteration: int) -> dict:
+        batch = self.batch(iteration)
+        alg = self.algorithm
+        metrics = {"iteration": iteration}
+        phase_metrics, _ = self.phases.run(
+            "fake_score", lambda: alg.fake_score_loss(batch, self.rng(iteration, "fake_score")), iteration
+        )
+        metrics.update(phase_metrics)
+        if iteration % self.config.distill.ttur == 0:
+            phase_metrics, pair = self.phases.run(
+                "generator", lambda: alg.generator_loss(batch, self.rng(iteration, "generator")), iteration
+            )
+            metrics.update(phase_metrics)
+            if self.ema is not None:
+                self.ema.update(self.generator)
+            if alg.uses_discriminator:
+                phase_metrics, _ = self.phases.run(
+                    "discriminator", lambda: (*alg.discriminator_loss(pair, batch), None), iteration
+                )
+                metrics.update(phase_metrics)
+        return metrics
+
+    def fit(self) -> RunResult:
+        from adm_megatron.train.checkpoint import save_training_checkpoint
+        from adm_megatron.train.export import export_generator, render_run_samples
+
+        c = self.config
+        rank0 = self.info.rank == 0
+        if rank0:
+            os.makedirs(c.output_dir, exist_ok=True)
+            with open(os.path.join(c.output_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(config_to_dict(c), f, sort_keys=False)
+        run_log = RunLogger(
+            c.output_dir, config_to_dict(c), c.train.max_iterations, 0, rank0,
+            c.logging.wandb_mode, c.logging.wandb_project, c.logging.progress,
+        )
+        metrics: dict = {}
+        try:
+            for iteration in range(c.train.max_iterations):
+                metrics = self.train_iteration(iteration)
+                if iteration % c.train.log_every == 0 or iteration == c.train.max_iterations - 1:
+                    run_log.log(metrics)
+                done = iteration + 1
+                if c.train.save_every and done % c.train.save_every == 0 and done < c.train.max_iterations:
+                    save_training_checkpoint(self, done)
+        finally:
+            run_log.close()
+        save_training_checkpoint(self, c.train.max_iterations)
+        generator_dir, samples = None, []
+        if c.train.export:
+            if self.ema is not None:
+                self.ema.copy_to(self.generator)
+            generator_dir = export_generator(self.generator, self.arch, os.path.join(c.output_dir, "generator"))
+            if self.teacher_source.pipeline_dir and c.train.num_samples > 0:
+                samples = render_run_samples(self, generator_dir)
+        return RunResult(c.output_dir, c.train.max_iterations, generator_dir, samples, metrics)

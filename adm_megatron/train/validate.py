@@ -1,0 +1,63 @@
+"""Checks of a run config against its teacher and world size, before any process group exists.
+
+Each failure is a one-line ``ConfigError`` naming the key and the numbers: parallel layouts the
+world or the architecture cannot take (heads or tokens not divisible by TP / CP), latent sizes the
+patching cannot take, embeddings that do not fit the teacher, features this machine lacks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adm_megatron.config import Config, ConfigError
+from adm_megatron.train.teacher import TeacherSource
+
+
+def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> None:
+    arch = teacher.arch
+    tp, cp = config.parallel.tensor_parallel, config.parallel.context_parallel
+    data = config.data
+    if world_size % (tp * cp):
+        raise ConfigError(
+            f"parallel: world size {world_size} is not divisible by tensor_parallel x "
+            f"context_parallel = {tp} x {cp}"
+        )
+    if arch.num_attention_heads % tp:
+        raise ConfigError(
+            f"parallel.tensor_parallel={tp}: the teacher's {arch.num_attention_heads} attention "
+            "heads are not divisible by it"
+        )
+    p = arch.patch_size
+    if data.height % p or data.width % p:
+        raise ConfigError(f"data.height/width={data.height}x{data.width}: not divisible by patch size {p}")
+    video_tokens = data.frames * (data.height // p) * (data.width // p)
+    if video_tokens % cp:
+        raise ConfigError(
+            f"parallel.context_parallel={cp}: {video_tokens} video tokens (data.frames x h/{p} x "
+            f"w/{p}) are not divisible by it"
+        )
+    per_rank = arch.max_text_seq_length + video_tokens // cp
+    if config.model.sequence_parallel and tp > 1 and per_rank % tp:
+        raise ConfigError(
+            f"model.sequence_parallel: {per_rank} tokens per context-parallel rank (text "
+            f"{arch.max_text_seq_length} + video {video_tokens // cp}) are not divisible by "
+            f"tensor_parallel={tp}"
+        )
+    if config.distill.head_every > arch.num_layers:
+        raise ConfigError(
+            f"distill.head_every={config.distill.head_every}: the teacher has only {arch.num_layers} blocks"
+        )
+    if config.model.dtype == "bf16" and not torch.cuda.is_available():
+        raise ConfigError("model.dtype=bf16: BF16 autocast needs a GPU here; use fp32 on CPU")
+    if config.data.source == "shards":
+        from adm_megatron.data import TextEmbeddingShards
+
+        try:
+            shards = TextEmbeddingShards(config.data.path)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"data.path={config.data.path!r}: {err}") from None
+        if (shards.seq_len, shards.dim) != (arch.max_text_seq_length, arch.text_embed_dim):
+            raise ConfigError(
+                f"data.path={config.data.path!r}: embeddings are {shards.seq_len} x {shards.dim}, "
+                f"the teacher takes {arch.max_text_seq_length} x {arch.text_embed_dim}"
+            )

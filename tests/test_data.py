@@ -1,0 +1,269 @@
+"""Text-embedding shards (write / read / validation / atomicity), the synthetic source, the prompt
+sampler, and the precompute tool end to end against ``CogVideoXPipeline.encode_prompt``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from adm_megatron.data import (
+    EmbeddingShardWriter,
+    PromptSampler,
+    SyntheticTextEmbeddings,
+    TextEmbeddingShards,
+    build_tiny_pipeline,
+    load_t5,
+    write_embedding_shards,
+)
+from adm_megatron.data import text_embeddings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+L, D = 5, 6
+
+
+def _data(n: int, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [f"prompt {i}" for i in range(n)]
+    return prompts, torch.randn(n, L, D, generator=g).to(dtype), torch.randn(L, D, generator=g).to(dtype)
+
+
+@pytest.fixture
+def shards(tmp_path):
+    prompts, emb, neg = _data(7)
+    path = write_embedding_shards(str(tmp_path / "emb"), prompts, emb, neg, shard_size=3, encoder="enc")
+    return path, prompts, emb, neg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_round_trip_bit_exact(tmp_path, dtype):
+    prompts, emb, neg = _data(7, dtype)
+    out = str(tmp_path / "emb")
+    assert write_embedding_shards(out, prompts, emb, neg, shard_size=3, encoder="t5-tiny") == out
+    index = json.load(open(os.path.join(out, "index.json")))
+    assert [s["rows"] for s in index["shards"]] == [3, 3, 1]
+    shard_files = [f"shard-0000{i}.safetensors" for i in range(3)]
+    assert sorted(os.listdir(out)) == ["index.json", "negative.safetensors", *shard_files]
+    assert (index["num_prompts"], index["seq_len"], index["dim"], index["encoder"]) == (7, L, D, "t5-tiny")
+    src = TextEmbeddingShards(out)
+    assert (len(src), src.seq_len, src.dim, src.dtype, src.prompts) == (7, L, D, dtype, prompts)
+    idx = torch.tensor([6, 0, 3, 3, 2, 5])
+    got = src.get(idx)
+    assert got.dtype == dtype and torch.equal(got, emb[idx])
+    assert torch.equal(src.get(torch.arange(7)), emb)
+    assert torch.equal(src.negative(), neg)
+    assert src.get(torch.tensor([], dtype=torch.long)).shape == (0, L, D)
+
+
+def test_streaming_writer_chunks(tmp_path):
+    prompts, emb, neg = _data(9)
+    with EmbeddingShardWriter(str(tmp_path / "emb"), neg, shard_size=4) as writer:
+        for a, b in ((0, 2), (2, 3), (3, 8), (8, 9)):
+            writer.add(prompts[a:b], emb[a:b])
+        writer.close()
+    src = TextEmbeddingShards(str(tmp_path / "emb"))
+    assert torch.equal(src.get(torch.arange(9)), emb) and src.prompts == prompts
+    assert [s["rows"] for s in json.load(open(tmp_path / "emb" / "index.json"))["shards"]] == [4, 4, 1]
+
+
+def test_write_argument_errors(tmp_path):
+    prompts, emb, neg = _data(3)
+    with pytest.raises(ValueError, match=r"embeddings shape \(3, 5, 6\) != .* \(2, 5, 6\)"):
+        write_embedding_shards(str(tmp_path / "a"), prompts[:2], emb, neg)
+    with pytest.raises(ValueError, match="dtype"):
+        write_embedding_shards(str(tmp_path / "a"), prompts, emb.half(), neg)
+    with pytest.raises(ValueError, match="unsupported embedding dtype"):
+        write_embedding_shards(str(tmp_path / "a"), prompts, emb.double(), neg.double())
+    with pytest.raises(ValueError, match="no prompts"):
+        write_embedding_shards(str(tmp_path / "a"), [], emb[:0], neg)
+    assert sorted(os.listdir(tmp_path)) == []  # failed writes leave nothing behind
+
+
+def test_refuses_non_empty_dir_unless_overwrite(shards):
+    path, prompts, emb, neg = shards
+    with pytest.raises(FileExistsError, match="not empty"):
+        write_embedding_shards(path, prompts[:2], emb[:2], neg)
+    write_embedding_shards(path, prompts[:2], emb[:2] + 1, neg, overwrite=True)
+    src = TextEmbeddingShards(path)
+    assert len(src) == 2 and torch.equal(src.get(torch.arange(2)), emb[:2] + 1)
+    assert sorted(os.listdir(os.path.dirname(path))) == ["emb"]
+
+
+def test_atomic_write_after_injected_failure(tmp_path, monkeypatch, shards):
+    path, prompts, emb, neg = shards
+    real_save, calls = text_embeddings.save_file, []
+
+    def failing_save(tensors, file, *args, **kwargs):
+        calls.append(file)
+        if len(calls) == 2:
+            raise OSError("disk full (injected)")
+        real_save(tensors, file, *args, **kwargs)
+
+    monkeypatch.setattr(text_embeddings, "save_file", failing_save)
+    with pytest.raises(OSError, match="injected"):
+        write_embedding_shards(str(tmp_path / "new"), prompts, emb, neg, shard_size=2)
+    calls.clear()
+    with pytest.raises(OSError, match="injected"):  # a failed overwrite keeps the old directory
+        write_embedding_shards(path, prompts[:4], emb[:4] * 0, neg, shard_size=2, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["emb"]
+    assert torch.equal(TextEmbeddingShards(path).get(torch.arange(7)), emb)
+
+
+def _edit_index(path, edit):
+    file = os.path.join(path, "index.json")
+    index = json.load(open(file))
+    edit(index)
+    json.dump(index, open(file, "w"))
+
+
+@pytest.mark.parametrize("corrupt, error, pattern", [
+    (lambda p: os.remove(os.path.join(p, "index.json")), FileNotFoundError, r"index\.json: index file not found"),
+    (lambda p: open(os.path.join(p, "index.json"), "w").write("{"), ValueError, r"index\.json: invalid JSON"),
+    (lambda p: _edit_index(p, lambda i: i.pop("dim")), ValueError, r"index\.json: key 'dim' is missing"),
+    (lambda p: _edit_index(p, lambda i: i.update(seq_len="5")), ValueError, r"index\.json: key 'seq_len' must be int"),
+    (lambda p: _edit_index(p, lambda i: i.update(format="x")), ValueError, r"index\.json: key 'format' is 'x'"),
+    (lambda p: _edit_index(p, lambda i: i.update(version=9)), ValueError, r"index\.json: key 'version' is 9"),
+    (lambda p: _edit_index(p, lambda i: i.update(dtype="int8")), ValueError, r"index\.json: key 'dtype' is 'int8'"),
+    (lambda p: _edit_index(p, lambda i: i["prompts"].pop()), ValueError, r"index\.json: key 'prompts' has 6 entries"),
+    (lambda p: _edit_index(p, lambda i: i["shards"][1].pop("rows")), ValueError,
+     r"index\.json: key 'shards\[1\]' must be"),
+    (lambda p: _edit_index(p, lambda i: i["shards"].pop()), ValueError, r"index\.json: key 'shards' hold 6 rows"),
+    (lambda p: os.remove(os.path.join(p, "shard-00001.safetensors")), FileNotFoundError,
+     r"index\.json: key 'shards\[1\]\.file' names .*shard-00001\.safetensors, which does not exist"),
+    (lambda p: os.remove(os.path.join(p, "negative.safetensors")), FileNotFoundError,
+     r"index\.json: key 'negative' names .*negative\.safetensors"),
+    (lambda p: _edit_index(p, lambda i: i.update(seq_len=4)), ValueError,
+     r"shard-00000\.safetensors: tensor 'embeddings' has shape \[3, 5, 6\], "
+     r"index\.json \(shards\[0\]\.file\) says \[3, 4, 6\]"),
+    (lambda p: _edit_index(p, lambda i: i.update(dtype="bfloat16")), ValueError,
+     r"shard-00000\.safetensors: tensor 'embeddings' has dtype F32, index\.json says bfloat16"),
+    (lambda p: save_file({"other": torch.zeros(1)}, os.path.join(p, "shard-00002.safetensors")), ValueError,
+     r"shard-00002\.safetensors: tensor 'embeddings' not found"),
+    (lambda p: open(os.path.join(p, "negative.safetensors"), "wb").write(b"xx"), ValueError,
+     r"negative\.safetensors: unreadable safetensors file"),
+])
+def test_index_validation_errors(shards, corrupt, error, pattern):
+    path = shards[0]
+    corrupt(path)
+    with pytest.raises(error, match=pattern) as info:
+        TextEmbeddingShards(path)
+    assert "\n" not in str(info.value)
+
+
+def test_get_rejects_bad_indices(shards):
+    src = TextEmbeddingShards(shards[0])
+    with pytest.raises(IndexError, match=r"out of range \[0, 7\)"):
+        src.get(torch.tensor([7]))
+    with pytest.raises(ValueError, match="1-D LongTensor"):
+        src.get(torch.tensor([[1]]))
+
+
+def test_synthetic_source_is_deterministic():
+    a, b = SyntheticTextEmbeddings(10, 8, 16, seed=3), SyntheticTextEmbeddings(10, 8, 16, seed=3)
+    assert (len(a), a.seq_len, a.dim, a.prompts[3]) == (10, 8, 16, "synthetic prompt 3")
+    rows = a.get(torch.arange(10))
+    assert rows.shape == (10, 8, 16) and torch.equal(rows, b.get(torch.arange(10)))
+    assert torch.equal(a.get(torch.tensor([4, 1]))[1], rows[1])  # a row does not depend on the batch
+    assert torch.equal(a.negative(), b.negative()) and a.negative().shape == (8, 16)
+    assert not torch.equal(a.negative(), rows[0]) and not torch.equal(rows[0], rows[1])
+    assert not torch.equal(SyntheticTextEmbeddings(10, 8, 16, seed=4).get(torch.arange(10)), rows)
+    assert abs(rows.std().item() - 1) < 0.1 and abs(rows.mean().item()) < 0.1
+    assert SyntheticTextEmbeddings(2, 3, 4, dtype=torch.bfloat16).get(torch.tensor([0])).dtype == torch.bfloat16
+
+
+def test_prompt_sampler_determinism_and_disjoint_ranks():
+    src = SyntheticTextEmbeddings(64, 4, 8)
+    ranks = [PromptSampler(src, batch_size=4, seed=7, dp_rank=r, dp_size=4) for r in range(4)]
+    epoch = []
+    for it in range(4):  # one epoch: 4 iterations x 4 ranks x 4 prompts = 64
+        draws = [s.indices(it) for s in ranks]
+        assert all(d.dtype == torch.long and d.shape == (4,) for d in draws)
+        assert len(set(torch.cat(draws).tolist())) == 16  # ranks draw different prompts
+        epoch += torch.cat(draws).tolist()
+    assert sorted(epoch) == list(range(64))  # every prompt once per epoch
+    fresh = PromptSampler(src, batch_size=4, seed=7, dp_rank=2, dp_size=4)  # a resumed run
+    for it in (9, 3, 0, 9):
+        assert torch.equal(fresh.indices(it), ranks[2].indices(it))
+    assert not torch.equal(PromptSampler(src, 4, seed=8, dp_rank=2, dp_size=4).indices(0), ranks[2].indices(0))
+    assert ranks[0].indices(4).tolist() != ranks[0].indices(0).tolist()  # a new epoch, a new order
+    one_rank = PromptSampler(src, batch_size=16, seed=7)  # the global batch does not depend on the DP layout
+    assert all(torch.equal(one_rank.indices(it), torch.cat([s.indices(it) for s in ranks])) for it in (0, 6))
+    embeds, negative = ranks[1].batch(5)
+    assert torch.equal(embeds, src.get(ranks[1].indices(5)))
+    assert negative.shape == (4, 4, 8) and all(torch.equal(n, src.negative()) for n in negative)
+
+
+def test_prompt_sampler_argument_errors():
+    src = SyntheticTextEmbeddings(4, 2, 2)
+    with pytest.raises(ValueError, match="dp_rank must be in"):
+        PromptSampler(src, 2, 0, dp_rank=2, dp_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        PromptSampler(src, 0, 0)
+    with pytest.raises(ValueError, match="iteration"):
+        PromptSampler(src, 2, 0).indices(-1)
+    assert PromptSampler(src, 10, 0).indices(3).shape == (10,)  # more than the prompts: wraps epochs
+
+
+# -- the precompute tool -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    return build_tiny_pipeline(str(tmp_path_factory.mktemp("tiny") / "pipe"), seed=1)
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_precompute_tool_matches_pipeline_encode_prompt(tiny_pipeline, tmp_path):
+    from diffusers import CogVideoXPipeline
+
+    prompts = ["a cat walking in the city at night", "red car", "ZEBRA on a blue sea!",
+               "a very long prompt that the tokenizer will certainly truncate at sixteen tokens"]
+    (tmp_path / "prompts.txt").write_text("\n".join([prompts[0], "", "  ", *prompts[1:], ""]) + "\n")
+    out = tmp_path / "emb"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "precompute_text_embeddings.py"),
+           "--prompts", str(tmp_path / "prompts.txt"), "--encoder", tiny_pipeline, "--out", str(out),
+           "--max-length", "16", "--batch-size", "8", "--shard-size", "3", "--dtype", "float32", "--device", "cpu"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 0, result.stderr[-2000:]
+    src = TextEmbeddingShards(str(out))
+    assert src.prompts == prompts and (src.seq_len, src.dim, src.encoder) == (16, 32, tiny_pipeline)
+
+    pipe = CogVideoXPipeline.from_pretrained(tiny_pipeline)
+    # The tool encodes shard by shard (3 + 1 prompts) and "" alone; batch composition and grad
+    # mode (SDPA's CPU kernel) change the last bits, so encode the same batches under no_grad, as
+    # the pipeline's __call__ does, for a bitwise match.
+    with torch.no_grad():
+        first, _ = pipe.encode_prompt(prompts[:3], do_classifier_free_guidance=False, max_sequence_length=16)
+        last, negative = pipe.encode_prompt(prompts[3:], do_classifier_free_guidance=True, max_sequence_length=16)
+    assert torch.equal(src.get(torch.arange(4)), torch.cat([first, last]))
+    assert torch.equal(src.negative(), negative[0])
+
+
+def test_encoder_folder_layouts(tiny_pipeline, tmp_path):
+    text_encoder, tokenizer = load_t5(tiny_pipeline)
+    text_encoder.save_pretrained(tmp_path / "t5")
+    tokenizer.save_pretrained(tmp_path / "t5")
+    combined, _ = load_t5(str(tmp_path / "t5"))
+    assert all(torch.equal(a, b) for a, b in zip(combined.state_dict().values(), text_encoder.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="neither a pipeline root"):
+        load_t5(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="encoder directory not found"):
+        load_t5(str(tmp_path / "missing"))
+
+
+def test_precompute_tool_rejects_empty_prompt_file(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(SystemExit, match=r"empty\.txt: no prompts"):
+        _tool("precompute_text_embeddings").read_prompts(str(tmp_path / "empty.txt"))

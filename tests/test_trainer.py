@@ -1,0 +1,176 @@
+"""The ADM trainer on a tiny CogVideoX pipeline in one process: phase isolation (each network
+changes only in its own phase, the teacher never), each update improves its own objective on its
+batch, ADM and DMD2 differ only by the switch, NaN handling, and config errors before any process
+group exists."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from adm_megatron.algorithms.adm import ADM
+from adm_megatron.algorithms.dmd import DMD2
+from adm_megatron.config import ConfigError, load_config
+from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+BASE = [
+    "data.num_prompts=4", "data.batch_size=2", "data.frames=2", "data.height=4", "data.width=4",
+    "distill.generator_steps=2", "distill.delta_t=100", "distill.head_every=1",
+    "distill.head_hidden=16", "train.max_iterations=2", "train.num_samples=0", "train.export=false",
+    "logging.wandb_mode=disabled", "logging.progress=false",
+    "optim.generator.lr=1e-3", "optim.fake_score.lr=1e-3", "optim.discriminator.lr=1e-3",
+]
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    return build_tiny_pipeline(str(tmp_path_factory.mktemp("teacher") / "pipe"), seed=0)
+
+
+def _config(pipeline_dir, tmp_path, *extra):
+    return load_config(None, [f"model.teacher={pipeline_dir}", f"output_dir={tmp_path}", *BASE, *extra])
+
+
+def _snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def _changed(before, module):
+    return any(not torch.equal(before[n], p) for n, p in module.named_parameters())
+
+
+@pytest.fixture
+def trainer(pipeline_dir, tmp_path, world_of_one):
+    from adm_megatron.train.trainer import Trainer
+
+    return Trainer(_config(pipeline_dir, tmp_path))
+
+
+def test_each_network_changes_only_in_its_own_phase(trainer):
+    nets = {
+        "teacher": trainer.networks.teacher.module,
+        "fake_score": trainer.trainable["fake_score"].module,
+        "generator": trainer.trainable["generator"].module,
+        "discriminator": trainer.trainable["discriminator"].module,
+    }
+    batch, alg = trainer.batch(0), trainer.algorithm
+    pair = None
+    for phase in ("fake_score", "generator", "discriminator"):
+        before = {name: _snapshot(m) for name, m in nets.items()}
+        if phase == "fake_score":
+            loss_fn = lambda: alg.fake_score_loss(batch, trainer.rng(0, phase))  # noqa: E731
+        elif phase == "generator":
+            loss_fn = lambda: alg.generator_loss(batch, trainer.rng(0, phase))  # noqa: E731
+        else:
+            loss_fn = lambda: (*alg.discriminator_loss(pair, batch), None)  # noqa: E731
+        metrics, extra = trainer.phases.run(phase, loss_fn, 0)
+        pair = extra if phase == "generator" else pair
+        assert metrics[f"{phase}/grad_norm"] > 0 and not metrics[f"{phase}/skipped"]
+        for name, module in nets.items():
+            assert _changed(before[name], module) == (name == phase), (phase, name)
+
+
+def test_discriminator_update_raises_its_margin_and_generator_update_lowers_its_loss(trainer):
+    batch, alg = trainer.batch(0), trainer.algorithm
+    g_rng = lambda: trainer.rng(0, "generator")  # noqa: E731  the same draws before and after
+    with torch.no_grad():
+        g_before = alg.generator_loss(batch, g_rng())[0].item()
+    trainer.phases.run("generator", lambda: alg.generator_loss(batch, g_rng()), 0)
+    with torch.no_grad():
+        loss, _, pair = alg.generator_loss(batch, g_rng())
+    assert loss.item() < g_before
+
+    def margin():
+        with torch.no_grad():
+            real = alg.discriminate(pair.x_real, pair.t_prev, batch)
+            fake = alg.discriminate(pair.x_fake, pair.t_prev, batch)
+        return (real - fake).mean().item()
+
+    before = margin()
+    for _ in range(3):
+        trainer.phases.run("discriminator", lambda: (*alg.discriminator_loss(pair, batch), None), 0)
+    assert margin() > before
+
+
+def test_teacher_is_bit_identical_after_training_and_metrics_are_logged(trainer, tmp_path):
+    import json
+
+    teacher = _snapshot(trainer.networks.teacher.module)
+    trainer.fit()
+    assert not _changed(teacher, trainer.networks.teacher.module)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    for phase in ("fake_score", "generator", "discriminator"):
+        for key in ("loss", "grad_norm", "lr", "seconds"):
+            assert math.isfinite(rows[-1][f"{phase}/{key}"]), (phase, key)
+    assert "discriminator/d_real" in rows[-1] and "discriminator/d_fake" in rows[-1]
+
+
+def test_ttur_updates_generator_and_discriminator_every_kth_iteration(pipeline_dir, tmp_path, world_of_one):
+    from adm_megatron.train.trainer import Trainer
+
+    trainer = Trainer(_config(pipeline_dir, tmp_path, "distill.ttur=2"))
+    assert set(k.split("/")[0] for k in trainer.train_iteration(1) if "/" in k) == {"fake_score"}
+    assert set(k.split("/")[0] for k in trainer.train_iteration(2) if "/" in k) == {
+        "fake_score", "generator", "discriminator"}
+
+
+def test_adm_and_dmd2_differ_only_by_the_switch(pipeline_dir, tmp_path, world_of_one):
+    from adm_megatron.train.trainer import Trainer
+
+    adm = _config(pipeline_dir, tmp_path)
+    dmd = _config(pipeline_dir, tmp_path, "distill.method=dmd2", "distill.gan_weight=0.5")
+    for section in ("model", "parallel", "data", "optim", "train", "logging"):
+        assert getattr(adm, section) == getattr(dmd, section)
+    differ = {k for k, v in vars(adm.distill).items() if getattr(dmd.distill, k) != v}
+    assert differ == {"method", "gan_weight"}
+    overridden = {n for n, v in vars(DMD2).items() if callable(v) or isinstance(v, property)}
+    assert overridden == {"__init__", "generator_loss", "discriminator_loss", "uses_discriminator"}
+    # the shared sampling is ADM's own code, not a copy
+    for name in ("generator_x0", "diffuse", "ode_pair", "teacher_velocity", "fake_score_loss"):
+        assert getattr(DMD2, name) is getattr(ADM, name)
+    trainer = Trainer(dmd)
+    assert isinstance(trainer.algorithm, DMD2)
+    metrics = trainer.train_iteration(0)
+    assert math.isfinite(metrics["generator/dmd"]) and "discriminator/loss" in metrics
+    assert "gan_weight" in inspect.signature(DMD2.__init__).parameters
+
+
+def test_nan_policy_error_raises_and_skip_leaves_weights(pipeline_dir, tmp_path, world_of_one):
+    from adm_megatron.train.phases import NonFiniteError
+    from adm_megatron.train.trainer import Trainer
+
+    trainer = Trainer(_config(pipeline_dir, tmp_path))
+    nan_loss = lambda: (trainer.algorithm.fake_score_loss(trainer.batch(0), trainer.rng(0, "f"))[0] * math.nan, {}, None)  # noqa: E731,E501
+    with pytest.raises(NonFiniteError, match="iteration 0, phase fake_score"):
+        trainer.phases.run("fake_score", nan_loss, 0)
+    trainer.phases.nan_policy = "skip"
+    before = _snapshot(trainer.trainable["fake_score"].module)
+    metrics, _ = trainer.phases.run("fake_score", nan_loss, 0)
+    assert metrics["fake_score/skipped"] is True
+    assert not _changed(before, trainer.trainable["fake_score"].module)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["distill.bogus=1"], "unknown key 'distill.bogus'"),
+        (["parallel.tensor_parallel=3"], "world size 1 is not divisible by tensor_parallel x context_parallel = 3 x 1"),
+        (["data.height=5"], "data.height/width=5x4: not divisible by patch size 2"),
+        (["distill.head_every=3"], "distill.head_every=3: the teacher has only 2 blocks"),
+        (["distill.method=gan"], "distill.method='gan': expected one of adm, dmd2"),
+        (["model.teacher=/nonexistent"], "model.teacher='/nonexistent': directory not found"),
+        (["train.max_iterations=0"], "train.max_iterations=0: must be >= 1"),
+    ],
+)
+def test_bad_configs_fail_in_one_line_before_any_process_group(pipeline_dir, tmp_path, overrides, message):
+    from adm_megatron.train.trainer import Trainer
+
+    with pytest.raises(ConfigError) as err:
+        Trainer(_config(pipeline_dir, tmp_path, *overrides))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not dist.is_initialized()

@@ -1,0 +1,68 @@
+"""Encode a prompt file with a local T5 encoder into text-embedding shards for training.
+
+    python tools/precompute_text_embeddings.py --prompts prompts.txt \
+        --encoder /models/CogVideoX-2b --out data/prompts-2b [--max-length 226] [--dtype bfloat16]
+
+``--prompts``: one prompt per line, blank lines skipped. ``--encoder``: a CogVideoX pipeline root
+(``text_encoder/`` + ``tokenizer/``) or one folder holding both. Encoding matches
+``CogVideoXPipeline.encode_prompt``; the negative (unconditional) embedding is that of "".
+Shards are written one at a time, so memory stays at one shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from adm_megatron.data import EmbeddingShardWriter, encode_prompts, load_t5  # noqa: E402
+from adm_megatron.data.text_embeddings import DTYPES  # noqa: E402
+
+
+def read_prompts(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise SystemExit(f"{path}: no prompts (the file is empty or blank)")
+    return prompts
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    parser.add_argument("--encoder", required=True, help="pipeline root or T5 encoder + tokenizer folder")
+    parser.add_argument("--out", required=True, help="output shard directory")
+    parser.add_argument("--max-length", type=int, default=226, help="tokens per prompt (CogVideoX: 226)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--shard-size", type=int, default=256, help="prompts per shard file")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                        help="encoder compute and storage dtype")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    args = parser.parse_args(argv)
+
+    prompts = read_prompts(args.prompts)
+    start = time.time()
+    text_encoder, tokenizer = load_t5(args.encoder, DTYPES[args.dtype][0], args.device)
+
+    def encode(batch: list[str]) -> torch.Tensor:
+        return encode_prompts(text_encoder, tokenizer, batch, args.max_length, args.batch_size)
+
+    negative = encode([""])[0]
+    with EmbeddingShardWriter(args.out, negative, args.shard_size, args.encoder, args.overwrite) as writer:
+        for i in range(0, len(prompts), args.shard_size):
+            chunk = prompts[i : i + args.shard_size]
+            writer.add(chunk, encode(chunk))
+            print(f"encoded {i + len(chunk)}/{len(prompts)} prompts", flush=True)
+        writer.close()
+    print(f"wrote {len(prompts)} x {tuple(negative.shape)} {args.dtype} embeddings to {args.out} "
+          f"in {time.time() - start:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
