@@ -28,7 +28,7 @@ class ModelConfig:
     impl: str = "auto"  # auto | local | te
     sequence_parallel: bool = False
     recompute: bool = False
-    dtype: str = "fp32"  # fp32 | bf16 (autocast on GPU)
+    dtype: str = "fp32"  # fp32 | bf16 (autocast on GPU) | fp64 (exact numerical checks on CPU)
 
 
 @dataclass
@@ -110,7 +110,7 @@ class Config:
 
 CHOICES = {
     "model.impl": ("auto", "local", "te"),
-    "model.dtype": ("fp32", "bf16"),
+    "model.dtype": ("fp32", "bf16", "fp64"),
     "data.source": ("synthetic", "shards"),
     "distill.method": ("adm", "dmd2"),
     "distill.head_reduction": ("sum", "mean"),

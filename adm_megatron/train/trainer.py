@@ -78,6 +78,8 @@ class Trainer:
             config.parallel.tensor_parallel, config.parallel.context_parallel, seed=config.seed
         )
         self.device = self.info.device
+        # parameters stay fp32 under BF16 autocast; fp64 makes layout comparisons exact
+        self.dtype = torch.float64 if config.model.dtype == "fp64" else torch.float32
         self.arch = self.teacher_source.arch
         self._build_networks()
         self.algorithm = build_algorithm(config, self.networks, self.schedule)
@@ -96,17 +98,18 @@ class Trainer:
         c = self.config
         m = c.model
         teacher, self.fake_score, self.generator = self.teacher_source.build_models(
-            3, sequence_parallel=m.sequence_parallel, recompute=m.recompute, impl=m.impl
+            3, sequence_parallel=m.sequence_parallel, recompute=m.recompute, impl=m.impl,
+            params_dtype=self.dtype,
         )
         teacher.eval().requires_grad_(False)
         fake = self.fake_score
-        self.heads = heads = MultiHeadDiscriminator(
-            num_heads=len(tapped_block_indices(self.arch.num_layers, c.distill.head_every)),
-            in_channels=self.arch.hidden_size, kind="3d",
-            hidden_channels=c.distill.head_hidden, num_blocks=c.distill.head_blocks,
-        ).to(self.device)
-        for p in heads.parameters():  # identical start on every rank (seeded per rank by megatron)
-            torch.distributed.broadcast(p.data, src=0)
+        with torch.random.fork_rng(devices=[]):  # the same heads whatever the layout or rank
+            torch.manual_seed(_seed(c.seed, "discriminator heads"))
+            self.heads = heads = MultiHeadDiscriminator(
+                num_heads=len(tapped_block_indices(self.arch.num_layers, c.distill.head_every)),
+                in_channels=self.arch.hidden_size, kind="3d",
+                hidden_channels=c.distill.head_hidden, num_blocks=c.distill.head_blocks,
+            ).to(self.device, self.dtype)
         heads = SingleStage(heads, copy.copy(fake.config))  # a config of its own: hooks are per network
         wrapped = {
             "fake_score": self._wrap(fake, fake.config),
@@ -157,8 +160,8 @@ class Trainer:
         text, negative = self.sampler.batch(iteration)
         d = self.config.data
         shape = (d.batch_size, d.frames, self.arch.in_channels, d.height, d.width)
-        noise = self.rng(iteration, "noise").randn(torch.empty(shape))
-        to = dict(device=self.device)
+        noise = self.rng(iteration, "noise").randn(torch.empty(shape, dtype=self.dtype))
+        to = dict(device=self.device, dtype=self.dtype)
         return PhaseBatch(text=text.to(**to), negative=negative.to(**to), noise=noise.to(**to))
 
     def train_iteration(self, iteration: int) -> dict:

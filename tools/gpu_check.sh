@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The one command of the GPU check on a device machine (nvidia-h100-x1 / nvidia-h200), run from the
+# repository root with the wheels of tools/fetch_gpu_wheels.sh carried in .whl/:
+#
+#     bash tools/gpu_check.sh [extra gpu_check.py arguments]
+#
+# 1. installs the carried wheels (megatron-core, diffusers) into /tmp/site (GPU_CHECK_SITE), as the device README
+#    says (no index, no deps: everything else is on the machine already);
+# 2. runs tools/gpu_check.py with a time budget (GPU_CHECK_BUDGET_S, default 300 s) under a hard
+#    limit (GPU_CHECK_TIMEOUT_S, default 420 s); it writes $OUT/gpu_check.json, the log goes to
+#    $OUT/gpu_check.log;
+# 3. runs tests/test_te_spec.py (the TE parity tests run only where Transformer Engine imports)
+#    into $OUT/pytest_te_spec.log, under its own limit (GPU_CHECK_PYTEST_TIMEOUT_S, default 150 s).
+#
+# Exit status: gpu_check.py's (0: every check passed and no section failed).
+# See docs/gpu_check.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+SITE=${GPU_CHECK_SITE:-/tmp/site}
+
+echo "== $(date -u +%FT%TZ) $(uname -m) $($PY --version 2>&1)"
+nvidia-smi -L 2>/dev/null || echo "nvidia-smi: no GPU listed"
+
+if ! ls .whl/*.whl >/dev/null 2>&1; then
+    echo "no wheels in .whl/: run tools/fetch_gpu_wheels.sh here first and carry .whl" >&2
+    exit 3
+fi
+ls -l .whl/
+$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+    || { echo "installing the carried wheels failed" >&2; exit 3; }
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+$PY - <<'EOF'
+import importlib.metadata as md
+for name in ("torch", "megatron-core", "diffusers", "transformers", "huggingface-hub", "safetensors", "numpy"):
+    try:
+        print(f"{name:16s} {md.version(name)}")
+    except md.PackageNotFoundError:
+        print(f"{name:16s} MISSING")
+EOF
+
+timeout -k 15 "${GPU_CHECK_TIMEOUT_S:-420}" $PY tools/gpu_check.py \
+    --out "$OUT/gpu_check.json" --budget-s "${GPU_CHECK_BUDGET_S:-300}" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+status=${PIPESTATUS[0]}
+echo "== gpu_check.py exit status: $status"
+
+timeout -k 10 "${GPU_CHECK_PYTEST_TIMEOUT_S:-150}" $PY -m pytest -q -p no:cacheprovider -rs \
+    tests/test_te_spec.py > "$OUT/pytest_te_spec.log" 2>&1
+echo "== tests/test_te_spec.py exit status: $? (log: $OUT/pytest_te_spec.log)"
+tail -n 5 "$OUT/pytest_te_spec.log"
+exit "$status"
