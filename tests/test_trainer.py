@@ -174,3 +174,14 @@ def test_bad_configs_fail_in_one_line_before_any_process_group(pipeline_dir, tmp
         Trainer(_config(pipeline_dir, tmp_path, *overrides))
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not dist.is_initialized()
+
+
+def test_generator_ema_follows_the_generator(pipeline_dir, tmp_path, world_of_one):
+    from adm_megatron.train.trainer import Trainer
+
+    trainer = Trainer(_config(pipeline_dir, tmp_path, "train.ema_decay=0.5"))
+    start = _snapshot(trainer.generator)
+    trainer.train_iteration(0)
+    for name, param in trainer.generator.named_parameters():
+        expected = 0.5 * start[name] + 0.5 * param.detach()
+        assert torch.allclose(trainer.ema.shadow[name], expected, atol=1e-7), name

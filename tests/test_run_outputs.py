@@ -1,0 +1,127 @@
+"""What a run leaves behind, through the real command line: metrics.jsonl, wandb offline files,
+an atomic checkpoint, the generator as a diffusers directory that diffusers loads and that
+generates the generator's own outputs, and sample videos from CogVideoXPipeline; a megatron
+checkpoint works as the teacher; the example configs parse and give the paper's head counts."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from adm_megatron.config import load_config
+from adm_megatron.heads import MultiHeadDiscriminator
+from adm_megatron.models import CogVideoXArch, tapped_block_indices
+from adm_megatron.models.presets import PRESETS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "data.batch_size=1", "data.num_prompts=3", "train.max_iterations=3", "train.num_samples=2",
+    "train.save_every=2", "logging.progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+    return build_tiny_pipeline(str(tmp_path_factory.mktemp("teacher") / "pipe"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def finished_run(pipeline_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run") / "demo")
+    cmd = [sys.executable, "-m", "adm_megatron.cli", "train", "--config",
+           os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"),
+           f"model.teacher={pipeline_dir}", f"output_dir={out}", *TINY]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_run_writes_metrics_wandb_checkpoints_and_prints_where(finished_run):
+    out, stdout = finished_run
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert f"outputs in {out}" in stdout and "sample:" in stdout
+    assert glob.glob(os.path.join(out, "wandb", "offline-run-*", "*.wandb"))
+    checkpoints = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    assert checkpoints == ["iter_0000002", "iter_0000003"]  # save_every=2 and the end; no temp dirs
+    last = os.path.join(out, "checkpoints", "iter_0000003")
+    assert json.load(open(os.path.join(last, "trainer_state.json")))["iteration"] == 3
+    for name in ("generator", "fake_score"):
+        assert os.path.isfile(os.path.join(last, name, "adm_megatron_checkpoint.json"))
+    assert os.path.isfile(os.path.join(last, "discriminator.pt"))
+
+
+def test_exported_generator_loads_in_diffusers_and_generates(finished_run, pipeline_dir, world_of_one):
+    import imageio.v3 as iio
+    from diffusers import CogVideoXTransformer3DModel
+
+    from adm_megatron.convert.checkpoint import load_megatron_checkpoint
+
+    out, _ = finished_run
+    exported = CogVideoXTransformer3DModel.from_pretrained(os.path.join(out, "generator"))
+    teacher = CogVideoXTransformer3DModel.from_pretrained(os.path.join(pipeline_dir, "transformer"))
+    assert any(not torch.equal(a, b) for a, b in zip(exported.parameters(), teacher.parameters()))
+    trained = load_megatron_checkpoint(os.path.join(out, "checkpoints", "iter_0000003", "generator"))
+    x, text, t = torch.randn(2, 3, 4, 8, 8), torch.randn(2, 16, 32), torch.tensor([999, 499])
+    with torch.no_grad():
+        ours, theirs = trained(x, text, t).sample, exported(x, text, t).sample
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= 1e-5
+    videos = sorted(glob.glob(os.path.join(out, "samples", "*.gif")))
+    assert len(videos) == 2
+    frames = iio.imread(videos[0])
+    assert frames.shape[0] == 9 and frames.shape[-1] == 3
+
+
+def test_a_megatron_checkpoint_is_a_teacher(finished_run, pipeline_dir, tmp_path, world_of_one):
+    from adm_megatron.convert.checkpoint import hf_to_megatron_checkpoint
+    from adm_megatron.models import build_model_from_hf
+    from adm_megatron.train.trainer import Trainer
+
+    ckpt = hf_to_megatron_checkpoint(os.path.join(pipeline_dir, "transformer"), str(tmp_path / "ckpt"))
+    config = load_config(
+        os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"),
+        [f"model.teacher={ckpt}", f"model.pipeline={pipeline_dir}", f"output_dir={tmp_path / 'run'}",
+         "logging.wandb_mode=disabled", "logging.progress=false"],
+    )
+    trainer = Trainer(config)
+    reference = build_model_from_hf(os.path.join(pipeline_dir, "transformer"))
+    for (name, a), b in zip(trainer.networks.teacher.module.named_parameters(), reference.parameters()):
+        assert torch.equal(a, b), name
+    assert torch.isfinite(torch.tensor(trainer.train_iteration(0)["generator/loss"]))
+
+
+@pytest.mark.parametrize("name, preset, heads", [
+    ("cogvideox_2b_8step.yaml", "cogvideox-2b", 10), ("cogvideox_5b_8step.yaml", "cogvideox-5b", 14),
+])
+def test_example_configs_parse_and_give_the_papers_head_counts(name, preset, heads):
+    config = load_config(os.path.join(ROOT, "examples/cogvideox", name))
+    assert (config.optim.generator.lr, config.optim.fake_score.lr, config.optim.discriminator.lr) == (1e-7, 1e-6, 5e-6)
+    assert config.optim.generator.betas == (0.0, 0.99) and config.distill.generator_steps == 8
+    assert config.distill.guidance_scale == (5.0, 7.0)
+    arch = CogVideoXArch.from_diffusers_config(PRESETS[preset])
+    taps = tapped_block_indices(arch.num_layers, config.distill.head_every)
+    with torch.device("meta"):
+        disc = MultiHeadDiscriminator(len(taps), arch.hidden_size, kind="3d",
+                                      hidden_channels=config.distill.head_hidden)
+    feature = torch.empty(1, arch.hidden_size, config.data.frames, config.data.height // 2,
+                          config.data.width // 2, device="meta")
+    assert disc([feature] * len(taps)).shape == (1, heads)
+
+
+def test_cli_reports_config_errors_in_one_line_with_exit_code_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "adm_megatron.cli", "train", "--config",
+         os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"), "distill.ttur=0"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("adm-megatron: config error: ") and "distill.ttur=0: must be >= 1" in last
