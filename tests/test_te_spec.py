@@ -10,8 +10,6 @@ and in bf16 (outputs and input gradients), for the 2b-style (sin-cos) and 5b-sty
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -20,6 +18,7 @@ from adm_megatron.models import CogVideoXArch, build_model, build_model_from_hf
 from adm_megatron.models import specs
 from adm_megatron.models.cogvideox_layer import CogVideoXLayer
 from adm_megatron.models.core_attention import SDPACoreAttention
+from adm_megatron.precision import fp32_highest
 from tiny_cogvideox import TINY_2B, make_inputs, rel_err, save_diffusers_model
 
 TE_AVAILABLE = specs.transformer_engine_available()
@@ -126,19 +125,6 @@ def _run(model, hf_dir, dtype, device):
     return {"out": out.detach().float(), "d_latents": latents.grad.float(), "d_text": text.grad.float()}
 
 
-@contextlib.contextmanager
-def _no_tf32():
-    """fp32 matmuls and convolutions in full precision inside the block (legacy switches only:
-    newer torch raises when the legacy and the new ``fp32_precision`` switches are mixed)."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 @needs_te
 def test_auto_with_te_is_the_te_spec():
     from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
@@ -156,7 +142,7 @@ def test_auto_with_te_is_the_te_spec():
 @pytest.mark.parametrize("variant", ["2b", "5b"])
 def test_te_equals_local_in_fp32(world_of_one, hf_dirs, variant):
     device = world_of_one.device
-    with _no_tf32():
+    with fp32_highest():
         local = _run(build_model_from_hf(hf_dirs[variant], impl="local"), hf_dirs[variant], torch.float32, device)
         te = _run(build_model_from_hf(hf_dirs[variant], impl="te"), hf_dirs[variant], torch.float32, device)
     for name in local:
@@ -169,7 +155,7 @@ def test_te_equals_local_in_fp32(world_of_one, hf_dirs, variant):
 def test_te_in_bf16_is_as_close_to_fp32_as_local_bf16(world_of_one, hf_dirs, variant):
     device = world_of_one.device
     hf_dir = hf_dirs[variant]
-    with _no_tf32():
+    with fp32_highest():
         reference = _run(build_model_from_hf(hf_dir, impl="local"), hf_dir, torch.float32, device)
     local = _run(build_model_from_hf(hf_dir, impl="local", params_dtype=torch.bfloat16), hf_dir,
                  torch.bfloat16, device)

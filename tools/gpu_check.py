@@ -66,6 +66,8 @@ warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not i
 
 import torch  # noqa: E402
 
+from adm_megatron.precision import fp32_highest  # noqa: E402
+
 # Dense (non-sparse) BF16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s. More specific names
 # first ("H100 PCIe" before "H100").
 DATASHEET_BF16_TFLOPS = [
@@ -236,21 +238,6 @@ def _free_memory() -> None:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def fp32_highest():
-    """Full-precision fp32 matmuls and convolutions (no TF32) inside the block.
-
-    Only the legacy switches (``allow_tf32``) are used: torch >= 2.9 raises when the legacy getters
-    are read after the new ``fp32_precision`` switches made cuDNN's conv and RNN flags differ."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def sdpa_context(backend: str):

@@ -1,4 +1,5 @@
-"""Small helpers shared by the discriminator heads (no models here)."""
+"""What the 2D and 3D discriminator heads share: GroupNorm sizing, input checks, and the head body
+(validated widths, a stack of down blocks, a 1x1 logit convolution, the mean logit)."""
 
 from __future__ import annotations
 
@@ -38,3 +39,53 @@ def check_feature(x: torch.Tensor, in_channels: int, rank: int, layout: str, whe
             f"{where}: expected a feature of shape {layout} with C={in_channels} "
             f"(rank {rank}), got shape {tuple(x.shape)}"
         )
+
+
+class ConvHead(nn.Module):
+    """A head body: ``num_blocks`` down blocks, a 1x1 convolution to a logit map, its mean.
+
+    Subclasses set ``block_class`` (a down block taking ``(in, out, max_groups, min_size)``),
+    ``logit_conv`` (``nn.Conv2d`` / ``nn.Conv3d``), the input ``rank`` and its ``layout`` text.
+    """
+
+    block_class: type
+    logit_conv: type
+    rank: int
+    layout: str
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden_channels: int = 256,
+        num_blocks: int = 2,
+        max_groups: int = 32,
+        min_size: int = 2,
+    ):
+        super().__init__()
+        name = type(self).__name__
+        if in_channels < 1 or hidden_channels < 1:
+            raise ValueError(
+                f"{name}: channels must be >= 1, got in_channels={in_channels}, "
+                f"hidden_channels={hidden_channels}"
+            )
+        if num_blocks < 1:
+            raise ValueError(f"{name}: num_blocks must be >= 1, got {num_blocks}")
+        if min_size < 1:
+            raise ValueError(f"{name}: min_size must be >= 1, got {min_size}")
+        self.in_channels = in_channels
+        self.hidden_channels = hidden_channels
+        self.num_blocks = num_blocks
+        self.min_size = min_size
+        chans = [in_channels] + [hidden_channels] * num_blocks
+        self.blocks = nn.ModuleList(
+            self.block_class(chans[i], chans[i + 1], max_groups, min_size) for i in range(num_blocks)
+        )
+        self.to_logit = self.logit_conv(hidden_channels, 1, kernel_size=1)
+
+    def forward(self, x: torch.Tensor, return_map: bool = False):
+        check_feature(x, self.in_channels, self.rank, self.layout, type(self).__name__)
+        for block in self.blocks:
+            x = block(x)
+        logit_map = self.to_logit(x).squeeze(1)  # [B, (T,) h, w]
+        logits = logit_map.flatten(1).mean(dim=1)  # [B]
+        return (logits, logit_map) if return_map else logits

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adm_megatron.heads.common import check_feature, make_group_norm
+from adm_megatron.heads.common import ConvHead, make_group_norm
 
 
 class DownBlock2D(nn.Module):
@@ -73,7 +73,7 @@ class DownBlock2D(nn.Module):
         return self.act(self.norm(x))
 
 
-class DiscriminatorHead2D(nn.Module):
+class DiscriminatorHead2D(ConvHead):
     """Per-sample realness logit from one ``[B, C, H, W]`` backbone feature map.
 
     Args:
@@ -88,33 +88,10 @@ class DiscriminatorHead2D(nn.Module):
     when ``return_map`` is true.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        hidden_channels: int = 256,
-        num_blocks: int = 2,
-        max_groups: int = 32,
-        min_size: int = 2,
-    ):
-        super().__init__()
-        if in_channels < 1 or hidden_channels < 1:
-            raise ValueError(
-                f"DiscriminatorHead2D: channels must be >= 1, got in_channels={in_channels}, "
-                f"hidden_channels={hidden_channels}"
-            )
-        if num_blocks < 1:
-            raise ValueError(f"DiscriminatorHead2D: num_blocks must be >= 1, got {num_blocks}")
-        if min_size < 1:
-            raise ValueError(f"DiscriminatorHead2D: min_size must be >= 1, got {min_size}")
-        self.in_channels = in_channels
-        self.hidden_channels = hidden_channels
-        self.num_blocks = num_blocks
-        self.min_size = min_size
-        chans = [in_channels] + [hidden_channels] * num_blocks
-        self.blocks = nn.ModuleList(
-            DownBlock2D(chans[i], chans[i + 1], max_groups, min_size) for i in range(num_blocks)
-        )
-        self.to_logit = nn.Conv2d(hidden_channels, 1, kernel_size=1)
+    block_class = DownBlock2D
+    logit_conv = nn.Conv2d
+    rank = 4
+    layout = "[B, C, H, W]"
 
     @staticmethod
     def output_size(h: int, w: int, num_blocks: int, min_size: int = 2) -> tuple[int, int]:
@@ -122,11 +99,3 @@ class DiscriminatorHead2D(nn.Module):
         for _ in range(num_blocks):
             h, w = DownBlock2D.out_size(h, min_size), DownBlock2D.out_size(w, min_size)
         return h, w
-
-    def forward(self, x: torch.Tensor, return_map: bool = False):
-        check_feature(x, self.in_channels, 4, "[B, C, H, W]", "DiscriminatorHead2D")
-        for block in self.blocks:
-            x = block(x)
-        logit_map = self.to_logit(x).squeeze(1)  # [B, h, w]
-        logits = logit_map.mean(dim=(1, 2))  # [B]
-        return (logits, logit_map) if return_map else logits
