@@ -2,6 +2,7 @@
 #   make install    .venv (Python 3.11) with the CI pins and the package in editable mode
 #   make test       the fast suite (everything not marked slow)
 #   make test-slow  the slow tests only
+#   make demo       a tiny CogVideoX ADM distillation on CPU, end to end (outputs/demo)
 #   make lint       byte-compile the package, tests and tools (a cheap syntax check)
 
 PYTHON ?= python3.11
@@ -15,7 +16,10 @@ CUDA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 PYTEST_TIMEOUT ?= 600
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow lint clean distclean
+DEMO_TEACHER ?= outputs/tiny_teacher
+DEMO_OUT ?= outputs/demo
+
+.PHONY: install test test-slow demo lint clean distclean
 
 install: $(STAMP)
 
@@ -41,11 +45,17 @@ test: install
 test-slow: install
 	$(PY) -m pytest -m slow --timeout=3600 $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
+# a tiny random CogVideoX pipeline as the teacher, then examples/cogvideox/tiny_cpu.yaml on it
+demo: install
+	$(PY) tools/make_tiny_pipeline.py --out $(DEMO_TEACHER) --overwrite
+	$(PY) -m adm_megatron.cli train --config examples/cogvideox/tiny_cpu.yaml \
+		model.teacher=$(DEMO_TEACHER) output_dir=$(DEMO_OUT)
+
 lint: install
 	$(PY) -m compileall -q adm_megatron tests $(wildcard tools)
 
 clean:
-	rm -rf build *.egg-info .pytest_cache
+	rm -rf build *.egg-info .pytest_cache outputs
 
 distclean: clean
 	rm -rf $(VENV)
