@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from adm_megatron.config import ConfigError, load_config
 
@@ -17,6 +18,10 @@ def _setup_logging() -> None:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s",
     )
+    # megatron-core logs every DDP bucket's parameter list at INFO; keep its warnings only
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    warnings.filterwarnings("ignore", message="Apex is not installed")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -1,0 +1,34 @@
+"""diffusers <-> megatron conversion: key / layout mappings (``cogvideox_mapping``) and megatron-core
+distributed checkpoints with conversion to and from diffusers directories (``checkpoint``)."""
+
+from adm_megatron.convert.checkpoint import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    check_output_dir,
+    export_diffusers,
+    hf_to_megatron_checkpoint,
+    is_megatron_checkpoint,
+    load_megatron_checkpoint,
+    load_megatron_checkpoint_into,
+    megatron_to_hf_checkpoint,
+    read_checkpoint_arch,
+    read_checkpoint_meta,
+    save_megatron_checkpoint,
+    verify_checkpoint,
+)
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "check_output_dir",
+    "export_diffusers",
+    "hf_to_megatron_checkpoint",
+    "is_megatron_checkpoint",
+    "load_megatron_checkpoint",
+    "load_megatron_checkpoint_into",
+    "megatron_to_hf_checkpoint",
+    "read_checkpoint_arch",
+    "read_checkpoint_meta",
+    "save_megatron_checkpoint",
+    "verify_checkpoint",
+]

@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -40,14 +41,20 @@ __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
     "CHECKPOINT_META_FILE",
     "CheckpointError",
+    "CheckpointNotFoundError",
     "check_output_dir",
+    "export_diffusers",
     "hf_to_megatron_checkpoint",
+    "is_megatron_checkpoint",
     "load_megatron_checkpoint",
     "load_megatron_checkpoint_into",
     "megatron_to_hf_checkpoint",
+    "read_checkpoint_arch",
     "read_checkpoint_meta",
     "save_megatron_checkpoint",
     "sharded_state_dict",
+    "verify_checkpoint",
+    "write_atomically",
 ]
 
 CHECKPOINT_FORMAT = "adm_megatron.megatron_checkpoint"
@@ -179,7 +186,11 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         old = f"{out_dir}.old-{uuid.uuid4().hex[:12]}"
         os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            os.rename(old, out_dir)  # put the previous checkpoint back
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out_dir)  # replaces an empty directory atomically
@@ -307,6 +318,14 @@ def read_checkpoint_meta(ckpt_dir: str) -> dict[str, Any]:
     return meta
 
 
+def verify_checkpoint(ckpt_dir: str) -> dict[str, Any]:
+    """Checks that need no model (and no process group): :func:`read_checkpoint_meta`, the
+    megatron metadata readable, every shard file present and long enough. Returns the JSON."""
+    meta = read_checkpoint_meta(ckpt_dir)
+    _check_shard_files(ckpt_dir, _read_dcp_metadata(ckpt_dir))
+    return meta
+
+
 def _arch_from_meta(meta: dict[str, Any], ckpt_dir: str):
     from adm_megatron.models import CogVideoXArch
 
@@ -404,36 +423,71 @@ def _precheck(sd: dict, ckpt_dir: str) -> None:
             f"{ckpt_dir}: the checkpoint has tensor {extra[0]!r} that the model does not "
             f"({len(extra)} in all; a different architecture?)"
         )
-    sizes: dict[str, int | None] = {}
+    _check_shard_files(ckpt_dir, metadata)
+
+
+def _check_shard_files(ckpt_dir: str, metadata) -> None:
+    """Every shard file the metadata points to exists and holds the bytes it should."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    stored = metadata.state_dict_metadata
+    by_file: dict[str, list] = {}
     for index, info in (metadata.storage_data or {}).items():
-        path = os.path.join(ckpt_dir, str(info.relative_path))
-        if path not in sizes:
-            sizes[path] = os.path.getsize(path) if os.path.isfile(path) else None
-        size = sizes[path]
-        what = f"tensor {index.fqn!r} (shard at offset {tuple(index.offset or ())})"
+        by_file.setdefault(str(info.relative_path), []).append((index, info))
+    for name in sorted(by_file):
+        path = os.path.join(ckpt_dir, name)
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        items = by_file[name]
         if size is None:
-            raise CheckpointError(f"{ckpt_dir}: {what}: shard file {info.relative_path} is missing")
-        if size < info.offset + info.length:
-            raise CheckpointError(
-                f"{ckpt_dir}: {what}: shard file {info.relative_path} is truncated ({size} bytes, "
-                f"needs {info.offset + info.length})"
-            )
+            bad = items
+        else:
+            bad = [(index, info) for index, info in items if size < info.offset + info.length]
+        if not bad:
+            continue
+        # name a tensor (not a sharded object) where the file holds one
+        tensors = [b for b in bad if isinstance(stored.get(b[0].fqn), TensorStorageMetadata)]
+        index, info = (tensors or bad)[0]
+        what = f"tensor {index.fqn!r}" if tensors else f"object {index.fqn!r}"
+        if index.offset:
+            what += f" (chunk at offset {tuple(index.offset)})"
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        if size is None:
+            raise CheckpointError(f"{ckpt_dir}: shard file {name} is missing; it holds {what}{more}")
+        raise CheckpointError(
+            f"{ckpt_dir}: shard file {name} is truncated ({size} bytes, needs "
+            f"{info.offset + info.length} for {what}{more})"
+        )
+
+
+def _describe_load_failure(exc: BaseException) -> str:
+    """One line for megatron's / torch DCP's load errors (a DCP CheckpointException carries one
+    traceback per failing rank: name the first rank's exception)."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank = sorted(failures)[0]
+        inner = failures[rank]
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        return f"rank {rank}: {type(inner).__name__}: {_one_line(inner, 200)}"
+    return f"{type(exc).__name__}: {_one_line(exc, 200)}"
 
 
 def load_megatron_checkpoint_into(model, ckpt_dir: str) -> dict[str, Any]:
     """Collective: load the checkpoint into an already built ``model`` (any TP / CP layout);
     returns the checkpoint's metadata JSON. One-line CheckpointError on any mismatch."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     meta = read_checkpoint_meta(ckpt_dir)
     sd = sharded_state_dict(model)
     _precheck(sd, ckpt_dir)
     try:
-        loaded = dist_checkpointing.load(sd, ckpt_dir)
-    except Exception as exc:  # noqa: BLE001 - megatron / torch DCP errors are long and multi-line
-        raise CheckpointError(
-            f"{ckpt_dir}: loading failed ({type(exc).__name__}: {_one_line(exc, 200)})"
-        ) from exc
+        with warnings.catch_warnings():
+            # megatron-core 0.16 still calls torch DCP's deprecated load_state_dict
+            warnings.filterwarnings("ignore", message=".*load_state_dict. is deprecated", category=FutureWarning)
+            loaded = dist_checkpointing.load(sd, ckpt_dir)
+    # torch DCP's CheckpointException (a BaseException) gathers every rank's traceback
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001
+        raise CheckpointError(f"{ckpt_dir}: loading failed ({_describe_load_failure(exc)})") from exc
     try:
         model.load_state_dict(loaded, strict=True)
     except RuntimeError as exc:
@@ -444,12 +498,16 @@ def load_megatron_checkpoint_into(model, ckpt_dir: str) -> dict[str, Any]:
 def load_megatron_checkpoint(ckpt_dir: str, *, arch=None, **build_kwargs):
     """Collective: build the model described by the checkpoint's JSON (or ``arch``) for the current
     parallel layout (a world of one if none is initialized) and load the checkpoint into it.
-    ``build_kwargs`` go to ``adm_megatron.models.build_model`` (sequence_parallel, params_dtype...)."""
+    ``build_kwargs`` go to ``adm_megatron.models.build_model`` (sequence_parallel, params_dtype...);
+    ``params_dtype`` defaults to the dtype the checkpoint was saved in."""
     from adm_megatron.models import build_model
 
     meta = read_checkpoint_meta(ckpt_dir)
     if arch is None:
         arch = _arch_from_meta(meta, ckpt_dir)
+    saved_dtype = getattr(torch, str(meta.get("params_dtype", "float32")), None)
+    if isinstance(saved_dtype, torch.dtype):
+        build_kwargs.setdefault("params_dtype", saved_dtype)
     model = build_model(arch, **build_kwargs)
     load_megatron_checkpoint_into(model, ckpt_dir)
     return model
@@ -491,24 +549,12 @@ def _diffusers_model(config: dict[str, Any], state: dict[str, torch.Tensor]):
 def megatron_to_hf_checkpoint(ckpt_dir: str, out_dir: str, *, overwrite: bool = False, **build_kwargs) -> str:
     """Collective: megatron checkpoint -> diffusers directory (``save_pretrained`` output, loadable
     with ``CogVideoXTransformer3DModel.from_pretrained``). Loads at the current layout, gathers
-    the whole tensors, and rank 0 writes."""
-    from adm_megatron.convert.cogvideox_mapping import megatron_to_hf
-    from adm_megatron.models.weights import gather_full_state_dict
-
+    the whole tensors, and rank 0 writes (see :func:`export_diffusers`)."""
     meta = read_checkpoint_meta(ckpt_dir)
     check_output_dir(os.path.abspath(out_dir), overwrite)
-    model = load_megatron_checkpoint(ckpt_dir, **build_kwargs)
-    full = gather_full_state_dict(model)
-    del model
-    config = meta["diffusers_config"]
-
-    def write(tmp: str) -> None:
-        if _rank() != 0:
-            return
-        hf_state = megatron_to_hf(full, int(config["num_attention_heads"]))
-        _diffusers_model(config, hf_state).save_pretrained(tmp)
-
-    return _write_atomically(out_dir, overwrite, write)
+    arch = _arch_from_meta(meta, ckpt_dir)
+    model = load_megatron_checkpoint(ckpt_dir, arch=arch, **build_kwargs)
+    return export_diffusers(model, arch, out_dir, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,200 @@
+"""Convert a model between a diffusers directory and an adm_megatron megatron-core checkpoint.
+
+    python tools/convert_checkpoint.py hf-to-megatron --model cogvideox --hf-path HF_DIR --out CKPT
+    python tools/convert_checkpoint.py megatron-to-hf --model cogvideox --ckpt CKPT --out HF_DIR
+
+Runs as one process or under torchrun / srun (every rank runs the same command):
+
+    torchrun --nproc-per-node 2 tools/convert_checkpoint.py hf-to-megatron ... --tensor-parallel 2
+
+The megatron checkpoint is a megatron-core distributed checkpoint (torch_dist) plus
+adm_megatron_checkpoint.json (format version, diffusers architecture config). It does not depend
+on the layout that wrote it: a checkpoint written at any tensor / context parallel size is read at
+any other. --tensor-parallel / --context-parallel only choose the layout of this run (default 1 and
+1: every process of the world holds the whole model, i.e. data parallel). megatron-to-hf writes a
+``save_pretrained`` directory that ``CogVideoXTransformer3DModel.from_pretrained`` loads.
+
+Outputs appear atomically (written to OUT.tmp-<id>, renamed at the end); an existing non-empty
+--out is replaced only with --overwrite. Exit status: 0 done, 2 bad arguments or inputs (checked
+before any process group starts: missing directories, an existing --out, a checkpoint whose JSON,
+metadata or shard files are missing or cut short, sizes that do not divide), 1 the conversion
+failed; either way one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+import warnings
+
+if importlib.util.find_spec("adm_megatron") is None:  # not installed (pip install -e .): use the repo
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MODELS = ("cogvideox",)  # = adm_megatron.convert.checkpoint.SUPPORTED_MODELS (not imported: --help stays fast)
+DTYPES = ("float32", "bfloat16", "float16")
+PROG = "convert_checkpoint.py"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) and exit status 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        _fail(f"{message} (see --help)")
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def _fail(message: str, code: int = 2):
+    if _is_main_rank():
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "Launch with torchrun --nproc-per-node N (or srun) for N processes; the world size must "
+            "be divisible by tensor-parallel x context-parallel."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, choices=MODELS, help="model family (%(choices)s)")
+        p.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --overwrite)")
+        p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                       help="tensor-parallel size of this run (default 1)")
+        p.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                       help="context-parallel size of this run (default 1)")
+        p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+    h2m = sub.add_parser(
+        "hf-to-megatron",
+        help="diffusers directory -> megatron checkpoint",
+        description="Read a diffusers model directory (config.json + safetensors) and write a "
+        "megatron-core distributed checkpoint.",
+    )
+    h2m.add_argument("--hf-path", required=True, metavar="DIR",
+                     help="diffusers model directory (e.g. CogVideoX-2b/transformer)")
+    common(h2m)
+    h2m.add_argument("--dtype", choices=DTYPES, default="float32",
+                     help="parameter dtype stored in the checkpoint (default float32)")
+
+    m2h = sub.add_parser(
+        "megatron-to-hf",
+        help="megatron checkpoint -> diffusers directory",
+        description="Read an adm_megatron megatron checkpoint (written at any layout) and write a "
+        "diffusers save_pretrained directory (dtype as stored in the checkpoint).",
+    )
+    m2h.add_argument("--ckpt", required=True, metavar="DIR", help="adm_megatron megatron checkpoint")
+    common(m2h)
+    return parser
+
+
+def _world_size() -> int:
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(key):
+            try:
+                return int(os.environ[key])
+            except ValueError:
+                _fail(f"environment variable {key}={os.environ[key]!r} is not an integer")
+    return 1
+
+
+def _check_inputs(args) -> int:
+    """Everything that can be checked before a process group exists (cheap checks first, before
+    torch is imported); returns num_attention_heads."""
+    tp, cp = args.tensor_parallel, args.context_parallel
+    if tp < 1 or cp < 1:
+        _fail(f"--tensor-parallel and --context-parallel must be >= 1 (got {tp} and {cp})")
+    world = _world_size()
+    if world % (tp * cp):
+        _fail(
+            f"world size {world} is not divisible by tensor-parallel x context-parallel = {tp} x {cp}"
+            f" (launch with torchrun --nproc-per-node {tp * cp} or a multiple)"
+        )
+    source, flag = (args.hf_path, "--hf-path") if args.command == "hf-to-megatron" else (args.ckpt, "--ckpt")
+    if not os.path.isdir(source):
+        _fail(f"{flag} {source}: no such directory")
+    if os.path.isfile(args.out) or (os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite):
+        _fail(f"--out {args.out} exists and is not empty (pass --overwrite to replace it)")
+
+    from adm_megatron.convert.checkpoint import CheckpointError, verify_checkpoint
+
+    try:
+        if args.command == "hf-to-megatron":
+            if not os.path.isfile(os.path.join(source, "config.json")):
+                _fail(f"--hf-path {source}: no config.json (a diffusers model directory expected)")
+            from adm_megatron.models import CogVideoXArch
+
+            heads = CogVideoXArch.from_pretrained_dir(source).num_attention_heads
+        else:
+            meta = verify_checkpoint(source)
+            if meta["model"] != args.model:
+                _fail(f"--ckpt {source} holds a {meta['model']!r} model, not {args.model!r}")
+            heads = int(meta["diffusers_config"]["num_attention_heads"])
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError) as exc:
+        _fail(str(exc))
+    if heads % tp:
+        _fail(f"num_attention_heads={heads} is not divisible by --tensor-parallel {tp}")
+    return heads
+
+
+# megatron-core's import-time notices, not about this tool's work
+_QUIET = (
+    "Transformer Engine and Apex are not installed",
+    "full scope is deprecated",
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    for message in _QUIET:
+        warnings.filterwarnings("ignore", message=f".*{message}")
+    args = build_parser().parse_args(argv)
+    _check_inputs(args)
+
+    import torch
+
+    from adm_megatron.convert.checkpoint import (
+        CheckpointError,
+        hf_to_megatron_checkpoint,
+        megatron_to_hf_checkpoint,
+    )
+    from adm_megatron.parallel import destroy_parallel, initialize_parallel
+
+    start = time.time()
+    info = initialize_parallel(
+        tensor_parallel=args.tensor_parallel, context_parallel=args.context_parallel, seed=1234
+    )
+    try:
+        if args.command == "hf-to-megatron":
+            out = hf_to_megatron_checkpoint(
+                args.hf_path, args.out, overwrite=args.overwrite,
+                params_dtype=getattr(torch, args.dtype),
+            )
+            what = "megatron checkpoint"
+        else:
+            out = megatron_to_hf_checkpoint(args.ckpt, args.out, overwrite=args.overwrite)
+            what = "diffusers model"
+    except (CheckpointError, OSError, ValueError) as exc:  # anything else keeps its traceback
+        if info.is_main:
+            print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        destroy_parallel()
+    if info.is_main:
+        print(f"wrote {what} {out} ({info.layout}) in {time.time() - start:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
