@@ -15,13 +15,11 @@ Outputs are never left half written: everything goes to ``<out>.tmp-<id>`` and i
 ``<out>`` by rank 0 once every rank has finished; on a failure the temporary directory is removed.
 An existing non-empty ``<out>`` is only replaced with ``overwrite=True``.
 
-The sharded state dict: megatron's default ``MegatronModule.sharded_state_dict`` treats any child
-that is not itself a megatron module (here the ``torch.nn.ModuleList`` of blocks) as replicated
-across tensor-parallel ranks, so under TP > 1 it would store rank 0's shard of every parallel
-linear as the whole tensor.  :func:`sharded_state_dict` walks the module tree instead: modules with
-their own ``sharded_state_dict`` (megatron's parallel linears, TE layers) give theirs; everything
-else is sharded by its parameters' ``tensor_model_parallel`` / ``partition_dim`` tags, replicated
-otherwise; and the result is checked against those tags.
+The sharded state dict is the model's own (``CogVideoXTransformer.sharded_state_dict``, which asks
+each block for its shards: megatron's default would mark the ``ModuleList`` of blocks replicated
+and save only rank 0's tensor-parallel shards without complaint). :func:`sharded_state_dict`
+checks the result against the parameters' ``tensor_model_parallel`` / ``partition_dim`` tags
+before anything is written, so such a silent loss cannot recur.
 """
 
 from __future__ import annotations
@@ -200,39 +198,6 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
 # the sharded state dict
 
 
-def _dp_cp_group():
-    from megatron.core import parallel_state
-
-    return parallel_state.get_data_parallel_group(with_context_parallel=True)
-
-
-def _own_sharded_state_dict(module: torch.nn.Module) -> bool:
-    from megatron.core.transformer.module import MegatronModule
-
-    method = getattr(type(module), "sharded_state_dict", None)
-    return method is not None and method is not MegatronModule.sharded_state_dict
-
-
-def _walk(module, prefix, metadata, tp_group, tp_size):
-    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-
-    if _own_sharded_state_dict(module):
-        return module.sharded_state_dict(prefix=prefix, sharded_offsets=(), metadata=metadata)
-    local: dict[str, Any] = {}
-    module._save_to_state_dict(local, "", keep_vars=True)
-    axes = {
-        name: int(t.partition_dim)
-        for name, t in local.items()
-        if isinstance(t, torch.Tensor) and getattr(t, "tensor_model_parallel", False) and tp_size > 1
-    }
-    out = make_sharded_tensors_for_checkpoint(
-        local, prefix, axes, (), tp_group=tp_group, dp_cp_group=metadata["dp_cp_group"]
-    )
-    for name, child in module.named_children():
-        out.update(_walk(child, f"{prefix}{name}.", metadata, tp_group, tp_size))
-    return out
-
-
 def sharded_state_dict(model: torch.nn.Module) -> dict:
     """``{state-dict key: ShardedTensor / ShardedObject}`` for ``model`` at the current layout,
     keyed like ``model.state_dict()``; every tensor-parallel parameter is checked to be sharded
@@ -241,8 +206,7 @@ def sharded_state_dict(model: torch.nn.Module) -> dict:
     from megatron.core.dist_checkpointing import ShardedTensor
 
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    sd = _walk(model, "", {"dp_cp_group": _dp_cp_group()}, tp_group, tp_size)
+    sd = model.sharded_state_dict()
 
     expected = model.state_dict(keep_vars=True)
     if set(sd) != set(expected):

@@ -33,6 +33,10 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    sharded_state_dict_default,
+)
 
 from adm_megatron.models.adaln import AdaLNOut
 from adm_megatron.models.cogvideox_config import CogVideoXArch
@@ -99,6 +103,23 @@ class CogVideoXTransformer(MegatronModule):
         this model supports so far) it is always ``[None]``."""
         if any(t is not None for t in input_tensor):
             raise NotImplementedError("CogVideoXTransformer: pipeline parallelism is not supported yet")
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """megatron-core's default treats a child without its own method as one replicated module,
+        which would mark every block (kept in a ``ModuleList``) replicated and save only rank 0's
+        tensor-parallel shards; each block is asked for its own sharded state dict instead."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        tp_group = parallel_state.get_tensor_model_parallel_group()  # replica ids of replicated tensors
+        sharded = {}
+        for name, child in self.named_children():
+            if name == "blocks":
+                for index, block in enumerate(child):
+                    sharded.update(block.sharded_state_dict(f"{prefix}blocks.{index}.", sharded_offsets, metadata))
+            else:
+                sharded.update(
+                    sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata, tp_group)
+                )
+        return sharded
 
     # -- input checks ------------------------------------------------------------------------
     def _check_inputs(self, hidden_states, encoder_hidden_states, image_rotary_emb):
