@@ -16,19 +16,3 @@ from adm_megatron.convert.checkpoint import (
     save_megatron_checkpoint,
     verify_checkpoint,
 )
-
-__all__ = [
-    "CheckpointError",
-    "CheckpointNotFoundError",
-    "check_output_dir",
-    "export_diffusers",
-    "hf_to_megatron_checkpoint",
-    "is_megatron_checkpoint",
-    "load_megatron_checkpoint",
-    "load_megatron_checkpoint_into",
-    "megatron_to_hf_checkpoint",
-    "read_checkpoint_arch",
-    "read_checkpoint_meta",
-    "save_megatron_checkpoint",
-    "verify_checkpoint",
-]
