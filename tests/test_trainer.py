@@ -17,6 +17,7 @@ from adm_megatron.algorithms.dmd import DMD2
 from adm_megatron.config import ConfigError, load_config
 from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
 
+CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 BASE = [
     "data.num_prompts=4", "data.batch_size=2", "data.frames=2", "data.height=4", "data.width=4",
     "distill.generator_steps=2", "distill.delta_t=100", "distill.head_every=1",
@@ -165,6 +166,9 @@ def test_nan_policy_error_raises_and_skip_leaves_weights(pipeline_dir, tmp_path,
         (["distill.method=gan"], "distill.method='gan': expected one of adm, dmd2"),
         (["model.teacher=/nonexistent"], "model.teacher='/nonexistent': directory not found"),
         (["train.max_iterations=0"], "train.max_iterations=0: must be >= 1"),
+        pytest.param(["model.impl=te"], "model.impl=te: Transformer Engine with CUDA is not available here",
+                     marks=CPU_ONLY),
+        pytest.param(["model.dtype=bf16"], "model.dtype=bf16: BF16 autocast needs a GPU here", marks=CPU_ONLY),
     ],
 )
 def test_bad_configs_fail_in_one_line_before_any_process_group(pipeline_dir, tmp_path, overrides, message):
