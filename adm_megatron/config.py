@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     teacher: str = ""  # diffusers transformer dir, CogVideoX pipeline dir, or megatron checkpoint
     pipeline: str = ""  # pipeline dir (VAE, text encoder) for samples; default: teacher if a pipeline
+    generator_init: str = ""  # diffusers transformer dir (e.g. an earlier run's generator/) to start G from
     impl: str = "auto"  # auto | local | te
     sequence_parallel: bool = False
     recompute: bool = False

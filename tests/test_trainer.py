@@ -189,3 +189,29 @@ def test_generator_ema_follows_the_generator(pipeline_dir, tmp_path, world_of_on
     for name, param in trainer.generator.named_parameters():
         expected = 0.5 * start[name] + 0.5 * param.detach()
         assert torch.allclose(trainer.ema.shadow[name], expected, atol=1e-7), name
+
+
+def test_generator_init_starts_the_generator_from_a_diffusers_dir(tmp_path, world_of_one):
+    from adm_megatron.models.build import load_hf_weights
+    from adm_megatron.train.trainer import Trainer
+
+    teacher = build_tiny_pipeline(str(tmp_path / "teacher"), seed=0)
+    other = build_tiny_pipeline(str(tmp_path / "other"), seed=1)
+    base = [f"model.teacher={teacher}", f"output_dir={tmp_path / 'run'}", "data.num_prompts=2",
+            "data.batch_size=1", "data.frames=2", "data.height=4", "data.width=4",
+            "distill.head_every=1", "distill.head_hidden=16", "logging.wandb_mode=disabled"]
+    with pytest.raises(ConfigError, match="model.generator_init='/nonexistent': directory not found"):
+        Trainer(load_config(None, base + ["model.generator_init=/nonexistent"]))
+    rope = build_tiny_pipeline(str(tmp_path / "rope"), seed=1, rope=True)
+    with pytest.raises(ConfigError, match="architecture differs from the teacher's"):
+        Trainer(load_config(None, base + [f"model.generator_init={rope}/transformer"]))
+
+    trainer = Trainer(load_config(None, base + [f"model.generator_init={other}/transformer"]))
+    init = load_hf_weights(f"{other}/transformer", trainer.arch)
+    generator = dict(trainer.generator.named_parameters())
+    fake = dict(trainer.fake_score.named_parameters())
+    teacher_weights = load_hf_weights(f"{teacher}/transformer", trainer.arch)
+    for name, value in init.items():
+        if name in generator:
+            assert torch.equal(generator[name].detach(), value), name
+            assert torch.equal(fake[name].detach(), teacher_weights[name]), name  # fake stays the teacher's

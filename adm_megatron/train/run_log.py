@@ -1,5 +1,6 @@
-"""What a run reports: ``metrics.jsonl`` (one JSON object per iteration), wandb (offline unless
-configured online) and a progress bar, all on rank 0 only."""
+"""What a run reports: ``metrics.jsonl`` (one JSON object per logged iteration: every
+``train.log_every``-th and the last), wandb (offline unless configured online) and a progress bar
+(every iteration), all on rank 0 only."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from tqdm import tqdm
 
 class RunLogger:
     def __init__(self, output_dir: str, config: dict, total: int, start: int, enabled: bool,
-                 wandb_mode: str = "offline", wandb_project: str = "adm-megatron", progress: bool = True):
+                 log_every: int = 1, wandb_mode: str = "offline", wandb_project: str = "adm-megatron",
+                 progress: bool = True):
         self.enabled = enabled
+        self.log_every = log_every
         self.wandb = None
         self.bar = None
         if not enabled:
@@ -30,13 +33,15 @@ class RunLogger:
         if progress:
             self.bar = tqdm(total=total, initial=start, desc="adm", unit="it", dynamic_ncols=True)
 
-    def log(self, metrics: dict) -> None:
+    def log(self, metrics: dict, last: bool = False) -> None:
+        """One iteration's metrics (with an ``iteration`` key); ``last`` forces a record."""
         if not self.enabled:
             return
-        self.file.write(json.dumps(metrics) + "\n")
-        self.file.flush()
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in metrics.items() if k != "iteration"}, step=metrics["iteration"])
+        if metrics["iteration"] % self.log_every == 0 or last:
+            self.file.write(json.dumps(metrics) + "\n")
+            self.file.flush()
+            if self.wandb is not None:
+                self.wandb.log({k: v for k, v in metrics.items() if k != "iteration"}, step=metrics["iteration"])
         if self.bar is not None:
             self.bar.update(1)
             shown = {k.split("/")[0][:4]: round(v, 4) for k, v in metrics.items() if k.endswith("/loss")}

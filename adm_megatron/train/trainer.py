@@ -32,7 +32,11 @@ from adm_megatron.heads import MultiHeadDiscriminator
 from adm_megatron.models import tapped_block_indices
 from adm_megatron.models.rotary import cogvideox_rotary_emb
 from adm_megatron.parallel import initialize_parallel, launch_env
+from adm_megatron.models.build import load_hf_weights
+from adm_megatron.models.weights import load_full_state_dict
+from adm_megatron.train.checkpoint import save_training_checkpoint
 from adm_megatron.train.ema import ParameterEMA
+from adm_megatron.train.export import export_generator, render_run_samples
 from adm_megatron.train.optimizer import NetworkOptimizer
 from adm_megatron.train.phases import PhaseRunner, TrainableNetwork
 from adm_megatron.train.run_log import RunLogger
@@ -102,6 +106,10 @@ class Trainer:
             params_dtype=self.dtype,
         )
         teacher.eval().requires_grad_(False)
+        if m.generator_init:  # e.g. a two-stage run: start G from an earlier run's exported generator
+            load_full_state_dict(self.generator, load_hf_weights(m.generator_init, self.arch),
+                                 source=m.generator_init)
+            logger.info("generator initialised from %s", m.generator_init)
         fake = self.fake_score
         with torch.random.fork_rng(devices=[]):  # the same heads whatever the layout or rank
             torch.manual_seed(_seed(c.seed, "discriminator heads"))
@@ -187,9 +195,6 @@ class Trainer:
         return metrics
 
     def fit(self) -> RunResult:
-        from adm_megatron.train.checkpoint import save_training_checkpoint
-        from adm_megatron.train.export import export_generator, render_run_samples
-
         c = self.config
         rank0 = self.info.rank == 0
         if rank0:
@@ -197,15 +202,14 @@ class Trainer:
             with open(os.path.join(c.output_dir, "config.yaml"), "w") as f:
                 yaml.safe_dump(config_to_dict(c), f, sort_keys=False)
         run_log = RunLogger(
-            c.output_dir, config_to_dict(c), c.train.max_iterations, 0, rank0,
+            c.output_dir, config_to_dict(c), c.train.max_iterations, 0, rank0, c.train.log_every,
             c.logging.wandb_mode, c.logging.wandb_project, c.logging.progress,
         )
         metrics: dict = {}
         try:
             for iteration in range(c.train.max_iterations):
                 metrics = self.train_iteration(iteration)
-                if iteration % c.train.log_every == 0 or iteration == c.train.max_iterations - 1:
-                    run_log.log(metrics)
+                run_log.log(metrics, last=iteration == c.train.max_iterations - 1)
                 done = iteration + 1
                 if c.train.save_every and done % c.train.save_every == 0 and done < c.train.max_iterations:
                     save_training_checkpoint(self, done)

@@ -7,9 +7,12 @@ patching cannot take, embeddings that do not fit the teacher, features this mach
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from adm_megatron.config import Config, ConfigError
+from adm_megatron.models.specs import transformer_engine_available
 from adm_megatron.train.teacher import TeacherSource
 
 
@@ -47,6 +50,10 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
         raise ConfigError(
             f"distill.head_every={config.distill.head_every}: the teacher has only {arch.num_layers} blocks"
         )
+    if config.model.generator_init:
+        _check_generator_init(config.model.generator_init, arch)
+    if config.model.impl == "te" and not transformer_engine_available():
+        raise ConfigError("model.impl=te: Transformer Engine with CUDA is not available here; use auto or local")
     if config.model.dtype == "bf16" and not torch.cuda.is_available():
         raise ConfigError("model.dtype=bf16: BF16 autocast needs a GPU here; use fp32 on CPU")
     if config.data.source == "shards":
@@ -61,3 +68,19 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
                 f"data.path={config.data.path!r}: embeddings are {shards.seq_len} x {shards.dim}, "
                 f"the teacher takes {arch.max_text_seq_length} x {arch.text_embed_dim}"
             )
+
+
+def _check_generator_init(path: str, arch) -> None:
+    """``model.generator_init`` must be a diffusers CogVideoX transformer of the teacher's shape."""
+    from adm_megatron.models import CogVideoXArch
+
+    key = f"model.generator_init={path!r}"
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key}: directory not found")
+    try:
+        found = CogVideoXArch.from_pretrained_dir(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{key}: not a diffusers CogVideoX transformer directory ({err})") from None
+    if found != arch:
+        differ = sorted(k for k, v in vars(found).items() if getattr(arch, k) != v)
+        raise ConfigError(f"{key}: architecture differs from the teacher's ({', '.join(differ)})")
