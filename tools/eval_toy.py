@@ -1,0 +1,306 @@
+"""Evaluate the toy study: sample the teacher and the distilled generators, measure them against
+the teacher's 50-step samples and the true data, write the table, the JSON and the sample grid.
+
+    OMP_NUM_THREADS=1 python tools/eval_toy.py --manifest outputs/toy_study/manifest.json --out docs/
+
+The manifest (written by ``tools/run_toy_study.py``) names the teacher and the runs: for each
+run the method label, the number of generator steps, the training seed and the exported generator
+directory. Every model is sampled with ``adm_megatron.diffusion.rollout`` on its N-step trailing
+schedule: generators without CFG, the teacher with 1, 2, 4 and 50 DDIM steps and the CFG scale the
+distillation targets. Figures (``adm_megatron.toy.metrics``): Fréchet distance (FD) in the fixed
+random-conv feature space to the teacher's 50-step samples and to the true data, overall and
+averaged per class; accuracy of a classifier trained on true data; within-class diversity.
+Distilled figures are the mean and the spread (sample std) over the training seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from adm_megatron.toy import pipeline as toy_pipeline  # noqa: E402
+from adm_megatron.toy.data import balanced_labels, sample_dataset  # noqa: E402
+from adm_megatron.toy.metrics import (FeatureMap, accuracy, diversity, frechet_distance,  # noqa: E402
+                                      per_class_frechet, train_classifier)
+from adm_megatron.toy.sampling import sample  # noqa: E402
+
+REF_SEED, EVAL_SEED, TRUE_REF_SEED, TRUE_EVAL_SEED = 1000, 2000, 3000, 4000
+TEACHER_STEPS = (1, 2, 4, 50)
+METRICS = ("fd_teacher", "fd_teacher_class", "fd_true", "fd_true_class", "accuracy", "diversity")
+
+
+class Evaluator:
+    def __init__(self, teacher_dir: str, per_class: int, guidance: float, cache_dir: str | None = None):
+        self.teacher_dir = teacher_dir
+        self.per_class = per_class
+        self.guidance = guidance
+        self.cache_dir = cache_dir
+        self.schedule = toy_pipeline.schedule()
+        self.embeddings, self.negative = toy_pipeline.load_prompts(teacher_dir)
+        self.labels = balanced_labels(per_class)
+        self.features = FeatureMap()
+        self.classifier = train_classifier()
+        self.teacher = toy_pipeline.load_transformer(teacher_dir)
+        ref = self.teacher_samples(50, REF_SEED)
+        self.ref_feat = self.features(ref)
+        true_ref, _ = sample_dataset(per_class, TRUE_REF_SEED)
+        self.true_feat = self.features(true_ref)
+
+    def teacher_samples(self, steps: int, seed: int) -> torch.Tensor:
+        path = None
+        if self.cache_dir:
+            weights = os.path.join(self.teacher_dir, "transformer", "diffusion_pytorch_model.safetensors")
+            stamp = int(os.path.getmtime(weights)) if os.path.isfile(weights) else 0
+            path = os.path.join(self.cache_dir, f"teacher-{stamp}-s{steps}-seed{seed}-m{self.per_class}"
+                                                f"-g{self.guidance}.pt")
+            if os.path.isfile(path):
+                return torch.load(path)
+        x = sample(self.teacher, self.schedule, self.labels, self.embeddings, steps, seed,
+                   negative=self.negative, guidance=self.guidance)
+        if path:
+            os.makedirs(self.cache_dir, exist_ok=True)
+            torch.save(x, path)
+        return x
+
+    def generator_samples(self, generator_dir: str, steps: int) -> torch.Tensor:
+        model = toy_pipeline.load_transformer(generator_dir)
+        return sample(model, self.schedule, self.labels, self.embeddings, steps, EVAL_SEED)
+
+    def measure(self, x: torch.Tensor) -> dict:
+        feat = self.features(x)
+        lab = self.labels
+        return {
+            "fd_teacher": frechet_distance(feat, self.ref_feat),
+            "fd_teacher_class": per_class_frechet(feat, lab, self.ref_feat, lab),
+            "fd_true": frechet_distance(feat, self.true_feat),
+            "fd_true_class": per_class_frechet(feat, lab, self.true_feat, lab),
+            "accuracy": accuracy(self.classifier, x, lab),
+            "diversity": diversity(x, lab),
+        }
+
+
+def _summary(entries: list[dict]) -> dict:
+    out = {"seeds": [e.get("seed") for e in entries]}
+    for key in METRICS:
+        values = [e[key] for e in entries]
+        out[key] = statistics.fmean(values)
+        out[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out[key + "_values"] = values
+    return out
+
+
+def evaluate(manifest: dict, per_class: int = 128, cache_dir: str | None = None,
+             grid_path: str | None = None) -> dict:
+    """All figures of the study as one JSON-able dict (see the module docstring)."""
+    start = time.time()
+    ev = Evaluator(manifest["teacher"], per_class, manifest["guidance"], cache_dir)
+    rows: list[dict] = []
+    grid: list[tuple[str, torch.Tensor]] = []
+    pick = torch.arange(0, len(ev.labels), per_class)  # the first sample of each class
+
+    true_eval, _ = sample_dataset(per_class, TRUE_EVAL_SEED)
+    rows.append({"name": "true data", "kind": "data", "steps": None, **ev.measure(true_eval)})
+    grid.append(("true data", true_eval[pick]))
+    for steps in sorted(TEACHER_STEPS, reverse=True):
+        x = ev.teacher_samples(steps, EVAL_SEED)
+        rows.append({"name": f"teacher {steps}-step", "kind": "teacher", "steps": steps, **ev.measure(x)})
+        grid.append((f"teacher {steps}-step", x[pick]))
+
+    runs = []
+    for run in manifest["runs"]:
+        x = ev.generator_samples(run["generator"], run["steps"])
+        entry = {**run, **ev.measure(x)}
+        runs.append(entry)
+        if run["seed"] == manifest["runs"][0]["seed"]:
+            grid.append((f"{run['label']} (seed {run['seed']})", x[pick]))
+        print(f"{run['label']} seed {run['seed']}: FD-teacher {entry['fd_teacher']:.3f} "
+              f"acc {entry['accuracy']:.3f}", flush=True)
+    groups: dict[str, list[dict]] = {}
+    for entry in runs:
+        groups.setdefault(entry["label"], []).append(entry)
+    for label, entries in groups.items():
+        rows.append({"name": label, "kind": "distilled", "steps": entries[0]["steps"],
+                     "method": entries[0]["method"], **_summary(entries)})
+
+    teacher = {r["steps"]: r for r in rows if r["kind"] == "teacher"}
+    by_name = {r["name"]: r for r in rows}
+    floor = frechet_distance(ev.features(ev.teacher_samples(50, EVAL_SEED)), ev.ref_feat)
+    results = {
+        "settings": {
+            "teacher": manifest["teacher"], "guidance": manifest["guidance"], "per_class": per_class,
+            "samples_per_set": len(ev.labels), "ref_seed": REF_SEED, "eval_seed": EVAL_SEED,
+            "true_ref_seed": TRUE_REF_SEED, "true_eval_seed": TRUE_EVAL_SEED,
+        },
+        "noise_floor": {
+            "teacher50_vs_teacher50": floor,
+            "true_vs_true": by_name["true data"]["fd_true"],
+        },
+        "rows": rows,
+        "runs": runs,
+        "targets": check_targets(by_name, teacher, manifest.get("target_names", {})),
+        "eval_seconds": round(time.time() - start, 1),
+    }
+    if grid_path:
+        from adm_megatron.toy.render import save_grid
+
+        os.makedirs(os.path.dirname(os.path.abspath(grid_path)), exist_ok=True)
+        save_grid(grid, grid_path)
+        results["grid"] = grid_path
+    return results
+
+
+def check_targets(by_name: dict, teacher: dict, names: dict) -> list[dict]:
+    """The issue's targets on the mean over seeds; a missing row is reported as not run."""
+    t2, t4 = teacher[2]["fd_teacher"], teacher[4]["fd_teacher"]
+    if 2 not in teacher or 4 not in teacher:
+        return []
+    checks = [
+        ("adm_2", "ADM 2-step FD-to-teacher-50 <= 0.5 x teacher 2-step", lambda r: r["fd_teacher"] <= 0.5 * t2),
+        ("adm_4", "ADM 4-step FD-to-teacher-50 <= teacher 4-step", lambda r: r["fd_teacher"] <= t4),
+        ("two_stage_1", "two-stage 1-step FD-to-teacher-50 <= 0.5 x teacher 2-step",
+         lambda r: r["fd_teacher"] <= 0.5 * t2),
+    ]
+    out = []
+    for key, text, test in checks:
+        row = by_name.get(names.get(key, ""))
+        out.append({"target": text, "row": names.get(key), "value": row and row["fd_teacher"],
+                    "passed": bool(row and test(row))})
+    for key in ("adm_2", "adm_4", "two_stage_1"):
+        row = by_name.get(names.get(key, ""))
+        out.append({"target": f"class accuracy >= 90% ({names.get(key)})", "row": names.get(key),
+                    "value": row and row["accuracy"], "passed": bool(row and row["accuracy"] >= 0.9)})
+    return out
+
+
+def _fmt(row: dict, key: str, digits: int = 3) -> str:
+    value = row[key]
+    if key == "accuracy":
+        text = f"{100 * value:.1f}%"
+        return text + (f" ± {100 * row[key + '_std']:.1f}" if row.get(key + "_std") else "")
+    text = f"{value:.{digits}f}"
+    return text + (f" ± {row[key + '_std']:.{digits}f}" if key + "_std" in row else "")
+
+
+def markdown_table(results: dict) -> str:
+    head = ("| samples | steps | FD to teacher-50 | per-class FD to teacher-50 | FD to true data | "
+            "per-class FD to true data | class accuracy | diversity |")
+    lines = [head, "|" + "---|" * 8]
+    for row in results["rows"]:
+        steps = "" if row["steps"] is None else str(row["steps"])
+        cells = [row["name"], steps] + [_fmt(row, k, 2 if k == "diversity" else 3) for k in METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def targets_table(results: dict) -> str:
+    lines = ["| target | row | value | met |", "|---|---|---|---|"]
+    for t in results["targets"]:
+        value = "not run" if t["value"] is None else (
+            f"{100 * t['value']:.1f}%" if "accuracy" in t["target"] else f"{t['value']:.3f}")
+        lines.append(f"| {t['target']} | {t['row']} | {value} | {'yes' if t['passed'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--manifest", required=True, help="manifest.json from tools/run_toy_study.py")
+    parser.add_argument("--out", required=True, help="directory for toy_study.json and toy_samples.png")
+    parser.add_argument("--per-class", type=int, default=128)
+    parser.add_argument("--cache", default=None, help="directory to cache the teacher's samples in")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with open(args.manifest) as f:
+        manifest = json.load(f)
+    os.makedirs(args.out, exist_ok=True)
+    results = evaluate(manifest, args.per_class, args.cache, os.path.join(args.out, "toy_samples.png"))
+    with open(os.path.join(args.out, "toy_study.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(markdown_table(results))
+    print(targets_table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
+
+
+def _seconds(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.0f} s" if values else "n/a"
+
+
+def render_report(results: dict, notes: str = "") -> str:
+    """``docs/toy_study.md``: what was run, the table, the targets, the times, the commands."""
+    s = results["settings"]
+    study = results.get("study", {})
+    teacher = results.get("teacher_training", {})
+    runs = results["runs"]
+    floor = results["noise_floor"]
+    lines = [
+        "# Toy distillation study: does the trainer distil? (issue #4)",
+        "",
+        "Generated by `tools/run_toy_study.py` (do not edit by hand: rerun it). "
+        "Numbers are in `docs/toy_study.json`, samples in `docs/toy_samples.png`.",
+        "",
+        "## Results",
+        "",
+        f"{s['samples_per_set']} samples per set ({s['per_class']} per class). Distilled rows: mean ± "
+        f"sample std over the training seeds {study.get('seeds', '')}; the generators are sampled "
+        "without CFG on their own N-step schedule, the teacher with "
+        f"CFG {s['guidance']} (the scale the distillation targets). FD: Fréchet distance in the "
+        "fixed random-conv feature space (lower is better). Noise floor of FD at this sample size: "
+        f"teacher-50 vs teacher-50 with other noise {floor['teacher50_vs_teacher50']:.3f}, true data "
+        f"vs true data {floor['true_vs_true']:.3f}.",
+        "",
+        markdown_table(results),
+        "",
+        "### Targets (mean over seeds)",
+        "",
+        targets_table(results),
+        "",
+        "![samples](toy_samples.png)",
+        "",
+        "`toy_samples.png`: one sample of each class (8 groups of 3 frames) per row; rows are the true "
+        "data, the teacher at 50 / 4 / 2 / 1 steps and each distilled generator (first seed). A tile "
+        "is one latent frame, the 4 channels mixed to RGB (channel 0 red, 1 green, 2 blue, 3 magenta).",
+        "",
+        "## Time",
+        "",
+    ]
+    if teacher:
+        lines.append(f"- teacher: {teacher.get('train_seconds')} s wall, "
+                     f"{teacher.get('train_cpu_seconds', 'n/a')} s CPU ({teacher.get('parameters')} "
+                     "parameters, one thread).")
+    by_label: dict[str, list[dict]] = {}
+    for run in runs:
+        by_label.setdefault(run["label"], []).append(run)
+    for label, entries in by_label.items():
+        walls = [e["wall_seconds"] for e in entries if "wall_seconds" in e]
+        cpus = [e["cpu_seconds"] for e in entries if "cpu_seconds" in e]
+        lines.append(f"- {label}: {_seconds(walls)} wall, {_seconds(cpus)} CPU per run (mean of {len(entries)}).")
+    if study:
+        lines.append(f"- the whole study (`{study['command']}`): trainings {study['train_wall_seconds']:.0f} s, "
+                     f"evaluation {results['eval_seconds']:.0f} s, total {study['total_wall_seconds']:.0f} s wall "
+                     f"with {study['jobs']} trainings at a time on a 2-core machine (shared, so wall times vary).")
+    lines += ["", "## Commands", "", "```bash"]
+    if teacher:
+        lines.append(f"# the teacher (committed in assets/toy_teacher/)\n{teacher.get('command')}")
+    if study:
+        lines.append(f"# the whole study: every training below, then the evaluation and this page\n"
+                     f"python tools/run_toy_study.py --out docs/")
+    lines.append("# each training (run by the study; adm-megatron is `python -m adm_megatron.cli`)")
+    lines += [run["command"] for run in runs if "command" in run]
+    lines += ["# the evaluation alone, from the study's manifest",
+              "OMP_NUM_THREADS=1 python tools/eval_toy.py --manifest outputs/toy_study/manifest.json --out docs/",
+              "```", ""]
+    if notes:
+        lines += [notes.strip(), ""]
+    return "\n".join(lines)
