@@ -2,7 +2,7 @@
 #   make install    .venv (Python 3.11) with the CI pins and the package in editable mode
 #   make test       the fast suite (everything not marked slow)
 #   make test-slow  the slow tests only
-#   make demo       a tiny CogVideoX ADM distillation on CPU, end to end (outputs/demo)
+#   make demo       the toy teacher distilled with ADM on CPU, before / after samples (outputs/demo)
 #   make lint       byte-compile the package, tests and tools (a cheap syntax check)
 
 PYTHON ?= python3.11
@@ -16,7 +16,7 @@ CUDA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 PYTEST_TIMEOUT ?= 600
 PYTEST_ARGS ?=
 
-DEMO_TEACHER ?= outputs/tiny_teacher
+DEMO_ITERATIONS ?= 300
 DEMO_OUT ?= outputs/demo
 
 .PHONY: install test test-slow demo lint clean distclean
@@ -45,11 +45,14 @@ test: install
 test-slow: install
 	$(PY) -m pytest -m slow --timeout=3600 $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
-# a tiny random CogVideoX pipeline as the teacher, then examples/cogvideox/tiny_cpu.yaml on it
+# the committed toy teacher (assets/toy_teacher) distilled with ADM into a 2-step generator (a short
+# examples/cogvideox/toy_adm.yaml run), then before / after samples and figures (tools/eval_toy.py)
 demo: install
-	$(PY) tools/make_tiny_pipeline.py --out $(DEMO_TEACHER) --overwrite
-	$(PY) -m adm_megatron.cli train --config examples/cogvideox/tiny_cpu.yaml \
-		model.teacher=$(DEMO_TEACHER) output_dir=$(DEMO_OUT)
+	$(PY) -m adm_megatron.cli train --config examples/cogvideox/toy_adm.yaml \
+		train.max_iterations=$(DEMO_ITERATIONS) logging.wandb_mode=offline logging.progress=true \
+		output_dir=$(DEMO_OUT)
+	$(PY) tools/eval_toy.py --generator $(DEMO_OUT)/generator --steps 2 --per-class 32 --threads 2 \
+		--out $(DEMO_OUT)/eval
 
 lint: install
 	$(PY) -m compileall -q adm_megatron tests $(wildcard tools)

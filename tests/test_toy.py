@@ -131,6 +131,54 @@ def test_teacher_sampling_is_seeded_and_class_conditional():
     assert (torch.nn.functional.normalize(mix, dim=1) @ colours.T).argmax(1).eq(labels).float().mean() >= 0.9
 
 
+def _eval_toy():
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import eval_toy
+
+    return eval_toy
+
+
+def test_eval_toy_before_after_measures_both_and_draws_every_row(tmp_path):
+    """``make demo``'s evaluation: with the teacher itself as the 'distilled' generator, before and
+    after are the same model, so every figure agrees; the table, JSON and grid are written."""
+    from PIL import Image
+
+    eval_toy = _eval_toy()
+    results = eval_toy.main(["--generator", TEACHER, "--steps", "2", "--per-class", "2",
+                             "--out", str(tmp_path)])
+    before, after = (r for r in results["rows"] if r["kind"] == "distilled")
+    assert before["name"].startswith("before") and after["name"].startswith("after")
+    for key in eval_toy.METRICS:
+        assert before[key] == pytest.approx(after[key], rel=1e-6), key
+    teacher = {r["steps"]: r for r in results["rows"] if r["kind"] == "teacher"}
+    assert teacher[1]["fd_teacher"] > teacher[50]["fd_teacher"]  # 1 step is far from 50 steps
+    assert results["targets"] == []  # no study targets for a single run
+    with open(tmp_path / "toy_study.json") as f:
+        assert json.load(f)["rows"] == json.loads(json.dumps(results["rows"]))
+    grid = Image.open(tmp_path / "toy_samples.png")
+    # rows: true data, teacher 50/4/2/1, before, after; one 3-frame group per class
+    assert grid.height == 7 * (8 * 8 + 4) + 4
+    assert grid.width > NUM_CLASSES * 3 * 8 * 8
+
+
+def test_eval_toy_refuses_a_missing_generator(tmp_path):
+    with pytest.raises(SystemExit, match="nowhere: no such model directory"):
+        _eval_toy().main(["--generator", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+
+
+def test_study_targets_compare_the_seed_means_with_the_teacher():
+    check = _eval_toy().check_targets
+    teacher = {2: {"fd_teacher": 2.0}, 4: {"fd_teacher": 0.5}}
+    names = {"adm_2": "ADM 2-step", "adm_4": "ADM 4-step", "two_stage_1": "two-stage"}
+    rows = {"ADM 2-step": {"fd_teacher": 0.9, "accuracy": 0.95},
+            "ADM 4-step": {"fd_teacher": 0.6, "accuracy": 0.85}}
+    got = {(t["row"], "accuracy" in t["target"]): t for t in check(rows, teacher, names)}
+    assert got["ADM 2-step", False]["passed"] and got["ADM 2-step", True]["passed"]
+    assert not got["ADM 4-step", False]["passed"] and not got["ADM 4-step", True]["passed"]
+    assert got["two-stage", False]["value"] is None and not got["two-stage", False]["passed"]
+    assert check(rows, {2: teacher[2]}, names) == []  # no 4-step teacher row: nothing to compare
+
+
 @pytest.mark.slow
 def test_reduced_study_adm_two_step_beats_the_teacher_two_step(tmp_path):
     """One seed, fewer iterations and samples: ADM 2-step is clearly closer to the teacher's

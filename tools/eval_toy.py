@@ -2,15 +2,18 @@
 the teacher's 50-step samples and the true data, write the table, the JSON and the sample grid.
 
     OMP_NUM_THREADS=1 python tools/eval_toy.py --manifest outputs/toy_study/manifest.json --out docs/
+    python tools/eval_toy.py --generator outputs/demo/generator --steps 2 --out outputs/demo/eval
 
 The manifest (written by ``tools/run_toy_study.py``) names the teacher and the runs: for each
 run the method label, the number of generator steps, the training seed and the exported generator
-directory. Every model is sampled with ``adm_megatron.diffusion.rollout`` on its N-step trailing
-schedule: generators without CFG, the teacher with 1, 2, 4 and 50 DDIM steps and the CFG scale the
-distillation targets. Figures (``adm_megatron.toy.metrics``): Fréchet distance (FD) in the fixed
-random-conv feature space to the teacher's 50-step samples and to the true data, overall and
-averaged per class; accuracy of a classifier trained on true data; within-class diversity.
-Distilled figures are the mean and the spread (sample std) over the training seeds.
+directory. ``--generator`` instead measures one generator beside the teacher's weights used as the
+same N-step generator (before / after distillation, ``make demo``). Every model is sampled with
+``adm_megatron.diffusion.rollout`` on its N-step trailing schedule: generators without CFG, the
+teacher with 1, 2, 4 and 50 DDIM steps and the CFG scale the distillation targets. Figures
+(``adm_megatron.toy.metrics``): Fréchet distance (FD) in the fixed random-conv feature space to the
+teacher's 50-step samples and to the true data, overall and averaged per class; accuracy of a
+classifier trained on true data; within-class diversity. Distilled figures are the mean and the
+spread (sample std) over the training seeds.
 """
 
 from __future__ import annotations
@@ -159,9 +162,9 @@ def evaluate(manifest: dict, per_class: int = 128, cache_dir: str | None = None,
 
 def check_targets(by_name: dict, teacher: dict, names: dict) -> list[dict]:
     """The issue's targets on the mean over seeds; a missing row is reported as not run."""
-    t2, t4 = teacher[2]["fd_teacher"], teacher[4]["fd_teacher"]
     if 2 not in teacher or 4 not in teacher:
         return []
+    t2, t4 = teacher[2]["fd_teacher"], teacher[4]["fd_teacher"]
     checks = [
         ("adm_2", "ADM 2-step FD-to-teacher-50 <= 0.5 x teacher 2-step", lambda r: r["fd_teacher"] <= 0.5 * t2),
         ("adm_4", "ADM 4-step FD-to-teacher-50 <= teacher 4-step", lambda r: r["fd_teacher"] <= t4),
@@ -170,12 +173,16 @@ def check_targets(by_name: dict, teacher: dict, names: dict) -> list[dict]:
     ]
     out = []
     for key, text, test in checks:
-        row = by_name.get(names.get(key, ""))
-        out.append({"target": text, "row": names.get(key), "value": row and row["fd_teacher"],
+        if key not in names:
+            continue
+        row = by_name.get(names[key])
+        out.append({"target": text, "row": names[key], "value": row and row["fd_teacher"],
                     "passed": bool(row and test(row))})
     for key in ("adm_2", "adm_4", "two_stage_1"):
-        row = by_name.get(names.get(key, ""))
-        out.append({"target": f"class accuracy >= 90% ({names.get(key)})", "row": names.get(key),
+        if key not in names:
+            continue
+        row = by_name.get(names[key])
+        out.append({"target": f"class accuracy >= 90% ({names[key]})", "row": names[key],
                     "value": row and row["accuracy"], "passed": bool(row and row["accuracy"] >= 0.9)})
     return out
 
@@ -184,9 +191,9 @@ def _fmt(row: dict, key: str, digits: int = 3) -> str:
     value = row[key]
     if key == "accuracy":
         text = f"{100 * value:.1f}%"
-        return text + (f" ± {100 * row[key + '_std']:.1f}" if row.get(key + "_std") else "")
+        return text + (f" ± {100 * row[key + '_std']:.1f}" if len(row.get(key + "_values", [])) > 1 else "")
     text = f"{value:.{digits}f}"
-    return text + (f" ± {row[key + '_std']:.{digits}f}" if key + "_std" in row else "")
+    return text + (f" ± {row[key + '_std']:.{digits}f}" if len(row.get(key + "_values", [])) > 1 else "")
 
 
 def markdown_table(results: dict) -> str:
@@ -209,28 +216,51 @@ def targets_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def single_generator_manifest(teacher: str, generator: str, steps: int, guidance: float) -> dict:
+    """Before / after for one run (``make demo``): the teacher's weights used as the N-step
+    generator (what the generator is at iteration 0) and the distilled generator."""
+    return {
+        "teacher": teacher, "guidance": guidance,
+        "runs": [
+            {"label": f"before: teacher weights as {steps}-step generator", "method": "init",
+             "steps": steps, "seed": 0, "generator": teacher},
+            {"label": f"after: distilled {steps}-step generator", "method": "distilled",
+             "steps": steps, "seed": 0, "generator": generator},
+        ],
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--manifest", required=True, help="manifest.json from tools/run_toy_study.py")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", help="manifest.json from tools/run_toy_study.py")
+    source.add_argument("--generator", help="one distilled generator directory (before / after, make demo)")
+    parser.add_argument("--steps", type=int, default=2, help="with --generator: its number of steps")
+    parser.add_argument("--teacher", default="assets/toy_teacher", help="with --generator: the teacher")
+    parser.add_argument("--guidance", type=float, default=1.5, help="with --generator: the CFG scale distilled")
     parser.add_argument("--out", required=True, help="directory for toy_study.json and toy_samples.png")
-    parser.add_argument("--per-class", type=int, default=128)
+    parser.add_argument("--per-class", type=int, default=256)
     parser.add_argument("--cache", default=None, help="directory to cache the teacher's samples in")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    with open(args.manifest) as f:
-        manifest = json.load(f)
+    if args.manifest:
+        with open(args.manifest) as f:
+            manifest = json.load(f)
+    else:
+        manifest = single_generator_manifest(args.teacher, args.generator, args.steps, args.guidance)
+    for path in [manifest["teacher"]] + [run["generator"] for run in manifest["runs"]]:
+        if not os.path.isdir(path):
+            raise SystemExit(f"eval_toy: {path}: no such model directory")
     os.makedirs(args.out, exist_ok=True)
     results = evaluate(manifest, args.per_class, args.cache, os.path.join(args.out, "toy_samples.png"))
     with open(os.path.join(args.out, "toy_study.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(markdown_table(results))
-    print(targets_table(results))
+    if results["targets"]:
+        print(targets_table(results))
+    print(f"samples: {results['grid']}")
     return results
-
-
-if __name__ == "__main__":
-    main()
 
 
 def _seconds(values: list[float]) -> str:
@@ -304,3 +334,7 @@ def render_report(results: dict, notes: str = "") -> str:
     if notes:
         lines += [notes.strip(), ""]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

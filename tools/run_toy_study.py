@@ -4,10 +4,10 @@
     python tools/run_toy_study.py --out /tmp/pilot --seeds 0 --iterations 300 --per-class 64
 
 Distils the committed toy teacher (``assets/toy_teacher``) with the project's trainer
-(``adm-megatron train``) -- ADM and DMD2 into 1-, 2- and 4-step generators, and a two-stage 1-step
-run (stage 1: the DMD2 1-step run of the same seed; stage 2: ADM from its generator,
-``model.generator_init``) -- for each seed, at most ``--jobs`` trainings at a time, one thread
-each. Then ``tools/eval_toy.py`` measures every generator and the teacher, and this script writes
+(``adm-megatron train``) -- ADM and DMD2 into 1-, 2- and 4-step generators (same batch, iterations
+and seeds), and a two-stage 1-step run (stage 1: DMD2 1-step, ``toy_two_stage_1.yaml``; stage 2:
+ADM from its generator via ``model.generator_init``, ``toy_two_stage_2.yaml``) -- for each seed,
+at most ``--jobs`` trainings at a time, one thread each. Then ``tools/eval_toy.py`` measures every generator and the teacher, and this script writes
 ``toy_study.md``, ``toy_study.json`` and ``toy_samples.png`` into ``--out``. ``--train-teacher``
 first retrains the teacher with the committed command (about 15 minutes).
 """
@@ -30,9 +30,11 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 CONFIGS = {
     "adm": "examples/cogvideox/toy_adm.yaml",
     "dmd2": "examples/cogvideox/toy_dmd2.yaml",
-    "two_stage": "examples/cogvideox/toy_two_stage.yaml",
+    "stage1": "examples/cogvideox/toy_two_stage_1.yaml",
+    "two_stage": "examples/cogvideox/toy_two_stage_2.yaml",
 }
 LABELS = {"adm": "ADM", "dmd2": "DMD2"}
+STAGE1_LABEL = "two-stage 1-step, stage 1 only (DMD2)"
 TWO_STAGE_LABEL = "two-stage 1-step (DMD2 -> ADM)"
 GUIDANCE = 1.5  # the configs' distill.guidance_scale (a fixed scale in the toy study)
 NOTES = """
@@ -54,13 +56,18 @@ def plan_runs(work: str, seeds: list[int], steps: list[int], iterations: int | N
                                   f"output_dir={work}/{name}", *extra],
                 })
         if 1 in steps:
-            stage1 = f"{work}/dmd2-1step-seed{seed}"
-            name = f"twostage-1step-seed{seed}"
+            stage1 = f"two-stage-1-seed{seed}"
+            runs.append({
+                "name": stage1, "label": STAGE1_LABEL, "method": "dmd2", "steps": 1, "seed": seed,
+                "config": CONFIGS["stage1"], "after": None,
+                "overrides": [f"seed={seed}", f"output_dir={work}/{stage1}", *extra],
+            })
+            name = f"two-stage-2-seed{seed}"
             runs.append({
                 "name": name, "label": TWO_STAGE_LABEL, "method": "dmd2+adm", "steps": 1, "seed": seed,
-                "config": CONFIGS["two_stage"], "after": f"dmd2-1step-seed{seed}",
+                "config": CONFIGS["two_stage"], "after": stage1,
                 "overrides": [f"seed={seed}", f"output_dir={work}/{name}",
-                              f"model.generator_init={stage1}/generator", *extra],
+                              f"model.generator_init={work}/{stage1}/generator", *extra],
             })
     for run in runs:
         run["output_dir"] = f"{work}/{run['name']}"
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--iterations", type=int, default=None, help="override train.max_iterations")
-    parser.add_argument("--per-class", type=int, default=128, help="evaluation samples per class")
+    parser.add_argument("--per-class", type=int, default=256, help="evaluation samples per class")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help="keep finished runs of --work")
     parser.add_argument("--train-teacher", action="store_true", help="retrain the teacher first")

@@ -45,7 +45,7 @@ def load_transformer(path: str):
 
     if os.path.isfile(os.path.join(path, "model_index.json")):
         path = os.path.join(path, "transformer")
-    return CogVideoXTransformer3DModel.from_pretrained(path).eval().requires_grad_(False)
+    return CogVideoXTransformer3DModel.from_pretrained(path, low_cpu_mem_usage=False).eval().requires_grad_(False)
 
 
 def schedule():

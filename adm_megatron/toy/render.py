@@ -28,9 +28,10 @@ def save_grid(rows: list[tuple[str, torch.Tensor]], path: str, zoom: int = 8, ga
     samples separated by a wider gap; the label on the left."""
     from PIL import Image, ImageDraw
 
-    label_w = 150
     s, f, _, h, w = rows[0][1].shape
     tile_h, tile_w = h * zoom, w * zoom
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = 12 + int(max(measure.textlength(label) for label, _ in rows))
     width = label_w + s * (f * (tile_w + gap) + 3 * gap)
     height = len(rows) * (tile_h + 2 * gap) + 2 * gap
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
