@@ -131,8 +131,10 @@ def test_teacher_sampling_is_seeded_and_class_conditional():
     assert (torch.nn.functional.normalize(mix, dim=1) @ colours.T).argmax(1).eq(labels).float().mean() >= 0.9
 
 
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+
 def _eval_toy():
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
     import eval_toy
 
     return eval_toy
@@ -179,11 +181,34 @@ def test_study_targets_compare_the_seed_means_with_the_teacher():
     assert check(rows, {2: teacher[2]}, names) == []  # no 4-step teacher row: nothing to compare
 
 
+def test_trajectory_measures_the_trainers_generator_like_the_exported_one(tmp_path, world_of_one):
+    """tools/toy_trajectory.py: at iteration 0 the trainer's megatron generator is the teacher, so its
+    figures equal eval_toy's for the teacher's diffusers weights as the same N-step generator; the
+    raw weights then move while the EMA (decay 0.99) lags behind them."""
+    import toy_trajectory
+
+    eval_toy = _eval_toy()
+    rows = toy_trajectory.main(["--config", os.path.join(ROOT, "examples/cogvideox/toy_adm.yaml"),
+                                "--every", "3", "--per-class", "2", "--out", str(tmp_path / "run"),
+                                "distill.generator_steps=2", "train.max_iterations=3"])
+    teacher2, teacher50, first, last = rows
+    assert (teacher2["teacher_steps"], teacher50["teacher_steps"]) == (2, 50)
+    assert (first["iteration"], last["iteration"]) == (0, 3)
+    before = eval_toy.Evaluator(TEACHER, 2, 1.5).generator_samples(TEACHER, 2)
+    reference = eval_toy.Evaluator(TEACHER, 2, 1.5).measure(before)
+    for key in eval_toy.METRICS:
+        assert first[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-5), key
+        assert first["ema"][key] == first[key]
+    assert last["fd_teacher"] != first["fd_teacher"]
+    assert abs(last["ema"]["fd_teacher"] - first["fd_teacher"]) < abs(last["fd_teacher"] - first["fd_teacher"])
+    with open(tmp_path / "run" / "trajectory.jsonl") as f:
+        assert [json.loads(line) for line in f] == json.loads(json.dumps(rows))
+
+
 @pytest.mark.slow
 def test_reduced_study_adm_two_step_beats_the_teacher_two_step(tmp_path):
     """One seed, fewer iterations and samples: ADM 2-step is clearly closer to the teacher's
     50-step samples than the teacher's own 2-step sampling."""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
     import run_toy_study
 
     results = run_toy_study.main([

@@ -267,6 +267,24 @@ def _seconds(values: list[float]) -> str:
     return f"{statistics.fmean(values):.0f} s" if values else "n/a"
 
 
+def settings_table(configs: dict[str, dict]) -> list[str]:
+    """The training settings of the study's configs (one row each), as markdown lines."""
+    if not configs:
+        return []
+    lines = ["### Training settings", "",
+             "| config | method | iterations | batch | G:F updates | Δt | CFG | G lr | G betas | fake-score lr | "
+             "D lr | DMD2 GAN weight | exported generator |", "|" + "---|" * 13]
+    for c in configs.values():
+        ema = f"EMA {c['ema_decay']}" if c["ema_decay"] else "raw weights"
+        gan = str(c["gan_weight"]) if c["method"] == "dmd2" else ""
+        lines.append(f"| `{c['config']}` | {c['method']} | {c['iterations']} | {c['batch_size']} | 1:{c['ttur']} | "
+                     f"{c['delta_t']} | {c['guidance_scale'][0]} | {c['lr_generator']:g} | {tuple(c['betas_generator'])} | "
+                     f"{c['lr_fake_score']:g} | "
+                     f"{c['lr_discriminator']:g} | {gan} | {ema} |")
+    return lines + ["", "Every config: AdamW (fake score and heads: betas (0, 0.99)), weight decay 0, gradient "
+                        "clipping at norm 1, fp32, one process, one thread; Δt in training timesteps of T = 1000.", ""]
+
+
 def render_report(results: dict, notes: str = "") -> str:
     """``docs/toy_study.md``: what was run, the table, the targets, the times, the commands."""
     s = results["settings"]
@@ -296,6 +314,7 @@ def render_report(results: dict, notes: str = "") -> str:
         "",
         targets_table(results),
         "",
+        *settings_table(study.get("configs", {})),
         "![samples](toy_samples.png)",
         "",
         "`toy_samples.png`: one sample of each class (8 groups of 3 frames) per row; rows are the true "
@@ -319,7 +338,10 @@ def render_report(results: dict, notes: str = "") -> str:
     if study:
         lines.append(f"- the whole study (`{study['command']}`): trainings {study['train_wall_seconds']:.0f} s, "
                      f"evaluation {results['eval_seconds']:.0f} s, total {study['total_wall_seconds']:.0f} s wall "
-                     f"with {study['jobs']} trainings at a time on a 2-core machine (shared, so wall times vary).")
+                     f"with {study['jobs']} trainings at a time on a 2-core machine (shared, so wall times vary; "
+                     "CPU times are the figure to compare)"
+                     + (f"; {study['runs_resumed']} finished runs were kept from the invocation that trained "
+                        "them (`--resume`)." if study.get("runs_resumed") else "."))
     lines += ["", "## Commands", "", "```bash"]
     if teacher:
         lines.append(f"# the teacher (committed in assets/toy_teacher/)\n{teacher.get('command')}")

@@ -7,9 +7,10 @@ Distils the committed toy teacher (``assets/toy_teacher``) with the project's tr
 (``adm-megatron train``) -- ADM and DMD2 into 1-, 2- and 4-step generators (same batch, iterations
 and seeds), and a two-stage 1-step run (stage 1: DMD2 1-step, ``toy_two_stage_1.yaml``; stage 2:
 ADM from its generator via ``model.generator_init``, ``toy_two_stage_2.yaml``) -- for each seed,
-at most ``--jobs`` trainings at a time, one thread each. Then ``tools/eval_toy.py`` measures every generator and the teacher, and this script writes
-``toy_study.md``, ``toy_study.json`` and ``toy_samples.png`` into ``--out``. ``--train-teacher``
-first retrains the teacher with the committed command (about 15 minutes).
+at most ``--jobs`` trainings at a time, one thread each. Then ``tools/eval_toy.py`` measures every
+generator and the teacher, and this script writes ``toy_study.md``, ``toy_study.json`` and
+``toy_samples.png`` into ``--out``. ``--train-teacher`` first retrains the teacher with the
+committed command (about 10 minutes).
 """
 
 from __future__ import annotations
@@ -38,7 +39,41 @@ STAGE1_LABEL = "two-stage 1-step, stage 1 only (DMD2)"
 TWO_STAGE_LABEL = "two-stage 1-step (DMD2 -> ADM)"
 GUIDANCE = 1.5  # the configs' distill.guidance_scale (a fixed scale in the toy study)
 NOTES = """
-## Notes
+## Notes (hand-written; every figure above is generated)
+
+- **EMA.** Every exported generator is the EMA of its weights (decay 0.99, `train.ema_decay`, see the
+  settings table): ADM's raw weights oscillate (in the pilots below the raw 2-step FD swings between
+  0.9 and 1.7 from one measurement to the next while the EMA stays within 0.9-1.3).
+- **Targets.** The two-stage 1-step generator (DMD2 at a large generator step, then ADM) meets its
+  target with a wide margin and is the best 1-step generator here; ADM's second stage improves on
+  the DMD2 stage it starts from on every seed. ADM alone beats the teacher's own few-step sampling
+  (2-step: about half its FD; 4-step: about equal) but, on the mean over seeds, misses the issue's
+  bars for 2 and 4 steps by small margins -- see the targets table. DMD2 beats ADM alone at 1, 2 and
+  4 steps in this toy.
+- **Why ADM alone plateaus here.** Its discriminator separates a teacher ODE step from a fake-score
+  ODE step taken from the same noised generator sample; the two differ by Δt times the difference
+  of two velocity predictions, and on this small problem the heads stay close to chance (hinge loss
+  5.93-6.0 where chance is 6 = 3 heads x 2, mean D(real) - D(fake) below 0.03), so the generator's
+  signal is weak and noisy. Within-class diversity of ADM's 2-step generator stays near the teacher's
+  2-step level (about 7.3 against 12.5 for the teacher's 50-step samples), while a DMD2 stage with a
+  10x larger generator step expands it (about 11-12), which is what the two-stage run builds on.
+- **Tuning (pilots, ADM 2-step, seed 0).** `OMP_NUM_THREADS=1 python tools/toy_trajectory.py --config
+  examples/cogvideox/toy_adm.yaml --every 100 --out DIR distill.generator_steps=2 KEY=VALUE` measures the
+  generator during training (128 samples per class; the teacher's 2-step sampling is 2.36 there).
+  EMA FD to teacher-50 at iteration 600: the committed config 1.18 (1.02 at 1,000 iterations); Δt 250:
+  0.90; Δt 400: 0.96; Δt 250 with two fake-score updates per generator update: 0.93 (iteration 800);
+  generator lr 1e-5: 1.14; 3e-5 with EMA 0.995: 1.57; batch 32: 1.56; batch 32 with lr 1e-5: 2.09;
+  discriminator lr 1e-2: 1.02; discriminator lr 1e-3 with 64-wide heads: 0.83. Larger generator steps
+  and batches were worse; no variant was better by more than the oscillation of one run (about
+  ±0.2), so the committed config keeps the simplest settings: Δt = T/10
+  (Δt = T/64 left the discriminator at chance from the start), a discriminator step 1000x the
+  generator's, generator momentum 0.9. DMD2 tolerates a larger generator step (1e-5; 1e-4 in the
+  two-stage pretraining stage, whose job is to expand the collapsed 1-step generator).
+- **Zero terminal SNR.** The teacher-initialised 1-step generator starts at the blurred class mean
+  (the teacher's 1-step row: diversity about 3); ADM alone and DMD2 alone at the study's generator
+  step bring its FD from about 8 down to 2-3 in 600 iterations but keep its diversity near 3 (ADM
+  1-step and DMD2 1-step rows) -- the slow escape the ADM paper reports for 1-step ADM without its
+  ADP pre-stage.
 """
 
 
@@ -77,8 +112,27 @@ def plan_runs(work: str, seeds: list[int], steps: list[int], iterations: int | N
     return runs
 
 
-def execute(runs: list[dict], jobs: int, resume: bool) -> None:
-    """Run the trainings, at most ``jobs`` at a time, each after the run it depends on."""
+def config_settings(iterations: int | None) -> dict[str, dict]:
+    """The settings of each study config that the report states (``iterations`` as overridden)."""
+    from adm_megatron.config import load_config
+
+    out = {}
+    for key, path in CONFIGS.items():
+        c = load_config(os.path.join(ROOT, path), [f"train.max_iterations={iterations}"] if iterations else [])
+        out[key] = {
+            "config": path, "method": c.distill.method, "iterations": c.train.max_iterations,
+            "batch_size": c.data.batch_size, "ttur": c.distill.ttur, "delta_t": c.distill.delta_t,
+            "guidance_scale": list(c.distill.guidance_scale), "gan_weight": c.distill.gan_weight,
+            "lr_generator": c.optim.generator.lr, "betas_generator": list(c.optim.generator.betas),
+            "lr_fake_score": c.optim.fake_score.lr,
+            "lr_discriminator": c.optim.discriminator.lr, "ema_decay": c.train.ema_decay,
+        }
+    return out
+
+
+def execute(runs: list[dict], jobs: int, resume: bool) -> int:
+    """Run the trainings, at most ``jobs`` at a time, each after the run it depends on; returns
+    how many were run (with ``resume``, finished runs are kept)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
     pending = list(runs)
@@ -92,6 +146,7 @@ def execute(runs: list[dict], jobs: int, resume: bool) -> None:
                     run.update(json.load(f))
             done.add(run["name"])
             pending.remove(run)
+    started = len(pending)
     while pending or running:
         ready = [r for r in pending if r["after"] is None or r["after"] in done]
         while ready and len(running) < jobs:
@@ -122,6 +177,7 @@ def execute(runs: list[dict], jobs: int, resume: bool) -> None:
         done.add(run["name"])
         print(f"[{time.strftime('%H:%M:%S')}] done  {run['name']}: {run['wall_seconds']}s wall, "
               f"{run['cpu_seconds']}s cpu", flush=True)
+    return started
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -153,10 +209,14 @@ def main(argv: list[str] | None = None) -> dict:
     for run in runs:
         run["overrides"] = [f"model.teacher={args.teacher}", f"data.path={args.teacher}/prompts",
                             *run["overrides"]]
-    execute(runs, args.jobs, args.resume)
+    trained = execute(runs, args.jobs, args.resume)
     train_seconds = time.time() - start
+    previous = os.path.join(args.work, "manifest.json")
+    if not trained and os.path.isfile(previous):  # all resumed: the time of the invocation that trained
+        with open(previous) as f:
+            train_seconds = json.load(f).get("train_wall_seconds", train_seconds)
     manifest = {
-        "teacher": args.teacher, "guidance": GUIDANCE,
+        "teacher": args.teacher, "guidance": GUIDANCE, "train_wall_seconds": round(train_seconds, 1),
         "runs": [{k: r[k] for k in ("name", "label", "method", "steps", "seed", "generator", "command",
                                     "wall_seconds", "cpu_seconds") if k in r} for r in runs],
         "target_names": {"adm_2": "ADM 2-step", "adm_4": "ADM 4-step", "two_stage_1": TWO_STAGE_LABEL},
@@ -170,10 +230,11 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python tools/run_toy_study.py " + " ".join(shlex.quote(a) for a in (
             argv if argv is not None else sys.argv[1:])),
         "train_wall_seconds": round(train_seconds, 1),
-        "total_wall_seconds": round(time.time() - start, 1),
+        "total_wall_seconds": round(train_seconds + results["eval_seconds"], 1),
+        "runs_resumed": len(runs) - trained,
         "jobs": args.jobs,
         "seeds": args.seeds,
-        "configs": {k: v for k, v in CONFIGS.items()},
+        "configs": config_settings(args.iterations),
     }
     with open(os.path.join(args.teacher, "training.json")) as f:
         results["teacher_training"] = json.load(f)

@@ -46,8 +46,15 @@ def sample(
     batch_size: int = 512,
 ) -> torch.Tensor:
     """``[N, F, C, H, W]`` samples of classes ``labels`` with ``steps`` PF-ODE steps."""
-    noise = torch.randn(len(labels), *LATENT_SHAPE, generator=torch.Generator().manual_seed(seed))
     fn = guided_fn(model, negative, guidance) if guidance != 1.0 else model_fn(model)
+    return sample_fn(fn, schedule, labels, embeddings, steps, seed, batch_size)
+
+
+@torch.no_grad()
+def sample_fn(fn, schedule, labels: torch.Tensor, embeddings: torch.Tensor, steps: int, seed: int,
+              batch_size: int = 512) -> torch.Tensor:
+    """:func:`sample` for any ``fn(x_t, t, text) -> model output`` (e.g. a trainer's generator)."""
+    noise = torch.randn(len(labels), *LATENT_SHAPE, generator=torch.Generator().manual_seed(seed))
     timesteps = schedule.inference_timesteps(steps)
     out = []
     for z, lab in zip(noise.split(batch_size), labels.split(batch_size)):
