@@ -340,8 +340,9 @@ def render_report(results: dict, notes: str = "") -> str:
                      f"evaluation {results['eval_seconds']:.0f} s, total {study['total_wall_seconds']:.0f} s wall "
                      f"with {study['jobs']} trainings at a time on a 2-core machine (shared, so wall times vary; "
                      "CPU times are the figure to compare)"
-                     + (f"; {study['runs_resumed']} finished runs were kept from the invocation that trained "
-                        "them (`--resume`)." if study.get("runs_resumed") else "."))
+                     + (f"; {study['runs_resumed']} finished runs were kept from earlier invocations (`--resume`), "
+                        "so the trainings figure is that of the last invocation that trained any; the per-run "
+                        "times above cover every run." if study.get("runs_resumed") else "."))
     lines += ["", "## Commands", "", "```bash"]
     if teacher:
         lines.append(f"# the teacher (committed in assets/toy_teacher/)\n{teacher.get('command')}")
