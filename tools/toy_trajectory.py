@@ -68,9 +68,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     os.makedirs(args.out, exist_ok=True)
     start = time.time()
     with open(os.path.join(args.out, "trajectory.jsonl"), "w") as log:
+
+        def emit(row: dict) -> None:
+            for stream in (log, sys.stdout):
+                print(json.dumps(row), file=stream, flush=True)
+
         for row in rows:
-            print(json.dumps(row), file=log, flush=True)
-            print(json.dumps(row), flush=True)
+            emit(row)
         for iteration in range(config.train.max_iterations + 1):
             if iteration % args.every == 0 or iteration == config.train.max_iterations:
                 trainer.generator.eval()
@@ -81,8 +85,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         row["ema"] = measure(trainer, ev, steps, use_ema=True)
                 trainer.generator.train()
                 rows.append(row)
-                print(json.dumps(row), file=log, flush=True)
-                print(json.dumps(row), flush=True)
+                emit(row)
             if iteration < config.train.max_iterations:
                 trainer.train_iteration(iteration)
     return rows
