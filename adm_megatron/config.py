@@ -69,6 +69,11 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.0, 0.99)
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # learning-rate schedule over this network's updates in the run (megatron-core's
+    # OptimizerParamScheduler): linear warmup from 0, then constant or a decay to min_lr
+    warmup_iters: int = 0
+    decay_style: str = "constant"  # constant | linear | cosine | inverse-square-root
+    min_lr: float = 0.0
 
 
 @dataclass
@@ -109,6 +114,7 @@ class Config:
     seed: int = 1234
 
 
+DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 CHOICES = {
     "model.impl": ("auto", "local", "te"),
     "model.dtype": ("fp32", "bf16", "fp64"),
@@ -238,10 +244,25 @@ def _check_fields(config: Config, source: str) -> None:
         opt = getattr(config.optim, name)
         if opt.lr <= 0 or opt.grad_clip < 0 or opt.weight_decay < 0:
             raise ConfigError(f"{source}: optim.{name}: lr must be > 0, grad_clip and weight_decay >= 0")
+        if opt.decay_style not in DECAY_STYLES:
+            raise ConfigError(f"{source}: optim.{name}.decay_style={opt.decay_style!r}: expected one of "
+                              f"{', '.join(DECAY_STYLES)}")
+        if not 0 <= opt.min_lr <= opt.lr:
+            raise ConfigError(f"{source}: optim.{name}.min_lr={opt.min_lr}: expected 0 <= min_lr <= lr={opt.lr}")
+        updates = network_updates(config, name)
+        if not 0 <= opt.warmup_iters < updates:
+            raise ConfigError(f"{source}: optim.{name}.warmup_iters={opt.warmup_iters}: expected 0 <= warmup "
+                              f"< the network's {updates} updates in train.max_iterations")
     if not config.model.teacher:
         raise ConfigError(f"{source}: model.teacher is required (a diffusers directory or megatron checkpoint)")
     if config.data.source == "shards" and not config.data.path:
         raise ConfigError(f"{source}: data.source=shards needs data.path")
+
+
+def network_updates(config: Config, name: str) -> int:
+    """How many optimizer steps network ``name`` takes in the run (the length of its lr schedule)."""
+    iterations = config.train.max_iterations
+    return iterations if name == "fake_score" else -(-iterations // config.distill.ttur)
 
 
 def config_to_dict(config: Config) -> dict:

@@ -166,6 +166,10 @@ def test_nan_policy_error_raises_and_skip_leaves_weights(pipeline_dir, tmp_path,
         (["distill.method=gan"], "distill.method='gan': expected one of adm, dmd2"),
         (["model.teacher=/nonexistent"], "model.teacher='/nonexistent': directory not found"),
         (["train.max_iterations=0"], "train.max_iterations=0: must be >= 1"),
+        (["optim.generator.decay_style=step"], "optim.generator.decay_style='step': expected one of constant"),
+        (["optim.fake_score.min_lr=1"], "optim.fake_score.min_lr=1.0: expected 0 <= min_lr <= lr=0.001"),
+        (["optim.generator.warmup_iters=1", "distill.ttur=2"],
+         "optim.generator.warmup_iters=1: expected 0 <= warmup < the network's 1 updates"),
         pytest.param(["model.impl=te"], "model.impl=te: Transformer Engine with CUDA is not available here",
                      marks=CPU_ONLY),
         pytest.param(["model.dtype=bf16"], "model.dtype=bf16: BF16 autocast needs a GPU here", marks=CPU_ONLY),
@@ -178,6 +182,27 @@ def test_bad_configs_fail_in_one_line_before_any_process_group(pipeline_dir, tmp
         Trainer(_config(pipeline_dir, tmp_path, *overrides))
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not dist.is_initialized()
+
+
+def test_lr_schedule_warms_up_and_decays_over_each_networks_own_updates(pipeline_dir, tmp_path, world_of_one):
+    from adm_megatron.train.trainer import Trainer
+
+    trainer = Trainer(_config(
+        pipeline_dir, tmp_path, "train.max_iterations=4", "distill.ttur=2",
+        "optim.generator.decay_style=linear", "optim.generator.min_lr=1e-4",
+        "optim.fake_score.warmup_iters=2", "optim.fake_score.decay_style=cosine",
+    ))
+    lrs = {"generator": [], "fake_score": [], "discriminator": []}
+    for iteration in range(4):
+        metrics = trainer.train_iteration(iteration)
+        for phase in lrs:
+            if f"{phase}/lr" in metrics:
+                lrs[phase].append(metrics[f"{phase}/lr"])
+    # the rate each update used: generator 2 updates (ttur 2), linear from 1e-3 towards 1e-4
+    assert lrs["generator"] == pytest.approx([1e-3, 1e-3 - 0.9e-3 / 2])
+    # fake score: 4 updates, warmup from 0 (megatron's first step) to 1e-3 over 2, then cosine to 0
+    assert lrs["fake_score"] == pytest.approx([0.0, 0.5e-3, 1e-3, 0.5e-3], abs=1e-12)
+    assert lrs["discriminator"] == pytest.approx([1e-3, 1e-3])  # constant (the default)
 
 
 def test_generator_ema_follows_the_generator(pipeline_dir, tmp_path, world_of_one):

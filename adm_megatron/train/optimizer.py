@@ -7,6 +7,10 @@ global gradient norm with megatron-core's ``get_grad_norm_fp32`` over the non-du
 main grads. megatron-core's own optimizers (FP32Optimizer, DistributedOptimizer) hard-code CUDA
 tensors, so they cannot run on CPU; AdamW on the main grads runs on both and is what the tests
 check. Parameters stay fp32 (BF16 is autocast), so the main grads are the optimizer's grads as is.
+
+The learning rate follows megatron-core's ``OptimizerParamScheduler`` (linear warmup, then constant,
+linear, cosine or inverse-square-root decay to ``min_lr``), advanced once per taken step over the
+network's ``total_updates`` in the run.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
 from adm_megatron.config import OptimizerConfig
@@ -23,11 +28,24 @@ from adm_megatron.parallel.device_scope import cpu_device_scope
 
 
 class NetworkOptimizer:
-    def __init__(self, module: torch.nn.Module, config: OptimizerConfig):
+    def __init__(self, module: torch.nn.Module, config: OptimizerConfig, total_updates: int):
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.config = config
         self.optimizer = torch.optim.AdamW(
             self.params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+        )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if config.warmup_iters else config.lr,
+            max_lr=config.lr,
+            min_lr=config.min_lr,
+            lr_warmup_steps=config.warmup_iters,
+            lr_decay_steps=total_updates,
+            lr_decay_style=config.decay_style,
+            start_wd=config.weight_decay,
+            end_wd=config.weight_decay,
+            wd_incr_steps=total_updates,
+            wd_incr_style="constant",
         )
 
     @property
@@ -59,6 +77,7 @@ class NetworkOptimizer:
         for p in self.params:
             p.grad = p.main_grad if scale == 1.0 else p.main_grad * scale
         self.optimizer.step()
+        self.scheduler.step(increment=1)
         for p in self.params:
             p.grad = None
         return norm, True

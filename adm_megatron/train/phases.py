@@ -97,6 +97,7 @@ class PhaseRunner:
                 forward_only=False,
             )
         skip = self.nan_policy == "skip"
+        lr = own.optimizer.lr  # the rate this update uses (the scheduler moves on after the step)
         if math.isfinite(result["loss"]):
             try:
                 norm, stepped = own.optimizer.step(skip_if_not_finite=skip)
@@ -109,7 +110,7 @@ class PhaseRunner:
         metrics = {
             f"{phase}/loss": result["loss"],
             f"{phase}/grad_norm": norm,
-            f"{phase}/lr": own.optimizer.lr,
+            f"{phase}/lr": lr,
             f"{phase}/seconds": time.perf_counter() - start,
             f"{phase}/skipped": not stepped,
         }

@@ -27,7 +27,7 @@ from adm_megatron.algorithms.adm import ADM, PhaseBatch
 from adm_megatron.algorithms.dmd import DMD2
 from adm_megatron.algorithms.networks import DiTFunction, Networks
 from adm_megatron.algorithms.randomness import BatchRandom
-from adm_megatron.config import Config, config_to_dict
+from adm_megatron.config import Config, config_to_dict, network_updates
 from adm_megatron.heads import MultiHeadDiscriminator
 from adm_megatron.models import tapped_block_indices
 from adm_megatron.models.rotary import cogvideox_rotary_emb
@@ -127,7 +127,7 @@ class Trainer:
         optim = {"fake_score": c.optim.fake_score, "generator": c.optim.generator,
                  "discriminator": c.optim.discriminator}
         self.trainable = {
-            name: TrainableNetwork(module, NetworkOptimizer(module, optim[name]))
+            name: TrainableNetwork(module, NetworkOptimizer(module, optim[name], network_updates(c, name)))
             for name, module in wrapped.items()
         }
         self.phases = PhaseRunner(self.trainable, nan_policy=c.train.nan_policy)
