@@ -158,7 +158,7 @@ def execute(runs: list[dict], jobs: int, resume: bool) -> int:
                     run.update(json.load(f))
             done.add(run["name"])
             pending.remove(run)
-    started = len(pending)
+    to_run = len(pending)
     while pending or running:
         ready = [r for r in pending if r["after"] is None or r["after"] in done]
         while ready and len(running) < jobs:
@@ -189,7 +189,7 @@ def execute(runs: list[dict], jobs: int, resume: bool) -> int:
         done.add(run["name"])
         print(f"[{time.strftime('%H:%M:%S')}] done  {run['name']}: {run['wall_seconds']}s wall, "
               f"{run['cpu_seconds']}s cpu", flush=True)
-    return started
+    return to_run
 
 
 def main(argv: list[str] | None = None) -> dict:
