@@ -181,6 +181,16 @@ def test_study_targets_compare_the_seed_means_with_the_teacher():
     assert check(rows, {2: teacher[2]}, names) == []  # no 4-step teacher row: nothing to compare
 
 
+def test_study_settings_table_states_each_configs_generator_schedule():
+    import run_toy_study
+
+    configs = run_toy_study.config_settings(iterations=300)
+    assert {c["iterations"] for c in configs.values()} == {300}
+    assert configs["adm"]["schedule_generator"] == "cosine to 0"  # examples/cogvideox/toy_adm.yaml
+    rows = [line for line in _eval_toy().settings_table(configs) if line.startswith("| `")]
+    assert len(rows) == len(configs) and all("| cosine to 0 |" in row for row in rows)
+
+
 def test_trajectory_measures_the_trainers_generator_like_the_exported_one(tmp_path, world_of_one):
     """tools/toy_trajectory.py: at iteration 0 the trainer's megatron generator is the teacher, so its
     figures equal eval_toy's for the teacher's diffusers weights as the same N-step generator; the

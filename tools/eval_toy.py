@@ -272,16 +272,17 @@ def settings_table(configs: dict[str, dict]) -> list[str]:
     if not configs:
         return []
     lines = ["### Training settings", "",
-             "| config | method | iterations | batch | G:F updates | Δt | CFG | G lr | G betas | fake-score lr | "
-             "D lr | DMD2 GAN weight | exported generator |", "|" + "---|" * 13]
+             "| config | method | iterations | batch | G:F updates | Δt | CFG | G lr | G lr schedule | G betas | "
+             "fake-score lr | D lr | DMD2 GAN weight | exported generator |", "|" + "---|" * 14]
     for c in configs.values():
         ema = f"EMA {c['ema_decay']}" if c["ema_decay"] else "raw weights"
         gan = str(c["gan_weight"]) if c["method"] == "dmd2" else ""
         lines.append(f"| `{c['config']}` | {c['method']} | {c['iterations']} | {c['batch_size']} | 1:{c['ttur']} | "
-                     f"{c['delta_t']} | {c['guidance_scale'][0]} | {c['lr_generator']:g} | {tuple(c['betas_generator'])} | "
+                     f"{c['delta_t']} | {c['guidance_scale'][0]} | {c['lr_generator']:g} | "
+                     f"{c.get('schedule_generator', 'constant')} | {tuple(c['betas_generator'])} | "
                      f"{c['lr_fake_score']:g} | "
                      f"{c['lr_discriminator']:g} | {gan} | {ema} |")
-    return lines + ["", "Every config: AdamW (fake score and heads: betas (0, 0.99)), weight decay 0, gradient "
+    return lines + ["", "Every config: AdamW (fake score and heads: betas (0, 0.99), constant lr), weight decay 0, gradient "
                         "clipping at norm 1, fp32, one process, one thread; Δt in training timesteps of T = 1000.", ""]
 
 
