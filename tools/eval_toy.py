@@ -279,7 +279,7 @@ def settings_table(configs: dict[str, dict]) -> list[str]:
         gan = str(c["gan_weight"]) if c["method"] == "dmd2" else ""
         lines.append(f"| `{c['config']}` | {c['method']} | {c['iterations']} | {c['batch_size']} | 1:{c['ttur']} | "
                      f"{c['delta_t']} | {c['guidance_scale'][0]} | {c['lr_generator']:g} | "
-                     f"{c.get('schedule_generator', 'constant')} | {tuple(c['betas_generator'])} | "
+                     f"{c['schedule_generator']} | {tuple(c['betas_generator'])} | "
                      f"{c['lr_fake_score']:g} | "
                      f"{c['lr_discriminator']:g} | {gan} | {ema} |")
     return lines + ["", "Every config: AdamW (fake score and heads: betas (0, 0.99), constant lr), weight decay 0, gradient "
