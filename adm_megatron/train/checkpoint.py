@@ -2,7 +2,7 @@
 
 Inside: ``generator/`` and ``fake_score/`` as megatron-core distributed checkpoints (loadable at any
 TP / CP layout, convertible with ``tools/convert_checkpoint.py megatron-to-hf``), the discriminator
-heads (``discriminator.pt``, replicated, written by rank 0) and ``trainer_state.json`` (iteration and
+heads of methods that have them (``discriminator.pt``, replicated, written by rank 0) and ``trainer_state.json`` (iteration and
 the run config). The directory appears under its final name only once everything is written.
 """
 
@@ -28,7 +28,7 @@ def save_training_checkpoint(trainer, iteration: int) -> str:
     def write(tmp: str) -> None:
         save_megatron_checkpoint(trainer.generator, os.path.join(tmp, "generator"), trainer.arch)
         save_megatron_checkpoint(trainer.fake_score, os.path.join(tmp, "fake_score"), trainer.arch)
-        if rank0:
+        if rank0 and trainer.heads is not None:
             torch.save(trainer.heads.state_dict(), os.path.join(tmp, "discriminator.pt"))
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump({"iteration": iteration, "config": config_to_dict(trainer.config)}, f, indent=2)
