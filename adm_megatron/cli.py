@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         "manifest. Resumable: rerun the same command to finish a killed collection. Many "
         "processes: torchrun / srun as for train (each data-parallel rank writes its own shards).",
     )
-    collect.add_argument("--config", required=True, help="a run config (YAML) naming the teacher and data")
+    collect.add_argument("--config", default=None,
+                         help="a run config (YAML) naming the teacher and data (or give them as overrides)")
     collect.add_argument("--out", required=True, help="output directory (new, or an unfinished collection)")
     collect.add_argument("--num-pairs", type=int, required=True)
     collect.add_argument("--shard-size", type=int, default=256, help="pairs per shard (default 256)")

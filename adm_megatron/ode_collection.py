@@ -106,6 +106,11 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     if info.rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         write_json_atomically(os.path.join(out_dir, SETTINGS), settings)
+        for name in os.listdir(out_dir):  # what a process killed mid-write left behind
+            if name.startswith(".pairs-") and ".tmp-" in name:
+                os.remove(os.path.join(out_dir, name))
+    if dist.is_initialized():
+        dist.barrier()
     dtype = torch.float64 if config.model.dtype == "fp64" else torch.float32
     teacher = source.build_models(1, sequence_parallel=config.model.sequence_parallel, impl=config.model.impl,
                                   params_dtype=dtype)[0].eval().requires_grad_(False)
