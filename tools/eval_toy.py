@@ -232,7 +232,7 @@ def discriminator_table(results: dict) -> str:
     rows = [r for r in results["rows"] if r.get("discriminator")]
     if not rows:
         return ""
-    starts = rows[0]["discriminator"]["start"]
+    starts = max((r["discriminator"]["start"] for r in rows), key=len)  # runs may differ in length
     window = rows[0]["discriminator"]["window"]
     head = "| run | " + " | ".join(f"it {s}-{s + window - 1}" for s in starts) + " | windows above chance |"
     lines = [head, "|" + "---|" * (len(starts) + 2)]
