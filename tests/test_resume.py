@@ -1,6 +1,6 @@
 """Exact resume through the real command line: a run killed with SIGKILL at several moments (after
 an iteration, in the middle of a checkpoint save, right after the ``latest`` marker moved) and
-started again with the same command each time goes on from its latest complete checkpoint, does
+started again with the same command each time leaves no process of its own behind, goes on from its latest complete checkpoint, does
 only the iterations after it, and ends with every metric of every iteration and the exported
 weights bit-for-bit equal to an uninterrupted run's. A finished run's command does nothing and
 writes nothing; a different config pointed at its output_dir, ``train.resume=never`` there, and
@@ -8,6 +8,7 @@ an output_dir that is a file are refused in one line."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -67,7 +69,9 @@ def _saving(out) -> bool:
 
 
 def _run_until_killed(cmd, out, moment, log: str, timeout=300) -> str | None:
-    """Start ``cmd``, SIGKILL it when ``moment()`` holds; return the latest checkpoint it left."""
+    """Start ``cmd``, SIGKILL it when ``moment()`` holds, check that none of the processes it
+    started (megatron's checkpoint writers) outlive it; return the latest checkpoint it left."""
+    children: dict[int, psutil.Process] = {}
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + timeout
@@ -75,10 +79,18 @@ def _run_until_killed(cmd, out, moment, log: str, timeout=300) -> str | None:
             while not moment():
                 assert proc.poll() is None, f"the run ended before its kill point:\n{open(log).read()[-3000:]}"
                 assert time.monotonic() < deadline, "kill point never reached"
+                with contextlib.suppress(psutil.Error):
+                    children.update((c.pid, c) for c in psutil.Process(proc.pid).children(recursive=True))
                 time.sleep(0.005)
+            with contextlib.suppress(psutil.Error):
+                children.update((c.pid, c) for c in psutil.Process(proc.pid).children(recursive=True))
             proc.send_signal(signal.SIGKILL)
         finally:
             proc.wait()
+    _, alive = psutil.wait_procs(list(children.values()), timeout=15)
+    for orphan in alive:  # (stopped here so that the test leaves nothing behind either)
+        orphan.kill()
+    assert not alive, f"processes left behind by the killed run: {[p.pid for p in alive]}"
     return _latest(out)
 
 

@@ -41,6 +41,7 @@ from adm_megatron.convert.checkpoint import (
     save_megatron_checkpoint,
     write_atomically,
 )
+from adm_megatron.train.save_workers import bind_writer_processes
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -100,6 +101,7 @@ def save_training_checkpoint(trainer, iteration: int) -> str:
     marker and the pruning of old checkpoints. Returns the checkpoint directory."""
     config = trainer.config
     rank0 = trainer.info.rank == 0
+    bind_writer_processes()
     state = _train_state(trainer, iteration)
 
     def write(tmp: str) -> None:
