@@ -91,7 +91,7 @@ class TrainConfig:
     save_every: int = 0  # 0: a checkpoint at the end only
     ema_decay: float = 0.0  # generator EMA; 0 disables it
     nan_policy: str = "error"  # error | skip (skip the update of a non-finite phase)
-    max_skipped_steps: int = 10  # nan_policy=skip: this many skipped updates in a row stop the run
+    max_skipped_steps: int = 10  # nan_policy=skip: a network's updates skipped this many times in a row stop the run
     resume: str = "auto"  # auto (latest checkpoint in output_dir) | never | a checkpoint or run dir
     keep_checkpoints: int = 0  # keep the last K checkpoints in output_dir/checkpoints; 0 keeps all
     save_interval_minutes: float = 0.0  # also save when this much time passed since the last save

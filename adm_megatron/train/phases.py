@@ -10,7 +10,8 @@ iteration, generator and discriminator every ``ttur``-th) lives in the trainer l
 A non-finite loss on any rank, or a non-finite global gradient norm, is decided the same on every
 rank (the loss flag is all-reduced over the world, the norm is already global): the update raises
 or is skipped everywhere, as ``train.nan_policy`` says. Skipped updates are counted (in the
-checkpoint too); ``max_skipped_steps`` skipped updates in a row stop the run with one line.
+checkpoint too); ``max_skipped_steps`` skipped updates of one network in a row stop the run with
+one line.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class PhaseRunner:
         self.nan_policy = nan_policy
         self.max_skipped_steps = max_skipped_steps
         self.skipped_total = 0  # updates skipped in the run
-        self.skipped_in_a_row = 0  # updates skipped since the last one taken
+        self.skipped_in_a_row = {name: 0 for name in networks}  # each network's, since its last step
         self.forward_backward = get_forward_backward_func()
         for net in networks.values():
             prepare_for_schedule(net.module)
@@ -129,7 +130,7 @@ class PhaseRunner:
                 norm, stepped = own.optimizer.step(skip_if_not_finite=skip)
             except FloatingPointError as err:
                 raise NonFiniteError(f"{where}: {err}") from None
-        self._count(stepped, where)
+        self._count(phase, stepped, where)
         metrics = {
             f"{phase}/loss": result["loss"],
             f"{phase}/grad_norm": norm,
@@ -141,22 +142,22 @@ class PhaseRunner:
         metrics.update({f"{phase}/{k}": v for k, v in result["metrics"].items()})
         return metrics, result["extra"]
 
-    def _count(self, stepped: bool, where: str) -> None:
+    def _count(self, phase: str, stepped: bool, where: str) -> None:
         if stepped:
-            self.skipped_in_a_row = 0
+            self.skipped_in_a_row[phase] = 0
             return
         self.skipped_total += 1
-        self.skipped_in_a_row += 1
-        if self.skipped_in_a_row >= self.max_skipped_steps:
+        self.skipped_in_a_row[phase] += 1
+        if self.skipped_in_a_row[phase] >= self.max_skipped_steps:
             raise NonFiniteError(
-                f"{where}: {self.skipped_in_a_row} updates in a row skipped for NaN / Inf "
+                f"{where}: {self.skipped_in_a_row[phase]} updates in a row skipped for NaN / Inf "
                 f"(train.max_skipped_steps={self.max_skipped_steps}); stopped, the last checkpoint "
                 "is left as it was"
             )
 
     def state_dict(self) -> dict:
-        return {"skipped_total": self.skipped_total, "skipped_in_a_row": self.skipped_in_a_row}
+        return {"skipped_total": self.skipped_total, "skipped_in_a_row": dict(self.skipped_in_a_row)}
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped_total = int(state["skipped_total"])
-        self.skipped_in_a_row = int(state["skipped_in_a_row"])
+        self.skipped_in_a_row.update({k: int(v) for k, v in state["skipped_in_a_row"].items()})
