@@ -13,6 +13,8 @@ import warnings
 
 from adm_megatron.config import ConfigError, load_config
 
+NONFINITE_EXIT_CODE = 3  # train.max_skipped_steps updates in a row were NaN / Inf (or nan_policy=error)
+
 
 def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
@@ -27,16 +29,28 @@ def _setup_logging() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from adm_megatron.train.phases import NonFiniteError
+    from adm_megatron.train.preemption import PREEMPTED_EXIT_CODE
     from adm_megatron.train.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
-    result = Trainer(config).fit()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"run finished: {result.iterations} iterations, outputs in {result.output_dir}")
-        if result.generator_dir:
-            print(f"generator (diffusers format): {result.generator_dir}")
-        for path in result.samples:
-            print(f"sample: {path}")
+    try:
+        result = Trainer(config).fit()
+    except NonFiniteError as err:
+        print(f"adm-megatron: training stopped: {err}", file=sys.stderr)
+        return NONFINITE_EXIT_CODE
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) != 0:
+        return PREEMPTED_EXIT_CODE if result.preempted else 0
+    if result.preempted:
+        print(f"run stopped by a signal after iteration {result.iterations} ({result.trained} trained now); "
+              f"checkpoint saved in {result.output_dir}: run the same command to go on")
+        return PREEMPTED_EXIT_CODE
+    print(f"run finished: {result.iterations} iterations ({result.trained} trained now), "
+          f"outputs in {result.output_dir}")
+    if result.generator_dir:
+        print(f"generator (diffusers format): {result.generator_dir}")
+    for path in result.samples:
+        print(f"sample: {path}")
     return 0
 
 
