@@ -76,7 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="run a distillation",
         description="Run a distillation. Many processes: torchrun --nproc-per-node N -m "
-        "adm_megatron.cli train --config FILE ... (or srun with one task per GPU).",
+        "adm_megatron.cli train --config FILE ... (or srun with one task per GPU). Started again "
+        "with the same command, a run goes on from its latest checkpoint in output_dir "
+        "(train.resume=auto | never | PATH); a finished run does nothing.",
+        epilog="exit codes: 0 done; 2 bad config or input (one line, before training); 3 stopped for "
+        "NaN / Inf (train.max_skipped_steps); 75 stopped by SIGTERM / SIGUSR1 after saving a "
+        "checkpoint (run the same command to go on).",
     )
     train.add_argument("--config", required=True, help="YAML run config (see examples/cogvideox/)")
     train.add_argument(
