@@ -1,5 +1,6 @@
 """``adm-megatron``: the command line. ``train`` runs a distillation from a YAML config with dotted
-``key=value`` overrides, in one process or under torchrun / srun (one process per GPU)."""
+``key=value`` overrides, in one process or under torchrun / srun (one process per GPU); ``plan``
+prints the per-GPU memory plan of such a run on a card (``adm_megatron.memory``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import sys
 import warnings
 
 from adm_megatron.config import ConfigError, load_config
+from adm_megatron.memory.command import add_arguments as add_plan_arguments
+from adm_megatron.memory.command import run as run_plan
 
 
 def _setup_logging() -> None:
@@ -57,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="dotted overrides in YAML syntax, e.g. train.max_iterations=10 distill.method=dmd2",
     )
     train.set_defaults(func=_train)
+    plan = sub.add_parser(
+        "plan",
+        help="per-GPU memory of a run per network and phase, and whether it fits a card",
+        description="Per-GPU memory plan of a run: weights, grads and optimizer state of each network, "
+        "activations and transient buffers of each ADM phase, the peak, and whether it fits the card. "
+        "Exit status 0: fits, 1: does not fit, 2: bad config or layout.",
+    )
+    add_plan_arguments(plan)
+    plan.set_defaults(func=run_plan)
     return parser
 
 
