@@ -1,7 +1,8 @@
 """``adm-megatron``: the command line. ``train`` runs a distillation from a YAML config with dotted
 ``key=value`` overrides, in one process or under torchrun / srun (one process per GPU);
 ``collect-ode`` collects the teacher's ODE pairs (the real samples of DMD2, ADP's data) with the
-teacher and layout of such a config."""
+teacher and layout of such a config; ``plan`` prints the per-GPU memory plan of such a run on a
+card (``adm_megatron.memory``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import sys
 import warnings
 
 from adm_megatron.config import ConfigError, load_config
+from adm_megatron.memory.command import add_arguments as add_plan_arguments
+from adm_megatron.memory.command import run as run_plan
 
 NONFINITE_EXIT_CODE = 3  # train.max_skipped_steps updates in a row were NaN / Inf (or nan_policy=error)
 
@@ -108,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--no-progress", action="store_true", help="no progress bar")
     collect.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     collect.set_defaults(func=_collect_ode)
+    plan = sub.add_parser(
+        "plan",
+        help="per-GPU memory of a run per network and phase, and whether it fits a card",
+        description="Per-GPU memory plan of a run: weights, grads and optimizer state of each network, "
+        "activations and transient buffers of each ADM phase, the peak, and whether it fits the card. "
+        "Exit status 0: fits, 1: does not fit, 2: bad config or layout.",
+    )
+    add_plan_arguments(plan)
+    plan.set_defaults(func=run_plan)
     return parser
 
 
