@@ -20,6 +20,7 @@ import torch
 from adm_megatron.algorithms.networks import DiTFunction, Networks
 from adm_megatron.bench.flops import dit_call_flops
 from adm_megatron.models.cogvideox_config import CogVideoXArch
+from adm_megatron.models.taps import feature_depth
 
 
 @dataclass
@@ -78,7 +79,7 @@ class CountingDiT:
         return self.fn(x_t, t, text)
 
     def features(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor, every: int):
-        self._count(f"{self.role}.features", x_t, text, None, True)  # the whole forward runs
+        self._count(f"{self.role}.features", x_t, text, feature_depth(self.arch.num_layers, every), False)
         return self.fn.features(x_t, t, text, every)
 
 
