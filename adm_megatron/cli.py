@@ -2,7 +2,8 @@
 ``key=value`` overrides, in one process or under torchrun / srun (one process per GPU);
 ``collect-ode`` collects the teacher's ODE pairs (the real samples of DMD2, ADP's data) with the
 teacher and layout of such a config; ``plan`` prints the per-GPU memory plan of such a run on a
-card (``adm_megatron.memory``)."""
+card (``adm_megatron.memory``); ``bench`` measures throughput (our DiT against diffusers, each
+phase of an iteration)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,34 @@ def _collect_ode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from adm_megatron.bench.run import BenchOptions, run_bench
+
+    opts = BenchOptions(
+        model=args.model, layers=args.layers, batch=args.batch, frames=args.frames, height=args.height,
+        width=args.width, dtype=args.dtype, impl=args.impl, repeats=args.repeats, warmup=args.warmup,
+        peak_tflops=args.peak_tflops, seed=args.seed, config=args.config, overrides=args.overrides,
+    )
+    try:
+        result = run_bench(opts)
+    except ValueError as err:
+        print(f"adm-megatron bench: {err}", file=sys.stderr)
+        return 2
+    print(f"{result['environment']['device']}, {result['dtype']}, {result['model']['num_layers']} layers, "
+          f"{result['model']['video_tokens']} video + {result['model']['text_tokens']} text tokens, "
+          f"batch {opts.batch}")
+    print(result["table"])
+    ratio = result["dit"]["ratio_ours_over_diffusers"]
+    print(f"time ours / diffusers: forward {ratio['forward']:.3f}, forward+backward {ratio['forward_backward']:.3f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"written: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adm-megatron",
@@ -120,6 +149,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_plan_arguments(plan)
     plan.set_defaults(func=run_plan)
+    bench = sub.add_parser(
+        "bench",
+        help="measure throughput: our DiT vs diffusers, and each phase of a distillation iteration",
+        description="In one run, alternating, medians of --repeats timings: our megatron DiT's forward "
+        "and forward+backward and the same through diffusers' CogVideoXTransformer3DModel with the same "
+        "weights, dtype and inputs; then each phase and the whole iteration of a distillation through "
+        "the trainer (ADM unless distill.method=... is given), with analytic model FLOPs, TFLOP/s, MFU "
+        "(needs a known card or --peak-tflops), peak memory (GPU) and network evaluations per phase. "
+        "Random weights; prints a table, writes JSON with --out.",
+    )
+    bench.add_argument("--model", required=True,
+                       help="cogvideox-2b | cogvideox-5b (real shapes, random weights) or a diffusers "
+                       "CogVideoX transformer / pipeline directory")
+    bench.add_argument("--layers", type=int, default=None, help="presets only: number of blocks (to fit one card)")
+    bench.add_argument("--batch", type=int, default=1, help="samples per call (default 1)")
+    bench.add_argument("--frames", type=int, default=None, help="latent frames (default: the model's, 13)")
+    bench.add_argument("--height", type=int, default=None, help="latent height (default: the model's, 60)")
+    bench.add_argument("--width", type=int, default=None, help="latent width (default: the model's, 90)")
+    bench.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp64"),
+                       help="auto: bf16 on a GPU, fp32 on CPU. The DiT comparison holds both models in it; "
+                       "the trainer runs model.dtype (bf16: fp32 weights under BF16 autocast)")
+    bench.add_argument("--impl", default="auto", choices=("auto", "local", "te"),
+                       help="our attention / linear kernels: te (Transformer Engine), local (SDPA), auto")
+    bench.add_argument("--repeats", type=int, default=7, help="timed repeats, the median is reported (default 7)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    bench.add_argument("--peak-tflops", type=float, default=None,
+                       help="peak TFLOP/s for MFU (default: the dense BF16 peak of a known card; none on CPU)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--config", default=None, help="a run config for the trainer (model and data keys are set by bench)")
+    bench.add_argument("--out", default=None, help="write the result as JSON here")
+    bench.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="trainer overrides, e.g. distill.generator_steps=8 distill.head_every=3")
+    bench.set_defaults(func=_bench)
     return parser
 
 
