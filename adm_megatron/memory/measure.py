@@ -29,17 +29,33 @@ class PhaseMeasurement:
 
 
 def _allocations_and_marks(prof) -> tuple[list[tuple[int, int]], dict[str, tuple[int, int]]]:
-    """(time, signed size) of every allocation event, and each phase mark's (start, end) time."""
-    allocations, marks = [], {}
+    """(time, signed size) of every allocation and free, and each phase mark's (start, end) time.
+
+    The profiler sees allocator events only on the threads it profiles, so a block freed on another
+    thread (gloo's workers drop the last reference to a collective's tensors) has no free event.
+    The allocator cannot hand out an address that is still in use, so a new allocation at the
+    address of a block still counted live proves that block was freed: it is then counted free."""
+    events, marks = [], {}
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
         stack.extend(node.children)
         if node.name == "[memory]":
-            allocations.append((node.start_time_ns, node.extra_fields.alloc_size))
+            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.ptr))
         elif node.name.startswith(_MARK):
             marks[node.name[len(_MARK):]] = (node.start_time_ns, node.end_time_ns)
-    allocations.sort()
+    events.sort()
+    live: dict[int, int] = {}
+    allocations = []
+    for time_ns, size, ptr in events:
+        if size > 0:
+            unseen_free = live.pop(ptr, 0)
+            if unseen_free:
+                allocations.append((time_ns, -unseen_free))
+            live[ptr] = size
+        else:
+            live.pop(ptr, None)
+        allocations.append((time_ns, size))
     return allocations, marks
 
 
