@@ -44,8 +44,8 @@ def plan_and_measure(teacher: str, output_dir: str, overrides: list[str], world_
     from adm_megatron.train.trainer import Trainer
 
     config = load_config(None, [f"model.teacher={teacher}", f"output_dir={output_dir}", *BASE, *overrides])
+    measured = measure_phases(lambda: Trainer(config))  # first: the trainer sets up the layout's world
     plan = plan_run(config, world_size, device="cpu", card_gib=1.0, cpu_threads=torch.get_num_threads())
-    measured = measure_phases(lambda: Trainer(config))
     assert set(measured) == set(plan.phases)
     return {phase: (plan.phases[phase].resident, m.resident_bytes, plan.phases[phase].peak, m.peak_bytes)
             for phase, m in measured.items()}

@@ -4,7 +4,9 @@ How: ``torch.profiler.profile(profile_memory=True)`` records every allocation an
 allocator (the CPU allocator here, the CUDA caching allocator's tensor blocks on a GPU) as an
 ``Allocation`` event with its signed size. The profiler runs from before the ``Trainer`` is built,
 so the running sum of those sizes is the live tensor memory of the run (tensors that existed before
-the trainer are left out: none of them belongs to it). Each phase of each iteration is marked with a
+the trainer are left out: none of them belongs to it). The profiler sees the allocator only on the
+threads it profiles; a block freed on a gloo worker thread is counted free when the allocator hands
+its address out again (see ``_allocations_and_marks``). Each phase of each iteration is marked with a
 ``record_function`` range (the trainer's ``PhaseRunner.run`` wrapped on this one instance); a
 phase's measured peak is the largest running sum inside its range, and its resident memory the sum
 at its start. Only the last iteration counts: by then every optimizer state exists (AdamW allocates
