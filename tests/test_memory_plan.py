@@ -37,22 +37,47 @@ def pipelines(tmp_path_factory):
     return {rope: build_tiny_pipeline(str(root / f"rope{rope}"), seed=0, rope=rope) for rope in (False, True)}
 
 
-@pytest.mark.parametrize("name", sorted(TINY_RUNS))
-def test_plan_is_within_15_percent_of_measured_peak_of_every_phase(name, pipelines, tmp_path, world_of_one):
+def plan_and_measure(teacher: str, output_dir: str, overrides: list[str], world_size: int = 1) -> dict:
+    """{phase: (planned resident, measured resident, planned peak, measured peak)} on this rank."""
     from adm_megatron.memory.measure import measure_phases
     from adm_megatron.memory.run_plan import plan_run
     from adm_megatron.train.trainer import Trainer
 
-    rope, overrides = TINY_RUNS[name]
-    config = load_config(None, [f"model.teacher={pipelines[rope]}", f"output_dir={tmp_path}", *BASE, *overrides])
-    plan = plan_run(config, 1, device="cpu", card_gib=1.0, cpu_threads=torch.get_num_threads())
-    measured = measure_phases(lambda: Trainer(config))
+    config = load_config(None, [f"model.teacher={teacher}", f"output_dir={output_dir}", *BASE, *overrides])
+    measured = measure_phases(lambda: Trainer(config))  # first: the trainer sets up the layout's world
+    plan = plan_run(config, world_size, device="cpu", card_gib=1.0, cpu_threads=torch.get_num_threads())
     assert set(measured) == set(plan.phases)
-    for phase, m in measured.items():
-        p = plan.phases[phase]
-        report = (name, phase, p.peak, m.peak_bytes, p.resident, m.resident_bytes)
-        assert abs(p.peak / m.peak_bytes - 1) <= TOLERANCE, report
-        assert abs(p.resident / m.resident_bytes - 1) <= TOLERANCE, report
+    return {phase: (plan.phases[phase].resident, m.resident_bytes, plan.phases[phase].peak, m.peak_bytes)
+            for phase, m in measured.items()}
+
+
+def assert_within_tolerance(figures: dict, context) -> None:
+    for phase, (planned_resident, resident, planned_peak, peak) in figures.items():
+        report = (context, phase, figures[phase])
+        assert abs(planned_peak / peak - 1) <= TOLERANCE, report
+        assert abs(planned_resident / resident - 1) <= TOLERANCE, report
+
+
+@pytest.mark.parametrize("name", sorted(TINY_RUNS))
+def test_plan_is_within_15_percent_of_measured_peak_of_every_phase(name, pipelines, tmp_path, world_of_one):
+    rope, overrides = TINY_RUNS[name]
+    assert_within_tolerance(plan_and_measure(pipelines[rope], str(tmp_path), overrides), name)
+
+
+def _rank_plan_and_measure(teacher: str, output_dir: str, overrides: list[str]) -> dict:
+    return plan_and_measure(teacher, output_dir, overrides, world_size=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [
+    ["parallel.tensor_parallel=2", "model.sequence_parallel=true"], ["parallel.context_parallel=2"]])
+def test_plan_is_within_15_percent_on_each_rank_under_sequence_and_context_parallel(layout, pipelines, tmp_path):
+    from multiproc import run_world
+
+    overrides = ["data.frames=3", "data.height=16", "data.width=16", *layout]
+    ranks = run_world(_rank_plan_and_measure, 2, pipelines[False], str(tmp_path), overrides, timeout_s=900)
+    for rank, figures in enumerate(ranks):
+        assert_within_tolerance(figures, (layout, rank))
 
 
 def test_meta_counts_equal_a_built_model_and_split_tensor_parallel_weights(world_of_one):

@@ -4,7 +4,9 @@ How: ``torch.profiler.profile(profile_memory=True)`` records every allocation an
 allocator (the CPU allocator here, the CUDA caching allocator's tensor blocks on a GPU) as an
 ``Allocation`` event with its signed size. The profiler runs from before the ``Trainer`` is built,
 so the running sum of those sizes is the live tensor memory of the run (tensors that existed before
-the trainer are left out: none of them belongs to it). Each phase of each iteration is marked with a
+the trainer are left out: none of them belongs to it). The profiler sees the allocator only on the
+threads it profiles; a block freed on a gloo worker thread is counted free when the allocator hands
+its address out again (see ``_allocations_and_marks``). Each phase of each iteration is marked with a
 ``record_function`` range (the trainer's ``PhaseRunner.run`` wrapped on this one instance); a
 phase's measured peak is the largest running sum inside its range, and its resident memory the sum
 at its start. Only the last iteration counts: by then every optimizer state exists (AdamW allocates
@@ -29,17 +31,33 @@ class PhaseMeasurement:
 
 
 def _allocations_and_marks(prof) -> tuple[list[tuple[int, int]], dict[str, tuple[int, int]]]:
-    """(time, signed size) of every allocation event, and each phase mark's (start, end) time."""
-    allocations, marks = [], {}
+    """(time, signed size) of every allocation and free, and each phase mark's (start, end) time.
+
+    The profiler sees allocator events only on the threads it profiles, so a block freed on another
+    thread (gloo's workers drop the last reference to a collective's tensors) has no free event.
+    The allocator cannot hand out an address that is still in use, so a new allocation at the
+    address of a block still counted live proves that block was freed: it is then counted free."""
+    events, marks = [], {}
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
         stack.extend(node.children)
         if node.name == "[memory]":
-            allocations.append((node.start_time_ns, node.extra_fields.alloc_size))
+            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.ptr))
         elif node.name.startswith(_MARK):
             marks[node.name[len(_MARK):]] = (node.start_time_ns, node.end_time_ns)
-    allocations.sort()
+    events.sort()
+    live: dict[int, int] = {}
+    allocations = []
+    for time_ns, size, ptr in events:
+        if size > 0:
+            unseen_free = live.pop(ptr, 0)
+            if unseen_free:
+                allocations.append((time_ns, -unseen_free))
+            live[ptr] = size
+        else:
+            live.pop(ptr, None)
+        allocations.append((time_ns, size))
     return allocations, marks
 
 

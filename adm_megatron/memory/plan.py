@@ -2,68 +2,79 @@
 
 All figures are bytes held by ONE rank. Notation: ``TP``, ``CP``, ``DP`` the parallel sizes;
 ``B`` the micro-batch per data-parallel rank; ``h`` the hidden size, ``a`` the attention heads,
-``L`` the blocks, ``Lt`` the text tokens, ``Lv = frames x (height/p) x (width/p)`` the video tokens;
-``s = Lt + Lv / CP`` the tokens of a CP rank and ``s_seq = s / TP`` with sequence parallelism (else
-``s``): the rows one rank holds between the parallel linears. ``P`` a network's parameters on one
-rank (``counts.py``: tensor-parallel weights split by TP, the rest whole). ``e`` the bytes of an
-activation element (4 fp32, 2 under BF16 autocast); statistics (norm mean / rstd, attention
-log-sum-exp) are always fp32.
+``L`` the blocks, ``Lt`` / ``D`` the text tokens / width, ``Lv = frames x (height/p) x (width/p)``
+the video tokens; ``s = Lt + Lv / CP`` the tokens of a CP rank and ``s_seq = s / TP`` with sequence
+parallelism (else ``s``): the rows one rank holds between the parallel linears. ``P`` a network's
+parameters on one rank (``counts.py``: tensor-parallel weights split by TP, the rest whole).
+``e`` the bytes of an activation element: 4 in fp32; under BF16 autocast 2, except norm outputs
+(``e_n``, fp32 under autocast) and the residual stream (``e_r``: fp32 when an fp32 sin-cos position
+table is added to the embeddings, as in 2b; bf16 with RoPE, as in 5b). Statistics (norm mean / rstd,
+attention log-sum-exp) are fp32.
 
 Resident state, per network:
-- weights ``P x w`` (``w`` 4 for fp32 params; 2 for the planned bf16 params) plus buffers;
-- grads (trainable networks): megatron DDP's ``main_grad`` buffer, ``P x 4``;
+- weights ``P x w`` (``w`` 4 for fp32 params, as train holds them today; 2 for the planned bf16
+  params) plus buffers;
+- grads (trainable networks): megatron DDP's ``main_grad`` buffer, ``P x w`` (megatron's default,
+  ``grad_reduce_in_fp32=False``, keeps grads in the params' dtype);
 - optimizer (trainable networks): AdamW's two moments ``P x 8``, plus an fp32 master copy ``P x 4``
-  when params are bf16; ``/ DP`` when that network's optimizer state is sharded over data parallel;
+  with bf16 params; ``/ DP`` when that network's optimizer state is sharded over data parallel;
 - offload: a network's optimizer state is on the GPU only in its own phase; with params offload
   too, a network's weights are on the GPU only in the phases that run it (fake-score phase:
-  generator + fake score; generator phase: all four; discriminator phase: teacher + heads).
+  generator + fake score; generator phase: all four; discriminator phase: teacher + heads);
+- fixed: the run's inputs (text and negative embeddings, noise); with SP, megatron's global
+  all-gather buffer ``s B h e`` that trainable linears gather their input into (linears with
+  frozen weights, as the CFG teacher's, gather into fresh tensors: part of their working set).
 
-Activations autograd saves in one forward of a CogVideoX with grad (per block; fwd = ``B x e``):
-- trainable network (its params take grads): ``(8 s_seq h + 14 s h / TP) fwd`` -- block input,
-  norm1 out, modulated, attention out projection, residual, norm2 out, modulated, MLP out (sequence
-  wide); fused QKV 3, normed q, k, attention output, fc1 + bias 4, GELU 4 (split over TP);
+Activations autograd saves in one forward with grad of a CogVideoX, per block (``row = s_seq B h``,
+``split = s B h / TP``; counted from the ops of ``models/cogvideox_layer.py`` and checked by
+measurement):
+- trainable network (its params take grads): ``row (2 e_r + 2 e_n + 4 e) + 14 split e``: block
+  input and attention residual; norm1 / norm2 outputs; the two modulated inputs, the attention
+  projection and the MLP output; and split over TP: fused QKV 3, q, k, attention output,
+  fc1 + bias 4, GELU 4;
 - frozen network with grad through its input (fake score and teacher in the generator phase):
-  ``(2 s_seq h + 10 s h / TP) fwd`` (block input and residual; QKV 3, q, k, attention output,
-  fc1 + bias 4): a linear whose weight takes no grad saves no input;
-- statistics ``B s (4 + 5 a / TP) x 4`` per block (norm1/2 and q/k-norm mean + rstd, log-sum-exp);
-- once per network: trainable ``3 s_seq h fwd`` (final norm, its modulation, the output projection
-  input) plus the text input ``B Lt D`` (text projection); frozen ``1 s_seq h fwd``; the output
-  latents ``B Lv p^2 C e``;
-- context parallel: each block's gathered video keys and values, ``2 (Lv - Lv / CP) h / TP fwd``;
-- full recompute: only each block's input ``s_seq h fwd`` is kept; one block is recomputed at a
-  time in backward (one block's saved activations on top);
+  ``row 2 e_r + 10 split e`` (a linear whose weight takes no grad saves no input);
+- statistics ``B s (4 + 5 a / TP) x 4``;
+- once per network: the last block's output ``row e_r``; trainable also the final norm output and
+  its modulation ``row (e_n + e)`` and the text input ``B Lt D e``; the output latents
+  ``B Lv p^2 C e``;
+- context parallel: each block's gathered video keys and values, ``2 (Lv - Lv / CP) B h / TP e``;
+- full recompute: only each block's input ``row e_r`` is kept; the block being back-propagated is
+  recomputed (one block's activations on top, in backward);
 - tapped features for the discriminator: views of saved block outputs without SP / CP; with SP or
   CP each tap is gathered to a new ``[Lv, B, h]`` tensor.
 
 Working sets on top of what is saved (coefficients measured on CPU with ``measure.py`` on the tiny
-models, in units of ``s h / TP fwd``; the sequence-wide part in ``s_seq h fwd``): a forward without
-grad (generator rollout, CFG teacher on ``2B``, discriminator-phase backbone) ``5 s_seq h + 9 s h / TP``
-(residual, normed, MLP intermediates); a forward with grad adds 2 (trainable) or 6 (frozen); a
-backward 2 (trainable) or 7 (frozen). A discriminator-phase backbone keeps each tapped block output
-``s_seq h fwd`` (SP / CP: the gathered ``Lv h``).
+models): a forward without grad (generator rollout, CFG teacher, discriminator-phase backbone)
+``(5 row + 9 split) e`` (residual, normed, MLP intermediates); a backward ``2 split e`` (trainable)
+or ``7 split e`` (frozen). A discriminator-phase backbone keeps each tapped block output
+``row e`` (SP / CP: the gathered ``Lv B h e``).
 
 Discriminator heads (3D: conv3d 3x3x3 -> per-frame conv 3x3 stride 2 -> GroupNorm -> SiLU blocks,
-width ``c``), per head and sample at a block's input size ``T x H x W`` and output ``T x H2 x W2``:
+width ``c``), per head and sample, at a block's input size ``T x H x W`` and output ``T x H2 x W2``:
 trainable ``c (T H W + 3 T H2 W2) e`` (conv3d out, conv2d out, norm out, SiLU out); frozen with
-input grad ``2 c T H2 W2 e``.
+input grad ``2 c T H2 W2 e``. On CPU their conv3d backward also unfolds the first block's input
+once and accumulates weight grads per thread (measured); cuDNN's workspace is left to the margin.
 
 Phases (the peak of each is resident + the largest of its moments):
 - fake score: generator rollout (no grad, ``B``); fake-score forward / backward (trainable);
   its optimizer step.
-- generator: rollout; generator's grad step (trainable) + fake score (frozen, input grad) + CFG
-  teacher without grad on ``2B`` (the doubled batch) | + teacher backbone for D (frozen, input grad)
-  + heads (frozen) + backward working set; its optimizer step.
+- generator: rollout; then with the generator's step (trainable) and the fake score (frozen)
+  saved: the CFG teacher without grad on ``2B`` (the doubled batch), then the teacher backbone for
+  D (frozen) + heads (frozen) + the backward working set; its optimizer step.
 - discriminator: backbone without grad on ``x_real`` and on ``x_fake`` (taps kept) + heads on both
   (trainable) + backward; its optimizer step.
-- optimizer step: a clipped copy of the grads ``P x 4`` (when ``grad_clip > 0``) plus AdamW's
-  temporaries: ``P x 4`` with the foreach implementation (CUDA), the largest tensor on CPU.
+- optimizer step: today's optimizer (``train/optimizer.py``) makes a clipped copy of the grads
+  ``P x 4`` (when ``grad_clip > 0``) and AdamW's temporaries take ``P x 4`` with the foreach
+  implementation (CUDA) or the largest tensor (CPU); a sharded (megatron distributed) optimizer
+  clips in place and steps its ``P / DP`` shard.
 - BF16 autocast with fp32 params: each network run with grad in the phase keeps bf16 copies of its
   weights for backward, ``P x 2``.
-- sequence parallel: megatron's global all-gather buffer, ``s x 2B x h x e`` (the largest gathered
-  input: the CFG batch), allocated once.
 
 A run fits when the largest phase peak is at most ``card x (1 - margin)``; the margin covers what
 the formulas leave out (CUDA context, allocator fragmentation, NCCL buffers, kernels' workspaces).
+The fp32 figures are tested against measurement on CPU (``tests/test_memory_plan.py``); the BF16
+widths and the GPU-only terms (foreach temporaries, autocast copies) are reasoned, not measured here.
 """
 
 from __future__ import annotations
@@ -85,7 +96,6 @@ OFFLOAD = ("none", "optimizer", "optimizer+params")
 
 # working sets (see the module docstring; measured on CPU, units s h / TP fwd unless stated)
 NO_GRAD_SEQ, NO_GRAD_SPLIT = 5, 9
-FORWARD_EXTRA = {"trainable": 2, "frozen": 6}
 BACKWARD_EXTRA = {"trainable": 2, "frozen": 7}
 
 
@@ -105,6 +115,7 @@ class Shape:
     text_dim: int
     latent_channels: int
     patch: int
+    position_table: bool  # sin-cos positions added from an fp32 table (2b); False with RoPE (5b)
     frames: int
     height: int  # latent height
     width: int  # latent width
@@ -218,24 +229,32 @@ class _Formulas:
         self.tokens = shape.text_tokens + shape.video_tokens // cp  # s
         self.seq = self.tokens / tp if s.sequence_parallel and tp > 1 else self.tokens  # s_seq
         self.e = 2 if s.activations == "bf16" else 4
+        # under BF16 autocast, norm outputs stay fp32, and so does the residual stream when an fp32
+        # position table is added to the embeddings (2b); everything else is bf16
+        self.norm_e = 4
+        self.residual_e = 4 if shape.position_table else self.e
         self.gathers_taps = (s.sequence_parallel and tp > 1) or cp > 1
 
     def saved(self, batch: int, kind: str) -> tuple[float, float]:
         """Activations one forward with grad of a backbone (``kind`` trainable | frozen) keeps for
         backward, and what its backward brings back on top (one recomputed block, or nothing)."""
         sh, s = self.shape, self.s
-        tp, h, fwd = s.tensor_parallel, sh.hidden, batch * self.e
-        seq_c, split_c = (8, 14) if kind == "trainable" else (2, 10)
-        block = (seq_c * self.seq * h + split_c * self.tokens * h / tp) * fwd
+        tp, h, row = s.tensor_parallel, sh.hidden, batch * self.seq * sh.hidden  # row: s_seq B h
+        residual = 2 * self.residual_e  # block input and the attention residual
+        if kind == "trainable":  # + norm1 / norm2 outputs, 4 bf16-able: modulated x2, attn proj, MLP out
+            seq_bytes, split = residual + 2 * self.norm_e + 4 * self.e, 14
+        else:
+            seq_bytes, split = residual, 10
+        block = seq_bytes * row + split * batch * self.tokens * h / tp * self.e
         block += batch * self.tokens * (4 + 5 * sh.heads / tp) * 4
         if s.context_parallel > 1:
-            block += 2 * (sh.video_tokens - sh.video_tokens / s.context_parallel) * h / tp * fwd
-        once = (3 if kind == "trainable" else 1) * self.seq * h * fwd
+            block += 2 * (sh.video_tokens - sh.video_tokens / s.context_parallel) * h / tp * batch * self.e
+        once = self.residual_e * row  # the last block's output (final norm input)
         if kind == "trainable":
-            once += batch * sh.text_tokens * sh.text_dim * self.e
+            once += (self.norm_e + self.e) * row + batch * sh.text_tokens * sh.text_dim * self.e
         once += batch * sh.video_tokens * sh.patch**2 * sh.latent_channels * self.e
         if s.recompute:  # block inputs kept; one block's activations come back in its backward
-            return (sh.layers * self.seq * h * fwd + once, block)
+            return (sh.layers * self.residual_e * row + once, block)
         return (sh.layers * block + once, 0.0)
 
     def no_grad(self, batch: int) -> float:
@@ -294,7 +313,7 @@ def _resident(sizes: dict[str, NetworkSize], s: Settings) -> dict[str, dict[str,
         state = size.params * (8 + (4 if s.params == "bf16" else 0))
         if name in s.shard_optimizer:
             state /= s.data_parallel
-        out[name] = {"weights": weights, "grads": size.params * 4.0, "optimizer": state}
+        out[name] = {"weights": weights, "grads": size.params * float(w), "optimizer": state}
     return out
 
 
@@ -311,8 +330,9 @@ def _phase_resident(networks: dict, phase: str, s: Settings) -> float:
 
 
 def _step(size: NetworkSize, name: str, s: Settings) -> float:
-    params = size.params / (s.data_parallel if name in s.shard_optimizer else 1)
-    temporaries = params * 4 if s.device == "cuda" else size.largest_param * 4
+    if name in s.shard_optimizer:  # megatron's distributed optimizer: in-place clipping, its shard
+        return size.params / s.data_parallel * 4
+    temporaries = size.params * 4 if s.device == "cuda" else size.largest_param * 4
     return (size.params * 4 if s.grad_clip else 0.0) + temporaries
 
 
@@ -340,7 +360,8 @@ def _moments(f: _Formulas, sizes: dict[str, NetworkSize], phase: str) -> dict[st
             "CFG teacher": (g_f, {"CFG doubled batch": f.no_grad(2 * b), "autocast weight copies": autocast}),
             "discriminator backward": (g_f + disc, {
                 "backward working set": f.extra(b, "frozen", BACKWARD_EXTRA),
-                "autocast weight copies": autocast + copies * sizes["teacher"].params}),
+                "autocast weight copies": autocast + copies * (sizes["teacher"].params
+                                                               + sizes["discriminator"].params)}),
             "optimizer step": (0.0, step),
         }
     taps, heads = f.taps(b, False), f.heads(b, "trainable")
@@ -360,7 +381,7 @@ def plan_memory(shape: Shape, sizes: dict[str, NetworkSize], settings: Settings)
     networks = _resident(sizes, settings)
     fixed = {"run inputs": settings.batch_size * (2 * shape.text_tokens * shape.text_dim + latent) * 4}
     if settings.sequence_parallel and settings.tensor_parallel > 1:
-        fixed["SP all-gather buffer"] = f.tokens * 2 * settings.batch_size * shape.hidden * f.e
+        fixed["SP all-gather buffer"] = f.tokens * settings.batch_size * shape.hidden * f.e
     phases = {}
     for phase in PHASES:
         resident = _phase_resident(networks, phase, settings) + sum(fixed.values())

@@ -30,7 +30,8 @@ def shape_for(config: Config, arch: CogVideoXArch) -> Shape:
     return Shape(
         layers=arch.num_layers, hidden=arch.hidden_size, heads=arch.num_attention_heads,
         ffn=arch.ffn_hidden_size, text_tokens=arch.max_text_seq_length, text_dim=arch.text_embed_dim,
-        latent_channels=arch.in_channels, patch=arch.patch_size, frames=config.data.frames,
+        latent_channels=arch.in_channels, patch=arch.patch_size,
+        position_table=not arch.use_rotary_positional_embeddings, frames=config.data.frames,
         height=config.data.height, width=config.data.width,
         taps=len(tapped_block_indices(arch.num_layers, d.head_every)),
         head_hidden=d.head_hidden, head_blocks=d.head_blocks,
