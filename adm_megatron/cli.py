@@ -1,7 +1,9 @@
 """``adm-megatron``: the command line. ``train`` runs a distillation from a YAML config with dotted
 ``key=value`` overrides, in one process or under torchrun / srun (one process per GPU);
 ``collect-ode`` collects the teacher's ODE pairs (the real samples of DMD2, ADP's data) with the
-teacher and layout of such a config."""
+teacher and layout of such a config; ``plan`` prints the per-GPU memory plan of such a run on a
+card (``adm_megatron.memory``); ``bench`` measures throughput (our DiT against diffusers, each
+phase of an iteration)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,10 @@ import sys
 import warnings
 
 from adm_megatron.config import ConfigError, load_config
+from adm_megatron.memory.command import add_arguments as add_plan_arguments
+from adm_megatron.memory.command import run as run_plan
+
+NONFINITE_EXIT_CODE = 3  # train.max_skipped_steps updates in a row were NaN / Inf (or nan_policy=error)
 
 
 def _setup_logging() -> None:
@@ -27,16 +33,28 @@ def _setup_logging() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from adm_megatron.train.phases import NonFiniteError
+    from adm_megatron.train.preemption import PREEMPTED_EXIT_CODE
     from adm_megatron.train.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
-    result = Trainer(config).fit()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"run finished: {result.iterations} iterations, outputs in {result.output_dir}")
-        if result.generator_dir:
-            print(f"generator (diffusers format): {result.generator_dir}")
-        for path in result.samples:
-            print(f"sample: {path}")
+    try:
+        result = Trainer(config).fit()
+    except NonFiniteError as err:
+        print(f"adm-megatron: training stopped: {err}", file=sys.stderr)
+        return NONFINITE_EXIT_CODE
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) != 0:
+        return PREEMPTED_EXIT_CODE if result.preempted else 0
+    if result.preempted:
+        print(f"run stopped by a signal after iteration {result.iterations} ({result.trained} trained now); "
+              f"checkpoint saved in {result.output_dir}: run the same command to go on")
+        return PREEMPTED_EXIT_CODE
+    print(f"run finished: {result.iterations} iterations ({result.trained} trained now), "
+          f"outputs in {result.output_dir}")
+    if result.generator_dir:
+        print(f"generator (diffusers format): {result.generator_dir}")
+    for path in result.samples:
+        print(f"sample: {path}")
     return 0
 
 
@@ -51,6 +69,34 @@ def _collect_ode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from adm_megatron.bench.run import BenchOptions, run_bench
+
+    opts = BenchOptions(
+        model=args.model, layers=args.layers, batch=args.batch, frames=args.frames, height=args.height,
+        width=args.width, dtype=args.dtype, impl=args.impl, repeats=args.repeats, warmup=args.warmup,
+        peak_tflops=args.peak_tflops, seed=args.seed, config=args.config, overrides=args.overrides,
+    )
+    try:
+        result = run_bench(opts)
+    except ValueError as err:
+        print(f"adm-megatron bench: {err}", file=sys.stderr)
+        return 2
+    print(f"{result['environment']['device']}, {result['dtype']}, {result['model']['num_layers']} layers, "
+          f"{result['model']['video_tokens']} video + {result['model']['text_tokens']} text tokens, "
+          f"batch {opts.batch}")
+    print(result["table"])
+    ratio = result["dit"]["ratio_ours_over_diffusers"]
+    print(f"time ours / diffusers: forward {ratio['forward']:.3f}, forward+backward {ratio['forward_backward']:.3f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"written: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adm-megatron",
@@ -62,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="run a distillation",
         description="Run a distillation. Many processes: torchrun --nproc-per-node N -m "
-        "adm_megatron.cli train --config FILE ... (or srun with one task per GPU).",
+        "adm_megatron.cli train --config FILE ... (or srun with one task per GPU). Started again "
+        "with the same command, a run goes on from its latest checkpoint in output_dir "
+        "(train.resume=auto | never | PATH); a finished run does nothing.",
+        epilog="exit codes: 0 done; 2 bad config or input (one line, before training); 3 stopped for "
+        "NaN / Inf (train.max_skipped_steps); 75 stopped by SIGTERM / SIGUSR1 after saving a "
+        "checkpoint (run the same command to go on).",
     )
     train.add_argument("--config", required=True, help="YAML run config (see examples/cogvideox/)")
     train.add_argument(
@@ -89,6 +140,48 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--no-progress", action="store_true", help="no progress bar")
     collect.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     collect.set_defaults(func=_collect_ode)
+    plan = sub.add_parser(
+        "plan",
+        help="per-GPU memory of a run per network and phase, and whether it fits a card",
+        description="Per-GPU memory plan of a run: weights, grads and optimizer state of each network, "
+        "activations and transient buffers of each ADM phase, the peak, and whether it fits the card. "
+        "Exit status 0: fits, 1: does not fit, 2: bad config or layout.",
+    )
+    add_plan_arguments(plan)
+    plan.set_defaults(func=run_plan)
+    bench = sub.add_parser(
+        "bench",
+        help="measure throughput: our DiT vs diffusers, and each phase of a distillation iteration",
+        description="In one run, alternating, medians of --repeats timings: our megatron DiT's forward "
+        "and forward+backward and the same through diffusers' CogVideoXTransformer3DModel with the same "
+        "weights, dtype and inputs; then each phase and the whole iteration of a distillation through "
+        "the trainer (ADM unless distill.method=... is given), with analytic model FLOPs, TFLOP/s, MFU "
+        "(needs a known card or --peak-tflops), peak memory (GPU) and network evaluations per phase. "
+        "Random weights; prints a table, writes JSON with --out.",
+    )
+    bench.add_argument("--model", required=True,
+                       help="cogvideox-2b | cogvideox-5b (real shapes, random weights) or a diffusers "
+                       "CogVideoX transformer / pipeline directory")
+    bench.add_argument("--layers", type=int, default=None, help="presets only: number of blocks (to fit one card)")
+    bench.add_argument("--batch", type=int, default=1, help="samples per call (default 1)")
+    bench.add_argument("--frames", type=int, default=None, help="latent frames (default: the model's, 13)")
+    bench.add_argument("--height", type=int, default=None, help="latent height (default: the model's, 60)")
+    bench.add_argument("--width", type=int, default=None, help="latent width (default: the model's, 90)")
+    bench.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp64"),
+                       help="auto: bf16 on a GPU, fp32 on CPU. The DiT comparison holds both models in it; "
+                       "the trainer runs model.dtype (bf16: fp32 weights under BF16 autocast)")
+    bench.add_argument("--impl", default="auto", choices=("auto", "local", "te"),
+                       help="our attention / linear kernels: te (Transformer Engine), local (SDPA), auto")
+    bench.add_argument("--repeats", type=int, default=7, help="timed repeats, the median is reported (default 7)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    bench.add_argument("--peak-tflops", type=float, default=None,
+                       help="peak TFLOP/s for MFU (default: the dense BF16 peak of a known card; none on CPU)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--config", default=None, help="a run config for the trainer (model and data keys are set by bench)")
+    bench.add_argument("--out", default=None, help="write the result as JSON here")
+    bench.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="trainer overrides, e.g. distill.generator_steps=8 distill.head_every=3")
+    bench.set_defaults(func=_bench)
     return parser
 
 

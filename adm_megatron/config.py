@@ -36,6 +36,7 @@ class ModelConfig:
 class ParallelConfig:
     tensor_parallel: int = 1
     context_parallel: int = 1
+    timeout_s: float = 600.0  # process-group timeout: a dead rank makes the others exit after it
 
 
 @dataclass
@@ -98,6 +99,10 @@ class TrainConfig:
     save_every: int = 0  # 0: a checkpoint at the end only
     ema_decay: float = 0.0  # generator EMA; 0 disables it
     nan_policy: str = "error"  # error | skip (skip the update of a non-finite phase)
+    max_skipped_steps: int = 10  # nan_policy=skip: a network's updates skipped this many times in a row stop the run
+    resume: str = "auto"  # auto (latest checkpoint in output_dir) | never | a checkpoint or run dir
+    keep_checkpoints: int = 0  # keep the last K checkpoints in output_dir/checkpoints; 0 keeps all
+    save_interval_minutes: float = 0.0  # also save when this much time passed since the last save
     num_samples: int = 2  # videos rendered at the end
     export: bool = True  # export the generator as a diffusers directory at the end
 
@@ -243,6 +248,7 @@ def _check_fields(config: Config, source: str) -> None:
         "distill.head_every": config.distill.head_every,
         "train.max_iterations": config.train.max_iterations,
         "train.log_every": config.train.log_every,
+        "train.max_skipped_steps": config.train.max_skipped_steps,
     }
     for key, value in positive.items():
         if value < 1:
@@ -250,6 +256,14 @@ def _check_fields(config: Config, source: str) -> None:
     lo, hi = config.distill.guidance_scale
     if not 0 <= lo <= hi:
         raise ConfigError(f"{source}: distill.guidance_scale=[{lo}, {hi}]: expected 0 <= low <= high")
+    for key, value in {"train.keep_checkpoints": config.train.keep_checkpoints,
+                       "train.save_interval_minutes": config.train.save_interval_minutes}.items():
+        if value < 0:
+            raise ConfigError(f"{source}: {key}={value}: must be >= 0")
+    if config.parallel.timeout_s <= 0:
+        raise ConfigError(f"{source}: parallel.timeout_s={config.parallel.timeout_s}: must be > 0")
+    if not config.train.resume:
+        raise ConfigError(f"{source}: train.resume is empty: expected auto, never or a checkpoint path")
     if not 0 <= config.train.ema_decay < 1:
         raise ConfigError(f"{source}: train.ema_decay={config.train.ema_decay}: expected 0 <= decay < 1")
     for name in ("generator", "fake_score", "discriminator"):

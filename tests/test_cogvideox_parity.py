@@ -67,24 +67,28 @@ def test_recompute_gives_the_same_gradients(world_of_one, hf_dirs):
         assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
 
 
-def test_features_are_every_third_block_video_tokens(world_of_one, hf_dirs):
-    model = build_model_from_hf(hf_dirs["2b"])
-    config = CogVideoXTransformer3DModel.load_config(hf_dirs["2b"])
-    arch = CogVideoXArch.from_diffusers_config(config)
+def test_features_are_the_tapped_blocks_video_tokens_and_nothing_after_runs(world_of_one, tmp_path):
+    """A features call returns the tapped blocks' outputs of the whole forward, bit for bit, and
+    runs no block after the last tapped one and no output layer (3 blocks, taps every 2nd: block 1)."""
+    model = build_model_from_hf(save_diffusers_model("2b", str(tmp_path), num_layers=3))
+    arch = model.arch
     latents, text, timestep, rotary, _ = make_inputs(arch, 2, 3, 8, 8)
-    captured = []
-    hooks = [b.register_forward_hook(lambda m, i, o: captured.append(o)) for b in model.blocks]
-    out = model(latents, text, timestep, return_features=True, feature_every=1)
-    for hook in hooks:
-        hook.remove()
-    assert len(out.features) == arch.num_layers
-    for feature, block_out in zip(out.features, captured):
-        assert feature.shape == (2, arch.hidden_size, 3, 4, 4)
-        video = block_out[arch.max_text_seq_length:].transpose(0, 1)  # [b, tokens, hidden]
-        assert torch.equal(feature.permute(0, 2, 3, 4, 1).reshape(2, -1, arch.hidden_size), video)
-    assert torch.equal(out.sample, model(latents, text, timestep).sample)
-    with pytest.raises(ValueError, match="every=3 taps no block of a 2-layer"):
-        model(latents, text, timestep, return_features=True)
+    ran = []
+    for name in ("blocks.0", "blocks.1", "blocks.2", "norm_final", "norm_out", "proj_out"):
+        model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: ran.append((name, o)))
+    full = model(latents, text, timestep).sample
+    whole_run = dict(ran)
+    ran.clear()
+    out = model(latents, text, timestep, return_features=True, feature_every=2)
+    assert [name for name, _ in ran] == ["blocks.0", "blocks.1"] and out.sample is None
+    (feature,) = out.features
+    assert feature.shape == (2, arch.hidden_size, 3, 4, 4)
+    video = whole_run["blocks.1"][arch.max_text_seq_length:].transpose(0, 1)  # [b, tokens, hidden]
+    assert torch.equal(feature.permute(0, 2, 3, 4, 1).reshape(2, -1, arch.hidden_size), video)
+    assert torch.equal(full, model(latents, text, timestep).sample)
+    assert len(model(latents, text, timestep, return_features=True, feature_every=1).features) == 3
+    with pytest.raises(ValueError, match="every=4 taps no block of a 3-layer"):
+        model(latents, text, timestep, return_features=True, feature_every=4)
 
 
 @pytest.mark.parametrize("preset", ["cogvideox-2b", "cogvideox-5b"])

@@ -51,9 +51,10 @@ def test_run_writes_metrics_wandb_checkpoints_and_prints_where(finished_run):
     assert f"outputs in {out}" in stdout and "sample:" in stdout
     assert glob.glob(os.path.join(out, "wandb", "offline-run-*", "*.wandb"))
     checkpoints = sorted(os.listdir(os.path.join(out, "checkpoints")))
-    assert checkpoints == ["iter_0000002", "iter_0000003"]  # save_every=2 and the end; no temp dirs
+    assert checkpoints == ["iter_0000002", "iter_0000003", "latest"]  # save_every=2 and the end; no temp dirs
     last = os.path.join(out, "checkpoints", "iter_0000003")
     assert json.load(open(os.path.join(last, "trainer_state.json")))["iteration"] == 3
+    assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "iter_0000003"
     for name in ("generator", "fake_score"):
         assert os.path.isfile(os.path.join(last, name, "adm_megatron_checkpoint.json"))
     assert os.path.isfile(os.path.join(last, "discriminator.pt"))

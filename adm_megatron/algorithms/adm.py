@@ -9,6 +9,8 @@
   and one with the CFG teacher gives x_real(t - Δt) (no grad). L_G = -E[D(x_fake, t - Δt)] (hinge).
 - discriminator phase: L_D = E[max(0, 1 + D(x_fake))] + E[max(0, 1 - D(x_real))] on the detached
   pair of the generator phase of the same iteration (one pair per iteration, as in Algorithm 1).
+  The frozen backbone's features of x_fake are the ones the generator phase computed (see
+  ``generator_loss``), so this phase runs the backbone on x_real only.
 
 Two ablation switches exist only to show what each part contributes (the toy study's controls):
 ``train_discriminator=False`` keeps the heads at their random start, ``fake_score_grad=False``
@@ -34,6 +36,7 @@ class OdePair:
     x_fake: torch.Tensor  # with grad to the generator in the generator phase
     x_real: torch.Tensor
     t_prev: torch.Tensor
+    fake_features: list[torch.Tensor] | None = None  # the backbone's features of x_fake (detached)
 
 
 class ADM(Distillation):
@@ -61,20 +64,31 @@ class ADM(Distillation):
         x_real = self.schedule.ode_step(x_t.detach(), real_out, t, t_prev)
         return OdePair(x_fake=x_fake, x_real=x_real, t_prev=t_prev)
 
+    def backbone_features(self, x: torch.Tensor, t: torch.Tensor, batch: PhaseBatch) -> list[torch.Tensor]:
+        """The frozen teacher's tapped block outputs of (x, t): D's backbone, without its heads."""
+        return self.nets.teacher.features(x, self.schedule.model_timestep(t), batch.text, self.nets.head_every)
+
     def discriminate(self, x: torch.Tensor, t: torch.Tensor, batch: PhaseBatch) -> torch.Tensor:
         """D(x, t): heads on the frozen teacher's features -> logits [B, heads]."""
-        return self.nets.discriminator(self.nets.teacher, x, self.schedule.model_timestep(t), batch.text)
+        return self.nets.heads(self.backbone_features(x, t, batch))
 
     def generator_loss(self, batch: PhaseBatch, rng: BatchRandom):
         pair = self.ode_pair(self.generator_x0(batch, rng), batch, rng)
-        logits_fake = self.discriminate(pair.x_fake, pair.t_prev, batch)
+        fake_features = self.backbone_features(pair.x_fake, pair.t_prev, batch)
+        logits_fake = self.nets.heads(fake_features)
         loss = hinge_g_loss(logits_fake, head_reduction=self.head_reduction)
-        detached = OdePair(pair.x_fake.detach(), pair.x_real.detach(), pair.t_prev)
+        # The discriminator phase reuses these features instead of running the backbone on x_fake
+        # again. That is exact: they depend only on the backbone's weights (the teacher, frozen for
+        # the whole run), on (x_fake, t - Δt, text), which the discriminator phase receives as these
+        # very values (detached), and on nothing the generator's update changes; the heads, which do
+        # change, are applied afresh there. Cost: the features stay alive until that phase.
+        detached = OdePair(pair.x_fake.detach(), pair.x_real.detach(), pair.t_prev,
+                           fake_features=[f.detach() for f in fake_features])
         return loss, {"d_fake": logits_fake.detach().mean().item()}, detached
 
     def discriminator_loss(self, pair: OdePair, batch: PhaseBatch):
         logits_real = self.discriminate(pair.x_real, pair.t_prev, batch)
-        logits_fake = self.discriminate(pair.x_fake, pair.t_prev, batch)
+        logits_fake = self.nets.heads(pair.fake_features)
 
         def loss_fn(real, fake):
             return hinge_d_loss(real, fake, head_reduction=self.head_reduction)

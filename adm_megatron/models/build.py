@@ -74,17 +74,41 @@ def build_model(
 
 def read_diffusers_weights(path: str) -> dict[str, torch.Tensor]:
     """The state dict of a diffusers model directory (single or sharded safetensors), on CPU."""
+    state = {}
+    for file in _weight_files(path):
+        state.update(load_file(file))
+    return state
+
+
+def _weight_files(path: str) -> list[str]:
     single, index = os.path.join(path, _WEIGHTS), os.path.join(path, _INDEX)
     if os.path.isfile(single):
-        return load_file(single)
+        return [single]
     if os.path.isfile(index):
         with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        state = {}
-        for name in files:
-            state.update(load_file(os.path.join(path, name)))
-        return state
+            return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
     raise FileNotFoundError(f"{path}: neither {_WEIGHTS} nor {_INDEX} found (a diffusers model directory expected)")
+
+
+def check_diffusers_weights(path: str) -> None:
+    """Cheap checks of a diffusers directory's safetensors files, reading only their headers: each
+    file present, its header readable, and the file as long as the header says. One-line
+    ValueError naming the file (a truncated download or copy is the usual cause)."""
+    for file in _weight_files(path):
+        if not os.path.isfile(file):
+            raise ValueError(f"{file}: missing (listed in {_INDEX})")
+        size = os.path.getsize(file)
+        try:
+            with open(file, "rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                if size < 8 or 8 + length > size:
+                    raise ValueError("header cut short")
+                header = json.loads(f.read(length))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise ValueError(f"{file}: not a readable safetensors file ({size} bytes; truncated?)") from None
+        if size < 8 + length + end:
+            raise ValueError(f"{file}: truncated ({size} bytes, its header needs {8 + length + end})")
 
 
 def load_hf_weights(hf_dir: str, arch: CogVideoXArch) -> dict[str, torch.Tensor]:

@@ -42,14 +42,15 @@ from adm_megatron.models.adaln import AdaLNOut
 from adm_megatron.models.cogvideox_config import CogVideoXArch
 from adm_megatron.models.cogvideox_layer import TokenLayout
 from adm_megatron.models.norms import LayerNorm
-from adm_megatron.models.taps import tapped_block_indices
+from adm_megatron.models.taps import feature_depth, tapped_block_indices
 
 
 @dataclass
 class CogVideoXOutput(BaseOutput):
-    """``sample`` [B, F, C, H, W]; ``features``: tapped block outputs, each [B, hidden, F, h, w]."""
+    """``sample`` [B, F, C, H, W] (None for a features-only call); ``features``: tapped block
+    outputs, each [B, hidden, F, h, w]."""
 
-    sample: torch.Tensor
+    sample: torch.Tensor | None
     features: list[torch.Tensor] | None = None
 
 
@@ -199,8 +200,10 @@ class CogVideoXTransformer(MegatronModule):
         return_features: bool = False,
         feature_every: int = 3,
     ):
-        """As diffusers' forward; ``return_features`` adds every ``feature_every``-th block's
-        video-token output as [B, hidden, F, H/p, W/p]. ``ofs`` and ``attention_kwargs`` exist for
+        """As diffusers' forward. ``return_features`` makes it a discriminator backbone: it returns
+        every ``feature_every``-th block's video-token output as [B, hidden, F, H/p, W/p] and no
+        sample, running the blocks up to the last tapped one and nothing after (no later block, no
+        ``norm_final`` / ``norm_out`` / ``proj_out``). ``ofs`` and ``attention_kwargs`` exist for
         call compatibility only (no ofs embedding in CogVideoX 1.0; no LoRA scale here)."""
         if ofs is not None:
             raise ValueError("ofs: this CogVideoX 1.0 architecture has no ofs embedding")
@@ -222,20 +225,20 @@ class CogVideoXTransformer(MegatronModule):
             x = scatter_to_sequence_parallel_region(x)
 
         taps = set(tapped_block_indices(len(self.blocks), feature_every)) if return_features else set()
+        depth = feature_depth(len(self.blocks), feature_every) if return_features else len(self.blocks)
         features = []
-        for index, block in enumerate(self.blocks):
+        for index, block in enumerate(self.blocks[:depth]):
             x = self._run_block(block, x, temb, layout, cos, sin)
             if index in taps:
                 video = self._video_tokens(x, num_text)
                 features.append(
                     video.reshape(batch, frames, height // p, width // p, -1).permute(0, 4, 1, 2, 3)
                 )
+        if return_features:
+            return CogVideoXOutput(sample=None, features=features) if return_dict else (None, features)
 
         x = self.proj_out(self.norm_out(self.norm_final(x), temb))
         x = self._video_tokens(x, num_text)
         out = x.reshape(batch, frames, height // p, width // p, -1, p, p)
         out = out.permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)
-
-        if return_features:
-            return CogVideoXOutput(sample=out, features=features) if return_dict else (out, features)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)

@@ -33,3 +33,8 @@ def tapped_block_indices(num_layers: int, every: int = 3, offset: int | None = N
             f"got {offset}"
         )
     return list(range(offset, num_layers, every))
+
+
+def feature_depth(num_layers: int, every: int = 3) -> int:
+    """How many blocks a features-only call runs: up to and including the last tapped one."""
+    return tapped_block_indices(num_layers, every)[-1] + 1

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import math
 import os
 import re
 import socket
@@ -352,7 +351,8 @@ def initialize_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=1,
             context_parallel_size=cp,
-            distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
+            # megatron makes its groups with timedelta(minutes=...): a fraction keeps timeout_s exact
+            distributed_timeout_minutes=timeout_s / 60,
         )
     except Exception:
         if created_pg:

@@ -1,36 +1,191 @@
-"""Training checkpoints: ``output_dir/checkpoints/iter_NNNNNNN/`` written atomically.
+"""Training checkpoints: ``output_dir/checkpoints/iter_NNNNNNN/`` written atomically, and the
+``checkpoints/latest`` marker naming the newest complete one.
 
-Inside: ``generator/`` and ``fake_score/`` as megatron-core distributed checkpoints (loadable at any
-TP / CP layout, convertible with ``tools/convert_checkpoint.py megatron-to-hf``), the discriminator
-heads of methods that have them (``discriminator.pt``, replicated, written by rank 0) and ``trainer_state.json`` (iteration and
-the run config). The directory appears under its final name only once everything is written.
+Inside a checkpoint:
+- ``generator/`` and ``fake_score/``: megatron-core distributed checkpoints of the weights
+  (loadable at any TP / CP layout, convertible with ``tools/convert_checkpoint.py megatron-to-hf``);
+- ``discriminator.pt``: the discriminator heads of methods that have them (replicated, written by
+  rank 0);
+- ``train_state/``: a megatron-core distributed checkpoint of everything else a run needs to go on
+  exactly: the three AdamW states (moments sharded like their parameters, so they reshard too), the
+  three learning-rate schedulers (which hold each network's update count), the generator EMA, the
+  skipped-update counters, the discriminator monitor's recent accuracies and the iteration;
+- ``trainer_state.json``: the iteration, the layout it was saved at and the run config (read
+  without loading anything, by ``adm_megatron.train.resume``).
+
+Nothing else is needed: every random draw comes from generators seeded by (seed, iteration,
+phase), the prompt sampler is a pure function of the iteration, and the networks have no dropout,
+so no RNG state is consumed between iterations.
+
+The directory appears under its final name only once every rank has written its part; ``latest``
+is replaced (atomically) only after that, so a save killed at any moment leaves the previous
+checkpoint as the one a resume loads. ``train.keep_checkpoints`` then removes the oldest ones.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import uuid
+import warnings
 
 import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from adm_megatron.config import config_to_dict
-from adm_megatron.convert.checkpoint import save_megatron_checkpoint, write_atomically
+from adm_megatron.convert.checkpoint import (
+    load_megatron_checkpoint_into,
+    save_megatron_checkpoint,
+    write_atomically,
+)
+from adm_megatron.train.save_workers import bind_writer_processes
+
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+_ITER = re.compile(r"^iter_(\d{7})$")
+
+
+def checkpoints_root(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
 
 
 def checkpoint_dir(output_dir: str, iteration: int) -> str:
-    return os.path.join(output_dir, "checkpoints", f"iter_{iteration:07d}")
+    return os.path.join(checkpoints_root(output_dir), f"iter_{iteration:07d}")
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The checkpoint ``checkpoints/latest`` names, or None when there is no marker."""
+    marker = os.path.join(checkpoints_root(output_dir), LATEST)
+    if not os.path.isfile(marker):
+        return None
+    with open(marker) as f:
+        name = f.read().strip()
+    return os.path.join(checkpoints_root(output_dir), name)
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _train_state(trainer, iteration: int) -> dict:
+    """The sharded state dict of ``train_state/`` (for saving, and as the template to load into)."""
+    models = {
+        "generator": trainer.generator.sharded_state_dict(prefix="generator."),
+        "fake_score": trainer.fake_score.sharded_state_dict(prefix="fake_score."),
+    }
+    if trainer.heads is not None:
+        models["discriminator"] = make_sharded_tensors_for_checkpoint(
+            trainer.heads.state_dict(keep_vars=True), "discriminator."
+        )
+    state = {name: net.optimizer.sharded_state_dict(models[name]) for name, net in trainer.trainable.items()}
+    if trainer.ema is not None:
+        state["ema"] = trainer.ema.sharded_state_dict(models["generator"], "generator.")
+    state["phases"] = trainer.phases.state_dict()
+    state["monitor"] = trainer.monitor.state_dict()
+    state["iteration"] = iteration
+    return state
+
+
+def _layout(trainer) -> dict:
+    return {
+        "data_parallel": trainer.info.dp_size,
+        "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+        "context_parallel": parallel_state.get_context_parallel_world_size(),
+    }
 
 
 def save_training_checkpoint(trainer, iteration: int) -> str:
-    """Collective: the trainable state after ``iteration`` iterations."""
+    """Collective: the complete training state after ``iteration`` iterations; then the ``latest``
+    marker and the pruning of old checkpoints. Returns the checkpoint directory."""
+    config = trainer.config
     rank0 = trainer.info.rank == 0
+    bind_writer_processes()
+    state = _train_state(trainer, iteration)
 
     def write(tmp: str) -> None:
         save_megatron_checkpoint(trainer.generator, os.path.join(tmp, "generator"), trainer.arch)
         save_megatron_checkpoint(trainer.fake_score, os.path.join(tmp, "fake_score"), trainer.arch)
+        write_atomically(os.path.join(tmp, "train_state"), False, lambda d: dist_checkpointing.save(state, d))
         if rank0 and trainer.heads is not None:
             torch.save(trainer.heads.state_dict(), os.path.join(tmp, "discriminator.pt"))
-            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump({"iteration": iteration, "config": config_to_dict(trainer.config)}, f, indent=2)
+        if rank0:
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump({"iteration": iteration, "layout": _layout(trainer),
+                           "config": config_to_dict(config)}, f, indent=2)
 
-    return write_atomically(checkpoint_dir(trainer.config.output_dir, iteration), True, write)
+    path = write_atomically(checkpoint_dir(config.output_dir, iteration), True, write)  # ends in a barrier
+    if rank0:
+        _write_marker(config.output_dir, os.path.basename(path))
+        _prune(config.output_dir, config.train.keep_checkpoints, keep=os.path.basename(path))
+    _barrier()
+    return path
+
+
+def _write_marker(output_dir: str, name: str) -> None:
+    marker = os.path.join(checkpoints_root(output_dir), LATEST)
+    tmp = f"{marker}.tmp-{uuid.uuid4().hex[:12]}"
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, marker)
+
+
+def _prune(output_dir: str, keep_last: int, keep: str) -> None:
+    """Remove all but the newest ``keep_last`` checkpoints (never ``keep``); 0 keeps all. Each is
+    renamed out of the ``iter_*`` namespace first, so a removal cut short never looks complete."""
+    if keep_last <= 0:
+        return
+    root = checkpoints_root(output_dir)
+    names = sorted(n for n in os.listdir(root) if _ITER.match(n))
+    for name in names[:-keep_last]:
+        if name == keep:
+            continue
+        trash = os.path.join(root, f"{name}.removing-{uuid.uuid4().hex[:12]}")
+        os.rename(os.path.join(root, name), trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_leftovers(output_dir: str) -> list[str]:
+    """Rank 0, before a run goes on: temporary and half-removed directories that a killed save
+    or pruning left in ``checkpoints/`` (never a complete checkpoint). Returns what was removed."""
+    root = checkpoints_root(output_dir)
+    if not os.path.isdir(root):
+        return []
+    removed = []
+    for name in sorted(os.listdir(root)):
+        if ".tmp-" in name or ".removing-" in name or ".old-" in name:
+            path = os.path.join(root, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+            removed.append(name)
+    return removed
+
+
+def load_training_checkpoint(trainer, ckpt_dir: str) -> int:
+    """Collective: restore everything ``save_training_checkpoint`` wrote, at the current layout
+    (weights and optimizer moments reshard). Returns the iteration the run goes on from."""
+    load_megatron_checkpoint_into(trainer.generator, os.path.join(ckpt_dir, "generator"))
+    load_megatron_checkpoint_into(trainer.fake_score, os.path.join(ckpt_dir, "fake_score"))
+    if trainer.heads is not None:
+        heads = torch.load(os.path.join(ckpt_dir, "discriminator.pt"), map_location=trainer.device,
+                           weights_only=True)
+        trainer.heads.load_state_dict(heads)
+    template = _train_state(trainer, 0)
+    with warnings.catch_warnings():  # megatron-core 0.16 still calls DCP's deprecated load_state_dict
+        warnings.filterwarnings("ignore", message=".*load_state_dict. is deprecated", category=FutureWarning)
+        loaded = dist_checkpointing.load(template, os.path.join(ckpt_dir, "train_state"))
+    for name, net in trainer.trainable.items():
+        net.optimizer.load_sharded_state_dict(loaded[name])
+    if trainer.ema is not None:
+        trainer.ema.load_sharded_state_dict(loaded["ema"])
+    trainer.phases.load_state_dict(loaded["phases"])
+    trainer.monitor.load_state_dict(loaded["monitor"])
+    return int(loaded["iteration"])

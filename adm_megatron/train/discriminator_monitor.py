@@ -31,6 +31,14 @@ class DiscriminatorMonitor:
             return True
         return False
 
+    def state_dict(self) -> dict:
+        return {"recent": list(self.recent), "warned": self.warned}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.recent.clear()
+        self.recent.extend(float(a) for a in state["recent"])
+        self.warned = bool(state["warned"])
+
     def message(self, iteration: int) -> str:
         return (f"iteration {iteration}: the discriminator looks dead: its paired accuracy averaged "
                 f"{self.mean:.3f} over its last {self.window} updates (chance 0.5, threshold "

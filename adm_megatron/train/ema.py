@@ -1,8 +1,10 @@
-"""Exponential moving average of the generator's parameters (this rank's shards)."""
+"""Exponential moving average of the generator's parameters (this rank's shards); checkpointed
+sharded like the parameters themselves."""
 
 from __future__ import annotations
 
 import torch
+from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
 
 class ParameterEMA:
@@ -19,3 +21,16 @@ class ParameterEMA:
     def copy_to(self, module: torch.nn.Module) -> None:
         for name, param in module.named_parameters():
             param.copy_(self.shadow[name])
+
+    def sharded_state_dict(self, model_sharded: dict, prefix: str) -> dict:
+        """The shadow weights as ``ShardedTensor``s laid out like ``model_sharded`` (the module's
+        sharded state dict, its keys ``prefix`` + parameter name)."""
+        return {
+            name: make_sharded_optimizer_tensor(model_sharded[prefix + name], shadow, prefix="ema")
+            for name, shadow in self.shadow.items()
+        }
+
+    @torch.no_grad()
+    def load_sharded_state_dict(self, loaded: dict) -> None:
+        for name, shadow in self.shadow.items():
+            shadow.copy_(loaded[name])

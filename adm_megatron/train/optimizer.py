@@ -11,6 +11,10 @@ check. Parameters stay fp32 (BF16 is autocast), so the main grads are the optimi
 The learning rate follows megatron-core's ``OptimizerParamScheduler`` (linear warmup, then constant,
 linear, cosine or inverse-square-root decay to ``min_lr``), advanced once per taken step over the
 network's ``total_updates`` in the run.
+
+For checkpoints, ``sharded_state_dict`` gives Adam's moments as megatron-core ``ShardedTensor``s
+sharded like the parameters they belong to (so a checkpoint reloads at another TP / CP / DP
+layout), with the shared step count and the scheduler's state as common objects.
 """
 
 from __future__ import annotations
@@ -19,9 +23,14 @@ import math
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.optimizer import (
+    get_param_id_to_sharded_param_map,
+    optim_state_to_sharding_state,
+)
 from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from torch.optim.optimizer import _get_scalar_dtype
 
 from adm_megatron.config import OptimizerConfig
 from adm_megatron.parallel.device_scope import cpu_device_scope
@@ -81,3 +90,37 @@ class NetworkOptimizer:
         for p in self.params:
             p.grad = None
         return norm, True
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _init_state(self) -> None:
+        """Adam's state for every parameter as its first step would create it (step 0, zero
+        moments), so that a checkpoint has a tensor to save or load for each; stepping from it
+        is the same as stepping from no state."""
+        for p in self.params:
+            state = self.optimizer.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def sharded_state_dict(self, model_sharded: dict) -> dict:
+        """The optimizer and scheduler state, sharded like ``model_sharded`` (the network's
+        ``ShardedTensor``s, keyed uniquely for the network); for saving and for loading."""
+        self._init_state()
+        state = self.optimizer.state_dict()
+        steps = {float(s["step"]) for s in state["state"].values()}
+        if len(steps) != 1:
+            raise RuntimeError(f"optimizer step counts differ between parameters: {sorted(steps)}")
+        step = next(iter(state["state"].values()))["step"].clone()
+        optim_state_to_sharding_state(
+            state, get_param_id_to_sharded_param_map(model_sharded, self.params), exclude_keys=("step",)
+        )
+        return {"optimizer": state, "step": step, "scheduler": self.scheduler.state_dict()}
+
+    def load_sharded_state_dict(self, loaded: dict) -> None:
+        """Restore what ``sharded_state_dict`` saved (as ``dist_checkpointing.load`` returns it)."""
+        state = loaded["optimizer"]
+        for param_state in state["state"].values():
+            param_state["step"] = loaded["step"].clone()
+        self.optimizer.load_state_dict(state)
+        self.scheduler.load_state_dict(loaded["scheduler"])

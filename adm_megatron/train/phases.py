@@ -7,9 +7,15 @@ that phase's DDP-wrapped network. A phase may also train further networks with t
 (``co_trained``: DMD2's classifier heads learn in its fake-score phase); their gradients are
 finalised the same way and each steps its own optimiser. Every other trainable network is frozen
 for the phase, so only the phase's own parameters receive gradients and change. Metric keys that
-already name a section (``discriminator/...``) are kept; others are prefixed with the phase. A non-finite loss or gradient norm raises or
-skips the update, as ``train.nan_policy`` says. The ADM schedule itself (fake score every
+already name a section (``discriminator/...``) are kept; others are prefixed with the phase. The
+ADM schedule itself (fake score every
 iteration, generator and discriminator every ``ttur``-th) lives in the trainer loop.
+
+A non-finite loss on any rank, or a non-finite global gradient norm, is decided the same on every
+rank (the loss flag is all-reduced over the world, the norm is already global): the update raises
+or is skipped everywhere, as ``train.nan_policy`` says. Skipped updates are counted (in the
+checkpoint too); ``max_skipped_steps`` skipped updates of one network in a row stop the run with
+one line.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -31,7 +38,8 @@ PHASES = ("fake_score", "generator", "discriminator")
 
 
 class NonFiniteError(FloatingPointError):
-    """A phase produced a NaN / Inf loss or gradient under ``train.nan_policy=error``."""
+    """A phase produced a NaN / Inf loss or gradient under ``train.nan_policy=error``, or too many
+    updates in a row were skipped under ``skip``; the message is one line."""
 
 
 @dataclass
@@ -53,6 +61,17 @@ def frozen(modules: list[torch.nn.Module]):
             p.requires_grad_(flag)
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank of the world (collective when a world exists)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def prepare_for_schedule(ddp_module: torch.nn.Module) -> None:
     """Point the network's config at megatron's gradient finalisation and DDP's no_sync."""
     config = ddp_module.config
@@ -61,12 +80,16 @@ def prepare_for_schedule(ddp_module: torch.nn.Module) -> None:
 
 
 class PhaseRunner:
-    def __init__(self, networks: dict[str, TrainableNetwork], nan_policy: str = "error"):
+    def __init__(self, networks: dict[str, TrainableNetwork], nan_policy: str = "error",
+                 max_skipped_steps: int = 10):
         unknown = set(networks) - set(PHASES)
         if unknown:
             raise ValueError(f"unknown phase(s) {sorted(unknown)}: expected {PHASES}")
         self.networks = networks
         self.nan_policy = nan_policy
+        self.max_skipped_steps = max_skipped_steps
+        self.skipped_total = 0  # updates skipped in the run
+        self.skipped_in_a_row = {name: 0 for name in networks}  # each network's, since its last step
         self.forward_backward = get_forward_backward_func()
         for net in networks.values():
             prepare_for_schedule(net.module)
@@ -105,25 +128,49 @@ class PhaseRunner:
             )
             for name in co_trained:  # the schedule finalises the first model's gradients only
                 finalize_model_grads([self.networks[name].module])
+        where = f"iteration {iteration}, phase {phase}"
+        loss_finite = not any_rank(not math.isfinite(result["loss"]))
         metrics = {f"{phase}/loss": result["loss"]}
         for name in trained:
-            metrics.update(self._step(name, result["loss"], iteration, phase))
+            metrics.update(self._step(name, result["loss"], loss_finite, where))
         metrics[f"{phase}/seconds"] = time.perf_counter() - start
+        metrics["skipped_steps"] = self.skipped_total
         metrics.update({k if "/" in k else f"{phase}/{k}": v for k, v in result["metrics"].items()})
         return metrics, result["extra"]
 
-    def _step(self, name: str, loss: float, iteration: int, phase: str) -> dict:
-        """Clip and step network ``name``'s optimiser after ``phase``, as ``nan_policy`` says."""
+    def _step(self, name: str, loss: float, loss_finite: bool, where: str) -> dict:
+        """Clip and step network ``name``'s optimiser, or skip / raise as ``nan_policy`` says."""
         optimizer = self.networks[name].optimizer
         skip = self.nan_policy == "skip"
         lr = optimizer.lr  # the rate this update uses (the scheduler moves on after the step)
-        if math.isfinite(loss):
+        if not loss_finite:
+            if not skip:
+                raise NonFiniteError(f"{where}: loss is {loss} on this or another rank")
+            norm, stepped = float("nan"), False
+        else:
             try:
                 norm, stepped = optimizer.step(skip_if_not_finite=skip)
             except FloatingPointError as err:
-                raise NonFiniteError(f"iteration {iteration}, phase {phase}: {err}") from None
-        elif skip:
-            norm, stepped = float("nan"), False
-        else:
-            raise NonFiniteError(f"iteration {iteration}, phase {phase}: loss is {loss}")
+                raise NonFiniteError(f"{where}: {err}") from None
+        self._count(name, stepped, where)
         return {f"{name}/grad_norm": norm, f"{name}/lr": lr, f"{name}/skipped": not stepped}
+
+    def _count(self, phase: str, stepped: bool, where: str) -> None:
+        if stepped:
+            self.skipped_in_a_row[phase] = 0
+            return
+        self.skipped_total += 1
+        self.skipped_in_a_row[phase] += 1
+        if self.skipped_in_a_row[phase] >= self.max_skipped_steps:
+            raise NonFiniteError(
+                f"{where}: {self.skipped_in_a_row[phase]} updates in a row skipped for NaN / Inf "
+                f"(train.max_skipped_steps={self.max_skipped_steps}); stopped, the last checkpoint "
+                "is left as it was"
+            )
+
+    def state_dict(self) -> dict:
+        return {"skipped_total": self.skipped_total, "skipped_in_a_row": dict(self.skipped_in_a_row)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped_total = int(state["skipped_total"])
+        self.skipped_in_a_row.update({k: int(v) for k, v in state["skipped_in_a_row"].items()})

@@ -13,6 +13,10 @@ watched (``DiscriminatorMonitor``) and a dead discriminator is reported while th
 Outputs: ``metrics.jsonl``, wandb files, ``config.yaml``, checkpoints, and at the end the generator
 as a diffusers directory (``generator/``) and sample videos (``samples/``) rendered through the
 real ``CogVideoXPipeline`` when the teacher came with a pipeline.
+
+A run goes on from its latest checkpoint when started again (``train.resume``, see
+``adm_megatron.train.resume``), stops cleanly on SIGTERM / SIGUSR1 after saving
+(``adm_megatron.train.preemption``), and a finished run started again does nothing.
 """
 
 from __future__ import annotations
@@ -40,12 +44,14 @@ from adm_megatron.models.rotary import cogvideox_rotary_emb
 from adm_megatron.parallel import initialize_parallel, launch_env
 from adm_megatron.models.build import load_hf_weights
 from adm_megatron.models.weights import load_full_state_dict
-from adm_megatron.train.checkpoint import save_training_checkpoint
+from adm_megatron.train.checkpoint import load_training_checkpoint, remove_leftovers, save_training_checkpoint
 from adm_megatron.train.discriminator_monitor import DiscriminatorMonitor
 from adm_megatron.train.ema import ParameterEMA
 from adm_megatron.train.export import export_generator, render_run_samples
 from adm_megatron.train.optimizer import NetworkOptimizer
 from adm_megatron.train.phases import PhaseRunner, TrainableNetwork
+from adm_megatron.train.preemption import StopPoll
+from adm_megatron.train.resume import mark_finished, plan_resume, trim_metrics
 from adm_megatron.train.run_log import RunLogger
 from adm_megatron.train.single_stage import SingleStage
 from adm_megatron.train.teacher import TeacherSource, resolve_teacher
@@ -61,6 +67,8 @@ class RunResult:
     generator_dir: str | None
     samples: list[str]
     last_metrics: dict
+    trained: int = 0  # iterations this invocation ran (fewer than ``iterations`` after a resume)
+    preempted: bool = False  # stopped by a signal after saving; run again to go on
 
 
 def _seed(*parts) -> int:
@@ -87,11 +95,15 @@ def build_algorithm(config: Config, networks: Networks, schedule) -> Distillatio
 class Trainer:
     def __init__(self, config: Config):
         self.config = config
+        self.resume_point = plan_resume(config, launch_env().world_size)
+        if self.resume_point.finished:
+            return  # nothing to build: fit() reports the finished run and writes nothing
         self.teacher_source: TeacherSource = resolve_teacher(config.model.teacher, config.model.pipeline)
         validate_run(config, self.teacher_source, launch_env().world_size)
         self.schedule = self.teacher_source.schedule()
         self.info = initialize_parallel(
-            config.parallel.tensor_parallel, config.parallel.context_parallel, seed=config.seed
+            config.parallel.tensor_parallel, config.parallel.context_parallel, seed=config.seed,
+            timeout_s=config.parallel.timeout_s,
         )
         self.device = self.info.device
         # parameters stay fp32 under BF16 autocast; fp64 makes layout comparisons exact
@@ -105,6 +117,11 @@ class Trainer:
         )
         self.monitor = DiscriminatorMonitor(config.logging.dead_discriminator_window,
                                             config.logging.dead_discriminator_accuracy)
+        self.start_iteration = 0
+        if self.resume_point.checkpoint is not None:
+            self.start_iteration = load_training_checkpoint(self, self.resume_point.checkpoint)
+            logger.info("resumed from %s: iterations %d..%d to go", self.resume_point.checkpoint,
+                        self.start_iteration, config.train.max_iterations - 1)
 
     # -- setup ---------------------------------------------------------------------------------
     def _wrap(self, module: torch.nn.Module, config) -> DistributedDataParallel:
@@ -146,7 +163,9 @@ class Trainer:
             name: TrainableNetwork(module, NetworkOptimizer(module, optim[name], network_updates(c, name)))
             for name, module in wrapped.items()
         }
-        self.phases = PhaseRunner(self.trainable, nan_policy=c.train.nan_policy)
+        self.phases = PhaseRunner(
+            self.trainable, nan_policy=c.train.nan_policy, max_skipped_steps=c.train.max_skipped_steps
+        )
         d = c.data
         rotary = cogvideox_rotary_emb(self.arch, d.frames, d.height, d.width, device=self.device)
         self.networks = Networks(
@@ -235,26 +254,45 @@ class Trainer:
 
     def fit(self) -> RunResult:
         c = self.config
+        total = c.train.max_iterations
+        if self.resume_point.finished:
+            logger.info("%s: the run finished all %d iterations already; nothing to do", c.output_dir, total)
+            return RunResult(c.output_dir, total, None, [], {}, trained=0)
         rank0 = self.info.rank == 0
+        start = self.start_iteration
         if rank0:
             os.makedirs(c.output_dir, exist_ok=True)
-            with open(os.path.join(c.output_dir, "config.yaml"), "w") as f:
-                yaml.safe_dump(config_to_dict(c), f, sort_keys=False)
+            config_path = os.path.join(c.output_dir, "config.yaml")
+            if not os.path.exists(config_path):  # a resumed run keeps the config it started with
+                with open(config_path, "w") as f:
+                    yaml.safe_dump(config_to_dict(c), f, sort_keys=False)
+            for name in remove_leftovers(c.output_dir):
+                logger.info("removed %s left by an interrupted save", name)
+            trim_metrics(c.output_dir, start)
         run_log = RunLogger(
-            c.output_dir, config_to_dict(c), c.train.max_iterations, 0, rank0, c.train.log_every,
+            c.output_dir, config_to_dict(c), total, start, rank0, c.train.log_every,
             c.logging.wandb_mode, c.logging.wandb_project, c.logging.progress,
         )
+        stops = StopPoll(c.train.save_interval_minutes)
         metrics: dict = {}
+        done = start
         try:
-            for iteration in range(c.train.max_iterations):
+            for iteration in range(start, total):
                 metrics = self.train_iteration(iteration)
-                run_log.log(metrics, last=iteration == c.train.max_iterations - 1)
+                run_log.log(metrics, last=iteration == total - 1)
                 done = iteration + 1
-                if c.train.save_every and done % c.train.save_every == 0 and done < c.train.max_iterations:
+                stop, due = stops.poll()
+                periodic = c.train.save_every and done % c.train.save_every == 0
+                if done < total and (periodic or due or stop):
                     save_training_checkpoint(self, done)
+                    stops.saved()
+                if stop and done < total:
+                    return RunResult(c.output_dir, done, None, [], metrics, trained=done - start, preempted=True)
         finally:
             run_log.close()
-        save_training_checkpoint(self, c.train.max_iterations)
+            stops.close()
+        if start < total:  # (a run resumed at its end loaded this very checkpoint)
+            save_training_checkpoint(self, total)
         generator_dir, samples = None, []
         if c.train.export:
             if self.ema is not None:
@@ -262,4 +300,6 @@ class Trainer:
             generator_dir = export_generator(self.generator, self.arch, os.path.join(c.output_dir, "generator"))
             if self.teacher_source.pipeline_dir and c.train.num_samples > 0:
                 samples = render_run_samples(self, generator_dir)
-        return RunResult(c.output_dir, c.train.max_iterations, generator_dir, samples, metrics)
+        if rank0:
+            mark_finished(c.output_dir, total)
+        return RunResult(c.output_dir, total, generator_dir, samples, metrics, trained=done - start)

@@ -2,7 +2,8 @@
 
 Each failure is a one-line ``ConfigError`` naming the key and the numbers: parallel layouts the
 world or the architecture cannot take (heads or tokens not divisible by TP / CP), latent sizes the
-patching cannot take, embeddings that do not fit the teacher, features this machine lacks.
+patching cannot take, embeddings that do not fit the teacher, features this machine lacks, a
+truncated teacher weights file, samples asked of a pipeline without a VAE.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import torch
 
 from adm_megatron.config import Config, ConfigError
+from adm_megatron.models.build import check_diffusers_weights
 from adm_megatron.models.specs import transformer_engine_available
 from adm_megatron.train.teacher import TeacherSource
 
@@ -50,6 +52,18 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
         raise ConfigError(
             f"distill.head_every={config.distill.head_every}: the teacher has only {arch.num_layers} blocks"
         )
+    if teacher.kind == "diffusers":
+        try:
+            check_diffusers_weights(teacher.path)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model.teacher={config.model.teacher!r}: {err}") from None
+    if config.train.num_samples > 0 and teacher.pipeline_dir:
+        vae = os.path.join(teacher.pipeline_dir, "vae", "config.json")
+        if not os.path.isfile(vae):
+            raise ConfigError(
+                f"train.num_samples={config.train.num_samples}: the pipeline {teacher.pipeline_dir} has no "
+                f"VAE ({vae} not found) to render samples; set train.num_samples=0 or model.pipeline"
+            )
     if config.model.generator_init:
         _check_generator_init(config.model.generator_init, arch)
     if config.model.impl == "te" and not transformer_engine_available():
@@ -100,6 +114,10 @@ def _check_generator_init(path: str, arch) -> None:
         found = CogVideoXArch.from_pretrained_dir(path)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{key}: not a diffusers CogVideoX transformer directory ({err})") from None
+    try:
+        check_diffusers_weights(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{key}: {err}") from None
     if found != arch:
         differ = sorted(k for k, v in vars(found).items() if getattr(arch, k) != v)
         raise ConfigError(f"{key}: architecture differs from the teacher's ({', '.join(differ)})")

@@ -1,0 +1,117 @@
+"""The ADM iteration as the trainer runs it, timed phase by phase with its network evaluations.
+
+A :class:`~adm_megatron.train.trainer.Trainer` is built from a teacher transformer directory and a
+pipeline directory that holds only the scheduler (written here with CogVideoX-2b's settings unless
+the model came as a whole pipeline), on synthetic prompts at the benchmark's latent size. Its
+``PhaseRunner.run`` is wrapped so each phase is synchronised, timed and labelled for the
+:class:`~adm_megatron.bench.counting.EvalCounter`; ``train_iteration`` is then called as in
+training. Everything else (the config, overrides, the method) is the trainer's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from adm_megatron.bench.counting import EvalCounter, instrument
+from adm_megatron.bench.timing import peak_memory_bytes, reset_peak_memory, synchronize
+from adm_megatron.config import load_config
+from adm_megatron.data.tiny_pipeline import COGVIDEOX_2B_SCHEDULER
+
+
+def write_scheduler_pipeline(out_dir: str) -> str:
+    """A pipeline directory with only ``model_index.json`` and the scheduler (what the trainer
+    reads of a pipeline when it renders no samples)."""
+    from diffusers import CogVideoXDDIMScheduler
+
+    CogVideoXDDIMScheduler(**COGVIDEOX_2B_SCHEDULER).save_pretrained(os.path.join(out_dir, "scheduler"))
+    with open(os.path.join(out_dir, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "CogVideoXPipeline",
+                   "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
+                   "transformer": ["diffusers", "CogVideoXTransformer3DModel"]}, f)
+    return out_dir
+
+
+def trainer_overrides(teacher: str, pipeline: str, output_dir: str, shape, dtype: str) -> list[str]:
+    """The run the benchmark times: synthetic prompts, the latent shape, no logging or export."""
+    return [
+        f"model.teacher={teacher}", f"model.pipeline={pipeline}", f"output_dir={output_dir}",
+        f"model.dtype={dtype}", "data.source=synthetic", f"data.num_prompts={max(4, shape.batch)}",
+        f"data.batch_size={shape.batch}", f"data.frames={shape.frames}", f"data.height={shape.height}",
+        f"data.width={shape.width}", "train.export=false", "train.num_samples=0",
+        "logging.wandb_mode=disabled", "logging.progress=false",
+    ]
+
+
+class TimedPhases:
+    """Wraps a trainer's ``phases.run``: synchronised seconds and peak memory per phase, and the
+    phase name as the counter's label while it runs."""
+
+    def __init__(self, trainer, counter: EvalCounter, device: torch.device):
+        self.run = trainer.phases.run
+        self.counter = counter
+        self.device = device
+        self.last: dict[str, dict] = {}
+        trainer.phases.run = self
+
+    def __call__(self, phase: str, *args, **kwargs):
+        synchronize(self.device)
+        reset_peak_memory(self.device)
+        self.counter.phase = phase
+        start = time.perf_counter()
+        try:
+            result = self.run(phase, *args, **kwargs)
+            synchronize(self.device)
+        finally:
+            self.counter.phase = "outside phases"
+        self.last[phase] = {"seconds": time.perf_counter() - start,
+                            "peak_memory_bytes": peak_memory_bytes(self.device)}
+        return result
+
+
+def measure_iterations(config_file: str | None, overrides: list[str], repeats: int, warmup: int) -> dict:
+    """Build the trainer and time ``warmup`` + ``repeats`` iterations. Returns per phase (and
+    ``iteration``): per-repeat seconds and FLOPs, the median seconds, the peak memory, and the
+    network evaluations of the measured iterations (per iteration, averaged)."""
+    from adm_megatron.train.trainer import Trainer
+
+    trainer = Trainer(load_config(config_file, overrides))
+    counter = EvalCounter()
+    instrument(trainer.networks, counter, trainer.arch)
+    device = trainer.device
+    timer = TimedPhases(trainer, counter, device)
+    for iteration in range(warmup):
+        trainer.train_iteration(iteration)
+    rows: dict[str, dict] = {}
+    evals: dict = {}
+    for iteration in range(warmup, warmup + repeats):
+        counter.reset()
+        timer.last.clear()
+        synchronize(device)
+        reset_peak_memory(device)
+        start = time.perf_counter()
+        trainer.train_iteration(iteration)
+        synchronize(device)
+        whole = {"seconds": time.perf_counter() - start, "peak_memory_bytes": peak_memory_bytes(device),
+                 "flops": sum(t.flops for t in counter.tallies.values())}
+        for phase, timing in [*timer.last.items(), ("iteration", whole)]:
+            row = rows.setdefault(phase, {"seconds": [], "flops": [], "peak_memory_bytes": None})
+            row["seconds"].append(timing["seconds"])
+            row["flops"].append(whole["flops"] if phase == "iteration" else counter.phase_flops(phase))
+            if timing["peak_memory_bytes"] is not None:
+                row["peak_memory_bytes"] = max(row["peak_memory_bytes"] or 0, timing["peak_memory_bytes"])
+        for phase, roles in counter.per_phase().items():
+            for role, tally in roles.items():
+                slot = evals.setdefault(phase, {}).setdefault(role, {"calls": 0, "samples": 0})
+                slot["calls"] += tally["calls"] / repeats
+                slot["samples"] += tally["samples"] / repeats
+    for row in rows.values():
+        row["median_s"] = statistics.median(row["seconds"])
+        row["tflops_per_s"] = statistics.median(f / s for f, s in zip(row["flops"], row["seconds"])) / 1e12
+    return {"phases": rows, "evaluations_per_iteration": evals, "method": trainer.config.distill.method,
+            "generator_steps": trainer.config.distill.generator_steps,
+            "head_every": trainer.config.distill.head_every, "model_dtype": trainer.config.model.dtype}

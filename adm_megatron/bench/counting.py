@@ -1,0 +1,90 @@
+"""Counting the network evaluations (and their analytic FLOPs) of a distillation run.
+
+``instrument(networks, counter, arch, ...)`` replaces the three diffusion transformers of a
+:class:`~adm_megatron.algorithms.networks.Networks` (generator, fake score, teacher) with
+:class:`CountingDiT` wrappers, so every call the algorithm makes is tallied under the counter's
+current phase: a plain call as the network's role (the CFG teacher's batched cond / uncond call is
+one call of 2x the batch), a ``features`` call (a discriminator backbone) as ``<role>.features``.
+Each call's FLOPs follow :mod:`adm_megatron.bench.flops`, with the backward it will take read from
+the call itself: grad mode, whether the network's weights are trainable, whether the input
+carries a gradient.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from adm_megatron.algorithms.networks import DiTFunction, Networks
+from adm_megatron.bench.flops import dit_call_flops
+from adm_megatron.models.cogvideox_config import CogVideoXArch
+from adm_megatron.models.taps import feature_depth
+
+
+@dataclass
+class Tally:
+    calls: int = 0
+    samples: int = 0
+    flops: float = 0.0
+
+
+class EvalCounter:
+    """Tallies per (phase, role); ``phase`` is set by whoever runs the phases."""
+
+    def __init__(self):
+        self.phase = "outside phases"
+        self.tallies: dict[tuple[str, str], Tally] = defaultdict(Tally)
+
+    def add(self, role: str, samples: int, flops: float) -> None:
+        tally = self.tallies[(self.phase, role)]
+        tally.calls += 1
+        tally.samples += samples
+        tally.flops += flops
+
+    def reset(self) -> None:
+        self.tallies.clear()
+
+    def phase_flops(self, phase: str) -> float:
+        return sum(t.flops for (p, _), t in self.tallies.items() if p == phase)
+
+    def per_phase(self) -> dict[str, dict[str, dict]]:
+        """{phase: {role: {calls, samples, flops}}}."""
+        out: dict[str, dict[str, dict]] = defaultdict(dict)
+        for (phase, role), t in sorted(self.tallies.items()):
+            out[phase][role] = {"calls": t.calls, "samples": t.samples, "flops": t.flops}
+        return dict(out)
+
+
+class CountingDiT:
+    """A :class:`DiTFunction` that tallies each call before making it (same interface)."""
+
+    def __init__(self, fn: DiTFunction, role: str, counter: EvalCounter, arch: CogVideoXArch):
+        self.fn = fn
+        self.role = role
+        self.counter = counter
+        self.arch = arch
+        self.module = fn.module
+
+    def _count(self, role: str, x: torch.Tensor, text: torch.Tensor, blocks: int | None, output_layer: bool):
+        grad = torch.is_grad_enabled()
+        trainable = grad and any(p.requires_grad for p in self.module.parameters())
+        batch, frames, _, height, width = x.shape
+        call = dit_call_flops(self.arch, batch, frames, height, width, text.shape[1], blocks, output_layer)
+        self.counter.add(role, batch, call.total(grad_to_input=grad and x.requires_grad, trainable=trainable))
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        self._count(self.role, x_t, text, None, True)
+        return self.fn(x_t, t, text)
+
+    def features(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor, every: int):
+        self._count(f"{self.role}.features", x_t, text, feature_depth(self.arch.num_layers, every), False)
+        return self.fn.features(x_t, t, text, every)
+
+
+def instrument(networks: Networks, counter: EvalCounter, arch: CogVideoXArch) -> None:
+    """Wrap ``networks``' generator, fake score and teacher in place (the algorithm holding the
+    same ``Networks`` object then calls the wrappers)."""
+    for role in ("generator", "fake_score", "teacher"):
+        setattr(networks, role, CountingDiT(getattr(networks, role), role, counter, arch))

@@ -1,0 +1,137 @@
+"""``adm-megatron bench``: one run measuring (a) our DiT's forward and forward + backward, (b) the
+same through diffusers with the same weights, dtype and inputs, alternating with (a), and (c) the
+distillation iteration through the real trainer, phase by phase; medians of ``repeats`` timings
+after ``warmup`` rounds. Model FLOPs are analytic (:mod:`adm_megatron.bench.flops`); MFU divides
+by the card's peak (:mod:`adm_megatron.bench.report`). Returns the result as a dict (the JSON)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+
+from adm_megatron.bench.adm_iteration import measure_iterations, trainer_overrides, write_scheduler_pipeline
+from adm_megatron.bench.dit import LatentShape, build_pair
+from adm_megatron.bench.flops import dit_call_flops
+from adm_megatron.bench.report import environment, format_table, peak_tflops
+from adm_megatron.bench.timing import alternating
+from adm_megatron.models import CogVideoXArch
+from adm_megatron.models.presets import PRESETS
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+@dataclass
+class BenchOptions:
+    model: str  # a preset name or a diffusers CogVideoX transformer / pipeline directory
+    layers: int | None = None  # presets only: fewer blocks, to fit one card
+    batch: int = 1
+    frames: int | None = None  # latent frames / height / width; default: the model's own size
+    height: int | None = None
+    width: int | None = None
+    dtype: str = "auto"  # fp32 | bf16 | fp64 | auto (bf16 on a GPU, fp32 on CPU)
+    impl: str = "auto"
+    repeats: int = 7
+    warmup: int = 2
+    peak_tflops: float | None = None
+    seed: int = 0
+    config: str | None = None  # a run config for the trainer (its model/data keys are replaced)
+    overrides: list[str] = field(default_factory=list)
+
+
+def resolve_model(opts: BenchOptions, workdir: str) -> tuple[str, str]:
+    """(transformer directory, pipeline directory) for ``opts.model``; a preset is written with
+    random weights (``opts.seed``) into ``workdir``."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    if opts.model in PRESETS:
+        config = {k: v for k, v in PRESETS[opts.model].items() if k != "_class_name"}
+        if opts.layers is not None:
+            config["num_layers"] = opts.layers
+        torch.manual_seed(opts.seed)
+        transformer = os.path.join(workdir, "transformer")
+        CogVideoXTransformer3DModel(**config).save_pretrained(transformer)
+        return transformer, write_scheduler_pipeline(os.path.join(workdir, "pipeline"))
+    if opts.layers is not None:
+        raise ValueError(f"--layers={opts.layers}: applies to presets ({', '.join(PRESETS)}) only")
+    if os.path.isfile(os.path.join(opts.model, "model_index.json")):
+        return os.path.join(opts.model, "transformer"), opts.model
+    if os.path.isfile(os.path.join(opts.model, "config.json")):
+        return opts.model, write_scheduler_pipeline(os.path.join(workdir, "pipeline"))
+    raise ValueError(f"--model={opts.model!r}: expected a preset ({', '.join(PRESETS)}) or a diffusers "
+                     "CogVideoX transformer or pipeline directory")
+
+
+def _rate_row(name: str, median_s: float, flops: float, peak: float | None, **extra) -> dict:
+    tflops = flops / median_s / 1e12
+    return {"name": name, "median_s": median_s, "flops": flops, "tflops_per_s": tflops,
+            "mfu": None if peak is None else tflops / peak, **extra}
+
+
+def _dit_section(transformer: str, arch: CogVideoXArch, shape: LatentShape, opts: BenchOptions, device,
+                 peak: float | None) -> tuple[dict, list[dict]]:
+    from diffusers import CogVideoXTransformer3DModel
+
+    pair = build_pair(CogVideoXTransformer3DModel.from_pretrained(transformer), arch, shape, DTYPES[opts.dtype],
+                      device, impl=opts.impl, seed=opts.seed)
+    difference = pair.max_relative_difference()
+    timings = alternating({f"{who}/{what}": getattr(pair, what)(who) for what in ("forward", "forward_backward")
+                           for who in ("ours", "reference")}, device, opts.repeats, opts.warmup)
+    call = dit_call_flops(arch, shape.batch, shape.frames, shape.height, shape.width, arch.max_text_seq_length)
+    flops = {"forward": call.total(False, False), "forward_backward": call.total(False, True)}
+    rows, section = [], {"max_relative_difference": difference, "ours_impl": opts.impl}
+    for key, timing in timings.items():
+        who, what = key.split("/")
+        label = "megatron (ours)" if who == "ours" else "diffusers"
+        rows.append(_rate_row(f"DiT {what} {label}", timing["median_s"], flops[what], peak,
+                              peak_memory_bytes=timing["peak_memory_bytes"], seconds=timing["seconds"]))
+        section.setdefault("ours" if who == "ours" else "diffusers", {})[what] = rows[-1]
+    section["ratio_ours_over_diffusers"] = {
+        what: section["ours"][what]["median_s"] / section["diffusers"][what]["median_s"] for what in flops}
+    del pair
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return section, rows
+
+
+def _evaluations_text(evals: dict) -> str:
+    return ", ".join(f"{role} {v['calls']:g}x{v['samples'] / max(v['calls'], 1):g}" for role, v in evals.items())
+
+
+def run_bench(opts: BenchOptions) -> dict:
+    from adm_megatron.parallel import initialize_parallel
+
+    if opts.dtype not in (*DTYPES, "auto"):
+        raise ValueError(f"--dtype={opts.dtype!r}: expected auto or one of {', '.join(DTYPES)}")
+    device = initialize_parallel(1, 1, seed=opts.seed).device
+    if opts.dtype == "auto":
+        opts.dtype = "bf16" if device.type == "cuda" else "fp32"
+    env = environment(device)
+    peak = peak_tflops(env["device"], opts.dtype, opts.peak_tflops)
+    with tempfile.TemporaryDirectory(prefix="adm-bench-") as workdir:
+        transformer, pipeline = resolve_model(opts, workdir)
+        arch = CogVideoXArch.from_pretrained_dir(transformer)
+        real = LatentShape.real(arch, opts.batch)
+        shape = LatentShape(opts.batch, opts.frames or real.frames, opts.height or real.height,
+                            opts.width or real.width)
+        dit, rows = _dit_section(transformer, arch, shape, opts, device, peak)
+        overrides = trainer_overrides(transformer, pipeline, os.path.join(workdir, "run"), shape, opts.dtype)
+        adm = measure_iterations(opts.config, [*overrides, *opts.overrides], opts.repeats, opts.warmup)
+    for phase, row in adm["phases"].items():
+        row["mfu"] = None if peak is None else row["tflops_per_s"] / peak
+        rows.append({"name": f"{adm['method']} {phase}", **row,
+                     "evaluations": _evaluations_text(adm["evaluations_per_iteration"].get(phase, {}))})
+    p = arch.patch_size
+    return {
+        "environment": env,
+        "model": {"source": opts.model, "num_layers": arch.num_layers, "hidden_size": arch.hidden_size,
+                  "heads": arch.num_attention_heads,
+                  "video_tokens": shape.frames * (shape.height // p) * (shape.width // p),
+                  "text_tokens": arch.max_text_seq_length},
+        "shape": vars(shape), "dtype": opts.dtype, "repeats": opts.repeats, "warmup": opts.warmup,
+        "peak_tflops": peak, "dit": dit, "adm": adm, "table": format_table(rows),
+    }

@@ -1,0 +1,78 @@
+"""``adm-megatron plan`` / ``tools/plan_memory.py``: the memory plan of a run config on a card.
+
+Prints the table, optionally writes the JSON, and exits 0 when the run fits, 1 when it does not
+(with a one-line reason) and 2 for a bad config or layout (one line, before any model is built).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from adm_megatron.config import ConfigError, load_config
+from adm_megatron.memory.plan import OFFLOAD, TRAINABLE, PlanError, gib
+from adm_megatron.memory.report import format_table, plan_to_dict
+from adm_megatron.models.presets import PRESETS
+
+
+def _networks(value: str) -> frozenset:
+    if value in ("", "none"):
+        return frozenset()
+    names = TRAINABLE if value == "all" else tuple(v.strip() for v in value.split(","))
+    unknown = sorted(set(names) - set(TRAINABLE))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown)}: expected all, none or names among "
+                                         f"{', '.join(TRAINABLE)}")
+    return frozenset(names)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML run config (see examples/cogvideox/)")
+    parser.add_argument("--arch", choices=sorted(PRESETS), default="",
+                        help="plan a real-size architecture (built on the meta device) instead of reading "
+                        "model.teacher")
+    parser.add_argument("--gpus", type=int, required=True, help="world size (DP = gpus / (TP x CP))")
+    parser.add_argument("--card", type=float, required=True, help="GPU memory in GiB (e.g. 80 or 40)")
+    parser.add_argument("--margin", type=float, default=0.1,
+                        help="fraction of the card kept free for what the formulas leave out (default 0.1)")
+    parser.add_argument("--shard-optimizer", type=_networks, default=frozenset(), metavar="NETS",
+                        help="optimizer state sharded over DP: all, none or e.g. generator,fake_score "
+                        "(not implemented in train yet)")
+    parser.add_argument("--offload", choices=OFFLOAD, default="none",
+                        help="idle networks' optimizer state (and params) in pinned CPU memory "
+                        "(not implemented in train yet)")
+    parser.add_argument("--params", choices=("fp32", "bf16"), default="fp32",
+                        help="fp32 (as train holds them today) or bf16 weights with fp32 master copies "
+                        "(not implemented in train yet)")
+    parser.add_argument("--assume-pinned-memory", action="store_true",
+                        help="plan offload from a machine without CUDA (the target can pin memory)")
+    parser.add_argument("--json", default="", help="also write the plan as JSON to this file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted config overrides, e.g. parallel.tensor_parallel=2 model.recompute=true")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from adm_megatron.memory.run_plan import plan_run
+
+    try:
+        config = load_config(args.config, args.overrides)
+        plan = plan_run(
+            config, args.gpus, preset=args.arch, card_gib=args.card, margin=args.margin,
+            shard_optimizer=args.shard_optimizer, offload=args.offload, params=args.params,
+            pinned_memory=torch.cuda.is_available() or args.assume_pinned_memory,
+        )
+    except (ConfigError, PlanError) as err:
+        print(f"adm-megatron plan: {err}", file=sys.stderr)
+        return 2
+    print(format_table(plan, title=f"{args.arch or config.model.teacher} on {args.gpus} GPUs of {args.card:g} GiB"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(plan_to_dict(plan), f, indent=2)
+    if not plan.fits:
+        print(f"adm-megatron plan: does not fit: peak {gib(plan.peak):.2f} GiB ({plan.peak_phase} phase) > "
+              f"{gib(plan.budget):.2f} GiB usable of {args.card:g} GiB", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,92 @@
+"""Measured peak tensor memory of each ADM phase, on any device, from torch.profiler's memory profile.
+
+How: ``torch.profiler.profile(profile_memory=True)`` records every allocation and free of the c10
+allocator (the CPU allocator here, the CUDA caching allocator's tensor blocks on a GPU) as an
+``Allocation`` event with its signed size. The profiler runs from before the ``Trainer`` is built,
+so the running sum of those sizes is the live tensor memory of the run (tensors that existed before
+the trainer are left out: none of them belongs to it). The profiler sees the allocator only on the
+threads it profiles; a block freed on a gloo worker thread is counted free when the allocator hands
+its address out again (see ``_allocations_and_marks``). Each phase of each iteration is marked with a
+``record_function`` range (the trainer's ``PhaseRunner.run`` wrapped on this one instance); a
+phase's measured peak is the largest running sum inside its range, and its resident memory the sum
+at its start. Only the last iteration counts: by then every optimizer state exists (AdamW allocates
+its moments at a network's first step), so the figures are the steady state the planner predicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+_MARK = "adm_phase:"
+
+
+@dataclass(frozen=True)
+class PhaseMeasurement:
+    resident_bytes: int  # live tensor bytes when the phase starts
+    peak_bytes: int  # the largest live tensor bytes during the phase (forward, backward, step)
+
+
+def _allocations_and_marks(prof) -> tuple[list[tuple[int, int]], dict[str, tuple[int, int]]]:
+    """(time, signed size) of every allocation and free, and each phase mark's (start, end) time.
+
+    The profiler sees allocator events only on the threads it profiles, so a block freed on another
+    thread (gloo's workers drop the last reference to a collective's tensors) has no free event.
+    The allocator cannot hand out an address that is still in use, so a new allocation at the
+    address of a block still counted live proves that block was freed: it is then counted free."""
+    events, marks = [], {}
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.name == "[memory]":
+            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.ptr))
+        elif node.name.startswith(_MARK):
+            marks[node.name[len(_MARK):]] = (node.start_time_ns, node.end_time_ns)
+    events.sort()
+    live: dict[int, int] = {}
+    allocations = []
+    for time_ns, size, ptr in events:
+        if size > 0:
+            unseen_free = live.pop(ptr, 0)
+            if unseen_free:
+                allocations.append((time_ns, -unseen_free))
+            live[ptr] = size
+        else:
+            live.pop(ptr, None)
+        allocations.append((time_ns, size))
+    return allocations, marks
+
+
+def measure_phases(build_trainer: Callable[[], object], iterations: int = 2) -> dict[str, PhaseMeasurement]:
+    """Build a trainer and run ``iterations`` ADM iterations under the memory profiler; returns each
+    phase's resident and peak tensor bytes in the last iteration, keyed by phase name."""
+    if iterations < 2:
+        raise ValueError(f"iterations={iterations}: need >= 2 (the first one allocates the optimizer states)")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainer = build_trainer()
+        run = trainer.phases.run
+
+        def marked_run(phase, loss_fn, iteration):
+            with record_function(f"{_MARK}{phase}:{iteration}"):
+                return run(phase, loss_fn, iteration)
+
+        trainer.phases.run = marked_run
+        for iteration in range(iterations):
+            trainer.train_iteration(iteration)
+    allocations, marks = _allocations_and_marks(prof)
+    last = iterations - 1
+    windows = {name.rsplit(":", 1)[0]: span for name, span in marks.items() if name.endswith(f":{last}")}
+    result = {}
+    for phase, (start, end) in windows.items():
+        live = sum(size for t, size in allocations if t < start)
+        resident, peak = live, live
+        for t, size in allocations:
+            if start <= t <= end:
+                live += size
+                peak = max(peak, live)
+        result[phase] = PhaseMeasurement(resident, peak)
+    return result

@@ -1,0 +1,399 @@
+"""The memory planner: per-GPU memory of an ADM run, per network and per phase, from formulas.
+
+All figures are bytes held by ONE rank. Notation: ``TP``, ``CP``, ``DP`` the parallel sizes;
+``B`` the micro-batch per data-parallel rank; ``h`` the hidden size, ``a`` the attention heads,
+``L`` the blocks, ``Lt`` / ``D`` the text tokens / width, ``Lv = frames x (height/p) x (width/p)``
+the video tokens; ``s = Lt + Lv / CP`` the tokens of a CP rank and ``s_seq = s / TP`` with sequence
+parallelism (else ``s``): the rows one rank holds between the parallel linears. ``P`` a network's
+parameters on one rank (``counts.py``: tensor-parallel weights split by TP, the rest whole).
+``e`` the bytes of an activation element: 4 in fp32; under BF16 autocast 2, except norm outputs
+(``e_n``, fp32 under autocast) and the residual stream (``e_r``: fp32 when an fp32 sin-cos position
+table is added to the embeddings, as in 2b; bf16 with RoPE, as in 5b). Statistics (norm mean / rstd,
+attention log-sum-exp) are fp32.
+
+Resident state, per network:
+- weights ``P x w`` (``w`` 4 for fp32 params, as train holds them today; 2 for the planned bf16
+  params) plus buffers;
+- grads (trainable networks): megatron DDP's ``main_grad`` buffer, ``P x w`` (megatron's default,
+  ``grad_reduce_in_fp32=False``, keeps grads in the params' dtype);
+- optimizer (trainable networks): AdamW's two moments ``P x 8``, plus an fp32 master copy ``P x 4``
+  with bf16 params; ``/ DP`` when that network's optimizer state is sharded over data parallel;
+- offload: a network's optimizer state is on the GPU only in its own phase; with params offload
+  too, a network's weights are on the GPU only in the phases that run it (fake-score phase:
+  generator + fake score; generator phase: all four; discriminator phase: teacher + heads);
+- fixed: the run's inputs (text and negative embeddings, noise); with SP, megatron's global
+  all-gather buffer ``s B h e`` that trainable linears gather their input into (linears with
+  frozen weights, as the CFG teacher's, gather into fresh tensors: part of their working set).
+
+Activations autograd saves in one forward with grad of a CogVideoX, per block (``row = s_seq B h``,
+``split = s B h / TP``; counted from the ops of ``models/cogvideox_layer.py`` and checked by
+measurement):
+- trainable network (its params take grads): ``row (2 e_r + 2 e_n + 4 e) + 14 split e``: block
+  input and attention residual; norm1 / norm2 outputs; the two modulated inputs, the attention
+  projection and the MLP output; and split over TP: fused QKV 3, q, k, attention output,
+  fc1 + bias 4, GELU 4;
+- frozen network with grad through its input (fake score and teacher in the generator phase):
+  ``row 2 e_r + 10 split e`` (a linear whose weight takes no grad saves no input);
+- statistics ``B s (4 + 5 a / TP) x 4``;
+- once per network: the last block's output ``row e_r``; trainable also the final norm output and
+  its modulation ``row (e_n + e)`` and the text input ``B Lt D e``; the output latents
+  ``B Lv p^2 C e``;
+- context parallel: each block's gathered video keys and values, ``2 (Lv - Lv / CP) B h / TP e``;
+- full recompute: only each block's input ``row e_r`` is kept; the block being back-propagated is
+  recomputed (one block's activations on top, in backward);
+- tapped features for the discriminator: views of saved block outputs without SP / CP; with SP or
+  CP each tap is gathered to a new ``[Lv, B, h]`` tensor.
+
+Working sets on top of what is saved (coefficients measured on CPU with ``measure.py`` on the tiny
+models): a forward without grad (generator rollout, CFG teacher, discriminator-phase backbone)
+``(5 row + 9 split) e`` (residual, normed, MLP intermediates); a backward ``2 split e`` (trainable)
+or ``7 split e`` (frozen). A discriminator-phase backbone keeps each tapped block output
+``row e`` (SP / CP: the gathered ``Lv B h e``).
+
+Discriminator heads (3D: conv3d 3x3x3 -> per-frame conv 3x3 stride 2 -> GroupNorm -> SiLU blocks,
+width ``c``), per head and sample, at a block's input size ``T x H x W`` and output ``T x H2 x W2``:
+trainable ``c (T H W + 3 T H2 W2) e`` (conv3d out, conv2d out, norm out, SiLU out); frozen with
+input grad ``2 c T H2 W2 e``. On CPU their conv3d backward also unfolds the first block's input
+once and accumulates weight grads per thread (measured); cuDNN's workspace is left to the margin.
+
+Phases (the peak of each is resident + the largest of its moments):
+- fake score: generator rollout (no grad, ``B``); fake-score forward / backward (trainable);
+  its optimizer step.
+- generator: rollout; then with the generator's step (trainable) and the fake score (frozen)
+  saved: the CFG teacher without grad on ``2B`` (the doubled batch), then the teacher backbone for
+  D (frozen) + heads (frozen) + the backward working set; its optimizer step.
+- discriminator: backbone without grad on ``x_real`` and on ``x_fake`` (taps kept) + heads on both
+  (trainable) + backward; its optimizer step.
+- optimizer step: today's optimizer (``train/optimizer.py``) makes a clipped copy of the grads
+  ``P x 4`` (when ``grad_clip > 0``) and AdamW's temporaries take ``P x 4`` with the foreach
+  implementation (CUDA) or the largest tensor (CPU); a sharded (megatron distributed) optimizer
+  clips in place and steps its ``P / DP`` shard.
+- BF16 autocast with fp32 params: each network run with grad in the phase keeps bf16 copies of its
+  weights for backward, ``P x 2``.
+
+A run fits when the largest phase peak is at most ``card x (1 - margin)``; the margin covers what
+the formulas leave out (CUDA context, allocator fragmentation, NCCL buffers, kernels' workspaces).
+The fp32 figures are tested against measurement on CPU (``tests/test_memory_plan.py``); the BF16
+widths and the GPU-only terms (foreach temporaries, autocast copies) are reasoned, not measured here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from adm_megatron.memory.counts import NetworkSize
+
+GIB = 1024**3
+NETWORKS = ("teacher", "fake_score", "generator", "discriminator")
+TRAINABLE = ("fake_score", "generator", "discriminator")
+PHASES = ("fake_score", "generator", "discriminator")
+PHASE_NETWORKS = {
+    "fake_score": ("generator", "fake_score"),
+    "generator": NETWORKS,
+    "discriminator": ("teacher", "discriminator"),
+}
+OFFLOAD = ("none", "optimizer", "optimizer+params")
+
+# working sets (see the module docstring; measured on CPU, units s h / TP fwd unless stated)
+NO_GRAD_SEQ, NO_GRAD_SPLIT = 5, 9
+BACKWARD_EXTRA = {"trainable": 2, "frozen": 7}
+
+
+class PlanError(ValueError):
+    """A layout or setting the planner refuses: the message is one line naming the key and value."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the formulas need of the architecture and the latents."""
+
+    layers: int
+    hidden: int
+    heads: int
+    ffn: int
+    text_tokens: int
+    text_dim: int
+    latent_channels: int
+    patch: int
+    position_table: bool  # sin-cos positions added from an fp32 table (2b); False with RoPE (5b)
+    frames: int
+    height: int  # latent height
+    width: int  # latent width
+    taps: int  # discriminator heads (tapped blocks)
+    head_hidden: int
+    head_blocks: int
+
+    @property
+    def video_tokens(self) -> int:
+        return self.frames * (self.height // self.patch) * (self.width // self.patch)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The layout and the memory settings of a run (one rank's view)."""
+
+    tensor_parallel: int = 1
+    context_parallel: int = 1
+    data_parallel: int = 1
+    batch_size: int = 1
+    sequence_parallel: bool = False
+    recompute: bool = False
+    activations: str = "fp32"  # fp32 | bf16 (autocast, as model.dtype=bf16)
+    params: str = "fp32"  # fp32 (today) | bf16 (planned: bf16 weights, fp32 master in the optimizer)
+    shard_optimizer: frozenset = frozenset()  # trainable networks whose optimizer state is sharded over DP
+    offload: str = "none"  # none | optimizer | optimizer+params (idle networks' state on the CPU)
+    grad_clip: bool = True
+    device: str = "cuda"  # cuda (foreach AdamW) | cpu
+    card_gib: float = 80.0
+    margin: float = 0.1  # fraction of the card kept free
+    pinned_memory: bool = True  # the host can pin memory (offload needs it)
+    cpu_threads: int = 1  # device=cpu only: torch's intra-op threads (per-thread conv workspaces)
+
+
+@dataclass
+class PhasePlan:
+    resident: float  # weights + grads + optimizer state on the GPU during the phase
+    activations: float  # saved activations at the phase's peak moment
+    transients: dict[str, float]  # named working buffers at that moment
+    peak: float
+    peak_moment: str
+
+
+@dataclass
+class MemoryPlan:
+    settings: Settings
+    networks: dict[str, dict[str, float]]  # name -> weights / grads / optimizer bytes (GPU-resident)
+    phases: dict[str, PhasePlan]
+    fixed: dict[str, float] = field(default_factory=dict)  # persistent buffers not owned by a network
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda p: self.phases[p].peak)
+
+    @property
+    def peak(self) -> float:
+        return self.phases[self.peak_phase].peak
+
+    @property
+    def budget(self) -> float:
+        return self.settings.card_gib * GIB * (1 - self.settings.margin)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.budget
+
+
+def check_settings(shape: Shape, s: Settings) -> None:
+    """One-line ``PlanError`` for a layout or setting that cannot run or makes no sense."""
+    tp, cp, dp = s.tensor_parallel, s.context_parallel, s.data_parallel
+    for key, value in (("tensor_parallel", tp), ("context_parallel", cp), ("data_parallel", dp),
+                       ("batch_size", s.batch_size)):
+        if value < 1:
+            raise PlanError(f"{key}={value}: must be >= 1")
+    if shape.heads % tp:
+        raise PlanError(f"tensor_parallel={tp}: the {shape.heads} attention heads are not divisible by it")
+    if shape.ffn % tp:
+        raise PlanError(f"tensor_parallel={tp}: the MLP width {shape.ffn} is not divisible by it")
+    if shape.height % shape.patch or shape.width % shape.patch:
+        raise PlanError(f"latent {shape.height}x{shape.width}: not divisible by the patch size {shape.patch}")
+    if shape.video_tokens % cp:
+        raise PlanError(f"context_parallel={cp}: the {shape.video_tokens} video tokens are not divisible by it")
+    per_cp = shape.text_tokens + shape.video_tokens // cp
+    if s.sequence_parallel and tp > 1 and per_cp % tp:
+        raise PlanError(f"sequence_parallel: {per_cp} tokens per context-parallel rank are not divisible by "
+                        f"tensor_parallel={tp}")
+    unknown = set(s.shard_optimizer) - set(TRAINABLE)
+    if unknown:
+        raise PlanError(f"shard_optimizer={sorted(unknown)}: expected networks among {', '.join(TRAINABLE)}")
+    if s.shard_optimizer and dp == 1:
+        raise PlanError("shard_optimizer: data_parallel=1 leaves nothing to shard over (needs DP > 1)")
+    if s.offload not in OFFLOAD:
+        raise PlanError(f"offload={s.offload!r}: expected one of {', '.join(OFFLOAD)}")
+    if s.offload != "none" and not s.pinned_memory:
+        raise PlanError(f"offload={s.offload}: needs pinned host memory, which this machine cannot give "
+                        "(no CUDA); use offload=none")
+    for key, value, allowed in (("activations", s.activations, ("fp32", "bf16")),
+                                ("params", s.params, ("fp32", "bf16")), ("device", s.device, ("cuda", "cpu"))):
+        if value not in allowed:
+            raise PlanError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+    if s.card_gib <= 0 or not 0 <= s.margin < 1:
+        raise PlanError(f"card={s.card_gib} GiB, margin={s.margin}: expected a card > 0 and 0 <= margin < 1")
+
+
+class _Formulas:
+    """The formulas of the module docstring for one shape and one set of settings."""
+
+    def __init__(self, shape: Shape, s: Settings):
+        self.shape, self.s = shape, s
+        tp, cp = s.tensor_parallel, s.context_parallel
+        self.tokens = shape.text_tokens + shape.video_tokens // cp  # s
+        self.seq = self.tokens / tp if s.sequence_parallel and tp > 1 else self.tokens  # s_seq
+        self.e = 2 if s.activations == "bf16" else 4
+        # under BF16 autocast, norm outputs stay fp32, and so does the residual stream when an fp32
+        # position table is added to the embeddings (2b); everything else is bf16
+        self.norm_e = 4
+        self.residual_e = 4 if shape.position_table else self.e
+        self.gathers_taps = (s.sequence_parallel and tp > 1) or cp > 1
+
+    def saved(self, batch: int, kind: str) -> tuple[float, float]:
+        """Activations one forward with grad of a backbone (``kind`` trainable | frozen) keeps for
+        backward, and what its backward brings back on top (one recomputed block, or nothing)."""
+        sh, s = self.shape, self.s
+        tp, h, row = s.tensor_parallel, sh.hidden, batch * self.seq * sh.hidden  # row: s_seq B h
+        residual = 2 * self.residual_e  # block input and the attention residual
+        if kind == "trainable":  # + norm1 / norm2 outputs, 4 bf16-able: modulated x2, attn proj, MLP out
+            seq_bytes, split = residual + 2 * self.norm_e + 4 * self.e, 14
+        else:
+            seq_bytes, split = residual, 10
+        block = seq_bytes * row + split * batch * self.tokens * h / tp * self.e
+        block += batch * self.tokens * (4 + 5 * sh.heads / tp) * 4
+        if s.context_parallel > 1:
+            block += 2 * (sh.video_tokens - sh.video_tokens / s.context_parallel) * h / tp * batch * self.e
+        once = self.residual_e * row  # the last block's output (final norm input)
+        if kind == "trainable":
+            once += (self.norm_e + self.e) * row + batch * sh.text_tokens * sh.text_dim * self.e
+        once += batch * sh.video_tokens * sh.patch**2 * sh.latent_channels * self.e
+        if s.recompute:  # block inputs kept; one block's activations come back in its backward
+            return (sh.layers * self.residual_e * row + once, block)
+        return (sh.layers * block + once, 0.0)
+
+    def no_grad(self, batch: int) -> float:
+        """The working set of one backbone forward without grad."""
+        sh, s = self.shape, self.s
+        tp, h = s.tensor_parallel, sh.hidden
+        work = (NO_GRAD_SEQ * self.seq * h + NO_GRAD_SPLIT * self.tokens * h / tp) * batch * self.e
+        if s.context_parallel > 1:
+            work += 2 * sh.video_tokens * h / tp * batch * self.e
+        return work
+
+    def extra(self, batch: int, kind: str, table: dict) -> float:
+        return table[kind] * self.tokens * self.shape.hidden / self.s.tensor_parallel * batch * self.e
+
+    def taps(self, batch: int, saved_with_grad: bool) -> float:
+        """Tapped block outputs beyond what the backbone's forward saves anyway."""
+        sh = self.shape
+        if self.gathers_taps:
+            return sh.taps * sh.video_tokens * sh.hidden * batch * self.e
+        return 0.0 if saved_with_grad else sh.taps * self.seq * sh.hidden * batch * self.e
+
+    def conv_workspace(self, head_params: int) -> float:
+        """CPU only (measured): the heads' conv3d backward unfolds the first block's input once
+        (``C_in x 27 x T H W x 4``) and each thread accumulates its own weight grads
+        (``threads x P x 4``); cuDNN's workspace on a GPU is left to the margin."""
+        if self.s.device != "cpu":
+            return 0.0
+        sh = self.shape
+        tokens = sh.frames * (sh.height // sh.patch) * (sh.width // sh.patch)
+        return (sh.hidden * 27 * tokens + self.s.cpu_threads * head_params) * 4
+
+    def heads(self, batch: int, kind: str) -> float:
+        """Activations the discriminator heads save (3D heads; sizes as ``DownBlock3D.out_size``)."""
+        from adm_megatron.heads.head3d import DownBlock3D
+
+        sh = self.shape
+        t, hh, ww = sh.frames, sh.height // sh.patch, sh.width // sh.patch
+        total = 0.0
+        for _ in range(sh.head_blocks):
+            h2, w2 = DownBlock3D.out_size(hh), DownBlock3D.out_size(ww)
+            full, half = t * hh * ww, t * h2 * w2
+            total += full + 3 * half if kind == "trainable" else 2 * half
+            hh, ww = h2, w2
+        return sh.taps * sh.head_hidden * total * batch * self.e
+
+
+def _resident(sizes: dict[str, NetworkSize], s: Settings) -> dict[str, dict[str, float]]:
+    w = 2 if s.params == "bf16" else 4
+    out = {}
+    for name in NETWORKS:
+        size = sizes[name]
+        weights = size.params * w + size.buffer_bytes
+        if name == "teacher":
+            out[name] = {"weights": weights, "grads": 0.0, "optimizer": 0.0}
+            continue
+        state = size.params * (8 + (4 if s.params == "bf16" else 0))
+        if name in s.shard_optimizer:
+            state /= s.data_parallel
+        out[name] = {"weights": weights, "grads": size.params * float(w), "optimizer": state}
+    return out
+
+
+def _phase_resident(networks: dict, phase: str, s: Settings) -> float:
+    total = 0.0
+    for name, parts in networks.items():
+        used = name in PHASE_NETWORKS[phase]
+        if s.offload != "optimizer+params" or used:
+            total += parts["weights"]
+        total += parts["grads"]
+        if s.offload == "none" or name == phase:
+            total += parts["optimizer"]
+    return total
+
+
+def _step(size: NetworkSize, name: str, s: Settings) -> float:
+    if name in s.shard_optimizer:  # megatron's distributed optimizer: in-place clipping, its shard
+        return size.params / s.data_parallel * 4
+    temporaries = size.params * 4 if s.device == "cuda" else size.largest_param * 4
+    return (size.params * 4 if s.grad_clip else 0.0) + temporaries
+
+
+def _moments(f: _Formulas, sizes: dict[str, NetworkSize], phase: str) -> dict[str, tuple[float, dict]]:
+    """Each moment of a phase: (saved activations, {transient name: bytes})."""
+    s, b = f.s, f.s.batch_size
+    copies = 2 if s.activations == "bf16" and s.params == "fp32" else 0  # autocast weight copies
+    step = {"optimizer step": _step(sizes[phase], phase, s)}
+    if phase == "fake_score":
+        saved, recomputed = f.saved(b, "trainable")
+        return {
+            "generator rollout": (0.0, {"forward without grad": f.no_grad(b)}),
+            "fake-score backward": (saved + recomputed, {
+                "backward working set": f.extra(b, "trainable", BACKWARD_EXTRA),
+                "autocast weight copies": copies * sizes["fake_score"].params}),
+            "optimizer step": (0.0, step),
+        }
+    if phase == "generator":
+        (g_saved, _), (frozen_saved, frozen_recomputed) = f.saved(b, "trainable"), f.saved(b, "frozen")
+        g_f = g_saved + frozen_saved
+        autocast = copies * (sizes["generator"].params + sizes["fake_score"].params)
+        disc = frozen_saved + frozen_recomputed + f.taps(b, True) + f.heads(b, "frozen")
+        return {
+            "generator rollout": (0.0, {"forward without grad": f.no_grad(b)}),
+            "CFG teacher": (g_f, {"CFG doubled batch": f.no_grad(2 * b), "autocast weight copies": autocast}),
+            "discriminator backward": (g_f + disc, {
+                "backward working set": f.extra(b, "frozen", BACKWARD_EXTRA),
+                "autocast weight copies": autocast + copies * (sizes["teacher"].params
+                                                               + sizes["discriminator"].params)}),
+            "optimizer step": (0.0, step),
+        }
+    taps, heads = f.taps(b, False), f.heads(b, "trainable")
+    return {
+        "backbone on x_fake": (taps + heads, {"forward without grad": f.no_grad(b)}),
+        "heads backward": (2 * (taps + heads), {"conv backward workspace": f.conv_workspace(sizes["discriminator"].params),
+                                                "autocast weight copies": copies * sizes["discriminator"].params}),
+        "optimizer step": (0.0, step),
+    }
+
+
+def plan_memory(shape: Shape, sizes: dict[str, NetworkSize], settings: Settings) -> MemoryPlan:
+    """The per-rank memory plan; ``sizes`` as ``counts.py`` gives them for ``settings``' TP."""
+    check_settings(shape, settings)
+    f = _Formulas(shape, settings)
+    latent = shape.frames * shape.latent_channels * shape.height * shape.width
+    networks = _resident(sizes, settings)
+    fixed = {"run inputs": settings.batch_size * (2 * shape.text_tokens * shape.text_dim + latent) * 4}
+    if settings.sequence_parallel and settings.tensor_parallel > 1:
+        fixed["SP all-gather buffer"] = f.tokens * settings.batch_size * shape.hidden * f.e
+    phases = {}
+    for phase in PHASES:
+        resident = _phase_resident(networks, phase, settings) + sum(fixed.values())
+        best = None
+        for moment, (saved, transients) in _moments(f, sizes, phase).items():
+            total = resident + saved + sum(transients.values())
+            if best is None or total > best.peak:
+                best = PhasePlan(resident, saved, {k: v for k, v in transients.items() if v}, total, moment)
+        phases[phase] = best
+    return MemoryPlan(settings, networks, phases, fixed)
+
+
+def gib(value: float) -> float:
+    return value / GIB
+

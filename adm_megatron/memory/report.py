@@ -1,0 +1,61 @@
+"""A memory plan as a terminal table and as JSON (GiB figures, the settings it was made for)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from adm_megatron.memory.plan import MemoryPlan, gib
+
+
+def _r(value: float) -> float:
+    return round(gib(value), 3)
+
+
+def plan_to_dict(plan: MemoryPlan) -> dict:
+    settings = dataclasses.asdict(plan.settings)
+    settings["shard_optimizer"] = sorted(plan.settings.shard_optimizer)
+    return {
+        "settings": settings,
+        "units": "GiB per GPU",
+        "networks": {name: {k: _r(v) for k, v in parts.items()} for name, parts in plan.networks.items()},
+        "fixed": {k: _r(v) for k, v in plan.fixed.items()},
+        "phases": {
+            name: {
+                "resident": _r(p.resident), "activations": _r(p.activations),
+                "transients": {k: _r(v) for k, v in p.transients.items()},
+                "peak": _r(p.peak), "peak_moment": p.peak_moment,
+            }
+            for name, p in plan.phases.items()
+        },
+        "peak_phase": plan.peak_phase,
+        "peak": _r(plan.peak),
+        "card": plan.settings.card_gib,
+        "budget": _r(plan.budget),
+        "fits": plan.fits,
+    }
+
+
+def format_table(plan: MemoryPlan, title: str = "") -> str:
+    s = plan.settings
+    lines = [title] if title else []
+    lines.append(
+        f"layout TP={s.tensor_parallel} CP={s.context_parallel} DP={s.data_parallel}, micro-batch {s.batch_size}, "
+        f"SP={'on' if s.sequence_parallel else 'off'}, recompute={'full' if s.recompute else 'none'}, "
+        f"activations {s.activations}, params {s.params}, sharded optimizer: "
+        f"{', '.join(sorted(s.shard_optimizer)) or 'none'}, offload {s.offload}"
+    )
+    lines.append(f"{'network':<16}{'weights':>10}{'grads':>10}{'optimizer':>11}   (GiB per GPU)")
+    for name, parts in plan.networks.items():
+        lines.append(f"{name:<16}{gib(parts['weights']):>10.2f}{gib(parts['grads']):>10.2f}"
+                     f"{gib(parts['optimizer']):>11.2f}")
+    for name, value in plan.fixed.items():
+        lines.append(f"{name:<16}{gib(value):>10.2f}   (fixed)")
+    lines.append(f"{'phase':<16}{'resident':>10}{'activ.':>10}{'transient':>11}{'peak':>10}   at (largest transients)")
+    for name, p in plan.phases.items():
+        parts = ", ".join(f"{k} {gib(v):.2f}" for k, v in sorted(p.transients.items(), key=lambda kv: -kv[1]))
+        lines.append(f"{name:<16}{gib(p.resident):>10.2f}{gib(p.activations):>10.2f}"
+                     f"{gib(sum(p.transients.values())):>11.2f}{gib(p.peak):>10.2f}   {p.peak_moment} ({parts})")
+    verdict = "fits" if plan.fits else "DOES NOT FIT"
+    lines.append(f"peak {gib(plan.peak):.2f} GiB in the {plan.peak_phase} phase; card {s.card_gib:g} GiB with "
+                 f"{s.margin:.0%} margin = {gib(plan.budget):.2f} GiB: {verdict}")
+    return "\n".join(lines)

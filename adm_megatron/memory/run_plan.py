@@ -1,0 +1,75 @@
+"""From a run config to a memory plan: the architecture (a teacher directory or a real-size preset),
+the shapes, the layout and the memory settings, the parameter counts on ``meta``, then the formulas
+of ``plan.py``. Layout errors are raised before any model is built."""
+
+from __future__ import annotations
+
+from adm_megatron.config import Config, ConfigError
+from adm_megatron.memory.counts import backbone_size, heads_size
+from adm_megatron.memory.plan import MemoryPlan, PlanError, Settings, Shape, check_settings, plan_memory
+from adm_megatron.models.cogvideox_config import CogVideoXArch
+from adm_megatron.models.presets import PRESETS
+from adm_megatron.models.taps import tapped_block_indices
+
+
+def resolve_arch(config: Config, preset: str = "") -> CogVideoXArch:
+    """The real-size preset named ``preset`` (no weights needed), else the teacher's own config."""
+    if preset:
+        if preset not in PRESETS:
+            raise PlanError(f"arch={preset!r}: expected one of {', '.join(PRESETS)}")
+        return CogVideoXArch.from_diffusers_config(PRESETS[preset], source=preset)
+    from adm_megatron.train.teacher import resolve_teacher
+
+    return resolve_teacher(config.model.teacher, config.model.pipeline).arch
+
+
+def shape_for(config: Config, arch: CogVideoXArch) -> Shape:
+    d = config.distill
+    if d.head_every > arch.num_layers:
+        raise PlanError(f"distill.head_every={d.head_every}: the teacher has only {arch.num_layers} blocks")
+    return Shape(
+        layers=arch.num_layers, hidden=arch.hidden_size, heads=arch.num_attention_heads,
+        ffn=arch.ffn_hidden_size, text_tokens=arch.max_text_seq_length, text_dim=arch.text_embed_dim,
+        latent_channels=arch.in_channels, patch=arch.patch_size,
+        position_table=not arch.use_rotary_positional_embeddings, frames=config.data.frames,
+        height=config.data.height, width=config.data.width,
+        taps=len(tapped_block_indices(arch.num_layers, d.head_every)),
+        head_hidden=d.head_hidden, head_blocks=d.head_blocks,
+    )
+
+
+def settings_for(config: Config, world_size: int, **memory) -> Settings:
+    """The layout of ``config`` on ``world_size`` GPUs plus the memory settings (``Settings`` fields:
+    shard_optimizer, offload, params, card_gib, margin, device, pinned_memory)."""
+    tp, cp = config.parallel.tensor_parallel, config.parallel.context_parallel
+    if world_size < 1 or world_size % (tp * cp):
+        raise PlanError(f"gpus={world_size}: not a positive multiple of tensor_parallel x context_parallel = "
+                        f"{tp} x {cp}")
+    m = config.model
+    if m.dtype == "fp64":
+        raise PlanError("model.dtype=fp64: the planner covers fp32 and bf16 runs")
+    opt = config.optim
+    return Settings(
+        tensor_parallel=tp, context_parallel=cp, data_parallel=world_size // (tp * cp),
+        batch_size=config.data.batch_size, sequence_parallel=m.sequence_parallel, recompute=m.recompute,
+        activations=m.dtype, grad_clip=max(opt.fake_score.grad_clip, opt.generator.grad_clip,
+                                           opt.discriminator.grad_clip) > 0,
+        **memory,
+    )
+
+
+def plan_run(config: Config, world_size: int, preset: str = "", **memory) -> MemoryPlan:
+    """The memory plan of ``config`` on ``world_size`` GPUs (``memory`` as ``settings_for``)."""
+    arch = resolve_arch(config, preset)
+    shape = shape_for(config, arch)
+    settings = settings_for(config, world_size, **memory)
+    check_settings(shape, settings)  # before anything is built
+    backbone = backbone_size(arch, settings.tensor_parallel)
+    sizes = {
+        "teacher": backbone, "fake_score": backbone, "generator": backbone,
+        "discriminator": heads_size(arch, shape.taps, shape.head_hidden, shape.head_blocks),
+    }
+    return plan_memory(shape, sizes, settings)
+
+
+__all__ = ["ConfigError", "plan_run", "resolve_arch", "settings_for", "shape_for"]

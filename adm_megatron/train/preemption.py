@@ -1,0 +1,55 @@
+"""Stopping for a preemption, and time-based saves, decided the same on every rank.
+
+SIGTERM or SIGUSR1 (SLURM's ``--signal=B:USR1@N``, a scheduler's TERM) only sets a flag; the
+trainer asks :meth:`StopPoll.poll` after each iteration, which all-reduces (MAX) the flag and
+"``train.save_interval_minutes`` have passed" over the world, so every rank finishes the same
+iteration, saves the same checkpoint and exits with :data:`PREEMPTED_EXIT_CODE`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("adm_megatron")
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved a checkpoint and stopped; run it again to go on
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopPoll:
+    def __init__(self, save_interval_minutes: float = 0.0):
+        self.interval_s = save_interval_minutes * 60
+        self.last_save = time.monotonic()
+        self.signal: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def poll(self) -> tuple[bool, bool]:
+        """Collective: (stop now, a time-based save is due), agreed by all ranks."""
+        due = self.interval_s > 0 and time.monotonic() - self.last_save >= self.interval_s
+        flags = torch.tensor([1.0 if self.signal is not None else 0.0, 1.0 if due else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            if dist.get_backend() == "nccl":
+                flags = flags.cuda()
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, due = bool(flags[0]), bool(flags[1])
+        if stop:
+            name = signal.Signals(self.signal).name if self.signal else "another rank's signal"
+            logger.warning("stop requested (%s): saving a checkpoint, then exiting with %d",
+                           name, PREEMPTED_EXIT_CODE)
+        return stop, due
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+    def close(self) -> None:
+        """Put the previous signal handlers back."""
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,156 @@
+"""Where a run starts: fresh, from a checkpoint, or not at all (already finished).
+
+``train.resume``:
+- ``auto`` (default): go on from ``output_dir/checkpoints/latest`` if there is one; a run that
+  already finished does nothing and writes nothing;
+- ``never``: refuse to start when ``output_dir`` already holds a run;
+- a path (a checkpoint ``.../iter_NNNNNNN`` or a run directory, whose latest checkpoint is used):
+  start from that checkpoint, writing into ``output_dir``.
+
+A run never writes into an ``output_dir`` that holds a different run: the current config is
+compared with ``output_dir/config.yaml`` and with the checkpoint's config on every key except
+those that may change between invocations (the parallel layout, which loading reshards, and how
+the run is logged, saved and exported); the first differing key is named in one line. The global
+batch (``data.batch_size`` x data-parallel size) must stay the same. All of it reads small files
+only, before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import yaml
+
+from adm_megatron.config import Config, ConfigError, config_to_dict
+from adm_megatron.train.checkpoint import STATE_FILE, checkpoints_root, latest_checkpoint
+
+FINISHED = "finished.json"  # in output_dir, written when a run has exported everything
+# keys that may differ between the invocations of one run (prefixes end in a dot)
+MAY_CHANGE = (
+    "parallel.", "model.sequence_parallel", "model.recompute", "model.impl", "data.batch_size",
+    "train.resume", "train.keep_checkpoints", "train.save_every", "train.save_interval_minutes",
+    "train.log_every", "train.num_samples", "train.export", "train.max_skipped_steps",
+    "train.nan_policy", "logging.", "output_dir",
+)
+
+
+@dataclass
+class ResumePoint:
+    checkpoint: str | None  # checkpoint directory to load, None for a fresh start
+    iteration: int  # the first iteration to run
+    finished: bool = False  # the run in output_dir is complete: nothing to do
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def check_compatible(saved: dict, config: Config, source: str) -> None:
+    """One-line ConfigError naming the first key that differs and may not."""
+    now = _flatten(config_to_dict(config))
+    before = _flatten(saved)
+    for key in sorted(set(now) | set(before)):
+        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in MAY_CHANGE):
+            continue
+        if now.get(key) != before.get(key):
+            raise ConfigError(
+                f"{source}: {key}={before.get(key)!r} there but {now.get(key)!r} now; a run cannot "
+                "change it (a different run needs a new output_dir)"
+            )
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: unreadable ({' '.join(str(err).split())})") from None
+
+
+def _checkpoint_from(path: str) -> str:
+    """A checkpoint directory from ``train.resume=PATH`` (a checkpoint or a run directory)."""
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    raise ConfigError(
+        f"train.resume={path!r}: neither a checkpoint (no {STATE_FILE}) nor a run directory with "
+        "checkpoints/latest"
+    )
+
+
+def plan_resume(config: Config, world_size: int) -> ResumePoint:
+    """Where this invocation starts (see the module docstring); one-line ConfigErrors."""
+    out = config.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"output_dir={out!r} exists and is not a directory; expected a directory")
+    saved_config = os.path.join(out, "config.yaml")
+    holds_run = os.path.isfile(saved_config) or os.path.isdir(checkpoints_root(out))
+    resume = config.train.resume
+    if resume == "never" and holds_run:
+        raise ConfigError(
+            f"output_dir={out!r} already holds a run and train.resume=never; nothing was written "
+            "(use a new output_dir, or train.resume=auto to go on with it)"
+        )
+    if os.path.isfile(saved_config):
+        with open(saved_config) as f:
+            check_compatible(yaml.safe_load(f) or {}, config, saved_config)
+    if resume == "never":
+        return ResumePoint(None, 0)
+    ckpt = latest_checkpoint(out) if resume == "auto" else _checkpoint_from(resume)
+    if ckpt is None:
+        return ResumePoint(None, 0)
+    state_file = os.path.join(ckpt, STATE_FILE)
+    if not os.path.isfile(state_file):
+        raise ConfigError(f"{ckpt}: checkpoint has no {STATE_FILE} (incomplete, or not a training checkpoint)")
+    state = _read_json(state_file)
+    check_compatible(state["config"], config, state_file)
+    tp_cp = config.parallel.tensor_parallel * config.parallel.context_parallel
+    before = state["config"]["data"]["batch_size"] * state["layout"]["data_parallel"]
+    now = config.data.batch_size * (world_size // tp_cp)
+    if before != now:
+        raise ConfigError(
+            f"{state_file}: global batch (data.batch_size x data-parallel size) was {before}, now "
+            f"{config.data.batch_size} x {world_size // tp_cp} = {now}; a run cannot change it"
+        )
+    iteration = int(state["iteration"])
+    finished = (
+        iteration == config.train.max_iterations
+        and os.path.abspath(ckpt).startswith(os.path.abspath(out) + os.sep)
+        and os.path.isfile(os.path.join(out, FINISHED))
+    )
+    return ResumePoint(ckpt, iteration, finished)
+
+
+def trim_metrics(output_dir: str, start: int) -> None:
+    """Rank 0, before a resumed run logs: drop ``metrics.jsonl`` records of iterations from
+    ``start`` on (work done after the checkpoint, which the run does again), atomically."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line)["iteration"] < start]
+    if len(kept) == len(lines):
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def mark_finished(output_dir: str, iterations: int) -> None:
+    """Rank 0, once everything is exported: later invocations of the same run do nothing."""
+    tmp = os.path.join(output_dir, f"{FINISHED}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"iterations": iterations}, f)
+    os.replace(tmp, os.path.join(output_dir, FINISHED))

@@ -1,0 +1,47 @@
+"""megatron-core's checkpoint writer processes end with the trainer, even a SIGKILLed one.
+
+``dist_checkpointing.save`` (torch_dist) forks writer processes for every save and hands their
+results through a queue served by a ``multiprocessing`` Manager process that it spawns once and
+keeps for the life of the trainer. A trainer killed with SIGKILL (an OOM killer, a node agent,
+``scancel -s KILL``) runs no finalizer: measured here, the Manager and its resource tracker lived
+on, and a writer caught mid-save hung for good on a queue lock. :func:`bind_writer_processes` sets
+``PR_SET_PDEATHSIG`` (SIGKILL) in every process this one forks (``os.register_at_fork``) and in a
+Manager it starts itself and gives megatron, so the kernel ends them with the trainer; the
+resource tracker then sees its last client go and exits too. Saves run in the main thread, which
+lives as long as the process (the death signal follows the thread that forked). Linux only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import signal
+import sys
+from multiprocessing.managers import SyncManager
+
+_PR_SET_PDEATHSIG = 1
+_manager: SyncManager | None = None
+
+
+def _die_with_parent(parent: int | None = None) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if parent is not None and os.getppid() != parent:  # the parent died before the signal was set
+        os._exit(1)
+
+
+def bind_writer_processes() -> None:
+    """Idempotent; call before the first save."""
+    global _manager
+    if _manager is not None or not sys.platform.startswith("linux"):
+        return
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    parent = os.getpid()
+    os.register_at_fork(after_in_child=lambda: _die_with_parent(parent))
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=_die_with_parent)
+    filesystem_async._results_queue = manager.Queue()  # the queue megatron would start a Manager for
+    _manager = manager

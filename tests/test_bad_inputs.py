@@ -1,0 +1,59 @@
+"""Inputs found broken while trying the trainer get one line naming the file and what is wrong,
+before any process group, model or output exists: a truncated teacher weights file (or one whose
+header is cut), and samples asked of a pipeline that has no VAE."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from adm_megatron.config import ConfigError, load_config
+
+WEIGHTS = os.path.join("transformer", "diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+    return build_tiny_pipeline(str(tmp_path_factory.mktemp("teacher") / "pipe"), seed=0)
+
+
+def _refusal(teacher: str, out: str, *overrides: str) -> str:
+    from adm_megatron.train.trainer import Trainer
+
+    config = load_config(None, [f"model.teacher={teacher}", f"output_dir={out}", "train.max_iterations=2",
+                                "distill.head_every=1", "logging.wandb_mode=disabled", *overrides])
+    with pytest.raises(ConfigError) as err:
+        Trainer(config)
+    assert not os.path.exists(out)  # nothing started, nothing written
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def _truncate(path: str, size: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def test_a_truncated_teacher_is_refused_in_one_line(pipeline_dir, tmp_path):
+    teacher = str(tmp_path / "pipe")
+    shutil.copytree(pipeline_dir, teacher)
+    weights = os.path.join(teacher, WEIGHTS)
+    full = os.path.getsize(weights)
+    _truncate(weights, full - 100)
+    message = _refusal(teacher, str(tmp_path / "run"))
+    assert f"{weights}: truncated ({full - 100} bytes, its header needs {full})" in message
+    _truncate(weights, 20)  # the header itself cut
+    assert f"{weights}: not a readable safetensors file (20 bytes; truncated?)" in _refusal(teacher, str(tmp_path / "run"))
+
+
+def test_samples_from_a_pipeline_without_vae_are_refused_before_training(pipeline_dir, tmp_path):
+    teacher = str(tmp_path / "pipe")
+    shutil.copytree(pipeline_dir, teacher)
+    shutil.rmtree(os.path.join(teacher, "vae"))
+    message = _refusal(teacher, str(tmp_path / "run"), "train.num_samples=2")
+    assert message.startswith(f"train.num_samples=2: the pipeline {teacher} has no VAE")

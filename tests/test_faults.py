@@ -1,0 +1,170 @@
+"""Faults a cluster run meets: a NaN in one rank's loss is skipped on every rank (an all-reduced
+decision, so the data-parallel replicas never diverge), counted, and ``train.max_skipped_steps`` in
+a row stop the run in one line with the last checkpoint intact; SIGTERM makes a run finish its
+iteration, save and exit with code 75, and the same command goes on from there;
+``train.save_interval_minutes`` saves by the clock; a rank that dies makes the others exit within
+``parallel.timeout_s`` instead of hanging, and so does one that hangs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from multiproc import free_port, run_world
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "data.num_prompts=4", "data.frames=2", "data.height=4", "data.width=4",
+    "distill.generator_steps=2", "distill.delta_t=100", "distill.head_every=1", "distill.head_hidden=16",
+    "train.num_samples=0", "train.export=false", "logging.wandb_mode=disabled", "logging.progress=false",
+    "optim.generator.lr=1e-3", "optim.fake_score.lr=1e-3", "optim.discriminator.lr=1e-3",
+]
+NAN_ON_RANK1 = {1, 3, 4}  # iterations whose fake-score loss is NaN on rank 1 only
+
+
+def _nan_in_one_rank(pipeline_dir: str, output_dir: str) -> dict:
+    from adm_megatron.config import load_config
+    from adm_megatron.train.phases import NonFiniteError
+    from adm_megatron.train.trainer import Trainer
+
+    config = load_config(None, [f"model.teacher={pipeline_dir}", f"output_dir={output_dir}", *TINY,
+                                "data.batch_size=1", "train.max_iterations=6", "train.save_every=1",
+                                "train.nan_policy=skip", "train.max_skipped_steps=2"])
+    trainer = Trainer(config)
+    rank, now = trainer.info.rank, {}
+    loss_fn, run_iteration = trainer.algorithm.fake_score_loss, trainer.train_iteration
+
+    def fake_score_loss(*args):
+        loss, metrics, extra = loss_fn(*args)
+        if rank == 1 and now["iteration"] in NAN_ON_RANK1:
+            loss = loss + float("nan")  # the loss is NaN, its gradient stays finite
+        return loss, metrics, extra
+
+    records = []
+
+    def train_iteration(iteration):
+        now["iteration"] = iteration
+        metrics = run_iteration(iteration)
+        weights = torch.cat([p.detach().flatten() for p in trainer.fake_score.parameters()]).clone()
+        records.append((iteration, metrics["fake_score/skipped"], metrics["skipped_steps"], weights))
+        return metrics
+
+    trainer.algorithm.fake_score_loss = fake_score_loss
+    trainer.train_iteration = train_iteration
+    try:
+        trainer.fit()
+        error = None
+    except NonFiniteError as err:
+        error = str(err)
+    return {"records": records, "error": error}
+
+
+def test_nan_on_one_rank_is_skipped_on_all_and_k_in_a_row_stop_cleanly(tmp_path, world_of_one):
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+    pipeline_dir = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    out = tmp_path / "run"
+    ranks = run_world(_nan_in_one_rank, 2, pipeline_dir, str(out), timeout_s=600)
+    for result in ranks:
+        records = result["records"]
+        assert [r[0] for r in records] == [0, 1, 2, 3]  # iteration 4 raised
+        assert [r[1] for r in records] == [False, True, False, True]  # skipped on this rank too
+        assert [r[2] for r in records] == [0, 1, 1, 2]  # the run's count of skipped updates
+        weights = [r[3] for r in records]
+        assert torch.equal(weights[1], weights[0]) and not torch.equal(weights[2], weights[1])
+        error = result["error"]
+        assert error is not None and "\n" not in error
+        assert "iteration 4, phase fake_score: 2 updates in a row skipped" in error
+        assert "train.max_skipped_steps=2" in error
+    for a, b in zip(ranks[0]["records"], ranks[1]["records"]):
+        assert torch.equal(a[3], b[3])  # the replicas stayed identical
+    logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["skipped_steps"] for r in logged] == [0, 1, 1, 2]
+    checkpoints = sorted(os.listdir(out / "checkpoints"))
+    assert checkpoints == [f"iter_{i:07d}" for i in range(1, 5)] + ["latest"]  # none half-written
+    assert open(out / "checkpoints" / "latest").read().strip() == "iter_0000004"
+    state = json.load(open(out / "checkpoints" / "iter_0000004" / "trainer_state.json"))
+    assert state["iteration"] == 4
+    assert not (out / "finished.json").exists()
+
+
+def _command(pipeline_dir, out, *extra):
+    return [sys.executable, "-m", "adm_megatron.cli", "train", "--config",
+            os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"), f"model.teacher={pipeline_dir}",
+            f"output_dir={out}", "data.batch_size=1", "train.num_samples=0", "logging.wandb_mode=disabled",
+            "logging.progress=false", *extra]
+
+
+def _wait_for_lines(path, count, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not (os.path.isfile(path) and len(open(path).readlines()) >= count):
+        assert proc.poll() is None, "the run ended early"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_sigterm_saves_after_the_iteration_exits_75_and_the_same_command_goes_on(tmp_path, world_of_one):
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+    pipeline_dir = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    out = tmp_path / "run"
+    # no save_every: every checkpoint before the signal is a time-based one (every ~6 ms)
+    cmd = _command(pipeline_dir, out, "train.max_iterations=8", "train.save_every=0",
+                   "train.save_interval_minutes=0.0001")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_lines(out / "metrics.jsonl", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr[-3000:]
+    logged = [json.loads(line)["iteration"] for line in open(out / "metrics.jsonl")]
+    stopped = logged[-1] + 1  # it finished the iteration it was in, and did no other
+    assert logged == list(range(stopped)) and stopped < 8
+    assert f"run stopped by a signal after iteration {stopped}" in stdout
+    names = sorted(os.listdir(out / "checkpoints"))
+    assert names == [f"iter_{i:07d}" for i in range(1, stopped + 1)] + ["latest"]
+    assert open(out / "checkpoints" / "latest").read().strip() == f"iter_{stopped:07d}"
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"run finished: 8 iterations ({8 - stopped} trained now)" in again.stdout
+    assert [json.loads(line)["iteration"] for line in open(out / "metrics.jsonl")] == list(range(8))
+
+
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["rank dies", "rank hangs"])
+def test_a_dead_or_hung_rank_makes_the_other_exit_within_the_timeout(fault, tmp_path, world_of_one):
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+    pipeline_dir = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    out = tmp_path / "run"
+    timeout_s = 15
+    cmd = _command(pipeline_dir, out, "train.max_iterations=1000", f"parallel.timeout_s={timeout_s}")
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        _wait_for_lines(out / "metrics.jsonl", 2, procs[0])
+        procs[1].send_signal(fault)
+        stopped = time.monotonic()
+        procs[0].wait(timeout=timeout_s + 60)  # (a hang here fails the test)
+        waited = time.monotonic() - stopped
+        stderr = procs[0].stderr.read()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            p.stderr.close()
+    assert procs[0].returncode != 0, stderr[-2000:]
+    assert waited <= timeout_s + 15, (waited, stderr[-2000:])

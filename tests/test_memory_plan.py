@@ -1,0 +1,140 @@
+"""The memory planner against measurement: for each tiny ADM config that runs here, every phase's
+planned peak (and resident memory) is within 15% of the peak tensor memory measured over a real
+trainer iteration with torch.profiler's memory profile (``adm_megatron/memory/measure.py``). Also:
+exact parameter counts on ``meta``, the ``plan`` command's table / JSON / exit status, and the
+one-line refusals of bad layouts before any model is built."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adm_megatron.cli import main
+from adm_megatron.config import load_config
+from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+TOLERANCE = 0.15
+BASE = [
+    "data.num_prompts=4", "data.batch_size=2", "distill.generator_steps=2", "distill.delta_t=100",
+    "distill.head_every=1", "distill.head_hidden=16", "train.max_iterations=2", "train.num_samples=0",
+    "train.export=false", "logging.wandb_mode=disabled", "logging.progress=false",
+]
+# (rotary 5b-style teacher, overrides): small latents (weights dominate), larger latents
+# (activations dominate), the same with full recompute, and the 5b-style teacher
+TINY_RUNS = {
+    "2b-2x4x4": (False, ["data.frames=2", "data.height=4", "data.width=4"]),
+    "2b-3x16x16": (False, ["data.frames=3", "data.height=16", "data.width=16"]),
+    "2b-3x16x16-recompute": (False, ["data.frames=3", "data.height=16", "data.width=16", "model.recompute=true"]),
+    "5b-3x16x16": (True, ["data.frames=3", "data.height=16", "data.width=16"]),
+}
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    return {rope: build_tiny_pipeline(str(root / f"rope{rope}"), seed=0, rope=rope) for rope in (False, True)}
+
+
+def plan_and_measure(teacher: str, output_dir: str, overrides: list[str], world_size: int = 1) -> dict:
+    """{phase: (planned resident, measured resident, planned peak, measured peak)} on this rank."""
+    from adm_megatron.memory.measure import measure_phases
+    from adm_megatron.memory.run_plan import plan_run
+    from adm_megatron.train.trainer import Trainer
+
+    config = load_config(None, [f"model.teacher={teacher}", f"output_dir={output_dir}", *BASE, *overrides])
+    measured = measure_phases(lambda: Trainer(config))  # first: the trainer sets up the layout's world
+    plan = plan_run(config, world_size, device="cpu", card_gib=1.0, cpu_threads=torch.get_num_threads())
+    assert set(measured) == set(plan.phases)
+    return {phase: (plan.phases[phase].resident, m.resident_bytes, plan.phases[phase].peak, m.peak_bytes)
+            for phase, m in measured.items()}
+
+
+def assert_within_tolerance(figures: dict, context) -> None:
+    for phase, (planned_resident, resident, planned_peak, peak) in figures.items():
+        report = (context, phase, figures[phase])
+        assert abs(planned_peak / peak - 1) <= TOLERANCE, report
+        assert abs(planned_resident / resident - 1) <= TOLERANCE, report
+
+
+@pytest.mark.parametrize("name", sorted(TINY_RUNS))
+def test_plan_is_within_15_percent_of_measured_peak_of_every_phase(name, pipelines, tmp_path, world_of_one):
+    rope, overrides = TINY_RUNS[name]
+    assert_within_tolerance(plan_and_measure(pipelines[rope], str(tmp_path), overrides), name)
+
+
+def _rank_plan_and_measure(teacher: str, output_dir: str, overrides: list[str]) -> dict:
+    return plan_and_measure(teacher, output_dir, overrides, world_size=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [
+    ["parallel.tensor_parallel=2", "model.sequence_parallel=true"], ["parallel.context_parallel=2"]])
+def test_plan_is_within_15_percent_on_each_rank_under_sequence_and_context_parallel(layout, pipelines, tmp_path):
+    from multiproc import run_world
+
+    overrides = ["data.frames=3", "data.height=16", "data.width=16", *layout]
+    ranks = run_world(_rank_plan_and_measure, 2, pipelines[False], str(tmp_path), overrides, timeout_s=900)
+    for rank, figures in enumerate(ranks):
+        assert_within_tolerance(figures, (layout, rank))
+
+
+def test_meta_counts_equal_a_built_model_and_split_tensor_parallel_weights(world_of_one):
+    from adm_megatron.memory.counts import backbone_size
+    from adm_megatron.models import CogVideoXArch, build_model
+    from adm_megatron.models.presets import PRESETS
+    from tiny_cogvideox import TINY_2B
+
+    arch = CogVideoXArch.from_diffusers_config(TINY_2B)
+    model = build_model(arch)
+    assert backbone_size(arch, 1).params == sum(p.numel() for p in model.parameters())
+    real = CogVideoXArch.from_diffusers_config(PRESETS["cogvideox-2b"])
+    one, two = backbone_size(real, 1), backbone_size(real, 2)
+    assert one.params == 1_693_783_872  # CogVideoX-2b's published transformer size
+    assert one.params / 2 < two.params < one.params  # QKV / proj / MLP split, norms and adaLN whole
+
+
+def _plan(tmp_path, *args):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: {teacher: /nowhere, dtype: bf16, sequence_parallel: true, recompute: true}\n"
+                      "parallel: {tensor_parallel: 2}\n")
+    return main(["plan", "--config", str(config), "--arch", "cogvideox-2b", *args])
+
+
+def test_plan_command_prints_the_table_and_writes_json(tmp_path, capsys, world_of_one):
+    out = tmp_path / "plan.json"
+    assert _plan(tmp_path, "--gpus", "8", "--card", "80", "--json", str(out)) == 0
+    table = capsys.readouterr().out
+    assert "generator phase" in table and "fits" in table
+    plan = json.loads(out.read_text())
+    assert plan["fits"] and plan["settings"]["data_parallel"] == 4
+    assert set(plan["phases"]) == {"fake_score", "generator", "discriminator"}
+    assert plan["networks"]["teacher"]["grads"] == 0 and plan["networks"]["generator"]["optimizer"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpus", "2", "--card", "80", "--shard-optimizer", "all"], "data_parallel=1 leaves nothing to shard"),
+    (["--gpus", "8", "--card", "80", "--offload", "optimizer"], "needs pinned host memory"),
+    (["--gpus", "8", "--card", "80", "parallel.tensor_parallel=4"], "30 attention heads are not divisible"),
+    (["--gpus", "8", "--card", "80", "parallel.context_parallel=4"], "video tokens are not divisible"),
+    (["--gpus", "8", "--card", "80", "data.height=62"], "tokens per context-parallel rank are not divisible"),
+    (["--gpus", "3", "--card", "80"], "gpus=3: not a positive multiple"),
+])
+def test_bad_layouts_get_one_line_before_any_model_is_built(args, message, tmp_path, capsys, monkeypatch):
+    if "--offload" in args and torch.cuda.is_available():
+        pytest.skip("pinned memory is available here")
+
+    def no_build(*_, **__):
+        raise AssertionError("a model was built before the layout was checked")
+
+    monkeypatch.setattr("adm_megatron.memory.run_plan.backbone_size", no_build)
+    assert _plan(tmp_path, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+
+
+def test_a_run_that_cannot_fit_says_so_in_one_line(tmp_path, capsys, world_of_one):
+    assert _plan(tmp_path, "--gpus", "8", "--card", "24") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("adm-megatron plan: does not fit: peak") and "\n" not in err, err

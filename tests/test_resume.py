@@ -1,0 +1,186 @@
+"""Exact resume through the real command line: a run killed with SIGKILL at several moments (after
+an iteration, in the middle of a checkpoint save, right after the ``latest`` marker moved) and
+started again with the same command each time leaves no process of its own behind, goes on from its latest complete checkpoint, does
+only the iterations after it, and ends with every metric of every iteration and the exported
+weights bit-for-bit equal to an uninterrupted run's. A finished run's command does nothing and
+writes nothing; a different config pointed at its output_dir, ``train.resume=never`` there, and
+an output_dir that is a file are refused in one line."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ITERATIONS = 8
+RUN = [  # EMA, TTUR and per-network lr schedules: every piece of state a resume must restore
+    "train.max_iterations=8", "train.save_every=2", "train.keep_checkpoints=2", "train.num_samples=0",
+    "train.ema_decay=0.9", "distill.ttur=2", "optim.fake_score.warmup_iters=2",
+    "optim.generator.decay_style=cosine", "optim.discriminator.decay_style=linear",
+    "data.batch_size=1", "logging.wandb_mode=disabled", "logging.progress=false",
+]
+
+
+def _command(pipeline_dir, out, *extra):
+    return [sys.executable, "-m", "adm_megatron.cli", "train", "--config",
+            os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"), f"model.teacher={pipeline_dir}",
+            f"output_dir={out}", *RUN, *extra]
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def _metrics(out) -> list[dict]:
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    for line in open(path):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut by the kill
+            pass
+    return rows
+
+
+def _latest(out) -> str | None:
+    try:
+        return open(os.path.join(out, "checkpoints", "latest")).read().strip()
+    except OSError:
+        return None
+
+
+def _saving(out) -> bool:
+    root = os.path.join(out, "checkpoints")
+    return os.path.isdir(root) and any(".tmp-" in n for n in os.listdir(root))
+
+
+def _run_until_killed(cmd, out, moment, log: str, timeout=300) -> str | None:
+    """Start ``cmd``, SIGKILL it when ``moment()`` holds, check that none of the processes it
+    started (megatron's checkpoint writers) outlive it; return the latest checkpoint it left."""
+    children: dict[int, psutil.Process] = {}
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + timeout
+        try:
+            while not moment():
+                assert proc.poll() is None, f"the run ended before its kill point:\n{open(log).read()[-3000:]}"
+                assert time.monotonic() < deadline, "kill point never reached"
+                with contextlib.suppress(psutil.Error):
+                    children.update((c.pid, c) for c in psutil.Process(proc.pid).children(recursive=True))
+                time.sleep(0.005)
+            with contextlib.suppress(psutil.Error):
+                children.update((c.pid, c) for c in psutil.Process(proc.pid).children(recursive=True))
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait()
+    _, alive = psutil.wait_procs(list(children.values()), timeout=15)
+    for orphan in alive:  # (stopped here so that the test leaves nothing behind either)
+        orphan.kill()
+    assert not alive, f"processes left behind by the killed run: {[p.pid for p in alive]}"
+    return _latest(out)
+
+
+def _finish(cmd) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _same_metrics(got: list[dict], want: list[dict]) -> None:
+    assert [r["iteration"] for r in got] == list(range(ITERATIONS))  # each iteration once
+    for a, b in zip(got, want):
+        timing = {k for k in b if k.endswith("/seconds")}
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+
+
+def _weights(out) -> dict[str, torch.Tensor]:
+    return load_file(glob.glob(os.path.join(out, "generator", "*.safetensors"))[0])
+
+
+def _files(out) -> dict[str, tuple]:
+    return {p: (os.stat(p).st_mtime_ns, os.stat(p).st_size)
+            for p in glob.glob(os.path.join(out, "**"), recursive=True)}
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+    return build_tiny_pipeline(str(tmp_path_factory.mktemp("teacher") / "pipe"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(pipeline_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("reference") / "run")
+    proc = _finish(_command(pipeline_dir, out))
+    assert f"{ITERATIONS} iterations ({ITERATIONS} trained now)" in proc.stdout
+    return out
+
+
+def test_sigkill_at_several_moments_then_the_same_command_resumes_exactly(pipeline_dir, uninterrupted, tmp_path):
+    out = str(tmp_path / "run")
+    cmd = _command(pipeline_dir, out)
+    logged_past = random.Random(os.getpid()).choice([3, 4])  # after an iteration, somewhere after iter_2
+    moments = [
+        ("after an iteration", lambda: len(_metrics(out)) > logged_past and _latest(out) is not None),
+        ("during a checkpoint save", lambda: _saving(out) and _latest(out) == "iter_0000004"),
+        ("right after the latest marker moved", lambda: _latest(out) == "iter_0000006"),
+    ]
+    left = []  # the latest checkpoint each killed invocation left
+    for index, (name, moment) in enumerate(moments):
+        log = str(tmp_path / f"invocation-{index}.log")
+        left.append(_run_until_killed(cmd, out, moment, log))
+        assert left[-1] is not None, name
+        if name == "during a checkpoint save":  # the kill did land in the middle of a save
+            assert any(".tmp-" in n for n in os.listdir(os.path.join(out, "checkpoints")))
+        if index:  # this invocation went on from the checkpoint the one before left
+            assert f"resumed from {os.path.join(out, 'checkpoints', left[index - 1])}:" in open(log).read()
+    final = _finish(cmd)
+    start = int(left[-1].split("_")[1])
+    assert f"resumed from {os.path.join(out, 'checkpoints', left[-1])}:" in final.stderr
+    assert f"{ITERATIONS} iterations ({ITERATIONS - start} trained now)" in final.stdout  # no work redone
+    _same_metrics(_metrics(out), _metrics(uninterrupted))
+    want, got = _weights(uninterrupted), _weights(out)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    names = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    assert names == ["iter_0000006", "iter_0000008", "latest"]  # keep_checkpoints=2, nothing half-written
+
+
+def test_a_finished_run_started_again_does_nothing_and_other_configs_are_refused(pipeline_dir, uninterrupted,
+                                                                                  tmp_path):
+    before = _files(uninterrupted)
+    again = _finish(_command(pipeline_dir, uninterrupted))
+    assert f"{ITERATIONS} iterations (0 trained now)" in again.stdout
+    assert _files(uninterrupted) == before  # nothing written, nothing touched
+
+    refusals = {
+        "optim.generator.lr=1e-3": "config.yaml: optim.generator.lr=0.0001 there but 0.001 now",
+        "train.resume=never": "already holds a run and train.resume=never",
+    }
+    for override, message in refusals.items():
+        proc = subprocess.run(_command(pipeline_dir, uninterrupted, override), cwd=ROOT, env=_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2
+        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert _files(uninterrupted) == before
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a run")
+    proc = subprocess.run(_command(pipeline_dir, str(a_file)), cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "exists and is not a directory" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and a_file.read_text() == "not a run"
