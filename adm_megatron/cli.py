@@ -3,13 +3,14 @@
 ``collect-ode`` collects the teacher's ODE pairs (the real samples of DMD2, ADP's data) with the
 teacher and layout of such a config; ``plan`` prints the per-GPU memory plan of such a run on a
 card (``adm_megatron.memory``); ``bench`` measures throughput (our DiT against diffusers, each
-phase of an iteration)."""
+phase of an iteration); ``sample`` renders an exported generator beside the teacher."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import shlex
 import sys
 import warnings
 
@@ -78,6 +79,7 @@ def _bench(args: argparse.Namespace) -> int:
         model=args.model, layers=args.layers, batch=args.batch, frames=args.frames, height=args.height,
         width=args.width, dtype=args.dtype, impl=args.impl, repeats=args.repeats, warmup=args.warmup,
         peak_tflops=args.peak_tflops, seed=args.seed, config=args.config, overrides=args.overrides,
+        command=args.command_line,
     )
     try:
         result = run_bench(opts)
@@ -94,6 +96,23 @@ def _bench(args: argparse.Namespace) -> int:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
         print(f"written: {args.out}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from adm_megatron.sampling import SampleRun, format_timing, sample
+
+    runs = [SampleRun("generator", args.generator, args.steps, args.guidance_scale)]
+    if args.teacher_steps:
+        runs.append(SampleRun("teacher", None, args.teacher_steps, args.teacher_guidance_scale))
+    try:
+        result = sample(args.pipeline, runs, args.prompt, args.out, fmt=args.format, seed=args.seed,
+                        command=args.command_line)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"adm-megatron sample: {err}", file=sys.stderr)
+        return 2
+    print(result["environment"]["device"])
+    print(format_timing(result))
     return 0
 
 
@@ -182,11 +201,33 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("overrides", nargs="*", metavar="key=value",
                        help="trainer overrides, e.g. distill.generator_steps=8 distill.head_every=3")
     bench.set_defaults(func=_bench)
+    samp = sub.add_parser(
+        "sample",
+        help="render prompts with an exported generator (and the teacher), seconds per sample",
+        description="Generate videos from an exported generator (a diffusers CogVideoX transformer "
+        "directory, e.g. a run's generator/) through the pipeline's CogVideoXPipeline with its N-step "
+        "schedule, and with the pipeline's own transformer (the teacher) at --teacher-steps; writes "
+        "OUT/generator/, OUT/teacher/ and OUT/sample_timing.json and prints seconds per sample.",
+    )
+    samp.add_argument("--pipeline", required=True, help="the teacher's CogVideoXPipeline directory (VAE, T5, scheduler)")
+    samp.add_argument("--generator", required=True, help="the exported generator (diffusers transformer directory)")
+    samp.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
+    samp.add_argument("--steps", type=int, default=8, help="generator steps (default 8)")
+    samp.add_argument("--guidance-scale", type=float, default=1.0,
+                      help="CFG for the generator (default 1: none; > 1: the paper's 'ADM w/ CFG')")
+    samp.add_argument("--teacher-steps", type=int, default=50, help="teacher steps (default 50; 0: no teacher)")
+    samp.add_argument("--teacher-guidance-scale", type=float, default=6.0, help="the teacher's CFG (default 6)")
+    samp.add_argument("--format", default="mp4", choices=("mp4", "gif", "png"), help="png: frames side by side")
+    samp.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by seed + i")
+    samp.add_argument("--out", required=True, help="output directory")
+    samp.set_defaults(func=_sample)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["adm-megatron", *argv])
     _setup_logging()
     try:
         return args.func(args)

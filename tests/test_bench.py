@@ -77,7 +77,8 @@ def test_bench_cli_runs_both_models_and_every_phase(tmp_path, world_of_one, caps
                  "distill.generator_steps=1", "distill.head_every=1", "distill.head_hidden=16"]) == 0
     result = json.loads(out.read_text())
     env = result["environment"]
-    assert env["device"].startswith("CPU") and "bench" in env["command"] and env["date_utc"]
+    assert env["device"].startswith("CPU") and env["date_utc"]
+    assert env["command"].startswith("adm-megatron bench --model ") and env["command"].endswith("distill.head_hidden=16")
     assert set(env["versions"]) == {"torch", "megatron-core", "transformer-engine", "diffusers"}
     assert env["versions"]["torch"] == torch.__version__
     assert result["dtype"] == "fp32" and result["model"]["video_tokens"] == 2 * 2 * 2

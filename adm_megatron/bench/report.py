@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-import sys
 from datetime import datetime, timezone
 
 import torch
@@ -45,11 +44,12 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def environment(device: torch.device) -> dict:
+def environment(device: torch.device, command: str) -> dict:
+    """The device, the date, ``command`` (the command line that measured) and the versions."""
     return {
         "device": device_name(device),
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": " ".join(sys.argv),
+        "command": command,
         "python": platform.python_version(),
         "versions": {name: _version(name) for name in
                      ("torch", "megatron-core", "transformer-engine", "diffusers")},

@@ -40,6 +40,7 @@ class BenchOptions:
     seed: int = 0
     config: str | None = None  # a run config for the trainer (its model/data keys are replaced)
     overrides: list[str] = field(default_factory=list)
+    command: str = ""  # the command line, recorded in the result
 
 
 def resolve_model(opts: BenchOptions, workdir: str) -> tuple[str, str]:
@@ -110,7 +111,7 @@ def run_bench(opts: BenchOptions) -> dict:
     device = initialize_parallel(1, 1, seed=opts.seed).device
     if opts.dtype == "auto":
         opts.dtype = "bf16" if device.type == "cuda" else "fp32"
-    env = environment(device)
+    env = environment(device, opts.command)
     peak = peak_tflops(env["device"], opts.dtype, opts.peak_tflops)
     with tempfile.TemporaryDirectory(prefix="adm-bench-") as workdir:
         transformer, pipeline = resolve_model(opts, workdir)

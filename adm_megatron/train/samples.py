@@ -1,4 +1,5 @@
-"""Sample videos from a (distilled) CogVideoX transformer, written as gif or mp4 files.
+"""Sample videos from a (distilled) CogVideoX transformer, written as gif, mp4 or png files (png:
+the frames side by side).
 
 :func:`render_samples` runs diffusers' ``CogVideoXPipeline`` from a pipeline directory (VAE and
 scheduler; the text encoder is never loaded -- prompts come as precomputed embeddings) with the
@@ -14,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 
 import numpy as np
 import torch
 
-FORMATS = ("gif", "mp4")
+FORMATS = ("gif", "mp4", "png")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +97,10 @@ def _write(frames: np.ndarray, path: str, fmt: str, fps: int) -> None:
 
         pixels = (frames * 255).round().clip(0, 255).astype(np.uint8)
         iio.imwrite(path, pixels, extension=".gif", duration=1000 / fps, loop=0)
+    elif fmt == "png":
+        import imageio.v3 as iio
+
+        iio.imwrite(path, (np.concatenate(list(frames), axis=1) * 255).round().clip(0, 255).astype(np.uint8))
     else:
         from diffusers.utils import export_to_video
 
@@ -117,13 +123,15 @@ def render_samples(
     num_frames: int | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    seconds: list[float] | None = None,
 ) -> list[str]:
     """One video per row of ``prompt_embeds`` ``[B, L, D]``, written to ``out_dir/sample-{i:03d}.{fmt}``.
 
     Sample ``i`` starts from noise seeded by ``seed + i``, so it does not depend on the other rows.
     ``negative_embeds`` (``[L, D]`` or ``[B, L, D]``) is the unconditional input, used only when
     ``guidance_scale > 1``. ``transformer_dir`` ``None`` samples the pipeline's own transformer.
-    Size defaults to :func:`video_shape`; returns the written paths.
+    Size defaults to :func:`video_shape`; returns the written paths. ``seconds``, when given,
+    receives each sample's generation time (the pipeline call, not the file write).
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
@@ -147,6 +155,7 @@ def render_samples(
     paths = []
     for i in range(batch):
         negative = negative_embeds[i : i + 1].to(device, dtype) if guidance_scale > 1.0 else None
+        start = time.perf_counter()
         video = pipeline(
             prompt_embeds=prompt_embeds[i : i + 1].to(device, dtype),
             negative_prompt_embeds=negative,
@@ -158,6 +167,8 @@ def render_samples(
             generator=torch.Generator(device).manual_seed(seed + i),
             output_type="np",
         ).frames[0]
+        if seconds is not None:  # the frames are numpy on the host: the device work is done
+            seconds.append(time.perf_counter() - start)
         paths.append(os.path.join(out_dir, f"sample-{i:03d}.{fmt}"))
         _write(video, paths[-1], fmt, fps)
     return paths
