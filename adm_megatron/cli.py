@@ -1,5 +1,7 @@
 """``adm-megatron``: the command line. ``train`` runs a distillation from a YAML config with dotted
-``key=value`` overrides, in one process or under torchrun / srun (one process per GPU)."""
+``key=value`` overrides, in one process or under torchrun / srun (one process per GPU);
+``collect-ode`` collects the teacher's ODE pairs (the real samples of DMD2, ADP's data) with the
+teacher and layout of such a config."""
 
 from __future__ import annotations
 
@@ -52,10 +54,21 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _collect_ode(args: argparse.Namespace) -> int:
+    from adm_megatron.ode_collection import collect_ode_pairs
+
+    config = load_config(args.config, args.overrides)
+    manifest = collect_ode_pairs(config, args.out, args.num_pairs, args.shard_size, args.steps,
+                                 args.batch_size, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"ode pairs: {manifest['num_pairs']} in {len(manifest['shards'])} shards, {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adm-megatron",
-        description="Distil CogVideoX diffusion transformers into few-step generators (ADM / DMD2) "
+        description="Distil CogVideoX diffusion transformers into few-step generators (ADM / DMD / DMD2) "
         "on megatron-core.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="dotted overrides in YAML syntax, e.g. train.max_iterations=10 distill.method=dmd2",
     )
     train.set_defaults(func=_train)
+    collect = sub.add_parser(
+        "collect-ode",
+        help="collect the teacher's ODE pairs (x_T, x_0, prompt id)",
+        description="Sample the teacher's multi-step PF-ODE with CFG (model.teacher, "
+        "distill.guidance_scale, the prompts and latent size of data.*, the layout of parallel.* "
+        "of the config) and write (x_T, x_0, prompt id, CFG scale) as safetensors shards plus a "
+        "manifest. Resumable: rerun the same command to finish a killed collection. Many "
+        "processes: torchrun / srun as for train (each data-parallel rank writes its own shards).",
+    )
+    collect.add_argument("--config", default=None,
+                         help="a run config (YAML) naming the teacher and data (or give them as overrides)")
+    collect.add_argument("--out", required=True, help="output directory (new, or an unfinished collection)")
+    collect.add_argument("--num-pairs", type=int, required=True)
+    collect.add_argument("--shard-size", type=int, default=256, help="pairs per shard (default 256)")
+    collect.add_argument("--steps", type=int, default=50, help="teacher PF-ODE steps (default 50)")
+    collect.add_argument("--batch-size", type=int, default=64, help="pairs sampled at once (default 64)")
+    collect.add_argument("--no-progress", action="store_true", help="no progress bar")
+    collect.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    collect.set_defaults(func=_collect_ode)
     return parser
 
 

@@ -45,6 +45,7 @@ class DataConfig:
     path: str = ""  # text-embedding shards (tools/precompute_text_embeddings.py)
     num_prompts: int = 64  # synthetic source only
     batch_size: int = 1  # per data-parallel rank
+    real_path: str = ""  # real samples (ODE-pair / latent shards, tools/collect_ode_pairs.py): dmd2 only
     frames: int = 13  # latent frames
     height: int = 60  # latent height
     width: int = 90  # latent width
@@ -52,16 +53,23 @@ class DataConfig:
 
 @dataclass
 class DistillConfig:
-    method: str = "adm"  # adm | dmd2
+    method: str = "adm"  # adm | dmd (plain DMD) | dmd2 (DMD2 as published)
     generator_steps: int = 8
-    delta_t: int = 16  # the fake / teacher ODE step, in training timesteps (T/64)
+    delta_t: int = 16  # adm: the fake / teacher ODE step, in training timesteps (T/64)
     guidance_scale: tuple[float, float] = (5.0, 7.0)  # CFG scale range, drawn per sample
     ttur: int = 1  # generator and discriminator update every ttur-th iteration
     head_every: int = 3  # a discriminator head on every k-th block
     head_hidden: int = 256
     head_blocks: int = 2
     head_reduction: str = "sum"  # sum | mean over heads
-    gan_weight: float = 0.0  # dmd2 only: weight of the GAN term (0: plain DMD)
+    # ablation controls (adm): heads kept at their random start; no gradient through the fake step
+    train_discriminator: bool = True
+    fake_score_grad: bool = True
+    # dmd / dmd2, defaults from DMD2's code (tianweiy/DMD2, SDXL scripts; see algorithms/dmd2.py)
+    dmd_t_range: tuple[float, float] = (0.02, 0.98)  # DMD loss t range / T (min/max_step_percent)
+    gan_weight: float = 5e-3  # dmd2: generator GAN term weight (gen_cls_loss_weight)
+    cls_weight: float = 1e-2  # dmd2: classifier loss weight in the fake-score phase (guidance_cls_loss_weight)
+    gan_t_max: float = 1.0  # dmd2: classifier inputs noised to t < gan_t_max * T (diffusion_gan_max_timestep)
 
 
 @dataclass
@@ -104,6 +112,10 @@ class LoggingConfig:
     wandb_mode: str = "offline"  # offline | online | disabled
     wandb_project: str = "adm-megatron"
     progress: bool = True
+    # warn once when the discriminator's paired accuracy, averaged over this many of its last
+    # updates, is at most dead_discriminator_accuracy (0.5 is chance); 0 disables the check
+    dead_discriminator_window: int = 100
+    dead_discriminator_accuracy: float = 0.55
 
 
 @dataclass
@@ -124,7 +136,7 @@ CHOICES = {
     "model.impl": ("auto", "local", "te"),
     "model.dtype": ("fp32", "bf16", "fp64"),
     "data.source": ("synthetic", "shards"),
-    "distill.method": ("adm", "dmd2"),
+    "distill.method": ("adm", "dmd", "dmd2"),
     "distill.head_reduction": ("sum", "mean"),
     "train.nan_policy": ("error", "skip"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
@@ -267,6 +279,20 @@ def _check_fields(config: Config, source: str) -> None:
         if not 0 <= opt.warmup_iters < updates:
             raise ConfigError(f"{source}: optim.{name}.warmup_iters={opt.warmup_iters}: expected 0 <= warmup "
                               f"< the network's {updates} updates in train.max_iterations")
+    d = config.distill
+    lo, hi = d.dmd_t_range
+    if not 0 <= lo < hi <= 1:
+        raise ConfigError(f"{source}: distill.dmd_t_range=[{lo}, {hi}]: expected 0 <= low < high <= 1")
+    if not 0 < d.gan_t_max <= 1:
+        raise ConfigError(f"{source}: distill.gan_t_max={d.gan_t_max}: expected 0 < gan_t_max <= 1")
+    if d.gan_weight < 0 or d.cls_weight < 0:
+        raise ConfigError(f"{source}: distill.gan_weight / cls_weight: expected >= 0")
+    if config.logging.dead_discriminator_window < 0:
+        raise ConfigError(f"{source}: logging.dead_discriminator_window="
+                          f"{config.logging.dead_discriminator_window}: expected >= 0 (0 disables)")
+    if d.method == "dmd2" and not config.data.real_path:
+        raise ConfigError(f"{source}: distill.method=dmd2 needs data.real_path (real samples: teacher ODE "
+                          "pairs from tools/collect_ode_pairs.py, or latent shards)")
     if not config.model.teacher:
         raise ConfigError(f"{source}: model.teacher is required (a diffusers directory or megatron checkpoint)")
     if config.data.source == "shards" and not config.data.path:

@@ -223,7 +223,7 @@ def test_reduced_study_adm_two_step_beats_the_teacher_two_step(tmp_path):
 
     results = run_toy_study.main([
         "--out", str(tmp_path / "docs"), "--work", str(tmp_path / "work"), "--seeds", "0",
-        "--steps", "2", "--per-class", "64", "--jobs", "1",
+        "--steps", "2", "--per-class", "64", "--jobs", "1", "--methods", "adm", "--no-sweep",
     ])
     rows = {r["name"]: r for r in results["rows"]}
     adm, teacher = rows["ADM 2-step"], rows["teacher 2-step"]

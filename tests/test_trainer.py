@@ -5,7 +5,6 @@ group exists."""
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import pytest
@@ -13,7 +12,9 @@ import torch
 import torch.distributed as dist
 
 from adm_megatron.algorithms.adm import ADM
-from adm_megatron.algorithms.dmd import DMD2
+from adm_megatron.algorithms.base import Distillation
+from adm_megatron.algorithms.dmd import DMD
+from adm_megatron.algorithms.dmd2 import DMD2
 from adm_megatron.config import ConfigError, load_config
 from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
 
@@ -30,6 +31,22 @@ BASE = [
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
     return build_tiny_pipeline(str(tmp_path_factory.mktemp("teacher") / "pipe"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def real_pairs(pipeline_dir, tmp_path_factory):
+    """Teacher ODE pairs of the tiny pipeline at the tests' latent size (DMD2's real samples)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("pairs") / "pairs"
+    config = out.parent / "run.yaml"
+    config.write_text(f"model: {{teacher: {pipeline_dir}}}\n")
+    overrides = [o for o in BASE if o.startswith(("data.", "distill.head_every"))]
+    subprocess.run([sys.executable, "-m", "adm_megatron.cli", "collect-ode", "--config", str(config),
+                    "--out", str(out), "--num-pairs", "6", "--shard-size", "4", "--steps", "4",
+                    "--no-progress", *overrides], check=True, capture_output=True)
+    return str(out)
 
 
 def _config(pipeline_dir, tmp_path, *extra):
@@ -67,7 +84,7 @@ def test_each_network_changes_only_in_its_own_phase(trainer):
         elif phase == "generator":
             loss_fn = lambda: alg.generator_loss(batch, trainer.rng(0, phase))  # noqa: E731
         else:
-            loss_fn = lambda: (*alg.discriminator_loss(pair, batch), None)  # noqa: E731
+            loss_fn = lambda: alg.discriminator_loss(pair, batch)  # noqa: E731
         metrics, extra = trainer.phases.run(phase, loss_fn, 0)
         pair = extra if phase == "generator" else pair
         assert metrics[f"{phase}/grad_norm"] > 0 and not metrics[f"{phase}/skipped"]
@@ -93,7 +110,7 @@ def test_discriminator_update_raises_its_margin_and_generator_update_lowers_its_
 
     before = margin()
     for _ in range(3):
-        trainer.phases.run("discriminator", lambda: (*alg.discriminator_loss(pair, batch), None), 0)
+        trainer.phases.run("discriminator", lambda: alg.discriminator_loss(pair, batch), 0)
     assert margin() > before
 
 
@@ -120,25 +137,67 @@ def test_ttur_updates_generator_and_discriminator_every_kth_iteration(pipeline_d
         "fake_score", "generator", "discriminator"}
 
 
-def test_adm_and_dmd2_differ_only_by_the_switch(pipeline_dir, tmp_path, world_of_one):
+def test_methods_differ_only_by_the_switch_and_share_the_sampling_code(pipeline_dir, real_pairs, tmp_path,
+                                                                        world_of_one):
     from adm_megatron.train.trainer import Trainer
 
-    adm = _config(pipeline_dir, tmp_path)
-    dmd = _config(pipeline_dir, tmp_path, "distill.method=dmd2", "distill.gan_weight=0.5")
-    for section in ("model", "parallel", "data", "optim", "train", "logging"):
-        assert getattr(adm, section) == getattr(dmd, section)
-    differ = {k for k, v in vars(adm.distill).items() if getattr(dmd.distill, k) != v}
-    assert differ == {"method", "gan_weight"}
-    overridden = {n for n, v in vars(DMD2).items() if callable(v) or isinstance(v, property)}
-    assert overridden == {"__init__", "generator_loss", "discriminator_loss", "uses_discriminator"}
-    # the shared sampling is ADM's own code, not a copy
-    for name in ("generator_x0", "diffuse", "ode_pair", "teacher_velocity", "fake_score_loss"):
-        assert getattr(DMD2, name) is getattr(ADM, name)
-    trainer = Trainer(dmd)
-    assert isinstance(trainer.algorithm, DMD2)
+    real = f"data.real_path={real_pairs}"  # read by DMD2 only
+    adm = _config(pipeline_dir, tmp_path, real)
+    for method, cls in (("dmd", DMD), ("dmd2", DMD2)):
+        other = _config(pipeline_dir, tmp_path, real, f"distill.method={method}")
+        for section in ("model", "parallel", "data", "optim", "train", "logging"):
+            assert getattr(adm, section) == getattr(other, section)
+        assert {k for k, v in vars(adm.distill).items() if getattr(other.distill, k) != v} == {"method"}
+        # the shared sampling is one copy: the generator's x̂0, diffusion, teacher CFG, fake-score loss
+        for name in ("generator_x0", "sample_generator", "diffuse", "teacher_output", "denoising_loss"):
+            assert getattr(cls, name) is getattr(Distillation, name) is getattr(ADM, name)
+    assert DMD.fake_score_loss is ADM.fake_score_loss
+    trainer = Trainer(_config(pipeline_dir, tmp_path, "distill.method=dmd"))
+    assert isinstance(trainer.algorithm, DMD) and trainer.heads is None and "discriminator" not in trainer.trainable
     metrics = trainer.train_iteration(0)
-    assert math.isfinite(metrics["generator/dmd"]) and "discriminator/loss" in metrics
-    assert "gan_weight" in inspect.signature(DMD2.__init__).parameters
+    assert math.isfinite(metrics["generator/dmd"]) and not any(k.startswith("discriminator/") for k in metrics)
+
+
+def test_dmd2_is_published_dmd2_classifier_on_the_fake_score_trained_on_noisy_real_vs_fake(
+        pipeline_dir, real_pairs, tmp_path, world_of_one):
+    """DMD2: heads read the fake score's features, learn with the fake score in its phase (both
+    change, weighted cls_weight), see real samples; the generator gets DMD + the GAN term."""
+    from adm_megatron.train.trainer import Trainer
+
+    trainer = Trainer(_config(pipeline_dir, tmp_path, "distill.method=dmd2", f"data.real_path={real_pairs}"))
+    alg = trainer.algorithm
+    assert isinstance(alg, DMD2) and not alg.discriminator_phase
+    assert (alg.gan_weight, alg.cls_weight) == (5e-3, 1e-2)  # DMD2's SDXL defaults
+    batch = trainer.batch(0)
+    assert batch.real is not None and batch.real.x0.shape == batch.fake_noise.shape
+    rng = lambda: trainer.rng(0, "probe")  # noqa: E731
+    with torch.no_grad():
+        before = alg.classify(batch.real.x0, batch.real.text, rng())
+    nets = {"fake_score": trainer.trainable["fake_score"].module, "heads": trainer.trainable["discriminator"].module,
+            "generator": trainer.trainable["generator"].module}
+    snap = {k: _snapshot(m) for k, m in nets.items()}
+    metrics = trainer.train_iteration(0)
+    assert _changed(snap["fake_score"], nets["fake_score"]) and _changed(snap["heads"], nets["heads"])
+    assert metrics["discriminator/grad_norm"] > 0 and "discriminator/seconds" not in metrics  # no D phase
+    for key in ("generator/dmd", "generator/gan", "fake_score/denoising", "fake_score/classifier",
+                "discriminator/paired_accuracy", "discriminator/loss_vs_chance"):
+        assert math.isfinite(metrics[key]), key
+    # the fake phase's loss is the denoising loss + cls_weight x the classifier loss
+    assert metrics["fake_score/loss"] == pytest.approx(
+        metrics["fake_score/denoising"] + 1e-2 * metrics["fake_score/classifier"], rel=1e-5)
+    # the classifier's backbone is the (now trained) fake score, not the teacher
+    with torch.no_grad():
+        after = alg.classify(batch.real.x0, batch.real.text, rng())
+        x_t, t = _noised(alg, batch.real.x0, rng())
+        on_fake = trainer.networks.heads(trainer.networks.fake_score.features(x_t, t, batch.real.text, 1))
+        on_teacher = trainer.networks.heads(trainer.networks.teacher.features(x_t, t, batch.real.text, 1))
+    assert not torch.allclose(after, before)
+    assert torch.equal(after, on_fake) and not torch.allclose(after, on_teacher)
+
+
+def _noised(alg, x0, rng):
+    x_t, t, _ = alg.diffuse(x0, rng, t_max=alg.gan_t_max)
+    return x_t, alg.schedule.model_timestep(t)
 
 
 def test_nan_policy_error_raises_and_skip_leaves_weights(pipeline_dir, tmp_path, world_of_one):
@@ -163,7 +222,10 @@ def test_nan_policy_error_raises_and_skip_leaves_weights(pipeline_dir, tmp_path,
         (["parallel.tensor_parallel=3"], "world size 1 is not divisible by tensor_parallel x context_parallel = 3 x 1"),
         (["data.height=5"], "data.height/width=5x4: not divisible by patch size 2"),
         (["distill.head_every=3"], "distill.head_every=3: the teacher has only 2 blocks"),
-        (["distill.method=gan"], "distill.method='gan': expected one of adm, dmd2"),
+        (["distill.method=gan"], "distill.method='gan': expected one of adm, dmd, dmd2"),
+        (["distill.method=dmd2"], "distill.method=dmd2 needs data.real_path"),
+        (["distill.method=dmd2", "data.real_path=/nonexistent"], "data.real_path='/nonexistent': no manifest.json"),
+        (["distill.dmd_t_range=[0.5, 0.2]"], "distill.dmd_t_range=[0.5, 0.2]: expected 0 <= low < high <= 1"),
         (["model.teacher=/nonexistent"], "model.teacher='/nonexistent': directory not found"),
         (["train.max_iterations=0"], "train.max_iterations=0: must be >= 1"),
         (["optim.generator.decay_style=step"], "optim.generator.decay_style='step': expected one of constant"),

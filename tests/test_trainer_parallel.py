@@ -1,5 +1,7 @@
-"""One ADM iteration at DP = 2 and at TP = 2 (with sequence parallelism) equals the one-process
-iteration with the same seeds (gloo, 2 processes): every phase's loss, every gathered gradient
+"""One ADM iteration at DP = 2 and at TP = 2 (with sequence parallelism), and one DMD2 iteration
+at DP = 2 (its heads co-trained with the fake score), equal the one-process iteration with the
+same seeds (gloo, 2 processes): every phase's loss, the discriminator's paired statistics (averaged
+over the data-parallel group, so every rank reports the global batch's), every gathered gradient
 before the optimizer step (1e-5 relative per tensor), and the updated weights wherever the gradient
 is above rounding noise (Adam's first step moves each weight by about lr * sign(grad), so a weight
 whose gradient is pure noise may move either way).
@@ -30,7 +32,11 @@ LAYOUTS = {  # name: overrides (global batch 2 everywhere)
     "one-process": ["data.batch_size=2"],
     "dp2": ["data.batch_size=1"],
     "tp2-sp": ["data.batch_size=2", "parallel.tensor_parallel=2", "model.sequence_parallel=true"],
+    "dmd2-one-process": ["data.batch_size=2", "distill.method=dmd2"],
+    "dmd2-dp2": ["data.batch_size=1", "distill.method=dmd2"],
 }
+REFERENCE = {"dp2": "one-process", "tp2-sp": "one-process", "dmd2-dp2": "dmd2-one-process"}
+HEALTH = ("discriminator/paired_margin", "discriminator/paired_accuracy", "discriminator/loss_vs_chance")
 
 
 def _one_iteration(pipeline_dir: str, output_dir: str, overrides: list[str]) -> dict:
@@ -56,12 +62,14 @@ def _one_iteration(pipeline_dir: str, output_dir: str, overrides: list[str]) -> 
         for phase, net in trainer.trainable.items()
     }
     losses = {k: v for k, v in metrics.items() if k.endswith("/loss")}
+    health = {k: metrics[k] for k in HEALTH}
     destroy_parallel()
-    return {"losses": losses, "grads": grads, "weights": weights, "dp_rank": trainer.info.dp_rank}
+    return {"losses": losses, "health": health, "grads": grads, "weights": weights, "dp_rank": trainer.info.dp_rank}
 
 
-def _parallel_layouts(pipeline_dir, output_dir):
-    return {name: _one_iteration(pipeline_dir, f"{output_dir}/{name}", LAYOUTS[name]) for name in ("dp2", "tp2-sp")}
+def _parallel_layouts(pipeline_dir, output_dir, real_path):
+    return {name: _one_iteration(pipeline_dir, f"{output_dir}/{name}", [*LAYOUTS[name], f"data.real_path={real_path}"])
+            for name in REFERENCE}
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +79,37 @@ def pipeline_dir(tmp_path_factory):
     return build_tiny_pipeline(str(tmp_path_factory.mktemp("teacher") / "pipe"), seed=0)
 
 
-def test_dp2_and_tp2_iterations_equal_the_one_process_iteration(pipeline_dir, tmp_path, world_of_one):
-    reference = _one_iteration(pipeline_dir, str(tmp_path / "ref"), LAYOUTS["one-process"])
-    ranks = run_world(_parallel_layouts, 2, pipeline_dir, str(tmp_path))
-    for layout in ("dp2", "tp2-sp"):
+@pytest.fixture(scope="module")
+def real_pairs(pipeline_dir, tmp_path_factory):
+    from adm_megatron.cli import main
+
+    out = tmp_path_factory.mktemp("pairs")
+    config = out / "run.yaml"
+    config.write_text(f"model: {{teacher: {pipeline_dir}}}\n")
+    assert main(["collect-ode", "--config", str(config), "--out", str(out / "pairs"), "--num-pairs", "4",
+                 "--steps", "2", "--no-progress", "data.frames=2", "data.height=4", "data.width=4",
+                 "distill.head_every=1"]) == 0
+    from adm_megatron.parallel import destroy_parallel
+
+    destroy_parallel()
+    return str(out / "pairs")
+
+
+def test_dp2_and_tp2_iterations_equal_the_one_process_iteration(pipeline_dir, real_pairs, tmp_path, world_of_one):
+    references = {name: _one_iteration(pipeline_dir, str(tmp_path / name), [*LAYOUTS[name], f"data.real_path={real_pairs}"])
+                  for name in set(REFERENCE.values())}
+    ranks = run_world(_parallel_layouts, 2, pipeline_dir, str(tmp_path), real_pairs)
+    for layout, reference_name in REFERENCE.items():
+        reference = references[reference_name]
         results = [r[layout] for r in ranks]
         for phase, loss in reference["losses"].items():
             # DP ranks report the mean over their own half of the batch
-            got = sum(r["losses"][phase] for r in results) / 2 if layout == "dp2" else results[0]["losses"][phase]
+            dp = layout.endswith("dp2")
+            got = sum(r["losses"][phase] for r in results) / 2 if dp else results[0]["losses"][phase]
             assert abs(got - loss) <= TOL * max(1.0, abs(loss)), (layout, phase, got, loss)
         for result in results:
+            for key, value in reference["health"].items():  # already the global batch's on every rank
+                assert abs(result["health"][key] - value) <= TOL, (layout, key, result["health"][key], value)
             for phase, ref_grads in reference["grads"].items():
                 assert_grads_match(result["grads"][phase], ref_grads, TOL, context=(layout, phase))
                 scale = max(g.abs().max() for g in ref_grads.values())

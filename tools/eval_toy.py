@@ -100,6 +100,18 @@ def _summary(entries: list[dict]) -> dict:
     return out
 
 
+def _curve_summary(entries: list[dict]) -> dict | None:
+    """The runs' discriminator curves (tools/run_toy_study.py) averaged over seeds, window by window."""
+    curves = [e["discriminator"] for e in entries if e.get("discriminator")]
+    if not curves:
+        return None
+    n = min(len(c["start"]) for c in curves)
+    mean = lambda key, i: statistics.fmean(c[key][i] for c in curves)  # noqa: E731
+    return {"window": curves[0]["window"], "start": curves[0]["start"][:n],
+            "accuracy": [mean("accuracy", i) for i in range(n)], "margin": [mean("margin", i) for i in range(n)],
+            "above_chance": statistics.fmean(c["above_chance"] for c in curves)}
+
+
 def evaluate(manifest: dict, per_class: int = 128, cache_dir: str | None = None,
              grid_path: str | None = None) -> dict:
     """All figures of the study as one JSON-able dict (see the module docstring)."""
@@ -131,7 +143,8 @@ def evaluate(manifest: dict, per_class: int = 128, cache_dir: str | None = None,
         groups.setdefault(entry["label"], []).append(entry)
     for label, entries in groups.items():
         rows.append({"name": label, "kind": "distilled", "steps": entries[0]["steps"],
-                     "method": entries[0]["method"], **_summary(entries)})
+                     "method": entries[0]["method"], "group": entries[0].get("group", "main"),
+                     "discriminator": _curve_summary(entries), **_summary(entries)})
 
     teacher = {r["steps"]: r for r in rows if r["kind"] == "teacher"}
     by_name = {r["name"]: r for r in rows}
@@ -196,14 +209,38 @@ def _fmt(row: dict, key: str, digits: int = 3) -> str:
     return text + (f" ± {row[key + '_std']:.{digits}f}" if len(row.get(key + "_values", [])) > 1 else "")
 
 
-def markdown_table(results: dict) -> str:
+def markdown_table(results: dict, group: str = "main") -> str:
+    """The rows of the true data, the teacher and the distilled runs of ``group`` (main, control,
+    sweep), as a markdown table."""
     head = ("| samples | steps | FD to teacher-50 | per-class FD to teacher-50 | FD to true data | "
             "per-class FD to true data | class accuracy | diversity |")
     lines = [head, "|" + "---|" * 8]
     for row in results["rows"]:
+        if row["kind"] == "distilled" and row.get("group", "main") != group:
+            continue
+        if row["kind"] != "distilled" and group != "main":
+            continue
         steps = "" if row["steps"] is None else str(row["steps"])
         cells = [row["name"], steps] + [_fmt(row, k, 2 if k == "diversity" else 3) for k in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def discriminator_table(results: dict) -> str:
+    """Each distilled row's discriminator over training: paired accuracy (margin) per window, mean
+    over seeds, and the share of windows with accuracy above chance."""
+    rows = [r for r in results["rows"] if r.get("discriminator")]
+    if not rows:
+        return ""
+    starts = rows[0]["discriminator"]["start"]
+    window = rows[0]["discriminator"]["window"]
+    head = "| run | " + " | ".join(f"it {s}-{s + window - 1}" for s in starts) + " | windows above chance |"
+    lines = [head, "|" + "---|" * (len(starts) + 2)]
+    for r in rows:
+        d = r["discriminator"]
+        cells = [f"{a:.3f} ({m:+.4f})" for a, m in zip(d["accuracy"], d["margin"])]
+        cells += [""] * (len(starts) - len(cells))
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {100 * d['above_chance']:.0f}% |")
     return "\n".join(lines)
 
 
@@ -273,15 +310,18 @@ def settings_table(configs: dict[str, dict]) -> list[str]:
         return []
     lines = ["### Training settings", "",
              "| config | method | iterations | batch | G:F updates | Δt | CFG | G lr | G lr schedule | G betas | "
-             "fake-score lr | D lr | DMD2 GAN weight | exported generator |", "|" + "---|" * 14]
+             "fake-score lr | D lr | D width | DMD2 GAN / cls weights | exported generator |", "|" + "---|" * 15]
     for c in configs.values():
         ema = f"EMA {c['ema_decay']}" if c["ema_decay"] else "raw weights"
-        gan = str(c["gan_weight"]) if c["method"] == "dmd2" else ""
+        gan = f"{c['gan_weight']} / {c['cls_weight']}" if c["method"] == "dmd2" else ""
+        width = str(c["head_hidden"]) if c["method"] in ("adm", "dmd2") else ""
+        delta_t = str(c["delta_t"]) if c["method"] == "adm" else ""
+        d_lr = f"{c['lr_discriminator']:g}" if width else ""
         lines.append(f"| `{c['config']}` | {c['method']} | {c['iterations']} | {c['batch_size']} | 1:{c['ttur']} | "
-                     f"{c['delta_t']} | {c['guidance_scale'][0]} | {c['lr_generator']:g} | "
+                     f"{delta_t} | {c['guidance_scale'][0]} | {c['lr_generator']:g} | "
                      f"{c['schedule_generator']} | {tuple(c['betas_generator'])} | "
                      f"{c['lr_fake_score']:g} | "
-                     f"{c['lr_discriminator']:g} | {gan} | {ema} |")
+                     f"{d_lr} | {width} | {gan} | {ema} |")
     return lines + ["", "Every config: AdamW (fake score and heads: betas (0, 0.99), constant lr), weight decay 0, gradient "
                         "clipping at norm 1, fp32, one process, one thread; Δt in training timesteps of T = 1000.", ""]
 
@@ -294,7 +334,7 @@ def render_report(results: dict, notes: str = "") -> str:
     runs = results["runs"]
     floor = results["noise_floor"]
     lines = [
-        "# Toy distillation study: does the trainer distil? (issue #4)",
+        "# Toy distillation study: does the trainer distil, and what does each part of ADM do? (issues #4, #9)",
         "",
         "Generated by `tools/run_toy_study.py` (do not edit by hand: rerun it). "
         "Numbers are in `docs/toy_study.json`, samples in `docs/toy_samples.png`.",
@@ -310,6 +350,29 @@ def render_report(results: dict, notes: str = "") -> str:
         f"vs true data {floor['true_vs_true']:.3f}.",
         "",
         markdown_table(results),
+        "",
+        "### Controls (issue 9)",
+        "",
+        "Same budget, seeds and evaluation as ADM: (a) ADM with its discriminator heads frozen at their "
+        "random start; (b) ADM without the generator's gradient path through the fake score's ODE step "
+        "(x_fake from a stop-gradient fake output); (c) plain DMD (no discriminator). Faithful DMD2 is a "
+        "main row above.",
+        "",
+        markdown_table(results, "control"),
+        "",
+        "### Settings sweep (2-step, first seed; the same search for ADM and DMD2)",
+        "",
+        markdown_table(results, "sweep"),
+        "",
+        "### The discriminator over training",
+        "",
+        "Paired accuracy: the share of (sample, head) pairs with D(real) > D(fake), 0.5 at chance; in "
+        "brackets the paired margin mean[D(real) - D(fake)]. For ADM real and fake share x_t (teacher vs "
+        "fake-score ODE step); for DMD2 they are noisy teacher ODE-pair samples vs noisy generator samples "
+        "on the fake score's features. Means over each 100-iteration window of the run's metrics "
+        "(every 10th iteration logged) and over seeds.",
+        "",
+        discriminator_table(results),
         "",
         "### Targets (mean over seeds)",
         "",

@@ -31,10 +31,30 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 CONFIGS = {
     "adm": "examples/cogvideox/toy_adm.yaml",
     "dmd2": "examples/cogvideox/toy_dmd2.yaml",
+    "dmd": "examples/cogvideox/toy_dmd.yaml",
     "stage1": "examples/cogvideox/toy_two_stage_1.yaml",
     "two_stage": "examples/cogvideox/toy_two_stage_2.yaml",
 }
-LABELS = {"adm": "ADM", "dmd2": "DMD2"}
+# name: (config, extra overrides, label, steps it runs at, group). Controls (issue 9): (a) ADM with
+# its heads frozen at their random start, (b) ADM without the gradient path through the fake score's
+# ODE step, (c) plain DMD; the faithful DMD2 is a main row.
+METHODS = {
+    "adm": ("adm", [], "ADM", (1, 2, 4), "main"),
+    "dmd2": ("dmd2", [], "DMD2", (1, 2, 4), "main"),
+    "frozen_d": ("adm", ["distill.train_discriminator=false"], "control (a): ADM, frozen random D", (2, 4),
+                 "control"),
+    "no_fake_path": ("adm", ["distill.fake_score_grad=false"], "control (b): ADM, no fake-score gradient path",
+                     (2,), "control"),
+    "dmd": ("dmd", [], "control (c): plain DMD", (2,), "control"),
+}
+# the same search for both methods on their shared knobs (2-step, the first seed): the heads' lr and
+# width; Δt is ADM's alone (DMD2's classifier reads noised samples, not ODE steps)
+SWEEP = {
+    "adm": [["distill.delta_t=16"], ["distill.delta_t=50"], ["distill.delta_t=200"],
+            ["optim.discriminator.lr=1e-3"], ["optim.discriminator.lr=1e-2"], ["distill.head_hidden=64"]],
+    "dmd2": [["optim.discriminator.lr=1e-3"], ["optim.discriminator.lr=1e-2"], ["distill.head_hidden=64"]],
+}
+PAIRS = {"num_pairs": 1024, "steps": 50}  # the teacher ODE pairs DMD2 reads as real samples
 STAGE1_LABEL = "two-stage 1-step, stage 1 only (DMD2)"
 TWO_STAGE_LABEL = "two-stage 1-step (DMD2 -> ADM)"
 GUIDANCE = 1.5  # the configs' distill.guidance_scale (a fixed scale in the toy study)
@@ -106,39 +126,74 @@ NOTES = """
 """
 
 
-def plan_runs(work: str, seeds: list[int], steps: list[int], iterations: int | None) -> list[dict]:
+def _run(work: str, name: str, label: str, method: str, steps: int, seed: int, config: str, group: str,
+         overrides: list[str], after: str | None = None) -> dict:
+    output_dir = f"{work}/{name}"
+    overrides = [*overrides, f"seed={seed}", f"output_dir={output_dir}"]
+    return {
+        "name": name, "label": label, "method": method, "steps": steps, "seed": seed, "config": config,
+        "group": group, "after": after, "overrides": overrides, "output_dir": output_dir,
+        "generator": f"{output_dir}/generator",
+        "command": ("OMP_NUM_THREADS=1 adm-megatron train --config " + config + " "
+                    + " ".join(shlex.quote(o) for o in overrides)),
+    }
+
+
+def plan_runs(work: str, seeds: list[int], steps: list[int], iterations: int | None, sweep: bool = False,
+              methods: list[str] | None = None) -> list[dict]:
     runs = []
     extra = [f"train.max_iterations={iterations}"] if iterations else []
+    chosen = {k: v for k, v in METHODS.items() if methods is None or k in methods}
     for seed in seeds:
-        for method in ("adm", "dmd2"):
-            for n in steps:
-                name = f"{method}-{n}step-seed{seed}"
-                runs.append({
-                    "name": name, "label": f"{LABELS[method]} {n}-step", "method": method, "steps": n,
-                    "seed": seed, "config": CONFIGS[method], "after": None,
-                    "overrides": [f"distill.generator_steps={n}", f"seed={seed}",
-                                  f"output_dir={work}/{name}", *extra],
-                })
-        if 1 in steps:
+        for key, (config, flags, label, method_steps, group) in chosen.items():
+            for n in (n for n in steps if n in method_steps):
+                runs.append(_run(work, f"{key}-{n}step-seed{seed}", f"{label} {n}-step", key, n, seed,
+                                 CONFIGS[config], group, [*flags, f"distill.generator_steps={n}", *extra]))
+        if 1 in steps and methods is None:
             stage1 = f"two-stage-1-seed{seed}"
-            runs.append({
-                "name": stage1, "label": STAGE1_LABEL, "method": "dmd2", "steps": 1, "seed": seed,
-                "config": CONFIGS["stage1"], "after": None,
-                "overrides": [f"seed={seed}", f"output_dir={work}/{stage1}", *extra],
-            })
-            name = f"two-stage-2-seed{seed}"
-            runs.append({
-                "name": name, "label": TWO_STAGE_LABEL, "method": "dmd2+adm", "steps": 1, "seed": seed,
-                "config": CONFIGS["two_stage"], "after": stage1,
-                "overrides": [f"seed={seed}", f"output_dir={work}/{name}",
-                              f"model.generator_init={work}/{stage1}/generator", *extra],
-            })
-    for run in runs:
-        run["output_dir"] = f"{work}/{run['name']}"
-        run["generator"] = f"{run['output_dir']}/generator"
-        run["command"] = ("OMP_NUM_THREADS=1 adm-megatron train --config " + run["config"] + " "
-                          + " ".join(shlex.quote(o) for o in run["overrides"]))
+            runs.append(_run(work, stage1, STAGE1_LABEL, "dmd2", 1, seed, CONFIGS["stage1"], "main", extra))
+            runs.append(_run(work, f"two-stage-2-seed{seed}", TWO_STAGE_LABEL, "dmd2+adm", 1, seed,
+                             CONFIGS["two_stage"], "main",
+                             [f"model.generator_init={work}/{stage1}/generator", *extra], after=stage1))
+    if sweep and 2 in steps:
+        for key, settings in ((k, v) for k, v in SWEEP.items() if k in chosen):
+            for flags in settings:
+                setting = ", ".join(f.removeprefix("distill.").removeprefix("optim.") for f in flags)
+                name = f"sweep-{key}-" + "-".join(f.replace("=", "").replace(".", "_") for f in flags)
+                runs.append(_run(work, name, f"sweep: {METHODS[key][2]} 2-step, {setting}", key, 2, seeds[0],
+                                 CONFIGS[key], "sweep", [*flags, "distill.generator_steps=2", *extra]))
     return runs
+
+
+def discriminator_curve(output_dir: str, window: int = 100) -> dict | None:
+    """The discriminator's paired accuracy and margin over training (means over windows of
+    ``window`` iterations of the run's metrics.jsonl), and the share of windows above chance."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    rows = [json.loads(line) for line in open(path)]
+    rows = [r for r in rows if "discriminator/paired_accuracy" in r]
+    if not rows:
+        return None
+    starts = sorted({r["iteration"] // window * window for r in rows})
+    curve = {"window": window, "start": starts, "accuracy": [], "margin": []}
+    for start in starts:
+        part = [r for r in rows if start <= r["iteration"] < start + window]
+        curve["accuracy"].append(sum(r["discriminator/paired_accuracy"] for r in part) / len(part))
+        curve["margin"].append(sum(r["discriminator/paired_margin"] for r in part) / len(part))
+    curve["above_chance"] = sum(a > 0.5 for a in curve["accuracy"]) / len(starts)
+    return curve
+
+
+def collect_pairs(work: str, teacher: str) -> str:
+    """The toy teacher's ODE pairs (DMD2's real samples), collected once per work directory."""
+    out = os.path.join(work, "ode_pairs")
+    cmd = [sys.executable, "-m", "adm_megatron.cli", "collect-ode", "--config", CONFIGS["adm"], "--out", out,
+           "--num-pairs", str(PAIRS["num_pairs"]), "--steps", str(PAIRS["steps"]), "--batch-size", "256",
+           "--no-progress", f"model.teacher={teacher}", f"data.path={teacher}/prompts"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    return out
 
 
 def _schedule(optimizer) -> str:
@@ -157,6 +212,7 @@ def config_settings(iterations: int | None) -> dict[str, dict]:
         c = load_config(os.path.join(ROOT, path), [f"train.max_iterations={iterations}"] if iterations else [])
         out[key] = {
             "config": path, "method": c.distill.method, "iterations": c.train.max_iterations,
+            "cls_weight": c.distill.cls_weight, "head_hidden": c.distill.head_hidden,
             "batch_size": c.data.batch_size, "ttur": c.distill.ttur, "delta_t": c.distill.delta_t,
             "guidance_scale": list(c.distill.guidance_scale), "gan_weight": c.distill.gan_weight,
             "lr_generator": c.optim.generator.lr, "betas_generator": list(c.optim.generator.betas),
@@ -229,6 +285,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help="keep finished runs of --work")
     parser.add_argument("--train-teacher", action="store_true", help="retrain the teacher first")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the 2-step settings sweep")
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=None,
+                        help="only these methods / controls (and no two-stage run); default: all")
     args = parser.parse_args(argv)
 
     import eval_toy
@@ -242,10 +301,13 @@ def main(argv: list[str] | None = None) -> dict:
             committed = json.load(f)["args"]
         train_toy_teacher.main(["--out", args.teacher] + [
             f"--{k.replace('_', '-')}={v}" for k, v in committed.items() if k != "out"])
-    runs = plan_runs(args.work, args.seeds, args.steps, args.iterations)
+    os.makedirs(args.work, exist_ok=True)
+    pairs = collect_pairs(args.work, args.teacher)
+    runs = plan_runs(args.work, args.seeds, args.steps, args.iterations, sweep=not args.no_sweep,
+                     methods=args.methods)
     for run in runs:
         run["overrides"] = [f"model.teacher={args.teacher}", f"data.path={args.teacher}/prompts",
-                            *run["overrides"]]
+                            f"data.real_path={pairs}", *run["overrides"]]
     trained = execute(runs, args.jobs, args.resume)
     train_seconds = time.time() - start
     previous = os.path.join(args.work, "manifest.json")
@@ -254,8 +316,10 @@ def main(argv: list[str] | None = None) -> dict:
             train_seconds = json.load(f).get("train_wall_seconds", train_seconds)
     manifest = {
         "teacher": args.teacher, "guidance": GUIDANCE, "train_wall_seconds": round(train_seconds, 1),
-        "runs": [{k: r[k] for k in ("name", "label", "method", "steps", "seed", "generator", "command",
-                                    "wall_seconds", "cpu_seconds") if k in r} for r in runs],
+        "runs": [{**{k: r[k] for k in ("name", "label", "method", "steps", "seed", "group", "generator",
+                                       "command", "wall_seconds", "cpu_seconds") if k in r},
+                  "discriminator": discriminator_curve(r["output_dir"])} for r in runs],
+        "ode_pairs": {"path": pairs, **PAIRS},
         "target_names": {"adm_2": "ADM 2-step", "adm_4": "ADM 4-step", "two_stage_1": TWO_STAGE_LABEL},
     }
     with open(os.path.join(args.work, "manifest.json"), "w") as f:

@@ -1,53 +1,36 @@
-"""The DMD2 baseline: ADM with the distribution-matching generator loss instead of the hinge.
-
-Everything but the generator and discriminator losses is ADM's (same generator sample x̂0 from a
-random step, same noisy x_t, same CFG teacher, same fake score, same discriminator on one-step ODE
-outputs), so ``distill.method`` is the only switch between the two.
+"""Distribution Matching Distillation (DMD), the plain baseline: no discriminator at all.
 
 Generator: ``dmd_loss`` pushes x̂0 along (x̂0_fake - x̂0_real) / mean|x̂0 - x̂0_real| (DMD's
-normalisation), where x̂0_real / x̂0_fake are the CFG teacher's and the fake score's x0 predictions
-at x_t; with ``gan_weight > 0`` DMD2's non-saturating GAN term on D(x_fake) is added and the
-discriminator trains with DMD2's softplus loss.
+normalisation), where x̂0_real / x̂0_fake are the CFG teacher's and the fake score's x0
+predictions at x_t, t uniform on [t_lo·T, t_hi·T) (DMD2's ``min_step_percent`` 0.02 and
+``max_step_percent`` 0.98 by default). The fake score trains exactly as in ADM, on generator samples
+from its own noise z; x̂0 comes from ẑ and a random intermediate step, as in ADM.
 """
 
 from __future__ import annotations
 
 import torch
 
-from adm_megatron.algorithms.adm import ADM, OdePair, PhaseBatch
+from adm_megatron.algorithms.base import Distillation, PhaseBatch
+from adm_megatron.algorithms.losses import dmd_loss
 from adm_megatron.algorithms.randomness import BatchRandom
-from adm_megatron.algorithms.losses import dmd2_gan_d_loss, dmd2_gan_g_loss, dmd_loss
 
 
-class DMD2(ADM):
-    def __init__(self, *args, gan_weight: float = 0.0, **kwargs):
+class DMD(Distillation):
+    def __init__(self, *args, dmd_t_range: tuple[float, float] = (0.02, 0.98), **kwargs):
         super().__init__(*args, **kwargs)
-        self.gan_weight = gan_weight
+        T = self.schedule.num_train_timesteps
+        self.dmd_t = (int(dmd_t_range[0] * T), max(int(dmd_t_range[1] * T), int(dmd_t_range[0] * T) + 1))
 
-    @property
-    def uses_discriminator(self) -> bool:
-        return self.gan_weight > 0
-
-    def generator_loss(self, batch: PhaseBatch, rng: BatchRandom):
-        x0_hat = self.generator_x0(batch, rng)
-        x_t, t, _ = self.diffuse(x0_hat.detach(), rng, t_min=self.delta_t)
-        real_out = self.teacher_velocity(x_t, t, batch, rng)
+    def distribution_matching_loss(self, x0_hat: torch.Tensor, batch: PhaseBatch, rng: BatchRandom):
+        x_t, t, _ = self.diffuse(x0_hat.detach(), rng, t_min=self.dmd_t[0], t_max=self.dmd_t[1])
+        real_out = self.teacher_output(x_t, t, batch, rng)
         x0_real = self.schedule.model_output_to_x0_eps(x_t, real_out, t)[0]
         with torch.no_grad():
             fake_out = self.nets.fake_score(x_t, self.schedule.model_timestep(t), batch.text)
         x0_fake = self.schedule.model_output_to_x0_eps(x_t, fake_out, t)[0]
-        loss = dmd_loss(x0_hat, x0_real, x0_fake)
-        metrics = {"dmd": loss.detach().item()}
-        if not self.uses_discriminator:
-            return loss, metrics, None
-        pair = self.ode_pair(x0_hat, batch, rng)
-        logits_fake = self.discriminate(pair.x_fake, pair.t_prev, batch)
-        loss = loss + self.gan_weight * dmd2_gan_g_loss(logits_fake, head_reduction=self.head_reduction)
-        metrics["d_fake"] = logits_fake.detach().mean().item()
-        return loss, metrics, OdePair(pair.x_fake.detach(), pair.x_real.detach(), pair.t_prev)
+        return dmd_loss(x0_hat, x0_real, x0_fake)
 
-    def discriminator_loss(self, pair: OdePair, batch: PhaseBatch):
-        logits_real = self.discriminate(pair.x_real, pair.t_prev, batch)
-        logits_fake = self.discriminate(pair.x_fake, pair.t_prev, batch)
-        loss = dmd2_gan_d_loss(logits_real, logits_fake, head_reduction=self.head_reduction)
-        return loss, self._d_metrics(logits_real, logits_fake)
+    def generator_loss(self, batch: PhaseBatch, rng: BatchRandom):
+        loss = self.distribution_matching_loss(self.generator_x0(batch, rng), batch, rng)
+        return loss, {"dmd": loss.detach().item()}, None

@@ -1,10 +1,10 @@
 """The networks of one distillation run as diffusion-math callables.
 
 ``DiTFunction`` turns a (possibly DDP-wrapped, possibly parallel) megatron CogVideoX into
-``fn(x_t, t, text) -> velocity`` with the latent size's RoPE attached, plus ``features`` for the
+``fn(x_t, t, text) -> velocity`` with the latent size's RoPE attached, plus ``features`` for a
 discriminator backbone. ``Networks`` holds the four roles of ADM's Algorithm 1: the frozen teacher
-(real score and discriminator backbone, one set of weights), the fake score, the generator and the
-discriminator heads.
+(real score and ADM's discriminator backbone, one set of weights), the fake score (DMD2's
+classifier backbone), the generator and the discriminator heads.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ class DiTFunction:
 
 @dataclass
 class Networks:
-    teacher: DiTFunction  # frozen: real score (with CFG) and discriminator backbone
+    teacher: DiTFunction  # frozen: real score (with CFG) and ADM's discriminator backbone
     fake_score: DiTFunction
     generator: DiTFunction
-    heads: torch.nn.Module  # MultiHeadDiscriminator (possibly DDP-wrapped)
+    heads: torch.nn.Module | None  # MultiHeadDiscriminator (possibly DDP-wrapped); None without one
     head_every: int
 
-    def discriminator(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """D(x, t): heads on the frozen teacher's features -> logits [B, heads]."""
-        return self.heads(self.teacher.features(x, t, text, self.head_every))
+    def discriminator(self, backbone: DiTFunction, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor):
+        """Logits [B, heads]: the heads on ``backbone``'s tapped features of (x, t)."""
+        return self.heads(backbone.features(x, t, text, self.head_every))

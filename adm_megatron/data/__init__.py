@@ -1,4 +1,5 @@
-"""Data: precomputed text-embedding shards, prompt sampling, T5 encoding, a tiny test pipeline."""
+"""Data: precomputed text-embedding shards, prompt sampling, T5 encoding, teacher ODE pairs
+(``ode_pairs``), a tiny test pipeline."""
 
 from .encode import encode_prompts, load_t5
 from .text_embeddings import (
@@ -7,6 +8,7 @@ from .text_embeddings import (
     SyntheticTextEmbeddings,
     TextEmbeddingShards,
     TextEmbeddingSource,
+    open_text_source,
     write_embedding_shards,
 )
 from .tiny_pipeline import build_tiny_pipeline
@@ -20,5 +22,6 @@ __all__ = [
     "build_tiny_pipeline",
     "encode_prompts",
     "load_t5",
+    "open_text_source",
     "write_embedding_shards",
 ]

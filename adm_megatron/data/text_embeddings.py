@@ -370,6 +370,14 @@ class SyntheticTextEmbeddings:
         return self._row(self._NEGATIVE_ROW)
 
 
+def open_text_source(kind: str, path: str, num_prompts: int, seq_len: int, dim: int,
+                     seed: int) -> TextEmbeddingSource:
+    """A run's prompt set: ``kind`` 'shards' (the directory ``path``) or 'synthetic'."""
+    if kind == "shards":
+        return TextEmbeddingShards(path)
+    return SyntheticTextEmbeddings(num_prompts, seq_len, dim, seed=seed)
+
+
 # -- sampling ------------------------------------------------------------------------------------
 
 

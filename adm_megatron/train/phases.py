@@ -3,9 +3,13 @@
 Each phase's forward and backward go through megatron-core's forward-backward schedule
 (``get_forward_backward_func``; one microbatch, no pipeline for now), which also calls
 ``finalize_model_grads`` (DP / CP average, TP sums for sequence-parallel and q/k-norm gradients) on
-that phase's DDP-wrapped network. Every other trainable network is frozen for the phase, so only the
-phase's own parameters receive gradients and change. The ADM schedule itself (fake score every
-iteration, generator and discriminator every ``ttur``-th) lives in the trainer loop.
+that phase's DDP-wrapped network. A phase may also train further networks with the same loss
+(``co_trained``: DMD2's classifier heads learn in its fake-score phase); their gradients are
+finalised the same way and each steps its own optimiser. Every other trainable network is frozen
+for the phase, so only the phase's own parameters receive gradients and change. Metric keys that
+already name a section (``discriminator/...``) are kept; others are prefixed with the phase. The
+ADM schedule itself (fake score every iteration, generator and discriminator every ``ttur``-th)
+lives in the trainer loop.
 
 A non-finite loss on any rank, or a non-finite global gradient norm, is decided the same on every
 rank (the loss flag is all-reduced over the world, the norm is already global): the update raises
@@ -90,13 +94,16 @@ class PhaseRunner:
         for net in networks.values():
             prepare_for_schedule(net.module)
 
-    def run(self, phase: str, loss_fn: Callable[[], tuple], iteration: int) -> tuple[dict, object]:
-        """One update of ``phase``'s network with ``loss_fn() -> (loss, metrics, extra)``.
+    def run(self, phase: str, loss_fn: Callable[[], tuple], iteration: int,
+            co_trained: tuple[str, ...] = ()) -> tuple[dict, object]:
+        """One update of ``phase``'s network (and of ``co_trained`` ones) with
+        ``loss_fn() -> (loss, metrics, extra)``.
 
         Returns the phase's metrics (prefixed with the phase name) and ``extra`` from loss_fn.
         """
         own = self.networks[phase]
-        others = [net.module for name, net in self.networks.items() if name != phase]
+        trained = (phase, *co_trained)
+        others = [net.module for name, net in self.networks.items() if name not in trained]
         result: dict = {}
 
         def forward_step(data_iterator, model):
@@ -107,7 +114,8 @@ class PhaseRunner:
             return loss, lambda out: (out, torch.ones((), dtype=torch.int), {"loss": out.detach()})
 
         start = time.perf_counter()
-        own.module.zero_grad_buffer()
+        for name in trained:
+            self.networks[name].module.zero_grad_buffer()
         with frozen(others), cpu_device_scope():
             self.forward_backward(
                 forward_step_func=forward_step,
@@ -118,39 +126,44 @@ class PhaseRunner:
                 micro_batch_size=1,
                 forward_only=False,
             )
+            for name in co_trained:  # the schedule finalises the first model's gradients only
+                finalize_model_grads([self.networks[name].module])
+        metrics = {f"{phase}/loss": result["loss"]}
+        finite = not any_rank(not math.isfinite(result["loss"]))  # the same decision on every rank
+        for name in trained:
+            metrics.update(self._step(name, result["loss"], finite, iteration, phase))
+        metrics["skipped_steps"] = self.skipped_total
+        metrics[f"{phase}/seconds"] = time.perf_counter() - start
+        metrics.update({k if "/" in k else f"{phase}/{k}": v for k, v in result["metrics"].items()})
+        return metrics, result["extra"]
+
+    def _step(self, name: str, loss: float, finite: bool, iteration: int, phase: str) -> dict:
+        """Clip and step network ``name``'s optimiser after ``phase``, as ``nan_policy`` says."""
+        optimizer = self.networks[name].optimizer
         skip = self.nan_policy == "skip"
-        lr = own.optimizer.lr  # the rate this update uses (the scheduler moves on after the step)
+        lr = optimizer.lr  # the rate this update uses (the scheduler moves on after the step)
         where = f"iteration {iteration}, phase {phase}"
-        if any_rank(not math.isfinite(result["loss"])):
+        if not finite:
             if not skip:
-                raise NonFiniteError(f"{where}: loss is {result['loss']} on this or another rank")
+                raise NonFiniteError(f"{where}: loss is {loss} on this or another rank")
             norm, stepped = float("nan"), False
         else:
             try:
-                norm, stepped = own.optimizer.step(skip_if_not_finite=skip)
+                norm, stepped = optimizer.step(skip_if_not_finite=skip)
             except FloatingPointError as err:
                 raise NonFiniteError(f"{where}: {err}") from None
-        self._count(phase, stepped, where)
-        metrics = {
-            f"{phase}/loss": result["loss"],
-            f"{phase}/grad_norm": norm,
-            f"{phase}/lr": lr,
-            f"{phase}/seconds": time.perf_counter() - start,
-            f"{phase}/skipped": not stepped,
-            "skipped_steps": self.skipped_total,
-        }
-        metrics.update({f"{phase}/{k}": v for k, v in result["metrics"].items()})
-        return metrics, result["extra"]
+        self._count(name, stepped, where)
+        return {f"{name}/grad_norm": norm, f"{name}/lr": lr, f"{name}/skipped": not stepped}
 
-    def _count(self, phase: str, stepped: bool, where: str) -> None:
+    def _count(self, name: str, stepped: bool, where: str) -> None:
         if stepped:
-            self.skipped_in_a_row[phase] = 0
+            self.skipped_in_a_row[name] = 0
             return
         self.skipped_total += 1
-        self.skipped_in_a_row[phase] += 1
-        if self.skipped_in_a_row[phase] >= self.max_skipped_steps:
+        self.skipped_in_a_row[name] += 1
+        if self.skipped_in_a_row[name] >= self.max_skipped_steps:
             raise NonFiniteError(
-                f"{where}: {self.skipped_in_a_row[phase]} updates in a row skipped for NaN / Inf "
+                f"{where}: {self.skipped_in_a_row[name]} {name} updates in a row skipped for NaN / Inf "
                 f"(train.max_skipped_steps={self.max_skipped_steps}); stopped, the last checkpoint "
                 "is left as it was"
             )

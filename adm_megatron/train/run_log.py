@@ -1,6 +1,7 @@
 """What a run reports: ``metrics.jsonl`` (one JSON object per logged iteration: every
 ``train.log_every``-th and the last), wandb (offline unless configured online) and a progress bar
-(every iteration), all on rank 0 only."""
+(every iteration: each phase's loss and the discriminator's paired accuracy and margin), all on
+rank 0 only."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import json
 import os
 
 from tqdm import tqdm
+
+# the discriminator's health (algorithms/discriminator_health.py) beside the losses on the bar
+SHOWN = {"discriminator/paired_accuracy": "D_acc", "discriminator/paired_margin": "D_margin"}
 
 
 class RunLogger:
@@ -45,6 +49,9 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update(1)
             shown = {k.split("/")[0][:4]: round(v, 4) for k, v in metrics.items() if k.endswith("/loss")}
+            for key, label in SHOWN.items():
+                if key in metrics:
+                    shown[label] = round(metrics[key], 3)
             self.bar.set_postfix(shown)
 
     def close(self) -> None:

@@ -1,10 +1,14 @@
 """The distillation run: set up, the iteration loop, and what a run leaves in ``output_dir``.
 
 One iteration (ADM's Algorithm 1 with TTUR = ``distill.ttur``): the fake score is updated every
-iteration; the generator and then the discriminator every ``ttur``-th, the discriminator on the
-generator phase's ODE pair. Randomness is drawn for the global batch from generators seeded by
-(seed, iteration, phase), each data-parallel rank keeping its rows: every rank of a replica draws
-the same, a run is reproducible, and its draws do not depend on the data-parallel layout.
+iteration; the generator and then (for methods with a discriminator phase) the discriminator every
+``ttur``-th, the discriminator on the generator phase's ODE pair. The method (``distill.method``:
+ADM, DMD or DMD2, ``METHODS``) says which networks each phase trains; the loop does not know it.
+Randomness is drawn for the global batch from generators seeded by (seed, iteration, stream), each
+data-parallel rank keeping its rows: every rank of a replica draws the same, a run is
+reproducible, its draws do not depend on the data-parallel layout, and the two phases' starting
+noises (z and ẑ of Algorithm 1) come from separate streams. The discriminator's paired accuracy is
+watched (``DiscriminatorMonitor``) and a dead discriminator is reported while the run goes on.
 
 Outputs: ``metrics.jsonl``, wandb files, ``config.yaml``, checkpoints, and at the end the generator
 as a diffusers directory (``generator/``) and sample videos (``samples/``) rendered through the
@@ -27,8 +31,10 @@ import torch
 import yaml
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-from adm_megatron.algorithms.adm import ADM, PhaseBatch
-from adm_megatron.algorithms.dmd import DMD2
+from adm_megatron.algorithms.adm import ADM
+from adm_megatron.algorithms.base import Distillation, PhaseBatch, RealBatch
+from adm_megatron.algorithms.dmd import DMD
+from adm_megatron.algorithms.dmd2 import DMD2
 from adm_megatron.algorithms.networks import DiTFunction, Networks
 from adm_megatron.algorithms.randomness import BatchRandom
 from adm_megatron.config import Config, config_to_dict, network_updates
@@ -39,6 +45,7 @@ from adm_megatron.parallel import initialize_parallel, launch_env
 from adm_megatron.models.build import load_hf_weights
 from adm_megatron.models.weights import load_full_state_dict
 from adm_megatron.train.checkpoint import load_training_checkpoint, remove_leftovers, save_training_checkpoint
+from adm_megatron.train.discriminator_monitor import DiscriminatorMonitor
 from adm_megatron.train.ema import ParameterEMA
 from adm_megatron.train.export import export_generator, render_run_samples
 from adm_megatron.train.optimizer import NetworkOptimizer
@@ -68,16 +75,21 @@ def _seed(*parts) -> int:
     return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
-def build_algorithm(config: Config, networks: Networks, schedule) -> ADM:
-    """ADM or the DMD2 baseline: ``distill.method`` is the only difference."""
+METHODS: dict[str, type[Distillation]] = {"adm": ADM, "dmd": DMD, "dmd2": DMD2}
+
+
+def build_algorithm(config: Config, networks: Networks, schedule) -> Distillation:
+    """ADM or a baseline (DMD, DMD2): ``distill.method`` picks it, everything else is shared."""
     d = config.distill
-    common = dict(
-        networks=networks, schedule=schedule, generator_steps=d.generator_steps,
-        delta_t=d.delta_t, guidance_scale=d.guidance_scale, head_reduction=d.head_reduction,
-    )
-    if d.method == "dmd2":
-        return DMD2(**common, gan_weight=d.gan_weight)
-    return ADM(**common)
+    common = dict(networks=networks, schedule=schedule, generator_steps=d.generator_steps,
+                  guidance_scale=d.guidance_scale, head_reduction=d.head_reduction)
+    if d.method == "adm":
+        return ADM(**common, delta_t=d.delta_t, train_discriminator=d.train_discriminator,
+                   fake_score_grad=d.fake_score_grad)
+    if d.method == "dmd":
+        return DMD(**common, dmd_t_range=d.dmd_t_range)
+    return DMD2(**common, dmd_t_range=d.dmd_t_range, gan_weight=d.gan_weight, cls_weight=d.cls_weight,
+                gan_t_max=d.gan_t_max)
 
 
 class Trainer:
@@ -103,6 +115,8 @@ class Trainer:
         self.ema = (
             ParameterEMA(self.generator, config.train.ema_decay) if config.train.ema_decay > 0 else None
         )
+        self.monitor = DiscriminatorMonitor(config.logging.dead_discriminator_window,
+                                            config.logging.dead_discriminator_accuracy)
         self.start_iteration = 0
         if self.resume_point.checkpoint is not None:
             self.start_iteration = load_training_checkpoint(self, self.resume_point.checkpoint)
@@ -128,19 +142,21 @@ class Trainer:
                                  source=m.generator_init)
             logger.info("generator initialised from %s", m.generator_init)
         fake = self.fake_score
-        with torch.random.fork_rng(devices=[]):  # the same heads whatever the layout or rank
-            torch.manual_seed(_seed(c.seed, "discriminator heads"))
-            self.heads = heads = MultiHeadDiscriminator(
-                num_heads=len(tapped_block_indices(self.arch.num_layers, c.distill.head_every)),
-                in_channels=self.arch.hidden_size, kind="3d",
-                hidden_channels=c.distill.head_hidden, num_blocks=c.distill.head_blocks,
-            ).to(self.device, self.dtype)
-        heads = SingleStage(heads, copy.copy(fake.config))  # a config of its own: hooks are per network
         wrapped = {
             "fake_score": self._wrap(fake, fake.config),
             "generator": self._wrap(self.generator, self.generator.config),
-            "discriminator": self._wrap(heads, heads.config),
         }
+        self.heads = None
+        if METHODS[c.distill.method].has_discriminator:
+            with torch.random.fork_rng(devices=[]):  # the same heads whatever the layout or rank
+                torch.manual_seed(_seed(c.seed, "discriminator heads"))
+                self.heads = MultiHeadDiscriminator(
+                    num_heads=len(tapped_block_indices(self.arch.num_layers, c.distill.head_every)),
+                    in_channels=self.arch.hidden_size, kind="3d",
+                    hidden_channels=c.distill.head_hidden, num_blocks=c.distill.head_blocks,
+                ).to(self.device, self.dtype)
+            heads = SingleStage(self.heads, copy.copy(fake.config))  # a config of its own: hooks are per network
+            wrapped["discriminator"] = self._wrap(heads, heads.config)
         optim = {"fake_score": c.optim.fake_score, "generator": c.optim.generator,
                  "discriminator": c.optim.discriminator}
         self.trainable = {
@@ -156,24 +172,26 @@ class Trainer:
             teacher=DiTFunction(teacher, rotary),
             fake_score=DiTFunction(wrapped["fake_score"], rotary),
             generator=DiTFunction(wrapped["generator"], rotary),
-            heads=wrapped["discriminator"],
+            heads=wrapped.get("discriminator"),
             head_every=c.distill.head_every,
         )
 
     def _build_data(self) -> None:
-        from adm_megatron.data import PromptSampler, SyntheticTextEmbeddings, TextEmbeddingShards
+        from adm_megatron.data import PromptSampler, open_text_source
 
         d = self.config.data
-        if d.source == "shards":
-            self.text_source = TextEmbeddingShards(d.path)
-        else:
-            self.text_source = SyntheticTextEmbeddings(
-                d.num_prompts, self.arch.max_text_seq_length, self.arch.text_embed_dim, seed=self.config.seed
-            )
+        self.text_source = open_text_source(d.source, d.path, d.num_prompts, self.arch.max_text_seq_length,
+                                            self.arch.text_embed_dim, self.config.seed)
         self.sampler = PromptSampler(
             self.text_source, d.batch_size, seed=self.config.seed,
             dp_rank=self.info.dp_rank, dp_size=self.info.dp_size,
         )
+        self.real_sampler = None
+        if self.algorithm.needs_real_samples:
+            from adm_megatron.data.ode_pairs import OdePairs, RealSampler
+
+            self.real_sampler = RealSampler(OdePairs(d.real_path), d.batch_size, seed=self.config.seed,
+                                            dp_rank=self.info.dp_rank, dp_size=self.info.dp_size)
 
     # -- the loop ------------------------------------------------------------------------------
     def rng(self, iteration: int, phase: str) -> BatchRandom:
@@ -184,19 +202,32 @@ class Trainer:
         return BatchRandom(generator, b * self.info.dp_size, rows)
 
     def batch(self, iteration: int) -> PhaseBatch:
+        """The iteration's prompts, the two phases' independent starting noises (z for the fake-score
+        phase, ẑ for the generator phase, each from its own stream) and, if the method reads them,
+        real samples."""
         text, negative = self.sampler.batch(iteration)
         d = self.config.data
         shape = (d.batch_size, d.frames, self.arch.in_channels, d.height, d.width)
-        noise = self.rng(iteration, "noise").randn(torch.empty(shape, dtype=self.dtype))
+        template = torch.empty(shape, dtype=self.dtype)
         to = dict(device=self.device, dtype=self.dtype)
-        return PhaseBatch(text=text.to(**to), negative=negative.to(**to), noise=noise.to(**to))
+        real = None
+        if self.real_sampler is not None:
+            x0, prompt_ids = self.real_sampler.batch(iteration)
+            real = RealBatch(x0=x0.to(**to), text=self.text_source.get(prompt_ids).to(**to))
+        return PhaseBatch(
+            text=text.to(**to), negative=negative.to(**to),
+            fake_noise=self.rng(iteration, "noise/fake_score").randn(template).to(**to),
+            generator_noise=self.rng(iteration, "noise/generator").randn(template).to(**to),
+            real=real,
+        )
 
     def train_iteration(self, iteration: int) -> dict:
         batch = self.batch(iteration)
         alg = self.algorithm
         metrics = {"iteration": iteration}
         phase_metrics, _ = self.phases.run(
-            "fake_score", lambda: alg.fake_score_loss(batch, self.rng(iteration, "fake_score")), iteration
+            "fake_score", lambda: alg.fake_score_loss(batch, self.rng(iteration, "fake_score")), iteration,
+            co_trained=alg.fake_phase_trains[1:],
         )
         metrics.update(phase_metrics)
         if iteration % self.config.distill.ttur == 0:
@@ -206,11 +237,19 @@ class Trainer:
             metrics.update(phase_metrics)
             if self.ema is not None:
                 self.ema.update(self.generator)
-            if alg.uses_discriminator:
+            if alg.discriminator_phase:
                 phase_metrics, _ = self.phases.run(
-                    "discriminator", lambda: (*alg.discriminator_loss(pair, batch), None), iteration
+                    "discriminator", lambda: alg.discriminator_loss(pair, batch), iteration
                 )
                 metrics.update(phase_metrics)
+            elif pair is not None:  # heads kept frozen (an ablation): still report how they discriminate
+                with torch.no_grad():
+                    loss, d_metrics, _ = alg.discriminator_loss(pair, batch)
+                metrics.update({"discriminator/loss": loss.item(),
+                                **{k if "/" in k else f"discriminator/{k}": v for k, v in d_metrics.items()}})
+        accuracy = metrics.get("discriminator/paired_accuracy")
+        if accuracy is not None and self.monitor.update(accuracy) and self.info.rank == 0:
+            logger.warning(self.monitor.message(iteration))
         return metrics
 
     def fit(self) -> RunResult:

@@ -84,6 +84,25 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
             )
 
 
+    if config.data.real_path:
+        _check_real_samples(config, arch)
+
+
+def _check_real_samples(config: Config, arch) -> None:
+    """``data.real_path`` must be a finished ODE-pair directory with the run's latent shape."""
+    from adm_megatron.data.ode_pairs import OdePairs
+
+    d = config.data
+    try:
+        pairs = OdePairs(d.real_path)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"data.real_path={d.real_path!r}: {err}") from None
+    expected = (d.frames, arch.in_channels, d.height, d.width)
+    if pairs.latent_shape != expected:
+        raise ConfigError(f"data.real_path={d.real_path!r}: latents are {list(pairs.latent_shape)}, the run "
+                          f"samples {list(expected)} (data.frames, channels, data.height, data.width)")
+
+
 def _check_generator_init(path: str, arch) -> None:
     """``model.generator_init`` must be a diffusers CogVideoX transformer of the teacher's shape."""
     from adm_megatron.models import CogVideoXArch

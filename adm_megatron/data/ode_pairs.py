@@ -1,0 +1,132 @@
+"""Teacher ODE pairs on disk: the "real" samples of a distillation (DMD2's real side, ADP's data).
+
+A directory of
+
+* ``pairs-00000.safetensors`` ... -- keys ``x_T`` and ``x_0`` (``[rows, F, C, H, W]``, the PF-ODE's
+  start and end), ``prompt_id`` (``[rows]`` int64, the row of the prompt set it was sampled with)
+  and ``guidance_scale`` (``[rows]``, the CFG scale used); every shard is written to a temporary
+  name and renamed, so a shard file is complete or absent;
+* ``manifest.json`` -- format, version, the latent shape and dtype, the sampler settings, the
+  teacher's identity, the prompt set, and every shard with its row count and SHA-256; written (also
+  atomically) once all shards exist. A directory without it is an unfinished collection.
+
+Shard ``i`` holds pairs ``[i S, (i + 1) S)`` of the collection (S = shard size); pair ``j`` uses
+prompt ``j mod num_prompts`` and noise and scale drawn from a generator seeded by
+``(seed, i)``: what a shard contains does not depend on which rank wrote it or when, so a killed
+collection resumes by writing the missing shards only.
+
+:class:`OdePairs` reads a finished directory; :class:`RealSampler` draws a training iteration's
+real samples from it as a pure function of (seed, iteration), each data-parallel rank keeping its
+rows of the global batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "adm-megatron/ode-pairs"
+VERSION = 1
+MANIFEST = "manifest.json"
+KEYS = ("x_T", "x_0", "prompt_id", "guidance_scale")
+
+
+def shard_name(i: int) -> str:
+    return f"pairs-{i:05d}.safetensors"
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shard_generator(seed: int, shard: int) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr((seed, "ode-pairs", shard)).encode()) & 0x7FFFFFFF)
+
+
+def write_json_atomically(path: str, value: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_shard(out_dir: str, index: int, tensors: dict[str, torch.Tensor]) -> str:
+    """Write shard ``index`` under a temporary name, then rename it into place."""
+    if set(tensors) != set(KEYS):
+        raise ValueError(f"an ODE-pair shard holds exactly {KEYS}, got {sorted(tensors)}")
+    path = os.path.join(out_dir, shard_name(index))
+    tmp = os.path.join(out_dir, f".{shard_name(index)}.tmp-{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+class OdePairs:
+    """A finished ODE-pair directory (one with a manifest); bad ones fail in one line."""
+
+    def __init__(self, path: str, key: str = "data.real_path"):
+        self.path = path
+        manifest = os.path.join(path, MANIFEST)
+        if not os.path.isfile(manifest):
+            raise ValueError(f"{key}={path!r}: no {MANIFEST} (not an ODE-pair directory, or an "
+                             "unfinished collection: rerun tools/collect_ode_pairs.py to finish it)")
+        with open(manifest) as f:
+            self.manifest = json.load(f)
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{manifest}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+        self.latent_shape = tuple(self.manifest["latent_shape"])
+        self.shards = self.manifest["shards"]
+        for shard in self.shards:
+            if not os.path.isfile(os.path.join(path, shard["file"])):
+                raise ValueError(f"{manifest}: shard {shard['file']} is missing")
+        self.offsets = torch.tensor([0] + [s["rows"] for s in self.shards]).cumsum(0)
+        self._cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def shard(self, i: int) -> dict[str, torch.Tensor]:
+        if i not in self._cache:
+            with safe_open(os.path.join(self.path, self.shards[i]["file"]), "pt") as f:
+                self._cache[i] = {k: f.get_tensor(k) for k in KEYS}
+        return self._cache[i]
+
+    def get(self, indices: torch.Tensor, key: str) -> torch.Tensor:
+        """Rows ``indices`` (global pair indices) of tensor ``key``."""
+        shard = torch.searchsorted(self.offsets, indices, right=True) - 1
+        return torch.stack([self.shard(int(s))[key][int(j - self.offsets[s])] for s, j in zip(shard, indices)])
+
+    def verify(self) -> list[str]:
+        """The shard files whose SHA-256 differs from the manifest's."""
+        return [s["file"] for s in self.shards if sha256(os.path.join(self.path, s["file"])) != s["sha256"]]
+
+
+class RealSampler:
+    """Real samples for iteration i: the global batch's pair indices drawn from a generator seeded by
+    (seed, i), rank r keeping rows [r B, (r + 1) B) -- no state to checkpoint, layout-independent."""
+
+    def __init__(self, pairs: OdePairs, batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1):
+        self.pairs = pairs
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rows = slice(dp_rank * batch_size, (dp_rank + 1) * batch_size)
+        self.global_batch = batch_size * dp_size
+
+    def indices(self, iteration: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(zlib.crc32(repr((self.seed, iteration, "real")).encode()) & 0x7FFFFFFF)
+        return torch.randint(0, len(self.pairs), (self.global_batch,), generator=g)[self.rows]
+
+    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x0 [B, F, C, H, W], prompt ids [B])``."""
+        idx = self.indices(iteration)
+        return self.pairs.get(idx, "x_0"), self.pairs.get(idx, "prompt_id")

@@ -1,0 +1,159 @@
+"""Collect teacher ODE pairs: the teacher's multi-step PF-ODE with CFG from stored noise to x_0.
+
+``collect_ode_pairs(config, out_dir, num_pairs, ...)`` builds the teacher exactly as a training run
+of ``config`` would (same layout, TP / CP inside a rank), samples pairs shard by shard
+(``data/ode_pairs.py`` says what a shard holds and how it is seeded) and writes each finished shard
+atomically; data-parallel rank r takes shards r, r + DP, ... and its TP / CP rank 0 writes them.
+Shards already on disk are skipped, so a killed collection resumes where it stopped and never
+duplicates or misses a pair. ``collection.json`` (the settings, written first) must match on
+resume; ``manifest.json`` (with each shard's SHA-256) is written last, once every shard exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from adm_megatron.config import Config, ConfigError, config_to_dict
+from adm_megatron.data.ode_pairs import (FORMAT, MANIFEST, VERSION, shard_generator, shard_name, sha256,
+                                         write_json_atomically, write_shard)
+from adm_megatron.diffusion.guidance import cfg_model_output
+from adm_megatron.diffusion.rollout import rollout
+
+logger = logging.getLogger("adm_megatron")
+SETTINGS = "collection.json"
+
+
+def sample_pairs(teacher_fn, schedule, x_T: torch.Tensor, text: torch.Tensor, negative: torch.Tensor,
+                 scale: torch.Tensor, steps: int) -> torch.Tensor:
+    """x_0 from x_T by the teacher's ``steps``-step PF-ODE with per-sample CFG ``scale``."""
+    def guided(x_t, t, cond):
+        return cfg_model_output(teacher_fn, x_t, t, cond, negative, scale)
+
+    return rollout(guided, schedule, x_T, text, schedule.inference_timesteps(steps))
+
+
+def shard_inputs(index: int, rows: int, shard_size: int, latent_shape: tuple, num_prompts: int, seed: int,
+                 scale_range: tuple[float, float]) -> dict[str, torch.Tensor]:
+    """Shard ``index``'s starting noise, prompt ids and CFG scales: a pure function of its arguments."""
+    g = shard_generator(seed, index)
+    x_T = torch.randn((rows, *latent_shape), generator=g)
+    lo, hi = scale_range
+    scale = lo + (hi - lo) * torch.rand(rows, generator=g)
+    prompt_id = torch.arange(index * shard_size, index * shard_size + rows) % num_prompts
+    return {"x_T": x_T, "prompt_id": prompt_id, "guidance_scale": scale}
+
+
+def _settings(config: Config, source, num_pairs: int, shard_size: int, steps: int) -> dict:
+    d = config.data
+    return {
+        "format": FORMAT, "version": VERSION, "num_pairs": num_pairs, "shard_size": shard_size,
+        "latent_shape": [d.frames, source.arch.in_channels, d.height, d.width], "dtype": "float32",
+        "sampler": {"kind": "pf-ode (DDIM / Euler), trailing", "steps": steps,
+                    "guidance_scale": list(config.distill.guidance_scale), "seed": config.seed},
+        "teacher": {"path": os.path.abspath(config.model.teacher), "kind": source.kind,
+                    "arch": {k: v for k, v in vars(source.arch).items()}},
+        "prompts": {"source": d.source, "path": os.path.abspath(d.path) if d.path else "",
+                    "num_prompts": d.num_prompts if d.source == "synthetic" else None},
+    }
+
+
+def _check_out_dir(out_dir: str, settings: dict) -> bool:
+    """True when the collection is already finished; a one-line error when out_dir can't be used."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"--out {out_dir!r}: exists and is not a directory")
+    path = os.path.join(out_dir, SETTINGS)
+    if os.path.isfile(path):
+        with open(path) as f:
+            previous = json.load(f)
+        differ = sorted(k for k in settings if previous.get(k) != settings[k])
+        if differ:
+            raise ConfigError(f"--out {out_dir!r}: holds a collection with other settings ({', '.join(differ)} "
+                              "differ); use a new directory")
+    elif os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ConfigError(f"--out {out_dir!r}: not empty and not an ODE-pair collection")
+    return os.path.isfile(os.path.join(out_dir, MANIFEST))
+
+
+def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: int = 256,
+                      steps: int = 50, batch_size: int = 64, progress: bool = True) -> dict:
+    """Collect (or finish collecting) ``num_pairs`` pairs into ``out_dir``; returns the manifest."""
+    from adm_megatron.algorithms.networks import DiTFunction
+    from adm_megatron.models.rotary import cogvideox_rotary_emb
+    from adm_megatron.parallel import initialize_parallel, launch_env
+    from adm_megatron.data import open_text_source
+    from adm_megatron.train.teacher import resolve_teacher
+    from adm_megatron.train.validate import validate_run
+
+    if num_pairs < 1 or shard_size < 1 or steps < 1 or batch_size < 1:
+        raise ConfigError(f"num_pairs={num_pairs}, shard_size={shard_size}, steps={steps}, "
+                          f"batch_size={batch_size}: each must be >= 1")
+    source = resolve_teacher(config.model.teacher, config.model.pipeline)
+    validate_run(config, source, launch_env().world_size)
+    settings = _settings(config, source, num_pairs, shard_size, steps)
+    if _check_out_dir(out_dir, settings):
+        with open(os.path.join(out_dir, MANIFEST)) as f:
+            return json.load(f)
+    schedule = source.schedule()
+    info = initialize_parallel(config.parallel.tensor_parallel, config.parallel.context_parallel, seed=config.seed)
+    if info.rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        write_json_atomically(os.path.join(out_dir, SETTINGS), settings)
+        for name in os.listdir(out_dir):  # what a process killed mid-write left behind
+            if name.startswith(".pairs-") and ".tmp-" in name:
+                os.remove(os.path.join(out_dir, name))
+    if dist.is_initialized():
+        dist.barrier()
+    dtype = torch.float64 if config.model.dtype == "fp64" else torch.float32
+    teacher = source.build_models(1, sequence_parallel=config.model.sequence_parallel, impl=config.model.impl,
+                                  params_dtype=dtype)[0].eval().requires_grad_(False)
+    d = config.data
+    fn = DiTFunction(teacher, cogvideox_rotary_emb(source.arch, d.frames, d.height, d.width, device=info.device))
+    text_source = open_text_source(d.source, d.path, d.num_prompts, source.arch.max_text_seq_length,
+                                   source.arch.text_embed_dim, config.seed)
+    latent_shape = tuple(settings["latent_shape"])
+    n_shards = math.ceil(num_pairs / shard_size)
+    mine = [i for i in range(info.dp_rank, n_shards, info.dp_size)
+            if not os.path.isfile(os.path.join(out_dir, shard_name(i)))]
+    writer = info.tp_rank == 0 and info.cp_rank == 0
+    bar = tqdm(total=len(mine), desc="ode pairs", unit="shard", disable=not (progress and info.rank == 0))
+    start, done = time.perf_counter(), 0
+    for i in mine:
+        rows = min(shard_size, num_pairs - i * shard_size)
+        inputs = shard_inputs(i, rows, shard_size, latent_shape, len(text_source), config.seed,
+                              config.distill.guidance_scale)
+        outs = []
+        for lo in range(0, rows, batch_size):
+            part = slice(lo, lo + batch_size)
+            text = text_source.get(inputs["prompt_id"][part])
+            negative = text_source.negative().unsqueeze(0).expand_as(text)
+            to = dict(device=info.device, dtype=dtype)
+            with torch.no_grad():
+                outs.append(sample_pairs(fn, schedule, inputs["x_T"][part].to(**to), text.to(**to),
+                                         negative.to(**to), inputs["guidance_scale"][part].to(info.device), steps))
+        if writer:
+            write_shard(out_dir, i, {**inputs, "x_0": torch.cat(outs).float().cpu()})
+        done += rows
+        bar.update(1)
+        bar.set_postfix(pairs_per_s=round(done / (time.perf_counter() - start), 2))
+    bar.close()
+    if mine:
+        logger.info("rank %d: %d pairs in %.1fs (%.2f pairs/s)", info.rank, done, time.perf_counter() - start,
+                    done / (time.perf_counter() - start))
+    if dist.is_initialized():
+        dist.barrier()
+    manifest = {**settings, "shards": [
+        {"file": shard_name(i), "rows": min(shard_size, num_pairs - i * shard_size),
+         "sha256": sha256(os.path.join(out_dir, shard_name(i)))} for i in range(n_shards)]}
+    if info.rank == 0:
+        write_json_atomically(os.path.join(out_dir, MANIFEST), manifest)
+    if dist.is_initialized():
+        dist.barrier()
+    return manifest

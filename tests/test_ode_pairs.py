@@ -1,0 +1,140 @@
+"""Teacher ODE-pair collection (``adm-megatron collect-ode``): the stored pairs reproduce (the
+sampler rerun from a stored x_T gives the stored x_0 bit for bit, fp32 CPU), a collection killed
+after a shard or in the middle of writing one resumes to exactly the shards of an uninterrupted
+collection (no duplicate, no hole), a finished collection is left alone, and bad directories get
+one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from adm_megatron.config import ConfigError, load_config
+from adm_megatron.data.ode_pairs import MANIFEST, OdePairs, shard_name
+from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = ["data.num_prompts=3", "data.frames=2", "data.height=4", "data.width=4", "distill.head_every=1",
+        "distill.guidance_scale=[2.0, 4.0]"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    return build_tiny_pipeline(str(tmp_path_factory.mktemp("teacher") / "pipe"), seed=0)
+
+
+def _command(pipeline_dir, out, num_pairs=10, steps=6):
+    return [sys.executable, "-m", "adm_megatron.cli", "collect-ode", "--out", str(out),
+            "--num-pairs", str(num_pairs), "--shard-size", "4", "--steps", str(steps), "--batch-size", "4",
+            "--no-progress", f"model.teacher={pipeline_dir}", *DATA]
+
+
+def _run(cmd, **kwargs):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, **kwargs)
+
+
+def _shards(out):
+    return {name: open(os.path.join(out, name), "rb").read() for name in sorted(os.listdir(out))
+            if name.startswith("pairs-")}
+
+
+@pytest.fixture(scope="module")
+def reference(pipeline_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "pairs"
+    result = _run(_command(pipeline_dir, out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return str(out)
+
+
+def test_collection_writes_shards_and_a_manifest(reference):
+    pairs = OdePairs(reference)
+    assert len(pairs) == 10 and [s["rows"] for s in pairs.shards] == [4, 4, 2]
+    manifest = pairs.manifest
+    assert manifest["latent_shape"] == [2, 4, 4, 4] and manifest["sampler"]["steps"] == 6
+    assert manifest["sampler"]["guidance_scale"] == [2.0, 4.0] and manifest["teacher"]["kind"] == "diffusers"
+    assert pairs.verify() == []
+    ids = pairs.get(torch.arange(10), "prompt_id")
+    assert ids.tolist() == [j % 3 for j in range(10)]
+    scales = pairs.get(torch.arange(10), "guidance_scale")
+    assert ((2.0 <= scales) & (scales <= 4.0)).all() and scales.unique().numel() == 10
+
+
+def test_stored_pairs_reproduce_bit_for_bit(reference, pipeline_dir, tmp_path, world_of_one):
+    from adm_megatron.algorithms.networks import DiTFunction
+    from adm_megatron.data import open_text_source
+    from adm_megatron.models.rotary import cogvideox_rotary_emb
+    from adm_megatron.ode_collection import sample_pairs
+    from adm_megatron.train.teacher import resolve_teacher
+
+    config = load_config(None, [f"model.teacher={pipeline_dir}", *DATA])
+    source = resolve_teacher(pipeline_dir)
+    teacher = source.build_models(1)[0].eval()
+    fn = DiTFunction(teacher, cogvideox_rotary_emb(source.arch, 2, 4, 4))
+    texts = open_text_source("synthetic", "", 3, source.arch.max_text_seq_length, source.arch.text_embed_dim,
+                             config.seed)
+    pairs = OdePairs(reference)
+    shard = pairs.shard(1)
+    text = texts.get(shard["prompt_id"])
+    negative = texts.negative().unsqueeze(0).expand_as(text)
+    with torch.no_grad():
+        x0 = sample_pairs(fn, source.schedule(), shard["x_T"], text, negative, shard["guidance_scale"], 6)
+    assert torch.equal(x0, shard["x_0"])
+    assert not torch.equal(shard["x_0"], shard["x_T"])
+
+
+def test_killed_collection_resumes_to_the_uninterrupted_shards(reference, pipeline_dir, tmp_path):
+    out = tmp_path / "pairs"
+    # kill point 1: a real SIGKILL once the first shard is on disk (before the manifest)
+    proc = subprocess.Popen(_command(pipeline_dir, out), cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / shard_name(0)).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / MANIFEST).exists() and (out / shard_name(0)).exists()
+    # kill point 2: killed in the middle of writing shard 2 (a partial temporary file, no shard)
+    (out / shard_name(2)).unlink(missing_ok=True)
+    (out / f".{shard_name(2)}.tmp-99999").write_bytes(b"partial")
+    with pytest.raises(ValueError, match="no manifest.json"):
+        OdePairs(str(out))
+    kept = os.stat(out / shard_name(0)).st_mtime_ns
+    result = _run(_command(pipeline_dir, out))
+    assert os.stat(out / shard_name(0)).st_mtime_ns == kept  # the finished shard was not redone
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _shards(out) == _shards(reference)  # no hole, no duplicate, the same bytes
+    assert sorted(os.listdir(out)) == sorted(os.listdir(reference))  # the partial file is gone
+    assert OdePairs(str(out)).verify() == []
+    # a finished collection is left alone; other settings in its directory are refused in one line
+    before = {n: os.path.getmtime(out / n) for n in os.listdir(out)}
+    assert _run(_command(pipeline_dir, out)).returncode == 0
+    assert before == {n: os.path.getmtime(out / n) for n in os.listdir(out)}
+    refused = _run(_command(pipeline_dir, out, steps=8))
+    assert refused.returncode == 2
+    assert "holds a collection with other settings (sampler differ)" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_bad_output_directories_fail_in_one_line(pipeline_dir, tmp_path):
+    from adm_megatron.ode_collection import _check_out_dir
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="exists and is not a directory"):
+        _check_out_dir(str(tmp_path / "file"), {})
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "other.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not empty and not an ODE-pair collection"):
+        _check_out_dir(str(tmp_path / "busy"), {})
+    manifest = tmp_path / "bad" / MANIFEST
+    manifest.parent.mkdir()
+    manifest.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="format 'something else'"):
+        OdePairs(str(manifest.parent))
