@@ -110,7 +110,7 @@ class LocalSlurm:
         self._wait_for(lambda: os.path.exists(socket_path), 20, "munged socket")
         self._spawn([os.path.join(SBIN, "slurmctld"), "-D", "-f", conf], "slurmctld")
         self._spawn([os.path.join(SBIN, "slurmd"), "-D", "-f", conf], "slurmd")
-        self._wait_for(lambda: self._run(["sinfo", "-h", "-o", "%T"]).stdout.strip() == "idle", 60, "an idle node")
+        self._wait_for(lambda: self.node_state() == "idle", 60, "an idle node")
 
     def _spawn(self, cmd: list[str], name: str) -> None:
         log = open(os.path.join(self.dir, "log", f"{name}.out"), "w")
@@ -175,6 +175,9 @@ class LocalSlurm:
         """``scontrol show job`` as a dict (JobState, Restarts, ExitCode...)."""
         text = self.scontrol("show", "job", "-o", job_id)
         return dict(item.split("=", 1) for item in text.split() if "=" in item)
+
+    def node_state(self) -> str:
+        return self._run(["sinfo", "-h", "-o", "%T"]).stdout.strip()
 
     def wait(self, condition: Callable[[], bool], timeout: float, what: str = "the job") -> None:
         self._wait_for(condition, timeout, what)
