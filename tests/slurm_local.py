@@ -13,6 +13,7 @@ Anything that stops the cluster from starting raises (a test that needs it fails
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -88,7 +89,8 @@ class LocalSlurm:
         conf = os.path.join(d, "slurm.conf")
         with open(conf, "w") as f:
             f.write("\n".join([
-                "ClusterName=adm-test", f"SlurmctldHost={host}", "SlurmUser=root", "SlurmdUser=root",
+                # job ids (hence the trainer's default port 15000 + id) away from any other cluster's
+                "ClusterName=adm-test", f"FirstJobId={random.randint(1000, 9000)}", f"SlurmctldHost={host}", "SlurmUser=root", "SlurmdUser=root",
                 f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
                 "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={socket_path}",
                 f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={d}/spool",
@@ -108,7 +110,7 @@ class LocalSlurm:
         self._wait_for(lambda: os.path.exists(socket_path), 20, "munged socket")
         self._spawn([os.path.join(SBIN, "slurmctld"), "-D", "-f", conf], "slurmctld")
         self._spawn([os.path.join(SBIN, "slurmd"), "-D", "-f", conf], "slurmd")
-        self._wait_for(lambda: self._run(["sinfo", "-h", "-o", "%T"]).stdout.strip() == "idle", 60, "an idle node")
+        self._wait_for(lambda: self.node_state() == "idle", 60, "an idle node")
 
     def _spawn(self, cmd: list[str], name: str) -> None:
         log = open(os.path.join(self.dir, "log", f"{name}.out"), "w")
@@ -128,7 +130,14 @@ class LocalSlurm:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        """Stop slurmd, slurmctld, then munged: each by its PID (TERM, then KILL after 15 s)."""
+        """Cancel every job of this private cluster (job steps outlive slurmd), then stop slurmd,
+        slurmctld and munged, each by its PID (TERM, then KILL after 15 s)."""
+        if len(self.procs) == 3 and all(p.poll() is None for p in self.procs):
+            self._run(["scancel", "--signal=KILL", "--full", "--user=root"])
+            deadline = time.monotonic() + 60
+            while self._run(["squeue", "-h"]).stdout.strip() and time.monotonic() < deadline:
+                self._run(["scancel", "--user=root"])
+                time.sleep(1)
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -166,6 +175,9 @@ class LocalSlurm:
         """``scontrol show job`` as a dict (JobState, Restarts, ExitCode...)."""
         text = self.scontrol("show", "job", "-o", job_id)
         return dict(item.split("=", 1) for item in text.split() if "=" in item)
+
+    def node_state(self) -> str:
+        return self._run(["sinfo", "-h", "-o", "%T"]).stdout.strip()
 
     def wait(self, condition: Callable[[], bool], timeout: float, what: str = "the job") -> None:
         self._wait_for(condition, timeout, what)

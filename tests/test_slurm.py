@@ -45,15 +45,17 @@ def test_tiny_sbatch_job_is_preempted_requeued_and_resumes_exactly(tmp_path):
     ref_log, log = str(tmp_path / "reference.log"), str(tmp_path / "preempted.log")
     with LocalSlurm(str(tmp_path / "slurm")) as slurm:
         job = slurm.sbatch(["--output", log, SCRIPT, *_args(pipeline_dir, out)], cwd=ROOT, env=env)
-        # the uninterrupted reference runs once the job has ended (the node has CPUs for one job)
-        reference = slurm.sbatch([f"--dependency=afterany:{job}", "--output", ref_log, SCRIPT,
-                                  *_args(pipeline_dir, ref_out)], cwd=ROOT, env=env)
-
         slurm.wait(lambda: len(_metrics(out)) >= 2, WAIT_S, "two iterations of the job")
         slurm.scancel("--batch", "--signal=USR1", job)  # what --signal=B:USR1@120 does at the time limit
         slurm.wait(lambda: slurm.job(job).get("Restarts") == "1", WAIT_S, "the job to requeue itself")
-        slurm.scontrol("update", f"JobId={job}", "StartTime=now")  # requeue holds it ~120 s otherwise
+        # requeue holds the job ~120 s (BeginTime), time for its first start to leave the node; here it
+        # is released at once, once the node is idle again
+        slurm.wait(lambda: slurm.job(job).get("JobState") == "PENDING" and slurm.node_state() == "idle",
+                   WAIT_S, "the first start to end")
+        slurm.scontrol("update", f"JobId={job}", "StartTime=now")
         slurm.wait(lambda: slurm.job(job).get("JobState") == "COMPLETED", WAIT_S, "the resumed job to finish")
+        # the uninterrupted reference: the same script and arguments, no signal
+        reference = slurm.sbatch(["--output", ref_log, SCRIPT, *_args(pipeline_dir, ref_out)], cwd=ROOT, env=env)
         slurm.wait(lambda: slurm.job(reference).get("JobState") == "COMPLETED", WAIT_S, "the reference job")
         restarts = slurm.job(job)["Restarts"]
 
