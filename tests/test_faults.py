@@ -138,7 +138,10 @@ def test_sigterm_saves_after_the_iteration_exits_75_and_the_same_command_goes_on
     assert [json.loads(line)["iteration"] for line in open(out / "metrics.jsonl")] == list(range(8))
 
 
-@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["rank dies", "rank hangs"])
+@pytest.mark.parametrize("fault", [
+    signal.SIGKILL,
+    pytest.param(signal.SIGSTOP, marks=pytest.mark.slow),  # waits out parallel.timeout_s
+], ids=["rank dies", "rank hangs"])
 def test_a_dead_or_hung_rank_makes_the_other_exit_within_the_timeout(fault, tmp_path, world_of_one):
     from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
 
