@@ -7,9 +7,9 @@ Inside a checkpoint:
 - ``discriminator.pt``: the discriminator heads of methods that have them (replicated, written by
   rank 0);
 - ``train_state/``: a megatron-core distributed checkpoint of everything else a run needs to go on
-  exactly: the three AdamW states (moments sharded like their parameters, so they reshard too), the
-  three learning-rate schedulers (which hold each network's update count), the generator EMA, the
-  skipped-update counters, the discriminator monitor's recent accuracies and the iteration;
+  exactly: each trained network's AdamW state (moments sharded like their parameters, so they
+  reshard too) and learning-rate scheduler (which holds the network's update count), the generator
+  EMA, the skipped-update counters, the discriminator monitor's recent accuracies and the iteration;
 - ``trainer_state.json``: the iteration, the layout it was saved at and the run config (read
   without loading anything, by ``adm_megatron.train.resume``).
 
@@ -72,16 +72,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _network_sharded(trainer, name: str) -> dict:
+    """The ``ShardedTensor``s of trained network ``name``, keyed uniquely for it."""
+    if name == "discriminator":  # plain modules, replicated on every rank
+        return make_sharded_tensors_for_checkpoint(trainer.heads.state_dict(keep_vars=True), "discriminator.")
+    return getattr(trainer, name).sharded_state_dict(prefix=f"{name}.")
+
+
 def _train_state(trainer, iteration: int) -> dict:
     """The sharded state dict of ``train_state/`` (for saving, and as the template to load into)."""
-    models = {
-        "generator": trainer.generator.sharded_state_dict(prefix="generator."),
-        "fake_score": trainer.fake_score.sharded_state_dict(prefix="fake_score."),
-    }
-    if trainer.heads is not None:
-        models["discriminator"] = make_sharded_tensors_for_checkpoint(
-            trainer.heads.state_dict(keep_vars=True), "discriminator."
-        )
+    models = {name: _network_sharded(trainer, name) for name in trainer.trainable}
     state = {name: net.optimizer.sharded_state_dict(models[name]) for name, net in trainer.trainable.items()}
     if trainer.ema is not None:
         state["ema"] = trainer.ema.sharded_state_dict(models["generator"], "generator.")
@@ -111,9 +111,9 @@ def save_training_checkpoint(trainer, iteration: int) -> str:
         save_megatron_checkpoint(trainer.generator, os.path.join(tmp, "generator"), trainer.arch)
         save_megatron_checkpoint(trainer.fake_score, os.path.join(tmp, "fake_score"), trainer.arch)
         write_atomically(os.path.join(tmp, "train_state"), False, lambda d: dist_checkpointing.save(state, d))
-        if rank0 and trainer.heads is not None:
-            torch.save(trainer.heads.state_dict(), os.path.join(tmp, "discriminator.pt"))
         if rank0:
+            if trainer.heads is not None:
+                torch.save(trainer.heads.state_dict(), os.path.join(tmp, "discriminator.pt"))
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump({"iteration": iteration, "layout": _layout(trainer),
                            "config": config_to_dict(config)}, f, indent=2)

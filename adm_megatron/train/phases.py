@@ -8,8 +8,8 @@ that phase's DDP-wrapped network. A phase may also train further networks with t
 finalised the same way and each steps its own optimiser. Every other trainable network is frozen
 for the phase, so only the phase's own parameters receive gradients and change. Metric keys that
 already name a section (``discriminator/...``) are kept; others are prefixed with the phase. The
-ADM schedule itself (fake score every
-iteration, generator and discriminator every ``ttur``-th) lives in the trainer loop.
+ADM schedule itself (fake score every iteration, generator and discriminator every ``ttur``-th)
+lives in the trainer loop.
 
 A non-finite loss on any rank, or a non-finite global gradient norm, is decided the same on every
 rank (the loss flag is all-reduced over the world, the norm is already global): the update raises
@@ -128,22 +128,22 @@ class PhaseRunner:
             )
             for name in co_trained:  # the schedule finalises the first model's gradients only
                 finalize_model_grads([self.networks[name].module])
-        where = f"iteration {iteration}, phase {phase}"
-        loss_finite = not any_rank(not math.isfinite(result["loss"]))
         metrics = {f"{phase}/loss": result["loss"]}
+        finite = not any_rank(not math.isfinite(result["loss"]))  # the same decision on every rank
         for name in trained:
-            metrics.update(self._step(name, result["loss"], loss_finite, where))
-        metrics[f"{phase}/seconds"] = time.perf_counter() - start
+            metrics.update(self._step(name, result["loss"], finite, iteration, phase))
         metrics["skipped_steps"] = self.skipped_total
+        metrics[f"{phase}/seconds"] = time.perf_counter() - start
         metrics.update({k if "/" in k else f"{phase}/{k}": v for k, v in result["metrics"].items()})
         return metrics, result["extra"]
 
-    def _step(self, name: str, loss: float, loss_finite: bool, where: str) -> dict:
-        """Clip and step network ``name``'s optimiser, or skip / raise as ``nan_policy`` says."""
+    def _step(self, name: str, loss: float, finite: bool, iteration: int, phase: str) -> dict:
+        """Clip and step network ``name``'s optimiser after ``phase``, as ``nan_policy`` says."""
         optimizer = self.networks[name].optimizer
         skip = self.nan_policy == "skip"
         lr = optimizer.lr  # the rate this update uses (the scheduler moves on after the step)
-        if not loss_finite:
+        where = f"iteration {iteration}, phase {phase}"
+        if not finite:
             if not skip:
                 raise NonFiniteError(f"{where}: loss is {loss} on this or another rank")
             norm, stepped = float("nan"), False
@@ -155,15 +155,15 @@ class PhaseRunner:
         self._count(name, stepped, where)
         return {f"{name}/grad_norm": norm, f"{name}/lr": lr, f"{name}/skipped": not stepped}
 
-    def _count(self, phase: str, stepped: bool, where: str) -> None:
+    def _count(self, name: str, stepped: bool, where: str) -> None:
         if stepped:
-            self.skipped_in_a_row[phase] = 0
+            self.skipped_in_a_row[name] = 0
             return
         self.skipped_total += 1
-        self.skipped_in_a_row[phase] += 1
-        if self.skipped_in_a_row[phase] >= self.max_skipped_steps:
+        self.skipped_in_a_row[name] += 1
+        if self.skipped_in_a_row[name] >= self.max_skipped_steps:
             raise NonFiniteError(
-                f"{where}: {self.skipped_in_a_row[phase]} updates in a row skipped for NaN / Inf "
+                f"{where}: {self.skipped_in_a_row[name]} {name} updates in a row skipped for NaN / Inf "
                 f"(train.max_skipped_steps={self.max_skipped_steps}); stopped, the last checkpoint "
                 "is left as it was"
             )

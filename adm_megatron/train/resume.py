@@ -131,16 +131,25 @@ def plan_resume(config: Config, world_size: int) -> ResumePoint:
     return ResumePoint(ckpt, iteration, finished)
 
 
+def _iteration(line: str) -> float:
+    """A record's iteration; a line cut short by a kill counts as after any checkpoint."""
+    try:
+        return json.loads(line)["iteration"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 def trim_metrics(output_dir: str, start: int) -> None:
     """Rank 0, before a resumed run logs: drop ``metrics.jsonl`` records of iterations from
-    ``start`` on (work done after the checkpoint, which the run does again), atomically."""
+    ``start`` on (work done after the checkpoint, which the run does again) and any line a kill cut
+    short, atomically."""
     path = os.path.join(output_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return
     with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line)["iteration"] < start]
-    if len(kept) == len(lines):
+        lines = f.readlines()
+    kept = [line for line in lines if _iteration(line) < start]
+    if kept == lines:
         return
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:

@@ -1,16 +1,18 @@
 # Sourced by the sbatch scripts in this directory (bash). `run_preemptible CMD ...` runs CMD (the
 # training step: srun ...) in the background so that the batch shell can take signals while it
 # runs. SLURM sends the batch shell SIGUSR1 shortly before the time limit (--signal=B:USR1@N) and
-# SIGTERM when the job is stopped; either is forwarded to the step as SIGUSR1, on which every rank
-# finishes its iteration, saves a checkpoint and exits with code 75. Once the step has ended, a job
-# that got such a signal requeues itself (scontrol requeue, with #SBATCH --requeue); the next start
-# runs the same command and train.resume=auto goes on from that checkpoint.
+# SIGTERM when the job is cancelled or preempted; either is forwarded to the step as SIGUSR1, on
+# which every rank finishes its iteration, saves a checkpoint and exits with code 75. Once the step
+# has ended, a job that got the time-limit warning (USR1) requeues itself (scontrol requeue, with
+# #SBATCH --requeue); the next start runs the same command and train.resume=auto goes on from that
+# checkpoint. A TERM (scancel, or preemption, which SLURM requeues by itself) only saves.
 
 run_preemptible() {
-    local stopped=0 rc=0
+    local requeue=0 rc=0
     "$@" &
     local step=$!
-    trap 'stopped=1; echo "[$(date +%T)] stop signal: forwarding SIGUSR1 to the training step"; kill -USR1 "$step" 2>/dev/null' USR1 TERM
+    trap 'requeue=1; echo "[$(date +%T)] stop signal: forwarding SIGUSR1 to the training step"; kill -USR1 "$step" 2>/dev/null' USR1
+    trap 'echo "[$(date +%T)] SIGTERM: forwarding SIGUSR1 to the training step"; kill -USR1 "$step" 2>/dev/null' TERM
     while true; do
         wait "$step"
         rc=$?
@@ -18,7 +20,7 @@ run_preemptible() {
     done
     trap - USR1 TERM
     echo "[$(date +%T)] training step exited with $rc (75: stopped after saving a checkpoint)"
-    if [ "$stopped" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    if [ "$requeue" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
         echo "[$(date +%T)] requeueing job $SLURM_JOB_ID to go on from the last checkpoint"
         scontrol requeue "$SLURM_JOB_ID"
     fi
