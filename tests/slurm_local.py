@@ -176,6 +176,13 @@ class LocalSlurm:
         text = self.scontrol("show", "job", "-o", job_id)
         return dict(item.split("=", 1) for item in text.split() if "=" in item)
 
+    def steps_alive(self, job_id: str) -> bool:
+        """Whether any slurmstepd of the job (its batch script or a step) still runs here."""
+        import psutil
+
+        tag = f"[{job_id}."
+        return any(tag in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
+
     def node_state(self) -> str:
         return self._run(["sinfo", "-h", "-o", "%T"]).stdout.strip()
 
