@@ -15,8 +15,6 @@ import sys
 import warnings
 
 from adm_megatron.config import ConfigError, load_config
-from adm_megatron.memory.command import add_arguments as add_plan_arguments
-from adm_megatron.memory.command import run as run_plan
 
 NONFINITE_EXIT_CODE = 3  # train.max_skipped_steps updates in a row were NaN / Inf (or nan_policy=error)
 
@@ -166,8 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
         "activations and transient buffers of each ADM phase, the peak, and whether it fits the card. "
         "Exit status 0: fits, 1: does not fit, 2: bad config or layout.",
     )
-    add_plan_arguments(plan)
-    plan.set_defaults(func=run_plan)
+    from adm_megatron.memory import command as plan_command  # imports megatron-core: after the warning filters
+
+    plan_command.add_arguments(plan)
+    plan.set_defaults(func=plan_command.run)
     bench = sub.add_parser(
         "bench",
         help="measure throughput: our DiT vs diffusers, and each phase of a distillation iteration",
@@ -226,9 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _setup_logging()  # first: building the parser imports megatron-core, whose import-time warnings it filters
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["adm-megatron", *argv])
-    _setup_logging()
     try:
         return args.func(args)
     except ConfigError as err:

@@ -70,9 +70,9 @@ def measure_phases(build_trainer: Callable[[], object], iterations: int = 2) -> 
         trainer = build_trainer()
         run = trainer.phases.run
 
-        def marked_run(phase, loss_fn, iteration):
+        def marked_run(phase, loss_fn, iteration, **kwargs):
             with record_function(f"{_MARK}{phase}:{iteration}"):
-                return run(phase, loss_fn, iteration)
+                return run(phase, loss_fn, iteration, **kwargs)
 
         trainer.phases.run = marked_run
         for iteration in range(iterations):
