@@ -122,8 +122,8 @@ def test_plan_command_prints_the_table_and_writes_json(tmp_path, capsys, world_o
     (["--gpus", "3", "--card", "80"], "gpus=3: not a positive multiple"),
 ])
 def test_bad_layouts_get_one_line_before_any_model_is_built(args, message, tmp_path, capsys, monkeypatch):
-    if "--offload" in args and torch.cuda.is_available():
-        pytest.skip("pinned memory is available here")
+    # the same on every machine: pinned host memory is what CUDA gives, so the refusal is for no CUDA
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
 
     def no_build(*_, **__):
         raise AssertionError("a model was built before the layout was checked")

@@ -72,6 +72,11 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def prefixed(metrics: dict, phase: str) -> dict:
+    """``metrics`` keyed ``phase/name``; keys that already name a section (``discriminator/...``) stay."""
+    return {k if "/" in k else f"{phase}/{k}": v for k, v in metrics.items()}
+
+
 def prepare_for_schedule(ddp_module: torch.nn.Module) -> None:
     """Point the network's config at megatron's gradient finalisation and DDP's no_sync."""
     config = ddp_module.config
@@ -134,7 +139,7 @@ class PhaseRunner:
             metrics.update(self._step(name, result["loss"], finite, iteration, phase))
         metrics["skipped_steps"] = self.skipped_total
         metrics[f"{phase}/seconds"] = time.perf_counter() - start
-        metrics.update({k if "/" in k else f"{phase}/{k}": v for k, v in result["metrics"].items()})
+        metrics.update(prefixed(result["metrics"], phase))
         return metrics, result["extra"]
 
     def _step(self, name: str, loss: float, finite: bool, iteration: int, phase: str) -> dict:

@@ -49,7 +49,7 @@ from adm_megatron.train.discriminator_monitor import DiscriminatorMonitor
 from adm_megatron.train.ema import ParameterEMA
 from adm_megatron.train.export import export_generator, render_run_samples
 from adm_megatron.train.optimizer import NetworkOptimizer
-from adm_megatron.train.phases import PhaseRunner, TrainableNetwork
+from adm_megatron.train.phases import PhaseRunner, TrainableNetwork, prefixed
 from adm_megatron.train.preemption import StopPoll
 from adm_megatron.train.resume import mark_finished, plan_resume, trim_metrics
 from adm_megatron.train.run_log import RunLogger
@@ -246,7 +246,7 @@ class Trainer:
                 with torch.no_grad():
                     loss, d_metrics, _ = alg.discriminator_loss(pair, batch)
                 metrics.update({"discriminator/loss": loss.item(),
-                                **{k if "/" in k else f"discriminator/{k}": v for k, v in d_metrics.items()}})
+                                **prefixed(d_metrics, "discriminator")})
         accuracy = metrics.get("discriminator/paired_accuracy")
         if accuracy is not None and self.monitor.update(accuracy) and self.info.rank == 0:
             logger.warning(self.monitor.message(iteration))
