@@ -22,6 +22,10 @@ import tempfile
 import time
 from typing import Callable
 
+# a requeued job waits this long before it may start again (slurmd refuses it while the killed
+# start's credential is still remembered as revoked); SLURM's default is 120 s
+CRED_EXPIRE_S = 10
+
 DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol", "squeue", "sinfo", "scancel")
 SBIN = "/usr/sbin"
 
@@ -92,7 +96,7 @@ class LocalSlurm:
                 # job ids (hence the trainer's default port 15000 + id) away from any other cluster's
                 "ClusterName=adm-test", f"FirstJobId={random.randint(1000, 9000)}", f"SlurmctldHost={host}", "SlurmUser=root", "SlurmdUser=root",
                 f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
-                "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={socket_path}",
+                "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={socket_path},cred_expire={CRED_EXPIRE_S}",
                 f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={d}/spool",
                 f"SlurmctldPidFile={d}/slurmctld.pid", f"SlurmdPidFile={d}/slurmd.pid",
                 f"SlurmctldLogFile={d}/log/slurmctld.log", f"SlurmdLogFile={d}/log/slurmd.log",
@@ -175,13 +179,6 @@ class LocalSlurm:
         """``scontrol show job`` as a dict (JobState, Restarts, ExitCode...)."""
         text = self.scontrol("show", "job", "-o", job_id)
         return dict(item.split("=", 1) for item in text.split() if "=" in item)
-
-    def steps_alive(self, job_id: str) -> bool:
-        """Whether any slurmstepd of the job (its batch script or a step) still runs here."""
-        import psutil
-
-        tag = f"[{job_id}."
-        return any(tag in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
 
     def node_state(self) -> str:
         return self._run(["sinfo", "-h", "-o", "%T"]).stdout.strip()
