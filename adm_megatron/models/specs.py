@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -17,12 +16,14 @@ from adm_megatron.models.adaln import AdaLNZero
 from adm_megatron.models.attention import JointSelfAttention, JointSelfAttentionSubmodules
 from adm_megatron.models.cogvideox_layer import CogVideoXLayer, CogVideoXLayerSubmodules
 from adm_megatron.models.core_attention import SDPACoreAttention
+from adm_megatron.models.feed_forward import FeedForward, FeedForwardSubmodules
+from adm_megatron.models.linears import ColumnParallelLinear, RowParallelLinear
 from adm_megatron.models.norms import LayerNorm
 
 logger = logging.getLogger("adm_megatron")
 
 
-def _layer_spec(column_linear, row_linear, core_attention) -> ModuleSpec:
+def _layer_spec(column_linear, row_linear, core_attention, mlp=MLP, mlp_submodules=MLPSubmodules) -> ModuleSpec:
     return ModuleSpec(
         module=CogVideoXLayer,
         submodules=CogVideoXLayerSubmodules(
@@ -38,16 +39,17 @@ def _layer_spec(column_linear, row_linear, core_attention) -> ModuleSpec:
                 ),
             ),
             mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(linear_fc1=column_linear, linear_fc2=row_linear),
+                module=mlp,
+                submodules=mlp_submodules(linear_fc1=column_linear, linear_fc2=row_linear),
             ),
         ),
     )
 
 
 def local_layer_spec() -> ModuleSpec:
-    """megatron-core's own parallel linears and torch SDPA: runs anywhere, CPU included."""
-    return _layer_spec(ColumnParallelLinear, RowParallelLinear, SDPACoreAttention)
+    """megatron-core's own parallel linears (as ``F.linear`` where a call communicates nothing, see
+    ``models.linears``), the bias-in-GEMM ``FeedForward`` and torch SDPA: runs anywhere, CPU included."""
+    return _layer_spec(ColumnParallelLinear, RowParallelLinear, SDPACoreAttention, FeedForward, FeedForwardSubmodules)
 
 
 def te_layer_spec() -> ModuleSpec:
