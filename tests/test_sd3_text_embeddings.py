@@ -14,14 +14,8 @@ import pytest
 import torch
 
 from adm_megatron.data import PromptSampler, SyntheticTextEmbeddings, TextEmbeddingShards, write_embedding_shards
-from adm_megatron.data.tiny_sd3_pipeline import build_tiny_sd3_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def sd3_pipeline(tmp_path_factory):
-    return build_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("sd3") / "pipe"), seed=0)
 
 
 def test_tiny_sd3_pipeline_renders_images(sd3_pipeline):

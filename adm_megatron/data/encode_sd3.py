@@ -34,7 +34,7 @@ def load_sd3_text_pipeline(directory: str, dtype: torch.dtype = torch.float32, d
     if not is_sd3_pipeline(directory):
         raise FileNotFoundError(f"{directory}: not a {PIPELINE_CLASS} directory (model_index.json)")
     pipeline = StableDiffusion3Pipeline.from_pretrained(
-        directory, transformer=None, vae=None, torch_dtype=dtype, local_files_only=True
+        directory, transformer=None, vae=None, dtype=dtype, local_files_only=True
     )
     return pipeline.to(device)
 
