@@ -56,7 +56,7 @@ def test_registry_resolves_cogvideox_from_transformer_pipeline_and_checkpoint(tm
     assert get_family("cogvideox") is COGVIDEOX
     assert family_for_diffusers_class("CogVideoXTransformer3DModel") is COGVIDEOX
     transformer = save_diffusers_model("2b", str(tmp_path))
-    pipeline = write_scheduler_pipeline(str(tmp_path / "pipeline"))
+    pipeline = write_scheduler_pipeline(str(tmp_path / "pipeline"), COGVIDEOX)
     os.symlink(transformer, os.path.join(pipeline, "transformer"))
 
     from_dir = resolve_teacher(transformer, pipeline)
@@ -81,7 +81,7 @@ def test_unknown_transformer_class_is_a_one_line_error_listing_the_known_ones(tm
     assert "'FluxTransformer2DModel'" in text and "CogVideoXTransformer3DModel" in text
     assert text.startswith(f"model.teacher={str(model)!r}: ")
 
-    pipeline = write_scheduler_pipeline(str(tmp_path / "pipeline"))
+    pipeline = write_scheduler_pipeline(str(tmp_path / "pipeline"), COGVIDEOX)
     os.symlink(model, os.path.join(pipeline, "transformer"))
     with pytest.raises(ConfigError, match="'FluxTransformer2DModel' is not a known diffusers transformer"):
         resolve_teacher(pipeline)
@@ -168,7 +168,7 @@ def test_a_registered_family_is_picked_up_by_teacher_loader_trainer_and_converte
     family, built = fake_family
     teacher = _save_fake(tmp_path / "fake")
     assert json.load(open(os.path.join(teacher, "config.json")))["_class_name"] == "FakeVideoTransformer"
-    pipeline = write_scheduler_pipeline(str(tmp_path / "pipeline"))
+    pipeline = write_scheduler_pipeline(str(tmp_path / "pipeline"), family)
 
     source = resolve_teacher(teacher, pipeline)
     assert source.family is family and isinstance(source.arch, FakeArch)
@@ -211,3 +211,18 @@ def test_the_converter_cli_offers_the_registered_families(fake_family):
     assert args.model == "fakevideo"
     with pytest.raises(SystemExit):
         tool.build_parser().parse_args(["hf-to-megatron", "--model", "flux", "--hf-path", "x", "--out", "y"])
+
+
+def test_a_family_with_a_pooled_embedding_is_refused_before_training_until_data_provides_one(fake_family, tmp_path):
+    from adm_megatron.families import Conditioning
+    from adm_megatron.train.validate import validate_run
+
+    family, _ = fake_family
+    unregister_family(family.name)
+    register_family(dataclasses.replace(family, conditioning=lambda arch: Conditioning(16, 32, pooled_width=64)))
+    teacher = _save_fake(tmp_path / "fake")
+    config = load_config(None, [f"model.teacher={teacher}", "data.frames=2", "data.height=4", "data.width=4",
+                                "distill.head_every=1"])
+    with pytest.raises(ConfigError, match="family takes a pooled text embedding") as err:
+        validate_run(config, resolve_teacher(teacher), world_size=1)
+    _one_line(err.value)

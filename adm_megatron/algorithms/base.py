@@ -31,7 +31,7 @@ class RealBatch:
 
     x0: torch.Tensor  # [B, F, C, H, W] (video) or [B, C, H, W] (image)
     text: torch.Tensor  # [B, L, D]
-    pooled: torch.Tensor | None = None  # [B, Dp] pooled text embedding (SD3); None for CogVideoX
+    pooled: torch.Tensor | None = None  # [B, Dp] pooled text embedding (SD3); None for families without
 
     @property
     def cond(self):
@@ -48,7 +48,7 @@ class PhaseBatch:
     fake_noise: torch.Tensor  # [B, F, C, H, W] or [B, C, H, W] z: the fake-score phase's generator sample starts here
     generator_noise: torch.Tensor  # ẑ: the generator phase's, drawn independently of z
     real: RealBatch | None = None  # only for methods that read real samples (DMD2)
-    pooled: torch.Tensor | None = None  # [B, Dp] pooled text embeddings (SD3); None for CogVideoX
+    pooled: torch.Tensor | None = None  # [B, Dp] pooled text embeddings (SD3); None for families without
     negative_pooled: torch.Tensor | None = None  # [B, Dp] the negative prompt's
 
     @property

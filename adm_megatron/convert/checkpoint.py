@@ -16,9 +16,9 @@ Outputs are never left half written: everything goes to ``<out>.tmp-<id>`` and i
 ``<out>`` by rank 0 once every rank has finished; on a failure the temporary directory is removed.
 An existing non-empty ``<out>`` is only replaced with ``overwrite=True``.
 
-The sharded state dict is the model's own (e.g. ``CogVideoXTransformer.sharded_state_dict``, which
-asks each block for its shards: megatron's default would mark the ``ModuleList`` of blocks
-replicated and save only rank 0's tensor-parallel shards without complaint). :func:`sharded_state_dict`
+The sharded state dict is the model's own (its ``sharded_state_dict`` asks each block for its
+shards: megatron's default would mark the ``ModuleList`` of blocks replicated and save only rank
+0's tensor-parallel shards without complaint). :func:`sharded_state_dict`
 checks the result against the parameters' ``tensor_model_parallel`` / ``partition_dim`` tags
 before anything is written, so such a silent loss cannot recur.
 """

@@ -9,7 +9,7 @@ inside the functions, so registering the family costs nothing.
 
 from __future__ import annotations
 
-from adm_megatron.families.cogvideox_presets import PRESETS
+from adm_megatron.families.cogvideox_presets import COGVIDEOX_2B_SCHEDULER, PRESETS
 from adm_megatron.families.registry import Conditioning, ModelFamily, PromptEmbeddings, register_family
 
 DIFFUSERS_CLASS = "CogVideoXTransformer3DModel"
@@ -106,6 +106,7 @@ COGVIDEOX = register_family(ModelFamily(
     diffusers_classes=(DIFFUSERS_CLASS,),
     pipeline_classes=(PIPELINE_CLASS,),
     schedulers=("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"),
+    reference_scheduler={"_class_name": "CogVideoXDDIMScheduler", **COGVIDEOX_2B_SCHEDULER},
     latent_layout="video",
     head_kind="3d",
     arch_from_diffusers_config=_arch_from_diffusers_config,

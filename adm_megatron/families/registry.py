@@ -64,6 +64,9 @@ class ModelFamily:
     diffusers_classes: tuple[str, ...]  # transformer config.json _class_name(s) it reads; [0] is written
     pipeline_classes: tuple[str, ...]  # model_index.json _class_name(s) of its diffusers pipelines
     schedulers: tuple[str, ...]  # scheduler _class_name(s) whose config may give the noise schedule
+    # a scheduler config (with _class_name) of the family's reference pipeline, for runs that need
+    # a schedule but have no pipeline (the benchmark)
+    reference_scheduler: dict
     latent_layout: str  # 'video' ([B, F, C, H, W]) or 'image' ([B, C, H, W])
     head_kind: str  # discriminator heads on the taps: '3d' or '2d' (see adm_megatron.heads)
     # (diffusers config dict, source for errors) -> arch; one-line ValueError for what is unsupported
@@ -187,16 +190,6 @@ def family_for_diffusers_class(class_name: str, source: str = "") -> ModelFamily
     where = f"{source}: " if source else ""
     raise ValueError(f"{where}_class_name {class_name!r} is not a known diffusers transformer "
                      f"(known: {', '.join(known_diffusers_classes())})")
-
-
-def family_for_pipeline_class(class_name: str, source: str = "") -> ModelFamily:
-    """The family whose diffusers pipeline is ``class_name``; one-line ValueError otherwise."""
-    for family in _FAMILIES.values():
-        if class_name in family.pipeline_classes:
-            return family
-    known = sorted(c for f in _FAMILIES.values() for c in f.pipeline_classes)
-    where = f"{source}: " if source else ""
-    raise ValueError(f"{where}_class_name {class_name!r} is not a known diffusers pipeline (known: {', '.join(known)})")
 
 
 def read_model_config(path: str) -> dict:

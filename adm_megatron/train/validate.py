@@ -32,6 +32,11 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
             "heads are not divisible by it"
         )
     teacher.family.check_run(arch, config)
+    if teacher.family.conditioning(arch).pooled_width is not None:
+        raise ConfigError(
+            f"model.teacher={config.model.teacher!r}: the {teacher.family.name} family takes a pooled text "
+            f"embedding, which no data.source provides yet"
+        )
     if config.distill.head_every > arch.num_layers:
         raise ConfigError(
             f"distill.head_every={config.distill.head_every}: the teacher has only {arch.num_layers} blocks"
