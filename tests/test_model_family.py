@@ -226,3 +226,20 @@ def test_a_family_with_a_pooled_embedding_is_refused_before_training_until_data_
     with pytest.raises(ConfigError, match="family takes a pooled text embedding") as err:
         validate_run(config, resolve_teacher(teacher), world_size=1)
     _one_line(err.value)
+
+
+def test_bench_and_memory_planner_refuse_a_family_without_their_formulas_in_one_line(fake_family, tmp_path):
+    from adm_megatron.bench.run import BenchOptions, resolve_model
+    from adm_megatron.memory.plan import PlanError
+    from adm_megatron.memory.run_plan import plan_run
+
+    teacher = _save_fake(tmp_path / "fake")
+    config = load_config(None, [f"model.teacher={teacher}", "data.frames=2", "data.height=4", "data.width=4",
+                                "distill.head_every=1"])
+    with pytest.raises(PlanError, match=r"memory planner: model family 'fakevideo' is not supported "
+                                        r"\(supported: cogvideox\)") as err:
+        plan_run(config, 1, card_gib=80)
+    _one_line(err.value)
+    with pytest.raises(ValueError, match=r"adm-megatron bench: model family 'fakevideo' is not supported") as err:
+        resolve_model(BenchOptions(model=teacher), str(tmp_path / "work"))
+    _one_line(err.value)
