@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 
-
 @dataclass(frozen=True)
 class NetworkSize:
     params: int  # parameter elements held by one rank
@@ -37,7 +36,8 @@ def backbone_size(arch, tensor_parallel: int) -> NetworkSize:
     """One backbone (teacher, fake score or generator) as one rank of ``tensor_parallel`` holds it."""
     from adm_megatron.families import family_of_arch
 
-    model = family_of_arch(arch).build_model(arch, device="meta")  # for the layout in force: a world of one if none
+    # for the layout in force: a world of one if none
+    model = family_of_arch(arch).build_model(arch, device="meta")
     return _size(model, tensor_parallel, model.config.tensor_model_parallel_size)
 
 
