@@ -1,4 +1,5 @@
-"""DiT backbones on megatron-core (CogVideoX 2b / 5b)."""
+"""DiT backbones on megatron-core (CogVideoX 2b / 5b); the model-family interface over them is
+``adm_megatron.families``."""
 
 from adm_megatron.models.build import build_model, build_model_from_hf, read_diffusers_weights
 from adm_megatron.models.cogvideox import CogVideoXOutput, CogVideoXTransformer

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ DIFFUSERS_CLASS_NAME = "CogVideoXTransformer3DModel"
 class CogVideoXArch:
     """The architecture fields of a diffusers CogVideoX transformer config (names kept)."""
 
+    family: ClassVar[str] = "cogvideox"  # its name in adm_megatron.families (checkpoints record it)
     num_attention_heads: int = 30
     attention_head_dim: int = 64
     in_channels: int = 16

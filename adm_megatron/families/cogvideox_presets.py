@@ -18,3 +18,8 @@ COGVIDEOX_5B = dict(
     COGVIDEOX_2B, num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True
 )
 PRESETS = {"cogvideox-2b": COGVIDEOX_2B, "cogvideox-5b": COGVIDEOX_5B}
+COGVIDEOX_2B_SCHEDULER = dict(  # CogVideoX-2b's scheduler/scheduler_config.json (CogVideoXDDIMScheduler)
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=3.0,
+    timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False, steps_offset=0,
+)
