@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from adm_megatron.train.samples import _component, _config
+from adm_megatron.models.pipeline_files import component_config, read_config
 
 _NO_TEXT_ENCODERS = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                          text_encoder_3=None, tokenizer_3=None)
@@ -28,15 +28,15 @@ def _load_pipeline(pipeline_dir: str, transformer_dir: str | None, dtype: torch.
 
     from adm_megatron.diffusion import FlowMatchSchedule
 
-    _config(pipeline_dir, "model_index.json", "pipeline index")
-    _component(pipeline_dir, "vae")
-    scheduler_config = _component(pipeline_dir, "scheduler", "scheduler_config.json")
+    read_config(pipeline_dir, "model_index.json", "pipeline index")
+    component_config(pipeline_dir, "vae")
+    scheduler_config = component_config(pipeline_dir, "scheduler", "scheduler_config.json")
     try:  # the generator's schedule, or a one-line error
         FlowMatchSchedule.from_diffusers_config(scheduler_config)
     except ValueError as err:
         raise ValueError(f"{os.path.join(pipeline_dir, 'scheduler', 'scheduler_config.json')}: {err}") from None
     transformer_dir = transformer_dir or os.path.join(pipeline_dir, "transformer")
-    _config(transformer_dir, "config.json", "transformer")
+    read_config(transformer_dir, "config.json", "transformer")
     transformer = SD3Transformer2DModel.from_pretrained(transformer_dir, dtype=dtype)
     pipeline = StableDiffusion3Pipeline.from_pretrained(
         pipeline_dir, transformer=transformer, dtype=dtype, **_NO_TEXT_ENCODERS)
