@@ -42,6 +42,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "check_output_dir",
     "export_diffusers",
+    "export_full_state_dict",
     "hf_to_megatron_checkpoint",
     "is_megatron_checkpoint",
     "load_megatron_checkpoint",
@@ -538,10 +539,16 @@ def read_checkpoint_arch(ckpt_dir: str):
 def export_diffusers(model, arch, out_dir: str, *, overwrite: bool = False) -> str:
     """Collective: a (possibly TP-sharded) megatron CogVideoX as a diffusers directory; rank 0
     writes it atomically."""
-    from adm_megatron.convert.cogvideox_mapping import megatron_to_hf
     from adm_megatron.models.weights import gather_full_state_dict
 
-    full = gather_full_state_dict(model)
+    return export_full_state_dict(gather_full_state_dict(model), arch, out_dir, overwrite=overwrite)
+
+
+def export_full_state_dict(full: dict[str, torch.Tensor], arch, out_dir: str, *, overwrite: bool = False) -> str:
+    """Collective: whole megatron-named tensors (e.g. a LoRA generator's merged weights) as a
+    diffusers directory; rank 0 writes it atomically."""
+    from adm_megatron.convert.cogvideox_mapping import megatron_to_hf
+
     config = _diffusers_config(arch)
 
     def write(tmp: str) -> None:
