@@ -1,5 +1,7 @@
 """A LoRA generator at TP = 2 and at TP = 2 with sequence parallelism equals one process under gloo:
-outputs, the input gradient and every adapter gradient (gathered over TP) within 1e-5 relative.
+outputs, the input gradient and every adapter gradient (gathered over TP) within 1e-5 relative;
+and its megatron checkpoint saved at TP = 2 (adapters sharded like their layers) loads back at
+TP = 1 with the same whole adapters.
 
 One world of 2 processes runs the three layouts in turn: first TP = 1 (each rank a whole model on
 the whole batch, no DDP: the one-process reference), then TP = 2 and TP = 2 + SP wrapped in
@@ -25,7 +27,7 @@ def _whole_adapters(adapters) -> dict[str, torch.Tensor]:
     return {n: 0.1 * torch.randn(full_shape(p), generator=g) for n, p in adapters.named_parameters()}
 
 
-def _run_layouts(hf_dir):
+def _run_layouts(hf_dir, ckpt_dir):
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -33,6 +35,7 @@ def _run_layouts(hf_dir):
     )
 
     from adm_megatron.config import LoraConfig
+    from adm_megatron.convert.checkpoint import load_megatron_checkpoint_into, save_megatron_checkpoint
     from adm_megatron.lora import apply_lora
     from adm_megatron.models import CogVideoXArch, build_model_from_hf
     from adm_megatron.models.weights import gather_tensor_parallel, load_full_state_dict
@@ -45,7 +48,10 @@ def _run_layouts(hf_dir):
         initialize_parallel(tensor_parallel=tp, context_parallel=1, seed=7)
         model = build_model_from_hf(hf_dir, sequence_parallel=sp)
         adapters = apply_lora(model, LoraConfig(rank=4, alpha=8.0), seed=3)
-        load_full_state_dict(adapters, _whole_adapters(adapters), source="test adapters")
+        whole = _whole_adapters(adapters)
+        load_full_state_dict(adapters, whole, source="test adapters")
+        if name == "tp2-sp":
+            save_megatron_checkpoint(model, ckpt_dir)
         net = model if tp == 1 else DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
         latents, text, timestep, rotary, weight = inputs
         latents = latents.clone().requires_grad_(True)
@@ -59,12 +65,20 @@ def _run_layouts(hf_dir):
         frozen_grads = [p for p in model.parameters() if not p.requires_grad and p.grad is not None]
         results[name] = (out.detach(), latents.grad, grads, len(frozen_grads))
         destroy_parallel()
+
+    initialize_parallel(tensor_parallel=1, context_parallel=1, seed=7)
+    model = build_model_from_hf(hf_dir)
+    adapters = apply_lora(model, LoraConfig(rank=4, alpha=8.0), seed=11)  # another start: the load must replace it
+    load_megatron_checkpoint_into(model, ckpt_dir)
+    results["reloaded_equal"] = all(torch.equal(p, whole[n]) for n, p in adapters.named_parameters())
+    destroy_parallel()
     return results
 
 
-def test_lora_tp2_and_tp2_sp_equal_one_process(tmp_path):
+def test_lora_tp2_and_tp2_sp_equal_one_process_and_reload_at_tp1(tmp_path):
     hf_dir = save_diffusers_model("5b", str(tmp_path))
-    for rank_results in run_world(_run_layouts, 2, hf_dir, timeout_s=300):
+    for rank_results in run_world(_run_layouts, 2, hf_dir, str(tmp_path / "ckpt"), timeout_s=300):
+        assert rank_results["reloaded_equal"]
         ref_out, ref_dx, ref_grads, _ = rank_results["tp1"]
         assert all(g.abs().max() > 0 for g in ref_grads.values())
         for name in ("tp2", "tp2-sp"):
