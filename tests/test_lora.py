@@ -141,3 +141,19 @@ def test_lora_config_section_parses_and_validates():
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, base + [override])
+
+
+def test_export_lora_modes_write_what_they_say(tmp_path, world_of_one):
+    from adm_megatron.lora import LORA_WEIGHTS, apply_lora, export_lora_generator
+    from adm_megatron.models import build_model_from_hf
+
+    model = build_model_from_hf(save_diffusers_model("2b", str(tmp_path)))
+    apply_lora(model, LoraConfig(rank=2, target_modules=["to_out.0"]), seed=0)
+    for mode, written in [("adapter", ["generator_lora"]), ("merged", ["generator"]),
+                          ("both", ["generator", "generator_lora"])]:
+        out = tmp_path / mode
+        merged = export_lora_generator(model, model.arch, str(out / "generator"), mode)
+        assert sorted(os.listdir(out)) == written
+        assert merged == (str(out / "generator") if "generator" in written else None)
+        if "generator_lora" in written:
+            assert os.listdir(out / "generator_lora") == [LORA_WEIGHTS]
