@@ -157,3 +157,19 @@ def test_export_lora_modes_write_what_they_say(tmp_path, world_of_one):
         assert merged == (str(out / "generator") if "generator" in written else None)
         if "generator_lora" in written:
             assert os.listdir(out / "generator_lora") == [LORA_WEIGHTS]
+
+
+def test_trainer_refuses_bad_lora_targets_before_building_networks(pipeline_dir, tmp_path, world_of_one,
+                                                                   monkeypatch):
+    from adm_megatron.train.teacher import TeacherSource
+    from adm_megatron.train.trainer import Trainer
+
+    def never(*args, **kwargs):
+        raise AssertionError("the networks were built before the LoRA targets were checked")
+
+    monkeypatch.setattr(TeacherSource, "build_models", never)
+    config = load_config(None, [f"model.teacher={pipeline_dir}", f"output_dir={tmp_path}",
+                                "model.lora.target_modules=[to_q, to_out.0]", "distill.head_every=1",
+                                "logging.wandb_mode=disabled"])
+    with pytest.raises(ConfigError, match="to_q targets only part of the fused layer"):
+        Trainer(config)

@@ -10,7 +10,7 @@ from adm_megatron.lora.export import (
     merged_full_state_dict,
     peft_state_dict,
 )
-from adm_megatron.lora.targets import LoraTarget, resolve_targets
+from adm_megatron.lora.targets import LoraTarget, check_targets, resolve_targets
 
 __all__ = [
     "LORA_WEIGHTS",
@@ -18,6 +18,7 @@ __all__ = [
     "LoraAdapters",
     "LoraTarget",
     "apply_lora",
+    "check_targets",
     "export_lora_file",
     "export_lora_generator",
     "export_merged",

@@ -97,6 +97,15 @@ def resolve_targets(model: torch.nn.Module, target_modules: list[str], to_hf: Ke
     return chosen
 
 
+def check_targets(arch, target_modules: list[str], impl: str = "auto") -> None:
+    """``resolve_targets`` on the model built on the meta device (no memory, no weights): a bad
+    ``target_modules`` fails in one line before the real networks are built and loaded."""
+    from adm_megatron.models import build_model
+
+    model = build_model(arch, impl=impl, device="meta")
+    resolve_targets(model, target_modules, default_key_mapping(model))
+
+
 def default_key_mapping(model: torch.nn.Module) -> KeyMapping:
     """The megatron -> diffusers key mapping of ``model``'s family (CogVideoX is the only family
     until the model-family interface of issue 11 provides it per family)."""

@@ -39,7 +39,7 @@ from adm_megatron.algorithms.networks import DiTFunction, Networks
 from adm_megatron.algorithms.randomness import BatchRandom
 from adm_megatron.config import Config, config_to_dict, network_updates
 from adm_megatron.heads import MultiHeadDiscriminator
-from adm_megatron.lora import apply_lora
+from adm_megatron.lora import apply_lora, check_targets
 from adm_megatron.models import tapped_block_indices
 from adm_megatron.models.rotary import cogvideox_rotary_emb
 from adm_megatron.parallel import initialize_parallel, launch_env
@@ -133,6 +133,8 @@ class Trainer:
     def _build_networks(self) -> None:
         c = self.config
         m = c.model
+        if m.lora is not None:  # a bad target list fails in one line before the networks are built
+            check_targets(self.arch, m.lora.target_modules, m.impl)
         teacher, self.fake_score, self.generator = self.teacher_source.build_models(
             3, sequence_parallel=m.sequence_parallel, recompute=m.recompute, impl=m.impl,
             params_dtype=self.dtype,
