@@ -45,7 +45,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from adm_megatron.config import ConfigError, LoraConfig
+from adm_megatron.config import LoraConfig
 from adm_megatron.lora.targets import KeyMapping, LoraTarget, default_key_mapping, resolve_targets
 
 LORA_MODULE = "lora"
@@ -109,7 +109,6 @@ class LoraAdapters(torch.nn.ModuleDict):
         super().__init__(adapters)
         self.config = config
         self.targets = {adapter_key(t.path): t for t in targets}
-        self.hooks = []
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Each A and B as a ``ShardedTensor`` split over TP like its layer (whole ones replicated)."""
@@ -149,7 +148,7 @@ def apply_lora(model: torch.nn.Module, config: LoraConfig, seed: int, to_hf: Key
     names, resolved through ``to_hf``, the model's megatron -> diffusers key mapping; its family's
     default when None). Returns the adapters (also ``model.lora``)."""
     if hasattr(model, LORA_MODULE):
-        raise ConfigError(f"model.lora: the model already has a {LORA_MODULE!r} module (LoRA applied twice?)")
+        raise RuntimeError(f"the model already has a {LORA_MODULE!r} module (LoRA applied twice?)")
     targets = resolve_targets(model, config.target_modules, to_hf or default_key_mapping(model))
     weight = next(model.parameters())
     sequence_parallel = bool(getattr(model.config, "sequence_parallel", False))
@@ -163,5 +162,5 @@ def apply_lora(model: torch.nn.Module, config: LoraConfig, seed: int, to_hf: Key
     model.add_module(LORA_MODULE, container)
     modules = dict(model.named_modules())
     for key, target in container.targets.items():
-        container.hooks.append(modules[target.path].register_forward_hook(_add_output(container[key])))
+        modules[target.path].register_forward_hook(_add_output(container[key]))
     return container
