@@ -22,6 +22,18 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the generator's tensor-parallel linears (``adm_megatron.lora``)."""
+
+    rank: int = 16
+    alpha: float = 16.0  # the adapter output is scaled by alpha / rank
+    # diffusers module names (PEFT's matching: a name or a suffix after a dot)
+    target_modules: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+    )
+
+
+@dataclass
 class ModelConfig:
     teacher: str = ""  # diffusers transformer dir, CogVideoX pipeline dir, or megatron checkpoint
     pipeline: str = ""  # pipeline dir (VAE, text encoder) for samples; default: teacher if a pipeline
@@ -30,6 +42,7 @@ class ModelConfig:
     sequence_parallel: bool = False
     recompute: bool = False
     dtype: str = "fp32"  # fp32 | bf16 (autocast on GPU) | fp64 (exact numerical checks on CPU)
+    lora: LoraConfig | None = None  # LoRA generator (only the adapters train); null: full fine-tune
 
 
 @dataclass
@@ -105,6 +118,9 @@ class TrainConfig:
     save_interval_minutes: float = 0.0  # also save when this much time passed since the last save
     num_samples: int = 2  # videos rendered at the end
     export: bool = True  # export the generator as a diffusers directory at the end
+    # a LoRA generator's export: merged (generator/, a full diffusers transformer), adapter
+    # (generator_lora/pytorch_lora_weights.safetensors for load_lora_weights) or both
+    export_lora: str = "merged"
 
 
 @dataclass
@@ -139,12 +155,26 @@ CHOICES = {
     "distill.method": ("adm", "dmd", "dmd2"),
     "distill.head_reduction": ("sum", "mean"),
     "train.nan_policy": ("error", "skip"),
+    "train.export_lora": ("merged", "adapter", "both"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
 }
 
 
+def _optional_dataclass(hint: Any) -> type | None:
+    """The dataclass ``D`` of a ``D | None`` field, else None."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if type(None) in typing.get_args(hint) and len(args) == 1 and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
+
+
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(hint)
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key}={value!r}: expected a list")
+        return [_coerce(v, item_type, key, source) for v in value]
     if origin is tuple:
         item_types = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
@@ -182,6 +212,14 @@ def _apply(obj: Any, values: dict, prefix: str, source: str) -> None:
         if key not in names:
             raise ConfigError(f"{source}: unknown key {dotted!r} (known: {', '.join(sorted(names))})")
         current = getattr(obj, key)
+        optional = _optional_dataclass(hints[key])
+        if optional is not None:  # a section that may be null (e.g. model.lora)
+            if value is None:
+                setattr(obj, key, None)
+                continue
+            if current is None:
+                current = optional()
+                setattr(obj, key, current)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {dotted} must be a mapping, got {value!r}")
@@ -297,6 +335,15 @@ def _check_fields(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: model.teacher is required (a diffusers directory or megatron checkpoint)")
     if config.data.source == "shards" and not config.data.path:
         raise ConfigError(f"{source}: data.source=shards needs data.path")
+    lora = config.model.lora
+    if lora is not None:
+        if lora.rank < 1 or lora.alpha <= 0:
+            raise ConfigError(f"{source}: model.lora: rank={lora.rank}, alpha={lora.alpha}: expected rank >= 1 "
+                              "and alpha > 0")
+        names = lora.target_modules
+        if not names or any(not n for n in names) or len(set(names)) != len(names):
+            raise ConfigError(f"{source}: model.lora.target_modules={names!r}: expected distinct, non-empty "
+                              "diffusers module names (e.g. [to_q, to_k, to_v, to_out.0])")
 
 
 def network_updates(config: Config, name: str) -> int:

@@ -43,6 +43,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "check_output_dir",
     "export_diffusers",
+    "export_full_state_dict",
     "hf_to_megatron_checkpoint",
     "is_megatron_checkpoint",
     "load_megatron_checkpoint",
@@ -549,11 +550,17 @@ def read_checkpoint_arch(ckpt_dir: str):
 def export_diffusers(model, arch, out_dir: str, *, overwrite: bool = False) -> str:
     """Collective: a (possibly TP-sharded) megatron model as a diffusers directory of its family's
     transformer class; rank 0 writes it atomically."""
-    from adm_megatron.families import family_of_arch
     from adm_megatron.models.weights import gather_full_state_dict
 
+    return export_full_state_dict(gather_full_state_dict(model), arch, out_dir, overwrite=overwrite)
+
+
+def export_full_state_dict(full: dict[str, torch.Tensor], arch, out_dir: str, *, overwrite: bool = False) -> str:
+    """Collective: whole megatron-named tensors (e.g. a LoRA generator's merged weights) as a
+    diffusers directory of the architecture's family; rank 0 writes it atomically."""
+    from adm_megatron.families import family_of_arch
+
     family = family_of_arch(arch)
-    full = gather_full_state_dict(model)
     config = family.arch_to_diffusers_config(arch)
 
     def write(tmp: str) -> None:

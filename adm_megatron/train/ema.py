@@ -1,5 +1,5 @@
-"""Exponential moving average of the generator's parameters (this rank's shards); checkpointed
-sharded like the parameters themselves."""
+"""Exponential moving average of the generator's trained parameters (this rank's shards; a LoRA
+generator's adapters, not its frozen base); checkpointed sharded like the parameters themselves."""
 
 from __future__ import annotations
 
@@ -10,16 +10,19 @@ from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_te
 class ParameterEMA:
     def __init__(self, module: torch.nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {n: p.detach().clone() for n, p in module.named_parameters()}
+        self.shadow = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    def _tracked(self, module: torch.nn.Module):
+        return ((n, p) for n, p in module.named_parameters() if n in self.shadow)
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
-        for name, param in module.named_parameters():
+        for name, param in self._tracked(module):
             self.shadow[name].lerp_(param.detach(), 1.0 - self.decay)
 
     @torch.no_grad()
     def copy_to(self, module: torch.nn.Module) -> None:
-        for name, param in module.named_parameters():
+        for name, param in self._tracked(module):
             param.copy_(self.shadow[name])
 
     def sharded_state_dict(self, model_sharded: dict, prefix: str) -> dict:

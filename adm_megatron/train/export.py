@@ -1,5 +1,6 @@
 """What a finished run hands over: the generator as a diffusers directory of its family's
-transformer class, and samples rendered from it through the family's real diffusers pipeline."""
+transformer class (a LoRA generator: merged, and / or as a LoRA file), and samples rendered from it
+through the family's real diffusers pipeline."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ import torch
 
 from adm_megatron.convert.checkpoint import export_diffusers
 from adm_megatron.families import PromptEmbeddings
+from adm_megatron.lora import export_lora_generator, lora_adapters
 
 
-def export_generator(generator: torch.nn.Module, arch, out_dir: str) -> str:
-    """Collective: the generator's weights (gathered over TP) as a diffusers directory."""
+def export_generator(generator: torch.nn.Module, arch, out_dir: str, lora_mode: str = "merged") -> str | None:
+    """Collective: the generator's weights (gathered over TP) as a diffusers directory. A LoRA
+    generator is exported as ``lora_mode`` says (``adm_megatron.lora.export_lora_generator``);
+    returns the diffusers directory, None if only the LoRA file was asked for."""
+    if lora_adapters(generator) is not None:
+        return export_lora_generator(generator, arch, out_dir, lora_mode)
     return export_diffusers(generator, arch, out_dir, overwrite=True)
 
 

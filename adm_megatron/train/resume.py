@@ -31,7 +31,7 @@ FINISHED = "finished.json"  # in output_dir, written when a run has exported eve
 MAY_CHANGE = (
     "parallel.", "model.sequence_parallel", "model.recompute", "model.impl", "data.batch_size",
     "train.resume", "train.keep_checkpoints", "train.save_every", "train.save_interval_minutes",
-    "train.log_every", "train.num_samples", "train.export", "train.max_skipped_steps",
+    "train.log_every", "train.num_samples", "train.export", "train.export_lora", "train.max_skipped_steps",
     "train.nan_policy", "logging.", "output_dir",
 )
 

@@ -40,6 +40,7 @@ from adm_megatron.algorithms.networks import DiTFunction, Networks
 from adm_megatron.algorithms.randomness import BatchRandom
 from adm_megatron.config import Config, config_to_dict, network_updates
 from adm_megatron.heads import MultiHeadDiscriminator
+from adm_megatron.lora import apply_lora, check_targets
 from adm_megatron.models import tapped_block_indices
 from adm_megatron.parallel import initialize_parallel, launch_env
 from adm_megatron.models.weights import load_full_state_dict
@@ -132,6 +133,8 @@ class Trainer:
     def _build_networks(self) -> None:
         c = self.config
         m = c.model
+        if m.lora is not None:  # a bad target list fails in one line before the networks are built
+            check_targets(self.arch, m.lora.target_modules, m.impl)
         teacher, self.fake_score, self.generator = self.teacher_source.build_models(
             3, sequence_parallel=m.sequence_parallel, recompute=m.recompute, impl=m.impl,
             params_dtype=self.dtype,
@@ -141,6 +144,10 @@ class Trainer:
             load_full_state_dict(self.generator, self.family.load_hf_weights(m.generator_init, self.arch),
                                  source=m.generator_init)
             logger.info("generator initialised from %s", m.generator_init)
+        if m.lora is not None:  # base frozen, only the adapters train (and reach DDP's grad buffers)
+            adapters = apply_lora(self.generator, m.lora, seed=_seed(c.seed, "lora"))
+            logger.info("LoRA generator: rank %d, alpha %g, %d adapted layers, %d trainable parameters on this rank",
+                        m.lora.rank, m.lora.alpha, len(adapters), adapters.numel())
         fake = self.fake_score
         wrapped = {
             "fake_score": self._wrap(fake, fake.config),
@@ -298,8 +305,9 @@ class Trainer:
         if c.train.export:
             if self.ema is not None:
                 self.ema.copy_to(self.generator)
-            generator_dir = export_generator(self.generator, self.arch, os.path.join(c.output_dir, "generator"))
-            if self.teacher_source.pipeline_dir and c.train.num_samples > 0:
+            generator_dir = export_generator(self.generator, self.arch, os.path.join(c.output_dir, "generator"),
+                                             lora_mode=c.train.export_lora)
+            if generator_dir and self.teacher_source.pipeline_dir and c.train.num_samples > 0:
                 samples = render_run_samples(self, generator_dir)
         if rank0:
             mark_finished(c.output_dir, total)

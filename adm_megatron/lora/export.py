@@ -1,0 +1,114 @@
+"""Exporting a LoRA generator: merged into a whole diffusers transformer, or as a diffusers / PEFT
+LoRA file (``pytorch_lora_weights.safetensors``) for ``Pipeline.load_lora_weights``.
+
+- merged: the whole base weights (gathered over TP) with ``W + (alpha / r) B A`` for each adapted
+  layer, written by the converter's own diffusers export.
+- adapter: PEFT keys ``transformer.<diffusers module>.lora_A.weight`` / ``lora_B.weight``. Each
+  adapter's B is mapped to diffusers names by the model's own key mapping as if it were the
+  layer's weight (B has the weight's rows, so a fused layer's B splits the way its weight does:
+  CogVideoX's ``linear_qkv`` into ``to_q`` / ``to_k`` / ``to_v``), and every part keeps the whole
+  A. The file is written by the pipeline class's own ``save_lora_weights`` with the adapter
+  metadata (``r``, ``lora_alpha``, ``target_modules``) that diffusers turns back into the PEFT
+  ``LoraConfig``, so the alpha / r scale survives loading.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from adm_megatron.convert.checkpoint import export_full_state_dict, write_atomically
+from adm_megatron.lora.adapters import LORA_MODULE, LoraAdapters, lora_adapters
+from adm_megatron.lora.targets import KeyMapping, default_key_mapping
+from adm_megatron.models.weights import gather_full_state_dict, gather_tensor_parallel
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+LORA_EXPORTS = ("merged", "adapter", "both")
+
+
+def _require(model) -> LoraAdapters:
+    adapters = lora_adapters(model)
+    if adapters is None:
+        raise ValueError(f"{type(model).__name__} has no LoRA adapters to export")
+    return adapters
+
+
+def full_adapters(adapters: LoraAdapters) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Collective over TP: each adapter's whole (A, B) on every rank, on CPU."""
+    out = {}
+    for key, adapter in adapters.items():
+        a, b = (gather_tensor_parallel(p.detach(), p).cpu().clone() for p in (adapter.lora_A, adapter.lora_B))
+        out[key] = (a, b)
+    return out
+
+
+def merged_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Collective over TP: the model's whole megatron state dict with every adapter merged into its
+    layer's weight, and no adapter keys (a plain model's state dict)."""
+    adapters = _require(model)
+    full = {k: v for k, v in gather_full_state_dict(model).items() if not k.startswith(LORA_MODULE + ".")}
+    for key, (a, b) in full_adapters(adapters).items():
+        name = f"{adapters.targets[key].path}.weight"
+        full[name] = full[name] + adapters[key].delta_weight(a, b).to(full[name].dtype)
+    return full
+
+
+def peft_state_dict(model: torch.nn.Module, to_hf: KeyMapping | None = None) -> tuple[dict, dict]:
+    """Collective over TP: (diffusers-named LoRA tensors without the ``transformer.`` prefix, the
+    adapter metadata for diffusers' ``LoraConfig``)."""
+    adapters = _require(model)
+    to_hf = to_hf or default_key_mapping(model)
+    state = {}
+    for key, (a, b) in full_adapters(adapters).items():
+        path = adapters.targets[key].path
+        for name, b_part in to_hf({f"{path}.weight": b}).items():
+            module = name[: -len(".weight")]
+            state[f"{module}.lora_A.weight"] = a.clone()
+            state[f"{module}.lora_B.weight"] = b_part.contiguous()
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+    metadata = {"r": adapters.config.rank, "lora_alpha": adapters.config.alpha, "target_modules": modules}
+    return state, metadata
+
+
+def _default_pipeline_class(model: torch.nn.Module):
+    """The diffusers pipeline of ``model``'s family, whose ``save_lora_weights`` writes the file
+    (and whose ``load_lora_weights`` reads it)."""
+    import diffusers
+
+    from adm_megatron.families import family_of_arch
+
+    return getattr(diffusers, family_of_arch(model.arch).pipeline_classes[0])
+
+
+def export_lora_file(model: torch.nn.Module, out_dir: str, *, overwrite: bool = False, pipeline_class=None,
+                     to_hf: KeyMapping | None = None) -> str:
+    """Collective: ``out_dir/pytorch_lora_weights.safetensors`` (rank 0 writes it atomically)."""
+    state, metadata = peft_state_dict(model, to_hf)
+    pipeline_class = pipeline_class or _default_pipeline_class(model)
+
+    def write(tmp: str) -> None:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            pipeline_class.save_lora_weights(tmp, transformer_lora_layers=state, weight_name=LORA_WEIGHTS,
+                                             transformer_lora_adapter_metadata=metadata)
+
+    return write_atomically(out_dir, overwrite, write)
+
+
+def export_merged(model: torch.nn.Module, arch, out_dir: str, *, overwrite: bool = False) -> str:
+    """Collective: the merged generator as a diffusers transformer directory."""
+    return export_full_state_dict(merged_full_state_dict(model), arch, out_dir, overwrite=overwrite)
+
+
+def export_lora_generator(model: torch.nn.Module, arch, out_dir: str, mode: str) -> str | None:
+    """Collective: ``mode`` merged -> ``out_dir``, adapter -> ``out_dir`` + ``_lora``, both -> both
+    (existing outputs replaced). Returns the merged directory, or None when it was not asked for."""
+    if mode not in LORA_EXPORTS:
+        raise ValueError(f"train.export_lora={mode!r}: expected one of {', '.join(LORA_EXPORTS)}")
+    merged = None
+    if mode in ("merged", "both"):
+        merged = export_merged(model, arch, out_dir, overwrite=True)
+    if mode in ("adapter", "both"):
+        export_lora_file(model, os.path.normpath(out_dir) + "_lora", overwrite=True)
+    return merged
