@@ -10,14 +10,13 @@ embeddings).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from adm_megatron.models.dit_config import dit_transformer_config, read_config_json
 
 DIFFUSERS_CLASS_NAME = "CogVideoXTransformer3DModel"
 
@@ -89,20 +88,13 @@ class CogVideoXArch:
 
     @classmethod
     def from_pretrained_dir(cls, path: str) -> "CogVideoXArch":
-        config_path = os.path.join(path, "config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{config_path}: no diffusers config.json in this directory")
-        with open(config_path) as f:
-            return cls.from_diffusers_config(json.load(f), source=config_path)
+        config, source = read_config_json(path)
+        return cls.from_diffusers_config(config, source=source)
 
     def to_diffusers_config(self) -> dict[str, Any]:
         cfg = dataclasses.asdict(self)
         cfg.update(patch_size_t=None, ofs_embed_dim=None)
         return cfg
-
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
 
 
 def make_transformer_config(
@@ -116,29 +108,19 @@ def make_transformer_config(
     use_cpu_initialization: bool = True,
 ) -> TransformerConfig:
     """The megatron-core config of the DiT blocks for one parallel layout."""
-    return TransformerConfig(
+    return dit_transformer_config(
         num_layers=arch.num_layers,
-        hidden_size=arch.hidden_size,
         num_attention_heads=arch.num_attention_heads,
-        kv_channels=arch.attention_head_dim,
+        head_dim=arch.attention_head_dim,
         ffn_hidden_size=arch.ffn_hidden_size,
-        add_bias_linear=arch.attention_bias,
-        add_qkv_bias=arch.attention_bias,
-        gated_linear_unit=False,
-        activation_func=_gelu_tanh,
-        bias_activation_fusion=False,
-        layernorm_epsilon=arch.norm_eps,
+        bias=arch.attention_bias,
+        norm_eps=arch.norm_eps,
         qk_layernorm=True,
-        hidden_dropout=arch.dropout,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=tensor_parallel,
-        context_parallel_size=context_parallel,
-        sequence_parallel=sequence_parallel and tensor_parallel > 1,
-        recompute_granularity="full" if recompute else None,
-        recompute_method="uniform" if recompute else None,
-        recompute_num_layers=1 if recompute else None,
+        dropout=arch.dropout,
+        tensor_parallel=tensor_parallel,
+        context_parallel=context_parallel,
+        sequence_parallel=sequence_parallel,
+        recompute=recompute,
         params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=use_cpu_initialization,
-        perform_initialization=True,
     )

@@ -1,4 +1,5 @@
-"""Real-size diffusers configs of the CogVideoX transformers (as published with the checkpoints).
+"""Real-size diffusers configs of the CogVideoX and SD3 / SD3.5 transformers (as published with the
+checkpoints: each repository's ``transformer/config.json``).
 
 Used to build full-size models on the ``meta`` device (shapes, parameter counts, memory plans) and
 to check the example configs, since no weights can be downloaded in tests.
@@ -18,3 +19,16 @@ COGVIDEOX_5B = dict(
     COGVIDEOX_2B, num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True
 )
 PRESETS = {"cogvideox-2b": COGVIDEOX_2B, "cogvideox-5b": COGVIDEOX_5B}
+
+# stabilityai/stable-diffusion-3-medium-diffusers
+SD3_MEDIUM = dict(
+    _class_name="SD3Transformer2DModel",
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
+)
+# stabilityai/stable-diffusion-3.5-large
+SD35_LARGE = dict(
+    SD3_MEDIUM, num_layers=38, num_attention_heads=38, caption_projection_dim=2432, qk_norm="rms_norm"
+)
+SD3_PRESETS = {"sd3-medium": SD3_MEDIUM, "sd3.5-large": SD35_LARGE}

@@ -1,0 +1,124 @@
+"""SD3 / SD3.5 MMDiT architecture settings: read from a diffusers ``SD3Transformer2DModel`` config,
+validated, and turned into a megatron-core ``TransformerConfig`` for a given parallel layout.
+
+The diffusers ``config.json`` is the single source of truth; this module checks that the parts we
+implement cover it and names what does not: SD3.5-Medium's dual-attention blocks
+(``dual_attention_layers``), q / k norms other than none (SD3-Medium) and ``rms_norm`` (SD3.5), and a
+caption projection narrower or wider than the blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from adm_megatron.models.dit_config import dit_transformer_config, read_config_json
+
+DIFFUSERS_CLASS_NAME = "SD3Transformer2DModel"
+QK_NORMS = (None, "rms_norm")
+NORM_EPS = 1e-6  # every LayerNorm / RMSNorm of diffusers' SD3 blocks
+
+
+@dataclass(frozen=True)
+class SD3Arch:
+    """The fields of a diffusers ``SD3Transformer2DModel`` config (names and defaults kept)."""
+
+    sample_size: int = 128
+    patch_size: int = 2
+    in_channels: int = 16
+    num_layers: int = 18
+    attention_head_dim: int = 64
+    num_attention_heads: int = 18
+    joint_attention_dim: int = 4096
+    caption_projection_dim: int = 1152
+    pooled_projection_dim: int = 2048
+    out_channels: int = 16
+    pos_embed_max_size: int = 96
+    dual_attention_layers: tuple[int, ...] = ()
+    qk_norm: str | None = None
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        return 4 * self.hidden_size
+
+    @property
+    def text_embed_dim(self) -> int:
+        """Width of the text embeddings the model is called with (``encoder_hidden_states``)."""
+        return self.joint_attention_dim
+
+    @classmethod
+    def from_diffusers_config(cls, config: dict[str, Any], source: str = "config") -> "SD3Arch":
+        """Build from a diffusers config dict; one-line ValueError for what is not supported."""
+        if config.get("_class_name", DIFFUSERS_CLASS_NAME) != DIFFUSERS_CLASS_NAME:
+            raise ValueError(
+                f"{source}: _class_name is {config['_class_name']!r}, expected {DIFFUSERS_CLASS_NAME!r}"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in config.items() if k in names}
+        if kwargs.get("out_channels") is None:
+            kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
+        kwargs["dual_attention_layers"] = tuple(kwargs.get("dual_attention_layers") or ())
+        arch = cls(**kwargs)
+        if arch.dual_attention_layers:
+            raise ValueError(
+                f"{source}: dual_attention_layers={list(arch.dual_attention_layers)} is not supported "
+                f"(SD3.5-Medium's dual-attention blocks are not implemented; SD3-Medium / SD3.5-Large "
+                f"have none)"
+            )
+        if arch.qk_norm not in QK_NORMS:
+            raise ValueError(f"{source}: qk_norm={arch.qk_norm!r} is not supported (expected one of {QK_NORMS})")
+        if arch.caption_projection_dim != arch.hidden_size:
+            raise ValueError(
+                f"{source}: caption_projection_dim={arch.caption_projection_dim} must equal "
+                f"num_attention_heads x attention_head_dim = {arch.hidden_size}"
+            )
+        if not arch.pos_embed_max_size:
+            raise ValueError(f"{source}: pos_embed_max_size={arch.pos_embed_max_size!r}: SD3's cropped "
+                             f"position embedding needs a positive size")
+        return arch
+
+    @classmethod
+    def from_pretrained_dir(cls, path: str) -> "SD3Arch":
+        config, source = read_config_json(path)
+        return cls.from_diffusers_config(config, source=source)
+
+    def to_diffusers_config(self) -> dict[str, Any]:
+        cfg = dataclasses.asdict(self)
+        cfg["dual_attention_layers"] = list(self.dual_attention_layers)
+        return cfg
+
+
+def make_transformer_config(
+    arch: SD3Arch,
+    *,
+    tensor_parallel: int = 1,
+    context_parallel: int = 1,
+    sequence_parallel: bool = False,
+    recompute: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    use_cpu_initialization: bool = True,
+) -> TransformerConfig:
+    """The megatron-core config of the MMDiT blocks for one parallel layout."""
+    return dit_transformer_config(
+        num_layers=arch.num_layers,
+        num_attention_heads=arch.num_attention_heads,
+        head_dim=arch.attention_head_dim,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        bias=True,
+        norm_eps=NORM_EPS,
+        qk_layernorm=arch.qk_norm is not None,
+        tensor_parallel=tensor_parallel,
+        context_parallel=context_parallel,
+        sequence_parallel=sequence_parallel,
+        recompute=recompute,
+        params_dtype=params_dtype,
+        use_cpu_initialization=use_cpu_initialization,
+    )

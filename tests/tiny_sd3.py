@@ -1,0 +1,48 @@
+"""Tiny random SD3 / SD3.5 teachers (diffusers directories) and inputs shared by the SD3 model tests."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# sample_size 16 (8 x 8 patches) inside a 12 x 12 position grid: latents of other sizes crop it
+TINY_SD3_MEDIUM = dict(
+    sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
+    num_attention_heads=4, joint_attention_dim=24, caption_projection_dim=32, pooled_projection_dim=20,
+    pos_embed_max_size=12,
+)
+TINY_SD35 = dict(TINY_SD3_MEDIUM, attention_head_dim=16, caption_projection_dim=64, qk_norm="rms_norm")
+VARIANTS = {"sd3": TINY_SD3_MEDIUM, "sd35": TINY_SD35}
+TEXT_TOKENS = 7  # odd on purpose: the text stream is never split over ranks
+
+
+def make_diffusers_model(variant: str, seed: int = 0, **overrides):
+    """A tiny diffusers SD3 with every weight perturbed (zero-initialised gates, projections and
+    unit norms would otherwise hide mapping mistakes)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(**{**VARIANTS[variant], **overrides})
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    return model
+
+
+def save_diffusers_model(variant: str, directory: str, seed: int = 0, **overrides) -> str:
+    path = os.path.join(directory, f"tiny-{variant}-{seed}")
+    if not os.path.isdir(path):
+        make_diffusers_model(variant, seed, **overrides).save_pretrained(path)
+    return path
+
+
+def make_inputs(config, batch: int, height: int, width: int, seed: int = 1):
+    """(latents, text, pooled, timestep, loss weight) for a model config (diffusers or SD3Arch)."""
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, config.in_channels, height, width, generator=g)
+    text = torch.randn(batch, TEXT_TOKENS, config.joint_attention_dim, generator=g)
+    pooled = torch.randn(batch, config.pooled_projection_dim, generator=g)
+    timestep = torch.rand(batch, generator=g) * 1000
+    weight = torch.randn(batch, config.out_channels, height, width, generator=g)
+    return latents, text, pooled, timestep, weight
