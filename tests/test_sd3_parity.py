@@ -14,6 +14,7 @@ from diffusers import SD3Transformer2DModel
 from adm_megatron.convert.sd3_mapping import hf_to_megatron, megatron_to_hf
 from adm_megatron.models import SD3Arch, build_sd3_model, build_sd3_model_from_hf, read_diffusers_weights
 from adm_megatron.models.presets import SD3_PRESETS
+from adm_megatron.models.weights import gather_full_state_dict
 from tiny_cogvideox import assert_grads_match, rel_err
 from tiny_sd3 import TEXT_TOKENS, make_inputs, save_diffusers_model
 
@@ -100,6 +101,11 @@ def test_mapping_round_trip_is_bit_exact(world_of_one, hf_dirs, variant):
     back = megatron_to_hf(meg, arch.num_attention_heads)
     assert back.keys() == hf.keys()
     assert all(torch.equal(back[k], hf[k]) for k in hf)
+    # a model's export loads strictly into diffusers' model built from the architecture's config
+    model.load_state_dict(meg, strict=False)
+    exported = SD3Transformer2DModel(**arch.to_diffusers_config())
+    exported.load_state_dict(megatron_to_hf(gather_full_state_dict(model), arch.num_attention_heads), strict=True)
+    assert all(torch.equal(exported.state_dict()[k], hf[k]) for k in hf)
     # the image and text QKV are fused per head: head h's rows are [q_h; k_h; v_h] of that stream
     d = arch.attention_head_dim
     fused = meg["blocks.0.attention.linear_added_qkv.weight"]

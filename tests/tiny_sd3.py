@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from tiny_cogvideox import perturbed_model, saved_once
 
 # sample_size 16 (8 x 8 patches) inside a 12 x 12 position grid: latents of other sizes crop it
 TINY_SD3_MEDIUM = dict(
@@ -18,23 +18,13 @@ TEXT_TOKENS = 7  # odd on purpose: the text stream is never split over ranks
 
 
 def make_diffusers_model(variant: str, seed: int = 0, **overrides):
-    """A tiny diffusers SD3 with every weight perturbed (zero-initialised gates, projections and
-    unit norms would otherwise hide mapping mistakes)."""
     from diffusers import SD3Transformer2DModel
 
-    torch.manual_seed(seed)
-    model = SD3Transformer2DModel(**{**VARIANTS[variant], **overrides})
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    return model
+    return perturbed_model(SD3Transformer2DModel, {**VARIANTS[variant], **overrides}, seed)
 
 
 def save_diffusers_model(variant: str, directory: str, seed: int = 0, **overrides) -> str:
-    path = os.path.join(directory, f"tiny-{variant}-{seed}")
-    if not os.path.isdir(path):
-        make_diffusers_model(variant, seed, **overrides).save_pretrained(path)
-    return path
+    return saved_once(lambda: make_diffusers_model(variant, seed, **overrides), f"tiny-{variant}-{seed}", directory)
 
 
 def make_inputs(config, batch: int, height: int, width: int, seed: int = 1):

@@ -112,7 +112,7 @@ class StreamAdaLNZero(_Modulation):
     Returns the attention input (normed, shifted and scaled) and the attention gate, the MLP shift,
     scale and gate, in diffusers' order."""
 
-    def __init__(self, config: TransformerConfig, cond_dim: int, eps: float = 1e-6):
+    def __init__(self, config: TransformerConfig, cond_dim: int, eps: float | None = None):
         super().__init__(config, cond_dim, num_chunks=6)
         self.norm = LayerNorm(config, config.hidden_size, eps=eps, elementwise_affine=False)
 

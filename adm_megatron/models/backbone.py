@@ -1,5 +1,6 @@
 """What the DiT backbones (CogVideoX, SD3) share as megatron-core modules.
 
+- ``DiTOutput``: a forward's sample and, for a discriminator-backbone call, the tapped features.
 - ``DiTBackbone``: the megatron module contract (model type, pipeline input, a sharded state dict
   that asks each block for its own tensor-parallel shards), the sequence-parallel tag of output
   layers and full activation recompute of a block.
@@ -13,7 +14,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from diffusers.utils import BaseOutput
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
@@ -25,6 +29,14 @@ from megatron.core.transformer.utils import (
 )
 
 from adm_megatron.models.attention import gather_over_cp
+
+
+@dataclass
+class DiTOutput(BaseOutput):
+    """``sample`` (None for a features-only call) and ``features`` (the tapped blocks' outputs)."""
+
+    sample: torch.Tensor | None
+    features: list[torch.Tensor] | None = None
 
 
 def cp_token_slice(num_tokens: int, config: TransformerConfig) -> slice:

@@ -17,9 +17,9 @@ from megatron.core import parallel_state
 from safetensors.torch import load_file
 
 from adm_megatron.convert import cogvideox_mapping, sd3_mapping
-from adm_megatron.models import cogvideox_config, sd3_config
 from adm_megatron.models.cogvideox import CogVideoXTransformer
 from adm_megatron.models.cogvideox_config import CogVideoXArch
+from adm_megatron.models.dit_config import make_transformer_config
 from adm_megatron.models.sd3 import SD3Transformer
 from adm_megatron.models.sd3_config import SD3Arch
 from adm_megatron.models.specs import select_sd3_spec, select_spec
@@ -43,14 +43,14 @@ def check_layout(arch: CogVideoXArch | SD3Arch, tensor_parallel: int, context_pa
         )
 
 
-def _build(model_cls, arch, make_config, spec_for, *, sequence_parallel, recompute, params_dtype, impl, device):
+def _build(model_cls, arch, spec_for, *, sequence_parallel, recompute, params_dtype, impl, device):
     """``model_cls(arch, config, spec)`` for the layout in force; ``spec_for(impl)`` gives the block
     spec (the local one on ``meta`` unless TE is asked for: no kernels run there)."""
     ensure_parallel()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
     check_layout(arch, tp, cp)
-    config = make_config(
+    config = make_transformer_config(
         arch,
         tensor_parallel=tp,
         context_parallel=cp,
@@ -80,7 +80,7 @@ def build_model(
     ``device='meta'`` builds without allocating memory (shapes and parameter counts only).
     """
     return _build(
-        CogVideoXTransformer, arch, cogvideox_config.make_transformer_config, select_spec,
+        CogVideoXTransformer, arch, select_spec,
         sequence_parallel=sequence_parallel, recompute=recompute, params_dtype=params_dtype, impl=impl,
         device=device,
     )
@@ -98,7 +98,7 @@ def build_sd3_model(
     """A randomly initialised SD3 / SD3.5 MMDiT for the parallel layout in force (a world of one if
     none); ``device='meta'`` as ``build_model``."""
     return _build(
-        SD3Transformer, arch, sd3_config.make_transformer_config,
+        SD3Transformer, arch,
         lambda kind: select_sd3_spec(kind, qk_norm=arch.qk_norm is not None),
         sequence_parallel=sequence_parallel, recompute=recompute, params_dtype=params_dtype, impl=impl,
         device=device,

@@ -21,14 +21,13 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.embeddings import CogVideoXPatchEmbed, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from diffusers.utils import BaseOutput
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from adm_megatron.models.adaln import AdaLNOut
-from adm_megatron.models.backbone import DiTBackbone, cp_token_slice, gather_tokens
+from adm_megatron.models.backbone import DiTBackbone, DiTOutput, cp_token_slice, gather_tokens
 from adm_megatron.models.cogvideox_config import CogVideoXArch
 from adm_megatron.models.cogvideox_layer import TokenLayout
 from adm_megatron.models.norms import LayerNorm
@@ -36,12 +35,9 @@ from adm_megatron.models.taps import feature_depth, tapped_block_indices
 
 
 @dataclass
-class CogVideoXOutput(BaseOutput):
+class CogVideoXOutput(DiTOutput):
     """``sample`` [B, F, C, H, W] (None for a features-only call); ``features``: tapped block
     outputs, each [B, hidden, F, h, w]."""
-
-    sample: torch.Tensor | None
-    features: list[torch.Tensor] | None = None
 
 
 class CogVideoXTransformer(DiTBackbone):

@@ -13,17 +13,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from megatron.core.transformer.transformer_config import TransformerConfig
-
-from adm_megatron.models.dit_config import dit_transformer_config, read_config_json
+from adm_megatron.models.dit_config import DiffusersArch
 
 DIFFUSERS_CLASS_NAME = "CogVideoXTransformer3DModel"
 
 
 @dataclass(frozen=True)
-class CogVideoXArch:
+class CogVideoXArch(DiffusersArch):
     """The architecture fields of a diffusers CogVideoX transformer config (names kept)."""
+
+    diffusers_class_name = DIFFUSERS_CLASS_NAME
 
     num_attention_heads: int = 30
     attention_head_dim: int = 64
@@ -52,21 +51,10 @@ class CogVideoXArch:
     use_learned_positional_embeddings: bool = False
     patch_bias: bool = True
 
-    @property
-    def hidden_size(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def ffn_hidden_size(self) -> int:
-        return 4 * self.hidden_size
-
     @classmethod
     def from_diffusers_config(cls, config: dict[str, Any], source: str = "config") -> "CogVideoXArch":
         """Build from a diffusers config dict; one-line ValueError for what is not supported."""
-        if config.get("_class_name", DIFFUSERS_CLASS_NAME) != DIFFUSERS_CLASS_NAME:
-            raise ValueError(
-                f"{source}: _class_name is {config['_class_name']!r}, expected {DIFFUSERS_CLASS_NAME!r}"
-            )
+        kwargs = cls._known_fields(config, source)
         must_be = {
             "patch_size_t": None,
             "ofs_embed_dim": None,
@@ -80,47 +68,18 @@ class CogVideoXArch:
                     f"{source}: {key}={config[key]!r} is not supported (CogVideoX 1.0 2b/5b T2V "
                     f"architecture expected: {key}={expected!r})"
                 )
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in config.items() if k in names}
-        if kwargs.get("out_channels") is None:
-            kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
         return cls(**kwargs)
 
-    @classmethod
-    def from_pretrained_dir(cls, path: str) -> "CogVideoXArch":
-        config, source = read_config_json(path)
-        return cls.from_diffusers_config(config, source=source)
+    def block_config(self) -> dict[str, Any]:
+        """The sizes ``dit_config.make_transformer_config`` builds the blocks' config from."""
+        return dict(
+            num_layers=self.num_layers, num_attention_heads=self.num_attention_heads,
+            head_dim=self.attention_head_dim, ffn_hidden_size=self.ffn_hidden_size, bias=self.attention_bias,
+            norm_eps=self.norm_eps, qk_layernorm=True, dropout=self.dropout,
+        )
 
     def to_diffusers_config(self) -> dict[str, Any]:
         cfg = dataclasses.asdict(self)
         cfg.update(patch_size_t=None, ofs_embed_dim=None)
         return cfg
 
-
-def make_transformer_config(
-    arch: CogVideoXArch,
-    *,
-    tensor_parallel: int = 1,
-    context_parallel: int = 1,
-    sequence_parallel: bool = False,
-    recompute: bool = False,
-    params_dtype: torch.dtype = torch.float32,
-    use_cpu_initialization: bool = True,
-) -> TransformerConfig:
-    """The megatron-core config of the DiT blocks for one parallel layout."""
-    return dit_transformer_config(
-        num_layers=arch.num_layers,
-        num_attention_heads=arch.num_attention_heads,
-        head_dim=arch.attention_head_dim,
-        ffn_hidden_size=arch.ffn_hidden_size,
-        bias=arch.attention_bias,
-        norm_eps=arch.norm_eps,
-        qk_layernorm=True,
-        dropout=arch.dropout,
-        tensor_parallel=tensor_parallel,
-        context_parallel=context_parallel,
-        sequence_parallel=sequence_parallel,
-        recompute=recompute,
-        params_dtype=params_dtype,
-        use_cpu_initialization=use_cpu_initialization,
-    )

@@ -27,24 +27,20 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from diffusers.utils import BaseOutput
 from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from adm_megatron.models.adaln import AdaLNContinuous
-from adm_megatron.models.backbone import DiTBackbone, cp_token_slice, gather_tokens
-from adm_megatron.models.sd3_config import NORM_EPS, SD3Arch
+from adm_megatron.models.backbone import DiTBackbone, DiTOutput, cp_token_slice, gather_tokens
+from adm_megatron.models.sd3_config import SD3Arch
 from adm_megatron.models.taps import feature_depth, tapped_block_indices
 
 
 @dataclass
-class SD3Output(BaseOutput):
+class SD3Output(DiTOutput):
     """``sample`` [B, C, H, W] (None for a features-only call); ``features``: tapped blocks' image
     tokens, each [B, hidden, H/p, W/p]."""
-
-    sample: torch.Tensor | None
-    features: list[torch.Tensor] | None = None
 
 
 class SD3Transformer(DiTBackbone):
@@ -69,7 +65,7 @@ class SD3Transformer(DiTBackbone):
             build_module(layer_spec, config=config, layer_number=i + 1, context_pre_only=i == arch.num_layers - 1)
             for i in range(arch.num_layers)
         )
-        self.norm_out = AdaLNContinuous(config, hidden, elementwise_affine=False, eps=NORM_EPS)
+        self.norm_out = AdaLNContinuous(config, hidden, elementwise_affine=False)
         self.proj_out = torch.nn.Linear(hidden, arch.patch_size * arch.patch_size * arch.out_channels, dtype=dtype)
         self._tag_sequence_parallel(self.proj_out)
 

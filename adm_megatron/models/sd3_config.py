@@ -13,10 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from megatron.core.transformer.transformer_config import TransformerConfig
-
-from adm_megatron.models.dit_config import dit_transformer_config, read_config_json
+from adm_megatron.models.dit_config import DiffusersArch
 
 DIFFUSERS_CLASS_NAME = "SD3Transformer2DModel"
 QK_NORMS = (None, "rms_norm")
@@ -24,8 +21,10 @@ NORM_EPS = 1e-6  # every LayerNorm / RMSNorm of diffusers' SD3 blocks
 
 
 @dataclass(frozen=True)
-class SD3Arch:
+class SD3Arch(DiffusersArch):
     """The fields of a diffusers ``SD3Transformer2DModel`` config (names and defaults kept)."""
+
+    diffusers_class_name = DIFFUSERS_CLASS_NAME
 
     sample_size: int = 128
     patch_size: int = 2
@@ -42,14 +41,6 @@ class SD3Arch:
     qk_norm: str | None = None
 
     @property
-    def hidden_size(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def ffn_hidden_size(self) -> int:
-        return 4 * self.hidden_size
-
-    @property
     def text_embed_dim(self) -> int:
         """Width of the text embeddings the model is called with (``encoder_hidden_states``)."""
         return self.joint_attention_dim
@@ -57,14 +48,7 @@ class SD3Arch:
     @classmethod
     def from_diffusers_config(cls, config: dict[str, Any], source: str = "config") -> "SD3Arch":
         """Build from a diffusers config dict; one-line ValueError for what is not supported."""
-        if config.get("_class_name", DIFFUSERS_CLASS_NAME) != DIFFUSERS_CLASS_NAME:
-            raise ValueError(
-                f"{source}: _class_name is {config['_class_name']!r}, expected {DIFFUSERS_CLASS_NAME!r}"
-            )
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in config.items() if k in names}
-        if kwargs.get("out_channels") is None:
-            kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
+        kwargs = cls._known_fields(config, source)
         kwargs["dual_attention_layers"] = tuple(kwargs.get("dual_attention_layers") or ())
         arch = cls(**kwargs)
         if arch.dual_attention_layers:
@@ -85,40 +69,16 @@ class SD3Arch:
                              f"position embedding needs a positive size")
         return arch
 
-    @classmethod
-    def from_pretrained_dir(cls, path: str) -> "SD3Arch":
-        config, source = read_config_json(path)
-        return cls.from_diffusers_config(config, source=source)
+    def block_config(self) -> dict[str, Any]:
+        """The sizes ``dit_config.make_transformer_config`` builds the blocks' config from."""
+        return dict(
+            num_layers=self.num_layers, num_attention_heads=self.num_attention_heads,
+            head_dim=self.attention_head_dim, ffn_hidden_size=self.ffn_hidden_size, bias=True,
+            norm_eps=NORM_EPS, qk_layernorm=self.qk_norm is not None, dropout=0.0,
+        )
 
     def to_diffusers_config(self) -> dict[str, Any]:
         cfg = dataclasses.asdict(self)
         cfg["dual_attention_layers"] = list(self.dual_attention_layers)
         return cfg
 
-
-def make_transformer_config(
-    arch: SD3Arch,
-    *,
-    tensor_parallel: int = 1,
-    context_parallel: int = 1,
-    sequence_parallel: bool = False,
-    recompute: bool = False,
-    params_dtype: torch.dtype = torch.float32,
-    use_cpu_initialization: bool = True,
-) -> TransformerConfig:
-    """The megatron-core config of the MMDiT blocks for one parallel layout."""
-    return dit_transformer_config(
-        num_layers=arch.num_layers,
-        num_attention_heads=arch.num_attention_heads,
-        head_dim=arch.attention_head_dim,
-        ffn_hidden_size=arch.ffn_hidden_size,
-        bias=True,
-        norm_eps=NORM_EPS,
-        qk_layernorm=arch.qk_norm is not None,
-        tensor_parallel=tensor_parallel,
-        context_parallel=context_parallel,
-        sequence_parallel=sequence_parallel,
-        recompute=recompute,
-        params_dtype=params_dtype,
-        use_cpu_initialization=use_cpu_initialization,
-    )

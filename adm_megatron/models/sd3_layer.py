@@ -7,6 +7,8 @@ LayerNorm (``norm2`` / ``norm2_context``, no affine) modulated by the MLP shift 
 its text stream has ``AdaLayerNormContinuous`` instead of adaLN-zero, and no text output, text norm
 or text MLP.
 
+Every norm has no affine parameters and the config's ``layernorm_epsilon`` (1e-6, as diffusers').
+
 Tokens are megatron's [s, b, h]: image tokens are this rank's sequence / context-parallel slice,
 text tokens are whole on every rank (see ``sd3``). The text stream's modules are built with
 ``text_stream_config(config)`` (no sequence parallelism), so its linears are plain tensor parallel
@@ -26,9 +28,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from adm_megatron.models.adaln import AdaLNContinuous, StreamAdaLNZero, modulate
 from adm_megatron.models.norms import LayerNorm
-
-NORM_EPS = 1e-6  # every LayerNorm of diffusers' JointTransformerBlock
-
 
 def text_stream_config(config: TransformerConfig) -> TransformerConfig:
     """The config of the text stream's modules: the model's, without sequence parallelism."""
@@ -67,19 +66,19 @@ class SD3Layer(MegatronModule):
         self.context_pre_only = context_pre_only
         text_config = text_stream_config(config)
         hidden = config.hidden_size
-        self.norm1 = StreamAdaLNZero(config, hidden, eps=NORM_EPS)
+        self.norm1 = StreamAdaLNZero(config, hidden)
         if context_pre_only:
-            self.norm1_context = AdaLNContinuous(text_config, hidden, elementwise_affine=False, eps=NORM_EPS)
+            self.norm1_context = AdaLNContinuous(text_config, hidden, elementwise_affine=False)
         else:
-            self.norm1_context = StreamAdaLNZero(text_config, hidden, eps=NORM_EPS)
+            self.norm1_context = StreamAdaLNZero(text_config, hidden)
         self.attention = build_module(
             submodules.attention, config=config, text_config=text_config, layer_number=layer_number,
             context_pre_only=context_pre_only,
         )
-        self.norm2 = LayerNorm(config, hidden, eps=NORM_EPS, elementwise_affine=False)
+        self.norm2 = LayerNorm(config, hidden, elementwise_affine=False)
         self.mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size)
         if not context_pre_only:
-            self.norm2_context = LayerNorm(text_config, hidden, eps=NORM_EPS, elementwise_affine=False)
+            self.norm2_context = LayerNorm(text_config, hidden, elementwise_affine=False)
             self.mlp_context = build_module(
                 submodules.mlp, config=text_config, ffn_hidden_size=config.ffn_hidden_size
             )
