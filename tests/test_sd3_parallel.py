@@ -1,6 +1,7 @@
 """Parallel layouts of the megatron SD3 equal the one-process model under gloo: TP=2, TP=2 + SP
-(with recompute), CP=2, DP=2 (2 processes) for the SD3-Medium-style and the SD3.5-style (q/k RMSNorm,
-whose per-head norm gradients are summed over TP) tiny configs, and TP=2 x CP=2 + SP (4 processes).
+(with recompute), CP=2, DP=2 (2 processes) for the SD3-Medium-style and the SD3.5-style tiny configs
+(the SD3.5-Medium style: q/k RMSNorm in both streams, whose per-head norm gradients are summed over
+TP, and dual attention, a second image-only attention), and TP=2 x CP=2 + SP (4 processes).
 A megatron-core distributed checkpoint saved at TP=2 + SP loads bit-exactly at CP=2 and at TP=2.
 
 Each rank builds diffusers' model from the same directory as the one-process reference, and the
@@ -32,10 +33,10 @@ FOUR_PROCESS_LAYOUTS = [("tp2-cp2-sp", 2, 2, True, False)]
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    return {v: save_diffusers_model(v, str(root)) for v in ("sd3", "sd35")}
+    return {v: save_diffusers_model(v, str(root)) for v in ("sd3", "sd35m")}
 
 
-@pytest.mark.parametrize("variant", ["sd3", "sd35"])
+@pytest.mark.parametrize("variant", ["sd3", "sd35m"])
 def test_two_process_layouts_match_one_process(hf_dirs, variant):
     results = run_world(check_layouts, 2, "sd3", hf_dirs[variant], TWO_PROCESS_LAYOUTS, SIZE, TOL)
     assert_close(results, TOL)
@@ -77,12 +78,12 @@ def _save_and_reload(hf_dir: str, ckpt_dir: str) -> dict:
 def test_distributed_checkpoint_saved_at_tp2_loads_at_cp2_and_tp2(hf_dirs, tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    for rank_result in run_world(_save_and_reload, 2, hf_dirs["sd35"], str(ckpt)):
+    for rank_result in run_world(_save_and_reload, 2, hf_dirs["sd35m"], str(ckpt)):
         for layout, (before, after) in rank_result.items():
             assert before > 30 and after == 0, (layout, before, after)
 
 
 @pytest.mark.slow
 def test_four_process_layout_matches_one_process(hf_dirs):
-    results = run_world(check_layouts, 4, "sd3", hf_dirs["sd35"], FOUR_PROCESS_LAYOUTS, SIZE, TOL)
+    results = run_world(check_layouts, 4, "sd3", hf_dirs["sd35m"], FOUR_PROCESS_LAYOUTS, SIZE, TOL)
     assert_close(results, TOL)

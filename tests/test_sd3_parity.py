@@ -1,9 +1,10 @@
 """The megatron SD3 equals diffusers' SD3Transformer2DModel in fp32 (one process): outputs, input
-gradients and every weight gradient, for an SD3-Medium-style (no q/k norm) and an SD3.5-style
-(q/k RMSNorm) tiny config at latent sizes other than the config's sample size (square, non-square,
+gradients and every weight gradient, for an SD3-Medium-style (no q/k norm), an SD3.5-Large-style
+(q/k RMSNorm) and an SD3.5-Medium-style (q/k RMSNorm, dual attention) tiny config at latent sizes other than the config's sample size (square, non-square,
 smaller and larger: the cropped position embedding differs for each); recompute changes nothing;
 features are the tapped blocks' image tokens; the diffusers <-> megatron mapping round-trips bit for
-bit; real-size SD3-Medium and SD3.5-Large build on the meta device with diffusers' parameter count."""
+bit; real-size SD3-Medium, SD3.5-Large and SD3.5-Medium build on the meta device with diffusers'
+parameter count."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ SIZES = [(16, 16), (8, 12), (20, 14)]  # latent (height, width); sample size 16 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    return {v: save_diffusers_model(v, str(root)) for v in ("sd3", "sd35")}
+    return {v: save_diffusers_model(v, str(root)) for v in ("sd3", "sd35", "sd35m")}
 
 
 def _run(model, inputs, **kwargs):
@@ -36,7 +37,7 @@ def _run(model, inputs, **kwargs):
     return out.detach(), latents.grad, text.grad, pooled.grad
 
 
-@pytest.mark.parametrize("variant", ["sd3", "sd35"])
+@pytest.mark.parametrize("variant", ["sd3", "sd35", "sd35m"])
 def test_outputs_and_all_gradients_match_diffusers(world_of_one, hf_dirs, variant):
     reference = SD3Transformer2DModel.from_pretrained(hf_dirs[variant])
     ours = build_sd3_model_from_hf(hf_dirs[variant])
@@ -56,8 +57,8 @@ def test_outputs_and_all_gradients_match_diffusers(world_of_one, hf_dirs, varian
 
 
 def test_recompute_gives_the_same_gradients(world_of_one, hf_dirs):
-    plain = build_sd3_model_from_hf(hf_dirs["sd35"])
-    recomputed = build_sd3_model_from_hf(hf_dirs["sd35"], recompute=True)
+    plain = build_sd3_model_from_hf(hf_dirs["sd35m"])
+    recomputed = build_sd3_model_from_hf(hf_dirs["sd35m"], recompute=True)
     assert recomputed.config.recompute_granularity == "full"
     inputs = make_inputs(plain.arch, 2, 8, 12)
     out_a, dx_a, dtext_a, _ = _run(plain, inputs)
@@ -91,7 +92,7 @@ def test_features_are_the_tapped_blocks_image_tokens_and_nothing_after_runs(worl
     assert [tuple(f.shape) for f in every] == [(2, arch.hidden_size, 4, 6)] * 3
 
 
-@pytest.mark.parametrize("variant", ["sd3", "sd35"])
+@pytest.mark.parametrize("variant", ["sd3", "sd35", "sd35m"])
 def test_mapping_round_trip_is_bit_exact(world_of_one, hf_dirs, variant):
     hf = read_diffusers_weights(hf_dirs[variant])
     arch = SD3Arch.from_pretrained_dir(hf_dirs[variant])
@@ -115,7 +116,9 @@ def test_mapping_round_trip_is_bit_exact(world_of_one, hf_dirs, variant):
         hf_to_megatron({**hf, "transformer_blocks.0.attn.bogus.weight": torch.zeros(1)}, arch.num_attention_heads)
 
 
-@pytest.mark.parametrize("preset, blocks, at_least", [("sd3-medium", 24, 2.0e9), ("sd3.5-large", 38, 8.0e9)])
+@pytest.mark.parametrize(
+    "preset, blocks, at_least", [("sd3-medium", 24, 2.0e9), ("sd3.5-large", 38, 8.0e9), ("sd3.5-medium", 24, 2.2e9)]
+)
 def test_real_size_config_on_meta_has_diffusers_parameter_count(world_of_one, preset, blocks, at_least):
     config = SD3_PRESETS[preset]
     with torch.device("meta"):
@@ -129,8 +132,8 @@ def test_real_size_config_on_meta_has_diffusers_parameter_count(world_of_one, pr
 
 
 def test_unsupported_architecture_and_bad_inputs_are_named(world_of_one, hf_dirs):
-    with pytest.raises(ValueError, match=r"dual_attention_layers=\[0, 1\] is not supported"):
-        SD3Arch.from_diffusers_config({"dual_attention_layers": [0, 1], "caption_projection_dim": 1152})
+    with pytest.raises(ValueError, match=r"dual_attention_layers=\[3, 18\]: expected block indices in \[0, 18\)"):
+        SD3Arch.from_diffusers_config({"dual_attention_layers": [3, 18], "caption_projection_dim": 1152})
     with pytest.raises(ValueError, match="qk_norm='layer_norm' is not supported"):
         SD3Arch.from_diffusers_config({"qk_norm": "layer_norm", "caption_projection_dim": 1152})
     with pytest.raises(ValueError, match="_class_name is 'CogVideoXTransformer3DModel'"):

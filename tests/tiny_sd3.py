@@ -13,7 +13,9 @@ TINY_SD3_MEDIUM = dict(
     pos_embed_max_size=12,
 )
 TINY_SD35 = dict(TINY_SD3_MEDIUM, attention_head_dim=16, caption_projection_dim=64, qk_norm="rms_norm")
-VARIANTS = {"sd3": TINY_SD3_MEDIUM, "sd35": TINY_SD35}
+# SD3.5-Medium-style: dual attention (a second, image-only attention), here also in the last block
+TINY_SD35_MEDIUM = dict(TINY_SD35, dual_attention_layers=(0, 2))
+VARIANTS = {"sd3": TINY_SD3_MEDIUM, "sd35": TINY_SD35, "sd35m": TINY_SD35_MEDIUM}
 TEXT_TOKENS = 7  # odd on purpose: the text stream is never split over ranks
 
 

@@ -4,7 +4,8 @@
 Everything is a rename except attention: each stream's separate q / k / v projections (image
 ``to_q/to_k/to_v``, text ``add_q_proj/add_k_proj/add_v_proj``) become one fused, per-head interleaved
 QKV linear (see ``key_mapping``). The last (``context_pre_only``) block simply has no
-``to_add_out`` / ``ff_context`` tensors. ``pos_embed.pos_embed`` is diffusers' persistent sin-cos
+``to_add_out`` / ``ff_context`` tensors; SD3.5-Medium's dual-attention blocks add ``attn2`` (fused
+the same way). ``pos_embed.pos_embed`` is diffusers' persistent sin-cos
 buffer, carried as it is.
 """
 
@@ -22,6 +23,9 @@ MAPPING = KeyMapping(
         ("attention.added_k_layernorm", "attn.norm_added_k"),
         ("attention.linear_proj", "attn.to_out.0"),
         ("attention.linear_added_proj", "attn.to_add_out"),
+        ("attention2.q_layernorm", "attn2.norm_q"),
+        ("attention2.k_layernorm", "attn2.norm_k"),
+        ("attention2.linear_proj", "attn2.to_out.0"),
         ("mlp.linear_fc1", "ff.net.0.proj"),
         ("mlp.linear_fc2", "ff.net.2"),
         ("mlp_context.linear_fc1", "ff_context.net.0.proj"),
@@ -30,6 +34,7 @@ MAPPING = KeyMapping(
     fused_qkv=(
         ("attention.linear_qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
         ("attention.linear_added_qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+        ("attention2.linear_qkv", ("attn2.to_q", "attn2.to_k", "attn2.to_v")),
     ),
     global_prefixes=(
         "pos_embed", "pos_embed.proj", "time_text_embed.timestep_embedder.linear_1",

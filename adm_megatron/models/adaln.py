@@ -7,7 +7,7 @@ gives six chunks (shift, scale, gate for video tokens; the same three for text t
 SD3 (one modulation per stream): ``StreamAdaLNZero`` is diffusers' ``AdaLayerNormZero`` (chunks
 shift, scale, gate of the attention, then of the MLP); ``AdaLNContinuous`` is diffusers'
 ``AdaLayerNormContinuous`` (chunks scale, shift), SD3's ``norm_out`` and the last block's
-``norm1_context``.
+``norm1_context``; with ``dual=True`` ``StreamAdaLNZero`` is ``SD35AdaLayerNormZeroX``.
 
 Names match the diffusers checkpoint keys.
 
@@ -107,15 +107,22 @@ class AdaLNContinuous(AdaLNOut):
 
 
 class StreamAdaLNZero(_Modulation):
-    """diffusers ``AdaLayerNormZero`` on one stream's [s, b, h] tokens (SD3 / MMDiT blocks).
+    """diffusers ``AdaLayerNormZero`` on one stream's [s, b, h] tokens (SD3 / MMDiT blocks), or with
+    ``dual=True`` ``SD35AdaLayerNormZeroX`` (three more chunks: shift, scale, gate of the second,
+    image-only attention of SD3.5-Medium's dual-attention blocks).
 
     Returns the attention input (normed, shifted and scaled) and the attention gate, the MLP shift,
-    scale and gate, in diffusers' order."""
+    scale and gate, in diffusers' order; with ``dual`` also the second attention's input and gate."""
 
-    def __init__(self, config: TransformerConfig, cond_dim: int, eps: float | None = None):
-        super().__init__(config, cond_dim, num_chunks=6)
+    def __init__(self, config: TransformerConfig, cond_dim: int, eps: float | None = None, dual: bool = False):
+        super().__init__(config, cond_dim, num_chunks=9 if dual else 6)
         self.norm = LayerNorm(config, config.hidden_size, eps=eps, elementwise_affine=False)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor):
-        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.chunks(temb)
-        return modulate(self.norm(x), shift, scale), (gate, shift_mlp, scale_mlp, gate_mlp)
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp, *second = self.chunks(temb)
+        normed = self.norm(x)
+        mlp = (gate, shift_mlp, scale_mlp, gate_mlp)
+        if not second:
+            return modulate(normed, shift, scale), mlp
+        shift2, scale2, gate2 = second
+        return modulate(normed, shift, scale), mlp, (modulate(normed, shift2, scale2), gate2)

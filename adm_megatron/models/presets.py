@@ -31,4 +31,8 @@ SD3_MEDIUM = dict(
 SD35_LARGE = dict(
     SD3_MEDIUM, num_layers=38, num_attention_heads=38, caption_projection_dim=2432, qk_norm="rms_norm"
 )
-SD3_PRESETS = {"sd3-medium": SD3_MEDIUM, "sd3.5-large": SD35_LARGE}
+# stabilityai/stable-diffusion-3.5-medium (MMDiT-X: dual attention in the first 13 blocks)
+SD35_MEDIUM = dict(
+    SD3_MEDIUM, pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=list(range(13))
+)
+SD3_PRESETS = {"sd3-medium": SD3_MEDIUM, "sd3.5-large": SD35_LARGE, "sd3.5-medium": SD35_MEDIUM}

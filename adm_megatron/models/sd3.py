@@ -62,7 +62,10 @@ class SD3Transformer(DiTBackbone):
         ).to(dtype)
         self.context_embedder = torch.nn.Linear(arch.joint_attention_dim, arch.caption_projection_dim, dtype=dtype)
         self.blocks = torch.nn.ModuleList(
-            build_module(layer_spec, config=config, layer_number=i + 1, context_pre_only=i == arch.num_layers - 1)
+            build_module(
+                layer_spec, config=config, layer_number=i + 1, context_pre_only=i == arch.num_layers - 1,
+                use_dual_attention=i in arch.dual_attention_layers,
+            )
             for i in range(arch.num_layers)
         )
         self.norm_out = AdaLNContinuous(config, hidden, elementwise_affine=False)

@@ -2,9 +2,9 @@
 validated, and turned into a megatron-core ``TransformerConfig`` for a given parallel layout.
 
 The diffusers ``config.json`` is the single source of truth; this module checks that the parts we
-implement cover it and names what does not: SD3.5-Medium's dual-attention blocks
-(``dual_attention_layers``), q / k norms other than none (SD3-Medium) and ``rms_norm`` (SD3.5), and a
-caption projection narrower or wider than the blocks.
+implement cover it and names what does not: q / k norms other than none (SD3-Medium) and
+``rms_norm`` (SD3.5), a caption projection narrower or wider than the blocks, and dual-attention
+layers (SD3.5-Medium's ``dual_attention_layers``) that are not block indices.
 """
 
 from __future__ import annotations
@@ -51,11 +51,10 @@ class SD3Arch(DiffusersArch):
         kwargs = cls._known_fields(config, source)
         kwargs["dual_attention_layers"] = tuple(kwargs.get("dual_attention_layers") or ())
         arch = cls(**kwargs)
-        if arch.dual_attention_layers:
+        if not all(isinstance(i, int) and 0 <= i < arch.num_layers for i in arch.dual_attention_layers):
             raise ValueError(
-                f"{source}: dual_attention_layers={list(arch.dual_attention_layers)} is not supported "
-                f"(SD3.5-Medium's dual-attention blocks are not implemented; SD3-Medium / SD3.5-Large "
-                f"have none)"
+                f"{source}: dual_attention_layers={list(arch.dual_attention_layers)}: expected block indices "
+                f"in [0, {arch.num_layers})"
             )
         if arch.qk_norm not in QK_NORMS:
             raise ValueError(f"{source}: qk_norm={arch.qk_norm!r} is not supported (expected one of {QK_NORMS})")

@@ -5,7 +5,9 @@ diffusers' ``JointTransformerBlock``: each stream (image, text) has its own adaL
 LayerNorm (``norm2`` / ``norm2_context``, no affine) modulated by the MLP shift / scale, its own MLP
 (``mlp`` / ``mlp_context``, tanh-GELU) and a gated residual. The last block is ``context_pre_only``:
 its text stream has ``AdaLayerNormContinuous`` instead of adaLN-zero, and no text output, text norm
-or text MLP.
+or text MLP. SD3.5-Medium's dual-attention blocks (``use_dual_attention``) add a second, image-only
+self-attention (``attention2`` = diffusers' ``attn2``: CogVideoX's ``JointSelfAttention`` with no text
+rows) modulated and gated by three more chunks of ``norm1``, after the joint attention's residual.
 
 Every norm has no affine parameters and the config's ``layernorm_epsilon`` (1e-6, as diffusers').
 
@@ -39,6 +41,7 @@ def text_stream_config(config: TransformerConfig) -> TransformerConfig:
 @dataclass
 class SD3LayerSubmodules:
     attention: Union[ModuleSpec, type] = None
+    attention2: Union[ModuleSpec, type] = None
     mlp: Union[ModuleSpec, type] = None
 
 
@@ -60,13 +63,15 @@ class SD3Layer(MegatronModule):
         submodules: SD3LayerSubmodules,
         layer_number: int,
         context_pre_only: bool = False,
+        use_dual_attention: bool = False,
     ):
         super().__init__(config=config)
         self.layer_number = layer_number
         self.context_pre_only = context_pre_only
+        self.use_dual_attention = use_dual_attention
         text_config = text_stream_config(config)
         hidden = config.hidden_size
-        self.norm1 = StreamAdaLNZero(config, hidden)
+        self.norm1 = StreamAdaLNZero(config, hidden, dual=use_dual_attention)
         if context_pre_only:
             self.norm1_context = AdaLNContinuous(text_config, hidden, elementwise_affine=False)
         else:
@@ -75,6 +80,8 @@ class SD3Layer(MegatronModule):
             submodules.attention, config=config, text_config=text_config, layer_number=layer_number,
             context_pre_only=context_pre_only,
         )
+        if use_dual_attention:
+            self.attention2 = build_module(submodules.attention2, config=config, layer_number=layer_number)
         self.norm2 = LayerNorm(config, hidden, elementwise_affine=False)
         self.mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size)
         if not context_pre_only:
@@ -85,13 +92,17 @@ class SD3Layer(MegatronModule):
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, temb: torch.Tensor):
         """-> (image, text); text is None after a ``context_pre_only`` block."""
-        normed, (gate, shift_mlp, scale_mlp, gate_mlp) = self.norm1(image, temb)
+        normed, (gate, shift_mlp, scale_mlp, gate_mlp), *second = self.norm1(image, temb)
         if self.context_pre_only:
             normed_text = self.norm1_context(text, temb)
         else:
             normed_text, (c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp) = self.norm1_context(text, temb)
         attn, attn_text = self.attention(normed, normed_text)
-        image = _gated_mlp(image + gate * attn, self.norm2, self.mlp, shift_mlp, scale_mlp, gate_mlp)
+        image = image + gate * attn
+        if self.use_dual_attention:
+            ((normed2, gate2),) = second
+            image = image + gate2 * self.attention2(normed2, 0)
+        image = _gated_mlp(image, self.norm2, self.mlp, shift_mlp, scale_mlp, gate_mlp)
         if self.context_pre_only:
             return image, None
         text = _gated_mlp(

@@ -63,7 +63,8 @@ def _layer_spec(kernels: Kernels) -> ModuleSpec:
 
 
 def sd3_layer_spec(kernels: Kernels, qk_norm: bool) -> ModuleSpec:
-    """The SD3 block; ``qk_norm``: per-head RMSNorm on q / k of both streams (SD3.5)."""
+    """The SD3 block; ``qk_norm``: per-head RMSNorm on q / k of both streams (SD3.5), and of the
+    image-only second attention of dual-attention blocks (SD3.5-Medium)."""
     norm = RMSNorm if qk_norm else None
     return ModuleSpec(
         module=SD3Layer,
@@ -80,6 +81,16 @@ def sd3_layer_spec(kernels: Kernels, qk_norm: bool) -> ModuleSpec:
                     core_attention=kernels.core_attention,
                     linear_proj=kernels.row_linear,
                     linear_added_proj=kernels.row_linear,
+                ),
+            ),
+            attention2=ModuleSpec(
+                module=JointSelfAttention,
+                submodules=JointSelfAttentionSubmodules(
+                    linear_qkv=kernels.column_linear,
+                    q_layernorm=norm,
+                    k_layernorm=norm,
+                    core_attention=kernels.core_attention,
+                    linear_proj=kernels.row_linear,
                 ),
             ),
             mlp=_mlp_spec(kernels),
