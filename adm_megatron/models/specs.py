@@ -42,21 +42,25 @@ def _mlp_spec(kernels: Kernels) -> ModuleSpec:
     )
 
 
+def _self_attention_spec(kernels: Kernels, qk_norm: type | None) -> ModuleSpec:
+    return ModuleSpec(
+        module=JointSelfAttention,
+        submodules=JointSelfAttentionSubmodules(
+            linear_qkv=kernels.column_linear,
+            q_layernorm=qk_norm,
+            k_layernorm=qk_norm,
+            core_attention=kernels.core_attention,
+            linear_proj=kernels.row_linear,
+        ),
+    )
+
+
 def _layer_spec(kernels: Kernels) -> ModuleSpec:
     return ModuleSpec(
         module=CogVideoXLayer,
         submodules=CogVideoXLayerSubmodules(
             adaln=AdaLNZero,
-            self_attention=ModuleSpec(
-                module=JointSelfAttention,
-                submodules=JointSelfAttentionSubmodules(
-                    linear_qkv=kernels.column_linear,
-                    q_layernorm=LayerNorm,
-                    k_layernorm=LayerNorm,
-                    core_attention=kernels.core_attention,
-                    linear_proj=kernels.row_linear,
-                ),
-            ),
+            self_attention=_self_attention_spec(kernels, LayerNorm),
             mlp=_mlp_spec(kernels),
         ),
     )
@@ -83,16 +87,7 @@ def sd3_layer_spec(kernels: Kernels, qk_norm: bool) -> ModuleSpec:
                     linear_added_proj=kernels.row_linear,
                 ),
             ),
-            attention2=ModuleSpec(
-                module=JointSelfAttention,
-                submodules=JointSelfAttentionSubmodules(
-                    linear_qkv=kernels.column_linear,
-                    q_layernorm=norm,
-                    k_layernorm=norm,
-                    core_attention=kernels.core_attention,
-                    linear_proj=kernels.row_linear,
-                ),
-            ),
+            attention2=_self_attention_spec(kernels, norm),
             mlp=_mlp_spec(kernels),
         ),
     )
