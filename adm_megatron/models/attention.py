@@ -18,7 +18,8 @@ context-parallel rank (as in NeMo's DiT), so this module owns those two steps:
   cannot be used for this: it shards every token of q / k / v, including the replicated text.
 
 The builders of the fused QKV / output linears and per-head norms, ``project_qkv`` and the CP
-gathers are shared with SD3's two-stream attention (``sd3_attention``).
+gathers are shared with SD3's two-stream attention (``sd3_attention``); ``JointSelfAttention`` with no
+text rows (``n_text=0``) is also SD3.5-Medium's image-only second attention (``attn2``).
 """
 
 from __future__ import annotations
