@@ -115,10 +115,12 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from adm_megatron.families import family_names, preset_names
+
     parser = argparse.ArgumentParser(
         prog="adm-megatron",
-        description="Distil CogVideoX diffusion transformers into few-step generators (ADM / DMD / DMD2) "
-        "on megatron-core.",
+        description="Distil diffusion transformers (model families: " + ", ".join(family_names()) + ") into "
+        "few-step generators (ADM / DMD / DMD2) on megatron-core.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
@@ -172,15 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="measure throughput: our DiT vs diffusers, and each phase of a distillation iteration",
         description="In one run, alternating, medians of --repeats timings: our megatron DiT's forward "
-        "and forward+backward and the same through diffusers' CogVideoXTransformer3DModel with the same "
+        "and forward+backward and the same through the family's diffusers transformer with the same "
         "weights, dtype and inputs; then each phase and the whole iteration of a distillation through "
         "the trainer (ADM unless distill.method=... is given), with analytic model FLOPs, TFLOP/s, MFU "
         "(needs a known card or --peak-tflops), peak memory (GPU) and network evaluations per phase. "
         "Random weights; prints a table, writes JSON with --out.",
     )
     bench.add_argument("--model", required=True,
-                       help="cogvideox-2b | cogvideox-5b (real shapes, random weights) or a diffusers "
-                       "CogVideoX transformer / pipeline directory")
+                       help=" | ".join(preset_names()) + " (real shapes, random weights) or a diffusers "
+                       "transformer / pipeline directory")
     bench.add_argument("--layers", type=int, default=None, help="presets only: number of blocks (to fit one card)")
     bench.add_argument("--batch", type=int, default=1, help="samples per call (default 1)")
     bench.add_argument("--frames", type=int, default=None, help="latent frames (default: the model's, 13)")
@@ -204,12 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     samp = sub.add_parser(
         "sample",
         help="render prompts with an exported generator (and the teacher), seconds per sample",
-        description="Generate videos from an exported generator (a diffusers CogVideoX transformer "
-        "directory, e.g. a run's generator/) through the pipeline's CogVideoXPipeline with its N-step "
+        description="Generate samples from an exported generator (a diffusers transformer directory, "
+        "e.g. a run's generator/) through its model family's diffusers pipeline with its N-step "
         "schedule, and with the pipeline's own transformer (the teacher) at --teacher-steps; writes "
         "OUT/generator/, OUT/teacher/ and OUT/sample_timing.json and prints seconds per sample.",
     )
-    samp.add_argument("--pipeline", required=True, help="the teacher's CogVideoXPipeline directory (VAE, T5, scheduler)")
+    samp.add_argument("--pipeline", required=True, help="the teacher's diffusers pipeline directory (VAE, text encoder, scheduler)")
     samp.add_argument("--generator", required=True, help="the exported generator (diffusers transformer directory)")
     samp.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
     samp.add_argument("--steps", type=int, default=8, help="generator steps (default 8)")

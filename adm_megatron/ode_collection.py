@@ -55,7 +55,8 @@ def _settings(config: Config, source, num_pairs: int, shard_size: int, steps: in
     d = config.data
     return {
         "format": FORMAT, "version": VERSION, "num_pairs": num_pairs, "shard_size": shard_size,
-        "latent_shape": [d.frames, source.arch.in_channels, d.height, d.width], "dtype": "float32",
+        "latent_shape": list(source.family.latent_shape(source.arch, d.frames, d.height, d.width)),
+        "dtype": "float32",
         "sampler": {"kind": "pf-ode (DDIM / Euler), trailing", "steps": steps,
                     "guidance_scale": list(config.distill.guidance_scale), "seed": config.seed},
         "teacher": {"path": os.path.abspath(config.model.teacher), "kind": source.kind,
@@ -86,7 +87,6 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
                       steps: int = 50, batch_size: int = 64, progress: bool = True) -> dict:
     """Collect (or finish collecting) ``num_pairs`` pairs into ``out_dir``; returns the manifest."""
     from adm_megatron.algorithms.networks import DiTFunction
-    from adm_megatron.models.rotary import cogvideox_rotary_emb
     from adm_megatron.parallel import initialize_parallel, launch_env
     from adm_megatron.data import open_text_source
     from adm_megatron.train.teacher import resolve_teacher
@@ -115,9 +115,10 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     teacher = source.build_models(1, sequence_parallel=config.model.sequence_parallel, impl=config.model.impl,
                                   params_dtype=dtype)[0].eval().requires_grad_(False)
     d = config.data
-    fn = DiTFunction(teacher, cogvideox_rotary_emb(source.arch, d.frames, d.height, d.width, device=info.device))
-    text_source = open_text_source(d.source, d.path, d.num_prompts, source.arch.max_text_seq_length,
-                                   source.arch.text_embed_dim, config.seed)
+    fn = DiTFunction(teacher, source.family.positional_inputs(source.arch, d.frames, d.height, d.width,
+                                                              device=info.device))
+    cond = source.family.conditioning(source.arch)
+    text_source = open_text_source(d.source, d.path, d.num_prompts, cond.text_length, cond.text_width, config.seed)
     latent_shape = tuple(settings["latent_shape"])
     n_shards = math.ceil(num_pairs / shard_size)
     mine = [i for i in range(info.dp_rank, n_shards, info.dp_size)

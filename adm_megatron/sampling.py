@@ -1,11 +1,12 @@
-"""``adm-megatron sample``: videos from an exported generator through diffusers' ``CogVideoXPipeline``
-with its N-step schedule (optionally with CFG, the paper's "ADM w/ CFG"), beside the teacher's own
-multi-step sampling, and the seconds per sample of each on this device.
+"""``adm-megatron sample``: samples from an exported generator through its model family's diffusers
+pipeline with its N-step schedule (optionally with CFG, the paper's "ADM w/ CFG"), beside the
+teacher's own multi-step sampling, and the seconds per sample of each on this device.
 
-Prompts are encoded with the pipeline's T5 (``text_encoder/`` + ``tokenizer/``) as the pipeline
-would, the negative prompt is the empty string; rendering is :func:`~adm_megatron.train.samples.
-render_samples` (its 'trailing' DDIM is the PF-ODE the generator was distilled on). Writes
-``OUT/generator/``, ``OUT/teacher/`` and ``OUT/sample_timing.json``.
+The family comes from the transformer's ``config.json`` (``adm_megatron.families``). Prompts are
+encoded with the pipeline's own text encoder(s) as the pipeline would (the family's
+``encode_prompts``), the negative prompt is the empty string; rendering is the family's
+``render_samples`` (whose deterministic few-step schedule is the PF-ODE the generator was distilled
+on). Writes ``OUT/generator/``, ``OUT/teacher/`` and ``OUT/sample_timing.json``.
 """
 
 from __future__ import annotations
@@ -26,20 +27,11 @@ class SampleRun:
     guidance_scale: float
 
 
-def encode(pipeline_dir: str, prompts: list[str], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt embeddings [P, L, D], the empty negative prompt's [L, D])."""
-    from adm_megatron.data.encode import encode_prompts, load_t5
-
-    text_encoder, tokenizer = load_t5(pipeline_dir, device=device)
-    embeds = encode_prompts(text_encoder, tokenizer, [*prompts, ""], max_length=max_length)
-    return embeds[:-1], embeds[-1]
-
-
 def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir: str, fmt: str = "mp4",
            seed: int = 0, command: str = "") -> dict:
     """Render every prompt with every run; returns (and writes) the timing table."""
     from adm_megatron.bench.report import environment
-    from adm_megatron.train.samples import render_samples
+    from adm_megatron.families import family_of_model_dir
 
     if not prompts:
         raise ValueError("--prompt: give at least one prompt")
@@ -48,15 +40,14 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
             raise ValueError(f"{run.name} steps={run.steps}: expected >= 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     transformer = runs[0].transformer_dir or os.path.join(pipeline_dir, "transformer")
-    with open(os.path.join(transformer, "config.json")) as f:
-        max_length = json.load(f)["max_text_seq_length"]
-    embeds, negative = encode(pipeline_dir, prompts, max_length, device)
+    family = family_of_model_dir(transformer)
+    embeds = family.encode_prompts(pipeline_dir, prompts, family.arch_from_pretrained_dir(transformer), device)
     rows = []
     for run in runs:
         seconds: list[float] = []
-        paths = render_samples(pipeline_dir, run.transformer_dir, embeds, negative, run.steps,
-                               os.path.join(out_dir, run.name), fmt=fmt, guidance_scale=run.guidance_scale,
-                               seed=seed, device=device, seconds=seconds)
+        paths = family.render_samples(pipeline_dir, run.transformer_dir, embeds, run.steps,
+                                      os.path.join(out_dir, run.name), fmt=fmt, guidance_scale=run.guidance_scale,
+                                      seed=seed, device=device, seconds=seconds)
         rows.append({"model": run.name, "transformer": run.transformer_dir or transformer, "steps": run.steps,
                      "guidance_scale": run.guidance_scale, "seconds": seconds,
                      "seconds_per_sample": statistics.median(seconds), "paths": paths})

@@ -62,3 +62,11 @@ def world_of_one(monkeypatch):
         yield info
     finally:
         destroy_parallel()
+
+
+@pytest.fixture(scope="session")
+def sd3_pipeline(tmp_path_factory):
+    """A tiny offline ``StableDiffusion3Pipeline`` directory (SD3-Medium-style, no QK norm)."""
+    from adm_megatron.data.tiny_sd3_pipeline import build_tiny_sd3_pipeline
+
+    return build_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("sd3") / "pipe"), seed=0)

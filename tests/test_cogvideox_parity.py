@@ -11,7 +11,7 @@ from diffusers import CogVideoXTransformer3DModel
 
 from adm_megatron.convert.cogvideox_mapping import megatron_to_hf
 from adm_megatron.models import CogVideoXArch, build_model, build_model_from_hf
-from adm_megatron.models.presets import PRESETS
+from adm_megatron.families.cogvideox_presets import PRESETS
 from tiny_cogvideox import assert_grads_match, make_inputs, rel_err, save_diffusers_model
 
 TOL = 1e-5  # max |ours - diffusers| / max |diffusers|, per tensor

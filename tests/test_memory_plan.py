@@ -83,7 +83,7 @@ def test_plan_is_within_15_percent_on_each_rank_under_sequence_and_context_paral
 def test_meta_counts_equal_a_built_model_and_split_tensor_parallel_weights(world_of_one):
     from adm_megatron.memory.counts import backbone_size
     from adm_megatron.models import CogVideoXArch, build_model
-    from adm_megatron.models.presets import PRESETS
+    from adm_megatron.families.cogvideox_presets import PRESETS
     from tiny_cogvideox import TINY_2B
 
     arch = CogVideoXArch.from_diffusers_config(TINY_2B)

@@ -17,7 +17,7 @@ import torch
 from adm_megatron.config import load_config
 from adm_megatron.heads import MultiHeadDiscriminator
 from adm_megatron.models import CogVideoXArch, tapped_block_indices
-from adm_megatron.models.presets import PRESETS
+from adm_megatron.families.cogvideox_presets import PRESETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [

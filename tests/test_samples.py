@@ -13,7 +13,7 @@ import torch
 
 from adm_megatron.data import build_tiny_pipeline
 from adm_megatron.data.tiny_pipeline import MAX_TEXT_LENGTH, tiny_t5_tokenizer
-from adm_megatron.train.samples import VideoShape, render_samples, video_shape
+from adm_megatron.models.cogvideox_samples import VideoShape, render_samples, video_shape
 
 
 def _read(path: str) -> np.ndarray:

@@ -14,7 +14,7 @@ from diffusers import SD3Transformer2DModel
 
 from adm_megatron.convert.sd3_mapping import hf_to_megatron, megatron_to_hf
 from adm_megatron.models import SD3Arch, build_sd3_model, build_sd3_model_from_hf, read_diffusers_weights
-from adm_megatron.models.presets import SD3_PRESETS
+from adm_megatron.families.sd3_presets import PRESETS as SD3_PRESETS
 from adm_megatron.models.weights import gather_full_state_dict
 from tiny_cogvideox import assert_grads_match, rel_err
 from tiny_sd3 import TEXT_TOKENS, make_inputs, save_diffusers_model

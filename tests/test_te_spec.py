@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+import tiny_sd3
 from adm_megatron.models import CogVideoXArch, SD3Arch, build_model, build_model_from_hf, build_sd3_model
 from adm_megatron.models import build_sd3_model_from_hf, specs
 from adm_megatron.models.cogvideox_layer import CogVideoXLayer
 from adm_megatron.models.core_attention import SDPACoreAttention
+from adm_megatron.models.linears import ColumnParallelLinear, RowParallelLinear
 from adm_megatron.models.norms import RMSNorm
 from adm_megatron.models.sd3_layer import SD3Layer
 from adm_megatron.precision import fp32_highest
 from tiny_cogvideox import TINY_2B, make_inputs, rel_err, save_diffusers_model
-import tiny_sd3
 
 TE_AVAILABLE = specs.transformer_engine_available()
 needs_te = pytest.mark.skipif(

@@ -8,11 +8,13 @@ Runs as one process or under torchrun / srun (every rank runs the same command):
     torchrun --nproc-per-node 2 tools/convert_checkpoint.py hf-to-megatron ... --tensor-parallel 2
 
 The megatron checkpoint is a megatron-core distributed checkpoint (torch_dist) plus
-adm_megatron_checkpoint.json (format version, diffusers architecture config). It does not depend
+adm_megatron_checkpoint.json (format version, model family, diffusers architecture config). It does not depend
 on the layout that wrote it: a checkpoint written at any tensor / context parallel size is read at
 any other. --tensor-parallel / --context-parallel only choose the layout of this run (default 1 and
 1: every process of the world holds the whole model, i.e. data parallel). megatron-to-hf writes a
-``save_pretrained`` directory that ``CogVideoXTransformer3DModel.from_pretrained`` loads.
+``save_pretrained`` directory that the family's diffusers class (``CogVideoXTransformer3DModel`` for
+--model cogvideox) loads with ``from_pretrained``. --model names the model family (the registry in
+adm_megatron/families); it must match the source's.
 
 Outputs appear atomically (written to OUT.tmp-<id>, renamed at the end); an existing non-empty
 --out is replaced only with --overwrite. Exit status: 0 done, 2 bad arguments or inputs (checked
@@ -33,7 +35,6 @@ import warnings
 if importlib.util.find_spec("adm_megatron") is None:  # not installed (pip install -e .): use the repo
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-MODELS = ("cogvideox",)  # = adm_megatron.convert.checkpoint.SUPPORTED_MODELS (not imported: --help stays fast)
 DTYPES = ("float32", "bfloat16", "float16")
 PROG = "convert_checkpoint.py"
 
@@ -56,6 +57,8 @@ def _fail(message: str, code: int = 2):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from adm_megatron.families import family_names  # the registry: cheap to import (no torch)
+
     parser = _Parser(
         prog=PROG,
         description=__doc__,
@@ -69,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", required=True, choices=MODELS, help="model family (%(choices)s)")
+        p.add_argument("--model", required=True, choices=family_names(), help="model family (%(choices)s)")
         p.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --overwrite)")
         p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                        help="tensor-parallel size of this run (default 1)")
@@ -134,9 +137,12 @@ def _check_inputs(args) -> int:
         if args.command == "hf-to-megatron":
             if not os.path.isfile(os.path.join(source, "config.json")):
                 _fail(f"--hf-path {source}: no config.json (a diffusers model directory expected)")
-            from adm_megatron.models import CogVideoXArch
+            from adm_megatron.families import family_of_model_dir
 
-            heads = CogVideoXArch.from_pretrained_dir(source).num_attention_heads
+            family = family_of_model_dir(source)
+            if family.name != args.model:
+                _fail(f"--hf-path {source} holds a {family.name!r} model, not {args.model!r}")
+            heads = family.arch_from_pretrained_dir(source).num_attention_heads
         else:
             meta = verify_checkpoint(source)
             if meta["model"] != args.model:

@@ -116,7 +116,7 @@ class Plan:
 
 
 def make_plan(args) -> Plan:
-    from adm_megatron.models.presets import COGVIDEOX_2B, COGVIDEOX_5B
+    from adm_megatron.families.cogvideox_presets import COGVIDEOX_2B, COGVIDEOX_5B
 
     def real(preset, layers):
         cfg = {k: v for k, v in preset.items() if k != "_class_name"}

@@ -10,7 +10,13 @@
 #    limit (GPU_CHECK_TIMEOUT_S, default 420 s); it writes $OUT/gpu_check.json, the log goes to
 #    $OUT/gpu_check.log;
 # 3. runs tests/test_te_spec.py (the TE parity tests run only where Transformer Engine imports)
-#    into $OUT/pytest_te_spec.log, under its own limit (GPU_CHECK_PYTEST_TIMEOUT_S, default 150 s).
+#    into $OUT/pytest_te_spec.log, under its own limit (GPU_CHECK_PYTEST_TIMEOUT_S, default 150 s);
+# 4. runs `adm-megatron bench` (issue 14: our DiT vs diffusers' forward / forward+backward at the real
+#    token count, each ADM phase and the whole iteration: seconds, TFLOP/s, MFU, peak memory) on
+#    GPU_CHECK_BENCH_MODEL (default cogvideox-2b) cut to GPU_CHECK_BENCH_LAYERS blocks (default 4),
+#    with GPU_CHECK_BENCH_ARGS (default: 3 repeats, 1 warm-up, 2 generator steps, a head on every
+#    2nd block), into $OUT/bench.json and $OUT/bench.log, under GPU_CHECK_BENCH_TIMEOUT_S (default
+#    240 s). GPU_CHECK_BENCH_TIMEOUT_S=0 skips it.
 #
 # Exit status: gpu_check.py's (0: every check passed and no section failed).
 # See docs/gpu_check.md.
@@ -53,4 +59,14 @@ timeout -k 10 "${GPU_CHECK_PYTEST_TIMEOUT_S:-150}" $PY -m pytest -q -p no:cachep
     tests/test_te_spec.py > "$OUT/pytest_te_spec.log" 2>&1
 echo "== tests/test_te_spec.py exit status: $? (log: $OUT/pytest_te_spec.log)"
 tail -n 5 "$OUT/pytest_te_spec.log"
+
+if [ "${GPU_CHECK_BENCH_TIMEOUT_S:-240}" != 0 ]; then
+    # shellcheck disable=SC2086  # the extra arguments are meant to split
+    timeout -k 10 "${GPU_CHECK_BENCH_TIMEOUT_S:-240}" $PY -m adm_megatron.cli bench \
+        --model "${GPU_CHECK_BENCH_MODEL:-cogvideox-2b}" --layers "${GPU_CHECK_BENCH_LAYERS:-4}" \
+        --out "$OUT/bench.json" ${GPU_CHECK_BENCH_ARGS:---repeats 3 --warmup 1 distill.generator_steps=2 distill.head_every=2} \
+        > "$OUT/bench.log" 2>&1
+    echo "== adm-megatron bench exit status: $? (log: $OUT/bench.log, JSON: $OUT/bench.json)"
+    tail -n 25 "$OUT/bench.log"
+fi
 exit "$status"

@@ -1,12 +1,16 @@
-"""Encode a prompt file with a local T5 encoder into text-embedding shards for training.
+"""Encode a prompt file with a local text encoder into text-embedding shards for training.
 
     python tools/precompute_text_embeddings.py --prompts prompts.txt \
         --encoder /models/CogVideoX-2b --out data/prompts-2b [--max-length 226] [--dtype bfloat16]
+    python tools/precompute_text_embeddings.py --prompts prompts.txt \
+        --encoder /models/stable-diffusion-3.5-large --out data/prompts-sd35 [--max-length 256]
 
 ``--prompts``: one prompt per line, blank lines skipped. ``--encoder``: a CogVideoX pipeline root
-(``text_encoder/`` + ``tokenizer/``) or one folder holding both. Encoding matches
-``CogVideoXPipeline.encode_prompt``; the negative (unconditional) embedding is that of "".
-Shards are written one at a time, so memory stays at one shard.
+(``text_encoder/`` + ``tokenizer/``) or one folder holding a T5 encoder and its tokenizer -- encoded
+as ``CogVideoXPipeline.encode_prompt`` does --, or a ``StableDiffusion3Pipeline`` root, encoded by
+that pipeline's own ``encode_prompt`` (two CLIP encoders and T5; the shards also hold the pooled
+CLIP embedding). The negative (unconditional) embedding is that of "". Shards are written one at a
+time, so memory stays at one shard.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from adm_megatron.data import EmbeddingShardWriter, encode_prompts, load_t5  # noqa: E402
+from adm_megatron.data.encode_sd3 import encode_sd3_prompts, is_sd3_pipeline, load_sd3_text_pipeline  # noqa: E402
 from adm_megatron.data.text_embeddings import DTYPES  # noqa: E402
 
 
@@ -35,9 +40,11 @@ def read_prompts(path: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    parser.add_argument("--encoder", required=True, help="pipeline root or T5 encoder + tokenizer folder")
+    parser.add_argument("--encoder", required=True,
+                        help="CogVideoX / SD3 pipeline root, or a T5 encoder + tokenizer folder")
     parser.add_argument("--out", required=True, help="output shard directory")
-    parser.add_argument("--max-length", type=int, default=226, help="tokens per prompt (CogVideoX: 226)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="T5 tokens per prompt (default: CogVideoX 226, SD3 256)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--shard-size", type=int, default=256, help="prompts per shard file")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
@@ -48,19 +55,29 @@ def main(argv: list[str] | None = None) -> None:
 
     prompts = read_prompts(args.prompts)
     start = time.time()
-    text_encoder, tokenizer = load_t5(args.encoder, DTYPES[args.dtype][0], args.device)
+    dtype = DTYPES[args.dtype][0]
+    if is_sd3_pipeline(args.encoder):
+        pipeline = load_sd3_text_pipeline(args.encoder, dtype, args.device)
 
-    def encode(batch: list[str]) -> torch.Tensor:
-        return encode_prompts(text_encoder, tokenizer, batch, args.max_length, args.batch_size)
+        def encode(batch: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return encode_sd3_prompts(pipeline, batch, args.max_length or 256, args.batch_size)
+    else:
+        text_encoder, tokenizer = load_t5(args.encoder, dtype, args.device)
 
-    negative = encode([""])[0]
-    with EmbeddingShardWriter(args.out, negative, args.shard_size, args.encoder, args.overwrite) as writer:
+        def encode(batch: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return encode_prompts(text_encoder, tokenizer, batch, args.max_length or 226, args.batch_size), None
+
+    negative, negative_pooled = encode([""])
+    negative_pooled = None if negative_pooled is None else negative_pooled[0]
+    with EmbeddingShardWriter(args.out, negative[0], args.shard_size, args.encoder, args.overwrite,
+                              negative_pooled) as writer:
         for i in range(0, len(prompts), args.shard_size):
             chunk = prompts[i : i + args.shard_size]
-            writer.add(chunk, encode(chunk))
+            writer.add(chunk, *encode(chunk))
             print(f"encoded {i + len(chunk)}/{len(prompts)} prompts", flush=True)
         writer.close()
-    print(f"wrote {len(prompts)} x {tuple(negative.shape)} {args.dtype} embeddings to {args.out} "
+    pooled = "" if negative_pooled is None else f" (+ pooled {tuple(negative_pooled.shape)})"
+    print(f"wrote {len(prompts)} x {tuple(negative[0].shape)}{pooled} {args.dtype} embeddings to {args.out} "
           f"in {time.time() - start:.1f}s")
 
 

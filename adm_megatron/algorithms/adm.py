@@ -56,7 +56,7 @@ class ADM(Distillation):
     def ode_pair(self, x0_hat: torch.Tensor, batch: PhaseBatch, rng: BatchRandom) -> OdePair:
         x_t, t, _ = self.diffuse(x0_hat, rng, t_min=self.delta_t)
         t_prev = self.schedule.shifted_by(t, self.delta_t)
-        fake_out = self.nets.fake_score(x_t, self.schedule.model_timestep(t), batch.text)
+        fake_out = self.nets.fake_score(x_t, self.schedule.model_timestep(t), batch.cond)
         if not self.fake_score_grad:
             fake_out = fake_out.detach()
         x_fake = self.schedule.ode_step(x_t, fake_out, t, t_prev)
@@ -66,7 +66,7 @@ class ADM(Distillation):
 
     def backbone_features(self, x: torch.Tensor, t: torch.Tensor, batch: PhaseBatch) -> list[torch.Tensor]:
         """The frozen teacher's tapped block outputs of (x, t): D's backbone, without its heads."""
-        return self.nets.teacher.features(x, self.schedule.model_timestep(t), batch.text, self.nets.head_every)
+        return self.nets.teacher.features(x, self.schedule.model_timestep(t), batch.cond, self.nets.head_every)
 
     def discriminate(self, x: torch.Tensor, t: torch.Tensor, batch: PhaseBatch) -> torch.Tensor:
         """D(x, t): heads on the frozen teacher's features -> logits [B, heads]."""

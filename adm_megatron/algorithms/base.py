@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from adm_megatron.algorithms.losses import diffusion_loss
-from adm_megatron.algorithms.networks import Networks
+from adm_megatron.algorithms.networks import Networks, text_condition
 from adm_megatron.algorithms.randomness import BatchRandom
 from adm_megatron.diffusion.guidance import cfg_model_output
 from adm_megatron.diffusion.rollout import predict_x0, rollout
@@ -29,8 +29,14 @@ from adm_megatron.diffusion.schedules import NoiseSchedule
 class RealBatch:
     """Samples of the target distribution (teacher ODE-pair x0's or data latents) and their prompts."""
 
-    x0: torch.Tensor  # [B, F, C, H, W]
+    x0: torch.Tensor  # [B, F, C, H, W] (video) or [B, C, H, W] (image)
     text: torch.Tensor  # [B, L, D]
+    pooled: torch.Tensor | None = None  # [B, Dp] pooled text embedding (SD3); None for families without
+
+    @property
+    def cond(self):
+        """What the networks are conditioned on (see ``networks.text_condition``)."""
+        return text_condition(self.text, self.pooled)
 
 
 @dataclass
@@ -39,9 +45,21 @@ class PhaseBatch:
 
     text: torch.Tensor  # [B, L, D] prompt embeddings
     negative: torch.Tensor  # [B, L, D] the unconditional (negative prompt) embeddings
-    fake_noise: torch.Tensor  # [B, F, C, H, W] z: the fake-score phase's generator sample starts here
+    fake_noise: torch.Tensor  # [B, F, C, H, W] or [B, C, H, W] z: the fake-score phase's generator sample starts here
     generator_noise: torch.Tensor  # ẑ: the generator phase's, drawn independently of z
     real: RealBatch | None = None  # only for methods that read real samples (DMD2)
+    pooled: torch.Tensor | None = None  # [B, Dp] pooled text embeddings (SD3); None for families without
+    negative_pooled: torch.Tensor | None = None  # [B, Dp] the negative prompt's
+
+    @property
+    def cond(self):
+        """The prompts as the networks take them (see ``networks.text_condition``)."""
+        return text_condition(self.text, self.pooled)
+
+    @property
+    def uncond(self):
+        """The negative prompts as the networks take them (CFG's unconditional input)."""
+        return text_condition(self.negative, self.negative_pooled)
 
 
 class Distillation:
@@ -60,7 +78,7 @@ class Distillation:
         self.guidance_scale = guidance_scale
         self.head_reduction = head_reduction
 
-    def sample_generator(self, noise: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def sample_generator(self, noise: torch.Tensor, text) -> torch.Tensor:
         """x0 = G(z): the generator's full N-step PF-ODE, no grad."""
         return rollout(self.nets.generator, self.schedule, noise, text, self.timesteps)
 
@@ -68,9 +86,9 @@ class Distillation:
         """x̂0 from ẑ and a random intermediate step t_n, with grad through that one step only."""
         n_steps = len(self.timesteps)
         n = rng.shared_randint(1, n_steps)
-        x_tn = rollout(self.nets.generator, self.schedule, batch.generator_noise, batch.text, self.timesteps,
+        x_tn = rollout(self.nets.generator, self.schedule, batch.generator_noise, batch.cond, self.timesteps,
                        stop_index=n)
-        return predict_x0(self.nets.generator, self.schedule, x_tn, self.timesteps[n_steps - n], batch.text)
+        return predict_x0(self.nets.generator, self.schedule, x_tn, self.timesteps[n_steps - n], batch.cond)
 
     def diffuse(self, x0: torch.Tensor, rng: BatchRandom, t_min: int = 0, t_max: int | None = None):
         """x_t ~ q(x_t | x0) with t uniform on [t_min, t_max) (default T) and fresh noise;
@@ -84,18 +102,18 @@ class Distillation:
         scale = rng.guidance_scales(self.guidance_scale, device=x_t.device)
         with torch.no_grad():
             return cfg_model_output(
-                self.nets.teacher, x_t, self.schedule.model_timestep(t), batch.text, batch.negative, scale
+                self.nets.teacher, x_t, self.schedule.model_timestep(t), batch.cond, batch.uncond, scale
             )
 
-    def denoising_loss(self, x0: torch.Tensor, text: torch.Tensor, rng: BatchRandom) -> torch.Tensor:
+    def denoising_loss(self, x0: torch.Tensor, text, rng: BatchRandom) -> torch.Tensor:
         """The fake score's diffusion loss on q(x_t | x0) (velocity / noise target), no CFG."""
         x_t, t, noise = self.diffuse(x0, rng)
         pred = self.nets.fake_score(x_t, self.schedule.model_timestep(t), text)
         return diffusion_loss(pred, self.schedule.target(x0, noise, t))
 
     def fake_score_loss(self, batch: PhaseBatch, rng: BatchRandom):
-        x0 = self.sample_generator(batch.fake_noise, batch.text)
-        return self.denoising_loss(x0, batch.text, rng), {}, None
+        x0 = self.sample_generator(batch.fake_noise, batch.cond)
+        return self.denoising_loss(x0, batch.cond, rng), {}, None
 
     def discriminator_loss(self, pair, batch: PhaseBatch):
         raise NotImplementedError(f"{type(self).__name__} has no discriminator phase")

@@ -27,7 +27,7 @@ class DMD(Distillation):
         real_out = self.teacher_output(x_t, t, batch, rng)
         x0_real = self.schedule.model_output_to_x0_eps(x_t, real_out, t)[0]
         with torch.no_grad():
-            fake_out = self.nets.fake_score(x_t, self.schedule.model_timestep(t), batch.text)
+            fake_out = self.nets.fake_score(x_t, self.schedule.model_timestep(t), batch.cond)
         x0_fake = self.schedule.model_output_to_x0_eps(x_t, fake_out, t)[0]
         return dmd_loss(x0_hat, x0_real, x0_fake)
 

@@ -41,7 +41,7 @@ class DMD2(DMD):
         self.cls_weight = cls_weight
         self.gan_t_max = max(1, int(gan_t_max * self.schedule.num_train_timesteps))
 
-    def classify(self, x0: torch.Tensor, text: torch.Tensor, rng: BatchRandom) -> torch.Tensor:
+    def classify(self, x0: torch.Tensor, text, rng: BatchRandom) -> torch.Tensor:
         """Logits [B, heads] of the classifier on the fake score's features of noised x0."""
         x_t, t, _ = self.diffuse(x0, rng, t_max=self.gan_t_max)
         return self.nets.discriminator(self.nets.fake_score, x_t, self.schedule.model_timestep(t), text)
@@ -50,10 +50,10 @@ class DMD2(DMD):
         real: RealBatch = batch.real
         if real is None:
             raise ValueError("distill.method=dmd2 needs real samples (data.real_path)")
-        x0 = self.sample_generator(batch.fake_noise, batch.text)
-        denoising = self.denoising_loss(x0, batch.text, rng)
-        logits_fake = self.classify(x0, batch.text, rng)
-        logits_real = self.classify(real.x0, real.text, rng)
+        x0 = self.sample_generator(batch.fake_noise, batch.cond)
+        denoising = self.denoising_loss(x0, batch.cond, rng)
+        logits_fake = self.classify(x0, batch.cond, rng)
+        logits_real = self.classify(real.x0, real.cond, rng)
 
         def loss_fn(r, f):
             return dmd2_gan_d_loss(r, f, head_reduction=self.head_reduction)
@@ -67,6 +67,6 @@ class DMD2(DMD):
     def generator_loss(self, batch: PhaseBatch, rng: BatchRandom):
         x0_hat = self.generator_x0(batch, rng)
         dmd = self.distribution_matching_loss(x0_hat, batch, rng)
-        logits = self.classify(x0_hat, batch.text, rng)
+        logits = self.classify(x0_hat, batch.cond, rng)
         gan = dmd2_gan_g_loss(logits, head_reduction=self.head_reduction)
         return dmd + self.gan_weight * gan, {"dmd": dmd.detach().item(), "gan": gan.detach().item()}, None

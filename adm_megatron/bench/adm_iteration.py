@@ -1,8 +1,8 @@
 """The ADM iteration as the trainer runs it, timed phase by phase with its network evaluations.
 
 A :class:`~adm_megatron.train.trainer.Trainer` is built from a teacher transformer directory and a
-pipeline directory that holds only the scheduler (written here with CogVideoX-2b's settings unless
-the model came as a whole pipeline), on synthetic prompts at the benchmark's latent size. Its
+pipeline directory that holds only the scheduler (written here with the model family's reference
+scheduler unless the model came as a whole pipeline), on synthetic prompts at the benchmark's latent size. Its
 ``PhaseRunner.run`` is wrapped so each phase is synchronised, timed and labelled for the
 :class:`~adm_megatron.bench.counting.EvalCounter`; ``train_iteration`` is then called as in
 training. Everything else (the config, overrides, the method) is the trainer's own.
@@ -20,19 +20,20 @@ import torch
 from adm_megatron.bench.counting import EvalCounter, instrument
 from adm_megatron.bench.timing import peak_memory_bytes, reset_peak_memory, synchronize
 from adm_megatron.config import load_config
-from adm_megatron.data.tiny_pipeline import COGVIDEOX_2B_SCHEDULER
 
 
-def write_scheduler_pipeline(out_dir: str) -> str:
-    """A pipeline directory with only ``model_index.json`` and the scheduler (what the trainer
-    reads of a pipeline when it renders no samples)."""
-    from diffusers import CogVideoXDDIMScheduler
+def write_scheduler_pipeline(out_dir: str, family) -> str:
+    """A pipeline directory of ``family`` with only ``model_index.json`` and its reference scheduler
+    (what the trainer reads of a pipeline when it renders no samples)."""
+    import diffusers
 
-    CogVideoXDDIMScheduler(**COGVIDEOX_2B_SCHEDULER).save_pretrained(os.path.join(out_dir, "scheduler"))
+    config = dict(family.reference_scheduler)
+    scheduler = getattr(diffusers, config.pop("_class_name"))
+    scheduler(**config).save_pretrained(os.path.join(out_dir, "scheduler"))
     with open(os.path.join(out_dir, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "CogVideoXPipeline",
-                   "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
-                   "transformer": ["diffusers", "CogVideoXTransformer3DModel"]}, f)
+        json.dump({"_class_name": family.pipeline_classes[0],
+                   "scheduler": ["diffusers", scheduler.__name__],
+                   "transformer": ["diffusers", family.diffusers_classes[0]]}, f)
     return out_dir
 
 

@@ -19,7 +19,6 @@ import torch
 
 from adm_megatron.algorithms.networks import DiTFunction, Networks
 from adm_megatron.bench.flops import dit_call_flops
-from adm_megatron.models.cogvideox_config import CogVideoXArch
 from adm_megatron.models.taps import feature_depth
 
 
@@ -60,7 +59,7 @@ class EvalCounter:
 class CountingDiT:
     """A :class:`DiTFunction` that tallies each call before making it (same interface)."""
 
-    def __init__(self, fn: DiTFunction, role: str, counter: EvalCounter, arch: CogVideoXArch):
+    def __init__(self, fn: DiTFunction, role: str, counter: EvalCounter, arch):
         self.fn = fn
         self.role = role
         self.counter = counter
@@ -83,7 +82,7 @@ class CountingDiT:
         return self.fn.features(x_t, t, text, every)
 
 
-def instrument(networks: Networks, counter: EvalCounter, arch: CogVideoXArch) -> None:
+def instrument(networks: Networks, counter: EvalCounter, arch) -> None:
     """Wrap ``networks``' generator, fake score and teacher in place (the algorithm holding the
     same ``Networks`` object then calls the wrappers)."""
     for role in ("generator", "fake_score", "teacher"):

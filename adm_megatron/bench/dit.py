@@ -1,5 +1,7 @@
-"""Our megatron CogVideoX beside diffusers' ``CogVideoXTransformer3DModel`` with the same weights,
-dtype and inputs: the forward and forward + backward closures the benchmark times."""
+"""Our megatron backbone beside its family's diffusers transformer with the same weights, dtype and
+inputs: the forward and forward + backward closures the benchmark times. The latent size and the
+output reduction are written for the video families the bench supports (``tools`` of the family
+spec)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,7 @@ from typing import Callable
 
 import torch
 
-from adm_megatron.convert.cogvideox_mapping import hf_to_megatron
-from adm_megatron.models import CogVideoXArch, build_model
-from adm_megatron.models.rotary import cogvideox_rotary_emb
+from adm_megatron.families import family_of_arch
 from adm_megatron.models.weights import load_full_state_dict
 
 
@@ -22,7 +22,7 @@ class LatentShape:
     width: int
 
     @classmethod
-    def real(cls, arch: CogVideoXArch, batch: int) -> "LatentShape":
+    def real(cls, arch, batch: int) -> "LatentShape":
         """The latent size the model was trained at (CogVideoX: 49 frames of 480x720 -> 13x60x90)."""
         frames = (arch.sample_frames - 1) // arch.temporal_compression_ratio + 1
         return cls(batch, frames, arch.sample_height, arch.sample_width)
@@ -64,21 +64,23 @@ class DiTPair:
         return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def build_pair(reference: torch.nn.Module, arch: CogVideoXArch, shape: LatentShape, dtype: torch.dtype,
+def build_pair(reference: torch.nn.Module, arch, shape: LatentShape, dtype: torch.dtype,
                device: torch.device, impl: str = "auto", seed: int = 0) -> DiTPair:
-    """Our model with ``reference``'s (a diffusers CogVideoX) weights, both in ``dtype`` on
-    ``device``, and random inputs of ``shape`` with the model's full text length."""
-    ours = build_model(arch, params_dtype=dtype, impl=impl, device=device)
-    load_full_state_dict(ours, hf_to_megatron(reference.state_dict(), arch.num_attention_heads),
+    """Our model with ``reference``'s (the family's diffusers transformer) weights, both in
+    ``dtype`` on ``device``, and random inputs of ``shape`` with the model's full text length."""
+    family = family_of_arch(arch)
+    ours = family.build_model(arch, params_dtype=dtype, impl=impl, device=device)
+    load_full_state_dict(ours, family.hf_to_megatron(reference.state_dict(), arch),
                          source="the diffusers reference")
+    cond = family.conditioning(arch)
     reference = reference.to(device=device, dtype=dtype)
     g = torch.Generator().manual_seed(seed)
     b = shape.batch
     latents = torch.randn(b, shape.frames, arch.in_channels, shape.height, shape.width, generator=g)
-    text = torch.randn(b, arch.max_text_seq_length, arch.text_embed_dim, generator=g)
+    text = torch.randn(b, cond.text_length, cond.text_width, generator=g)
     timestep = torch.randint(0, 1000, (b,), generator=g)
     weight = torch.randn(b, shape.frames, arch.out_channels, shape.height, shape.width, generator=g)
     to = dict(device=device, dtype=dtype)
-    rotary = cogvideox_rotary_emb(arch, shape.frames, shape.height, shape.width, device=device)
+    rotary = family.positional_inputs(arch, shape.frames, shape.height, shape.width, device=device)
     return DiTPair(ours, reference, (latents.to(**to), text.to(**to), timestep.to(device)), rotary,
                    weight.to(device))

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adm_megatron.models.cogvideox_config import CogVideoXArch
-
 
 @dataclass(frozen=True)
 class CallFlops:
@@ -41,7 +39,7 @@ class CallFlops:
         return self.linear * (3 if trainable else 2) + self.attention * 3
 
 
-def dit_call_flops(arch: CogVideoXArch, batch: int, frames: int, height: int, width: int, text_len: int,
+def dit_call_flops(arch, batch: int, frames: int, height: int, width: int, text_len: int,
                    blocks: int | None = None, output_layer: bool = True) -> CallFlops:
     """Forward FLOPs of one call on ``batch`` samples of [frames, C, height, width] latents with
     ``text_len`` text tokens, running ``blocks`` blocks (default all) and the output layer."""

@@ -18,15 +18,14 @@ from adm_megatron.bench.dit import LatentShape, build_pair
 from adm_megatron.bench.flops import dit_call_flops
 from adm_megatron.bench.report import environment, format_table, peak_tflops
 from adm_megatron.bench.timing import alternating
-from adm_megatron.models import CogVideoXArch
-from adm_megatron.models.presets import PRESETS
+from adm_megatron.families import family_for_preset, family_of_model_dir, preset_names
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
 @dataclass
 class BenchOptions:
-    model: str  # a preset name or a diffusers CogVideoX transformer / pipeline directory
+    model: str  # a preset name or a diffusers transformer / pipeline directory
     layers: int | None = None  # presets only: fewer blocks, to fit one card
     batch: int = 1
     frames: int | None = None  # latent frames / height / width; default: the model's own size
@@ -46,24 +45,25 @@ class BenchOptions:
 def resolve_model(opts: BenchOptions, workdir: str) -> tuple[str, str]:
     """(transformer directory, pipeline directory) for ``opts.model``; a preset is written with
     random weights (``opts.seed``) into ``workdir``."""
-    from diffusers import CogVideoXTransformer3DModel
-
-    if opts.model in PRESETS:
-        config = {k: v for k, v in PRESETS[opts.model].items() if k != "_class_name"}
+    if opts.model in preset_names():
+        family, preset = family_for_preset(opts.model)
+        family.require("bench", "adm-megatron bench")
+        config = {k: v for k, v in preset.items() if k != "_class_name"}
         if opts.layers is not None:
             config["num_layers"] = opts.layers
         torch.manual_seed(opts.seed)
         transformer = os.path.join(workdir, "transformer")
-        CogVideoXTransformer3DModel(**config).save_pretrained(transformer)
-        return transformer, write_scheduler_pipeline(os.path.join(workdir, "pipeline"))
+        family.diffusers_model_class()(**config).save_pretrained(transformer)
+        return transformer, write_scheduler_pipeline(os.path.join(workdir, "pipeline"), family)
     if opts.layers is not None:
-        raise ValueError(f"--layers={opts.layers}: applies to presets ({', '.join(PRESETS)}) only")
+        raise ValueError(f"--layers={opts.layers}: applies to presets ({', '.join(preset_names())}) only")
     if os.path.isfile(os.path.join(opts.model, "model_index.json")):
         return os.path.join(opts.model, "transformer"), opts.model
     if os.path.isfile(os.path.join(opts.model, "config.json")):
-        return opts.model, write_scheduler_pipeline(os.path.join(workdir, "pipeline"))
-    raise ValueError(f"--model={opts.model!r}: expected a preset ({', '.join(PRESETS)}) or a diffusers "
-                     "CogVideoX transformer or pipeline directory")
+        family = family_of_model_dir(opts.model).require("bench", "adm-megatron bench")
+        return opts.model, write_scheduler_pipeline(os.path.join(workdir, "pipeline"), family)
+    raise ValueError(f"--model={opts.model!r}: expected a preset ({', '.join(preset_names())}) or a diffusers "
+                     "transformer or pipeline directory")
 
 
 def _rate_row(name: str, median_s: float, flops: float, peak: float | None, **extra) -> dict:
@@ -72,12 +72,10 @@ def _rate_row(name: str, median_s: float, flops: float, peak: float | None, **ex
             "mfu": None if peak is None else tflops / peak, **extra}
 
 
-def _dit_section(transformer: str, arch: CogVideoXArch, shape: LatentShape, opts: BenchOptions, device,
+def _dit_section(transformer: str, family, arch, shape: LatentShape, opts: BenchOptions, device,
                  peak: float | None) -> tuple[dict, list[dict]]:
-    from diffusers import CogVideoXTransformer3DModel
-
-    pair = build_pair(CogVideoXTransformer3DModel.from_pretrained(transformer), arch, shape, DTYPES[opts.dtype],
-                      device, impl=opts.impl, seed=opts.seed)
+    reference = family.diffusers_model_class().from_pretrained(transformer)
+    pair = build_pair(reference, arch, shape, DTYPES[opts.dtype], device, impl=opts.impl, seed=opts.seed)
     difference = pair.max_relative_difference()
     timings = alternating({f"{who}/{what}": getattr(pair, what)(who) for what in ("forward", "forward_backward")
                            for who in ("ours", "reference")}, device, opts.repeats, opts.warmup)
@@ -115,11 +113,12 @@ def run_bench(opts: BenchOptions) -> dict:
     peak = peak_tflops(env["device"], opts.dtype, opts.peak_tflops)
     with tempfile.TemporaryDirectory(prefix="adm-bench-") as workdir:
         transformer, pipeline = resolve_model(opts, workdir)
-        arch = CogVideoXArch.from_pretrained_dir(transformer)
+        family = family_of_model_dir(transformer).require("bench", "adm-megatron bench")
+        arch = family.arch_from_pretrained_dir(transformer)
         real = LatentShape.real(arch, opts.batch)
         shape = LatentShape(opts.batch, opts.frames or real.frames, opts.height or real.height,
                             opts.width or real.width)
-        dit, rows = _dit_section(transformer, arch, shape, opts, device, peak)
+        dit, rows = _dit_section(transformer, family, arch, shape, opts, device, peak)
         overrides = trainer_overrides(transformer, pipeline, os.path.join(workdir, "run"), shape, opts.dtype)
         adm = measure_iterations(opts.config, [*overrides, *opts.overrides], opts.repeats, opts.warmup)
     for phase, row in adm["phases"].items():

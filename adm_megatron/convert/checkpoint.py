@@ -1,11 +1,12 @@
-"""megatron-core distributed checkpoints of the megatron CogVideoX, and conversion to and from
-diffusers directories.
+"""megatron-core distributed checkpoints of the megatron backbones (any registered model family,
+``adm_megatron.families``), and conversion to and from diffusers directories.
 
 A checkpoint directory holds megatron-core's ``dist_checkpointing`` output (torch_dist backend:
 ``*.distcp`` shards, ``.metadata``, ``common.pt``, ``metadata.json``) plus
-``adm_megatron_checkpoint.json``: the format version and the diffusers architecture config, from
-which :func:`load_megatron_checkpoint` rebuilds the model for whatever tensor / context parallel
-layout is in force when it loads (tensors are stored whole-shaped, so any layout can read them).
+``adm_megatron_checkpoint.json``: the format version, the model family (``model``) and the
+diffusers architecture config, from which :func:`load_megatron_checkpoint` rebuilds the model for
+whatever tensor / context parallel layout is in force when it loads (tensors are stored
+whole-shaped, so any layout can read them).
 
 Collective functions (call them on every rank): :func:`save_megatron_checkpoint`,
 :func:`load_megatron_checkpoint`, :func:`load_megatron_checkpoint_into`,
@@ -15,9 +16,9 @@ Outputs are never left half written: everything goes to ``<out>.tmp-<id>`` and i
 ``<out>`` by rank 0 once every rank has finished; on a failure the temporary directory is removed.
 An existing non-empty ``<out>`` is only replaced with ``overwrite=True``.
 
-The sharded state dict is the model's own (``CogVideoXTransformer.sharded_state_dict``, which asks
-each block for its shards: megatron's default would mark the ``ModuleList`` of blocks replicated
-and save only rank 0's tensor-parallel shards without complaint). :func:`sharded_state_dict`
+The sharded state dict is the model's own (its ``sharded_state_dict`` asks each block for its
+shards: megatron's default would mark the ``ModuleList`` of blocks replicated and save only rank
+0's tensor-parallel shards without complaint). :func:`sharded_state_dict`
 checks the result against the parameters' ``tensor_model_parallel`` / ``partition_dim`` tags
 before anything is written, so such a silent loss cannot recur.
 """
@@ -48,6 +49,7 @@ __all__ = [
     "load_megatron_checkpoint_into",
     "megatron_to_hf_checkpoint",
     "read_checkpoint_arch",
+    "read_checkpoint_family",
     "read_checkpoint_meta",
     "save_megatron_checkpoint",
     "sharded_state_dict",
@@ -58,7 +60,6 @@ __all__ = [
 CHECKPOINT_FORMAT = "adm_megatron.megatron_checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 CHECKPOINT_META_FILE = "adm_megatron_checkpoint.json"
-SUPPORTED_MODELS = ("cogvideox",)
 _MCORE_CONFIG = "metadata.json"  # written last by megatron's dist_checkpointing.save
 _DCP_METADATA = ".metadata"
 
@@ -242,12 +243,6 @@ def _layout() -> dict[str, int]:
     }
 
 
-def _diffusers_config(arch) -> dict[str, Any]:
-    from adm_megatron.models.cogvideox_config import DIFFUSERS_CLASS_NAME
-
-    return {"_class_name": DIFFUSERS_CLASS_NAME, **arch.to_diffusers_config()}
-
-
 def read_checkpoint_meta(ckpt_dir: str) -> dict[str, Any]:
     """The ``adm_megatron_checkpoint.json`` of a checkpoint, validated; one-line errors for a
     missing directory, a missing / unreadable / foreign / newer JSON, or missing megatron files."""
@@ -272,8 +267,10 @@ def read_checkpoint_meta(ckpt_dir: str) -> dict[str, Any]:
             f"{path}: format_version {version!r} is not supported (this code reads up to "
             f"{CHECKPOINT_FORMAT_VERSION})"
         )
-    if meta.get("model") not in SUPPORTED_MODELS:
-        raise CheckpointError(f"{path}: model {meta.get('model')!r} is not one of {SUPPORTED_MODELS}")
+    from adm_megatron.families import family_names
+
+    if meta.get("model") not in family_names():
+        raise CheckpointError(f"{path}: model {meta.get('model')!r} is not one of {family_names()}")
     if not isinstance(meta.get("diffusers_config"), dict):
         raise CheckpointError(f"{path}: diffusers_config is missing")
     for name in (_MCORE_CONFIG, _DCP_METADATA):
@@ -290,12 +287,14 @@ def verify_checkpoint(ckpt_dir: str) -> dict[str, Any]:
     return meta
 
 
-def _arch_from_meta(meta: dict[str, Any], ckpt_dir: str):
-    from adm_megatron.models import CogVideoXArch
+def _family_from_meta(meta: dict[str, Any], ckpt_dir: str):
+    """(model family, architecture) recorded in a validated checkpoint JSON."""
+    from adm_megatron.families import get_family
 
+    family = get_family(meta["model"])
     try:
-        return CogVideoXArch.from_diffusers_config(
-            meta["diffusers_config"], source=os.path.join(ckpt_dir, CHECKPOINT_META_FILE)
+        return family, family.arch_from_diffusers_config(
+            meta["diffusers_config"], os.path.join(ckpt_dir, CHECKPOINT_META_FILE)
         )
     except (TypeError, ValueError) as exc:
         raise CheckpointError(_one_line(exc)) from None
@@ -311,13 +310,16 @@ def save_megatron_checkpoint(model, out_dir: str, arch=None, *, overwrite: bool 
     Returns the absolute ``out_dir``."""
     from megatron.core import dist_checkpointing
 
+    from adm_megatron.families import family_of_arch
+
     arch = arch if arch is not None else model.arch
+    family = family_of_arch(arch)
     sd = sharded_state_dict(model)
     meta = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_FORMAT_VERSION,
-        "model": "cogvideox",
-        "diffusers_config": _diffusers_config(arch),
+        "model": family.name,
+        "diffusers_config": family.arch_to_diffusers_config(arch),
         "params_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "saved_layout": _layout(),
         "megatron_core": _version("megatron-core"),
@@ -462,17 +464,17 @@ def load_megatron_checkpoint_into(model, ckpt_dir: str) -> dict[str, Any]:
 def load_megatron_checkpoint(ckpt_dir: str, *, arch=None, **build_kwargs):
     """Collective: build the model described by the checkpoint's JSON (or ``arch``) for the current
     parallel layout (a world of one if none is initialized) and load the checkpoint into it.
-    ``build_kwargs`` go to ``adm_megatron.models.build_model`` (sequence_parallel, params_dtype...);
+    ``build_kwargs`` go to the family's ``build_model`` (sequence_parallel, params_dtype...);
     ``params_dtype`` defaults to the dtype the checkpoint was saved in."""
-    from adm_megatron.models import build_model
+    from adm_megatron.families import family_of_arch
 
     meta = read_checkpoint_meta(ckpt_dir)
     if arch is None:
-        arch = _arch_from_meta(meta, ckpt_dir)
+        arch = _family_from_meta(meta, ckpt_dir)[1]
     saved_dtype = getattr(torch, str(meta.get("params_dtype", "float32")), None)
     if isinstance(saved_dtype, torch.dtype):
         build_kwargs.setdefault("params_dtype", saved_dtype)
-    model = build_model(arch, **build_kwargs)
+    model = family_of_arch(arch).build_model(arch, **build_kwargs)
     load_megatron_checkpoint_into(model, ckpt_dir)
     return model
 
@@ -482,41 +484,45 @@ def load_megatron_checkpoint(ckpt_dir: str, *, arch=None, **build_kwargs):
 
 
 def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, *, overwrite: bool = False, **build_kwargs) -> str:
-    """Collective: diffusers ``CogVideoXTransformer3DModel`` directory -> megatron checkpoint,
-    written at the current layout (a world of one if none is initialized)."""
-    from adm_megatron.models import build_model_from_hf
+    """Collective: diffusers transformer directory (of any registered family, by its
+    ``_class_name``) -> megatron checkpoint, written at the current layout (a world of one if none
+    is initialized)."""
+    from adm_megatron.families import family_of_model_dir
 
     if not os.path.isdir(hf_dir):
         raise CheckpointNotFoundError(f"diffusers model directory {hf_dir} does not exist")
     check_output_dir(os.path.abspath(out_dir), overwrite)
-    model = build_model_from_hf(hf_dir, **build_kwargs)
+    try:
+        family = family_of_model_dir(hf_dir)
+    except ValueError as exc:
+        raise CheckpointError(_one_line(exc)) from None
+    model = family.build_model_from_hf(hf_dir, **build_kwargs)
     return save_megatron_checkpoint(model, out_dir, model.arch, overwrite=overwrite)
 
 
-def _diffusers_model(config: dict[str, Any], state: dict[str, torch.Tensor]):
-    """A diffusers CogVideoX with exactly ``state`` (built on the meta device, then assigned, so no
-    random initialisation of a multi-billion-parameter model happens)."""
-    from diffusers import CogVideoXTransformer3DModel
-
+def _diffusers_model(model_class: type, config: dict[str, Any], state: dict[str, torch.Tensor]):
+    """A diffusers ``model_class`` with exactly ``state`` (built on the meta device, then assigned,
+    so no random initialisation of a multi-billion-parameter model happens)."""
+    name = f"diffusers {model_class.__name__}"
     with torch.device("meta"):
-        model = CogVideoXTransformer3DModel.from_config(config)
+        model = model_class.from_config(config)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"diffusers CogVideoXTransformer3DModel: {_one_line(exc)}") from exc
+        raise CheckpointError(f"{name}: {_one_line(exc)}") from exc
     leftover = [n for n, t in model.state_dict().items() if t.is_meta]
     if leftover:
-        raise CheckpointError(f"diffusers CogVideoXTransformer3DModel: tensor {leftover[0]!r} not loaded")
+        raise CheckpointError(f"{name}: tensor {leftover[0]!r} not loaded")
     return model
 
 
 def megatron_to_hf_checkpoint(ckpt_dir: str, out_dir: str, *, overwrite: bool = False, **build_kwargs) -> str:
     """Collective: megatron checkpoint -> diffusers directory (``save_pretrained`` output, loadable
-    with ``CogVideoXTransformer3DModel.from_pretrained``). Loads at the current layout, gathers
+    with the family's diffusers class ``from_pretrained``). Loads at the current layout, gathers
     the whole tensors, and rank 0 writes (see :func:`export_diffusers`)."""
     meta = read_checkpoint_meta(ckpt_dir)
     check_output_dir(os.path.abspath(out_dir), overwrite)
-    arch = _arch_from_meta(meta, ckpt_dir)
+    arch = _family_from_meta(meta, ckpt_dir)[1]
     model = load_megatron_checkpoint(ckpt_dir, arch=arch, **build_kwargs)
     return export_diffusers(model, arch, out_dir, overwrite=overwrite)
 
@@ -530,24 +536,30 @@ def is_megatron_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CHECKPOINT_META_FILE))
 
 
+def read_checkpoint_family(ckpt_dir: str):
+    """(model family, architecture) a checkpoint was saved with (validated JSON, one-line errors)."""
+    return _family_from_meta(read_checkpoint_meta(ckpt_dir), ckpt_dir)
+
+
 def read_checkpoint_arch(ckpt_dir: str):
-    """The ``CogVideoXArch`` a checkpoint was saved with (validated JSON, one-line errors)."""
-    return _arch_from_meta(read_checkpoint_meta(ckpt_dir), ckpt_dir)
+    """The architecture a checkpoint was saved with (validated JSON, one-line errors)."""
+    return read_checkpoint_family(ckpt_dir)[1]
 
 
 def export_diffusers(model, arch, out_dir: str, *, overwrite: bool = False) -> str:
-    """Collective: a (possibly TP-sharded) megatron CogVideoX as a diffusers directory; rank 0
-    writes it atomically."""
-    from adm_megatron.convert.cogvideox_mapping import megatron_to_hf
+    """Collective: a (possibly TP-sharded) megatron model as a diffusers directory of its family's
+    transformer class; rank 0 writes it atomically."""
+    from adm_megatron.families import family_of_arch
     from adm_megatron.models.weights import gather_full_state_dict
 
+    family = family_of_arch(arch)
     full = gather_full_state_dict(model)
-    config = _diffusers_config(arch)
+    config = family.arch_to_diffusers_config(arch)
 
     def write(tmp: str) -> None:
         if _rank() == 0:
-            hf_state = megatron_to_hf(full, arch.num_attention_heads)
-            _diffusers_model(config, hf_state).save_pretrained(tmp)
+            hf_state = family.megatron_to_hf(full, arch)
+            _diffusers_model(family.diffusers_model_class(), config, hf_state).save_pretrained(tmp)
 
     return _write_atomically(out_dir, overwrite, write)
 

@@ -3,12 +3,14 @@
 The trainer never runs the text encoder: prompts are encoded once (``tools/
 precompute_text_embeddings.py``) into a directory of
 
-* ``shard-00000.safetensors`` ... -- key ``embeddings``, ``[rows, L, D]``, in prompt order;
-* ``negative.safetensors`` -- key ``embeddings``, ``[L, D]``: the encoding of the empty prompt,
-  classifier-free guidance's unconditional input (what ``CogVideoXPipeline`` uses when no
-  negative prompt is given);
+* ``shard-00000.safetensors`` ... -- key ``embeddings``, ``[rows, L, D]``, in prompt order, and
+  for encoders with a pooled output (SD3's two CLIP projections) key ``pooled``, ``[rows, P]``;
+* ``negative.safetensors`` -- key ``embeddings``, ``[L, D]`` (and ``pooled``, ``[P]``): the
+  encoding of the empty prompt, classifier-free guidance's unconditional input (what the
+  pipelines use when no negative prompt is given);
 * ``index.json`` -- format and version, encoder name, ``num_prompts`` / ``seq_len`` / ``dim`` /
-  ``dtype``, the prompts, and the shard files with their row counts.
+  ``dtype``, ``pooled_dim`` (0, or absent in older directories: no pooled embedding), the prompts,
+  and the shard files with their row counts.
 
 :class:`TextEmbeddingShards` reads such a directory, :class:`SyntheticTextEmbeddings` offers the
 same interface with fixed random embeddings (smoke runs), and :class:`PromptSampler` draws each
@@ -33,6 +35,7 @@ VERSION = 1
 INDEX_FILE = "index.json"
 NEGATIVE_FILE = "negative.safetensors"
 KEY = "embeddings"
+POOLED_KEY = "pooled"
 DTYPES = {  # index.json name -> (torch dtype, safetensors header name)
     "float32": (torch.float32, "F32"),
     "float16": (torch.float16, "F16"),
@@ -57,6 +60,7 @@ class TextEmbeddingSource(Protocol):
 
     seq_len: int
     dim: int
+    pooled_dim: int  # 0: no pooled embedding
 
     def __len__(self) -> int: ...
 
@@ -66,6 +70,10 @@ class TextEmbeddingSource(Protocol):
     def get(self, indices: torch.Tensor) -> torch.Tensor: ...
 
     def negative(self) -> torch.Tensor: ...
+
+    def get_pooled(self, indices: torch.Tensor) -> torch.Tensor: ...
+
+    def negative_pooled(self) -> torch.Tensor: ...
 
 
 def _check_indices(indices: torch.Tensor, size: int) -> torch.Tensor:
@@ -80,10 +88,11 @@ def _check_indices(indices: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class EmbeddingShardWriter:
-    """Streams ``[n, L, D]`` chunks into fixed-size shards inside a temporary directory next to
-    ``out_dir``; :meth:`close` writes the negative and the index, then renames the directory into
-    place. Used as a context manager, an exception removes the temporary directory, so ``out_dir``
-    is either complete or untouched."""
+    """Streams ``[n, L, D]`` chunks (with ``[n, P]`` pooled rows when ``negative_pooled`` is
+    given) into fixed-size shards inside a temporary directory next to ``out_dir``; :meth:`close`
+    writes the negative and the index, then renames the directory into place. Used as a context
+    manager, an exception removes the temporary directory, so ``out_dir`` is either complete or
+    untouched."""
 
     def __init__(
         self,
@@ -92,6 +101,7 @@ class EmbeddingShardWriter:
         shard_size: int = 256,
         encoder: str = "",
         overwrite: bool = False,
+        negative_pooled: torch.Tensor | None = None,
     ):
         if negative.dim() != 2:
             raise ValueError(f"negative embedding must be [L, D], got shape {tuple(negative.shape)}")
@@ -103,6 +113,10 @@ class EmbeddingShardWriter:
         if os.path.isdir(self.out_dir) and os.listdir(self.out_dir) and not overwrite:
             raise FileExistsError(f"{self.out_dir}: output directory is not empty (pass overwrite=True)")
         self.negative = negative.detach().cpu().contiguous()
+        if negative_pooled is not None and (negative_pooled.dim() != 1 or negative_pooled.dtype != negative.dtype):
+            raise ValueError(f"negative pooled embedding must be [P] of {negative.dtype}, "
+                             f"got {tuple(negative_pooled.shape)} {negative_pooled.dtype}")
+        self.negative_pooled = None if negative_pooled is None else negative_pooled.detach().cpu().contiguous()
         self.dtype = dtype_name(self.negative.dtype)
         self.shard_size = shard_size
         self.encoder = encoder
@@ -111,10 +125,12 @@ class EmbeddingShardWriter:
         self._tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out_dir)}.tmp-", dir=parent)
         self._prompts: list[str] = []
         self._pending = self.negative.new_empty(0, *self.negative.shape)  # rows not yet in a shard
+        self._pending_pooled = None if self.negative_pooled is None else self.negative.new_empty(0, len(self.negative_pooled))
         self._shards: list[dict] = []
 
-    def add(self, prompts: Sequence[str], embeddings: torch.Tensor) -> None:
-        """Append ``len(prompts)`` rows; full shards are written as soon as they fill."""
+    def add(self, prompts: Sequence[str], embeddings: torch.Tensor, pooled: torch.Tensor | None = None) -> None:
+        """Append ``len(prompts)`` rows (and their ``[n, P]`` pooled rows, exactly when the writer
+        has a negative pooled embedding); full shards are written as soon as they fill."""
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be strings")
         expected = (len(prompts), *self.negative.shape)
@@ -122,6 +138,14 @@ class EmbeddingShardWriter:
             raise ValueError(f"embeddings shape {tuple(embeddings.shape)} != (len(prompts), L, D) = {expected}")
         if embeddings.dtype != self.negative.dtype:
             raise ValueError(f"embeddings dtype {embeddings.dtype} != negative dtype {self.negative.dtype}")
+        if (pooled is None) != (self.negative_pooled is None):
+            raise ValueError("pooled rows must be given exactly when the writer has a negative pooled embedding")
+        if pooled is not None:
+            expected_pooled = (len(prompts), len(self.negative_pooled))
+            if tuple(pooled.shape) != expected_pooled or pooled.dtype != self.negative.dtype:
+                raise ValueError(f"pooled shape {tuple(pooled.shape)} {pooled.dtype} != (len(prompts), P) = "
+                                 f"{expected_pooled} {self.negative.dtype}")
+            self._pending_pooled = torch.cat([self._pending_pooled, pooled.detach().cpu()])
         self._prompts.extend(prompts)
         rows = embeddings.detach().cpu()
         self._pending = torch.cat([self._pending, rows]) if len(self._pending) else rows
@@ -130,7 +154,11 @@ class EmbeddingShardWriter:
 
     def _flush(self, rows: int) -> None:
         name = shard_name(len(self._shards))
-        save_file({KEY: self._pending[:rows].contiguous()}, os.path.join(self._tmp, name))
+        tensors = {KEY: self._pending[:rows].contiguous()}
+        if self._pending_pooled is not None:
+            tensors[POOLED_KEY] = self._pending_pooled[:rows].contiguous()
+            self._pending_pooled = self._pending_pooled[rows:]
+        save_file(tensors, os.path.join(self._tmp, name))
         self._shards.append({"file": name, "rows": rows})
         self._pending = self._pending[rows:]
 
@@ -140,7 +168,10 @@ class EmbeddingShardWriter:
             raise ValueError(f"{self.out_dir}: no prompts were added")
         if len(self._pending):
             self._flush(len(self._pending))
-        save_file({KEY: self.negative}, os.path.join(self._tmp, NEGATIVE_FILE))
+        negative = {KEY: self.negative}
+        if self.negative_pooled is not None:
+            negative[POOLED_KEY] = self.negative_pooled
+        save_file(negative, os.path.join(self._tmp, NEGATIVE_FILE))
         seq_len, dim = self.negative.shape
         index = {
             "format": FORMAT,
@@ -150,6 +181,7 @@ class EmbeddingShardWriter:
             "seq_len": seq_len,
             "dim": dim,
             "dtype": self.dtype,
+            "pooled_dim": 0 if self.negative_pooled is None else len(self.negative_pooled),
             "negative": NEGATIVE_FILE,
             "shards": self._shards,
             "prompts": self._prompts,
@@ -192,11 +224,14 @@ def write_embedding_shards(
     shard_size: int = 256,
     encoder: str = "",
     overwrite: bool = False,
+    pooled: torch.Tensor | None = None,
+    negative_pooled: torch.Tensor | None = None,
 ) -> str:
     """Write ``embeddings`` ``[N, L, D]`` (row i encodes ``prompts[i]``) and ``negative``
-    ``[L, D]`` as a shard directory (see the module docstring); returns ``out_dir``."""
-    with EmbeddingShardWriter(out_dir, negative, shard_size, encoder, overwrite) as writer:
-        writer.add(prompts, embeddings)
+    ``[L, D]`` (optionally with ``pooled`` ``[N, P]`` and ``negative_pooled`` ``[P]``) as a
+    shard directory (see the module docstring); returns ``out_dir``."""
+    with EmbeddingShardWriter(out_dir, negative, shard_size, encoder, overwrite, negative_pooled) as writer:
+        writer.add(prompts, embeddings, pooled)
         return writer.close()
 
 
@@ -216,17 +251,20 @@ class TextEmbeddingShards:
         self.encoder: str = index["encoder"]
         self.seq_len: int = index["seq_len"]
         self.dim: int = index["dim"]
+        self.pooled_dim: int = index.get("pooled_dim", 0)
         self.dtype: torch.dtype = DTYPES[index["dtype"]][0]
         self._prompts: list[str] = index["prompts"]
         self._files = [os.path.join(path, s["file"]) for s in index["shards"]]
         rows = [s["rows"] for s in index["shards"]]
         self._starts = torch.tensor([0] + rows).cumsum(0)
         self._negative_file = os.path.join(path, index["negative"])
-        self._negative: torch.Tensor | None = None
+        self._negative: dict[str, torch.Tensor] | None = None
         self._handles: dict[int, object] = {}
         for i, (file, n) in enumerate(zip(self._files, rows)):
-            self._check_file(file, f"shards[{i}].file", [n, self.seq_len, self.dim], index["dtype"])
-        self._check_file(self._negative_file, "negative", [self.seq_len, self.dim], index["dtype"])
+            self._check_file(file, f"shards[{i}].file", {KEY: [n, self.seq_len, self.dim], POOLED_KEY: [n, self.pooled_dim]},
+                             index["dtype"])
+        self._check_file(self._negative_file, "negative", {KEY: [self.seq_len, self.dim], POOLED_KEY: [self.pooled_dim]},
+                         index["dtype"])
 
     def _fail(self, key: str, problem: str) -> ValueError:
         return ValueError(f"{self._index_path}: key {key!r} {problem}")
@@ -257,6 +295,9 @@ class TextEmbeddingShards:
         for key in ("num_prompts", "seq_len", "dim"):
             if index[key] < 1:
                 raise self._fail(key, f"must be >= 1, got {index[key]}")
+        pooled_dim = index.get("pooled_dim", 0)
+        if not isinstance(pooled_dim, int) or isinstance(pooled_dim, bool) or pooled_dim < 0:
+            raise self._fail("pooled_dim", f"must be an int >= 0, got {pooled_dim!r:.80}")
         if len(index["prompts"]) != index["num_prompts"]:
             raise self._fail("prompts", f"has {len(index['prompts'])} entries, "
                                         f"num_prompts is {index['num_prompts']}")
@@ -271,21 +312,28 @@ class TextEmbeddingShards:
             raise self._fail("shards", f"hold {total} rows in all, num_prompts is {index['num_prompts']}")
         return index
 
-    def _check_file(self, file: str, key: str, shape: list[int], dtype: str) -> None:
+    def _check_file(self, file: str, key: str, shapes: dict[str, list[int]], dtype: str) -> None:
+        """``shapes``: tensor name -> the shape index.json implies (``pooled`` only read when
+        ``pooled_dim`` > 0)."""
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{self._index_path}: key {key!r} names {file}, which does not exist")
+        wanted = {name: shape for name, shape in shapes.items() if name == KEY or self.pooled_dim}
         try:
             with safe_open(file, framework="pt") as f:
                 keys = list(f.keys())
-                if KEY not in keys:
-                    raise ValueError(f"{file}: tensor {KEY!r} not found (has {keys})")
-                found_shape, found_dtype = f.get_slice(KEY).get_shape(), f.get_slice(KEY).get_dtype()
+                found = {}
+                for name in wanted:
+                    if name not in keys:
+                        raise ValueError(f"{file}: tensor {name!r} not found (has {keys})")
+                    found[name] = (f.get_slice(name).get_shape(), f.get_slice(name).get_dtype())
         except SafetensorError as err:
             raise ValueError(f"{file}: unreadable safetensors file ({err})") from None
-        if found_shape != shape:
-            raise ValueError(f"{file}: tensor {KEY!r} has shape {found_shape}, index.json ({key}) says {shape}")
-        if found_dtype != DTYPES[dtype][1]:
-            raise ValueError(f"{file}: tensor {KEY!r} has dtype {found_dtype}, index.json says {dtype}")
+        for name, shape in wanted.items():
+            found_shape, found_dtype = found[name]
+            if found_shape != shape:
+                raise ValueError(f"{file}: tensor {name!r} has shape {found_shape}, index.json ({key}) says {shape}")
+            if found_dtype != DTYPES[dtype][1]:
+                raise ValueError(f"{file}: tensor {name!r} has dtype {found_dtype}, index.json says {dtype}")
 
     def __len__(self) -> int:
         return len(self._prompts)
@@ -299,22 +347,43 @@ class TextEmbeddingShards:
             self._handles[shard] = safe_open(self._files[shard], framework="pt")
         return self._handles[shard]
 
-    def get(self, indices: torch.Tensor) -> torch.Tensor:
-        """Rows ``indices`` (a 1-D LongTensor) as ``[B, L, D]`` in the stored dtype."""
+    def _rows(self, name: str, indices: torch.Tensor, row_shape: tuple[int, ...]) -> torch.Tensor:
         indices = _check_indices(indices, len(self))
         shards = torch.searchsorted(self._starts, indices, right=True) - 1
-        out = torch.empty(len(indices), self.seq_len, self.dim, dtype=self.dtype)
+        out = torch.empty(len(indices), *row_shape, dtype=self.dtype)
         for i, (index, shard) in enumerate(zip(indices.tolist(), shards.tolist())):
             row = index - self._starts[shard].item()
-            out[i] = self._handle(shard).get_slice(KEY)[row : row + 1][0]
+            out[i] = self._handle(shard).get_slice(name)[row : row + 1][0]
         return out
+
+    def get(self, indices: torch.Tensor) -> torch.Tensor:
+        """Rows ``indices`` (a 1-D LongTensor) as ``[B, L, D]`` in the stored dtype."""
+        return self._rows(KEY, indices, (self.seq_len, self.dim))
+
+    def get_pooled(self, indices: torch.Tensor) -> torch.Tensor:
+        """The pooled embeddings of rows ``indices`` as ``[B, P]`` (the directory must have them)."""
+        self._need_pooled()
+        return self._rows(POOLED_KEY, indices, (self.pooled_dim,))
+
+    def _need_pooled(self) -> None:
+        if not self.pooled_dim:
+            raise ValueError(f"{self._index_path}: these embeddings have no pooled part (pooled_dim 0); "
+                             "the model needs an encoder with pooled outputs (SD3's)")
+
+    def _negative_tensors(self) -> dict[str, torch.Tensor]:
+        if self._negative is None:
+            with safe_open(self._negative_file, framework="pt") as f:
+                self._negative = {name: f.get_tensor(name) for name in f.keys()}
+        return self._negative
 
     def negative(self) -> torch.Tensor:
         """The empty-prompt embedding ``[L, D]`` (read once)."""
-        if self._negative is None:
-            with safe_open(self._negative_file, framework="pt") as f:
-                self._negative = f.get_tensor(KEY)
-        return self._negative
+        return self._negative_tensors()[KEY]
+
+    def negative_pooled(self) -> torch.Tensor:
+        """The empty prompt's pooled embedding ``[P]``."""
+        self._need_pooled()
+        return self._negative_tensors()[POOLED_KEY]
 
 
 # -- synthetic -----------------------------------------------------------------------------------
@@ -332,16 +401,21 @@ def _mix(*values: int) -> int:
 class SyntheticTextEmbeddings:
     """Fixed random embeddings with the :class:`TextEmbeddingShards` interface: row ``i`` is
     standard normal (unit variance, like T5 encoder outputs) from a generator seeded by
-    ``(seed, i)``; the negative uses its own stream. Nothing is stored."""
+    ``(seed, i)``, followed (``pooled_dim`` > 0) by its pooled row; the negative uses its own
+    stream. Nothing is stored."""
 
     _NEGATIVE_ROW = -1
 
     def __init__(
-        self, num_prompts: int, seq_len: int, dim: int, seed: int = 0, dtype: torch.dtype = torch.float32
+        self, num_prompts: int, seq_len: int, dim: int, seed: int = 0, dtype: torch.dtype = torch.float32,
+        pooled_dim: int = 0,
     ):
         for name, value in (("num_prompts", num_prompts), ("seq_len", seq_len), ("dim", dim)):
             if value < 1:
                 raise ValueError(f"SyntheticTextEmbeddings: {name} must be >= 1, got {value}")
+        if pooled_dim < 0:
+            raise ValueError(f"SyntheticTextEmbeddings: pooled_dim must be >= 0, got {pooled_dim}")
+        self.pooled_dim = pooled_dim
         self._num_prompts = num_prompts
         self.seq_len = seq_len
         self.dim = dim
@@ -356,26 +430,37 @@ class SyntheticTextEmbeddings:
     def prompts(self) -> list[str]:
         return [f"synthetic prompt {i}" for i in range(self._num_prompts)]
 
-    def _row(self, i: int) -> torch.Tensor:
+    def _row(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(_mix(self.seed, i))
-        return torch.randn(self.seq_len, self.dim, generator=g).to(self.dtype)
+        embedding = torch.randn(self.seq_len, self.dim, generator=g).to(self.dtype)
+        return embedding, torch.randn(self.pooled_dim, generator=g).to(self.dtype)
 
-    def get(self, indices: torch.Tensor) -> torch.Tensor:
+    def _stack(self, indices: torch.Tensor, part: int, row_shape: tuple[int, ...]) -> torch.Tensor:
         indices = _check_indices(indices, len(self))
         if not indices.numel():
-            return torch.empty(0, self.seq_len, self.dim, dtype=self.dtype)
-        return torch.stack([self._row(i) for i in indices.tolist()])
+            return torch.empty(0, *row_shape, dtype=self.dtype)
+        return torch.stack([self._row(i)[part] for i in indices.tolist()])
+
+    def get(self, indices: torch.Tensor) -> torch.Tensor:
+        return self._stack(indices, 0, (self.seq_len, self.dim))
+
+    def get_pooled(self, indices: torch.Tensor) -> torch.Tensor:
+        return self._stack(indices, 1, (self.pooled_dim,))
 
     def negative(self) -> torch.Tensor:
-        return self._row(self._NEGATIVE_ROW)
+        return self._row(self._NEGATIVE_ROW)[0]
+
+    def negative_pooled(self) -> torch.Tensor:
+        return self._row(self._NEGATIVE_ROW)[1]
 
 
 def open_text_source(kind: str, path: str, num_prompts: int, seq_len: int, dim: int,
-                     seed: int) -> TextEmbeddingSource:
-    """A run's prompt set: ``kind`` 'shards' (the directory ``path``) or 'synthetic'."""
+                     seed: int, pooled_dim: int = 0) -> TextEmbeddingSource:
+    """A run's prompt set: ``kind`` 'shards' (the directory ``path``) or 'synthetic'
+    (``pooled_dim`` > 0: with pooled embeddings, as SD3 needs)."""
     if kind == "shards":
         return TextEmbeddingShards(path)
-    return SyntheticTextEmbeddings(num_prompts, seq_len, dim, seed=seed)
+    return SyntheticTextEmbeddings(num_prompts, seq_len, dim, seed=seed, pooled_dim=pooled_dim)
 
 
 # -- sampling ------------------------------------------------------------------------------------
@@ -432,3 +517,11 @@ class PromptSampler:
         embeds = self.source.get(self.indices(iteration))
         negative = self.source.negative().unsqueeze(0).expand_as(embeds).clone()
         return embeds, negative
+
+    def pooled(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(pooled, negative pooled)``, both ``[batch_size, P]``, for the prompts of
+        :meth:`batch`; None when the source has no pooled embeddings."""
+        if not self.source.pooled_dim:
+            return None
+        pooled = self.source.get_pooled(self.indices(iteration))
+        return pooled, self.source.negative_pooled().unsqueeze(0).expand_as(pooled).clone()

@@ -24,6 +24,8 @@ import string
 
 import torch
 
+from adm_megatron.families.cogvideox_presets import COGVIDEOX_2B_SCHEDULER
+
 MAX_TEXT_LENGTH = 16
 TRANSFORMER = dict(
     num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
@@ -40,11 +42,6 @@ T5 = dict(
     d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
     relative_attention_max_distance=16, feed_forward_proj="gated-gelu", dropout_rate=0.0,
     pad_token_id=0, eos_token_id=1,
-)
-COGVIDEOX_2B_SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=3.0,
-    timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False, steps_offset=0,
 )
 _WORDS = ("a the of and in on with at to is video cat dog man woman walking running red blue green "
           "sky sea city night day car tree").split()

@@ -38,7 +38,8 @@ def _concat(uncond: Any, cond: Any) -> Any:
     if isinstance(cond, (tuple, list)):
         if len(uncond) != len(cond):
             raise ValueError(f"cond and uncond differ in length: {len(cond)} vs {len(uncond)}")
-        return type(cond)(_concat(u, c) for u, c in zip(uncond, cond))
+        parts = [_concat(u, c) for u, c in zip(uncond, cond)]
+        return type(cond)(*parts) if hasattr(cond, "_fields") else type(cond)(parts)  # NamedTuple or not
     if isinstance(cond, dict):
         if uncond.keys() != cond.keys():
             raise ValueError(f"cond and uncond differ in keys: {sorted(cond)} vs {sorted(uncond)}")

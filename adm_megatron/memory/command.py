@@ -13,7 +13,7 @@ import sys
 from adm_megatron.config import ConfigError, load_config
 from adm_megatron.memory.plan import OFFLOAD, TRAINABLE, PlanError, gib
 from adm_megatron.memory.report import format_table, plan_to_dict
-from adm_megatron.models.presets import PRESETS
+from adm_megatron.families import preset_names
 
 
 def _networks(value: str) -> frozenset:
@@ -28,8 +28,8 @@ def _networks(value: str) -> frozenset:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML run config (see examples/cogvideox/)")
-    parser.add_argument("--arch", choices=sorted(PRESETS), default="",
+    parser.add_argument("--config", required=True, help="YAML run config (see examples/)")
+    parser.add_argument("--arch", choices=preset_names(), default="",
                         help="plan a real-size architecture (built on the meta device) instead of reading "
                         "model.teacher")
     parser.add_argument("--gpus", type=int, required=True, help="world size (DP = gpus / (TP x CP))")

@@ -1,6 +1,6 @@
 """Exact per-rank sizes of the networks of an ADM run, from models built on the ``meta`` device.
 
-The CogVideoX backbone is built once on ``meta`` -- no memory, no weights -- for the layout in force
+The backbone is built once on ``meta`` -- no memory, no weights -- for the layout in force
 (a world of one when none is set up), and each parameter is counted whole or as ``1 / TP`` of its
 full size, as megatron-core's ``tensor_model_parallel`` tag on it says (column / row parallel weights and biases are split, norms,
 adaLN, embeddings and the output projection are replicated). The discriminator heads are plain
@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from adm_megatron.models.cogvideox_config import CogVideoXArch
 
 
 @dataclass(frozen=True)
@@ -34,21 +32,24 @@ def _size(module: torch.nn.Module, tensor_parallel: int, built_tensor_parallel: 
     return NetworkSize(params=sum(per_rank), largest_param=max(per_rank), buffer_bytes=buffers)
 
 
-def backbone_size(arch: CogVideoXArch, tensor_parallel: int) -> NetworkSize:
-    """One CogVideoX (teacher, fake score or generator) as one rank of ``tensor_parallel`` holds it."""
-    from adm_megatron.models import build_model
+def backbone_size(arch, tensor_parallel: int) -> NetworkSize:
+    """One backbone (teacher, fake score or generator) as one rank of ``tensor_parallel`` holds it."""
+    from adm_megatron.families import family_of_arch
 
-    model = build_model(arch, device="meta")  # for the layout in force: a world of one if none
+    # for the layout in force: a world of one if none
+    model = family_of_arch(arch).build_model(arch, device="meta")
     return _size(model, tensor_parallel, model.config.tensor_model_parallel_size)
 
 
-def heads_size(arch: CogVideoXArch, num_heads: int, hidden: int, blocks: int) -> NetworkSize:
-    """The multi-head discriminator (3D heads on the backbone's hidden width), on every rank."""
+def heads_size(arch, num_heads: int, hidden: int, blocks: int) -> NetworkSize:
+    """The multi-head discriminator (the family's head kind on the backbone's hidden width), on
+    every rank."""
+    from adm_megatron.families import family_of_arch
     from adm_megatron.heads import MultiHeadDiscriminator
 
     with torch.device("meta"):
         heads = MultiHeadDiscriminator(
-            num_heads=num_heads, in_channels=arch.hidden_size, kind="3d",
+            num_heads=num_heads, in_channels=arch.hidden_size, kind=family_of_arch(arch).head_kind,
             hidden_channels=hidden, num_blocks=blocks,
         )
     return _size(heads, 1)

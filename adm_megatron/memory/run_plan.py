@@ -1,29 +1,39 @@
 """From a run config to a memory plan: the architecture (a teacher directory or a real-size preset),
 the shapes, the layout and the memory settings, the parameter counts on ``meta``, then the formulas
-of ``plan.py``. Layout errors are raised before any model is built."""
+of ``plan.py``. Layout errors are raised before any model is built. The activation formulas are
+those of the model families whose spec lists the ``memory-plan`` tool; others are refused in one
+line."""
 
 from __future__ import annotations
 
 from adm_megatron.config import Config, ConfigError
 from adm_megatron.memory.counts import backbone_size, heads_size
 from adm_megatron.memory.plan import MemoryPlan, PlanError, Settings, Shape, check_settings, plan_memory
-from adm_megatron.models.cogvideox_config import CogVideoXArch
-from adm_megatron.models.presets import PRESETS
+from adm_megatron.families import family_for_preset, family_of_arch
 from adm_megatron.models.taps import tapped_block_indices
 
 
-def resolve_arch(config: Config, preset: str = "") -> CogVideoXArch:
-    """The real-size preset named ``preset`` (no weights needed), else the teacher's own config."""
+def resolve_arch(config: Config, preset: str = ""):
+    """The real-size preset named ``preset`` (no weights needed), else the teacher's own config;
+    a one-line PlanError for a family the planner has no formulas for."""
     if preset:
-        if preset not in PRESETS:
-            raise PlanError(f"arch={preset!r}: expected one of {', '.join(PRESETS)}")
-        return CogVideoXArch.from_diffusers_config(PRESETS[preset], source=preset)
-    from adm_megatron.train.teacher import resolve_teacher
+        try:
+            family, diffusers_config = family_for_preset(preset)
+        except ValueError as err:
+            raise PlanError(f"arch={err}") from None
+        arch = family.arch_from_diffusers_config(diffusers_config, preset)
+    else:
+        from adm_megatron.train.teacher import resolve_teacher
 
-    return resolve_teacher(config.model.teacher, config.model.pipeline).arch
+        arch = resolve_teacher(config.model.teacher, config.model.pipeline).arch
+    try:
+        family_of_arch(arch).require("memory-plan", "memory planner")
+    except ValueError as err:
+        raise PlanError(str(err)) from None
+    return arch
 
 
-def shape_for(config: Config, arch: CogVideoXArch) -> Shape:
+def shape_for(config: Config, arch) -> Shape:
     d = config.distill
     if d.head_every > arch.num_layers:
         raise PlanError(f"distill.head_every={d.head_every}: the teacher has only {arch.num_layers} blocks")

@@ -1,4 +1,5 @@
-"""DiT backbones on megatron-core (CogVideoX 2b / 5b, SD3-Medium / SD3.5-Large)."""
+"""DiT backbones on megatron-core (CogVideoX 2b / 5b, SD3-Medium / SD3.5); the model-family interface
+over them is ``adm_megatron.families``."""
 
 from adm_megatron.models.build import (
     build_model,

@@ -1,10 +1,11 @@
 """Building the megatron CogVideoX and SD3 for the current parallel layout, from an architecture or
 from a diffusers model directory.
 
-``build_model_from_hf(dir)`` (CogVideoX) and ``build_sd3_model_from_hf(dir)`` are the one-call
-entries: they set up a world of one when no process groups exist yet, build the model for the layout
-in force (TP / SP / CP from megatron's parallel_state), and load the diffusers weights, each rank
-taking its own tensor-parallel shard.
+``build_model_from_hf(dir)`` is the one-call entry (for any registered model family, by the
+directory's ``_class_name``): it sets up a world of one when no process groups exist yet, builds the
+model for the layout in force (TP / SP / CP from megatron's parallel_state), and loads the diffusers
+weights, each rank taking its own tensor-parallel shard. ``build_sd3_model_from_hf(dir)`` does the
+same for an SD3 / SD3.5 directory until an SD3 family registers.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from megatron.core import parallel_state
 from safetensors.torch import load_file
 
-from adm_megatron.convert import cogvideox_mapping, sd3_mapping
+from adm_megatron.convert import sd3_mapping
 from adm_megatron.models.cogvideox import CogVideoXTransformer
 from adm_megatron.models.cogvideox_config import CogVideoXArch
 from adm_megatron.models.dit_config import make_transformer_config
@@ -144,24 +145,25 @@ def check_diffusers_weights(path: str) -> None:
             raise ValueError(f"{file}: truncated ({size} bytes, its header needs {8 + length + end})")
 
 
-def load_hf_weights(hf_dir: str, arch: CogVideoXArch) -> dict[str, torch.Tensor]:
-    """The full (unsharded) megatron-named weights of a diffusers CogVideoX directory."""
-    return cogvideox_mapping.hf_to_megatron(read_diffusers_weights(hf_dir), arch.num_attention_heads)
+def load_hf_weights(hf_dir: str, arch) -> dict[str, torch.Tensor]:
+    """The full (unsharded) megatron-named weights of a diffusers directory of ``arch``'s family."""
+    from adm_megatron.families import family_of_arch
+
+    return family_of_arch(arch).load_hf_weights(hf_dir, arch)
+
+
+def build_model_from_hf(hf_dir: str, **kwargs):
+    """The megatron model with the weights of a diffusers transformer directory
+    (``save_pretrained`` output) of any registered family, for the current parallel layout.
+    ``kwargs`` as the family's ``build_model``."""
+    from adm_megatron.families import family_of_model_dir
+
+    return family_of_model_dir(hf_dir).build_model_from_hf(hf_dir, **kwargs)
 
 
 def load_sd3_hf_weights(hf_dir: str, arch: SD3Arch) -> dict[str, torch.Tensor]:
     """The full (unsharded) megatron-named weights of a diffusers SD3 transformer directory."""
     return sd3_mapping.hf_to_megatron(read_diffusers_weights(hf_dir), arch.num_attention_heads)
-
-
-def build_model_from_hf(hf_dir: str, **kwargs) -> CogVideoXTransformer:
-    """The megatron CogVideoX with the weights of a diffusers ``CogVideoXTransformer3DModel``
-    directory (``save_pretrained`` output), for the current parallel layout. ``kwargs`` as
-    ``build_model``."""
-    arch = CogVideoXArch.from_pretrained_dir(hf_dir)
-    model = build_model(arch, **kwargs)
-    load_full_state_dict(model, load_hf_weights(hf_dir, arch), source=hf_dir)
-    return model
 
 
 def build_sd3_model_from_hf(hf_dir: str, **kwargs) -> SD3Transformer:

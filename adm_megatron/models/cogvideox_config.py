@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from adm_megatron.models.dit_config import DiffusersArch
 
@@ -23,7 +23,7 @@ class CogVideoXArch(DiffusersArch):
     """The architecture fields of a diffusers CogVideoX transformer config (names kept)."""
 
     diffusers_class_name = DIFFUSERS_CLASS_NAME
-
+    family: ClassVar[str] = "cogvideox"  # its name in adm_megatron.families (checkpoints record it)
     num_attention_heads: int = 30
     attention_head_dim: int = 64
     in_channels: int = 16

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from adm_megatron.models.dit_config import DiffusersArch
 
@@ -25,6 +25,7 @@ class SD3Arch(DiffusersArch):
     """The fields of a diffusers ``SD3Transformer2DModel`` config (names and defaults kept)."""
 
     diffusers_class_name = DIFFUSERS_CLASS_NAME
+    family: ClassVar[str] = "sd3"  # its name in adm_megatron.families, once an SD3 family registers
 
     sample_size: int = 128
     patch_size: int = 2

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -19,6 +18,8 @@ from adm_megatron.models.adaln import AdaLNZero
 from adm_megatron.models.attention import JointSelfAttention, JointSelfAttentionSubmodules
 from adm_megatron.models.cogvideox_layer import CogVideoXLayer, CogVideoXLayerSubmodules
 from adm_megatron.models.core_attention import SDPACoreAttention
+from adm_megatron.models.feed_forward import FeedForward, FeedForwardSubmodules
+from adm_megatron.models.linears import ColumnParallelLinear, RowParallelLinear
 from adm_megatron.models.norms import LayerNorm, RMSNorm
 from adm_megatron.models.sd3_attention import MMDiTAttention, MMDiTAttentionSubmodules
 from adm_megatron.models.sd3_layer import SD3Layer, SD3LayerSubmodules
@@ -28,17 +29,20 @@ logger = logging.getLogger("adm_megatron")
 
 @dataclass(frozen=True)
 class Kernels:
-    """The implementation-specific parts of a block: parallel linears and the attention core."""
+    """The implementation-specific parts of a block: parallel linears, the attention core and the
+    feed-forward module (with its submodules dataclass)."""
 
     column_linear: type
     row_linear: type
     core_attention: type
+    mlp: type = MLP
+    mlp_submodules: type = MLPSubmodules
 
 
 def _mlp_spec(kernels: Kernels) -> ModuleSpec:
     return ModuleSpec(
-        module=MLP,
-        submodules=MLPSubmodules(linear_fc1=kernels.column_linear, linear_fc2=kernels.row_linear),
+        module=kernels.mlp,
+        submodules=kernels.mlp_submodules(linear_fc1=kernels.column_linear, linear_fc2=kernels.row_linear),
     )
 
 
@@ -94,8 +98,9 @@ def sd3_layer_spec(kernels: Kernels, qk_norm: bool) -> ModuleSpec:
 
 
 def local_kernels() -> Kernels:
-    """megatron-core's own parallel linears and torch SDPA: runs anywhere, CPU included."""
-    return Kernels(ColumnParallelLinear, RowParallelLinear, SDPACoreAttention)
+    """megatron-core's own parallel linears (as ``F.linear`` where a call communicates nothing, see
+    ``models.linears``), the bias-in-GEMM ``FeedForward`` and torch SDPA: runs anywhere, CPU included."""
+    return Kernels(ColumnParallelLinear, RowParallelLinear, SDPACoreAttention, FeedForward, FeedForwardSubmodules)
 
 
 def te_kernels() -> Kernels:

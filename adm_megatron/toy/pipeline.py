@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from adm_megatron.data.tiny_pipeline import COGVIDEOX_2B_SCHEDULER
+from adm_megatron.families.cogvideox_presets import COGVIDEOX_2B_SCHEDULER
 from adm_megatron.toy.data import FRAMES, HEIGHT, WIDTH
 
 TEXT_LEN, TEXT_DIM = 4, 32

@@ -1,5 +1,5 @@
-"""What a finished run hands over: the generator as a diffusers ``CogVideoXTransformer3DModel``
-directory, and sample videos rendered from it through the real ``CogVideoXPipeline``."""
+"""What a finished run hands over: the generator as a diffusers directory of its family's
+transformer class, and samples rendered from it through the family's real diffusers pipeline."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import torch
 
 from adm_megatron.convert.checkpoint import export_diffusers
+from adm_megatron.families import PromptEmbeddings
 
 
 def export_generator(generator: torch.nn.Module, arch, out_dir: str) -> str:
@@ -16,9 +17,8 @@ def export_generator(generator: torch.nn.Module, arch, out_dir: str) -> str:
 
 
 def render_run_samples(trainer, generator_dir: str) -> list[str]:
-    """Rank 0: ``train.num_samples`` videos of the first prompts with the generator's N steps."""
+    """Rank 0: ``train.num_samples`` samples of the first prompts with the generator's N steps."""
     from adm_megatron.parallel import parallel_info
-    from adm_megatron.train.samples import render_samples
 
     if parallel_info().rank != 0:
         return []
@@ -27,8 +27,8 @@ def render_run_samples(trainer, generator_dir: str) -> list[str]:
     indices = torch.arange(count)
     text = trainer.text_source.get(indices)
     negative = trainer.text_source.negative().unsqueeze(0).expand_as(text).clone()
-    return render_samples(
-        trainer.teacher_source.pipeline_dir, generator_dir, text, negative,
-        num_inference_steps=config.distill.generator_steps,
-        out_dir=os.path.join(config.output_dir, "samples"), fmt="gif", seed=config.seed,
+    return trainer.family.render_samples(
+        trainer.teacher_source.pipeline_dir, generator_dir, PromptEmbeddings(text=text, negative=negative),
+        config.distill.generator_steps,
+        os.path.join(config.output_dir, "samples"), fmt="gif", seed=config.seed,
     )

@@ -1,10 +1,12 @@
 """Where the teacher comes from, and what it implies for the run.
 
-``model.teacher`` may be a diffusers ``CogVideoXTransformer3DModel`` directory, a whole
-``CogVideoXPipeline`` directory (its ``transformer/`` is the teacher, its ``scheduler/`` the noise
-schedule, its VAE and text encoder render the samples) or a megatron checkpoint written by
-``tools/convert_checkpoint.py``. The architecture (latent channels, text width and length, blocks)
-is read from the teacher's own config, so one run config serves any CogVideoX teacher.
+``model.teacher`` may be a diffusers transformer directory, a whole diffusers pipeline directory
+(its ``transformer/`` is the teacher, its ``scheduler/`` the noise schedule, its VAE and text
+encoder render the samples) or a megatron checkpoint written by ``tools/convert_checkpoint.py``.
+The model family comes from the registry (``adm_megatron.families``), by the transformer's
+``config.json`` ``_class_name`` or the checkpoint's recorded family; the architecture (latent
+channels, text width and length, blocks) is read from the teacher's own config, so one run config
+serves any teacher of a family.
 """
 
 from __future__ import annotations
@@ -15,11 +17,8 @@ from dataclasses import dataclass
 
 from adm_megatron.config import ConfigError
 from adm_megatron.diffusion.schedules import NoiseSchedule, schedule_from_diffusers_config
-from adm_megatron.models import CogVideoXArch, build_model
-from adm_megatron.models.build import load_hf_weights
+from adm_megatron.families import ModelFamily, family_for_diffusers_class, known_diffusers_classes
 from adm_megatron.models.weights import load_full_state_dict
-
-_TRANSFORMER = "CogVideoXTransformer3DModel"
 
 
 def _read_json(path: str) -> dict:
@@ -32,7 +31,8 @@ class TeacherSource:
     kind: str  # 'diffusers' | 'megatron'
     path: str  # the transformer directory or the megatron checkpoint
     pipeline_dir: str  # '' when there is no pipeline (no samples can be rendered)
-    arch: CogVideoXArch
+    arch: object  # the family's architecture
+    family: ModelFamily
 
     def schedule(self, key: str = "model.teacher") -> NoiseSchedule:
         """The noise schedule of the teacher's pipeline (``scheduler/scheduler_config.json``)."""
@@ -40,33 +40,41 @@ class TeacherSource:
         if not self.pipeline_dir or not os.path.isfile(path):
             raise ConfigError(
                 f"{key}: no scheduler config found (expected {path or 'a pipeline directory'}; "
-                "set model.pipeline to a CogVideoXPipeline directory)"
+                f"set model.pipeline to a {' or '.join(self.family.pipeline_classes)} directory)"
             )
+        config = _read_json(path)
+        name = config.get("_class_name")
+        if name not in self.family.schedulers:
+            raise ConfigError(f"{path}: scheduler {name!r} is not one the {self.family.name} family samples "
+                              f"with (expected {', '.join(self.family.schedulers)})")
         try:
-            return schedule_from_diffusers_config(_read_json(path))
+            return schedule_from_diffusers_config(config)
         except ValueError as err:
             raise ConfigError(f"{path}: {err}") from None
 
-
     def build_models(self, count: int, **kwargs) -> list:
-        """``count`` megatron CogVideoX copies of the teacher for the current parallel layout
-        (``kwargs`` as ``models.build_model``); diffusers weights are read from disk once."""
+        """``count`` megatron copies of the teacher for the current parallel layout (``kwargs`` as
+        the family's ``build_model``); diffusers weights are read from disk once."""
         if self.kind == "megatron":
             from adm_megatron.convert.checkpoint import load_megatron_checkpoint
 
             return [load_megatron_checkpoint(self.path, **kwargs) for _ in range(count)]
-        weights = load_hf_weights(self.path, self.arch)
+        weights = self.family.load_hf_weights(self.path, self.arch)
         models = []
         for _ in range(count):
-            model = build_model(self.arch, **kwargs)
+            model = self.family.build_model(self.arch, **kwargs)
             load_full_state_dict(model, weights, source=self.path)
             models.append(model)
         return models
 
 
-def _is_transformer_dir(path: str) -> bool:
+def _transformer_family(path: str) -> ModelFamily | None:
+    """The family of a diffusers transformer directory; None when there is no config.json; a
+    one-line ValueError for a class no family reads."""
     config = os.path.join(path, "config.json")
-    return os.path.isfile(config) and _read_json(config).get("_class_name") == _TRANSFORMER
+    if not os.path.isfile(config):
+        return None
+    return family_for_diffusers_class(_read_json(config).get("_class_name"), config)
 
 
 def _is_pipeline_dir(path: str) -> bool:
@@ -74,8 +82,8 @@ def _is_pipeline_dir(path: str) -> bool:
 
 
 def resolve_teacher(teacher: str, pipeline: str = "") -> TeacherSource:
-    """One-line ConfigError when the path is none of the three kinds."""
-    from adm_megatron.convert.checkpoint import is_megatron_checkpoint, read_checkpoint_arch
+    """One-line ConfigError when the path is none of the three kinds or its class is unknown."""
+    from adm_megatron.convert.checkpoint import is_megatron_checkpoint, read_checkpoint_family
 
     if not os.path.isdir(teacher):
         raise ConfigError(f"model.teacher={teacher!r}: directory not found")
@@ -84,17 +92,21 @@ def resolve_teacher(teacher: str, pipeline: str = "") -> TeacherSource:
     try:
         if _is_pipeline_dir(teacher):
             transformer = os.path.join(teacher, "transformer")
-            if not _is_transformer_dir(transformer):
-                raise ConfigError(f"model.teacher={teacher!r}: pipeline has no {_TRANSFORMER} in transformer/")
+            family = _transformer_family(transformer)
+            if family is None:
+                raise ValueError(f"pipeline has no diffusers transformer in transformer/ "
+                                 f"(known: {', '.join(known_diffusers_classes())})")
             return TeacherSource("diffusers", transformer, pipeline or teacher,
-                                 CogVideoXArch.from_pretrained_dir(transformer))
-        if _is_transformer_dir(teacher):
-            return TeacherSource("diffusers", teacher, pipeline, CogVideoXArch.from_pretrained_dir(teacher))
+                                 family.arch_from_pretrained_dir(transformer), family)
+        family = _transformer_family(teacher)
+        if family is not None:
+            return TeacherSource("diffusers", teacher, pipeline, family.arch_from_pretrained_dir(teacher), family)
         if is_megatron_checkpoint(teacher):
-            return TeacherSource("megatron", teacher, pipeline, read_checkpoint_arch(teacher))
+            family, arch = read_checkpoint_family(teacher)
+            return TeacherSource("megatron", teacher, pipeline, arch, family)
     except ValueError as err:
         raise ConfigError(f"model.teacher={teacher!r}: {err}") from None
     raise ConfigError(
-        f"model.teacher={teacher!r}: expected a diffusers {_TRANSFORMER} or CogVideoXPipeline "
-        "directory, or a megatron checkpoint from tools/convert_checkpoint.py"
+        f"model.teacher={teacher!r}: expected a diffusers transformer ({', '.join(known_diffusers_classes())}) "
+        "or pipeline directory, or a megatron checkpoint from tools/convert_checkpoint.py"
     )

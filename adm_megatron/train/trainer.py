@@ -11,8 +11,9 @@ noises (z and ẑ of Algorithm 1) come from separate streams. The discriminator'
 watched (``DiscriminatorMonitor``) and a dead discriminator is reported while the run goes on.
 
 Outputs: ``metrics.jsonl``, wandb files, ``config.yaml``, checkpoints, and at the end the generator
-as a diffusers directory (``generator/``) and sample videos (``samples/``) rendered through the
-real ``CogVideoXPipeline`` when the teacher came with a pipeline.
+as a diffusers directory (``generator/``) and samples (``samples/``) rendered through the model
+family's real diffusers pipeline when the teacher came with a pipeline. The backbone is the
+teacher's model family (``adm_megatron.families``); nothing here depends on which one.
 
 A run goes on from its latest checkpoint when started again (``train.resume``, see
 ``adm_megatron.train.resume``), stops cleanly on SIGTERM / SIGUSR1 after saving
@@ -40,9 +41,7 @@ from adm_megatron.algorithms.randomness import BatchRandom
 from adm_megatron.config import Config, config_to_dict, network_updates
 from adm_megatron.heads import MultiHeadDiscriminator
 from adm_megatron.models import tapped_block_indices
-from adm_megatron.models.rotary import cogvideox_rotary_emb
 from adm_megatron.parallel import initialize_parallel, launch_env
-from adm_megatron.models.build import load_hf_weights
 from adm_megatron.models.weights import load_full_state_dict
 from adm_megatron.train.checkpoint import load_training_checkpoint, remove_leftovers, save_training_checkpoint
 from adm_megatron.train.discriminator_monitor import DiscriminatorMonitor
@@ -109,6 +108,7 @@ class Trainer:
         # parameters stay fp32 under BF16 autocast; fp64 makes layout comparisons exact
         self.dtype = torch.float64 if config.model.dtype == "fp64" else torch.float32
         self.arch = self.teacher_source.arch
+        self.family = self.teacher_source.family
         self._build_networks()
         self.algorithm = build_algorithm(config, self.networks, self.schedule)
         self._build_data()
@@ -138,7 +138,7 @@ class Trainer:
         )
         teacher.eval().requires_grad_(False)
         if m.generator_init:  # e.g. a two-stage run: start G from an earlier run's exported generator
-            load_full_state_dict(self.generator, load_hf_weights(m.generator_init, self.arch),
+            load_full_state_dict(self.generator, self.family.load_hf_weights(m.generator_init, self.arch),
                                  source=m.generator_init)
             logger.info("generator initialised from %s", m.generator_init)
         fake = self.fake_score
@@ -152,7 +152,7 @@ class Trainer:
                 torch.manual_seed(_seed(c.seed, "discriminator heads"))
                 self.heads = MultiHeadDiscriminator(
                     num_heads=len(tapped_block_indices(self.arch.num_layers, c.distill.head_every)),
-                    in_channels=self.arch.hidden_size, kind="3d",
+                    in_channels=self.arch.hidden_size, kind=self.family.head_kind,
                     hidden_channels=c.distill.head_hidden, num_blocks=c.distill.head_blocks,
                 ).to(self.device, self.dtype)
             heads = SingleStage(self.heads, copy.copy(fake.config))  # a config of its own: hooks are per network
@@ -167,7 +167,7 @@ class Trainer:
             self.trainable, nan_policy=c.train.nan_policy, max_skipped_steps=c.train.max_skipped_steps
         )
         d = c.data
-        rotary = cogvideox_rotary_emb(self.arch, d.frames, d.height, d.width, device=self.device)
+        rotary = self.family.positional_inputs(self.arch, d.frames, d.height, d.width, device=self.device)
         self.networks = Networks(
             teacher=DiTFunction(teacher, rotary),
             fake_score=DiTFunction(wrapped["fake_score"], rotary),
@@ -180,8 +180,9 @@ class Trainer:
         from adm_megatron.data import PromptSampler, open_text_source
 
         d = self.config.data
-        self.text_source = open_text_source(d.source, d.path, d.num_prompts, self.arch.max_text_seq_length,
-                                            self.arch.text_embed_dim, self.config.seed)
+        text = self.family.conditioning(self.arch)
+        self.text_source = open_text_source(d.source, d.path, d.num_prompts, text.text_length, text.text_width,
+                                            self.config.seed)
         self.sampler = PromptSampler(
             self.text_source, d.batch_size, seed=self.config.seed,
             dp_rank=self.info.dp_rank, dp_size=self.info.dp_size,
@@ -207,7 +208,7 @@ class Trainer:
         real samples."""
         text, negative = self.sampler.batch(iteration)
         d = self.config.data
-        shape = (d.batch_size, d.frames, self.arch.in_channels, d.height, d.width)
+        shape = (d.batch_size, *self.family.latent_shape(self.arch, d.frames, d.height, d.width))
         template = torch.empty(shape, dtype=self.dtype)
         to = dict(device=self.device, dtype=self.dtype)
         real = None

@@ -21,7 +21,6 @@ from adm_megatron.train.teacher import TeacherSource
 def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> None:
     arch = teacher.arch
     tp, cp = config.parallel.tensor_parallel, config.parallel.context_parallel
-    data = config.data
     if world_size % (tp * cp):
         raise ConfigError(
             f"parallel: world size {world_size} is not divisible by tensor_parallel x "
@@ -32,21 +31,11 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
             f"parallel.tensor_parallel={tp}: the teacher's {arch.num_attention_heads} attention "
             "heads are not divisible by it"
         )
-    p = arch.patch_size
-    if data.height % p or data.width % p:
-        raise ConfigError(f"data.height/width={data.height}x{data.width}: not divisible by patch size {p}")
-    video_tokens = data.frames * (data.height // p) * (data.width // p)
-    if video_tokens % cp:
+    teacher.family.check_run(arch, config)
+    if teacher.family.conditioning(arch).pooled_width is not None:
         raise ConfigError(
-            f"parallel.context_parallel={cp}: {video_tokens} video tokens (data.frames x h/{p} x "
-            f"w/{p}) are not divisible by it"
-        )
-    per_rank = arch.max_text_seq_length + video_tokens // cp
-    if config.model.sequence_parallel and tp > 1 and per_rank % tp:
-        raise ConfigError(
-            f"model.sequence_parallel: {per_rank} tokens per context-parallel rank (text "
-            f"{arch.max_text_seq_length} + video {video_tokens // cp}) are not divisible by "
-            f"tensor_parallel={tp}"
+            f"model.teacher={config.model.teacher!r}: the {teacher.family.name} family takes a pooled text "
+            f"embedding, which no data.source provides yet"
         )
     if config.distill.head_every > arch.num_layers:
         raise ConfigError(
@@ -65,7 +54,7 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
                 f"VAE ({vae} not found) to render samples; set train.num_samples=0 or model.pipeline"
             )
     if config.model.generator_init:
-        _check_generator_init(config.model.generator_init, arch)
+        _check_generator_init(config.model.generator_init, teacher)
     if config.model.impl == "te" and not transformer_engine_available():
         raise ConfigError("model.impl=te: Transformer Engine with CUDA is not available here; use auto or local")
     if config.model.dtype == "bf16" and not torch.cuda.is_available():
@@ -77,18 +66,19 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
             shards = TextEmbeddingShards(config.data.path)
         except (OSError, ValueError) as err:
             raise ConfigError(f"data.path={config.data.path!r}: {err}") from None
-        if (shards.seq_len, shards.dim) != (arch.max_text_seq_length, arch.text_embed_dim):
+        text = teacher.family.conditioning(arch)
+        if (shards.seq_len, shards.dim) != (text.text_length, text.text_width):
             raise ConfigError(
                 f"data.path={config.data.path!r}: embeddings are {shards.seq_len} x {shards.dim}, "
-                f"the teacher takes {arch.max_text_seq_length} x {arch.text_embed_dim}"
+                f"the teacher takes {text.text_length} x {text.text_width}"
             )
 
 
     if config.data.real_path:
-        _check_real_samples(config, arch)
+        _check_real_samples(config, teacher)
 
 
-def _check_real_samples(config: Config, arch) -> None:
+def _check_real_samples(config: Config, teacher: TeacherSource) -> None:
     """``data.real_path`` must be a finished ODE-pair directory with the run's latent shape."""
     from adm_megatron.data.ode_pairs import OdePairs
 
@@ -97,23 +87,24 @@ def _check_real_samples(config: Config, arch) -> None:
         pairs = OdePairs(d.real_path)
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"data.real_path={d.real_path!r}: {err}") from None
-    expected = (d.frames, arch.in_channels, d.height, d.width)
+    expected = teacher.family.latent_shape(teacher.arch, d.frames, d.height, d.width)
     if pairs.latent_shape != expected:
+        dims = "data.frames, channels, data.height, data.width" if len(expected) == 4 else \
+            "channels, data.height, data.width"
         raise ConfigError(f"data.real_path={d.real_path!r}: latents are {list(pairs.latent_shape)}, the run "
-                          f"samples {list(expected)} (data.frames, channels, data.height, data.width)")
+                          f"samples {list(expected)} ({dims})")
 
 
-def _check_generator_init(path: str, arch) -> None:
-    """``model.generator_init`` must be a diffusers CogVideoX transformer of the teacher's shape."""
-    from adm_megatron.models import CogVideoXArch
-
+def _check_generator_init(path: str, teacher: TeacherSource) -> None:
+    """``model.generator_init`` must be a diffusers transformer of the teacher's family and shape."""
+    arch, family = teacher.arch, teacher.family
     key = f"model.generator_init={path!r}"
     if not os.path.isdir(path):
         raise ConfigError(f"{key}: directory not found")
     try:
-        found = CogVideoXArch.from_pretrained_dir(path)
+        found = family.arch_from_pretrained_dir(path)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{key}: not a diffusers CogVideoX transformer directory ({err})") from None
+        raise ConfigError(f"{key}: not a diffusers {' / '.join(family.diffusers_classes)} directory ({err})") from None
     try:
         check_diffusers_weights(path)
     except (OSError, ValueError) as err:

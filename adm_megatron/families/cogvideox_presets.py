@@ -1,5 +1,4 @@
-"""Real-size diffusers configs of the CogVideoX and SD3 / SD3.5 transformers (as published with the
-checkpoints: each repository's ``transformer/config.json``).
+"""Real-size diffusers configs of the CogVideoX transformers (as published with the checkpoints).
 
 Used to build full-size models on the ``meta`` device (shapes, parameter counts, memory plans) and
 to check the example configs, since no weights can be downloaded in tests.
@@ -19,20 +18,8 @@ COGVIDEOX_5B = dict(
     COGVIDEOX_2B, num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True
 )
 PRESETS = {"cogvideox-2b": COGVIDEOX_2B, "cogvideox-5b": COGVIDEOX_5B}
-
-# stabilityai/stable-diffusion-3-medium-diffusers
-SD3_MEDIUM = dict(
-    _class_name="SD3Transformer2DModel",
-    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
+COGVIDEOX_2B_SCHEDULER = dict(  # CogVideoX-2b's scheduler/scheduler_config.json (CogVideoXDDIMScheduler)
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=3.0,
+    timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False, steps_offset=0,
 )
-# stabilityai/stable-diffusion-3.5-large
-SD35_LARGE = dict(
-    SD3_MEDIUM, num_layers=38, num_attention_heads=38, caption_projection_dim=2432, qk_norm="rms_norm"
-)
-# stabilityai/stable-diffusion-3.5-medium (MMDiT-X: dual attention in the first 13 blocks)
-SD35_MEDIUM = dict(
-    SD3_MEDIUM, pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=list(range(13))
-)
-SD3_PRESETS = {"sd3-medium": SD3_MEDIUM, "sd3.5-large": SD35_LARGE, "sd3.5-medium": SD35_MEDIUM}

@@ -13,12 +13,13 @@ latent video sizes from the component configs without loading weights.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
 import numpy as np
 import torch
+
+from adm_megatron.models.pipeline_files import component_config, read_config
 
 FORMATS = ("gif", "mp4", "png")
 
@@ -37,23 +38,11 @@ class VideoShape:
     latent_width: int
 
 
-def _config(directory: str, name: str, what: str) -> dict:
-    path = os.path.join(directory, name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found ({what})")
-    with open(path) as f:
-        return json.load(f)
-
-
-def _component(pipeline_dir: str, name: str, config: str = "config.json") -> dict:
-    return _config(os.path.join(pipeline_dir, name), config, f"pipeline component {name!r}")
-
-
 def video_shape(pipeline_dir: str, transformer_dir: str | None = None) -> VideoShape:
     """The pipeline's default video size, as ``CogVideoXPipeline.__call__`` derives it."""
-    transformer = (_config(transformer_dir, "config.json", "transformer") if transformer_dir
-                   else _component(pipeline_dir, "transformer"))
-    vae = _component(pipeline_dir, "vae")
+    transformer = (read_config(transformer_dir, "config.json", "transformer") if transformer_dir
+                   else component_config(pipeline_dir, "transformer"))
+    vae = component_config(pipeline_dir, "vae")
     spatial = 2 ** (len(vae["block_out_channels"]) - 1)
     frames = transformer["sample_frames"]
     return VideoShape(
@@ -72,16 +61,16 @@ def _load_pipeline(pipeline_dir: str, transformer_dir: str | None, dtype: torch.
 
     from adm_megatron.diffusion import VPVPredSchedule
 
-    _config(pipeline_dir, "model_index.json", "pipeline index")
-    _component(pipeline_dir, "vae")
-    scheduler_config = _component(pipeline_dir, "scheduler", "scheduler_config.json")
+    read_config(pipeline_dir, "model_index.json", "pipeline index")
+    component_config(pipeline_dir, "vae")
+    scheduler_config = component_config(pipeline_dir, "scheduler", "scheduler_config.json")
     try:  # the generator's PF-ODE schedule, or a one-line error
         VPVPredSchedule.from_diffusers_config(scheduler_config)
     except ValueError as err:
         raise ValueError(f"{os.path.join(pipeline_dir, 'scheduler', 'scheduler_config.json')}: {err}") from None
     if transformer_dir is None:
         transformer_dir = os.path.join(pipeline_dir, "transformer")
-    _config(transformer_dir, "config.json", "transformer")
+    read_config(transformer_dir, "config.json", "transformer")
     transformer = CogVideoXTransformer3DModel.from_pretrained(transformer_dir, dtype=dtype)
     pipeline = CogVideoXPipeline.from_pretrained(
         pipeline_dir, transformer=transformer, text_encoder=None, tokenizer=None, dtype=dtype)

@@ -1,0 +1,125 @@
+"""CogVideoX 1.0 (2b: sin-cos positions, 5b: 3D RoPE) on the model-family interface.
+
+Everything here is glue over the existing modules: the architecture (``models/cogvideox_config``),
+the megatron model (``models/build``), the key mapping (``convert/cogvideox_mapping``), the RoPE
+the pipeline builds (``models/rotary``), rendering through ``CogVideoXPipeline``
+(``models/cogvideox_samples``) and T5 prompt encoding (``data/encode``). Model code is imported
+inside the functions, so registering the family costs nothing.
+"""
+
+from __future__ import annotations
+
+from adm_megatron.families.cogvideox_presets import COGVIDEOX_2B_SCHEDULER, PRESETS
+from adm_megatron.families.registry import Conditioning, ModelFamily, PromptEmbeddings, register_family
+
+DIFFUSERS_CLASS = "CogVideoXTransformer3DModel"
+PIPELINE_CLASS = "CogVideoXPipeline"
+
+
+def _arch_from_diffusers_config(config: dict, source: str = "config"):
+    from adm_megatron.models.cogvideox_config import CogVideoXArch
+
+    return CogVideoXArch.from_diffusers_config(config, source=source)
+
+
+def _arch_to_diffusers_config(arch) -> dict:
+    return {"_class_name": DIFFUSERS_CLASS, **arch.to_diffusers_config()}
+
+
+def _build_model(arch, **kwargs):
+    from adm_megatron.models.build import build_model
+
+    return build_model(arch, **kwargs)
+
+
+def _hf_to_megatron(state: dict, arch) -> dict:
+    from adm_megatron.convert.cogvideox_mapping import hf_to_megatron
+
+    return hf_to_megatron(state, arch.num_attention_heads)
+
+
+def _megatron_to_hf(state: dict, arch) -> dict:
+    from adm_megatron.convert.cogvideox_mapping import megatron_to_hf
+
+    return megatron_to_hf(state, arch.num_attention_heads)
+
+
+def _diffusers_model_class() -> type:
+    from diffusers import CogVideoXTransformer3DModel
+
+    return CogVideoXTransformer3DModel
+
+
+def _positional_inputs(arch, frames: int, latent_height: int, latent_width: int, device=None):
+    from adm_megatron.models.rotary import cogvideox_rotary_emb
+
+    return cogvideox_rotary_emb(arch, frames, latent_height, latent_width, device=device)
+
+
+def _conditioning(arch) -> Conditioning:
+    return Conditioning(text_length=arch.max_text_seq_length, text_width=arch.text_embed_dim)
+
+
+def _check_run(arch, config) -> None:
+    """Joint [text; video] tokens: the latent size must patch, and CP / SP must split the tokens."""
+    from adm_megatron.config import ConfigError
+
+    tp, cp = config.parallel.tensor_parallel, config.parallel.context_parallel
+    data = config.data
+    p = arch.patch_size
+    if data.height % p or data.width % p:
+        raise ConfigError(f"data.height/width={data.height}x{data.width}: not divisible by patch size {p}")
+    video_tokens = data.frames * (data.height // p) * (data.width // p)
+    if video_tokens % cp:
+        raise ConfigError(
+            f"parallel.context_parallel={cp}: {video_tokens} video tokens (data.frames x h/{p} x "
+            f"w/{p}) are not divisible by it"
+        )
+    per_rank = arch.max_text_seq_length + video_tokens // cp
+    if config.model.sequence_parallel and tp > 1 and per_rank % tp:
+        raise ConfigError(
+            f"model.sequence_parallel: {per_rank} tokens per context-parallel rank (text "
+            f"{arch.max_text_seq_length} + video {video_tokens // cp}) are not divisible by "
+            f"tensor_parallel={tp}"
+        )
+
+
+def _render_samples(pipeline_dir, transformer_dir, prompts: PromptEmbeddings, num_inference_steps, out_dir,
+                    **options) -> list:
+    from adm_megatron.models.cogvideox_samples import render_samples
+
+    return render_samples(pipeline_dir, transformer_dir, prompts.text, prompts.negative, num_inference_steps,
+                          out_dir, **options)
+
+
+def _encode_prompts(pipeline_dir: str, prompts: list, arch, device) -> PromptEmbeddings:
+    """The pipeline's T5 on the prompts and on the empty negative prompt."""
+    from adm_megatron.data.encode import encode_prompts, load_t5
+
+    text_encoder, tokenizer = load_t5(pipeline_dir, device=device)
+    embeds = encode_prompts(text_encoder, tokenizer, [*prompts, ""], max_length=arch.max_text_seq_length)
+    return PromptEmbeddings(text=embeds[:-1], negative=embeds[-1])
+
+
+COGVIDEOX = register_family(ModelFamily(
+    name="cogvideox",
+    diffusers_classes=(DIFFUSERS_CLASS,),
+    pipeline_classes=(PIPELINE_CLASS,),
+    schedulers=("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"),
+    reference_scheduler={"_class_name": "CogVideoXDDIMScheduler", **COGVIDEOX_2B_SCHEDULER},
+    latent_layout="video",
+    head_kind="3d",
+    arch_from_diffusers_config=_arch_from_diffusers_config,
+    arch_to_diffusers_config=_arch_to_diffusers_config,
+    build_model=_build_model,
+    hf_to_megatron=_hf_to_megatron,
+    megatron_to_hf=_megatron_to_hf,
+    diffusers_model_class=_diffusers_model_class,
+    positional_inputs=_positional_inputs,
+    conditioning=_conditioning,
+    check_run=_check_run,
+    render_samples=_render_samples,
+    encode_prompts=_encode_prompts,
+    presets=PRESETS,
+    tools=frozenset({"bench", "memory-plan"}),
+))
