@@ -11,7 +11,8 @@ import torch
 from megatron.core.tensor_parallel import layers as megatron_layers
 
 from adm_megatron.models import linears
-from adm_megatron.models.cogvideox_config import CogVideoXArch, make_transformer_config
+from adm_megatron.models.cogvideox_config import CogVideoXArch
+from adm_megatron.models.dit_config import make_transformer_config
 
 TINY = dict(_class_name="CogVideoXTransformer3DModel", num_attention_heads=2, attention_head_dim=8, in_channels=4,
             out_channels=4, time_embed_dim=8, text_embed_dim=16, num_layers=1, sample_width=8,

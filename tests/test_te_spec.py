@@ -1,23 +1,28 @@
-"""The Transformer Engine spec of the CogVideoX block and how ``select_spec`` chooses it.
+"""The Transformer Engine spec of the CogVideoX and SD3 blocks and how ``select_spec`` /
+``select_sd3_spec`` choose it.
 
 Everywhere: ``select_spec('te')`` without TE is a one-line ValueError (also through ``build_model``),
 'auto' is the local spec without CUDA, an unknown implementation is named in the error.
 
 Where Transformer Engine imports (a CUDA machine with TE; never here or in CI, which have no GPU):
 the TE spec's model equals the local spec's model built from the same diffusers directory, in fp32
-and in bf16 (outputs and input gradients), for the 2b-style (sin-cos) and 5b-style (RoPE) variants.
+and in bf16 (outputs and input gradients), for the 2b-style (sin-cos) and 5b-style (RoPE) variants,
+and in fp32 for the SD3.5-style MMDiT.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-from adm_megatron.models import CogVideoXArch, build_model, build_model_from_hf
-from adm_megatron.models import specs
+import tiny_sd3
+from adm_megatron.models import CogVideoXArch, SD3Arch, build_model, build_model_from_hf, build_sd3_model
+from adm_megatron.models import build_sd3_model_from_hf, specs
 from adm_megatron.models.cogvideox_layer import CogVideoXLayer
 from adm_megatron.models.core_attention import SDPACoreAttention
+from adm_megatron.models.linears import ColumnParallelLinear, RowParallelLinear
+from adm_megatron.models.norms import RMSNorm
+from adm_megatron.models.sd3_layer import SD3Layer
 from adm_megatron.precision import fp32_highest
 from tiny_cogvideox import TINY_2B, make_inputs, rel_err, save_diffusers_model
 
@@ -102,6 +107,40 @@ def test_build_model_with_te_unavailable_fails_before_building(world_of_one, mon
         build_model(arch, impl="bogus")
 
 
+def _sd3_parts(spec):
+    attention = spec.submodules.attention.submodules
+    mlp = spec.submodules.mlp.submodules
+    return {
+        "layer": spec.module,
+        "linear_qkv": attention.linear_qkv,
+        "linear_added_qkv": attention.linear_added_qkv,
+        "linear_proj": attention.linear_proj,
+        "linear_added_proj": attention.linear_added_proj,
+        "core_attention": attention.core_attention,
+        "linear_fc1": mlp.linear_fc1,
+        "linear_fc2": mlp.linear_fc2,
+        "qk_norms": {attention.q_layernorm, attention.k_layernorm, attention.added_q_layernorm,
+                     attention.added_k_layernorm},
+    }
+
+
+def test_sd3_local_spec_with_and_without_qk_norm():
+    parts = _sd3_parts(specs.select_sd3_spec("local", qk_norm=True))
+    assert parts.pop("qk_norms") == {RMSNorm}
+    assert parts == {
+        **LOCAL_PARTS, "layer": SD3Layer, "linear_added_qkv": ColumnParallelLinear,
+        "linear_added_proj": RowParallelLinear,
+    }
+    assert _sd3_parts(specs.select_sd3_spec("local", qk_norm=False))["qk_norms"] == {None}
+
+
+def test_build_sd3_with_te_unavailable_fails_before_building(world_of_one, monkeypatch):
+    monkeypatch.setattr(specs, "transformer_engine_available", lambda: False)
+    arch = SD3Arch.from_diffusers_config(tiny_sd3.TINY_SD35)
+    with pytest.raises(ValueError, match="'te': Transformer Engine with CUDA is not available here"):
+        build_sd3_model(arch, impl="te")
+
+
 # ------------------------------------------------------------------------------------------------
 # Where Transformer Engine imports (CUDA)
 
@@ -166,3 +205,23 @@ def test_te_in_bf16_is_as_close_to_fp32_as_local_bf16(world_of_one, hf_dirs, var
         te_err = rel_err(te[name], reference[name])
         assert torch.isfinite(te[name]).all(), (variant, name)
         assert te_err <= 1.5 * local_err + 1e-2 and te_err <= 8e-2, (variant, name, te_err, local_err)
+
+
+@needs_te
+def test_sd3_te_equals_local_in_fp32(world_of_one, tmp_path):
+    device = world_of_one.device
+    hf_dir = tiny_sd3.save_diffusers_model("sd35", str(tmp_path))
+    results = []
+    with fp32_highest():
+        for impl in ("local", "te"):
+            model = build_sd3_model_from_hf(hf_dir, impl=impl)
+            latents, text, pooled, timestep, weight = (
+                t.to(device) for t in tiny_sd3.make_inputs(model.arch, 2, 8, 12)
+            )
+            latents.requires_grad_(True)
+            out = model(latents, text, pooled, timestep).sample
+            (out * weight).sum().backward()
+            results.append({"out": out.detach(), "d_latents": latents.grad})
+    local, te = results
+    for name in local:
+        assert rel_err(te[name], local[name]) <= 2e-3, (name, rel_err(te[name], local[name]))

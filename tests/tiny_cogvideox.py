@@ -18,24 +18,33 @@ TINY_5B = dict(TINY_2B, attention_head_dim=16, use_rotary_positional_embeddings=
 VARIANTS = {"2b": TINY_2B, "5b": TINY_5B}
 
 
-def make_diffusers_model(variant: str, seed: int = 0, **overrides):
-    """A tiny diffusers CogVideoX with every weight perturbed (zero-initialised gates and
-    projections would otherwise hide mapping mistakes)."""
-    from diffusers import CogVideoXTransformer3DModel
-
+def perturbed_model(model_cls, config: dict, seed: int):
+    """A tiny diffusers model with every weight perturbed (zero-initialised gates and projections
+    and unit norms would otherwise hide mapping mistakes)."""
     torch.manual_seed(seed)
-    model = CogVideoXTransformer3DModel(**{**VARIANTS[variant], **overrides})
+    model = model_cls(**config)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.05 * torch.randn_like(param))
     return model
 
 
-def save_diffusers_model(variant: str, directory: str, seed: int = 0, **overrides) -> str:
-    path = os.path.join(directory, f"tiny-{variant}-{seed}")
+def make_diffusers_model(variant: str, seed: int = 0, **overrides):
+    from diffusers import CogVideoXTransformer3DModel
+
+    return perturbed_model(CogVideoXTransformer3DModel, {**VARIANTS[variant], **overrides}, seed)
+
+
+def saved_once(make, name: str, directory: str) -> str:
+    """``directory/name``, written by ``make().save_pretrained`` unless it exists."""
+    path = os.path.join(directory, name)
     if not os.path.isdir(path):
-        make_diffusers_model(variant, seed, **overrides).save_pretrained(path)
+        make().save_pretrained(path)
     return path
+
+
+def save_diffusers_model(variant: str, directory: str, seed: int = 0, **overrides) -> str:
+    return saved_once(lambda: make_diffusers_model(variant, seed, **overrides), f"tiny-{variant}-{seed}", directory)
 
 
 def make_inputs(model_config, batch: int, frames: int, height: int, width: int, seed: int = 1):

@@ -1,8 +1,14 @@
-"""Adaptive LayerNorm (adaLN) modulation of the CogVideoX blocks; megatron-core has no counterpart.
+"""Adaptive LayerNorm (adaLN) modulation of the DiT blocks; megatron-core has no counterpart.
 
-``AdaLNZero`` is diffusers' ``CogVideoXLayerNormZero``: one ``linear`` on ``silu(temb)`` gives six
-chunks (shift, scale, gate for video tokens; the same three for text tokens) and a shared
+CogVideoX: ``AdaLNZero`` is diffusers' ``CogVideoXLayerNormZero``: one ``linear`` on ``silu(temb)``
+gives six chunks (shift, scale, gate for video tokens; the same three for text tokens) and a shared
 ``norm``. ``AdaLNOut`` is diffusers' ``AdaLayerNorm`` used as ``norm_out`` (chunks shift, scale).
+
+SD3 (one modulation per stream): ``StreamAdaLNZero`` is diffusers' ``AdaLayerNormZero`` (chunks
+shift, scale, gate of the attention, then of the MLP); ``AdaLNContinuous`` is diffusers'
+``AdaLayerNormContinuous`` (chunks scale, shift), SD3's ``norm_out`` and the last block's
+``norm1_context``; with ``dual=True`` ``StreamAdaLNZero`` is ``SD35AdaLayerNormZeroX``.
+
 Names match the diffusers checkpoint keys.
 
 The modulation is computed from the timestep embedding, which every tensor-parallel rank holds
@@ -27,7 +33,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from adm_megatron.models.norms import LayerNorm
 
 
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [s, b, h] * (1 + scale[b, h]) + shift[b, h]."""
     return x * (1 + scale) + shift
 
@@ -68,7 +74,7 @@ class AdaLNZero(_Modulation):
     def forward(self, x: torch.Tensor, temb: torch.Tensor, n_text: int):
         """Returns the modulated normed tokens and a function adding ``gate * update`` to x."""
         shift, scale, gate, enc_shift, enc_scale, enc_gate = self.chunks(temb)
-        normed = _by_segment(self.norm(x), n_text, (enc_shift, enc_scale), (shift, scale), _modulate)
+        normed = _by_segment(self.norm(x), n_text, (enc_shift, enc_scale), (shift, scale), modulate)
 
         def gated_residual(residual: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
             return residual + _by_segment(update, n_text, (enc_gate,), (gate,), torch.mul)
@@ -79,10 +85,44 @@ class AdaLNZero(_Modulation):
 class AdaLNOut(_Modulation):
     """diffusers ``AdaLayerNorm`` (``norm_out``, chunk order shift, scale) on [s, b, h] tokens."""
 
-    def __init__(self, config: TransformerConfig, cond_dim: int, elementwise_affine: bool = True):
+    scale_first = False
+
+    def __init__(
+        self, config: TransformerConfig, cond_dim: int, elementwise_affine: bool = True,
+        eps: float | None = None,
+    ):
         super().__init__(config, cond_dim, num_chunks=2)
-        self.norm = LayerNorm(config, config.hidden_size, elementwise_affine=elementwise_affine)
+        self.norm = LayerNorm(config, config.hidden_size, eps=eps, elementwise_affine=elementwise_affine)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.chunks(temb)
-        return _modulate(self.norm(x), shift, scale)
+        first, second = self.chunks(temb)
+        shift, scale = (second, first) if self.scale_first else (first, second)
+        return modulate(self.norm(x), shift, scale)
+
+
+class AdaLNContinuous(AdaLNOut):
+    """diffusers ``AdaLayerNormContinuous`` (chunk order scale, shift) on [s, b, h] tokens."""
+
+    scale_first = True
+
+
+class StreamAdaLNZero(_Modulation):
+    """diffusers ``AdaLayerNormZero`` on one stream's [s, b, h] tokens (SD3 / MMDiT blocks), or with
+    ``dual=True`` ``SD35AdaLayerNormZeroX`` (three more chunks: shift, scale, gate of the second,
+    image-only attention of SD3.5-Medium's dual-attention blocks).
+
+    Returns the attention input (normed, shifted and scaled) and the attention gate, the MLP shift,
+    scale and gate, in diffusers' order; with ``dual`` also the second attention's input and gate."""
+
+    def __init__(self, config: TransformerConfig, cond_dim: int, eps: float | None = None, dual: bool = False):
+        super().__init__(config, cond_dim, num_chunks=9 if dual else 6)
+        self.norm = LayerNorm(config, config.hidden_size, eps=eps, elementwise_affine=False)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor):
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp, *second = self.chunks(temb)
+        normed = self.norm(x)
+        mlp = (gate, shift_mlp, scale_mlp, gate_mlp)
+        if not second:
+            return modulate(normed, shift, scale), mlp
+        shift2, scale2, gate2 = second
+        return modulate(normed, shift, scale), mlp, (modulate(normed, shift2, scale2), gate2)

@@ -16,6 +16,10 @@ context-parallel rank (as in NeMo's DiT), so this module owns those two steps:
   ``gather_from_sequence_parallel_region`` on the CP group; its backward reduce-scatters dK / dV),
   and the rank's queries attend to the whole sequence. Transformer Engine's ``cp_comm_type``
   cannot be used for this: it shards every token of q / k / v, including the replicated text.
+
+The builders of the fused QKV / output linears and per-head norms, ``project_qkv`` and the CP
+gathers are shared with SD3's two-stream attention (``sd3_attention``); ``JointSelfAttention`` with no
+text rows (``n_text=0``) is also SD3.5-Medium's image-only second attention (``attn2``).
 """
 
 from __future__ import annotations
@@ -47,13 +51,69 @@ def rotate_video_rows(x: torch.Tensor, n_text: int, rotary: tuple[torch.Tensor, 
     return torch.cat([x[:n_text], video], dim=0)
 
 
+def gather_over_cp(x: torch.Tensor) -> torch.Tensor:
+    """Each CP rank's slice of rows [s, ...] -> all rows [cp * s, ...]; backward reduce-scatters."""
+    return gather_from_sequence_parallel_region(
+        x.contiguous(), tensor_parallel_output_grad=True, group=parallel_state.get_context_parallel_group()
+    )
+
+
 def gather_video_over_cp(x: torch.Tensor, n_text: int) -> torch.Tensor:
     """[text; video slice] on each CP rank -> [text; all video], backward reduce-scatters."""
-    cp_group = parallel_state.get_context_parallel_group()
-    video = gather_from_sequence_parallel_region(
-        x[n_text:].contiguous(), tensor_parallel_output_grad=True, group=cp_group
+    return torch.cat([x[:n_text], gather_over_cp(x[n_text:])], dim=0)
+
+
+def build_qkv_linear(spec: Union[ModuleSpec, type], config: TransformerConfig) -> MegatronModule:
+    """A fused-QKV column-parallel linear (hidden -> 3 x heads x head_dim, interleaved per head)."""
+    return build_module(
+        spec,
+        config.hidden_size,
+        3 * config.num_attention_heads * config.kv_channels,
+        config=config,
+        init_method=config.init_method,
+        gather_output=False,
+        bias=config.add_qkv_bias,
+        skip_bias_add=False,
+        is_expert=False,
+        tp_comm_buffer_name="qkv",
     )
-    return torch.cat([x[:n_text], video], dim=0)
+
+
+def build_proj_linear(spec: Union[ModuleSpec, type], config: TransformerConfig) -> MegatronModule:
+    """The row-parallel attention output projection (heads x head_dim -> hidden)."""
+    return build_module(
+        spec,
+        config.num_attention_heads * config.kv_channels,
+        config.hidden_size,
+        config=config,
+        init_method=config.output_layer_init_method,
+        bias=config.add_bias_linear,
+        input_is_parallel=True,
+        skip_bias_add=False,
+        is_expert=False,
+        tp_comm_buffer_name="proj",
+    )
+
+
+def build_head_norm(spec: Union[ModuleSpec, type, None], config: TransformerConfig):
+    """A per-head q / k norm (eps 1e-6, as diffusers' attention), or None where the spec has none.
+    Its weight is shared by all heads; megatron's ``finalize_model_grads`` sums its gradient over the
+    tensor-parallel group by name (``q_layernorm`` / ``k_layernorm``), not by the SP tag."""
+    if spec is None:
+        return None
+    return build_module(spec, config=config, hidden_size=config.kv_channels, eps=1e-6, sequence_parallel=False)
+
+
+def project_qkv(linear_qkv, q_norm, k_norm, hidden_states: torch.Tensor, heads_local: int, head_dim: int):
+    """Fused QKV projection -> per-head (normed) query, key, value, each [s, b, heads_local, d]."""
+    mixed, _ = linear_qkv(hidden_states)
+    s, b = mixed.shape[:2]
+    query, key, value = mixed.view(s, b, heads_local, 3 * head_dim).split(head_dim, dim=-1)
+    if q_norm is not None:
+        query = q_norm(query)
+    if k_norm is not None:
+        key = k_norm(key)
+    return query, key, value
 
 
 class JointSelfAttention(MegatronModule):
@@ -63,45 +123,15 @@ class JointSelfAttention(MegatronModule):
         self, config: TransformerConfig, submodules: JointSelfAttentionSubmodules, layer_number: int
     ):
         super().__init__(config=config)
-        tp = config.tensor_model_parallel_size
         self.head_dim = config.kv_channels
-        self.heads_local = config.num_attention_heads // tp
-        hidden = config.hidden_size
-        self.linear_qkv = build_module(
-            submodules.linear_qkv,
-            hidden,
-            3 * config.num_attention_heads * self.head_dim,
-            config=config,
-            init_method=config.init_method,
-            gather_output=False,
-            bias=config.add_qkv_bias,
-            skip_bias_add=False,
-            is_expert=False,
-            tp_comm_buffer_name="qkv",
-        )
-        self.q_layernorm = build_module(
-            submodules.q_layernorm, config=config, hidden_size=self.head_dim, eps=1e-6,
-            sequence_parallel=False,
-        )
-        self.k_layernorm = build_module(
-            submodules.k_layernorm, config=config, hidden_size=self.head_dim, eps=1e-6,
-            sequence_parallel=False,
-        )
+        self.heads_local = config.num_attention_heads // config.tensor_model_parallel_size
+        self.linear_qkv = build_qkv_linear(submodules.linear_qkv, config)
+        self.q_layernorm = build_head_norm(submodules.q_layernorm, config)
+        self.k_layernorm = build_head_norm(submodules.k_layernorm, config)
         self.core_attention = build_module(
             submodules.core_attention, config=config, layer_number=layer_number
         )
-        self.linear_proj = build_module(
-            submodules.linear_proj,
-            config.num_attention_heads * self.head_dim,
-            hidden,
-            config=config,
-            init_method=config.output_layer_init_method,
-            bias=config.add_bias_linear,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            is_expert=False,
-            tp_comm_buffer_name="proj",
-        )
+        self.linear_proj = build_proj_linear(submodules.linear_proj, config)
 
     def forward(
         self,
@@ -110,12 +140,9 @@ class JointSelfAttention(MegatronModule):
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``n_text``: text tokens at the head of this CP rank's (SP-gathered) sequence."""
-        mixed, _ = self.linear_qkv(hidden_states)
-        s, b = mixed.shape[:2]
-        mixed = mixed.view(s, b, self.heads_local, 3 * self.head_dim)
-        query, key, value = mixed.split(self.head_dim, dim=-1)
-        query = self.q_layernorm(query)
-        key = self.k_layernorm(key)
+        query, key, value = project_qkv(
+            self.linear_qkv, self.q_layernorm, self.k_layernorm, hidden_states, self.heads_local, self.head_dim
+        )
         if rotary is not None:
             query = rotate_video_rows(query, n_text, rotary)
             key = rotate_video_rows(key, n_text, rotary)

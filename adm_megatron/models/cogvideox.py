@@ -10,10 +10,8 @@ run on megatron-core tensor-parallel layers with sequence and context parallelis
   tokens (``Lv / cp``); attention gathers the video keys / values (see ``attention``).
 - Sequence parallel (SP): each tensor-parallel rank keeps ``1 / tp`` of its CP rank's
   [text; video slice] rows between the parallel linears.
-- The output (and any tapped features) are gathered back whole on every rank. Gradient convention:
-  the CP gather's backward reduce-scatters, so with the same loss on every rank of a CP group,
-  averaging gradients over the data-and-context-parallel group (megatron DDP's default) gives the
-  one-process gradient; the SP gather's backward only splits (TP ranks are not averaged).
+- The output (and any tapped features) are gathered back whole on every rank (``backbone``'s
+  ``gather_tokens``, with its gradient convention).
 """
 
 from __future__ import annotations
@@ -23,22 +21,13 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.embeddings import CogVideoXPatchEmbed, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from diffusers.utils import BaseOutput
-from megatron.core import parallel_state, tensor_parallel
-from megatron.core.enums import ModelType
-from megatron.core.tensor_parallel.mappings import (
-    gather_from_sequence_parallel_region,
-    scatter_to_sequence_parallel_region,
-)
-from megatron.core.transformer.module import MegatronModule
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.utils import (
-    ensure_metadata_has_dp_cp_group,
-    sharded_state_dict_default,
-)
 
 from adm_megatron.models.adaln import AdaLNOut
+from adm_megatron.models.backbone import DiTBackbone, DiTOutput, cp_token_slice, gather_tokens
 from adm_megatron.models.cogvideox_config import CogVideoXArch
 from adm_megatron.models.cogvideox_layer import TokenLayout
 from adm_megatron.models.norms import LayerNorm
@@ -46,17 +35,12 @@ from adm_megatron.models.taps import feature_depth, tapped_block_indices
 
 
 @dataclass
-class CogVideoXOutput(BaseOutput):
+class CogVideoXOutput(DiTOutput):
     """``sample`` [B, F, C, H, W] (None for a features-only call); ``features``: tapped block
     outputs, each [B, hidden, F, h, w]."""
 
-    sample: torch.Tensor | None
-    features: list[torch.Tensor] | None = None
 
-
-class CogVideoXTransformer(MegatronModule):
-    model_type = ModelType.encoder_or_decoder  # what megatron's schedules expect of a model
-
+class CogVideoXTransformer(DiTBackbone):
     def __init__(self, arch: CogVideoXArch, config: TransformerConfig, layer_spec: ModuleSpec):
         super().__init__(config=config)
         self.arch = arch
@@ -95,32 +79,7 @@ class CogVideoXTransformer(MegatronModule):
         self.proj_out = torch.nn.Linear(
             hidden, arch.patch_size * arch.patch_size * arch.out_channels, dtype=dtype
         )
-        if config.sequence_parallel:
-            for param in self.proj_out.parameters():
-                setattr(param, "sequence_parallel", True)
-
-    def set_input_tensor(self, input_tensor) -> None:
-        """megatron's schedules hand a pipeline stage its input here; with one stage (PP = 1, all
-        this model supports so far) it is always ``[None]``."""
-        if any(t is not None for t in input_tensor):
-            raise NotImplementedError("CogVideoXTransformer: pipeline parallelism is not supported yet")
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        """megatron-core's default treats a child without its own method as one replicated module,
-        which would mark every block (kept in a ``ModuleList``) replicated and save only rank 0's
-        tensor-parallel shards; each block is asked for its own sharded state dict instead."""
-        metadata = ensure_metadata_has_dp_cp_group(metadata)
-        tp_group = parallel_state.get_tensor_model_parallel_group()  # replica ids of replicated tensors
-        sharded = {}
-        for name, child in self.named_children():
-            if name == "blocks":
-                for index, block in enumerate(child):
-                    sharded.update(block.sharded_state_dict(f"{prefix}blocks.{index}.", sharded_offsets, metadata))
-            else:
-                sharded.update(
-                    sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata, tp_group)
-                )
-        return sharded
+        self._tag_sequence_parallel(self.proj_out)
 
     # -- input checks ------------------------------------------------------------------------
     def _check_inputs(self, hidden_states, encoder_hidden_states, image_rotary_emb):
@@ -157,35 +116,16 @@ class CogVideoXTransformer(MegatronModule):
 
     # -- parallel layout -----------------------------------------------------------------------
     def _layout(self, num_text: int, num_video: int) -> tuple[TokenLayout, slice]:
-        cp = self.config.context_parallel_size
-        per_cp_video = num_video // cp
-        start = parallel_state.get_context_parallel_rank() * per_cp_video if cp > 1 else 0
-        video_slice = slice(start, start + per_cp_video)
+        video_slice = cp_token_slice(num_video, self.config)
         text_local = num_text
         if self.config.sequence_parallel:
-            rows = (num_text + per_cp_video) // self.config.tensor_model_parallel_size
+            rows = (num_text + video_slice.stop - video_slice.start) // self.config.tensor_model_parallel_size
             first_row = parallel_state.get_tensor_model_parallel_rank() * rows
             text_local = min(max(num_text - first_row, 0), rows)
         return TokenLayout(text_local=text_local, text_attention=num_text), video_slice
 
-    def _video_tokens(self, x: torch.Tensor, num_text: int) -> torch.Tensor:
-        """This rank's [s, b, *] rows -> all video tokens [b, Lv, *] on every rank."""
-        if self.config.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
-        x = x[num_text:]
-        if self.config.context_parallel_size > 1:
-            x = gather_from_sequence_parallel_region(
-                x.contiguous(), tensor_parallel_output_grad=True,
-                group=parallel_state.get_context_parallel_group(),
-            )
-        return x.transpose(0, 1)
-
     def _run_block(self, block, x, temb, layout, cos, sin):
-        if self.config.recompute_granularity == "full" and torch.is_grad_enabled():
-            return tensor_parallel.checkpoint(
-                lambda h, e, c, s: block(h, e, layout, c, s), False, x, temb, cos, sin
-            )
-        return block(x, temb, layout, cos, sin)
+        return self._recomputed(lambda h, e, c, s: block(h, e, layout, c, s), x, temb, cos, sin)
 
     def forward(
         self,
@@ -230,7 +170,7 @@ class CogVideoXTransformer(MegatronModule):
         for index, block in enumerate(self.blocks[:depth]):
             x = self._run_block(block, x, temb, layout, cos, sin)
             if index in taps:
-                video = self._video_tokens(x, num_text)
+                video = gather_tokens(x, self.config, num_text)
                 features.append(
                     video.reshape(batch, frames, height // p, width // p, -1).permute(0, 4, 1, 2, 3)
                 )
@@ -238,7 +178,7 @@ class CogVideoXTransformer(MegatronModule):
             return CogVideoXOutput(sample=None, features=features) if return_dict else (None, features)
 
         x = self.proj_out(self.norm_out(self.norm_final(x), temb))
-        x = self._video_tokens(x, num_text)
+        x = gather_tokens(x, self.config, num_text)
         out = x.reshape(batch, frames, height // p, width // p, -1, p, p)
         out = out.permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)

@@ -10,22 +10,19 @@ embeddings).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
-import torch.nn.functional as F
-from megatron.core.transformer.transformer_config import TransformerConfig
+from adm_megatron.models.dit_config import DiffusersArch
 
 DIFFUSERS_CLASS_NAME = "CogVideoXTransformer3DModel"
 
 
 @dataclass(frozen=True)
-class CogVideoXArch:
+class CogVideoXArch(DiffusersArch):
     """The architecture fields of a diffusers CogVideoX transformer config (names kept)."""
 
+    diffusers_class_name = DIFFUSERS_CLASS_NAME
     family: ClassVar[str] = "cogvideox"  # its name in adm_megatron.families (checkpoints record it)
     num_attention_heads: int = 30
     attention_head_dim: int = 64
@@ -54,21 +51,10 @@ class CogVideoXArch:
     use_learned_positional_embeddings: bool = False
     patch_bias: bool = True
 
-    @property
-    def hidden_size(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def ffn_hidden_size(self) -> int:
-        return 4 * self.hidden_size
-
     @classmethod
     def from_diffusers_config(cls, config: dict[str, Any], source: str = "config") -> "CogVideoXArch":
         """Build from a diffusers config dict; one-line ValueError for what is not supported."""
-        if config.get("_class_name", DIFFUSERS_CLASS_NAME) != DIFFUSERS_CLASS_NAME:
-            raise ValueError(
-                f"{source}: _class_name is {config['_class_name']!r}, expected {DIFFUSERS_CLASS_NAME!r}"
-            )
+        kwargs = cls._known_fields(config, source)
         must_be = {
             "patch_size_t": None,
             "ofs_embed_dim": None,
@@ -82,64 +68,18 @@ class CogVideoXArch:
                     f"{source}: {key}={config[key]!r} is not supported (CogVideoX 1.0 2b/5b T2V "
                     f"architecture expected: {key}={expected!r})"
                 )
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in config.items() if k in names}
-        if kwargs.get("out_channels") is None:
-            kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
         return cls(**kwargs)
 
-    @classmethod
-    def from_pretrained_dir(cls, path: str) -> "CogVideoXArch":
-        config_path = os.path.join(path, "config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{config_path}: no diffusers config.json in this directory")
-        with open(config_path) as f:
-            return cls.from_diffusers_config(json.load(f), source=config_path)
+    def block_config(self) -> dict[str, Any]:
+        """The sizes ``dit_config.make_transformer_config`` builds the blocks' config from."""
+        return dict(
+            num_layers=self.num_layers, num_attention_heads=self.num_attention_heads,
+            head_dim=self.attention_head_dim, ffn_hidden_size=self.ffn_hidden_size, bias=self.attention_bias,
+            norm_eps=self.norm_eps, qk_layernorm=True, dropout=self.dropout,
+        )
 
     def to_diffusers_config(self) -> dict[str, Any]:
         cfg = dataclasses.asdict(self)
         cfg.update(patch_size_t=None, ofs_embed_dim=None)
         return cfg
 
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-def make_transformer_config(
-    arch: CogVideoXArch,
-    *,
-    tensor_parallel: int = 1,
-    context_parallel: int = 1,
-    sequence_parallel: bool = False,
-    recompute: bool = False,
-    params_dtype: torch.dtype = torch.float32,
-    use_cpu_initialization: bool = True,
-) -> TransformerConfig:
-    """The megatron-core config of the DiT blocks for one parallel layout."""
-    return TransformerConfig(
-        num_layers=arch.num_layers,
-        hidden_size=arch.hidden_size,
-        num_attention_heads=arch.num_attention_heads,
-        kv_channels=arch.attention_head_dim,
-        ffn_hidden_size=arch.ffn_hidden_size,
-        add_bias_linear=arch.attention_bias,
-        add_qkv_bias=arch.attention_bias,
-        gated_linear_unit=False,
-        activation_func=_gelu_tanh,
-        bias_activation_fusion=False,
-        layernorm_epsilon=arch.norm_eps,
-        qk_layernorm=True,
-        hidden_dropout=arch.dropout,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=tensor_parallel,
-        context_parallel_size=context_parallel,
-        sequence_parallel=sequence_parallel and tensor_parallel > 1,
-        recompute_granularity="full" if recompute else None,
-        recompute_method="uniform" if recompute else None,
-        recompute_num_layers=1 if recompute else None,
-        params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        use_cpu_initialization=use_cpu_initialization,
-        perform_initialization=True,
-    )
