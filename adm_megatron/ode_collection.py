@@ -31,9 +31,10 @@ logger = logging.getLogger("adm_megatron")
 SETTINGS = "collection.json"
 
 
-def sample_pairs(teacher_fn, schedule, x_T: torch.Tensor, text: torch.Tensor, negative: torch.Tensor,
-                 scale: torch.Tensor, steps: int) -> torch.Tensor:
-    """x_0 from x_T by the teacher's ``steps``-step PF-ODE with per-sample CFG ``scale``."""
+def sample_pairs(teacher_fn, schedule, x_T: torch.Tensor, text, negative, scale: torch.Tensor,
+                 steps: int) -> torch.Tensor:
+    """x_0 from x_T by the teacher's ``steps``-step PF-ODE with per-sample CFG ``scale``; ``text`` /
+    ``negative``: embeddings, or ``TextCondition``s for families with a pooled embedding."""
     def guided(x_t, t, cond):
         return cfg_model_output(teacher_fn, x_t, t, cond, negative, scale)
 
@@ -86,7 +87,7 @@ def _check_out_dir(out_dir: str, settings: dict) -> bool:
 def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: int = 256,
                       steps: int = 50, batch_size: int = 64, progress: bool = True) -> dict:
     """Collect (or finish collecting) ``num_pairs`` pairs into ``out_dir``; returns the manifest."""
-    from adm_megatron.algorithms.networks import DiTFunction
+    from adm_megatron.algorithms.networks import DiTFunction, text_condition
     from adm_megatron.parallel import initialize_parallel, launch_env
     from adm_megatron.data import open_text_source
     from adm_megatron.train.teacher import resolve_teacher
@@ -118,7 +119,8 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     fn = DiTFunction(teacher, source.family.positional_inputs(source.arch, d.frames, d.height, d.width,
                                                               device=info.device))
     cond = source.family.conditioning(source.arch)
-    text_source = open_text_source(d.source, d.path, d.num_prompts, cond.text_length, cond.text_width, config.seed)
+    text_source = open_text_source(d.source, d.path, d.num_prompts, cond.text_length, cond.text_width, config.seed,
+                                   pooled_dim=cond.pooled_width or 0)
     latent_shape = tuple(settings["latent_shape"])
     n_shards = math.ceil(num_pairs / shard_size)
     mine = [i for i in range(info.dp_rank, n_shards, info.dp_size)
@@ -133,12 +135,19 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
         outs = []
         for lo in range(0, rows, batch_size):
             part = slice(lo, lo + batch_size)
-            text = text_source.get(inputs["prompt_id"][part])
+            ids = inputs["prompt_id"][part]
+            text = text_source.get(ids)
             negative = text_source.negative().unsqueeze(0).expand_as(text)
             to = dict(device=info.device, dtype=dtype)
+            pooled = negative_pooled = None
+            if text_source.pooled_dim:
+                pooled = text_source.get_pooled(ids).to(**to)
+                negative_pooled = text_source.negative_pooled().unsqueeze(0).expand_as(pooled).to(**to)
             with torch.no_grad():
-                outs.append(sample_pairs(fn, schedule, inputs["x_T"][part].to(**to), text.to(**to),
-                                         negative.to(**to), inputs["guidance_scale"][part].to(info.device), steps))
+                outs.append(sample_pairs(fn, schedule, inputs["x_T"][part].to(**to),
+                                         text_condition(text.to(**to), pooled),
+                                         text_condition(negative.to(**to), negative_pooled),
+                                         inputs["guidance_scale"][part].to(info.device), steps))
         if writer:
             write_shard(out_dir, i, {**inputs, "x_0": torch.cat(outs).float().cpu()})
         done += rows

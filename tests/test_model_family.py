@@ -213,7 +213,10 @@ def test_the_converter_cli_offers_the_registered_families(fake_family):
         tool.build_parser().parse_args(["hf-to-megatron", "--model", "flux", "--hf-path", "x", "--out", "y"])
 
 
-def test_a_family_with_a_pooled_embedding_is_refused_before_training_until_data_provides_one(fake_family, tmp_path):
+def test_a_family_with_a_pooled_embedding_refuses_prompts_without_one(fake_family, tmp_path):
+    import torch
+
+    from adm_megatron.data import write_embedding_shards
     from adm_megatron.families import Conditioning
     from adm_megatron.train.validate import validate_run
 
@@ -221,9 +224,10 @@ def test_a_family_with_a_pooled_embedding_is_refused_before_training_until_data_
     unregister_family(family.name)
     register_family(dataclasses.replace(family, conditioning=lambda arch: Conditioning(16, 32, pooled_width=64)))
     teacher = _save_fake(tmp_path / "fake")
+    prompts = write_embedding_shards(str(tmp_path / "emb"), ["a"], torch.zeros(1, 16, 32), torch.zeros(16, 32))
     config = load_config(None, [f"model.teacher={teacher}", "data.frames=2", "data.height=4", "data.width=4",
-                                "distill.head_every=1"])
-    with pytest.raises(ConfigError, match="family takes a pooled text embedding") as err:
+                                "distill.head_every=1", "data.source=shards", f"data.path={prompts}"])
+    with pytest.raises(ConfigError, match="pooled embeddings of width 0, the teacher takes 64") as err:
         validate_run(config, resolve_teacher(teacher), world_size=1)
     _one_line(err.value)
 

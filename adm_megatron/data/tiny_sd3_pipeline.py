@@ -31,6 +31,7 @@ import tempfile
 import torch
 
 from adm_megatron.data.tiny_pipeline import MAX_TEXT_LENGTH, T5, tiny_t5_tokenizer
+from adm_megatron.families.sd3_presets import SD3_SCHEDULER
 
 CLIP_MAX_LENGTH = 16
 TRANSFORMER = dict(
@@ -47,7 +48,6 @@ VAE = dict(
 )
 CLIP = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
             projection_dim=32, max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="quick_gelu")
-SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 
 
 def _bytes_to_unicode() -> list[str]:

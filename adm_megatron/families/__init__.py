@@ -2,6 +2,7 @@
 registry lines: a new family is one module in this package plus one line here."""
 
 from adm_megatron.families import cogvideox  # noqa: F401  (registers 'cogvideox')
+from adm_megatron.families import sd3  # noqa: F401  (registers 'sd3')
 from adm_megatron.families.registry import (
     Conditioning,
     ModelFamily,

@@ -43,6 +43,7 @@ class Conditioning:
     text_length: int  # tokens of a prompt embedding
     text_width: int  # channels of a prompt embedding
     pooled_width: int | None = None  # width of the pooled text embedding (SD3), None when not used
+    any_text_length: bool = False  # True: prompts of any length (text_length is the synthetic default)
 
 
 @dataclass(frozen=True)

@@ -18,3 +18,5 @@ SD35_MEDIUM = dict(
     SD3_MEDIUM, pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=list(range(13))
 )
 PRESETS = {"sd3-medium": SD3_MEDIUM, "sd3.5-large": SD35_LARGE, "sd3.5-medium": SD35_MEDIUM}
+# the scheduler of both pipelines (scheduler/scheduler_config.json)
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)

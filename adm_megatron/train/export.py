@@ -31,10 +31,12 @@ def render_run_samples(trainer, generator_dir: str) -> list[str]:
     config = trainer.config
     count = min(config.train.num_samples, len(trainer.text_source))
     indices = torch.arange(count)
-    text = trainer.text_source.get(indices)
-    negative = trainer.text_source.negative().unsqueeze(0).expand_as(text).clone()
+    source = trainer.text_source
+    pooled = (source.get_pooled(indices), source.negative_pooled()) if source.pooled_dim else (None, None)
+    prompts = PromptEmbeddings(text=source.get(indices), negative=source.negative(), pooled=pooled[0],
+                               negative_pooled=pooled[1])
+    image = trainer.family.latent_layout == "image"
     return trainer.family.render_samples(
-        trainer.teacher_source.pipeline_dir, generator_dir, PromptEmbeddings(text=text, negative=negative),
-        config.distill.generator_steps,
-        os.path.join(config.output_dir, "samples"), fmt="gif", seed=config.seed,
+        trainer.teacher_source.pipeline_dir, generator_dir, prompts, config.distill.generator_steps,
+        os.path.join(config.output_dir, "samples"), fmt="png" if image else "gif", seed=config.seed,
     )

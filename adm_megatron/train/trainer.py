@@ -189,7 +189,7 @@ class Trainer:
         d = self.config.data
         text = self.family.conditioning(self.arch)
         self.text_source = open_text_source(d.source, d.path, d.num_prompts, text.text_length, text.text_width,
-                                            self.config.seed)
+                                            self.config.seed, pooled_dim=text.pooled_width or 0)
         self.sampler = PromptSampler(
             self.text_source, d.batch_size, seed=self.config.seed,
             dp_rank=self.info.dp_rank, dp_size=self.info.dp_size,
@@ -219,11 +219,14 @@ class Trainer:
         template = torch.empty(shape, dtype=self.dtype)
         to = dict(device=self.device, dtype=self.dtype)
         real = None
+        pooled = self.sampler.pooled(iteration)  # (pooled, negative pooled) or None
         if self.real_sampler is not None:
             x0, prompt_ids = self.real_sampler.batch(iteration)
-            real = RealBatch(x0=x0.to(**to), text=self.text_source.get(prompt_ids).to(**to))
+            real = RealBatch(x0=x0.to(**to), text=self.text_source.get(prompt_ids).to(**to),
+                             pooled=self.text_source.get_pooled(prompt_ids).to(**to) if pooled else None)
         return PhaseBatch(
             text=text.to(**to), negative=negative.to(**to),
+            pooled=pooled[0].to(**to) if pooled else None, negative_pooled=pooled[1].to(**to) if pooled else None,
             fake_noise=self.rng(iteration, "noise/fake_score").randn(template).to(**to),
             generator_noise=self.rng(iteration, "noise/generator").randn(template).to(**to),
             real=real,

@@ -32,11 +32,6 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
             "heads are not divisible by it"
         )
     teacher.family.check_run(arch, config)
-    if teacher.family.conditioning(arch).pooled_width is not None:
-        raise ConfigError(
-            f"model.teacher={config.model.teacher!r}: the {teacher.family.name} family takes a pooled text "
-            f"embedding, which no data.source provides yet"
-        )
     if config.distill.head_every > arch.num_layers:
         raise ConfigError(
             f"distill.head_every={config.distill.head_every}: the teacher has only {arch.num_layers} blocks"
@@ -67,10 +62,17 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
         except (OSError, ValueError) as err:
             raise ConfigError(f"data.path={config.data.path!r}: {err}") from None
         text = teacher.family.conditioning(arch)
-        if (shards.seq_len, shards.dim) != (text.text_length, text.text_width):
+        length = shards.seq_len if text.any_text_length else text.text_length
+        if (shards.seq_len, shards.dim) != (length, text.text_width):
             raise ConfigError(
                 f"data.path={config.data.path!r}: embeddings are {shards.seq_len} x {shards.dim}, "
-                f"the teacher takes {text.text_length} x {text.text_width}"
+                f"the teacher takes {length} x {text.text_width}"
+            )
+        if shards.pooled_dim != (text.pooled_width or 0):
+            raise ConfigError(
+                f"data.path={config.data.path!r}: pooled embeddings of width {shards.pooled_dim}, the teacher "
+                f"takes {text.pooled_width or 'none'} (encode the prompts with the teacher's own pipeline: "
+                "tools/precompute_text_embeddings.py)"
             )
 
 

@@ -1,0 +1,128 @@
+"""SD3-Medium and SD3.5 (Large / Medium) MMDiT on the model-family interface.
+
+Glue over the existing modules: the architecture (``models/sd3_config``), the megatron model
+(``models/build.build_sd3_model``), the key mapping (``convert/sd3_mapping``), rendering through
+``StableDiffusion3Pipeline`` as PNGs and a grid (``models/sd3_samples``) and prompt encoding with
+the pipeline's own three encoders (``data/encode_sd3``). Images: latents ``[B, C, H, W]``, 2D heads
+on the taps, the flow-matching schedule of the pipeline's ``FlowMatchEulerDiscreteScheduler``, no
+positional inputs (the cropped position embedding is inside the model), and the pooled CLIP
+embedding as a second text condition. The backbone takes prompts of any length; 77 CLIP + 256 T5
+tokens (the pipeline's default) is the length synthetic prompts get.
+"""
+
+from __future__ import annotations
+
+from adm_megatron.families.registry import Conditioning, ModelFamily, PromptEmbeddings, register_family
+from adm_megatron.families.sd3_presets import PRESETS, SD3_SCHEDULER
+
+DIFFUSERS_CLASS = "SD3Transformer2DModel"
+PIPELINE_CLASS = "StableDiffusion3Pipeline"
+DEFAULT_TEXT_LENGTH = 77 + 256  # CLIP tokens + the pipeline's default max_sequence_length of T5
+
+
+def _arch_from_diffusers_config(config: dict, source: str = "config"):
+    from adm_megatron.models.sd3_config import SD3Arch
+
+    return SD3Arch.from_diffusers_config(config, source=source)
+
+
+def _arch_to_diffusers_config(arch) -> dict:
+    return {"_class_name": DIFFUSERS_CLASS, **arch.to_diffusers_config()}
+
+
+def _build_model(arch, **kwargs):
+    from adm_megatron.models.build import build_sd3_model
+
+    return build_sd3_model(arch, **kwargs)
+
+
+def _hf_to_megatron(state: dict, arch) -> dict:
+    from adm_megatron.convert.sd3_mapping import hf_to_megatron
+
+    return hf_to_megatron(state, arch.num_attention_heads)
+
+
+def _megatron_to_hf(state: dict, arch) -> dict:
+    from adm_megatron.convert.sd3_mapping import megatron_to_hf
+
+    return megatron_to_hf(state, arch.num_attention_heads)
+
+
+def _diffusers_model_class() -> type:
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel
+
+
+def _positional_inputs(arch, frames: int, latent_height: int, latent_width: int, device=None):
+    return None  # the cropped sin-cos position embedding is computed inside the model
+
+
+def _conditioning(arch) -> Conditioning:
+    return Conditioning(text_length=DEFAULT_TEXT_LENGTH, text_width=arch.joint_attention_dim,
+                        pooled_width=arch.pooled_projection_dim, any_text_length=True)
+
+
+def _check_run(arch, config) -> None:
+    """Images: one latent frame; the latent size must patch and fit the position embedding, and CP /
+    SP must split the image tokens."""
+    from adm_megatron.config import ConfigError
+
+    data, tp, cp = config.data, config.parallel.tensor_parallel, config.parallel.context_parallel
+    p = arch.patch_size
+    if data.frames != 1:
+        raise ConfigError(f"data.frames={data.frames}: {DIFFUSERS_CLASS} makes images; set data.frames=1")
+    if data.height % p or data.width % p:
+        raise ConfigError(f"data.height/width={data.height}x{data.width}: not divisible by patch size {p}")
+    if max(data.height, data.width) // p > arch.pos_embed_max_size:
+        raise ConfigError(f"data.height/width={data.height}x{data.width}: more than pos_embed_max_size="
+                          f"{arch.pos_embed_max_size} patches of {p} on a side")
+    tokens = (data.height // p) * (data.width // p)
+    if tokens % cp:
+        raise ConfigError(f"parallel.context_parallel={cp}: {tokens} image tokens are not divisible by it")
+    if config.model.sequence_parallel and tp > 1 and (tokens // cp) % tp:
+        raise ConfigError(f"model.sequence_parallel: {tokens // cp} image tokens per context-parallel rank are "
+                          f"not divisible by tensor_parallel={tp}")
+
+
+def _render_samples(pipeline_dir, transformer_dir, prompts: PromptEmbeddings, num_inference_steps, out_dir, *,
+                    fmt: str = "png", **options) -> list:
+    from adm_megatron.models.sd3_samples import render_image_samples
+
+    if fmt != "png":
+        raise ValueError(f"fmt={fmt!r}: {PIPELINE_CLASS} samples are written as png")
+    return render_image_samples(pipeline_dir, transformer_dir, prompts.text, prompts.pooled, num_inference_steps,
+                                out_dir, negative_embeds=prompts.negative, negative_pooled=prompts.negative_pooled,
+                                **options)
+
+
+def _encode_prompts(pipeline_dir: str, prompts: list, arch, device) -> PromptEmbeddings:
+    """The pipeline's own three encoders on the prompts and on the empty negative prompt."""
+    from adm_megatron.data.encode_sd3 import encode_sd3_prompts, load_sd3_text_pipeline
+
+    pipeline = load_sd3_text_pipeline(pipeline_dir, device=device)
+    embeds, pooled = encode_sd3_prompts(pipeline, [*prompts, ""])
+    return PromptEmbeddings(text=embeds[:-1], negative=embeds[-1], pooled=pooled[:-1], negative_pooled=pooled[-1])
+
+
+SD3 = register_family(ModelFamily(
+    name="sd3",
+    diffusers_classes=(DIFFUSERS_CLASS,),
+    pipeline_classes=(PIPELINE_CLASS,),
+    schedulers=("FlowMatchEulerDiscreteScheduler",),
+    reference_scheduler={"_class_name": "FlowMatchEulerDiscreteScheduler", **SD3_SCHEDULER},
+    latent_layout="image",
+    head_kind="2d",
+    arch_from_diffusers_config=_arch_from_diffusers_config,
+    arch_to_diffusers_config=_arch_to_diffusers_config,
+    build_model=_build_model,
+    hf_to_megatron=_hf_to_megatron,
+    megatron_to_hf=_megatron_to_hf,
+    diffusers_model_class=_diffusers_model_class,
+    positional_inputs=_positional_inputs,
+    conditioning=_conditioning,
+    check_run=_check_run,
+    render_samples=_render_samples,
+    encode_prompts=_encode_prompts,
+    presets=PRESETS,
+))

@@ -1,0 +1,139 @@
+"""SD3 through the whole product, on the model-family interface (``families/sd3.py``): the teacher's
+CFG flow-matching ODE equals ``StableDiffusion3Pipeline``'s own sampling; an ADM run of the tiny
+pipeline (``examples/sd35/tiny_cpu.yaml``) trains with 2D heads on every block and pooled prompts,
+exports a generator diffusers loads, and renders PNGs and a grid through the real pipeline; a LoRA
+generator's file loads with ``StableDiffusion3Pipeline.load_lora_weights``; the converter round
+trips an SD3 transformer bit for bit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adm_megatron.config import LoraConfig, load_config
+from tiny_cogvideox import rel_err
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["a red cat", "blue sky over the sea", "a dog", "green tree at night"]
+
+
+@pytest.fixture(scope="module")
+def prompt_dir(sd3_pipeline, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sd3_prompts")
+    (out / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "precompute_text_embeddings.py"), "--prompts",
+           str(out / "prompts.txt"), "--encoder", sd3_pipeline, "--out", str(out / "emb"), "--max-length", "16",
+           "--dtype", "float32", "--device", "cpu"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return str(out / "emb")
+
+
+def test_teacher_ode_equals_the_sd3_pipelines_sampling(sd3_pipeline, prompt_dir, world_of_one):
+    from diffusers import StableDiffusion3Pipeline
+
+    from adm_megatron.algorithms.networks import DiTFunction, text_condition
+    from adm_megatron.data import TextEmbeddingShards
+    from adm_megatron.ode_collection import sample_pairs
+    from adm_megatron.train.teacher import resolve_teacher
+
+    source = resolve_teacher(sd3_pipeline)
+    assert source.family.name == "sd3"
+    teacher = source.build_models(1)[0].eval()
+    prompts = TextEmbeddingShards(prompt_dir)
+    ids = torch.tensor([0, 2])
+    text, pooled = prompts.get(ids), prompts.get_pooled(ids)
+    negative = prompts.negative().expand_as(text)
+    negative_pooled = prompts.negative_pooled().expand_as(pooled)
+    x_T = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = sample_pairs(DiTFunction(teacher, None), source.schedule(), x_T, text_condition(text, pooled),
+                            text_condition(negative, negative_pooled), torch.full((2,), 5.0), 4)
+        pipe = StableDiffusion3Pipeline.from_pretrained(sd3_pipeline)
+        reference = pipe(prompt_embeds=text, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative,
+                         negative_pooled_prompt_embeds=negative_pooled, latents=x_T, height=32, width=32,
+                         num_inference_steps=4, guidance_scale=5.0, output_type="latent").images
+    assert rel_err(ours, reference) <= 1e-5, rel_err(ours, reference)
+
+
+def test_sd3_adm_run_trains_exports_and_renders(sd3_pipeline, prompt_dir, tmp_path, world_of_one):
+    from diffusers import SD3Transformer2DModel
+
+    from adm_megatron.families import get_family
+    from adm_megatron.train.trainer import Trainer
+
+    config = load_config(os.path.join(ROOT, "examples", "sd35", "tiny_cpu.yaml"), [
+        f"model.teacher={sd3_pipeline}", f"data.path={prompt_dir}", f"output_dir={tmp_path / 'run'}",
+        "train.max_iterations=3", "logging.wandb_mode=disabled", "logging.progress=false"])
+    trainer = Trainer(config)
+    assert trainer.family.name == "sd3" and trainer.heads is not None
+    assert len(trainer.heads.heads) == trainer.arch.num_layers  # a 2D head on every block
+    result = trainer.fit()
+    metrics = result.last_metrics
+    assert 0.0 <= metrics["discriminator/paired_accuracy"] <= 1.0 and metrics["generator/loss"] == metrics["generator/loss"]
+    exported = SD3Transformer2DModel.from_pretrained(result.generator_dir)
+    teacher = SD3Transformer2DModel.from_pretrained(sd3_pipeline, subfolder="transformer")
+    moved = max((a - b).abs().max().item() for a, b in zip(exported.state_dict().values(), teacher.state_dict().values()))
+    assert moved > 0  # the generator trained
+    ours = get_family("sd3").build_model_from_hf(result.generator_dir)
+    trained = {k: v for k, v in trainer.generator.state_dict().items() if not k.endswith("_extra_state")}
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in trained.items())
+    names = sorted(os.path.basename(p) for p in result.samples)
+    assert names == ["grid.png", "sample-000.png", "sample-001.png"]
+
+
+def test_sd3_lora_file_loads_in_the_sd3_pipeline(sd3_pipeline, tmp_path, world_of_one):
+    from diffusers import StableDiffusion3Pipeline
+
+    from adm_megatron.families import get_family
+    from adm_megatron.lora import apply_lora, export_lora_file, export_merged
+
+    family = get_family("sd3")
+    model = family.build_model_from_hf(os.path.join(sd3_pipeline, "transformer"))
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "ff.net.0.proj", "ff.net.2"]
+    adapters = apply_lora(model, LoraConfig(rank=4, alpha=12.0, target_modules=targets), seed=1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    x = torch.randn(2, 16, 8, 8, generator=g)
+    text, pooled, t = torch.randn(2, 5, 32, generator=g), torch.randn(2, 64, generator=g), torch.tensor([100.0, 700.0])
+
+    def call(m):
+        with torch.no_grad():
+            return m(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t).sample
+
+    ours = call(model)
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_pipeline)
+    assert rel_err(ours, call(pipe.transformer)) > 1e-2  # the adapters matter
+    lora_dir = export_lora_file(model, str(tmp_path / "lora"))
+    keys = load_file(os.path.join(lora_dir, "pytorch_lora_weights.safetensors"))
+    assert "transformer.transformer_blocks.0.attn.add_q_proj.lora_A.weight" in keys
+    pipe.load_lora_weights(lora_dir)
+    assert rel_err(call(pipe.transformer), ours) <= 1e-5
+    merged = family.diffusers_model_class().from_pretrained(export_merged(model, model.arch, str(tmp_path / "merged")))
+    assert rel_err(call(merged), ours) <= 1e-5
+
+
+def test_converter_round_trips_an_sd3_transformer(sd3_pipeline, tmp_path):
+    tool = os.path.join(ROOT, "tools", "convert_checkpoint.py")
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    hf = os.path.join(sd3_pipeline, "transformer")
+    for args in (["hf-to-megatron", "--model", "sd3", "--hf-path", hf, "--out", str(tmp_path / "meg")],
+                 ["megatron-to-hf", "--model", "sd3", "--ckpt", str(tmp_path / "meg"), "--out", str(tmp_path / "hf")]):
+        run = subprocess.run([sys.executable, tool, *args], capture_output=True, text=True, timeout=300, env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+    before = load_file(os.path.join(hf, "diffusion_pytorch_model.safetensors"))
+    after = load_file(os.path.join(tmp_path, "hf", "diffusion_pytorch_model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_sd3_configs_in_examples_load_and_name_their_family():
+    for name in ("sd35_large_4step.yaml", "sd3_medium_4step_lora.yaml", "tiny_cpu.yaml"):
+        config = load_config(os.path.join(ROOT, "examples", "sd35", name), [])
+        assert config.distill.head_every == 1 and config.data.frames == 1, name
