@@ -4,50 +4,26 @@ Everything here is glue over the existing modules: the architecture (``models/co
 the megatron model (``models/build``), the key mapping (``convert/cogvideox_mapping``), the RoPE
 the pipeline builds (``models/rotary``), rendering through ``CogVideoXPipeline``
 (``models/cogvideox_samples``) and T5 prompt encoding (``data/encode``). Model code is imported
-inside the functions, so registering the family costs nothing.
+on first use (inside the functions, or through ``registry.lazy``), so registering costs nothing.
 """
 
 from __future__ import annotations
 
 from adm_megatron.families.cogvideox_presets import COGVIDEOX_2B_SCHEDULER, PRESETS
-from adm_megatron.families.registry import Conditioning, ModelFamily, PromptEmbeddings, register_family
+from adm_megatron.families.registry import (
+    Conditioning,
+    ModelFamily,
+    PromptEmbeddings,
+    arch_reader,
+    arch_writer,
+    lazy,
+    lazy_class,
+    per_head_mapping,
+    register_family,
+)
 
 DIFFUSERS_CLASS = "CogVideoXTransformer3DModel"
 PIPELINE_CLASS = "CogVideoXPipeline"
-
-
-def _arch_from_diffusers_config(config: dict, source: str = "config"):
-    from adm_megatron.models.cogvideox_config import CogVideoXArch
-
-    return CogVideoXArch.from_diffusers_config(config, source=source)
-
-
-def _arch_to_diffusers_config(arch) -> dict:
-    return {"_class_name": DIFFUSERS_CLASS, **arch.to_diffusers_config()}
-
-
-def _build_model(arch, **kwargs):
-    from adm_megatron.models.build import build_model
-
-    return build_model(arch, **kwargs)
-
-
-def _hf_to_megatron(state: dict, arch) -> dict:
-    from adm_megatron.convert.cogvideox_mapping import hf_to_megatron
-
-    return hf_to_megatron(state, arch.num_attention_heads)
-
-
-def _megatron_to_hf(state: dict, arch) -> dict:
-    from adm_megatron.convert.cogvideox_mapping import megatron_to_hf
-
-    return megatron_to_hf(state, arch.num_attention_heads)
-
-
-def _diffusers_model_class() -> type:
-    from diffusers import CogVideoXTransformer3DModel
-
-    return CogVideoXTransformer3DModel
 
 
 def _positional_inputs(arch, frames: int, latent_height: int, latent_width: int, device=None):
@@ -109,12 +85,12 @@ COGVIDEOX = register_family(ModelFamily(
     reference_scheduler={"_class_name": "CogVideoXDDIMScheduler", **COGVIDEOX_2B_SCHEDULER},
     latent_layout="video",
     head_kind="3d",
-    arch_from_diffusers_config=_arch_from_diffusers_config,
-    arch_to_diffusers_config=_arch_to_diffusers_config,
-    build_model=_build_model,
-    hf_to_megatron=_hf_to_megatron,
-    megatron_to_hf=_megatron_to_hf,
-    diffusers_model_class=_diffusers_model_class,
+    arch_from_diffusers_config=arch_reader("adm_megatron.models.cogvideox_config", "CogVideoXArch"),
+    arch_to_diffusers_config=arch_writer(DIFFUSERS_CLASS),
+    build_model=lazy("adm_megatron.models.build", "build_model"),
+    hf_to_megatron=per_head_mapping("adm_megatron.convert.cogvideox_mapping", "hf_to_megatron"),
+    megatron_to_hf=per_head_mapping("adm_megatron.convert.cogvideox_mapping", "megatron_to_hf"),
+    diffusers_model_class=lazy_class("diffusers", DIFFUSERS_CLASS),
     positional_inputs=_positional_inputs,
     conditioning=_conditioning,
     check_run=_check_run,

@@ -27,6 +27,7 @@ inside their functions, so ``--help`` and argument checks stay fast.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -135,6 +136,40 @@ class ModelFamily:
             raise ValueError(f"{what}: model family {self.name!r} is not supported "
                              f"(supported: {', '.join(have) or 'none'})")
         return self
+
+
+# -- building blocks of family modules: model code imported on first use, so registering is free --
+
+
+def lazy(module: str, name: str) -> Callable:
+    """A function that imports ``module`` when first called and calls its ``name``."""
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+def lazy_class(module: str, name: str) -> Callable[[], type]:
+    """``() -> module.name`` (e.g. the diffusers transformer class), imported when called."""
+    return lambda: getattr(importlib.import_module(module), name)
+
+
+def arch_reader(module: str, name: str) -> Callable[[dict, str], Any]:
+    """``(config, source) -> arch`` through the architecture class ``module.name``'s
+    ``from_diffusers_config``."""
+    return lambda config, source="config": lazy_class(module, name)().from_diffusers_config(config, source=source)
+
+
+def arch_writer(class_name: str) -> Callable[[Any], dict]:
+    """``arch -> config.json dict`` with ``_class_name`` set to the diffusers class written."""
+    return lambda arch: {"_class_name": class_name, **arch.to_diffusers_config()}
+
+
+def per_head_mapping(module: str, name: str) -> Callable[[dict, Any], dict]:
+    """A key-mapping function ``module.name(state, num_heads)`` as the spec's ``(state, arch)``."""
+    mapping = lazy(module, name)
+    return lambda state, arch: mapping(state, arch.num_attention_heads)
 
 
 _FAMILIES: dict[str, ModelFamily] = {}

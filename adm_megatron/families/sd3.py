@@ -12,46 +12,22 @@ tokens (the pipeline's default) is the length synthetic prompts get.
 
 from __future__ import annotations
 
-from adm_megatron.families.registry import Conditioning, ModelFamily, PromptEmbeddings, register_family
+from adm_megatron.families.registry import (
+    Conditioning,
+    ModelFamily,
+    PromptEmbeddings,
+    arch_reader,
+    arch_writer,
+    lazy,
+    lazy_class,
+    per_head_mapping,
+    register_family,
+)
 from adm_megatron.families.sd3_presets import PRESETS, SD3_SCHEDULER
 
 DIFFUSERS_CLASS = "SD3Transformer2DModel"
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
 DEFAULT_TEXT_LENGTH = 77 + 256  # CLIP tokens + the pipeline's default max_sequence_length of T5
-
-
-def _arch_from_diffusers_config(config: dict, source: str = "config"):
-    from adm_megatron.models.sd3_config import SD3Arch
-
-    return SD3Arch.from_diffusers_config(config, source=source)
-
-
-def _arch_to_diffusers_config(arch) -> dict:
-    return {"_class_name": DIFFUSERS_CLASS, **arch.to_diffusers_config()}
-
-
-def _build_model(arch, **kwargs):
-    from adm_megatron.models.build import build_sd3_model
-
-    return build_sd3_model(arch, **kwargs)
-
-
-def _hf_to_megatron(state: dict, arch) -> dict:
-    from adm_megatron.convert.sd3_mapping import hf_to_megatron
-
-    return hf_to_megatron(state, arch.num_attention_heads)
-
-
-def _megatron_to_hf(state: dict, arch) -> dict:
-    from adm_megatron.convert.sd3_mapping import megatron_to_hf
-
-    return megatron_to_hf(state, arch.num_attention_heads)
-
-
-def _diffusers_model_class() -> type:
-    from diffusers import SD3Transformer2DModel
-
-    return SD3Transformer2DModel
 
 
 def _positional_inputs(arch, frames: int, latent_height: int, latent_width: int, device=None):
@@ -113,12 +89,12 @@ SD3 = register_family(ModelFamily(
     reference_scheduler={"_class_name": "FlowMatchEulerDiscreteScheduler", **SD3_SCHEDULER},
     latent_layout="image",
     head_kind="2d",
-    arch_from_diffusers_config=_arch_from_diffusers_config,
-    arch_to_diffusers_config=_arch_to_diffusers_config,
-    build_model=_build_model,
-    hf_to_megatron=_hf_to_megatron,
-    megatron_to_hf=_megatron_to_hf,
-    diffusers_model_class=_diffusers_model_class,
+    arch_from_diffusers_config=arch_reader("adm_megatron.models.sd3_config", "SD3Arch"),
+    arch_to_diffusers_config=arch_writer(DIFFUSERS_CLASS),
+    build_model=lazy("adm_megatron.models.build", "build_sd3_model"),
+    hf_to_megatron=per_head_mapping("adm_megatron.convert.sd3_mapping", "hf_to_megatron"),
+    megatron_to_hf=per_head_mapping("adm_megatron.convert.sd3_mapping", "megatron_to_hf"),
+    diffusers_model_class=lazy_class("diffusers", DIFFUSERS_CLASS),
     positional_inputs=_positional_inputs,
     conditioning=_conditioning,
     check_run=_check_run,
