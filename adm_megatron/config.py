@@ -83,6 +83,12 @@ class OptimizerConfig:
     warmup_iters: int = 0
     decay_style: str = "constant"  # constant | linear | cosine | inverse-square-root
     min_lr: float = 0.0
+    # memory (adm_megatron.train.sharded_optimizer / offload): this network's fp32 main params and
+    # Adam moments sharded over the data-parallel group (each rank steps 1/DP of them; needs DP > 1)
+    shard_over_dp: bool = False
+    # between this network's updates: none | optimizer (its Adam state and fp32 main params wait in
+    # CPU memory, pinned when CUDA) | optimizer_and_params (its weights too, in phases that do not run it)
+    offload: str = "none"
 
 
 @dataclass
@@ -132,6 +138,7 @@ class Config:
 
 
 DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+OFFLOAD_CHOICES = ("none", "optimizer", "optimizer_and_params")
 CHOICES = {
     "model.impl": ("auto", "local", "te"),
     "model.dtype": ("fp32", "bf16", "fp64"),
@@ -273,6 +280,9 @@ def _check_fields(config: Config, source: str) -> None:
         if opt.decay_style not in DECAY_STYLES:
             raise ConfigError(f"{source}: optim.{name}.decay_style={opt.decay_style!r}: expected one of "
                               f"{', '.join(DECAY_STYLES)}")
+        if opt.offload not in OFFLOAD_CHOICES:
+            raise ConfigError(f"{source}: optim.{name}.offload={opt.offload!r}: expected one of "
+                              f"{', '.join(OFFLOAD_CHOICES)}")
         if not 0 <= opt.min_lr <= opt.lr:
             raise ConfigError(f"{source}: optim.{name}.min_lr={opt.min_lr}: expected 0 <= min_lr <= lr={opt.lr}")
         updates = network_updates(config, name)

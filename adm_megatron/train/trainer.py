@@ -48,6 +48,7 @@ from adm_megatron.train.checkpoint import load_training_checkpoint, remove_lefto
 from adm_megatron.train.discriminator_monitor import DiscriminatorMonitor
 from adm_megatron.train.ema import ParameterEMA
 from adm_megatron.train.export import export_generator, render_run_samples
+from adm_megatron.train.offload import Offloader
 from adm_megatron.train.optimizer import NetworkOptimizer
 from adm_megatron.train.phases import PhaseRunner, TrainableNetwork, prefixed
 from adm_megatron.train.preemption import StopPoll
@@ -124,10 +125,12 @@ class Trainer:
                         self.start_iteration, config.train.max_iterations - 1)
 
     # -- setup ---------------------------------------------------------------------------------
-    def _wrap(self, module: torch.nn.Module, config) -> DistributedDataParallel:
+    def _wrap(self, module: torch.nn.Module, config, name: str) -> DistributedDataParallel:
         config.enable_autocast = self.config.model.dtype == "bf16"
         config.autocast_dtype = torch.bfloat16
-        return DistributedDataParallel(config, DistributedDataParallelConfig(), module)
+        # a sharded optimizer needs DDP's per-DP-rank buffer shards (reduce-scatter, param all-gather)
+        sharded = getattr(self.config.optim, name).shard_over_dp
+        return DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=sharded), module)
 
     def _build_networks(self) -> None:
         c = self.config
@@ -143,8 +146,8 @@ class Trainer:
             logger.info("generator initialised from %s", m.generator_init)
         fake = self.fake_score
         wrapped = {
-            "fake_score": self._wrap(fake, fake.config),
-            "generator": self._wrap(self.generator, self.generator.config),
+            "fake_score": self._wrap(fake, fake.config, "fake_score"),
+            "generator": self._wrap(self.generator, self.generator.config, "generator"),
         }
         self.heads = None
         if METHODS[c.distill.method].has_discriminator:
@@ -156,15 +159,17 @@ class Trainer:
                     hidden_channels=c.distill.head_hidden, num_blocks=c.distill.head_blocks,
                 ).to(self.device, self.dtype)
             heads = SingleStage(self.heads, copy.copy(fake.config))  # a config of its own: hooks are per network
-            wrapped["discriminator"] = self._wrap(heads, heads.config)
+            wrapped["discriminator"] = self._wrap(heads, heads.config, "discriminator")
         optim = {"fake_score": c.optim.fake_score, "generator": c.optim.generator,
                  "discriminator": c.optim.discriminator}
         self.trainable = {
             name: TrainableNetwork(module, NetworkOptimizer(module, optim[name], network_updates(c, name)))
             for name, module in wrapped.items()
         }
+        self.offload = Offloader(self.trainable, {name: optim[name].offload for name in self.trainable}, self.device)
         self.phases = PhaseRunner(
-            self.trainable, nan_policy=c.train.nan_policy, max_skipped_steps=c.train.max_skipped_steps
+            self.trainable, nan_policy=c.train.nan_policy, max_skipped_steps=c.train.max_skipped_steps,
+            offload=self.offload,
         )
         d = c.data
         rotary = cogvideox_rotary_emb(self.arch, d.frames, d.height, d.width, device=self.device)
@@ -294,6 +299,7 @@ class Trainer:
         if start < total:  # (a run resumed at its end loaded this very checkpoint)
             save_training_checkpoint(self, total)
         generator_dir, samples = None, []
+        self.offload.restore_weights()
         if c.train.export:
             if self.ema is not None:
                 self.ema.copy_to(self.generator)
