@@ -21,6 +21,51 @@ class ConfigError(ValueError):
     """A bad configuration: the message is one line naming the source, the key and the value."""
 
 
+RECOMPUTE_MODES = ("none", "selective", "full")
+RECOMPUTE_PHASES = ("fake_score", "generator", "discriminator")
+
+
+@dataclass
+class RecomputeConfig:
+    """Activation recompute of each backbone, in each phase that runs it with grad: ``none``,
+    ``selective`` (its core attention) or ``full`` (whole blocks), for every phase, or per phase as
+    ``"generator:full,fake_score:none"`` (phases not named: none). ``model.recompute: true / false``
+    or one mode sets all three networks."""
+
+    teacher: str = "none"
+    fake_score: str = "none"
+    generator: str = "none"
+
+    def shorthand(self, value: Any, key: str, source: str) -> None:
+        if isinstance(value, bool):
+            value = "full" if value else "none"
+        if not isinstance(value, str) or value not in RECOMPUTE_MODES:
+            raise ConfigError(f"{source}: {key}={value!r}: expected true, false, one of "
+                              f"{', '.join(RECOMPUTE_MODES)}, or a mapping of teacher / fake_score / generator")
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, value)
+
+    def mode(self, network: str, phase: str) -> str:
+        """The recompute of ``network`` in ``phase`` (the value is validated by ``parse_recompute``)."""
+        return parse_recompute(getattr(self, network), f"model.recompute.{network}", "")[phase]
+
+
+def parse_recompute(value: str, key: str, source: str) -> dict[str, str]:
+    """``"full"`` or ``"generator:full,fake_score:none"`` -> {phase: mode}; one-line ConfigError."""
+    if value in RECOMPUTE_MODES:
+        return dict.fromkeys(RECOMPUTE_PHASES, value)
+    modes = dict.fromkeys(RECOMPUTE_PHASES, "none")
+    for item in value.split(","):
+        phase, sep, mode = (part.strip() for part in item.partition(":"))
+        if not sep or phase not in RECOMPUTE_PHASES or mode not in RECOMPUTE_MODES:
+            raise ConfigError(
+                f"{source}: {key}={value!r}: expected one of {', '.join(RECOMPUTE_MODES)} or PHASE:MODE[,...] "
+                f"with PHASE among {', '.join(RECOMPUTE_PHASES)}"
+            )
+        modes[phase] = mode
+    return modes
+
+
 @dataclass
 class ModelConfig:
     teacher: str = ""  # diffusers transformer dir, CogVideoX pipeline dir, or megatron checkpoint
@@ -28,8 +73,11 @@ class ModelConfig:
     generator_init: str = ""  # diffusers transformer dir (e.g. an earlier run's generator/) to start G from
     impl: str = "auto"  # auto | local | te
     sequence_parallel: bool = False
-    recompute: bool = False
-    dtype: str = "fp32"  # fp32 | bf16 (autocast on GPU) | fp64 (exact numerical checks on CPU)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)  # per network and phase
+    # fp32 | bf16 (autocast on GPU; the frozen teacher is then held in bf16) | fp64 (exact checks on CPU)
+    dtype: str = "fp32"
+    # with dtype=bf16: the trainable networks' weights in bf16 too, fp32 main params in the optimizer
+    bf16_params: bool = False
 
 
 @dataclass
@@ -189,7 +237,9 @@ def _apply(obj: Any, values: dict, prefix: str, source: str) -> None:
         if key not in names:
             raise ConfigError(f"{source}: unknown key {dotted!r} (known: {', '.join(sorted(names))})")
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
+        if dataclasses.is_dataclass(current) and not isinstance(value, dict) and hasattr(current, "shorthand"):
+            current.shorthand(value, dotted, source)
+        elif dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {dotted} must be a mapping, got {value!r}")
             _apply(current, value, dotted + ".", source)
@@ -273,6 +323,10 @@ def _check_fields(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: train.resume is empty: expected auto, never or a checkpoint path")
     if not 0 <= config.train.ema_decay < 1:
         raise ConfigError(f"{source}: train.ema_decay={config.train.ema_decay}: expected 0 <= decay < 1")
+    for name in ("teacher", "fake_score", "generator"):
+        parse_recompute(getattr(config.model.recompute, name), f"model.recompute.{name}", source)
+    if config.model.bf16_params and config.model.dtype != "bf16":
+        raise ConfigError(f"{source}: model.bf16_params=true needs model.dtype=bf16 (got {config.model.dtype})")
     for name in ("generator", "fake_score", "discriminator"):
         opt = getattr(config.optim, name)
         if opt.lr <= 0 or opt.grad_clip < 0 or opt.weight_decay < 0:

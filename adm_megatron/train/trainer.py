@@ -52,6 +52,7 @@ from adm_megatron.train.offload import Offloader
 from adm_megatron.train.optimizer import NetworkOptimizer
 from adm_megatron.train.phases import PhaseRunner, TrainableNetwork, prefixed
 from adm_megatron.train.preemption import StopPoll
+from adm_megatron.train.recompute import RecomputeSwitch
 from adm_megatron.train.resume import mark_finished, plan_resume, trim_metrics
 from adm_megatron.train.run_log import RunLogger
 from adm_megatron.train.single_stage import SingleStage
@@ -136,14 +137,18 @@ class Trainer:
         c = self.config
         m = c.model
         teacher, self.fake_score, self.generator = self.teacher_source.build_models(
-            3, sequence_parallel=m.sequence_parallel, recompute=m.recompute, impl=m.impl,
-            params_dtype=self.dtype,
-        )
+            3, sequence_parallel=m.sequence_parallel, impl=m.impl, params_dtype=self.dtype,
+        )  # recompute is set per network and phase by RecomputeSwitch
         teacher.eval().requires_grad_(False)
+        if m.dtype == "bf16":  # frozen: held once, in bf16 (BF16 autocast computes in bf16 anyway)
+            teacher.to(torch.bfloat16)
         if m.generator_init:  # e.g. a two-stage run: start G from an earlier run's exported generator
             load_full_state_dict(self.generator, load_hf_weights(m.generator_init, self.arch),
                                  source=m.generator_init)
             logger.info("generator initialised from %s", m.generator_init)
+        if m.bf16_params:  # fp32 main params live in the optimizer (train/main_params.py)
+            self.fake_score.to(torch.bfloat16)
+            self.generator.to(torch.bfloat16)
         fake = self.fake_score
         wrapped = {
             "fake_score": self._wrap(fake, fake.config, "fake_score"),
@@ -157,7 +162,7 @@ class Trainer:
                     num_heads=len(tapped_block_indices(self.arch.num_layers, c.distill.head_every)),
                     in_channels=self.arch.hidden_size, kind="3d",
                     hidden_channels=c.distill.head_hidden, num_blocks=c.distill.head_blocks,
-                ).to(self.device, self.dtype)
+                ).to(self.device, torch.bfloat16 if m.bf16_params else self.dtype)
             heads = SingleStage(self.heads, copy.copy(fake.config))  # a config of its own: hooks are per network
             wrapped["discriminator"] = self._wrap(heads, heads.config, "discriminator")
         optim = {"fake_score": c.optim.fake_score, "generator": c.optim.generator,
@@ -167,9 +172,11 @@ class Trainer:
             for name, module in wrapped.items()
         }
         self.offload = Offloader(self.trainable, {name: optim[name].offload for name in self.trainable}, self.device)
+        self.recompute = RecomputeSwitch(
+            {"teacher": teacher, "fake_score": self.fake_score, "generator": self.generator}, m.recompute)
         self.phases = PhaseRunner(
             self.trainable, nan_policy=c.train.nan_policy, max_skipped_steps=c.train.max_skipped_steps,
-            offload=self.offload,
+            offload=self.offload, before_phase=(self.recompute.before_phase,),
         )
         d = c.data
         rotary = cogvideox_rotary_emb(self.arch, d.frames, d.height, d.width, device=self.device)
