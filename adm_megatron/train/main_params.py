@@ -7,7 +7,7 @@ updates for it (``main``) and the flat piece of the parameter it covers. Two lay
   parameter itself when it is fp32 / fp64; a bf16 / fp16 parameter gets an fp32 master copy (megatron's
   Float16 optimizer approach: the update is computed in fp32 and rounded into the parameter).
 - ``ShardedMainParams`` (``sharded_optimizer.py``): each data-parallel rank steps only its 1/DP
-  slice.
+  slice (a view of the parameter when it is fp32 / fp64, an fp32 copy of the slice when bf16).
 
 Both give Adam's state in *model space* (tensors shaped like the parameters) for checkpoints, so
 the two layouts load each other's checkpoints.
@@ -31,6 +31,11 @@ class Slot:
     param: torch.nn.Parameter
     main: torch.Tensor  # what AdamW steps
     piece: slice | None  # the flat piece of ``param`` covered; None: all of it (same shape)
+
+    @property
+    def is_copy(self) -> bool:
+        """Whether ``main`` is a higher-precision copy (else the parameter or a view of it)."""
+        return self.main.dtype != self.param.dtype
 
 
 class MainParams:
@@ -95,13 +100,13 @@ class FullMainParams(MainParams):
     @torch.no_grad()
     def write_back(self) -> None:
         for slot in self.slots:
-            if slot.main is not slot.param:
+            if slot.is_copy:
                 slot.param.copy_(slot.main)
 
     @torch.no_grad()
     def refresh_from_params(self) -> None:
         for slot in self.slots:
-            if slot.main is not slot.param:
+            if slot.is_copy:
                 slot.main.copy_(slot.param)
 
     def to_model_space(self, per_slot: dict[int, torch.Tensor]) -> list[torch.Tensor]:

@@ -109,10 +109,10 @@ class NetworkOptimizer:
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor this optimizer holds besides the model (Adam's moments, and the main params
-        when they are not the model's own): what offload moves."""
+        when they are fp32 copies rather than the model's own storage): what offload moves."""
         self._init_state()
         tensors = [t for state in self.optimizer.state.values() for k, t in state.items() if k != "step"]
-        return tensors + [slot.main for slot in self.main.slots if slot.main is not slot.param]
+        return tensors + [slot.main for slot in self.main.slots if slot.is_copy]
 
     def state_numel(self) -> int:
         """Elements of Adam state this rank holds (two moments per main-param element)."""

@@ -6,10 +6,12 @@ and gradients in bucketed flat buffers padded to a multiple of the data-parallel
 backward ``finish_grad_sync`` *reduce-scatters* each bucket's gradients, so rank r of the
 data-and-context-parallel group holds the averaged gradient of the r-th 1/DP slice of every bucket
 (``torch.distributed.reduce_scatter_tensor``: NCCL has it, and so has gloo in torch 2.13, so the
-same call runs on both backends). ``ShardedMainParams`` owns exactly that slice: its fp32 main
-params and AdamW's two moments exist only for the elements of the slice (1/DP of the network), the
-step updates them, writes them into the DDP parameter buffer and ``start_param_sync`` all-gathers the
-buffer so every rank has the updated parameters again.
+same call runs on both backends). ``ShardedMainParams`` owns exactly that slice: its main params
+(views of the fp32 parameters' slice, as megatron's distributed optimizer does, or fp32 copies of
+bf16 ones) and AdamW's two moments exist only for the elements of the slice (1/DP of the network);
+the step updates them (in the DDP parameter buffer itself, or copied into it from the fp32
+copies) and ``start_param_sync`` all-gathers the buffer so every rank has the updated parameters
+again.
 
 Why this and not the alternatives:
 - megatron-core 0.16.1's ``DistributedOptimizer`` is the natural choice, but it cannot be built
@@ -71,8 +73,9 @@ class ShardedMainParams(MainParams):
         self.params = params
         self.slots = []
         for param, piece in sharded_ranges(ddp_module):
-            flat = param.detach().view(-1)[piece]
-            self.slots.append(Slot(index[id(param)], param, flat.clone().to(main_dtype(param)), piece))
+            flat = param.detach().view(-1)[piece]  # a view into DDP's parameter buffer
+            main = flat if main_dtype(param) == param.dtype else flat.to(main_dtype(param))  # (as megatron's)
+            self.slots.append(Slot(index[id(param)], param, main, piece))
 
     def grad(self, slot: Slot) -> torch.Tensor:
         return slot.param.main_grad.view(-1)[slot.piece]
@@ -84,13 +87,15 @@ class ShardedMainParams(MainParams):
     @torch.no_grad()
     def write_back(self) -> None:
         for slot in self.slots:
-            slot.param.detach().view(-1)[slot.piece].copy_(slot.main)
+            if slot.is_copy:
+                slot.param.detach().view(-1)[slot.piece].copy_(slot.main)
         self.module.start_param_sync(force_sync=True)  # all-gather the updated buffer slices
 
     @torch.no_grad()
     def refresh_from_params(self) -> None:
         for slot in self.slots:
-            slot.main.copy_(slot.param.detach().view(-1)[slot.piece])
+            if slot.is_copy:
+                slot.main.copy_(slot.param.detach().view(-1)[slot.piece])
 
     def to_model_space(self, per_slot: dict[int, torch.Tensor]) -> list[torch.Tensor]:
         """Full (this TP / CP rank's) parameter-shaped tensors from each rank's slices: every rank
