@@ -53,4 +53,25 @@ timeout -k 10 "${GPU_CHECK_PYTEST_TIMEOUT_S:-150}" $PY -m pytest -q -p no:cachep
     tests/test_te_spec.py > "$OUT/pytest_te_spec.log" 2>&1
 echo "== tests/test_te_spec.py exit status: $? (log: $OUT/pytest_te_spec.log)"
 tail -n 5 "$OUT/pytest_te_spec.log"
+# ---- memory settings (issue #12; owner: the sharded-optimizer / offload work) -------------------
+# Peak GPU memory of a medium ADM iteration with offload, sharding (needs 2 GPUs: DP = 2) and bf16
+# params on vs off, and the losses' difference to the baseline (offload must not change them).
+memory_settings_check() {
+    local nproc rc
+    nproc=$("$PY" -c 'import torch; print(min(2, torch.cuda.device_count()))' 2>/dev/null || echo 0)
+    if [ "${nproc:-0}" -lt 1 ]; then
+        echo "== memory settings: no GPU, skipped"
+        return 0
+    fi
+    timeout -k 10 "${GPU_CHECK_MEMORY_TIMEOUT_S:-300}" "$PY" -m torch.distributed.run --standalone \
+        --nproc_per_node="$nproc" tools/gpu_memory_settings.py --out "$OUT/memory_settings.json" \
+        > "$OUT/memory_settings.log" 2>&1
+    rc=$?
+    echo "== tools/gpu_memory_settings.py exit status: $rc on $nproc GPU(s) (log: $OUT/memory_settings.log)"
+    tail -n 8 "$OUT/memory_settings.log"
+    return 0
+}
+memory_settings_check
+# ---- end of memory settings ---------------------------------------------------------------------
+
 exit "$status"
