@@ -150,8 +150,8 @@ def _config_plan(*overrides, gpus=8):
 
 def test_the_plan_follows_the_run_configs_memory_settings():
     """The settings ``train`` implements, read from the config: sharding over DP = 8 divides each
-    sharded network's optimizer term by 8; offload removes idle networks' optimizer state from
-    every phase's resident memory (and from the peak); bf16 weights halve weights and grads;
+    sharded network's optimizer term by 8; offload removes idle networks' optimizer state and grad
+    buffers from every phase's resident memory (and from the peak); bf16 weights halve weights and grads;
     recompute is per network and phase."""
     base = _config_plan()
     shard = _config_plan(*(f"optim.{n}.shard_over_dp=true" for n in ("generator", "fake_score", "discriminator")))
@@ -161,14 +161,19 @@ def test_the_plan_follows_the_run_configs_memory_settings():
         assert shard.networks[name]["weights"] == base.networks[name]["weights"]
     assert shard.peak < base.peak
     offload = _config_plan(*(f"optim.{n}.offload=optimizer" for n in ("generator", "fake_score", "discriminator")))
-    for phase, p in offload.phases.items():
-        idle = sum(base.networks[n]["optimizer"] for n in ("generator", "fake_score", "discriminator") if n != phase)
-        assert p.resident == pytest.approx(base.phases[phase].resident - idle, rel=1e-12), phase
-    assert offload.peak == pytest.approx(base.peak - sum(
-        base.networks[n]["optimizer"] for n in ("fake_score", "discriminator")), rel=1e-12)  # generator phase
+    def idle(phase, part):
+        return sum(base.networks[n][part] for n in ("generator", "fake_score", "discriminator") if n != phase)
+
+    for phase, p in offload.phases.items():  # idle optimizer states on the host, idle grad buffers released
+        assert p.resident == pytest.approx(
+            base.phases[phase].resident - idle(phase, "optimizer") - idle(phase, "grads"), rel=1e-12), phase
+    assert base.peak_phase == offload.peak_phase == "generator"
+    assert offload.peak == pytest.approx(
+        base.peak - idle("generator", "optimizer") - idle("generator", "grads"), rel=1e-12)
     one = _config_plan("optim.generator.offload=optimizer")  # per network: only the generator's state moves
+    generator = base.networks["generator"]
     assert one.phases["fake_score"].resident == pytest.approx(
-        base.phases["fake_score"].resident - base.networks["generator"]["optimizer"], rel=1e-12)
+        base.phases["fake_score"].resident - generator["optimizer"] - generator["grads"], rel=1e-12)
     bf16 = _config_plan("model.bf16_params=true")
     assert base.networks["teacher"]["weights"] < 0.51 * _config_plan("model.dtype=fp32").networks["teacher"]["weights"]
     for name in ("generator", "fake_score"):

@@ -1,8 +1,9 @@
 """Offload of idle networks (``optim.<network>.offload``): three ADM iterations with every network's
 optimizer state and weights offloaded are bit-identical to the same run without offload (losses
 and every weight), and during each phase the networks it does not update keep their optimizer
-state in the host buffers -- read from the tensors' storage -- while the weights of networks the
-phase does not run (learned from the previous iteration) wait there too."""
+state in the host buffers -- read from the tensors' storage -- and their gradient buffers released,
+while the weights of networks the phase does not run (learned from the previous iteration) wait on
+the host too."""
 
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ def test_offload_is_bit_identical_and_idle_state_waits_on_the_host(tmp_path, wor
         for name in NETWORKS:
             expected_state = "device" if name == phase else "host"
             assert where[name]["optimizer"] == expected_state, (iteration, phase, name, where)
+            assert where[name]["grads"] == ("device" if name == phase else "released"), (iteration, phase, name)
         # weights of a network the phase did not run the iteration before wait on the host
         runs = {"fake_score": {"fake_score", "generator"}, "generator": set(NETWORKS),
                 "discriminator": {"discriminator"}}[phase]

@@ -22,7 +22,7 @@ override them for every network at once):
   with bf16 params; ``/ DP`` when that network's optimizer state is sharded over data parallel
   (``train/sharded_optimizer.py``: fp32 params' main params are views, no copy);
 - offload (per network): with ``optimizer``, a network's optimizer state is on the GPU only in
-  its own phase; with ``optimizer_and_params`` its weights too are on the GPU only in the phases
+  its own phase, and its grad buffer exists only there (released between its phases); with ``optimizer_and_params`` its weights too are on the GPU only in the phases
   that run them (fake-score phase: generator + fake score; generator phase: all four;
   discriminator phase: teacher + heads; ``train/offload.py`` learns this from the first iteration);
 - fixed: the run's inputs (text and negative embeddings, noise); with SP, megatron's global
@@ -369,9 +369,8 @@ def _phase_resident(networks: dict, phase: str, s: Settings) -> float:
         offload = s.offload_mode(name)
         if offload != "optimizer_and_params" or used:
             total += parts["weights"]
-        total += parts["grads"]
         if offload == "none" or name == phase:
-            total += parts["optimizer"]
+            total += parts["grads"] + parts["optimizer"]
     return total
 
 

@@ -4,6 +4,9 @@
 - ``optimizer``: the network's optimizer state (Adam's moments, and fp32 main params when they are
   copies) moves to host memory at the start of every phase that does not update the network and
   comes back at the start of the next phase that does;
+  Its gradient buffer (megatron DDP's ``main_grad`` storage) is released meanwhile with megatron's
+  own ``offload_grad_buffers`` and reallocated, zeroed, by ``restore_grad_buffers``: gradients are
+  made and consumed within the network's own phase, so nothing is copied;
 - ``optimizer_and_params``: also the network's weights, in the phases that do not run it at all.
   Which phases run which network is the algorithm's business, so it is learned rather than listed:
   a network's weights are offloaded at the start of a phase in which they were not used the
@@ -114,10 +117,15 @@ class Offloader:
         self.phase = phase
         self.used[phase] = set()
         for name, mode in self.modes.items():
+            module = self.networks[name].module
             if name in trained:
+                if self._grads_released(name):
+                    module.restore_grad_buffers(synchronize=False)
                 self.mover.to_device(self._params(name) + self._state(name))
                 continue
             self.mover.to_host(self._state(name))
+            if not self._grads_released(name):
+                module.offload_grad_buffers(synchronize=self.mover.cuda, empty_cache=False)
             if mode != "optimizer_and_params" or ran_last_time is None:
                 continue
             if name in ran_last_time:  # runs again in this phase: bring its weights back now
@@ -132,10 +140,16 @@ class Offloader:
         for name in self.modes:
             self.mover.to_device(self._params(name))
 
+    def _grads_released(self, name: str) -> bool:
+        buffers = self.networks[name].module.buffers
+        return any(b.grad_data.untyped_storage().size() == 0 for b in buffers)
+
     def where(self, name: str) -> dict[str, str]:
         """Where network ``name``'s optimizer state and weights live now: 'host', 'device' or
-        'mixed' (read from the tensors' storage, not from a flag)."""
+        'mixed', and whether its gradient buffer is 'released' (read from the tensors' storage, not
+        from a flag)."""
         def place(tensors):
             on_host = {self.mover.is_on_host(t) for t in tensors}
             return "mixed" if len(on_host) > 1 else ("host" if on_host == {True} else "device")
-        return {"optimizer": place(self._state(name)), "params": place(self._params(name))}
+        return {"optimizer": place(self._state(name)), "params": place(self._params(name)),
+                "grads": "released" if self._grads_released(name) else "device"}
