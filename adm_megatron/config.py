@@ -337,6 +337,10 @@ def _check_fields(config: Config, source: str) -> None:
         if opt.offload not in OFFLOAD_CHOICES:
             raise ConfigError(f"{source}: optim.{name}.offload={opt.offload!r}: expected one of "
                               f"{', '.join(OFFLOAD_CHOICES)}")
+        if opt.shard_over_dp and opt.offload == "optimizer_and_params":
+            raise ConfigError(f"{source}: optim.{name}.offload=optimizer_and_params with shard_over_dp=true: a "
+                              "sharded network's weights are views into megatron DDP's parameter buffer and "
+                              "cannot move; use offload=optimizer")
         if not 0 <= opt.min_lr <= opt.lr:
             raise ConfigError(f"{source}: optim.{name}.min_lr={opt.min_lr}: expected 0 <= min_lr <= lr={opt.lr}")
         updates = network_updates(config, name)

@@ -255,7 +255,8 @@ class Trainer:
                 )
                 metrics.update(phase_metrics)
             elif pair is not None:  # heads kept frozen (an ablation): still report how they discriminate
-                with torch.no_grad():
+                bf16 = self.config.model.dtype == "bf16"  # as in the phases (the teacher is bf16 then)
+                with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=bf16):
                     loss, d_metrics, _ = alg.discriminator_loss(pair, batch)
                 metrics.update({"discriminator/loss": loss.item(),
                                 **prefixed(d_metrics, "discriminator")})

@@ -34,13 +34,6 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
                 f"optim.{name}.shard_over_dp=true: data parallel is 1 (world {world_size} / tensor_parallel "
                 f"{tp} / context_parallel {cp}); there is nothing to shard over: set it false"
             )
-    for name in ("generator", "fake_score", "discriminator"):
-        opt = getattr(config.optim, name)
-        if opt.shard_over_dp and opt.offload == "optimizer_and_params":
-            raise ConfigError(
-                f"optim.{name}.offload=optimizer_and_params with shard_over_dp=true: a sharded network's "
-                "weights are views into megatron DDP's parameter buffer and cannot move; use offload=optimizer"
-            )
     if arch.num_attention_heads % tp:
         raise ConfigError(
             f"parallel.tensor_parallel={tp}: the teacher's {arch.num_attention_heads} attention "
