@@ -74,11 +74,14 @@ class _Mover:
         tensors = [t for t in tensors if self.is_on_host(t)]
         if not tensors:
             return
-        with self._stream():
-            for t in tensors:
-                on_device = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+        if self.cuda:  # the side stream's copies come after what the compute stream has queued
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        for t in tensors:
+            # allocated on the compute stream, which uses it; written on the side stream
+            on_device = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+            with self._stream():
                 on_device.copy_(t.data, non_blocking=self.cuda)
-                t.data = on_device
+            t.data = on_device
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
