@@ -21,6 +21,51 @@ class ConfigError(ValueError):
     """A bad configuration: the message is one line naming the source, the key and the value."""
 
 
+RECOMPUTE_MODES = ("none", "selective", "full")
+RECOMPUTE_PHASES = ("fake_score", "generator", "discriminator")
+
+
+@dataclass
+class RecomputeConfig:
+    """Activation recompute of each backbone, in each phase that runs it with grad: ``none``,
+    ``selective`` (its core attention) or ``full`` (whole blocks), for every phase, or per phase as
+    ``"generator:full,fake_score:none"`` (phases not named: none). ``model.recompute: true / false``
+    or one mode sets all three networks."""
+
+    teacher: str = "none"
+    fake_score: str = "none"
+    generator: str = "none"
+
+    def shorthand(self, value: Any, key: str, source: str) -> None:
+        if isinstance(value, bool):
+            value = "full" if value else "none"
+        if not isinstance(value, str) or value not in RECOMPUTE_MODES:
+            raise ConfigError(f"{source}: {key}={value!r}: expected true, false, one of "
+                              f"{', '.join(RECOMPUTE_MODES)}, or a mapping of teacher / fake_score / generator")
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, value)
+
+    def mode(self, network: str, phase: str) -> str:
+        """The recompute of ``network`` in ``phase`` (the value is validated by ``parse_recompute``)."""
+        return parse_recompute(getattr(self, network), f"model.recompute.{network}", "")[phase]
+
+
+def parse_recompute(value: str, key: str, source: str) -> dict[str, str]:
+    """``"full"`` or ``"generator:full,fake_score:none"`` -> {phase: mode}; one-line ConfigError."""
+    if value in RECOMPUTE_MODES:
+        return dict.fromkeys(RECOMPUTE_PHASES, value)
+    modes = dict.fromkeys(RECOMPUTE_PHASES, "none")
+    for item in value.split(","):
+        phase, sep, mode = (part.strip() for part in item.partition(":"))
+        if not sep or phase not in RECOMPUTE_PHASES or mode not in RECOMPUTE_MODES:
+            raise ConfigError(
+                f"{source}: {key}={value!r}: expected one of {', '.join(RECOMPUTE_MODES)} or PHASE:MODE[,...] "
+                f"with PHASE among {', '.join(RECOMPUTE_PHASES)}"
+            )
+        modes[phase] = mode
+    return modes
+
+
 @dataclass
 class LoraConfig:
     """LoRA adapters on the generator's tensor-parallel linears (``adm_megatron.lora``)."""
@@ -40,8 +85,11 @@ class ModelConfig:
     generator_init: str = ""  # diffusers transformer dir (e.g. an earlier run's generator/) to start G from
     impl: str = "auto"  # auto | local | te
     sequence_parallel: bool = False
-    recompute: bool = False
-    dtype: str = "fp32"  # fp32 | bf16 (autocast on GPU) | fp64 (exact numerical checks on CPU)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)  # per network and phase
+    # fp32 | bf16 (autocast on GPU; the frozen teacher is then held in bf16) | fp64 (exact checks on CPU)
+    dtype: str = "fp32"
+    # with dtype=bf16: the trainable networks' weights in bf16 too, fp32 main params in the optimizer
+    bf16_params: bool = False
     lora: LoraConfig | None = None  # LoRA generator (only the adapters train); null: full fine-tune
 
 
@@ -96,6 +144,12 @@ class OptimizerConfig:
     warmup_iters: int = 0
     decay_style: str = "constant"  # constant | linear | cosine | inverse-square-root
     min_lr: float = 0.0
+    # memory (adm_megatron.train.sharded_optimizer / offload): this network's fp32 main params and
+    # Adam moments sharded over the data-parallel group (each rank steps 1/DP of them; needs DP > 1)
+    shard_over_dp: bool = False
+    # between this network's updates: none | optimizer (its Adam state and fp32 main params wait in
+    # CPU memory, pinned when CUDA) | optimizer_and_params (its weights too, in phases that do not run it)
+    offload: str = "none"
 
 
 @dataclass
@@ -148,6 +202,7 @@ class Config:
 
 
 DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+OFFLOAD_CHOICES = ("none", "optimizer", "optimizer_and_params")
 CHOICES = {
     "model.impl": ("auto", "local", "te"),
     "model.dtype": ("fp32", "bf16", "fp64"),
@@ -220,7 +275,9 @@ def _apply(obj: Any, values: dict, prefix: str, source: str) -> None:
             if current is None:
                 current = optional()
                 setattr(obj, key, current)
-        if dataclasses.is_dataclass(current):
+        if dataclasses.is_dataclass(current) and not isinstance(value, dict) and hasattr(current, "shorthand"):
+            current.shorthand(value, dotted, source)
+        elif dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {dotted} must be a mapping, got {value!r}")
             _apply(current, value, dotted + ".", source)
@@ -304,6 +361,10 @@ def _check_fields(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: train.resume is empty: expected auto, never or a checkpoint path")
     if not 0 <= config.train.ema_decay < 1:
         raise ConfigError(f"{source}: train.ema_decay={config.train.ema_decay}: expected 0 <= decay < 1")
+    for name in ("teacher", "fake_score", "generator"):
+        parse_recompute(getattr(config.model.recompute, name), f"model.recompute.{name}", source)
+    if config.model.bf16_params and config.model.dtype != "bf16":
+        raise ConfigError(f"{source}: model.bf16_params=true needs model.dtype=bf16 (got {config.model.dtype})")
     for name in ("generator", "fake_score", "discriminator"):
         opt = getattr(config.optim, name)
         if opt.lr <= 0 or opt.grad_clip < 0 or opt.weight_decay < 0:
@@ -311,6 +372,13 @@ def _check_fields(config: Config, source: str) -> None:
         if opt.decay_style not in DECAY_STYLES:
             raise ConfigError(f"{source}: optim.{name}.decay_style={opt.decay_style!r}: expected one of "
                               f"{', '.join(DECAY_STYLES)}")
+        if opt.offload not in OFFLOAD_CHOICES:
+            raise ConfigError(f"{source}: optim.{name}.offload={opt.offload!r}: expected one of "
+                              f"{', '.join(OFFLOAD_CHOICES)}")
+        if opt.shard_over_dp and opt.offload == "optimizer_and_params":
+            raise ConfigError(f"{source}: optim.{name}.offload=optimizer_and_params with shard_over_dp=true: a "
+                              "sharded network's weights are views into megatron DDP's parameter buffer and "
+                              "cannot move; use offload=optimizer")
         if not 0 <= opt.min_lr <= opt.lr:
             raise ConfigError(f"{source}: optim.{name}.min_lr={opt.min_lr}: expected 0 <= min_lr <= lr={opt.lr}")
         updates = network_updates(config, name)

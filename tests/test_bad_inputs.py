@@ -1,6 +1,7 @@
 """Inputs found broken while trying the trainer get one line naming the file and what is wrong,
 before any process group, model or output exists: a truncated teacher weights file (or one whose
-header is cut), and samples asked of a pipeline that has no VAE."""
+header is cut), samples asked of a pipeline that has no VAE, and memory settings train cannot do
+(sharding with DP = 1, weights offload of a sharded network, unknown modes)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,29 @@ def test_samples_from_a_pipeline_without_vae_are_refused_before_training(pipelin
     shutil.rmtree(os.path.join(teacher, "vae"))
     message = _refusal(teacher, str(tmp_path / "run"), "train.num_samples=2")
     assert message.startswith(f"train.num_samples=2: the pipeline {teacher} has no VAE")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.generator.shard_over_dp=true"],
+     "optim.generator.shard_over_dp=true: data parallel is 1 (world 1 / tensor_parallel 1 / context_parallel 1)"),
+])
+def test_sharding_without_data_parallel_is_refused_in_one_line(overrides, message, pipeline_dir, tmp_path, monkeypatch):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert message in _refusal(pipeline_dir, str(tmp_path / "run"), "train.num_samples=0", *overrides)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.discriminator.offload=gpu", "optim.discriminator.offload='gpu': expected one of none, optimizer, "
+                                        "optimizer_and_params"),
+    ("model.recompute.teacher=generator:half", "model.recompute.teacher='generator:half': expected one of none, "
+                                               "selective, full or PHASE:MODE"),
+    ("model.recompute=sometimes", "model.recompute='sometimes': expected true, false"),
+    ("model.bf16_params=true", "model.bf16_params=true needs model.dtype=bf16 (got fp32)"),
+    ("optim.fake_score={offload: optimizer_and_params, shard_over_dp: true}",
+     "optim.fake_score.offload=optimizer_and_params with shard_over_dp=true"),
+])
+def test_bad_memory_settings_are_one_line_config_errors(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.teacher=x", override])
+    assert message in str(err.value) and "\n" not in str(err.value)

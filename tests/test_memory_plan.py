@@ -120,6 +120,10 @@ def test_plan_command_prints_the_table_and_writes_json(tmp_path, capsys, world_o
     (["--gpus", "8", "--card", "80", "parallel.context_parallel=4"], "video tokens are not divisible"),
     (["--gpus", "8", "--card", "80", "data.height=62"], "tokens per context-parallel rank are not divisible"),
     (["--gpus", "3", "--card", "80"], "gpus=3: not a positive multiple"),
+    (["--gpus", "8", "--card", "80", "--assume-pinned-memory", "--shard-optimizer", "all", "--offload",
+      "optimizer_and_params"], "offload=optimizer_and_params with a sharded optimizer"),
+    (["--gpus", "8", "--card", "80", "optim.generator.shard_over_dp=true", "optim.generator.offload=optimizer_and_params"],
+     "optim.generator.offload=optimizer_and_params with shard_over_dp=true"),
 ])
 def test_bad_layouts_get_one_line_before_any_model_is_built(args, message, tmp_path, capsys, monkeypatch):
     # the same on every machine: pinned host memory is what CUDA gives, so the refusal is for no CUDA
@@ -138,3 +142,47 @@ def test_a_run_that_cannot_fit_says_so_in_one_line(tmp_path, capsys, world_of_on
     assert _plan(tmp_path, "--gpus", "8", "--card", "24") == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("adm-megatron plan: does not fit: peak") and "\n" not in err, err
+
+
+def _config_plan(*overrides, gpus=8):
+    from adm_megatron.memory.run_plan import plan_run
+
+    config = load_config(None, ["model.teacher=/nowhere", "model.dtype=bf16", "model.sequence_parallel=true",
+                                "model.recompute=full", *overrides])
+    return plan_run(config, gpus, preset="cogvideox-2b", card_gib=80.0)
+
+
+def test_the_plan_follows_the_run_configs_memory_settings():
+    """The settings ``train`` implements, read from the config: sharding over DP = 8 divides each
+    sharded network's optimizer term by 8; offload removes idle networks' optimizer state and grad
+    buffers from every phase's resident memory (and from the peak); bf16 weights halve weights and grads;
+    recompute is per network and phase."""
+    base = _config_plan()
+    shard = _config_plan(*(f"optim.{n}.shard_over_dp=true" for n in ("generator", "fake_score", "discriminator")))
+    assert base.settings.data_parallel == 8
+    for name in ("generator", "fake_score", "discriminator"):
+        assert shard.networks[name]["optimizer"] * 8 == pytest.approx(base.networks[name]["optimizer"], rel=1e-12)
+        assert shard.networks[name]["weights"] == base.networks[name]["weights"]
+    assert shard.peak < base.peak
+    offload = _config_plan(*(f"optim.{n}.offload=optimizer" for n in ("generator", "fake_score", "discriminator")))
+    def idle(phase, part):
+        return sum(base.networks[n][part] for n in ("generator", "fake_score", "discriminator") if n != phase)
+
+    for phase, p in offload.phases.items():  # idle optimizer states on the host, idle grad buffers released
+        assert p.resident == pytest.approx(
+            base.phases[phase].resident - idle(phase, "optimizer") - idle(phase, "grads"), rel=1e-12), phase
+    assert base.peak_phase == offload.peak_phase == "generator"
+    assert offload.peak == pytest.approx(
+        base.peak - idle("generator", "optimizer") - idle("generator", "grads"), rel=1e-12)
+    one = _config_plan("optim.generator.offload=optimizer")  # per network: only the generator's state moves
+    generator = base.networks["generator"]
+    assert one.phases["fake_score"].resident == pytest.approx(
+        base.phases["fake_score"].resident - generator["optimizer"] - generator["grads"], rel=1e-12)
+    bf16 = _config_plan("model.bf16_params=true")
+    assert base.networks["teacher"]["weights"] < 0.51 * _config_plan("model.dtype=fp32").networks["teacher"]["weights"]
+    for name in ("generator", "fake_score"):
+        assert bf16.networks[name]["grads"] * 2 == base.networks[name]["grads"]
+    g_only = _config_plan("model.recompute=none", "model.recompute.generator=full")
+    none = _config_plan("model.recompute=none")
+    assert g_only.phases["generator"].activations < none.phases["generator"].activations
+    assert g_only.phases["fake_score"].activations == none.phases["fake_score"].activations

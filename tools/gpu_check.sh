@@ -16,7 +16,7 @@
 #    GPU_CHECK_BENCH_MODEL (default cogvideox-2b) cut to GPU_CHECK_BENCH_LAYERS blocks (default 4),
 #    with GPU_CHECK_BENCH_ARGS (default: 3 repeats, 1 warm-up, 2 generator steps, a head on every
 #    2nd block), into $OUT/bench.json and $OUT/bench.log, under GPU_CHECK_BENCH_TIMEOUT_S (default
-#    240 s). GPU_CHECK_BENCH_TIMEOUT_S=0 skips it.
+#    150 s). GPU_CHECK_BENCH_TIMEOUT_S=0 skips it.
 #
 # Exit status: gpu_check.py's (0: every check passed and no section failed).
 # See docs/gpu_check.md.
@@ -60,13 +60,35 @@ timeout -k 10 "${GPU_CHECK_PYTEST_TIMEOUT_S:-150}" $PY -m pytest -q -p no:cachep
 echo "== tests/test_te_spec.py exit status: $? (log: $OUT/pytest_te_spec.log)"
 tail -n 5 "$OUT/pytest_te_spec.log"
 
-if [ "${GPU_CHECK_BENCH_TIMEOUT_S:-240}" != 0 ]; then
+if [ "${GPU_CHECK_BENCH_TIMEOUT_S:-150}" != 0 ]; then
     # shellcheck disable=SC2086  # the extra arguments are meant to split
-    timeout -k 10 "${GPU_CHECK_BENCH_TIMEOUT_S:-240}" $PY -m adm_megatron.cli bench \
+    timeout -k 10 "${GPU_CHECK_BENCH_TIMEOUT_S:-150}" $PY -m adm_megatron.cli bench \
         --model "${GPU_CHECK_BENCH_MODEL:-cogvideox-2b}" --layers "${GPU_CHECK_BENCH_LAYERS:-4}" \
         --out "$OUT/bench.json" ${GPU_CHECK_BENCH_ARGS:---repeats 3 --warmup 1 distill.generator_steps=2 distill.head_every=2} \
         > "$OUT/bench.log" 2>&1
     echo "== adm-megatron bench exit status: $? (log: $OUT/bench.log, JSON: $OUT/bench.json)"
     tail -n 25 "$OUT/bench.log"
 fi
+
+# ---- memory settings (issue #12; owner: the sharded-optimizer / offload work) -------------------
+# Peak GPU memory of a medium ADM iteration with offload, sharding (needs 2 GPUs: DP = 2) and bf16
+# params on vs off, and the losses' difference to the baseline (offload must not change them).
+memory_settings_check() {
+    local nproc rc
+    nproc=$("$PY" -c 'import torch; print(min(2, torch.cuda.device_count()))' 2>/dev/null || echo 0)
+    if [ "${nproc:-0}" -lt 1 ]; then
+        echo "== memory settings: no GPU, skipped"
+        return 0
+    fi
+    timeout -k 10 "${GPU_CHECK_MEMORY_TIMEOUT_S:-150}" "$PY" -m torch.distributed.run --standalone \
+        --nproc_per_node="$nproc" tools/gpu_memory_settings.py --out "$OUT/memory_settings.json" \
+        > "$OUT/memory_settings.log" 2>&1
+    rc=$?
+    echo "== tools/gpu_memory_settings.py exit status: $rc on $nproc GPU(s) (log: $OUT/memory_settings.log)"
+    tail -n 8 "$OUT/memory_settings.log"
+    return 0
+}
+memory_settings_check
+# ---- end of memory settings ---------------------------------------------------------------------
+
 exit "$status"

@@ -36,20 +36,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--card", type=float, required=True, help="GPU memory in GiB (e.g. 80 or 40)")
     parser.add_argument("--margin", type=float, default=0.1,
                         help="fraction of the card kept free for what the formulas leave out (default 0.1)")
-    parser.add_argument("--shard-optimizer", type=_networks, default=frozenset(), metavar="NETS",
+    parser.add_argument("--shard-optimizer", type=_networks, default=None, metavar="NETS",
                         help="optimizer state sharded over DP: all, none or e.g. generator,fake_score "
-                        "(not implemented in train yet)")
-    parser.add_argument("--offload", choices=OFFLOAD, default="none",
-                        help="idle networks' optimizer state (and params) in pinned CPU memory "
-                        "(not implemented in train yet)")
-    parser.add_argument("--params", choices=("fp32", "bf16"), default="fp32",
-                        help="fp32 (as train holds them today) or bf16 weights with fp32 master copies "
-                        "(not implemented in train yet)")
+                        "(default: the config's optim.<network>.shard_over_dp)")
+    parser.add_argument("--offload", choices=OFFLOAD, default=None,
+                        help="idle networks' optimizer state (and params) in pinned CPU memory, for every "
+                        "trainable network (default: the config's optim.<network>.offload)")
+    parser.add_argument("--params", choices=("fp32", "bf16"), default=None,
+                        help="trainable weights fp32, or bf16 with fp32 master copies (default: the config's "
+                        "model.bf16_params)")
     parser.add_argument("--assume-pinned-memory", action="store_true",
                         help="plan offload from a machine without CUDA (the target can pin memory)")
     parser.add_argument("--json", default="", help="also write the plan as JSON to this file")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted config overrides, e.g. parallel.tensor_parallel=2 model.recompute=true")
+                        help="dotted config overrides, e.g. parallel.tensor_parallel=2 model.recompute=full "
+                        "optim.generator.shard_over_dp=true")
 
 
 def run(args: argparse.Namespace) -> int:

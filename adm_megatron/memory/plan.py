@@ -11,16 +11,20 @@ parameters on one rank (``counts.py``: tensor-parallel weights split by TP, the 
 table is added to the embeddings, as in 2b; bf16 with RoPE, as in 5b). Statistics (norm mean / rstd,
 attention log-sum-exp) are fp32.
 
-Resident state, per network:
-- weights ``P x w`` (``w`` 4 for fp32 params, as train holds them today; 2 for the planned bf16
-  params) plus buffers;
+Resident state, per network (the settings are the run config's: ``model.bf16_params``,
+``optim.<network>.shard_over_dp`` / ``offload``, ``model.recompute``; the plan command can
+override them for every network at once):
+- weights ``P x w`` (``w`` 4 for fp32 params; 2 for bf16 params, ``model.bf16_params``; the frozen
+  teacher is held in bf16 whenever ``model.dtype=bf16``) plus buffers;
 - grads (trainable networks): megatron DDP's ``main_grad`` buffer, ``P x w`` (megatron's default,
   ``grad_reduce_in_fp32=False``, keeps grads in the params' dtype);
 - optimizer (trainable networks): AdamW's two moments ``P x 8``, plus an fp32 master copy ``P x 4``
-  with bf16 params; ``/ DP`` when that network's optimizer state is sharded over data parallel;
-- offload: a network's optimizer state is on the GPU only in its own phase; with params offload
-  too, a network's weights are on the GPU only in the phases that run it (fake-score phase:
-  generator + fake score; generator phase: all four; discriminator phase: teacher + heads);
+  with bf16 params; ``/ DP`` when that network's optimizer state is sharded over data parallel
+  (``train/sharded_optimizer.py``: fp32 params' main params are views, no copy);
+- offload (per network): with ``optimizer``, a network's optimizer state is on the GPU only in
+  its own phase, and its grad buffer exists only there (released between its phases); with ``optimizer_and_params`` its weights too are on the GPU only in the phases
+  that run them (fake-score phase: generator + fake score; generator phase: all four;
+  discriminator phase: teacher + heads; ``train/offload.py`` learns this from the first iteration);
 - fixed: the run's inputs (text and negative embeddings, noise); with SP, megatron's global
   all-gather buffer ``s B h e`` that trainable linears gather their input into (linears with
   frozen weights, as the CFG teacher's, gather into fresh tensors: part of their working set).
@@ -39,8 +43,11 @@ measurement):
   its modulation ``row (e_n + e)`` and the text input ``B Lt D e``; the output latents
   ``B Lv p^2 C e``;
 - context parallel: each block's gathered video keys and values, ``2 (Lv - Lv / CP) B h / TP e``;
-- full recompute: only each block's input ``row e_r`` is kept; the block being back-propagated is
-  recomputed (one block's activations on top, in backward);
+- recompute, per network and phase: ``full`` keeps only each block's input ``row e_r``; the
+  block being back-propagated is recomputed (one block's activations on top, in backward).
+  ``selective`` recomputes the core attention only; with SDPA / flash kernels that keep no
+  ``s x s`` matrix, what it drops (the kernel's own saved statistics) is within the statistics
+  term, so it is planned as ``none``;
 - tapped features for the discriminator: views of saved block outputs without SP / CP; with SP or
   CP each tap is gathered to a new ``[Lv, B, h]`` tensor.
 
@@ -69,7 +76,8 @@ Phases (the peak of each is resident + the largest of its moments):
   implementation (CUDA) or the largest tensor (CPU); a sharded (megatron distributed) optimizer
   clips in place and steps its ``P / DP`` shard.
 - BF16 autocast with fp32 params: each network run with grad in the phase keeps bf16 copies of its
-  weights for backward, ``P x 2``.
+  weights for backward, ``P x 2`` (none for bf16 weights, the teacher's included).
+- bf16 params: the optimizer steps fp32 copies of the gradients, ``P x 4`` (as the clipped copy).
 
 A run fits when the largest phase peak is at most ``card x (1 - margin)``; the margin covers what
 the formulas leave out (CUDA context, allocator fragmentation, NCCL buffers, kernels' workspaces).
@@ -92,7 +100,8 @@ PHASE_NETWORKS = {
     "generator": NETWORKS,
     "discriminator": ("teacher", "discriminator"),
 }
-OFFLOAD = ("none", "optimizer", "optimizer+params")
+OFFLOAD = ("none", "optimizer", "optimizer_and_params")  # as optim.<network>.offload
+RECOMPUTE = ("none", "selective", "full")  # as model.recompute
 
 # working sets (see the module docstring; measured on CPU, units s h / TP fwd unless stated)
 NO_GRAD_SEQ, NO_GRAD_SPLIT = 5, 9
@@ -137,17 +146,37 @@ class Settings:
     data_parallel: int = 1
     batch_size: int = 1
     sequence_parallel: bool = False
-    recompute: bool = False
-    activations: str = "fp32"  # fp32 | bf16 (autocast, as model.dtype=bf16)
-    params: str = "fp32"  # fp32 (today) | bf16 (planned: bf16 weights, fp32 master in the optimizer)
+    # a mode for every network and phase (True: full), or ((network, phase, mode), ...) from the config
+    recompute: bool | str | tuple = False
+    activations: str = "fp32"  # fp32 | bf16 (autocast, as model.dtype=bf16; the teacher then in bf16)
+    params: str = "fp32"  # trainable weights: fp32 | bf16 (model.bf16_params: fp32 master in the optimizer)
     shard_optimizer: frozenset = frozenset()  # trainable networks whose optimizer state is sharded over DP
-    offload: str = "none"  # none | optimizer | optimizer+params (idle networks' state on the CPU)
+    # idle networks' state on the CPU: one of OFFLOAD for every trainable network, or ((network, mode), ...)
+    offload: str | tuple = "none"
     grad_clip: bool = True
     device: str = "cuda"  # cuda (foreach AdamW) | cpu
     card_gib: float = 80.0
     margin: float = 0.1  # fraction of the card kept free
     pinned_memory: bool = True  # the host can pin memory (offload needs it)
     cpu_threads: int = 1  # device=cpu only: torch's intra-op threads (per-thread conv workspaces)
+
+    def recompute_mode(self, network: str, phase: str) -> str:
+        if isinstance(self.recompute, bool):
+            return "full" if self.recompute else "none"
+        if isinstance(self.recompute, str):
+            return self.recompute
+        return {(n, p): m for n, p, m in self.recompute}.get((network, phase), "none")
+
+    def offload_mode(self, network: str) -> str:
+        if isinstance(self.offload, str):
+            return "none" if network == "teacher" else self.offload
+        return dict(self.offload).get(network, "none")
+
+    def offload_modes(self) -> set[str]:
+        return {self.offload_mode(n) for n in TRAINABLE}
+
+    def teacher_bf16(self) -> bool:
+        return self.activations == "bf16"
 
 
 @dataclass
@@ -207,11 +236,20 @@ def check_settings(shape: Shape, s: Settings) -> None:
         raise PlanError(f"shard_optimizer={sorted(unknown)}: expected networks among {', '.join(TRAINABLE)}")
     if s.shard_optimizer and dp == 1:
         raise PlanError("shard_optimizer: data_parallel=1 leaves nothing to shard over (needs DP > 1)")
-    if s.offload not in OFFLOAD:
-        raise PlanError(f"offload={s.offload!r}: expected one of {', '.join(OFFLOAD)}")
-    if s.offload != "none" and not s.pinned_memory:
-        raise PlanError(f"offload={s.offload}: needs pinned host memory, which this machine cannot give "
-                        "(no CUDA); use offload=none")
+    unknown = s.offload_modes() - set(OFFLOAD)
+    if unknown:
+        raise PlanError(f"offload={sorted(unknown)}: expected one of {', '.join(OFFLOAD)}")
+    offloaded = sorted(n for n in TRAINABLE if s.offload_mode(n) != "none")
+    if offloaded and not s.pinned_memory:
+        raise PlanError(f"offload of {', '.join(offloaded)}: needs pinned host memory, which this machine cannot "
+                        "give (no CUDA); use offload=none")
+    for name in sorted(s.shard_optimizer):
+        if s.offload_mode(name) == "optimizer_and_params":
+            raise PlanError(f"{name}: offload=optimizer_and_params with a sharded optimizer: the weights of a "
+                            "sharded network cannot move (use offload=optimizer)")
+    modes = {s.recompute_mode(n, p) for n in ("teacher", "fake_score", "generator") for p in PHASES}
+    if modes - set(RECOMPUTE):
+        raise PlanError(f"recompute={sorted(modes - set(RECOMPUTE))}: expected one of {', '.join(RECOMPUTE)}")
     for key, value, allowed in (("activations", s.activations, ("fp32", "bf16")),
                                 ("params", s.params, ("fp32", "bf16")), ("device", s.device, ("cuda", "cpu"))):
         if value not in allowed:
@@ -235,9 +273,10 @@ class _Formulas:
         self.residual_e = 4 if shape.position_table else self.e
         self.gathers_taps = (s.sequence_parallel and tp > 1) or cp > 1
 
-    def saved(self, batch: int, kind: str) -> tuple[float, float]:
+    def saved(self, batch: int, kind: str, recompute: str = "none") -> tuple[float, float]:
         """Activations one forward with grad of a backbone (``kind`` trainable | frozen) keeps for
-        backward, and what its backward brings back on top (one recomputed block, or nothing)."""
+        backward with its ``recompute`` mode, and what its backward brings back on top (one
+        recomputed block, or nothing)."""
         sh, s = self.shape, self.s
         tp, h, row = s.tensor_parallel, sh.hidden, batch * self.seq * sh.hidden  # row: s_seq B h
         residual = 2 * self.residual_e  # block input and the attention residual
@@ -253,7 +292,7 @@ class _Formulas:
         if kind == "trainable":
             once += (self.norm_e + self.e) * row + batch * sh.text_tokens * sh.text_dim * self.e
         once += batch * sh.video_tokens * sh.patch**2 * sh.latent_channels * self.e
-        if s.recompute:  # block inputs kept; one block's activations come back in its backward
+        if recompute == "full":  # block inputs kept; one block's activations come back in its backward
             return (sh.layers * self.residual_e * row + once, block)
         return (sh.layers * block + once, 0.0)
 
@@ -301,11 +340,17 @@ class _Formulas:
         return sh.taps * sh.head_hidden * total * batch * self.e
 
 
+def _weight_bytes(name: str, s: Settings) -> int:
+    if name == "teacher":
+        return 2 if s.teacher_bf16() else 4
+    return 2 if s.params == "bf16" else 4
+
+
 def _resident(sizes: dict[str, NetworkSize], s: Settings) -> dict[str, dict[str, float]]:
-    w = 2 if s.params == "bf16" else 4
     out = {}
     for name in NETWORKS:
         size = sizes[name]
+        w = _weight_bytes(name, s)
         weights = size.params * w + size.buffer_bytes
         if name == "teacher":
             out[name] = {"weights": weights, "grads": 0.0, "optimizer": 0.0}
@@ -321,11 +366,11 @@ def _phase_resident(networks: dict, phase: str, s: Settings) -> float:
     total = 0.0
     for name, parts in networks.items():
         used = name in PHASE_NETWORKS[phase]
-        if s.offload != "optimizer+params" or used:
+        offload = s.offload_mode(name)
+        if offload != "optimizer_and_params" or used:
             total += parts["weights"]
-        total += parts["grads"]
-        if s.offload == "none" or name == phase:
-            total += parts["optimizer"]
+        if offload == "none" or name == phase:
+            total += parts["grads"] + parts["optimizer"]
     return total
 
 
@@ -333,16 +378,19 @@ def _step(size: NetworkSize, name: str, s: Settings) -> float:
     if name in s.shard_optimizer:  # megatron's distributed optimizer: in-place clipping, its shard
         return size.params / s.data_parallel * 4
     temporaries = size.params * 4 if s.device == "cuda" else size.largest_param * 4
-    return (size.params * 4 if s.grad_clip else 0.0) + temporaries
+    fp32_grads = s.grad_clip or s.params == "bf16"  # the clipped copy, or bf16 grads cast for the fp32 step
+    return (size.params * 4 if fp32_grads else 0.0) + temporaries
 
 
 def _moments(f: _Formulas, sizes: dict[str, NetworkSize], phase: str) -> dict[str, tuple[float, dict]]:
     """Each moment of a phase: (saved activations, {transient name: bytes})."""
     s, b = f.s, f.s.batch_size
     copies = 2 if s.activations == "bf16" and s.params == "fp32" else 0  # autocast weight copies
+    teacher_copies = 2 if s.activations == "bf16" and not s.teacher_bf16() else 0
     step = {"optimizer step": _step(sizes[phase], phase, s)}
+    mode = s.recompute_mode
     if phase == "fake_score":
-        saved, recomputed = f.saved(b, "trainable")
+        saved, recomputed = f.saved(b, "trainable", mode("fake_score", phase))
         return {
             "generator rollout": (0.0, {"forward without grad": f.no_grad(b)}),
             "fake-score backward": (saved + recomputed, {
@@ -351,17 +399,19 @@ def _moments(f: _Formulas, sizes: dict[str, NetworkSize], phase: str) -> dict[st
             "optimizer step": (0.0, step),
         }
     if phase == "generator":
-        (g_saved, _), (frozen_saved, frozen_recomputed) = f.saved(b, "trainable"), f.saved(b, "frozen")
-        g_f = g_saved + frozen_saved
+        g_saved, _ = f.saved(b, "trainable", mode("generator", phase))
+        fake_saved, _ = f.saved(b, "frozen", mode("fake_score", phase))
+        backbone_saved, backbone_recomputed = f.saved(b, "frozen", mode("teacher", phase))
+        g_f = g_saved + fake_saved
         autocast = copies * (sizes["generator"].params + sizes["fake_score"].params)
-        disc = frozen_saved + frozen_recomputed + f.taps(b, True) + f.heads(b, "frozen")
+        disc = backbone_saved + backbone_recomputed + f.taps(b, True) + f.heads(b, "frozen")
         return {
             "generator rollout": (0.0, {"forward without grad": f.no_grad(b)}),
             "CFG teacher": (g_f, {"CFG doubled batch": f.no_grad(2 * b), "autocast weight copies": autocast}),
             "discriminator backward": (g_f + disc, {
                 "backward working set": f.extra(b, "frozen", BACKWARD_EXTRA),
-                "autocast weight copies": autocast + copies * (sizes["teacher"].params
-                                                               + sizes["discriminator"].params)}),
+                "autocast weight copies": autocast + teacher_copies * sizes["teacher"].params
+                + copies * sizes["discriminator"].params}),
             "optimizer step": (0.0, step),
         }
     taps, heads = f.taps(b, False), f.heads(b, "trainable")

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 
-from adm_megatron.memory.plan import MemoryPlan, gib
+from adm_megatron.memory.plan import PHASES, TRAINABLE, MemoryPlan, gib
+
+
+def _recompute(s, network: str) -> str:
+    modes = {p: s.recompute_mode(network, p) for p in PHASES}
+    if len(set(modes.values())) == 1:
+        return next(iter(modes.values()))
+    return ",".join(f"{p}:{m}" for p, m in modes.items() if m != "none")
+
+
+def _per_network(value, networks) -> str:
+    values = {n: value(n) for n in networks}
+    if len(set(values.values())) == 1:
+        return next(iter(values.values()))
+    return ", ".join(f"{n} {v}" for n, v in values.items())
 
 
 def _r(value: float) -> float:
@@ -40,10 +54,12 @@ def format_table(plan: MemoryPlan, title: str = "") -> str:
     lines = [title] if title else []
     lines.append(
         f"layout TP={s.tensor_parallel} CP={s.context_parallel} DP={s.data_parallel}, micro-batch {s.batch_size}, "
-        f"SP={'on' if s.sequence_parallel else 'off'}, recompute={'full' if s.recompute else 'none'}, "
-        f"activations {s.activations}, params {s.params}, sharded optimizer: "
-        f"{', '.join(sorted(s.shard_optimizer)) or 'none'}, offload {s.offload}"
+        f"SP={'on' if s.sequence_parallel else 'off'}, activations {s.activations}, trainable params "
+        f"{s.params}, teacher {'bf16' if s.teacher_bf16() else 'fp32'}"
     )
+    lines.append(f"recompute {_per_network(lambda n: _recompute(s, n), ('teacher', *TRAINABLE[:2]))}; "
+                 f"sharded optimizer: {', '.join(sorted(s.shard_optimizer)) or 'none'}; "
+                 f"offload {_per_network(s.offload_mode, TRAINABLE)}")
     lines.append(f"{'network':<16}{'weights':>10}{'grads':>10}{'optimizer':>11}   (GiB per GPU)")
     for name, parts in plan.networks.items():
         lines.append(f"{name:<16}{gib(parts['weights']):>10.2f}{gib(parts['grads']):>10.2f}"

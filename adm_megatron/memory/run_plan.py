@@ -48,9 +48,25 @@ def shape_for(config: Config, arch) -> Shape:
     )
 
 
+def config_memory_settings(config: Config) -> dict:
+    """The memory settings the run config asks for (what ``train`` will do), as ``Settings`` fields."""
+    from adm_megatron.config import RECOMPUTE_PHASES
+    from adm_megatron.memory.plan import TRAINABLE
+
+    m = config.model
+    return dict(
+        recompute=tuple((n, p, m.recompute.mode(n, p)) for n in ("teacher", "fake_score", "generator")
+                        for p in RECOMPUTE_PHASES),
+        params="bf16" if m.bf16_params else "fp32",
+        shard_optimizer=frozenset(n for n in TRAINABLE if getattr(config.optim, n).shard_over_dp),
+        offload=tuple((n, getattr(config.optim, n).offload) for n in TRAINABLE),
+    )
+
+
 def settings_for(config: Config, world_size: int, **memory) -> Settings:
-    """The layout of ``config`` on ``world_size`` GPUs plus the memory settings (``Settings`` fields:
-    shard_optimizer, offload, params, card_gib, margin, device, pinned_memory)."""
+    """The layout of ``config`` on ``world_size`` GPUs with the memory settings of the config,
+    where ``memory`` (``Settings`` fields: shard_optimizer, offload, params, card_gib, margin, device,
+    pinned_memory...) does not override them; a None value keeps the config's."""
     tp, cp = config.parallel.tensor_parallel, config.parallel.context_parallel
     if world_size < 1 or world_size % (tp * cp):
         raise PlanError(f"gpus={world_size}: not a positive multiple of tensor_parallel x context_parallel = "
@@ -59,12 +75,13 @@ def settings_for(config: Config, world_size: int, **memory) -> Settings:
     if m.dtype == "fp64":
         raise PlanError("model.dtype=fp64: the planner covers fp32 and bf16 runs")
     opt = config.optim
+    chosen = {**config_memory_settings(config), **{k: v for k, v in memory.items() if v is not None}}
     return Settings(
         tensor_parallel=tp, context_parallel=cp, data_parallel=world_size // (tp * cp),
-        batch_size=config.data.batch_size, sequence_parallel=m.sequence_parallel, recompute=m.recompute,
+        batch_size=config.data.batch_size, sequence_parallel=m.sequence_parallel,
         activations=m.dtype, grad_clip=max(opt.fake_score.grad_clip, opt.generator.grad_clip,
                                            opt.discriminator.grad_clip) > 0,
-        **memory,
+        **chosen,
     )
 
 

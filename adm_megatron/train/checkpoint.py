@@ -105,6 +105,7 @@ def save_training_checkpoint(trainer, iteration: int) -> str:
     config = trainer.config
     rank0 = trainer.info.rank == 0
     bind_writer_processes()
+    trainer.offload.restore_weights()
     state = _train_state(trainer, iteration)
 
     def write(tmp: str) -> None:

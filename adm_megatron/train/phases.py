@@ -9,7 +9,9 @@ finalised the same way and each steps its own optimiser. Every other trainable n
 for the phase, so only the phase's own parameters receive gradients and change. Metric keys that
 already name a section (``discriminator/...``) are kept; others are prefixed with the phase. The
 ADM schedule itself (fake score every iteration, generator and discriminator every ``ttur``-th)
-lives in the trainer loop.
+lives in the trainer loop. Before each phase, ``adm_megatron.train.offload`` places the networks'
+optimizer states (and weights) that the phase does not update in host memory, and further
+``before_phase`` callables (the trainer's per-phase recompute switch) run, as configured.
 
 A non-finite loss on any rank, or a non-finite global gradient norm, is decided the same on every
 rank (the loss flag is all-reduced over the world, the norm is already global): the update raises
@@ -32,6 +34,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from adm_megatron.parallel.device_scope import cpu_device_scope
+from adm_megatron.train.offload import Offloader
 from adm_megatron.train.optimizer import NetworkOptimizer
 
 PHASES = ("fake_score", "generator", "discriminator")
@@ -86,13 +89,16 @@ def prepare_for_schedule(ddp_module: torch.nn.Module) -> None:
 
 class PhaseRunner:
     def __init__(self, networks: dict[str, TrainableNetwork], nan_policy: str = "error",
-                 max_skipped_steps: int = 10):
+                 max_skipped_steps: int = 10, offload: Offloader | None = None,
+                 before_phase: tuple[Callable[[str, tuple], None], ...] = ()):
         unknown = set(networks) - set(PHASES)
         if unknown:
             raise ValueError(f"unknown phase(s) {sorted(unknown)}: expected {PHASES}")
         self.networks = networks
         self.nan_policy = nan_policy
         self.max_skipped_steps = max_skipped_steps
+        self.offload = offload or Offloader(networks, {}, torch.device("cpu"))
+        self.before_phase = (self.offload.before_phase, *before_phase)  # each gets (phase, trained)
         self.skipped_total = 0  # updates skipped in the run
         self.skipped_in_a_row = {name: 0 for name in networks}  # each network's, since its last step
         self.forward_backward = get_forward_backward_func()
@@ -119,6 +125,8 @@ class PhaseRunner:
             return loss, lambda out: (out, torch.ones((), dtype=torch.int), {"loss": out.detach()})
 
         start = time.perf_counter()
+        for prepare in self.before_phase:
+            prepare(phase, trained)
         for name in trained:
             self.networks[name].module.zero_grad_buffer()
         with frozen(others), cpu_device_scope():

@@ -29,7 +29,8 @@ from adm_megatron.train.checkpoint import STATE_FILE, checkpoints_root, latest_c
 FINISHED = "finished.json"  # in output_dir, written when a run has exported everything
 # keys that may differ between the invocations of one run (prefixes end in a dot)
 MAY_CHANGE = (
-    "parallel.", "model.sequence_parallel", "model.recompute", "model.impl", "data.batch_size",
+    "parallel.", "model.sequence_parallel", "model.recompute", "model.recompute.", "model.impl", "data.batch_size",
+    *(f"optim.{n}.{k}" for n in ("generator", "fake_score", "discriminator") for k in ("shard_over_dp", "offload")),
     "train.resume", "train.keep_checkpoints", "train.save_every", "train.save_interval_minutes",
     "train.log_every", "train.num_samples", "train.export", "train.export_lora", "train.max_skipped_steps",
     "train.nan_policy", "logging.", "output_dir",

@@ -48,9 +48,11 @@ from adm_megatron.train.checkpoint import load_training_checkpoint, remove_lefto
 from adm_megatron.train.discriminator_monitor import DiscriminatorMonitor
 from adm_megatron.train.ema import ParameterEMA
 from adm_megatron.train.export import export_generator, render_run_samples
+from adm_megatron.train.offload import Offloader
 from adm_megatron.train.optimizer import NetworkOptimizer
 from adm_megatron.train.phases import PhaseRunner, TrainableNetwork, prefixed
 from adm_megatron.train.preemption import StopPoll
+from adm_megatron.train.recompute import RecomputeSwitch
 from adm_megatron.train.resume import mark_finished, plan_resume, trim_metrics
 from adm_megatron.train.run_log import RunLogger
 from adm_megatron.train.single_stage import SingleStage
@@ -125,10 +127,12 @@ class Trainer:
                         self.start_iteration, config.train.max_iterations - 1)
 
     # -- setup ---------------------------------------------------------------------------------
-    def _wrap(self, module: torch.nn.Module, config) -> DistributedDataParallel:
+    def _wrap(self, module: torch.nn.Module, config, name: str) -> DistributedDataParallel:
         config.enable_autocast = self.config.model.dtype == "bf16"
         config.autocast_dtype = torch.bfloat16
-        return DistributedDataParallel(config, DistributedDataParallelConfig(), module)
+        # a sharded optimizer needs DDP's per-DP-rank buffer shards (reduce-scatter, param all-gather)
+        sharded = getattr(self.config.optim, name).shard_over_dp
+        return DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=sharded), module)
 
     def _build_networks(self) -> None:
         c = self.config
@@ -136,10 +140,11 @@ class Trainer:
         if m.lora is not None:  # a bad target list fails in one line before the networks are built
             check_targets(self.arch, m.lora.target_modules, m.impl)
         teacher, self.fake_score, self.generator = self.teacher_source.build_models(
-            3, sequence_parallel=m.sequence_parallel, recompute=m.recompute, impl=m.impl,
-            params_dtype=self.dtype,
-        )
+            3, sequence_parallel=m.sequence_parallel, impl=m.impl, params_dtype=self.dtype,
+        )  # recompute is set per network and phase by RecomputeSwitch
         teacher.eval().requires_grad_(False)
+        if m.dtype == "bf16":  # frozen: held once, in bf16 (BF16 autocast computes in bf16 anyway)
+            teacher.to(torch.bfloat16)
         if m.generator_init:  # e.g. a two-stage run: start G from an earlier run's exported generator
             load_full_state_dict(self.generator, self.family.load_hf_weights(m.generator_init, self.arch),
                                  source=m.generator_init)
@@ -148,10 +153,13 @@ class Trainer:
             adapters = apply_lora(self.generator, m.lora, seed=_seed(c.seed, "lora"))
             logger.info("LoRA generator: rank %d, alpha %g, %d adapted layers, %d trainable parameters on this rank",
                         m.lora.rank, m.lora.alpha, len(adapters), adapters.numel())
+        if m.bf16_params:  # fp32 main params live in the optimizer (train/main_params.py)
+            self.fake_score.to(torch.bfloat16)
+            self.generator.to(torch.bfloat16)
         fake = self.fake_score
         wrapped = {
-            "fake_score": self._wrap(fake, fake.config),
-            "generator": self._wrap(self.generator, self.generator.config),
+            "fake_score": self._wrap(fake, fake.config, "fake_score"),
+            "generator": self._wrap(self.generator, self.generator.config, "generator"),
         }
         self.heads = None
         if METHODS[c.distill.method].has_discriminator:
@@ -161,17 +169,21 @@ class Trainer:
                     num_heads=len(tapped_block_indices(self.arch.num_layers, c.distill.head_every)),
                     in_channels=self.arch.hidden_size, kind=self.family.head_kind,
                     hidden_channels=c.distill.head_hidden, num_blocks=c.distill.head_blocks,
-                ).to(self.device, self.dtype)
+                ).to(self.device, torch.bfloat16 if m.bf16_params else self.dtype)
             heads = SingleStage(self.heads, copy.copy(fake.config))  # a config of its own: hooks are per network
-            wrapped["discriminator"] = self._wrap(heads, heads.config)
+            wrapped["discriminator"] = self._wrap(heads, heads.config, "discriminator")
         optim = {"fake_score": c.optim.fake_score, "generator": c.optim.generator,
                  "discriminator": c.optim.discriminator}
         self.trainable = {
             name: TrainableNetwork(module, NetworkOptimizer(module, optim[name], network_updates(c, name)))
             for name, module in wrapped.items()
         }
+        self.offload = Offloader(self.trainable, {name: optim[name].offload for name in self.trainable}, self.device)
+        self.recompute = RecomputeSwitch(
+            {"teacher": teacher, "fake_score": self.fake_score, "generator": self.generator}, m.recompute)
         self.phases = PhaseRunner(
-            self.trainable, nan_policy=c.train.nan_policy, max_skipped_steps=c.train.max_skipped_steps
+            self.trainable, nan_policy=c.train.nan_policy, max_skipped_steps=c.train.max_skipped_steps,
+            offload=self.offload, before_phase=(self.recompute.before_phase,),
         )
         d = c.data
         rotary = self.family.positional_inputs(self.arch, d.frames, d.height, d.width, device=self.device)
@@ -254,7 +266,8 @@ class Trainer:
                 )
                 metrics.update(phase_metrics)
             elif pair is not None:  # heads kept frozen (an ablation): still report how they discriminate
-                with torch.no_grad():
+                bf16 = self.config.model.dtype == "bf16"  # as in the phases (the teacher is bf16 then)
+                with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=bf16):
                     loss, d_metrics, _ = alg.discriminator_loss(pair, batch)
                 metrics.update({"discriminator/loss": loss.item(),
                                 **prefixed(d_metrics, "discriminator")})
@@ -305,6 +318,7 @@ class Trainer:
         if start < total:  # (a run resumed at its end loaded this very checkpoint)
             save_training_checkpoint(self, total)
         generator_dir, samples = None, []
+        self.offload.restore_weights()
         if c.train.export:
             if self.ema is not None:
                 self.ema.copy_to(self.generator)

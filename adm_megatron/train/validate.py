@@ -26,6 +26,13 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
             f"parallel: world size {world_size} is not divisible by tensor_parallel x "
             f"context_parallel = {tp} x {cp}"
         )
+    dp = world_size // (tp * cp)
+    for name in ("generator", "fake_score", "discriminator"):
+        if getattr(config.optim, name).shard_over_dp and dp == 1:
+            raise ConfigError(
+                f"optim.{name}.shard_over_dp=true: data parallel is 1 (world {world_size} / tensor_parallel "
+                f"{tp} / context_parallel {cp}); there is nothing to shard over: set it false"
+            )
     if arch.num_attention_heads % tp:
         raise ConfigError(
             f"parallel.tensor_parallel={tp}: the teacher's {arch.num_attention_heads} attention "

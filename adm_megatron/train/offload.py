@@ -1,0 +1,158 @@
+"""Offload of idle networks: what a phase does not update waits in host memory.
+
+``optim.<network>.offload`` chooses, per trainable network:
+- ``optimizer``: the network's optimizer state (Adam's moments, and fp32 main params when they are
+  copies) moves to host memory at the start of every phase that does not update the network and
+  comes back at the start of the next phase that does;
+  Its gradient buffer (megatron DDP's ``main_grad`` storage) is released meanwhile with megatron's
+  own ``offload_grad_buffers`` and reallocated, zeroed, by ``restore_grad_buffers``: gradients are
+  made and consumed within the network's own phase, so nothing is copied;
+- ``optimizer_and_params``: also the network's weights, in the phases that do not run it at all.
+  Which phases run which network is the algorithm's business, so it is learned rather than listed:
+  a network's weights are offloaded at the start of a phase in which they were not used the
+  previous time that phase ran, and a forward pre-hook brings them back (synchronously) if the
+  network is called after all. The first iteration therefore offloads no weights. Weights that are
+  views into megatron DDP's parameter buffer (a network with ``shard_over_dp``) cannot move one by
+  one; the config refuses that combination.
+
+A tensor moves by swapping its ``.data`` between a compute-device tensor and a host buffer kept for
+it (allocated at the first move, pinned when CUDA is present), so the optimizer and the module keep
+the same tensor objects. With CUDA, device-to-host copies run non-blocking on a side stream (the
+compute stream goes on with the phase while they drain; the device memory is released once they
+are done) and host-to-device copies on the same stream, which the compute stream waits for before the
+phase's first kernel. Without CUDA the host buffer is a second CPU tensor: the copies are real but
+synchronous, and where a tensor lives (its storage is or is not the host buffer) is what the tests
+check; iterations are bit-identical with offload on and off.
+
+Before a checkpoint is written and at the end of a run, ``restore_weights`` brings the weights
+back; optimizer states are checkpointed from wherever they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class _Mover:
+    """Moves tensors between the compute device and their host buffers."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.host: dict[int, torch.Tensor] = {}  # id(tensor) -> its host buffer
+
+    def _stream(self):
+        return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+
+    def is_on_host(self, tensor: torch.Tensor) -> bool:
+        host = self.host.get(id(tensor))
+        return host is not None and tensor.data_ptr() == host.data_ptr()
+
+    @torch.no_grad()
+    def to_host(self, tensors: list[torch.Tensor]) -> None:
+        tensors = [t for t in tensors if not self.is_on_host(t)]
+        if not tensors:
+            return
+        if self.cuda:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the values are final
+        with self._stream():
+            for t in tensors:
+                host = self.host.get(id(t))
+                if host is None:
+                    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.cuda)
+                    self.host[id(t)] = host
+                host.copy_(t.data, non_blocking=self.cuda)
+                if self.cuda:
+                    t.data.record_stream(self.stream)  # freed only once the copy is done
+                t.data = host
+
+    @torch.no_grad()
+    def to_device(self, tensors: list[torch.Tensor]) -> None:
+        tensors = [t for t in tensors if self.is_on_host(t)]
+        if not tensors:
+            return
+        if self.cuda:  # the side stream's copies come after what the compute stream has queued
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        for t in tensors:
+            # allocated on the compute stream, which uses it; written on the side stream
+            on_device = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+            with self._stream():
+                on_device.copy_(t.data, non_blocking=self.cuda)
+            t.data = on_device
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+
+class Offloader:
+    """Per-phase placement of the trainable networks' optimizer state (and weights); see the module
+    docstring. ``networks``: name -> ``TrainableNetwork``; ``modes``: name -> offload setting."""
+
+    def __init__(self, networks: dict, modes: dict[str, str], device: torch.device):
+        self.networks = networks
+        self.modes = {name: mode for name, mode in modes.items() if name in networks and mode != "none"}
+        self.mover = _Mover(torch.device(device))
+        self.phase: str | None = None
+        self.used: dict[str, set[str]] = {}  # phase -> networks whose weights it ran (last time it ran)
+        for name, mode in self.modes.items():
+            if mode == "optimizer_and_params":
+                networks[name].module.register_forward_pre_hook(self._make_hook(name))
+
+    def _make_hook(self, name: str):
+        def hook(module, args):
+            if self.phase is not None:
+                self.used.setdefault(self.phase, set()).add(name)
+            self.mover.to_device(self._params(name))
+        return hook
+
+    def _params(self, name: str) -> list[torch.Tensor]:
+        return list(self.networks[name].module.parameters())
+
+    def _state(self, name: str) -> list[torch.Tensor]:
+        return self.networks[name].optimizer.state_tensors()
+
+    def before_phase(self, phase: str, trained: tuple[str, ...]) -> None:
+        """Place every offloaded network's state and weights for ``phase`` (which updates
+        ``trained``)."""
+        ran_last_time = self.used.get(phase)
+        self.phase = phase
+        self.used[phase] = set()
+        for name, mode in self.modes.items():
+            module = self.networks[name].module
+            if name in trained:
+                if self._grads_released(name):
+                    module.restore_grad_buffers(synchronize=False)
+                self.mover.to_device(self._params(name) + self._state(name))
+                continue
+            self.mover.to_host(self._state(name))
+            if not self._grads_released(name):
+                module.offload_grad_buffers(synchronize=self.mover.cuda, empty_cache=False)
+            if mode != "optimizer_and_params" or ran_last_time is None:
+                continue
+            if name in ran_last_time:  # runs again in this phase: bring its weights back now
+                self.mover.to_device(self._params(name))
+            else:
+                self.mover.to_host(self._params(name))
+
+    def restore_weights(self) -> None:
+        """Every offloaded network's weights back on the compute device (before a checkpoint is
+        written, before the generator is exported); optimizer states stay where they are: they
+        are checkpointed from host memory as well."""
+        for name in self.modes:
+            self.mover.to_device(self._params(name))
+
+    def _grads_released(self, name: str) -> bool:
+        buffers = self.networks[name].module.buffers
+        return any(b.grad_data.untyped_storage().size() == 0 for b in buffers)
+
+    def where(self, name: str) -> dict[str, str]:
+        """Where network ``name``'s optimizer state and weights live now: 'host', 'device' or
+        'mixed', and whether its gradient buffer is 'released' (read from the tensors' storage, not
+        from a flag)."""
+        def place(tensors):
+            on_host = {self.mover.is_on_host(t) for t in tensors}
+            return "mixed" if len(on_host) > 1 else ("host" if on_host == {True} else "device")
+        return {"optimizer": place(self._state(name)), "params": place(self._params(name)),
+                "grads": "released" if self._grads_released(name) else "device"}

@@ -1,0 +1,75 @@
+"""bf16 weights with fp32 main params (``model.bf16_params``; megatron's Float16 optimizer approach):
+the optimizer steps fp32 master copies with AdamW exactly as an fp32 AdamW on the same values and
+gradients would, the bf16 weights are the master copies rounded, Adam's state is fp32, and the
+checkpointed state carries the master copies (model space) so a reload restores them exactly."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _network(dtype):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer import TransformerConfig
+
+    from adm_megatron.train.single_stage import SingleStage
+
+    torch.manual_seed(0)
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True)
+    module = SingleStage(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)), config)
+    module.to(dtype)
+    return DistributedDataParallel(config, DistributedDataParallelConfig(), module)
+
+
+def _backward(ddp, dtype, seed):
+    ddp.zero_grad_buffer()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    ddp(x).float().pow(2).mean().backward()
+    ddp.finish_grad_sync()
+
+
+def test_bf16_params_step_fp32_masters_like_fp32_adamw(world_of_one):
+    from adm_megatron.config import OptimizerConfig
+    from adm_megatron.train.optimizer import NetworkOptimizer
+
+    ddp = _network(torch.bfloat16)
+    opt = NetworkOptimizer(ddp, OptimizerConfig(lr=1e-2, grad_clip=0.0), total_updates=3)
+    assert opt.main.has_master_copy
+    masters = [slot.main for slot in opt.main.slots]
+    reference = [m.detach().clone().requires_grad_(True) for m in masters]
+    ref_opt = torch.optim.AdamW(reference, lr=1e-2, betas=(0.0, 0.99), weight_decay=0.0)
+    for seed in range(3):
+        _backward(ddp, torch.bfloat16, seed)
+        for ref, p in zip(reference, opt.params):
+            ref.grad = p.main_grad.float()
+        ref_opt.step()
+        assert opt.step(skip_if_not_finite=False)[1]
+        for ref, master, p in zip(reference, masters, opt.params):
+            assert master.dtype == torch.float32 and p.dtype == torch.bfloat16
+            assert torch.equal(master, ref.detach())
+            assert torch.equal(p.detach(), master.to(torch.bfloat16))
+    assert all(t.dtype == torch.float32 for t in opt.state_tensors())
+    state = opt._model_space_state()
+    for i, master in enumerate(masters):
+        assert torch.equal(state["state"][i]["main_param"], master)
+    # a reload (over masters moved away) restores the fp32 masters exactly
+    saved = {"optimizer": {**state, "state": {i: {k: v.clone() for k, v in s.items()}
+                                              for i, s in state["state"].items()}},
+             "step": state["state"][0]["step"], "scheduler": opt.scheduler.state_dict()}
+    with torch.no_grad():
+        for master in masters:
+            master.add_(1.0)
+    opt.load_sharded_state_dict(saved)
+    for i, master in enumerate(masters):
+        assert torch.equal(master, saved["optimizer"]["state"][i]["main_param"])
+    assert any(not torch.equal(m.to(torch.bfloat16).float(), m) for m in masters)  # more than bf16 holds
+
+
+def test_fp32_params_are_their_own_main_params(world_of_one):
+    from adm_megatron.config import OptimizerConfig
+    from adm_megatron.train.optimizer import NetworkOptimizer
+
+    opt = NetworkOptimizer(_network(torch.float32), OptimizerConfig(), total_updates=1)
+    assert not opt.main.has_master_copy
+    assert all(slot.main is slot.param for slot in opt.main.slots)
+    assert opt.state_numel() == 2 * sum(p.numel() for p in opt.params)

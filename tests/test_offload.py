@@ -1,0 +1,67 @@
+"""Offload of idle networks (``optim.<network>.offload``): three ADM iterations with every network's
+optimizer state and weights offloaded are bit-identical to the same run without offload (losses
+and every weight), and during each phase the networks it does not update keep their optimizer
+state in the host buffers -- read from the tensors' storage -- and their gradient buffers released,
+while the weights of networks the phase does not run (learned from the previous iteration) wait on
+the host too."""
+
+from __future__ import annotations
+
+import torch
+
+COMMON = [
+    "data.num_prompts=4", "data.frames=2", "data.height=4", "data.width=4", "data.batch_size=2",
+    "distill.generator_steps=2", "distill.delta_t=100", "distill.head_every=1", "distill.head_hidden=16",
+    "train.max_iterations=3", "train.num_samples=0", "train.export=false",
+    "logging.wandb_mode=disabled", "logging.progress=false",
+    "optim.generator.lr=1e-3", "optim.fake_score.lr=1e-3", "optim.discriminator.lr=1e-3",
+]
+NETWORKS = ("fake_score", "generator", "discriminator")
+OFFLOAD = [f"optim.{n}.offload=optimizer_and_params" for n in NETWORKS]
+
+
+def _run(pipeline_dir: str, output_dir: str, overrides: list[str]):
+    from adm_megatron.config import load_config
+    from adm_megatron.train.trainer import Trainer
+
+    config = load_config(None, [f"model.teacher={pipeline_dir}", f"output_dir={output_dir}", *COMMON, *overrides])
+    trainer = Trainer(config)
+    places = []  # (iteration, phase, {network: where}) seen as each phase's loss starts
+    alg = trainer.algorithm
+    for phase, attr in (("fake_score", "fake_score_loss"), ("generator", "generator_loss"),
+                        ("discriminator", "discriminator_loss")):
+        def record(*args, _phase=phase, _loss=getattr(alg, attr)):
+            places.append((_phase, {n: trainer.offload.where(n) for n in trainer.offload.modes}))
+            return _loss(*args)
+        setattr(alg, attr, record)
+    losses = [{k: v for k, v in trainer.train_iteration(i).items() if k.endswith("/loss")} for i in range(3)]
+    trainer.offload.restore_weights()
+    weights = {f"{p}.{n}": w.detach().clone() for p, net in trainer.trainable.items()
+               for n, w in net.module.named_parameters()}
+    return losses, weights, places
+
+
+def test_offload_is_bit_identical_and_idle_state_waits_on_the_host(tmp_path, world_of_one):
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+    pipeline_dir = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    ref_losses, ref_weights, ref_places = _run(pipeline_dir, str(tmp_path / "off"), [])
+    losses, weights, places = _run(pipeline_dir, str(tmp_path / "on"), OFFLOAD)
+    assert ref_places == [(p, {}) for p, _ in places]  # nothing is offloaded without the setting
+    assert losses == ref_losses
+    assert weights.keys() == ref_weights.keys()
+    for name, want in ref_weights.items():
+        assert torch.equal(weights[name], want), name
+    assert [p for p, _ in places] == list(NETWORKS) * 3
+    for i, (phase, where) in enumerate(places):
+        iteration = i // 3
+        for name in NETWORKS:
+            expected_state = "device" if name == phase else "host"
+            assert where[name]["optimizer"] == expected_state, (iteration, phase, name, where)
+            assert where[name]["grads"] == ("device" if name == phase else "released"), (iteration, phase, name)
+        # weights of a network the phase did not run the iteration before wait on the host
+        runs = {"fake_score": {"fake_score", "generator"}, "generator": set(NETWORKS),
+                "discriminator": {"discriminator"}}[phase]
+        for name in NETWORKS:
+            expected_params = "device" if iteration == 0 or name in runs else "host"
+            assert where[name]["params"] == expected_params, (iteration, phase, name, where)
