@@ -15,7 +15,7 @@ import pytest
 from slurm_local import LocalSlurm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "examples", "cogvideox", "tiny_cpu.sbatch")
+SCRIPT = os.path.join(ROOT, "examples", "slurm", "tiny_cpu.sbatch")
 ITERATIONS = 6
 WAIT_S = 900  # per step; about 30 s each on 2 idle cores, far more on a loaded machine
 
