@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from adm_megatron.config import Config, ConfigError, config_to_dict
+from adm_megatron.config import Config, ConfigError
 from adm_megatron.data.ode_pairs import (FORMAT, MANIFEST, VERSION, shard_generator, shard_name, sha256,
                                          write_json_atomically, write_shard)
 from adm_megatron.diffusion.guidance import cfg_model_output

@@ -39,7 +39,7 @@ def _sd3(hf_dir, size):
     from diffusers import SD3Transformer2DModel
 
     from adm_megatron.convert.sd3_mapping import megatron_to_hf
-    from adm_megatron.models import SD3Arch, build_sd3_model_from_hf
+    from adm_megatron.models import SD3Arch, build_model_from_hf
     from tiny_sd3 import make_inputs
 
     arch = SD3Arch.from_pretrained_dir(hf_dir)
@@ -48,7 +48,7 @@ def _sd3(hf_dir, size):
     def call(model, x, share):
         return model(x, text[share], pooled[share], timestep[share]).sample
 
-    return SD3Transformer2DModel, build_sd3_model_from_hf, megatron_to_hf, arch, latents, weight, call
+    return SD3Transformer2DModel, build_model_from_hf, megatron_to_hf, arch, latents, weight, call
 
 
 FAMILIES = {"cogvideox": _cogvideox, "sd3": _sd3}

@@ -51,14 +51,14 @@ def _save_and_reload(hf_dir: str, ckpt_dir: str) -> dict:
 
     from adm_megatron.convert.checkpoint import sharded_state_dict
     from adm_megatron.convert.sd3_mapping import hf_to_megatron
-    from adm_megatron.models import SD3Arch, build_sd3_model, build_sd3_model_from_hf, read_diffusers_weights
+    from adm_megatron.models import SD3Arch, build_sd3_model, build_model_from_hf, read_diffusers_weights
     from adm_megatron.models.weights import gather_full_state_dict
     from adm_megatron.parallel import destroy_parallel, initialize_parallel
 
     arch = SD3Arch.from_pretrained_dir(hf_dir)
     expected = hf_to_megatron(read_diffusers_weights(hf_dir), arch.num_attention_heads)
     initialize_parallel(tensor_parallel=2, context_parallel=1, seed=7)
-    dist_checkpointing.save(sharded_state_dict(build_sd3_model_from_hf(hf_dir, sequence_parallel=True)), ckpt_dir)
+    dist_checkpointing.save(sharded_state_dict(build_model_from_hf(hf_dir, sequence_parallel=True)), ckpt_dir)
     destroy_parallel()
     differing = {}
     for tp, cp in ((1, 2), (2, 1)):

@@ -13,7 +13,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from adm_megatron.convert.sd3_mapping import hf_to_megatron, megatron_to_hf
-from adm_megatron.models import SD3Arch, build_sd3_model, build_sd3_model_from_hf, read_diffusers_weights
+from adm_megatron.models import SD3Arch, build_sd3_model, build_model_from_hf, read_diffusers_weights
 from adm_megatron.families.sd3_presets import PRESETS as SD3_PRESETS
 from adm_megatron.models.weights import gather_full_state_dict
 from tiny_cogvideox import assert_grads_match, rel_err
@@ -40,7 +40,7 @@ def _run(model, inputs, **kwargs):
 @pytest.mark.parametrize("variant", ["sd3", "sd35", "sd35m"])
 def test_outputs_and_all_gradients_match_diffusers(world_of_one, hf_dirs, variant):
     reference = SD3Transformer2DModel.from_pretrained(hf_dirs[variant])
-    ours = build_sd3_model_from_hf(hf_dirs[variant])
+    ours = build_model_from_hf(hf_dirs[variant])
     heads = reference.config.num_attention_heads
     for size in SIZES:
         reference.zero_grad(set_to_none=True)
@@ -57,8 +57,8 @@ def test_outputs_and_all_gradients_match_diffusers(world_of_one, hf_dirs, varian
 
 
 def test_recompute_gives_the_same_gradients(world_of_one, hf_dirs):
-    plain = build_sd3_model_from_hf(hf_dirs["sd35m"])
-    recomputed = build_sd3_model_from_hf(hf_dirs["sd35m"], recompute=True)
+    plain = build_model_from_hf(hf_dirs["sd35m"])
+    recomputed = build_model_from_hf(hf_dirs["sd35m"], recompute=True)
     assert recomputed.config.recompute_granularity == "full"
     inputs = make_inputs(plain.arch, 2, 8, 12)
     out_a, dx_a, dtext_a, _ = _run(plain, inputs)
@@ -72,7 +72,7 @@ def test_recompute_gives_the_same_gradients(world_of_one, hf_dirs):
 def test_features_are_the_tapped_blocks_image_tokens_and_nothing_after_runs(world_of_one, hf_dirs):
     """A features call returns the tapped blocks' image tokens of the whole forward, bit for bit, as
     [B, hidden, H/p, W/p], and runs no block after the last tapped one and no output layer."""
-    model = build_sd3_model_from_hf(hf_dirs["sd3"])
+    model = build_model_from_hf(hf_dirs["sd3"])
     arch = model.arch
     latents, text, pooled, timestep, _ = make_inputs(arch, 2, 8, 12)
     ran = []
@@ -138,7 +138,7 @@ def test_unsupported_architecture_and_bad_inputs_are_named(world_of_one, hf_dirs
         SD3Arch.from_diffusers_config({"qk_norm": "layer_norm", "caption_projection_dim": 1152})
     with pytest.raises(ValueError, match="_class_name is 'CogVideoXTransformer3DModel'"):
         SD3Arch.from_diffusers_config({"_class_name": "CogVideoXTransformer3DModel"})
-    model = build_sd3_model_from_hf(hf_dirs["sd3"])
+    model = build_model_from_hf(hf_dirs["sd3"])
     text, pooled, t = torch.zeros(1, TEXT_TOKENS, 24), torch.zeros(1, 20), torch.tensor([1.0])
     with pytest.raises(ValueError, match=r"hidden_states shape \(1, 3, 8, 8\): expected \[B, 4, H, W\]"):
         model(torch.zeros(1, 3, 8, 8), text, pooled, t)

@@ -17,7 +17,7 @@ import torch
 
 import tiny_sd3
 from adm_megatron.models import CogVideoXArch, SD3Arch, build_model, build_model_from_hf, build_sd3_model
-from adm_megatron.models import build_sd3_model_from_hf, specs
+from adm_megatron.models import specs
 from adm_megatron.models.cogvideox_layer import CogVideoXLayer
 from adm_megatron.models.core_attention import SDPACoreAttention
 from adm_megatron.models.linears import ColumnParallelLinear, RowParallelLinear
@@ -214,7 +214,7 @@ def test_sd3_te_equals_local_in_fp32(world_of_one, tmp_path):
     results = []
     with fp32_highest():
         for impl in ("local", "te"):
-            model = build_sd3_model_from_hf(hf_dir, impl=impl)
+            model = build_model_from_hf(hf_dir, impl=impl)
             latents, text, pooled, timestep, weight = (
                 t.to(device) for t in tiny_sd3.make_inputs(model.arch, 2, 8, 12)
             )

@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 _MARK = "adm_phase:"

@@ -5,7 +5,6 @@ from adm_megatron.models.build import (
     build_model,
     build_model_from_hf,
     build_sd3_model,
-    build_sd3_model_from_hf,
     read_diffusers_weights,
 )
 from adm_megatron.models.cogvideox import CogVideoXOutput, CogVideoXTransformer
@@ -24,7 +23,6 @@ __all__ = [
     "build_model",
     "build_model_from_hf",
     "build_sd3_model",
-    "build_sd3_model_from_hf",
     "read_diffusers_weights",
     "tapped_block_indices",
 ]

@@ -4,8 +4,7 @@ from a diffusers model directory.
 ``build_model_from_hf(dir)`` is the one-call entry (for any registered model family, by the
 directory's ``_class_name``): it sets up a world of one when no process groups exist yet, builds the
 model for the layout in force (TP / SP / CP from megatron's parallel_state), and loads the diffusers
-weights, each rank taking its own tensor-parallel shard. ``build_sd3_model_from_hf(dir)`` does the
-same for an SD3 / SD3.5 directory until an SD3 family registers.
+weights, each rank taking its own tensor-parallel shard.
 """
 
 from __future__ import annotations
@@ -17,14 +16,12 @@ import torch
 from megatron.core import parallel_state
 from safetensors.torch import load_file
 
-from adm_megatron.convert import sd3_mapping
 from adm_megatron.models.cogvideox import CogVideoXTransformer
 from adm_megatron.models.cogvideox_config import CogVideoXArch
 from adm_megatron.models.dit_config import make_transformer_config
 from adm_megatron.models.sd3 import SD3Transformer
 from adm_megatron.models.sd3_config import SD3Arch
 from adm_megatron.models.specs import select_sd3_spec, select_spec
-from adm_megatron.models.weights import load_full_state_dict
 from adm_megatron.parallel import ensure_parallel, get_device
 
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -159,17 +156,3 @@ def build_model_from_hf(hf_dir: str, **kwargs):
     from adm_megatron.families import family_of_model_dir
 
     return family_of_model_dir(hf_dir).build_model_from_hf(hf_dir, **kwargs)
-
-
-def load_sd3_hf_weights(hf_dir: str, arch: SD3Arch) -> dict[str, torch.Tensor]:
-    """The full (unsharded) megatron-named weights of a diffusers SD3 transformer directory."""
-    return sd3_mapping.hf_to_megatron(read_diffusers_weights(hf_dir), arch.num_attention_heads)
-
-
-def build_sd3_model_from_hf(hf_dir: str, **kwargs) -> SD3Transformer:
-    """The megatron SD3 with the weights of a diffusers ``SD3Transformer2DModel`` directory
-    (``save_pretrained`` output), for the current parallel layout. ``kwargs`` as ``build_sd3_model``."""
-    arch = SD3Arch.from_pretrained_dir(hf_dir)
-    model = build_sd3_model(arch, **kwargs)
-    load_full_state_dict(model, load_sd3_hf_weights(hf_dir, arch), source=hf_dir)
-    return model
