@@ -4,7 +4,7 @@
 ``fn(x_t, t, text) -> velocity`` with the latent size's RoPE attached, plus ``features`` for a
 discriminator backbone. ``Networks`` holds the four roles of ADM's Algorithm 1: the frozen teacher
 (real score and ADM's discriminator backbone, one set of weights), the fake score (DMD2's
-classifier backbone), the generator and the discriminator heads.
+classifier backbone), the generator and the discriminator heads; ADP adds its frozen pixel backbone.
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ class DiTFunction:
 @dataclass
 class Networks:
     teacher: DiTFunction  # frozen: real score (with CFG) and ADM's discriminator backbone
-    fake_score: DiTFunction
+    fake_score: DiTFunction | None  # None for a method without one (ADP)
     generator: DiTFunction
     heads: torch.nn.Module | None  # MultiHeadDiscriminator (possibly DDP-wrapped); None without one
     head_every: int
+    pixel: torch.nn.Module | None = None  # ADP's frozen pixel backbone (heads/pixel.py PixelFeatures)
 
     def discriminator(self, backbone: DiTFunction, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor):
         """Logits [B, heads]: the heads on ``backbone``'s tapped features of (x, t)."""

@@ -16,7 +16,7 @@ prompt ``j mod num_prompts`` and noise and scale drawn from a generator seeded b
 collection resumes by writing the missing shards only.
 
 :class:`OdePairs` reads a finished directory; :class:`RealSampler` draws a training iteration's
-real samples from it as a pure function of (seed, iteration), each data-parallel rank keeping its
+real samples (and, for ADP, their starting noises) from it as a pure function of (seed, iteration), each data-parallel rank keeping its
 rows of the global batch.
 """
 
@@ -130,3 +130,8 @@ class RealSampler:
         """``(x0 [B, F, C, H, W], prompt ids [B])``."""
         idx = self.indices(iteration)
         return self.pairs.get(idx, "x_0"), self.pairs.get(idx, "prompt_id")
+
+    def ode_batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_T, x_0, prompt ids)`` of the same rows as :meth:`batch` (ADP reads both ends)."""
+        idx = self.indices(iteration)
+        return self.pairs.get(idx, "x_T"), self.pairs.get(idx, "x_0"), self.pairs.get(idx, "prompt_id")

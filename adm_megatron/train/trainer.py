@@ -3,7 +3,8 @@
 One iteration (ADM's Algorithm 1 with TTUR = ``distill.ttur``): the fake score is updated every
 iteration; the generator and then (for methods with a discriminator phase) the discriminator every
 ``ttur``-th, the discriminator on the generator phase's ODE pair. The method (``distill.method``:
-ADM, DMD or DMD2, ``METHODS``) says which networks each phase trains; the loop does not know it.
+ADM, DMD, DMD2 or ADP, ``METHODS``) says which networks each phase trains (ADP has no fake score:
+none is built and its phase is not run); the loop does not know it.
 Randomness is drawn for the global batch from generators seeded by (seed, iteration, stream), each
 data-parallel rank keeping its rows: every rank of a replica draws the same, a run is
 reproducible, its draws do not depend on the data-parallel layout, and the two phases' starting
@@ -32,6 +33,7 @@ import yaml
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
 from adm_megatron.algorithms.adm import ADM
+from adm_megatron.algorithms.adp import ADP
 from adm_megatron.algorithms.base import Distillation, PhaseBatch, RealBatch
 from adm_megatron.algorithms.dmd import DMD
 from adm_megatron.algorithms.dmd2 import DMD2
@@ -39,6 +41,7 @@ from adm_megatron.algorithms.networks import DiTFunction, Networks
 from adm_megatron.algorithms.randomness import BatchRandom
 from adm_megatron.config import Config, config_to_dict, network_updates
 from adm_megatron.heads import MultiHeadDiscriminator
+from adm_megatron.heads.pixel import LatentPixelHeads, build_pixel_features
 from adm_megatron.models import tapped_block_indices
 from adm_megatron.models.rotary import cogvideox_rotary_emb
 from adm_megatron.parallel import initialize_parallel, launch_env
@@ -71,15 +74,25 @@ class RunResult:
     preempted: bool = False  # stopped by a signal after saving; run again to go on
 
 
+def build_pixel_backbone(config: Config, teacher_source: TeacherSource, device, dtype):
+    """ADP's frozen pixel backbone (the pipeline's VAE + the vision encoder), or None when the
+    method has none or ``distill.pixel_weight`` is 0 (then nothing of it is loaded or run)."""
+    d = config.distill
+    if d.method != "adp" or d.pixel_weight == 0:
+        return None
+    return build_pixel_features(d.pixel_encoder, d.pixel_encoder_path,
+                                os.path.join(teacher_source.pipeline_dir, "vae"), d.pixel_layers, device, dtype)
+
+
 def _seed(*parts) -> int:
     return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
-METHODS: dict[str, type[Distillation]] = {"adm": ADM, "dmd": DMD, "dmd2": DMD2}
+METHODS: dict[str, type[Distillation]] = {"adm": ADM, "dmd": DMD, "dmd2": DMD2, "adp": ADP}
 
 
 def build_algorithm(config: Config, networks: Networks, schedule) -> Distillation:
-    """ADM or a baseline (DMD, DMD2): ``distill.method`` picks it, everything else is shared."""
+    """ADM, a baseline (DMD, DMD2) or ADP: ``distill.method`` picks it, everything else is shared."""
     d = config.distill
     common = dict(networks=networks, schedule=schedule, generator_steps=d.generator_steps,
                   guidance_scale=d.guidance_scale, head_reduction=d.head_reduction)
@@ -88,6 +101,8 @@ def build_algorithm(config: Config, networks: Networks, schedule) -> Distillatio
                    fake_score_grad=d.fake_score_grad)
     if d.method == "dmd":
         return DMD(**common, dmd_t_range=d.dmd_t_range)
+    if d.method == "adp":
+        return ADP(**common, latent_weight=d.latent_weight, pixel_weight=d.pixel_weight)
     return DMD2(**common, dmd_t_range=d.dmd_t_range, gan_weight=d.gan_weight, cls_weight=d.cls_weight,
                 gan_t_max=d.gan_t_max)
 
@@ -132,22 +147,25 @@ class Trainer:
     def _build_networks(self) -> None:
         c = self.config
         m = c.model
-        teacher, self.fake_score, self.generator = self.teacher_source.build_models(
-            3, sequence_parallel=m.sequence_parallel, recompute=m.recompute, impl=m.impl,
-            params_dtype=self.dtype,
+        method = METHODS[c.distill.method]
+        has_fake_score = bool(method.fake_phase_trains)  # ADP has none: not built, not stepped, not saved
+        models = self.teacher_source.build_models(
+            3 if has_fake_score else 2, sequence_parallel=m.sequence_parallel, recompute=m.recompute,
+            impl=m.impl, params_dtype=self.dtype,
         )
+        teacher, self.generator = models[0], models[-1]
+        self.fake_score = models[1] if has_fake_score else None
         teacher.eval().requires_grad_(False)
         if m.generator_init:  # e.g. a two-stage run: start G from an earlier run's exported generator
             load_full_state_dict(self.generator, load_hf_weights(m.generator_init, self.arch),
                                  source=m.generator_init)
             logger.info("generator initialised from %s", m.generator_init)
-        fake = self.fake_score
-        wrapped = {
-            "fake_score": self._wrap(fake, fake.config),
-            "generator": self._wrap(self.generator, self.generator.config),
-        }
+        wrapped = {"generator": self._wrap(self.generator, self.generator.config)}
+        if has_fake_score:
+            wrapped["fake_score"] = self._wrap(self.fake_score, self.fake_score.config)
         self.heads = None
-        if METHODS[c.distill.method].has_discriminator:
+        self.pixel = build_pixel_backbone(c, self.teacher_source, self.device, self.dtype)
+        if method.has_discriminator:
             with torch.random.fork_rng(devices=[]):  # the same heads whatever the layout or rank
                 torch.manual_seed(_seed(c.seed, "discriminator heads"))
                 self.heads = MultiHeadDiscriminator(
@@ -155,7 +173,10 @@ class Trainer:
                     in_channels=self.arch.hidden_size, kind="3d",
                     hidden_channels=c.distill.head_hidden, num_blocks=c.distill.head_blocks,
                 ).to(self.device, self.dtype)
-            heads = SingleStage(self.heads, copy.copy(fake.config))  # a config of its own: hooks are per network
+                if c.distill.method == "adp":
+                    self.heads = LatentPixelHeads(self.heads, self._pixel_heads())
+            # a config of its own: hooks are per network
+            heads = SingleStage(self.heads, copy.copy(self.generator.config))
             wrapped["discriminator"] = self._wrap(heads, heads.config)
         optim = {"fake_score": c.optim.fake_score, "generator": c.optim.generator,
                  "discriminator": c.optim.discriminator}
@@ -170,11 +191,22 @@ class Trainer:
         rotary = cogvideox_rotary_emb(self.arch, d.frames, d.height, d.width, device=self.device)
         self.networks = Networks(
             teacher=DiTFunction(teacher, rotary),
-            fake_score=DiTFunction(wrapped["fake_score"], rotary),
+            fake_score=DiTFunction(wrapped["fake_score"], rotary) if has_fake_score else None,
             generator=DiTFunction(wrapped["generator"], rotary),
             heads=wrapped.get("discriminator"),
             head_every=c.distill.head_every,
+            pixel=self.pixel,
         )
+
+    def _pixel_heads(self) -> MultiHeadDiscriminator | None:
+        """ADP's 2D heads on the pixel backbone's layers (drawn in the heads' seeded scope)."""
+        if self.pixel is None:
+            return None
+        d = self.config.distill
+        return MultiHeadDiscriminator(
+            num_heads=len(self.pixel.layers), in_channels=self.pixel.channels, kind="2d",
+            hidden_channels=d.head_hidden, num_blocks=d.head_blocks,
+        ).to(self.device, self.dtype)
 
     def _build_data(self) -> None:
         from adm_megatron.data import PromptSampler, open_text_source
@@ -212,8 +244,8 @@ class Trainer:
         to = dict(device=self.device, dtype=self.dtype)
         real = None
         if self.real_sampler is not None:
-            x0, prompt_ids = self.real_sampler.batch(iteration)
-            real = RealBatch(x0=x0.to(**to), text=self.text_source.get(prompt_ids).to(**to))
+            x_T, x0, prompt_ids = self.real_sampler.ode_batch(iteration)
+            real = RealBatch(x0=x0.to(**to), text=self.text_source.get(prompt_ids).to(**to), x_T=x_T.to(**to))
         return PhaseBatch(
             text=text.to(**to), negative=negative.to(**to),
             fake_noise=self.rng(iteration, "noise/fake_score").randn(template).to(**to),
@@ -225,11 +257,12 @@ class Trainer:
         batch = self.batch(iteration)
         alg = self.algorithm
         metrics = {"iteration": iteration}
-        phase_metrics, _ = self.phases.run(
-            "fake_score", lambda: alg.fake_score_loss(batch, self.rng(iteration, "fake_score")), iteration,
-            co_trained=alg.fake_phase_trains[1:],
-        )
-        metrics.update(phase_metrics)
+        if alg.fake_phase_trains:
+            phase_metrics, _ = self.phases.run(
+                "fake_score", lambda: alg.fake_score_loss(batch, self.rng(iteration, "fake_score")), iteration,
+                co_trained=alg.fake_phase_trains[1:],
+            )
+            metrics.update(phase_metrics)
         if iteration % self.config.distill.ttur == 0:
             phase_metrics, pair = self.phases.run(
                 "generator", lambda: alg.generator_loss(batch, self.rng(iteration, "generator")), iteration
