@@ -5,12 +5,20 @@
 
 Distils the committed toy teacher (``assets/toy_teacher``) with the project's trainer
 (``adm-megatron train``) -- ADM and DMD2 into 1-, 2- and 4-step generators (same batch, iterations
-and seeds), and a two-stage 1-step run (stage 1: DMD2 1-step, ``toy_two_stage_1.yaml``; stage 2:
-ADM from its generator via ``model.generator_init``, ``toy_two_stage_2.yaml``) -- for each seed,
+and seeds), and two two-stage 1-step runs, each stage 2 being ADM 1-step from the stage-1 generator
+via ``model.generator_init`` (``toy_two_stage_2.yaml``): stage 1 DMD2 1-step
+(``toy_two_stage_1.yaml``), and stage 1 ADP, latent discriminator only (``toy_adp.yaml``, the
+paper's DMDX recipe) -- for each seed,
 at most ``--jobs`` trainings at a time, one thread each. Then ``tools/eval_toy.py`` measures every
 generator and the teacher, and this script writes ``toy_study.md``, ``toy_study.json`` and
 ``toy_samples.png`` into ``--out``. ``--train-teacher`` first retrains the teacher with the
 committed command (about 10 minutes).
+
+New rows join a committed study without rerunning it: ``--methods adp_two_stage --no-sweep --out DIR
+--merge-into docs/`` evaluates only the chosen runs (into ``DIR``) and then merges their rows and
+runs into ``docs/toy_study.json`` / ``.md`` (rows of the same name are replaced; the targets are
+checked again; the sample grid of ``docs/`` keeps the runs it was drawn from, and ``DIR`` has the new
+rows' own).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ CONFIGS = {
     "dmd": "examples/cogvideox/toy_dmd.yaml",
     "stage1": "examples/cogvideox/toy_two_stage_1.yaml",
     "two_stage": "examples/cogvideox/toy_two_stage_2.yaml",
+    "adp": "examples/cogvideox/toy_adp.yaml",
 }
 # name: (config, extra overrides, label, steps it runs at, group). Controls (issue 9): (a) ADM with
 # its heads frozen at their random start, (b) ADM without the gradient path through the fake score's
@@ -57,6 +66,16 @@ SWEEP = {
 PAIRS = {"num_pairs": 1024, "steps": 50}  # the teacher ODE pairs DMD2 reads as real samples
 STAGE1_LABEL = "two-stage 1-step, stage 1 only (DMD2)"
 TWO_STAGE_LABEL = "two-stage 1-step (DMD2 -> ADM)"
+ADP_STAGE1_LABEL = "two-stage 1-step, stage 1 only (ADP)"
+ADP_TWO_STAGE_LABEL = "two-stage 1-step (ADP -> ADM, DMDX)"
+# name: (run-name prefix, stage-1 config, stage-1 label, stage-1 method, label, method); stage 2 is
+# CONFIGS["two_stage"] (ADM 1-step) from the stage-1 generator
+TWO_STAGES = {
+    "two_stage": ("two-stage", "stage1", STAGE1_LABEL, "dmd2", TWO_STAGE_LABEL, "dmd2+adm"),
+    "adp_two_stage": ("adp-two-stage", "adp", ADP_STAGE1_LABEL, "adp", ADP_TWO_STAGE_LABEL, "adp+adm"),
+}
+TARGET_NAMES = {"adm_2": "ADM 2-step", "adm_4": "ADM 4-step", "two_stage_1": TWO_STAGE_LABEL,
+                "adp_two_stage_1": ADP_TWO_STAGE_LABEL}
 GUIDANCE = 1.5  # the configs' distill.guidance_scale (a fixed scale in the toy study)
 NOTES = """
 ## Notes (hand-written; every figure above is generated)
@@ -153,16 +172,16 @@ def plan_runs(work: str, seeds: list[int], steps: list[int], iterations: int | N
     runs = []
     extra = [f"train.max_iterations={iterations}"] if iterations else []
     chosen = {k: v for k, v in METHODS.items() if methods is None or k in methods}
+    chains = {k: v for k, v in TWO_STAGES.items() if methods is None or k in methods}
     for seed in seeds:
         for key, (config, flags, label, method_steps, group) in chosen.items():
             for n in (n for n in steps if n in method_steps):
                 runs.append(_run(work, f"{key}-{n}step-seed{seed}", f"{label} {n}-step", key, n, seed,
                                  CONFIGS[config], group, [*flags, f"distill.generator_steps={n}", *extra]))
-        if 1 in steps and methods is None:
-            stage1 = f"two-stage-1-seed{seed}"
-            runs.append(_run(work, stage1, STAGE1_LABEL, "dmd2", 1, seed, CONFIGS["stage1"], "main", extra))
-            runs.append(_run(work, f"two-stage-2-seed{seed}", TWO_STAGE_LABEL, "dmd2+adm", 1, seed,
-                             CONFIGS["two_stage"], "main",
+        for prefix, config, stage1_label, stage1_method, label, method in (chains.values() if 1 in steps else ()):
+            stage1 = f"{prefix}-1-seed{seed}"
+            runs.append(_run(work, stage1, stage1_label, stage1_method, 1, seed, CONFIGS[config], "main", extra))
+            runs.append(_run(work, f"{prefix}-2-seed{seed}", label, method, 1, seed, CONFIGS["two_stage"], "main",
                              [f"model.generator_init={work}/{stage1}/generator", *extra], after=stage1))
     if sweep and 2 in steps:
         for key, settings in ((k, v) for k, v in SWEEP.items() if k in chosen):
@@ -232,6 +251,33 @@ def config_settings(iterations: int | None) -> dict[str, dict]:
     return out
 
 
+def merge_results(committed: dict, new: dict) -> dict:
+    """``committed`` with ``new``'s distilled rows and runs added (a row or run of the same name is
+    replaced), the targets checked again over the union, and ``new``'s study settings recorded
+    beside the committed ones. Teacher / data rows and the noise floor must agree (the same
+    evaluation: seeds, samples per class, teacher), else a ValueError names the difference."""
+    import eval_toy
+
+    for key in ("teacher", "guidance", "per_class", "eval_seed", "ref_seed"):
+        if committed["settings"][key] != new["settings"][key]:
+            raise ValueError(f"merge: settings.{key} differs ({committed['settings'][key]!r} committed, "
+                             f"{new['settings'][key]!r} new): not the same evaluation")
+    merged = json.loads(json.dumps(committed))
+    new_rows = [r for r in new["rows"] if r["kind"] == "distilled"]
+    names = {r["name"] for r in new_rows}
+    merged["rows"] = [r for r in merged["rows"] if r["name"] not in names] + new_rows
+    run_names = {r["name"] for r in new["runs"]}
+    merged["runs"] = [r for r in merged["runs"] if r["name"] not in run_names] + new["runs"]
+    by_name = {r["name"]: r for r in merged["rows"]}
+    teacher = {r["steps"]: r for r in merged["rows"] if r["kind"] == "teacher"}
+    merged["targets"] = eval_toy.check_targets(by_name, teacher, TARGET_NAMES)
+    configs = merged["study"]["configs"]
+    configs.update({k: v for k, v in new["study"]["configs"].items() if k not in configs})
+    merged.setdefault("added_studies", []).append(
+        {**new["study"], "rows": sorted(names), "eval_seconds": new["eval_seconds"], "grid": new.get("grid")})
+    return merged
+
+
 def execute(runs: list[dict], jobs: int, resume: bool) -> int:
     """Run the trainings, at most ``jobs`` at a time, each after the run it depends on; returns
     how many were run (with ``resume``, finished runs are kept)."""
@@ -297,8 +343,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-sweep", action="store_true", help="skip the 2-step settings sweep")
     parser.add_argument("--render-only", action="store_true",
                         help="only rewrite toy_study.md from --out's toy_study.json (e.g. after editing the notes)")
-    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=None,
-                        help="only these methods / controls (and no two-stage run); default: all")
+    parser.add_argument("--methods", nargs="+", choices=sorted({**METHODS, **TWO_STAGES}), default=None,
+                        help="only these methods / controls / two-stage chains; default: all")
+    parser.add_argument("--merge-into", default=None,
+                        help="then merge the new rows into this directory's committed toy_study.json / .md")
     args = parser.parse_args(argv)
 
     import eval_toy
@@ -337,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        "command", "wall_seconds", "cpu_seconds") if k in r},
                   "discriminator": discriminator_curve(r["output_dir"])} for r in runs],
         "ode_pairs": {"path": pairs, **PAIRS},
-        "target_names": {"adm_2": "ADM 2-step", "adm_4": "ADM 4-step", "two_stage_1": TWO_STAGE_LABEL},
+        "target_names": TARGET_NAMES,
     }
     with open(os.path.join(args.work, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
@@ -360,6 +408,13 @@ def main(argv: list[str] | None = None) -> dict:
         json.dump(results, f, indent=1)
     with open(os.path.join(args.out, "toy_study.md"), "w") as f:
         f.write(eval_toy.render_report(results, NOTES))
+    if args.merge_into:
+        with open(os.path.join(args.merge_into, "toy_study.json")) as f:
+            results = merge_results(json.load(f), results)
+        with open(os.path.join(args.merge_into, "toy_study.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        with open(os.path.join(args.merge_into, "toy_study.md"), "w") as f:
+            f.write(eval_toy.render_report(results, NOTES))
     print(eval_toy.markdown_table(results))
     print(eval_toy.targets_table(results))
     print(f"study finished in {results['study']['total_wall_seconds']}s")
