@@ -173,3 +173,19 @@ def _two_stage(pipeline_dir, pairs, encoders, root):
 
 def test_dmdx_two_stage_run(pipeline_dir, pairs, encoders, tmp_path, world_of_one):
     _two_stage(pipeline_dir, pairs, encoders, str(tmp_path))
+
+
+def test_dmdx_example_configs_chain_the_stages_with_the_papers_rates():
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "cogvideox")
+    stage1 = load_config(os.path.join(root, "dmdx_stage1_adp.yaml"))
+    stage2 = load_config(os.path.join(root, "dmdx_stage2_adm.yaml"))
+    assert (stage1.distill.method, stage2.distill.method) == ("adp", "adm")
+    assert stage1.distill.generator_steps == stage2.distill.generator_steps == 1
+    assert stage2.model.generator_init == os.path.join(stage1.output_dir, "generator")
+    assert (stage1.optim.generator.lr, stage1.optim.discriminator.lr) == (1e-6, 5e-6)
+    assert (stage2.optim.generator.lr, stage2.optim.fake_score.lr, stage2.optim.discriminator.lr) == (1e-7, 1e-6, 5e-6)
+    d = stage1.distill
+    assert (d.latent_weight, d.pixel_weight, d.pixel_encoder, d.pixel_layers) == (0.85, 0.15, "sam", [3, 6, 9, 12])
+    for key in ("guidance_scale", "head_every", "head_hidden"):
+        assert getattr(stage1.distill, key) == getattr(stage2.distill, key), key
+    assert stage1.model.teacher == stage2.model.teacher and stage1.data.path == stage2.data.path
