@@ -69,7 +69,7 @@ class DistillConfig:
     dmd_t_range: tuple[float, float] = (0.02, 0.98)  # DMD loss t range / T (min/max_step_percent)
     gan_weight: float = 5e-3  # dmd2: generator GAN term weight (gen_cls_loss_weight)
     cls_weight: float = 1e-2  # dmd2: classifier loss weight in the fake-score phase (guidance_cls_loss_weight)
-    gan_t_max: float = 1.0  # dmd2: classifier inputs noised to t < gan_t_max * T (diffusion_gan_max_timestep)
+    gan_t_max: float = 1.0  # dmd2 / adp: discriminator inputs noised to t < gan_t_max * T (dmd2's diffusion_gan_max_timestep)
     # adp (algorithms/adp.py): hinge losses of a latent (teacher backbone + head_* heads) and a pixel
     # discriminator (the VAE-decoded frames through a frozen vision encoder + 2D heads on its layers)
     latent_weight: float = 0.85  # λ1

@@ -186,3 +186,17 @@ def test_losses_equal_the_hand_computed_hinge(schedule, weights):
     # the generator's gradient reaches its weight through x0_hat
     g_loss.backward()
     assert nets.generator.w.grad is not None and nets.generator.w.grad.abs() > 0
+
+
+def test_discriminator_time_range():
+    """t' is uniform on [0, T) by default (the paper's), on [0, disc_t_max T) when narrowed."""
+    x_T, x0 = _pair(shape=(B, 1, 1, 2, 2))
+    text = torch.zeros(B, 2, 3, dtype=torch.float64)
+    batch = PhaseBatch(text=text, negative=text, fake_noise=x_T, generator_noise=x_T,
+                       real=RealBatch(x0=x0, text=text, x_T=x_T))
+    seen = {}
+    for t_max in (1.0, 0.1):
+        alg = ADP(_stub_networks(pixel=False), VPVPredSchedule(3.0), 1, (1.0, 1.0), latent_weight=1.0,
+                  pixel_weight=0.0, disc_t_max=t_max)
+        seen[t_max] = torch.cat([alg.generator_loss(batch, _rng(seed))[2].t_disc for seed in range(40)])
+    assert seen[0.1].max() < 100 and seen[1.0].max() >= 500 and seen[1.0].min() < 100

@@ -38,7 +38,9 @@ target only in the sense that its ends are the real side and the generator's inp
 
 * latent discriminator (weight ``latent_weight`` = λ1, 0.85): the frozen teacher backbone's tapped
   features plus the trainable 3D heads, on ``x0_hat`` and on the pair's real ``x_0``, each re-noised
-  with fresh noise to the same ``t'`` uniform on [0, T) (``q(x_t' | x_0)`` of the schedule);
+  with fresh noise to the same ``t'`` uniform on [0, T) (``q(x_t' | x_0)`` of the schedule; the
+  paper's choice). ``disc_t_max`` < 1 narrows it to [0, disc_t_max T) (``distill.gan_t_max``, the
+  knob DMD2's classifier has too; the toy study's note says when that matters);
 * pixel discriminator (weight ``pixel_weight`` = λ2, 0.15; ``heads/pixel.py``): the VAE-decoded
   clean samples (each video frame as an image) through a frozen vision encoder (SAM by default,
   DINOv2 as the ablation) and trainable 2D heads on its configured layers; per-frame logits are
@@ -90,13 +92,15 @@ class ADP(Distillation):
     has_discriminator = True
     needs_real_samples = True
 
-    def __init__(self, *args, latent_weight: float = 0.85, pixel_weight: float = 0.15, **kwargs):
+    def __init__(self, *args, latent_weight: float = 0.85, pixel_weight: float = 0.15, disc_t_max: float = 1.0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         if (pixel_weight > 0) != (self.nets.pixel is not None):
             raise ValueError(f"ADP: pixel_weight={pixel_weight} but the pixel discriminator is "
                              f"{'missing' if self.nets.pixel is None else 'built'}")
         self.latent_weight = latent_weight
         self.pixel_weight = pixel_weight
+        self.disc_t_max = max(1, int(disc_t_max * self.schedule.num_train_timesteps))
 
     @staticmethod
     def _pairs(batch: PhaseBatch) -> RealBatch:
@@ -126,7 +130,7 @@ class ADP(Distillation):
     def generator_loss(self, batch: PhaseBatch, rng: BatchRandom):
         real = self._pairs(batch)
         x0_hat = self.generator_sample(real.x_T, real.x0, real.text, rng)
-        t_disc = rng.randint(0, self.schedule.num_train_timesteps, x0_hat.device)
+        t_disc = rng.randint(0, self.disc_t_max, x0_hat.device)
         fake_noisy = self.schedule.add_noise(x0_hat, rng.randn(x0_hat), t_disc)
         real_noisy = self.schedule.add_noise(real.x0, rng.randn(real.x0), t_disc)
         latent_features = self.latent_features(fake_noisy, t_disc, real.text)
