@@ -137,8 +137,8 @@ def test_zero_pixel_weight_does_no_pixel_work(pixel_weight, pipeline_dir, pairs,
     assert not any(k.startswith("fake_score/") for k in metrics)
     assert "generator/loss" in metrics and "discriminator/loss" in metrics
     if pixel_weight == 0:
-        assert trainer.pixel is None and trainer.heads.pixel is None
         assert (decodes.calls, encodes.calls) == (0, 0)
+        assert trainer.pixel is None and trainer.heads.pixel is None
         assert "generator/pixel" not in metrics
     else:  # fake decoded + encoded once (generator phase, reused), real once (discriminator phase)
         assert (decodes.calls, encodes.calls) == (2, 2)
