@@ -126,12 +126,7 @@ class RealSampler:
         g = torch.Generator().manual_seed(zlib.crc32(repr((self.seed, iteration, "real")).encode()) & 0x7FFFFFFF)
         return torch.randint(0, len(self.pairs), (self.global_batch,), generator=g)[self.rows]
 
-    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x0 [B, F, C, H, W], prompt ids [B])``."""
-        idx = self.indices(iteration)
-        return self.pairs.get(idx, "x_0"), self.pairs.get(idx, "prompt_id")
-
-    def ode_batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x_T, x_0, prompt ids)`` of the same rows as :meth:`batch` (ADP reads both ends)."""
+    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_T, x_0 [B, F, C, H, W], prompt ids [B])``: DMD2 reads x_0, ADP both ends."""
         idx = self.indices(iteration)
         return self.pairs.get(idx, "x_T"), self.pairs.get(idx, "x_0"), self.pairs.get(idx, "prompt_id")

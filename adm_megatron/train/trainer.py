@@ -244,7 +244,7 @@ class Trainer:
         to = dict(device=self.device, dtype=self.dtype)
         real = None
         if self.real_sampler is not None:
-            x_T, x0, prompt_ids = self.real_sampler.ode_batch(iteration)
+            x_T, x0, prompt_ids = self.real_sampler.batch(iteration)
             real = RealBatch(x0=x0.to(**to), text=self.text_source.get(prompt_ids).to(**to), x_T=x_T.to(**to))
         return PhaseBatch(
             text=text.to(**to), negative=negative.to(**to),
