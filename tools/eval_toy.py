@@ -411,7 +411,8 @@ def render_report(results: dict, notes: str = "") -> str:
                         "times above cover every run." if study.get("runs_resumed") else "."))
     for added in results.get("added_studies", []):
         lines.append(f"- rows added later ({', '.join(added['rows'])}; `{added['command']}`): trainings "
-                     f"{added['train_wall_seconds']:.0f} s, evaluation {added['eval_seconds']:.0f} s wall.")
+                     f"{added['train_wall_seconds']:.0f} s, evaluation {added['eval_seconds']:.0f} s wall, "
+                     f"{added['jobs']} trainings at a time; their samples: `{added['grid']}`.")
     lines += ["", "## Commands", "", "```bash"]
     if teacher:
         lines.append(f"# the teacher (committed in assets/toy_teacher/)\n{teacher.get('command')}")

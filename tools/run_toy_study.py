@@ -17,8 +17,8 @@ committed command (about 10 minutes).
 New rows join a committed study without rerunning it: ``--methods adp_two_stage --no-sweep --out DIR
 --merge-into docs/`` evaluates only the chosen runs (into ``DIR``) and then merges their rows and
 runs into ``docs/toy_study.json`` / ``.md`` (rows of the same name are replaced; the targets are
-checked again; the sample grid of ``docs/`` keeps the runs it was drawn from, and ``DIR`` has the new
-rows' own).
+checked again; ``docs/toy_samples.png`` keeps the runs it was drawn from, the new rows' grid is copied
+beside it as ``toy_samples_addedK.png``).
 """
 
 from __future__ import annotations
@@ -120,8 +120,29 @@ three controls, a sweep, and the discriminator watched through its paired statis
   2 and 4 steps (1.016 against a bar of 1.039; 0.397 against 0.401).
 - **Two-stage 1-step (DMD2 -> ADM): 0.466 ± 0.051**, against 0.493 ± 0.072 for its DMD2 stage alone
   (ADM improved seeds 0 and 1, 0.576 -> 0.488 and 0.444 -> 0.407, and lost on seed 2, 0.459 ->
-  0.503) and 2.885 for ADM alone at 1 step: the pre-stage is what makes 1-step work (issue #13's ADP
-  is the paper's pre-stage; it does not exist yet).
+  0.503) and 2.885 for ADM alone at 1 step: the pre-stage is what makes 1-step work (ADP, the
+  paper's pre-stage, is the next note).
+- **ADP -> ADM (DMDX, issue 13) misses its target; DMD2 -> ADM wins.** Latent-only ADP
+  (`toy_adp.yaml`: no VAE, so no pixel discriminator; hinge loss only, the paper's ADP having no
+  regression term) for 800 iterations, then the same ADM 1-step stage as the DMD2 chain: 2.727 ±
+  0.012 (seeds 2.72 / 2.74 / 2.72) against the bar of 0.5 x teacher 2-step = 1.039 and against
+  0.466 ± 0.051 for DMD2 -> ADM; it is level with ADM alone at 1 step (2.885 ± 0.150). The ADP stage
+  alone ends at 5.115 ± 0.521 with diversity 2.41 ± 0.15: still collapsed onto the class mean (the
+  teacher's weights as a 1-step generator start at 6.54, diversity 2.15; the DMD2 stage reaches
+  0.493, diversity 14.3). Why: ADP's latent discriminator stays at chance on this toy, as DMD2's
+  classifier does (paired accuracy 0.49-0.54 in every window above; its hinge loss at the chance
+  value 6.00 for 3 heads). Real x_0 and generated x̂_0, re-noised to a t' uniform on [0, T), are
+  nearly indistinguishable to the 3 heads at most noise levels, and a hinge-only generator loss then
+  gives no direction out of the collapse. Diagnostics (100-iteration runs, seed 0): at t' < 250
+  (`distill.gan_t_max=0.25`) the margin stays at about ±0.001 too, and even at t' < 50 with the
+  generator frozen the heads reach only a margin of 0.003-0.008 (paired accuracy 0.58-0.79) after 60
+  updates at lr 1e-2. Pilots (`tools/toy_trajectory.py`, EMA FD at 200 / 400 / 600 iterations):
+  generator lr 1e-4 diverged (7.3 at 200; 8.7 -> 9.0 with t' < 250), 3e-5 with heads at 3e-3 gave
+  4.9 / 5.4 / 5.4, 1e-5 gave 4.2 at 200, 3e-5 with heads at 1e-2 (the configured run) 4.0 / 4.5, and
+  the same with t' < 250 5.0 / 4.6; diversity stayed at 2.1-2.4 in every pilot. What the toy cannot
+  show: the paper's pixel (SAM) discriminator, heads on a real backbone, and its scale; so this says
+  that on the toy, DMD2's distribution-matching gradient is the pre-stage that works, not that ADP
+  fails on CogVideoX.
 - **Sweep (ADM 2-step, seed 0; the configured run is 0.789):** Δt 16 / 50 / 200: 0.848 / 0.864 /
   0.802; heads' lr 1e-3 / 1e-2: 0.810 / 0.799; width 64: 1.029. Only the wider heads stand out (worse);
   the rest lie within the seed spread (0.79-1.14). Every setting keeps the discriminator above chance
@@ -273,8 +294,9 @@ def merge_results(committed: dict, new: dict) -> dict:
     merged["targets"] = eval_toy.check_targets(by_name, teacher, TARGET_NAMES)
     configs = merged["study"]["configs"]
     configs.update({k: v for k, v in new["study"]["configs"].items() if k not in configs})
-    merged.setdefault("added_studies", []).append(
-        {**new["study"], "rows": sorted(names), "eval_seconds": new["eval_seconds"], "grid": new.get("grid")})
+    added = merged.setdefault("added_studies", [])
+    added.append({**{k: v for k, v in new["study"].items() if k != "configs"}, "rows": sorted(names),
+                  "eval_seconds": new["eval_seconds"], "grid": f"toy_samples_added{len(added) + 1}.png"})
     return merged
 
 
@@ -411,6 +433,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.merge_into:
         with open(os.path.join(args.merge_into, "toy_study.json")) as f:
             results = merge_results(json.load(f), results)
+        shutil.copyfile(os.path.join(args.out, "toy_samples.png"),
+                        os.path.join(args.merge_into, results["added_studies"][-1]["grid"]))
         with open(os.path.join(args.merge_into, "toy_study.json"), "w") as f:
             json.dump(results, f, indent=1)
         with open(os.path.join(args.merge_into, "toy_study.md"), "w") as f:
