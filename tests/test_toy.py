@@ -260,7 +260,7 @@ def test_study_merge_adds_rows_and_checks_the_targets_again():
            "method": "adp+adm", "group": "main", "fd_teacher": 0.4 * t2, "accuracy": 0.99}
     new = {"settings": dict(committed["settings"]), "rows": [committed["rows"][0], row],
            "runs": [{"name": "adp-two-stage-2-seed0", "label": label}], "eval_seconds": 1.0,
-           "study": {"command": "python tools/run_toy_study.py --methods adp_two_stage", "train_wall_seconds": 2.0,
+           "study": {"command": "python tools/run_toy_study.py --methods adp_two_stage", "train_wall_seconds": 2.0, "jobs": 1,
                      "configs": {"adp": run_toy_study.config_settings(None)["adp"]}}}
     merged = run_toy_study.merge_results(committed, new)
     assert [r["name"] for r in merged["rows"]] == [r["name"] for r in committed["rows"]] + [label]
