@@ -106,7 +106,7 @@ class DataConfig:
     path: str = ""  # text-embedding shards (tools/precompute_text_embeddings.py)
     num_prompts: int = 64  # synthetic source only
     batch_size: int = 1  # per data-parallel rank
-    real_path: str = ""  # real samples (ODE-pair / latent shards, tools/collect_ode_pairs.py): dmd2 only
+    real_path: str = ""  # teacher ODE pairs (tools/collect_ode_pairs.py): dmd2's real samples, adp's data
     frames: int = 13  # latent frames
     height: int = 60  # latent height
     width: int = 90  # latent width
@@ -114,7 +114,7 @@ class DataConfig:
 
 @dataclass
 class DistillConfig:
-    method: str = "adm"  # adm | dmd (plain DMD) | dmd2 (DMD2 as published)
+    method: str = "adm"  # adm | dmd (plain DMD) | dmd2 (DMD2 as published) | adp (1-step pre-stage)
     generator_steps: int = 8
     delta_t: int = 16  # adm: the fake / teacher ODE step, in training timesteps (T/64)
     guidance_scale: tuple[float, float] = (5.0, 7.0)  # CFG scale range, drawn per sample
@@ -130,7 +130,14 @@ class DistillConfig:
     dmd_t_range: tuple[float, float] = (0.02, 0.98)  # DMD loss t range / T (min/max_step_percent)
     gan_weight: float = 5e-3  # dmd2: generator GAN term weight (gen_cls_loss_weight)
     cls_weight: float = 1e-2  # dmd2: classifier loss weight in the fake-score phase (guidance_cls_loss_weight)
-    gan_t_max: float = 1.0  # dmd2: classifier inputs noised to t < gan_t_max * T (diffusion_gan_max_timestep)
+    gan_t_max: float = 1.0  # dmd2 / adp: discriminator inputs noised to t < gan_t_max * T (dmd2's diffusion_gan_max_timestep)
+    # adp (algorithms/adp.py): hinge losses of a latent (teacher backbone + head_* heads) and a pixel
+    # discriminator (the VAE-decoded frames through a frozen vision encoder + 2D heads on its layers)
+    latent_weight: float = 0.85  # λ1
+    pixel_weight: float = 0.15  # λ2; 0 builds no pixel branch (no VAE decode, no encoder)
+    pixel_encoder: str = "sam"  # sam (SamVisionModel) | dinov2 (Dinov2Model, the paper's ablation)
+    pixel_encoder_path: str = ""  # a local transformers directory of that encoder
+    pixel_layers: list[int] = field(default_factory=lambda: [3, 6, 9, 12])  # 1-based encoder layers
 
 
 @dataclass
@@ -207,7 +214,8 @@ CHOICES = {
     "model.impl": ("auto", "local", "te"),
     "model.dtype": ("fp32", "bf16", "fp64"),
     "data.source": ("synthetic", "shards"),
-    "distill.method": ("adm", "dmd", "dmd2"),
+    "distill.method": ("adm", "dmd", "dmd2", "adp"),
+    "distill.pixel_encoder": ("sam", "dinov2"),
     "distill.head_reduction": ("sum", "mean"),
     "train.nan_policy": ("error", "skip"),
     "train.export_lora": ("merged", "adapter", "both"),
@@ -396,9 +404,15 @@ def _check_fields(config: Config, source: str) -> None:
     if config.logging.dead_discriminator_window < 0:
         raise ConfigError(f"{source}: logging.dead_discriminator_window="
                           f"{config.logging.dead_discriminator_window}: expected >= 0 (0 disables)")
-    if d.method == "dmd2" and not config.data.real_path:
-        raise ConfigError(f"{source}: distill.method=dmd2 needs data.real_path (real samples: teacher ODE "
-                          "pairs from tools/collect_ode_pairs.py, or latent shards)")
+    if d.method in ("dmd2", "adp") and not config.data.real_path:
+        raise ConfigError(f"{source}: distill.method={d.method} needs data.real_path (teacher ODE pairs from "
+                          "tools/collect_ode_pairs.py)")
+    if d.latent_weight < 0 or d.pixel_weight < 0 or d.latent_weight + d.pixel_weight == 0:
+        raise ConfigError(f"{source}: distill.latent_weight={d.latent_weight} / pixel_weight={d.pixel_weight}: "
+                          "expected >= 0, not both 0")
+    if d.method == "adp" and d.pixel_weight > 0 and not d.pixel_encoder_path:
+        raise ConfigError(f"{source}: distill.pixel_weight={d.pixel_weight} needs distill.pixel_encoder_path (a "
+                          f"local {d.pixel_encoder} encoder directory), or set distill.pixel_weight=0")
     if not config.model.teacher:
         raise ConfigError(f"{source}: model.teacher is required (a diffusers directory or megatron checkpoint)")
     if config.data.source == "shards" and not config.data.path:

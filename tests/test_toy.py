@@ -229,3 +229,48 @@ def test_reduced_study_adm_two_step_beats_the_teacher_two_step(tmp_path):
     adm, teacher = rows["ADM 2-step"], rows["teacher 2-step"]
     assert adm["fd_teacher"] < 0.7 * teacher["fd_teacher"], (adm["fd_teacher"], teacher["fd_teacher"])
     assert adm["accuracy"] >= 0.9
+
+
+def test_study_plans_the_adp_two_stage_chain_alone():
+    """``--methods adp_two_stage``: per seed, ADP stage 1 (toy_adp.yaml) then ADM 1-step from its generator."""
+    import run_toy_study
+
+    runs = run_toy_study.plan_runs("W", [0, 1], [1, 2, 4], None, methods=["adp_two_stage"])
+    assert [r["name"] for r in runs] == ["adp-two-stage-1-seed0", "adp-two-stage-2-seed0",
+                                         "adp-two-stage-1-seed1", "adp-two-stage-2-seed1"]
+    stage1, stage2 = runs[:2]
+    assert stage1["config"] == "examples/cogvideox/toy_adp.yaml" and stage1["steps"] == 1
+    assert stage2["config"] == "examples/cogvideox/toy_two_stage_2.yaml" and stage2["after"] == stage1["name"]
+    assert "model.generator_init=W/adp-two-stage-1-seed0/generator" in stage2["overrides"]
+    assert stage2["label"] == run_toy_study.ADP_TWO_STAGE_LABEL
+    every = {r["name"] for r in run_toy_study.plan_runs("W", [0], [1], None)}  # the full study has both chains
+    assert {"two-stage-2-seed0", "adp-two-stage-2-seed0"} <= every
+
+
+def test_study_merge_adds_rows_and_checks_the_targets_again():
+    import run_toy_study
+
+    label = run_toy_study.ADP_TWO_STAGE_LABEL
+    with open(os.path.join(ROOT, "docs", "toy_study.json")) as f:
+        committed = json.load(f)
+    committed["rows"] = [r for r in committed["rows"] if r["name"] != label]  # as before the ADP rows
+    committed["runs"] = [r for r in committed["runs"] if r["name"] != "adp-two-stage-2-seed0"]
+    t2 = next(r for r in committed["rows"] if r["name"] == "teacher 2-step")["fd_teacher"]
+    row = {**{k: 1.0 for k in _eval_toy().METRICS}, "name": label, "kind": "distilled", "steps": 1,
+           "method": "adp+adm", "group": "main", "fd_teacher": 0.4 * t2, "accuracy": 0.99}
+    new = {"settings": dict(committed["settings"]), "rows": [committed["rows"][0], row],
+           "runs": [{"name": "adp-two-stage-2-seed0", "label": label}], "eval_seconds": 1.0,
+           "study": {"command": "python tools/run_toy_study.py --methods adp_two_stage", "train_wall_seconds": 2.0, "jobs": 1,
+                     "configs": {"adp": run_toy_study.config_settings(None)["adp"]}}}
+    merged = run_toy_study.merge_results(committed, new)
+    assert [r["name"] for r in merged["rows"]] == [r["name"] for r in committed["rows"]] + [label]
+    assert len(merged["runs"]) == len(committed["runs"]) + 1
+    adp = [t for t in merged["targets"] if t["row"] == label]
+    assert len(adp) == 2 and all(t["passed"] for t in adp)
+    assert merged["study"]["configs"]["adp"]["config"] == "examples/cogvideox/toy_adp.yaml"
+    again = run_toy_study.merge_results(merged, {**new, "rows": [{**row, "fd_teacher": 2 * t2}]})
+    assert [r["name"] for r in again["rows"]] == [r["name"] for r in merged["rows"]]  # replaced, not added
+    assert not next(t for t in again["targets"] if t["row"] == label and "accuracy" not in t["target"])["passed"]
+    with pytest.raises(ValueError, match="settings.per_class differs"):
+        run_toy_study.merge_results(committed, {**new, "settings": {**new["settings"], "per_class": 8}})
+    assert "rows added later" in _eval_toy().render_report(merged)

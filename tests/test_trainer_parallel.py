@@ -1,5 +1,6 @@
-"""One ADM iteration at DP = 2 and at TP = 2 (with sequence parallelism), and one DMD2 iteration
-at DP = 2 (its heads co-trained with the fake score), equal the one-process iteration with the
+"""One ADM iteration at DP = 2 and at TP = 2 (with sequence parallelism), one DMD2 iteration
+at DP = 2 (its heads co-trained with the fake score) and one ADP iteration at DP = 2 (latent and
+SAM pixel discriminators, no fake score) equal the one-process iteration with the
 same seeds (gloo, 2 processes): every phase's loss, the discriminator's paired statistics (averaged
 over the data-parallel group, so every rank reports the global batch's), every gathered gradient
 before the optimizer step (1e-5 relative per tensor), and the updated weights wherever the gradient
@@ -18,6 +19,7 @@ import torch
 
 from multiproc import run_world
 from tiny_cogvideox import assert_grads_match
+from tiny_pixel_encoders import save_tiny_encoder
 
 TOL = 1e-5
 COMMON = [
@@ -34,8 +36,12 @@ LAYOUTS = {  # name: overrides (global batch 2 everywhere)
     "tp2-sp": ["data.batch_size=2", "parallel.tensor_parallel=2", "model.sequence_parallel=true"],
     "dmd2-one-process": ["data.batch_size=2", "distill.method=dmd2"],
     "dmd2-dp2": ["data.batch_size=1", "distill.method=dmd2"],
+    # ADP with both discriminators (tiny SAM on the tiny VAE's frames); the encoder path is added below
+    "adp-one-process": ["data.batch_size=2", "distill.method=adp", "distill.pixel_layers=[2,4]"],
+    "adp-dp2": ["data.batch_size=1", "distill.method=adp", "distill.pixel_layers=[2,4]"],
 }
-REFERENCE = {"dp2": "one-process", "tp2-sp": "one-process", "dmd2-dp2": "dmd2-one-process"}
+REFERENCE = {"dp2": "one-process", "tp2-sp": "one-process", "dmd2-dp2": "dmd2-one-process",
+             "adp-dp2": "adp-one-process"}
 HEALTH = ("discriminator/paired_margin", "discriminator/paired_accuracy", "discriminator/loss_vs_chance")
 
 
@@ -67,8 +73,12 @@ def _one_iteration(pipeline_dir: str, output_dir: str, overrides: list[str]) -> 
     return {"losses": losses, "health": health, "grads": grads, "weights": weights, "dp_rank": trainer.info.dp_rank}
 
 
-def _parallel_layouts(pipeline_dir, output_dir, real_path):
-    return {name: _one_iteration(pipeline_dir, f"{output_dir}/{name}", [*LAYOUTS[name], f"data.real_path={real_path}"])
+def _data(real_path, encoder):
+    return [f"data.real_path={real_path}", f"distill.pixel_encoder_path={encoder}"]
+
+
+def _parallel_layouts(pipeline_dir, output_dir, real_path, encoder):
+    return {name: _one_iteration(pipeline_dir, f"{output_dir}/{name}", [*LAYOUTS[name], *_data(real_path, encoder)])
             for name in REFERENCE}
 
 
@@ -96,9 +106,10 @@ def real_pairs(pipeline_dir, tmp_path_factory):
 
 
 def test_dp2_and_tp2_iterations_equal_the_one_process_iteration(pipeline_dir, real_pairs, tmp_path, world_of_one):
-    references = {name: _one_iteration(pipeline_dir, str(tmp_path / name), [*LAYOUTS[name], f"data.real_path={real_pairs}"])
+    encoder = save_tiny_encoder("sam", str(tmp_path / "sam"))
+    references = {name: _one_iteration(pipeline_dir, str(tmp_path / name), [*LAYOUTS[name], *_data(real_pairs, encoder)])
                   for name in set(REFERENCE.values())}
-    ranks = run_world(_parallel_layouts, 2, pipeline_dir, str(tmp_path), real_pairs)
+    ranks = run_world(_parallel_layouts, 2, pipeline_dir, str(tmp_path), real_pairs, encoder)
     for layout, reference_name in REFERENCE.items():
         reference = references[reference_name]
         results = [r[layout] for r in ranks]

@@ -183,6 +183,8 @@ def check_targets(by_name: dict, teacher: dict, names: dict) -> list[dict]:
         ("adm_4", "ADM 4-step FD-to-teacher-50 <= teacher 4-step", lambda r: r["fd_teacher"] <= t4),
         ("two_stage_1", "two-stage 1-step FD-to-teacher-50 <= 0.5 x teacher 2-step",
          lambda r: r["fd_teacher"] <= 0.5 * t2),
+        ("adp_two_stage_1", "ADP -> ADM 1-step FD-to-teacher-50 <= 0.5 x teacher 2-step",
+         lambda r: r["fd_teacher"] <= 0.5 * t2),
     ]
     out = []
     for key, text, test in checks:
@@ -191,7 +193,7 @@ def check_targets(by_name: dict, teacher: dict, names: dict) -> list[dict]:
         row = by_name.get(names[key])
         out.append({"target": text, "row": names[key], "value": row and row["fd_teacher"],
                     "passed": bool(row and test(row))})
-    for key in ("adm_2", "adm_4", "two_stage_1"):
+    for key in ("adm_2", "adm_4", "two_stage_1", "adp_two_stage_1"):
         if key not in names:
             continue
         row = by_name.get(names[key])
@@ -407,12 +409,18 @@ def render_report(results: dict, notes: str = "") -> str:
                      + (f"; {study['runs_resumed']} finished runs were kept from earlier invocations (`--resume`), "
                         "so the trainings figure is that of the last invocation that trained any; the per-run "
                         "times above cover every run." if study.get("runs_resumed") else "."))
+    for added in results.get("added_studies", []):
+        lines.append(f"- rows added later ({', '.join(added['rows'])}; `{added['command']}`): trainings "
+                     f"{added['train_wall_seconds']:.0f} s, evaluation {added['eval_seconds']:.0f} s wall, "
+                     f"{added['jobs']} trainings at a time; their samples: `{added['grid']}`.")
     lines += ["", "## Commands", "", "```bash"]
     if teacher:
         lines.append(f"# the teacher (committed in assets/toy_teacher/)\n{teacher.get('command')}")
     if study:
         lines.append(f"# the whole study: every training below, then the evaluation and this page\n"
                      f"python tools/run_toy_study.py --out docs/")
+    for added in results.get("added_studies", []):
+        lines.append(f"# rows added later, merged into this page\npython {added['command'].removeprefix('python ')}")
     lines.append("# each training (run by the study; adm-megatron is `python -m adm_megatron.cli`)")
     lines += [run["command"] for run in runs if "command" in run]
     lines += ["# the evaluation alone, from the study's manifest",

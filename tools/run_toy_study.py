@@ -5,12 +5,20 @@
 
 Distils the committed toy teacher (``assets/toy_teacher``) with the project's trainer
 (``adm-megatron train``) -- ADM and DMD2 into 1-, 2- and 4-step generators (same batch, iterations
-and seeds), and a two-stage 1-step run (stage 1: DMD2 1-step, ``toy_two_stage_1.yaml``; stage 2:
-ADM from its generator via ``model.generator_init``, ``toy_two_stage_2.yaml``) -- for each seed,
+and seeds), and two two-stage 1-step runs, each stage 2 being ADM 1-step from the stage-1 generator
+via ``model.generator_init`` (``toy_two_stage_2.yaml``): stage 1 DMD2 1-step
+(``toy_two_stage_1.yaml``), and stage 1 ADP, latent discriminator only (``toy_adp.yaml``, the
+paper's DMDX recipe) -- for each seed,
 at most ``--jobs`` trainings at a time, one thread each. Then ``tools/eval_toy.py`` measures every
 generator and the teacher, and this script writes ``toy_study.md``, ``toy_study.json`` and
 ``toy_samples.png`` into ``--out``. ``--train-teacher`` first retrains the teacher with the
 committed command (about 10 minutes).
+
+New rows join a committed study without rerunning it: ``--methods adp_two_stage --no-sweep --out DIR
+--merge-into docs/`` evaluates only the chosen runs (into ``DIR``) and then merges their rows and
+runs into ``docs/toy_study.json`` / ``.md`` (rows of the same name are replaced; the targets are
+checked again; ``docs/toy_samples.png`` keeps the runs it was drawn from, the new rows' grid is copied
+beside it as ``toy_samples_addedK.png``).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ CONFIGS = {
     "dmd": "examples/cogvideox/toy_dmd.yaml",
     "stage1": "examples/cogvideox/toy_two_stage_1.yaml",
     "two_stage": "examples/cogvideox/toy_two_stage_2.yaml",
+    "adp": "examples/cogvideox/toy_adp.yaml",
 }
 # name: (config, extra overrides, label, steps it runs at, group). Controls (issue 9): (a) ADM with
 # its heads frozen at their random start, (b) ADM without the gradient path through the fake score's
@@ -57,6 +66,16 @@ SWEEP = {
 PAIRS = {"num_pairs": 1024, "steps": 50}  # the teacher ODE pairs DMD2 reads as real samples
 STAGE1_LABEL = "two-stage 1-step, stage 1 only (DMD2)"
 TWO_STAGE_LABEL = "two-stage 1-step (DMD2 -> ADM)"
+ADP_STAGE1_LABEL = "two-stage 1-step, stage 1 only (ADP)"
+ADP_TWO_STAGE_LABEL = "two-stage 1-step (ADP -> ADM, DMDX)"
+# name: (run-name prefix, stage-1 config, stage-1 label, stage-1 method, label, method); stage 2 is
+# CONFIGS["two_stage"] (ADM 1-step) from the stage-1 generator
+TWO_STAGES = {
+    "two_stage": ("two-stage", "stage1", STAGE1_LABEL, "dmd2", TWO_STAGE_LABEL, "dmd2+adm"),
+    "adp_two_stage": ("adp-two-stage", "adp", ADP_STAGE1_LABEL, "adp", ADP_TWO_STAGE_LABEL, "adp+adm"),
+}
+TARGET_NAMES = {"adm_2": "ADM 2-step", "adm_4": "ADM 4-step", "two_stage_1": TWO_STAGE_LABEL,
+                "adp_two_stage_1": ADP_TWO_STAGE_LABEL}
 GUIDANCE = 1.5  # the configs' distill.guidance_scale (a fixed scale in the toy study)
 NOTES = """
 ## Notes (hand-written; every figure above is generated)
@@ -101,8 +120,29 @@ three controls, a sweep, and the discriminator watched through its paired statis
   2 and 4 steps (1.016 against a bar of 1.039; 0.397 against 0.401).
 - **Two-stage 1-step (DMD2 -> ADM): 0.466 ± 0.051**, against 0.493 ± 0.072 for its DMD2 stage alone
   (ADM improved seeds 0 and 1, 0.576 -> 0.488 and 0.444 -> 0.407, and lost on seed 2, 0.459 ->
-  0.503) and 2.885 for ADM alone at 1 step: the pre-stage is what makes 1-step work (issue #13's ADP
-  is the paper's pre-stage; it does not exist yet).
+  0.503) and 2.885 for ADM alone at 1 step: the pre-stage is what makes 1-step work (ADP, the
+  paper's pre-stage, is the next note).
+- **ADP -> ADM (DMDX, issue 13) misses its target; DMD2 -> ADM wins.** Latent-only ADP
+  (`toy_adp.yaml`: no VAE, so no pixel discriminator; hinge loss only, the paper's ADP having no
+  regression term) for 800 iterations, then the same ADM 1-step stage as the DMD2 chain: 2.727 ±
+  0.012 (seeds 2.72 / 2.74 / 2.72) against the bar of 0.5 x teacher 2-step = 1.039 and against
+  0.466 ± 0.051 for DMD2 -> ADM; it is level with ADM alone at 1 step (2.885 ± 0.150). The ADP stage
+  alone ends at 5.115 ± 0.521 with diversity 2.41 ± 0.15: still collapsed onto the class mean (the
+  teacher's weights as a 1-step generator start at 6.54, diversity 2.15; the DMD2 stage reaches
+  0.493, diversity 14.3). Why: ADP's latent discriminator stays at chance on this toy, as DMD2's
+  classifier does (paired accuracy 0.49-0.54 in every window above; its hinge loss at the chance
+  value 6.00 for 3 heads). Real x_0 and generated x̂_0, re-noised to a t' uniform on [0, T), are
+  nearly indistinguishable to the 3 heads at most noise levels, and a hinge-only generator loss then
+  gives no direction out of the collapse. Diagnostics (100-iteration runs, seed 0): at t' < 250
+  (`distill.gan_t_max=0.25`) the margin stays at about ±0.001 too, and even at t' < 50 with the
+  generator frozen the heads reach only a margin of 0.003-0.008 (paired accuracy 0.58-0.79) after 60
+  updates at lr 1e-2. Pilots (`tools/toy_trajectory.py`, EMA FD at 200 / 400 / 600 iterations):
+  generator lr 1e-4 diverged (7.3 at 200; 8.7 -> 9.0 with t' < 250), 3e-5 with heads at 3e-3 gave
+  4.9 / 5.4 / 5.4, 1e-5 gave 4.2 at 200, 3e-5 with heads at 1e-2 (the configured run) 4.0 / 4.5, and
+  the same with t' < 250 5.0 / 4.6; diversity stayed at 2.1-2.4 in every pilot. What the toy cannot
+  show: the paper's pixel (SAM) discriminator, heads on a real backbone, and its scale; so this says
+  that on the toy, DMD2's distribution-matching gradient is the pre-stage that works, not that ADP
+  fails on CogVideoX.
 - **Sweep (ADM 2-step, seed 0; the configured run is 0.789):** Δt 16 / 50 / 200: 0.848 / 0.864 /
   0.802; heads' lr 1e-3 / 1e-2: 0.810 / 0.799; width 64: 1.029. Only the wider heads stand out (worse);
   the rest lie within the seed spread (0.79-1.14). Every setting keeps the discriminator above chance
@@ -153,16 +193,16 @@ def plan_runs(work: str, seeds: list[int], steps: list[int], iterations: int | N
     runs = []
     extra = [f"train.max_iterations={iterations}"] if iterations else []
     chosen = {k: v for k, v in METHODS.items() if methods is None or k in methods}
+    chains = {k: v for k, v in TWO_STAGES.items() if methods is None or k in methods}
     for seed in seeds:
         for key, (config, flags, label, method_steps, group) in chosen.items():
             for n in (n for n in steps if n in method_steps):
                 runs.append(_run(work, f"{key}-{n}step-seed{seed}", f"{label} {n}-step", key, n, seed,
                                  CONFIGS[config], group, [*flags, f"distill.generator_steps={n}", *extra]))
-        if 1 in steps and methods is None:
-            stage1 = f"two-stage-1-seed{seed}"
-            runs.append(_run(work, stage1, STAGE1_LABEL, "dmd2", 1, seed, CONFIGS["stage1"], "main", extra))
-            runs.append(_run(work, f"two-stage-2-seed{seed}", TWO_STAGE_LABEL, "dmd2+adm", 1, seed,
-                             CONFIGS["two_stage"], "main",
+        for prefix, config, stage1_label, stage1_method, label, method in (chains.values() if 1 in steps else ()):
+            stage1 = f"{prefix}-1-seed{seed}"
+            runs.append(_run(work, stage1, stage1_label, stage1_method, 1, seed, CONFIGS[config], "main", extra))
+            runs.append(_run(work, f"{prefix}-2-seed{seed}", label, method, 1, seed, CONFIGS["two_stage"], "main",
                              [f"model.generator_init={work}/{stage1}/generator", *extra], after=stage1))
     if sweep and 2 in steps:
         for key, settings in ((k, v) for k, v in SWEEP.items() if k in chosen):
@@ -232,6 +272,34 @@ def config_settings(iterations: int | None) -> dict[str, dict]:
     return out
 
 
+def merge_results(committed: dict, new: dict) -> dict:
+    """``committed`` with ``new``'s distilled rows and runs added (a row or run of the same name is
+    replaced), the targets checked again over the union, and ``new``'s study settings recorded
+    beside the committed ones. Teacher / data rows and the noise floor must agree (the same
+    evaluation: seeds, samples per class, teacher), else a ValueError names the difference."""
+    import eval_toy
+
+    for key in ("teacher", "guidance", "per_class", "eval_seed", "ref_seed"):
+        if committed["settings"][key] != new["settings"][key]:
+            raise ValueError(f"merge: settings.{key} differs ({committed['settings'][key]!r} committed, "
+                             f"{new['settings'][key]!r} new): not the same evaluation")
+    merged = json.loads(json.dumps(committed))
+    new_rows = [r for r in new["rows"] if r["kind"] == "distilled"]
+    names = {r["name"] for r in new_rows}
+    merged["rows"] = [r for r in merged["rows"] if r["name"] not in names] + new_rows
+    run_names = {r["name"] for r in new["runs"]}
+    merged["runs"] = [r for r in merged["runs"] if r["name"] not in run_names] + new["runs"]
+    by_name = {r["name"]: r for r in merged["rows"]}
+    teacher = {r["steps"]: r for r in merged["rows"] if r["kind"] == "teacher"}
+    merged["targets"] = eval_toy.check_targets(by_name, teacher, TARGET_NAMES)
+    configs = merged["study"]["configs"]
+    configs.update({k: v for k, v in new["study"]["configs"].items() if k not in configs})
+    added = merged.setdefault("added_studies", [])
+    added.append({**{k: v for k, v in new["study"].items() if k != "configs"}, "rows": sorted(names),
+                  "eval_seconds": new["eval_seconds"], "grid": f"toy_samples_added{len(added) + 1}.png"})
+    return merged
+
+
 def execute(runs: list[dict], jobs: int, resume: bool) -> int:
     """Run the trainings, at most ``jobs`` at a time, each after the run it depends on; returns
     how many were run (with ``resume``, finished runs are kept)."""
@@ -297,8 +365,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-sweep", action="store_true", help="skip the 2-step settings sweep")
     parser.add_argument("--render-only", action="store_true",
                         help="only rewrite toy_study.md from --out's toy_study.json (e.g. after editing the notes)")
-    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=None,
-                        help="only these methods / controls (and no two-stage run); default: all")
+    parser.add_argument("--methods", nargs="+", choices=sorted({**METHODS, **TWO_STAGES}), default=None,
+                        help="only these methods / controls / two-stage chains; default: all")
+    parser.add_argument("--merge-into", default=None,
+                        help="then merge the new rows into this directory's committed toy_study.json / .md")
     args = parser.parse_args(argv)
 
     import eval_toy
@@ -337,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        "command", "wall_seconds", "cpu_seconds") if k in r},
                   "discriminator": discriminator_curve(r["output_dir"])} for r in runs],
         "ode_pairs": {"path": pairs, **PAIRS},
-        "target_names": {"adm_2": "ADM 2-step", "adm_4": "ADM 4-step", "two_stage_1": TWO_STAGE_LABEL},
+        "target_names": TARGET_NAMES,
     }
     with open(os.path.join(args.work, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
@@ -360,6 +430,15 @@ def main(argv: list[str] | None = None) -> dict:
         json.dump(results, f, indent=1)
     with open(os.path.join(args.out, "toy_study.md"), "w") as f:
         f.write(eval_toy.render_report(results, NOTES))
+    if args.merge_into:
+        with open(os.path.join(args.merge_into, "toy_study.json")) as f:
+            results = merge_results(json.load(f), results)
+        shutil.copyfile(os.path.join(args.out, "toy_samples.png"),
+                        os.path.join(args.merge_into, results["added_studies"][-1]["grid"]))
+        with open(os.path.join(args.merge_into, "toy_study.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        with open(os.path.join(args.merge_into, "toy_study.md"), "w") as f:
+            f.write(eval_toy.render_report(results, NOTES))
     print(eval_toy.markdown_table(results))
     print(eval_toy.targets_table(results))
     print(f"study finished in {results['study']['total_wall_seconds']}s")

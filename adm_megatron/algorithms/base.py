@@ -1,14 +1,14 @@
 """What every distillation method shares: the batch, the generator's sampling and the fake score.
 
-A method (ADM, DMD, DMD2) is one object with three phase functions the trainer calls:
+A method (ADM, DMD, DMD2, ADP) is one object with three phase functions the trainer calls:
 ``fake_score_loss(batch, rng)``, ``generator_loss(batch, rng)`` and
 ``discriminator_loss(pair, batch)``, each returning ``(loss, metrics, extra)``. Algorithm 1 draws
 the generator's starting noise twice, independently: z for the fake-score phase (line 8) and ẑ
 for the generator phase (line 15); :class:`PhaseBatch` carries both, drawn from separate seeded
 streams by the trainer.
 
-Which networks each phase trains is the method's to say (``fake_phase_trains``,
-``discriminator_phase``); the trainer runs them without knowing the method.
+Which networks each phase trains is the method's to say (``fake_phase_trains``, empty for a method
+without a fake score, ``discriminator_phase``); the trainer runs them without knowing the method.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from adm_megatron.diffusion.schedules import NoiseSchedule
 
 @dataclass
 class RealBatch:
-    """Samples of the target distribution (teacher ODE-pair x0's or data latents) and their prompts."""
+    """Samples of the target distribution (teacher ODE-pair x0's) and their prompts."""
 
     x0: torch.Tensor  # [B, F, C, H, W] (video) or [B, C, H, W] (image)
     text: torch.Tensor  # [B, L, D]
+    x_T: torch.Tensor | None = None  # the ODE pair's starting noise (ADP's generator input)
     pooled: torch.Tensor | None = None  # [B, Dp] pooled text embedding (SD3); None for families without
 
     @property
@@ -47,7 +48,7 @@ class PhaseBatch:
     negative: torch.Tensor  # [B, L, D] the unconditional (negative prompt) embeddings
     fake_noise: torch.Tensor  # [B, F, C, H, W] or [B, C, H, W] z: the fake-score phase's generator sample starts here
     generator_noise: torch.Tensor  # ẑ: the generator phase's, drawn independently of z
-    real: RealBatch | None = None  # only for methods that read real samples (DMD2)
+    real: RealBatch | None = None  # only for methods that read real samples (DMD2, ADP)
     pooled: torch.Tensor | None = None  # [B, Dp] pooled text embeddings (SD3); None for families without
     negative_pooled: torch.Tensor | None = None  # [B, Dp] the negative prompt's
 

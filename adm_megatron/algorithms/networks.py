@@ -57,10 +57,11 @@ class DiTFunction:
 @dataclass
 class Networks:
     teacher: DiTFunction  # frozen: real score (with CFG) and ADM's discriminator backbone
-    fake_score: DiTFunction
+    fake_score: DiTFunction | None  # None for a method without one (ADP)
     generator: DiTFunction
     heads: torch.nn.Module | None  # MultiHeadDiscriminator (possibly DDP-wrapped); None without one
     head_every: int
+    pixel: torch.nn.Module | None = None  # ADP's frozen pixel backbone (heads/pixel.py PixelFeatures)
 
     def discriminator(self, backbone: DiTFunction, x: torch.Tensor, t: torch.Tensor, cond):
         """Logits [B, heads]: the heads on ``backbone``'s tapped features of (x, t)."""

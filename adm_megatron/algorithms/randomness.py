@@ -31,6 +31,12 @@ class BatchRandom:
         draw = torch.randint(low, high, (self.global_batch,), generator=self.generator, device=self.generator.device)
         return draw[self.rows].to(device)
 
+    def rand(self, device) -> torch.Tensor:
+        """One float64 uniform on [0, 1) per sample of this rank."""
+        draw = torch.rand(self.global_batch, generator=self.generator, device=self.generator.device,
+                          dtype=torch.float64)
+        return draw[self.rows].to(device)
+
     def guidance_scales(self, scale_range: tuple[float, float], device) -> torch.Tensor:
         """One CFG scale per sample of this rank, uniform on ``scale_range``."""
         return sample_guidance_scales(self.global_batch, scale_range, self.generator)[self.rows].to(device)

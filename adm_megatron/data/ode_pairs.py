@@ -16,7 +16,7 @@ prompt ``j mod num_prompts`` and noise and scale drawn from a generator seeded b
 collection resumes by writing the missing shards only.
 
 :class:`OdePairs` reads a finished directory; :class:`RealSampler` draws a training iteration's
-real samples from it as a pure function of (seed, iteration), each data-parallel rank keeping its
+real samples (and, for ADP, their starting noises) from it as a pure function of (seed, iteration), each data-parallel rank keeping its
 rows of the global batch.
 """
 
@@ -126,7 +126,7 @@ class RealSampler:
         g = torch.Generator().manual_seed(zlib.crc32(repr((self.seed, iteration, "real")).encode()) & 0x7FFFFFFF)
         return torch.randint(0, len(self.pairs), (self.global_batch,), generator=g)[self.rows]
 
-    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x0 [B, F, C, H, W], prompt ids [B])``."""
+    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_T, x_0 [B, F, C, H, W], prompt ids [B])``: DMD2 reads x_0, ADP both ends."""
         idx = self.indices(iteration)
-        return self.pairs.get(idx, "x_0"), self.pairs.get(idx, "prompt_id")
+        return self.pairs.get(idx, "x_T"), self.pairs.get(idx, "x_0"), self.pairs.get(idx, "prompt_id")

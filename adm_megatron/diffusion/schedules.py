@@ -143,6 +143,21 @@ class NoiseSchedule(abc.ABC):
         """``t - delta`` clamped at 0; ``delta`` is in the units of ``t``."""
         return torch.clamp(t - delta, min=0)
 
+    # -- the rectified-flow reading (ADP) -----------------------------------------------------
+    def rf_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The rectified-flow time ``s = sigma / (alpha + sigma)`` of timestep ``t`` (float64).
+
+        ``x_t = alpha x0 + sigma eps = (alpha + sigma) ((1 - s) x0 + s eps)``: every point of the
+        forward process is the RF interpolation at ``s``, scaled by ``alpha + sigma`` (1 for flow).
+        """
+        alpha, sigma = self.coefficients(t)
+        return sigma / (alpha + sigma)
+
+    @abc.abstractmethod
+    def timestep_at_rf_time(self, s: torch.Tensor) -> torch.Tensor:
+        """The model timestep whose :meth:`rf_time` is ``s`` (in [0, 1]), or, on a discrete grid,
+        the grid timestep with the nearest one."""
+
 
 class VPVPredSchedule(NoiseSchedule):
     """CogVideoX's variance-preserving v-prediction schedule (``CogVideoXDDIMScheduler``).
@@ -240,6 +255,16 @@ class VPVPredSchedule(NoiseSchedule):
     def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
         return t.long()
 
+    def timestep_at_rf_time(self, s: torch.Tensor) -> torch.Tensor:
+        # rf_time grows with t on the grid (sigma up, alpha down), so the nearest grid point is a
+        # searchsorted neighbour
+        grid = self.rf_time(torch.arange(self.num_train_timesteps, device=s.device))
+        s = s.to(torch.float64)
+        hi = torch.searchsorted(grid, s).clamp(1, self.num_train_timesteps - 1)
+        lo = hi - 1
+        nearer_lo = (s - grid[lo]).abs() <= (grid[hi] - s).abs()
+        return torch.where(nearer_lo, lo, hi)
+
     def shifted_by(self, t: torch.Tensor, delta: float | int) -> torch.Tensor:
         if delta != int(delta):
             raise ValueError(f"VPVPredSchedule timesteps are integers; delta must be integral, got {delta}")
@@ -322,6 +347,9 @@ class FlowMatchSchedule(NoiseSchedule):
 
     def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.float32)
+
+    def timestep_at_rf_time(self, s: torch.Tensor) -> torch.Tensor:
+        return (s.to(torch.float64) * self.num_train_timesteps).to(torch.float32)
 
 
 def schedule_from_diffusers_config(config: Mapping[str, Any]) -> NoiseSchedule:

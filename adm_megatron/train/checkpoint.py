@@ -2,7 +2,7 @@
 ``checkpoints/latest`` marker naming the newest complete one.
 
 Inside a checkpoint:
-- ``generator/`` and ``fake_score/``: megatron-core distributed checkpoints of the weights
+- ``generator/`` and ``fake_score/`` (methods with one; not ADP): megatron-core distributed checkpoints of the weights
   (loadable at any TP / CP layout, convertible with ``tools/convert_checkpoint.py megatron-to-hf``);
 - ``discriminator.pt``: the discriminator heads of methods that have them (replicated, written by
   rank 0);
@@ -110,7 +110,8 @@ def save_training_checkpoint(trainer, iteration: int) -> str:
 
     def write(tmp: str) -> None:
         save_megatron_checkpoint(trainer.generator, os.path.join(tmp, "generator"), trainer.arch)
-        save_megatron_checkpoint(trainer.fake_score, os.path.join(tmp, "fake_score"), trainer.arch)
+        if trainer.fake_score is not None:  # ADP has no fake score
+            save_megatron_checkpoint(trainer.fake_score, os.path.join(tmp, "fake_score"), trainer.arch)
         write_atomically(os.path.join(tmp, "train_state"), False, lambda d: dist_checkpointing.save(state, d))
         if rank0:
             if trainer.heads is not None:
@@ -174,7 +175,8 @@ def load_training_checkpoint(trainer, ckpt_dir: str) -> int:
     """Collective: restore everything ``save_training_checkpoint`` wrote, at the current layout
     (weights and optimizer moments reshard). Returns the iteration the run goes on from."""
     load_megatron_checkpoint_into(trainer.generator, os.path.join(ckpt_dir, "generator"))
-    load_megatron_checkpoint_into(trainer.fake_score, os.path.join(ckpt_dir, "fake_score"))
+    if trainer.fake_score is not None:
+        load_megatron_checkpoint_into(trainer.fake_score, os.path.join(ckpt_dir, "fake_score"))
     if trainer.heads is not None:
         heads = torch.load(os.path.join(ckpt_dir, "discriminator.pt"), map_location=trainer.device,
                            weights_only=True)

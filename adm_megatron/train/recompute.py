@@ -9,8 +9,9 @@ config gives it for that phase, written into its megatron ``TransformerConfig``:
   every block is run again in backward instead of keeping its internals, megatron's meaning of
   selective recompute (``recompute_modules=['core_attn']``). The model's attention is our own
   ``JointSelfAttention``, not megatron's ``Attention`` (which reads the granularity once, at
-  construction), so this module wraps each core attention's ``forward`` in
-  ``tensor_parallel.checkpoint`` when the network's config says ``selective``;
+  construction) -- ``JointSelfAttention`` (CogVideoX) or ``MMDiTAttention`` (SD3) --, so this
+  module wraps each attention's core ``forward`` in ``tensor_parallel.checkpoint`` when the
+  network's config says ``selective``;
 - ``none``: nothing is recomputed.
 
 Recompute changes memory and time, never values: the tests check that an iteration is the same with
@@ -24,6 +25,7 @@ from megatron.core import tensor_parallel
 
 from adm_megatron.config import RecomputeConfig, parse_recompute
 from adm_megatron.models.attention import JointSelfAttention
+from adm_megatron.models.sd3_attention import MMDiTAttention
 
 _GRANULARITY = {"none": None, "selective": "selective", "full": "full"}
 
@@ -57,7 +59,7 @@ class RecomputeSwitch:
                       for name in models}
         for model in models.values():
             for module in model.modules():
-                if isinstance(module, JointSelfAttention):
+                if isinstance(module, (JointSelfAttention, MMDiTAttention)):
                     _checkpointed_core(module.core_attention, model.config)
 
     def before_phase(self, phase: str, trained: tuple[str, ...] = ()) -> None:

@@ -3,7 +3,8 @@
 One iteration (ADM's Algorithm 1 with TTUR = ``distill.ttur``): the fake score is updated every
 iteration; the generator and then (for methods with a discriminator phase) the discriminator every
 ``ttur``-th, the discriminator on the generator phase's ODE pair. The method (``distill.method``:
-ADM, DMD or DMD2, ``METHODS``) says which networks each phase trains; the loop does not know it.
+ADM, DMD, DMD2 or ADP, ``METHODS``) says which networks each phase trains (ADP has no fake score:
+none is built and its phase is not run); the loop does not know it.
 Randomness is drawn for the global batch from generators seeded by (seed, iteration, stream), each
 data-parallel rank keeping its rows: every rank of a replica draws the same, a run is
 reproducible, its draws do not depend on the data-parallel layout, and the two phases' starting
@@ -33,6 +34,7 @@ import yaml
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
 from adm_megatron.algorithms.adm import ADM
+from adm_megatron.algorithms.adp import ADP
 from adm_megatron.algorithms.base import Distillation, PhaseBatch, RealBatch
 from adm_megatron.algorithms.dmd import DMD
 from adm_megatron.algorithms.dmd2 import DMD2
@@ -40,6 +42,7 @@ from adm_megatron.algorithms.networks import DiTFunction, Networks
 from adm_megatron.algorithms.randomness import BatchRandom
 from adm_megatron.config import Config, config_to_dict, network_updates
 from adm_megatron.heads import MultiHeadDiscriminator
+from adm_megatron.heads.pixel import LatentPixelHeads, build_pixel_features
 from adm_megatron.lora import apply_lora, check_targets
 from adm_megatron.models import tapped_block_indices
 from adm_megatron.parallel import initialize_parallel, launch_env
@@ -73,15 +76,25 @@ class RunResult:
     preempted: bool = False  # stopped by a signal after saving; run again to go on
 
 
+def build_pixel_backbone(config: Config, teacher_source: TeacherSource, device, dtype):
+    """ADP's frozen pixel backbone (the pipeline's VAE + the vision encoder), or None when the
+    method has none or ``distill.pixel_weight`` is 0 (then nothing of it is loaded or run)."""
+    d = config.distill
+    if d.method != "adp" or d.pixel_weight == 0:
+        return None
+    return build_pixel_features(d.pixel_encoder, d.pixel_encoder_path,
+                                os.path.join(teacher_source.pipeline_dir, "vae"), d.pixel_layers, device, dtype)
+
+
 def _seed(*parts) -> int:
     return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
-METHODS: dict[str, type[Distillation]] = {"adm": ADM, "dmd": DMD, "dmd2": DMD2}
+METHODS: dict[str, type[Distillation]] = {"adm": ADM, "dmd": DMD, "dmd2": DMD2, "adp": ADP}
 
 
 def build_algorithm(config: Config, networks: Networks, schedule) -> Distillation:
-    """ADM or a baseline (DMD, DMD2): ``distill.method`` picks it, everything else is shared."""
+    """ADM, a baseline (DMD, DMD2) or ADP: ``distill.method`` picks it, everything else is shared."""
     d = config.distill
     common = dict(networks=networks, schedule=schedule, generator_steps=d.generator_steps,
                   guidance_scale=d.guidance_scale, head_reduction=d.head_reduction)
@@ -90,6 +103,8 @@ def build_algorithm(config: Config, networks: Networks, schedule) -> Distillatio
                    fake_score_grad=d.fake_score_grad)
     if d.method == "dmd":
         return DMD(**common, dmd_t_range=d.dmd_t_range)
+    if d.method == "adp":
+        return ADP(**common, latent_weight=d.latent_weight, pixel_weight=d.pixel_weight, disc_t_max=d.gan_t_max)
     return DMD2(**common, dmd_t_range=d.dmd_t_range, gan_weight=d.gan_weight, cls_weight=d.cls_weight,
                 gan_t_max=d.gan_t_max)
 
@@ -137,11 +152,16 @@ class Trainer:
     def _build_networks(self) -> None:
         c = self.config
         m = c.model
+        method = METHODS[c.distill.method]
+        has_fake_score = bool(method.fake_phase_trains)  # ADP has none: not built, not stepped, not saved
         if m.lora is not None:  # a bad target list fails in one line before the networks are built
             check_targets(self.arch, m.lora.target_modules, m.impl)
-        teacher, self.fake_score, self.generator = self.teacher_source.build_models(
-            3, sequence_parallel=m.sequence_parallel, impl=m.impl, params_dtype=self.dtype,
+        models = self.teacher_source.build_models(
+            3 if has_fake_score else 2, sequence_parallel=m.sequence_parallel, impl=m.impl,
+            params_dtype=self.dtype,
         )  # recompute is set per network and phase by RecomputeSwitch
+        teacher, self.generator = models[0], models[-1]
+        self.fake_score = models[1] if has_fake_score else None
         teacher.eval().requires_grad_(False)
         if m.dtype == "bf16":  # frozen: held once, in bf16 (BF16 autocast computes in bf16 anyway)
             teacher.to(torch.bfloat16)
@@ -153,16 +173,15 @@ class Trainer:
             adapters = apply_lora(self.generator, m.lora, seed=_seed(c.seed, "lora"))
             logger.info("LoRA generator: rank %d, alpha %g, %d adapted layers, %d trainable parameters on this rank",
                         m.lora.rank, m.lora.alpha, len(adapters), adapters.numel())
+        trained_backbones = {"fake_score": self.fake_score, "generator": self.generator}
+        trained_backbones = {name: net for name, net in trained_backbones.items() if net is not None}
         if m.bf16_params:  # fp32 main params live in the optimizer (train/main_params.py)
-            self.fake_score.to(torch.bfloat16)
-            self.generator.to(torch.bfloat16)
-        fake = self.fake_score
-        wrapped = {
-            "fake_score": self._wrap(fake, fake.config, "fake_score"),
-            "generator": self._wrap(self.generator, self.generator.config, "generator"),
-        }
+            for net in trained_backbones.values():
+                net.to(torch.bfloat16)
+        wrapped = {name: self._wrap(net, net.config, name) for name, net in trained_backbones.items()}
         self.heads = None
-        if METHODS[c.distill.method].has_discriminator:
+        self.pixel = build_pixel_backbone(c, self.teacher_source, self.device, self.dtype)
+        if method.has_discriminator:
             with torch.random.fork_rng(devices=[]):  # the same heads whatever the layout or rank
                 torch.manual_seed(_seed(c.seed, "discriminator heads"))
                 self.heads = MultiHeadDiscriminator(
@@ -170,7 +189,10 @@ class Trainer:
                     in_channels=self.arch.hidden_size, kind=self.family.head_kind,
                     hidden_channels=c.distill.head_hidden, num_blocks=c.distill.head_blocks,
                 ).to(self.device, torch.bfloat16 if m.bf16_params else self.dtype)
-            heads = SingleStage(self.heads, copy.copy(fake.config))  # a config of its own: hooks are per network
+                if c.distill.method == "adp":
+                    self.heads = LatentPixelHeads(self.heads, self._pixel_heads())
+            # a config of its own: hooks are per network
+            heads = SingleStage(self.heads, copy.copy(self.generator.config))
             wrapped["discriminator"] = self._wrap(heads, heads.config, "discriminator")
         optim = {"fake_score": c.optim.fake_score, "generator": c.optim.generator,
                  "discriminator": c.optim.discriminator}
@@ -179,8 +201,7 @@ class Trainer:
             for name, module in wrapped.items()
         }
         self.offload = Offloader(self.trainable, {name: optim[name].offload for name in self.trainable}, self.device)
-        self.recompute = RecomputeSwitch(
-            {"teacher": teacher, "fake_score": self.fake_score, "generator": self.generator}, m.recompute)
+        self.recompute = RecomputeSwitch({"teacher": teacher, **trained_backbones}, m.recompute)
         self.phases = PhaseRunner(
             self.trainable, nan_policy=c.train.nan_policy, max_skipped_steps=c.train.max_skipped_steps,
             offload=self.offload, before_phase=(self.recompute.before_phase,),
@@ -189,11 +210,22 @@ class Trainer:
         rotary = self.family.positional_inputs(self.arch, d.frames, d.height, d.width, device=self.device)
         self.networks = Networks(
             teacher=DiTFunction(teacher, rotary),
-            fake_score=DiTFunction(wrapped["fake_score"], rotary),
+            fake_score=DiTFunction(wrapped["fake_score"], rotary) if has_fake_score else None,
             generator=DiTFunction(wrapped["generator"], rotary),
             heads=wrapped.get("discriminator"),
             head_every=c.distill.head_every,
+            pixel=self.pixel,
         )
+
+    def _pixel_heads(self) -> MultiHeadDiscriminator | None:
+        """ADP's 2D heads on the pixel backbone's layers (drawn in the heads' seeded scope)."""
+        if self.pixel is None:
+            return None
+        d = self.config.distill
+        return MultiHeadDiscriminator(
+            num_heads=len(self.pixel.layers), in_channels=self.pixel.channels, kind="2d",
+            hidden_channels=d.head_hidden, num_blocks=d.head_blocks,
+        ).to(self.device, self.dtype)
 
     def _build_data(self) -> None:
         from adm_megatron.data import PromptSampler, open_text_source
@@ -233,8 +265,8 @@ class Trainer:
         real = None
         pooled = self.sampler.pooled(iteration)  # (pooled, negative pooled) or None
         if self.real_sampler is not None:
-            x0, prompt_ids = self.real_sampler.batch(iteration)
-            real = RealBatch(x0=x0.to(**to), text=self.text_source.get(prompt_ids).to(**to),
+            x_T, x0, prompt_ids = self.real_sampler.batch(iteration)
+            real = RealBatch(x0=x0.to(**to), text=self.text_source.get(prompt_ids).to(**to), x_T=x_T.to(**to),
                              pooled=self.text_source.get_pooled(prompt_ids).to(**to) if pooled else None)
         return PhaseBatch(
             text=text.to(**to), negative=negative.to(**to),
@@ -248,11 +280,12 @@ class Trainer:
         batch = self.batch(iteration)
         alg = self.algorithm
         metrics = {"iteration": iteration}
-        phase_metrics, _ = self.phases.run(
-            "fake_score", lambda: alg.fake_score_loss(batch, self.rng(iteration, "fake_score")), iteration,
-            co_trained=alg.fake_phase_trains[1:],
-        )
-        metrics.update(phase_metrics)
+        if alg.fake_phase_trains:
+            phase_metrics, _ = self.phases.run(
+                "fake_score", lambda: alg.fake_score_loss(batch, self.rng(iteration, "fake_score")), iteration,
+                co_trained=alg.fake_phase_trains[1:],
+            )
+            metrics.update(phase_metrics)
         if iteration % self.config.distill.ttur == 0:
             phase_metrics, pair = self.phases.run(
                 "generator", lambda: alg.generator_loss(batch, self.rng(iteration, "generator")), iteration

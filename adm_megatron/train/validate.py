@@ -85,6 +85,34 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
 
     if config.data.real_path:
         _check_real_samples(config, teacher)
+    if config.distill.method == "adp" and config.distill.pixel_weight > 0:
+        _check_pixel_branch(config, teacher)
+
+
+def _check_pixel_branch(config: Config, teacher: TeacherSource) -> None:
+    """ADP's pixel discriminator needs the pipeline's VAE and a local encoder with the layers asked."""
+    from transformers import AutoConfig
+
+    d = config.distill
+    vae = os.path.join(teacher.pipeline_dir or "", "vae", "config.json")
+    if not teacher.pipeline_dir or not os.path.isfile(vae):
+        raise ConfigError(f"distill.pixel_weight={d.pixel_weight}: the pixel discriminator decodes with the "
+                          f"pipeline's VAE, and {vae} is not there; set model.pipeline or distill.pixel_weight=0")
+    path = d.pixel_encoder_path
+    try:
+        found = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"distill.pixel_encoder_path={path!r}: not a local transformers model directory "
+                          f"({str(err).splitlines()[0]})") from None
+    found = getattr(found, "vision_config", found)  # a full SamModel checkpoint holds its vision config
+    expected = {"sam": "sam_vision_model", "dinov2": "dinov2"}[d.pixel_encoder]
+    if found.model_type != expected:
+        raise ConfigError(f"distill.pixel_encoder_path={path!r}: a {found.model_type!r} model, "
+                          f"distill.pixel_encoder={d.pixel_encoder} expects {expected!r}")
+    layers = found.num_hidden_layers
+    if not d.pixel_layers or any(not 1 <= k <= layers for k in d.pixel_layers):
+        raise ConfigError(f"distill.pixel_layers={d.pixel_layers}: the encoder at {path} has {layers} layers; "
+                          f"expected a non-empty list of layers in 1..{layers}")
 
 
 def _check_real_samples(config: Config, teacher: TeacherSource) -> None:
