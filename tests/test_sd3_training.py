@@ -3,7 +3,7 @@ CFG flow-matching ODE equals ``StableDiffusion3Pipeline``'s own sampling; an ADM
 pipeline (``examples/sd35/tiny_cpu.yaml``) trains with 2D heads on every block and pooled prompts,
 exports a generator diffusers loads, and renders PNGs and a grid through the real pipeline; a LoRA
 generator's file loads with ``StableDiffusion3Pipeline.load_lora_weights``; the converter round
-trips an SD3 transformer bit for bit."""
+trips an SD3 transformer bit for bit; ADP and DMD2 train on SD3 teacher ODE pairs with pooled prompts."""
 
 from __future__ import annotations
 
