@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adm-megatron",
         description="Distil diffusion transformers (model families: " + ", ".join(family_names()) + ") into "
-        "few-step generators (ADM / DMD / DMD2) on megatron-core.",
+        "few-step generators (ADM / DMD / DMD2 / ADP) on megatron-core.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
