@@ -30,7 +30,6 @@ from adm_megatron.heads.multi_head import MultiHeadDiscriminator
 # the normalisation both encoders were trained with (SamImageProcessor / BitImageProcessor defaults)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-ENCODERS = ("sam", "dinov2")
 
 
 def encoder_class(kind: str):
@@ -48,16 +47,12 @@ def load_pixel_encoder(kind: str, path: str) -> nn.Module:
     return encoder.eval().requires_grad_(False)
 
 
-def encoder_layer_count(config) -> int:
-    return config.num_hidden_layers
-
-
 class PixelFeatures(nn.Module):
     """Frozen: latents -> decoded frames -> the vision encoder's feature maps at ``layers``."""
 
     def __init__(self, vae: nn.Module, encoder: nn.Module, kind: str, layers: list[int]):
         super().__init__()
-        count = encoder_layer_count(encoder.config)
+        count = encoder.config.num_hidden_layers
         bad = [k for k in layers if not 1 <= k <= count]
         if not layers or bad:
             raise ValueError(f"distill.pixel_layers={list(layers)}: the {kind} encoder has {count} layers; "
