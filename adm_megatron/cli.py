@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="CFG for the generator (default 1: none; > 1: the paper's 'ADM w/ CFG')")
     samp.add_argument("--teacher-steps", type=int, default=50, help="teacher steps (default 50; 0: no teacher)")
     samp.add_argument("--teacher-guidance-scale", type=float, default=6.0, help="the teacher's CFG (default 6)")
-    samp.add_argument("--format", default="mp4", choices=("mp4", "gif", "png"), help="png: frames side by side")
+    samp.add_argument("--format", default=None, choices=("mp4", "gif", "png"),
+                      help="default: mp4 for video families, png for image families (png: a video's frames side by side)")
     samp.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by seed + i")
     samp.add_argument("--out", required=True, help="output directory")
     samp.set_defaults(func=_sample)

@@ -27,9 +27,10 @@ class SampleRun:
     guidance_scale: float
 
 
-def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir: str, fmt: str = "mp4",
+def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir: str, fmt: str | None = None,
            seed: int = 0, command: str = "") -> dict:
-    """Render every prompt with every run; returns (and writes) the timing table."""
+    """Render every prompt with every run; returns (and writes) the timing table. ``fmt`` None: mp4
+    for video families, png for image families."""
     from adm_megatron.bench.report import environment
     from adm_megatron.families import family_of_model_dir
 
@@ -42,6 +43,7 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
     transformer = runs[0].transformer_dir or os.path.join(pipeline_dir, "transformer")
     family = family_of_model_dir(transformer)
     embeds = family.encode_prompts(pipeline_dir, prompts, family.arch_from_pretrained_dir(transformer), device)
+    fmt = fmt or ("png" if family.latent_layout == "image" else "mp4")
     rows = []
     for run in runs:
         seconds: list[float] = []
