@@ -182,6 +182,9 @@ class TrainConfig:
     # a LoRA generator's export: merged (generator/, a full diffusers transformer), adapter
     # (generator_lora/pytorch_lora_weights.safetensors for load_lora_weights) or both
     export_lora: str = "merged"
+    # on a GPU, refuse before building anything a run the memory planner says does not fit the card
+    # (families with planner formulas; adm-megatron plan shows the terms)
+    memory_check: bool = True
 
 
 @dataclass

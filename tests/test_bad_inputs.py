@@ -1,7 +1,8 @@
 """Inputs found broken while trying the trainer get one line naming the file and what is wrong,
 before any process group, model or output exists: a truncated teacher weights file (or one whose
 header is cut), samples asked of a pipeline that has no VAE, and memory settings train cannot do
-(sharding with DP = 1, weights offload of a sharded network, unknown modes)."""
+(sharding with DP = 1, weights offload of a sharded network, unknown modes), and on a GPU a run the
+memory planner says does not fit the card."""
 
 from __future__ import annotations
 
@@ -84,3 +85,22 @@ def test_bad_memory_settings_are_one_line_config_errors(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, ["model.teacher=x", override])
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_run_that_does_not_fit_the_gpu_is_refused_before_building(pipeline_dir, tmp_path, monkeypatch):
+    """On a GPU, train plans the run with its own memory settings for the card it sees: a run that
+    does not fit stops in one line (a 0.1 GiB card stands in for the GPU), the same run fits a 4 GiB
+    card, and ``train.memory_check=false`` skips the check."""
+    from adm_megatron.memory import preflight
+    from adm_megatron.train.teacher import resolve_teacher
+    from adm_megatron.train.validate import validate_run
+
+    run = ["data.frames=3", "data.height=16", "data.width=16", "train.num_samples=0"]
+    monkeypatch.setattr(preflight, "this_gpu", lambda: ("test card", 0.1))
+    message = _refusal(pipeline_dir, str(tmp_path / "run"), *run)
+    assert message.startswith("memory plan: the ") and "GiB per GPU, the test card has 0.1 GiB" in message, message
+    teacher = resolve_teacher(pipeline_dir)
+    config = [f"model.teacher={pipeline_dir}", "distill.head_every=1", *run]
+    validate_run(load_config(None, [*config, "train.memory_check=false"]), teacher, 1)
+    monkeypatch.setattr(preflight, "this_gpu", lambda: ("test card", 4.0))
+    validate_run(load_config(None, config), teacher, 1)

@@ -3,7 +3,8 @@
 Each failure is a one-line ``ConfigError`` naming the key and the numbers: parallel layouts the
 world or the architecture cannot take (heads or tokens not divisible by TP / CP), latent sizes the
 patching cannot take, embeddings that do not fit the teacher, features this machine lacks, a
-truncated teacher weights file, samples asked of a pipeline without a VAE.
+truncated teacher weights file, samples asked of a pipeline without a VAE, and on a GPU a run the
+memory planner says does not fit the card (``memory/preflight.py``).
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
         raise ConfigError("model.impl=te: Transformer Engine with CUDA is not available here; use auto or local")
     if config.model.dtype == "bf16" and not torch.cuda.is_available():
         raise ConfigError("model.dtype=bf16: BF16 autocast needs a GPU here; use fp32 on CPU")
+    if config.train.memory_check and "memory-plan" in teacher.family.tools:
+        from adm_megatron.memory import preflight
+
+        card = preflight.this_gpu()
+        if card is not None:
+            preflight.check_run_fits(config, world_size, card[1], source=f"the {card[0]}")
     if config.data.source == "shards":
         from adm_megatron.data import TextEmbeddingShards
 
