@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Random weights; prints a table, writes JSON with --out.",
     )
     bench.add_argument("--model", required=True,
-                       help=" | ".join(preset_names()) + " (real shapes, random weights) or a diffusers "
+                       help=" | ".join(preset_names("bench")) + " (real shapes, random weights) or a diffusers "
                        "transformer / pipeline directory")
     bench.add_argument("--layers", type=int, default=None, help="presets only: number of blocks (to fit one card)")
     bench.add_argument("--batch", type=int, default=1, help="samples per call (default 1)")

@@ -56,13 +56,13 @@ def resolve_model(opts: BenchOptions, workdir: str) -> tuple[str, str]:
         family.diffusers_model_class()(**config).save_pretrained(transformer)
         return transformer, write_scheduler_pipeline(os.path.join(workdir, "pipeline"), family)
     if opts.layers is not None:
-        raise ValueError(f"--layers={opts.layers}: applies to presets ({', '.join(preset_names())}) only")
+        raise ValueError(f"--layers={opts.layers}: applies to presets ({', '.join(preset_names('bench'))}) only")
     if os.path.isfile(os.path.join(opts.model, "model_index.json")):
         return os.path.join(opts.model, "transformer"), opts.model
     if os.path.isfile(os.path.join(opts.model, "config.json")):
         family = family_of_model_dir(opts.model).require("bench", "adm-megatron bench")
         return opts.model, write_scheduler_pipeline(os.path.join(workdir, "pipeline"), family)
-    raise ValueError(f"--model={opts.model!r}: expected a preset ({', '.join(preset_names())}) or a diffusers "
+    raise ValueError(f"--model={opts.model!r}: expected a preset ({', '.join(preset_names('bench'))}) or a diffusers "
                      "transformer or pipeline directory")
 
 

@@ -257,5 +257,6 @@ def family_for_preset(name: str) -> tuple[ModelFamily, dict]:
     raise ValueError(f"{name!r}: expected one of {', '.join(preset_names())}")
 
 
-def preset_names() -> tuple[str, ...]:
-    return tuple(sorted(p for f in _FAMILIES.values() for p in f.presets))
+def preset_names(tool: str | None = None) -> tuple[str, ...]:
+    """The real-size presets of every family (of the families with ``tool`` in their spec, if given)."""
+    return tuple(sorted(p for f in _FAMILIES.values() if tool is None or tool in f.tools for p in f.presets))

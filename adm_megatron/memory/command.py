@@ -29,7 +29,7 @@ def _networks(value: str) -> frozenset:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML run config (see examples/)")
-    parser.add_argument("--arch", choices=preset_names(), default="",
+    parser.add_argument("--arch", choices=preset_names("memory-plan"), default="",
                         help="plan a real-size architecture (built on the meta device) instead of reading "
                         "model.teacher")
     parser.add_argument("--gpus", type=int, required=True, help="world size (DP = gpus / (TP x CP))")
