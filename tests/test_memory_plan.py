@@ -51,11 +51,14 @@ def plan_and_measure(teacher: str, output_dir: str, overrides: list[str], world_
             for phase, m in measured.items()}
 
 
-def assert_within_tolerance(figures: dict, context) -> None:
-    for phase, (planned_resident, resident, planned_peak, peak) in figures.items():
+def assert_within_tolerance(figures: dict, context, resident: bool = True) -> None:
+    """Each phase's planned peak within 15% of the measured one (the issue's bar), and its resident
+    memory too where the measurement can see every free (``resident``, see the SP / CP test)."""
+    for phase, (planned_resident, measured_resident, planned_peak, peak) in figures.items():
         report = (context, phase, figures[phase])
         assert abs(planned_peak / peak - 1) <= TOLERANCE, report
-        assert abs(planned_resident / resident - 1) <= TOLERANCE, report
+        if resident:
+            assert abs(planned_resident / measured_resident - 1) <= TOLERANCE, report
 
 
 @pytest.mark.parametrize("name", sorted(TINY_RUNS))
@@ -77,7 +80,11 @@ def test_plan_is_within_15_percent_on_each_rank_under_sequence_and_context_paral
     overrides = ["data.frames=3", "data.height=16", "data.width=16", *layout]
     ranks = run_world(_rank_plan_and_measure, 2, pipelines[False], str(tmp_path), overrides, timeout_s=900)
     for rank, figures in enumerate(ranks):
-        assert_within_tolerance(figures, (layout, rank))
+        # peaks only: gloo's worker threads drop the last reference to some collectives' tensors, and
+        # the profiler sees no free on a thread it does not profile until the address is reused
+        # (measure.py), so a phase's measured starting memory is too high by a varying amount (up to
+        # ~0.5 MB of 2 MB here, run to run); its peak, where those blocks are reused, is not
+        assert_within_tolerance(figures, (layout, rank), resident=False)
 
 
 def test_meta_counts_equal_a_built_model_and_split_tensor_parallel_weights(world_of_one):

@@ -69,7 +69,8 @@ Phases (the peak of each is resident + the largest of its moments):
 - generator: rollout; then with the generator's step (trainable) and the fake score (frozen)
   saved: the CFG teacher without grad on ``2B`` (the doubled batch), then the teacher backbone for
   D (frozen) + heads (frozen) + the backward working set; its optimizer step.
-- discriminator: backbone without grad on ``x_real`` and on ``x_fake`` (taps kept) + heads on both
+- discriminator: x_fake's tapped features, kept from the generator phase, are resident at its start;
+  backbone without grad on ``x_real`` (taps kept) + heads on both
   (trainable) + backward; its optimizer step.
 - optimizer step: today's optimizer (``train/optimizer.py``) makes a clipped copy of the grads
   ``P x 4`` (when ``grad_clip > 0``) and AdamW's temporaries take ``P x 4`` with the foreach
@@ -414,11 +415,11 @@ def _moments(f: _Formulas, sizes: dict[str, NetworkSize], phase: str) -> dict[st
                 + copies * sizes["discriminator"].params}),
             "optimizer step": (0.0, step),
         }
-    taps, heads = f.taps(b, False), f.heads(b, "trainable")
+    taps, heads = f.taps(b, False), f.heads(b, "trainable")  # x_fake's taps are resident (carried)
     return {
-        "backbone on x_fake": (taps + heads, {"forward without grad": f.no_grad(b)}),
-        "heads backward": (2 * (taps + heads), {"conv backward workspace": f.conv_workspace(sizes["discriminator"].params),
-                                                "autocast weight copies": copies * sizes["discriminator"].params}),
+        "backbone on x_real": (heads, {"forward without grad": f.no_grad(b)}),
+        "heads backward": (taps + 2 * heads, {"conv backward workspace": f.conv_workspace(sizes["discriminator"].params),
+                                              "autocast weight copies": copies * sizes["discriminator"].params}),
         "optimizer step": (0.0, step),
     }
 
@@ -435,6 +436,8 @@ def plan_memory(shape: Shape, sizes: dict[str, NetworkSize], settings: Settings)
     phases = {}
     for phase in PHASES:
         resident = _phase_resident(networks, phase, settings) + sum(fixed.values())
+        if phase == "discriminator":  # the generator phase's x_fake features, reused (not recomputed)
+            resident += f.taps(settings.batch_size, False)
         best = None
         for moment, (saved, transients) in _moments(f, sizes, phase).items():
             total = resident + saved + sum(transients.values())
