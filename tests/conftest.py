@@ -70,3 +70,27 @@ def sd3_pipeline(tmp_path_factory):
     from adm_megatron.data.tiny_sd3_pipeline import build_tiny_sd3_pipeline
 
     return build_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("sd3") / "pipe"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def cogvideox_pipeline(tmp_path_factory):
+    """A tiny offline ``CogVideoXPipeline`` directory (2b-style, seed 0); tests copy it to change it."""
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+    return build_tiny_pipeline(str(tmp_path_factory.mktemp("cogvideox") / "pipe"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def cogvideox_ode_pairs(cogvideox_pipeline, tmp_path_factory):
+    """4 teacher ODE pairs (2 steps) of ``cogvideox_pipeline`` at 2 x 4 x 4 latents, from collect-ode."""
+    from adm_megatron.cli import main
+    from adm_megatron.parallel import destroy_parallel
+
+    out = tmp_path_factory.mktemp("pairs")
+    config = out / "run.yaml"
+    config.write_text(f"model: {{teacher: {cogvideox_pipeline}}}\n")
+    assert main(["collect-ode", "--config", str(config), "--out", str(out / "pairs"), "--num-pairs", "4",
+                 "--steps", "2", "--no-progress", "data.frames=2", "data.height=4", "data.width=4",
+                 "distill.head_every=1"]) == 0
+    destroy_parallel()
+    return str(out / "pairs")

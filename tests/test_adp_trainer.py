@@ -28,26 +28,14 @@ BASE = [
 ]
 
 
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
-
-    return build_tiny_pipeline(str(tmp_path_factory.mktemp("teacher") / "pipe"), seed=0)
+@pytest.fixture
+def pipeline_dir(cogvideox_pipeline):
+    return cogvideox_pipeline
 
 
-@pytest.fixture(scope="module")
-def pairs(pipeline_dir, tmp_path_factory):
-    from adm_megatron.cli import main
-    from adm_megatron.parallel import destroy_parallel
-
-    out = tmp_path_factory.mktemp("pairs")
-    config = out / "run.yaml"
-    config.write_text(f"model: {{teacher: {pipeline_dir}}}\n")
-    assert main(["collect-ode", "--config", str(config), "--out", str(out / "pairs"), "--num-pairs", "4",
-                 "--steps", "2", "--no-progress", "data.frames=2", "data.height=4", "data.width=4",
-                 "distill.head_every=1"]) == 0
-    destroy_parallel()
-    return str(out / "pairs")
+@pytest.fixture
+def pairs(cogvideox_ode_pairs):
+    return cogvideox_ode_pairs
 
 
 @pytest.fixture(scope="module")

@@ -82,27 +82,14 @@ def _parallel_layouts(pipeline_dir, output_dir, real_path, encoder):
             for name in REFERENCE}
 
 
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
-
-    return build_tiny_pipeline(str(tmp_path_factory.mktemp("teacher") / "pipe"), seed=0)
+@pytest.fixture
+def pipeline_dir(cogvideox_pipeline):
+    return cogvideox_pipeline
 
 
-@pytest.fixture(scope="module")
-def real_pairs(pipeline_dir, tmp_path_factory):
-    from adm_megatron.cli import main
-
-    out = tmp_path_factory.mktemp("pairs")
-    config = out / "run.yaml"
-    config.write_text(f"model: {{teacher: {pipeline_dir}}}\n")
-    assert main(["collect-ode", "--config", str(config), "--out", str(out / "pairs"), "--num-pairs", "4",
-                 "--steps", "2", "--no-progress", "data.frames=2", "data.height=4", "data.width=4",
-                 "distill.head_every=1"]) == 0
-    from adm_megatron.parallel import destroy_parallel
-
-    destroy_parallel()
-    return str(out / "pairs")
+@pytest.fixture
+def real_pairs(cogvideox_ode_pairs):
+    return cogvideox_ode_pairs
 
 
 def test_dp2_and_tp2_iterations_equal_the_one_process_iteration(pipeline_dir, real_pairs, tmp_path, world_of_one):
