@@ -2,7 +2,7 @@
 before any process group, model or output exists: a truncated teacher weights file (or one whose
 header is cut), samples asked of a pipeline that has no VAE, and memory settings train cannot do
 (sharding with DP = 1, weights offload of a sharded network, unknown modes), and on a GPU a run the
-memory planner says does not fit the card."""
+memory planner says does not fit the card, or offload where host memory cannot be pinned."""
 
 from __future__ import annotations
 
@@ -104,3 +104,12 @@ def test_a_run_that_does_not_fit_the_gpu_is_refused_before_building(pipeline_dir
     validate_run(load_config(None, [*config, "train.memory_check=false"]), teacher, 1)
     monkeypatch.setattr(preflight, "this_gpu", lambda: ("test card", 4.0))
     validate_run(load_config(None, config), teacher, 1)
+
+
+def test_offload_without_pinned_memory_on_a_gpu_is_refused_in_one_line(pipeline_dir, tmp_path, monkeypatch):
+    from adm_megatron.memory import preflight
+
+    monkeypatch.setattr(preflight, "this_gpu", lambda: ("test card", 80.0))
+    monkeypatch.setattr(preflight, "pinned_memory_works", lambda: False)
+    message = _refusal(pipeline_dir, str(tmp_path / "run"), "train.num_samples=0", "optim.generator.offload=optimizer")
+    assert message.startswith("optim.generator.offload=optimizer: offload needs pinned host memory"), message

@@ -1,8 +1,9 @@
-"""The memory check ``train`` runs before it builds anything on a GPU: the run's plan (``plan_run``
+"""The memory checks ``train`` runs before it builds anything on a GPU: the run's plan (``plan_run``
 with the config's own memory settings, this world size and this card's memory) must fit, or the run
-stops with one line naming the peak phase, the planned and the usable GiB and what to change.
-``train.memory_check: false`` skips it (the planner's margin is 10% of the card; a run that is known
-to fit more tightly can opt out)."""
+stops with one line naming the peak phase, the planned and the usable GiB and what to change
+(``train.memory_check: false`` skips it: the planner's margin is 10% of the card, and a run known
+to fit more tightly can opt out); and offload needs host memory that can be pinned. On a CPU
+offload moves state to plain host memory (the mechanics the tests check), so neither applies."""
 
 from __future__ import annotations
 
@@ -19,6 +20,26 @@ def this_gpu() -> tuple[str, float] | None:
         return None
     props = torch.cuda.get_device_properties(0)
     return props.name, props.total_memory / GIB
+
+
+def pinned_memory_works() -> bool:
+    """Whether the host can pin memory for CUDA copies (a container's locked-memory limit can
+    forbid it); offload needs it on a GPU."""
+    try:
+        torch.empty(1, pin_memory=True)
+    except RuntimeError:
+        return False
+    return True
+
+
+def check_offload_can_pin(config: Config) -> None:
+    """On a GPU, one-line ``ConfigError`` when a network's offload is on and memory cannot be pinned."""
+    offloaded = [f"optim.{name}.offload={getattr(config.optim, name).offload}"
+                 for name in ("fake_score", "generator", "discriminator")
+                 if getattr(config.optim, name).offload != "none"]
+    if offloaded and this_gpu() is not None and not pinned_memory_works():
+        raise ConfigError(f"{', '.join(offloaded)}: offload needs pinned host memory, which this machine cannot "
+                          "give (check the locked-memory limit, ulimit -l); set offload: none")
 
 
 def check_run_fits(config: Config, world_size: int, card_gib: float, source: str = "the GPU") -> None:

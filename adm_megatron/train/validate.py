@@ -62,12 +62,12 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
         raise ConfigError("model.impl=te: Transformer Engine with CUDA is not available here; use auto or local")
     if config.model.dtype == "bf16" and not torch.cuda.is_available():
         raise ConfigError("model.dtype=bf16: BF16 autocast needs a GPU here; use fp32 on CPU")
-    if config.train.memory_check and "memory-plan" in teacher.family.tools:
-        from adm_megatron.memory import preflight
+    from adm_megatron.memory import preflight
 
-        card = preflight.this_gpu()
-        if card is not None:
-            preflight.check_run_fits(config, world_size, card[1], source=f"the {card[0]}")
+    preflight.check_offload_can_pin(config)
+    card = preflight.this_gpu()
+    if config.train.memory_check and card is not None and "memory-plan" in teacher.family.tools:
+        preflight.check_run_fits(config, world_size, card[1], source=f"the {card[0]}")
     if config.data.source == "shards":
         from adm_megatron.data import TextEmbeddingShards
 
