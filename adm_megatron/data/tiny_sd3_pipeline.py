@@ -30,7 +30,7 @@ import tempfile
 
 import torch
 
-from adm_megatron.data.tiny_pipeline import MAX_TEXT_LENGTH, T5, tiny_t5_tokenizer
+from adm_megatron.data.tiny_pipeline import T5, tiny_t5_tokenizer
 from adm_megatron.families.sd3_presets import SD3_SCHEDULER
 
 CLIP_MAX_LENGTH = 16
@@ -110,6 +110,3 @@ def build_tiny_sd3_pipeline(out_dir: str, seed: int = 0, qk_norm: bool = False, 
     )
     pipeline.save_pretrained(out_dir)
     return out_dir
-
-
-__all__ = ["CLIP_MAX_LENGTH", "MAX_TEXT_LENGTH", "build_tiny_sd3_pipeline", "tiny_clip_tokenizer"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from adm_megatron.config import Config, ConfigError
-from adm_megatron.memory.plan import GIB, PlanError
+from adm_megatron.memory.plan import GIB, TRAINABLE, PlanError
 
 
 def this_gpu() -> tuple[str, float] | None:
@@ -35,7 +35,7 @@ def pinned_memory_works() -> bool:
 def check_offload_can_pin(config: Config) -> None:
     """On a GPU, one-line ``ConfigError`` when a network's offload is on and memory cannot be pinned."""
     offloaded = [f"optim.{name}.offload={getattr(config.optim, name).offload}"
-                 for name in ("fake_score", "generator", "discriminator")
+                 for name in TRAINABLE
                  if getattr(config.optim, name).offload != "none"]
     if offloaded and this_gpu() is not None and not pinned_memory_works():
         raise ConfigError(f"{', '.join(offloaded)}: offload needs pinned host memory, which this machine cannot "

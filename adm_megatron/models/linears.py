@@ -8,8 +8,8 @@ call communicates nothing -- a column-parallel layer on one tensor-parallel rank
 row-parallel layer's local product (its reduction runs after ``_forward_impl``), without sequence
 parallelism, fused gradient accumulation or deferred weight gradients -- it computes exactly
 ``F.linear``, which torch runs with the bias inside the GEMM (``addmm``) and a C++ backward.
-Measured on CPU at the bench size this is most of the gap between megatron's layers and diffusers'
-``nn.Linear`` (docs/PERFORMANCE.md). Every other call -- TP > 1 column layers (their input-gradient
+Measured on CPU at the bench size this closed half the gap between our DiT and diffusers'
+(docs/PERFORMANCE.md). Every other call -- TP > 1 column layers (their input-gradient
 all-reduce), sequence parallelism (the all-gather inside), ``gradient_accumulation_fusion`` (the
 CUDA wgrad-into-``main_grad`` kernel) -- goes to megatron's own path unchanged, and so does a call
 whose arguments this module does not recognise (a newer megatron-core passing them positionally).
@@ -33,7 +33,7 @@ def _communicates(kwargs: dict) -> bool:
     )
 
 
-def _forward_impl(layer, megatron_impl, input: torch.Tensor, weight: torch.Tensor, args: tuple, kwargs: dict):
+def _linear_or_megatron(megatron_impl, input: torch.Tensor, weight: torch.Tensor, args: tuple, kwargs: dict):
     if args or _communicates(kwargs):
         return megatron_impl(input, weight, *args, **kwargs)
     return F.linear(input, weight, kwargs.get("bias"))
@@ -43,7 +43,7 @@ class ColumnParallelLinear(_MegatronColumn):
     """megatron's ``ColumnParallelLinear``; ``F.linear`` when the call communicates nothing."""
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        return _forward_impl(self, super()._forward_impl, input, weight, args, kwargs)
+        return _linear_or_megatron(super()._forward_impl, input, weight, args, kwargs)
 
 
 class RowParallelLinear(_MegatronRow):
@@ -51,4 +51,4 @@ class RowParallelLinear(_MegatronRow):
     the bias stay megatron's, after it)."""
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        return _forward_impl(self, super()._forward_impl, input, weight, args, kwargs)
+        return _linear_or_megatron(super()._forward_impl, input, weight, args, kwargs)
