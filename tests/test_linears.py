@@ -1,5 +1,6 @@
 """models.linears: megatron's parallel linears run as one ``F.linear`` where a call communicates
-nothing (one TP rank), with megatron's results: outputs and gradients equal megatron's own layers
+nothing (one TP rank: the whole forward, megatron's identity regions and separate bias add
+included), with megatron's results: outputs and gradients equal megatron's own layers
 with the same weights (fp64, 1e-12), and the autograd graph is torch's addmm / mm, not megatron's
 Python function. Calls that communicate (TP = 2, with and without SP) are covered by the parallel
 parity tests (tests/test_cogvideox_parallel.py), which run through megatron's path."""
@@ -49,7 +50,20 @@ def test_single_rank_linear_is_torch_linear_with_megatrons_results(world_of_one,
     out, _ = ours(x.requires_grad_(True))
     names = _graph_nodes(out)
     assert not any("LinearWithGradAccumulation" in n for n in names), names
-    assert any(n.startswith(("AddmmBackward", "MmBackward")) for n in names), names
+    # one rank: no identity region functions around the product, and the bias inside the GEMM
+    assert not any("ModelParallelRegion" in n for n in names), names
+    assert "AddmmBackward0" in names, names
+
+
+@pytest.mark.parametrize("kind", ["column", "row"])
+def test_single_rank_skip_bias_add_returns_the_bias_apart(world_of_one, kind):
+    config = make_transformer_config(CogVideoXArch.from_diffusers_config(TINY), params_dtype=torch.float64)
+    ours, reference = _pair(kind, config)
+    ours.skip_bias_add = reference.skip_bias_add = True
+    x = torch.randn(5, 2, 16, dtype=torch.float64)
+    (out, bias), (want, want_bias) = ours(x), reference(x)
+    assert bias is ours.bias and want_bias is reference.bias
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
 
 
 def _graph_nodes(out: torch.Tensor) -> set[str]:

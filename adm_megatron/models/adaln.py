@@ -31,6 +31,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from adm_megatron.models.norms import LayerNorm
+from adm_megatron.models.rows import split_rows
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -44,7 +45,8 @@ def _by_segment(x: torch.Tensor, n_text: int, text: tuple, video: tuple, fn) -> 
         return fn(x, *video)
     if n_text == x.shape[0]:
         return fn(x, *text)
-    return torch.cat([fn(x[:n_text], *text), fn(x[n_text:], *video)], dim=0)
+    text_rows, video_rows = split_rows(x, n_text)
+    return torch.cat([fn(text_rows, *text), fn(video_rows, *video)], dim=0)
 
 
 class _Modulation(MegatronModule):

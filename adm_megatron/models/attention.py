@@ -10,7 +10,9 @@ parallelism, splits RoPE and the sequence for causal load balancing (or hands CP
 Engine). CogVideoX rotates only the video tokens, and its text tokens stay whole on every
 context-parallel rank (as in NeMo's DiT), so this module owns those two steps:
 
-- RoPE (CogVideoX-5b) on the video rows only, with diffusers' own ``apply_rotary_emb``.
+- RoPE (CogVideoX-5b) on the video rows only, with diffusers' own ``apply_rotary_emb``: the model
+  passes (cos, sin) with identity rows for the text (``with_identity_rows``), which leave those rows
+  bit-equal.
 - Context parallelism: each CP rank holds all text tokens and one contiguous slice of the video
   tokens. Keys and values of the video tokens are all-gathered over the CP group (megatron's
   ``gather_from_sequence_parallel_region`` on the CP group; its backward reduce-scatters dK / dV),
@@ -35,6 +37,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from adm_megatron.models.rows import split_rows
+
 
 @dataclass
 class JointSelfAttentionSubmodules:
@@ -45,10 +49,19 @@ class JointSelfAttentionSubmodules:
     linear_proj: Union[ModuleSpec, type] = None
 
 
-def rotate_video_rows(x: torch.Tensor, n_text: int, rotary: tuple[torch.Tensor, torch.Tensor]):
-    """diffusers' CogVideoX RoPE on rows [n_text:] of x [s, b, h, d]; rotary = (cos, sin) [s_v, d]."""
-    video = apply_rotary_emb(x[n_text:].transpose(0, 1), rotary, sequence_dim=1).transpose(0, 1)
-    return torch.cat([x[:n_text], video], dim=0)
+def with_identity_rows(rotary: tuple[torch.Tensor, torch.Tensor], n_text: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The video rows' (cos, sin) [s_v, d] behind ``n_text`` rows of (1, 0): rotating by them leaves
+    the text rows bit-equal (x * 1 + rot(x) * 0; diffusers rotates the video rows only), so the
+    attention rotates its whole [text; video] sequence at once, with no per-segment split and cat."""
+    cos, sin = rotary
+    return (torch.cat([cos.new_ones(n_text, cos.shape[1]), cos]),
+            torch.cat([sin.new_zeros(n_text, sin.shape[1]), sin]))
+
+
+def rotate_rows(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """diffusers' CogVideoX RoPE on every row of x [s, b, h, d]; rotary = (cos, sin) [s, d] (see
+    ``with_identity_rows`` for the text rows)."""
+    return apply_rotary_emb(x.transpose(0, 1), rotary, sequence_dim=1).transpose(0, 1)
 
 
 def gather_over_cp(x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +73,8 @@ def gather_over_cp(x: torch.Tensor) -> torch.Tensor:
 
 def gather_video_over_cp(x: torch.Tensor, n_text: int) -> torch.Tensor:
     """[text; video slice] on each CP rank -> [text; all video], backward reduce-scatters."""
-    return torch.cat([x[:n_text], gather_over_cp(x[n_text:])], dim=0)
+    text, video = split_rows(x, n_text)
+    return torch.cat([text, gather_over_cp(video)], dim=0)
 
 
 def build_qkv_linear(spec: Union[ModuleSpec, type], config: TransformerConfig) -> MegatronModule:
@@ -139,13 +153,14 @@ class JointSelfAttention(MegatronModule):
         n_text: int,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``n_text``: text tokens at the head of this CP rank's (SP-gathered) sequence."""
+        """``n_text``: text tokens at the head of this CP rank's (SP-gathered) sequence; ``rotary``:
+        (cos, sin) for every row of that sequence, text rows included (``with_identity_rows``)."""
         query, key, value = project_qkv(
             self.linear_qkv, self.q_layernorm, self.k_layernorm, hidden_states, self.heads_local, self.head_dim
         )
         if rotary is not None:
-            query = rotate_video_rows(query, n_text, rotary)
-            key = rotate_video_rows(key, n_text, rotary)
+            query = rotate_rows(query, rotary)
+            key = rotate_rows(key, rotary)
         if self.config.context_parallel_size > 1:
             key = gather_video_over_cp(key, n_text)
             value = gather_video_over_cp(value, n_text)

@@ -27,6 +27,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from adm_megatron.models.adaln import AdaLNOut
+from adm_megatron.models.attention import with_identity_rows
 from adm_megatron.models.backbone import DiTBackbone, DiTOutput, cp_token_slice, gather_tokens
 from adm_megatron.models.cogvideox_config import CogVideoXArch
 from adm_megatron.models.cogvideox_layer import TokenLayout
@@ -160,7 +161,7 @@ class CogVideoXTransformer(DiTBackbone):
         x = torch.cat([tokens[:num_text], tokens[num_text:][video_slice]], dim=0)
         cos = sin = None
         if image_rotary_emb is not None:
-            cos, sin = (r.to(x.device)[video_slice] for r in image_rotary_emb)
+            cos, sin = with_identity_rows([r.to(x.device)[video_slice] for r in image_rotary_emb], num_text)
         if self.config.sequence_parallel:
             x = scatter_to_sequence_parallel_region(x)
 

@@ -13,7 +13,12 @@ Measured on CPU at the bench size this closed half the gap between our DiT and d
 all-reduce), sequence parallelism (the all-gather inside), ``gradient_accumulation_fusion`` (the
 CUDA wgrad-into-``main_grad`` kernel) -- goes to megatron's own path unchanged, and so does a call
 whose arguments this module does not recognise (a newer megatron-core passing them positionally).
-Parameters, names, sharding and checkpoints are megatron's: only ``_forward_impl`` differs.
+On one tensor-parallel rank the whole ``forward`` is ``F.linear``: megatron's forward otherwise
+wraps the product in its identity ``copy_to`` / ``reduce_from`` region functions (Python autograd
+nodes that do nothing at TP = 1) and adds a row-parallel layer's bias after the GEMM.
+
+Parameters, names, sharding and checkpoints are megatron's: only ``forward`` / ``_forward_impl``
+differ, and only where the call needs nothing of megatron's.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear as _MegatronColumn
 from megatron.core.tensor_parallel.layers import RowParallelLinear as _MegatronRow
+from megatron.core.utils import get_pg_size
 
 
 def _communicates(kwargs: dict) -> bool:
@@ -39,16 +45,39 @@ def _linear_or_megatron(megatron_impl, input: torch.Tensor, weight: torch.Tensor
     return F.linear(input, weight, kwargs.get("bias"))
 
 
-class ColumnParallelLinear(_MegatronColumn):
+class _LocalWhenAlone:
+    """``forward`` as ``F.linear`` on one tensor-parallel rank when megatron's forward would add
+    nothing but identity regions: no expert / deferred-wgrad / activation-offloading machinery, no
+    fused gradient accumulation, the layer's own weight."""
+
+    def _alone(self, weight) -> bool:
+        return (
+            weight is None
+            and get_pg_size(self.tp_group) == 1
+            and not self.is_expert
+            and not self.gradient_accumulation_fusion
+            and not self.config.defer_embedding_wgrad_compute
+            and getattr(self.config, "_cpu_offloading_context", None) is None
+        )
+
+    def forward(self, input_, weight=None, **kwargs):
+        if not self._alone(weight):
+            return super().forward(input_, **({} if weight is None else {"weight": weight}), **kwargs)
+        if self.skip_bias_add:
+            return F.linear(input_, self.weight), self.bias
+        return F.linear(input_, self.weight, self.bias), None
+
+
+class ColumnParallelLinear(_LocalWhenAlone, _MegatronColumn):
     """megatron's ``ColumnParallelLinear``; ``F.linear`` when the call communicates nothing."""
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         return _linear_or_megatron(super()._forward_impl, input, weight, args, kwargs)
 
 
-class RowParallelLinear(_MegatronRow):
-    """megatron's ``RowParallelLinear``; its local product as ``F.linear`` (the TP reduction and
-    the bias stay megatron's, after it)."""
+class RowParallelLinear(_LocalWhenAlone, _MegatronRow):
+    """megatron's ``RowParallelLinear``; on one TP rank all of it as ``F.linear``, else its local
+    product as ``F.linear`` (the TP reduction and the bias stay megatron's, after it)."""
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         return _linear_or_megatron(super()._forward_impl, input, weight, args, kwargs)
