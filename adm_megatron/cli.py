@@ -75,7 +75,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     opts = BenchOptions(
         model=args.model, layers=args.layers, batch=args.batch, frames=args.frames, height=args.height,
-        width=args.width, dtype=args.dtype, impl=args.impl, repeats=args.repeats, warmup=args.warmup,
+        width=args.width, dtype=args.dtype, impl=args.impl, compile=args.compile, repeats=args.repeats, warmup=args.warmup,
         peak_tflops=args.peak_tflops, seed=args.seed, config=args.config, overrides=args.overrides,
         command=args.command_line,
     )
@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "the trainer runs model.dtype (bf16: fp32 weights under BF16 autocast)")
     bench.add_argument("--impl", default="auto", choices=("auto", "local", "te"),
                        help="our attention / linear kernels: te (Transformer Engine), local (SDPA), auto")
+    bench.add_argument("--compile", default="none", choices=("none", "blocks"),
+                       help="blocks: torch.compile each of our DiT blocks (the DiT comparison and the trainer's "
+                       "model.compile); diffusers' model stays eager (default none)")
     bench.add_argument("--repeats", type=int, default=7, help="timed repeats, the median is reported (default 7)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     bench.add_argument("--peak-tflops", type=float, default=None,

@@ -91,6 +91,8 @@ class ModelConfig:
     # with dtype=bf16: the trainable networks' weights in bf16 too, fp32 main params in the optimizer
     bf16_params: bool = False
     lora: LoraConfig | None = None  # LoRA generator (only the adapters train); null: full fine-tune
+    # none | blocks: torch.compile of each transformer block of every backbone (models/compile.py)
+    compile: str = "none"
 
 
 @dataclass
@@ -216,6 +218,7 @@ OFFLOAD_CHOICES = ("none", "optimizer", "optimizer_and_params")
 CHOICES = {
     "model.impl": ("auto", "local", "te"),
     "model.dtype": ("fp32", "bf16", "fp64"),
+    "model.compile": ("none", "blocks"),
     "data.source": ("synthetic", "shards"),
     "distill.method": ("adm", "dmd", "dmd2", "adp"),
     "distill.pixel_encoder": ("sam", "dinov2"),

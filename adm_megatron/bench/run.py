@@ -19,6 +19,7 @@ from adm_megatron.bench.flops import dit_call_flops
 from adm_megatron.bench.report import environment, format_table, peak_tflops
 from adm_megatron.bench.timing import alternating
 from adm_megatron.families import family_for_preset, family_of_model_dir, preset_names
+from adm_megatron.models.compile import check_compile, compile_blocks
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
@@ -33,6 +34,7 @@ class BenchOptions:
     width: int | None = None
     dtype: str = "auto"  # fp32 | bf16 | fp64 | auto (bf16 on a GPU, fp32 on CPU)
     impl: str = "auto"
+    compile: str = "none"  # none | blocks: torch.compile of our blocks (DiT and trainer: model.compile)
     repeats: int = 7
     warmup: int = 2
     peak_tflops: float | None = None
@@ -76,12 +78,14 @@ def _dit_section(transformer: str, family, arch, shape: LatentShape, opts: Bench
                  peak: float | None) -> tuple[dict, list[dict]]:
     reference = family.diffusers_model_class().from_pretrained(transformer)
     pair = build_pair(reference, arch, shape, DTYPES[opts.dtype], device, impl=opts.impl, seed=opts.seed)
+    compile_blocks(pair.ours, opts.compile)  # the reference stays eager, as diffusers runs by default
     difference = pair.max_relative_difference()
     timings = alternating({f"{who}/{what}": getattr(pair, what)(who) for what in ("forward", "forward_backward")
                            for who in ("ours", "reference")}, device, opts.repeats, opts.warmup)
     call = dit_call_flops(arch, shape.batch, shape.frames, shape.height, shape.width, arch.max_text_seq_length)
     flops = {"forward": call.total(False, False), "forward_backward": call.total(False, True)}
-    rows, section = [], {"max_relative_difference": difference, "ours_impl": opts.impl}
+    rows, section = [], {"max_relative_difference": difference, "ours_impl": opts.impl,
+                     "ours_compile": opts.compile}
     for key, timing in timings.items():
         who, what = key.split("/")
         label = "megatron (ours)" if who == "ours" else "diffusers"
@@ -107,6 +111,7 @@ def run_bench(opts: BenchOptions) -> dict:
     if opts.dtype not in (*DTYPES, "auto"):
         raise ValueError(f"--dtype={opts.dtype!r}: expected auto or one of {', '.join(DTYPES)}")
     device = initialize_parallel(1, 1, seed=opts.seed).device
+    check_compile(opts.compile, device, key="--compile")
     if opts.dtype == "auto":
         opts.dtype = "bf16" if device.type == "cuda" else "fp32"
     env = environment(device, opts.command)
@@ -119,7 +124,8 @@ def run_bench(opts: BenchOptions) -> dict:
         shape = LatentShape(opts.batch, opts.frames or real.frames, opts.height or real.height,
                             opts.width or real.width)
         dit, rows = _dit_section(transformer, family, arch, shape, opts, device, peak)
-        overrides = trainer_overrides(transformer, pipeline, os.path.join(workdir, "run"), shape, opts.dtype)
+        overrides = [*trainer_overrides(transformer, pipeline, os.path.join(workdir, "run"), shape, opts.dtype),
+                     f"model.compile={opts.compile}"]
         adm = measure_iterations(opts.config, [*overrides, *opts.overrides], opts.repeats, opts.warmup)
     for phase, row in adm["phases"].items():
         row["mfu"] = None if peak is None else row["tflops_per_s"] / peak

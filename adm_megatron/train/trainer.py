@@ -45,6 +45,7 @@ from adm_megatron.heads import MultiHeadDiscriminator
 from adm_megatron.heads.pixel import LatentPixelHeads, build_pixel_features
 from adm_megatron.lora import apply_lora, check_targets
 from adm_megatron.models import tapped_block_indices
+from adm_megatron.models.compile import check_compile, compile_blocks
 from adm_megatron.parallel import initialize_parallel, launch_env
 from adm_megatron.models.weights import load_full_state_dict
 from adm_megatron.train.checkpoint import load_training_checkpoint, remove_leftovers, save_training_checkpoint
@@ -123,6 +124,7 @@ class Trainer:
             timeout_s=config.parallel.timeout_s,
         )
         self.device = self.info.device
+        check_compile(config.model.compile, self.device)
         # parameters stay fp32 under BF16 autocast; fp64 makes layout comparisons exact
         self.dtype = torch.float64 if config.model.dtype == "fp64" else torch.float32
         self.arch = self.teacher_source.arch
@@ -178,6 +180,8 @@ class Trainer:
         if m.bf16_params:  # fp32 main params live in the optimizer (train/main_params.py)
             for net in trained_backbones.values():
                 net.to(torch.bfloat16)
+        for net in (teacher, *trained_backbones.values()):
+            compile_blocks(net, m.compile)
         wrapped = {name: self._wrap(net, net.config, name) for name, net in trained_backbones.items()}
         self.heads = None
         self.pixel = build_pixel_backbone(c, self.teacher_source, self.device, self.dtype)
