@@ -10,14 +10,16 @@
 #    the benchmark before the ADM iteration's avoidable work was removed (OUT_DIR/cpu_before.json),
 #    both at batch 2, 4 x 16 x 16 latents, fp32, 2 threads, ADM with 2 generator steps and a head
 #    on every 3rd block, medians of $REPEATS;
-# 3. prints both tables and the before / after summary.
+#    and this tree once more with --compile blocks (OUT_DIR/cpu_after_compiled.json: our blocks
+#    through torch.compile, diffusers' model eager);
+# 3. prints the tables and the before / after summary.
 # PYTHON (default python3) must import torch, megatron-core and diffusers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-docs/bench}
 PY=${PYTHON:-python3}
 BEFORE=${BEFORE:-d38e3f3}
-REPEATS=${REPEATS:-7}
+REPEATS=${REPEATS:-15}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d)
@@ -38,13 +40,14 @@ ARGS=(--model "$WORK/model" --batch 2 --frames 4 --height 16 --width 16 --dtype 
 git archive "$BEFORE" | tar -x -C "$WORK" --one-top-level=before
 (cd "$WORK/before" && $PY -m adm_megatron.cli bench "${ARGS[@]}" --out "$OUT/cpu_before.json")
 $PY -m adm_megatron.cli bench "${ARGS[@]}" --out "$OUT/cpu_after.json"
+$PY -m adm_megatron.cli bench "${ARGS[@]}" --compile blocks --out "$OUT/cpu_after_compiled.json"
 
-$PY - "$OUT/cpu_before.json" "$OUT/cpu_after.json" <<'PYEOF'
+$PY - "$OUT/cpu_before.json" "$OUT/cpu_after.json" "$OUT/cpu_after_compiled.json" <<'PYEOF'
 import json, sys
-before, after = (json.load(open(p)) for p in sys.argv[1:])
+before, after, compiled = (json.load(open(p)) for p in sys.argv[1:])
 def calls(r):
     return {p: {role: v["calls"] for role, v in roles.items()} for p, roles in r["adm"]["evaluations_per_iteration"].items()}
-for name, r in (("before", before), ("after", after)):
+for name, r in (("before", before), ("after", after), ("after, --compile blocks", compiled)):
     it = r["adm"]["phases"]["iteration"]
     print(f"{name}: {r['environment']['device']}, {r['environment']['date_utc']}, "
           f"ours/diffusers fwd+bwd {r['dit']['ratio_ours_over_diffusers']['forward_backward']:.3f}, "
