@@ -85,7 +85,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"adm-megatron bench: {err}", file=sys.stderr)
         return 2
     print(f"{result['environment']['device']}, {result['dtype']}, {result['model']['num_layers']} layers, "
-          f"{result['model']['video_tokens']} video + {result['model']['text_tokens']} text tokens, "
+          f"{result['model']['latent_tokens']} latent + {result['model']['text_tokens']} text tokens, "
           f"batch {opts.batch}")
     print(result["table"])
     ratio = result["dit"]["ratio_ours_over_diffusers"]
@@ -185,9 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "transformer / pipeline directory")
     bench.add_argument("--layers", type=int, default=None, help="presets only: number of blocks (to fit one card)")
     bench.add_argument("--batch", type=int, default=1, help="samples per call (default 1)")
-    bench.add_argument("--frames", type=int, default=None, help="latent frames (default: the model's, 13)")
-    bench.add_argument("--height", type=int, default=None, help="latent height (default: the model's, 60)")
-    bench.add_argument("--width", type=int, default=None, help="latent width (default: the model's, 90)")
+    bench.add_argument("--frames", type=int, default=None, help="latent frames (default: the model's: CogVideoX 13, images 1)")
+    bench.add_argument("--height", type=int, default=None, help="latent height (default: the model's: CogVideoX 60, SD3 128)")
+    bench.add_argument("--width", type=int, default=None, help="latent width (default: the model's: CogVideoX 90, SD3 128)")
     bench.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp64"),
                        help="auto: bf16 on a GPU, fp32 on CPU. The DiT comparison holds both models in it; "
                        "the trainer runs model.dtype (bf16: fp32 weights under BF16 autocast)")

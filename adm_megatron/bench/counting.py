@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from adm_megatron.algorithms.networks import DiTFunction, Networks
-from adm_megatron.bench.flops import dit_call_flops
+from adm_megatron.algorithms.networks import DiTFunction, Networks, TextCondition
+from adm_megatron.families import family_of_arch
 from adm_megatron.models.taps import feature_depth
 
 
@@ -64,26 +64,29 @@ class CountingDiT:
         self.role = role
         self.counter = counter
         self.arch = arch
+        self.call_flops = family_of_arch(arch).call_flops
         self.module = fn.module
 
-    def _count(self, role: str, x: torch.Tensor, text: torch.Tensor, blocks: int | None, output_layer: bool):
+    def _count(self, role: str, x: torch.Tensor, cond, blocks: int | None, output_layer: bool):
         grad = torch.is_grad_enabled()
         trainable = grad and any(p.requires_grad for p in self.module.parameters())
-        batch, frames, _, height, width = x.shape
-        call = dit_call_flops(self.arch, batch, frames, height, width, text.shape[1], blocks, output_layer)
-        self.counter.add(role, batch, call.total(grad_to_input=grad and x.requires_grad, trainable=trainable))
+        text = cond.text if isinstance(cond, TextCondition) else cond
+        call = self.call_flops(self.arch, tuple(x.shape), text.shape[1], blocks, output_layer)
+        self.counter.add(role, x.shape[0], call.total(grad_to_input=grad and x.requires_grad, trainable=trainable))
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        self._count(self.role, x_t, text, None, True)
-        return self.fn(x_t, t, text)
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        self._count(self.role, x_t, cond, None, True)
+        return self.fn(x_t, t, cond)
 
-    def features(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor, every: int):
-        self._count(f"{self.role}.features", x_t, text, feature_depth(self.arch.num_layers, every), False)
-        return self.fn.features(x_t, t, text, every)
+    def features(self, x_t: torch.Tensor, t: torch.Tensor, cond, every: int):
+        self._count(f"{self.role}.features", x_t, cond, feature_depth(self.arch.num_layers, every), False)
+        return self.fn.features(x_t, t, cond, every)
 
 
 def instrument(networks: Networks, counter: EvalCounter, arch) -> None:
     """Wrap ``networks``' generator, fake score and teacher in place (the algorithm holding the
-    same ``Networks`` object then calls the wrappers)."""
+    same ``Networks`` object then calls the wrappers); a role the method has not (ADP's fake
+    score) stays None."""
     for role in ("generator", "fake_score", "teacher"):
-        setattr(networks, role, CountingDiT(getattr(networks, role), role, counter, arch))
+        if getattr(networks, role) is not None:
+            setattr(networks, role, CountingDiT(getattr(networks, role), role, counter, arch))

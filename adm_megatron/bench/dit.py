@@ -1,7 +1,7 @@
 """Our megatron backbone beside its family's diffusers transformer with the same weights, dtype and
-inputs: the forward and forward + backward closures the benchmark times. The latent size and the
-output reduction are written for the video families the bench supports (``tools`` of the family
-spec)."""
+inputs: the forward and forward + backward closures the benchmark times. Both are called the way
+the trainer calls a backbone (``DiTFunction``: the family's positional inputs, the pooled text
+embedding where the family takes one)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from adm_megatron.algorithms.networks import DiTFunction, text_condition
 from adm_megatron.families import family_of_arch
 from adm_megatron.models.weights import load_full_state_dict
 
@@ -17,31 +18,27 @@ from adm_megatron.models.weights import load_full_state_dict
 @dataclass
 class LatentShape:
     batch: int
-    frames: int  # latent frames
+    frames: int  # latent frames (1 for image families)
     height: int  # latent height
     width: int
 
     @classmethod
-    def real(cls, arch, batch: int) -> "LatentShape":
-        """The latent size the model was trained at (CogVideoX: 49 frames of 480x720 -> 13x60x90)."""
-        frames = (arch.sample_frames - 1) // arch.temporal_compression_ratio + 1
-        return cls(batch, frames, arch.sample_height, arch.sample_width)
+    def native(cls, arch, batch: int) -> "LatentShape":
+        """The latent size the model was trained at (the family's ``native_latent_size``)."""
+        return cls(batch, *family_of_arch(arch).native_latent_size(arch))
 
 
 @dataclass
 class DiTPair:
     ours: torch.nn.Module
     reference: torch.nn.Module  # diffusers
-    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # latents, text, timestep
+    inputs: tuple  # latents, timestep, text condition (the embedding, or it with the pooled one)
     rotary: tuple[torch.Tensor, torch.Tensor] | None
     weight: torch.Tensor  # the random projection the backward reduces the output with
 
     def output(self, which: str) -> torch.Tensor:
-        latents, text, timestep = self.inputs
-        if which == "ours":
-            return self.ours(latents, text, timestep, image_rotary_emb=self.rotary).sample
-        return self.reference(hidden_states=latents, encoder_hidden_states=text, timestep=timestep,
-                              image_rotary_emb=self.rotary).sample
+        module = self.ours if which == "ours" else self.reference
+        return DiTFunction(module, self.rotary)(*self.inputs)
 
     def forward(self, which: str) -> Callable[[], None]:
         def run():
@@ -67,7 +64,7 @@ class DiTPair:
 def build_pair(reference: torch.nn.Module, arch, shape: LatentShape, dtype: torch.dtype,
                device: torch.device, impl: str = "auto", seed: int = 0) -> DiTPair:
     """Our model with ``reference``'s (the family's diffusers transformer) weights, both in
-    ``dtype`` on ``device``, and random inputs of ``shape`` with the model's full text length."""
+    ``dtype`` on ``device``, and random inputs of ``shape`` with the family's text length."""
     family = family_of_arch(arch)
     ours = family.build_model(arch, params_dtype=dtype, impl=impl, device=device)
     load_full_state_dict(ours, family.hf_to_megatron(reference.state_dict(), arch),
@@ -75,12 +72,13 @@ def build_pair(reference: torch.nn.Module, arch, shape: LatentShape, dtype: torc
     cond = family.conditioning(arch)
     reference = reference.to(device=device, dtype=dtype)
     g = torch.Generator().manual_seed(seed)
-    b = shape.batch
-    latents = torch.randn(b, shape.frames, arch.in_channels, shape.height, shape.width, generator=g)
-    text = torch.randn(b, cond.text_length, cond.text_width, generator=g)
-    timestep = torch.randint(0, 1000, (b,), generator=g)
-    weight = torch.randn(b, shape.frames, arch.out_channels, shape.height, shape.width, generator=g)
+    latent = (shape.batch, *family.latent_shape(arch, shape.frames, shape.height, shape.width))
+    latents = torch.randn(latent, generator=g)
+    text = torch.randn(shape.batch, cond.text_length, cond.text_width, generator=g)
+    pooled = None if cond.pooled_width is None else torch.randn(shape.batch, cond.pooled_width, generator=g)
+    timestep = torch.randint(0, 1000, (shape.batch,), generator=g)
+    weight = torch.randn(*latent[:-3], arch.out_channels, *latent[-2:], generator=g)  # channels are dim -3
     to = dict(device=device, dtype=dtype)
     rotary = family.positional_inputs(arch, shape.frames, shape.height, shape.width, device=device)
-    return DiTPair(ours, reference, (latents.to(**to), text.to(**to), timestep.to(device)), rotary,
-                   weight.to(device))
+    condition = text_condition(text.to(**to), None if pooled is None else pooled.to(**to))
+    return DiTPair(ours, reference, (latents.to(**to), timestep.to(device), condition), rotary, weight.to(device))

@@ -15,7 +15,6 @@ import torch
 
 from adm_megatron.bench.adm_iteration import measure_iterations, trainer_overrides, write_scheduler_pipeline
 from adm_megatron.bench.dit import LatentShape, build_pair
-from adm_megatron.bench.flops import dit_call_flops
 from adm_megatron.bench.report import environment, format_table, peak_tflops
 from adm_megatron.bench.timing import alternating
 from adm_megatron.families import family_for_preset, family_of_model_dir, preset_names
@@ -53,6 +52,8 @@ def resolve_model(opts: BenchOptions, workdir: str) -> tuple[str, str]:
         config = {k: v for k, v in preset.items() if k != "_class_name"}
         if opts.layers is not None:
             config["num_layers"] = opts.layers
+            if config.get("dual_attention_layers"):  # SD3.5-Medium: keep the block indices that remain
+                config["dual_attention_layers"] = [i for i in config["dual_attention_layers"] if i < opts.layers]
         torch.manual_seed(opts.seed)
         transformer = os.path.join(workdir, "transformer")
         family.diffusers_model_class()(**config).save_pretrained(transformer)
@@ -82,7 +83,7 @@ def _dit_section(transformer: str, family, arch, shape: LatentShape, opts: Bench
     difference = pair.max_relative_difference()
     timings = alternating({f"{who}/{what}": getattr(pair, what)(who) for what in ("forward", "forward_backward")
                            for who in ("ours", "reference")}, device, opts.repeats, opts.warmup)
-    call = dit_call_flops(arch, shape.batch, shape.frames, shape.height, shape.width, arch.max_text_seq_length)
+    call = family.call_flops(arch, tuple(pair.inputs[0].shape), _text_tokens(family, arch))
     flops = {"forward": call.total(False, False), "forward_backward": call.total(False, True)}
     rows, section = [], {"max_relative_difference": difference, "ours_impl": opts.impl,
                      "ours_compile": opts.compile}
@@ -99,6 +100,10 @@ def _dit_section(transformer: str, family, arch, shape: LatentShape, opts: Bench
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return section, rows
+
+
+def _text_tokens(family, arch) -> int:
+    return family.conditioning(arch).text_length
 
 
 def _evaluations_text(evals: dict) -> str:
@@ -120,7 +125,7 @@ def run_bench(opts: BenchOptions) -> dict:
         transformer, pipeline = resolve_model(opts, workdir)
         family = family_of_model_dir(transformer).require("bench", "adm-megatron bench")
         arch = family.arch_from_pretrained_dir(transformer)
-        real = LatentShape.real(arch, opts.batch)
+        real = LatentShape.native(arch, opts.batch)
         shape = LatentShape(opts.batch, opts.frames or real.frames, opts.height or real.height,
                             opts.width or real.width)
         dit, rows = _dit_section(transformer, family, arch, shape, opts, device, peak)
@@ -136,8 +141,8 @@ def run_bench(opts: BenchOptions) -> dict:
         "environment": env,
         "model": {"source": opts.model, "num_layers": arch.num_layers, "hidden_size": arch.hidden_size,
                   "heads": arch.num_attention_heads,
-                  "video_tokens": shape.frames * (shape.height // p) * (shape.width // p),
-                  "text_tokens": arch.max_text_seq_length},
+                  "family": family.name, "latent_tokens": shape.frames * (shape.height // p) * (shape.width // p),
+                  "text_tokens": _text_tokens(family, arch)},
         "shape": vars(shape), "dtype": opts.dtype, "repeats": opts.repeats, "warmup": opts.warmup,
         "peak_tflops": peak, "dit": dit, "adm": adm, "table": format_table(rows),
     }

@@ -32,6 +32,11 @@ def _positional_inputs(arch, frames: int, latent_height: int, latent_width: int,
     return cogvideox_rotary_emb(arch, frames, latent_height, latent_width, device=device)
 
 
+def _native_latent_size(arch) -> tuple[int, int, int]:
+    """The latents of the model's sample size (CogVideoX: 49 frames of 480x720 -> 13 x 60 x 90)."""
+    return (arch.sample_frames - 1) // arch.temporal_compression_ratio + 1, arch.sample_height, arch.sample_width
+
+
 def _conditioning(arch) -> Conditioning:
     return Conditioning(text_length=arch.max_text_seq_length, text_width=arch.text_embed_dim)
 
@@ -98,4 +103,6 @@ COGVIDEOX = register_family(ModelFamily(
     encode_prompts=_encode_prompts,
     presets=PRESETS,
     tools=frozenset({"bench", "memory-plan"}),
+    call_flops=lazy("adm_megatron.bench.flops", "cogvideox_call_flops"),
+    native_latent_size=_native_latent_size,
 ))

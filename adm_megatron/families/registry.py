@@ -94,6 +94,10 @@ class ModelFamily:
     encode_prompts: Callable[..., PromptEmbeddings]
     presets: dict = field(default_factory=dict)  # real-size name -> diffusers config (meta builds, plans)
     tools: frozenset = frozenset()  # analytic tools with formulas for this family: 'bench', 'memory-plan'
+    # 'bench': (arch, latent tensor shape, text length, blocks, output_layer) -> CallFlops
+    # (adm_megatron.bench.flops), and arch -> (frames, height, width) of the latents it was trained at
+    call_flops: Callable[..., Any] | None = None
+    native_latent_size: Callable[[Any], tuple[int, int, int]] | None = None
 
     def __post_init__(self):
         if self.latent_layout not in LATENT_LAYOUTS:
@@ -102,6 +106,8 @@ class ModelFamily:
             raise ValueError(f"family {self.name!r}: head_kind must be one of {HEAD_KINDS}")
         if not self.diffusers_classes:
             raise ValueError(f"family {self.name!r}: needs at least one diffusers class name")
+        if "bench" in self.tools and (self.call_flops is None or self.native_latent_size is None):
+            raise ValueError(f"family {self.name!r}: tool 'bench' needs call_flops and native_latent_size")
 
     # -- derived helpers (the same for every family) --------------------------------------------
     def arch_from_pretrained_dir(self, path: str):

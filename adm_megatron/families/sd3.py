@@ -101,4 +101,7 @@ SD3 = register_family(ModelFamily(
     render_samples=_render_samples,
     encode_prompts=_encode_prompts,
     presets=PRESETS,
+    tools=frozenset({"bench"}),
+    call_flops=lazy("adm_megatron.bench.flops", "sd3_call_flops"),
+    native_latent_size=lambda arch: (1, arch.sample_size, arch.sample_size),  # 1024 px -> 128 x 128
 ))
