@@ -107,6 +107,44 @@ def test_round_trip_is_bit_exact_and_loads_in_diffusers(world_of_one, hf_dirs, v
     assert (ours - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+def test_a_lora_generator_checkpoint_loads_with_its_adapters_and_converts_merged(world_of_one, hf_dirs, tmp_path):
+    """A LoRA run's generator checkpoint (e.g. a mid-run one) records its adapters' settings; it
+    loads back with the same adapters and converts to diffusers with them merged into the weights."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from adm_megatron.config import LoraConfig
+    from adm_megatron.convert import (
+        load_megatron_checkpoint,
+        megatron_to_hf_checkpoint,
+        read_checkpoint_meta,
+        save_megatron_checkpoint,
+    )
+    from adm_megatron.lora import apply_lora, lora_adapters
+    from adm_megatron.models import build_model_from_hf
+
+    hf = hf_dirs["5b"]
+    model = build_model_from_hf(hf)
+    config = LoraConfig(rank=2, alpha=4.0, target_modules=["to_q", "to_k", "to_v", "ff.net.2"])
+    adapters = apply_lora(model, config, seed=1)
+    with torch.no_grad():  # B starts at zero: give every adapter an effect
+        for param in adapters.parameters():
+            param.normal_(0, 0.3)
+    ckpt, hf_out = str(tmp_path / "meg"), str(tmp_path / "hf")
+    save_megatron_checkpoint(model, ckpt)
+    assert read_checkpoint_meta(ckpt)["lora"] == dataclasses.asdict(config)
+    loaded = load_megatron_checkpoint(ckpt)
+    assert lora_adapters(loaded) is not None
+    for name, param in adapters.state_dict().items():
+        assert torch.equal(lora_adapters(loaded).state_dict()[name], param), name
+    megatron_to_hf_checkpoint(ckpt, hf_out)
+    arch = model.arch
+    want = _forward(model, arch)
+    merged = _forward(CogVideoXTransformer3DModel.from_pretrained(hf_out), arch)
+    base = _forward(CogVideoXTransformer3DModel.from_pretrained(hf), arch)
+    assert (merged - want).abs().max() <= 1e-5 * want.abs().max()
+    assert (base - want).abs().max() > 1e-3 * want.abs().max()  # the adapters matter
+
+
 def test_damaged_or_foreign_checkpoints_give_one_line_errors(world_of_one, hf_dirs, tmp_path):
     from adm_megatron.convert import (
         CheckpointError,

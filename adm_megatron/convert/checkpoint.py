@@ -3,8 +3,8 @@
 
 A checkpoint directory holds megatron-core's ``dist_checkpointing`` output (torch_dist backend:
 ``*.distcp`` shards, ``.metadata``, ``common.pt``, ``metadata.json``) plus
-``adm_megatron_checkpoint.json``: the format version, the model family (``model``) and the
-diffusers architecture config, from which :func:`load_megatron_checkpoint` rebuilds the model for
+``adm_megatron_checkpoint.json``: the format version, the model family (``model``), the
+diffusers architecture config and, for a LoRA generator, its adapters' settings (``lora``), from which :func:`load_megatron_checkpoint` rebuilds the model for
 whatever tensor / context parallel layout is in force when it loads (tensors are stored
 whole-shaped, so any layout can read them).
 
@@ -25,6 +25,7 @@ before anything is written, so such a silent loss cannot recur.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -312,10 +313,12 @@ def save_megatron_checkpoint(model, out_dir: str, arch=None, *, overwrite: bool 
     from megatron.core import dist_checkpointing
 
     from adm_megatron.families import family_of_arch
+    from adm_megatron.lora.adapters import lora_adapters  # (lora.export imports this module)
 
     arch = arch if arch is not None else model.arch
     family = family_of_arch(arch)
     sd = sharded_state_dict(model)
+    adapters = lora_adapters(model)
     meta = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_FORMAT_VERSION,
@@ -326,6 +329,8 @@ def save_megatron_checkpoint(model, out_dir: str, arch=None, *, overwrite: bool 
         "megatron_core": _version("megatron-core"),
         "torch": torch.__version__,
     }
+    if adapters is not None:  # a LoRA generator: loading rebuilds the same adapters (see _build)
+        meta["lora"] = dataclasses.asdict(adapters.config)
 
     def write(tmp: str) -> None:
         dist_checkpointing.save(sd, tmp)
@@ -466,8 +471,11 @@ def load_megatron_checkpoint(ckpt_dir: str, *, arch=None, **build_kwargs):
     """Collective: build the model described by the checkpoint's JSON (or ``arch``) for the current
     parallel layout (a world of one if none is initialized) and load the checkpoint into it.
     ``build_kwargs`` go to the family's ``build_model`` (sequence_parallel, params_dtype...);
-    ``params_dtype`` defaults to the dtype the checkpoint was saved in."""
+    ``params_dtype`` defaults to the dtype the checkpoint was saved in. A LoRA generator's
+    checkpoint (its JSON has ``lora``) comes back with the same adapters."""
+    from adm_megatron.config import LoraConfig
     from adm_megatron.families import family_of_arch
+    from adm_megatron.lora.adapters import apply_lora
 
     meta = read_checkpoint_meta(ckpt_dir)
     if arch is None:
@@ -476,6 +484,8 @@ def load_megatron_checkpoint(ckpt_dir: str, *, arch=None, **build_kwargs):
     if isinstance(saved_dtype, torch.dtype):
         build_kwargs.setdefault("params_dtype", saved_dtype)
     model = family_of_arch(arch).build_model(arch, **build_kwargs)
+    if meta.get("lora"):  # the adapters' own values come from the checkpoint, the seed is irrelevant
+        apply_lora(model, LoraConfig(**meta["lora"]), seed=0)
     load_megatron_checkpoint_into(model, ckpt_dir)
     return model
 
@@ -520,11 +530,17 @@ def _diffusers_model(model_class: type, config: dict[str, Any], state: dict[str,
 def megatron_to_hf_checkpoint(ckpt_dir: str, out_dir: str, *, overwrite: bool = False, **build_kwargs) -> str:
     """Collective: megatron checkpoint -> diffusers directory (``save_pretrained`` output, loadable
     with the family's diffusers class ``from_pretrained``). Loads at the current layout, gathers
-    the whole tensors, and rank 0 writes (see :func:`export_diffusers`)."""
+    the whole tensors, and rank 0 writes (see :func:`export_diffusers`). A LoRA generator's
+    checkpoint is written with its adapters merged into the weights."""
+    from adm_megatron.lora.adapters import lora_adapters
+    from adm_megatron.lora.export import export_merged
+
     meta = read_checkpoint_meta(ckpt_dir)
     check_output_dir(os.path.abspath(out_dir), overwrite)
     arch = _family_from_meta(meta, ckpt_dir)[1]
     model = load_megatron_checkpoint(ckpt_dir, arch=arch, **build_kwargs)
+    if lora_adapters(model) is not None:  # a LoRA run's generator: its weights with the adapters merged
+        return export_merged(model, arch, out_dir, overwrite=overwrite)
     return export_diffusers(model, arch, out_dir, overwrite=overwrite)
 
 
