@@ -193,3 +193,21 @@ def test_the_plan_follows_the_run_configs_memory_settings():
     none = _config_plan("model.recompute=none")
     assert g_only.phases["generator"].activations < none.phases["generator"].activations
     assert g_only.phases["fake_score"].activations == none.phases["fake_score"].activations
+
+
+def test_a_lora_generator_plans_optimizer_state_and_grads_for_its_adapters_only():
+    """``model.lora``: the generator's grads and AdamW state are its adapters' (rank r on each
+    targeted linear of CogVideoX-2b: r (in + out) elements per linear, counted here by hand), its
+    weights the base plus the adapters; the other networks are unchanged."""
+    h, r, blocks = 1920, 64, 30  # CogVideoX-2b
+    per_block = r * ((h + 3 * h) + (h + h) + (h + 4 * h) + (4 * h + h))  # fused QKV, to_out, ff.net.0 / 2
+    adapters = blocks * per_block
+    full = _config_plan()
+    lora = _config_plan(f"model.lora={{rank: {r}, alpha: {r}}}")
+    g, g_full = lora.networks["generator"], full.networks["generator"]
+    assert g["grads"] == adapters * 4  # fp32 params: grads in fp32
+    assert g["optimizer"] == adapters * 8  # two fp32 moments
+    assert g["weights"] == g_full["weights"] + adapters * 4
+    for name in ("teacher", "fake_score", "discriminator"):
+        assert lora.networks[name] == full.networks[name], name
+    assert lora.peak < full.peak - 0.9 * (g_full["grads"] + g_full["optimizer"])

@@ -5,6 +5,8 @@ The backbone is built once on ``meta`` -- no memory, no weights -- for the layou
 full size, as megatron-core's ``tensor_model_parallel`` tag on it says (column / row parallel weights and biases are split, norms,
 adaLN, embeddings and the output projection are replicated). The discriminator heads are plain
 torch modules, replicated on every rank. Buffers (the 2b's sin-cos position table) are counted too.
+A LoRA generator (``model.lora``) is the backbone plus its adapters, of which only the adapters
+train: they alone have grads and optimizer state.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ class NetworkSize:
     params: int  # parameter elements held by one rank
     largest_param: int  # elements of the largest parameter tensor on one rank
     buffer_bytes: int  # bytes of the module's buffers on one rank (as built, fp32)
+    trainable: int | None = None  # elements that train (grads, optimizer state); None: all of params
+
+    @property
+    def trained(self) -> int:
+        return self.params if self.trainable is None else self.trainable
 
 
 def _size(module: torch.nn.Module, tensor_parallel: int, built_tensor_parallel: int = 1) -> NetworkSize:
@@ -39,6 +46,20 @@ def backbone_size(arch, tensor_parallel: int) -> NetworkSize:
     # for the layout in force: a world of one if none
     model = family_of_arch(arch).build_model(arch, device="meta")
     return _size(model, tensor_parallel, model.config.tensor_model_parallel_size)
+
+
+def lora_generator_size(arch, tensor_parallel: int, lora) -> NetworkSize:
+    """A LoRA generator (``lora``: the run's ``LoraConfig``) on one of ``tensor_parallel`` ranks."""
+    import dataclasses
+
+    from adm_megatron.families import family_of_arch
+    from adm_megatron.lora import apply_lora
+
+    model = family_of_arch(arch).build_model(arch, device="meta")
+    adapters = apply_lora(model, lora, seed=0)
+    built = model.config.tensor_model_parallel_size
+    return dataclasses.replace(_size(model, tensor_parallel, built),
+                               trainable=_size(adapters, tensor_parallel, built).params)
 
 
 def heads_size(arch, num_heads: int, hidden: int, blocks: int) -> NetworkSize:

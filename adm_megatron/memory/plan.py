@@ -17,7 +17,10 @@ override them for every network at once):
 - weights ``P x w`` (``w`` 4 for fp32 params; 2 for bf16 params, ``model.bf16_params``; the frozen
   teacher is held in bf16 whenever ``model.dtype=bf16``) plus buffers;
 - grads (trainable networks): megatron DDP's ``main_grad`` buffer, ``P x w`` (megatron's default,
-  ``grad_reduce_in_fp32=False``, keeps grads in the params' dtype);
+  ``grad_reduce_in_fp32=False``, keeps grads in the params' dtype); for a LoRA generator
+  (``model.lora``) ``P`` in the grad, optimizer and step terms is its adapters' elements only, its
+  weights the frozen base plus the adapters (its activations are planned as a trainable network's,
+  an upper bound: a frozen base linear with an adapter saves the adapter's input);
 - optimizer (trainable networks): AdamW's two moments ``P x 8``, plus an fp32 master copy ``P x 4``
   with bf16 params; ``/ DP`` when that network's optimizer state is sharded over data parallel
   (``train/sharded_optimizer.py``: fp32 params' main params are views, no copy);
@@ -356,10 +359,10 @@ def _resident(sizes: dict[str, NetworkSize], s: Settings) -> dict[str, dict[str,
         if name == "teacher":
             out[name] = {"weights": weights, "grads": 0.0, "optimizer": 0.0}
             continue
-        state = size.params * (8 + (4 if s.params == "bf16" else 0))
+        state = size.trained * (8 + (4 if s.params == "bf16" else 0))
         if name in s.shard_optimizer:
             state /= s.data_parallel
-        out[name] = {"weights": weights, "grads": size.params * float(w), "optimizer": state}
+        out[name] = {"weights": weights, "grads": size.trained * float(w), "optimizer": state}
     return out
 
 
@@ -377,10 +380,10 @@ def _phase_resident(networks: dict, phase: str, s: Settings) -> float:
 
 def _step(size: NetworkSize, name: str, s: Settings) -> float:
     if name in s.shard_optimizer:  # megatron's distributed optimizer: in-place clipping, its shard
-        return size.params / s.data_parallel * 4
-    temporaries = size.params * 4 if s.device == "cuda" else size.largest_param * 4
+        return size.trained / s.data_parallel * 4
+    temporaries = size.trained * 4 if s.device == "cuda" else min(size.largest_param, size.trained) * 4
     fp32_grads = s.grad_clip or s.params == "bf16"  # the clipped copy, or bf16 grads cast for the fp32 step
-    return (size.params * 4 if fp32_grads else 0.0) + temporaries
+    return (size.trained * 4 if fp32_grads else 0.0) + temporaries
 
 
 def _moments(f: _Formulas, sizes: dict[str, NetworkSize], phase: str) -> dict[str, tuple[float, dict]]:

@@ -7,7 +7,7 @@ line."""
 from __future__ import annotations
 
 from adm_megatron.config import Config, ConfigError
-from adm_megatron.memory.counts import backbone_size, heads_size
+from adm_megatron.memory.counts import backbone_size, heads_size, lora_generator_size
 from adm_megatron.memory.plan import MemoryPlan, PlanError, Settings, Shape, check_settings, plan_memory
 from adm_megatron.families import family_for_preset, family_of_arch
 from adm_megatron.models.taps import tapped_block_indices
@@ -92,8 +92,10 @@ def plan_run(config: Config, world_size: int, preset: str = "", **memory) -> Mem
     settings = settings_for(config, world_size, **memory)
     check_settings(shape, settings)  # before anything is built
     backbone = backbone_size(arch, settings.tensor_parallel)
+    lora = config.model.lora
     sizes = {
-        "teacher": backbone, "fake_score": backbone, "generator": backbone,
+        "teacher": backbone, "fake_score": backbone,
+        "generator": backbone if lora is None else lora_generator_size(arch, settings.tensor_parallel, lora),
         "discriminator": heads_size(arch, shape.taps, shape.head_hidden, shape.head_blocks),
     }
     return plan_memory(shape, sizes, settings)
