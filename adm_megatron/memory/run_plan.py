@@ -2,7 +2,8 @@
 the shapes, the layout and the memory settings, the parameter counts on ``meta``, then the formulas
 of ``plan.py``. Layout errors are raised before any model is built. The activation formulas are
 those of the model families whose spec lists the ``memory-plan`` tool; others are refused in one
-line."""
+line, and so are methods the phases of ``plan.py`` do not describe (``PLANNED_METHODS``: ADP has
+no fake score, no CFG teacher in its generator phase, and a VAE and a pixel encoder of its own)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from adm_megatron.memory.counts import backbone_size, heads_size, lora_generator
 from adm_megatron.memory.plan import MemoryPlan, PlanError, Settings, Shape, check_settings, plan_memory
 from adm_megatron.families import family_for_preset, family_of_arch
 from adm_megatron.models.taps import tapped_block_indices
+
+
+PLANNED_METHODS = ("adm", "dmd", "dmd2")  # DMD plans ADM's (small) heads too: an upper bound
 
 
 def resolve_arch(config: Config, preset: str = ""):
@@ -87,6 +91,9 @@ def settings_for(config: Config, world_size: int, **memory) -> Settings:
 
 def plan_run(config: Config, world_size: int, preset: str = "", **memory) -> MemoryPlan:
     """The memory plan of ``config`` on ``world_size`` GPUs (``memory`` as ``settings_for``)."""
+    if config.distill.method not in PLANNED_METHODS:
+        raise PlanError(f"distill.method={config.distill.method}: the planner models "
+                        f"{', '.join(PLANNED_METHODS)} runs only")
     arch = resolve_arch(config, preset)
     shape = shape_for(config, arch)
     settings = settings_for(config, world_size, **memory)
@@ -101,4 +108,4 @@ def plan_run(config: Config, world_size: int, preset: str = "", **memory) -> Mem
     return plan_memory(shape, sizes, settings)
 
 
-__all__ = ["ConfigError", "plan_run", "resolve_arch", "settings_for", "shape_for"]
+__all__ = ["ConfigError", "PLANNED_METHODS", "plan_run", "resolve_arch", "settings_for", "shape_for"]
