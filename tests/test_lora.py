@@ -67,7 +67,8 @@ def pipeline_dir(tmp_path_factory):
 def test_changed_adapters_equal_diffusers_merged_and_lora_file(targets, pipeline_dir, tmp_path, world_of_one):
     from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
-    from adm_megatron.lora import LORA_WEIGHTS, apply_lora, export_lora_file, export_merged
+    from adm_megatron.lora import apply_lora
+    from adm_megatron.lora.export import LORA_WEIGHTS, export_lora_file, export_merged
     from adm_megatron.models import build_model_from_hf
 
     model = build_model_from_hf(os.path.join(pipeline_dir, "transformer"))
@@ -144,7 +145,8 @@ def test_lora_config_section_parses_and_validates():
 
 
 def test_export_lora_modes_write_what_they_say(tmp_path, world_of_one):
-    from adm_megatron.lora import LORA_WEIGHTS, apply_lora, export_lora_generator
+    from adm_megatron.lora import apply_lora
+    from adm_megatron.lora.export import LORA_WEIGHTS, export_lora_generator
     from adm_megatron.models import build_model_from_hf
 
     model = build_model_from_hf(save_diffusers_model("2b", str(tmp_path)))

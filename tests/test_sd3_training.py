@@ -120,7 +120,8 @@ def test_sd3_lora_file_loads_in_the_sd3_pipeline(sd3_pipeline, tmp_path, world_o
     from diffusers import StableDiffusion3Pipeline
 
     from adm_megatron.families import get_family
-    from adm_megatron.lora import apply_lora, export_lora_file, export_merged
+    from adm_megatron.lora import apply_lora
+    from adm_megatron.lora.export import export_lora_file, export_merged
 
     family = get_family("sd3")
     model = family.build_model_from_hf(os.path.join(sd3_pipeline, "transformer"))

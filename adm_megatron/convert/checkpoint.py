@@ -36,6 +36,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from adm_megatron.config import LoraConfig
+from adm_megatron.lora.adapters import apply_lora, lora_adapters
+from adm_megatron.lora.merge import merged_full_state_dict
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_FORMAT_VERSION",
@@ -313,7 +317,6 @@ def save_megatron_checkpoint(model, out_dir: str, arch=None, *, overwrite: bool 
     from megatron.core import dist_checkpointing
 
     from adm_megatron.families import family_of_arch
-    from adm_megatron.lora.adapters import lora_adapters  # (lora.export imports this module)
 
     arch = arch if arch is not None else model.arch
     family = family_of_arch(arch)
@@ -473,9 +476,7 @@ def load_megatron_checkpoint(ckpt_dir: str, *, arch=None, **build_kwargs):
     ``build_kwargs`` go to the family's ``build_model`` (sequence_parallel, params_dtype...);
     ``params_dtype`` defaults to the dtype the checkpoint was saved in. A LoRA generator's
     checkpoint (its JSON has ``lora``) comes back with the same adapters."""
-    from adm_megatron.config import LoraConfig
     from adm_megatron.families import family_of_arch
-    from adm_megatron.lora.adapters import apply_lora
 
     meta = read_checkpoint_meta(ckpt_dir)
     if arch is None:
@@ -532,15 +533,12 @@ def megatron_to_hf_checkpoint(ckpt_dir: str, out_dir: str, *, overwrite: bool = 
     with the family's diffusers class ``from_pretrained``). Loads at the current layout, gathers
     the whole tensors, and rank 0 writes (see :func:`export_diffusers`). A LoRA generator's
     checkpoint is written with its adapters merged into the weights."""
-    from adm_megatron.lora.adapters import lora_adapters
-    from adm_megatron.lora.export import export_merged
-
     meta = read_checkpoint_meta(ckpt_dir)
     check_output_dir(os.path.abspath(out_dir), overwrite)
     arch = _family_from_meta(meta, ckpt_dir)[1]
     model = load_megatron_checkpoint(ckpt_dir, arch=arch, **build_kwargs)
     if lora_adapters(model) is not None:  # a LoRA run's generator: its weights with the adapters merged
-        return export_merged(model, arch, out_dir, overwrite=overwrite)
+        return export_full_state_dict(merged_full_state_dict(model), arch, out_dir, overwrite=overwrite)
     return export_diffusers(model, arch, out_dir, overwrite=overwrite)
 
 

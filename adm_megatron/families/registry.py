@@ -122,7 +122,7 @@ class ModelFamily:
 
     def load_hf_weights(self, hf_dir: str, arch) -> dict:
         """The full megatron-named weights of a diffusers directory of this family."""
-        from adm_megatron.models.build import read_diffusers_weights
+        from adm_megatron.models.diffusers_files import read_diffusers_weights
 
         return self.hf_to_megatron(read_diffusers_weights(hf_dir), arch)
 

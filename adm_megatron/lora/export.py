@@ -20,45 +20,17 @@ import torch
 import torch.distributed as dist
 
 from adm_megatron.convert.checkpoint import export_full_state_dict, write_atomically
-from adm_megatron.lora.adapters import LORA_MODULE, LoraAdapters, lora_adapters
+from adm_megatron.lora.merge import full_adapters, merged_full_state_dict, require_adapters
 from adm_megatron.lora.targets import KeyMapping, default_key_mapping
-from adm_megatron.models.weights import gather_full_state_dict, gather_tensor_parallel
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_EXPORTS = ("merged", "adapter", "both")
 
 
-def _require(model) -> LoraAdapters:
-    adapters = lora_adapters(model)
-    if adapters is None:
-        raise ValueError(f"{type(model).__name__} has no LoRA adapters to export")
-    return adapters
-
-
-def full_adapters(adapters: LoraAdapters) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Collective over TP: each adapter's whole (A, B) on every rank, on CPU."""
-    out = {}
-    for key, adapter in adapters.items():
-        a, b = (gather_tensor_parallel(p.detach(), p).cpu().clone() for p in (adapter.lora_A, adapter.lora_B))
-        out[key] = (a, b)
-    return out
-
-
-def merged_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Collective over TP: the model's whole megatron state dict with every adapter merged into its
-    layer's weight, and no adapter keys (a plain model's state dict)."""
-    adapters = _require(model)
-    full = {k: v for k, v in gather_full_state_dict(model).items() if not k.startswith(LORA_MODULE + ".")}
-    for key, (a, b) in full_adapters(adapters).items():
-        name = f"{adapters.targets[key].path}.weight"
-        full[name] = full[name] + adapters[key].delta_weight(a, b).to(full[name].dtype)
-    return full
-
-
 def peft_state_dict(model: torch.nn.Module, to_hf: KeyMapping | None = None) -> tuple[dict, dict]:
     """Collective over TP: (diffusers-named LoRA tensors without the ``transformer.`` prefix, the
     adapter metadata for diffusers' ``LoraConfig``)."""
-    adapters = _require(model)
+    adapters = require_adapters(model)
     to_hf = to_hf or default_key_mapping(model)
     state = {}
     for key, (a, b) in full_adapters(adapters).items():

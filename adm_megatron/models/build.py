@@ -9,12 +9,8 @@ weights, each rank taking its own tensor-parallel shard.
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 from megatron.core import parallel_state
-from safetensors.torch import load_file
 
 from adm_megatron.models.cogvideox import CogVideoXTransformer
 from adm_megatron.models.cogvideox_config import CogVideoXArch
@@ -23,9 +19,6 @@ from adm_megatron.models.sd3 import SD3Transformer
 from adm_megatron.models.sd3_config import SD3Arch
 from adm_megatron.models.specs import select_sd3_spec, select_spec
 from adm_megatron.parallel import ensure_parallel, get_device
-
-_WEIGHTS = "diffusion_pytorch_model.safetensors"
-_INDEX = _WEIGHTS + ".index.json"
 
 
 def check_layout(arch: CogVideoXArch | SD3Arch, tensor_parallel: int, context_parallel: int) -> None:
@@ -101,45 +94,6 @@ def build_sd3_model(
         sequence_parallel=sequence_parallel, recompute=recompute, params_dtype=params_dtype, impl=impl,
         device=device,
     )
-
-
-def read_diffusers_weights(path: str) -> dict[str, torch.Tensor]:
-    """The state dict of a diffusers model directory (single or sharded safetensors), on CPU."""
-    state = {}
-    for file in _weight_files(path):
-        state.update(load_file(file))
-    return state
-
-
-def _weight_files(path: str) -> list[str]:
-    single, index = os.path.join(path, _WEIGHTS), os.path.join(path, _INDEX)
-    if os.path.isfile(single):
-        return [single]
-    if os.path.isfile(index):
-        with open(index) as f:
-            return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
-    raise FileNotFoundError(f"{path}: neither {_WEIGHTS} nor {_INDEX} found (a diffusers model directory expected)")
-
-
-def check_diffusers_weights(path: str) -> None:
-    """Cheap checks of a diffusers directory's safetensors files, reading only their headers: each
-    file present, its header readable, and the file as long as the header says. One-line
-    ValueError naming the file (a truncated download or copy is the usual cause)."""
-    for file in _weight_files(path):
-        if not os.path.isfile(file):
-            raise ValueError(f"{file}: missing (listed in {_INDEX})")
-        size = os.path.getsize(file)
-        try:
-            with open(file, "rb") as f:
-                length = int.from_bytes(f.read(8), "little")
-                if size < 8 or 8 + length > size:
-                    raise ValueError("header cut short")
-                header = json.loads(f.read(length))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-            raise ValueError(f"{file}: not a readable safetensors file ({size} bytes; truncated?)") from None
-        if size < 8 + length + end:
-            raise ValueError(f"{file}: truncated ({size} bytes, its header needs {8 + length + end})")
 
 
 def load_hf_weights(hf_dir: str, arch) -> dict[str, torch.Tensor]:

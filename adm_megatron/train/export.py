@@ -10,12 +10,13 @@ import torch
 
 from adm_megatron.convert.checkpoint import export_diffusers
 from adm_megatron.families import PromptEmbeddings
-from adm_megatron.lora import export_lora_generator, lora_adapters
+from adm_megatron.lora import lora_adapters
+from adm_megatron.lora.export import export_lora_generator
 
 
 def export_generator(generator: torch.nn.Module, arch, out_dir: str, lora_mode: str = "merged") -> str | None:
     """Collective: the generator's weights (gathered over TP) as a diffusers directory. A LoRA
-    generator is exported as ``lora_mode`` says (``adm_megatron.lora.export_lora_generator``);
+    generator is exported as ``lora_mode`` says (``adm_megatron.lora.export.export_lora_generator``);
     returns the diffusers directory, None if only the LoRA file was asked for."""
     if lora_adapters(generator) is not None:
         return export_lora_generator(generator, arch, out_dir, lora_mode)

@@ -14,7 +14,7 @@ import os
 import torch
 
 from adm_megatron.config import Config, ConfigError
-from adm_megatron.models.build import check_diffusers_weights
+from adm_megatron.models.diffusers_files import check_diffusers_weights
 from adm_megatron.models.specs import transformer_engine_available
 from adm_megatron.train.teacher import TeacherSource
 
