@@ -98,6 +98,10 @@ class ParallelConfig:
     tensor_parallel: int = 1
     context_parallel: int = 1
     timeout_s: float = 600.0  # process-group timeout: a dead rank makes the others exit after it
+    # megatron DDP: reduce each bucket of gradients over data parallel as soon as the backward has
+    # produced it, overlapping the backward's remaining compute (adm_megatron.train.grad_sync)
+    overlap_grad_reduce: bool = False
+    grad_bucket_size: int = 0  # elements per bucket with overlap; 0: megatron's max(4e7, 1e6 x DP)
 
 
 @dataclass
@@ -366,6 +370,9 @@ def _check_fields(config: Config, source: str) -> None:
                        "train.save_interval_minutes": config.train.save_interval_minutes}.items():
         if value < 0:
             raise ConfigError(f"{source}: {key}={value}: must be >= 0")
+    if config.parallel.grad_bucket_size < 0:
+        raise ConfigError(f"{source}: parallel.grad_bucket_size={config.parallel.grad_bucket_size}: expected >= 0 "
+                          "(0: megatron's default)")
     if config.parallel.timeout_s <= 0:
         raise ConfigError(f"{source}: parallel.timeout_s={config.parallel.timeout_s}: must be > 0")
     if not config.train.resume:

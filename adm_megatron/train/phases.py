@@ -34,6 +34,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from adm_megatron.parallel.device_scope import cpu_device_scope
+from adm_megatron.train.grad_sync import check_grads_arrived
 from adm_megatron.train.offload import Offloader
 from adm_megatron.train.optimizer import NetworkOptimizer
 
@@ -141,6 +142,8 @@ class PhaseRunner:
             )
             for name in co_trained:  # the schedule finalises the first model's gradients only
                 finalize_model_grads([self.networks[name].module])
+        for name in trained:
+            check_grads_arrived(self.networks[name].module, name)
         metrics = {f"{phase}/loss": result["loss"]}
         finite = not any_rank(not math.isfinite(result["loss"]))  # the same decision on every rank
         for name in trained:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import yaml
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import DistributedDataParallel
 
 from adm_megatron.algorithms.adm import ADM
 from adm_megatron.algorithms.adp import ADP
@@ -51,6 +51,7 @@ from adm_megatron.train.checkpoint import load_training_checkpoint, remove_lefto
 from adm_megatron.train.discriminator_monitor import DiscriminatorMonitor
 from adm_megatron.train.ema import ParameterEMA
 from adm_megatron.train.export import export_generator, render_run_samples
+from adm_megatron.train.grad_sync import ddp_config
 from adm_megatron.train.offload import Offloader
 from adm_megatron.train.optimizer import NetworkOptimizer
 from adm_megatron.train.phases import PhaseRunner, TrainableNetwork, prefixed
@@ -147,7 +148,7 @@ class Trainer:
         config.autocast_dtype = torch.bfloat16
         # a sharded optimizer needs DDP's per-DP-rank buffer shards (reduce-scatter, param all-gather)
         sharded = getattr(self.config.optim, name).shard_over_dp
-        return DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=sharded), module)
+        return DistributedDataParallel(config, ddp_config(self.config.parallel, sharded), module)
 
     def _build_networks(self) -> None:
         c = self.config
