@@ -88,6 +88,11 @@ def _bench(args: argparse.Namespace) -> int:
           f"{result['model']['video_tokens']} video + {result['model']['text_tokens']} text tokens, "
           f"batch {opts.batch}")
     print(result["table"])
+    k = result["kernels"]
+    chosen = ", ".join(sorted({c["backend"] for c in k["attention_auto_choices"]}))
+    attention = k["attention_backend"] + (f" ({chosen})" if chosen else "")
+    overlap = "on" if k["overlap_grad_reduce"] else "off"
+    print(f"kernels: {k['spec']} spec, attention {attention}, fp8 {k['fp8'] or 'off'}, DP grad overlap {overlap}")
     ratio = result["dit"]["ratio_ours_over_diffusers"]
     print(f"time ours / diffusers: forward {ratio['forward']:.3f}, forward+backward {ratio['forward_backward']:.3f}")
     if args.out:

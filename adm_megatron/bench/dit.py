@@ -10,7 +10,9 @@ from typing import Callable
 
 import torch
 
+from adm_megatron.config import ModelConfig
 from adm_megatron.families import family_of_arch
+from adm_megatron.models.kernel_options import apply_kernel_options
 from adm_megatron.models.weights import load_full_state_dict
 
 
@@ -65,11 +67,13 @@ class DiTPair:
 
 
 def build_pair(reference: torch.nn.Module, arch, shape: LatentShape, dtype: torch.dtype,
-               device: torch.device, impl: str = "auto", seed: int = 0) -> DiTPair:
-    """Our model with ``reference``'s (the family's diffusers transformer) weights, both in
-    ``dtype`` on ``device``, and random inputs of ``shape`` with the model's full text length."""
+               device: torch.device, model: ModelConfig, seed: int = 0) -> DiTPair:
+    """Our model (``model.impl``, its attention backend and FP8 setting) with ``reference``'s (the
+    family's diffusers transformer) weights, both in ``dtype`` on ``device``, and random inputs of
+    ``shape`` with the model's full text length."""
     family = family_of_arch(arch)
-    ours = family.build_model(arch, params_dtype=dtype, impl=impl, device=device)
+    ours = family.build_model(arch, params_dtype=dtype, impl=model.impl, device=device)
+    apply_kernel_options(ours, model)
     load_full_state_dict(ours, family.hf_to_megatron(reference.state_dict(), arch),
                          source="the diffusers reference")
     cond = family.conditioning(arch)

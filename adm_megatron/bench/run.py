@@ -18,7 +18,11 @@ from adm_megatron.bench.dit import LatentShape, build_pair
 from adm_megatron.bench.flops import dit_call_flops
 from adm_megatron.bench.report import environment, format_table, peak_tflops
 from adm_megatron.bench.timing import alternating
+from adm_megatron.config import ModelConfig, load_config
 from adm_megatron.families import family_for_preset, family_of_model_dir, preset_names
+from adm_megatron.models.attention_backend import auto_choices
+from adm_megatron.models.kernel_options import check_kernel_options
+from adm_megatron.models.specs import spec_kind
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
@@ -72,16 +76,16 @@ def _rate_row(name: str, median_s: float, flops: float, peak: float | None, **ex
             "mfu": None if peak is None else tflops / peak, **extra}
 
 
-def _dit_section(transformer: str, family, arch, shape: LatentShape, opts: BenchOptions, device,
-                 peak: float | None) -> tuple[dict, list[dict]]:
+def _dit_section(transformer: str, family, arch, shape: LatentShape, opts: BenchOptions, model: ModelConfig,
+                 device, peak: float | None) -> tuple[dict, list[dict]]:
     reference = family.diffusers_model_class().from_pretrained(transformer)
-    pair = build_pair(reference, arch, shape, DTYPES[opts.dtype], device, impl=opts.impl, seed=opts.seed)
+    pair = build_pair(reference, arch, shape, DTYPES[opts.dtype], device, model, seed=opts.seed)
     difference = pair.max_relative_difference()
     timings = alternating({f"{who}/{what}": getattr(pair, what)(who) for what in ("forward", "forward_backward")
                            for who in ("ours", "reference")}, device, opts.repeats, opts.warmup)
     call = dit_call_flops(arch, shape.batch, shape.frames, shape.height, shape.width, arch.max_text_seq_length)
     flops = {"forward": call.total(False, False), "forward_backward": call.total(False, True)}
-    rows, section = [], {"max_relative_difference": difference, "ours_impl": opts.impl}
+    rows, section = [], {"max_relative_difference": difference, "ours_impl": model.impl}
     for key, timing in timings.items():
         who, what = key.split("/")
         label = "megatron (ours)" if who == "ours" else "diffusers"
@@ -118,9 +122,12 @@ def run_bench(opts: BenchOptions) -> dict:
         real = LatentShape.real(arch, opts.batch)
         shape = LatentShape(opts.batch, opts.frames or real.frames, opts.height or real.height,
                             opts.width or real.width)
-        dit, rows = _dit_section(transformer, family, arch, shape, opts, device, peak)
-        overrides = trainer_overrides(transformer, pipeline, os.path.join(workdir, "run"), shape, opts.dtype)
-        adm = measure_iterations(opts.config, [*overrides, *opts.overrides], opts.repeats, opts.warmup)
+        overrides = [*trainer_overrides(transformer, pipeline, os.path.join(workdir, "run"), shape, opts.dtype),
+                     f"model.impl={opts.impl}", *opts.overrides]
+        config = load_config(opts.config, overrides)  # the DiT section builds ours with its model keys too
+        check_kernel_options(config.model, arch.attention_head_dim)
+        dit, rows = _dit_section(transformer, family, arch, shape, opts, config.model, device, peak)
+        adm = measure_iterations(opts.config, overrides, opts.repeats, opts.warmup)
     for phase, row in adm["phases"].items():
         row["mfu"] = None if peak is None else row["tflops_per_s"] / peak
         rows.append({"name": f"{adm['method']} {phase}", **row,
@@ -133,5 +140,19 @@ def run_bench(opts: BenchOptions) -> dict:
                   "video_tokens": shape.frames * (shape.height // p) * (shape.width // p),
                   "text_tokens": arch.max_text_seq_length},
         "shape": vars(shape), "dtype": opts.dtype, "repeats": opts.repeats, "warmup": opts.warmup,
-        "peak_tflops": peak, "dit": dit, "adm": adm, "table": format_table(rows),
+        "peak_tflops": peak, "kernels": kernel_settings(config), "dit": dit, "adm": adm,
+        "table": format_table(rows),
+    }
+
+
+def kernel_settings(config) -> dict:
+    """What the run's speed settings were: the block spec, the attention backend (with what ``auto``
+    chose per call shape, and each candidate's time), FP8 and the DP gradient overlap."""
+    m, p = config.model, config.parallel
+    return {
+        "spec": spec_kind(m.impl), "attention_backend": m.attention_backend, "attention_auto_choices": auto_choices(),
+        "fp8": m.fp8, "fp8_recipe": None if m.fp8 is None else {
+            "margin": m.fp8_margin, "amax_history_len": m.fp8_amax_history_len,
+            "amax_compute_algo": m.fp8_amax_compute_algo},
+        "overlap_grad_reduce": p.overlap_grad_reduce, "grad_bucket_size": p.grad_bucket_size or None,
     }

@@ -46,6 +46,7 @@ from adm_megatron.heads.pixel import LatentPixelHeads, build_pixel_features
 from adm_megatron.lora import apply_lora, check_targets
 from adm_megatron.models import tapped_block_indices
 from adm_megatron.parallel import initialize_parallel, launch_env
+from adm_megatron.models.kernel_options import apply_kernel_options
 from adm_megatron.models.weights import load_full_state_dict
 from adm_megatron.train.checkpoint import load_training_checkpoint, remove_leftovers, save_training_checkpoint
 from adm_megatron.train.discriminator_monitor import DiscriminatorMonitor
@@ -161,6 +162,8 @@ class Trainer:
             3 if has_fake_score else 2, sequence_parallel=m.sequence_parallel, impl=m.impl,
             params_dtype=self.dtype,
         )  # recompute is set per network and phase by RecomputeSwitch
+        for model in models:  # before LoRA and DDP wrap them
+            apply_kernel_options(model, m)
         teacher, self.generator = models[0], models[-1]
         self.fake_score = models[1] if has_fake_score else None
         teacher.eval().requires_grad_(False)
