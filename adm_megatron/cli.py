@@ -197,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto: bf16 on a GPU, fp32 on CPU. The DiT comparison holds both models in it; "
                        "the trainer runs model.dtype (bf16: fp32 weights under BF16 autocast)")
     bench.add_argument("--impl", default="auto", choices=("auto", "local", "te"),
-                       help="our attention / linear kernels: te (Transformer Engine), local (SDPA), auto")
+                       help="our block spec: te (Transformer Engine), local (SDPA), auto; the trainer's model.impl "
+                       "too. model.attention_backend / model.fp8 overrides apply to both sections (recorded in "
+                       "the JSON's kernels)")
     bench.add_argument("--repeats", type=int, default=7, help="timed repeats, the median is reported (default 7)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     bench.add_argument("--peak-tflops", type=float, default=None,
@@ -206,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", default=None, help="a run config for the trainer (model and data keys are set by bench)")
     bench.add_argument("--out", default=None, help="write the result as JSON here")
     bench.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="trainer overrides, e.g. distill.generator_steps=8 distill.head_every=3")
+                       help="trainer overrides, e.g. distill.generator_steps=8 distill.head_every=3 "
+                       "model.attention_backend=auto model.fp8=hybrid")
     bench.set_defaults(func=_bench)
     samp = sub.add_parser(
         "sample",
