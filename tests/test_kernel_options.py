@@ -28,7 +28,7 @@ def _output_and_grads(model, inputs):
 def test_every_available_backend_equals_math_and_auto_records_its_choice(world_of_one):
     from adm_megatron.families import family_of_arch
     from adm_megatron.models import CogVideoXArch
-    from adm_megatron.models.attention_backend import _AUTO, auto_choices, probe
+    from adm_megatron.models.attention_backend import auto_choices, forget_auto_choices, probe
     from adm_megatron.models.core_attention import SDPACoreAttention, set_attention_backend
     from adm_megatron.models.weights import load_full_state_dict
 
@@ -45,7 +45,7 @@ def test_every_available_backend_equals_math_and_auto_records_its_choice(world_o
     ref_out, ref_dx, ref_grads = _output_and_grads(model, inputs)
     available = [n for n in SDPA_NAMES if probe(n, torch.device("cpu"), torch.float32, arch.attention_head_dim) is None]
     assert "math" in available and "flash" in available  # torch's CPU kernels
-    _AUTO.clear()
+    forget_auto_choices()
     for backend in ("default", "auto", *available):
         set_attention_backend(model, backend)
         assert all(core.backend == backend for core in cores)

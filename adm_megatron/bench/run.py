@@ -18,9 +18,9 @@ from adm_megatron.bench.dit import LatentShape, build_pair
 from adm_megatron.bench.flops import dit_call_flops
 from adm_megatron.bench.report import environment, format_table, peak_tflops
 from adm_megatron.bench.timing import alternating
-from adm_megatron.config import ModelConfig, load_config
+from adm_megatron.config import Config, ModelConfig, load_config
 from adm_megatron.families import family_for_preset, family_of_model_dir, preset_names
-from adm_megatron.models.attention_backend import auto_choices
+from adm_megatron.models.attention_backend import auto_choices, forget_auto_choices
 from adm_megatron.models.kernel_options import check_kernel_options
 from adm_megatron.models.specs import spec_kind
 
@@ -126,6 +126,7 @@ def run_bench(opts: BenchOptions) -> dict:
                      f"model.impl={opts.impl}", *opts.overrides]
         config = load_config(opts.config, overrides)  # the DiT section builds ours with its model keys too
         check_kernel_options(config.model, arch.attention_head_dim)
+        forget_auto_choices()  # the JSON records this run's
         dit, rows = _dit_section(transformer, family, arch, shape, opts, config.model, device, peak)
         adm = measure_iterations(opts.config, overrides, opts.repeats, opts.warmup)
     for phase, row in adm["phases"].items():
@@ -145,7 +146,7 @@ def run_bench(opts: BenchOptions) -> dict:
     }
 
 
-def kernel_settings(config) -> dict:
+def kernel_settings(config: Config) -> dict:
     """What the run's speed settings were: the block spec, the attention backend (with what ``auto``
     chose per call shape, and each candidate's time), FP8 and the DP gradient overlap."""
     m, p = config.model, config.parallel

@@ -77,7 +77,7 @@ def choose(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str:
     leaves = [t.detach().clone().requires_grad_(True) for t in (query, key, value)]
     seconds: dict[str, float | str] = {}
     for name, backend in SDPA_BACKENDS.items():
-        def run():
+        def run(backend=backend):
             with sdpa_kernel([backend]):
                 F.scaled_dot_product_attention(*leaves).sum().backward()
         try:
@@ -102,6 +102,11 @@ def choose(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str:
 def auto_choices() -> list[dict]:
     """What ``auto`` chose in this process, one entry per call shape (with every candidate's time)."""
     return [dict(choice) for choice in _AUTO.values()]
+
+
+def forget_auto_choices() -> None:
+    """Time again at the next call of each shape (a benchmark records its own run's choices)."""
+    _AUTO.clear()
 
 
 def probe(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
