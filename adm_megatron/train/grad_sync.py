@@ -27,8 +27,10 @@ Why this is sound for the phases of one ADM iteration (``adm_megatron.train.phas
   microbatch) is never entered, so every backward is a last microbatch and dispatches.
 
 On CPU this needs nothing beyond the CPU shim: megatron's asynchronous path is
-``torch.distributed._coalescing_manager(group, async_ops=True)``, which gloo serves by collecting the
-asynchronous works and waiting on each. ``overlap_param_gather`` (the sharded optimizer's
+``torch.distributed._coalescing_manager(group, async_ops=True)``, which records a bucket group's
+collectives and issues them as one ``allreduce_coalesced`` / ``reduce_scatter_single_coalesced``
+work (torch 2.13, ``distributed_c10d._coalescing_manager``); gloo implements both, and
+``finish_grad_sync`` waits on that work. ``overlap_param_gather`` (the sharded optimizer's
 all-gather overlapped with the next forward) is not offered: the updated weights are read outside
 any forward of the network (the generator's EMA right after its step, checkpoints, export, the
 offloader's copies), each of which would have to wait for the gather first.
