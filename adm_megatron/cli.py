@@ -75,7 +75,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     opts = BenchOptions(
         model=args.model, layers=args.layers, batch=args.batch, frames=args.frames, height=args.height,
-        width=args.width, dtype=args.dtype, impl=args.impl, compile=args.compile, repeats=args.repeats, warmup=args.warmup,
+        width=args.width, dtype=args.dtype, impl=args.impl, repeats=args.repeats, warmup=args.warmup,
         peak_tflops=args.peak_tflops, seed=args.seed, config=args.config, overrides=args.overrides,
         command=args.command_line,
     )
@@ -88,6 +88,12 @@ def _bench(args: argparse.Namespace) -> int:
           f"{result['model']['latent_tokens']} latent + {result['model']['text_tokens']} text tokens, "
           f"batch {opts.batch}")
     print(result["table"])
+    k = result["kernels"]
+    chosen = ", ".join(sorted({c["backend"] for c in k["attention_auto_choices"]}))
+    attention = k["attention_backend"] + (f" ({chosen})" if chosen else "")
+    overlap = "on" if k["overlap_grad_reduce"] else "off"
+    print(f"kernels: {k['spec']} spec, compile {k['compile']}, attention {attention}, fp8 {k['fp8'] or 'off'}, "
+          f"DP grad overlap {overlap}")
     ratio = result["dit"]["ratio_ours_over_diffusers"]
     print(f"time ours / diffusers: forward {ratio['forward']:.3f}, forward+backward {ratio['forward_backward']:.3f}")
     if args.out:
@@ -192,10 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto: bf16 on a GPU, fp32 on CPU. The DiT comparison holds both models in it; "
                        "the trainer runs model.dtype (bf16: fp32 weights under BF16 autocast)")
     bench.add_argument("--impl", default="auto", choices=("auto", "local", "te"),
-                       help="our attention / linear kernels: te (Transformer Engine), local (SDPA), auto")
-    bench.add_argument("--compile", default="none", choices=("none", "blocks"),
-                       help="blocks: torch.compile each of our DiT blocks (the DiT comparison and the trainer's "
-                       "model.compile); diffusers' model stays eager (default none)")
+                       help="our block spec: te (Transformer Engine), local (SDPA), auto; the trainer's model.impl "
+                       "too. model.attention_backend / model.fp8 / model.compile overrides apply to both sections "
+                       "(recorded in the JSON's kernels; diffusers' model stays eager)")
     bench.add_argument("--repeats", type=int, default=7, help="timed repeats, the median is reported (default 7)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     bench.add_argument("--peak-tflops", type=float, default=None,
@@ -204,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", default=None, help="a run config for the trainer (model and data keys are set by bench)")
     bench.add_argument("--out", default=None, help="write the result as JSON here")
     bench.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="trainer overrides, e.g. distill.generator_steps=8 distill.head_every=3")
+                       help="trainer overrides, e.g. distill.generator_steps=8 distill.head_every=3 "
+                       "model.attention_backend=auto model.fp8=hybrid")
     bench.set_defaults(func=_bench)
     samp = sub.add_parser(
         "sample",

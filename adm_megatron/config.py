@@ -84,6 +84,15 @@ class ModelConfig:
     pipeline: str = ""  # pipeline dir (VAE, text encoder) for samples; default: teacher if a pipeline
     generator_init: str = ""  # diffusers transformer dir (e.g. an earlier run's generator/) to start G from
     impl: str = "auto"  # auto | local | te
+    # the local spec's attention kernel: default (torch's choice) | auto (fastest, timed once per
+    # shape) | flash | efficient | cudnn | math (torch SDPBackend) | te (the TE spec's), models/attention_backend.py
+    attention_backend: str = "default"
+    # FP8 through Transformer Engine (TE spec, compute capability >= 8.9): null | hybrid | e4m3, with
+    # the delayed-scaling recipe's options (TE's DelayedScaling), models/fp8.py
+    fp8: str | None = None
+    fp8_margin: int = 0
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"  # max | most_recent
     sequence_parallel: bool = False
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)  # per network and phase
     # fp32 | bf16 (autocast on GPU; the frozen teacher is then held in bf16) | fp64 (exact checks on CPU)
@@ -100,6 +109,10 @@ class ParallelConfig:
     tensor_parallel: int = 1
     context_parallel: int = 1
     timeout_s: float = 600.0  # process-group timeout: a dead rank makes the others exit after it
+    # megatron DDP: reduce each bucket of gradients over data parallel as soon as the backward has
+    # produced it, overlapping the backward's remaining compute (adm_megatron.train.grad_sync)
+    overlap_grad_reduce: bool = False
+    grad_bucket_size: int = 0  # elements per bucket with overlap; 0: megatron's max(4e7, 1e6 x DP)
 
 
 @dataclass
@@ -217,6 +230,9 @@ DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 OFFLOAD_CHOICES = ("none", "optimizer", "optimizer_and_params")
 CHOICES = {
     "model.impl": ("auto", "local", "te"),
+    "model.attention_backend": ("default", "auto", "te", "flash", "efficient", "cudnn", "math"),
+    "model.fp8": (None, "hybrid", "e4m3"),
+    "model.fp8_amax_compute_algo": ("max", "most_recent"),
     "model.dtype": ("fp32", "bf16", "fp64"),
     "model.compile": ("none", "blocks"),
     "data.source": ("synthetic", "shards"),
@@ -238,6 +254,9 @@ def _optional_dataclass(hint: Any) -> type | None:
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    optional = [a for a in typing.get_args(hint) if a is not type(None)]
+    if type(None) in typing.get_args(hint) and len(optional) == 1:  # ``X | None``: null or an X
+        return None if value is None else _coerce(value, optional[0], key, source)
     origin = typing.get_origin(hint)
     if origin is list:
         (item_type,) = typing.get_args(hint)
@@ -342,7 +361,8 @@ def _check_fields(config: Config, source: str) -> None:
         section, name = dotted.split(".")
         value = getattr(getattr(config, section), name)
         if value not in allowed:
-            raise ConfigError(f"{source}: {dotted}={value!r}: expected one of {', '.join(allowed)}")
+            names = ", ".join("null" if a is None else a for a in allowed)
+            raise ConfigError(f"{source}: {dotted}={value!r}: expected one of {names}")
     positive = {
         "parallel.tensor_parallel": config.parallel.tensor_parallel,
         "parallel.context_parallel": config.parallel.context_parallel,
@@ -369,6 +389,9 @@ def _check_fields(config: Config, source: str) -> None:
                        "train.save_interval_minutes": config.train.save_interval_minutes}.items():
         if value < 0:
             raise ConfigError(f"{source}: {key}={value}: must be >= 0")
+    if config.parallel.grad_bucket_size < 0:
+        raise ConfigError(f"{source}: parallel.grad_bucket_size={config.parallel.grad_bucket_size}: expected >= 0 "
+                          "(0: megatron's default)")
     if config.parallel.timeout_s <= 0:
         raise ConfigError(f"{source}: parallel.timeout_s={config.parallel.timeout_s}: must be > 0")
     if not config.train.resume:
@@ -377,6 +400,19 @@ def _check_fields(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: train.ema_decay={config.train.ema_decay}: expected 0 <= decay < 1")
     for name in ("teacher", "fake_score", "generator"):
         parse_recompute(getattr(config.model.recompute, name), f"model.recompute.{name}", source)
+    m = config.model
+    if m.fp8 is not None:
+        if m.impl == "local":
+            raise ConfigError(f"{source}: model.fp8={m.fp8} needs the Transformer Engine spec (model.impl=te or auto); "
+                              "model.impl=local has no FP8 kernels")
+        if m.dtype == "fp64":
+            raise ConfigError(f"{source}: model.fp8={m.fp8} with model.dtype=fp64: expected bf16 or fp32")
+        if m.fp8_margin < 0 or m.fp8_amax_history_len < 1:
+            raise ConfigError(f"{source}: model.fp8_margin={m.fp8_margin} / fp8_amax_history_len="
+                              f"{m.fp8_amax_history_len}: expected margin >= 0 and history >= 1")
+    if m.attention_backend == "te" and m.impl == "local":
+        raise ConfigError(f"{source}: model.attention_backend=te with model.impl=local: Transformer Engine's "
+                          "attention comes with the TE spec (model.impl=te or auto)")
     if config.model.bf16_params and config.model.dtype != "bf16":
         raise ConfigError(f"{source}: model.bf16_params=true needs model.dtype=bf16 (got {config.model.dtype})")
     for name in ("generator", "fake_score", "discriminator"):

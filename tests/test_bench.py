@@ -98,15 +98,22 @@ def test_bench_cli_runs_both_models_and_every_phase(tmp_path, world_of_one, caps
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", pipeline, "--repeats", "2", "--warmup", "0", "--frames", "2", "--height", "4",
                  "--width", "4", "--batch", "2", "--peak-tflops", "1", "--out", str(out),
-                 "distill.generator_steps=1", "distill.head_every=1", "distill.head_hidden=16"]) == 0
+                 "distill.generator_steps=1", "distill.head_every=1", "distill.head_hidden=16",
+                 "model.attention_backend=auto"]) == 0
     result = json.loads(out.read_text())
     env = result["environment"]
     assert env["device"].startswith("CPU") and env["date_utc"]
-    assert env["command"].startswith("adm-megatron bench --model ") and env["command"].endswith("distill.head_hidden=16")
+    assert env["command"].startswith("adm-megatron bench --model ") and env["command"].endswith("attention_backend=auto")
     assert set(env["versions"]) == {"torch", "megatron-core", "transformer-engine", "diffusers"}
     assert env["versions"]["torch"] == torch.__version__
     assert result["dtype"] == "fp32" and result["model"]["latent_tokens"] == 2 * 2 * 2
 
+    kernels = result["kernels"]  # the speed settings both sections ran with
+    assert kernels["spec"] == "local" and kernels["attention_backend"] == "auto" and kernels["fp8"] is None
+    assert kernels["overlap_grad_reduce"] is False and kernels["grad_bucket_size"] is None
+    assert kernels["compile"] == "none"
+    chosen = {c["backend"] for c in kernels["attention_auto_choices"]}
+    assert chosen and chosen <= {"flash", "math"}  # the CPU's kernels, timed per call shape
     dit = result["dit"]
     assert dit["max_relative_difference"] < 1e-5  # both sides ran the same model on the same inputs
     for side in ("ours", "diffusers"):
@@ -139,6 +146,7 @@ def test_bench_cli_runs_both_models_and_every_phase(tmp_path, world_of_one, caps
     printed = capsys.readouterr().out
     assert "DiT forward_backward diffusers" in printed and "adm discriminator" in printed
     assert "time ours / diffusers" in printed
+    assert f"attention auto ({', '.join(sorted(chosen))})" in printed and "fp8 off, DP grad overlap off" in printed
 
 
 def test_bench_refuses_layers_for_a_directory(tmp_path, world_of_one, capsys):

@@ -10,7 +10,7 @@
 #    the benchmark before the ADM iteration's avoidable work was removed (OUT_DIR/cpu_before.json),
 #    both at batch 2, 4 x 16 x 16 latents, fp32, 2 threads, ADM with 2 generator steps and a head
 #    on every 3rd block, medians of $REPEATS;
-#    and this tree once more with --compile blocks (OUT_DIR/cpu_after_compiled.json: our blocks
+#    and this tree once more with model.compile=blocks (OUT_DIR/cpu_after_compiled.json: our blocks
 #    through torch.compile, diffusers' model eager);
 # 3. prints the tables and the before / after summary.
 # PYTHON (default python3) must import torch, megatron-core and diffusers.
@@ -40,14 +40,14 @@ ARGS=(--model "$WORK/model" --batch 2 --frames 4 --height 16 --width 16 --dtype 
 git archive "$BEFORE" | tar -x -C "$WORK" --one-top-level=before
 (cd "$WORK/before" && $PY -m adm_megatron.cli bench "${ARGS[@]}" --out "$OUT/cpu_before.json")
 $PY -m adm_megatron.cli bench "${ARGS[@]}" --out "$OUT/cpu_after.json"
-$PY -m adm_megatron.cli bench "${ARGS[@]}" --compile blocks --out "$OUT/cpu_after_compiled.json"
+$PY -m adm_megatron.cli bench "${ARGS[@]}" model.compile=blocks --out "$OUT/cpu_after_compiled.json"
 
 $PY - "$OUT/cpu_before.json" "$OUT/cpu_after.json" "$OUT/cpu_after_compiled.json" <<'PYEOF'
 import json, sys
 before, after, compiled = (json.load(open(p)) for p in sys.argv[1:])
 def calls(r):
     return {p: {role: v["calls"] for role, v in roles.items()} for p, roles in r["adm"]["evaluations_per_iteration"].items()}
-for name, r in (("before", before), ("after", after), ("after, --compile blocks", compiled)):
+for name, r in (("before", before), ("after", after), ("after, model.compile=blocks", compiled)):
     it = r["adm"]["phases"]["iteration"]
     print(f"{name}: {r['environment']['device']}, {r['environment']['date_utc']}, "
           f"ours/diffusers fwd+bwd {r['dit']['ratio_ours_over_diffusers']['forward_backward']:.3f}, "

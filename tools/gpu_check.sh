@@ -15,14 +15,27 @@
 #    token count, each ADM phase and the whole iteration: seconds, TFLOP/s, MFU, peak memory) on
 #    GPU_CHECK_BENCH_MODEL (default cogvideox-2b) cut to GPU_CHECK_BENCH_LAYERS blocks (default 4),
 #    with GPU_CHECK_BENCH_ARGS (default: 3 repeats, 1 warm-up, 2 generator steps, a head on every
-#    2nd block), into $OUT/bench.json and $OUT/bench.log, under GPU_CHECK_BENCH_TIMEOUT_S (default
-#    150 s). GPU_CHECK_BENCH_TIMEOUT_S=0 skips it.
+#    2nd block) and model.attention_backend=auto (the fastest SDPA kernel, timed; its choice is in
+#    the JSON's "kernels"), into $OUT/bench.json and $OUT/bench.log, under GPU_CHECK_BENCH_TIMEOUT_S
+#    (default 150 s). GPU_CHECK_BENCH_TIMEOUT_S=0 skips it;
+# 5. where Transformer Engine imports: the same bench with model.fp8=hybrid (TE spec, FP8 delayed
+#    scaling) into $OUT/bench_fp8.json / bench_fp8.log, to set beside step 4's bf16 one, under
+#    GPU_CHECK_FP8_TIMEOUT_S (default 120 s; 0 skips it); else a line saying why not;
+# 6. the memory-settings check (tools/gpu_memory_settings.py).
+# Every step's limit is also cut to what is left of GPU_CHECK_TOTAL_S (default 570 s) since the start, so
+# the whole script fits one 600 s device call; a step with under 20 s left is skipped and says so.
 #
 # Exit status: gpu_check.py's (0: every check passed and no section failed).
 # See docs/gpu_check.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+TOTAL_S=${GPU_CHECK_TOTAL_S:-570}
+# limit STEP_DEFAULT_S: the step's own limit, cut to the time left of TOTAL_S (0: no time left)
+limit() {
+    local left=$((TOTAL_S - SECONDS))
+    if [ "$left" -lt 20 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -50,24 +63,53 @@ for name in ("torch", "megatron-core", "diffusers", "transformers", "huggingface
         print(f"{name:16s} MISSING")
 EOF
 
-timeout -k 15 "${GPU_CHECK_TIMEOUT_S:-420}" $PY tools/gpu_check.py \
-    --out "$OUT/gpu_check.json" --budget-s "${GPU_CHECK_BUDGET_S:-300}" "$@" 2>&1 | tee "$OUT/gpu_check.log"
-status=${PIPESTATUS[0]}
-echo "== gpu_check.py exit status: $status"
+step_s=$(limit "${GPU_CHECK_TIMEOUT_S:-420}")
+if [ "$step_s" = 0 ]; then
+    echo "== gpu_check.py: skipped, no time left of GPU_CHECK_TOTAL_S=$TOTAL_S"
+    status=4
+else
+    timeout -k 15 "$step_s" $PY tools/gpu_check.py \
+        --out "$OUT/gpu_check.json" --budget-s "${GPU_CHECK_BUDGET_S:-300}" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+    status=${PIPESTATUS[0]}
+    echo "== gpu_check.py exit status: $status"
+fi
 
-timeout -k 10 "${GPU_CHECK_PYTEST_TIMEOUT_S:-150}" $PY -m pytest -q -p no:cacheprovider -rs \
-    tests/test_te_spec.py > "$OUT/pytest_te_spec.log" 2>&1
-echo "== tests/test_te_spec.py exit status: $? (log: $OUT/pytest_te_spec.log)"
-tail -n 5 "$OUT/pytest_te_spec.log"
+step_s=$(limit "${GPU_CHECK_PYTEST_TIMEOUT_S:-150}")
+if [ "$step_s" = 0 ]; then
+    echo "== tests/test_te_spec.py: skipped, no time left of GPU_CHECK_TOTAL_S=$TOTAL_S"
+else
+    timeout -k 10 "$step_s" $PY -m pytest -q -p no:cacheprovider -rs \
+        tests/test_te_spec.py > "$OUT/pytest_te_spec.log" 2>&1
+    echo "== tests/test_te_spec.py exit status: $? (log: $OUT/pytest_te_spec.log)"
+    tail -n 5 "$OUT/pytest_te_spec.log"
+fi
 
-if [ "${GPU_CHECK_BENCH_TIMEOUT_S:-150}" != 0 ]; then
+# bench NAME STEP_DEFAULT_S [extra overrides]: adm-megatron bench into $OUT/NAME.json / NAME.log
+bench() {
+    local name=$1 step_s
+    step_s=$(limit "$2")
+    shift 2
+    if [ "$step_s" = 0 ]; then
+        echo "== $name: skipped, no time left of GPU_CHECK_TOTAL_S=$TOTAL_S"
+        return 0
+    fi
     # shellcheck disable=SC2086  # the extra arguments are meant to split
-    timeout -k 10 "${GPU_CHECK_BENCH_TIMEOUT_S:-150}" $PY -m adm_megatron.cli bench \
+    timeout -k 10 "$step_s" $PY -m adm_megatron.cli bench \
         --model "${GPU_CHECK_BENCH_MODEL:-cogvideox-2b}" --layers "${GPU_CHECK_BENCH_LAYERS:-4}" \
-        --out "$OUT/bench.json" ${GPU_CHECK_BENCH_ARGS:---repeats 3 --warmup 1 distill.generator_steps=2 distill.head_every=2} \
-        > "$OUT/bench.log" 2>&1
-    echo "== adm-megatron bench exit status: $? (log: $OUT/bench.log, JSON: $OUT/bench.json)"
-    tail -n 25 "$OUT/bench.log"
+        --out "$OUT/$name.json" ${GPU_CHECK_BENCH_ARGS:---repeats 3 --warmup 1 distill.generator_steps=2 distill.head_every=2} \
+        model.attention_backend=auto "$@" > "$OUT/$name.log" 2>&1
+    echo "== adm-megatron bench ($name) exit status: $? (log: $OUT/$name.log, JSON: $OUT/$name.json)"
+    tail -n 25 "$OUT/$name.log"
+}
+if [ "${GPU_CHECK_BENCH_TIMEOUT_S:-150}" != 0 ]; then
+    bench bench "${GPU_CHECK_BENCH_TIMEOUT_S:-150}"
+fi
+if [ "${GPU_CHECK_FP8_TIMEOUT_S:-120}" != 0 ]; then
+    if te_error=$($PY -c 'import transformer_engine.pytorch' 2>&1); then
+        bench bench_fp8 "${GPU_CHECK_FP8_TIMEOUT_S:-120}" model.fp8=hybrid
+    else
+        echo "== fp8 bench: skipped, Transformer Engine does not import here ($(echo "$te_error" | tail -n 1))"
+    fi
 fi
 
 # ---- memory settings (issue #12; owner: the sharded-optimizer / offload work) -------------------
@@ -80,7 +122,13 @@ memory_settings_check() {
         echo "== memory settings: no GPU, skipped"
         return 0
     fi
-    timeout -k 10 "${GPU_CHECK_MEMORY_TIMEOUT_S:-150}" "$PY" -m torch.distributed.run --standalone \
+    local step_s
+    step_s=$(limit "${GPU_CHECK_MEMORY_TIMEOUT_S:-150}")
+    if [ "$step_s" = 0 ]; then
+        echo "== memory settings: skipped, no time left of GPU_CHECK_TOTAL_S=$TOTAL_S"
+        return 0
+    fi
+    timeout -k 10 "$step_s" "$PY" -m torch.distributed.run --standalone \
         --nproc_per_node="$nproc" tools/gpu_memory_settings.py --out "$OUT/memory_settings.json" \
         > "$OUT/memory_settings.log" 2>&1
     rc=$?

@@ -11,7 +11,9 @@ from typing import Callable
 import torch
 
 from adm_megatron.algorithms.networks import DiTFunction, text_condition
+from adm_megatron.config import ModelConfig
 from adm_megatron.families import family_of_arch
+from adm_megatron.models.kernel_options import apply_kernel_options
 from adm_megatron.models.weights import load_full_state_dict
 
 
@@ -62,11 +64,13 @@ class DiTPair:
 
 
 def build_pair(reference: torch.nn.Module, arch, shape: LatentShape, dtype: torch.dtype,
-               device: torch.device, impl: str = "auto", seed: int = 0) -> DiTPair:
-    """Our model with ``reference``'s (the family's diffusers transformer) weights, both in
-    ``dtype`` on ``device``, and random inputs of ``shape`` with the family's text length."""
+               device: torch.device, model: ModelConfig, seed: int = 0) -> DiTPair:
+    """Our model (``model.impl`` and its kernel options: attention backend, FP8, compilation) with
+    ``reference``'s (the family's diffusers transformer) weights, both in ``dtype`` on ``device``, and
+    random inputs of ``shape`` with the family's text length."""
     family = family_of_arch(arch)
-    ours = family.build_model(arch, params_dtype=dtype, impl=impl, device=device)
+    ours = family.build_model(arch, params_dtype=dtype, impl=model.impl, device=device)
+    apply_kernel_options(ours, model)
     load_full_state_dict(ours, family.hf_to_megatron(reference.state_dict(), arch),
                          source="the diffusers reference")
     cond = family.conditioning(arch)

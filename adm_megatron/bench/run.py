@@ -17,8 +17,11 @@ from adm_megatron.bench.adm_iteration import measure_iterations, trainer_overrid
 from adm_megatron.bench.dit import LatentShape, build_pair
 from adm_megatron.bench.report import environment, format_table, peak_tflops
 from adm_megatron.bench.timing import alternating
+from adm_megatron.config import Config, ModelConfig, load_config
 from adm_megatron.families import family_for_preset, family_of_model_dir, preset_names
-from adm_megatron.models.compile import check_compile, compile_blocks
+from adm_megatron.models.attention_backend import auto_choices, forget_auto_choices
+from adm_megatron.models.kernel_options import check_kernel_options
+from adm_megatron.models.specs import spec_kind
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
@@ -33,7 +36,6 @@ class BenchOptions:
     width: int | None = None
     dtype: str = "auto"  # fp32 | bf16 | fp64 | auto (bf16 on a GPU, fp32 on CPU)
     impl: str = "auto"
-    compile: str = "none"  # none | blocks: torch.compile of our blocks (DiT and trainer: model.compile)
     repeats: int = 7
     warmup: int = 2
     peak_tflops: float | None = None
@@ -75,18 +77,16 @@ def _rate_row(name: str, median_s: float, flops: float, peak: float | None, **ex
             "mfu": None if peak is None else tflops / peak, **extra}
 
 
-def _dit_section(transformer: str, family, arch, shape: LatentShape, opts: BenchOptions, device,
-                 peak: float | None) -> tuple[dict, list[dict]]:
+def _dit_section(transformer: str, family, arch, shape: LatentShape, opts: BenchOptions, model: ModelConfig,
+                 device, peak: float | None) -> tuple[dict, list[dict]]:
     reference = family.diffusers_model_class().from_pretrained(transformer)
-    pair = build_pair(reference, arch, shape, DTYPES[opts.dtype], device, impl=opts.impl, seed=opts.seed)
-    compile_blocks(pair.ours, opts.compile)  # the reference stays eager, as diffusers runs by default
+    pair = build_pair(reference, arch, shape, DTYPES[opts.dtype], device, model, seed=opts.seed)
     difference = pair.max_relative_difference()
     timings = alternating({f"{who}/{what}": getattr(pair, what)(who) for what in ("forward", "forward_backward")
                            for who in ("ours", "reference")}, device, opts.repeats, opts.warmup)
     call = family.call_flops(arch, tuple(pair.inputs[0].shape), _text_tokens(family, arch))
     flops = {"forward": call.total(False, False), "forward_backward": call.total(False, True)}
-    rows, section = [], {"max_relative_difference": difference, "ours_impl": opts.impl,
-                     "ours_compile": opts.compile}
+    rows, section = [], {"max_relative_difference": difference, "ours_impl": model.impl}
     for key, timing in timings.items():
         who, what = key.split("/")
         label = "megatron (ours)" if who == "ours" else "diffusers"
@@ -116,7 +116,6 @@ def run_bench(opts: BenchOptions) -> dict:
     if opts.dtype not in (*DTYPES, "auto"):
         raise ValueError(f"--dtype={opts.dtype!r}: expected auto or one of {', '.join(DTYPES)}")
     device = initialize_parallel(1, 1, seed=opts.seed).device
-    check_compile(opts.compile, device, key="--compile")
     if opts.dtype == "auto":
         opts.dtype = "bf16" if device.type == "cuda" else "fp32"
     env = environment(device, opts.command)
@@ -128,10 +127,13 @@ def run_bench(opts: BenchOptions) -> dict:
         real = LatentShape.native(arch, opts.batch)
         shape = LatentShape(opts.batch, opts.frames or real.frames, opts.height or real.height,
                             opts.width or real.width)
-        dit, rows = _dit_section(transformer, family, arch, shape, opts, device, peak)
         overrides = [*trainer_overrides(transformer, pipeline, os.path.join(workdir, "run"), shape, opts.dtype),
-                     f"model.compile={opts.compile}"]
-        adm = measure_iterations(opts.config, [*overrides, *opts.overrides], opts.repeats, opts.warmup)
+                     f"model.impl={opts.impl}", *opts.overrides]
+        config = load_config(opts.config, overrides)  # the DiT section builds ours with its model keys too
+        check_kernel_options(config.model, arch.attention_head_dim)
+        forget_auto_choices()  # the JSON records this run's
+        dit, rows = _dit_section(transformer, family, arch, shape, opts, config.model, device, peak)
+        adm = measure_iterations(opts.config, overrides, opts.repeats, opts.warmup)
     for phase, row in adm["phases"].items():
         row["mfu"] = None if peak is None else row["tflops_per_s"] / peak
         rows.append({"name": f"{adm['method']} {phase}", **row,
@@ -144,5 +146,21 @@ def run_bench(opts: BenchOptions) -> dict:
                   "family": family.name, "latent_tokens": shape.frames * (shape.height // p) * (shape.width // p),
                   "text_tokens": _text_tokens(family, arch)},
         "shape": vars(shape), "dtype": opts.dtype, "repeats": opts.repeats, "warmup": opts.warmup,
-        "peak_tflops": peak, "dit": dit, "adm": adm, "table": format_table(rows),
+        "peak_tflops": peak, "kernels": kernel_settings(config), "dit": dit, "adm": adm,
+        "table": format_table(rows),
+    }
+
+
+def kernel_settings(config: Config) -> dict:
+    """What the run's speed settings were: the block spec, its compilation, the attention backend
+    (with what ``auto`` chose per call shape, and each candidate's time), FP8 and the DP gradient
+    overlap."""
+    m, p = config.model, config.parallel
+    return {
+        "spec": spec_kind(m.impl), "compile": m.compile,
+        "attention_backend": m.attention_backend, "attention_auto_choices": auto_choices(),
+        "fp8": m.fp8, "fp8_recipe": None if m.fp8 is None else {
+            "margin": m.fp8_margin, "amax_history_len": m.fp8_amax_history_len,
+            "amax_compute_algo": m.fp8_amax_compute_algo},
+        "overlap_grad_reduce": p.overlap_grad_reduce, "grad_bucket_size": p.grad_bucket_size or None,
     }

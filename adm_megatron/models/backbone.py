@@ -3,7 +3,7 @@
 - ``DiTOutput``: a forward's sample and, for a discriminator-backbone call, the tapped features.
 - ``DiTBackbone``: the megatron module contract (model type, pipeline input, a sharded state dict
   that asks each block for its own tensor-parallel shards), the sequence-parallel tag of output
-  layers and full activation recompute of a block.
+  layers, full activation recompute of a block and the FP8 context of the block loop.
 - The context-parallel token layout: each CP rank keeps one contiguous slice of the image / video
   tokens (``cp_token_slice``), and ``gather_tokens`` brings a rank's [s, b, *] rows back to all
   tokens [b, L, *] on every rank (SP gather over TP, then CP gather). Gradient convention: the CP
@@ -20,6 +20,7 @@ import torch
 from diffusers.utils import BaseOutput
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
+from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -91,6 +92,11 @@ class DiTBackbone(MegatronModule):
         if self.config.sequence_parallel:
             for param in module.parameters():
                 setattr(param, "sequence_parallel", True)
+
+    def _blocks_context(self):
+        """The context the block loop runs in: TE's ``fp8_autocast`` with megatron's recipe when
+        ``config.fp8`` is set (``models.fp8``), else a null context."""
+        return get_fp8_context(self.config)
 
     def _recomputed(self, fn, *args):
         """``fn(*args)``, its activations recomputed in backward under full recompute."""

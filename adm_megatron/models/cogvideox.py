@@ -168,13 +168,14 @@ class CogVideoXTransformer(DiTBackbone):
         taps = set(tapped_block_indices(len(self.blocks), feature_every)) if return_features else set()
         depth = feature_depth(len(self.blocks), feature_every) if return_features else len(self.blocks)
         features = []
-        for index, block in enumerate(self.blocks[:depth]):
-            x = self._run_block(block, x, temb, layout, cos, sin)
-            if index in taps:
-                video = gather_tokens(x, self.config, num_text)
-                features.append(
-                    video.reshape(batch, frames, height // p, width // p, -1).permute(0, 4, 1, 2, 3)
-                )
+        with self._blocks_context():
+            for index, block in enumerate(self.blocks[:depth]):
+                x = self._run_block(block, x, temb, layout, cos, sin)
+                if index in taps:
+                    video = gather_tokens(x, self.config, num_text)
+                    features.append(
+                        video.reshape(batch, frames, height // p, width // p, -1).permute(0, 4, 1, 2, 3)
+                    )
         if return_features:
             return CogVideoXOutput(sample=None, features=features) if return_dict else (None, features)
 

@@ -152,11 +152,12 @@ class SD3Transformer(DiTBackbone):
         taps = set(tapped_block_indices(len(self.blocks), feature_every)) if return_features else set()
         depth = feature_depth(len(self.blocks), feature_every) if return_features else len(self.blocks)
         features = []
-        for index, block in enumerate(self.blocks[:depth]):
-            image, text = self._run_block(block, image, text, temb)
-            if index in taps:
-                tokens = gather_tokens(image, self.config)
-                features.append(tokens.reshape(batch, height // p, width // p, -1).permute(0, 3, 1, 2))
+        with self._blocks_context():
+            for index, block in enumerate(self.blocks[:depth]):
+                image, text = self._run_block(block, image, text, temb)
+                if index in taps:
+                    tokens = gather_tokens(image, self.config)
+                    features.append(tokens.reshape(batch, height // p, width // p, -1).permute(0, 3, 1, 2))
         if return_features:
             return SD3Output(sample=None, features=features) if return_dict else (None, features)
 

@@ -137,6 +137,11 @@ def transformer_engine_available() -> bool:
     return True
 
 
+def spec_kind(impl: str) -> str:
+    """'te' or 'local': the block spec ``impl`` builds on this machine (see ``select_kernels``)."""
+    return "te" if impl == "te" or (impl == "auto" and transformer_engine_available()) else "local"
+
+
 def select_kernels(impl: str = "auto") -> Kernels:
     """``impl``: 'local', 'te' (error if unavailable) or 'auto' (TE when it imports)."""
     if impl not in ("auto", "local", "te"):

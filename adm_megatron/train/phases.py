@@ -3,7 +3,8 @@
 Each phase's forward and backward go through megatron-core's forward-backward schedule
 (``get_forward_backward_func``; one microbatch, no pipeline for now), which also calls
 ``finalize_model_grads`` (DP / CP average, TP sums for sequence-parallel and q/k-norm gradients) on
-that phase's DDP-wrapped network. A phase may also train further networks with the same loss
+that phase's DDP-wrapped network; with ``parallel.overlap_grad_reduce`` the DP reduction has been
+started bucket by bucket from the backward and is only waited for there (``train.grad_sync``). A phase may also train further networks with the same loss
 (``co_trained``: DMD2's classifier heads learn in its fake-score phase); their gradients are
 finalised the same way and each steps its own optimiser. Every other trainable network is frozen
 for the phase, so only the phase's own parameters receive gradients and change. Metric keys that
@@ -34,6 +35,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from adm_megatron.parallel.device_scope import cpu_device_scope
+from adm_megatron.train.grad_sync import check_grads_arrived
 from adm_megatron.train.offload import Offloader
 from adm_megatron.train.optimizer import NetworkOptimizer
 
@@ -141,6 +143,8 @@ class PhaseRunner:
             )
             for name in co_trained:  # the schedule finalises the first model's gradients only
                 finalize_model_grads([self.networks[name].module])
+        for name in trained:
+            check_grads_arrived(self.networks[name].module, name)
         metrics = {f"{phase}/loss": result["loss"]}
         finite = not any_rank(not math.isfinite(result["loss"]))  # the same decision on every rank
         for name in trained:

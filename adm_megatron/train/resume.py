@@ -30,6 +30,8 @@ FINISHED = "finished.json"  # in output_dir, written when a run has exported eve
 # keys that may differ between the invocations of one run (prefixes end in a dot)
 MAY_CHANGE = (
     "parallel.", "model.sequence_parallel", "model.recompute", "model.recompute.", "model.impl", "data.batch_size",
+    "model.attention_backend", "model.fp8", "model.fp8_margin", "model.fp8_amax_history_len",
+    "model.fp8_amax_compute_algo",
     *(f"optim.{n}.{k}" for n in ("generator", "fake_score", "discriminator") for k in ("shard_over_dp", "offload")),
     "train.resume", "train.keep_checkpoints", "train.save_every", "train.save_interval_minutes",
     "train.log_every", "train.num_samples", "train.export", "train.export_lora", "train.max_skipped_steps", "train.memory_check",

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import yaml
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import DistributedDataParallel
 
 from adm_megatron.algorithms.adm import ADM
 from adm_megatron.algorithms.adp import ADP
@@ -45,13 +45,14 @@ from adm_megatron.heads import MultiHeadDiscriminator
 from adm_megatron.heads.pixel import LatentPixelHeads, build_pixel_features
 from adm_megatron.lora import apply_lora, check_targets
 from adm_megatron.models import tapped_block_indices
-from adm_megatron.models.compile import check_compile, compile_blocks
 from adm_megatron.parallel import initialize_parallel, launch_env
+from adm_megatron.models.kernel_options import apply_kernel_options
 from adm_megatron.models.weights import load_full_state_dict
 from adm_megatron.train.checkpoint import load_training_checkpoint, remove_leftovers, save_training_checkpoint
 from adm_megatron.train.discriminator_monitor import DiscriminatorMonitor
 from adm_megatron.train.ema import ParameterEMA
 from adm_megatron.train.export import export_generator, render_run_samples
+from adm_megatron.train.grad_sync import ddp_config
 from adm_megatron.train.offload import Offloader
 from adm_megatron.train.optimizer import NetworkOptimizer
 from adm_megatron.train.phases import PhaseRunner, TrainableNetwork, prefixed
@@ -124,7 +125,6 @@ class Trainer:
             timeout_s=config.parallel.timeout_s,
         )
         self.device = self.info.device
-        check_compile(config.model.compile, self.device)
         # parameters stay fp32 under BF16 autocast; fp64 makes layout comparisons exact
         self.dtype = torch.float64 if config.model.dtype == "fp64" else torch.float32
         self.arch = self.teacher_source.arch
@@ -149,7 +149,7 @@ class Trainer:
         config.autocast_dtype = torch.bfloat16
         # a sharded optimizer needs DDP's per-DP-rank buffer shards (reduce-scatter, param all-gather)
         sharded = getattr(self.config.optim, name).shard_over_dp
-        return DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=sharded), module)
+        return DistributedDataParallel(config, ddp_config(self.config.parallel, sharded), module)
 
     def _build_networks(self) -> None:
         c = self.config
@@ -162,6 +162,8 @@ class Trainer:
             3 if has_fake_score else 2, sequence_parallel=m.sequence_parallel, impl=m.impl,
             params_dtype=self.dtype,
         )  # recompute is set per network and phase by RecomputeSwitch
+        for model in models:  # before LoRA and DDP wrap them
+            apply_kernel_options(model, m)
         teacher, self.generator = models[0], models[-1]
         self.fake_score = models[1] if has_fake_score else None
         teacher.eval().requires_grad_(False)
@@ -180,8 +182,6 @@ class Trainer:
         if m.bf16_params:  # fp32 main params live in the optimizer (train/main_params.py)
             for net in trained_backbones.values():
                 net.to(torch.bfloat16)
-        for net in (teacher, *trained_backbones.values()):
-            compile_blocks(net, m.compile)
         wrapped = {name: self._wrap(net, net.config, name) for name, net in trained_backbones.items()}
         self.heads = None
         self.pixel = build_pixel_backbone(c, self.teacher_source, self.device, self.dtype)

@@ -2,7 +2,8 @@
 
 Each failure is a one-line ``ConfigError`` naming the key and the numbers: parallel layouts the
 world or the architecture cannot take (heads or tokens not divisible by TP / CP), latent sizes the
-patching cannot take, embeddings that do not fit the teacher, features this machine lacks, a
+patching cannot take, embeddings that do not fit the teacher, features this machine lacks (TE, an
+attention backend, FP8), a
 truncated teacher weights file, samples asked of a pipeline without a VAE, and on a GPU a run the
 memory planner says does not fit the card (``memory/preflight.py``).
 """
@@ -15,6 +16,7 @@ import torch
 
 from adm_megatron.config import Config, ConfigError
 from adm_megatron.models.diffusers_files import check_diffusers_weights
+from adm_megatron.models.kernel_options import check_kernel_options
 from adm_megatron.models.specs import transformer_engine_available
 from adm_megatron.train.teacher import TeacherSource
 
@@ -60,6 +62,10 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
         _check_generator_init(config.model.generator_init, teacher)
     if config.model.impl == "te" and not transformer_engine_available():
         raise ConfigError("model.impl=te: Transformer Engine with CUDA is not available here; use auto or local")
+    try:
+        check_kernel_options(config.model, arch.attention_head_dim)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if config.model.dtype == "bf16" and not torch.cuda.is_available():
         raise ConfigError("model.dtype=bf16: BF16 autocast needs a GPU here; use fp32 on CPU")
     from adm_megatron.memory import preflight
