@@ -18,10 +18,13 @@
 #    2nd block) and model.attention_backend=auto (the fastest SDPA kernel, timed; its choice is in
 #    the JSON's "kernels"), into $OUT/bench.json and $OUT/bench.log, under GPU_CHECK_BENCH_TIMEOUT_S
 #    (default 150 s). GPU_CHECK_BENCH_TIMEOUT_S=0 skips it;
-# 5. where Transformer Engine imports: the same bench with model.fp8=hybrid (TE spec, FP8 delayed
+# 5. the same bench with model.compile=blocks (each of our blocks through torch.compile; diffusers'
+#    model eager) into $OUT/bench_compiled.json / bench_compiled.log, under GPU_CHECK_COMPILE_TIMEOUT_S
+#    (default 120 s; 0 skips it);
+# 6. where Transformer Engine imports: the same bench with model.fp8=hybrid (TE spec, FP8 delayed
 #    scaling) into $OUT/bench_fp8.json / bench_fp8.log, to set beside step 4's bf16 one, under
 #    GPU_CHECK_FP8_TIMEOUT_S (default 120 s; 0 skips it); else a line saying why not;
-# 6. the memory-settings check (tools/gpu_memory_settings.py).
+# 7. the memory-settings check (tools/gpu_memory_settings.py).
 # Every step's limit is also cut to what is left of GPU_CHECK_TOTAL_S (default 570 s) since the start, so
 # the whole script fits one 600 s device call; a step with under 20 s left is skipped and says so.
 #
@@ -103,6 +106,9 @@ bench() {
 }
 if [ "${GPU_CHECK_BENCH_TIMEOUT_S:-150}" != 0 ]; then
     bench bench "${GPU_CHECK_BENCH_TIMEOUT_S:-150}"
+fi
+if [ "${GPU_CHECK_COMPILE_TIMEOUT_S:-120}" != 0 ]; then
+    bench bench_compiled "${GPU_CHECK_COMPILE_TIMEOUT_S:-120}" model.compile=blocks
 fi
 if [ "${GPU_CHECK_FP8_TIMEOUT_S:-120}" != 0 ]; then
     if te_error=$($PY -c 'import transformer_engine.pytorch' 2>&1); then
