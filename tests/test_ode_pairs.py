@@ -90,10 +90,17 @@ def test_stored_pairs_reproduce_bit_for_bit(reference, pipeline_dir, tmp_path, w
     assert not torch.equal(shard["x_0"], shard["x_T"])
 
 
-def test_killed_collection_resumes_to_the_uninterrupted_shards(reference, pipeline_dir, tmp_path):
+def test_killed_collection_resumes_to_the_uninterrupted_shards(pipeline_dir, tmp_path):
+    # a longer collection than the reference fixture's (15 shards of 40 steps): after its first shard
+    # there are about two seconds of work left, so the kill below lands before the manifest even when
+    # this test process is descheduled for a while on a loaded machine
+    reference = tmp_path / "reference"
+    longer = dict(num_pairs=60, steps=40)
+    assert _run(_command(pipeline_dir, reference, **longer)).returncode == 0
     out = tmp_path / "pairs"
     # kill point 1: a real SIGKILL once the first shard is on disk (before the manifest)
-    proc = subprocess.Popen(_command(pipeline_dir, out), cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    proc = subprocess.Popen(_command(pipeline_dir, out, **longer), cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out / shard_name(0)).exists() and proc.poll() is None and time.time() < deadline:
@@ -107,7 +114,7 @@ def test_killed_collection_resumes_to_the_uninterrupted_shards(reference, pipeli
     with pytest.raises(ValueError, match="no manifest.json"):
         OdePairs(str(out))
     kept = os.stat(out / shard_name(0)).st_mtime_ns
-    result = _run(_command(pipeline_dir, out))
+    result = _run(_command(pipeline_dir, out, **longer))
     assert os.stat(out / shard_name(0)).st_mtime_ns == kept  # the finished shard was not redone
     assert result.returncode == 0, result.stderr[-2000:]
     assert _shards(out) == _shards(reference)  # no hole, no duplicate, the same bytes
@@ -115,9 +122,9 @@ def test_killed_collection_resumes_to_the_uninterrupted_shards(reference, pipeli
     assert OdePairs(str(out)).verify() == []
     # a finished collection is left alone; other settings in its directory are refused in one line
     before = {n: os.path.getmtime(out / n) for n in os.listdir(out)}
-    assert _run(_command(pipeline_dir, out)).returncode == 0
+    assert _run(_command(pipeline_dir, out, **longer)).returncode == 0
     assert before == {n: os.path.getmtime(out / n) for n in os.listdir(out)}
-    refused = _run(_command(pipeline_dir, out, steps=8))
+    refused = _run(_command(pipeline_dir, out, num_pairs=60, steps=8))
     assert refused.returncode == 2
     assert "holds a collection with other settings (sampler differ)" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
