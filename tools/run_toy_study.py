@@ -275,8 +275,10 @@ def config_settings(iterations: int | None) -> dict[str, dict]:
 def merge_results(committed: dict, new: dict) -> dict:
     """``committed`` with ``new``'s distilled rows and runs added (a row or run of the same name is
     replaced), the targets checked again over the union, and ``new``'s study settings recorded
-    beside the committed ones. Teacher / data rows and the noise floor must agree (the same
-    evaluation: seeds, samples per class, teacher), else a ValueError names the difference."""
+    beside the committed ones: the settings of a config that ``new``'s runs trained with replace the
+    committed ones, and an earlier added study whose rows ``new`` all replaces is dropped (a rerun
+    of the same rows with a changed config). Teacher / data rows and the noise floor must agree (the
+    same evaluation: seeds, samples per class, teacher), else a ValueError names the difference."""
     import eval_toy
 
     for key in ("teacher", "guidance", "per_class", "eval_seed", "ref_seed"):
@@ -293,8 +295,10 @@ def merge_results(committed: dict, new: dict) -> dict:
     teacher = {r["steps"]: r for r in merged["rows"] if r["kind"] == "teacher"}
     merged["targets"] = eval_toy.check_targets(by_name, teacher, TARGET_NAMES)
     configs = merged["study"]["configs"]
-    configs.update({k: v for k, v in new["study"]["configs"].items() if k not in configs})
-    added = merged.setdefault("added_studies", [])
+    trained_with = " ".join(r.get("command", "") for r in new["runs"]).split()
+    configs.update({k: v for k, v in new["study"]["configs"].items() if k not in configs or v["config"] in trained_with})
+    added = [a for a in merged.get("added_studies", []) if not set(a["rows"]) <= names]
+    merged["added_studies"] = added
     added.append({**{k: v for k, v in new["study"].items() if k != "configs"}, "rows": sorted(names),
                   "eval_seconds": new["eval_seconds"], "grid": f"toy_samples_added{len(added) + 1}.png"})
     return merged
