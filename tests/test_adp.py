@@ -221,3 +221,12 @@ def test_paired_noise_makes_real_and_fake_differ_by_their_clean_difference(sched
         gaps[paired] = (pair.real_noisy - fake_t - alpha * (x0 - x0_hat)).abs().max()
     assert gaps[True] <= 1e-12, gaps
     assert gaps[False] > 0.1, gaps
+
+
+def test_paired_noise_is_refused_outside_adp():
+    from adm_megatron.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"distill.paired_noise=true is an ADP option .* distill.method=dmd2"):
+        load_config(None, ["model.teacher=t", "data.real_path=p", "distill.method=dmd2", "distill.paired_noise=true"])
+    assert load_config(None, ["model.teacher=t", "data.real_path=p", "distill.method=adp", "distill.pixel_weight=0",
+                              "distill.paired_noise=true"]).distill.paired_noise
