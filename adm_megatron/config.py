@@ -153,6 +153,10 @@ class DistillConfig:
     pixel_encoder: str = "sam"  # sam (SamVisionModel) | dinov2 (Dinov2Model, the paper's ablation)
     pixel_encoder_path: str = ""  # a local transformers directory of that encoder
     pixel_layers: list[int] = field(default_factory=lambda: [3, 6, 9, 12])  # 1-based encoder layers
+    # adp: re-noise the pair's x_0 and the generator's x0_hat with one noise draw at t' (the latent
+    # discriminator then sees pairs that differ only by alpha(t') (x_0 - x0_hat), as ADM's real / fake
+    # share x_t); false: an independent noise each (docs/toy_study.md says what it changes)
+    paired_noise: bool = False
 
 
 @dataclass
@@ -452,6 +456,9 @@ def _check_fields(config: Config, source: str) -> None:
     if d.latent_weight < 0 or d.pixel_weight < 0 or d.latent_weight + d.pixel_weight == 0:
         raise ConfigError(f"{source}: distill.latent_weight={d.latent_weight} / pixel_weight={d.pixel_weight}: "
                           "expected >= 0, not both 0")
+    if d.paired_noise and d.method != "adp":
+        raise ConfigError(f"{source}: distill.paired_noise=true is an ADP option (distill.method=adp), "
+                          f"got distill.method={d.method}")
     if d.method == "adp" and d.pixel_weight > 0 and not d.pixel_encoder_path:
         raise ConfigError(f"{source}: distill.pixel_weight={d.pixel_weight} needs distill.pixel_encoder_path (a "
                           f"local {d.pixel_encoder} encoder directory), or set distill.pixel_weight=0")

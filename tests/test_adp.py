@@ -200,3 +200,33 @@ def test_discriminator_time_range():
                   pixel_weight=0.0, disc_t_max=t_max)
         seen[t_max] = torch.cat([alg.generator_loss(batch, _rng(seed))[2].t_disc for seed in range(40)])
     assert seen[0.1].max() < 100 and seen[1.0].max() >= 500 and seen[1.0].min() < 100
+
+
+@SCHEDULES
+def test_paired_noise_makes_real_and_fake_differ_by_their_clean_difference(schedule):
+    """With paired_noise the pair's x_0 and the generator's x0_hat are re-noised with one draw, so
+    real_t' - fake_t' = alpha(t') (x_0 - x0_hat) exactly; by default each has its own noise."""
+    x_T, x0 = _pair()
+    text = torch.zeros(B, 2, 3, dtype=torch.float64)
+    batch = PhaseBatch(text=text, negative=text, fake_noise=x_T, generator_noise=x_T,
+                       real=RealBatch(x0=x0, text=text, x_T=x_T))
+    gaps = {}
+    for paired in (False, True):
+        alg = ADP(_stub_networks(pixel=False), schedule, 1, (1.0, 1.0), latent_weight=1.0, pixel_weight=0.0,
+                  paired_noise=paired)
+        _, _, pair = alg.generator_loss(batch, _rng(3))
+        x0_hat = alg.generator_sample(x_T, x0, text, _rng(3)).detach()
+        alpha, _ = (c.view(-1, 1, 1, 1, 1) for c in schedule.coefficients(pair.t_disc))
+        fake_t = pair.fake_latent_features[0]  # the stand-in backbone's feature is its input
+        gaps[paired] = (pair.real_noisy - fake_t - alpha * (x0 - x0_hat)).abs().max()
+    assert gaps[True] <= 1e-12, gaps
+    assert gaps[False] > 0.1, gaps
+
+
+def test_paired_noise_is_refused_outside_adp():
+    from adm_megatron.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"distill.paired_noise=true is an ADP option .* distill.method=dmd2"):
+        load_config(None, ["model.teacher=t", "data.real_path=p", "distill.method=dmd2", "distill.paired_noise=true"])
+    assert load_config(None, ["model.teacher=t", "data.real_path=p", "distill.method=adp", "distill.pixel_weight=0",
+                              "distill.paired_noise=true"]).distill.paired_noise

@@ -189,6 +189,11 @@ def test_study_settings_table_states_each_configs_generator_schedule():
     assert configs["adm"]["schedule_generator"] == "cosine to 0"  # examples/cogvideox/toy_adm.yaml
     rows = [line for line in _eval_toy().settings_table(configs) if line.startswith("| `")]
     assert len(rows) == len(configs) and all("| cosine to 0 |" in row for row in rows)
+    cells = {row.split("|")[1].strip(" `"): [c.strip() for c in row.split("|")[11:14]] for row in rows}
+    adp = configs["adp"]  # ADP: no fake score; its heads' lr and width
+    assert cells[adp["config"]] == ["", f"{adp['lr_discriminator']:g}", str(adp["head_hidden"])]
+    adm = configs["adm"]
+    assert cells[adm["config"]] == [f"{adm['lr_fake_score']:g}", f"{adm['lr_discriminator']:g}", str(adm["head_hidden"])]
 
 
 def test_trajectory_measures_the_trainers_generator_like_the_exported_one(tmp_path, world_of_one):
@@ -271,6 +276,19 @@ def test_study_merge_adds_rows_and_checks_the_targets_again():
     again = run_toy_study.merge_results(merged, {**new, "rows": [{**row, "fd_teacher": 2 * t2}]})
     assert [r["name"] for r in again["rows"]] == [r["name"] for r in merged["rows"]]  # replaced, not added
     assert not next(t for t in again["targets"] if t["row"] == label and "accuracy" not in t["target"])["passed"]
+    # a rerun of the same rows with a changed config: its settings replace the committed ones (only for
+    # a config the new runs trained with) and the superseded added study is dropped
+    changed = {"adp": {**new["study"]["configs"]["adp"], "lr_discriminator": 0.5},
+               "adm": {**run_toy_study.config_settings(None)["adm"], "lr_discriminator": 0.5}}
+    rerun = {**new, "runs": [{"name": "adp-two-stage-1-seed0", "label": label,
+                              "command": "adm-megatron train --config examples/cogvideox/toy_adp.yaml seed=0"}],
+             "study": {**new["study"], "configs": changed}}
+    third = run_toy_study.merge_results(again, rerun)
+    assert third["study"]["configs"]["adp"]["lr_discriminator"] == 0.5
+    assert third["study"]["configs"]["adm"]["lr_discriminator"] != 0.5  # toy_adm.yaml not retrained: kept
+    assert [a["rows"] for a in third["added_studies"]].count([label]) == 1
+    assert len(third["added_studies"]) == len(merged["added_studies"])
+    assert third["added_studies"][-1]["grid"] == f"toy_samples_added{len(third['added_studies'])}.png"
     with pytest.raises(ValueError, match="settings.per_class differs"):
         run_toy_study.merge_results(committed, {**new, "settings": {**new["settings"], "per_class": 8}})
     assert "rows added later" in _eval_toy().render_report(merged)

@@ -316,13 +316,14 @@ def settings_table(configs: dict[str, dict]) -> list[str]:
     for c in configs.values():
         ema = f"EMA {c['ema_decay']}" if c["ema_decay"] else "raw weights"
         gan = f"{c['gan_weight']} / {c['cls_weight']}" if c["method"] == "dmd2" else ""
-        width = str(c["head_hidden"]) if c["method"] in ("adm", "dmd2") else ""
+        width = str(c["head_hidden"]) if c["method"] in ("adm", "dmd2", "adp") else ""
+        fake_lr = f"{c['lr_fake_score']:g}" if c["method"] != "adp" else ""  # ADP has no fake score
         delta_t = str(c["delta_t"]) if c["method"] == "adm" else ""
         d_lr = f"{c['lr_discriminator']:g}" if width else ""
         lines.append(f"| `{c['config']}` | {c['method']} | {c['iterations']} | {c['batch_size']} | 1:{c['ttur']} | "
                      f"{delta_t} | {c['guidance_scale'][0]} | {c['lr_generator']:g} | "
                      f"{c['schedule_generator']} | {tuple(c['betas_generator'])} | "
-                     f"{c['lr_fake_score']:g} | "
+                     f"{fake_lr} | "
                      f"{d_lr} | {width} | {gan} | {ema} |")
     return lines + ["", "Every config: AdamW (fake score and heads: betas (0, 0.99), constant lr), weight decay 0, gradient "
                         "clipping at norm 1, fp32, one process, one thread; Δt in training timesteps of T = 1000.", ""]

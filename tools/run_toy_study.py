@@ -124,25 +124,47 @@ three controls, a sweep, and the discriminator watched through its paired statis
   paper's pre-stage, is the next note).
 - **ADP -> ADM (DMDX, issue 13) misses its target; DMD2 -> ADM wins.** Latent-only ADP
   (`toy_adp.yaml`: no VAE, so no pixel discriminator; hinge loss only, the paper's ADP having no
-  regression term) for 800 iterations, then the same ADM 1-step stage as the DMD2 chain: 2.727 ±
-  0.012 (seeds 2.72 / 2.74 / 2.72) against the bar of 0.5 x teacher 2-step = 1.039 and against
-  0.466 ± 0.051 for DMD2 -> ADM; it is level with ADM alone at 1 step (2.885 ± 0.150). The ADP stage
-  alone ends at 5.115 ± 0.521 with diversity 2.41 ± 0.15: still collapsed onto the class mean (the
-  teacher's weights as a 1-step generator start at 6.54, diversity 2.15; the DMD2 stage reaches
-  0.493, diversity 14.3). Why: ADP's latent discriminator stays at chance on this toy, as DMD2's
-  classifier does (paired accuracy 0.49-0.54 in every window above; its hinge loss at the chance
-  value 6.00 for 3 heads). Real x_0 and generated x̂_0, re-noised to a t' uniform on [0, T), are
-  nearly indistinguishable to the 3 heads at most noise levels, and a hinge-only generator loss then
-  gives no direction out of the collapse. Diagnostics (100-iteration runs, seed 0): at t' < 250
-  (`distill.gan_t_max=0.25`) the margin stays at about ±0.001 too, and even at t' < 50 with the
-  generator frozen the heads reach only a margin of 0.003-0.008 (paired accuracy 0.58-0.79) after 60
-  updates at lr 1e-2. Pilots (`tools/toy_trajectory.py`, EMA FD at 200 / 400 / 600 iterations):
-  generator lr 1e-4 diverged (7.3 at 200; 8.7 -> 9.0 with t' < 250), 3e-5 with heads at 3e-3 gave
-  4.9 / 5.4 / 5.4, 1e-5 gave 4.2 at 200, 3e-5 with heads at 1e-2 (the configured run) 4.0 / 4.5, and
-  the same with t' < 250 5.0 / 4.6; diversity stayed at 2.1-2.4 in every pilot. What the toy cannot
-  show: the paper's pixel (SAM) discriminator, heads on a real backbone, and its scale; so this says
-  that on the toy, DMD2's distribution-matching gradient is the pre-stage that works, not that ADP
-  fails on CogVideoX.
+  regression term; real and fake re-noised with one draw, `distill.paired_noise`) for 800
+  iterations, then the same ADM 1-step stage as the DMD2 chain: 2.746 ± 0.096 (seeds 2.72 / 2.85 /
+  2.66) against the bar of 0.5 x teacher 2-step = 1.039 and 0.466 ± 0.051 for DMD2 -> ADM; level
+  with ADM alone at 1 step (2.885 ± 0.150) and with the earlier ADP run with independent noises
+  (2.727 ± 0.012). The ADP stage alone ends at 5.295 ± 0.939 (4.22 / 5.96 / 5.71; before 5.115 ±
+  0.521), diversity 2.32 ± 0.06: still collapsed on the class mean (the teacher's weights as a
+  1-step generator: 6.54, diversity 2.15; the DMD2 stage: 0.493, diversity 14.3).
+  Why, measured (a probe on seed 0's pairs: fresh heads trained with the hinge loss on 40 batches
+  of 8, accuracy / margin on 8 held-out batches, heads' AdamW betas (0, 0.99)):
+  (1) *Most of ADP's fake samples are not collapsed.* The warp s = 1 - u³, read as a rectified-flow
+  time on the VP grid, puts the generator at t = T - 1 (pure noise, where the 1-step sampler runs)
+  for 4.9% of its inputs, at t ≥ 900 for 31%, t ≥ 500 for 63%; elsewhere the input carries the
+  pair's own x_0 (alpha ≥ 0.03) and the teacher-initialised generator denoises it back to near
+  that x_0 (per-sample mean |x̂_0 - x_0|: median 0.08, 90th percentile 0.19, against 0.16 for
+  pure-noise inputs; data std 1.0). So the discriminator looks for a few collapsed samples among
+  near-copies of the real ones. (2) *The heads can see the collapse.* Against fakes all from
+  pure noise, at t' < 50, they reach paired accuracy 0.95 / margin 0.90 after 200 updates at lr
+  1e-3 (0.87 / 0.60 at lr 1e-2; after 60 updates 0.92 / 0.07 and 0.76 / 0.02: the earlier
+  "margin 0.003-0.008 after 60 updates" was a slow start, measured on the mixed fakes). Against
+  ADP's actual fakes: 0.73 / 0.20 at t' < 50, chance at t' uniform on [0, T) (0.48-0.56, margin
+  ≤ 0.006) -- the configured range. (3) *Independent re-noising hides the rest*: with one noise
+  draw for both sides the same probe at t' uniform reaches 0.65-0.73 (at t' < 50: 0.68-0.82);
+  hence `distill.paired_noise` (general: the samples' difference is all that differs, as ADM's real
+  and fake share x_t). In the study's runs the ADP heads' paired accuracy is 0.53-0.59 per
+  window (mean over seeds; before 0.49-0.54), margins ≤ 0.004. (4) Not the cause: GroupNorm with one channel per group
+  (width 32, GroupNorm(32): per-channel normalisation over a 3 x 2 x 2 map) -- 8 or 4 groups gave
+  0.83 / 0.09 and 0.69 / 0.002 against 0.76 / 0.02 (60 updates, collapsed fakes), no norm 0.66 /
+  0.03; the hinge is not saturated (|D| < 1); the generator's gradient reaches it through the
+  frozen teacher (grad norm 0.1-0.2 per update). Chains on seed 0 (ADP 800 + ADM 600, EMA FD /
+  diversity at 128 samples per class): independent noises 4.68 / 2.3 -> 2.76 / 2.9; paired 4.26 /
+  2.3 -> 2.73 / 2.9; every generator input at pure noise (s = 1, a pilot-only patch, not the
+  paper's warp) 2.85 / 3.2 -> 2.25 / 3.5. Heads at lr 1e-3 were worse at 400 iterations (5.00
+  against 3.50). So even a discriminator that sees the collapse moves the collapsed samples
+  together (sharper, FD down) but hardly apart: at the collapse point its gradient is the same
+  for every sample up to the re-noising noise, and nothing in a hinge-only loss ties a sample to
+  its own x_T, while DMD's per-sample normalised (s_real - s_fake) gradient does spread them.
+  The teacher's zero terminal SNR is what makes the start collapsed (at t = T - 1 its output
+  ignores x_T); the paper's 1-step DMDX is on SDXL, whose last timestep keeps alpha ≈ 0.07, so
+  its 1-step start still depends on the noise -- our reading, not measured here. What the toy
+  cannot show: the pixel (SAM) discriminator, heads on a real backbone, and the paper's scale;
+  so on the toy DMD2 is the pre-stage that works, which says nothing yet about ADP on CogVideoX.
 - **Sweep (ADM 2-step, seed 0; the configured run is 0.789):** Δt 16 / 50 / 200: 0.848 / 0.864 /
   0.802; heads' lr 1e-3 / 1e-2: 0.810 / 0.799; width 64: 1.029. Only the wider heads stand out (worse);
   the rest lie within the seed spread (0.79-1.14). Every setting keeps the discriminator above chance
@@ -275,8 +297,10 @@ def config_settings(iterations: int | None) -> dict[str, dict]:
 def merge_results(committed: dict, new: dict) -> dict:
     """``committed`` with ``new``'s distilled rows and runs added (a row or run of the same name is
     replaced), the targets checked again over the union, and ``new``'s study settings recorded
-    beside the committed ones. Teacher / data rows and the noise floor must agree (the same
-    evaluation: seeds, samples per class, teacher), else a ValueError names the difference."""
+    beside the committed ones: the settings of a config that ``new``'s runs trained with replace the
+    committed ones, and an earlier added study whose rows ``new`` all replaces is dropped (a rerun
+    of the same rows with a changed config). Teacher / data rows and the noise floor must agree (the
+    same evaluation: seeds, samples per class, teacher), else a ValueError names the difference."""
     import eval_toy
 
     for key in ("teacher", "guidance", "per_class", "eval_seed", "ref_seed"):
@@ -293,8 +317,10 @@ def merge_results(committed: dict, new: dict) -> dict:
     teacher = {r["steps"]: r for r in merged["rows"] if r["kind"] == "teacher"}
     merged["targets"] = eval_toy.check_targets(by_name, teacher, TARGET_NAMES)
     configs = merged["study"]["configs"]
-    configs.update({k: v for k, v in new["study"]["configs"].items() if k not in configs})
-    added = merged.setdefault("added_studies", [])
+    trained_with = " ".join(r.get("command", "") for r in new["runs"]).split()
+    configs.update({k: v for k, v in new["study"]["configs"].items() if k not in configs or v["config"] in trained_with})
+    added = [a for a in merged.get("added_studies", []) if not set(a["rows"]) <= names]
+    merged["added_studies"] = added
     added.append({**{k: v for k, v in new["study"].items() if k != "configs"}, "rows": sorted(names),
                   "eval_seconds": new["eval_seconds"], "grid": f"toy_samples_added{len(added) + 1}.png"})
     return merged

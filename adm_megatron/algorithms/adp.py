@@ -40,7 +40,12 @@ target only in the sense that its ends are the real side and the generator's inp
   features plus the trainable 3D heads, on ``x0_hat`` and on the pair's real ``x_0``, each re-noised
   with fresh noise to the same ``t'`` uniform on [0, T) (``q(x_t' | x_0)`` of the schedule; the
   paper's choice). ``disc_t_max`` < 1 narrows it to [0, disc_t_max T) (``distill.gan_t_max``, the
-  knob DMD2's classifier has too; the toy study's note says when that matters);
+  knob DMD2's classifier has too; the toy study's note says when that matters). With
+  ``paired_noise`` (``distill.paired_noise``) both take *one* noise draw, so a real / fake pair
+  differs only by ``alpha(t') (x_0 - x0_hat)``: the pair's x_0 and the generator's sample from that
+  pair's own interpolation, as ADM's real and fake share x_t. This is a variance reduction of the
+  discriminator's input, not a change of its target: each side's marginal is still ``q(x_t' | .)``.
+  Off (the default), each side gets its own noise;
 * pixel discriminator (weight ``pixel_weight`` = λ2, 0.15; ``heads/pixel.py``): the VAE-decoded
   clean samples (each video frame as an image) through a frozen vision encoder (SAM by default,
   DINOv2 as the ablation) and trainable 2D heads on its configured layers; per-frame logits are
@@ -93,7 +98,7 @@ class ADP(Distillation):
     needs_real_samples = True
 
     def __init__(self, *args, latent_weight: float = 0.85, pixel_weight: float = 0.15, disc_t_max: float = 1.0,
-                 **kwargs):
+                 paired_noise: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         if (pixel_weight > 0) != (self.nets.pixel is not None):
             raise ValueError(f"ADP: pixel_weight={pixel_weight} but the pixel discriminator is "
@@ -101,6 +106,7 @@ class ADP(Distillation):
         self.latent_weight = latent_weight
         self.pixel_weight = pixel_weight
         self.disc_t_max = max(1, int(disc_t_max * self.schedule.num_train_timesteps))
+        self.paired_noise = paired_noise
 
     @staticmethod
     def _pairs(batch: PhaseBatch) -> RealBatch:
@@ -131,8 +137,10 @@ class ADP(Distillation):
         real = self._pairs(batch)
         x0_hat = self.generator_sample(real.x_T, real.x0, real.cond, rng)
         t_disc = rng.randint(0, self.disc_t_max, x0_hat.device)
-        fake_noisy = self.schedule.add_noise(x0_hat, rng.randn(x0_hat), t_disc)
-        real_noisy = self.schedule.add_noise(real.x0, rng.randn(real.x0), t_disc)
+        fake_noise = rng.randn(x0_hat)
+        real_noise = fake_noise if self.paired_noise else rng.randn(real.x0)
+        fake_noisy = self.schedule.add_noise(x0_hat, fake_noise, t_disc)
+        real_noisy = self.schedule.add_noise(real.x0, real_noise, t_disc)
         latent_features = self.latent_features(fake_noisy, t_disc, real.cond)
         logits = self._heads(latent_features, "latent")
         latent = hinge_g_loss(logits, head_reduction=self.head_reduction)
