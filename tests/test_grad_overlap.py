@@ -18,18 +18,12 @@ import pytest
 import torch
 
 from multiproc import run_world
+from tiny_runs import tiny_fp64_run
 
 TOL = 1e-5
 ITERATIONS = 3
 WEIGHT_ATOL = 1e-8  # fp64 weights of about 1e-2 after 3 steps of lr 1e-3; differences of 3e-10 seen
-COMMON = [
-    "model.dtype=fp64",
-    "data.num_prompts=4", "data.frames=2", "data.height=4", "data.width=4",
-    "distill.generator_steps=2", "distill.delta_t=100", "distill.head_every=1", "distill.head_hidden=16",
-    f"train.max_iterations={ITERATIONS}", "train.num_samples=0", "train.export=false",
-    "logging.wandb_mode=disabled", "logging.progress=false",
-    "optim.generator.lr=1e-3", "optim.fake_score.lr=1e-3", "optim.discriminator.lr=1e-3",
-]
+COMMON = tiny_fp64_run(ITERATIONS)
 OVERLAP = ["parallel.overlap_grad_reduce=true", "parallel.grad_bucket_size=3000"]
 SHARDED = [f"optim.{n}.shard_over_dp=true" for n in ("generator", "fake_score", "discriminator")]
 # name: (reference layout, bit for bit?, overrides); the global batch is 2 everywhere. Sharded: the
