@@ -4,7 +4,8 @@ started again with the same command each time leaves no process of its own behin
 only the iterations after it, and ends with every metric of every iteration and the exported
 weights bit-for-bit equal to an uninterrupted run's. A finished run's command does nothing and
 writes nothing; a different config pointed at its output_dir, ``train.resume=never`` there, and
-an output_dir that is a file are refused in one line."""
+an output_dir that is a file are refused in one line. Config keys newer than a saved run pass at their
+defaults; the kernel options may change between invocations."""
 
 from __future__ import annotations
 
@@ -184,3 +185,23 @@ def test_a_finished_run_started_again_does_nothing_and_other_configs_are_refused
                           text=True, timeout=300)
     assert proc.returncode == 2 and "exists and is not a directory" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and a_file.read_text() == "not a run"
+
+
+def test_keys_newer_than_a_saved_run_pass_at_their_defaults_and_kernels_may_change():
+    """A run saved before a config key existed (its config.yaml lacks it) resumes when the key is at
+    its default -- the behaviour the run was trained with -- and is refused in one line otherwise;
+    the kernel options (attention backend, FP8, compile) may change between invocations."""
+    from adm_megatron.config import ConfigError, config_to_dict, load_config
+    from adm_megatron.train.resume import check_compatible
+
+    config = load_config(None, ["model.teacher=x", "distill.method=adm"])
+    saved = config_to_dict(config)
+    del saved["distill"]["latent_weight"]  # as an adm_megatron before ADP wrote it
+    check_compatible(saved, config, "old/config.yaml")
+    newer = load_config(None, ["model.teacher=x", "distill.method=adm", "distill.latent_weight=0.5"])
+    with pytest.raises(ConfigError, match=r"^old/config.yaml: distill.latent_weight=None there but 0.5 now"):
+        check_compatible(saved, newer, "old/config.yaml")
+    check_compatible(config_to_dict(config), load_config(None, [
+        "model.teacher=x", "distill.method=adm", "model.compile=blocks", "model.attention_backend=math"]), "run")
+    with pytest.raises(ConfigError, match="distill.delta_t"):  # an existing key still may not change
+        check_compatible(config_to_dict(config), load_config(None, ["model.teacher=x", "distill.delta_t=7"]), "run")

@@ -69,3 +69,4 @@ def test_a_resumed_run_of_each_method_does_only_the_rest_and_matches(method, cog
     reference = _generator(whole)
     for name, tensor in _generator(resumed).items():
         assert torch.equal(tensor, reference[name]), name
+

@@ -9,8 +9,9 @@
 
 A run never writes into an ``output_dir`` that holds a different run: the current config is
 compared with ``output_dir/config.yaml`` and with the checkpoint's config on every key except
-those that may change between invocations (the parallel layout, which loading reshards, and how
-the run is logged, saved and exported); the first differing key is named in one line. The global
+those that may change between invocations (the parallel layout, which loading reshards, the
+kernels, and how the run is logged, saved and exported) and keys newer than the run at their
+defaults; the first differing key is named in one line. The global
 batch (``data.batch_size`` x data-parallel size) must stay the same. All of it reads small files
 only, before any process group or model exists.
 """
@@ -30,7 +31,7 @@ FINISHED = "finished.json"  # in output_dir, written when a run has exported eve
 # keys that may differ between the invocations of one run (prefixes end in a dot)
 MAY_CHANGE = (
     "parallel.", "model.sequence_parallel", "model.recompute", "model.recompute.", "model.impl", "data.batch_size",
-    "model.attention_backend", "model.fp8", "model.fp8_margin", "model.fp8_amax_history_len",
+    "model.attention_backend", "model.compile", "model.fp8", "model.fp8_margin", "model.fp8_amax_history_len",
     "model.fp8_amax_compute_algo",
     *(f"optim.{n}.{k}" for n in ("generator", "fake_score", "discriminator") for k in ("shard_over_dp", "offload")),
     "train.resume", "train.keep_checkpoints", "train.save_every", "train.save_interval_minutes",
@@ -57,11 +58,16 @@ def _flatten(values: dict, prefix: str = "") -> dict:
 
 
 def check_compatible(saved: dict, config: Config, source: str) -> None:
-    """One-line ConfigError naming the first key that differs and may not."""
+    """One-line ConfigError naming the first key that differs and may not. A key the saved config
+    does not have (added to adm_megatron after the run was saved) passes at its default value: a new
+    key's default keeps the behaviour the run was trained with."""
     now = _flatten(config_to_dict(config))
     before = _flatten(saved)
+    defaults = _flatten(config_to_dict(Config()))
     for key in sorted(set(now) | set(before)):
         if any(key == p or (p.endswith(".") and key.startswith(p)) for p in MAY_CHANGE):
+            continue
+        if key not in before and key in defaults and now.get(key) == defaults[key]:
             continue
         if now.get(key) != before.get(key):
             raise ConfigError(
