@@ -32,6 +32,7 @@ def _setup_logging() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from adm_megatron.train.grad_sync import GradSyncError
     from adm_megatron.train.phases import NonFiniteError
     from adm_megatron.train.preemption import PREEMPTED_EXIT_CODE
     from adm_megatron.train.trainer import Trainer
@@ -42,6 +43,9 @@ def _train(args: argparse.Namespace) -> int:
     except NonFiniteError as err:
         print(f"adm-megatron: training stopped: {err}", file=sys.stderr)
         return NONFINITE_EXIT_CODE
+    except GradSyncError as err:  # a setting this model cannot take, found at its first update
+        print(f"adm-megatron: training stopped: {err}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) != 0:
         return PREEMPTED_EXIT_CODE if result.preempted else 0
     if result.preempted:

@@ -88,6 +88,7 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
                       steps: int = 50, batch_size: int = 64, progress: bool = True) -> dict:
     """Collect (or finish collecting) ``num_pairs`` pairs into ``out_dir``; returns the manifest."""
     from adm_megatron.algorithms.networks import DiTFunction, text_condition
+    from adm_megatron.models import kernel_options
     from adm_megatron.parallel import initialize_parallel, launch_env
     from adm_megatron.data import open_text_source
     from adm_megatron.train.teacher import resolve_teacher
@@ -115,6 +116,7 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     dtype = torch.float64 if config.model.dtype == "fp64" else torch.float32
     teacher = source.build_models(1, sequence_parallel=config.model.sequence_parallel, impl=config.model.impl,
                                   params_dtype=dtype)[0].eval().requires_grad_(False)
+    kernel_options.apply_kernel_options(teacher, config.model)  # attention backend, FP8, compile, as in train
     d = config.data
     fn = DiTFunction(teacher, source.family.positional_inputs(source.arch, d.frames, d.height, d.width,
                                                               device=info.device))

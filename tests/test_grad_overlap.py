@@ -198,3 +198,25 @@ def test_a_parameter_without_gradient_is_refused_in_one_line(world_of_one):
     plain = DistributedDataParallel(config, ddp_config(ParallelConfig(), sharded=False), TwoLinears(config))
     plain(torch.randn(2, 4)).sum().backward()
     check_grads_arrived(plain, "generator")
+
+
+def test_the_train_command_reports_it_in_one_line_with_exit_status_2(monkeypatch, capsys, tmp_path):
+    from adm_megatron import cli
+    from adm_megatron.train import trainer
+    from adm_megatron.train.grad_sync import GradSyncError
+
+    class Refused:
+        def __init__(self, config):
+            pass
+
+        def fit(self):
+            raise GradSyncError("parallel.overlap_grad_reduce=true: 1 trainable parameter(s) of the generator "
+                                "received no gradient in its update (first: x)")
+
+    monkeypatch.setattr(trainer, "Trainer", Refused)
+    config = tmp_path / "run.yaml"
+    config.write_text("model: {teacher: x}\n")
+    assert cli.main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["adm-megatron: training stopped: parallel.overlap_grad_reduce=true: 1 trainable parameter(s) "
+                   "of the generator received no gradient in its update (first: x)"]

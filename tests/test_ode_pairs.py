@@ -145,3 +145,27 @@ def test_bad_output_directories_fail_in_one_line(pipeline_dir, tmp_path):
     manifest.write_text(json.dumps({"format": "something else"}))
     with pytest.raises(ValueError, match="format 'something else'"):
         OdePairs(str(manifest.parent))
+
+
+def test_the_collection_runs_its_teacher_with_the_configs_kernel_options(pipeline_dir, tmp_path, world_of_one,
+                                                                        monkeypatch):
+    """As ``train`` does: the attention backend, FP8 and compile settings reach the teacher."""
+    from adm_megatron.cli import main
+    from adm_megatron.models import kernel_options
+
+    applied = []
+    real = kernel_options.apply_kernel_options
+
+    def recording(network, model):
+        real(network, model)
+        applied.append((network, model))
+
+    monkeypatch.setattr(kernel_options, "apply_kernel_options", recording)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {{teacher: {pipeline_dir}, compile: blocks, attention_backend: math}}\n")
+    assert main(["collect-ode", "--config", str(config), "--out", str(tmp_path / "pairs"), "--num-pairs", "2",
+                 "--steps", "2", "--no-progress", *DATA]) == 0
+    ((teacher, model),) = applied
+    assert (model.compile, model.attention_backend) == ("blocks", "math")
+    assert all(block._compiled_call_impl is not None for block in teacher.blocks)
+    assert OdePairs(str(tmp_path / "pairs")).verify() == []
