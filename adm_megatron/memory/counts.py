@@ -11,7 +11,7 @@ train: they alone have grads and optimizer state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -50,15 +50,13 @@ def backbone_size(arch, tensor_parallel: int) -> NetworkSize:
 
 def lora_generator_size(arch, tensor_parallel: int, lora) -> NetworkSize:
     """A LoRA generator (``lora``: the run's ``LoraConfig``) on one of ``tensor_parallel`` ranks."""
-    import dataclasses
-
     from adm_megatron.families import family_of_arch
     from adm_megatron.lora import apply_lora
 
     model = family_of_arch(arch).build_model(arch, device="meta")
     adapters = apply_lora(model, lora, seed=0)
     built = model.config.tensor_model_parallel_size
-    return dataclasses.replace(_size(model, tensor_parallel, built),
+    return replace(_size(model, tensor_parallel, built),
                                trainable=_size(adapters, tensor_parallel, built).params)
 
 

@@ -23,6 +23,8 @@ differ, and only where the call needs nothing of megatron's.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear as _MegatronColumn
@@ -50,13 +52,20 @@ class _LocalWhenAlone:
     nothing but identity regions: no expert / deferred-wgrad / activation-offloading machinery, no
     fused gradient accumulation, the layer's own weight."""
 
-    def _alone(self, weight) -> bool:
+    @functools.cached_property
+    def _one_plain_rank(self) -> bool:
+        """What holds for the layer's whole life (read once, not on every call)."""
         return (
-            weight is None
-            and get_pg_size(self.tp_group) == 1
+            get_pg_size(self.tp_group) == 1
             and not self.is_expert
             and not self.gradient_accumulation_fusion
             and not self.config.defer_embedding_wgrad_compute
+        )
+
+    def _alone(self, weight) -> bool:
+        return (
+            weight is None
+            and self._one_plain_rank
             and getattr(self.config, "_cpu_offloading_context", None) is None
         )
 
