@@ -153,10 +153,12 @@ class DistillConfig:
     pixel_encoder: str = "sam"  # sam (SamVisionModel) | dinov2 (Dinov2Model, the paper's ablation)
     pixel_encoder_path: str = ""  # a local transformers directory of that encoder
     pixel_layers: list[int] = field(default_factory=lambda: [3, 6, 9, 12])  # 1-based encoder layers
-    # adp: re-noise the pair's x_0 and the generator's x0_hat with one noise draw at t' (the latent
-    # discriminator then sees pairs that differ only by alpha(t') (x_0 - x0_hat), as ADM's real / fake
-    # share x_t); false: an independent noise each (docs/toy_study.md says what it changes)
-    paired_noise: bool = False
+    # adp: the noise that re-noises the pair's x_0 and the generator's x0_hat to the latent
+    # discriminator's t' (algorithms/adp.py): independent (a draw each), shared (one fresh draw for
+    # both: a real / fake pair then differs only by alpha(t') (x_0 - x0_hat)), pair (the pair's own
+    # x_T for both: each side lies on its RF line from x_T, so the discriminator sees which x_0 goes
+    # with which x_T); docs/toy_study.md says what each changes
+    renoise: str = "independent"
 
 
 @dataclass
@@ -243,6 +245,7 @@ CHOICES = {
     "distill.method": ("adm", "dmd", "dmd2", "adp"),
     "distill.pixel_encoder": ("sam", "dinov2"),
     "distill.head_reduction": ("sum", "mean"),
+    "distill.renoise": ("independent", "shared", "pair"),
     "train.nan_policy": ("error", "skip"),
     "train.export_lora": ("merged", "adapter", "both"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
@@ -456,8 +459,8 @@ def _check_fields(config: Config, source: str) -> None:
     if d.latent_weight < 0 or d.pixel_weight < 0 or d.latent_weight + d.pixel_weight == 0:
         raise ConfigError(f"{source}: distill.latent_weight={d.latent_weight} / pixel_weight={d.pixel_weight}: "
                           "expected >= 0, not both 0")
-    if d.paired_noise and d.method != "adp":
-        raise ConfigError(f"{source}: distill.paired_noise=true is an ADP option (distill.method=adp), "
+    if d.renoise != "independent" and d.method != "adp":
+        raise ConfigError(f"{source}: distill.renoise={d.renoise} is an ADP option (distill.method=adp), "
                           f"got distill.method={d.method}")
     if d.method == "adp" and d.pixel_weight > 0 and not d.pixel_encoder_path:
         raise ConfigError(f"{source}: distill.pixel_weight={d.pixel_weight} needs distill.pixel_encoder_path (a "

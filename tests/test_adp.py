@@ -203,30 +203,38 @@ def test_discriminator_time_range():
 
 
 @SCHEDULES
-def test_paired_noise_makes_real_and_fake_differ_by_their_clean_difference(schedule):
-    """With paired_noise the pair's x_0 and the generator's x0_hat are re-noised with one draw, so
-    real_t' - fake_t' = alpha(t') (x_0 - x0_hat) exactly; by default each has its own noise."""
+def test_renoise_choices(schedule):
+    """``shared``: the pair's x_0 and the generator's x0_hat are re-noised with one fresh draw, so
+    real_t' - fake_t' = alpha(t') (x_0 - x0_hat) exactly; ``pair``: that draw is the pair's own x_T,
+    so each side is the schedule's point at t' between x_T and its clean end (the real side on the
+    pair's line); ``independent`` (default): each has its own noise."""
     x_T, x0 = _pair()
     text = torch.zeros(B, 2, 3, dtype=torch.float64)
     batch = PhaseBatch(text=text, negative=text, fake_noise=x_T, generator_noise=x_T,
                        real=RealBatch(x0=x0, text=text, x_T=x_T))
-    gaps = {}
-    for paired in (False, True):
+    gaps, on_line = {}, {}
+    for renoise in ("independent", "shared", "pair"):
         alg = ADP(_stub_networks(pixel=False), schedule, 1, (1.0, 1.0), latent_weight=1.0, pixel_weight=0.0,
-                  paired_noise=paired)
+                  renoise=renoise)
         _, _, pair = alg.generator_loss(batch, _rng(3))
         x0_hat = alg.generator_sample(x_T, x0, text, _rng(3)).detach()
         alpha, _ = (c.view(-1, 1, 1, 1, 1) for c in schedule.coefficients(pair.t_disc))
         fake_t = pair.fake_latent_features[0]  # the stand-in backbone's feature is its input
-        gaps[paired] = (pair.real_noisy - fake_t - alpha * (x0 - x0_hat)).abs().max()
-    assert gaps[True] <= 1e-12, gaps
-    assert gaps[False] > 0.1, gaps
+        gaps[renoise] = (pair.real_noisy - fake_t - alpha * (x0 - x0_hat)).abs().max()
+        on_line[renoise] = max((pair.real_noisy - schedule.add_noise(x0, x_T, pair.t_disc)).abs().max(),
+                               (fake_t - schedule.add_noise(x0_hat, x_T, pair.t_disc)).abs().max())
+    assert gaps["shared"] <= 1e-12 and gaps["pair"] <= 1e-12, gaps
+    assert gaps["independent"] > 0.1, gaps
+    assert on_line["pair"] <= 1e-12 and on_line["shared"] > 0.1, on_line
 
 
-def test_paired_noise_is_refused_outside_adp():
+def test_renoise_is_refused_outside_adp():
     from adm_megatron.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=r"distill.paired_noise=true is an ADP option .* distill.method=dmd2"):
-        load_config(None, ["model.teacher=t", "data.real_path=p", "distill.method=dmd2", "distill.paired_noise=true"])
+    with pytest.raises(ConfigError, match=r"distill.renoise=shared is an ADP option .* distill.method=dmd2"):
+        load_config(None, ["model.teacher=t", "data.real_path=p", "distill.method=dmd2", "distill.renoise=shared"])
+    with pytest.raises(ConfigError, match=r"distill.renoise"):
+        load_config(None, ["model.teacher=t", "data.real_path=p", "distill.method=adp", "distill.pixel_weight=0",
+                           "distill.renoise=paired"])
     assert load_config(None, ["model.teacher=t", "data.real_path=p", "distill.method=adp", "distill.pixel_weight=0",
-                              "distill.paired_noise=true"]).distill.paired_noise
+                              "distill.renoise=pair"]).distill.renoise == "pair"

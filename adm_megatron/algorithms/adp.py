@@ -38,14 +38,24 @@ target only in the sense that its ends are the real side and the generator's inp
 
 * latent discriminator (weight ``latent_weight`` = λ1, 0.85): the frozen teacher backbone's tapped
   features plus the trainable 3D heads, on ``x0_hat`` and on the pair's real ``x_0``, each re-noised
-  with fresh noise to the same ``t'`` uniform on [0, T) (``q(x_t' | x_0)`` of the schedule; the
+  to the same ``t'`` uniform on [0, T) (``q(x_t' | x_0)`` of the schedule; the
   paper's choice). ``disc_t_max`` < 1 narrows it to [0, disc_t_max T) (``distill.gan_t_max``, the
-  knob DMD2's classifier has too; the toy study's note says when that matters). With
-  ``paired_noise`` (``distill.paired_noise``) both take *one* noise draw, so a real / fake pair
-  differs only by ``alpha(t') (x_0 - x0_hat)``: the pair's x_0 and the generator's sample from that
-  pair's own interpolation, as ADM's real and fake share x_t. This is a variance reduction of the
-  discriminator's input, not a change of its target: each side's marginal is still ``q(x_t' | .)``.
-  Off (the default), each side gets its own noise;
+  knob DMD2's classifier has too; the toy study's note says when that matters). The re-noising
+  noise is ``renoise`` (``distill.renoise``):
+
+  - ``independent`` (the default): each side its own draw;
+  - ``shared``: one fresh draw for both, so a real / fake pair differs only by
+    ``alpha(t') (x_0 - x0_hat)`` -- the pair's x_0 and the generator's sample from that pair's own
+    interpolation, as ADM's real and fake share x_t. A variance reduction of the discriminator's
+    input, not a change of its target: each side's marginal is still ``q(x_t' | .)``;
+  - ``pair``: that one draw is the pair's own x_T, so the real side is the point at t' on the pair's
+    line from x_T to x_0 (the family the generator's inputs come from) and the fake side the point
+    on the line from the same x_T to x0_hat. The discriminator then sees which clean end goes with
+    which noise, so its gradient on a fake differs with that fake's x_T. A hinge loss on samples
+    alone cannot give that: from a collapsed start (a zero-terminal-SNR teacher's 1-step output is
+    its conditional mean, whatever x_T) every fake gets the same push up to the re-noising noise,
+    and the samples move together, not apart (docs/toy_study.md measures it);
+
 * pixel discriminator (weight ``pixel_weight`` = λ2, 0.15; ``heads/pixel.py``): the VAE-decoded
   clean samples (each video frame as an image) through a frozen vision encoder (SAM by default,
   DINOv2 as the ablation) and trainable 2D heads on its configured layers; per-frame logits are
@@ -74,6 +84,9 @@ from adm_megatron.algorithms.losses import hinge_d_loss, hinge_g_loss
 from adm_megatron.algorithms.randomness import BatchRandom
 
 
+RENOISE = ("independent", "shared", "pair")
+
+
 def warp_rf_time(u: torch.Tensor) -> torch.Tensor:
     """ADP's generator-time warp ``s = 1 - u^3`` (``t <- (1 - (t/T)^3) T`` with ``s = t / T``)."""
     return 1.0 - u.pow(3)
@@ -98,7 +111,7 @@ class ADP(Distillation):
     needs_real_samples = True
 
     def __init__(self, *args, latent_weight: float = 0.85, pixel_weight: float = 0.15, disc_t_max: float = 1.0,
-                 paired_noise: bool = False, **kwargs):
+                 renoise: str = "independent", **kwargs):
         super().__init__(*args, **kwargs)
         if (pixel_weight > 0) != (self.nets.pixel is not None):
             raise ValueError(f"ADP: pixel_weight={pixel_weight} but the pixel discriminator is "
@@ -106,7 +119,9 @@ class ADP(Distillation):
         self.latent_weight = latent_weight
         self.pixel_weight = pixel_weight
         self.disc_t_max = max(1, int(disc_t_max * self.schedule.num_train_timesteps))
-        self.paired_noise = paired_noise
+        if renoise not in RENOISE:
+            raise ValueError(f"ADP: renoise={renoise!r}, expected one of {', '.join(RENOISE)}")
+        self.renoise = renoise
 
     @staticmethod
     def _pairs(batch: PhaseBatch) -> RealBatch:
@@ -137,8 +152,8 @@ class ADP(Distillation):
         real = self._pairs(batch)
         x0_hat = self.generator_sample(real.x_T, real.x0, real.cond, rng)
         t_disc = rng.randint(0, self.disc_t_max, x0_hat.device)
-        fake_noise = rng.randn(x0_hat)
-        real_noise = fake_noise if self.paired_noise else rng.randn(real.x0)
+        fake_noise = real.x_T if self.renoise == "pair" else rng.randn(x0_hat)
+        real_noise = rng.randn(real.x0) if self.renoise == "independent" else fake_noise
         fake_noisy = self.schedule.add_noise(x0_hat, fake_noise, t_disc)
         real_noisy = self.schedule.add_noise(real.x0, real_noise, t_disc)
         latent_features = self.latent_features(fake_noisy, t_disc, real.cond)
