@@ -159,6 +159,11 @@ class DistillConfig:
     # x_T for both: each side lies on its RF line from x_T, so the discriminator sees which x_0 goes
     # with which x_T); docs/toy_study.md says what each changes
     renoise: str = "independent"
+    # adp: the share of the generator's inputs put at pure noise (RF time s = 1: exactly where the
+    # 1-step sampler starts) instead of the warp's draw. With a zero-terminal-SNR teacher (CogVideoX,
+    # the toy) the warp lands there for about 5% of the inputs and the teacher-initialised output
+    # there is the conditional mean whatever the noise (docs/toy_study.md); 0 is the paper's warp alone
+    pure_noise_share: float = 0.0
 
 
 @dataclass
@@ -462,6 +467,11 @@ def _check_fields(config: Config, source: str) -> None:
     if d.renoise != "independent" and d.method != "adp":
         raise ConfigError(f"{source}: distill.renoise={d.renoise} is an ADP option (distill.method=adp), "
                           f"got distill.method={d.method}")
+    if not 0 <= d.pure_noise_share <= 1:
+        raise ConfigError(f"{source}: distill.pure_noise_share={d.pure_noise_share}: expected a share in [0, 1]")
+    if d.pure_noise_share and d.method != "adp":
+        raise ConfigError(f"{source}: distill.pure_noise_share={d.pure_noise_share} is an ADP option "
+                          f"(distill.method=adp), got distill.method={d.method}")
     if d.method == "adp" and d.pixel_weight > 0 and not d.pixel_encoder_path:
         raise ConfigError(f"{source}: distill.pixel_weight={d.pixel_weight} needs distill.pixel_encoder_path (a "
                           f"local {d.pixel_encoder} encoder directory), or set distill.pixel_weight=0")

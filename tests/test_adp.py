@@ -7,7 +7,10 @@
 - at s = 1 ADP's x0 reading of the generator equals diffusers' own 1-step sampling loop (the
   exported 1-step generator samples as it was trained);
 - the generator and discriminator losses equal the hinge formulas written out by hand, with the
-  λ1 / λ2 weights, on stand-in networks whose logits are simple functions of their input.
+  λ1 / λ2 weights, on stand-in networks whose logits are simple functions of their input;
+- ``pure_noise_share`` puts exactly the drawn share at the 1-step input (x_T) and leaves the rest
+  on the warp; ``renoise`` re-noises the two sides independently, with one draw, or with x_T;
+  both reach the algorithm from the config and are refused outside ADP.
 """
 
 from __future__ import annotations
@@ -54,6 +57,31 @@ def test_generator_time_is_the_warped_uniform_draw(schedule):
     else:  # the grid timestep whose RF time is nearest
         grid = schedule.rf_time(torch.arange(1000))
         assert torch.equal(t, (grid[None, :] - (1 - u**3)[:, None]).abs().argmin(dim=1))
+
+
+@SCHEDULES
+def test_pure_noise_share_puts_that_share_at_the_one_step_input(schedule):
+    """``pure_noise_share`` p: a second uniform draw puts a sample at s = 1 when it is below p (its
+    input is then x_T itself, at the 1-step sampler's timestep); the others keep the warp's draw.
+    p = 0 makes no extra draw, so earlier runs draw what they drew."""
+    x_T, x0 = _pair(shape=(64, 2, 3, 4, 4))
+    terminal = schedule.timestep_at_rf_time(torch.ones(1, dtype=torch.float64))
+    assert terminal.item() == schedule.inference_timesteps(1)[0].item()
+    counts = {}
+    for share in (0.0, 0.5, 1.0):
+        alg = ADP(_stub_networks(pixel=False), schedule, 1, (1.0, 1.0), pixel_weight=0.0, latent_weight=1.0,
+                  pure_noise_share=share)
+        draws = BatchRandom(torch.Generator().manual_seed(5), 64, slice(0, 64))
+        x_t, t = alg.generator_input(x_T, x0, draws)
+        replay = BatchRandom(torch.Generator().manual_seed(5), 64, slice(0, 64))
+        warped = schedule.timestep_at_rf_time(warp_rf_time(replay.rand("cpu")))
+        at_one = replay.rand("cpu") < share if share else torch.zeros(64, dtype=torch.bool)
+        assert torch.equal(t[at_one], terminal.expand(int(at_one.sum())))
+        assert torch.equal(x_t[at_one], x_T[at_one])
+        assert torch.equal(t[~at_one], warped[~at_one])
+        assert torch.equal(draws.generator.get_state(), replay.generator.get_state())  # no draw beyond these
+        counts[share] = int(at_one.sum())
+    assert counts[0.0] == 0 and counts[1.0] == 64 and 16 <= counts[0.5] <= 48, counts
 
 
 @SCHEDULES
@@ -238,3 +266,24 @@ def test_renoise_is_refused_outside_adp():
                            "distill.renoise=paired"])
     assert load_config(None, ["model.teacher=t", "data.real_path=p", "distill.method=adp", "distill.pixel_weight=0",
                               "distill.renoise=pair"]).distill.renoise == "pair"
+
+
+def test_trainer_builds_adp_with_the_configs_options():
+    from adm_megatron.config import load_config
+    from adm_megatron.train.trainer import build_algorithm
+
+    config = load_config(None, ["model.teacher=t", "data.real_path=p", "distill.method=adp", "distill.pixel_weight=0",
+                                "distill.renoise=pair", "distill.pure_noise_share=0.25"])
+    alg = build_algorithm(config, _stub_networks(pixel=False), VPVPredSchedule(3.0))
+    assert (alg.renoise, alg.pure_noise_share) == ("pair", 0.25)
+
+
+def test_pure_noise_share_is_checked():
+    from adm_megatron.config import ConfigError, load_config
+
+    base = ["model.teacher=t", "data.real_path=p", "distill.pixel_weight=0"]
+    with pytest.raises(ConfigError, match=r"distill.pure_noise_share=1.5: expected a share in \[0, 1\]"):
+        load_config(None, [*base, "distill.method=adp", "distill.pure_noise_share=1.5"])
+    with pytest.raises(ConfigError, match=r"distill.pure_noise_share=0.5 is an ADP option .* distill.method=dmd2"):
+        load_config(None, [*base, "distill.method=dmd2", "distill.pure_noise_share=0.5"])
+    assert load_config(None, [*base, "distill.method=adp", "distill.pure_noise_share=0.5"]).distill.pure_noise_share == 0.5

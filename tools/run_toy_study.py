@@ -122,49 +122,50 @@ three controls, a sweep, and the discriminator watched through its paired statis
   (ADM improved seeds 0 and 1, 0.576 -> 0.488 and 0.444 -> 0.407, and lost on seed 2, 0.459 ->
   0.503) and 2.885 for ADM alone at 1 step: the pre-stage is what makes 1-step work (ADP, the
   paper's pre-stage, is the next note).
-- **ADP -> ADM (DMDX, issue 13) misses its target; DMD2 -> ADM wins.** Latent-only ADP
-  (`toy_adp.yaml`: no VAE, so no pixel discriminator; hinge loss only, the paper's ADP having no
-  regression term; real and fake re-noised with one draw, `distill.paired_noise`) for 800
-  iterations, then the same ADM 1-step stage as the DMD2 chain: 2.746 ± 0.096 (seeds 2.72 / 2.85 /
-  2.66) against the bar of 0.5 x teacher 2-step = 1.039 and 0.466 ± 0.051 for DMD2 -> ADM; level
-  with ADM alone at 1 step (2.885 ± 0.150) and with the earlier ADP run with independent noises
-  (2.727 ± 0.012). The ADP stage alone ends at 5.295 ± 0.939 (4.22 / 5.96 / 5.71; before 5.115 ±
-  0.521), diversity 2.32 ± 0.06: still collapsed on the class mean (the teacher's weights as a
-  1-step generator: 6.54, diversity 2.15; the DMD2 stage: 0.493, diversity 14.3).
-  Why, measured (a probe on seed 0's pairs: fresh heads trained with the hinge loss on 40 batches
-  of 8, accuracy / margin on 8 held-out batches, heads' AdamW betas (0, 0.99)):
-  (1) *Most of ADP's fake samples are not collapsed.* The warp s = 1 - u³, read as a rectified-flow
-  time on the VP grid, puts the generator at t = T - 1 (pure noise, where the 1-step sampler runs)
-  for 4.9% of its inputs, at t ≥ 900 for 31%, t ≥ 500 for 63%; elsewhere the input carries the
-  pair's own x_0 (alpha ≥ 0.03) and the teacher-initialised generator denoises it back to near
-  that x_0 (per-sample mean |x̂_0 - x_0|: median 0.08, 90th percentile 0.19, against 0.16 for
-  pure-noise inputs; data std 1.0). So the discriminator looks for a few collapsed samples among
-  near-copies of the real ones. (2) *The heads can see the collapse.* Against fakes all from
-  pure noise, at t' < 50, they reach paired accuracy 0.95 / margin 0.90 after 200 updates at lr
-  1e-3 (0.87 / 0.60 at lr 1e-2; after 60 updates 0.92 / 0.07 and 0.76 / 0.02: the earlier
-  "margin 0.003-0.008 after 60 updates" was a slow start, measured on the mixed fakes). Against
-  ADP's actual fakes: 0.73 / 0.20 at t' < 50, chance at t' uniform on [0, T) (0.48-0.56, margin
-  ≤ 0.006) -- the configured range. (3) *Independent re-noising hides the rest*: with one noise
-  draw for both sides the same probe at t' uniform reaches 0.65-0.73 (at t' < 50: 0.68-0.82);
-  hence `distill.paired_noise` (general: the samples' difference is all that differs, as ADM's real
-  and fake share x_t). In the study's runs the ADP heads' paired accuracy is 0.53-0.59 per
-  window (mean over seeds; before 0.49-0.54), margins ≤ 0.004. (4) Not the cause: GroupNorm with one channel per group
-  (width 32, GroupNorm(32): per-channel normalisation over a 3 x 2 x 2 map) -- 8 or 4 groups gave
-  0.83 / 0.09 and 0.69 / 0.002 against 0.76 / 0.02 (60 updates, collapsed fakes), no norm 0.66 /
-  0.03; the hinge is not saturated (|D| < 1); the generator's gradient reaches it through the
-  frozen teacher (grad norm 0.1-0.2 per update). Chains on seed 0 (ADP 800 + ADM 600, EMA FD /
-  diversity at 128 samples per class): independent noises 4.68 / 2.3 -> 2.76 / 2.9; paired 4.26 /
-  2.3 -> 2.73 / 2.9; every generator input at pure noise (s = 1, a pilot-only patch, not the
-  paper's warp) 2.85 / 3.2 -> 2.25 / 3.5. Heads at lr 1e-3 were worse at 400 iterations (5.00
-  against 3.50). So even a discriminator that sees the collapse moves the collapsed samples
-  together (sharper, FD down) but hardly apart: at the collapse point its gradient is the same
-  for every sample up to the re-noising noise, and nothing in a hinge-only loss ties a sample to
-  its own x_T, while DMD's per-sample normalised (s_real - s_fake) gradient does spread them.
-  The teacher's zero terminal SNR is what makes the start collapsed (at t = T - 1 its output
-  ignores x_T); the paper's 1-step DMDX is on SDXL, whose last timestep keeps alpha ≈ 0.07, so
-  its 1-step start still depends on the noise -- our reading, not measured here. What the toy
-  cannot show: the pixel (SAM) discriminator, heads on a real backbone, and the paper's scale;
-  so on the toy DMD2 is the pre-stage that works, which says nothing yet about ADP on CogVideoX.
+- **ADP -> ADM (DMDX, issue 13) meets its target: 0.512 ± 0.076** (seeds 0.554 / 0.425 / 0.559)
+  against the bar of 0.5 x teacher 2-step = 1.039; DMD2 -> ADM 0.466 ± 0.051 is level within the
+  spreads, ADM alone at 1 step 2.885 ± 0.150. The ADP stage alone ends at 0.584 ± 0.085 (0.622 /
+  0.644 / 0.487), diversity 13.78 ± 0.15 (teacher 50-step: 12.5; the teacher's weights as a 1-step
+  generator: 6.54, diversity 2.15), so on the toy ADP does the work and ADM's stage adds little.
+  Latent-only ADP (`toy_adp.yaml`: no VAE, so no pixel discriminator; hinge loss only, the paper's
+  ADP having no regression term), 1600 iterations, with two settings that the paper's literal
+  recipe does not have and without which it stays collapsed on this zero-terminal-SNR teacher:
+  `distill.pure_noise_share: 1` (every generator input at pure noise, x_t = x_T, the 1-step sampler's
+  input) and `distill.renoise: pair` (the discriminator's real x_0 and the generated sample both
+  re-noised to t' with the pair's own x_T). Both are ADP options, off by default.
+  *Why each is needed, measured* (seed 0; `adm-megatron train --config examples/cogvideox/toy_adp.yaml
+  train.max_iterations=800 distill.pure_noise_share=P distill.renoise=R`, then `toy_two_stage_2.yaml`
+  from its generator; FD of the exported EMA generator, 256 samples per class,
+  `python tools/eval_toy.py --generator DIR --steps 1`; ADP FD / diversity -> ADM FD / diversity):
+  (1) the teacher's 1-step start is collapsed: at t = T - 1 zero terminal SNR leaves alpha = 0, the
+  sampler's x0 reading is -v, and the teacher's v there is its conditional mean whatever x_T. The
+  paper's warp s = 1 - u³, read as a rectified-flow time on the VP grid, puts 4.9% of the
+  generator's inputs at t = T - 1; elsewhere the input carries the pair's own x_0 and the
+  teacher-initialised generator returns near-copies of it (median per-sample |x̂_0 - x_0| 0.08,
+  data std 1), so the discriminator hunts a few collapsed fakes among near-copies and stays at
+  chance. With the warp: 5.32 / 2.46 -> 2.41 / 2.98 (renoise pair); the warp applied to the model
+  timestep instead (t = (1 - u³) T, 11% at T - 1; a pilot-only patch): 3.57 / 2.60; half the inputs
+  at pure noise: 3.39 / 3.69 -> 1.84 / 4.07; all of them: 1.68 / 6.04 -> 1.39 / 5.90.
+  (2) a hinge loss on samples alone moves collapsed samples together, not apart: at the collapse
+  point the discriminator's gradient is the same for every fake up to its re-noising noise, which
+  is unrelated to the fake's x_T. With every input at pure noise, one fresh noise draw shared by
+  both sides (`renoise: shared`) gave 2.85 / 3.2 -> 2.25 / 3.5 (128 per class); the pair's own
+  x_T (`renoise: pair`) 1.68 / 6.04 -> 1.39 / 5.90. Re-noised with x_T, the real side is the point
+  at t' on the pair's line from x_T to x_0 and the fake side the point on the line from the same
+  x_T to x̂_0, so the discriminator learns which clean end goes with which noise and its gradient
+  on a fake depends on that fake's x_T -- the per-sample tie DMD's (s_real - s_fake) gradient has.
+  Its paired accuracy leaves chance after about 300 iterations (logged batches: 0.83 at 300, 0.92 at
+  700).
+  (3) the rest is length: `tools/toy_trajectory.py` on seed 0 for 1600 iterations (EMA, 64 per
+  class) gives 2.68 / 1.99 / 1.31 / 1.05 / 1.00 / 0.73 / 0.76 / 0.74 at 200 / 400 / ... / 1600 and a
+  diversity of 14.5 at the end, hence the config's 1600. In the study's ADP runs the heads' paired
+  accuracy is 0.59-0.86 per window (mean over seeds), rising through the run.
+  Earlier figures on the paper's literal settings (warp only, 800 iterations; 3 seeds): independent
+  noises 2.727 ± 0.012, one shared draw 2.746 ± 0.096 after ADM. What the toy cannot show: the
+  pixel (SAM) discriminator, heads on a real backbone, the paper's scale, and whether a teacher with
+  non-zero terminal SNR (the paper's SDXL keeps alpha ≈ 0.07 at its last timestep, so its 1-step
+  start still depends on the noise) needs either setting; CogVideoX has zero terminal SNR as the toy
+  teacher does, so `dmdx_stage1_adp.yaml` sets both.
 - **Sweep (ADM 2-step, seed 0; the configured run is 0.789):** Δt 16 / 50 / 200: 0.848 / 0.864 /
   0.802; heads' lr 1e-3 / 1e-2: 0.810 / 0.799; width 64: 1.029. Only the wider heads stand out (worse);
   the rest lie within the seed spread (0.79-1.14). Every setting keeps the discriminator above chance

@@ -107,7 +107,7 @@ def build_algorithm(config: Config, networks: Networks, schedule) -> Distillatio
         return DMD(**common, dmd_t_range=d.dmd_t_range)
     if d.method == "adp":
         return ADP(**common, latent_weight=d.latent_weight, pixel_weight=d.pixel_weight, disc_t_max=d.gan_t_max,
-                   renoise=d.renoise)
+                   renoise=d.renoise, pure_noise_share=d.pure_noise_share)
     return DMD2(**common, dmd_t_range=d.dmd_t_range, gan_weight=d.gan_weight, cls_weight=d.cls_weight,
                 gan_t_max=d.gan_t_max)
 
