@@ -8,17 +8,11 @@ from __future__ import annotations
 import json
 
 from multiproc import run_world
+from tiny_runs import tiny_fp64_run
 
 TOL = 1e-6
 ITERATIONS = 3
-COMMON = [
-    "model.dtype=fp64",
-    "data.num_prompts=4", "data.frames=2", "data.height=4", "data.width=4",
-    "distill.generator_steps=2", "distill.delta_t=100", "distill.head_every=1", "distill.head_hidden=16",
-    f"train.max_iterations={ITERATIONS}", "train.num_samples=0", "train.export=false", "train.ema_decay=0.5",
-    "logging.wandb_mode=disabled", "logging.progress=false", "optim.fake_score.decay_style=cosine",
-    "optim.generator.lr=1e-3", "optim.fake_score.lr=1e-3", "optim.discriminator.lr=1e-3",
-]
+COMMON = [*tiny_fp64_run(ITERATIONS), "train.ema_decay=0.5", "optim.fake_score.decay_style=cosine"]
 
 
 def _losses(metrics: dict) -> dict:
