@@ -372,7 +372,8 @@ def render_report(results: dict, notes: str = "") -> str:
         "Paired accuracy: the share of (sample, head) pairs with D(real) > D(fake), 0.5 at chance; in "
         "brackets the paired margin mean[D(real) - D(fake)]. For ADM real and fake share x_t (teacher vs "
         "fake-score ODE step); for DMD2 they are noisy teacher ODE-pair samples vs noisy generator samples "
-        "on the fake score's features. Means over each 100-iteration window of the run's metrics "
+        "on the fake score's features; for ADP the pair's x_0 vs the generator's sample, both re-noised to t' "
+        "(in the toy with the pair's own x_T) on the teacher's features. Means over each 100-iteration window of the run's metrics "
         "(every 10th iteration logged) and over seeds.",
         "",
         discriminator_table(results),
