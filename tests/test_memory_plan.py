@@ -1,12 +1,14 @@
-"""The memory planner against measurement: for each tiny ADM config that runs here, every phase's
-planned peak (and resident memory) is within 15% of the peak tensor memory measured over a real
-trainer iteration with torch.profiler's memory profile (``adm_megatron/memory/measure.py``). Also:
-exact parameter counts on ``meta``, the ``plan`` command's table / JSON / exit status, and the
-one-line refusals of bad layouts before any model is built."""
+"""The memory planner against measurement: for each tiny ADM config that runs here (CogVideoX 2b- and
+5b-style, SD3 and SD3.5-style), every phase's planned peak (and resident memory) is within 15% of
+the peak tensor memory measured over a real trainer iteration with torch.profiler's memory profile
+(``adm_megatron/memory/measure.py``). Also: exact parameter counts on ``meta``, the ``plan``
+command's table / JSON / exit status (CogVideoX and SD3 presets), and the one-line refusals of bad
+layouts before any model is built."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -14,6 +16,11 @@ import torch
 from adm_megatron.cli import main
 from adm_megatron.config import load_config
 from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+from adm_megatron.data.tiny_sd3_pipeline import build_tiny_sd3_pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SD3_LORA_EXAMPLE = os.path.join(ROOT, "examples", "sd35", "sd3_medium_4step_lora.yaml")
+SD35_LARGE_EXAMPLE = os.path.join(ROOT, "examples", "sd35", "sd35_large_4step.yaml")
 
 TOLERANCE = 0.15
 BASE = [
@@ -65,6 +72,36 @@ def assert_within_tolerance(figures: dict, context, resident: bool = True) -> No
 def test_plan_is_within_15_percent_of_measured_peak_of_every_phase(name, pipelines, tmp_path, world_of_one):
     rope, overrides = TINY_RUNS[name]
     assert_within_tolerance(plan_and_measure(pipelines[rope], str(tmp_path), overrides), name)
+
+
+def _sd3_lora_targets() -> str:
+    """The adapters of the real SD3-Medium LoRA example (both streams' attention and MLP linears)."""
+    targets = load_config(SD3_LORA_EXAMPLE).model.lora.target_modules
+    return f"model.lora={{rank: 4, alpha: 4, target_modules: [{', '.join(targets)}]}}"
+
+
+# (SD3.5-style qk-norm teacher, overrides), images with 333 synthetic text tokens (77 CLIP + 256 T5):
+# small latents (text and weights dominate), larger latents (image tokens weigh), the SD3.5-style
+# teacher, and a LoRA generator with the SD3-Medium example's adapters
+TINY_SD3_RUNS = {
+    "sd3-8x8": (False, ["data.height=8", "data.width=8"]),
+    "sd3-32x32": (False, ["data.height=32", "data.width=32"]),
+    "sd35-qk-norm-32x32": (True, ["data.height=32", "data.width=32"]),
+    "sd3-lora-32x32": (False, ["data.height=32", "data.width=32", _sd3_lora_targets()]),
+}
+
+
+@pytest.fixture(scope="module")
+def sd3_pipelines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd3_teachers")
+    return {qk: build_tiny_sd3_pipeline(str(root / f"qk{qk}"), seed=0, qk_norm=qk) for qk in (False, True)}
+
+
+@pytest.mark.parametrize("name", sorted(TINY_SD3_RUNS))
+def test_sd3_plan_is_within_15_percent_of_measured_peak_of_every_phase(name, sd3_pipelines, tmp_path, world_of_one):
+    qk_norm, overrides = TINY_SD3_RUNS[name]
+    figures = plan_and_measure(sd3_pipelines[qk_norm], str(tmp_path), ["data.frames=1", *overrides])
+    assert_within_tolerance(figures, name)
 
 
 def _rank_plan_and_measure(teacher: str, output_dir: str, overrides: list[str]) -> dict:
@@ -211,3 +248,41 @@ def test_a_lora_generator_plans_optimizer_state_and_grads_for_its_adapters_only(
     for name in ("teacher", "fake_score", "discriminator"):
         assert lora.networks[name] == full.networks[name], name
     assert lora.peak < full.peak - 0.9 * (g_full["grads"] + g_full["optimizer"])
+
+
+@pytest.mark.parametrize("preset", ["sd3-medium", "sd3.5-large", "sd3.5-medium"])
+def test_sd3_meta_counts_equal_the_diffusers_transformer(preset, world_of_one):
+    """The planner's sizes of the SD3 presets (built on ``meta``, no weights) are diffusers'
+    ``SD3Transformer2DModel`` of the same config, parameter for parameter."""
+    from diffusers import SD3Transformer2DModel
+
+    from adm_megatron.families import family_for_preset
+    from adm_megatron.memory.counts import backbone_size
+
+    family, config = family_for_preset(preset)
+    with torch.device("meta"):
+        reference = SD3Transformer2DModel(**config)
+    arch = family.arch_from_diffusers_config(config, preset)
+    assert backbone_size(arch, 1).params == sum(p.numel() for p in reference.parameters())
+
+
+def test_plan_command_plans_the_sd3_examples_on_meta_sizes(tmp_path, capsys, world_of_one):
+    """``adm-megatron plan`` on the SD3.5-Large full fine-tune and SD3-Medium LoRA examples: their
+    teachers (``/path/to/...``) do not exist, so the plan comes from the ``--arch`` preset built on
+    ``meta``. As written SD3.5-Large does not fit 8 cards of 80 GiB (fp32 weights, grads and AdamW
+    state of three 8B networks on TP=2); sharding the optimizer over 32 GPUs with bf16 params does."""
+    from adm_megatron.families import preset_names
+
+    assert {"sd3-medium", "sd3.5-large", "sd3.5-medium", "cogvideox-2b"} <= set(preset_names("memory-plan"))
+    large = ["plan", "--config", SD35_LARGE_EXAMPLE, "--arch", "sd3.5-large", "--card", "80"]
+    assert main([*large, "--gpus", "8"]) == 1
+    out = capsys.readouterr()
+    assert "sd3.5-large on 8 GPUs" in out.out and "DOES NOT FIT" in out.out and "does not fit" in out.err
+    out_json = tmp_path / "plan.json"
+    assert main([*large, "--gpus", "32", "--shard-optimizer", "all", "--params", "bf16", "--json", str(out_json)]) == 0
+    plan = json.loads(out_json.read_text())
+    assert plan["fits"] and plan["settings"]["data_parallel"] == 16
+    assert plan["phases"]["generator"]["activations"] > 0
+    assert main(["plan", "--config", SD3_LORA_EXAMPLE, "--arch", "sd3-medium", "--gpus", "8", "--card", "80"]) == 0
+    table = capsys.readouterr().out
+    assert "sd3-medium on 8 GPUs" in table and "fits" in table

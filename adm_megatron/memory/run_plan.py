@@ -41,14 +41,16 @@ def shape_for(config: Config, arch) -> Shape:
     d = config.distill
     if d.head_every > arch.num_layers:
         raise PlanError(f"distill.head_every={d.head_every}: the teacher has only {arch.num_layers} blocks")
+    family = family_of_arch(arch)
+    text = family.conditioning(arch)  # prompts of the family's default length (SD3: 77 CLIP + 256 T5)
     return Shape(
         layers=arch.num_layers, hidden=arch.hidden_size, heads=arch.num_attention_heads,
-        ffn=arch.ffn_hidden_size, text_tokens=arch.max_text_seq_length, text_dim=arch.text_embed_dim,
+        ffn=arch.ffn_hidden_size, text_tokens=text.text_length, text_dim=text.text_width,
         latent_channels=arch.in_channels, patch=arch.patch_size,
-        position_table=not arch.use_rotary_positional_embeddings, frames=config.data.frames,
+        terms=family.memory_terms(arch), frames=config.data.frames,
         height=config.data.height, width=config.data.width,
         taps=len(tapped_block_indices(arch.num_layers, d.head_every)),
-        head_hidden=d.head_hidden, head_blocks=d.head_blocks,
+        head_hidden=d.head_hidden, head_blocks=d.head_blocks, pooled_dim=text.pooled_width or 0,
     )
 
 
