@@ -82,12 +82,15 @@ def _sd3_lora_targets() -> str:
 
 # (SD3.5-style qk-norm teacher, overrides), images with 333 synthetic text tokens (77 CLIP + 256 T5):
 # small latents (text and weights dominate), larger latents (image tokens weigh), the SD3.5-style
-# teacher, and a LoRA generator with the SD3-Medium example's adapters
+# teacher, a LoRA generator with the SD3-Medium example's adapters, and wide 2D heads (the
+# discriminator phase peaks in their backward)
 TINY_SD3_RUNS = {
     "sd3-8x8": (False, ["data.height=8", "data.width=8"]),
     "sd3-32x32": (False, ["data.height=32", "data.width=32"]),
     "sd35-qk-norm-32x32": (True, ["data.height=32", "data.width=32"]),
     "sd3-lora-32x32": (False, ["data.height=32", "data.width=32", _sd3_lora_targets()]),
+    "sd3-wide-2d-heads-32x32": (False, ["data.height=32", "data.width=32", "distill.head_hidden=128",
+                                        "distill.head_blocks=2"]),
 }
 
 
@@ -269,8 +272,8 @@ def test_sd3_meta_counts_equal_the_diffusers_transformer(preset, world_of_one):
 def test_plan_command_plans_the_sd3_examples_on_meta_sizes(tmp_path, capsys, world_of_one):
     """``adm-megatron plan`` on the SD3.5-Large full fine-tune and SD3-Medium LoRA examples: their
     teachers (``/path/to/...``) do not exist, so the plan comes from the ``--arch`` preset built on
-    ``meta``. As written SD3.5-Large does not fit 8 cards of 80 GiB (fp32 weights, grads and AdamW
-    state of three 8B networks on TP=2); sharding the optimizer over 32 GPUs with bf16 params does."""
+    ``meta``. SD3.5-Large (bf16 weights, optimizer states sharded over DP, TP = 2) fits 80 GiB cards
+    on the 32 GPUs its launch line uses, not on 8; with fp32 weights and nothing sharded, not even on 32."""
     from adm_megatron.families import preset_names
 
     assert {"sd3-medium", "sd3.5-large", "sd3.5-medium", "cogvideox-2b"} <= set(preset_names("memory-plan"))
@@ -279,10 +282,24 @@ def test_plan_command_plans_the_sd3_examples_on_meta_sizes(tmp_path, capsys, wor
     out = capsys.readouterr()
     assert "sd3.5-large on 8 GPUs" in out.out and "DOES NOT FIT" in out.out and "does not fit" in out.err
     out_json = tmp_path / "plan.json"
-    assert main([*large, "--gpus", "32", "--shard-optimizer", "all", "--params", "bf16", "--json", str(out_json)]) == 0
+    assert main([*large, "--gpus", "32", "--json", str(out_json)]) == 0
     plan = json.loads(out_json.read_text())
-    assert plan["fits"] and plan["settings"]["data_parallel"] == 16
+    assert plan["fits"] and plan["settings"]["data_parallel"] == 16 and plan["settings"]["params"] == "bf16"
     assert plan["phases"]["generator"]["activations"] > 0
+    assert main([*large, "--gpus", "32", "--shard-optimizer", "none", "--params", "fp32"]) == 1
     assert main(["plan", "--config", SD3_LORA_EXAMPLE, "--arch", "sd3-medium", "--gpus", "8", "--card", "80"]) == 0
     table = capsys.readouterr().out
     assert "sd3-medium on 8 GPUs" in table and "fits" in table
+
+
+def test_an_sd3_plan_takes_the_prompt_length_of_the_runs_embedding_shards(tmp_path):
+    """SD3 takes prompts of any length: the plan uses the shards' length where they exist (here 16
+    tokens), else the pipeline's default 77 CLIP + 256 T5."""
+    from adm_megatron.data.text_embeddings import write_embedding_shards
+    from adm_megatron.memory.run_plan import resolve_arch, shape_for
+
+    shards = write_embedding_shards(str(tmp_path / "emb"), ["a"], torch.zeros(1, 16, 4096), torch.zeros(16, 4096))
+    config = load_config(SD3_LORA_EXAMPLE, [f"data.path={shards}"])
+    arch = resolve_arch(config, "sd3-medium")
+    assert shape_for(config, arch).text_tokens == 16
+    assert shape_for(load_config(SD3_LORA_EXAMPLE), arch).text_tokens == 77 + 256

@@ -2,14 +2,22 @@
 
 All figures are bytes held by ONE rank. Notation: ``TP``, ``CP``, ``DP`` the parallel sizes;
 ``B`` the micro-batch per data-parallel rank; ``h`` the hidden size, ``a`` the attention heads,
-``L`` the blocks, ``Lt`` / ``D`` the text tokens / width, ``Lv = frames x (height/p) x (width/p)``
-the video tokens; ``s = Lt + Lv / CP`` the tokens of a CP rank and ``s_seq = s / TP`` with sequence
-parallelism (else ``s``): the rows one rank holds between the parallel linears. ``P`` a network's
-parameters on one rank (``counts.py``: tensor-parallel weights split by TP, the rest whole).
-``e`` the bytes of an activation element: 4 in fp32; under BF16 autocast 2, except norm outputs
-(``e_n``, fp32 under autocast) and the residual stream (``e_r``: fp32 when an fp32 sin-cos position
-table is added to the embeddings, as in 2b; bf16 with RoPE, as in 5b). Statistics (norm mean / rstd,
-attention log-sum-exp) are fp32.
+``L`` the blocks, ``Lt`` / ``D`` the text tokens / width (the family's prompt length: CogVideoX's
+``max_text_seq_length``, SD3's 77 CLIP + 256 T5), ``Lv = frames x (height/p) x (width/p)`` the video
+or image tokens (one frame for images); ``s = Lt + Lv / CP`` the tokens of a CP rank, and
+``s_seq`` the rows one rank holds between the parallel linears: ``s / TP`` with sequence
+parallelism when text and video are one joint sequence (CogVideoX), ``Lt + Lv / (CP TP)`` when
+the text stream is whole on every rank (SD3), else ``s``. ``P`` a network's parameters on one rank
+(``counts.py``: tensor-parallel weights split by TP, the rest whole). ``e`` the bytes of an
+activation element: 4 in fp32; under BF16 autocast 2, except norm outputs (``e_n``, fp32 under
+autocast) and the residual stream (``e_r``: fp32 when an fp32 sin-cos position table is added to
+the embeddings, as in CogVideoX-2b and SD3; bf16 with RoPE, as in 5b). Statistics (norm mean /
+rstd, attention log-sum-exp) are fp32.
+
+The formulas are the same for every model family; what a family's block keeps per token of each
+stream, and its forward / backward working sets, are the family's own counts (``terms.py``; a family
+with the ``memory-plan`` tool gives ``memory_terms(arch)``): ``cogvideox_terms.py`` and
+``sd3_terms.py`` state them, counted from their blocks' ops and checked by measurement.
 
 Resident state, per network (the settings are the run config's: ``model.bf16_params``,
 ``optim.<network>.shard_over_dp`` / ``offload``, ``model.recompute``; the plan command can
@@ -32,39 +40,34 @@ override them for every network at once):
   all-gather buffer ``s B h e`` that trainable linears gather their input into (linears with
   frozen weights, as the CFG teacher's, gather into fresh tensors: part of their working set).
 
-Activations autograd saves in one forward with grad of a CogVideoX, per block (``row = s_seq B h``,
-``split = s B h / TP``; counted from the ops of ``models/cogvideox_layer.py`` and checked by
-measurement):
-- trainable network (its params take grads): ``row (2 e_r + 2 e_n + 4 e) + 14 split e``: block
-  input and attention residual; norm1 / norm2 outputs; the two modulated inputs, the attention
-  projection and the MLP output; and split over TP: fused QKV 3, q, k, attention output,
-  fc1 + bias 4, GELU 4;
-- frozen network with grad through its input (fake score and teacher in the generator phase):
-  ``row 2 e_r + 10 split e`` (a linear whose weight takes no grad saves no input);
-- statistics ``B s (4 + 5 a / TP) x 4``;
-- once per network: the last block's output ``row e_r``; trainable also the final norm output and
-  its modulation ``row (e_n + e)`` and the text input ``B Lt D e``; the output latents
-  ``B Lv p^2 C e``;
-- context parallel: each block's gathered video keys and values, ``2 (Lv - Lv / CP) B h / TP e``;
-- recompute, per network and phase: ``full`` keeps only each block's input ``row e_r``; the
-  block being back-propagated is recomputed (one block's activations on top, in backward).
+Activations autograd saves in one forward with grad of a backbone: per block, the family's counts
+for each stream (image / video tokens, text tokens) and the network's kind: trainable (its params
+take grads) or frozen with grad through its input (fake score and teacher in the generator phase);
+rows in ``e_r`` / ``e_n`` / ``e`` over ``s_seq``, split rows ``e`` over ``s / TP``, statistics fp32;
+and on top:
+- once per network: the last block's output ``e_r`` rows (the joint sequence, or SD3's image
+  stream: its text stream ends in the last block); trainable also the final norm output and its
+  modulation ``(e_n + e)`` rows and the text input ``B Lt D e``; the output latents ``B Lv p^2 C e``;
+- context parallel: each block's gathered video / image keys and values, ``2 (Lv - Lv / CP) B h / TP e``;
+- recompute, per network and phase: ``full`` keeps only each block's input ``s_seq B h e_r``; the
+  block being back-propagated is recomputed (the largest block's activations on top, in backward).
   ``selective`` recomputes the core attention only; with SDPA / flash kernels that keep no
   ``s x s`` matrix, what it drops (the kernel's own saved statistics) is within the statistics
   term, so it is planned as ``none``;
-- tapped features for the discriminator: views of saved block outputs without SP / CP; with SP or
-  CP each tap is gathered to a new ``[Lv, B, h]`` tensor.
+- tapped features for the discriminator: views of saved block outputs without SP / CP (the joint
+  sequence, or the image stream); with SP or CP each tap is gathered to a new ``[Lv, B, h]`` tensor.
 
-Working sets on top of what is saved (coefficients measured on CPU with ``measure.py`` on the tiny
-models): a forward without grad (generator rollout, CFG teacher, discriminator-phase backbone)
-``(5 row + 9 split) e`` (residual, normed, MLP intermediates); a backward ``2 split e`` (trainable)
-or ``7 split e`` (frozen). A discriminator-phase backbone keeps each tapped block output
-``row e`` (SP / CP: the gathered ``Lv B h e``).
+Working sets on top of what is saved (the family's counts): a forward without grad (generator
+rollout, CFG teacher, discriminator-phase backbone), per token of each stream; a backward, by kind.
+A discriminator-phase backbone keeps each tapped block output (SP / CP: the gathered ``Lv B h e``).
 
-Discriminator heads (3D: conv3d 3x3x3 -> per-frame conv 3x3 stride 2 -> GroupNorm -> SiLU blocks,
-width ``c``), per head and sample, at a block's input size ``T x H x W`` and output ``T x H2 x W2``:
-trainable ``c (T H W + 3 T H2 W2) e`` (conv3d out, conv2d out, norm out, SiLU out); frozen with
-input grad ``2 c T H2 W2 e``. On CPU their conv3d backward also unfolds the first block's input
-once and accumulates weight grads per thread (measured); cuDNN's workspace is left to the margin.
+Discriminator heads (the family's ``head_kind``; blocks of width ``c``), per head and sample, at a
+block's input size ``T x H x W`` and output ``T x H2 x W2``: 3D (conv3d 3x3x3 -> per-frame conv 3x3
+stride 2 -> GroupNorm -> SiLU) trainable ``c (T H W + 3 T H2 W2) e`` (conv3d out, conv2d out, norm
+out, SiLU out), frozen with input grad ``2 c T H2 W2 e``; 2D (conv 4x4 stride 2 -> GroupNorm ->
+SiLU, ``T = 1``) trainable ``3 c H2 W2 e`` (conv out, norm out, SiLU out), frozen ``2 c H2 W2 e``.
+On CPU their first conv's backward also unfolds its input once and accumulates weight grads per
+thread (measured for 3D heads); cuDNN's workspace is left to the margin.
 
 Phases (the peak of each is resident + the largest of its moments):
 - fake score: generator rollout (no grad, ``B``); fake-score forward / backward (trainable);
@@ -86,7 +89,8 @@ Phases (the peak of each is resident + the largest of its moments):
 
 A run fits when the largest phase peak is at most ``card x (1 - margin)``; the margin covers what
 the formulas leave out (CUDA context, allocator fragmentation, NCCL buffers, kernels' workspaces).
-The fp32 figures are tested against measurement on CPU (``tests/test_memory_plan.py``); the BF16
+The fp32 figures are tested against measurement on CPU (``tests/test_memory_plan.py``: CogVideoX
+2b / 5b-style and SD3 / SD3.5-style tiny runs, a LoRA generator among them); the BF16
 widths and the GPU-only terms (foreach temporaries, autocast copies) are reasoned, not measured here.
 """
 

@@ -7,6 +7,8 @@ no fake score, no CFG teacher in its generator phase, and a VAE and a pixel enco
 
 from __future__ import annotations
 
+import os
+
 from adm_megatron.config import Config, ConfigError
 from adm_megatron.memory.counts import backbone_size, heads_size, lora_generator_size
 from adm_megatron.memory.plan import MemoryPlan, PlanError, Settings, Shape, check_settings, plan_memory
@@ -37,15 +39,29 @@ def resolve_arch(config: Config, preset: str = ""):
     return arch
 
 
+def _text_tokens(config: Config, text) -> int:
+    """The prompts' length: the family's, or for a family that takes any length (SD3) that of the
+    run's embedding shards where they exist, else its default (SD3: 77 CLIP + 256 T5 tokens)."""
+    d = config.data
+    if text.any_text_length and d.source == "shards" and os.path.isdir(d.path):
+        from adm_megatron.data import TextEmbeddingShards
+
+        try:
+            return TextEmbeddingShards(d.path).seq_len
+        except (OSError, ValueError) as err:
+            raise PlanError(f"data.path={d.path!r}: {err}") from None
+    return text.text_length
+
+
 def shape_for(config: Config, arch) -> Shape:
     d = config.distill
     if d.head_every > arch.num_layers:
         raise PlanError(f"distill.head_every={d.head_every}: the teacher has only {arch.num_layers} blocks")
     family = family_of_arch(arch)
-    text = family.conditioning(arch)  # prompts of the family's default length (SD3: 77 CLIP + 256 T5)
+    text = family.conditioning(arch)
     return Shape(
         layers=arch.num_layers, hidden=arch.hidden_size, heads=arch.num_attention_heads,
-        ffn=arch.ffn_hidden_size, text_tokens=text.text_length, text_dim=text.text_width,
+        ffn=arch.ffn_hidden_size, text_tokens=_text_tokens(config, text), text_dim=text.text_width,
         latent_channels=arch.in_channels, patch=arch.patch_size,
         terms=family.memory_terms(arch), frames=config.data.frames,
         height=config.data.height, width=config.data.width,
