@@ -127,6 +127,20 @@ def test_plan_is_within_15_percent_on_each_rank_under_sequence_and_context_paral
         assert_within_tolerance(figures, (layout, rank), resident=False)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [
+    ["parallel.tensor_parallel=2", "model.sequence_parallel=true"], ["parallel.context_parallel=2"]])
+def test_sd3_plan_is_within_15_percent_on_each_rank_under_sequence_and_context_parallel(layout, sd3_pipelines,
+                                                                                         tmp_path):
+    """SD3's text stream is whole on every TP rank (SP splits the image tokens only)."""
+    from multiproc import run_world
+
+    overrides = ["data.frames=1", "data.height=32", "data.width=32", *layout]
+    ranks = run_world(_rank_plan_and_measure, 2, sd3_pipelines[False], str(tmp_path), overrides, timeout_s=900)
+    for rank, figures in enumerate(ranks):
+        assert_within_tolerance(figures, (layout, rank), resident=False)  # peaks only: see the CogVideoX test
+
+
 def test_meta_counts_equal_a_built_model_and_split_tensor_parallel_weights(world_of_one):
     from adm_megatron.memory.counts import backbone_size
     from adm_megatron.models import CogVideoXArch, build_model
