@@ -1,8 +1,8 @@
 """From a run config to a memory plan: the architecture (a teacher directory or a real-size preset),
 the shapes, the layout and the memory settings, the parameter counts on ``meta``, then the formulas
-of ``plan.py``. Layout errors are raised before any model is built. The activation formulas are
-those of the model families whose spec lists the ``memory-plan`` tool; others are refused in one
-line, and so are methods the phases of ``plan.py`` do not describe (``PLANNED_METHODS``: ADP has
+of ``plan.py`` with the family's per-block counts (``memory_terms``). Layout errors are raised
+before any model is built. Families whose spec lists the ``memory-plan`` tool are planned; others
+are refused in one line, and so are methods the phases of ``plan.py`` do not describe (``PLANNED_METHODS``: ADP has
 no fake score, no CFG teacher in its generator phase, and a VAE and a pixel encoder of its own)."""
 
 from __future__ import annotations
