@@ -27,13 +27,15 @@ Per block and token of either stream (``row``: an ``h``-wide row, ``split``: one
   trainable its norm output ``1 e_n`` and modulated input ``1 e``, one more ``e`` row (measured, not
   traced to an op) and ``3 split e`` (q, k, v), with ``2 + a / TP`` statistics.
 
-Working sets (coefficients measured on CPU with ``measure.py`` on the tiny pipelines, the same for
-SD3 and SD3.5, fitted over 8x8 and 32x32 latents with 333 text tokens; a single no-grad forward
-peaks at 10.9 to 13.6 rows per token): a forward without grad ``1 row + 7 split`` per image token
-(its residual, its share of the joint q / k / v, their concatenated copies and the attention
-output) and ``2 row + 12 split`` per text token (the text stream's MLP, which runs after the
-image stream's: its input, modulation and intermediates); a backward ``2 split`` (trainable) or
-``4 split`` (frozen).
+Working sets (measured on CPU with torch.profiler's memory profile of one call of the tiny 2-block
+transformer, SD3 and SD3.5, 8x8 and 32x32 latents with 333 text tokens, B = 2; the same
+coefficients for all): a forward without grad peaks at 10.9 to 13.6 rows per token, fitted as
+``1 row + 7 split`` per image token (its residual, its share of the joint q / k / v, their
+concatenated copies and the attention output) and ``2 row + 12 split`` per text token (the text
+stream's MLP, which runs after the image stream's: its input, modulation and intermediates); a
+frozen network's backward peaks 5.9 to 8.8 rows per token above what its forward saved, planned as
+``7 split`` (CogVideoX's figure); a trainable one's ``2 split`` (as CogVideoX's; the phase tests
+bound it).
 The residual stream is fp32 under autocast: ``PatchEmbed`` adds its fp32 sin-cos table. The
 discriminator heads are 2D (``head_kind``).
 """
@@ -83,6 +85,6 @@ def sd3_memory_terms(arch) -> ActivationTerms:
         joint_sequence=False,
         residual_fp32=True,
         no_grad={"image": TokenCounts(act=1, split=7), "text": TokenCounts(act=2, split=12)},
-        backward={"trainable": 2, "frozen": 4},
+        backward={"trainable": 2, "frozen": 7},
         head_kind="2d",
     )
