@@ -33,5 +33,4 @@ def cogvideox_memory_terms(arch) -> ActivationTerms:
         residual_fp32=not arch.use_rotary_positional_embeddings,
         no_grad=dict.fromkeys(("image", "text"), TokenCounts(act=5, split=9)),
         backward={"trainable": 2, "frozen": 7},
-        head_kind="3d",
     )

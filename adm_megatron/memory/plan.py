@@ -134,6 +134,7 @@ class Shape:
     height: int  # latent height
     width: int  # latent width
     taps: int  # discriminator heads (tapped blocks)
+    head_kind: str  # the family's discriminator heads: '3d' | '2d'
     head_hidden: int
     head_blocks: int
     pooled_dim: int = 0  # width of the pooled text embedding (SD3), 0 when the family takes none
@@ -347,7 +348,7 @@ class _Formulas:
         from adm_megatron.heads.head3d import DownBlock3D
 
         sh = self.shape
-        out_size = (DownBlock3D if self.terms.head_kind == "3d" else DownBlock2D).out_size
+        out_size = (DownBlock3D if self.shape.head_kind == "3d" else DownBlock2D).out_size
         t, hh, ww = sh.frames, sh.height // sh.patch, sh.width // sh.patch
         for _ in range(sh.head_blocks):
             h2, w2 = out_size(hh), out_size(ww)
@@ -362,7 +363,7 @@ class _Formulas:
         if self.s.device != "cpu":
             return 0.0
         full, half = next(self._head_sizes())
-        unfolded = 27 * full if self.terms.head_kind == "3d" else 16 * half
+        unfolded = 27 * full if self.shape.head_kind == "3d" else 16 * half
         return (self.shape.hidden * unfolded + self.s.cpu_threads * head_params) * 4
 
     def heads(self, batch: int, kind: str) -> float:
@@ -375,7 +376,7 @@ class _Formulas:
             if kind != "trainable":
                 total += 2 * half
             else:
-                total += (full if self.terms.head_kind == "3d" else 0) + 3 * half
+                total += (full if self.shape.head_kind == "3d" else 0) + 3 * half
         return sh.taps * sh.head_hidden * total * batch * self.e
 
 

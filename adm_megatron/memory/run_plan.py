@@ -65,7 +65,7 @@ def shape_for(config: Config, arch) -> Shape:
         latent_channels=arch.in_channels, patch=arch.patch_size,
         terms=family.memory_terms(arch), frames=config.data.frames,
         height=config.data.height, width=config.data.width,
-        taps=len(tapped_block_indices(arch.num_layers, d.head_every)),
+        taps=len(tapped_block_indices(arch.num_layers, d.head_every)), head_kind=family.head_kind,
         head_hidden=d.head_hidden, head_blocks=d.head_blocks, pooled_dim=text.pooled_width or 0,
     )
 

@@ -36,8 +36,7 @@ stream's MLP, which runs after the image stream's: its input, modulation and int
 frozen network's backward peaks 5.9 to 8.8 rows per token above what its forward saved, planned as
 ``7 split`` (CogVideoX's figure); a trainable one's ``2 split`` (as CogVideoX's; the phase tests
 bound it).
-The residual stream is fp32 under autocast: ``PatchEmbed`` adds its fp32 sin-cos table. The
-discriminator heads are 2D (``head_kind``).
+The residual stream is fp32 under autocast: ``PatchEmbed`` adds its fp32 sin-cos table.
 """
 
 from __future__ import annotations
@@ -86,5 +85,4 @@ def sd3_memory_terms(arch) -> ActivationTerms:
         residual_fp32=True,
         no_grad={"image": TokenCounts(act=1, split=7), "text": TokenCounts(act=2, split=12)},
         backward={"trainable": 2, "frozen": 7},
-        head_kind="2d",
     )

@@ -54,8 +54,6 @@ class ActivationTerms:
     # ``act`` and ``split`` rows), a backward on top of what is saved (``split`` rows per token, by kind)
     no_grad: dict
     backward: dict  # kind -> split rows
-    # the discriminator heads' kind ('3d' | '2d', as the family's ``head_kind``)
-    head_kind: str
 
 
 def uniform_blocks(layers: int, image: dict, text: dict | None = None) -> tuple:
