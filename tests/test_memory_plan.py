@@ -1,12 +1,14 @@
-"""The memory planner against measurement: for each tiny ADM config that runs here, every phase's
-planned peak (and resident memory) is within 15% of the peak tensor memory measured over a real
-trainer iteration with torch.profiler's memory profile (``adm_megatron/memory/measure.py``). Also:
-exact parameter counts on ``meta``, the ``plan`` command's table / JSON / exit status, and the
-one-line refusals of bad layouts before any model is built."""
+"""The memory planner against measurement: for each tiny ADM config that runs here (CogVideoX 2b- and
+5b-style, SD3 and SD3.5-style), every phase's planned peak (and resident memory) is within 15% of
+the peak tensor memory measured over a real trainer iteration with torch.profiler's memory profile
+(``adm_megatron/memory/measure.py``). Also: exact parameter counts on ``meta``, the ``plan``
+command's table / JSON / exit status (CogVideoX and SD3 presets), and the one-line refusals of bad
+layouts before any model is built."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -14,6 +16,11 @@ import torch
 from adm_megatron.cli import main
 from adm_megatron.config import load_config
 from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+from adm_megatron.data.tiny_sd3_pipeline import build_tiny_sd3_pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SD3_LORA_EXAMPLE = os.path.join(ROOT, "examples", "sd35", "sd3_medium_4step_lora.yaml")
+SD35_LARGE_EXAMPLE = os.path.join(ROOT, "examples", "sd35", "sd35_large_4step.yaml")
 
 TOLERANCE = 0.15
 BASE = [
@@ -67,6 +74,39 @@ def test_plan_is_within_15_percent_of_measured_peak_of_every_phase(name, pipelin
     assert_within_tolerance(plan_and_measure(pipelines[rope], str(tmp_path), overrides), name)
 
 
+def _sd3_lora_targets() -> str:
+    """The adapters of the real SD3-Medium LoRA example (both streams' attention and MLP linears)."""
+    targets = load_config(SD3_LORA_EXAMPLE).model.lora.target_modules
+    return f"model.lora={{rank: 4, alpha: 4, target_modules: [{', '.join(targets)}]}}"
+
+
+# (SD3.5-style qk-norm teacher, overrides), images with 333 synthetic text tokens (77 CLIP + 256 T5):
+# small latents (text and weights dominate), larger latents (image tokens weigh), the SD3.5-style
+# teacher, a LoRA generator with the SD3-Medium example's adapters, and wide 2D heads (the
+# discriminator phase peaks in their backward)
+TINY_SD3_RUNS = {
+    "sd3-8x8": (False, ["data.height=8", "data.width=8"]),
+    "sd3-32x32": (False, ["data.height=32", "data.width=32"]),
+    "sd35-qk-norm-32x32": (True, ["data.height=32", "data.width=32"]),
+    "sd3-lora-32x32": (False, ["data.height=32", "data.width=32", _sd3_lora_targets()]),
+    "sd3-wide-2d-heads-32x32": (False, ["data.height=32", "data.width=32", "distill.head_hidden=128",
+                                        "distill.head_blocks=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def sd3_pipelines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd3_teachers")
+    return {qk: build_tiny_sd3_pipeline(str(root / f"qk{qk}"), seed=0, qk_norm=qk) for qk in (False, True)}
+
+
+@pytest.mark.parametrize("name", sorted(TINY_SD3_RUNS))
+def test_sd3_plan_is_within_15_percent_of_measured_peak_of_every_phase(name, sd3_pipelines, tmp_path, world_of_one):
+    qk_norm, overrides = TINY_SD3_RUNS[name]
+    figures = plan_and_measure(sd3_pipelines[qk_norm], str(tmp_path), ["data.frames=1", *overrides])
+    assert_within_tolerance(figures, name)
+
+
 def _rank_plan_and_measure(teacher: str, output_dir: str, overrides: list[str]) -> dict:
     return plan_and_measure(teacher, output_dir, overrides, world_size=2)
 
@@ -85,6 +125,20 @@ def test_plan_is_within_15_percent_on_each_rank_under_sequence_and_context_paral
         # (measure.py), so a phase's measured starting memory is too high by a varying amount (up to
         # ~0.5 MB of 2 MB here, run to run); its peak, where those blocks are reused, is not
         assert_within_tolerance(figures, (layout, rank), resident=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [
+    ["parallel.tensor_parallel=2", "model.sequence_parallel=true"], ["parallel.context_parallel=2"]])
+def test_sd3_plan_is_within_15_percent_on_each_rank_under_sequence_and_context_parallel(layout, sd3_pipelines,
+                                                                                         tmp_path):
+    """SD3's text stream is whole on every TP rank (SP splits the image tokens only)."""
+    from multiproc import run_world
+
+    overrides = ["data.frames=1", "data.height=32", "data.width=32", *layout]
+    ranks = run_world(_rank_plan_and_measure, 2, sd3_pipelines[False], str(tmp_path), overrides, timeout_s=900)
+    for rank, figures in enumerate(ranks):
+        assert_within_tolerance(figures, (layout, rank), resident=False)  # peaks only: see the CogVideoX test
 
 
 def test_meta_counts_equal_a_built_model_and_split_tensor_parallel_weights(world_of_one):
@@ -211,3 +265,55 @@ def test_a_lora_generator_plans_optimizer_state_and_grads_for_its_adapters_only(
     for name in ("teacher", "fake_score", "discriminator"):
         assert lora.networks[name] == full.networks[name], name
     assert lora.peak < full.peak - 0.9 * (g_full["grads"] + g_full["optimizer"])
+
+
+@pytest.mark.parametrize("preset", ["sd3-medium", "sd3.5-large", "sd3.5-medium"])
+def test_sd3_meta_counts_equal_the_diffusers_transformer(preset, world_of_one):
+    """The planner's sizes of the SD3 presets (built on ``meta``, no weights) are diffusers'
+    ``SD3Transformer2DModel`` of the same config, parameter for parameter."""
+    from diffusers import SD3Transformer2DModel
+
+    from adm_megatron.families import family_for_preset
+    from adm_megatron.memory.counts import backbone_size
+
+    family, config = family_for_preset(preset)
+    with torch.device("meta"):
+        reference = SD3Transformer2DModel(**config)
+    arch = family.arch_from_diffusers_config(config, preset)
+    assert backbone_size(arch, 1).params == sum(p.numel() for p in reference.parameters())
+
+
+def test_plan_command_plans_the_sd3_examples_on_meta_sizes(tmp_path, capsys, world_of_one):
+    """``adm-megatron plan`` on the SD3.5-Large full fine-tune and SD3-Medium LoRA examples: their
+    teachers (``/path/to/...``) do not exist, so the plan comes from the ``--arch`` preset built on
+    ``meta``. SD3.5-Large (bf16 weights, optimizer states sharded over DP, TP = 2) fits 80 GiB cards
+    on the 32 GPUs its launch line uses, not on 8; with fp32 weights and nothing sharded, not even on 32."""
+    from adm_megatron.families import preset_names
+
+    assert {"sd3-medium", "sd3.5-large", "sd3.5-medium", "cogvideox-2b"} <= set(preset_names("memory-plan"))
+    large = ["plan", "--config", SD35_LARGE_EXAMPLE, "--arch", "sd3.5-large", "--card", "80"]
+    assert main([*large, "--gpus", "8"]) == 1
+    out = capsys.readouterr()
+    assert "sd3.5-large on 8 GPUs" in out.out and "DOES NOT FIT" in out.out and "does not fit" in out.err
+    out_json = tmp_path / "plan.json"
+    assert main([*large, "--gpus", "32", "--json", str(out_json)]) == 0
+    plan = json.loads(out_json.read_text())
+    assert plan["fits"] and plan["settings"]["data_parallel"] == 16 and plan["settings"]["params"] == "bf16"
+    assert plan["phases"]["generator"]["activations"] > 0
+    assert main([*large, "--gpus", "32", "--shard-optimizer", "none", "--params", "fp32"]) == 1
+    assert main(["plan", "--config", SD3_LORA_EXAMPLE, "--arch", "sd3-medium", "--gpus", "8", "--card", "80"]) == 0
+    table = capsys.readouterr().out
+    assert "sd3-medium on 8 GPUs" in table and "fits" in table
+
+
+def test_an_sd3_plan_takes_the_prompt_length_of_the_runs_embedding_shards(tmp_path):
+    """SD3 takes prompts of any length: the plan uses the shards' length where they exist (here 16
+    tokens), else the pipeline's default 77 CLIP + 256 T5."""
+    from adm_megatron.data.text_embeddings import write_embedding_shards
+    from adm_megatron.memory.run_plan import resolve_arch, shape_for
+
+    shards = write_embedding_shards(str(tmp_path / "emb"), ["a"], torch.zeros(1, 16, 4096), torch.zeros(16, 4096))
+    config = load_config(SD3_LORA_EXAMPLE, [f"data.path={shards}"])
+    arch = resolve_arch(config, "sd3-medium")
+    assert shape_for(config, arch).text_tokens == 16
+    assert shape_for(load_config(SD3_LORA_EXAMPLE), arch).text_tokens == 77 + 256

@@ -241,7 +241,7 @@ def test_bench_and_memory_planner_refuse_a_family_without_their_formulas_in_one_
     config = load_config(None, [f"model.teacher={teacher}", "data.frames=2", "data.height=4", "data.width=4",
                                 "distill.head_every=1"])
     with pytest.raises(PlanError, match=r"memory planner: model family 'fakevideo' is not supported "
-                                        r"\(supported: cogvideox\)") as err:
+                                        r"\(supported: cogvideox, sd3\)") as err:
         plan_run(config, 1, card_gib=80)
     _one_line(err.value)
     with pytest.raises(ValueError, match=r"adm-megatron bench: model family 'fakevideo' is not supported") as err:

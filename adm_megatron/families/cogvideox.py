@@ -105,4 +105,5 @@ COGVIDEOX = register_family(ModelFamily(
     tools=frozenset({"bench", "memory-plan"}),
     call_flops=lazy("adm_megatron.bench.flops", "cogvideox_call_flops"),
     native_latent_size=_native_latent_size,
+    memory_terms=lazy("adm_megatron.memory.cogvideox_terms", "cogvideox_memory_terms"),
 ))

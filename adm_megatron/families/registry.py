@@ -98,6 +98,8 @@ class ModelFamily:
     # (adm_megatron.bench.flops), and arch -> (frames, height, width) of the latents it was trained at
     call_flops: Callable[..., Any] | None = None
     native_latent_size: Callable[[Any], tuple[int, int, int]] | None = None
+    # 'memory-plan': arch -> the planner's per-block counts (adm_megatron.memory.terms.ActivationTerms)
+    memory_terms: Callable[[Any], Any] | None = None
 
     def __post_init__(self):
         if self.latent_layout not in LATENT_LAYOUTS:
@@ -108,6 +110,8 @@ class ModelFamily:
             raise ValueError(f"family {self.name!r}: needs at least one diffusers class name")
         if "bench" in self.tools and (self.call_flops is None or self.native_latent_size is None):
             raise ValueError(f"family {self.name!r}: tool 'bench' needs call_flops and native_latent_size")
+        if "memory-plan" in self.tools and self.memory_terms is None:
+            raise ValueError(f"family {self.name!r}: tool 'memory-plan' needs memory_terms")
 
     # -- derived helpers (the same for every family) --------------------------------------------
     def arch_from_pretrained_dir(self, path: str):

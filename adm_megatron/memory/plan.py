@@ -2,14 +2,22 @@
 
 All figures are bytes held by ONE rank. Notation: ``TP``, ``CP``, ``DP`` the parallel sizes;
 ``B`` the micro-batch per data-parallel rank; ``h`` the hidden size, ``a`` the attention heads,
-``L`` the blocks, ``Lt`` / ``D`` the text tokens / width, ``Lv = frames x (height/p) x (width/p)``
-the video tokens; ``s = Lt + Lv / CP`` the tokens of a CP rank and ``s_seq = s / TP`` with sequence
-parallelism (else ``s``): the rows one rank holds between the parallel linears. ``P`` a network's
-parameters on one rank (``counts.py``: tensor-parallel weights split by TP, the rest whole).
-``e`` the bytes of an activation element: 4 in fp32; under BF16 autocast 2, except norm outputs
-(``e_n``, fp32 under autocast) and the residual stream (``e_r``: fp32 when an fp32 sin-cos position
-table is added to the embeddings, as in 2b; bf16 with RoPE, as in 5b). Statistics (norm mean / rstd,
-attention log-sum-exp) are fp32.
+``L`` the blocks, ``Lt`` / ``D`` the text tokens / width (the family's prompt length: CogVideoX's
+``max_text_seq_length``, SD3's 77 CLIP + 256 T5), ``Lv = frames x (height/p) x (width/p)`` the video
+or image tokens (one frame for images); ``s = Lt + Lv / CP`` the tokens of a CP rank, and
+``s_seq`` the rows one rank holds between the parallel linears: ``s / TP`` with sequence
+parallelism when text and video are one joint sequence (CogVideoX), ``Lt + Lv / (CP TP)`` when
+the text stream is whole on every rank (SD3), else ``s``. ``P`` a network's parameters on one rank
+(``counts.py``: tensor-parallel weights split by TP, the rest whole). ``e`` the bytes of an
+activation element: 4 in fp32; under BF16 autocast 2, except norm outputs (``e_n``, fp32 under
+autocast) and the residual stream (``e_r``: fp32 when an fp32 sin-cos position table is added to
+the embeddings, as in CogVideoX-2b and SD3; bf16 with RoPE, as in 5b). Statistics (norm mean /
+rstd, attention log-sum-exp) are fp32.
+
+The formulas are the same for every model family; what a family's block keeps per token of each
+stream, and its forward / backward working sets, are the family's own counts (``terms.py``; a family
+with the ``memory-plan`` tool gives ``memory_terms(arch)``): ``cogvideox_terms.py`` and
+``sd3_terms.py`` state them, counted from their blocks' ops and checked by measurement.
 
 Resident state, per network (the settings are the run config's: ``model.bf16_params``,
 ``optim.<network>.shard_over_dp`` / ``offload``, ``model.recompute``; the plan command can
@@ -32,39 +40,34 @@ override them for every network at once):
   all-gather buffer ``s B h e`` that trainable linears gather their input into (linears with
   frozen weights, as the CFG teacher's, gather into fresh tensors: part of their working set).
 
-Activations autograd saves in one forward with grad of a CogVideoX, per block (``row = s_seq B h``,
-``split = s B h / TP``; counted from the ops of ``models/cogvideox_layer.py`` and checked by
-measurement):
-- trainable network (its params take grads): ``row (2 e_r + 2 e_n + 4 e) + 14 split e``: block
-  input and attention residual; norm1 / norm2 outputs; the two modulated inputs, the attention
-  projection and the MLP output; and split over TP: fused QKV 3, q, k, attention output,
-  fc1 + bias 4, GELU 4;
-- frozen network with grad through its input (fake score and teacher in the generator phase):
-  ``row 2 e_r + 10 split e`` (a linear whose weight takes no grad saves no input);
-- statistics ``B s (4 + 5 a / TP) x 4``;
-- once per network: the last block's output ``row e_r``; trainable also the final norm output and
-  its modulation ``row (e_n + e)`` and the text input ``B Lt D e``; the output latents
-  ``B Lv p^2 C e``;
-- context parallel: each block's gathered video keys and values, ``2 (Lv - Lv / CP) B h / TP e``;
-- recompute, per network and phase: ``full`` keeps only each block's input ``row e_r``; the
-  block being back-propagated is recomputed (one block's activations on top, in backward).
+Activations autograd saves in one forward with grad of a backbone: per block, the family's counts
+for each stream (image / video tokens, text tokens) and the network's kind: trainable (its params
+take grads) or frozen with grad through its input (fake score and teacher in the generator phase);
+rows in ``e_r`` / ``e_n`` / ``e`` over ``s_seq``, split rows ``e`` over ``s / TP``, statistics fp32;
+and on top:
+- once per network: the last block's output ``e_r`` rows (the joint sequence, or SD3's image
+  stream: its text stream ends in the last block); trainable also the final norm output and its
+  modulation ``(e_n + e)`` rows and the text input ``B Lt D e``; the output latents ``B Lv p^2 C e``;
+- context parallel: each block's gathered video / image keys and values, ``2 (Lv - Lv / CP) B h / TP e``;
+- recompute, per network and phase: ``full`` keeps only each block's input ``s_seq B h e_r``; the
+  block being back-propagated is recomputed (the largest block's activations on top, in backward).
   ``selective`` recomputes the core attention only; with SDPA / flash kernels that keep no
   ``s x s`` matrix, what it drops (the kernel's own saved statistics) is within the statistics
   term, so it is planned as ``none``;
-- tapped features for the discriminator: views of saved block outputs without SP / CP; with SP or
-  CP each tap is gathered to a new ``[Lv, B, h]`` tensor.
+- tapped features for the discriminator: views of saved block outputs without SP / CP (the joint
+  sequence, or the image stream); with SP or CP each tap is gathered to a new ``[Lv, B, h]`` tensor.
 
-Working sets on top of what is saved (coefficients measured on CPU with ``measure.py`` on the tiny
-models): a forward without grad (generator rollout, CFG teacher, discriminator-phase backbone)
-``(5 row + 9 split) e`` (residual, normed, MLP intermediates); a backward ``2 split e`` (trainable)
-or ``7 split e`` (frozen). A discriminator-phase backbone keeps each tapped block output
-``row e`` (SP / CP: the gathered ``Lv B h e``).
+Working sets on top of what is saved (the family's counts): a forward without grad (generator
+rollout, CFG teacher, discriminator-phase backbone), per token of each stream; a backward, by kind.
+A discriminator-phase backbone keeps each tapped block output (SP / CP: the gathered ``Lv B h e``).
 
-Discriminator heads (3D: conv3d 3x3x3 -> per-frame conv 3x3 stride 2 -> GroupNorm -> SiLU blocks,
-width ``c``), per head and sample, at a block's input size ``T x H x W`` and output ``T x H2 x W2``:
-trainable ``c (T H W + 3 T H2 W2) e`` (conv3d out, conv2d out, norm out, SiLU out); frozen with
-input grad ``2 c T H2 W2 e``. On CPU their conv3d backward also unfolds the first block's input
-once and accumulates weight grads per thread (measured); cuDNN's workspace is left to the margin.
+Discriminator heads (the family's ``head_kind``; blocks of width ``c``), per head and sample, at a
+block's input size ``T x H x W`` and output ``T x H2 x W2``: 3D (conv3d 3x3x3 -> per-frame conv 3x3
+stride 2 -> GroupNorm -> SiLU) trainable ``c (T H W + 3 T H2 W2) e`` (conv3d out, conv2d out, norm
+out, SiLU out), frozen with input grad ``2 c T H2 W2 e``; 2D (conv 4x4 stride 2 -> GroupNorm ->
+SiLU, ``T = 1``) trainable ``3 c H2 W2 e`` (conv out, norm out, SiLU out), frozen ``2 c H2 W2 e``.
+On CPU their first conv's backward also unfolds its input once and accumulates weight grads per
+thread (measured for 3D heads); cuDNN's workspace is left to the margin.
 
 Phases (the peak of each is resident + the largest of its moments):
 - fake score: generator rollout (no grad, ``B``); fake-score forward / backward (trainable);
@@ -72,7 +75,8 @@ Phases (the peak of each is resident + the largest of its moments):
 - generator: rollout; then with the generator's step (trainable) and the fake score (frozen)
   saved: the CFG teacher without grad on ``2B`` (the doubled batch), then the teacher backbone for
   D (frozen) + heads (frozen) + the backward working set; its optimizer step.
-- discriminator: x_fake's tapped features, kept from the generator phase, are resident at its start;
+- discriminator: x_fake's tapped features and the ODE pair's two latents (fp32), kept from the
+  generator phase, are resident at its start;
   backbone without grad on ``x_real`` (taps kept) + heads on both
   (trainable) + backward; its optimizer step.
 - optimizer step: today's optimizer (``train/optimizer.py``) makes a clipped copy of the grads
@@ -85,7 +89,8 @@ Phases (the peak of each is resident + the largest of its moments):
 
 A run fits when the largest phase peak is at most ``card x (1 - margin)``; the margin covers what
 the formulas leave out (CUDA context, allocator fragmentation, NCCL buffers, kernels' workspaces).
-The fp32 figures are tested against measurement on CPU (``tests/test_memory_plan.py``); the BF16
+The fp32 figures are tested against measurement on CPU (``tests/test_memory_plan.py``: CogVideoX
+2b / 5b-style and SD3 / SD3.5-style tiny runs, a LoRA generator among them); the BF16
 widths and the GPU-only terms (foreach temporaries, autocast copies) are reasoned, not measured here.
 """
 
@@ -94,6 +99,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from adm_megatron.memory.counts import NetworkSize
+from adm_megatron.memory.terms import ActivationTerms, TokenCounts
 
 GIB = 1024**3
 NETWORKS = ("teacher", "fake_score", "generator", "discriminator")
@@ -106,11 +112,6 @@ PHASE_NETWORKS = {
 }
 OFFLOAD = ("none", "optimizer", "optimizer_and_params")  # as optim.<network>.offload
 RECOMPUTE = ("none", "selective", "full")  # as model.recompute
-
-# working sets (see the module docstring; measured on CPU, units s h / TP fwd unless stated)
-NO_GRAD_SEQ, NO_GRAD_SPLIT = 5, 9
-BACKWARD_EXTRA = {"trainable": 2, "frozen": 7}
-
 
 class PlanError(ValueError):
     """A layout or setting the planner refuses: the message is one line naming the key and value."""
@@ -128,13 +129,15 @@ class Shape:
     text_dim: int
     latent_channels: int
     patch: int
-    position_table: bool  # sin-cos positions added from an fp32 table (2b); False with RoPE (5b)
-    frames: int
+    terms: ActivationTerms  # the family's per-block counts (memory/terms.py)
+    frames: int  # 1 for images
     height: int  # latent height
     width: int  # latent width
     taps: int  # discriminator heads (tapped blocks)
+    head_kind: str  # the family's discriminator heads: '3d' | '2d'
     head_hidden: int
     head_blocks: int
+    pooled_dim: int = 0  # width of the pooled text embedding (SD3), 0 when the family takes none
 
     @property
     def video_tokens(self) -> int:
@@ -231,7 +234,8 @@ def check_settings(shape: Shape, s: Settings) -> None:
         raise PlanError(f"latent {shape.height}x{shape.width}: not divisible by the patch size {shape.patch}")
     if shape.video_tokens % cp:
         raise PlanError(f"context_parallel={cp}: the {shape.video_tokens} video tokens are not divisible by it")
-    per_cp = shape.text_tokens + shape.video_tokens // cp
+    # the tokens sequence parallelism splits: the joint sequence, or the image tokens alone
+    per_cp = (shape.text_tokens if shape.terms.joint_sequence else 0) + shape.video_tokens // cp
     if s.sequence_parallel and tp > 1 and per_cp % tp:
         raise PlanError(f"sequence_parallel: {per_cp} tokens per context-parallel rank are not divisible by "
                         f"tensor_parallel={tp}")
@@ -266,81 +270,113 @@ class _Formulas:
     """The formulas of the module docstring for one shape and one set of settings."""
 
     def __init__(self, shape: Shape, s: Settings):
-        self.shape, self.s = shape, s
+        self.shape, self.s, self.terms = shape, s, shape.terms
         tp, cp = s.tensor_parallel, s.context_parallel
-        self.tokens = shape.text_tokens + shape.video_tokens // cp  # s
-        self.seq = self.tokens / tp if s.sequence_parallel and tp > 1 else self.tokens  # s_seq
+        sp = s.sequence_parallel and tp > 1
+        self.image_tokens = shape.video_tokens // cp  # this CP rank's image / video tokens
+        self.tokens = shape.text_tokens + self.image_tokens  # s
+        # rows one rank holds between the parallel linears, per stream (s_seq in all)
+        self.image_rows = self.image_tokens / tp if sp else self.image_tokens
+        self.text_rows = shape.text_tokens / tp if sp and self.terms.joint_sequence else shape.text_tokens
+        self.seq = self.image_rows + self.text_rows
         self.e = 2 if s.activations == "bf16" else 4
         # under BF16 autocast, norm outputs stay fp32, and so does the residual stream when an fp32
-        # position table is added to the embeddings (2b); everything else is bf16
+        # position table is added to the embeddings; everything else is bf16
         self.norm_e = 4
-        self.residual_e = 4 if shape.position_table else self.e
-        self.gathers_taps = (s.sequence_parallel and tp > 1) or cp > 1
+        self.residual_e = 4 if self.terms.residual_fp32 else self.e
+        self.gathers_taps = sp or cp > 1
+
+    def _stream(self, counts: TokenCounts, rows: float, tokens: float) -> float:
+        """Bytes one block keeps for one sample's stream of ``tokens`` (``rows`` on this rank)."""
+        tp, h = self.s.tensor_parallel, self.shape.hidden
+        row_bytes = counts.residual * self.residual_e + counts.norm * self.norm_e + counts.act * self.e
+        return (row_bytes * rows * h + counts.split * tokens * h / tp * self.e
+                + (counts.stats + counts.head_stats * self.shape.heads / tp) * tokens * 4)
+
+    def _block(self, block, kind: str, batch: int) -> float:
+        sh, s = self.shape, self.s
+        total = (self._stream(block.image[kind], self.image_rows, self.image_tokens)
+                 + self._stream(block.text[kind], self.text_rows, sh.text_tokens))
+        if s.context_parallel > 1:  # the gathered image keys and values
+            total += 2 * (sh.video_tokens - self.image_tokens) * sh.hidden / s.tensor_parallel * self.e
+        return total * batch
 
     def saved(self, batch: int, kind: str, recompute: str = "none") -> tuple[float, float]:
         """Activations one forward with grad of a backbone (``kind`` trainable | frozen) keeps for
         backward with its ``recompute`` mode, and what its backward brings back on top (one
         recomputed block, or nothing)."""
-        sh, s = self.shape, self.s
-        tp, h, row = s.tensor_parallel, sh.hidden, batch * self.seq * sh.hidden  # row: s_seq B h
-        residual = 2 * self.residual_e  # block input and the attention residual
-        if kind == "trainable":  # + norm1 / norm2 outputs, 4 bf16-able: modulated x2, attn proj, MLP out
-            seq_bytes, split = residual + 2 * self.norm_e + 4 * self.e, 14
-        else:
-            seq_bytes, split = residual, 10
-        block = seq_bytes * row + split * batch * self.tokens * h / tp * self.e
-        block += batch * self.tokens * (4 + 5 * sh.heads / tp) * 4
-        if s.context_parallel > 1:
-            block += 2 * (sh.video_tokens - sh.video_tokens / s.context_parallel) * h / tp * batch * self.e
-        once = self.residual_e * row  # the last block's output (final norm input)
+        sh = self.shape
+        row = batch * self.seq * sh.hidden  # s_seq B h
+        blocks = [self._block(block, kind, batch) for block in self.terms.blocks]
+        # the last block's output (the final norm's input), its norm output and modulation: the
+        # joint sequence, or the image stream (the text stream ends in the last block)
+        final = row if self.terms.joint_sequence else batch * self.image_rows * sh.hidden
+        once = self.residual_e * final
         if kind == "trainable":
-            once += (self.norm_e + self.e) * row + batch * sh.text_tokens * sh.text_dim * self.e
+            once += (self.norm_e + self.e) * final + batch * sh.text_tokens * sh.text_dim * self.e
         once += batch * sh.video_tokens * sh.patch**2 * sh.latent_channels * self.e
         if recompute == "full":  # block inputs kept; one block's activations come back in its backward
-            return (sh.layers * self.residual_e * row + once, block)
-        return (sh.layers * block + once, 0.0)
+            return (sh.layers * self.residual_e * row + once, max(blocks))
+        return (sum(blocks) + once, 0.0)
 
     def no_grad(self, batch: int) -> float:
         """The working set of one backbone forward without grad."""
-        sh, s = self.shape, self.s
+        sh, s, work = self.shape, self.s, self.terms.no_grad
         tp, h = s.tensor_parallel, sh.hidden
-        work = (NO_GRAD_SEQ * self.seq * h + NO_GRAD_SPLIT * self.tokens * h / tp) * batch * self.e
+        total = sum((work[stream].act * rows + work[stream].split * tokens / tp) * h * batch * self.e
+                    for stream, rows, tokens in (("image", self.image_rows, self.image_tokens),
+                                                 ("text", self.text_rows, sh.text_tokens)))
         if s.context_parallel > 1:
-            work += 2 * sh.video_tokens * h / tp * batch * self.e
-        return work
+            total += 2 * sh.video_tokens * h / tp * batch * self.e
+        return total
 
-    def extra(self, batch: int, kind: str, table: dict) -> float:
-        return table[kind] * self.tokens * self.shape.hidden / self.s.tensor_parallel * batch * self.e
+    def extra(self, batch: int, kind: str) -> float:
+        """A backbone backward's working set on top of what is saved."""
+        return self.terms.backward[kind] * self.tokens * self.shape.hidden / self.s.tensor_parallel * batch * self.e
 
     def taps(self, batch: int, saved_with_grad: bool) -> float:
         """Tapped block outputs beyond what the backbone's forward saves anyway."""
         sh = self.shape
         if self.gathers_taps:
             return sh.taps * sh.video_tokens * sh.hidden * batch * self.e
-        return 0.0 if saved_with_grad else sh.taps * self.seq * sh.hidden * batch * self.e
+        rows = self.seq if self.terms.joint_sequence else self.image_rows  # what a tap's view holds
+        return 0.0 if saved_with_grad else sh.taps * rows * sh.hidden * batch * self.e
 
-    def conv_workspace(self, head_params: int) -> float:
-        """CPU only (measured): the heads' conv3d backward unfolds the first block's input once
-        (``C_in x 27 x T H W x 4``) and each thread accumulates its own weight grads
-        (``threads x P x 4``); cuDNN's workspace on a GPU is left to the margin."""
-        if self.s.device != "cpu":
-            return 0.0
-        sh = self.shape
-        tokens = sh.frames * (sh.height // sh.patch) * (sh.width // sh.patch)
-        return (sh.hidden * 27 * tokens + self.s.cpu_threads * head_params) * 4
-
-    def heads(self, batch: int, kind: str) -> float:
-        """Activations the discriminator heads save (3D heads; sizes as ``DownBlock3D.out_size``)."""
+    def _head_sizes(self):
+        """(input, output) pixels of each head block (sizes as the head kind's ``out_size``)."""
+        from adm_megatron.heads.head2d import DownBlock2D
         from adm_megatron.heads.head3d import DownBlock3D
 
         sh = self.shape
+        out_size = (DownBlock3D if self.shape.head_kind == "3d" else DownBlock2D).out_size
         t, hh, ww = sh.frames, sh.height // sh.patch, sh.width // sh.patch
-        total = 0.0
         for _ in range(sh.head_blocks):
-            h2, w2 = DownBlock3D.out_size(hh), DownBlock3D.out_size(ww)
-            full, half = t * hh * ww, t * h2 * w2
-            total += full + 3 * half if kind == "trainable" else 2 * half
+            h2, w2 = out_size(hh), out_size(ww)
+            yield t * hh * ww, t * h2 * w2
             hh, ww = h2, w2
+
+    def conv_workspace(self, head_params: int) -> float:
+        """CPU only (measured): the heads' first conv backward unfolds its input once (3D heads:
+        the conv3d's ``C_in x 27 x T H W``; 2D heads: the 4x4 stride-2 conv's ``C_in x 16 x H2 W2``,
+        x 4 bytes) and each thread accumulates its own weight grads (``threads x P x 4``); cuDNN's
+        workspace on a GPU is left to the margin."""
+        if self.s.device != "cpu":
+            return 0.0
+        full, half = next(self._head_sizes())
+        unfolded = 27 * full if self.shape.head_kind == "3d" else 16 * half
+        return (self.shape.hidden * unfolded + self.s.cpu_threads * head_params) * 4
+
+    def heads(self, batch: int, kind: str) -> float:
+        """Activations the discriminator heads save. 3D: trainable ``c (T H W + 3 T H2 W2)`` (conv3d
+        out, conv2d out, norm out, SiLU out), frozen ``2 c T H2 W2``; 2D: trainable ``3 c H2 W2``
+        (conv out, norm out, SiLU out), frozen ``2 c H2 W2``; per block, head and sample."""
+        sh = self.shape
+        total = 0.0
+        for full, half in self._head_sizes():
+            if kind != "trainable":
+                total += 2 * half
+            else:
+                total += (full if self.shape.head_kind == "3d" else 0) + 3 * half
         return sh.taps * sh.head_hidden * total * batch * self.e
 
 
@@ -398,7 +434,7 @@ def _moments(f: _Formulas, sizes: dict[str, NetworkSize], phase: str) -> dict[st
         return {
             "generator rollout": (0.0, {"forward without grad": f.no_grad(b)}),
             "fake-score backward": (saved + recomputed, {
-                "backward working set": f.extra(b, "trainable", BACKWARD_EXTRA),
+                "backward working set": f.extra(b, "trainable"),
                 "autocast weight copies": copies * sizes["fake_score"].params}),
             "optimizer step": (0.0, step),
         }
@@ -413,7 +449,7 @@ def _moments(f: _Formulas, sizes: dict[str, NetworkSize], phase: str) -> dict[st
             "generator rollout": (0.0, {"forward without grad": f.no_grad(b)}),
             "CFG teacher": (g_f, {"CFG doubled batch": f.no_grad(2 * b), "autocast weight copies": autocast}),
             "discriminator backward": (g_f + disc, {
-                "backward working set": f.extra(b, "frozen", BACKWARD_EXTRA),
+                "backward working set": f.extra(b, "frozen"),
                 "autocast weight copies": autocast + teacher_copies * sizes["teacher"].params
                 + copies * sizes["discriminator"].params}),
             "optimizer step": (0.0, step),
@@ -433,14 +469,16 @@ def plan_memory(shape: Shape, sizes: dict[str, NetworkSize], settings: Settings)
     f = _Formulas(shape, settings)
     latent = shape.frames * shape.latent_channels * shape.height * shape.width
     networks = _resident(sizes, settings)
-    fixed = {"run inputs": settings.batch_size * (2 * shape.text_tokens * shape.text_dim + latent) * 4}
+    text = 2 * (shape.text_tokens * shape.text_dim + shape.pooled_dim)  # prompts and negatives
+    fixed = {"run inputs": settings.batch_size * (text + latent) * 4}
     if settings.sequence_parallel and settings.tensor_parallel > 1:
         fixed["SP all-gather buffer"] = f.tokens * settings.batch_size * shape.hidden * f.e
     phases = {}
     for phase in PHASES:
         resident = _phase_resident(networks, phase, settings) + sum(fixed.values())
-        if phase == "discriminator":  # the generator phase's x_fake features, reused (not recomputed)
-            resident += f.taps(settings.batch_size, False)
+        if phase == "discriminator":  # the generator phase's x_fake features, reused (not recomputed),
+            # and its ODE pair (x_fake, x_real latents, fp32)
+            resident += f.taps(settings.batch_size, False) + 2 * settings.batch_size * latent * 4
         best = None
         for moment, (saved, transients) in _moments(f, sizes, phase).items():
             total = resident + saved + sum(transients.values())

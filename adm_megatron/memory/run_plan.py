@@ -1,11 +1,13 @@
 """From a run config to a memory plan: the architecture (a teacher directory or a real-size preset),
 the shapes, the layout and the memory settings, the parameter counts on ``meta``, then the formulas
-of ``plan.py``. Layout errors are raised before any model is built. The activation formulas are
-those of the model families whose spec lists the ``memory-plan`` tool; others are refused in one
-line, and so are methods the phases of ``plan.py`` do not describe (``PLANNED_METHODS``: ADP has
+of ``plan.py`` with the family's per-block counts (``memory_terms``). Layout errors are raised
+before any model is built. Families whose spec lists the ``memory-plan`` tool are planned; others
+are refused in one line, and so are methods the phases of ``plan.py`` do not describe (``PLANNED_METHODS``: ADP has
 no fake score, no CFG teacher in its generator phase, and a VAE and a pixel encoder of its own)."""
 
 from __future__ import annotations
+
+import os
 
 from adm_megatron.config import Config, ConfigError
 from adm_megatron.memory.counts import backbone_size, heads_size, lora_generator_size
@@ -37,18 +39,34 @@ def resolve_arch(config: Config, preset: str = ""):
     return arch
 
 
+def _text_tokens(config: Config, text) -> int:
+    """The prompts' length: the family's, or for a family that takes any length (SD3) that of the
+    run's embedding shards where they exist, else its default (SD3: 77 CLIP + 256 T5 tokens)."""
+    d = config.data
+    if text.any_text_length and d.source == "shards" and os.path.isdir(d.path):
+        from adm_megatron.data import TextEmbeddingShards
+
+        try:
+            return TextEmbeddingShards(d.path).seq_len
+        except (OSError, ValueError) as err:
+            raise PlanError(f"data.path={d.path!r}: {err}") from None
+    return text.text_length
+
+
 def shape_for(config: Config, arch) -> Shape:
     d = config.distill
     if d.head_every > arch.num_layers:
         raise PlanError(f"distill.head_every={d.head_every}: the teacher has only {arch.num_layers} blocks")
+    family = family_of_arch(arch)
+    text = family.conditioning(arch)
     return Shape(
         layers=arch.num_layers, hidden=arch.hidden_size, heads=arch.num_attention_heads,
-        ffn=arch.ffn_hidden_size, text_tokens=arch.max_text_seq_length, text_dim=arch.text_embed_dim,
+        ffn=arch.ffn_hidden_size, text_tokens=_text_tokens(config, text), text_dim=text.text_width,
         latent_channels=arch.in_channels, patch=arch.patch_size,
-        position_table=not arch.use_rotary_positional_embeddings, frames=config.data.frames,
+        terms=family.memory_terms(arch), frames=config.data.frames,
         height=config.data.height, width=config.data.width,
-        taps=len(tapped_block_indices(arch.num_layers, d.head_every)),
-        head_hidden=d.head_hidden, head_blocks=d.head_blocks,
+        taps=len(tapped_block_indices(arch.num_layers, d.head_every)), head_kind=family.head_kind,
+        head_hidden=d.head_hidden, head_blocks=d.head_blocks, pooled_dim=text.pooled_width or 0,
     )
 
 
