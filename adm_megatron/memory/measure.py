@@ -30,12 +30,8 @@ class PhaseMeasurement:
 
 
 def _allocations_and_marks(prof) -> tuple[list[tuple[int, int]], dict[str, tuple[int, int]]]:
-    """(time, signed size) of every allocation and free, and each phase mark's (start, end) time.
-
-    The profiler sees allocator events only on the threads it profiles, so a block freed on another
-    thread (gloo's workers drop the last reference to a collective's tensors) has no free event.
-    The allocator cannot hand out an address that is still in use, so a new allocation at the
-    address of a block still counted live proves that block was freed: it is then counted free."""
+    """(time, signed size) of every allocation and free of the profile (``signed_sizes``), and each
+    phase mark's (start, end) time."""
     events, marks = [], {}
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
@@ -45,19 +41,33 @@ def _allocations_and_marks(prof) -> tuple[list[tuple[int, int]], dict[str, tuple
             events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.ptr))
         elif node.name.startswith(_MARK):
             marks[node.name[len(_MARK):]] = (node.start_time_ns, node.end_time_ns)
-    events.sort()
+    return signed_sizes(events), marks
+
+
+def signed_sizes(events: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """(time, signed size) from allocator events (time, size, address), in time order.
+
+    - A free of an address the profile never saw allocated is left out: that block existed before
+      the profile, so it is not the trainer's. The allocator reports such frees when the block was
+      made under an earlier profile (it keeps the sizes of what it allocated while profiling): an
+      earlier measurement's leftovers, freed when the garbage collector takes them. Counted, they
+      took a tiny run's live sum below zero.
+    - The profiler sees allocator events only on the threads it profiles, so a block freed on another
+      thread (gloo's workers drop the last reference to a collective's tensors) has no free event.
+      The allocator cannot hand out an address that is still in use, so a new allocation at the
+      address of a block still counted live proves that block was freed: it is then counted free."""
     live: dict[int, int] = {}
     allocations = []
-    for time_ns, size, ptr in events:
+    for time_ns, size, ptr in sorted(events):
         if size > 0:
             unseen_free = live.pop(ptr, 0)
             if unseen_free:
                 allocations.append((time_ns, -unseen_free))
             live[ptr] = size
-        else:
-            live.pop(ptr, None)
+        elif live.pop(ptr, None) is None:
+            continue
         allocations.append((time_ns, size))
-    return allocations, marks
+    return allocations
 
 
 def measure_phases(build_trainer: Callable[[], object], iterations: int = 2) -> dict[str, PhaseMeasurement]:
