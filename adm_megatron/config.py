@@ -464,14 +464,13 @@ def _check_fields(config: Config, source: str) -> None:
     if d.latent_weight < 0 or d.pixel_weight < 0 or d.latent_weight + d.pixel_weight == 0:
         raise ConfigError(f"{source}: distill.latent_weight={d.latent_weight} / pixel_weight={d.pixel_weight}: "
                           "expected >= 0, not both 0")
-    if d.renoise != "independent" and d.method != "adp":
-        raise ConfigError(f"{source}: distill.renoise={d.renoise} is an ADP option (distill.method=adp), "
-                          f"got distill.method={d.method}")
     if not 0 <= d.pure_noise_share <= 1:
         raise ConfigError(f"{source}: distill.pure_noise_share={d.pure_noise_share}: expected a share in [0, 1]")
-    if d.pure_noise_share and d.method != "adp":
-        raise ConfigError(f"{source}: distill.pure_noise_share={d.pure_noise_share} is an ADP option "
-                          f"(distill.method=adp), got distill.method={d.method}")
+    for key in ("renoise", "pure_noise_share"):  # ADP's own options: refused away from their defaults elsewhere
+        value = getattr(d, key)
+        if d.method != "adp" and value != getattr(DistillConfig, key):
+            raise ConfigError(f"{source}: distill.{key}={value} is an ADP option (distill.method=adp), "
+                              f"got distill.method={d.method}")
     if d.method == "adp" and d.pixel_weight > 0 and not d.pixel_encoder_path:
         raise ConfigError(f"{source}: distill.pixel_weight={d.pixel_weight} needs distill.pixel_encoder_path (a "
                           f"local {d.pixel_encoder} encoder directory), or set distill.pixel_weight=0")

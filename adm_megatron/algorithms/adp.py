@@ -89,9 +89,10 @@ from adm_megatron.algorithms.base import Distillation, PhaseBatch, RealBatch
 from adm_megatron.algorithms.discriminator_health import discriminator_health
 from adm_megatron.algorithms.losses import hinge_d_loss, hinge_g_loss
 from adm_megatron.algorithms.randomness import BatchRandom
+from adm_megatron.config import CHOICES
 
 
-RENOISE = ("independent", "shared", "pair")
+RENOISE = CHOICES["distill.renoise"]  # independent, shared, pair
 
 
 def warp_rf_time(u: torch.Tensor) -> torch.Tensor:

@@ -348,7 +348,7 @@ class _Formulas:
         from adm_megatron.heads.head3d import DownBlock3D
 
         sh = self.shape
-        out_size = (DownBlock3D if self.shape.head_kind == "3d" else DownBlock2D).out_size
+        out_size = (DownBlock3D if sh.head_kind == "3d" else DownBlock2D).out_size
         t, hh, ww = sh.frames, sh.height // sh.patch, sh.width // sh.patch
         for _ in range(sh.head_blocks):
             h2, w2 = out_size(hh), out_size(ww)

@@ -64,10 +64,10 @@ def _plus(counts: TokenCounts, act: float = 0, split: float = 0, head_stats: flo
 
 def _block(index: int, arch) -> BlockCounts:
     image, text = {}, {}
+    last = index == arch.num_layers - 1
     for kind in ("trainable", "frozen"):
         qk = (QK_NORM[kind], 2) if arch.qk_norm else (0, 0)
         image[kind] = _plus(STREAM[kind], split=qk[0], head_stats=qk[1])
-        last = index == arch.num_layers - 1
         if kind == "frozen" and index == 0:  # the text enters without grad: its input and q / k norms keep nothing
             text[kind] = replace(STREAM[kind], residual=STREAM[kind].residual - 1)
         else:
