@@ -247,3 +247,21 @@ def test_bench_and_memory_planner_refuse_a_family_without_their_formulas_in_one_
     with pytest.raises(ValueError, match=r"adm-megatron bench: model family 'fakevideo' is not supported") as err:
         resolve_model(BenchOptions(model=teacher), str(tmp_path / "work"))
     _one_line(err.value)
+
+
+def test_adp_pixel_branch_refuses_a_family_that_does_not_say_how_it_decodes(fake_family, tmp_path):
+    """The pixel discriminator decodes as the family's pipeline does (``decode_images``); a family
+    without it is refused in one line, and a family that lists the tool must give it."""
+    from adm_megatron.config import ConfigError
+    from adm_megatron.train.teacher import resolve_teacher
+    from adm_megatron.train.validate import _check_pixel_branch
+
+    family, _ = fake_family
+    config = load_config(None, [f"model.teacher={_save_fake(tmp_path / 'fake')}", "data.real_path=pairs",
+                                "distill.method=adp", "distill.pixel_encoder_path=sam"])
+    with pytest.raises(ConfigError, match=r"^distill.pixel_weight=0.15: model family 'fakevideo' is not supported "
+                                          r"\(supported: cogvideox, sd3\); set distill.pixel_weight=0$") as err:
+        _check_pixel_branch(config, resolve_teacher(config.model.teacher, config.model.pipeline))
+    _one_line(err.value)
+    with pytest.raises(ValueError, match="tool 'pixel-discriminator' needs vae_class and decode_images"):
+        dataclasses.replace(family, tools=frozenset({"pixel-discriminator"}), vae_class=None)

@@ -3,11 +3,14 @@ CFG flow-matching ODE equals ``StableDiffusion3Pipeline``'s own sampling; an ADM
 pipeline (``examples/sd35/tiny_cpu.yaml``) trains with 2D heads on every block and pooled prompts,
 exports a generator diffusers loads, and renders PNGs and a grid through the real pipeline; a LoRA
 generator's file loads with ``StableDiffusion3Pipeline.load_lora_weights``; the converter round
-trips an SD3 transformer bit for bit; ADP and DMD2 train on SD3 teacher ODE pairs with pooled prompts."""
+trips an SD3 transformer bit for bit; ADP (with its pixel branch on the pipeline's VAE) and DMD2 train
+on SD3 teacher ODE pairs with pooled prompts."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,8 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adm_megatron.config import LoraConfig, load_config
+from adm_megatron.config import ConfigError, LoraConfig, load_config
 from tiny_cogvideox import rel_err
+from tiny_pixel_encoders import save_tiny_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red cat", "blue sky over the sea", "a dog", "green tree at night"]
@@ -181,19 +185,55 @@ def sd3_pairs(sd3_pipeline, prompt_dir, tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope="module")
+def sam_encoder(tmp_path_factory):
+    return save_tiny_encoder("sam", str(tmp_path_factory.mktemp("sam") / "sam"))
+
+
+def _pairs_config(sd3_pipeline, prompt_dir, sd3_pairs, out, *overrides):
+    return load_config(os.path.join(ROOT, "examples", "sd35", "tiny_cpu.yaml"), [
+        f"model.teacher={sd3_pipeline}", f"data.path={prompt_dir}", f"data.real_path={sd3_pairs}",
+        f"output_dir={out}", "train.max_iterations=2", "train.export=false", "logging.wandb_mode=disabled",
+        "logging.progress=false", *overrides])
+
+
 @pytest.mark.parametrize("method", ["adp", "dmd2"])
-def test_sd3_methods_reading_teacher_pairs_train(method, sd3_pipeline, prompt_dir, sd3_pairs, tmp_path, world_of_one):
-    """ADP (latent discriminator only: the tiny pipeline's VAE is not SD3's pixel branch here) and
-    DMD2 on SD3 read the pairs with their pooled prompts and update the generator."""
+def test_sd3_methods_reading_teacher_pairs_train(method, sd3_pipeline, prompt_dir, sd3_pairs, sam_encoder, tmp_path,
+                                                 world_of_one):
+    """ADP (with its default pixel branch: the pipeline's ``AutoencoderKL`` decode and a SAM encoder)
+    and DMD2 on SD3 read the pairs with their pooled prompts and update the generator; ADP's pixel
+    branch sees one decoded 32 x 32 image per sample and its heads train."""
     from adm_megatron.train.trainer import Trainer
 
-    config = load_config(os.path.join(ROOT, "examples", "sd35", "tiny_cpu.yaml"), [
-        f"model.teacher={sd3_pipeline}", f"data.path={prompt_dir}", f"data.real_path={sd3_pairs}",
-        f"distill.method={method}", "distill.pixel_weight=0", f"output_dir={tmp_path / 'run'}",
-        "train.max_iterations=2", "train.export=false", "logging.wandb_mode=disabled", "logging.progress=false"])
-    trainer = Trainer(config)
+    pixel = [f"distill.pixel_encoder_path={sam_encoder}", "distill.pixel_layers=[2,4]"] if method == "adp" else []
+    trainer = Trainer(_pairs_config(sd3_pipeline, prompt_dir, sd3_pairs, tmp_path / "run", f"distill.method={method}",
+                                    *pixel))
     assert trainer.batch(0).real.pooled.shape == (2, 64)
     before = [p.detach().clone() for p in trainer.generator.parameters()]
+    if method == "adp":
+        assert trainer.config.distill.pixel_weight == 0.15  # the default: the branch is on
+        assert trainer.pixel.decode(trainer.batch(0).real.x0).shape == (2, 3, 32, 32)
+        pixel_heads = [p.detach().clone() for p in trainer.heads.pixel.parameters()]
     metrics = trainer.fit().last_metrics
     assert metrics["generator/skipped"] is False
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.generator.parameters()))
+    if method == "adp":
+        assert {"generator/pixel", "discriminator/pixel", "discriminator/pixel_d_real"} <= set(metrics)
+        assert any(not torch.equal(a, b) for a, b in zip(pixel_heads, trainer.heads.pixel.parameters()))
+
+
+def test_sd3_pixel_branch_refuses_a_vae_of_another_class(sd3_pipeline, prompt_dir, sd3_pairs, sam_encoder,
+                                                         tmp_path):
+    """A pipeline whose ``vae/`` is not the family's VAE class: one line, before any model is built."""
+    from adm_megatron.train.trainer import Trainer
+
+    pipe = tmp_path / "pipe"
+    shutil.copytree(sd3_pipeline, pipe)
+    vae_config = pipe / "vae" / "config.json"
+    vae_config.write_text(json.dumps({**json.loads(vae_config.read_text()), "_class_name": "AutoencoderKLCogVideoX"}))
+    config = _pairs_config(str(pipe), prompt_dir, sd3_pairs, tmp_path / "run", "distill.method=adp",
+                           f"distill.pixel_encoder_path={sam_encoder}", "distill.pixel_layers=[2]")
+    with pytest.raises(ConfigError, match=r"vae/config.json: a 'AutoencoderKLCogVideoX' VAE; the sd3 pixel "
+                                          r"discriminator decodes with 'AutoencoderKL'$") as err:
+        Trainer(config)
+    assert "\n" not in str(err.value)

@@ -102,8 +102,10 @@ COGVIDEOX = register_family(ModelFamily(
     render_samples=_render_samples,
     encode_prompts=_encode_prompts,
     presets=PRESETS,
-    tools=frozenset({"bench", "memory-plan"}),
+    tools=frozenset({"bench", "memory-plan", "pixel-discriminator"}),
     call_flops=lazy("adm_megatron.bench.flops", "cogvideox_call_flops"),
     native_latent_size=_native_latent_size,
     memory_terms=lazy("adm_megatron.memory.cogvideox_terms", "cogvideox_memory_terms"),
+    vae_class="AutoencoderKLCogVideoX",
+    decode_images=lazy("adm_megatron.models.vae_decode", "decode_cogvideox_frames"),
 ))

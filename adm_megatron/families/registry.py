@@ -93,13 +93,19 @@ class ModelFamily:
     # (pipeline_dir, prompts, arch, device) -> PromptEmbeddings, with the pipeline's own text encoder(s)
     encode_prompts: Callable[..., PromptEmbeddings]
     presets: dict = field(default_factory=dict)  # real-size name -> diffusers config (meta builds, plans)
-    tools: frozenset = frozenset()  # analytic tools with formulas for this family: 'bench', 'memory-plan'
+    # what this family has the formulas / parts for: 'bench', 'memory-plan', 'pixel-discriminator'
+    tools: frozenset = frozenset()
     # 'bench': (arch, latent tensor shape, text length, blocks, output_layer) -> CallFlops
     # (adm_megatron.bench.flops), and arch -> (frames, height, width) of the latents it was trained at
     call_flops: Callable[..., Any] | None = None
     native_latent_size: Callable[[Any], tuple[int, int, int]] | None = None
     # 'memory-plan': arch -> the planner's per-block counts (adm_megatron.memory.terms.ActivationTerms)
     memory_terms: Callable[[Any], Any] | None = None
+    # 'pixel-discriminator' (ADP's pixel branch): the diffusers class of the pipeline's ``vae/``, and
+    # (vae, latents in latent_layout) -> every frame as an image [N, 3, h, w] in about [-1, 1], as the
+    # family's pipeline decodes (adm_megatron.models.vae_decode)
+    vae_class: str | None = None
+    decode_images: Callable[[Any, Any], Any] | None = None
 
     def __post_init__(self):
         if self.latent_layout not in LATENT_LAYOUTS:
@@ -112,6 +118,8 @@ class ModelFamily:
             raise ValueError(f"family {self.name!r}: tool 'bench' needs call_flops and native_latent_size")
         if "memory-plan" in self.tools and self.memory_terms is None:
             raise ValueError(f"family {self.name!r}: tool 'memory-plan' needs memory_terms")
+        if "pixel-discriminator" in self.tools and (self.vae_class is None or self.decode_images is None):
+            raise ValueError(f"family {self.name!r}: tool 'pixel-discriminator' needs vae_class and decode_images")
 
     # -- derived helpers (the same for every family) --------------------------------------------
     def arch_from_pretrained_dir(self, path: str):

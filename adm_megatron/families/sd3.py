@@ -101,8 +101,10 @@ SD3 = register_family(ModelFamily(
     render_samples=_render_samples,
     encode_prompts=_encode_prompts,
     presets=PRESETS,
-    tools=frozenset({"bench", "memory-plan"}),
+    tools=frozenset({"bench", "memory-plan", "pixel-discriminator"}),
     call_flops=lazy("adm_megatron.bench.flops", "sd3_call_flops"),
     native_latent_size=lambda arch: (1, arch.sample_size, arch.sample_size),  # 1024 px -> 128 x 128
     memory_terms=lazy("adm_megatron.memory.sd3_terms", "sd3_memory_terms"),
+    vae_class="AutoencoderKL",
+    decode_images=lazy("adm_megatron.models.vae_decode", "decode_sd3_images"),
 ))

@@ -1,9 +1,10 @@
 """ADP's pixel-space discriminator: the frozen VAE decoder and a frozen vision encoder from
 ``transformers`` as the backbone, trainable 2D heads on the encoder's layers.
 
-* :class:`PixelFeatures` (frozen, no parameters of its own to train): latents ``[B, F, C, H, W]``
-  -> the pipeline's VAE decode (CogVideoX: ``latents / scaling_factor``, channels first, as
-  ``CogVideoXPipeline.decode_latents``) -> frames in [-1, 1], each frame an image ``[B F', 3, h, w]``
+* :class:`PixelFeatures` (frozen, no parameters of its own to train): latents in the family's
+  layout -> the pipeline's VAE decode as the family's pipeline does it (``decode_images`` of the
+  model family: CogVideoX ``[B, F, C, H, W]`` -> every frame, SD3 ``[B, C, H, W]`` -> one image;
+  ``models/vae_decode.py``) -> images in [-1, 1], ``[N, 3, h, w]``
   -> resized to the encoder's ``image_size`` and normalised with the encoder's ImageNet mean / std
   -> the encoder's hidden states at ``layers`` (1-based: layer k is the output of the k-th block),
   each as a map ``[B F', C, h', w']``.
@@ -20,6 +21,7 @@
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +52,7 @@ def load_pixel_encoder(kind: str, path: str) -> nn.Module:
 class PixelFeatures(nn.Module):
     """Frozen: latents -> decoded frames -> the vision encoder's feature maps at ``layers``."""
 
-    def __init__(self, vae: nn.Module, encoder: nn.Module, kind: str, layers: list[int]):
+    def __init__(self, vae: nn.Module, decode_images: Callable, encoder: nn.Module, kind: str, layers: list[int]):
         super().__init__()
         count = encoder.config.num_hidden_layers
         bad = [k for k in layers if not 1 <= k <= count]
@@ -58,6 +60,7 @@ class PixelFeatures(nn.Module):
             raise ValueError(f"distill.pixel_layers={list(layers)}: the {kind} encoder has {count} layers; "
                              f"expected a non-empty list of layers in 1..{count}")
         self.vae = vae.eval().requires_grad_(False)
+        self.decode_images = decode_images
         self.encoder = encoder.eval().requires_grad_(False)
         self.kind = kind
         self.layers = list(layers)
@@ -70,10 +73,8 @@ class PixelFeatures(nn.Module):
         return self.encoder.config.hidden_size
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """``[B, F, C, H, W]`` latents -> ``[B F', 3, h, w]`` frames in about [-1, 1]."""
-        z = latents.permute(0, 2, 1, 3, 4) / self.vae.config.scaling_factor
-        video = self.vae.decode(z).sample  # [B, 3, F', h, w]
-        return video.permute(0, 2, 1, 3, 4).reshape(-1, *video.shape[1:2], *video.shape[3:])
+        """Latents -> ``[N, 3, h, w]`` images in about [-1, 1] (a sample's frames consecutive)."""
+        return self.decode_images(self.vae, latents)
 
     def encode(self, frames: torch.Tensor) -> list[torch.Tensor]:
         """Frames in [-1, 1] -> the encoder's hidden states at ``layers``, each ``[N, C, h', w']``."""
@@ -94,12 +95,14 @@ class PixelFeatures(nn.Module):
         return self.encode(self.decode(latents))
 
 
-def build_pixel_features(kind: str, encoder_path: str, vae_dir: str, layers: list[int], device, dtype) -> PixelFeatures:
-    """The frozen pixel backbone from local directories (the encoder's, the pipeline's ``vae/``)."""
-    from diffusers import AutoencoderKLCogVideoX
+def build_pixel_features(family, kind: str, encoder_path: str, vae_dir: str, layers: list[int], device,
+                         dtype) -> PixelFeatures:
+    """The frozen pixel backbone from local directories (the encoder's, the pipeline's ``vae/``, read
+    as the model family's VAE class and decoded as its pipeline decodes)."""
+    import diffusers
 
-    vae = AutoencoderKLCogVideoX.from_pretrained(vae_dir, local_files_only=True)
-    return PixelFeatures(vae, load_pixel_encoder(kind, encoder_path), kind, layers).to(device, dtype)
+    vae = getattr(diffusers, family.vae_class).from_pretrained(vae_dir, local_files_only=True)
+    return PixelFeatures(vae, family.decode_images, load_pixel_encoder(kind, encoder_path), kind, layers).to(device, dtype)
 
 
 class LatentPixelHeads(nn.Module):

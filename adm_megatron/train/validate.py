@@ -103,14 +103,28 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
 
 
 def _check_pixel_branch(config: Config, teacher: TeacherSource) -> None:
-    """ADP's pixel discriminator needs the pipeline's VAE and a local encoder with the layers asked."""
+    """ADP's pixel discriminator needs a family that says how its pipeline decodes, the pipeline's VAE
+    of that family's class, and a local encoder with the layers asked."""
     from transformers import AutoConfig
 
+    from adm_megatron.families.registry import read_model_config
+
     d = config.distill
+    try:
+        family = teacher.family.require("pixel-discriminator", f"distill.pixel_weight={d.pixel_weight}")
+    except ValueError as err:
+        raise ConfigError(f"{err}; set distill.pixel_weight=0") from None
     vae = os.path.join(teacher.pipeline_dir or "", "vae", "config.json")
     if not teacher.pipeline_dir or not os.path.isfile(vae):
         raise ConfigError(f"distill.pixel_weight={d.pixel_weight}: the pixel discriminator decodes with the "
                           f"pipeline's VAE, and {vae} is not there; set model.pipeline or distill.pixel_weight=0")
+    try:
+        found_vae = read_model_config(os.path.dirname(vae)).get("_class_name")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if found_vae != family.vae_class:
+        raise ConfigError(f"{vae}: a {found_vae!r} VAE; the {family.name} pixel discriminator decodes with "
+                          f"{family.vae_class!r}")
     path = d.pixel_encoder_path
     try:
         found = AutoConfig.from_pretrained(path, local_files_only=True)
