@@ -153,6 +153,9 @@ class DistillConfig:
     pixel_encoder: str = "sam"  # sam (SamVisionModel) | dinov2 (Dinov2Model, the paper's ablation)
     pixel_encoder_path: str = ""  # a local transformers directory of that encoder
     pixel_layers: list[int] = field(default_factory=lambda: [3, 6, 9, 12])  # 1-based encoder layers
+    # recompute the pixel branch in backward, block by block (the VAE decoder's blocks and the encoder's
+    # layers keep only their inputs): far less memory for one more decode + encode per generator step
+    pixel_recompute: bool = False
     # adp: the noise that re-noises the pair's x_0 and the generator's x0_hat to the latent
     # discriminator's t' (algorithms/adp.py): independent (a draw each), shared (one fresh draw for
     # both: a real / fake pair then differs only by alpha(t') (x_0 - x0_hat)), pair (the pair's own
@@ -466,7 +469,7 @@ def _check_fields(config: Config, source: str) -> None:
                           "expected >= 0, not both 0")
     if not 0 <= d.pure_noise_share <= 1:
         raise ConfigError(f"{source}: distill.pure_noise_share={d.pure_noise_share}: expected a share in [0, 1]")
-    for key in ("renoise", "pure_noise_share"):  # ADP's own options: refused away from their defaults elsewhere
+    for key in ("renoise", "pure_noise_share", "pixel_recompute"):  # ADP's own: refused away from their defaults elsewhere
         value = getattr(d, key)
         if d.method != "adp" and value != getattr(DistillConfig, key):
             raise ConfigError(f"{source}: distill.{key}={value} is an ADP option (distill.method=adp), "

@@ -49,10 +49,28 @@ def load_pixel_encoder(kind: str, path: str) -> nn.Module:
     return encoder.eval().requires_grad_(False)
 
 
+def recompute_blocks(vae: nn.Module, encoder: nn.Module) -> None:
+    """Activation checkpointing through the libraries' own switches (non-reentrant
+    ``torch.utils.checkpoint``): the diffusers VAE checkpoints its decoder's blocks whenever grad is
+    enabled; a transformers encoder checkpoints a layer only when that layer is in training mode, so
+    the layers alone are flagged as training -- their dropouts and every other submodule stay in eval,
+    and the outputs are unchanged."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    vae.enable_gradient_checkpointing()
+    encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in encoder.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(f"distill.pixel_recompute: {type(encoder).__name__} has no checkpointable layers")
+    for layer in layers:
+        layer.training = True
+
+
 class PixelFeatures(nn.Module):
     """Frozen: latents -> decoded frames -> the vision encoder's feature maps at ``layers``."""
 
-    def __init__(self, vae: nn.Module, decode_images: Callable, encoder: nn.Module, kind: str, layers: list[int]):
+    def __init__(self, vae: nn.Module, decode_images: Callable, encoder: nn.Module, kind: str, layers: list[int],
+                 recompute: bool = False):
         super().__init__()
         count = encoder.config.num_hidden_layers
         bad = [k for k in layers if not 1 <= k <= count]
@@ -65,6 +83,8 @@ class PixelFeatures(nn.Module):
         self.kind = kind
         self.layers = list(layers)
         self.image_size = encoder.config.image_size
+        if recompute:
+            recompute_blocks(vae, encoder)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -96,13 +116,14 @@ class PixelFeatures(nn.Module):
 
 
 def build_pixel_features(family, kind: str, encoder_path: str, vae_dir: str, layers: list[int], device,
-                         dtype) -> PixelFeatures:
+                         dtype, recompute: bool = False) -> PixelFeatures:
     """The frozen pixel backbone from local directories (the encoder's, the pipeline's ``vae/``, read
     as the model family's VAE class and decoded as its pipeline decodes)."""
     import diffusers
 
     vae = getattr(diffusers, family.vae_class).from_pretrained(vae_dir, local_files_only=True)
-    return PixelFeatures(vae, family.decode_images, load_pixel_encoder(kind, encoder_path), kind, layers).to(device, dtype)
+    encoder = load_pixel_encoder(kind, encoder_path)
+    return PixelFeatures(vae, family.decode_images, encoder, kind, layers, recompute).to(device, dtype)
 
 
 class LatentPixelHeads(nn.Module):

@@ -70,6 +70,18 @@ def signed_sizes(events: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
     return allocations
 
 
+def peak_during(fn: Callable[[], object]) -> int:
+    """The largest live tensor bytes, above what was live before, while ``fn`` runs (the same
+    accounting as :func:`measure_phases`)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for _, size in _allocations_and_marks(prof)[0]:
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
 def measure_phases(build_trainer: Callable[[], object], iterations: int = 2) -> dict[str, PhaseMeasurement]:
     """Build a trainer and run ``iterations`` ADM iterations under the memory profiler; returns each
     phase's resident and peak tensor bytes in the last iteration, keyed by phase name."""

@@ -85,7 +85,8 @@ def build_pixel_backbone(config: Config, teacher_source: TeacherSource, device, 
     if d.method != "adp" or d.pixel_weight == 0:
         return None
     return build_pixel_features(teacher_source.family, d.pixel_encoder, d.pixel_encoder_path,
-                                os.path.join(teacher_source.pipeline_dir, "vae"), d.pixel_layers, device, dtype)
+                                os.path.join(teacher_source.pipeline_dir, "vae"), d.pixel_layers, device, dtype,
+                                recompute=d.pixel_recompute)
 
 
 def _seed(*parts) -> int:
