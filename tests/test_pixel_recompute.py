@@ -1,5 +1,5 @@
 """``distill.pixel_recompute``: ADP's pixel branch recomputed block by block in backward (the
-diffusers VAE decoder's blocks, the transformers encoder's layers; ``heads/pixel.recompute_blocks``).
+diffusers VAE decoder's blocks, the transformers encoder's layers; ``heads/pixel.recompute_vae, recompute_encoder``).
 
 - exact: the features and the gradient they send back to the latents are bit-equal with and
   without it (SAM and DINOv2, on the tiny CogVideoX pipeline's VAE);

@@ -243,6 +243,7 @@ def test_bad_configs_fail_in_one_line_before_any_process_group(pipeline_dir, tmp
     with pytest.raises(ConfigError) as err:
         Trainer(_config(pipeline_dir, tmp_path, *overrides))
     assert message in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).count(message.split(":")[0]) == 1, err.value  # the key named once
     assert not dist.is_initialized()
 
 

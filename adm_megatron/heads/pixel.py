@@ -49,21 +49,26 @@ def load_pixel_encoder(kind: str, path: str) -> nn.Module:
     return encoder.eval().requires_grad_(False)
 
 
-def recompute_blocks(vae: nn.Module, encoder: nn.Module) -> None:
-    """Activation checkpointing through the libraries' own switches (non-reentrant
-    ``torch.utils.checkpoint``): the diffusers VAE checkpoints its decoder's blocks whenever grad is
-    enabled; a transformers encoder checkpoints a layer only when that layer is in training mode, so
-    the layers alone are flagged as training -- their dropouts and every other submodule stay in eval,
-    and the outputs are unchanged."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
+def recompute_vae(vae: nn.Module) -> None:
+    """Activation checkpointing of a diffusers VAE's blocks (its own switch, non-reentrant
+    ``torch.utils.checkpoint``; the decoder checkpoints whenever grad is enabled)."""
     vae.enable_gradient_checkpointing()
-    encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = [m for m in encoder.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not layers:
+
+
+def recompute_encoder(encoder: nn.Module) -> None:
+    """Activation checkpointing of a transformers encoder's layers (its own switch, non-reentrant). It
+    checkpoints only in training mode (transformers 5 asks it of each layer, 4.x of the encoder that
+    loops over them), so the modules the switch turned on alone are flagged as training: their
+    dropouts and every other submodule stay in eval, and the outputs are unchanged."""
+    if hasattr(encoder, "activation_checkpointing_enable"):  # its name from transformers 5.x on
+        encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    switched = [m for m in encoder.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    if not switched:
         raise ValueError(f"distill.pixel_recompute: {type(encoder).__name__} has no checkpointable layers")
-    for layer in layers:
-        layer.training = True
+    for module in switched:
+        module.training = True
 
 
 class PixelFeatures(nn.Module):
@@ -84,7 +89,8 @@ class PixelFeatures(nn.Module):
         self.layers = list(layers)
         self.image_size = encoder.config.image_size
         if recompute:
-            recompute_blocks(vae, encoder)
+            recompute_vae(vae)
+            recompute_encoder(encoder)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 

@@ -150,7 +150,9 @@ def _check_real_samples(config: Config, teacher: TeacherSource) -> None:
     try:
         pairs = OdePairs(d.real_path)
     except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"data.real_path={d.real_path!r}: {err}") from None
+        message = str(err)  # OdePairs names the key itself when the directory is not one
+        raise ConfigError(message if message.startswith("data.real_path=")
+                          else f"data.real_path={d.real_path!r}: {message}") from None
     expected = teacher.family.latent_shape(teacher.arch, d.frames, d.height, d.width)
     if pairs.latent_shape != expected:
         dims = "data.frames, channels, data.height, data.width" if len(expected) == 4 else \

@@ -1,0 +1,181 @@
+"""Measured memory of ADP's pixel branch (``heads/pixel.py``): the pipeline's VAE decode and the vision
+encoder, each run with grad to its input as the generator phase runs them, with and without
+``distill.pixel_recompute``; printed as a table and written as JSON.
+
+    python tools/pixel_branch_memory.py --out docs/bench/pixel_branch_memory.json
+
+What is measured (CPU, fp32, torch.profiler's allocator events: ``memory/measure.peak_during``): the
+peak tensor bytes above the start of one forward + backward of the frozen module (its input
+requires grad, its weights do not) at the published architectures with random weights:
+
+- the VAE decoders of CogVideoX (``AutoencoderKLCogVideoX``) and SD3 / SD3.5 (``AutoencoderKL``) at a
+  small probe size, divided by the output pixels: convolutions keep per pixel what they keep, so
+  bytes per output pixel carry to the real size (the extrapolation; the SD3 decoder's one
+  attention block, at 1/8 resolution, is the exception the figure does not cover);
+- the encoders (SAM ViT-B, DINOv2-B) on one image at their own input size (frames are resized to
+  it, whatever the video's size), with four tapped layers, per image.
+
+The run's sizes: CogVideoX 13 x 60 x 90 latents = 49 frames of 480 x 720 (every frame goes
+through the encoder); SD3 128 x 128 latents = one 1024 x 1024 image. The bf16 column halves the
+fp32 measurement (an assumption: every saved tensor in bf16), not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+
+# the published configs (vae/config.json of THUDM/CogVideoX-2b and of stabilityai's SD3 pipelines;
+# the vision config of facebook/sam-vit-base, the config of facebook/dinov2-base)
+COGVIDEOX_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=["CogVideoXDownBlock3D"] * 4,
+    up_block_types=["CogVideoXUpBlock3D"] * 4, block_out_channels=[128, 256, 256, 512], latent_channels=16,
+    layers_per_block=3, act_fn="silu", norm_eps=1e-6, norm_num_groups=32, temporal_compression_ratio=4,
+    sample_height=480, sample_width=720, scaling_factor=1.15258426, use_quant_conv=False, use_post_quant_conv=False,
+)
+SD3_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512], layers_per_block=2, act_fn="silu", latent_channels=16,
+    norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+SAM_VIT_B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, image_size=1024, patch_size=16,
+                 mlp_dim=3072, output_channels=256, window_size=14, global_attn_indexes=[2, 5, 8, 11])
+DINOV2_B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                image_size=518, patch_size=14)
+LAYERS = [3, 6, 9, 12]  # distill.pixel_layers' default
+# a real run's output pixels per sample (CogVideoX: 13 x 60 x 90 latents; SD3: 128 x 128) and images
+RUN_PIXELS = {"cogvideox": 49 * 480 * 720, "sd3": 1024 * 1024}
+RUN_IMAGES = {"cogvideox": 49, "sd3": 1}
+
+
+def _vae(name: str):
+    from diffusers import AutoencoderKL, AutoencoderKLCogVideoX
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(**COGVIDEOX_VAE) if name == "cogvideox" else AutoencoderKL(**SD3_VAE)
+    return vae.eval().requires_grad_(False)
+
+
+def _encoder(name: str, image_size: int | None):
+    from transformers import Dinov2Config, Dinov2Model, SamVisionConfig, SamVisionModel
+
+    torch.manual_seed(0)
+    sizes = {} if image_size is None else {"image_size": image_size}
+    if name == "sam":
+        model = SamVisionModel(SamVisionConfig(**{**SAM_VIT_B, **sizes}))
+    else:
+        model = Dinov2Model(Dinov2Config(**{**DINOV2_B, **sizes}))
+    return model.eval().requires_grad_(False)
+
+
+def measure_vae(name: str, probe: tuple, recompute: bool) -> dict:
+    from adm_megatron.families import get_family
+    from adm_megatron.heads.pixel import recompute_vae
+    from adm_megatron.memory.measure import peak_during
+
+    vae = _vae(name)
+    if recompute:
+        recompute_vae(vae)
+    family = get_family(name)
+    latents = torch.randn(1, *probe, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    out = {}
+
+    def run():
+        images = family.decode_images(vae, latents)
+        out["pixels"] = images.shape[0] * images.shape[2] * images.shape[3]
+        images.square().sum().backward()
+
+    start = time.perf_counter()
+    peak = peak_during(run)
+    return {"component": f"{name} VAE decode", "recompute": recompute, "probe_latents": list(probe),
+            "probe_pixels": out["pixels"], "peak_bytes": peak, "bytes_per_pixel": peak / out["pixels"],
+            "run_units": RUN_PIXELS[name], "unit": "output pixel", "seconds": time.perf_counter() - start}
+
+
+def measure_encoder(name: str, recompute: bool, image_size: int | None) -> dict:
+    from adm_megatron.heads.pixel import recompute_encoder
+    from adm_megatron.memory.measure import peak_during
+
+    encoder = _encoder(name, image_size)
+    if recompute:
+        recompute_encoder(encoder)
+    size = encoder.config.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+
+    def run():
+        hidden = encoder(pixel_values=pixels, output_hidden_states=True).hidden_states
+        sum(hidden[k].square().sum() for k in LAYERS).backward()
+
+    start = time.perf_counter()
+    peak = peak_during(run)
+    return {"component": f"{name} encoder", "recompute": recompute, "image_size": size, "peak_bytes": peak,
+            "bytes_per_image": peak, "unit": "image", "seconds": time.perf_counter() - start}
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| component | recompute | probe | measured peak | per unit (fp32) | CogVideoX run (49 x 480 x 720), "
+             "fp32 / bf16 | SD3 run (1024^2), fp32 / bf16 |", "|---|---|---|---|---|---|---|"]
+    gib = 1024**3
+    for r in rows:
+        if r["unit"] == "output pixel":
+            probe = "x".join(map(str, r["probe_latents"])) + f" latents ({r['probe_pixels']} px)"
+            per = f"{r['bytes_per_pixel'] / 1024:.1f} KiB / px"
+            family = "cogvideox" if r["component"].startswith("cogvideox") else "sd3"
+            run = r["bytes_per_pixel"] * RUN_PIXELS[family] / gib
+            cells = [f"{run:.1f} / {run / 2:.1f} GiB", "-"] if family == "cogvideox" else ["-", f"{run:.1f} / {run / 2:.1f} GiB"]
+        else:
+            probe = f"1 image of {r['image_size']}^2"
+            per = f"{r['bytes_per_image'] / gib:.2f} GiB / image"
+            cells = [f"{r['bytes_per_image'] * RUN_IMAGES[f] / gib:.1f} / {r['bytes_per_image'] * RUN_IMAGES[f] / 2 / gib:.1f} GiB"
+                     for f in ("cogvideox", "sd3")]
+        lines.append(f"| {r['component']} | {'yes' if r['recompute'] else 'no'} | {probe} | "
+                     f"{r['peak_bytes'] / 2**20:.0f} MiB | {per} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="the JSON to write")
+    parser.add_argument("--cogvideox-probe", default="3x16x16",
+                        help="latent frames x height x width of the CogVideoX VAE probe (default 3x16x16)")
+    parser.add_argument("--sd3-probe", default="32x32", help="latent height x width of the SD3 VAE probe")
+    parser.add_argument("--encoders", default="sam,dinov2", help="comma-separated: sam, dinov2 (or empty)")
+    parser.add_argument("--encoder-image-size", type=int, default=None,
+                        help="override the encoders' input size (a quicker, smaller probe; default: theirs)")
+    args = parser.parse_args(argv)
+    try:
+        frames, h, w = (int(v) for v in args.cogvideox_probe.split("x"))
+        sd3_h, sd3_w = (int(v) for v in args.sd3_probe.split("x"))
+    except ValueError:
+        parser.error(f"--cogvideox-probe={args.cogvideox_probe!r} / --sd3-probe={args.sd3_probe!r}: expected "
+                     "FxHxW and HxW, e.g. 3x16x16 and 32x32")
+    encoders = [e for e in args.encoders.split(",") if e]
+    if set(encoders) - {"sam", "dinov2"}:
+        parser.error(f"--encoders={args.encoders!r}: expected names among sam, dinov2")
+    rows = []
+    for recompute in (False, True):
+        rows.append(measure_vae("cogvideox", (frames, 16, h, w), recompute))
+        rows.append(measure_vae("sd3", (16, sd3_h, sd3_w), recompute))
+        rows += [measure_encoder(name, recompute, args.encoder_image_size) for name in encoders]
+    rows.sort(key=lambda r: (r["component"], r["recompute"]))
+    print(_table(rows))
+    import diffusers
+    import transformers
+
+    with open(args.out, "w") as f:
+        json.dump({"rows": rows, "command": " ".join(["python tools/pixel_branch_memory.py", *argv]),
+                   "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                   "torch": torch.__version__, "diffusers": diffusers.__version__,
+                   "transformers": transformers.__version__, "dtype": "float32"}, f, indent=1)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
