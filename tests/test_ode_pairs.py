@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 
 import pytest
 import torch
@@ -65,6 +66,57 @@ def test_collection_writes_shards_and_a_manifest(reference):
     assert ids.tolist() == [j % 3 for j in range(10)]
     scales = pairs.get(torch.arange(10), "guidance_scale")
     assert ((2.0 <= scales) & (scales <= 4.0)).all() and scales.unique().numel() == 10
+
+
+def _large_rows_collection(out) -> str:
+    """3 shards of 8 pairs of 2 x 4 x 16 x 16 latents (8 KiB a row), as the collection writes them."""
+    from safetensors.torch import save_file
+
+    from adm_megatron.data.ode_pairs import FORMAT, VERSION
+
+    os.makedirs(out)
+    g = torch.Generator().manual_seed(0)
+    shards = []
+    for i in range(3):
+        save_file({"x_T": torch.randn(8, 2, 4, 16, 16, generator=g), "x_0": torch.randn(8, 2, 4, 16, 16, generator=g),
+                   "prompt_id": torch.arange(8 * i, 8 * i + 8), "guidance_scale": torch.full((8,), 5.0)},
+                  os.path.join(out, shard_name(i)))
+        shards.append({"file": shard_name(i), "rows": 8})
+    with open(os.path.join(out, MANIFEST), "w") as f:
+        json.dump({"format": FORMAT, "version": VERSION, "latent_shape": [2, 4, 16, 16], "shards": shards}, f)
+    return str(out)
+
+
+def test_a_batch_reads_its_rows_alone_and_keeps_nothing(tmp_path):
+    """Rows come back in the order asked, equal to the shards' rows; reading them holds about a batch
+    of memory, not the shards they sit in, and keeps none of it: a long run that touches every shard
+    of a large collection stays at a batch of host memory."""
+    from adm_megatron.memory.measure import peak_during
+
+    pairs = OdePairs(_large_rows_collection(tmp_path / "pairs"))
+    indices = torch.tensor([17, 1, 9, 1])  # shards 2, 0, 1, 0
+    shards = [pairs.shard(i) for i in range(3)]
+    for key in ("x_T", "x_0", "prompt_id"):
+        want = torch.stack([shards[j // 8][key][j % 8] for j in indices.tolist()])
+        assert torch.equal(pairs.get(indices, key), want), key
+    batch = pairs.get(indices, "x_T").nbytes  # 32 KiB; a shard file is 128 KiB
+
+    def peak(fn) -> int:  # torch's allocator and Python's (numpy's arrays), each measured alone
+        tracemalloc.start()
+        try:
+            fn()
+            python = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        return max(peak_during(fn), python)
+
+    assert peak(lambda: pairs.get(indices, "x_T")) < 2.5 * batch
+    def every_shard_one_row_at_a_time():
+        for i in range(3):
+            for key in ("x_T", "x_0"):
+                pairs.get(torch.tensor([8 * i]), key)
+
+    assert peak(every_shard_one_row_at_a_time) < 0.5 * batch  # a row's 8 KiB: nothing kept between reads
 
 
 def test_stored_pairs_reproduce_bit_for_bit(reference, pipeline_dir, tmp_path, world_of_one):
