@@ -115,22 +115,25 @@ def test_offload_without_pinned_memory_on_a_gpu_is_refused_in_one_line(pipeline_
     assert message.startswith("optim.generator.offload=optimizer: offload needs pinned host memory"), message
 
 
-def test_the_memory_plan_refuses_adp_and_trains_pre_flight_skips_it(pipeline_dir, tmp_path, monkeypatch, caplog):
-    """The planner's phases are ADM's (DMD / DMD2 fit them): ``adm-megatron plan`` refuses an ADP run
-    in one line, and train's pre-flight on a GPU (a 0.1 GiB stand-in card that would refuse the run)
-    skips the plan for it with a warning instead of judging it by ADM's networks."""
+def test_the_memory_plan_refuses_adps_pixel_branch_and_trains_pre_flight_skips_only_that(pipeline_dir, tmp_path,
+                                                                                        monkeypatch, caplog):
+    """ADP's pixel branch (a VAE decode and a vision encoder) is not in the planner's phases:
+    ``adm-megatron plan`` refuses such a run in one line, and train's pre-flight on a GPU (a 0.1 GiB
+    stand-in card that would refuse the run) skips the plan for it with a warning instead of judging
+    it without the branch; latent-only ADP is planned, and that card refuses it."""
     from adm_megatron.memory import preflight
     from adm_megatron.memory.plan import PlanError
     from adm_megatron.memory.run_plan import plan_run
 
-    adp = load_config(None, [f"model.teacher={pipeline_dir}", "distill.method=adp", "distill.pixel_weight=0",
-                             f"data.real_path={tmp_path}"])
-    with pytest.raises(PlanError, match=r"^distill.method=adp: the planner models adm, dmd, dmd2 runs only$"):
-        plan_run(adp, 1, card_gib=80.0)
+    adp = [f"model.teacher={pipeline_dir}", "distill.method=adp", f"data.real_path={tmp_path}",
+           "distill.head_every=1", "data.frames=3", "data.height=16", "data.width=16"]
+    pixel = load_config(None, [*adp, "distill.pixel_encoder_path=sam"])
+    with pytest.raises(PlanError, match=r"^distill.pixel_weight=0.15: the planner does not model ADP's pixel "
+                                        r"branch .*; pixel_weight=0 plans the rest$"):
+        plan_run(pixel, 1, card_gib=80.0)
     monkeypatch.setattr(preflight, "this_gpu", lambda: ("test card", 0.1))
     with caplog.at_level("WARNING", logger="adm_megatron"):
-        preflight.check_run_fits(adp, 1, 0.1)
-    assert "memory pre-flight skipped: the planner does not model distill.method=adp runs" in caplog.text
-    with pytest.raises(ConfigError, match="memory plan: the "):  # the same card refuses the ADM run
-        preflight.check_run_fits(load_config(None, [f"model.teacher={pipeline_dir}", "distill.head_every=1",
-                                                    "data.frames=3", "data.height=16", "data.width=16"]), 1, 0.1)
+        preflight.check_run_fits(pixel, 1, 0.1)
+    assert "memory pre-flight skipped: distill.pixel_weight=0.15: the planner does not model" in caplog.text
+    with pytest.raises(ConfigError, match="memory plan: the "):  # the same card refuses latent-only ADP
+        preflight.check_run_fits(load_config(None, [*adp, "distill.pixel_weight=0"]), 1, 0.1)

@@ -1,5 +1,6 @@
 """The memory planner against measurement: for each tiny ADM config that runs here (CogVideoX 2b- and
-5b-style, SD3 and SD3.5-style), every phase's planned peak (and resident memory) is within 15% of
+5b-style, SD3 and SD3.5-style; ADP with its latent discriminator on CogVideoX and SD3), every phase's
+planned peak (and resident memory) is within 15% of
 the peak tensor memory measured over a real trainer iteration with torch.profiler's memory profile
 (``adm_megatron/memory/measure.py``). Also: exact parameter counts on ``meta``, the ``plan``
 command's table / JSON / exit status (CogVideoX and SD3 presets), and the one-line refusals of bad
@@ -104,6 +105,36 @@ def sd3_pipelines(tmp_path_factory):
 def test_sd3_plan_is_within_15_percent_of_measured_peak_of_every_phase(name, sd3_pipelines, tmp_path, world_of_one):
     qk_norm, overrides = TINY_SD3_RUNS[name]
     figures = plan_and_measure(sd3_pipelines[qk_norm], str(tmp_path), ["data.frames=1", *overrides])
+    assert_within_tolerance(figures, name)
+
+
+# ADP with its latent discriminator (no fake score, no rollout, no CFG teacher; the pixel branch is
+# refused, see test_bad_inputs.py), on teacher ODE pairs at the run's latent size: CogVideoX without
+# and with full recompute, SD3
+TINY_ADP_RUNS = {
+    "adp-2b-3x16x16": ("cogvideox", ["data.frames=3", "data.height=16", "data.width=16"]),
+    "adp-2b-3x16x16-recompute": ("cogvideox", ["data.frames=3", "data.height=16", "data.width=16",
+                                               "model.recompute=true"]),
+    "adp-sd3-32x32": ("sd3", ["data.frames=1", "data.height=32", "data.width=32"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TINY_ADP_RUNS))
+def test_adp_plan_is_within_15_percent_of_measured_peak_of_every_phase(name, pipelines, sd3_pipelines, tmp_path,
+                                                                        world_of_one):
+    from adm_megatron.parallel import destroy_parallel, initialize_parallel
+
+    family, overrides = TINY_ADP_RUNS[name]
+    teacher = pipelines[False] if family == "cogvideox" else sd3_pipelines[False]
+    (tmp_path / "run.yaml").write_text(f"model: {{teacher: {teacher}}}\n")
+    assert main(["collect-ode", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "pairs"),
+                 "--num-pairs", "4", "--steps", "2", "--no-progress", "distill.head_every=1", *overrides[:3]]) == 0
+    destroy_parallel()
+    initialize_parallel(tensor_parallel=1, context_parallel=1, seed=1234)
+    adp = ["distill.method=adp", "distill.generator_steps=1", "distill.pixel_weight=0",
+           f"data.real_path={tmp_path / 'pairs'}"]
+    figures = plan_and_measure(teacher, str(tmp_path / "out"), [*adp, *overrides])
+    assert set(figures) == {"generator", "discriminator"}
     assert_within_tolerance(figures, name)
 
 
@@ -353,3 +384,20 @@ def test_an_sd3_plan_takes_the_prompt_length_of_the_runs_embedding_shards(tmp_pa
     arch = resolve_arch(config, "sd3-medium")
     assert shape_for(config, arch).text_tokens == 16
     assert shape_for(load_config(SD3_LORA_EXAMPLE), arch).text_tokens == 77 + 256
+
+
+def test_plan_command_plans_latent_only_adp_and_refuses_the_pixel_branch(tmp_path, capsys, world_of_one):
+    """The CogVideoX DMDX stage 1 (latent discriminator only) is planned with ADP's two phases and no
+    fake score; the SD3 one, whose pixel branch the planner does not model, is refused in one line."""
+    stage1 = os.path.join(ROOT, "examples", "cogvideox", "dmdx_stage1_adp.yaml")
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--config", stage1, "--arch", "cogvideox-2b", "--gpus", "8", "--card", "80",
+                 "--json", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    assert set(plan["phases"]) == {"generator", "discriminator"} and "fake_score" not in plan["networks"]
+    assert plan["settings"]["method"] == "adp" and plan["fits"] and "ODE pairs" in plan["fixed"]
+    capsys.readouterr()
+    sd3_stage1 = os.path.join(ROOT, "examples", "sd35", "dmdx_stage1_adp.yaml")
+    assert main(["plan", "--config", sd3_stage1, "--arch", "sd3-medium", "--gpus", "8", "--card", "80"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "distill.pixel_weight=0.15: the planner does not model ADP's pixel branch" in err and "\n" not in err

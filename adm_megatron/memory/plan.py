@@ -1,4 +1,5 @@
-"""The memory planner: per-GPU memory of an ADM run, per network and per phase, from formulas.
+"""The memory planner: per-GPU memory of an ADM (DMD, DMD2, ADP) run, per network and per phase, from
+formulas.
 
 All figures are bytes held by ONE rank. Notation: ``TP``, ``CP``, ``DP`` the parallel sizes;
 ``B`` the micro-batch per data-parallel rank; ``h`` the hidden size, ``a`` the attention heads,
@@ -36,7 +37,8 @@ override them for every network at once):
   its own phase, and its grad buffer exists only there (released between its phases); with ``optimizer_and_params`` its weights too are on the GPU only in the phases
   that run them (fake-score phase: generator + fake score; generator phase: all four;
   discriminator phase: teacher + heads; ``train/offload.py`` learns this from the first iteration);
-- fixed: the run's inputs (text and negative embeddings, noise); with SP, megatron's global
+- fixed: the run's inputs (text and negative embeddings, noise; DMD2 and ADP also a batch of ODE
+  pairs: x_T, x_0 and their prompts' embeddings); with SP, megatron's global
   all-gather buffer ``s B h e`` that trainable linears gather their input into (linears with
   frozen weights, as the CFG teacher's, gather into fresh tensors: part of their working set).
 
@@ -75,6 +77,11 @@ Phases (the peak of each is resident + the largest of its moments):
 - generator: rollout; then with the generator's step (trainable) and the fake score (frozen)
   saved: the CFG teacher without grad on ``2B`` (the doubled batch), then the teacher backbone for
   D (frozen) + heads (frozen) + the backward working set; its optimizer step.
+- ADP (``algorithms/adp.py``; its latent discriminator -- the pixel branch is not planned) has no
+  fake score and no fake-score phase; its generator phase runs no rollout and no CFG teacher: the
+  generator's one forward with grad (trainable) on the ODE pair's interpolation, then the teacher
+  backbone for D (frozen) + heads (frozen) + the backward working set, as ADM's; its discriminator
+  phase is ADM's (the pair's real latent re-noised and its clean end are the two latents carried).
 - discriminator: x_fake's tapped features and the ODE pair's two latents (fp32), kept from the
   generator phase, are resident at its start;
   backbone without grad on ``x_real`` (taps kept) + heads on both
@@ -110,6 +117,9 @@ PHASE_NETWORKS = {
     "generator": NETWORKS,
     "discriminator": ("teacher", "discriminator"),
 }
+# the phases each planned method runs, in order (distill.method); ADP builds no fake score
+METHOD_PHASES = {"adm": PHASES, "dmd": PHASES, "dmd2": PHASES, "adp": ("generator", "discriminator")}
+READS_PAIRS = ("dmd2", "adp")  # methods whose batches carry teacher ODE pairs (data.real_path)
 OFFLOAD = ("none", "optimizer", "optimizer_and_params")  # as optim.<network>.offload
 RECOMPUTE = ("none", "selective", "full")  # as model.recompute
 
@@ -148,6 +158,7 @@ class Shape:
 class Settings:
     """The layout and the memory settings of a run (one rank's view)."""
 
+    method: str = "adm"  # distill.method: which phases run (METHOD_PHASES)
     tensor_parallel: int = 1
     context_parallel: int = 1
     data_parallel: int = 1
@@ -222,6 +233,8 @@ class MemoryPlan:
 def check_settings(shape: Shape, s: Settings) -> None:
     """One-line ``PlanError`` for a layout or setting that cannot run or makes no sense."""
     tp, cp, dp = s.tensor_parallel, s.context_parallel, s.data_parallel
+    if s.method not in METHOD_PHASES:
+        raise PlanError(f"method={s.method!r}: the planner models {', '.join(METHOD_PHASES)} runs")
     for key, value in (("tensor_parallel", tp), ("context_parallel", cp), ("data_parallel", dp),
                        ("batch_size", s.batch_size)):
         if value < 1:
@@ -388,7 +401,7 @@ def _weight_bytes(name: str, s: Settings) -> int:
 
 def _resident(sizes: dict[str, NetworkSize], s: Settings) -> dict[str, dict[str, float]]:
     out = {}
-    for name in NETWORKS:
+    for name in (n for n in NETWORKS if n in sizes):  # the networks the method builds
         size = sizes[name]
         w = _weight_bytes(name, s)
         weights = size.params * w + size.buffer_bytes
@@ -438,6 +451,17 @@ def _moments(f: _Formulas, sizes: dict[str, NetworkSize], phase: str) -> dict[st
                 "autocast weight copies": copies * sizes["fake_score"].params}),
             "optimizer step": (0.0, step),
         }
+    if phase == "generator" and s.method == "adp":  # one generator forward, then D on its sample
+        g_saved, _ = f.saved(b, "trainable", mode("generator", phase))
+        backbone_saved, backbone_recomputed = f.saved(b, "frozen", mode("teacher", phase))
+        return {
+            "discriminator backward": (g_saved + backbone_saved + backbone_recomputed + f.taps(b, True)
+                                       + f.heads(b, "frozen"), {
+                "backward working set": f.extra(b, "frozen"),
+                "autocast weight copies": copies * (sizes["generator"].params + sizes["discriminator"].params)
+                + teacher_copies * sizes["teacher"].params}),
+            "optimizer step": (0.0, step),
+        }
     if phase == "generator":
         g_saved, _ = f.saved(b, "trainable", mode("generator", phase))
         fake_saved, _ = f.saved(b, "frozen", mode("fake_score", phase))
@@ -471,10 +495,13 @@ def plan_memory(shape: Shape, sizes: dict[str, NetworkSize], settings: Settings)
     networks = _resident(sizes, settings)
     text = 2 * (shape.text_tokens * shape.text_dim + shape.pooled_dim)  # prompts and negatives
     fixed = {"run inputs": settings.batch_size * (text + latent) * 4}
+    if settings.method in READS_PAIRS:  # a batch of teacher ODE pairs: x_T, x_0 and their prompts
+        fixed["ODE pairs"] = settings.batch_size * (shape.text_tokens * shape.text_dim + shape.pooled_dim
+                                                    + 2 * latent) * 4
     if settings.sequence_parallel and settings.tensor_parallel > 1:
         fixed["SP all-gather buffer"] = f.tokens * settings.batch_size * shape.hidden * f.e
     phases = {}
-    for phase in PHASES:
+    for phase in METHOD_PHASES[settings.method]:
         resident = _phase_resident(networks, phase, settings) + sum(fixed.values())
         if phase == "discriminator":  # the generator phase's x_fake features, reused (not recomputed),
             # and its ODE pair (x_fake, x_real latents, fp32)

@@ -2,8 +2,8 @@
 with the config's own memory settings, this world size and this card's memory) must fit, or the run
 stops with one line naming the peak phase, the planned and the usable GiB and what to change
 (``train.memory_check: false`` skips it: the planner's margin is 10% of the card, and a run known
-to fit more tightly can opt out); and offload needs host memory that can be pinned. A method the
-planner does not model (ADP) skips the plan with a warning. On a CPU offload moves state to plain
+to fit more tightly can opt out); and offload needs host memory that can be pinned. A run the
+planner does not model (ADP's pixel branch) skips the plan with a warning. On a CPU offload moves state to plain
 host memory (the mechanics the tests check), so neither applies."""
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ def check_offload_can_pin(config: Config) -> None:
 
 def check_run_fits(config: Config, world_size: int, card_gib: float, source: str = "the GPU") -> None:
     """One-line ``ConfigError`` when ``config`` on ``world_size`` cards of ``card_gib`` does not fit."""
-    from adm_megatron.memory.run_plan import PLANNED_METHODS, plan_run
+    from adm_megatron.memory.run_plan import plan_run, unplanned_part
 
-    if config.distill.method not in PLANNED_METHODS:
-        logger.warning("memory pre-flight skipped: the planner does not model distill.method=%s runs",
-                       config.distill.method)
+    reason = unplanned_part(config)
+    if reason:
+        logger.warning("memory pre-flight skipped: %s", reason)
         return
     try:
         plan = plan_run(config, world_size, card_gib=card_gib, device="cuda", pinned_memory=True)

@@ -2,8 +2,8 @@
 the shapes, the layout and the memory settings, the parameter counts on ``meta``, then the formulas
 of ``plan.py`` with the family's per-block counts (``memory_terms``). Layout errors are raised
 before any model is built. Families whose spec lists the ``memory-plan`` tool are planned; others
-are refused in one line, and so are methods the phases of ``plan.py`` do not describe (``PLANNED_METHODS``: ADP has
-no fake score, no CFG teacher in its generator phase, and a VAE and a pixel encoder of its own)."""
+are refused in one line, and so are runs the phases of ``plan.py`` do not describe: ADP's pixel branch (a VAE
+decode and a vision encoder with grad; docs/PERFORMANCE.md measures them, ``tools/pixel_branch_memory.py``)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,31 @@ import os
 
 from adm_megatron.config import Config, ConfigError
 from adm_megatron.memory.counts import backbone_size, heads_size, lora_generator_size
-from adm_megatron.memory.plan import MemoryPlan, PlanError, Settings, Shape, check_settings, plan_memory
+from adm_megatron.memory.plan import (
+    METHOD_PHASES,
+    MemoryPlan,
+    PlanError,
+    Settings,
+    Shape,
+    check_settings,
+    plan_memory,
+)
 from adm_megatron.families import family_for_preset, family_of_arch
 from adm_megatron.models.taps import tapped_block_indices
 
 
-PLANNED_METHODS = ("adm", "dmd", "dmd2")  # DMD plans ADM's (small) heads too: an upper bound
+PLANNED_METHODS = tuple(METHOD_PHASES)  # DMD plans ADM's (small) heads too: an upper bound
+
+
+def unplanned_part(config: Config) -> str:
+    """What of ``config``'s run the planner does not model, as a one-line reason ('' when none)."""
+    d = config.distill
+    if d.method not in PLANNED_METHODS:
+        return f"distill.method={d.method}: the planner models {', '.join(PLANNED_METHODS)} runs only"
+    if d.method == "adp" and d.pixel_weight > 0:
+        return (f"distill.pixel_weight={d.pixel_weight}: the planner does not model ADP's pixel branch (the VAE "
+                "decode and the vision encoder; docs/PERFORMANCE.md measures it); pixel_weight=0 plans the rest")
+    return ""
 
 
 def resolve_arch(config: Config, preset: str = ""):
@@ -99,7 +118,7 @@ def settings_for(config: Config, world_size: int, **memory) -> Settings:
     opt = config.optim
     chosen = {**config_memory_settings(config), **{k: v for k, v in memory.items() if v is not None}}
     return Settings(
-        tensor_parallel=tp, context_parallel=cp, data_parallel=world_size // (tp * cp),
+        method=config.distill.method, tensor_parallel=tp, context_parallel=cp, data_parallel=world_size // (tp * cp),
         batch_size=config.data.batch_size, sequence_parallel=m.sequence_parallel,
         activations=m.dtype, grad_clip=max(opt.fake_score.grad_clip, opt.generator.grad_clip,
                                            opt.discriminator.grad_clip) > 0,
@@ -109,9 +128,9 @@ def settings_for(config: Config, world_size: int, **memory) -> Settings:
 
 def plan_run(config: Config, world_size: int, preset: str = "", **memory) -> MemoryPlan:
     """The memory plan of ``config`` on ``world_size`` GPUs (``memory`` as ``settings_for``)."""
-    if config.distill.method not in PLANNED_METHODS:
-        raise PlanError(f"distill.method={config.distill.method}: the planner models "
-                        f"{', '.join(PLANNED_METHODS)} runs only")
+    reason = unplanned_part(config)
+    if reason:
+        raise PlanError(reason)
     arch = resolve_arch(config, preset)
     shape = shape_for(config, arch)
     settings = settings_for(config, world_size, **memory)
@@ -123,7 +142,9 @@ def plan_run(config: Config, world_size: int, preset: str = "", **memory) -> Mem
         "generator": backbone if lora is None else lora_generator_size(arch, settings.tensor_parallel, lora),
         "discriminator": heads_size(arch, shape.taps, shape.head_hidden, shape.head_blocks),
     }
+    if "fake_score" not in METHOD_PHASES[settings.method]:  # ADP builds none
+        del sizes["fake_score"]
     return plan_memory(shape, sizes, settings)
 
 
-__all__ = ["ConfigError", "PLANNED_METHODS", "plan_run", "resolve_arch", "settings_for", "shape_for"]
+__all__ = ["ConfigError", "PLANNED_METHODS", "plan_run", "resolve_arch", "settings_for", "shape_for", "unplanned_part"]
