@@ -116,7 +116,8 @@ def test_a_batch_reads_its_rows_alone_and_keeps_nothing(tmp_path):
             for key in ("x_T", "x_0"):
                 pairs.get(torch.tensor([8 * i]), key)
 
-    assert peak(every_shard_one_row_at_a_time) < 0.5 * batch  # a row's 8 KiB: nothing kept between reads
+    # a read holds a row twice (read, then stacked: 16 KiB); keeping what was read would take 48 KiB
+    assert peak(every_shard_one_row_at_a_time) < 0.75 * batch
 
 
 def test_stored_pairs_reproduce_bit_for_bit(reference, pipeline_dir, tmp_path, world_of_one):

@@ -31,6 +31,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from adm_megatron.data.safetensors_rows import SafetensorsRows
+
 FORMAT = "adm-megatron/ode-pairs"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -104,20 +106,17 @@ class OdePairs:
 
     def get(self, indices: torch.Tensor, key: str) -> torch.Tensor:
         """Rows ``indices`` (global pair indices) of tensor ``key``, in that order. Only those rows are
-        read and nothing is kept: host memory stays at a batch however many shards a run touches
-        (whole shards kept once read grew to the whole collection on every rank: 100,000 CogVideoX
-        pairs at 13 x 60 x 90 are 0.9 TB). safetensors' numpy reader slices the memory-mapped file;
-        its torch reader first copies the whole file (a 256-pair CogVideoX shard is 2.3 GB) into
-        memory, for every read."""
+        read (``safetensors_rows.py``) and nothing is kept: host memory stays at a batch however many
+        shards a run touches (whole shards kept once read grew to the whole collection on every
+        rank: 100,000 CogVideoX pairs at 13 x 60 x 90 are 0.9 TB)."""
         shard = torch.searchsorted(self.offsets, indices, right=True) - 1
         rows: list[torch.Tensor | None] = [None] * len(indices)
         for s in shard.unique().tolist():
-            with safe_open(self._file(s), "numpy") as f:
-                stored = f.get_slice(key)
-                for k in (shard == s).nonzero().flatten().tolist():
-                    j = int(indices[k] - self.offsets[s])
-                    rows[k] = torch.from_numpy(stored[j:j + 1])
-        return torch.cat(rows)
+            positions = (shard == s).nonzero().flatten().tolist()
+            read = SafetensorsRows(self._file(s)).rows(key, [int(indices[k] - self.offsets[s]) for k in positions])
+            for k, row in zip(positions, read):
+                rows[k] = row
+        return torch.stack(rows)
 
     def verify(self) -> list[str]:
         """The shard files whose SHA-256 differs from the manifest's."""

@@ -30,6 +30,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from adm_megatron.data.safetensors_rows import SafetensorsRows
+
 FORMAT = "adm-megatron/text-embeddings"
 VERSION = 1
 INDEX_FILE = "index.json"
@@ -259,7 +261,7 @@ class TextEmbeddingShards:
         self._starts = torch.tensor([0] + rows).cumsum(0)
         self._negative_file = os.path.join(path, index["negative"])
         self._negative: dict[str, torch.Tensor] | None = None
-        self._handles: dict[int, object] = {}
+        self._readers: dict[int, SafetensorsRows] = {}  # headers only (safetensors_rows.py)
         for i, (file, n) in enumerate(zip(self._files, rows)):
             self._check_file(file, f"shards[{i}].file", {KEY: [n, self.seq_len, self.dim], POOLED_KEY: [n, self.pooled_dim]},
                              index["dtype"])
@@ -342,18 +344,19 @@ class TextEmbeddingShards:
     def prompts(self) -> list[str]:
         return self._prompts
 
-    def _handle(self, shard: int):
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(self._files[shard], framework="pt")
-        return self._handles[shard]
+    def _reader(self, shard: int) -> SafetensorsRows:
+        if shard not in self._readers:
+            self._readers[shard] = SafetensorsRows(self._files[shard])
+        return self._readers[shard]
 
     def _rows(self, name: str, indices: torch.Tensor, row_shape: tuple[int, ...]) -> torch.Tensor:
+        """Only the rows asked are read, and none is kept: a run holds a batch of embeddings, not the
+        shards it has touched."""
         indices = _check_indices(indices, len(self))
         shards = torch.searchsorted(self._starts, indices, right=True) - 1
         out = torch.empty(len(indices), *row_shape, dtype=self.dtype)
         for i, (index, shard) in enumerate(zip(indices.tolist(), shards.tolist())):
-            row = index - self._starts[shard].item()
-            out[i] = self._handle(shard).get_slice(name)[row : row + 1][0]
+            out[i] = self._reader(shard).rows(name, [index - self._starts[shard].item()])[0]
         return out
 
     def get(self, indices: torch.Tensor) -> torch.Tensor:
