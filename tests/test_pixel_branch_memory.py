@@ -9,18 +9,24 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_pixel_branch_memory_smoke(tmp_path):
-    out = tmp_path / "pixel.json"
+def _run(tmp_path, *extra) -> tuple[str, dict]:
+    out = tmp_path / f"pixel{len(extra)}.json"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "pixel_branch_memory.py"), "--out", str(out),
-           "--cogvideox-probe", "1x4x4", "--sd3-probe", "8x8", "--encoder-image-size", "64"]
+           "--cogvideox-probe", "1x4x4", "--sd3-probe", "8x8", "--encoder-image-size", "64", *extra]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": ROOT})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| cogvideox VAE decode | yes |" in result.stdout and "| sam encoder | no |" in result.stdout
-    report = json.loads(out.read_text())
-    assert {"torch", "diffusers", "transformers", "command", "cpu"} <= set(report)
+    return result.stdout, json.loads(out.read_text())
+
+
+def test_pixel_branch_memory_smoke(tmp_path):
+    table, report = _run(tmp_path)
+    assert "| cogvideox VAE decode | yes |" in table and "| sam encoder | no |" in table
+    assert {"torch", "diffusers", "transformers", "command", "device", "mode"} <= set(report)
     peaks = {(r["component"], r["recompute"]): r for r in report["rows"]}
     components = ("cogvideox VAE decode", "sd3 VAE decode", "sam encoder", "dinov2 encoder")
     assert set(peaks) == {(c, r) for c in components for r in (False, True)}
@@ -28,3 +34,13 @@ def test_pixel_branch_memory_smoke(tmp_path):
     assert peaks[("sam encoder", True)]["image_size"] == 64
     for component in components[:3]:
         assert 0 < peaks[(component, True)]["peak_bytes"] < peaks[(component, False)]["peak_bytes"], component
+    assert report["mode"] == "fp32"
+
+
+@pytest.mark.slow
+def test_pixel_branch_memory_under_bf16_autocast(tmp_path):
+    """``--autocast bf16`` (how a model.dtype=bf16 run computes the branch; bf16 convolutions are slow
+    on a CPU: about 6 min here) measures every row in that mode."""
+    table, report = _run(tmp_path, "--autocast", "bf16", "--encoders", "dinov2")
+    assert report["mode"] == "bf16 autocast" and "per unit (bf16 autocast)" in table
+    assert len(report["rows"]) == 6 and all(r["peak_bytes"] > 0 for r in report["rows"])

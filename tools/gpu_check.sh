@@ -24,7 +24,10 @@
 # 6. where Transformer Engine imports: the same bench with model.fp8=hybrid (TE spec, FP8 delayed
 #    scaling) into $OUT/bench_fp8.json / bench_fp8.log, to set beside step 4's bf16 one, under
 #    GPU_CHECK_FP8_TIMEOUT_S (default 120 s; 0 skips it); else a line saying why not;
-# 7. the memory-settings check (tools/gpu_memory_settings.py).
+# 7. the memory-settings check (tools/gpu_memory_settings.py);
+# 8. ADP's pixel branch under BF16 autocast on the GPU (tools/pixel_branch_memory.py --autocast bf16
+#    --device cuda) into $OUT/pixel_branch_bf16.json / .log, under GPU_CHECK_PIXEL_TIMEOUT_S (default
+#    60 s; 0 skips it): the bf16 figures docs/PERFORMANCE.md could not measure on a CPU.
 # Every step's limit is also cut to what is left of GPU_CHECK_TOTAL_S (default 570 s) since the start, so
 # the whole script fits one 600 s device call; a step with under 20 s left is skipped and says so.
 #
@@ -144,5 +147,15 @@ memory_settings_check() {
 }
 memory_settings_check
 # ---- end of memory settings ---------------------------------------------------------------------
+
+step_s=$(limit "${GPU_CHECK_PIXEL_TIMEOUT_S:-60}")
+if [ "${GPU_CHECK_PIXEL_TIMEOUT_S:-60}" = 0 ] || [ "$step_s" = 0 ]; then
+    echo "== pixel branch (bf16 autocast): skipped"
+else
+    timeout -k 10 "$step_s" $PY tools/pixel_branch_memory.py --device cuda --autocast bf16 \
+        --out "$OUT/pixel_branch_bf16.json" > "$OUT/pixel_branch_bf16.log" 2>&1
+    echo "== tools/pixel_branch_memory.py (bf16 autocast) exit status: $? (log: $OUT/pixel_branch_bf16.log)"
+    grep '^|' "$OUT/pixel_branch_bf16.log"
+fi
 
 exit "$status"

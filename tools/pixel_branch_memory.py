@@ -3,10 +3,14 @@ encoder, each run with grad to its input as the generator phase runs them, with 
 ``distill.pixel_recompute``; printed as a table and written as JSON.
 
     python tools/pixel_branch_memory.py --out docs/bench/pixel_branch_memory.json
+    python tools/pixel_branch_memory.py --autocast bf16 --out docs/bench/pixel_branch_memory_bf16.json
 
-What is measured (CPU, fp32, torch.profiler's allocator events: ``memory/measure.peak_during``): the
-peak tensor bytes above the start of one forward + backward of the frozen module (its input
-requires grad, its weights do not) at the published architectures with random weights:
+What is measured (torch.profiler's allocator events: ``memory/measure.peak_during``): the peak
+tensor bytes above the start of one forward + backward of the frozen module (its input requires
+grad, its weights do not) at the published architectures with random weights, in fp32 or, with
+``--autocast bf16``, under BF16 autocast with fp32 weights -- how ``model.dtype=bf16`` runs it (the
+phase's loss runs inside megatron's autocast context); on a CPU that is the CPU autocast's op lists,
+on a GPU (``--device cuda``) CUDA's:
 
 - the VAE decoders of CogVideoX (``AutoencoderKLCogVideoX``) and SD3 / SD3.5 (``AutoencoderKL``) at a
   small probe size, divided by the output pixels: convolutions keep per pixel what they keep, so
@@ -16,8 +20,7 @@ requires grad, its weights do not) at the published architectures with random we
   it, whatever the video's size), with four tapped layers, per image.
 
 The run's sizes: CogVideoX 13 x 60 x 90 latents = 49 frames of 480 x 720 (every frame goes
-through the encoder); SD3 128 x 128 latents = one 1024 x 1024 image. The bf16 column halves the
-fp32 measurement (an assumption: every saved tensor in bf16), not a measurement.
+through the encoder); SD3 128 x 128 latents = one 1024 x 1024 image.
 """
 
 from __future__ import annotations
@@ -54,15 +57,15 @@ RUN_PIXELS = {"cogvideox": 49 * 480 * 720, "sd3": 1024 * 1024}
 RUN_IMAGES = {"cogvideox": 49, "sd3": 1}
 
 
-def _vae(name: str):
+def _vae(name: str, device: str):
     from diffusers import AutoencoderKL, AutoencoderKLCogVideoX
 
     torch.manual_seed(0)
     vae = AutoencoderKLCogVideoX(**COGVIDEOX_VAE) if name == "cogvideox" else AutoencoderKL(**SD3_VAE)
-    return vae.eval().requires_grad_(False)
+    return vae.to(device).eval().requires_grad_(False)
 
 
-def _encoder(name: str, image_size: int | None):
+def _encoder(name: str, image_size: int | None, device: str):
     from transformers import Dinov2Config, Dinov2Model, SamVisionConfig, SamVisionModel
 
     torch.manual_seed(0)
@@ -71,69 +74,78 @@ def _encoder(name: str, image_size: int | None):
         model = SamVisionModel(SamVisionConfig(**{**SAM_VIT_B, **sizes}))
     else:
         model = Dinov2Model(Dinov2Config(**{**DINOV2_B, **sizes}))
-    return model.eval().requires_grad_(False)
+    return model.to(device).eval().requires_grad_(False)
 
 
-def measure_vae(name: str, probe: tuple, recompute: bool) -> dict:
+def _autocast(device: str, autocast: str):
+    return torch.autocast(torch.device(device).type, torch.bfloat16, enabled=autocast == "bf16")
+
+
+def measure_vae(name: str, probe: tuple, recompute: bool, device: str = "cpu", autocast: str = "none") -> dict:
     from adm_megatron.families import get_family
     from adm_megatron.heads.pixel import recompute_vae
     from adm_megatron.memory.measure import peak_during
 
-    vae = _vae(name)
+    vae = _vae(name, device)
     if recompute:
         recompute_vae(vae)
     family = get_family(name)
-    latents = torch.randn(1, *probe, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    latents = torch.randn(1, *probe, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_(True)
     out = {}
 
     def run():
-        images = family.decode_images(vae, latents)
+        with _autocast(device, autocast):
+            images = family.decode_images(vae, latents)
+            loss = images.float().square().sum()
         out["pixels"] = images.shape[0] * images.shape[2] * images.shape[3]
-        images.square().sum().backward()
+        loss.backward()
 
     start = time.perf_counter()
     peak = peak_during(run)
     return {"component": f"{name} VAE decode", "recompute": recompute, "probe_latents": list(probe),
             "probe_pixels": out["pixels"], "peak_bytes": peak, "bytes_per_pixel": peak / out["pixels"],
-            "run_units": RUN_PIXELS[name], "unit": "output pixel", "seconds": time.perf_counter() - start}
+            "run_bytes": peak / out["pixels"] * RUN_PIXELS[name], "run": name, "unit": "output pixel",
+            "seconds": time.perf_counter() - start}
 
 
-def measure_encoder(name: str, recompute: bool, image_size: int | None) -> dict:
+def measure_encoder(name: str, recompute: bool, image_size: int | None, device: str = "cpu",
+                    autocast: str = "none") -> dict:
     from adm_megatron.heads.pixel import recompute_encoder
     from adm_megatron.memory.measure import peak_during
 
-    encoder = _encoder(name, image_size)
+    encoder = _encoder(name, image_size, device)
     if recompute:
         recompute_encoder(encoder)
     size = encoder.config.image_size
-    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2)).to(device).requires_grad_(True)
 
     def run():
-        hidden = encoder(pixel_values=pixels, output_hidden_states=True).hidden_states
-        sum(hidden[k].square().sum() for k in LAYERS).backward()
+        with _autocast(device, autocast):
+            hidden = encoder(pixel_values=pixels, output_hidden_states=True).hidden_states
+            loss = sum(hidden[k].float().square().sum() for k in LAYERS)
+        loss.backward()
 
     start = time.perf_counter()
     peak = peak_during(run)
     return {"component": f"{name} encoder", "recompute": recompute, "image_size": size, "peak_bytes": peak,
-            "bytes_per_image": peak, "unit": "image", "seconds": time.perf_counter() - start}
+            "bytes_per_image": peak, "unit": "image", "seconds": time.perf_counter() - start,
+            "run_bytes_per_family": {f: peak * RUN_IMAGES[f] for f in RUN_IMAGES}}
 
 
-def _table(rows: list[dict]) -> str:
-    lines = ["| component | recompute | probe | measured peak | per unit (fp32) | CogVideoX run (49 x 480 x 720), "
-             "fp32 / bf16 | SD3 run (1024^2), fp32 / bf16 |", "|---|---|---|---|---|---|---|"]
+def _table(rows: list[dict], mode: str) -> str:
+    lines = [f"| component | recompute | probe | measured peak | per unit ({mode}) | CogVideoX run (49 x 480 x 720) | "
+             "SD3 run (1024^2) |", "|---|---|---|---|---|---|---|"]
     gib = 1024**3
     for r in rows:
         if r["unit"] == "output pixel":
             probe = "x".join(map(str, r["probe_latents"])) + f" latents ({r['probe_pixels']} px)"
             per = f"{r['bytes_per_pixel'] / 1024:.1f} KiB / px"
-            family = "cogvideox" if r["component"].startswith("cogvideox") else "sd3"
-            run = r["bytes_per_pixel"] * RUN_PIXELS[family] / gib
-            cells = [f"{run:.1f} / {run / 2:.1f} GiB", "-"] if family == "cogvideox" else ["-", f"{run:.1f} / {run / 2:.1f} GiB"]
+            run = f"{r['run_bytes'] / gib:.1f} GiB"
+            cells = [run, "-"] if r["run"] == "cogvideox" else ["-", run]
         else:
             probe = f"1 image of {r['image_size']}^2"
             per = f"{r['bytes_per_image'] / gib:.2f} GiB / image"
-            cells = [f"{r['bytes_per_image'] * RUN_IMAGES[f] / gib:.1f} / {r['bytes_per_image'] * RUN_IMAGES[f] / 2 / gib:.1f} GiB"
-                     for f in ("cogvideox", "sd3")]
+            cells = [f"{r['run_bytes_per_family'][f] / gib:.1f} GiB" for f in ("cogvideox", "sd3")]
         lines.append(f"| {r['component']} | {'yes' if r['recompute'] else 'no'} | {probe} | "
                      f"{r['peak_bytes'] / 2**20:.0f} MiB | {per} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
@@ -148,7 +160,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--encoders", default="sam,dinov2", help="comma-separated: sam, dinov2 (or empty)")
     parser.add_argument("--encoder-image-size", type=int, default=None,
                         help="override the encoders' input size (a quicker, smaller probe; default: theirs)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--autocast", default="none", choices=("none", "bf16"),
+                        help="none: fp32; bf16: BF16 autocast, fp32 weights (as model.dtype=bf16 runs the branch)")
     args = parser.parse_args(argv)
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        parser.error(f"--device={args.device!r}: expected cpu, or cuda where CUDA is available")
     try:
         frames, h, w = (int(v) for v in args.cogvideox_probe.split("x"))
         sd3_h, sd3_w = (int(v) for v in args.sd3_probe.split("x"))
@@ -160,19 +177,23 @@ def main(argv: list[str]) -> int:
         parser.error(f"--encoders={args.encoders!r}: expected names among sam, dinov2")
     rows = []
     for recompute in (False, True):
-        rows.append(measure_vae("cogvideox", (frames, 16, h, w), recompute))
-        rows.append(measure_vae("sd3", (16, sd3_h, sd3_w), recompute))
-        rows += [measure_encoder(name, recompute, args.encoder_image_size) for name in encoders]
+        on = dict(device=args.device, autocast=args.autocast)
+        rows.append(measure_vae("cogvideox", (frames, 16, h, w), recompute, **on))
+        rows.append(measure_vae("sd3", (16, sd3_h, sd3_w), recompute, **on))
+        rows += [measure_encoder(name, recompute, args.encoder_image_size, **on) for name in encoders]
     rows.sort(key=lambda r: (r["component"], r["recompute"]))
-    print(_table(rows))
+    mode = "fp32" if args.autocast == "none" else "bf16 autocast"
+    print(_table(rows, mode))
     import diffusers
     import transformers
 
     with open(args.out, "w") as f:
         json.dump({"rows": rows, "command": " ".join(["python tools/pixel_branch_memory.py", *argv]),
-                   "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                   "device": torch.cuda.get_device_name() if args.device == "cuda" else
+                   platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                    "torch": torch.__version__, "diffusers": diffusers.__version__,
-                   "transformers": transformers.__version__, "dtype": "float32"}, f, indent=1)
+                   "transformers": transformers.__version__, "mode": mode, "date": time.strftime("%Y-%m-%d")},
+                  f, indent=1)
     print(f"wrote {args.out}")
     return 0
 
