@@ -60,16 +60,17 @@ def format_table(plan: MemoryPlan, title: str = "") -> str:
     lines.append(f"recompute {_per_network(lambda n: _recompute(s, n), ('teacher', *TRAINABLE[:2]))}; "
                  f"sharded optimizer: {', '.join(sorted(s.shard_optimizer)) or 'none'}; "
                  f"offload {_per_network(s.offload_mode, TRAINABLE)}")
-    lines.append(f"{'network':<16}{'weights':>10}{'grads':>10}{'optimizer':>11}   (GiB per GPU)")
+    w = max([16, *(len(name) + 2 for name in plan.fixed)])  # the name column fits every row's name
+    lines.append(f"{'network':<{w}}{'weights':>10}{'grads':>10}{'optimizer':>11}   (GiB per GPU)")
     for name, parts in plan.networks.items():
-        lines.append(f"{name:<16}{gib(parts['weights']):>10.2f}{gib(parts['grads']):>10.2f}"
+        lines.append(f"{name:<{w}}{gib(parts['weights']):>10.2f}{gib(parts['grads']):>10.2f}"
                      f"{gib(parts['optimizer']):>11.2f}")
     for name, value in plan.fixed.items():
-        lines.append(f"{name:<16}{gib(value):>10.2f}   (fixed)")
-    lines.append(f"{'phase':<16}{'resident':>10}{'activ.':>10}{'transient':>11}{'peak':>10}   at (largest transients)")
+        lines.append(f"{name:<{w}}{gib(value):>10.2f}   (fixed)")
+    lines.append(f"{'phase':<{w}}{'resident':>10}{'activ.':>10}{'transient':>11}{'peak':>10}   at (largest transients)")
     for name, p in plan.phases.items():
         parts = ", ".join(f"{k} {gib(v):.2f}" for k, v in sorted(p.transients.items(), key=lambda kv: -kv[1]))
-        lines.append(f"{name:<16}{gib(p.resident):>10.2f}{gib(p.activations):>10.2f}"
+        lines.append(f"{name:<{w}}{gib(p.resident):>10.2f}{gib(p.activations):>10.2f}"
                      f"{gib(sum(p.transients.values())):>11.2f}{gib(p.peak):>10.2f}   {p.peak_moment} ({parts})")
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     lines.append(f"peak {gib(plan.peak):.2f} GiB in the {plan.peak_phase} phase; card {s.card_gib:g} GiB with "
