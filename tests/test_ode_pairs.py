@@ -116,7 +116,7 @@ def test_a_batch_reads_its_rows_alone_and_keeps_nothing(tmp_path):
             for key in ("x_T", "x_0"):
                 pairs.get(torch.tensor([8 * i]), key)
 
-    # a read holds a row twice (read, then stacked: 16 KiB); keeping what was read would take 48 KiB
+    # a read holds a row and the bookkeeping of its read; keeping what was read would take 48 KiB
     assert peak(every_shard_one_row_at_a_time) < 0.75 * batch
 
 

@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adm_megatron.data.safetensors_rows import SafetensorsRows
+from adm_megatron.data.safetensors_rows import ShardedRows
 
 FORMAT = "adm-megatron/ode-pairs"
 VERSION = 1
@@ -91,10 +91,10 @@ class OdePairs:
         for shard in self.shards:
             if not os.path.isfile(os.path.join(path, shard["file"])):
                 raise ValueError(f"{manifest}: shard {shard['file']} is missing")
-        self.offsets = torch.tensor([0] + [s["rows"] for s in self.shards]).cumsum(0)
+        self._rows = ShardedRows([self._file(i) for i in range(len(self.shards))], [s["rows"] for s in self.shards])
 
     def __len__(self) -> int:
-        return int(self.offsets[-1])
+        return len(self._rows)
 
     def _file(self, i: int) -> str:
         return os.path.join(self.path, self.shards[i]["file"])
@@ -109,14 +109,7 @@ class OdePairs:
         read (``safetensors_rows.py``) and nothing is kept: host memory stays at a batch however many
         shards a run touches (whole shards kept once read grew to the whole collection on every
         rank: 100,000 CogVideoX pairs at 13 x 60 x 90 are 0.9 TB)."""
-        shard = torch.searchsorted(self.offsets, indices, right=True) - 1
-        rows: list[torch.Tensor | None] = [None] * len(indices)
-        for s in shard.unique().tolist():
-            positions = (shard == s).nonzero().flatten().tolist()
-            read = SafetensorsRows(self._file(s)).rows(key, [int(indices[k] - self.offsets[s]) for k in positions])
-            for k, row in zip(positions, read):
-                rows[k] = row
-        return torch.stack(rows)
+        return self._rows.get(key, indices)
 
     def verify(self) -> list[str]:
         """The shard files whose SHA-256 differs from the manifest's."""

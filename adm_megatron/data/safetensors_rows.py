@@ -1,6 +1,7 @@
 """Single rows of the tensors of a safetensors file, read without reading the file: its header gives
 each tensor's dtype, shape and byte range, and a row of a (row-major) tensor is one contiguous range
-of that, read with ``os.pread``. Nothing but the header is kept.
+of that, read with ``os.preadv``. Nothing but the header is kept. :class:`ShardedRows` does the
+same over a set of shard files that hold consecutive rows (ODE pairs, text embeddings).
 
 Why not the library's readers (safetensors 0.8): the torch one copies the whole file into memory at
 the first access and an open handle keeps it -- a 256-pair CogVideoX ODE shard is 2.3 GB, read again
@@ -66,3 +67,34 @@ class SafetensorsRows:
         finally:
             os.close(fd)
         return out
+
+
+class ShardedRows:
+    """Rows of tensors split over shard files, shard ``i`` holding ``rows[i]`` consecutive rows; each
+    file's header is read once, its rows at each call."""
+
+    def __init__(self, files: list[str], rows: list[int]):
+        self.files = list(files)
+        self.starts = torch.tensor([0, *rows]).cumsum(0)
+        self._readers: dict[int, SafetensorsRows] = {}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _reader(self, shard: int) -> SafetensorsRows:
+        if shard not in self._readers:
+            self._readers[shard] = SafetensorsRows(self.files[shard])
+        return self._readers[shard]
+
+    def get(self, key: str, indices: torch.Tensor) -> torch.Tensor:
+        """Rows ``indices`` (1-D, global row numbers) of tensor ``key``, in that order, one read per
+        shard they fall in."""
+        shards = torch.searchsorted(self.starts, indices, right=True) - 1
+        out = None
+        for shard in shards.unique().tolist():
+            positions = (shards == shard).nonzero().flatten()
+            read = self._reader(shard).rows(key, (indices[positions] - self.starts[shard]).tolist())
+            if out is None:
+                out = read.new_empty((len(indices), *read.shape[1:]))
+            out[positions] = read
+        return out if out is not None else self._reader(0).rows(key, [])  # no rows asked

@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from adm_megatron.data.safetensors_rows import SafetensorsRows
+from adm_megatron.data.safetensors_rows import ShardedRows
 
 FORMAT = "adm-megatron/text-embeddings"
 VERSION = 1
@@ -258,10 +258,9 @@ class TextEmbeddingShards:
         self._prompts: list[str] = index["prompts"]
         self._files = [os.path.join(path, s["file"]) for s in index["shards"]]
         rows = [s["rows"] for s in index["shards"]]
-        self._starts = torch.tensor([0] + rows).cumsum(0)
+        self._shards = ShardedRows(self._files, rows)  # headers only (safetensors_rows.py)
         self._negative_file = os.path.join(path, index["negative"])
         self._negative: dict[str, torch.Tensor] | None = None
-        self._readers: dict[int, SafetensorsRows] = {}  # headers only (safetensors_rows.py)
         for i, (file, n) in enumerate(zip(self._files, rows)):
             self._check_file(file, f"shards[{i}].file", {KEY: [n, self.seq_len, self.dim], POOLED_KEY: [n, self.pooled_dim]},
                              index["dtype"])
@@ -344,29 +343,19 @@ class TextEmbeddingShards:
     def prompts(self) -> list[str]:
         return self._prompts
 
-    def _reader(self, shard: int) -> SafetensorsRows:
-        if shard not in self._readers:
-            self._readers[shard] = SafetensorsRows(self._files[shard])
-        return self._readers[shard]
-
-    def _rows(self, name: str, indices: torch.Tensor, row_shape: tuple[int, ...]) -> torch.Tensor:
+    def _rows(self, name: str, indices: torch.Tensor) -> torch.Tensor:
         """Only the rows asked are read, and none is kept: a run holds a batch of embeddings, not the
         shards it has touched."""
-        indices = _check_indices(indices, len(self))
-        shards = torch.searchsorted(self._starts, indices, right=True) - 1
-        out = torch.empty(len(indices), *row_shape, dtype=self.dtype)
-        for i, (index, shard) in enumerate(zip(indices.tolist(), shards.tolist())):
-            out[i] = self._reader(shard).rows(name, [index - self._starts[shard].item()])[0]
-        return out
+        return self._shards.get(name, _check_indices(indices, len(self)))
 
     def get(self, indices: torch.Tensor) -> torch.Tensor:
         """Rows ``indices`` (a 1-D LongTensor) as ``[B, L, D]`` in the stored dtype."""
-        return self._rows(KEY, indices, (self.seq_len, self.dim))
+        return self._rows(KEY, indices)
 
     def get_pooled(self, indices: torch.Tensor) -> torch.Tensor:
         """The pooled embeddings of rows ``indices`` as ``[B, P]`` (the directory must have them)."""
         self._need_pooled()
-        return self._rows(POOLED_KEY, indices, (self.pooled_dim,))
+        return self._rows(POOLED_KEY, indices)
 
     def _need_pooled(self) -> None:
         if not self.pooled_dim:
