@@ -121,6 +121,9 @@ class DataConfig:
     path: str = ""  # text-embedding shards (tools/precompute_text_embeddings.py)
     num_prompts: int = 64  # synthetic source only
     batch_size: int = 1  # per data-parallel rank
+    # rows per update over all ranks; 0: batch_size x data-parallel size. A multiple of that
+    # runs global_batch_size / (batch_size x DP) micro-batches per update (gradient accumulation)
+    global_batch_size: int = 0
     real_path: str = ""  # teacher ODE pairs (tools/collect_ode_pairs.py): dmd2's real samples, adp's data
     frames: int = 13  # latent frames
     height: int = 60  # latent height
@@ -404,6 +407,12 @@ def _check_fields(config: Config, source: str) -> None:
                        "train.save_interval_minutes": config.train.save_interval_minutes}.items():
         if value < 0:
             raise ConfigError(f"{source}: {key}={value}: must be >= 0")
+    if config.data.global_batch_size < 0:
+        raise ConfigError(f"{source}: data.global_batch_size={config.data.global_batch_size}: expected >= 0 "
+                          "(0: data.batch_size x data-parallel size)")
+    if 0 < config.data.global_batch_size < config.data.batch_size:
+        raise ConfigError(f"{source}: data.global_batch_size={config.data.global_batch_size}: smaller than "
+                          f"data.batch_size={config.data.batch_size}, the rows of one micro-batch on one rank")
     if config.parallel.grad_bucket_size < 0:
         raise ConfigError(f"{source}: parallel.grad_bucket_size={config.parallel.grad_bucket_size}: expected >= 0 "
                           "(0: megatron's default)")

@@ -45,7 +45,7 @@ def _trainer(pipeline_dir, tmp_path, *extra):
 
 def test_the_two_phases_start_from_independent_noises(pipeline_dir, tmp_path, world_of_one):
     trainer = _trainer(pipeline_dir, tmp_path, "distill.generator_steps=1")
-    alg, batch = trainer.algorithm, trainer.batch(0)
+    alg, batch = trainer.algorithm, trainer.batches(0)[0]
     first_inputs = []
     generator = alg.nets.generator
 
@@ -55,10 +55,10 @@ def test_the_two_phases_start_from_independent_noises(pipeline_dir, tmp_path, wo
 
     alg.nets.generator = recording
     with torch.no_grad():
-        alg.fake_score_loss(batch, trainer.rng(0, "fake_score"))
+        alg.fake_score_loss(batch, trainer.draws(0, "fake_score").micro(0))
         first_fake = first_inputs[0]
         first_inputs.clear()
-        x0_generator_phase = alg.generator_x0(batch, trainer.rng(0, "generator"))
+        x0_generator_phase = alg.generator_x0(batch, trainer.draws(0, "generator").micro(0))
     first_generator = first_inputs[0]
     assert torch.equal(first_fake, batch.fake_noise) and torch.equal(first_generator, batch.generator_noise)
     assert not torch.allclose(batch.fake_noise, batch.generator_noise)
@@ -67,14 +67,14 @@ def test_the_two_phases_start_from_independent_noises(pipeline_dir, tmp_path, wo
         x0_fake_phase = alg.sample_generator(batch.fake_noise, batch.text)
     assert not torch.allclose(x0_fake_phase, x0_generator_phase)
     # each is its own seeded stream: the same iteration draws the same noises again
-    again = trainer.batch(0)
+    again = trainer.batches(0)[0]
     assert torch.equal(again.fake_noise, batch.fake_noise) and torch.equal(again.generator_noise, batch.generator_noise)
 
 
 def _generator_gradient_and_split(trainer):
     """dL_G/dx̂0 from the algorithm, and the analytic split of dL_G/dx_t recomputed by hand:
     (direct term with the fake output held fixed, total with the fake score's Jacobian)."""
-    alg, batch = trainer.algorithm, trainer.batch(0)
+    alg, batch = trainer.algorithm, trainer.batches(0)[0]
     captured = {}
     diffuse = alg.diffuse
 
@@ -84,7 +84,7 @@ def _generator_gradient_and_split(trainer):
 
     alg.diffuse = recording_diffuse
     x0 = torch.randn_like(batch.generator_noise).requires_grad_()
-    pair = alg.ode_pair(x0, batch, trainer.rng(0, "generator"))
+    pair = alg.ode_pair(x0, batch, trainer.draws(0, "generator").micro(0))
     loss = hinge_g_loss(alg.discriminate(pair.x_fake, pair.t_prev, batch))
     (grad_x0,) = torch.autograd.grad(loss, x0)
 

@@ -21,7 +21,8 @@ import torch
 from adm_megatron.algorithms.adp import ADP, warp_rf_time
 from adm_megatron.algorithms.base import PhaseBatch, RealBatch
 from adm_megatron.algorithms.networks import Networks
-from adm_megatron.algorithms.randomness import BatchRandom
+from adm_megatron.algorithms.randomness import PhaseDraws
+from adm_megatron.data.batch_layout import BatchLayout
 from adm_megatron.diffusion.schedules import FlowMatchSchedule, VPVPredSchedule
 from test_diffusion_rollout import TinyModel, diffusers_loop, flow_pair, vp_pair
 
@@ -31,7 +32,7 @@ B = 4
 
 
 def _rng(seed=0):
-    return BatchRandom(torch.Generator().manual_seed(seed), B, slice(0, B))
+    return PhaseDraws(torch.Generator().manual_seed(seed), BatchLayout(B)).micro(0)
 
 
 def _pair(seed=1, shape=(B, 2, 3, 4, 4)):
@@ -71,15 +72,15 @@ def test_pure_noise_share_puts_that_share_at_the_one_step_input(schedule):
     for share in (0.0, 0.5, 1.0):
         alg = ADP(_stub_networks(pixel=False), schedule, 1, (1.0, 1.0), pixel_weight=0.0, latent_weight=1.0,
                   pure_noise_share=share)
-        draws = BatchRandom(torch.Generator().manual_seed(5), 64, slice(0, 64))
+        draws = PhaseDraws(torch.Generator().manual_seed(5), BatchLayout(64)).micro(0)
         x_t, t = alg.generator_input(x_T, x0, draws)
-        replay = BatchRandom(torch.Generator().manual_seed(5), 64, slice(0, 64))
+        replay = PhaseDraws(torch.Generator().manual_seed(5), BatchLayout(64)).micro(0)
         warped = schedule.timestep_at_rf_time(warp_rf_time(replay.rand("cpu")))
         at_one = replay.rand("cpu") < share if share else torch.zeros(64, dtype=torch.bool)
         assert torch.equal(t[at_one], terminal.expand(int(at_one.sum())))
         assert torch.equal(x_t[at_one], x_T[at_one])
         assert torch.equal(t[~at_one], warped[~at_one])
-        assert torch.equal(draws.generator.get_state(), replay.generator.get_state())  # no draw beyond these
+        assert torch.equal(draws.phase.generator.get_state(), replay.phase.generator.get_state())  # no draw beyond these
         counts[share] = int(at_one.sum())
     assert counts[0.0] == 0 and counts[1.0] == 64 and 16 <= counts[0.5] <= 48, counts
 

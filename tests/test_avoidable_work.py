@@ -85,13 +85,13 @@ def _grads(loss, module):
 def test_backbone_early_stop_and_feature_reuse_leave_losses_and_gradients_unchanged(teacher_dirs, tmp_path,
                                                                                     world_of_one):
     trainer = _trainer(teacher_dirs, tmp_path)
-    alg, nets, batch = trainer.algorithm, trainer.networks, trainer.batch(0)
+    alg, nets, batch = trainer.algorithm, trainer.networks, trainer.batches(0)[0]
     assert tapped_block_indices(3, 2) == [1]
     counter = EvalCounter()
     instrument(nets, counter, trainer.arch)
 
     counter.phase = "generator"
-    loss_g, _, pair = alg.generator_loss(batch, trainer.rng(0, "generator"))
+    loss_g, _, pair = alg.generator_loss(batch, trainer.draws(0, "generator").micro(0))
     grads_g = _grads(loss_g, trainer.generator)
     counter.phase = "discriminator"
     loss_d, _, _ = alg.discriminator_loss(pair, batch)
@@ -105,7 +105,7 @@ def test_backbone_early_stop_and_feature_reuse_leave_losses_and_gradients_unchan
 
     whole = WholeTeacher(nets.teacher.fn)
     nets.teacher = whole
-    ref_loss_g, _, ref_pair = alg.generator_loss(batch, trainer.rng(0, "generator"))
+    ref_loss_g, _, ref_pair = alg.generator_loss(batch, trainer.draws(0, "generator").micro(0))
     ref_grads_g = _grads(ref_loss_g, trainer.generator)
     torch.testing.assert_close(ref_pair.x_fake, pair.x_fake, **TIGHT)
     real = alg.nets.heads(whole.features(pair.x_real, alg.schedule.model_timestep(pair.t_prev), batch.text, 2))
@@ -131,5 +131,5 @@ def test_the_teacher_is_held_once_as_real_score_and_discriminator_backbone(teach
     assert models() - before == 3  # teacher, fake score, generator
     runs = []
     trainer.networks.teacher.module.register_forward_hook(lambda m, a, o: runs.append(o.sample is None))
-    trainer.algorithm.generator_loss(trainer.batch(0), trainer.rng(0, "generator"))
+    trainer.algorithm.generator_loss(trainer.batches(0)[0], trainer.draws(0, "generator").micro(0))
     assert runs == [False, True]  # the same module: the CFG teacher's call, then the backbone's

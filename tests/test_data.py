@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from adm_megatron.data import (
+    BatchLayout,
     EmbeddingShardWriter,
     PromptSampler,
     SyntheticTextEmbeddings,
@@ -179,7 +180,7 @@ def test_synthetic_source_is_deterministic():
 
 def test_prompt_sampler_determinism_and_disjoint_ranks():
     src = SyntheticTextEmbeddings(64, 4, 8)
-    ranks = [PromptSampler(src, batch_size=4, seed=7, dp_rank=r, dp_size=4) for r in range(4)]
+    ranks = [PromptSampler(src, BatchLayout(4, r, 4), seed=7) for r in range(4)]
     epoch = []
     for it in range(4):  # one epoch: 4 iterations x 4 ranks x 4 prompts = 64
         draws = [s.indices(it) for s in ranks]
@@ -187,27 +188,42 @@ def test_prompt_sampler_determinism_and_disjoint_ranks():
         assert len(set(torch.cat(draws).tolist())) == 16  # ranks draw different prompts
         epoch += torch.cat(draws).tolist()
     assert sorted(epoch) == list(range(64))  # every prompt once per epoch
-    fresh = PromptSampler(src, batch_size=4, seed=7, dp_rank=2, dp_size=4)  # a resumed run
+    fresh = PromptSampler(src, BatchLayout(4, 2, 4), seed=7)  # a resumed run
     for it in (9, 3, 0, 9):
         assert torch.equal(fresh.indices(it), ranks[2].indices(it))
-    assert not torch.equal(PromptSampler(src, 4, seed=8, dp_rank=2, dp_size=4).indices(0), ranks[2].indices(0))
+    assert not torch.equal(PromptSampler(src, BatchLayout(4, 2, 4), seed=8).indices(0), ranks[2].indices(0))
     assert ranks[0].indices(4).tolist() != ranks[0].indices(0).tolist()  # a new epoch, a new order
-    one_rank = PromptSampler(src, batch_size=16, seed=7)  # the global batch does not depend on the DP layout
+    one_rank = PromptSampler(src, BatchLayout(16), seed=7)  # the global batch does not depend on the DP layout
     assert all(torch.equal(one_rank.indices(it), torch.cat([s.indices(it) for s in ranks])) for it in (0, 6))
     embeds, negative = ranks[1].batch(5)
     assert torch.equal(embeds, src.get(ranks[1].indices(5)))
     assert negative.shape == (4, 4, 8) and all(torch.equal(n, src.negative()) for n in negative)
 
 
+def test_prompt_sampler_micro_batches_cut_the_same_global_batch():
+    """Gradient accumulation: DP x micro-batches x rows is one global batch, whatever the split, and
+    the (rank, micro-batch) slots of an iteration are disjoint."""
+    src = SyntheticTextEmbeddings(64, 4, 8)
+    whole = PromptSampler(src, BatchLayout(8), seed=3)
+    for dp, micro_batch, microbatches in ((2, 1, 4), (1, 2, 4), (4, 2, 1), (2, 2, 2)):
+        samplers = [PromptSampler(src, BatchLayout(micro_batch, r, dp, microbatches), seed=3) for r in range(dp)]
+        for it in (0, 5, 8):  # 8 global batches of 8 is one epoch: 8 starts the next
+            slots = [s.indices(it, m) for m in range(microbatches) for s in samplers]  # slot order m x DP + r
+            assert torch.equal(torch.cat(slots), whole.indices(it))
+            assert len(set(torch.cat(slots).tolist())) == 8
+    with pytest.raises(ValueError, match="micro-batch 2 outside"):
+        PromptSampler(src, BatchLayout(1, 0, 1, 2), seed=3).indices(0, 2)
+
+
 def test_prompt_sampler_argument_errors():
     src = SyntheticTextEmbeddings(4, 2, 2)
     with pytest.raises(ValueError, match="dp_rank must be in"):
-        PromptSampler(src, 2, 0, dp_rank=2, dp_size=2)
-    with pytest.raises(ValueError, match="batch_size"):
-        PromptSampler(src, 0, 0)
+        BatchLayout(2, dp_rank=2, dp_size=2)
+    with pytest.raises(ValueError, match="micro_batch"):
+        BatchLayout(0)
     with pytest.raises(ValueError, match="iteration"):
-        PromptSampler(src, 2, 0).indices(-1)
-    assert PromptSampler(src, 10, 0).indices(3).shape == (10,)  # more than the prompts: wraps epochs
+        PromptSampler(src, BatchLayout(2), 0).indices(-1)
+    assert PromptSampler(src, BatchLayout(10), 0).indices(3).shape == (10,)  # more than the prompts: wraps epochs
 
 
 # -- the precompute tool -------------------------------------------------------------------------

@@ -4,12 +4,15 @@ whose fake-score phase trains two DDP-wrapped networks in one backward) at DP = 
 small buckets give the same losses and weights as DP = 2 without overlap (bit for bit: a sum of
 two numbers does not depend on how the buffer is cut into buckets) and as one process (1e-5
 relative, fp64, as tests/test_trainer_parallel.py). The same holds with the optimizer state sharded
-over DP (reduce-scatter instead of all-reduce).
+over DP (reduce-scatter instead of all-reduce), and with two micro-batches per update accumulated
+(``data.global_batch_size``; ADM and DMD2, against one process with the whole global batch of 4).
 
 The test also checks that the overlap is real and that idle networks stay quiet: from each
 network's second update on, every one of its buckets was dispatched from a backward hook (before
 ``finish_grad_sync``), a network has several buckets, and a network's hooks registered gradients
 only in the phases that train it (never in a phase where it is frozen or rolled out without grad).
+With accumulation, every network trained in a phase (DMD2's co-trained heads too) counts each of its
+parameters' gradients once per update, in the last micro-batch: the others run in its ``no_sync``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ ITERATIONS = 3
 WEIGHT_ATOL = 1e-8  # fp64 weights of about 1e-2 after 3 steps of lr 1e-3; differences of 3e-10 seen
 COMMON = tiny_fp64_run(ITERATIONS)
 OVERLAP = ["parallel.overlap_grad_reduce=true", "parallel.grad_bucket_size=3000"]
+ACCUMULATE = ["data.global_batch_size=4"]
 SHARDED = [f"optim.{n}.shard_over_dp=true" for n in ("generator", "fake_score", "discriminator")]
 # name: (reference layout, bit for bit?, overrides); the global batch is 2 everywhere. Sharded: the
 # bucket size moves the DP shard boundaries, so the grad norm's partial sums (and the clip factor)
@@ -36,8 +40,14 @@ LAYOUTS = {
     "dp2-overlap-sharded": ("dp2-sharded", False, ["data.batch_size=1", *OVERLAP, *SHARDED]),
     "dmd2-dp2": ("dmd2-one-process", False, ["data.batch_size=1", "distill.method=dmd2"]),
     "dmd2-dp2-overlap": ("dmd2-dp2", True, ["data.batch_size=1", "distill.method=dmd2", *OVERLAP]),
+    # global batch 4: 2 ranks x 2 micro-batches of 1
+    "dp2-accum2": ("one-process-4", False, ["data.batch_size=1", *ACCUMULATE]),
+    "dp2-accum2-overlap": ("dp2-accum2", True, ["data.batch_size=1", *ACCUMULATE, *OVERLAP]),
+    "dmd2-dp2-accum2-overlap": ("dmd2-one-process-4", False,
+                                ["data.batch_size=1", *ACCUMULATE, "distill.method=dmd2", *OVERLAP]),
 }
-ONE_PROCESS = {"one-process": ["data.batch_size=2"], "dmd2-one-process": ["data.batch_size=2", "distill.method=dmd2"]}
+ONE_PROCESS = {"one-process": ["data.batch_size=2"], "dmd2-one-process": ["data.batch_size=2", "distill.method=dmd2"],
+               "one-process-4": ["data.batch_size=4"], "dmd2-one-process-4": ["data.batch_size=4", "distill.method=dmd2"]}
 
 
 class SyncLog:
@@ -49,8 +59,11 @@ class SyncLog:
         self.phase = None
         self.in_finish = False
         self.hooked: dict[str, list[int]] = {}  # network -> per update, groups dispatched from hooks
+        self.counted: dict[str, list[int]] = {}  # network -> per update, gradients counted for dispatch
         self.ready_phases: dict[str, set] = {name: set() for name in trainer.trainable}
         self.groups = {name: len(net.module.bucket_groups) for name, net in trainer.trainable.items()}
+        self.params = {name: sum(len(g.params) for g in net.module.bucket_groups)
+                       for name, net in trainer.trainable.items()}
         for name, net in trainer.trainable.items():
             for group in net.module.bucket_groups:
                 self._wrap(group, name)
@@ -75,6 +88,7 @@ class SyncLog:
 
         def register_grad_ready(*args, **kwargs):
             log.ready_phases[network].add(log.phase)
+            log.counted[network][-1] += group.is_last_microbatch  # megatron counts only then
             return ready(*args, **kwargs)
 
         group.start_grad_sync, group.finish_grad_sync = start_grad_sync, finish_grad_sync
@@ -89,6 +103,7 @@ class SyncLog:
             log.phase = phase
             for name in (phase, *kwargs.get("co_trained", ())):
                 log.hooked.setdefault(name, []).append(0)
+                log.counted.setdefault(name, []).append(0)
             return run(phase, *args, **kwargs)
 
         trainer.phases.run = phase_run
@@ -113,7 +128,7 @@ def _run(pipeline_dir: str, output_dir: str, overrides: list[str]) -> dict:
     }
     destroy_parallel()
     return {"losses": losses, "weights": weights, "hooked": log.hooked, "groups": log.groups,
-            "ready_phases": log.ready_phases}
+            "ready_phases": log.ready_phases, "counted": log.counted, "params": log.params}
 
 
 def _dp_layouts(pipeline_dir, output_dir, real_path):
@@ -129,6 +144,8 @@ def _check_overlap(name: str, result: dict) -> None:
             # first update: counting only; then every bucket group goes from the hooks
             assert per_update == [0] + [result["groups"][network]] * (ITERATIONS - 1), (name, network, per_update)
             assert result["groups"][network] > 1, (name, network)
+            counted = result["counted"][network]
+            assert counted == [result["params"][network]] * ITERATIONS, (name, network, counted)
         else:
             assert per_update == [0] * ITERATIONS, (name, network, per_update)
     trained_in = {"fake_score": {"fake_score"}, "generator": {"generator"},

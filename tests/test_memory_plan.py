@@ -30,12 +30,16 @@ BASE = [
     "train.export=false", "logging.wandb_mode=disabled", "logging.progress=false",
 ]
 # (rotary 5b-style teacher, overrides): small latents (weights dominate), larger latents
-# (activations dominate), the same with full recompute, and the 5b-style teacher
+# (activations dominate), the same with full recompute, the 5b-style teacher, and accumulation
 TINY_RUNS = {
     "2b-2x4x4": (False, ["data.frames=2", "data.height=4", "data.width=4"]),
     "2b-3x16x16": (False, ["data.frames=3", "data.height=16", "data.width=16"]),
     "2b-3x16x16-recompute": (False, ["data.frames=3", "data.height=16", "data.width=16", "model.recompute=true"]),
     "5b-3x16x16": (True, ["data.frames=3", "data.height=16", "data.width=16"]),
+    # 4 micro-batches of 1 accumulated: the inputs of all four, and the generator phase's pairs
+    # (x_fake's features, two latents) of each, kept for the discriminator phase
+    "2b-3x16x16-accumulate4": (False, ["data.frames=3", "data.height=16", "data.width=16", "data.batch_size=1",
+                                       "data.global_batch_size=4"]),
 }
 
 
@@ -248,6 +252,8 @@ def test_plan_command_prints_the_table_and_writes_json(tmp_path, capsys, world_o
     (["--gpus", "8", "--card", "80", "parallel.context_parallel=4"], "video tokens are not divisible"),
     (["--gpus", "8", "--card", "80", "data.height=62"], "tokens per context-parallel rank are not divisible"),
     (["--gpus", "3", "--card", "80"], "gpus=3: not a positive multiple"),
+    (["--gpus", "8", "--card", "80", "data.global_batch_size=6"],
+     "gpus=8: data.global_batch_size=6: expected a multiple of data.batch_size x data-parallel size = 1 x 4 = 4"),
     (["--gpus", "8", "--card", "80", "--assume-pinned-memory", "--shard-optimizer", "all", "--offload",
       "optimizer_and_params"], "offload=optimizer_and_params with a sharded optimizer"),
     (["--gpus", "8", "--card", "80", "optim.generator.shard_over_dp=true", "optim.generator.offload=optimizer_and_params"],
@@ -278,6 +284,25 @@ def _config_plan(*overrides, gpus=8):
     config = load_config(None, ["model.teacher=/nowhere", "model.dtype=bf16", "model.sequence_parallel=true",
                                 "model.recompute=full", *overrides])
     return plan_run(config, gpus, preset="cogvideox-2b", card_gib=80.0)
+
+
+def test_accumulation_plans_every_micro_batchs_inputs_and_kept_pairs():
+    """Global batch 16 on DP = 8 with micro-batches of 1: 2 micro-batches per update, both made up
+    front (twice the inputs), the discriminator phase starts with both pairs (x_fake's features and
+    two latents) and the generator phase keeps the first while the second runs; activations are
+    those of one micro-batch."""
+    one = _config_plan(gpus=8)
+    two = _config_plan("data.global_batch_size=16", gpus=8)
+    assert (one.settings.microbatches, two.settings.microbatches) == (1, 2)
+    assert two.fixed["run inputs"] == 2 * one.fixed["run inputs"]
+    more_inputs = sum(two.fixed.values()) - sum(one.fixed.values())
+    pair = two.phases["discriminator"].resident - one.phases["discriminator"].resident - more_inputs
+    # x_fake's ten taps (views of 226 + 17,550 tokens x 1920 in bf16) and two fp32 latents 13 x 16 x 60 x 90
+    assert pair == 10 * 17776 * 1920 * 2 + 2 * 13 * 16 * 60 * 90 * 4
+    generator = two.phases["generator"]
+    assert generator.peak_moment == "discriminator backward" and generator.transients["kept ODE pairs"] == pair
+    assert generator.activations == one.phases["generator"].activations
+    assert "kept ODE pairs" not in one.phases["generator"].transients
 
 
 def test_the_plan_follows_the_run_configs_memory_settings():

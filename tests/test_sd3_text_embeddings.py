@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from adm_megatron.data import PromptSampler, SyntheticTextEmbeddings, TextEmbeddingShards, write_embedding_shards
+from adm_megatron.data import BatchLayout, PromptSampler, SyntheticTextEmbeddings, TextEmbeddingShards, write_embedding_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +40,7 @@ def test_pooled_embeddings_round_trip_and_follow_the_sampled_prompts(tmp_path):
     idx = torch.tensor([4, 0, 3])
     assert torch.equal(src.get_pooled(idx), pooled[idx]) and torch.equal(src.get(idx), emb[idx])
     assert torch.equal(src.negative_pooled(), neg_pooled)
-    sampler = PromptSampler(src, batch_size=2, seed=3)
+    sampler = PromptSampler(src, BatchLayout(2), seed=3)
     text, _ = sampler.batch(7)
     got, negative = sampler.pooled(7)
     rows = sampler.indices(7)
@@ -51,7 +51,7 @@ def test_pooled_embeddings_round_trip_and_follow_the_sampled_prompts(tmp_path):
 def test_embeddings_without_pooled_part(tmp_path):
     out = write_embedding_shards(str(tmp_path / "e"), ["a"], torch.zeros(1, 2, 3), torch.zeros(2, 3))
     src = TextEmbeddingShards(out)
-    assert src.pooled_dim == 0 and PromptSampler(src, 1, seed=0).pooled(0) is None
+    assert src.pooled_dim == 0 and PromptSampler(src, BatchLayout(1), seed=0).pooled(0) is None
     with pytest.raises(ValueError, match=r"index\.json: these embeddings have no pooled part"):
         src.get_pooled(torch.tensor([0]))
     synthetic = SyntheticTextEmbeddings(4, 2, 3, seed=1, pooled_dim=5)

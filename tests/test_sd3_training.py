@@ -208,11 +208,11 @@ def test_sd3_methods_reading_teacher_pairs_train(method, sd3_pipeline, prompt_di
     pixel = [f"distill.pixel_encoder_path={sam_encoder}", "distill.pixel_layers=[2,4]"] if method == "adp" else []
     trainer = Trainer(_pairs_config(sd3_pipeline, prompt_dir, sd3_pairs, tmp_path / "run", f"distill.method={method}",
                                     *pixel))
-    assert trainer.batch(0).real.pooled.shape == (2, 64)
+    assert trainer.batches(0)[0].real.pooled.shape == (2, 64)
     before = [p.detach().clone() for p in trainer.generator.parameters()]
     if method == "adp":
         assert trainer.config.distill.pixel_weight == 0.15  # the default: the branch is on
-        assert trainer.pixel.decode(trainer.batch(0).real.x0).shape == (2, 3, 32, 32)
+        assert trainer.pixel.decode(trainer.batches(0)[0].real.x0).shape == (2, 3, 32, 32)
         pixel_heads = [p.detach().clone() for p in trainer.heads.pixel.parameters()]
     metrics = trainer.fit().last_metrics
     assert metrics["generator/skipped"] is False

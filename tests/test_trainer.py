@@ -75,29 +75,29 @@ def test_each_network_changes_only_in_its_own_phase(trainer):
         "generator": trainer.trainable["generator"].module,
         "discriminator": trainer.trainable["discriminator"].module,
     }
-    batch, alg = trainer.batch(0), trainer.algorithm
+    batch, alg = trainer.batches(0)[0], trainer.algorithm
     pair = None
     for phase in ("fake_score", "generator", "discriminator"):
         before = {name: _snapshot(m) for name, m in nets.items()}
         if phase == "fake_score":
-            loss_fn = lambda: alg.fake_score_loss(batch, trainer.rng(0, phase))  # noqa: E731
+            loss_fn = lambda _micro: alg.fake_score_loss(batch, trainer.draws(0, phase).micro(0))  # noqa: E731
         elif phase == "generator":
-            loss_fn = lambda: alg.generator_loss(batch, trainer.rng(0, phase))  # noqa: E731
+            loss_fn = lambda _micro: alg.generator_loss(batch, trainer.draws(0, phase).micro(0))  # noqa: E731
         else:
-            loss_fn = lambda: alg.discriminator_loss(pair, batch)  # noqa: E731
-        metrics, extra = trainer.phases.run(phase, loss_fn, 0)
-        pair = extra if phase == "generator" else pair
+            loss_fn = lambda _micro: alg.discriminator_loss(pair, batch)  # noqa: E731
+        metrics, extras = trainer.phases.run(phase, loss_fn, 0)
+        pair = extras[0] if phase == "generator" else pair
         assert metrics[f"{phase}/grad_norm"] > 0 and not metrics[f"{phase}/skipped"]
         for name, module in nets.items():
             assert _changed(before[name], module) == (name == phase), (phase, name)
 
 
 def test_discriminator_update_raises_its_margin_and_generator_update_lowers_its_loss(trainer):
-    batch, alg = trainer.batch(0), trainer.algorithm
-    g_rng = lambda: trainer.rng(0, "generator")  # noqa: E731  the same draws before and after
+    batch, alg = trainer.batches(0)[0], trainer.algorithm
+    g_rng = lambda: trainer.draws(0, "generator").micro(0)  # noqa: E731  the same draws before and after
     with torch.no_grad():
         g_before = alg.generator_loss(batch, g_rng())[0].item()
-    trainer.phases.run("generator", lambda: alg.generator_loss(batch, g_rng()), 0)
+    trainer.phases.run("generator", lambda _micro: alg.generator_loss(batch, g_rng()), 0)
     with torch.no_grad():
         loss, _, pair = alg.generator_loss(batch, g_rng())
     assert loss.item() < g_before
@@ -110,7 +110,7 @@ def test_discriminator_update_raises_its_margin_and_generator_update_lowers_its_
 
     before = margin()
     for _ in range(3):
-        trainer.phases.run("discriminator", lambda: alg.discriminator_loss(pair, batch), 0)
+        trainer.phases.run("discriminator", lambda _micro: alg.discriminator_loss(pair, batch), 0)
     assert margin() > before
 
 
@@ -168,9 +168,9 @@ def test_dmd2_is_published_dmd2_classifier_on_the_fake_score_trained_on_noisy_re
     alg = trainer.algorithm
     assert isinstance(alg, DMD2) and not alg.discriminator_phase
     assert (alg.gan_weight, alg.cls_weight) == (5e-3, 1e-2)  # DMD2's SDXL defaults
-    batch = trainer.batch(0)
+    batch = trainer.batches(0)[0]
     assert batch.real is not None and batch.real.x0.shape == batch.fake_noise.shape
-    rng = lambda: trainer.rng(0, "probe")  # noqa: E731
+    rng = lambda: trainer.draws(0, "probe").micro(0)  # noqa: E731
     with torch.no_grad():
         before = alg.classify(batch.real.x0, batch.real.text, rng())
     nets = {"fake_score": trainer.trainable["fake_score"].module, "heads": trainer.trainable["discriminator"].module,
@@ -205,7 +205,7 @@ def test_nan_policy_error_raises_and_skip_leaves_weights(pipeline_dir, tmp_path,
     from adm_megatron.train.trainer import Trainer
 
     trainer = Trainer(_config(pipeline_dir, tmp_path))
-    nan_loss = lambda: (trainer.algorithm.fake_score_loss(trainer.batch(0), trainer.rng(0, "f"))[0] * math.nan, {}, None)  # noqa: E731,E501
+    nan_loss = lambda _micro: (trainer.algorithm.fake_score_loss(trainer.batches(0)[0], trainer.draws(0, "f").micro(0))[0] * math.nan, {}, None)  # noqa: E731,E501
     with pytest.raises(NonFiniteError, match="iteration 0, phase fake_score"):
         trainer.phases.run("fake_score", nan_loss, 0)
     trainer.phases.nan_policy = "skip"

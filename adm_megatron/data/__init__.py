@@ -1,6 +1,7 @@
-"""Data: precomputed text-embedding shards, prompt sampling, T5 encoding, teacher ODE pairs
+"""Data: how a global batch is cut (``batch_layout``), precomputed text-embedding shards, prompt sampling, T5 encoding, teacher ODE pairs
 (``ode_pairs``), a tiny test pipeline."""
 
+from .batch_layout import BatchLayout
 from .encode import encode_prompts, load_t5
 from .text_embeddings import (
     EmbeddingShardWriter,
@@ -14,6 +15,7 @@ from .text_embeddings import (
 from .tiny_pipeline import build_tiny_pipeline
 
 __all__ = [
+    "BatchLayout",
     "EmbeddingShardWriter",
     "PromptSampler",
     "SyntheticTextEmbeddings",

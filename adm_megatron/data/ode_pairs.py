@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from adm_megatron.data.batch_layout import BatchLayout
 from adm_megatron.data.safetensors_rows import ShardedRows
 
 FORMAT = "adm-megatron/ode-pairs"
@@ -118,20 +119,19 @@ class OdePairs:
 
 class RealSampler:
     """Real samples for iteration i: the global batch's pair indices drawn from a generator seeded by
-    (seed, i), rank r keeping rows [r B, (r + 1) B) -- no state to checkpoint, layout-independent."""
+    (seed, i), each (rank, micro-batch) keeping its slot's rows (``adm_megatron.data.batch_layout``)
+    -- no state to checkpoint, the same whatever the split of the global batch."""
 
-    def __init__(self, pairs: OdePairs, batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, pairs: OdePairs, layout: BatchLayout, seed: int):
         self.pairs = pairs
-        self.batch_size = batch_size
+        self.layout = layout
         self.seed = seed
-        self.rows = slice(dp_rank * batch_size, (dp_rank + 1) * batch_size)
-        self.global_batch = batch_size * dp_size
 
-    def indices(self, iteration: int) -> torch.Tensor:
+    def indices(self, iteration: int, micro: int = 0) -> torch.Tensor:
         g = torch.Generator().manual_seed(zlib.crc32(repr((self.seed, iteration, "real")).encode()) & 0x7FFFFFFF)
-        return torch.randint(0, len(self.pairs), (self.global_batch,), generator=g)[self.rows]
+        return torch.randint(0, len(self.pairs), (self.layout.global_batch,), generator=g)[self.layout.rows(micro)]
 
-    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self, iteration: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x_T, x_0 [B, F, C, H, W], prompt ids [B])``: DMD2 reads x_0, ADP both ends."""
-        idx = self.indices(iteration)
+        idx = self.indices(iteration, micro)
         return self.pairs.get(idx, "x_T"), self.pairs.get(idx, "x_0"), self.pairs.get(idx, "prompt_id")

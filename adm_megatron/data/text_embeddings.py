@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from adm_megatron.data.batch_layout import BatchLayout
 from adm_megatron.data.safetensors_rows import ShardedRows
 
 FORMAT = "adm-megatron/text-embeddings"
@@ -459,32 +460,26 @@ def open_text_source(kind: str, path: str, num_prompts: int, seq_len: int, dim: 
 
 
 class PromptSampler:
-    """Each data-parallel rank's prompt indices for an iteration, with no state to checkpoint.
+    """Each data-parallel rank's prompt indices for an iteration and micro-batch, with no state to
+    checkpoint.
 
     The prompts form an endless stream of epochs, each a permutation of ``range(len(source))``
     drawn from a generator seeded by ``(seed, epoch)``. Iteration ``i`` consumes stream positions
-    ``[i G, (i + 1) G)`` with ``G = batch_size * dp_size``, and rank ``r`` takes the ``r``-th
-    ``batch_size`` of them. So every prompt is seen once per epoch, the ranks of one iteration
-    draw different prompts (unless ``G`` exceeds the prompt count or the batch straddles two
-    epochs), and ``indices(i)`` depends only on ``(seed, i, dp_rank, dp_size)``: exact resume.
-    The global batch (all ranks' indices in rank order) depends only on ``(seed, i, G)``, not on
-    how ``G`` is split over ranks.
+    ``[i G, (i + 1) G)`` with ``G`` the global batch (``batch_size x dp_size x microbatches``), cut
+    into slots as ``adm_megatron.data.batch_layout`` says (rank ``r``'s micro-batch ``m`` takes slot
+    ``m dp_size + r``). So every prompt is seen once per epoch, the ranks and micro-batches of one
+    iteration draw different prompts (unless ``G`` exceeds the prompt count or the batch straddles
+    two epochs), and ``indices(i, m)`` depends only on ``(seed, i, m, layout)``: exact resume. The
+    global batch (all slots' indices in slot order) depends only on ``(seed, i, G)``, not on how
+    ``G`` is split over ranks and micro-batches.
     """
 
-    def __init__(
-        self, source: TextEmbeddingSource, batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1
-    ):
-        if batch_size < 1:
-            raise ValueError(f"PromptSampler: batch_size must be >= 1, got {batch_size}")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"PromptSampler: dp_rank must be in [0, {dp_size}), got {dp_rank}")
+    def __init__(self, source: TextEmbeddingSource, layout: BatchLayout, seed: int):
         if len(source) < 1:
             raise ValueError("PromptSampler: the prompt source is empty")
         self.source = source
-        self.batch_size = batch_size
+        self.layout = layout
         self.seed = seed
-        self.dp_rank = dp_rank
-        self.dp_size = dp_size
         self._epochs: dict[int, torch.Tensor] = {}
 
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -495,25 +490,26 @@ class PromptSampler:
             self._epochs[epoch] = torch.randperm(len(self.source), generator=g)
         return self._epochs[epoch]
 
-    def indices(self, iteration: int) -> torch.Tensor:
-        """This rank's ``[batch_size]`` prompt indices for ``iteration`` (>= 0)."""
+    def indices(self, iteration: int, micro: int = 0) -> torch.Tensor:
+        """This rank's ``[batch_size]`` prompt indices for ``iteration`` (>= 0), micro-batch ``micro``."""
         if iteration < 0:
             raise ValueError(f"PromptSampler: iteration must be >= 0, got {iteration}")
         n = len(self.source)
-        start = (iteration * self.dp_size + self.dp_rank) * self.batch_size
-        positions = range(start, start + self.batch_size)
+        rows = self.layout.rows(micro)
+        start = iteration * self.layout.global_batch
+        positions = range(start + rows.start, start + rows.stop)
         return torch.stack([self._permutation(p // n)[p % n] for p in positions])
 
-    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, iteration: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(embeds, negative)``, both ``[batch_size, L, D]``."""
-        embeds = self.source.get(self.indices(iteration))
+        embeds = self.source.get(self.indices(iteration, micro))
         negative = self.source.negative().unsqueeze(0).expand_as(embeds).clone()
         return embeds, negative
 
-    def pooled(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def pooled(self, iteration: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(pooled, negative pooled)``, both ``[batch_size, P]``, for the prompts of
         :meth:`batch`; None when the source has no pooled embeddings."""
         if not self.source.pooled_dim:
             return None
-        pooled = self.source.get_pooled(self.indices(iteration))
+        pooled = self.source.get_pooled(self.indices(iteration, micro))
         return pooled, self.source.negative_pooled().unsqueeze(0).expand_as(pooled).clone()

@@ -38,7 +38,8 @@ override them for every network at once):
   that run them (fake-score phase: generator + fake score; generator phase: all four;
   discriminator phase: teacher + heads; ``train/offload.py`` learns this from the first iteration);
 - fixed: the run's inputs (text and negative embeddings, noise; DMD2 and ADP also a batch of ODE
-  pairs: x_T, x_0 and their prompts' embeddings); with SP, megatron's global
+  pairs: x_T, x_0 and their prompts' embeddings), for each of an update's micro-batches (all are
+  made before its first phase; ``data.global_batch_size``); with SP, megatron's global
   all-gather buffer ``s B h e`` that trainable linears gather their input into (linears with
   frozen weights, as the CFG teacher's, gather into fresh tensors: part of their working set).
 
@@ -83,7 +84,8 @@ Phases (the peak of each is resident + the largest of its moments):
   backbone for D (frozen) + heads (frozen) + the backward working set, as ADM's; its discriminator
   phase is ADM's (the pair's real latent re-noised and its clean end are the two latents carried).
 - discriminator: x_fake's tapped features and the ODE pair's two latents (fp32), kept from the
-  generator phase, are resident at its start;
+  generator phase, are resident at its start, one set per micro-batch (the generator phase holds
+  those of the micro-batches before the running one, and all at its optimizer step);
   backbone without grad on ``x_real`` (taps kept) + heads on both
   (trainable) + backward; its optimizer step.
 - optimizer step: today's optimizer (``train/optimizer.py``) makes a clipped copy of the grads
@@ -162,7 +164,8 @@ class Settings:
     tensor_parallel: int = 1
     context_parallel: int = 1
     data_parallel: int = 1
-    batch_size: int = 1
+    batch_size: int = 1  # rows of one micro-batch
+    microbatches: int = 1  # per update (gradient accumulation: data.global_batch_size)
     sequence_parallel: bool = False
     # a mode for every network and phase (True: full), or ((network, phase, mode), ...) from the config
     recompute: bool | str | tuple = False
@@ -236,7 +239,7 @@ def check_settings(shape: Shape, s: Settings) -> None:
     if s.method not in METHOD_PHASES:
         raise PlanError(f"method={s.method!r}: the planner models {', '.join(METHOD_PHASES)} runs")
     for key, value in (("tensor_parallel", tp), ("context_parallel", cp), ("data_parallel", dp),
-                       ("batch_size", s.batch_size)):
+                       ("batch_size", s.batch_size), ("microbatches", s.microbatches)):
         if value < 1:
             raise PlanError(f"{key}={value}: must be >= 1")
     if shape.heads % tp:
@@ -494,20 +497,28 @@ def plan_memory(shape: Shape, sizes: dict[str, NetworkSize], settings: Settings)
     latent = shape.frames * shape.latent_channels * shape.height * shape.width
     networks = _resident(sizes, settings)
     text = 2 * (shape.text_tokens * shape.text_dim + shape.pooled_dim)  # prompts and negatives
-    fixed = {"run inputs": settings.batch_size * (text + latent) * 4}
+    rows = settings.batch_size * settings.microbatches  # every micro-batch's inputs are made up front
+    fixed = {"run inputs": rows * (text + latent) * 4}
     if settings.method in READS_PAIRS:  # a batch of teacher ODE pairs: x_T, x_0 and their prompts
-        fixed["ODE pairs"] = settings.batch_size * (shape.text_tokens * shape.text_dim + shape.pooled_dim
-                                                    + 2 * latent) * 4
+        fixed["ODE pairs"] = rows * (shape.text_tokens * shape.text_dim + shape.pooled_dim + 2 * latent) * 4
     if settings.sequence_parallel and settings.tensor_parallel > 1:
         fixed["SP all-gather buffer"] = f.tokens * settings.batch_size * shape.hidden * f.e
     phases = {}
     for phase in METHOD_PHASES[settings.method]:
         resident = _phase_resident(networks, phase, settings) + sum(fixed.values())
-        if phase == "discriminator":  # the generator phase's x_fake features, reused (not recomputed),
-            # and its ODE pair (x_fake, x_real latents, fp32)
-            resident += f.taps(settings.batch_size, False) + 2 * settings.batch_size * latent * 4
+        # a micro-batch's generator phase keeps x_fake's features (reused by the discriminator phase,
+        # not recomputed) and its ODE pair (x_fake, x_real latents, fp32): the discriminator phase starts
+        # with every micro-batch's; in the generator phase those of the micro-batches before the
+        # running one are kept, and all of them at its optimizer step
+        pair = f.taps(settings.batch_size, False) + 2 * settings.batch_size * latent * 4
+        keeps_pairs = phase == "generator" and "discriminator" in METHOD_PHASES[settings.method]
+        if phase == "discriminator":
+            resident += settings.microbatches * pair
         best = None
         for moment, (saved, transients) in _moments(f, sizes, phase).items():
+            if keeps_pairs:
+                kept = settings.microbatches if moment == "optimizer step" else settings.microbatches - 1
+                transients = {**transients, "kept ODE pairs": kept * pair}
             total = resident + saved + sum(transients.values())
             if best is None or total > best.peak:
                 best = PhasePlan(resident, saved, {k: v for k, v in transients.items() if v}, total, moment)

@@ -64,6 +64,7 @@ def check_run_fits(config: Config, world_size: int, card_gib: float, source: str
             f"memory plan: the {plan.peak_phase} phase needs {plan.peak / GIB:.1f} GiB per GPU, {source} has "
             f"{card_gib:.1f} GiB ({plan.budget / GIB:.1f} usable); shard or offload optimizer states "
             f"(optim.<network>.shard_over_dp / offload), recompute (model.recompute), more tensor / context "
-            f"parallelism or a smaller data.batch_size (adm-megatron plan shows each term; "
+            f"parallelism or a smaller data.batch_size with data.global_batch_size kept by gradient accumulation "
+            f"(adm-megatron plan shows each term; "
             f"train.memory_check=false skips this check)"
         )

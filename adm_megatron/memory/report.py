@@ -53,7 +53,8 @@ def format_table(plan: MemoryPlan, title: str = "") -> str:
     s = plan.settings
     lines = [title] if title else []
     lines.append(
-        f"layout TP={s.tensor_parallel} CP={s.context_parallel} DP={s.data_parallel}, micro-batch {s.batch_size}, "
+        f"layout TP={s.tensor_parallel} CP={s.context_parallel} DP={s.data_parallel}, micro-batch {s.batch_size}"
+        f"{f' x {s.microbatches} accumulated' if s.microbatches > 1 else ''}, "
         f"SP={'on' if s.sequence_parallel else 'off'}, activations {s.activations}, trainable params "
         f"{s.params}, teacher {'bf16' if s.teacher_bf16() else 'fp32'}"
     )

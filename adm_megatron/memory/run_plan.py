@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from adm_megatron.config import Config, ConfigError
+from adm_megatron.data.batch_layout import microbatches_for
 from adm_megatron.memory.counts import backbone_size, heads_size, lora_generator_size
 from adm_megatron.memory.plan import (
     METHOD_PHASES,
@@ -117,9 +118,14 @@ def settings_for(config: Config, world_size: int, **memory) -> Settings:
         raise PlanError("model.dtype=fp64: the planner covers fp32 and bf16 runs")
     opt = config.optim
     chosen = {**config_memory_settings(config), **{k: v for k, v in memory.items() if v is not None}}
+    dp = world_size // (tp * cp)
+    try:
+        microbatches = microbatches_for(config.data.global_batch_size, config.data.batch_size, dp, f"gpus={world_size}")
+    except ConfigError as err:
+        raise PlanError(str(err)) from None
     return Settings(
-        method=config.distill.method, tensor_parallel=tp, context_parallel=cp, data_parallel=world_size // (tp * cp),
-        batch_size=config.data.batch_size, sequence_parallel=m.sequence_parallel,
+        method=config.distill.method, tensor_parallel=tp, context_parallel=cp, data_parallel=dp,
+        batch_size=config.data.batch_size, microbatches=microbatches, sequence_parallel=m.sequence_parallel,
         activations=m.dtype, grad_clip=max(opt.fake_score.grad_clip, opt.generator.grad_clip,
                                            opt.discriminator.grad_clip) > 0,
         **chosen,

@@ -23,8 +23,11 @@ Why this is sound for the phases of one ADM iteration (``adm_megatron.train.phas
 - The phase's gradients are consumed by its optimizer step right after megatron's schedule called
   ``finalize_model_grads`` on the phase's network (and ``PhaseRunner`` on each co-trained network):
   that is the one ``finish_grad_sync`` per update, before the norm and the step read ``main_grad``.
-- One microbatch per update: megatron's ``no_sync`` (used by its schedule for all but the last
-  microbatch) is never entered, so every backward is a last microbatch and dispatches.
+- With several micro-batches per update (``data.global_batch_size``) megatron's schedule runs all
+  but the last inside the trained networks' ``no_sync`` (``PhaseRunner`` enters a co-trained
+  network's too): their backwards accumulate into ``main_grad`` without counting or dispatching,
+  and the last micro-batch's backward counts and dispatches each bucket once its gradients, now
+  the whole update's, are complete.
 
 On CPU this needs nothing beyond the CPU shim: megatron's asynchronous path is
 ``torch.distributed._coalescing_manager(group, async_ops=True)``, which records a bucket group's

@@ -1,10 +1,17 @@
 """The phase scheduler: runs one update of one network (fake score, generator or discriminator).
 
 Each phase's forward and backward go through megatron-core's forward-backward schedule
-(``get_forward_backward_func``; one microbatch, no pipeline for now), which also calls
-``finalize_model_grads`` (DP / CP average, TP sums for sequence-parallel and q/k-norm gradients) on
-that phase's DDP-wrapped network; with ``parallel.overlap_grad_reduce`` the DP reduction has been
-started bucket by bucket from the backward and is only waited for there (``train.grad_sync``). A phase may also train further networks with the same loss
+(``get_forward_backward_func``, no pipeline for now) over the update's micro-batches
+(``data.global_batch_size``, ``adm_megatron.data.batch_layout``): it divides each micro-batch's loss
+by their number, so the accumulated gradients are those of the mean loss over the rank's rows, runs
+all but the last micro-batch inside the trained networks' ``no_sync`` (no reduction, no bucket
+dispatch), and then calls ``finalize_model_grads`` (DP / CP average, TP sums for sequence-parallel
+and q/k-norm gradients) on that phase's DDP-wrapped network once; with
+``parallel.overlap_grad_reduce`` the DP reduction has been started bucket by bucket from the last
+micro-batch's backward and is only waited for there (``train.grad_sync``). The phase's metrics are
+means over its micro-batches (equal-sized, so the means of the rank's rows); what each micro-batch's
+loss function returns besides (the generator phase's ODE pair) is kept per micro-batch for the next
+phase. A phase may also train further networks with the same loss
 (``co_trained``: DMD2's classifier heads learn in its fake-score phase); their gradients are
 finalised the same way and each steps its own optimiser. Every other trainable network is frozen
 for the phase, so only the phase's own parameters receive gradients and change. Metric keys that
@@ -82,11 +89,23 @@ def prefixed(metrics: dict, phase: str) -> dict:
     return {k if "/" in k else f"{phase}/{k}": v for k, v in metrics.items()}
 
 
-def prepare_for_schedule(ddp_module: torch.nn.Module) -> None:
-    """Point the network's config at megatron's gradient finalisation and DDP's no_sync."""
-    config = ddp_module.config
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = ddp_module.no_sync
+def no_sync_all(modules: list[torch.nn.Module]) -> Callable[[], contextlib.AbstractContextManager]:
+    """One ``no_sync`` for several DDP-wrapped networks trained by one loss (megatron's schedule
+    without a pipeline takes a single context function)."""
+
+    @contextlib.contextmanager
+    def no_sync():
+        with contextlib.ExitStack() as stack:
+            for module in modules:
+                stack.enter_context(module.no_sync())
+            yield
+
+    return no_sync
+
+
+def mean_metrics(per_micro: list[dict]) -> dict:
+    """Each metric's mean over an update's (equal-sized) micro-batches."""
+    return {key: sum(m[key] for m in per_micro) / len(per_micro) for key in per_micro[0]}
 
 
 class PhaseRunner:
@@ -105,23 +124,27 @@ class PhaseRunner:
         self.skipped_in_a_row = {name: 0 for name in networks}  # each network's, since its last step
         self.forward_backward = get_forward_backward_func()
         for net in networks.values():
-            prepare_for_schedule(net.module)
+            net.module.config.finalize_model_grads_func = finalize_model_grads
 
-    def run(self, phase: str, loss_fn: Callable[[], tuple], iteration: int,
-            co_trained: tuple[str, ...] = ()) -> tuple[dict, object]:
+    def run(self, phase: str, loss_fn: Callable[[int], tuple], iteration: int,
+            co_trained: tuple[str, ...] = (), microbatches: int = 1) -> tuple[dict, list]:
         """One update of ``phase``'s network (and of ``co_trained`` ones) with
-        ``loss_fn() -> (loss, metrics, extra)``.
+        ``loss_fn(micro) -> (loss, metrics, extra)`` for each micro-batch ``micro`` in
+        ``range(microbatches)``, their gradients accumulated.
 
-        Returns the phase's metrics (prefixed with the phase name) and ``extra`` from loss_fn.
+        Returns the phase's metrics (prefixed with the phase name; means over the micro-batches) and
+        ``extra`` of each micro-batch, in order.
         """
         own = self.networks[phase]
         trained = (phase, *co_trained)
         others = [net.module for name, net in self.networks.items() if name not in trained]
-        result: dict = {}
+        losses, per_micro, extras = [], [], []
 
         def forward_step(data_iterator, model):
-            loss, metrics, extra = loss_fn()
-            result.update(metrics=metrics, extra=extra, loss=loss.detach().item())
+            loss, metrics, extra = loss_fn(next(data_iterator))
+            losses.append(loss.detach().item())
+            per_micro.append(metrics)
+            extras.append(extra)
             # (loss, num_tokens, reported): megatron divides by num_tokens = 1 and the microbatch
             # count, and adds no context-parallel factor (outputs are gathered on every CP rank).
             return loss, lambda out: (out, torch.ones((), dtype=torch.int), {"loss": out.detach()})
@@ -131,12 +154,14 @@ class PhaseRunner:
             prepare(phase, trained)
         for name in trained:
             self.networks[name].module.zero_grad_buffer()
+        # every trained network skips its DP reduction until the last micro-batch
+        own.module.config.no_sync_func = no_sync_all([self.networks[name].module for name in trained])
         with frozen(others), cpu_device_scope():
             self.forward_backward(
                 forward_step_func=forward_step,
-                data_iterator=iter([None]),
+                data_iterator=iter(range(microbatches)),
                 model=[own.module],
-                num_microbatches=1,
+                num_microbatches=microbatches,
                 seq_length=1,
                 micro_batch_size=1,
                 forward_only=False,
@@ -145,14 +170,15 @@ class PhaseRunner:
                 finalize_model_grads([self.networks[name].module])
         for name in trained:
             check_grads_arrived(self.networks[name].module, name)
-        metrics = {f"{phase}/loss": result["loss"]}
-        finite = not any_rank(not math.isfinite(result["loss"]))  # the same decision on every rank
+        loss = sum(losses) / len(losses)
+        metrics = {f"{phase}/loss": loss}
+        finite = not any_rank(not all(map(math.isfinite, losses)))  # the same decision on every rank
         for name in trained:
-            metrics.update(self._step(name, result["loss"], finite, iteration, phase))
+            metrics.update(self._step(name, loss, finite, iteration, phase))
         metrics["skipped_steps"] = self.skipped_total
         metrics[f"{phase}/seconds"] = time.perf_counter() - start
-        metrics.update(prefixed(result["metrics"], phase))
-        return metrics, result["extra"]
+        metrics.update(prefixed(mean_metrics(per_micro), phase))
+        return metrics, extras
 
     def _step(self, name: str, loss: float, finite: bool, iteration: int, phase: str) -> dict:
         """Clip and step network ``name``'s optimiser after ``phase``, as ``nan_policy`` says."""

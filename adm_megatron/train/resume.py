@@ -12,7 +12,10 @@ compared with ``output_dir/config.yaml`` and with the checkpoint's config on eve
 those that may change between invocations (the parallel layout, which loading reshards, the
 kernels, and how the run is logged, saved and exported) and keys newer than the run at their
 defaults; the first differing key is named in one line. The global
-batch (``data.batch_size`` x data-parallel size) must stay the same. All of it reads small files
+batch (``data.global_batch_size``, or ``data.batch_size`` x data-parallel size when it is 0) must
+stay the same; how it is split over ranks and micro-batches may change (``adm_megatron.data.batch_layout``:
+the rows an iteration sees do not depend on the split), so a run saved on 8 GPUs goes on on 4 with
+twice the micro-batches. All of it reads small files
 only, before any process group or model exists.
 """
 
@@ -25,12 +28,14 @@ from dataclasses import dataclass
 import yaml
 
 from adm_megatron.config import Config, ConfigError, config_to_dict
+from adm_megatron.data.batch_layout import global_batch
 from adm_megatron.train.checkpoint import STATE_FILE, checkpoints_root, latest_checkpoint
 
 FINISHED = "finished.json"  # in output_dir, written when a run has exported everything
 # keys that may differ between the invocations of one run (prefixes end in a dot)
 MAY_CHANGE = (
     "parallel.", "model.sequence_parallel", "model.recompute", "model.recompute.", "model.impl", "data.batch_size",
+    "data.global_batch_size",
     "model.attention_backend", "model.compile", "model.fp8", "model.fp8_margin", "model.fp8_amax_history_len",
     "model.fp8_amax_compute_algo",
     *(f"optim.{n}.{k}" for n in ("generator", "fake_score", "discriminator") for k in ("shard_over_dp", "offload")),
@@ -124,12 +129,16 @@ def plan_resume(config: Config, world_size: int) -> ResumePoint:
     state = _read_json(state_file)
     check_compatible(state["config"], config, state_file)
     tp_cp = config.parallel.tensor_parallel * config.parallel.context_parallel
-    before = state["config"]["data"]["batch_size"] * state["layout"]["data_parallel"]
-    now = config.data.batch_size * (world_size // tp_cp)
+    saved_data = state["config"]["data"]
+    before = global_batch(saved_data.get("global_batch_size", 0), saved_data["batch_size"],
+                          state["layout"]["data_parallel"])
+    d = config.data
+    now = global_batch(d.global_batch_size, d.batch_size, world_size // tp_cp)
     if before != now:
         raise ConfigError(
-            f"{state_file}: global batch (data.batch_size x data-parallel size) was {before}, now "
-            f"{config.data.batch_size} x {world_size // tp_cp} = {now}; a run cannot change it"
+            f"{state_file}: global batch was {before}, now {now} (data.global_batch_size={d.global_batch_size}, "
+            f"data.batch_size={d.batch_size}, data-parallel size {world_size // tp_cp}); a run cannot change it: "
+            f"set data.global_batch_size={before}"
         )
     iteration = int(state["iteration"])
     finished = (

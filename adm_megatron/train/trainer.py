@@ -2,12 +2,14 @@
 
 One iteration (ADM's Algorithm 1 with TTUR = ``distill.ttur``): the fake score is updated every
 iteration; the generator and then (for methods with a discriminator phase) the discriminator every
-``ttur``-th, the discriminator on the generator phase's ODE pair. The method (``distill.method``:
+``ttur``-th, the discriminator on the generator phase's ODE pair. Each update accumulates the
+gradients of its micro-batches (``data.global_batch_size``, ``adm_megatron.data.batch_layout``); the
+discriminator's micro-batch m reads the generator phase's micro-batch m. The method (``distill.method``:
 ADM, DMD, DMD2 or ADP, ``METHODS``) says which networks each phase trains (ADP has no fake score:
 none is built and its phase is not run); the loop does not know it.
 Randomness is drawn for the global batch from generators seeded by (seed, iteration, stream), each
-data-parallel rank keeping its rows: every rank of a replica draws the same, a run is
-reproducible, its draws do not depend on the data-parallel layout, and the two phases' starting
+data-parallel rank and micro-batch keeping its rows: every rank of a replica draws the same, a run is
+reproducible, its draws do not depend on how the global batch is split, and the two phases' starting
 noises (z and ẑ of Algorithm 1) come from separate streams. The discriminator's paired accuracy is
 watched (``DiscriminatorMonitor``) and a dead discriminator is reported while the run goes on.
 
@@ -39,8 +41,9 @@ from adm_megatron.algorithms.base import Distillation, PhaseBatch, RealBatch
 from adm_megatron.algorithms.dmd import DMD
 from adm_megatron.algorithms.dmd2 import DMD2
 from adm_megatron.algorithms.networks import DiTFunction, Networks
-from adm_megatron.algorithms.randomness import BatchRandom
+from adm_megatron.algorithms.randomness import PhaseDraws
 from adm_megatron.config import Config, config_to_dict, network_updates
+from adm_megatron.data.batch_layout import BatchLayout, microbatches_for
 from adm_megatron.heads import MultiHeadDiscriminator
 from adm_megatron.heads.pixel import LatentPixelHeads, build_pixel_features
 from adm_megatron.lora import apply_lora, check_targets
@@ -55,7 +58,7 @@ from adm_megatron.train.export import export_generator, render_run_samples
 from adm_megatron.train.grad_sync import ddp_config
 from adm_megatron.train.offload import Offloader
 from adm_megatron.train.optimizer import NetworkOptimizer
-from adm_megatron.train.phases import PhaseRunner, TrainableNetwork, prefixed
+from adm_megatron.train.phases import PhaseRunner, TrainableNetwork, mean_metrics, prefixed
 from adm_megatron.train.preemption import StopPoll
 from adm_megatron.train.recompute import RecomputeSwitch
 from adm_megatron.train.resume import mark_finished, plan_resume, trim_metrics
@@ -237,83 +240,98 @@ class Trainer:
         from adm_megatron.data import PromptSampler, open_text_source
 
         d = self.config.data
+        self.layout = BatchLayout(d.batch_size, self.info.dp_rank, self.info.dp_size,
+                                  microbatches_for(d.global_batch_size, d.batch_size, self.info.dp_size))
         text = self.family.conditioning(self.arch)
         self.text_source = open_text_source(d.source, d.path, d.num_prompts, text.text_length, text.text_width,
                                             self.config.seed, pooled_dim=text.pooled_width or 0)
-        self.sampler = PromptSampler(
-            self.text_source, d.batch_size, seed=self.config.seed,
-            dp_rank=self.info.dp_rank, dp_size=self.info.dp_size,
-        )
+        self.sampler = PromptSampler(self.text_source, self.layout, seed=self.config.seed)
+        if self.info.rank == 0:
+            logger.info("global batch %d: %d row(s) per micro-batch x %d data-parallel rank(s) x %d micro-batch(es) "
+                        "per update", self.layout.global_batch, d.batch_size, self.info.dp_size,
+                        self.layout.microbatches)
         self.real_sampler = None
         if self.algorithm.needs_real_samples:
             from adm_megatron.data.ode_pairs import OdePairs, RealSampler
 
-            self.real_sampler = RealSampler(OdePairs(d.real_path), d.batch_size, seed=self.config.seed,
-                                            dp_rank=self.info.dp_rank, dp_size=self.info.dp_size)
+            self.real_sampler = RealSampler(OdePairs(d.real_path), self.layout, seed=self.config.seed)
 
     # -- the loop ------------------------------------------------------------------------------
-    def rng(self, iteration: int, phase: str) -> BatchRandom:
-        """Draws for this rank's rows of the global batch (the same whatever the DP layout)."""
-        b = self.config.data.batch_size
-        rows = slice(self.info.dp_rank * b, (self.info.dp_rank + 1) * b)
+    def draws(self, iteration: int, phase: str) -> PhaseDraws:
+        """A phase's draws in ``iteration`` for this rank's micro-batches (the same whatever the split
+        of the global batch)."""
         generator = torch.Generator().manual_seed(_seed(self.config.seed, iteration, phase))
-        return BatchRandom(generator, b * self.info.dp_size, rows)
+        return PhaseDraws(generator, self.layout)
 
-    def batch(self, iteration: int) -> PhaseBatch:
-        """The iteration's prompts, the two phases' independent starting noises (z for the fake-score
-        phase, ẑ for the generator phase, each from its own stream) and, if the method reads them,
-        real samples."""
-        text, negative = self.sampler.batch(iteration)
+    def batches(self, iteration: int) -> list[PhaseBatch]:
+        """The iteration's micro-batches on this rank: prompts, the two phases' independent starting
+        noises (z for the fake-score phase, ẑ for the generator phase, each from its own stream) and,
+        if the method reads them, real samples."""
+        fake_noise, generator_noise = self.draws(iteration, "noise/fake_score"), self.draws(iteration, "noise/generator")
+        return [self._batch(iteration, m, fake_noise.micro(m), generator_noise.micro(m))
+                for m in range(self.layout.microbatches)]
+
+    def _batch(self, iteration: int, micro: int, fake_noise, generator_noise) -> PhaseBatch:
+        text, negative = self.sampler.batch(iteration, micro)
         d = self.config.data
         shape = (d.batch_size, *self.family.latent_shape(self.arch, d.frames, d.height, d.width))
         template = torch.empty(shape, dtype=self.dtype)
         to = dict(device=self.device, dtype=self.dtype)
         real = None
-        pooled = self.sampler.pooled(iteration)  # (pooled, negative pooled) or None
+        pooled = self.sampler.pooled(iteration, micro)  # (pooled, negative pooled) or None
         if self.real_sampler is not None:
-            x_T, x0, prompt_ids = self.real_sampler.batch(iteration)
+            x_T, x0, prompt_ids = self.real_sampler.batch(iteration, micro)
             real = RealBatch(x0=x0.to(**to), text=self.text_source.get(prompt_ids).to(**to), x_T=x_T.to(**to),
                              pooled=self.text_source.get_pooled(prompt_ids).to(**to) if pooled else None)
         return PhaseBatch(
             text=text.to(**to), negative=negative.to(**to),
             pooled=pooled[0].to(**to) if pooled else None, negative_pooled=pooled[1].to(**to) if pooled else None,
-            fake_noise=self.rng(iteration, "noise/fake_score").randn(template).to(**to),
-            generator_noise=self.rng(iteration, "noise/generator").randn(template).to(**to),
+            fake_noise=fake_noise.randn(template).to(**to), generator_noise=generator_noise.randn(template).to(**to),
             real=real,
         )
 
     def train_iteration(self, iteration: int) -> dict:
-        batch = self.batch(iteration)
+        batches = self.batches(iteration)
+        k = self.layout.microbatches
         alg = self.algorithm
         metrics = {"iteration": iteration}
         if alg.fake_phase_trains:
+            draws = self.draws(iteration, "fake_score")
             phase_metrics, _ = self.phases.run(
-                "fake_score", lambda: alg.fake_score_loss(batch, self.rng(iteration, "fake_score")), iteration,
-                co_trained=alg.fake_phase_trains[1:],
+                "fake_score", lambda m: alg.fake_score_loss(batches[m], draws.micro(m)), iteration,
+                co_trained=alg.fake_phase_trains[1:], microbatches=k,
             )
             metrics.update(phase_metrics)
         if iteration % self.config.distill.ttur == 0:
-            phase_metrics, pair = self.phases.run(
-                "generator", lambda: alg.generator_loss(batch, self.rng(iteration, "generator")), iteration
+            draws = self.draws(iteration, "generator")
+            phase_metrics, pairs = self.phases.run(
+                "generator", lambda m: alg.generator_loss(batches[m], draws.micro(m)), iteration, microbatches=k
             )
             metrics.update(phase_metrics)
             if self.ema is not None:
                 self.ema.update(self.generator)
             if alg.discriminator_phase:
                 phase_metrics, _ = self.phases.run(
-                    "discriminator", lambda: alg.discriminator_loss(pair, batch), iteration
+                    "discriminator", lambda m: alg.discriminator_loss(pairs[m], batches[m]), iteration,
+                    microbatches=k,
                 )
                 metrics.update(phase_metrics)
-            elif pair is not None:  # heads kept frozen (an ablation): still report how they discriminate
-                bf16 = self.config.model.dtype == "bf16"  # as in the phases (the teacher is bf16 then)
-                with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=bf16):
-                    loss, d_metrics, _ = alg.discriminator_loss(pair, batch)
-                metrics.update({"discriminator/loss": loss.item(),
-                                **prefixed(d_metrics, "discriminator")})
+            elif pairs[0] is not None:  # heads kept frozen (an ablation): still report how they discriminate
+                metrics.update(self._frozen_heads_metrics(pairs, batches))
         accuracy = metrics.get("discriminator/paired_accuracy")
         if accuracy is not None and self.monitor.update(accuracy) and self.info.rank == 0:
             logger.warning(self.monitor.message(iteration))
         return metrics
+
+    def _frozen_heads_metrics(self, pairs: list, batches: list[PhaseBatch]) -> dict:
+        """The discriminator's loss and statistics on the generator phase's pairs, without an update."""
+        bf16 = self.config.model.dtype == "bf16"  # as in the phases (the teacher is bf16 then)
+        per_micro = []
+        with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=bf16):
+            for pair, batch in zip(pairs, batches):
+                loss, d_metrics, _ = self.algorithm.discriminator_loss(pair, batch)
+                per_micro.append({"discriminator/loss": loss.item(), **prefixed(d_metrics, "discriminator")})
+        return mean_metrics(per_micro)
 
     def fit(self) -> RunResult:
         c = self.config

@@ -17,6 +17,7 @@ import torch
 from adm_megatron.config import Config, ConfigError
 from adm_megatron.models.diffusers_files import check_diffusers_weights
 from adm_megatron.models.kernel_options import check_kernel_options
+from adm_megatron.data.batch_layout import microbatches_for
 from adm_megatron.models.specs import transformer_engine_available
 from adm_megatron.train.teacher import TeacherSource
 
@@ -30,6 +31,7 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
             f"context_parallel = {tp} x {cp}"
         )
     dp = world_size // (tp * cp)
+    microbatches_for(config.data.global_batch_size, config.data.batch_size, dp)
     for name in ("generator", "fake_score", "discriminator"):
         if getattr(config.optim, name).shard_over_dp and dp == 1:
             raise ConfigError(
