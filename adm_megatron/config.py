@@ -209,7 +209,8 @@ class TrainConfig:
     resume: str = "auto"  # auto (latest checkpoint in output_dir) | never | a checkpoint or run dir
     keep_checkpoints: int = 0  # keep the last K checkpoints in output_dir/checkpoints; 0 keeps all
     save_interval_minutes: float = 0.0  # also save when this much time passed since the last save
-    num_samples: int = 2  # videos rendered at the end
+    num_samples: int = 2  # samples of the first prompts rendered at the end (adm_megatron/train/samples.py)
+    sample_every: int = 0  # also every this many iterations, into samples/iter_NNNNNNN/ and wandb; 0: at the end only
     export: bool = True  # export the generator as a diffusers directory at the end
     # a LoRA generator's export: merged (generator/, a full diffusers transformer), adapter
     # (generator_lora/pytorch_lora_weights.safetensors for load_lora_weights) or both
@@ -404,6 +405,7 @@ def _check_fields(config: Config, source: str) -> None:
     if not 0 <= lo <= hi:
         raise ConfigError(f"{source}: distill.guidance_scale=[{lo}, {hi}]: expected 0 <= low <= high")
     for key, value in {"train.keep_checkpoints": config.train.keep_checkpoints,
+                       "train.num_samples": config.train.num_samples, "train.sample_every": config.train.sample_every,
                        "train.save_interval_minutes": config.train.save_interval_minutes}.items():
         if value < 0:
             raise ConfigError(f"{source}: {key}={value}: must be >= 0")

@@ -1,6 +1,6 @@
 """What a run leaves behind, through the real command line: metrics.jsonl, wandb offline files,
 an atomic checkpoint, the generator as a diffusers directory that diffusers loads and that
-generates the generator's own outputs, and sample videos from CogVideoXPipeline; a megatron
+generates the generator's own outputs, and sample videos (tests/test_run_samples.py: the pipeline's); a megatron
 checkpoint works as the teacher; the example configs parse and give the paper's head counts."""
 
 from __future__ import annotations

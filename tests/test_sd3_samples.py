@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from adm_megatron.models.sd3_samples import image_grid, render_image_samples
+from adm_megatron.models.frame_files import image_grid
+from adm_megatron.models.sd3_samples import render_image_samples
 
 PROMPTS = ["a red cat", "blue sky over the sea", "a dog"]
 

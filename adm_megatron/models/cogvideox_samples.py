@@ -16,12 +16,11 @@ import dataclasses
 import os
 import time
 
-import numpy as np
 import torch
 
+from adm_megatron.models.frame_files import FORMATS, write_frames
 from adm_megatron.models.pipeline_files import component_config, read_config
 
-FORMATS = ("gif", "mp4", "png")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,23 +76,6 @@ def _load_pipeline(pipeline_dir: str, transformer_dir: str | None, dtype: torch.
     pipeline.scheduler = CogVideoXDDIMScheduler.from_config(scheduler_config)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
-
-
-def _write(frames: np.ndarray, path: str, fmt: str, fps: int) -> None:
-    """``frames``: ``[F, H, W, 3]`` floats in [0, 1]."""
-    if fmt == "gif":
-        import imageio.v3 as iio
-
-        pixels = (frames * 255).round().clip(0, 255).astype(np.uint8)
-        iio.imwrite(path, pixels, extension=".gif", duration=1000 / fps, loop=0)
-    elif fmt == "png":
-        import imageio.v3 as iio
-
-        iio.imwrite(path, (np.concatenate(list(frames), axis=1) * 255).round().clip(0, 255).astype(np.uint8))
-    else:
-        from diffusers.utils import export_to_video
-
-        export_to_video(list(frames), path, fps=fps)
 
 
 def render_samples(
@@ -159,5 +141,5 @@ def render_samples(
         if seconds is not None:  # the frames are numpy on the host: the device work is done
             seconds.append(time.perf_counter() - start)
         paths.append(os.path.join(out_dir, f"sample-{i:03d}.{fmt}"))
-        _write(video, paths[-1], fmt, fps)
+        write_frames(video, paths[-1], fmt, fps)
     return paths

@@ -10,13 +10,12 @@ equals it), so the pipeline called with ``num_inference_steps = N`` is the disti
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
-import numpy as np
 import torch
 
+from adm_megatron.models.frame_files import image_grid, write_frames
 from adm_megatron.models.pipeline_files import component_config, read_config
 
 _NO_TEXT_ENCODERS = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
@@ -52,24 +51,6 @@ def _expand(negative: torch.Tensor | None, like: torch.Tensor, name: str) -> tor
     if negative.shape != like.shape:
         raise ValueError(f"{name} shape {tuple(negative.shape)} does not match {tuple(like.shape)}")
     return negative
-
-
-def image_grid(images: list[np.ndarray]) -> np.ndarray:
-    """``[H, W, 3]`` images in [0, 1] tiled row-major into a near-square grid (blank cells black)."""
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    h, w, c = images[0].shape
-    grid = np.zeros((rows * h, cols * w, c), dtype=images[0].dtype)
-    for i, image in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = image
-    return grid
-
-
-def _write_png(image: np.ndarray, path: str) -> None:
-    import imageio.v3 as iio
-
-    iio.imwrite(path, (image * 255).round().clip(0, 255).astype(np.uint8))
 
 
 def render_image_samples(
@@ -128,7 +109,7 @@ def render_image_samples(
             seconds.append(time.perf_counter() - start)
         images.append(image)
         paths.append(os.path.join(out_dir, f"sample-{i:03d}.png"))
-        _write_png(image, paths[-1])
+        write_frames(image[None], paths[-1], "png")
     paths.append(os.path.join(out_dir, "grid.png"))
-    _write_png(image_grid(images), paths[-1])
+    write_frames(image_grid(images)[None], paths[-1], "png")
     return paths

@@ -25,6 +25,15 @@ class ParameterEMA:
         for name, param in self._tracked(module):
             param.copy_(self.shadow[name])
 
+    @torch.no_grad()
+    def swap(self, module: torch.nn.Module) -> None:
+        """Exchange the module's tracked weights with the EMA's; swapping again restores both, bit for
+        bit (one tensor's copy at a time, not a second model)."""
+        for name, param in self._tracked(module):
+            held = param.detach().clone()
+            param.copy_(self.shadow[name])
+            self.shadow[name].copy_(held)
+
     def sharded_state_dict(self, model_sharded: dict, prefix: str) -> dict:
         """The shadow weights as ``ShardedTensor``s laid out like ``model_sharded`` (the module's
         sharded state dict, its keys ``prefix`` + parameter name)."""

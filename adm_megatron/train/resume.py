@@ -40,7 +40,7 @@ MAY_CHANGE = (
     "model.fp8_amax_compute_algo",
     *(f"optim.{n}.{k}" for n in ("generator", "fake_score", "discriminator") for k in ("shard_over_dp", "offload")),
     "train.resume", "train.keep_checkpoints", "train.save_every", "train.save_interval_minutes",
-    "train.log_every", "train.num_samples", "train.export", "train.export_lora", "train.max_skipped_steps", "train.memory_check",
+    "train.log_every", "train.num_samples", "train.sample_every", "train.export", "train.export_lora", "train.max_skipped_steps", "train.memory_check",
     "train.nan_policy", "logging.", "output_dir",
 )
 

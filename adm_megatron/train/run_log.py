@@ -1,5 +1,6 @@
 """What a run reports: ``metrics.jsonl`` (one JSON object per logged iteration: every
-``train.log_every``-th and the last), wandb (offline unless configured online) and a progress bar
+``train.log_every``-th and the last), wandb (offline unless configured online; also the rendered
+samples, as media) and a progress bar
 (every iteration: each phase's loss and the discriminator's paired accuracy and margin), all on
 rank 0 only."""
 
@@ -53,6 +54,15 @@ class RunLogger:
                 if key in metrics:
                     shown[label] = round(metrics[key], 3)
             self.bar.set_postfix(shown)
+
+    def media(self, iteration: int, paths: list[str]) -> None:
+        """Rendered samples (gif videos, png images) to wandb at ``iteration``; the files stay where they are."""
+        if not (self.enabled and self.wandb is not None and paths):
+            return
+        import wandb
+
+        items = [wandb.Video(p, format="gif") if p.endswith(".gif") else wandb.Image(p) for p in paths]
+        self.wandb.log({"samples": items}, step=iteration)
 
     def close(self) -> None:
         if not self.enabled:

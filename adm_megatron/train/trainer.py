@@ -13,9 +13,10 @@ reproducible, its draws do not depend on how the global batch is split, and the 
 noises (z and ẑ of Algorithm 1) come from separate streams. The discriminator's paired accuracy is
 watched (``DiscriminatorMonitor``) and a dead discriminator is reported while the run goes on.
 
-Outputs: ``metrics.jsonl``, wandb files, ``config.yaml``, checkpoints, and at the end the generator
-as a diffusers directory (``generator/``) and samples (``samples/``) rendered through the model
-family's real diffusers pipeline when the teacher came with a pipeline. The backbone is the
+Outputs: ``metrics.jsonl``, wandb files, ``config.yaml``, checkpoints, samples every
+``train.sample_every`` iterations (``samples/iter_NNNNNNN/``) and at the end the generator as a
+diffusers directory (``generator/``) and samples (``samples/``), rendered by the generator in memory
+with the pipeline's sampler and VAE when the teacher came with a pipeline (``train.samples``). The backbone is the
 teacher's model family (``adm_megatron.families``); nothing here depends on which one.
 
 A run goes on from its latest checkpoint when started again (``train.resume``, see
@@ -54,7 +55,7 @@ from adm_megatron.models.weights import load_full_state_dict
 from adm_megatron.train.checkpoint import load_training_checkpoint, remove_leftovers, save_training_checkpoint
 from adm_megatron.train.discriminator_monitor import DiscriminatorMonitor
 from adm_megatron.train.ema import ParameterEMA
-from adm_megatron.train.export import export_generator, render_run_samples
+from adm_megatron.train.export import export_generator
 from adm_megatron.train.grad_sync import ddp_config
 from adm_megatron.train.offload import Offloader
 from adm_megatron.train.optimizer import NetworkOptimizer
@@ -63,6 +64,7 @@ from adm_megatron.train.preemption import StopPoll
 from adm_megatron.train.recompute import RecomputeSwitch
 from adm_megatron.train.resume import mark_finished, plan_resume, trim_metrics
 from adm_megatron.train.run_log import RunLogger
+from adm_megatron.train.samples import RunSamples
 from adm_megatron.train.single_stage import SingleStage
 from adm_megatron.train.teacher import TeacherSource, resolve_teacher
 from adm_megatron.train.validate import validate_run
@@ -355,6 +357,7 @@ class Trainer:
             c.logging.wandb_mode, c.logging.wandb_project, c.logging.progress,
         )
         stops = StopPoll(c.train.save_interval_minutes)
+        samples = RunSamples(self)
         metrics: dict = {}
         done = start
         try:
@@ -367,22 +370,28 @@ class Trainer:
                 if done < total and (periodic or due or stop):
                     save_training_checkpoint(self, done)
                     stops.saved()
+                # after the save: a run stopped here keeps these samples, and its next start renders
+                # only later iterations'
+                if c.train.sample_every and done % c.train.sample_every == 0 and done < total and samples.enabled:
+                    self.offload.restore_weights()  # the next phase offloads again what it does not run
+                    run_log.media(done, samples.render(done))
                 if stop and done < total:
                     return RunResult(c.output_dir, done, None, [], metrics, trained=done - start, preempted=True)
+            if start < total:  # (a run resumed at its end loaded this very checkpoint)
+                save_training_checkpoint(self, total)
+            generator_dir, paths = None, []
+            self.offload.restore_weights()
+            if c.train.export:
+                if self.ema is not None:
+                    self.ema.copy_to(self.generator)
+                generator_dir = export_generator(self.generator, self.arch, os.path.join(c.output_dir, "generator"),
+                                                 lora_mode=c.train.export_lora)
+            if samples.enabled:
+                paths = samples.render(None)
+                run_log.media(total, paths)
         finally:
             run_log.close()
             stops.close()
-        if start < total:  # (a run resumed at its end loaded this very checkpoint)
-            save_training_checkpoint(self, total)
-        generator_dir, samples = None, []
-        self.offload.restore_weights()
-        if c.train.export:
-            if self.ema is not None:
-                self.ema.copy_to(self.generator)
-            generator_dir = export_generator(self.generator, self.arch, os.path.join(c.output_dir, "generator"),
-                                             lora_mode=c.train.export_lora)
-            if generator_dir and self.teacher_source.pipeline_dir and c.train.num_samples > 0:
-                samples = render_run_samples(self, generator_dir)
         if rank0:
             mark_finished(c.output_dir, total)
-        return RunResult(c.output_dir, total, generator_dir, samples, metrics, trained=done - start)
+        return RunResult(c.output_dir, total, generator_dir, paths, metrics, trained=done - start)

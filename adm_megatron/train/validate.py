@@ -60,6 +60,15 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
                 f"train.num_samples={config.train.num_samples}: the pipeline {teacher.pipeline_dir} has no "
                 f"VAE ({vae} not found) to render samples; set train.num_samples=0 or model.pipeline"
             )
+    if config.train.sample_every and not (config.train.num_samples and teacher.pipeline_dir):
+        raise ConfigError(
+            f"train.sample_every={config.train.sample_every}: renders train.num_samples={config.train.num_samples} "
+            f"samples with the pipeline's VAE ({'pipeline ' + teacher.pipeline_dir if teacher.pipeline_dir else 'none: set model.pipeline'}); "
+            "set train.num_samples > 0, or train.sample_every=0"
+        )
+    if config.train.num_samples and teacher.pipeline_dir and teacher.family.decode_images is None:
+        raise ConfigError(f"train.num_samples={config.train.num_samples}: the {teacher.family.name} family has no "
+                          "decode (ModelFamily.decode_images) to render samples with; set train.num_samples=0")
     if config.model.generator_init:
         _check_generator_init(config.model.generator_init, teacher)
     if config.model.impl == "te" and not transformer_engine_available():

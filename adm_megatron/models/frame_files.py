@@ -1,0 +1,44 @@
+"""Rendered samples as files: frames ``[F, H, W, 3]`` in [0, 1] written as a gif or mp4 (a video) or
+a png (the frames side by side; one frame is an image), 8-bit, by imageio / diffusers' exporter;
+images tiled into one grid."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+FORMATS = ("gif", "mp4", "png")
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    return (pixels * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def write_frames(frames: np.ndarray, path: str, fmt: str, fps: int = 8) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "gif":
+        import imageio.v3 as iio
+
+        iio.imwrite(path, to_uint8(frames), extension=".gif", duration=1000 / fps, loop=0)
+    elif fmt == "png":
+        import imageio.v3 as iio
+
+        iio.imwrite(path, to_uint8(np.concatenate(list(frames), axis=1)))
+    else:
+        from diffusers.utils import export_to_video
+
+        export_to_video(list(frames), path, fps=fps)
+
+
+def image_grid(images: list[np.ndarray]) -> np.ndarray:
+    """``[H, W, 3]`` images in [0, 1] tiled row-major into a near-square grid (blank cells black)."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    h, w, c = images[0].shape
+    grid = np.zeros((rows * h, cols * w, c), dtype=images[0].dtype)
+    for i, image in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = image
+    return grid

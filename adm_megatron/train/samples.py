@@ -1,0 +1,140 @@
+"""The generator's samples during a run (every ``train.sample_every`` iterations) and at its end.
+
+The trained generator in memory renders them: no export, no second copy of the model, on the
+training device and dtype. Every rank runs the generator's N-step PF-ODE
+(``Distillation.sample_generator``: the sampler the family's diffusers pipeline runs with
+``num_inference_steps = N``) on the first ``train.num_samples`` prompts, ``data.batch_size`` at a
+time, at the run's latent size, under BF16 autocast when the run uses it, with the EMA weights
+swapped in when ``train.ema_decay`` > 0 (and swapped back, bit for bit). Sample ``i`` starts from
+noise seeded by ``seed + i`` as ``adm-megatron sample`` seeds the pipeline, the same at every
+sampling iteration, so the samples show the generator's progress; the noise comes from its own
+generator, so a run's training numbers do not depend on whether or how often it samples. Rank 0
+decodes each sample with the pipeline's VAE exactly as the pipeline does
+(``ModelFamily.decode_images``, then ``x / 2 + 0.5`` clamped to [0, 1]: the pipeline's
+postprocess); the VAE waits in host memory between samplings. Files: ``samples/iter_NNNNNNN/``
+during the run, ``samples/`` at the end, ``sample-iii.gif`` for videos and ``.png`` for images (and
+``grid.png`` tiling them), each directory written beside and renamed into place when complete; wandb gets them as media.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+
+import torch
+
+from adm_megatron.models.frame_files import image_grid, write_frames
+
+
+def sample_dir(output_dir: str, iteration: int | None) -> str:
+    """Where the samples of ``iteration`` go (``None``: the finished run's)."""
+    root = os.path.join(output_dir, "samples")
+    return root if iteration is None else os.path.join(root, f"iter_{iteration:07d}")
+
+
+class RunSamples:
+    def __init__(self, trainer):
+        self.trainer = trainer
+        config = trainer.config
+        source = trainer.text_source
+        self.count = min(config.train.num_samples, len(source))
+        self.fmt = "png" if trainer.family.latent_layout == "image" else "gif"
+        self.vae = None
+        indices = torch.arange(self.count)
+        self.text = source.get(indices)
+        self.pooled = source.get_pooled(indices) if source.pooled_dim else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.count > 0 and bool(self.trainer.teacher_source.pipeline_dir)
+
+    def noise(self, index: int) -> torch.Tensor:
+        """Sample ``index``'s starting noise (one row), as ``torch.Generator().manual_seed(seed + i)``."""
+        t = self.trainer
+        d = t.config.data
+        shape = (1, *t.family.latent_shape(t.arch, d.frames, d.height, d.width))
+        generator = torch.Generator().manual_seed(t.config.seed + index)
+        return torch.randn(shape, generator=generator, dtype=t.dtype)
+
+    @torch.no_grad()
+    def latents(self) -> torch.Tensor:
+        """Collective over the world: every sample's clean latents (all of them on every rank)."""
+        from adm_megatron.algorithms.networks import text_condition
+
+        t = self.trainer
+        rows = t.config.data.batch_size
+        to = dict(device=t.device, dtype=t.dtype)
+        bf16 = t.config.model.dtype == "bf16"
+        out = []
+        with self._ema_weights(), torch.autocast(t.device.type, torch.bfloat16, enabled=bf16):
+            for lo in range(0, self.count, rows):
+                hi = min(lo + rows, self.count)
+                noise = torch.cat([self.noise(i) for i in range(lo, hi)]).to(**to)
+                cond = text_condition(self.text[lo:hi].to(**to),
+                                      None if self.pooled is None else self.pooled[lo:hi].to(**to))
+                out.append(t.algorithm.sample_generator(noise, cond).float())
+        return torch.cat(out)
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        """The generator holds its EMA weights inside the block (swapped, not copied: no extra model)."""
+        ema = self.trainer.ema
+        if ema is None:
+            yield
+            return
+        ema.swap(self.trainer.generator)
+        try:
+            yield
+        finally:
+            ema.swap(self.trainer.generator)
+
+    @torch.no_grad()
+    def frames(self, latents: torch.Tensor) -> list:
+        """Rank 0: each sample's frames ``[F, h, w, 3]`` in [0, 1] (numpy), decoded as the pipeline does."""
+        t = self.trainer
+        vae = self._vae().to(t.device)
+        try:
+            dtype = next(vae.parameters()).dtype
+            images = [t.family.decode_images(vae, latent[None].to(t.device, dtype)) for latent in latents]
+        finally:
+            vae.to("cpu")  # its GPU memory goes back to training
+        return [(x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() for x in images]
+
+    def _vae(self):
+        if self.vae is None:
+            import diffusers
+
+            t = self.trainer
+            vae_dir = os.path.join(t.teacher_source.pipeline_dir, "vae")
+            vae = getattr(diffusers, t.family.vae_class).from_pretrained(vae_dir, local_files_only=True)
+            dtype = torch.bfloat16 if t.config.model.dtype == "bf16" else t.dtype
+            self.vae = vae.to(dtype).eval().requires_grad_(False)
+        return self.vae
+
+    def render(self, iteration: int | None) -> list[str]:
+        """Collective: render and (rank 0) write the samples of ``iteration`` (``None``: the end);
+        returns the written paths on rank 0, [] elsewhere."""
+        latents = self.latents()
+        if self.trainer.info.rank != 0:
+            return []
+        out = sample_dir(self.trainer.config.output_dir, iteration)
+        partial = f"{out}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+        names = [f"sample-{i:03d}.{self.fmt}" for i in range(self.count)]
+        frames = self.frames(latents)
+        for name, sample in zip(names, frames):
+            write_frames(sample, os.path.join(partial, name), self.fmt)
+        if self.fmt == "png":  # images: also all of them in one grid
+            names.append("grid.png")
+            write_frames(image_grid([sample[0] for sample in frames])[None], os.path.join(partial, names[-1]), "png")
+        if iteration is None:  # samples/ also holds the iterations' directories: move the files alone
+            os.makedirs(out, exist_ok=True)
+            for name in names:
+                os.replace(os.path.join(partial, name), os.path.join(out, name))
+            os.rmdir(partial)
+        else:
+            shutil.rmtree(out, ignore_errors=True)  # a resumed run redoing this iteration
+            os.replace(partial, out)
+        return [os.path.join(out, name) for name in names]

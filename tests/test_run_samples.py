@@ -1,0 +1,176 @@
+"""A run's samples (``train.sample_every``, ``train.num_samples``; adm_megatron/train/samples.py):
+
+- rendered by the generator in memory (its EMA weights swapped in), they are the images the
+  family's real diffusers pipeline renders from the exported (EMA) generator with the same seeds and
+  size (CogVideoX videos, SD3 images; fp32, 1e-4 in [0, 1] pixels);
+- sampling changes nothing a run trains: metrics and weights of a run that samples every
+  iteration (with the EMA weights swapped in) equal those of a run that does not, bit for bit;
+- the files: ``samples/iter_NNNNNNN/`` per sampling iteration and ``samples/`` at the end, and the
+  same images as wandb media;
+- a run stopped by a signal at a sampling iteration keeps those samples, and started again renders
+  only the iterations after its checkpoint;
+- a sampling request without samples to render is a one-line error.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from adm_megatron.config import ConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = {"cogvideox": "examples/cogvideox/tiny_cpu.yaml", "sd3": "examples/sd35/tiny_cpu.yaml"}
+QUIET = ["logging.progress=false", "data.source=synthetic", "data.num_prompts=4"]
+
+
+def _config(family, pipeline_dir, out, *overrides):
+    return load_config(os.path.join(ROOT, EXAMPLES[family]),
+                       [f"model.teacher={pipeline_dir}", f"output_dir={out}", *QUIET, *overrides])
+
+
+def _pipeline_frames(family: str, pipeline_dir: str, generator_dir: str, trainer) -> list[np.ndarray]:
+    """The diffusers pipeline's render of the exported generator: sample i from seed + i, at the run's size."""
+    config = trainer.config
+    d, steps, count = config.data, config.distill.generator_steps, config.train.num_samples
+    text = trainer.text_source.get(torch.arange(count))
+    frames = []
+    if family == "cogvideox":
+        from adm_megatron.models.cogvideox_samples import _load_pipeline
+
+        pipe = _load_pipeline(pipeline_dir, generator_dir, torch.float32, "cpu")
+        size = dict(height=d.height * pipe.vae_scale_factor_spatial, width=d.width * pipe.vae_scale_factor_spatial,
+                    num_frames=(d.frames - 1) * pipe.vae_scale_factor_temporal + 1)
+        for i in range(count):
+            frames.append(pipe(prompt_embeds=text[i:i + 1], num_inference_steps=steps, guidance_scale=1.0,
+                               generator=torch.Generator().manual_seed(config.seed + i), output_type="np",
+                               **size).frames[0])
+    else:
+        from adm_megatron.models.sd3_samples import _load_pipeline
+
+        pipe = _load_pipeline(pipeline_dir, generator_dir, torch.float32, "cpu")
+        pooled = trainer.text_source.get_pooled(torch.arange(count))
+        for i in range(count):
+            image = pipe(prompt_embeds=text[i:i + 1], pooled_prompt_embeds=pooled[i:i + 1], num_inference_steps=steps,
+                         guidance_scale=1.0, height=d.height * pipe.vae_scale_factor,
+                         width=d.width * pipe.vae_scale_factor, generator=torch.Generator().manual_seed(config.seed + i),
+                         output_type="np").images[0]
+            frames.append(image[None])
+    return frames
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "sd3"])
+def test_samples_are_the_pipelines_render_of_the_exported_generator(family, cogvideox_pipeline, sd3_pipeline,
+                                                                     tmp_path, world_of_one):
+    from adm_megatron.train.export import export_generator
+    from adm_megatron.train.samples import RunSamples
+    from adm_megatron.train.trainer import Trainer
+
+    pipeline_dir = cogvideox_pipeline if family == "cogvideox" else sd3_pipeline
+    trainer = Trainer(_config(family, pipeline_dir, tmp_path / "run", "train.num_samples=3", "data.batch_size=2",
+                              "train.ema_decay=0.5"))
+    trainer.train_iteration(0)  # a generator that is not the teacher, and an EMA that is neither
+    samples = RunSamples(trainer)
+    ours = samples.frames(samples.latents())  # the EMA weights swapped in
+    trainer.ema.copy_to(trainer.generator)  # as a finished run exports
+    generator_dir = export_generator(trainer.generator, trainer.arch, str(tmp_path / "generator"))
+    theirs = _pipeline_frames(family, pipeline_dir, generator_dir, trainer)
+    assert len(ours) == len(theirs) == 3
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert a.shape == b.shape and a.shape[-1] == 3, (i, a.shape, b.shape)
+        assert np.abs(a - b).max() <= 1e-4, (family, i, np.abs(a - b).max())
+    assert np.abs(ours[0] - ours[1]).max() > 0.01  # different prompts and noises, different samples
+
+
+def _metrics(out) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith("/seconds")}
+            for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_sampling_changes_nothing_the_run_trains_and_writes_files_and_wandb_media(cogvideox_pipeline, tmp_path,
+                                                                                   world_of_one):
+    from adm_megatron.parallel import destroy_parallel
+    from adm_megatron.train.trainer import Trainer
+
+    common = ["train.max_iterations=3", "train.ema_decay=0.5", "train.export=false", "data.batch_size=1"]
+    runs = {}
+    for name, every in (("plain", 0), ("sampled", 1)):
+        out = tmp_path / name
+        trainer = Trainer(_config("cogvideox", cogvideox_pipeline, out, *common, f"train.sample_every={every}"))
+        result = trainer.fit()
+        runs[name] = (out, {n: p.detach().clone() for n, p in trainer.generator.named_parameters()},
+                      {n: s.clone() for n, s in trainer.ema.shadow.items()}, result)
+        destroy_parallel()
+    (plain, plain_weights, plain_ema, _), (sampled, weights, ema, result) = runs["plain"], runs["sampled"]
+    assert _metrics(sampled) == _metrics(plain) and len(_metrics(plain)) == 3
+    assert all(torch.equal(weights[n], w) for n, w in plain_weights.items())
+    assert all(torch.equal(ema[n], w) for n, w in plain_ema.items())
+
+    for iteration in (1, 2):
+        assert sorted(os.listdir(sampled / "samples" / f"iter_{iteration:07d}")) == ["sample-000.gif", "sample-001.gif"]
+    assert result.samples == [str(sampled / "samples" / f"sample-00{i}.gif") for i in range(2)]
+    assert sorted(os.listdir(plain / "samples")) == ["sample-000.gif", "sample-001.gif"]  # the end only
+    assert not glob.glob(str(sampled / "samples" / "*.partial"))
+    media = glob.glob(str(sampled / "wandb" / "offline-run-*" / "files" / "media" / "videos" / "*.gif"))
+    assert len(media) == 6  # 2 samples at iterations 1, 2 and the end
+    plain_media = glob.glob(str(plain / "wandb" / "offline-run-*" / "files" / "media" / "videos" / "*.gif"))
+    assert len(plain_media) == 2
+
+
+def test_a_stopped_run_keeps_its_samples_and_renders_only_later_ones(cogvideox_pipeline, tmp_path, world_of_one):
+    from adm_megatron.parallel import destroy_parallel
+    from adm_megatron.train import samples as samples_module
+    from adm_megatron.train.trainer import Trainer
+
+    rendered = []
+    render = samples_module.RunSamples.render
+
+    def recorded(self, iteration):
+        rendered.append(iteration)
+        return render(self, iteration)
+
+    samples_module.RunSamples.render = recorded
+    try:
+        config = _config("cogvideox", cogvideox_pipeline, tmp_path / "run", "train.max_iterations=4",
+                         "train.sample_every=1", "train.export=false", "data.batch_size=1")
+        trainer = Trainer(config)
+        train_iteration = trainer.train_iteration
+
+        def stopped_in_iteration_1(iteration):
+            metrics = train_iteration(iteration)
+            if iteration == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, during the iteration
+            return metrics
+
+        trainer.train_iteration = stopped_in_iteration_1
+        assert trainer.fit().preempted
+        destroy_parallel()
+        assert rendered == [1, 2]  # the samples of the iteration it stopped at, after its checkpoint
+        first = {i: os.stat(tmp_path / "run" / "samples" / f"iter_{i:07d}" / "sample-000.gif").st_mtime_ns
+                 for i in (1, 2)}
+        rendered.clear()
+        resumed = Trainer(config)
+        assert resumed.start_iteration == 2
+        resumed.fit()
+        assert rendered == [3, None]
+        assert {i: os.stat(tmp_path / "run" / "samples" / f"iter_{i:07d}" / "sample-000.gif").st_mtime_ns
+                for i in (1, 2)} == first
+    finally:
+        samples_module.RunSamples.render = render
+
+
+def test_sampling_without_samples_is_a_one_line_error(cogvideox_pipeline, tmp_path, world_of_one):
+    from adm_megatron.train.trainer import Trainer
+
+    with pytest.raises(ConfigError, match=r"train.sample_every=5: renders train.num_samples=0 samples") as err:
+        Trainer(_config("cogvideox", cogvideox_pipeline, tmp_path / "a", "train.sample_every=5",
+                        "train.num_samples=0"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"train.sample_every=-1: must be >= 0"):
+        _config("cogvideox", cogvideox_pipeline, tmp_path / "b", "train.sample_every=-1")
