@@ -3,6 +3,7 @@
 - rendered by the generator in memory (its EMA weights swapped in), they are the images the
   family's real diffusers pipeline renders from the exported (EMA) generator with the same seeds and
   size (CogVideoX videos, SD3 images; fp32, 1e-4 in [0, 1] pixels);
+- every rank of a TP = 2 (with SP) or CP = 2 world renders the one-process samples (gloo);
 - sampling changes nothing a run trains: metrics and weights of a run that samples every
   iteration (with the EMA weights swapped in) equal those of a run that does not, bit for bit;
 - the files: ``samples/iter_NNNNNNN/`` per sampling iteration and ``samples/`` at the end, and the
@@ -28,6 +29,8 @@ from adm_megatron.config import ConfigError, load_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = {"cogvideox": "examples/cogvideox/tiny_cpu.yaml", "sd3": "examples/sd35/tiny_cpu.yaml"}
 QUIET = ["logging.progress=false", "data.source=synthetic", "data.num_prompts=4"]
+LAYOUTS = {"tp2-sp": ["parallel.tensor_parallel=2", "model.sequence_parallel=true"],
+           "cp2": ["parallel.context_parallel=2"]}
 
 
 def _config(family, pipeline_dir, out, *overrides):
@@ -174,3 +177,34 @@ def test_sampling_without_samples_is_a_one_line_error(cogvideox_pipeline, tmp_pa
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match=r"train.sample_every=-1: must be >= 0"):
         _config("cogvideox", cogvideox_pipeline, tmp_path / "b", "train.sample_every=-1")
+
+
+def _latents_at(pipeline_dir: str, out: str, overrides: list[str]):
+    from adm_megatron.parallel import destroy_parallel
+    from adm_megatron.train.samples import RunSamples
+    from adm_megatron.train.trainer import Trainer
+
+    trainer = Trainer(_config("cogvideox", pipeline_dir, out, "train.num_samples=3", "data.batch_size=2",
+                              "train.ema_decay=0.5", *overrides))
+    trainer.train_iteration(0)
+    latents = RunSamples(trainer).latents()
+    destroy_parallel()
+    return latents
+
+
+def _parallel_latents(pipeline_dir: str, root: str):
+    return {name: _latents_at(pipeline_dir, f"{root}/{name}", overrides) for name, overrides in LAYOUTS.items()}
+
+
+def test_tensor_and_context_parallel_samples_equal_one_process(cogvideox_pipeline, tmp_path, world_of_one):
+    """Every rank of a TP = 2 (SP) or CP = 2 world renders the one-process samples (1e-5: the same
+    trained generator, its EMA, its N steps; summation order only)."""
+    from multiproc import run_world
+
+    reference = _latents_at(cogvideox_pipeline, str(tmp_path / "one"), [])
+    ranks = run_world(_parallel_latents, 2, cogvideox_pipeline, str(tmp_path), timeout_s=600)
+    for name in LAYOUTS:
+        for rank, result in enumerate(ranks):
+            got = result[name]
+            assert got.shape == reference.shape
+            assert ((got - reference).abs().max() / reference.abs().max()).item() <= 1e-5, (name, rank)
