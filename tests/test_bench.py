@@ -183,3 +183,36 @@ def test_bench_runs_an_sd3_pipeline(sd3_pipeline, tmp_path, world_of_one, monkey
     assert evaluations["generator"]["teacher"] == {"calls": 1, "samples": 4}  # CFG batched
     assert evaluations["discriminator"] == {"teacher.features": {"calls": 1, "samples": 2}}
     assert all(row["median_s"] > 0 and row["tflops_per_s"] > 0 for row in result["adm"]["phases"].values())
+
+
+def test_training_reports_its_throughput_with_the_benchmarks_flop_count(tmp_path, world_of_one):
+    """Every iteration's metrics carry its wall time, samples per second and model TFLOP/s per GPU:
+    the FLOPs of every network call the iteration made (counted again here by a second counter
+    wrapped around the trainer's networks), over the iteration's seconds; no MFU without a known
+    card's BF16 peak (a CPU run)."""
+    import time
+
+    from adm_megatron.bench.counting import EvalCounter, instrument
+    from adm_megatron.config import load_config
+    from adm_megatron.train.trainer import Trainer
+
+    pipeline_dir = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    trainer = Trainer(load_config(None, [
+        f"model.teacher={pipeline_dir}", f"output_dir={tmp_path / 'run'}", "data.batch_size=1",
+        "data.global_batch_size=2", "data.frames=2", "data.height=4", "data.width=4", "distill.head_every=1",
+        "distill.generator_steps=2", "logging.wandb_mode=disabled", "logging.progress=false"]))
+    outside = EvalCounter()
+    instrument(trainer.networks, outside, trainer.arch)
+    for iteration in range(2):  # the trainer's count starts afresh each iteration
+        outside.reset()
+        start = time.perf_counter()
+        metrics = trainer.train_iteration(iteration)
+        wall = time.perf_counter() - start
+        seconds = metrics["throughput/iteration_seconds"]
+        phases = sum(metrics[f"{p}/seconds"] for p in ("fake_score", "generator", "discriminator"))
+        assert phases <= seconds <= wall
+        flops = sum(t.flops for t in outside.tallies.values())
+        assert flops > 0 and outside.per_phase()["outside phases"]["generator"]["calls"] > 0
+        assert metrics["throughput/tflops_per_gpu"] * seconds * 1e12 == pytest.approx(flops, rel=1e-12)
+        assert metrics["throughput/samples_per_second"] == pytest.approx(2 / seconds)
+        assert "throughput/mfu" not in metrics

@@ -3,9 +3,9 @@
 A :class:`~adm_megatron.train.trainer.Trainer` is built from a teacher transformer directory and a
 pipeline directory that holds only the scheduler (written here with the model family's reference
 scheduler unless the model came as a whole pipeline), on synthetic prompts at the benchmark's latent size. Its
-``PhaseRunner.run`` is wrapped so each phase is synchronised, timed and labelled for the
-:class:`~adm_megatron.bench.counting.EvalCounter`; ``train_iteration`` is then called as in
-training. Everything else (the config, overrides, the method) is the trainer's own.
+``PhaseRunner.run`` is wrapped so each phase is synchronised, timed and labelled for the trainer's
+own :class:`~adm_megatron.bench.counting.EvalCounter` (``Trainer.flops``); ``train_iteration`` is then
+called as in training. Everything else (the config, overrides, the method) is the trainer's own.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from adm_megatron.bench.counting import EvalCounter, instrument
+from adm_megatron.bench.counting import EvalCounter
 from adm_megatron.bench.timing import peak_memory_bytes, reset_peak_memory, synchronize
 from adm_megatron.config import load_config
 
@@ -81,8 +81,7 @@ def measure_iterations(config_file: str | None, overrides: list[str], repeats: i
     from adm_megatron.train.trainer import Trainer
 
     trainer = Trainer(load_config(config_file, overrides))
-    counter = EvalCounter()
-    instrument(trainer.networks, counter, trainer.arch)
+    counter = trainer.flops  # the trainer counts every network call; the phases label them here
     device = trainer.device
     timer = TimedPhases(trainer, counter, device)
     for iteration in range(warmup):

@@ -12,6 +12,10 @@ data-parallel rank and micro-batch keeping its rows: every rank of a replica dra
 reproducible, its draws do not depend on how the global batch is split, and the two phases' starting
 noises (z and ẑ of Algorithm 1) come from separate streams. The discriminator's paired accuracy is
 watched (``DiscriminatorMonitor``) and a dead discriminator is reported while the run goes on.
+Each iteration also reports its wall time and throughput as Megatron-LM does: model FLOPs counted
+analytically per network call (``adm_megatron.bench.counting``, the benchmark's own count), per GPU
+(a replica's FLOPs over its TP x CP GPUs), per second, and MFU against the card's dense BF16 peak in
+BF16 runs on a known card (``adm_megatron.bench.report``).
 
 Outputs: ``metrics.jsonl``, wandb files, ``config.yaml``, checkpoints, samples every
 ``train.sample_every`` iterations (``samples/iter_NNNNNNN/``) and at the end the generator as a
@@ -29,6 +33,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -43,6 +48,8 @@ from adm_megatron.algorithms.dmd import DMD
 from adm_megatron.algorithms.dmd2 import DMD2
 from adm_megatron.algorithms.networks import DiTFunction, Networks
 from adm_megatron.algorithms.randomness import PhaseDraws
+from adm_megatron.bench.counting import EvalCounter, instrument
+from adm_megatron.bench.report import device_name, peak_tflops
 from adm_megatron.config import Config, config_to_dict, network_updates
 from adm_megatron.data.batch_layout import BatchLayout, microbatches_for
 from adm_megatron.heads import MultiHeadDiscriminator
@@ -138,6 +145,9 @@ class Trainer:
         self.family = self.teacher_source.family
         self._build_networks()
         self.algorithm = build_algorithm(config, self.networks, self.schedule)
+        self.flops = EvalCounter()  # every network call's analytic FLOPs (this replica's)
+        instrument(self.networks, self.flops, self.arch)
+        self.peak_tflops = peak_tflops(device_name(self.device), config.model.dtype, None)
         self._build_data()
         self.ema = (
             ParameterEMA(self.generator, config.train.ema_decay) if config.train.ema_decay > 0 else None
@@ -293,6 +303,8 @@ class Trainer:
         )
 
     def train_iteration(self, iteration: int) -> dict:
+        start = time.perf_counter()
+        self.flops.reset()
         batches = self.batches(iteration)
         k = self.layout.microbatches
         alg = self.algorithm
@@ -323,7 +335,20 @@ class Trainer:
         accuracy = metrics.get("discriminator/paired_accuracy")
         if accuracy is not None and self.monitor.update(accuracy) and self.info.rank == 0:
             logger.warning(self.monitor.message(iteration))
+        metrics.update(self._throughput(time.perf_counter() - start))
         return metrics
+
+    def _throughput(self, seconds: float) -> dict:
+        """The iteration's wall time (its last phase's metrics were read on the host: the device work
+        is done), samples per second, and model TFLOP/s per GPU (and MFU where the peak is known)."""
+        gpus_per_replica = self.config.parallel.tensor_parallel * self.config.parallel.context_parallel
+        tflops = sum(t.flops for t in self.flops.tallies.values()) / gpus_per_replica / seconds / 1e12
+        out = {"throughput/iteration_seconds": seconds,
+               "throughput/samples_per_second": self.layout.global_batch / seconds,
+               "throughput/tflops_per_gpu": tflops}
+        if self.peak_tflops:
+            out["throughput/mfu"] = tflops / self.peak_tflops
+        return out
 
     def _frozen_heads_metrics(self, pairs: list, batches: list[PhaseBatch]) -> dict:
         """The discriminator's loss and statistics on the generator phase's pairs, without an update."""
