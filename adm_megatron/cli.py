@@ -173,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
         "plan",
         help="per-GPU memory of a run per network and phase, and whether it fits a card",
         description="Per-GPU memory plan of a run: weights, grads and optimizer state of each network, "
-        "activations and transient buffers of each phase of the run's method (ADM, DMD, DMD2; ADP without "
-        "its pixel branch), the peak, and whether it fits the card. "
+        "activations and transient buffers of each phase of the run's method (ADM, DMD, DMD2, ADP; ADP's "
+        "pixel branch counted on fake tensors from the pipeline's VAE and the encoder's config files), the "
+        "peak, and whether it fits the card. "
         "Exit status 0: fits, 1: does not fit, 2: bad config or layout.",
     )
     from adm_megatron.memory import command as plan_command  # imports megatron-core: after the warning filters

@@ -115,25 +115,29 @@ def test_offload_without_pinned_memory_on_a_gpu_is_refused_in_one_line(pipeline_
     assert message.startswith("optim.generator.offload=optimizer: offload needs pinned host memory"), message
 
 
-def test_the_memory_plan_refuses_adps_pixel_branch_and_trains_pre_flight_skips_only_that(pipeline_dir, tmp_path,
-                                                                                        monkeypatch, caplog):
-    """ADP's pixel branch (a VAE decode and a vision encoder) is not in the planner's phases:
-    ``adm-megatron plan`` refuses such a run in one line, and train's pre-flight on a GPU (a 0.1 GiB
-    stand-in card that would refuse the run) skips the plan for it with a warning instead of judging
-    it without the branch; latent-only ADP is planned, and that card refuses it."""
+def test_trains_pre_flight_plans_adps_pixel_branch(pipeline_dir, tmp_path, monkeypatch):
+    """ADP's pixel branch (the VAE decode and a vision encoder, counted on fake tensors) is in the
+    plan: a card between the latent-only peak and the peak with the branch takes the first run and
+    refuses the second in one line; an encoder directory without its config is refused in one line."""
+    from tiny_pixel_encoders import save_tiny_encoder
+
     from adm_megatron.memory import preflight
-    from adm_megatron.memory.plan import PlanError
+    from adm_megatron.memory.plan import GIB
     from adm_megatron.memory.run_plan import plan_run
 
     adp = [f"model.teacher={pipeline_dir}", "distill.method=adp", f"data.real_path={tmp_path}",
-           "distill.head_every=1", "data.frames=3", "data.height=16", "data.width=16"]
-    pixel = load_config(None, [*adp, "distill.pixel_encoder_path=sam"])
-    with pytest.raises(PlanError, match=r"^distill.pixel_weight=0.15: the planner does not model ADP's pixel "
-                                        r"branch .*; pixel_weight=0 plans the rest$"):
-        plan_run(pixel, 1, card_gib=80.0)
-    monkeypatch.setattr(preflight, "this_gpu", lambda: ("test card", 0.1))
-    with caplog.at_level("WARNING", logger="adm_megatron"):
-        preflight.check_run_fits(pixel, 1, 0.1)
-    assert "memory pre-flight skipped: distill.pixel_weight=0.15: the planner does not model" in caplog.text
-    with pytest.raises(ConfigError, match="memory plan: the "):  # the same card refuses latent-only ADP
-        preflight.check_run_fits(load_config(None, [*adp, "distill.pixel_weight=0"]), 1, 0.1)
+           "distill.head_every=1", "data.frames=3", "data.height=16", "data.width=16", "distill.pixel_layers=[2,4]"]
+    encoder = save_tiny_encoder("sam", str(tmp_path / "sam"), image_size=64)
+    pixel = load_config(None, [*adp, f"distill.pixel_encoder_path={encoder}"])
+    latent_only = load_config(None, [*adp, "distill.pixel_weight=0"])
+    low, high = (plan_run(c, 1, card_gib=80.0).peak for c in (latent_only, pixel))
+    assert high > 1.2 * low  # 9 decoded frames of 128 x 128 per sample
+    card = (low + high) / 2 / 0.9 / GIB  # the planner keeps 10% of the card free
+    monkeypatch.setattr(preflight, "this_gpu", lambda: ("test card", card))
+    preflight.check_run_fits(latent_only, 1, card)
+    with pytest.raises(ConfigError, match=r"^memory plan: the \w+ phase needs .* GiB per GPU") as err:
+        preflight.check_run_fits(pixel, 1, card)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"^memory plan: distill.pixel_weight=0.15: the pixel branch is planned from "
+                                          r"distill.pixel_encoder_path's config, sam/config.json, which is not there$"):
+        preflight.check_run_fits(load_config(None, [*adp, "distill.pixel_encoder_path=sam"]), 1, card)

@@ -1,5 +1,6 @@
 """The memory planner against measurement: for each tiny ADM config that runs here (CogVideoX 2b- and
-5b-style, SD3 and SD3.5-style; ADP with its latent discriminator on CogVideoX and SD3), every phase's
+5b-style, SD3 and SD3.5-style; ADP with its latent discriminator, and with its pixel branch too, on
+CogVideoX and SD3), every phase's
 planned peak (and resident memory) is within 15% of
 the peak tensor memory measured over a real trainer iteration with torch.profiler's memory profile
 (``adm_megatron/memory/measure.py``). Also: exact parameter counts on ``meta``, the ``plan``
@@ -115,11 +116,19 @@ def test_sd3_plan_is_within_15_percent_of_measured_peak_of_every_phase(name, sd3
 # ADP with its latent discriminator (no fake score, no rollout, no CFG teacher; the pixel branch is
 # refused, see test_bad_inputs.py), on teacher ODE pairs at the run's latent size: CogVideoX without
 # and with full recompute, SD3
+LATENT_ONLY = ["distill.pixel_weight=0"]
+PIXEL = ["distill.pixel_layers=[2,4]"]  # the tiny encoder's (4 layers, 64-pixel images) is added below
 TINY_ADP_RUNS = {
-    "adp-2b-3x16x16": ("cogvideox", ["data.frames=3", "data.height=16", "data.width=16"]),
+    "adp-2b-3x16x16": ("cogvideox", ["data.frames=3", "data.height=16", "data.width=16", *LATENT_ONLY]),
     "adp-2b-3x16x16-recompute": ("cogvideox", ["data.frames=3", "data.height=16", "data.width=16",
-                                               "model.recompute=true"]),
-    "adp-sd3-32x32": ("sd3", ["data.frames=1", "data.height=32", "data.width=32"]),
+                                               "model.recompute=true", *LATENT_ONLY]),
+    "adp-sd3-32x32": ("sd3", ["data.frames=1", "data.height=32", "data.width=32", *LATENT_ONLY]),
+    # with the pixel branch (9 decoded frames of 128 x 128 per video: it dominates the peaks)
+    "adp-pixel-sam-2b-3x16x16": ("cogvideox", ["data.frames=3", "data.height=16", "data.width=16", *PIXEL]),
+    "adp-pixel-sam-2b-3x16x16-recompute": ("cogvideox", ["data.frames=3", "data.height=16", "data.width=16", *PIXEL,
+                                                         "distill.pixel_recompute=true"]),
+    "adp-pixel-dinov2-sd3-32x32": ("sd3", ["data.frames=1", "data.height=32", "data.width=32", *PIXEL,
+                                           "distill.pixel_encoder=dinov2"]),
 }
 
 
@@ -128,15 +137,19 @@ def test_adp_plan_is_within_15_percent_of_measured_peak_of_every_phase(name, pip
                                                                         world_of_one):
     from adm_megatron.parallel import destroy_parallel, initialize_parallel
 
+    from tiny_pixel_encoders import save_tiny_encoder
+
     family, overrides = TINY_ADP_RUNS[name]
     teacher = pipelines[False] if family == "cogvideox" else sd3_pipelines[False]
+    kind = "dinov2" if "distill.pixel_encoder=dinov2" in overrides else "sam"
+    encoder = save_tiny_encoder(kind, str(tmp_path / kind), image_size=64)
     (tmp_path / "run.yaml").write_text(f"model: {{teacher: {teacher}}}\n")
     assert main(["collect-ode", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "pairs"),
                  "--num-pairs", "4", "--steps", "2", "--no-progress", "distill.head_every=1", *overrides[:3]]) == 0
     destroy_parallel()
     initialize_parallel(tensor_parallel=1, context_parallel=1, seed=1234)
-    adp = ["distill.method=adp", "distill.generator_steps=1", "distill.pixel_weight=0",
-           f"data.real_path={tmp_path / 'pairs'}"]
+    adp = ["distill.method=adp", "distill.generator_steps=1", f"data.real_path={tmp_path / 'pairs'}",
+           f"distill.pixel_encoder_path={encoder}"]
     figures = plan_and_measure(teacher, str(tmp_path / "out"), [*adp, *overrides])
     assert set(figures) == {"generator", "discriminator"}
     assert_within_tolerance(figures, name)
@@ -411,18 +424,51 @@ def test_an_sd3_plan_takes_the_prompt_length_of_the_runs_embedding_shards(tmp_pa
     assert shape_for(load_config(SD3_LORA_EXAMPLE), arch).text_tokens == 77 + 256
 
 
-def test_plan_command_plans_latent_only_adp_and_refuses_the_pixel_branch(tmp_path, capsys, world_of_one):
+def test_plan_command_plans_adp_with_and_without_its_pixel_branch(tmp_path, capsys, world_of_one):
     """The CogVideoX DMDX stage 1 (latent discriminator only) is planned with ADP's two phases and no
-    fake score; the SD3 one, whose pixel branch the planner does not model, is refused in one line."""
+    fake score. The SD3 one adds the pixel branch, counted from the pipeline's VAE and the encoder's
+    config files (the published AutoencoderKL and SAM ViT-B here): their frozen weights, the pixel
+    heads in the discriminator, and the branch's work in both phases; without those files it is
+    refused in one line naming the missing one."""
+    import sys
+
+    from diffusers import AutoencoderKL
+    from transformers import SamVisionConfig, SamVisionModel
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import pixel_branch_memory as published
+
     stage1 = os.path.join(ROOT, "examples", "cogvideox", "dmdx_stage1_adp.yaml")
     out = tmp_path / "plan.json"
     assert main(["plan", "--config", stage1, "--arch", "cogvideox-2b", "--gpus", "8", "--card", "80",
                  "--json", str(out)]) == 0
-    plan = json.loads(out.read_text())
-    assert set(plan["phases"]) == {"generator", "discriminator"} and "fake_score" not in plan["networks"]
-    assert plan["settings"]["method"] == "adp" and plan["fits"] and "ODE pairs" in plan["fixed"]
+    latent_only = json.loads(out.read_text())
+    assert set(latent_only["phases"]) == {"generator", "discriminator"} and "fake_score" not in latent_only["networks"]
+    assert latent_only["settings"]["method"] == "adp" and latent_only["fits"] and "ODE pairs" in latent_only["fixed"]
+    assert "pixel backbone (VAE, vision encoder)" not in latent_only["fixed"]
     capsys.readouterr()
+
     sd3_stage1 = os.path.join(ROOT, "examples", "sd35", "dmdx_stage1_adp.yaml")
-    assert main(["plan", "--config", sd3_stage1, "--arch", "sd3-medium", "--gpus", "8", "--card", "80"]) == 2
+    pipe, sam = tmp_path / "pipe", tmp_path / "sam"
+    files = [f"model.teacher={pipe}", f"distill.pixel_encoder_path={sam}"]
+    plan = ["plan", "--config", sd3_stage1, "--arch", "sd3-medium", "--gpus", "8", "--card", "80", "--json", str(out)]
+    assert main([*plan, *files]) == 2
     err = capsys.readouterr().err.strip()
-    assert "distill.pixel_weight=0.15: the planner does not model ADP's pixel branch" in err and "\n" not in err
+    assert f"the pixel branch is planned from the pipeline's VAE config, {pipe}/vae/config.json, which is not there" \
+        in err and "\n" not in err
+    with torch.device("meta"):
+        vae, encoder = AutoencoderKL(**published.SD3_VAE), SamVisionModel(SamVisionConfig(**published.SAM_VIT_B))
+    vae.save_config(str(pipe / "vae"))
+    encoder.config.save_pretrained(str(sam))
+    assert main([*plan, *files]) in (0, 1)
+    with_pixel = json.loads(out.read_text())
+    backbone = sum(p.numel() for p in (*vae.parameters(), *encoder.parameters())) * 4
+    # GiB in the JSON; the backbone in fp32, as the run holds it
+    assert with_pixel["fixed"]["pixel backbone (VAE, vision encoder)"] == round(backbone / 2**30, 3)
+    assert with_pixel["phases"]["discriminator"]["transients"]["pixel branch"] > 0
+    assert with_pixel["networks"]["discriminator"]["weights"] > latent_only["networks"]["discriminator"]["weights"]
+    # the example recomputes the branch; without, its generator-phase work sets the peak
+    assert main([*plan, *files, "distill.pixel_recompute=false"]) in (0, 1)
+    plain = json.loads(out.read_text())["phases"]["generator"]
+    assert plain["peak_moment"] == "discriminator backward" and plain["transients"]["pixel branch"] > 1
+    assert plain["peak"] > with_pixel["phases"]["generator"]["peak"]

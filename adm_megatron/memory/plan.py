@@ -78,7 +78,7 @@ Phases (the peak of each is resident + the largest of its moments):
 - generator: rollout; then with the generator's step (trainable) and the fake score (frozen)
   saved: the CFG teacher without grad on ``2B`` (the doubled batch), then the teacher backbone for
   D (frozen) + heads (frozen) + the backward working set; its optimizer step.
-- ADP (``algorithms/adp.py``; its latent discriminator -- the pixel branch is not planned) has no
+- ADP (``algorithms/adp.py``) has no
   fake score and no fake-score phase; its generator phase runs no rollout and no CFG teacher: the
   generator's one forward with grad (trainable) on the ODE pair's interpolation, then the teacher
   backbone for D (frozen) + heads (frozen) + the backward working set, as ADM's; its discriminator
@@ -108,6 +108,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from adm_megatron.memory.counts import NetworkSize
+from adm_megatron.memory.pixel_branch import PixelBranch
 from adm_megatron.memory.terms import ActivationTerms, TokenCounts
 
 GIB = 1024**3
@@ -490,8 +491,18 @@ def _moments(f: _Formulas, sizes: dict[str, NetworkSize], phase: str) -> dict[st
     }
 
 
-def plan_memory(shape: Shape, sizes: dict[str, NetworkSize], settings: Settings) -> MemoryPlan:
-    """The per-rank memory plan; ``sizes`` as ``counts.py`` gives them for ``settings``' TP."""
+# where ADP's pixel work adds to a phase: after the latent discriminator's forward, before the backward
+PIXEL_MOMENTS = {
+    "generator": {"discriminator backward": lambda p: p.generator_peak},
+    "discriminator": {"heads backward": lambda p: p.discriminator_peak},
+}
+
+
+def plan_memory(shape: Shape, sizes: dict[str, NetworkSize], settings: Settings,
+                pixel: PixelBranch | None = None) -> MemoryPlan:
+    """The per-rank memory plan; ``sizes`` as ``counts.py`` gives them for ``settings``' TP (the
+    discriminator's with ADP's pixel heads); ``pixel``: ADP's pixel branch, counted on fake tensors
+    (``memory/pixel_branch.py``), added to the latent plan where it runs."""
     check_settings(shape, settings)
     f = _Formulas(shape, settings)
     latent = shape.frames * shape.latent_channels * shape.height * shape.width
@@ -503,6 +514,8 @@ def plan_memory(shape: Shape, sizes: dict[str, NetworkSize], settings: Settings)
         fixed["ODE pairs"] = rows * (shape.text_tokens * shape.text_dim + shape.pooled_dim + 2 * latent) * 4
     if settings.sequence_parallel and settings.tensor_parallel > 1:
         fixed["SP all-gather buffer"] = f.tokens * settings.batch_size * shape.hidden * f.e
+    if pixel is not None:
+        fixed["pixel backbone (VAE, vision encoder)"] = pixel.backbone_bytes
     phases = {}
     for phase in METHOD_PHASES[settings.method]:
         resident = _phase_resident(networks, phase, settings) + sum(fixed.values())
@@ -511,6 +524,7 @@ def plan_memory(shape: Shape, sizes: dict[str, NetworkSize], settings: Settings)
         # with every micro-batch's; in the generator phase those of the micro-batches before the
         # running one are kept, and all of them at its optimizer step
         pair = f.taps(settings.batch_size, False) + 2 * settings.batch_size * latent * 4
+        pair += pixel.held_features if pixel is not None else 0
         keeps_pairs = phase == "generator" and "discriminator" in METHOD_PHASES[settings.method]
         if phase == "discriminator":
             resident += settings.microbatches * pair
@@ -519,6 +533,8 @@ def plan_memory(shape: Shape, sizes: dict[str, NetworkSize], settings: Settings)
             if keeps_pairs:
                 kept = settings.microbatches if moment == "optimizer step" else settings.microbatches - 1
                 transients = {**transients, "kept ODE pairs": kept * pair}
+            if pixel is not None and moment in PIXEL_MOMENTS.get(phase, ()):
+                transients = {**transients, "pixel branch": PIXEL_MOMENTS[phase][moment](pixel)}
             total = resident + saved + sum(transients.values())
             if best is None or total > best.peak:
                 best = PhasePlan(resident, saved, {k: v for k, v in transients.items() if v}, total, moment)

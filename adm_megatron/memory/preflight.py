@@ -2,20 +2,15 @@
 with the config's own memory settings, this world size and this card's memory) must fit, or the run
 stops with one line naming the peak phase, the planned and the usable GiB and what to change
 (``train.memory_check: false`` skips it: the planner's margin is 10% of the card, and a run known
-to fit more tightly can opt out); and offload needs host memory that can be pinned. A run the
-planner does not model (ADP's pixel branch) skips the plan with a warning. On a CPU offload moves state to plain
-host memory (the mechanics the tests check), so neither applies."""
+to fit more tightly can opt out); and offload needs host memory that can be pinned. On a CPU
+offload moves state to plain host memory (the mechanics the tests check), so neither applies."""
 
 from __future__ import annotations
-
-import logging
 
 import torch
 
 from adm_megatron.config import Config, ConfigError
 from adm_megatron.memory.plan import GIB, TRAINABLE, PlanError
-
-logger = logging.getLogger("adm_megatron")
 
 
 def this_gpu() -> tuple[str, float] | None:
@@ -49,12 +44,8 @@ def check_offload_can_pin(config: Config) -> None:
 
 def check_run_fits(config: Config, world_size: int, card_gib: float, source: str = "the GPU") -> None:
     """One-line ``ConfigError`` when ``config`` on ``world_size`` cards of ``card_gib`` does not fit."""
-    from adm_megatron.memory.run_plan import plan_run, unplanned_part
+    from adm_megatron.memory.run_plan import plan_run
 
-    reason = unplanned_part(config)
-    if reason:
-        logger.warning("memory pre-flight skipped: %s", reason)
-        return
     try:
         plan = plan_run(config, world_size, card_gib=card_gib, device="cuda", pinned_memory=True)
     except PlanError as err:

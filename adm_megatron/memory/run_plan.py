@@ -2,8 +2,9 @@
 the shapes, the layout and the memory settings, the parameter counts on ``meta``, then the formulas
 of ``plan.py`` with the family's per-block counts (``memory_terms``). Layout errors are raised
 before any model is built. Families whose spec lists the ``memory-plan`` tool are planned; others
-are refused in one line, and so are runs the phases of ``plan.py`` do not describe: ADP's pixel branch (a VAE
-decode and a vision encoder with grad; docs/PERFORMANCE.md measures them, ``tools/pixel_branch_memory.py``)."""
+are refused in one line, and so are methods the phases of ``plan.py`` do not describe. ADP's pixel
+branch (the VAE decode and the vision encoder) is counted on fake tensors from the pipeline's and the
+encoder's config files (``pixel_branch.py``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import os
 
 from adm_megatron.config import Config, ConfigError
 from adm_megatron.data.batch_layout import microbatches_for
-from adm_megatron.memory.counts import backbone_size, heads_size, lora_generator_size
+from adm_megatron.memory.counts import NetworkSize, backbone_size, heads_size, lora_generator_size
+from adm_megatron.memory.pixel_branch import pixel_branch
 from adm_megatron.memory.plan import (
     METHOD_PHASES,
     MemoryPlan,
@@ -23,20 +25,6 @@ from adm_megatron.memory.plan import (
 )
 from adm_megatron.families import family_for_preset, family_of_arch
 from adm_megatron.models.taps import tapped_block_indices
-
-
-PLANNED_METHODS = tuple(METHOD_PHASES)  # DMD plans ADM's (small) heads too: an upper bound
-
-
-def unplanned_part(config: Config) -> str:
-    """What of ``config``'s run the planner does not model, as a one-line reason ('' when none)."""
-    d = config.distill
-    if d.method not in PLANNED_METHODS:
-        return f"distill.method={d.method}: the planner models {', '.join(PLANNED_METHODS)} runs only"
-    if d.method == "adp" and d.pixel_weight > 0:
-        return (f"distill.pixel_weight={d.pixel_weight}: the planner does not model ADP's pixel branch (the VAE "
-                "decode and the vision encoder; docs/PERFORMANCE.md measures it); pixel_weight=0 plans the rest")
-    return ""
 
 
 def resolve_arch(config: Config, preset: str = ""):
@@ -134,9 +122,6 @@ def settings_for(config: Config, world_size: int, **memory) -> Settings:
 
 def plan_run(config: Config, world_size: int, preset: str = "", **memory) -> MemoryPlan:
     """The memory plan of ``config`` on ``world_size`` GPUs (``memory`` as ``settings_for``)."""
-    reason = unplanned_part(config)
-    if reason:
-        raise PlanError(reason)
     arch = resolve_arch(config, preset)
     shape = shape_for(config, arch)
     settings = settings_for(config, world_size, **memory)
@@ -150,7 +135,19 @@ def plan_run(config: Config, world_size: int, preset: str = "", **memory) -> Mem
     }
     if "fake_score" not in METHOD_PHASES[settings.method]:  # ADP builds none
         del sizes["fake_score"]
-    return plan_memory(shape, sizes, settings)
+    pixel = None
+    d = config.distill
+    if d.method == "adp" and d.pixel_weight > 0:
+        family = family_of_arch(arch)
+        try:
+            pixel = pixel_branch(config, family, family.latent_shape(arch, config.data.frames, config.data.height,
+                                                                       config.data.width))
+        except ValueError as err:
+            raise PlanError(str(err)) from None
+        latent = sizes["discriminator"]
+        sizes["discriminator"] = NetworkSize(latent.params + pixel.heads_params,
+                                             max(latent.largest_param, pixel.heads_largest_param), latent.buffer_bytes)
+    return plan_memory(shape, sizes, settings, pixel)
 
 
-__all__ = ["ConfigError", "PLANNED_METHODS", "plan_run", "resolve_arch", "settings_for", "shape_for", "unplanned_part"]
+__all__ = ["ConfigError", "plan_run", "resolve_arch", "settings_for", "shape_for"]
