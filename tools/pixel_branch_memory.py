@@ -21,6 +21,9 @@ on a GPU (``--device cuda``) CUDA's:
 
 The run's sizes: CogVideoX 13 x 60 x 90 latents = 49 frames of 480 x 720 (every frame goes
 through the encoder); SD3 128 x 128 latents = one 1024 x 1024 image.
+
+The memory planner counts the branch on fake tensors instead (``adm_megatron/memory/pixel_branch.py``);
+``tests/test_fake_peak.py`` holds that count to within 15% of the measurements this tool wrote.
 """
 
 from __future__ import annotations
