@@ -13,6 +13,7 @@ import sys
 
 import pytest
 from slurm_local import LocalSlurm
+from tiny_runs import without_timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "slurm", "tiny_cpu.sbatch")
@@ -35,7 +36,7 @@ def _metrics(out: str) -> list[dict]:
 
 
 def _without_timings(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.endswith("/seconds")} for r in rows]
+    return [without_timing(r) for r in rows]
 
 
 def _ended(slurm, job: str) -> bool:

@@ -1,6 +1,7 @@
 """Overrides of the tiny fp64 ADM run that the multi-process equality tests train (a tiny
 pipeline's teacher, 2 x 4 x 4 latents, a head on every block, lr 1e-3 for every network, nothing
-written but checkpoints): fp64 so that summation order cannot hide a difference."""
+written but checkpoints): fp64 so that summation order cannot hide a difference. Also which metrics
+measure time, which no equality test compares."""
 
 from __future__ import annotations
 
@@ -14,3 +15,13 @@ def tiny_fp64_run(iterations: int) -> list[str]:
         "logging.wandb_mode=disabled", "logging.progress=false",
         "optim.generator.lr=1e-3", "optim.fake_score.lr=1e-3", "optim.discriminator.lr=1e-3",
     ]
+
+
+def is_timing(key: str) -> bool:
+    """Metrics that measure time (each phase's seconds, the iteration's throughput): they differ
+    between two runs that compute the same."""
+    return key.endswith("/seconds") or key.startswith("throughput/")
+
+
+def without_timing(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not is_timing(k)}
