@@ -68,47 +68,17 @@ def test_views_and_in_place_results_of_uncounted_tensors_allocate_nothing():
     assert peak.peak == y.numel() * 4
 
 
-def _published(component: str, recompute: bool):
-    """The module and a function running it as tools/pixel_branch_memory.py measured it (fake)."""
-    from diffusers import AutoencoderKL, AutoencoderKLCogVideoX
-    from transformers import Dinov2Config, Dinov2Model, SamVisionConfig, SamVisionModel
-
-    from adm_megatron.families import get_family
-    from adm_megatron.heads.pixel import recompute_encoder, recompute_vae
-    from adm_megatron.memory.pixel_branch import _no_init_weights
-
-    name = component.split()[0]
-    if "VAE" in component:
-        vae = AutoencoderKLCogVideoX(**published.COGVIDEOX_VAE) if name == "cogvideox" else AutoencoderKL(
-            **published.SD3_VAE)
-        vae.eval().requires_grad_(False)
-        if recompute:
-            recompute_vae(vae)
-        latents = torch.randn(1, *MEASURED[(component, recompute)]["probe_latents"], requires_grad=True)
-        return lambda: get_family(name).decode_images(vae, latents).float().square().sum().backward()
-    with _no_init_weights():
-        encoder = (SamVisionModel(SamVisionConfig(**published.SAM_VIT_B)) if name == "sam"
-                   else Dinov2Model(Dinov2Config(**published.DINOV2_B)))
-    encoder.eval().requires_grad_(False)
-    if recompute:
-        recompute_encoder(encoder)
-    size = encoder.config.image_size
-    pixels = torch.randn(1, 3, size, size, requires_grad=True)
-
-    def run():
-        hidden = encoder(pixel_values=pixels, output_hidden_states=True).hidden_states
-        sum(hidden[k].float().square().sum() for k in published.LAYERS).backward()
-
-    return run
-
-
 @pytest.mark.parametrize("component, recompute", sorted(MEASURED), ids=lambda v: str(v).replace(" ", "-"))
 def test_published_architectures_are_within_15_percent_of_the_profiled_measurements(component, recompute):
-    measured = MEASURED[(component, recompute)]
+    """The tool's own runs (tools/pixel_branch_memory.py), counted on fake tensors as it counts them."""
     assert RECORD["mode"] == "fp32"  # as counted here
-    with FakeTensorMode():
-        run = _published(component, recompute)
-        with FakePeak() as fake:
-            run()
-    assert abs(fake.peak / measured["peak_bytes"] - 1) <= 0.15, (component, recompute, fake.peak,
-                                                                 measured["peak_bytes"])
+    measured = MEASURED[(component, recompute)]
+    name = component.split()[0]
+    if "VAE" in component:
+        run_on = lambda fake: published.vae_run(name, tuple(measured["probe_latents"]), recompute,  # noqa: E731
+                                                "cpu", "none", fake, {})
+    else:
+        run_on = lambda fake: published.encoder_run(name, recompute, measured["image_size"], "cpu",  # noqa: E731
+                                                    "none", fake, {})
+    counted = published.peak_of(run_on, counted=True)
+    assert abs(counted / measured["peak_bytes"] - 1) <= 0.15, (component, recompute, counted, measured["peak_bytes"])

@@ -1,6 +1,7 @@
 """``tools/pixel_branch_memory.py`` on small probes (the published VAE / encoder widths, small
 inputs): both VAEs and both encoders are measured with and without ``distill.pixel_recompute``,
-the table and the JSON say so, and recomputing lowers every VAE's and SAM's measured peak."""
+the table and the JSON say so, recomputing lowers every VAE's and SAM's measured peak, and the
+planner's fake-tensor count of each run is recorded beside it."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def test_pixel_branch_memory_smoke(tmp_path):
     assert peaks[("sam encoder", True)]["image_size"] == 64
     for component in components[:3]:
         assert 0 < peaks[(component, True)]["peak_bytes"] < peaks[(component, False)]["peak_bytes"], component
+        # the planner's count of the same run (fake tensors) sits beside each measurement
+        assert 0 < peaks[(component, True)]["counted_peak_bytes"] < peaks[(component, False)]["counted_peak_bytes"]
     assert report["mode"] == "fp32"
 
 

@@ -22,17 +22,22 @@ on a GPU (``--device cuda``) CUDA's:
 The run's sizes: CogVideoX 13 x 60 x 90 latents = 49 frames of 480 x 720 (every frame goes
 through the encoder); SD3 128 x 128 latents = one 1024 x 1024 image.
 
-The memory planner counts the branch on fake tensors instead (``adm_megatron/memory/pixel_branch.py``);
-``tests/test_fake_peak.py`` holds that count to within 15% of the measurements this tool wrote.
+Beside each measurement the JSON has ``counted_peak_bytes``: the same run on fake tensors under
+``adm_megatron.memory.fake_peak.FakePeak``, the count the memory planner makes of the branch
+(``adm_megatron/memory/pixel_branch.py``), on the same device type and autocast (on a GPU: CUDA fake
+tensors and CUDA's autocast op lists). ``tests/test_fake_peak.py`` holds the count to within 15% of
+the committed measurements.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -64,37 +69,60 @@ def _vae(name: str, device: str):
     from diffusers import AutoencoderKL, AutoencoderKLCogVideoX
 
     torch.manual_seed(0)
-    vae = AutoencoderKLCogVideoX(**COGVIDEOX_VAE) if name == "cogvideox" else AutoencoderKL(**SD3_VAE)
-    return vae.to(device).eval().requires_grad_(False)
+    with torch.device(device):  # built there (on fake tensors too, where .to() cannot move them)
+        vae = AutoencoderKLCogVideoX(**COGVIDEOX_VAE) if name == "cogvideox" else AutoencoderKL(**SD3_VAE)
+    return vae.eval().requires_grad_(False)
 
 
-def _encoder(name: str, image_size: int | None, device: str):
+def _encoder(name: str, image_size: int | None, device: str, fake: bool):
     from transformers import Dinov2Config, Dinov2Model, SamVisionConfig, SamVisionModel
+
+    from adm_megatron.memory.pixel_branch import no_init_weights
 
     torch.manual_seed(0)
     sizes = {} if image_size is None else {"image_size": image_size}
-    if name == "sam":
-        model = SamVisionModel(SamVisionConfig(**{**SAM_VIT_B, **sizes}))
-    else:
-        model = Dinov2Model(Dinov2Config(**{**DINOV2_B, **sizes}))
-    return model.to(device).eval().requires_grad_(False)
+    # fake tensors: skip the initialisers (DINOv2's read values)
+    with torch.device(device), (no_init_weights() if fake else contextlib.nullcontext()):
+        if name == "sam":
+            model = SamVisionModel(SamVisionConfig(**{**SAM_VIT_B, **sizes}))
+        else:
+            model = Dinov2Model(Dinov2Config(**{**DINOV2_B, **sizes}))
+    return model.eval().requires_grad_(False)
+
+
+def peak_of(run_on: Callable[[bool], Callable[[], None]], counted: bool) -> int:
+    """The peak of ``run_on(fake)()``: measured by the profiler on real tensors, or counted on fake
+    ones (``counted``: what the planner does)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from adm_megatron.memory.fake_peak import FakePeak
+    from adm_megatron.memory.measure import peak_during
+
+    if not counted:
+        return peak_during(run_on(False))
+    with FakeTensorMode():
+        run = run_on(True)
+        with FakePeak() as fake:
+            run()
+    return fake.peak
 
 
 def _autocast(device: str, autocast: str):
     return torch.autocast(torch.device(device).type, torch.bfloat16, enabled=autocast == "bf16")
 
 
-def measure_vae(name: str, probe: tuple, recompute: bool, device: str = "cpu", autocast: str = "none") -> dict:
+def vae_run(name: str, probe: tuple, recompute: bool, device: str, autocast: str, fake: bool, out: dict):
+    """One decode + backward of the published VAE ``name`` at ``probe`` latents (its output pixels go
+    to ``out``)."""
     from adm_megatron.families import get_family
     from adm_megatron.heads.pixel import recompute_vae
-    from adm_megatron.memory.measure import peak_during
 
     vae = _vae(name, device)
     if recompute:
         recompute_vae(vae)
     family = get_family(name)
-    latents = torch.randn(1, *probe, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_(True)
-    out = {}
+    with torch.device(device):
+        latents = torch.randn(1, *probe).requires_grad_(True)
 
     def run():
         with _autocast(device, autocast):
@@ -103,24 +131,20 @@ def measure_vae(name: str, probe: tuple, recompute: bool, device: str = "cpu", a
         out["pixels"] = images.shape[0] * images.shape[2] * images.shape[3]
         loss.backward()
 
-    start = time.perf_counter()
-    peak = peak_during(run)
-    return {"component": f"{name} VAE decode", "recompute": recompute, "probe_latents": list(probe),
-            "probe_pixels": out["pixels"], "peak_bytes": peak, "bytes_per_pixel": peak / out["pixels"],
-            "run_bytes": peak / out["pixels"] * RUN_PIXELS[name], "run": name, "unit": "output pixel",
-            "seconds": time.perf_counter() - start}
+    return run
 
 
-def measure_encoder(name: str, recompute: bool, image_size: int | None, device: str = "cpu",
-                    autocast: str = "none") -> dict:
+def encoder_run(name: str, recompute: bool, image_size: int | None, device: str, autocast: str, fake: bool,
+                out: dict):
+    """One forward (hidden states at LAYERS) + backward of the published encoder ``name`` on one image."""
     from adm_megatron.heads.pixel import recompute_encoder
-    from adm_megatron.memory.measure import peak_during
 
-    encoder = _encoder(name, image_size, device)
+    encoder = _encoder(name, image_size, device, fake)
     if recompute:
         recompute_encoder(encoder)
-    size = encoder.config.image_size
-    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2)).to(device).requires_grad_(True)
+    out["image_size"] = size = encoder.config.image_size
+    with torch.device(device):
+        pixels = torch.randn(1, 3, size, size).requires_grad_(True)
 
     def run():
         with _autocast(device, autocast):
@@ -128,16 +152,36 @@ def measure_encoder(name: str, recompute: bool, image_size: int | None, device: 
             loss = sum(hidden[k].float().square().sum() for k in LAYERS)
         loss.backward()
 
+    return run
+
+
+def measure_vae(name: str, probe: tuple, recompute: bool, device: str = "cpu", autocast: str = "none") -> dict:
+    out = {}
     start = time.perf_counter()
-    peak = peak_during(run)
-    return {"component": f"{name} encoder", "recompute": recompute, "image_size": size, "peak_bytes": peak,
-            "bytes_per_image": peak, "unit": "image", "seconds": time.perf_counter() - start,
-            "run_bytes_per_family": {f: peak * RUN_IMAGES[f] for f in RUN_IMAGES}}
+    peak = peak_of(lambda fake: vae_run(name, probe, recompute, device, autocast, fake, out), counted=False)
+    seconds = time.perf_counter() - start
+    counted = peak_of(lambda fake: vae_run(name, probe, recompute, device, autocast, fake, {}), counted=True)
+    return {"component": f"{name} VAE decode", "recompute": recompute, "probe_latents": list(probe),
+            "probe_pixels": out["pixels"], "peak_bytes": peak, "bytes_per_pixel": peak / out["pixels"],
+            "run_bytes": peak / out["pixels"] * RUN_PIXELS[name], "run": name, "unit": "output pixel",
+            "seconds": seconds, "counted_peak_bytes": counted}
+
+
+def measure_encoder(name: str, recompute: bool, image_size: int | None, device: str = "cpu",
+                    autocast: str = "none") -> dict:
+    out = {}
+    start = time.perf_counter()
+    peak = peak_of(lambda fake: encoder_run(name, recompute, image_size, device, autocast, fake, out), counted=False)
+    seconds = time.perf_counter() - start
+    counted = peak_of(lambda fake: encoder_run(name, recompute, image_size, device, autocast, fake, {}), counted=True)
+    return {"component": f"{name} encoder", "recompute": recompute, "image_size": out["image_size"],
+            "peak_bytes": peak, "bytes_per_image": peak, "unit": "image", "seconds": seconds,
+            "run_bytes_per_family": {f: peak * RUN_IMAGES[f] for f in RUN_IMAGES}, "counted_peak_bytes": counted}
 
 
 def _table(rows: list[dict], mode: str) -> str:
     lines = [f"| component | recompute | probe | measured peak | per unit ({mode}) | CogVideoX run (49 x 480 x 720) | "
-             "SD3 run (1024^2) |", "|---|---|---|---|---|---|---|"]
+             "SD3 run (1024^2) | planner's count / measured |", "|---|---|---|---|---|---|---|---|"]
     gib = 1024**3
     for r in rows:
         if r["unit"] == "output pixel":
@@ -150,7 +194,8 @@ def _table(rows: list[dict], mode: str) -> str:
             per = f"{r['bytes_per_image'] / gib:.2f} GiB / image"
             cells = [f"{r['run_bytes_per_family'][f] / gib:.1f} GiB" for f in ("cogvideox", "sd3")]
         lines.append(f"| {r['component']} | {'yes' if r['recompute'] else 'no'} | {probe} | "
-                     f"{r['peak_bytes'] / 2**20:.0f} MiB | {per} | {cells[0]} | {cells[1]} |")
+                     f"{r['peak_bytes'] / 2**20:.0f} MiB | {per} | {cells[0]} | {cells[1]} | "
+                     f"{r['counted_peak_bytes'] / r['peak_bytes']:.3f} |")
     return "\n".join(lines)
 
 

@@ -38,13 +38,13 @@ class PixelBranch:
     discriminator_peak: int  # bytes the discriminator phase's pixel work adds at its peak
 
 
-def _no_init_weights():
+def no_init_weights():
     """transformers' switch that skips weight initialisation (moved in transformers 5)."""
     try:
-        from transformers.initialization import no_init_weights
+        from transformers.initialization import no_init_weights as switch
     except ImportError:
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
+        from transformers.modeling_utils import no_init_weights as switch
+    return switch()
 
 
 def _files(config) -> tuple[str, str]:
@@ -77,7 +77,7 @@ def pixel_branch(config, family, latent_shape: tuple[int, ...]) -> PixelBranch:
     batch = config.data.batch_size
     with FakeTensorMode(), torch.device(device_type):
         vae = vae_class.from_config(vae_class.load_config(os.path.dirname(vae_file)))
-        with _no_init_weights():  # initialisers that read values (DINOv2's) cannot run on fake tensors
+        with no_init_weights():  # initialisers that read values (DINOv2's) cannot run on fake tensors
             encoder = encoder_type(encoder_type.config_class.from_pretrained(os.path.dirname(encoder_file)))
         pixel = PixelFeatures(vae, family.decode_images, encoder, d.pixel_encoder, d.pixel_layers,
                               recompute=d.pixel_recompute)
