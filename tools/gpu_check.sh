@@ -27,7 +27,8 @@
 # 7. the memory-settings check (tools/gpu_memory_settings.py);
 # 8. ADP's pixel branch under BF16 autocast on the GPU (tools/pixel_branch_memory.py --autocast bf16
 #    --device cuda) into $OUT/pixel_branch_bf16.json / .log, under GPU_CHECK_PIXEL_TIMEOUT_S (default
-#    60 s; 0 skips it): the bf16 figures docs/PERFORMANCE.md could not measure on a CPU.
+#    60 s; 0 skips it): the bf16 figures docs/PERFORMANCE.md could not measure on a CPU, each beside the
+#    memory planner's count of the same run on CUDA fake tensors.
 # Every step's limit is also cut to what is left of GPU_CHECK_TOTAL_S (default 570 s) since the start, so
 # the whole script fits one 600 s device call; a step with under 20 s left is skipped and says so.
 #
