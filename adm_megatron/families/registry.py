@@ -126,6 +126,16 @@ class ModelFamily:
         """The architecture of a diffusers transformer directory (its ``config.json``)."""
         return self.arch_from_diffusers_config(read_model_config(path), os.path.join(path, "config.json"))
 
+    def vae_type(self):
+        """The diffusers class of the family pipeline's VAE (``vae_class``)."""
+        import diffusers
+
+        return getattr(diffusers, self.vae_class)
+
+    def load_vae(self, vae_dir: str):
+        """The pipeline's VAE from its local ``vae/`` directory."""
+        return self.vae_type().from_pretrained(vae_dir, local_files_only=True)
+
     def latent_shape(self, arch, frames: int, height: int, width: int) -> tuple[int, ...]:
         """One sample's latent shape (no batch dimension) at this latent size."""
         if self.latent_layout == "video":

@@ -125,9 +125,7 @@ def build_pixel_features(family, kind: str, encoder_path: str, vae_dir: str, lay
                          dtype, recompute: bool = False) -> PixelFeatures:
     """The frozen pixel backbone from local directories (the encoder's, the pipeline's ``vae/``, read
     as the model family's VAE class and decoded as its pipeline decodes)."""
-    import diffusers
-
-    vae = getattr(diffusers, family.vae_class).from_pretrained(vae_dir, local_files_only=True)
+    vae = family.load_vae(vae_dir)
     encoder = load_pixel_encoder(kind, encoder_path)
     return PixelFeatures(vae, family.decode_images, encoder, kind, layers, recompute).to(device, dtype)
 

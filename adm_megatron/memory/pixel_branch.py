@@ -62,7 +62,6 @@ def _files(config) -> tuple[str, str]:
 
 def pixel_branch(config, family, latent_shape: tuple[int, ...]) -> PixelBranch:
     """The figures above for ``config``'s ADP run (``latent_shape``: one sample's latents)."""
-    import diffusers
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from adm_megatron.heads import MultiHeadDiscriminator
@@ -70,7 +69,7 @@ def pixel_branch(config, family, latent_shape: tuple[int, ...]) -> PixelBranch:
 
     d = config.distill
     vae_file, encoder_file = _files(config)
-    vae_class = getattr(diffusers, family.vae_class)
+    vae_class = family.vae_type()
     encoder_type = encoder_class(d.pixel_encoder)
     bf16 = config.model.dtype == "bf16"
     device_type = "cuda" if torch.cuda.is_available() else "cpu"

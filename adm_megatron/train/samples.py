@@ -103,11 +103,8 @@ class RunSamples:
 
     def _vae(self):
         if self.vae is None:
-            import diffusers
-
             t = self.trainer
-            vae_dir = os.path.join(t.teacher_source.pipeline_dir, "vae")
-            vae = getattr(diffusers, t.family.vae_class).from_pretrained(vae_dir, local_files_only=True)
+            vae = t.family.load_vae(os.path.join(t.teacher_source.pipeline_dir, "vae"))
             dtype = torch.bfloat16 if t.config.model.dtype == "bf16" else t.dtype
             self.vae = vae.to(dtype).eval().requires_grad_(False)
         return self.vae
