@@ -108,14 +108,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from adm_megatron.sampling import SampleRun, format_timing, sample
+    from adm_megatron.sampling import SampleRun, format_timing, generator_steps, sample
 
-    runs = [SampleRun("generator", args.generator, args.steps, args.guidance_scale)]
-    if args.teacher_steps:
-        runs.append(SampleRun("teacher", None, args.teacher_steps, args.teacher_guidance_scale))
     try:
+        runs = [SampleRun("generator", args.generator, generator_steps(args.generator, args.steps), args.guidance_scale)]
+        if args.teacher_steps:
+            runs.append(SampleRun("teacher", None, args.teacher_steps, args.teacher_guidance_scale))
         result = sample(args.pipeline, runs, args.prompt, args.out, fmt=args.format, seed=args.seed,
-                        command=args.command_line)
+                        command=args.command_line, dtype=args.dtype, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as err:
         print(f"adm-megatron sample: {err}", file=sys.stderr)
         return 2
@@ -223,13 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="render prompts with an exported generator (and the teacher), seconds per sample",
         description="Generate samples from an exported generator (a diffusers transformer directory, "
         "e.g. a run's generator/) through its model family's diffusers pipeline with its N-step "
-        "schedule, and with the pipeline's own transformer (the teacher) at --teacher-steps; writes "
-        "OUT/generator/, OUT/teacher/ and OUT/sample_timing.json and prints seconds per sample.",
+        "schedule (N from the distillation.json the trainer exports beside it, or --steps), and with "
+        "the pipeline's own transformer (the teacher) at --teacher-steps; writes OUT/generator/, "
+        "OUT/teacher/ and OUT/sample_timing.json and prints seconds per sample.",
     )
     samp.add_argument("--pipeline", required=True, help="the teacher's diffusers pipeline directory (VAE, text encoder, scheduler)")
     samp.add_argument("--generator", required=True, help="the exported generator (diffusers transformer directory)")
     samp.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
-    samp.add_argument("--steps", type=int, default=8, help="generator steps (default 8)")
+    samp.add_argument("--steps", type=int, default=None,
+                      help="generator steps (default: the count it was distilled for, from its distillation.json)")
     samp.add_argument("--guidance-scale", type=float, default=1.0,
                       help="CFG for the generator (default 1: none; > 1: the paper's 'ADM w/ CFG')")
     samp.add_argument("--teacher-steps", type=int, default=50, help="teacher steps (default 50; 0: no teacher)")
@@ -237,7 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--format", default=None, choices=("mp4", "gif", "png"),
                       help="default: mp4 for video families, png for image families (png: a video's frames side by side)")
     samp.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by seed + i")
-    samp.add_argument("--out", required=True, help="output directory")
+    samp.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                      help="pipeline dtype (default auto: bf16 on a GPU, fp32 on CPU)")
+    samp.add_argument("--out", required=True, help="output directory (new or empty)")
+    samp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     samp.set_defaults(func=_sample)
     return parser
 

@@ -146,6 +146,7 @@ def test_lora_config_section_parses_and_validates():
 
 def test_export_lora_modes_write_what_they_say(tmp_path, world_of_one):
     from adm_megatron.lora import apply_lora
+    from adm_megatron.convert.distillation_record import DISTILLATION_FILE, read_distillation_record
     from adm_megatron.lora.export import LORA_WEIGHTS, export_lora_generator
     from adm_megatron.models import build_model_from_hf
 
@@ -154,11 +155,13 @@ def test_export_lora_modes_write_what_they_say(tmp_path, world_of_one):
     for mode, written in [("adapter", ["generator_lora"]), ("merged", ["generator"]),
                           ("both", ["generator", "generator_lora"])]:
         out = tmp_path / mode
-        merged = export_lora_generator(model, model.arch, str(out / "generator"), mode)
+        merged = export_lora_generator(model, model.arch, str(out / "generator"), mode, record={"generator_steps": 4})
         assert sorted(os.listdir(out)) == written
         assert merged == (str(out / "generator") if "generator" in written else None)
         if "generator_lora" in written:
-            assert os.listdir(out / "generator_lora") == [LORA_WEIGHTS]
+            assert sorted(os.listdir(out / "generator_lora")) == [DISTILLATION_FILE, LORA_WEIGHTS]
+        for name in written:  # each export says how many steps to sample it with
+            assert read_distillation_record(str(out / name)) == {"generator_steps": 4}
 
 
 def test_trainer_refuses_bad_lora_targets_before_building_networks(pipeline_dir, tmp_path, world_of_one,

@@ -65,9 +65,13 @@ def test_exported_generator_loads_in_diffusers_and_generates(finished_run, pipel
     from diffusers import CogVideoXTransformer3DModel
 
     from adm_megatron.convert.checkpoint import load_megatron_checkpoint
+    from adm_megatron.convert.distillation_record import read_distillation_record
 
     out, _ = finished_run
     exported = CogVideoXTransformer3DModel.from_pretrained(os.path.join(out, "generator"))
+    record = read_distillation_record(os.path.join(out, "generator"))  # what it was distilled for
+    assert (record["method"], record["generator_steps"], record["iteration"]) == ("adm", 4, 3)
+    assert record["teacher"] == pipeline_dir and record["latent_size"] == {"frames": 3, "height": 8, "width": 8}
     teacher = CogVideoXTransformer3DModel.from_pretrained(os.path.join(pipeline_dir, "transformer"))
     assert any(not torch.equal(a, b) for a, b in zip(exported.parameters(), teacher.parameters()))
     trained = load_megatron_checkpoint(os.path.join(out, "checkpoints", "iter_0000003", "generator"))

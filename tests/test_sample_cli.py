@@ -5,8 +5,10 @@ sample, and names bad input in one line."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
+import torch
 
 from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
 
@@ -49,3 +51,51 @@ def test_sample_renders_the_exported_generator_and_the_teacher(tmp_path, world_o
     assert main(["sample", "--pipeline", pipeline, "--generator", generator, "--prompt", "x", "--steps", "0",
                  "--out", str(tmp_path / "bad")]) == 2
     assert capsys.readouterr().err.strip() == "adm-megatron sample: generator steps=0: expected >= 1"
+
+
+def test_sample_takes_the_distilled_step_count_and_never_mixes_runs(tmp_path, world_of_one, capsys, monkeypatch):
+    """Without --steps the generator is sampled with the count in its distillation.json (a different
+    --steps is taken, with a note); a directory without the record needs --steps; a non-empty --out is
+    refused, and --overwrite leaves no file of the earlier run; --dtype runs the pipeline in it."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from adm_megatron.cli import main
+    from adm_megatron.models import build_model_from_hf
+    from adm_megatron.train.export import export_generator
+
+    pipeline = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    model = build_model_from_hf(f"{pipeline}/transformer")
+    generator = export_generator(model, model.arch, str(tmp_path / "generator"), record={"generator_steps": 3})
+    bare = export_generator(model, model.arch, str(tmp_path / "bare"))  # no record: a converted checkpoint
+    calls = []  # the dtype of every transformer call
+    original = CogVideoXTransformer3DModel.forward
+    monkeypatch.setattr(CogVideoXTransformer3DModel, "forward",
+                        lambda self, hidden_states, *a, **k: calls.append(hidden_states.dtype)
+                        or original(self, hidden_states, *a, **k))
+    out = tmp_path / "samples"
+    args = ["sample", "--pipeline", pipeline, "--prompt", "a red cat", "--format", "png"]
+
+    assert main([*args, "--generator", generator, "--teacher-steps", "2", "--out", str(out)]) == 0
+    assert calls == [torch.float32] * (3 + 2)  # 3 generator steps from the record, fp32 on CPU
+    assert json.loads((out / "sample_timing.json").read_text())["runs"][0]["distillation"] == {"generator_steps": 3}
+    capsys.readouterr()
+
+    calls.clear()
+    assert main([*args, "--generator", generator, "--teacher-steps", "0", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"adm-megatron sample: --out {out}: exists and is not empty (pass --overwrite to replace it)")
+    assert calls == [] and (out / "teacher").is_dir()  # refused before any sampling, nothing touched
+
+    assert main([*args, "--generator", generator, "--teacher-steps", "0", "--steps", "2", "--dtype", "bf16",
+                 "--out", str(out), "--overwrite"]) == 0
+    assert (f"adm-megatron sample: note: {generator} was distilled for 3 steps; sampling it with 2"
+            in capsys.readouterr().err.splitlines())
+    assert calls == [torch.bfloat16] * 2
+    assert sorted(os.listdir(out)) == ["generator", "sample_timing.json"]  # the earlier teacher/ is gone
+
+    calls.clear()
+    assert main([*args, "--generator", bare, "--out", str(tmp_path / "bare_samples")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"adm-megatron sample: --steps: {bare} has no distillation.json (adm-megatron train writes it into "
+        "generator/); give the step count the generator was distilled for")
+    assert calls == []

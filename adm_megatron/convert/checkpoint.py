@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from adm_megatron.config import LoraConfig
+from adm_megatron.convert.distillation_record import write_distillation_record
 from adm_megatron.lora.adapters import apply_lora, lora_adapters
 from adm_megatron.lora.merge import merged_full_state_dict
 
@@ -561,17 +562,19 @@ def read_checkpoint_arch(ckpt_dir: str):
     return read_checkpoint_family(ckpt_dir)[1]
 
 
-def export_diffusers(model, arch, out_dir: str, *, overwrite: bool = False) -> str:
+def export_diffusers(model, arch, out_dir: str, *, overwrite: bool = False, record: dict | None = None) -> str:
     """Collective: a (possibly TP-sharded) megatron model as a diffusers directory of its family's
-    transformer class; rank 0 writes it atomically."""
+    transformer class; rank 0 writes it atomically (with ``record`` as its ``distillation.json``)."""
     from adm_megatron.models.weights import gather_full_state_dict
 
-    return export_full_state_dict(gather_full_state_dict(model), arch, out_dir, overwrite=overwrite)
+    return export_full_state_dict(gather_full_state_dict(model), arch, out_dir, overwrite=overwrite, record=record)
 
 
-def export_full_state_dict(full: dict[str, torch.Tensor], arch, out_dir: str, *, overwrite: bool = False) -> str:
+def export_full_state_dict(full: dict[str, torch.Tensor], arch, out_dir: str, *, overwrite: bool = False,
+                           record: dict | None = None) -> str:
     """Collective: whole megatron-named tensors (e.g. a LoRA generator's merged weights) as a
-    diffusers directory of the architecture's family; rank 0 writes it atomically."""
+    diffusers directory of the architecture's family; rank 0 writes it atomically, with ``record``
+    (``adm_megatron.convert.distillation_record``) as its ``distillation.json`` when given."""
     from adm_megatron.families import family_of_arch
 
     family = family_of_arch(arch)
@@ -581,6 +584,8 @@ def export_full_state_dict(full: dict[str, torch.Tensor], arch, out_dir: str, *,
         if _rank() == 0:
             hf_state = family.megatron_to_hf(full, arch)
             _diffusers_model(family.diffusers_model_class(), config, hf_state).save_pretrained(tmp)
+            if record is not None:
+                write_distillation_record(tmp, record)
 
     return _write_atomically(out_dir, overwrite, write)
 

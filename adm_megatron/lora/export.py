@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from adm_megatron.convert.checkpoint import export_full_state_dict, write_atomically
+from adm_megatron.convert.distillation_record import write_distillation_record
 from adm_megatron.lora.merge import full_adapters, merged_full_state_dict, require_adapters
 from adm_megatron.lora.targets import KeyMapping, default_key_mapping
 
@@ -55,8 +56,9 @@ def _default_pipeline_class(model: torch.nn.Module):
 
 
 def export_lora_file(model: torch.nn.Module, out_dir: str, *, overwrite: bool = False, pipeline_class=None,
-                     to_hf: KeyMapping | None = None) -> str:
-    """Collective: ``out_dir/pytorch_lora_weights.safetensors`` (rank 0 writes it atomically)."""
+                     to_hf: KeyMapping | None = None, record: dict | None = None) -> str:
+    """Collective: ``out_dir/pytorch_lora_weights.safetensors`` (rank 0 writes it atomically, with
+    ``record`` as ``distillation.json`` when given)."""
     state, metadata = peft_state_dict(model, to_hf)
     pipeline_class = pipeline_class or _default_pipeline_class(model)
 
@@ -64,23 +66,27 @@ def export_lora_file(model: torch.nn.Module, out_dir: str, *, overwrite: bool = 
         if not dist.is_initialized() or dist.get_rank() == 0:
             pipeline_class.save_lora_weights(tmp, transformer_lora_layers=state, weight_name=LORA_WEIGHTS,
                                              transformer_lora_adapter_metadata=metadata)
+            if record is not None:
+                write_distillation_record(tmp, record)
 
     return write_atomically(out_dir, overwrite, write)
 
 
-def export_merged(model: torch.nn.Module, arch, out_dir: str, *, overwrite: bool = False) -> str:
+def export_merged(model: torch.nn.Module, arch, out_dir: str, *, overwrite: bool = False,
+                  record: dict | None = None) -> str:
     """Collective: the merged generator as a diffusers transformer directory."""
-    return export_full_state_dict(merged_full_state_dict(model), arch, out_dir, overwrite=overwrite)
+    return export_full_state_dict(merged_full_state_dict(model), arch, out_dir, overwrite=overwrite, record=record)
 
 
-def export_lora_generator(model: torch.nn.Module, arch, out_dir: str, mode: str) -> str | None:
+def export_lora_generator(model: torch.nn.Module, arch, out_dir: str, mode: str, record: dict | None = None) -> str | None:
     """Collective: ``mode`` merged -> ``out_dir``, adapter -> ``out_dir`` + ``_lora``, both -> both
-    (existing outputs replaced). Returns the merged directory, or None when it was not asked for."""
+    (existing outputs replaced; ``record`` in each). Returns the merged directory, or None when it
+    was not asked for."""
     if mode not in LORA_EXPORTS:
         raise ValueError(f"train.export_lora={mode!r}: expected one of {', '.join(LORA_EXPORTS)}")
     merged = None
     if mode in ("merged", "both"):
-        merged = export_merged(model, arch, out_dir, overwrite=True)
+        merged = export_merged(model, arch, out_dir, overwrite=True, record=record)
     if mode in ("adapter", "both"):
-        export_lora_file(model, os.path.normpath(out_dir) + "_lora", overwrite=True)
+        export_lora_file(model, os.path.normpath(out_dir) + "_lora", overwrite=True, record=record)
     return merged

@@ -11,10 +11,12 @@ from adm_megatron.lora import lora_adapters
 from adm_megatron.lora.export import export_lora_generator
 
 
-def export_generator(generator: torch.nn.Module, arch, out_dir: str, lora_mode: str = "merged") -> str | None:
-    """Collective: the generator's weights (gathered over TP) as a diffusers directory. A LoRA
+def export_generator(generator: torch.nn.Module, arch, out_dir: str, lora_mode: str = "merged",
+                     record: dict | None = None) -> str | None:
+    """Collective: the generator's weights (gathered over TP) as a diffusers directory, with
+    ``record`` (``adm_megatron.convert.distillation_record``) as its ``distillation.json``. A LoRA
     generator is exported as ``lora_mode`` says (``adm_megatron.lora.export.export_lora_generator``);
     returns the diffusers directory, None if only the LoRA file was asked for."""
     if lora_adapters(generator) is not None:
-        return export_lora_generator(generator, arch, out_dir, lora_mode)
-    return export_diffusers(generator, arch, out_dir, overwrite=True)
+        return export_lora_generator(generator, arch, out_dir, lora_mode, record=record)
+    return export_diffusers(generator, arch, out_dir, overwrite=True, record=record)

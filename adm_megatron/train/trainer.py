@@ -51,6 +51,7 @@ from adm_megatron.algorithms.randomness import PhaseDraws
 from adm_megatron.bench.counting import EvalCounter, instrument
 from adm_megatron.bench.report import device_name, peak_tflops
 from adm_megatron.config import Config, config_to_dict, network_updates
+from adm_megatron.convert.distillation_record import distillation_record
 from adm_megatron.data.batch_layout import BatchLayout, microbatches_for
 from adm_megatron.heads import MultiHeadDiscriminator
 from adm_megatron.heads.pixel import LatentPixelHeads, build_pixel_features
@@ -410,7 +411,7 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.copy_to(self.generator)
                 generator_dir = export_generator(self.generator, self.arch, os.path.join(c.output_dir, "generator"),
-                                                 lora_mode=c.train.export_lora)
+                                                 lora_mode=c.train.export_lora, record=distillation_record(c, total))
             if samples.enabled:
                 paths = samples.render(None)
                 run_log.media(total, paths)

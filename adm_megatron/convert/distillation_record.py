@@ -1,0 +1,53 @@
+"""``distillation.json``: what an exported generator was distilled for, written beside its weights.
+
+A diffusers transformer directory says what the network is, not how to sample it: a generator
+distilled for 4 steps sampled with 8 (or at another size) gives wrong-looking samples without any
+error. The trainer writes this record into the exported ``generator/`` (and ``generator_lora/``) so
+that ``adm-megatron sample`` takes the step count from it, and a reader of the directory sees the
+method, teacher, latent size and iteration it came from. diffusers ignores the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+DISTILLATION_FILE = "distillation.json"
+
+
+def distillation_record(config, iteration: int) -> dict:
+    """The record of a run (``adm_megatron.config.Config``) exported after ``iteration`` iterations."""
+    d = config.data
+    return {
+        "method": config.distill.method,
+        "generator_steps": config.distill.generator_steps,
+        "latent_size": {"frames": d.frames, "height": d.height, "width": d.width},
+        "teacher": config.model.teacher,
+        "generator_init": config.model.generator_init or None,
+        "teacher_guidance_scale": list(config.distill.guidance_scale),
+        "iteration": iteration,
+        "ema_decay": config.train.ema_decay,
+        "output_dir": config.output_dir,
+    }
+
+
+def write_distillation_record(directory: str, record: dict) -> None:
+    with open(os.path.join(directory, DISTILLATION_FILE), "w") as f:
+        json.dump(record, f, indent=2)
+
+
+def read_distillation_record(directory: str) -> dict | None:
+    """The record in ``directory``, None when it has none (e.g. a converted checkpoint); a one-line
+    ValueError when it is not a record."""
+    path = os.path.join(directory, DISTILLATION_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not readable JSON ({err})") from None
+    steps = record.get("generator_steps") if isinstance(record, dict) else None
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"{path}: generator_steps={steps!r}: expected an integer >= 1")
+    return record
