@@ -41,6 +41,7 @@ from adm_megatron.train.teacher import resolve_teacher
 from tiny_cogvideox import make_diffusers_model, save_diffusers_model
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _one_line(err: Exception) -> str:
@@ -265,3 +266,29 @@ def test_adp_pixel_branch_refuses_a_family_that_does_not_say_how_it_decodes(fake
     _one_line(err.value)
     with pytest.raises(ValueError, match="tool 'pixel-discriminator' needs vae_class and decode_images"):
         dataclasses.replace(family, tools=frozenset({"pixel-discriminator"}), vae_class=None)
+
+
+def test_make_tiny_pipeline_builds_each_familys_tiny_pipelines(tmp_path, capsys):
+    """``tools/make_tiny_pipeline.py --like NAME`` writes the named family's pipeline (its pipeline
+    class, and the variant's architecture), refuses a non-empty --out in one line, and offers the
+    tiny pipelines of every registered family."""
+    from adm_megatron.families import family_of_model_dir, tiny_pipeline_names
+
+    spec = importlib.util.spec_from_file_location("make_tiny_pipeline", os.path.join(ROOT, "tools", "make_tiny_pipeline.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tiny_pipeline_names() == ("cogvideox-2b", "cogvideox-5b", "sd3-medium", "sd3.5")
+    variant = {  # what tells the variants apart in the transformer's config
+        "cogvideox-2b": ("use_rotary_positional_embeddings", False), "cogvideox-5b": ("use_rotary_positional_embeddings", True),
+        "sd3-medium": ("qk_norm", None), "sd3.5": ("qk_norm", "rms_norm"),
+    }
+    for name, (key, value) in variant.items():
+        out = str(tmp_path / name)
+        assert tool.main(["--like", name, "--out", out]) == 0
+        family = family_of_model_dir(os.path.join(out, "transformer"))
+        assert json.load(open(os.path.join(out, "model_index.json")))["_class_name"] == family.pipeline_classes[0]
+        assert name.startswith(family.name) and json.load(open(os.path.join(out, "transformer", "config.json")))[key] == value
+    capsys.readouterr()
+    assert tool.main(["--like", "sd3.5", "--out", str(tmp_path / "sd3.5")]) == 2
+    assert capsys.readouterr().err.strip() == (f"make_tiny_pipeline.py: {tmp_path / 'sd3.5'}: output directory is not "
+                                              "empty (pass overwrite=True / --overwrite)")

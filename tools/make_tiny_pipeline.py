@@ -1,9 +1,11 @@
-"""Build a tiny random but complete CogVideoX pipeline directory, offline (tests, smoke runs).
+"""Build a tiny random but complete diffusers pipeline directory, offline (tests, smoke runs).
 
-    python tools/make_tiny_pipeline.py --out /tmp/tiny-cogvideox [--seed 0] [--rope]
+    python tools/make_tiny_pipeline.py --out outputs/tiny_teacher [--like cogvideox-2b] [--seed 0]
 
-See ``adm_megatron/data/tiny_pipeline.py`` for the component sizes. Run the pipeline with
-``max_sequence_length=16``.
+``--like`` names the model it is shaped after: a family's tiny pipeline (``cogvideox-2b``,
+``cogvideox-5b``: rotary embeddings, head dim 16; ``sd3-medium``, ``sd3.5``: QK norm). The component
+sizes are in ``adm_megatron/data/tiny_pipeline.py`` / ``tiny_sd3_pipeline.py``; encode prompts for
+them with ``tools/precompute_text_embeddings.py --max-length 16``.
 """
 
 from __future__ import annotations
@@ -14,19 +16,24 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from adm_megatron.data import build_tiny_pipeline  # noqa: E402
+from adm_megatron.families import build_tiny_pipeline_named, tiny_pipeline_names  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output pipeline directory")
+    parser.add_argument("--like", default="cogvideox-2b", choices=tiny_pipeline_names(),
+                        help="the model the tiny pipeline is shaped after (default cogvideox-2b)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed")
-    parser.add_argument("--rope", action="store_true",
-                        help="5b-style transformer: rotary embeddings, head dim 16")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     args = parser.parse_args(argv)
-    print(build_tiny_pipeline(args.out, args.seed, args.rope, args.overwrite))
+    try:
+        print(build_tiny_pipeline_named(args.like, args.out, args.seed, args.overwrite))
+    except FileExistsError as err:
+        print(f"make_tiny_pipeline.py: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -66,7 +66,7 @@ def build_tiny_pipeline(out_dir: str, seed: int = 0, rope: bool = False, overwri
     from transformers import T5Config, T5EncoderModel
 
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir}: output directory is not empty (pass overwrite=True)")
+        raise FileExistsError(f"{out_dir}: output directory is not empty (pass overwrite=True / --overwrite)")
     tokenizer = tiny_t5_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

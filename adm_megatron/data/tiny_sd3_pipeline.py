@@ -87,7 +87,7 @@ def build_tiny_sd3_pipeline(out_dir: str, seed: int = 0, qk_norm: bool = False, 
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir}: output directory is not empty (pass overwrite=True)")
+        raise FileExistsError(f"{out_dir}: output directory is not empty (pass overwrite=True / --overwrite)")
     clip_tokenizer = tiny_clip_tokenizer()
     t5_tokenizer = tiny_t5_tokenizer()
     clip_config = CLIPTextConfig(vocab_size=len(clip_tokenizer), bos_token_id=clip_tokenizer.bos_token_id,

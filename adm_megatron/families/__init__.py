@@ -12,11 +12,13 @@ from adm_megatron.families.registry import (
     family_names,
     family_of_arch,
     family_of_model_dir,
+    build_tiny_pipeline_named,
     get_family,
     known_diffusers_classes,
     preset_names,
     read_model_config,
     register_family,
+    tiny_pipeline_names,
     unregister_family,
 )
 
@@ -29,10 +31,12 @@ __all__ = [
     "family_names",
     "family_of_arch",
     "family_of_model_dir",
+    "build_tiny_pipeline_named",
     "get_family",
     "known_diffusers_classes",
     "preset_names",
     "read_model_config",
     "register_family",
+    "tiny_pipeline_names",
     "unregister_family",
 ]

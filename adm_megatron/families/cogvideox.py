@@ -20,6 +20,7 @@ from adm_megatron.families.registry import (
     lazy_class,
     per_head_mapping,
     register_family,
+    tiny_pipeline,
 )
 
 DIFFUSERS_CLASS = "CogVideoXTransformer3DModel"
@@ -102,6 +103,10 @@ COGVIDEOX = register_family(ModelFamily(
     render_samples=_render_samples,
     encode_prompts=_encode_prompts,
     presets=PRESETS,
+    tiny_pipelines={
+        "cogvideox-2b": tiny_pipeline("adm_megatron.data.tiny_pipeline", "build_tiny_pipeline"),
+        "cogvideox-5b": tiny_pipeline("adm_megatron.data.tiny_pipeline", "build_tiny_pipeline", rope=True),
+    },
     tools=frozenset({"bench", "memory-plan", "pixel-discriminator"}),
     call_flops=lazy("adm_megatron.bench.flops", "cogvideox_call_flops"),
     native_latent_size=_native_latent_size,

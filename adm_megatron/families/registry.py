@@ -93,6 +93,9 @@ class ModelFamily:
     # (pipeline_dir, prompts, arch, device) -> PromptEmbeddings, with the pipeline's own text encoder(s)
     encode_prompts: Callable[..., PromptEmbeddings]
     presets: dict = field(default_factory=dict)  # real-size name -> diffusers config (meta builds, plans)
+    # name -> (out_dir, seed, overwrite) -> out_dir: a tiny random but complete diffusers pipeline of
+    # the model it is named after, built offline (tests, smoke runs; tools/make_tiny_pipeline.py)
+    tiny_pipelines: dict = field(default_factory=dict)
     # what this family has the formulas / parts for: 'bench', 'memory-plan', 'pixel-discriminator'
     tools: frozenset = frozenset()
     # 'bench': (arch, latent tensor shape, text length, blocks, output_layer) -> CallFlops
@@ -192,6 +195,25 @@ def arch_reader(module: str, name: str) -> Callable[[dict, str], Any]:
 def arch_writer(class_name: str) -> Callable[[Any], dict]:
     """``arch -> config.json dict`` with ``_class_name`` set to the diffusers class written."""
     return lambda arch: {"_class_name": class_name, **arch.to_diffusers_config()}
+
+
+def tiny_pipeline(module: str, name: str, **options) -> Callable[[str, int, bool], str]:
+    """``(out_dir, seed, overwrite) -> out_dir`` through the builder ``module.name`` with ``options``."""
+    build = lazy(module, name)
+    return lambda out_dir, seed=0, overwrite=False: build(out_dir, seed=seed, overwrite=overwrite, **options)
+
+
+def tiny_pipeline_names() -> tuple[str, ...]:
+    """Every registered family's tiny pipelines."""
+    return tuple(name for family in _FAMILIES.values() for name in family.tiny_pipelines)
+
+
+def build_tiny_pipeline_named(name: str, out_dir: str, seed: int = 0, overwrite: bool = False) -> str:
+    """The tiny pipeline ``name`` (:func:`tiny_pipeline_names`) written to ``out_dir``."""
+    for family in _FAMILIES.values():
+        if name in family.tiny_pipelines:
+            return family.tiny_pipelines[name](out_dir, seed, overwrite)
+    raise ValueError(f"tiny pipeline {name!r}: expected one of {', '.join(tiny_pipeline_names())}")
 
 
 def per_head_mapping(module: str, name: str) -> Callable[[dict, Any], dict]:

@@ -22,6 +22,7 @@ from adm_megatron.families.registry import (
     lazy_class,
     per_head_mapping,
     register_family,
+    tiny_pipeline,
 )
 from adm_megatron.families.sd3_presets import PRESETS, SD3_SCHEDULER
 
@@ -101,6 +102,10 @@ SD3 = register_family(ModelFamily(
     render_samples=_render_samples,
     encode_prompts=_encode_prompts,
     presets=PRESETS,
+    tiny_pipelines={
+        "sd3-medium": tiny_pipeline("adm_megatron.data.tiny_sd3_pipeline", "build_tiny_sd3_pipeline"),
+        "sd3.5": tiny_pipeline("adm_megatron.data.tiny_sd3_pipeline", "build_tiny_sd3_pipeline", qk_norm=True),
+    },
     tools=frozenset({"bench", "memory-plan", "pixel-discriminator"}),
     call_flops=lazy("adm_megatron.bench.flops", "sd3_call_flops"),
     native_latent_size=lambda arch: (1, arch.sample_size, arch.sample_size),  # 1024 px -> 128 x 128
