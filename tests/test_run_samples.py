@@ -3,7 +3,9 @@
 - rendered by the generator in memory (its EMA weights swapped in), they are the images the
   family's real diffusers pipeline renders from the exported (EMA) generator with the same seeds and
   size (CogVideoX videos, SD3 images; fp32, 1e-4 in [0, 1] pixels);
-- every rank of a TP = 2 (with SP) or CP = 2 world renders the one-process samples (gloo);
+- every rank of a TP = 2 (with SP) or CP = 2 world renders the one-process samples (gloo); the
+  replicas of a DP = 2 world each render and write only their share, and the files are the
+  one-process files;
 - sampling changes nothing a run trains: metrics and weights of a run that samples every
   iteration (with the EMA weights swapped in) equal those of a run that does not, bit for bit;
 - the files: ``samples/iter_NNNNNNN/`` per sampling iteration and ``samples/`` at the end, and the
@@ -208,3 +210,37 @@ def test_tensor_and_context_parallel_samples_equal_one_process(cogvideox_pipelin
             got = result[name]
             assert got.shape == reference.shape
             assert ((got - reference).abs().max() / reference.abs().max()).item() <= 1e-5, (name, rank)
+
+
+def _render_counted(pipeline_dir: str, out: str) -> tuple[list[str], list[int]]:
+    """An untrained SD3 run's samples at iteration 7: the written paths (rank 0) and the batch of
+    each generator rollout this rank ran."""
+    from adm_megatron.parallel import destroy_parallel
+    from adm_megatron.train.samples import RunSamples
+    from adm_megatron.train.trainer import Trainer
+
+    trainer = Trainer(_config("sd3", pipeline_dir, out, "train.num_samples=3", "data.batch_size=2"))
+    rows = []
+    rollout = trainer.algorithm.sample_generator
+    trainer.algorithm.sample_generator = lambda noise, cond: rows.append(noise.shape[0]) or rollout(noise, cond)
+    paths = RunSamples(trainer).render(7)
+    destroy_parallel()
+    return paths, rows
+
+
+def test_data_parallel_replicas_split_the_samples_and_write_the_one_process_files(sd3_pipeline, tmp_path,
+                                                                                  world_of_one):
+    """With DP = 2 each replica rolls out and writes only its share (3 samples: [0, 1] and [2]) and
+    the files, the grid included, are the one-process files, pixel for pixel."""
+    import imageio.v3 as iio
+    from multiproc import run_world
+
+    one_paths, one_rows = _render_counted(sd3_pipeline, str(tmp_path / "one"))
+    ranks = run_world(_render_counted, 2, sd3_pipeline, str(tmp_path / "dp2"), timeout_s=600)
+    assert one_rows == [2, 1] and [rows for _, rows in ranks] == [[2], [1]]
+    paths = ranks[0][0]
+    assert ranks[1][0] == [] and [os.path.basename(p) for p in paths] == [os.path.basename(p) for p in one_paths]
+    assert [os.path.basename(p) for p in paths] == ["sample-000.png", "sample-001.png", "sample-002.png", "grid.png"]
+    assert sorted(os.listdir(tmp_path / "dp2" / "samples")) == ["iter_0000007"]  # no partial directory left
+    for got, want in zip(paths, one_paths):
+        assert np.array_equal(iio.imread(got), iio.imread(want)), got

@@ -1,28 +1,34 @@
 """The generator's samples during a run (every ``train.sample_every`` iterations) and at its end.
 
 The trained generator in memory renders them: no export, no second copy of the model, on the
-training device and dtype. Every rank runs the generator's N-step PF-ODE
-(``Distillation.sample_generator``: the sampler the family's diffusers pipeline runs with
-``num_inference_steps = N``) on the first ``train.num_samples`` prompts, ``data.batch_size`` at a
-time, at the run's latent size, under BF16 autocast when the run uses it, with the EMA weights
-swapped in when ``train.ema_decay`` > 0 (and swapped back, bit for bit). Sample ``i`` starts from
-noise seeded by ``seed + i`` as ``adm-megatron sample`` seeds the pipeline, the same at every
-sampling iteration, so the samples show the generator's progress; the noise comes from its own
-generator, so a run's training numbers do not depend on whether or how often it samples. Rank 0
-decodes each sample with the pipeline's VAE exactly as the pipeline does
-(``ModelFamily.decode_images``, then ``x / 2 + 0.5`` clamped to [0, 1]: the pipeline's
-postprocess); the VAE waits in host memory between samplings. Files: ``samples/iter_NNNNNNN/``
-during the run, ``samples/`` at the end, ``sample-iii.gif`` for videos and ``.png`` for images (and
-``grid.png`` tiling them), each directory written beside and renamed into place when complete; wandb gets them as media.
+training device and dtype. The first ``train.num_samples`` prompts are split over the data-parallel
+replicas in contiguous shares (replica r of D takes samples [r k, (r + 1) k), k = ceil(count / D)):
+each replica's ranks run the generator's N-step PF-ODE (``Distillation.sample_generator``: the
+sampler the family's diffusers pipeline runs with ``num_inference_steps = N``) on its share,
+``data.batch_size`` at a time, at the run's latent size, under BF16 autocast when the run uses it,
+with the EMA weights swapped in when ``train.ema_decay`` > 0 (and swapped back, bit for bit). Sample
+``i`` starts from noise seeded by ``seed + i`` as ``adm-megatron sample`` seeds the pipeline, the
+same at every sampling iteration and for any layout, so the samples show the generator's progress;
+the noise comes from its own generator, so a run's training numbers do not depend on whether or how
+often it samples. The first rank of each replica (TP and CP rank 0) decodes its share with the
+pipeline's VAE exactly as the pipeline does (``ModelFamily.decode_images``, then ``x / 2 + 0.5``
+clamped to [0, 1]: the pipeline's postprocess) and writes the files into the run's directory (which
+every rank sees, as checkpoints need); the VAE waits in host memory between samplings. So D replicas
+render in about 1 / D of one replica's time. Files: ``samples/iter_NNNNNNN/`` during the run,
+``samples/`` at the end, ``sample-iii.gif`` for videos and ``.png`` for images (and ``grid.png``
+tiling them, by rank 0 from the written images), each directory written beside and renamed into
+place by rank 0 when every writer is done; wandb gets them as media.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 
 import torch
+import torch.distributed as dist
 
 from adm_megatron.models.frame_files import image_grid, write_frames
 
@@ -57,23 +63,31 @@ class RunSamples:
         generator = torch.Generator().manual_seed(t.config.seed + index)
         return torch.randn(shape, generator=generator, dtype=t.dtype)
 
+    def share(self) -> range:
+        """The samples this rank's data-parallel replica renders."""
+        info = self.trainer.info
+        k = math.ceil(self.count / info.dp_size)
+        return range(min(info.dp_rank * k, self.count), min((info.dp_rank + 1) * k, self.count))
+
     @torch.no_grad()
-    def latents(self) -> torch.Tensor:
-        """Collective over the world: every sample's clean latents (all of them on every rank)."""
+    def latents(self, indices: range | None = None) -> torch.Tensor:
+        """Collective over the model-parallel group: the clean latents of samples ``indices`` (default
+        all), on each of its ranks; ``[0, ...]`` for an empty range."""
         from adm_megatron.algorithms.networks import text_condition
 
         t = self.trainer
+        indices = range(self.count) if indices is None else indices
         rows = t.config.data.batch_size
         to = dict(device=t.device, dtype=t.dtype)
         bf16 = t.config.model.dtype == "bf16"
-        out = []
+        out = [torch.empty(0, *self.noise(0).shape[1:])]
         with self._ema_weights(), torch.autocast(t.device.type, torch.bfloat16, enabled=bf16):
-            for lo in range(0, self.count, rows):
-                hi = min(lo + rows, self.count)
+            for lo in range(indices.start, indices.stop, rows):
+                hi = min(lo + rows, indices.stop)
                 noise = torch.cat([self.noise(i) for i in range(lo, hi)]).to(**to)
                 cond = text_condition(self.text[lo:hi].to(**to),
                                       None if self.pooled is None else self.pooled[lo:hi].to(**to))
-                out.append(t.algorithm.sample_generator(noise, cond).float())
+                out.append(t.algorithm.sample_generator(noise, cond).float().cpu())
         return torch.cat(out)
 
     @contextlib.contextmanager
@@ -110,22 +124,30 @@ class RunSamples:
         return self.vae
 
     def render(self, iteration: int | None) -> list[str]:
-        """Collective: render and (rank 0) write the samples of ``iteration`` (``None``: the end);
-        returns the written paths on rank 0, [] elsewhere."""
-        latents = self.latents()
-        if self.trainer.info.rank != 0:
-            return []
+        """Collective: render and write the samples of ``iteration`` (``None``: the end), each
+        replica its share; returns the written paths on rank 0, [] elsewhere."""
+        info = self.trainer.info
         out = sample_dir(self.trainer.config.output_dir, iteration)
         partial = f"{out}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(partial)
         names = [f"sample-{i:03d}.{self.fmt}" for i in range(self.count)]
-        frames = self.frames(latents)
-        for name, sample in zip(names, frames):
-            write_frames(sample, os.path.join(partial, name), self.fmt)
+        if info.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)
+        mine = self.share()
+        latents = self.latents(mine)
+        _barrier()  # the directory exists
+        if info.tp_rank == 0 and info.cp_rank == 0 and len(mine):
+            for i, sample in zip(mine, self.frames(latents)):
+                write_frames(sample, os.path.join(partial, names[i]), self.fmt)
+        _barrier()  # every share is written
+        if info.rank != 0:
+            return []
         if self.fmt == "png":  # images: also all of them in one grid
+            import imageio.v3 as iio
+
+            images = [iio.imread(os.path.join(partial, name)) / 255.0 for name in names]
             names.append("grid.png")
-            write_frames(image_grid([sample[0] for sample in frames])[None], os.path.join(partial, names[-1]), "png")
+            write_frames(image_grid(images)[None], os.path.join(partial, names[-1]), "png")
         if iteration is None:  # samples/ also holds the iterations' directories: move the files alone
             os.makedirs(out, exist_ok=True)
             for name in names:
@@ -135,3 +157,8 @@ class RunSamples:
             shutil.rmtree(out, ignore_errors=True)  # a resumed run redoing this iteration
             os.replace(partial, out)
         return [os.path.join(out, name) for name in names]
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
