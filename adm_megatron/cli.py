@@ -3,7 +3,9 @@
 ``collect-ode`` collects the teacher's ODE pairs (the real samples of DMD2, ADP's data) with the
 teacher and layout of such a config; ``plan`` prints the per-GPU memory plan of such a run on a
 card (``adm_megatron.memory``); ``bench`` measures throughput (our DiT against diffusers, each
-phase of an iteration); ``sample`` renders an exported generator beside the teacher."""
+phase of an iteration); ``sample`` renders an exported generator beside the teacher; ``export``
+writes a training checkpoint's generator (its EMA) as the diffusers directory a finished run
+exports."""
 
 from __future__ import annotations
 
@@ -121,6 +123,21 @@ def _sample(args: argparse.Namespace) -> int:
         return 2
     print(result["environment"]["device"])
     print(format_timing(result))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from adm_megatron.convert.checkpoint import CheckpointError
+    from adm_megatron.train.checkpoint_export import export_checkpoint
+
+    try:
+        written, record = export_checkpoint(args.checkpoint, args.out, args.weights, args.overwrite)
+    except CheckpointError as err:
+        print(f"adm-megatron export: {err}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        print(f"generator of iteration {record['iteration']} ({record['weights']} weights, "
+              f"{record['generator_steps']} steps): {written}")
     return 0
 
 
@@ -244,6 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--out", required=True, help="output directory (new or empty)")
     samp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     samp.set_defaults(func=_sample)
+    export = sub.add_parser(
+        "export",
+        help="a training checkpoint's generator as a diffusers directory (its EMA, as a finished run exports)",
+        description="Write the generator of a training checkpoint (checkpoints/iter_NNNNNNN, or a run "
+        "directory: its latest) as the diffusers directory a finished run exports as generator/: its EMA "
+        "weights when the run keeps an EMA (--weights auto), a LoRA generator as train.export_lora says, "
+        "with distillation.json (the iteration, the weights, the step count adm-megatron sample uses). "
+        "One process, on CPU (host memory for the weights and a copy of them).",
+    )
+    export.add_argument("--checkpoint", required=True, help="a training checkpoint, or a run's output_dir (its latest)")
+    export.add_argument("--out", required=True, help="output directory (new or empty, unless --overwrite)")
+    export.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"),
+                        help="auto (default): the EMA when the run keeps one, else the trained weights")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    export.set_defaults(func=_export)
     return parser
 
 

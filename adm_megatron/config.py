@@ -374,6 +374,14 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     return config
 
 
+def config_from_dict(values: dict, source: str) -> Config:
+    """A ``Config`` from a saved dict (``config_to_dict``'s output, e.g. a checkpoint's), type-checked."""
+    config = Config()
+    _apply(config, values, "", source)
+    _check_fields(config, source)
+    return config
+
+
 def _check_fields(config: Config, source: str) -> None:
     """Choices and ranges that need no file system or model."""
     for dotted, allowed in CHOICES.items():

@@ -15,9 +15,11 @@ import os
 DISTILLATION_FILE = "distillation.json"
 
 
-def distillation_record(config, iteration: int) -> dict:
-    """The record of a run (``adm_megatron.config.Config``) exported after ``iteration`` iterations."""
+def distillation_record(config, iteration: int, ema: bool | None = None) -> dict:
+    """The record of a run (``adm_megatron.config.Config``) exported after ``iteration`` iterations,
+    its EMA weights (``ema`` None: when the run keeps an EMA, as the trainer exports) or raw ones."""
     d = config.data
+    ema = config.train.ema_decay > 0 if ema is None else ema
     return {
         "method": config.distill.method,
         "generator_steps": config.distill.generator_steps,
@@ -26,6 +28,7 @@ def distillation_record(config, iteration: int) -> dict:
         "generator_init": config.model.generator_init or None,
         "teacher_guidance_scale": list(config.distill.guidance_scale),
         "iteration": iteration,
+        "weights": "ema" if ema else "raw",
         "ema_decay": config.train.ema_decay,
         "output_dir": config.output_dir,
     }

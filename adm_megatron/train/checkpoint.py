@@ -36,7 +36,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from adm_megatron.config import config_to_dict
+from adm_megatron.config import ConfigError, config_to_dict
 from adm_megatron.convert.checkpoint import (
     load_megatron_checkpoint_into,
     save_megatron_checkpoint,
@@ -65,6 +65,32 @@ def latest_checkpoint(output_dir: str) -> str | None:
     with open(marker) as f:
         name = f.read().strip()
     return os.path.join(checkpoints_root(output_dir), name)
+
+
+def checkpoint_from(path: str, what: str) -> str:
+    """A training checkpoint directory from ``path``: a checkpoint, or a run directory (its
+    ``checkpoints/latest``); a one-line ConfigError naming ``what`` (the key or flag) otherwise."""
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    raise ConfigError(
+        f"{what}={path!r}: neither a checkpoint (no {STATE_FILE}) nor a run directory with "
+        "checkpoints/latest"
+    )
+
+
+def read_training_state(ckpt_dir: str) -> dict:
+    """``trainer_state.json`` of a checkpoint (iteration, layout, run config); one-line ConfigErrors."""
+    path = os.path.join(ckpt_dir, STATE_FILE)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{ckpt_dir}: checkpoint has no {STATE_FILE} (incomplete, or not a training checkpoint)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: unreadable ({' '.join(str(err).split())})") from None
 
 
 def _barrier() -> None:

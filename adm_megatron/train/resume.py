@@ -29,7 +29,13 @@ import yaml
 
 from adm_megatron.config import Config, ConfigError, config_to_dict
 from adm_megatron.data.batch_layout import global_batch
-from adm_megatron.train.checkpoint import STATE_FILE, checkpoints_root, latest_checkpoint
+from adm_megatron.train.checkpoint import (
+    STATE_FILE,
+    checkpoint_from,
+    checkpoints_root,
+    latest_checkpoint,
+    read_training_state,
+)
 
 FINISHED = "finished.json"  # in output_dir, written when a run has exported everything
 # keys that may differ between the invocations of one run (prefixes end in a dot)
@@ -81,27 +87,6 @@ def check_compatible(saved: dict, config: Config, source: str) -> None:
             )
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{path}: unreadable ({' '.join(str(err).split())})") from None
-
-
-def _checkpoint_from(path: str) -> str:
-    """A checkpoint directory from ``train.resume=PATH`` (a checkpoint or a run directory)."""
-    if os.path.isfile(os.path.join(path, STATE_FILE)):
-        return path
-    latest = latest_checkpoint(path)
-    if latest is not None:
-        return latest
-    raise ConfigError(
-        f"train.resume={path!r}: neither a checkpoint (no {STATE_FILE}) nor a run directory with "
-        "checkpoints/latest"
-    )
-
-
 def plan_resume(config: Config, world_size: int) -> ResumePoint:
     """Where this invocation starts (see the module docstring); one-line ConfigErrors."""
     out = config.output_dir
@@ -120,13 +105,11 @@ def plan_resume(config: Config, world_size: int) -> ResumePoint:
             check_compatible(yaml.safe_load(f) or {}, config, saved_config)
     if resume == "never":
         return ResumePoint(None, 0)
-    ckpt = latest_checkpoint(out) if resume == "auto" else _checkpoint_from(resume)
+    ckpt = latest_checkpoint(out) if resume == "auto" else checkpoint_from(resume, "train.resume")
     if ckpt is None:
         return ResumePoint(None, 0)
     state_file = os.path.join(ckpt, STATE_FILE)
-    if not os.path.isfile(state_file):
-        raise ConfigError(f"{ckpt}: checkpoint has no {STATE_FILE} (incomplete, or not a training checkpoint)")
-    state = _read_json(state_file)
+    state = read_training_state(ckpt)
     check_compatible(state["config"], config, state_file)
     tp_cp = config.parallel.tensor_parallel * config.parallel.context_parallel
     saved_data = state["config"]["data"]

@@ -1,0 +1,65 @@
+"""``adm-megatron export``: the generator of a training checkpoint as the diffusers directory a
+finished run exports, so an intermediate checkpoint of a long run can be sampled, evaluated or handed
+over exactly as the end result would be.
+
+The checkpoint (``checkpoints/iter_NNNNNNN``, or a run directory: its ``checkpoints/latest``) holds
+the generator's raw weights in ``generator/`` and, for a run with ``train.ema_decay`` > 0, their EMA
+in ``train_state/``; the run exports the EMA. ``weights='auto'`` does the same ('ema' when the run
+keeps one, else 'raw'); 'raw' takes the trained weights. The EMA is read from ``train_state/`` alone
+(megatron-core loads just the requested tensors, resharded to this layout), laid out like the
+generator's parameters as the trainer saves it. The output is written as the trainer writes
+``generator/`` (``train.export_lora`` for a LoRA generator), atomically, with its
+``distillation.json`` (the checkpoint's iteration, and which weights).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from adm_megatron.config import ConfigError, config_from_dict
+from adm_megatron.convert.checkpoint import check_output_dir, load_megatron_checkpoint
+from adm_megatron.convert.distillation_record import distillation_record
+from adm_megatron.train.checkpoint import STATE_FILE, checkpoint_from, read_training_state
+from adm_megatron.train.ema import ParameterEMA
+from adm_megatron.train.export import export_generator
+
+WEIGHTS = ("auto", "ema", "raw")
+
+
+def load_ema_into(generator, ckpt_dir: str, decay: float) -> None:
+    """Collective: the generator's tracked weights replaced by the EMA saved in ``ckpt_dir/train_state``."""
+    from megatron.core import dist_checkpointing
+
+    ema = ParameterEMA(generator, decay)
+    template = {"ema": ema.sharded_state_dict(generator.sharded_state_dict(prefix="generator."), "generator.")}
+    with warnings.catch_warnings():  # megatron-core 0.16 still calls DCP's deprecated load_state_dict
+        warnings.filterwarnings("ignore", message=".*load_state_dict. is deprecated", category=FutureWarning)
+        loaded = dist_checkpointing.load(template, os.path.join(ckpt_dir, "train_state"))
+    ema.load_sharded_state_dict(loaded["ema"])
+    ema.copy_to(generator)
+
+
+def export_checkpoint(path: str, out_dir: str, weights: str = "auto", overwrite: bool = False) -> tuple[str, dict]:
+    """Collective: export the generator of the checkpoint at ``path`` to ``out_dir``; returns (the
+    diffusers directory, or the LoRA directory when only the adapter was asked for, and the record
+    written beside it). One-line ConfigError for bad input, before any weight is read."""
+    if weights not in WEIGHTS:
+        raise ConfigError(f"--weights {weights}: expected one of {', '.join(WEIGHTS)}")
+    ckpt = checkpoint_from(path, "--checkpoint")
+    state = read_training_state(ckpt)
+    config = config_from_dict(state["config"], os.path.join(ckpt, STATE_FILE))
+    decay = config.train.ema_decay
+    if weights == "ema" and decay == 0:
+        raise ConfigError(f"{ckpt}: --weights ema: the run kept no EMA (train.ema_decay=0); use --weights raw")
+    use_ema = decay > 0 and weights != "raw"
+    if not os.path.isdir(os.path.join(ckpt, "generator")):
+        raise ConfigError(f"{ckpt}: no generator/ in the checkpoint")
+    check_output_dir(os.path.abspath(out_dir), overwrite)
+
+    generator = load_megatron_checkpoint(os.path.join(ckpt, "generator"))
+    if use_ema:
+        load_ema_into(generator, ckpt, decay)
+    record = {**distillation_record(config, int(state["iteration"]), ema=use_ema), "checkpoint": os.path.abspath(ckpt)}
+    written = export_generator(generator, generator.arch, out_dir, lora_mode=config.train.export_lora, record=record)
+    return written or os.path.normpath(out_dir) + "_lora", record

@@ -1,0 +1,118 @@
+"""``adm-megatron export`` writes a training checkpoint's generator as the finished run exports it:
+its EMA (bit for bit the run's own ``generator/`` export at that iteration), or its raw weights,
+with a ``distillation.json`` that ``adm-megatron sample`` reads; bad input is one line, before any
+weight is read, and no earlier output is replaced unasked."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adm_megatron.config import ConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _weights(directory) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(directory, WEIGHTS))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """2-iteration tiny runs (their end exports and last checkpoints are of the same iteration): with
+    an EMA, without, and a LoRA generator with an EMA of its adapters exported merged and as a file."""
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+    from adm_megatron.parallel import destroy_parallel, initialize_parallel
+    from adm_megatron.train.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("export")
+    pipeline = build_tiny_pipeline(str(root / "pipe"), seed=0)
+    out = {}
+    lora = ["model.lora.rank=2", "model.lora.target_modules=[to_out.0]", "train.export_lora=both"]
+    for name, decay, extra in (("ema", 0.5, []), ("plain", 0.0, []), ("lora", 0.5, lora)):
+        destroy_parallel()
+        initialize_parallel(tensor_parallel=1, context_parallel=1, seed=1234)
+        config = load_config(os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"), [
+            f"model.teacher={pipeline}", f"output_dir={root / name}", "data.source=synthetic", "data.num_prompts=4",
+            "data.batch_size=1", "train.max_iterations=2", f"train.ema_decay={decay}", "train.num_samples=0",
+            "logging.progress=false", "logging.wandb_mode=disabled", *extra])
+        Trainer(config).fit()
+        destroy_parallel()
+        out[name] = root / name
+    return pipeline, out
+
+
+def test_export_writes_the_runs_own_ema_export_or_the_raw_weights(runs, tmp_path, capsys):
+    from adm_megatron.cli import main
+    from adm_megatron.convert.distillation_record import read_distillation_record
+
+    _, out = runs
+    run = out["ema"]
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "ema")]) == 0  # the run's latest
+    assert "generator of iteration 2 (ema weights, 4 steps)" in capsys.readouterr().out
+    reference, exported = _weights(run / "generator"), _weights(tmp_path / "ema")
+    assert reference.keys() == exported.keys()
+    assert all(torch.equal(reference[k], exported[k]) for k in reference)  # the finished run's export, exactly
+    record = read_distillation_record(str(tmp_path / "ema"))
+    assert {k: v for k, v in record.items() if k != "checkpoint"} == read_distillation_record(str(run / "generator"))
+    assert record["checkpoint"] == str(run / "checkpoints" / "iter_0000002") and record["weights"] == "ema"
+
+    assert main(["export", "--checkpoint", str(run / "checkpoints" / "iter_0000002"), "--weights", "raw",
+                 "--out", str(tmp_path / "raw")]) == 0
+    raw = _weights(tmp_path / "raw")
+    assert any(not torch.equal(raw[k], reference[k]) for k in reference)  # the EMA differs from the raw weights
+    assert read_distillation_record(str(tmp_path / "raw"))["weights"] == "raw"
+    from adm_megatron.convert.checkpoint import megatron_to_hf_checkpoint
+
+    converted = megatron_to_hf_checkpoint(str(run / "checkpoints" / "iter_0000002" / "generator"), str(tmp_path / "conv"))
+    assert all(torch.equal(raw[k], t) for k, t in _weights(converted).items())  # raw: the converter's weights
+
+
+def test_export_of_a_lora_run_writes_its_merged_ema_and_its_lora_file(runs, tmp_path):
+    from adm_megatron.cli import main
+    from adm_megatron.lora.export import LORA_WEIGHTS
+
+    _, out = runs
+    run = out["lora"]
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "generator")]) == 0
+    for name, weights in (("generator", WEIGHTS), ("generator_lora", LORA_WEIGHTS)):
+        reference, exported = load_file(str(run / name / weights)), load_file(str(tmp_path / name / weights))
+        assert reference.keys() == exported.keys()
+        assert all(torch.equal(reference[k], exported[k]) for k in reference), name
+    base = load_file(str(tmp_path / "generator" / WEIGHTS))
+    raw_dir = tmp_path / "raw"
+    assert main(["export", "--checkpoint", str(run), "--weights", "raw", "--out", str(raw_dir / "generator")]) == 0
+    raw = load_file(str(raw_dir / "generator" / WEIGHTS))
+    assert any(not torch.equal(raw[k], base[k]) for k in base)  # the adapters' EMA differs from their raw values
+
+
+def test_export_refuses_bad_input_in_one_line_before_reading_weights(runs, tmp_path, capsys, monkeypatch):
+    import adm_megatron.train.checkpoint_export as export
+    from adm_megatron.cli import main
+
+    _, out = runs
+    monkeypatch.setattr(export, "load_megatron_checkpoint", lambda *a, **k: pytest.fail("weights were read"))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("earlier")
+    cases = [
+        (["--checkpoint", str(out["plain"]), "--weights", "ema", "--out", str(tmp_path / "a")],
+         f"adm-megatron: config error: {out['plain'] / 'checkpoints' / 'iter_0000002'}: --weights ema: the run kept "
+         "no EMA (train.ema_decay=0); use --weights raw"),
+        (["--checkpoint", str(tmp_path), "--out", str(tmp_path / "b")],
+         f"adm-megatron: config error: --checkpoint={str(tmp_path)!r}: neither a checkpoint (no trainer_state.json) "
+         "nor a run directory with checkpoints/latest"),
+        (["--checkpoint", str(out["ema"]), "--out", str(taken)],
+         f"adm-megatron export: output directory {taken} exists and is not empty (pass overwrite=True / --overwrite "
+         "to replace it)"),
+    ]
+    for args, message in cases:
+        capsys.readouterr()
+        assert main(["export", *args]) == 2
+        assert capsys.readouterr().err.strip() == message
+    assert (taken / "x").read_text() == "earlier"
