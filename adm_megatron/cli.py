@@ -245,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/teacher/ and OUT/sample_timing.json and prints seconds per sample.",
     )
     samp.add_argument("--pipeline", required=True, help="the teacher's diffusers pipeline directory (VAE, text encoder, scheduler)")
-    samp.add_argument("--generator", required=True, help="the exported generator (diffusers transformer directory)")
+    samp.add_argument("--generator", required=True,
+                      help="the exported generator: a diffusers transformer directory (a run's generator/) or a "
+                      "LoRA directory (a run's generator_lora/: fused into the pipeline's transformer)")
     samp.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
     samp.add_argument("--steps", type=int, default=None,
                       help="generator steps (default: the count it was distilled for, from its distillation.json)")

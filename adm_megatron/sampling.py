@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from adm_megatron.convert.distillation_record import DISTILLATION_FILE, read_distillation_record
+from adm_megatron.models.generator_source import generator_parts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -85,7 +86,7 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
             raise ValueError(f"{run.name} steps={run.steps}: expected >= 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = resolve_dtype(dtype, device)
-    transformer = runs[0].transformer_dir or os.path.join(pipeline_dir, "transformer")
+    transformer = generator_parts(pipeline_dir, runs[0].transformer_dir)[0]  # a LoRA file: the teacher's
     family = family_of_model_dir(transformer)
     prepare_out_dir(out_dir, overwrite)
     embeds = family.encode_prompts(pipeline_dir, prompts, family.arch_from_pretrained_dir(transformer), device)

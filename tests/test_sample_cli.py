@@ -99,3 +99,35 @@ def test_sample_takes_the_distilled_step_count_and_never_mixes_runs(tmp_path, wo
         f"adm-megatron sample: --steps: {bare} has no distillation.json (adm-megatron train writes it into "
         "generator/); give the step count the generator was distilled for")
     assert calls == []
+
+
+def test_sample_renders_a_lora_directory_as_its_merged_generator(tmp_path, world_of_one, capsys):
+    """``--generator`` a run's ``generator_lora/`` (the LoRA file alone) samples the teacher with the
+    adapters fused in through the pipeline's ``load_lora_weights``: the merged export's images (to
+    one 8-bit level), and not the teacher's."""
+    import imageio.v3 as iio
+
+    from adm_megatron.cli import main
+    from adm_megatron.config import LoraConfig
+    from adm_megatron.lora import apply_lora
+    from adm_megatron.lora.export import export_lora_generator
+    from adm_megatron.models import build_model_from_hf
+
+    pipeline = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    model = build_model_from_hf(f"{pipeline}/transformer")
+    adapters = apply_lora(model, LoraConfig(rank=2, alpha=4.0, target_modules=["to_out.0", "ff.net.2"]), seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    export_lora_generator(model, model.arch, str(tmp_path / "generator"), "both", record={"generator_steps": 2})
+    images = {}
+    for name, generator in (("merged", tmp_path / "generator"), ("lora", tmp_path / "generator_lora"),
+                            ("teacher", f"{pipeline}/transformer")):
+        out = tmp_path / f"samples_{name}"
+        steps = ["--steps", "2"] if name == "teacher" else []  # the LoRA directory's record says 2
+        assert main(["sample", "--pipeline", pipeline, "--generator", str(generator), "--prompt", "a red cat",
+                     "--format", "png", "--teacher-steps", "0", *steps, "--out", str(out)]) == 0
+        images[name] = iio.imread(out / "generator" / "sample-000.png").astype(int)
+    assert np.abs(images["lora"] - images["merged"]).max() <= 1
+    assert np.abs(images["lora"] - images["teacher"]).max() > 10  # the adapters matter

@@ -23,8 +23,8 @@ from adm_megatron.convert.checkpoint import export_full_state_dict, write_atomic
 from adm_megatron.convert.distillation_record import write_distillation_record
 from adm_megatron.lora.merge import full_adapters, merged_full_state_dict, require_adapters
 from adm_megatron.lora.targets import KeyMapping, default_key_mapping
+from adm_megatron.models.generator_source import LORA_WEIGHTS
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_EXPORTS = ("merged", "adapter", "both")
 
 

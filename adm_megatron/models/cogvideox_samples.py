@@ -19,6 +19,7 @@ import time
 import torch
 
 from adm_megatron.models.frame_files import FORMATS, write_frames
+from adm_megatron.models.generator_source import fuse_lora, generator_parts
 from adm_megatron.models.pipeline_files import component_config, read_config
 
 
@@ -67,12 +68,13 @@ def _load_pipeline(pipeline_dir: str, transformer_dir: str | None, dtype: torch.
         VPVPredSchedule.from_diffusers_config(scheduler_config)
     except ValueError as err:
         raise ValueError(f"{os.path.join(pipeline_dir, 'scheduler', 'scheduler_config.json')}: {err}") from None
-    if transformer_dir is None:
-        transformer_dir = os.path.join(pipeline_dir, "transformer")
+    transformer_dir, lora_dir = generator_parts(pipeline_dir, transformer_dir)
     read_config(transformer_dir, "config.json", "transformer")
     transformer = CogVideoXTransformer3DModel.from_pretrained(transformer_dir, dtype=dtype)
     pipeline = CogVideoXPipeline.from_pretrained(
         pipeline_dir, transformer=transformer, text_encoder=None, tokenizer=None, dtype=dtype)
+    if lora_dir is not None:
+        fuse_lora(pipeline, lora_dir)
     pipeline.scheduler = CogVideoXDDIMScheduler.from_config(scheduler_config)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)

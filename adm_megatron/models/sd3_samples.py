@@ -16,6 +16,7 @@ import time
 import torch
 
 from adm_megatron.models.frame_files import image_grid, write_frames
+from adm_megatron.models.generator_source import fuse_lora, generator_parts
 from adm_megatron.models.pipeline_files import component_config, read_config
 
 _NO_TEXT_ENCODERS = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
@@ -34,11 +35,13 @@ def _load_pipeline(pipeline_dir: str, transformer_dir: str | None, dtype: torch.
         FlowMatchSchedule.from_diffusers_config(scheduler_config)
     except ValueError as err:
         raise ValueError(f"{os.path.join(pipeline_dir, 'scheduler', 'scheduler_config.json')}: {err}") from None
-    transformer_dir = transformer_dir or os.path.join(pipeline_dir, "transformer")
+    transformer_dir, lora_dir = generator_parts(pipeline_dir, transformer_dir)
     read_config(transformer_dir, "config.json", "transformer")
     transformer = SD3Transformer2DModel.from_pretrained(transformer_dir, dtype=dtype)
     pipeline = StableDiffusion3Pipeline.from_pretrained(
         pipeline_dir, transformer=transformer, dtype=dtype, **_NO_TEXT_ENCODERS)
+    if lora_dir is not None:
+        fuse_lora(pipeline, lora_dir)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
