@@ -5,14 +5,13 @@ weight is read, and no earlier output is replaced unasked."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from adm_megatron.config import ConfigError, load_config
+from adm_megatron.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = "diffusion_pytorch_model.safetensors"

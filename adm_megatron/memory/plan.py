@@ -69,8 +69,9 @@ block's input size ``T x H x W`` and output ``T x H2 x W2``: 3D (conv3d 3x3x3 ->
 stride 2 -> GroupNorm -> SiLU) trainable ``c (T H W + 3 T H2 W2) e`` (conv3d out, conv2d out, norm
 out, SiLU out), frozen with input grad ``2 c T H2 W2 e``; 2D (conv 4x4 stride 2 -> GroupNorm ->
 SiLU, ``T = 1``) trainable ``3 c H2 W2 e`` (conv out, norm out, SiLU out), frozen ``2 c H2 W2 e``.
-On CPU their first conv's backward also unfolds its input once and accumulates weight grads per
-thread (measured for 3D heads); cuDNN's workspace is left to the margin.
+On CPU their first conv's backward also takes a workspace that depends on the machine (an im2col
+buffer of the unfolded input, or none: ``memory.cpu_conv_workspace`` measures it at the run's
+shapes) and weight grads per thread; cuDNN's workspace is left to the margin.
 
 Phases (the peak of each is resident + the largest of its moments):
 - fake score: generator rollout (no grad, ``B``); fake-score forward / backward (trainable);
@@ -372,16 +373,21 @@ class _Formulas:
             yield t * hh * ww, t * h2 * w2
             hh, ww = h2, w2
 
-    def conv_workspace(self, head_params: int) -> float:
-        """CPU only (measured): the heads' first conv backward unfolds its input once (3D heads:
-        the conv3d's ``C_in x 27 x T H W``; 2D heads: the 4x4 stride-2 conv's ``C_in x 16 x H2 W2``,
-        x 4 bytes) and each thread accumulates its own weight grads (``threads x P x 4``); cuDNN's
-        workspace on a GPU is left to the margin."""
+    def conv_workspace(self, batch: int, head_params: int) -> float:
+        """CPU only: the heads' first conv backward's transient buffers, measured on this CPU at the
+        run's shapes (``memory.cpu_conv_workspace``: an im2col buffer of the unfolded input or not,
+        by the batch and the instruction set), and per-thread weight-grad buffers of the heads
+        (``threads x P x 4``, measured on CPU runs); cuDNN's workspace on a GPU is left to the
+        margin."""
         if self.s.device != "cpu":
             return 0.0
-        full, half = next(self._head_sizes())
-        unfolded = 27 * full if self.shape.head_kind == "3d" else 16 * half
-        return (self.shape.hidden * unfolded + self.s.cpu_threads * head_params) * 4
+        from adm_megatron.memory.cpu_conv_workspace import conv_backward_workspace
+
+        sh = self.shape
+        hh, ww = sh.height // sh.patch, sh.width // sh.patch
+        size = (sh.frames, hh, ww) if sh.head_kind == "3d" else (hh, ww)
+        first = conv_backward_workspace(sh.head_kind, sh.hidden, sh.head_hidden, batch, size, self.s.cpu_threads)
+        return float(first + self.s.cpu_threads * head_params * 4)
 
     def heads(self, batch: int, kind: str) -> float:
         """Activations the discriminator heads save. 3D: trainable ``c (T H W + 3 T H2 W2)`` (conv3d
@@ -485,7 +491,7 @@ def _moments(f: _Formulas, sizes: dict[str, NetworkSize], phase: str) -> dict[st
     taps, heads = f.taps(b, False), f.heads(b, "trainable")  # x_fake's taps are resident (carried)
     return {
         "backbone on x_real": (heads, {"forward without grad": f.no_grad(b)}),
-        "heads backward": (taps + 2 * heads, {"conv backward workspace": f.conv_workspace(sizes["discriminator"].params),
+        "heads backward": (taps + 2 * heads, {"conv backward workspace": f.conv_workspace(b, sizes["discriminator"].params),
                                               "autocast weight copies": copies * sizes["discriminator"].params}),
         "optimizer step": (0.0, step),
     }
