@@ -110,19 +110,22 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    from adm_megatron.data.prompt_file import read_prompt_file
     from adm_megatron.sampling import SampleRun, format_timing, generator_steps, sample
 
     try:
+        prompts = args.prompt + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
         runs = [SampleRun("generator", args.generator, generator_steps(args.generator, args.steps), args.guidance_scale)]
         if args.teacher_steps:
             runs.append(SampleRun("teacher", None, args.teacher_steps, args.teacher_guidance_scale))
-        result = sample(args.pipeline, runs, args.prompt, args.out, fmt=args.format, seed=args.seed,
+        result = sample(args.pipeline, runs, prompts, args.out, fmt=args.format, seed=args.seed,
                         command=args.command_line, dtype=args.dtype, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as err:
         print(f"adm-megatron sample: {err}", file=sys.stderr)
         return 2
-    print(result["environment"]["device"])
-    print(format_timing(result))
+    if result is not None:  # rank 0
+        print(f"{result['environment']['device']}, {result['ranks']} process(es)")
+        print(format_timing(result))
     return 0
 
 
@@ -242,13 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. a run's generator/) through its model family's diffusers pipeline with its N-step "
         "schedule (N from the distillation.json the trainer exports beside it, or --steps), and with "
         "the pipeline's own transformer (the teacher) at --teacher-steps; writes OUT/generator/, "
-        "OUT/teacher/ and OUT/sample_timing.json and prints seconds per sample.",
+        "OUT/teacher/ and OUT/sample_timing.json and prints seconds per sample. Many processes: "
+        "torchrun --nproc-per-node N -m adm_megatron.cli sample ... (or srun) splits the prompts over them.",
     )
     samp.add_argument("--pipeline", required=True, help="the teacher's diffusers pipeline directory (VAE, text encoder, scheduler)")
     samp.add_argument("--generator", required=True,
                       help="the exported generator: a diffusers transformer directory (a run's generator/) or a "
                       "LoRA directory (a run's generator_lora/: fused into the pipeline's transformer)")
     samp.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
+    samp.add_argument("--prompt-file", default=None,
+                      help="a text file with one prompt per line (after the --prompt ones; blank lines skipped)")
     samp.add_argument("--steps", type=int, default=None,
                       help="generator steps (default: the count it was distilled for, from its distillation.json)")
     samp.add_argument("--guidance-scale", type=float, default=1.0,

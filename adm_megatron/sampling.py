@@ -8,7 +8,10 @@ encoded with the pipeline's own text encoder(s) as the pipeline would (the famil
 ``render_samples`` (whose deterministic few-step schedule is the PF-ODE the generator was distilled
 on). The generator's step count defaults to the one it was distilled for (the ``distillation.json``
 the trainer exports beside it). Writes ``OUT/generator/``, ``OUT/teacher/`` and
-``OUT/sample_timing.json``; an earlier non-empty ``OUT`` is replaced only when asked.
+``OUT/sample_timing.json``; an earlier non-empty ``OUT`` is replaced only when asked. Launched as
+several processes (torchrun / srun, a GPU each), the ranks split the prompts into contiguous shares
+and rank 0 gathers the paths and timings: the files are those of one process, in 1 / ranks of the
+time (an evaluation set of thousands of prompts).
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ import sys
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from adm_megatron.convert.distillation_record import DISTILLATION_FILE, read_distillation_record
+from adm_megatron.data.batch_layout import contiguous_share
+from adm_megatron.models.frame_files import write_grid
 from adm_megatron.models.generator_source import generator_parts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,48 +67,86 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def prepare_out_dir(out_dir: str, overwrite: bool) -> None:
-    """Refuse (one line) a non-empty ``out_dir`` unless ``overwrite``, which removes it first so no
-    file of the earlier run is left beside the new ones."""
+def check_out_dir(out_dir: str, overwrite: bool) -> None:
+    """One-line ValueError for a non-empty ``out_dir`` without ``overwrite`` (or a file)."""
     if os.path.isfile(out_dir):
         raise ValueError(f"--out {out_dir}: exists and is a file")
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        if not overwrite:
-            raise ValueError(f"--out {out_dir}: exists and is not empty (pass --overwrite to replace it)")
-        shutil.rmtree(out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ValueError(f"--out {out_dir}: exists and is not empty (pass --overwrite to replace it)")
+
+
+def _world() -> tuple[int, int, torch.device]:
+    """(rank, ranks, device) of this sampling process: one process, or the data-parallel world of
+    a torchrun / srun launch (process groups from ``adm_megatron.parallel``, a GPU per rank)."""
+    from adm_megatron.parallel import initialize_parallel, launch_env
+
+    if launch_env().world_size == 1 and not dist.is_initialized():
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = initialize_parallel(tensor_parallel=1, context_parallel=1, seed=None)
+    return info.dp_rank, info.dp_size, info.device
+
+
+def _barrier(ranks: int) -> None:
+    if ranks > 1:
+        dist.barrier()
+
+
+def _gathered(value, ranks: int) -> list:
+    """Every rank's ``value``, in rank order."""
+    if ranks == 1:
+        return [value]
+    out = [None] * ranks
+    dist.all_gather_object(out, value)
+    return out
 
 
 def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir: str, fmt: str | None = None,
-           seed: int = 0, command: str = "", dtype: str = "auto", overwrite: bool = False) -> dict:
-    """Render every prompt with every run; returns (and writes) the timing table. ``fmt`` None: mp4
-    for video families, png for image families; ``dtype`` as :func:`resolve_dtype`."""
+           seed: int = 0, command: str = "", dtype: str = "auto", overwrite: bool = False) -> dict | None:
+    """Render every prompt with every run; returns (and writes) the timing table on rank 0 (None on
+    the other ranks). Launched as several processes, each renders a contiguous share of the prompts
+    (sample i is the same file, from the same noise, as in one process). ``fmt`` None: mp4 for
+    video families, png for image families (and a grid of them); ``dtype`` as :func:`resolve_dtype`."""
     from adm_megatron.bench.report import environment
     from adm_megatron.families import family_of_model_dir
 
     if not prompts:
-        raise ValueError("--prompt: give at least one prompt")
+        raise ValueError("--prompt / --prompt-file: give at least one prompt")
     for run in runs:
         if run.steps < 1:
             raise ValueError(f"{run.name} steps={run.steps}: expected >= 1")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = resolve_dtype(dtype, device)
     transformer = generator_parts(pipeline_dir, runs[0].transformer_dir)[0]  # a LoRA file: the teacher's
     family = family_of_model_dir(transformer)
-    prepare_out_dir(out_dir, overwrite)
-    embeds = family.encode_prompts(pipeline_dir, prompts, family.arch_from_pretrained_dir(transformer), device)
+    check_out_dir(out_dir, overwrite)  # on every rank: a refusal stops them all
+    rank, ranks, device = _world()
+    torch_dtype = resolve_dtype(dtype, device)
+    if rank == 0 and os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)  # --overwrite: nothing of the earlier run stays beside the new files
+    _barrier(ranks)
+    mine = contiguous_share(len(prompts), rank, ranks)
+    embeds = (family.encode_prompts(pipeline_dir, prompts[mine.start:mine.stop],
+                                    family.arch_from_pretrained_dir(transformer), device) if len(mine) else None)
     fmt = fmt or ("png" if family.latent_layout == "image" else "mp4")
     rows = []
     for run in runs:
         seconds: list[float] = []
-        paths = family.render_samples(pipeline_dir, run.transformer_dir, embeds, run.steps,
-                                      os.path.join(out_dir, run.name), fmt=fmt, guidance_scale=run.guidance_scale,
-                                      seed=seed, device=device, dtype=torch_dtype, seconds=seconds)
+        run_dir = os.path.join(out_dir, run.name)
+        paths = [] if embeds is None else family.render_samples(
+            pipeline_dir, run.transformer_dir, embeds, run.steps, run_dir, fmt=fmt, guidance_scale=run.guidance_scale,
+            seed=seed, device=device, dtype=torch_dtype, seconds=seconds, first=mine.start)
+        shares = _gathered((paths, seconds), ranks)
+        paths = [p for share, _ in shares for p in share]
+        seconds = [t for _, share in shares for t in share]
+        if rank == 0 and family.latent_layout == "image":  # images: also all of them in one grid
+            write_grid(paths, os.path.join(run_dir, "grid.png"))
+            paths.append(os.path.join(run_dir, "grid.png"))
         record = read_distillation_record(run.transformer_dir) if run.transformer_dir else None
         rows.append({"model": run.name, "transformer": run.transformer_dir or transformer, "steps": run.steps,
                      "guidance_scale": run.guidance_scale, "seconds": seconds,
                      "seconds_per_sample": statistics.median(seconds), "paths": paths, "distillation": record})
+    if rank != 0:
+        return None
     result = {"environment": environment(device, command), "pipeline": pipeline_dir, "prompts": prompts,
-              "dtype": str(torch_dtype).removeprefix("torch."), "runs": rows}
+              "ranks": ranks, "dtype": str(torch_dtype).removeprefix("torch."), "runs": rows}
     with open(os.path.join(out_dir, "sample_timing.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result

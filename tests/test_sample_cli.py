@@ -131,3 +131,51 @@ def test_sample_renders_a_lora_directory_as_its_merged_generator(tmp_path, world
         images[name] = iio.imread(out / "generator" / "sample-000.png").astype(int)
     assert np.abs(images["lora"] - images["merged"]).max() <= 1
     assert np.abs(images["lora"] - images["teacher"]).max() > 10  # the adapters matter
+
+
+def _sample_counted(args: list[str]) -> tuple[int, int]:
+    """``adm-megatron sample ARGS`` in this process (a rank of a world, or alone): its exit code and
+    the transformer calls it made."""
+    from diffusers import SD3Transformer2DModel
+
+    from adm_megatron.cli import main
+
+    calls = []
+    original = SD3Transformer2DModel.forward
+    SD3Transformer2DModel.forward = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    try:
+        return main(["sample", *args]), len(calls)
+    finally:
+        SD3Transformer2DModel.forward = original
+
+
+def test_sample_splits_a_prompt_file_over_the_ranks_of_a_world(tmp_path, capsys):
+    """Under a 2-process launch each rank renders its contiguous share of --prompt-file's prompts
+    (3 prompts, 2 steps: 4 and 2 transformer calls), and the files -- the grid included -- are the
+    one-process files, pixel for pixel; rank 0 writes the timing of all of them."""
+    import imageio.v3 as iio
+    from multiproc import run_world
+
+    from adm_megatron.data.tiny_sd3_pipeline import build_tiny_sd3_pipeline
+
+    pipeline = build_tiny_sd3_pipeline(str(tmp_path / "pipe"), seed=0)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n\nblue sky\n  a cat  \n")
+    common = ["--pipeline", pipeline, "--generator", f"{pipeline}/transformer", "--steps", "2",
+              "--teacher-steps", "0", "--prompt-file", str(prompts)]
+    assert _sample_counted([*common, "--out", str(tmp_path / "one")]) == (0, 6)
+    assert run_world(_sample_counted, 2, [*common, "--out", str(tmp_path / "two")], timeout_s=600) == [(0, 4), (0, 2)]
+    names = ["grid.png", "sample-000.png", "sample-001.png", "sample-002.png"]
+    assert sorted(os.listdir(tmp_path / "two" / "generator")) == names
+    for name in names:
+        assert np.array_equal(iio.imread(tmp_path / "two" / "generator" / name),
+                              iio.imread(tmp_path / "one" / "generator" / name)), name
+    timing = json.loads((tmp_path / "two" / "sample_timing.json").read_text())
+    assert timing["ranks"] == 2 and timing["prompts"] == ["a red cube", "blue sky", "a cat"]
+    assert len(timing["runs"][0]["seconds"]) == 3 and timing["runs"][0]["paths"][-1].endswith("grid.png")
+
+    capsys.readouterr()
+    (tmp_path / "blank.txt").write_text("\n \n")
+    assert _sample_counted([*common[:-1], str(tmp_path / "blank.txt"), "--out", str(tmp_path / "x")]) == (2, 0)
+    assert capsys.readouterr().err.strip() == (
+        f"adm-megatron sample: {tmp_path / 'blank.txt'}: no prompts (the file is empty or blank; expected one per line)")

@@ -1,7 +1,8 @@
 """Image samples through the real ``StableDiffusion3Pipeline``: rendering from precomputed
 embeddings (with the pooled part, without the text encoders loaded) gives exactly the images the
 pipeline makes from the prompts themselves, with and without CFG; a swapped-in transformer is the
-one sampled; the PNG grid tiles every sample."""
+one sampled; a part of the prompts renders as the same samples of the whole (``first``); the PNG
+grid tiles every sample."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from adm_megatron.models.frame_files import image_grid
+from adm_megatron.models.frame_files import image_grid, write_grid
 from adm_megatron.models.sd3_samples import render_image_samples
 
 PROMPTS = ["a red cat", "blue sky over the sea", "a dog"]
@@ -39,13 +40,20 @@ def test_rendered_images_equal_the_pipeline_run_from_prompts(sd3_pipeline, tmp_p
     paths = render_image_samples(sd3_pipeline, None, embeds, pooled, 2, str(tmp_path / "out"),
                                  negative_embeds=negative, negative_pooled=negative_pooled,
                                  guidance_scale=guidance, seed=5, height=32, width=32, seconds=seconds)
-    assert [p.rsplit("/", 1)[1] for p in paths] == ["sample-000.png", "sample-001.png", "sample-002.png", "grid.png"]
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["sample-000.png", "sample-001.png", "sample-002.png"]
     assert len(seconds) == 3
     for i, prompt in enumerate(PROMPTS):
         want = pipe(prompt=prompt, negative_prompt="", num_inference_steps=2, guidance_scale=guidance, height=32, width=32,
                     max_sequence_length=16, generator=torch.Generator().manual_seed(5 + i), output_type="np").images[0]
         assert np.array_equal(_read(paths[i]), (want * 255).round().clip(0, 255).astype(np.uint8)), prompt
-    grid = _read(paths[-1])
+    # the last two prompts alone, as samples 1 and 2 (a rank's share): the same files
+    part = render_image_samples(sd3_pipeline, None, embeds[1:], pooled[1:], 2, str(tmp_path / "part"),
+                                negative_embeds=negative, negative_pooled=negative_pooled,
+                                guidance_scale=guidance, seed=5, height=32, width=32, first=1)
+    assert [p.rsplit("/", 1)[1] for p in part] == ["sample-001.png", "sample-002.png"]
+    assert all(np.array_equal(_read(a), _read(b)) for a, b in zip(part, paths[1:]))
+    write_grid(paths, str(tmp_path / "grid.png"))
+    grid = _read(str(tmp_path / "grid.png"))
     assert grid.shape == (64, 64, 3)  # 3 images of 32x32 on a 2x2 grid
     assert np.array_equal(grid[32:, :32], _read(paths[2])) and not grid[32:, 32:].any()
 

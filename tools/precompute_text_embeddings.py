@@ -26,15 +26,15 @@ import torch  # noqa: E402
 
 from adm_megatron.data import EmbeddingShardWriter, encode_prompts, load_t5  # noqa: E402
 from adm_megatron.data.encode_sd3 import encode_sd3_prompts, is_sd3_pipeline, load_sd3_text_pipeline  # noqa: E402
+from adm_megatron.data.prompt_file import read_prompt_file  # noqa: E402
 from adm_megatron.data.text_embeddings import DTYPES  # noqa: E402
 
 
 def read_prompts(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
-    if not prompts:
-        raise SystemExit(f"{path}: no prompts (the file is empty or blank)")
-    return prompts
+    try:
+        return read_prompt_file(path)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> None:

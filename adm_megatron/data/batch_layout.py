@@ -64,3 +64,11 @@ def microbatches_for(global_batch_size: int, micro_batch: int, dp_size: int, sou
 def global_batch(global_batch_size: int, micro_batch: int, dp_size: int) -> int:
     """The run's global batch: ``data.global_batch_size``, or ``data.batch_size x DP`` when it is 0."""
     return global_batch_size or micro_batch * dp_size
+
+
+def contiguous_share(count: int, rank: int, ranks: int) -> range:
+    """Rank ``rank`` of ``ranks``' part of ``count`` items split into contiguous shares of
+    ``ceil(count / ranks)`` (the last ones shorter or empty), so the shares in rank order are the
+    items in order (samples rendered over data-parallel ranks)."""
+    k = -(-count // ranks)
+    return range(min(rank * k, count), min((rank + 1) * k, count))

@@ -88,7 +88,8 @@ class ModelFamily:
     # (arch, config) -> None: one-line ConfigError for a run layout / latent size the arch cannot take
     check_run: Callable[[Any, Any], None]
     # (pipeline_dir, transformer_dir | None, PromptEmbeddings, num_inference_steps, out_dir, *, fmt,
-    #  guidance_scale, seed, device, seconds) -> written paths: samples through the real pipeline
+    #  guidance_scale, seed, device, dtype, seconds, first) -> written paths: samples through the real
+    #  pipeline, row j being sample first + j (its file name and noise seed + first + j)
     render_samples: Callable[..., list]
     # (pipeline_dir, prompts, arch, device) -> PromptEmbeddings, with the pipeline's own text encoder(s)
     encode_prompts: Callable[..., PromptEmbeddings]

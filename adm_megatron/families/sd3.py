@@ -2,7 +2,7 @@
 
 Glue over the existing modules: the architecture (``models/sd3_config``), the megatron model
 (``models/build.build_sd3_model``), the key mapping (``convert/sd3_mapping``), rendering through
-``StableDiffusion3Pipeline`` as PNGs and a grid (``models/sd3_samples``) and prompt encoding with
+``StableDiffusion3Pipeline`` as PNGs (``models/sd3_samples``) and prompt encoding with
 the pipeline's own three encoders (``data/encode_sd3``). Images: latents ``[B, C, H, W]``, 2D heads
 on the taps, the flow-matching schedule of the pipeline's ``FlowMatchEulerDiscreteScheduler``, no
 positional inputs (the cropped position embedding is inside the model), and the pooled CLIP

@@ -97,10 +97,13 @@ def render_samples(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     seconds: list[float] | None = None,
+    first: int = 0,
 ) -> list[str]:
-    """One video per row of ``prompt_embeds`` ``[B, L, D]``, written to ``out_dir/sample-{i:03d}.{fmt}``.
+    """One video per row of ``prompt_embeds`` ``[B, L, D]``: row ``j`` is sample ``i = first + j``,
+    written to ``out_dir/sample-{i:03d}.{fmt}``.
 
-    Sample ``i`` starts from noise seeded by ``seed + i``, so it does not depend on the other rows.
+    Sample ``i`` starts from noise seeded by ``seed + i``, so it does not depend on the other rows
+    (a set of prompts split into parts renders as it does whole).
     ``negative_embeds`` (``[L, D]`` or ``[B, L, D]``) is the unconditional input, used only when
     ``guidance_scale > 1``. ``transformer_dir`` ``None`` samples the pipeline's own transformer.
     Size defaults to :func:`video_shape`; returns the written paths. ``seconds``, when given,
@@ -126,11 +129,12 @@ def render_samples(
             f"prompt_embeds width {prompt_embeds.shape[-1]} != the transformer's text_embed_dim {text_dim}")
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    for i in range(batch):
-        negative = negative_embeds[i : i + 1].to(device, dtype) if guidance_scale > 1.0 else None
+    for j in range(batch):
+        i = first + j
+        negative = negative_embeds[j : j + 1].to(device, dtype) if guidance_scale > 1.0 else None
         start = time.perf_counter()
         video = pipeline(
-            prompt_embeds=prompt_embeds[i : i + 1].to(device, dtype),
+            prompt_embeds=prompt_embeds[j : j + 1].to(device, dtype),
             negative_prompt_embeds=negative,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,

@@ -1,6 +1,6 @@
 """Rendered samples as files: frames ``[F, H, W, 3]`` in [0, 1] written as a gif or mp4 (a video) or
 a png (the frames side by side; one frame is an image), 8-bit, by imageio / diffusers' exporter;
-images tiled into one grid."""
+images tiled into one grid (from arrays, or from written png files)."""
 
 from __future__ import annotations
 
@@ -42,3 +42,11 @@ def image_grid(images: list[np.ndarray]) -> np.ndarray:
         r, q = divmod(i, cols)
         grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = image
     return grid
+
+
+def write_grid(image_paths: list[str], path: str) -> None:
+    """The png images at ``image_paths`` (as written by :func:`write_frames`: 8-bit, so read back
+    exactly) tiled by :func:`image_grid` into the png ``path``."""
+    import imageio.v3 as iio
+
+    write_frames(image_grid([iio.imread(p) / 255.0 for p in image_paths])[None], path, "png")

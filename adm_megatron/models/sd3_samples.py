@@ -1,5 +1,5 @@
 """Sample images from a (distilled) SD3 / SD3.5 transformer through the real
-``StableDiffusion3Pipeline``, written as PNG files and one PNG grid.
+``StableDiffusion3Pipeline``, written as PNG files.
 
 :func:`render_image_samples` loads the pipeline from its directory without the text encoders
 (prompts come as precomputed embeddings with their pooled part, see ``data/encode_sd3.py``) and
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from adm_megatron.models.frame_files import image_grid, write_frames
+from adm_megatron.models.frame_files import write_frames
 from adm_megatron.models.generator_source import fuse_lora, generator_parts
 from adm_megatron.models.pipeline_files import component_config, read_config
 
@@ -72,12 +72,13 @@ def render_image_samples(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     seconds: list[float] | None = None,
+    first: int = 0,
 ) -> list[str]:
-    """One image per row of ``prompt_embeds`` ``[B, L, D]`` / ``pooled_embeds`` ``[B, P]``, written
-    to ``out_dir/sample-{i:03d}.png``, and all of them as ``out_dir/grid.png`` (the last path
-    returned). Sample ``i`` starts from noise seeded by ``seed + i``. The negatives (``[L, D]`` /
-    ``[P]`` or batched) are read only when ``guidance_scale > 1``. ``seconds``, when given, receives
-    each sample's generation time."""
+    """One image per row of ``prompt_embeds`` ``[B, L, D]`` / ``pooled_embeds`` ``[B, P]``: row ``j``
+    is sample ``i = first + j``, written to ``out_dir/sample-{i:03d}.png``, from noise seeded by
+    ``seed + i`` (so a set of prompts split into parts renders as it does whole). The negatives
+    (``[L, D]`` / ``[P]`` or batched) are read only when ``guidance_scale > 1``. ``seconds``, when
+    given, receives each sample's generation time."""
     if prompt_embeds.dim() != 3 or pooled_embeds.dim() != 2 or len(prompt_embeds) != len(pooled_embeds):
         raise ValueError(f"prompt_embeds must be [B, L, D] and pooled_embeds [B, P], got "
                          f"{tuple(prompt_embeds.shape)} and {tuple(pooled_embeds.shape)}")
@@ -93,14 +94,15 @@ def render_image_samples(
                          f"pooled_projection_dim {config.pooled_projection_dim}")
     os.makedirs(out_dir, exist_ok=True)
     to = dict(device=device, dtype=dtype)
-    images, paths = [], []
-    for i in range(len(prompt_embeds)):
+    paths = []
+    for j in range(len(prompt_embeds)):
+        i = first + j
         start = time.perf_counter()
         image = pipeline(
-            prompt_embeds=prompt_embeds[i : i + 1].to(**to),
-            pooled_prompt_embeds=pooled_embeds[i : i + 1].to(**to),
-            negative_prompt_embeds=negative_embeds[i : i + 1].to(**to) if guided else None,
-            negative_pooled_prompt_embeds=negative_pooled[i : i + 1].to(**to) if guided else None,
+            prompt_embeds=prompt_embeds[j : j + 1].to(**to),
+            pooled_prompt_embeds=pooled_embeds[j : j + 1].to(**to),
+            negative_prompt_embeds=negative_embeds[j : j + 1].to(**to) if guided else None,
+            negative_pooled_prompt_embeds=negative_pooled[j : j + 1].to(**to) if guided else None,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             height=height,
@@ -110,9 +112,6 @@ def render_image_samples(
         ).images[0]
         if seconds is not None:
             seconds.append(time.perf_counter() - start)
-        images.append(image)
         paths.append(os.path.join(out_dir, f"sample-{i:03d}.png"))
         write_frames(image[None], paths[-1], "png")
-    paths.append(os.path.join(out_dir, "grid.png"))
-    write_frames(image_grid(images)[None], paths[-1], "png")
     return paths

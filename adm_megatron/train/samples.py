@@ -23,14 +23,14 @@ place by rank 0 when every writer is done; wandb gets them as media.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
 
 import torch
 import torch.distributed as dist
 
-from adm_megatron.models.frame_files import image_grid, write_frames
+from adm_megatron.data.batch_layout import contiguous_share
+from adm_megatron.models.frame_files import write_frames, write_grid
 
 
 def sample_dir(output_dir: str, iteration: int | None) -> str:
@@ -65,9 +65,7 @@ class RunSamples:
 
     def share(self) -> range:
         """The samples this rank's data-parallel replica renders."""
-        info = self.trainer.info
-        k = math.ceil(self.count / info.dp_size)
-        return range(min(info.dp_rank * k, self.count), min((info.dp_rank + 1) * k, self.count))
+        return contiguous_share(self.count, self.trainer.info.dp_rank, self.trainer.info.dp_size)
 
     @torch.no_grad()
     def latents(self, indices: range | None = None) -> torch.Tensor:
@@ -143,11 +141,8 @@ class RunSamples:
         if info.rank != 0:
             return []
         if self.fmt == "png":  # images: also all of them in one grid
-            import imageio.v3 as iio
-
-            images = [iio.imread(os.path.join(partial, name)) / 255.0 for name in names]
+            write_grid([os.path.join(partial, name) for name in names], os.path.join(partial, "grid.png"))
             names.append("grid.png")
-            write_frames(image_grid(images)[None], os.path.join(partial, names[-1]), "png")
         if iteration is None:  # samples/ also holds the iterations' directories: move the files alone
             os.makedirs(out, exist_ok=True)
             for name in names:
