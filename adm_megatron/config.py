@@ -221,6 +221,17 @@ class TrainConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """Profiling a window of iterations (``adm_megatron.train.profiling``), as Megatron-LM's --profile."""
+
+    start: int = 10  # the first iteration profiled
+    end: int = 12  # the first iteration not profiled
+    ranks: list[int] = field(default_factory=lambda: [0])  # global ranks that profile
+    mode: str = "torch"  # torch (a Chrome trace per rank) | nsys (cudaProfilerStart / Stop and NVTX ranges)
+    memory: bool = False  # torch: also every allocation and the tensor shapes
+
+
+@dataclass
 class LoggingConfig:
     wandb_mode: str = "offline"  # offline | online | disabled
     wandb_project: str = "adm-megatron"
@@ -229,6 +240,7 @@ class LoggingConfig:
     # updates, is at most dead_discriminator_accuracy (0.5 is chance); 0 disables the check
     dead_discriminator_window: int = 100
     dead_discriminator_accuracy: float = 0.55
+    profile: ProfileConfig | None = None  # null: no profiling
 
 
 @dataclass
@@ -246,6 +258,7 @@ class Config:
 
 DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 OFFLOAD_CHOICES = ("none", "optimizer", "optimizer_and_params")
+PROFILE_MODES = ("torch", "nsys")
 CHOICES = {
     "model.impl": ("auto", "local", "te"),
     "model.attention_backend": ("default", "auto", "te", "flash", "efficient", "cudnn", "math"),
@@ -430,6 +443,16 @@ def _check_fields(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: parallel.timeout_s={config.parallel.timeout_s}: must be > 0")
     if not config.train.resume:
         raise ConfigError(f"{source}: train.resume is empty: expected auto, never or a checkpoint path")
+    profile = config.logging.profile
+    if profile is not None:
+        if not 0 <= profile.start < profile.end:
+            raise ConfigError(f"{source}: logging.profile: start={profile.start}, end={profile.end}: expected "
+                              "0 <= start < end (iterations start .. end - 1 are profiled)")
+        if profile.mode not in PROFILE_MODES:
+            raise ConfigError(f"{source}: logging.profile.mode={profile.mode!r}: expected one of "
+                              f"{', '.join(PROFILE_MODES)}")
+        if not profile.ranks or any(r < 0 for r in profile.ranks):
+            raise ConfigError(f"{source}: logging.profile.ranks={profile.ranks}: expected a non-empty list of ranks >= 0")
     if not 0 <= config.train.ema_decay < 1:
         raise ConfigError(f"{source}: train.ema_decay={config.train.ema_decay}: expected 0 <= decay < 1")
     for name in ("teacher", "fake_score", "generator"):

@@ -69,6 +69,7 @@ from adm_megatron.train.offload import Offloader
 from adm_megatron.train.optimizer import NetworkOptimizer
 from adm_megatron.train.phases import PhaseRunner, TrainableNetwork, mean_metrics, prefixed
 from adm_megatron.train.preemption import StopPoll
+from adm_megatron.train.profiling import IterationProfiler
 from adm_megatron.train.recompute import RecomputeSwitch
 from adm_megatron.train.resume import mark_finished, plan_resume, trim_metrics
 from adm_megatron.train.run_log import RunLogger
@@ -228,6 +229,8 @@ class Trainer:
             self.trainable, nan_policy=c.train.nan_policy, max_skipped_steps=c.train.max_skipped_steps,
             offload=self.offload, before_phase=(self.recompute.before_phase,),
         )
+        self.profiler = IterationProfiler(c.logging.profile, self.info.rank, self.device, c.output_dir)
+        self.phases.run = self.profiler.wrap_phases(self.phases.run)
         d = c.data
         rotary = self.family.positional_inputs(self.arch, d.frames, d.height, d.width, device=self.device)
         self.networks = Networks(
@@ -388,7 +391,8 @@ class Trainer:
         done = start
         try:
             for iteration in range(start, total):
-                metrics = self.train_iteration(iteration)
+                with self.profiler.iteration(iteration):
+                    metrics = self.train_iteration(iteration)
                 run_log.log(metrics, last=iteration == total - 1)
                 done = iteration + 1
                 stop, due = stops.poll()
@@ -416,6 +420,7 @@ class Trainer:
                 paths = samples.render(None)
                 run_log.media(total, paths)
         finally:
+            self.profiler.close()  # a window the run did not finish: what it recorded
             run_log.close()
             stops.close()
         if rank0:

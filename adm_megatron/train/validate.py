@@ -3,7 +3,8 @@
 Each failure is a one-line ``ConfigError`` naming the key and the numbers: parallel layouts the
 world or the architecture cannot take (heads or tokens not divisible by TP / CP), latent sizes the
 patching cannot take, embeddings that do not fit the teacher, features this machine lacks (TE, an
-attention backend, FP8), a
+attention backend, FP8, a
+GPU for nsys profiling), a profiled rank outside the world, a
 truncated teacher weights file, samples asked of a pipeline without a VAE, and on a GPU a run the
 memory planner says does not fit the card (``memory/preflight.py``).
 """
@@ -19,6 +20,7 @@ from adm_megatron.models.diffusers_files import check_diffusers_weights
 from adm_megatron.models.kernel_options import check_kernel_options
 from adm_megatron.data.batch_layout import microbatches_for
 from adm_megatron.models.specs import transformer_engine_available
+from adm_megatron.train.profiling import check_profile
 from adm_megatron.train.teacher import TeacherSource
 
 
@@ -32,6 +34,7 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
         )
     dp = world_size // (tp * cp)
     microbatches_for(config.data.global_batch_size, config.data.batch_size, dp)
+    check_profile(config.logging.profile, world_size, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     for name in ("generator", "fake_score", "discriminator"):
         if getattr(config.optim, name).shard_over_dp and dp == 1:
             raise ConfigError(
