@@ -1,14 +1,16 @@
-"""The tiny sbatch script on a real single-node SLURM (slurm-wlm + munge, installed and started by
-``slurm_local``): a 2-task job gets SIGUSR1 in its batch shell mid-run (as ``--signal=B:USR1@N``
-sends it), forwards it, every rank saves and exits 75, the job requeues itself, starts again
-(``SLURM_RESTART_COUNT=1``), resumes from that checkpoint, does only the remaining iterations and
-ends with the metrics of an uninterrupted 2-task job, bit for bit."""
+"""The sbatch scripts on a real single-node SLURM (slurm-wlm + munge, installed and started by
+``slurm_local``). The tiny training script: a 2-task job gets SIGUSR1 in its batch shell mid-run (as
+``--signal=B:USR1@N`` sends it), forwards it, every rank saves and exits 75, the job requeues itself,
+starts again (``SLURM_RESTART_COUNT=1``), resumes from that checkpoint, does only the remaining
+iterations and ends with the metrics of an uninterrupted 2-task job, bit for bit. The sampling
+script: 2 tasks split a prompt file and write the files one process writes."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -78,3 +80,35 @@ def test_tiny_sbatch_job_is_preempted_requeued_and_resumes_exactly(tmp_path):
     rows, ref_rows = _metrics(out), _metrics(ref_out)
     assert [r["iteration"] for r in rows] == list(range(ITERATIONS))
     assert _without_timings(rows) == _without_timings(ref_rows)
+
+
+@pytest.mark.timeout(1200)
+def test_sample_sbatch_splits_the_prompts_over_its_tasks(tmp_path):
+    import imageio.v3 as iio
+    import numpy as np
+
+    from adm_megatron.data.tiny_sd3_pipeline import build_tiny_sd3_pipeline
+
+    pipeline = build_tiny_sd3_pipeline(str(tmp_path / "pipe"), seed=0)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\nblue sky\na cat\n")
+    args = ["--pipeline", pipeline, "--generator", f"{pipeline}/transformer", "--steps", "2", "--teacher-steps", "0",
+            "--prompt-file", str(prompts)]
+    log = str(tmp_path / "sample.log")
+    with LocalSlurm(str(tmp_path / "slurm")) as slurm:
+        job = slurm.sbatch(["--ntasks", "2", "--output", log, os.path.join(ROOT, "examples", "slurm", "sample.sbatch"),
+                            *args, "--out", str(tmp_path / "slurm_out")], cwd=str(tmp_path), env={"PYTHON": sys.executable})
+        slurm.wait(lambda: _ended(slurm, job), WAIT_S, "the sampling job")
+        assert slurm.job(job)["JobState"] == "COMPLETED", open(log).read()[-3000:]
+    single = subprocess.run([sys.executable, "-m", "adm_megatron.cli", "sample", *args, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert single.returncode == 0, single.stderr[-3000:]
+    text = open(log).read()
+    assert "2 tasks on" in text and "2 process(es)" in text
+    names = sorted(os.listdir(tmp_path / "one" / "generator"))
+    assert names == ["grid.png", "sample-000.png", "sample-001.png", "sample-002.png"]
+    assert sorted(os.listdir(tmp_path / "slurm_out" / "generator")) == names
+    for name in names:
+        assert np.array_equal(iio.imread(tmp_path / "slurm_out" / "generator" / name),
+                              iio.imread(tmp_path / "one" / "generator" / name)), name
+    assert json.loads((tmp_path / "slurm_out" / "sample_timing.json").read_text())["ranks"] == 2
