@@ -119,7 +119,7 @@ def _sample(args: argparse.Namespace) -> int:
         if args.teacher_steps:
             runs.append(SampleRun("teacher", None, args.teacher_steps, args.teacher_guidance_scale))
         result = sample(args.pipeline, runs, prompts, args.out, fmt=args.format, seed=args.seed,
-                        command=args.command_line, dtype=args.dtype, overwrite=args.overwrite)
+                        command=args.command_line, dtype=args.dtype, overwrite=args.overwrite, resume=args.resume)
     except (ValueError, FileNotFoundError) as err:
         print(f"adm-megatron sample: {err}", file=sys.stderr)
         return 2
@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pipeline dtype (default auto: bf16 on a GPU, fp32 on CPU)")
     samp.add_argument("--out", required=True, help="output directory (new or empty)")
     samp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    samp.add_argument("--resume", action="store_true",
+                      help="finish an --out started with the same arguments (e.g. a preempted job): its sample files "
+                      "are kept, only the missing ones rendered")
     samp.set_defaults(func=_sample)
     export = sub.add_parser(
         "export",

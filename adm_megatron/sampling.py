@@ -16,6 +16,7 @@ time (an evaluation set of thousands of prompts).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -28,7 +29,8 @@ import torch.distributed as dist
 
 from adm_megatron.convert.distillation_record import DISTILLATION_FILE, read_distillation_record
 from adm_megatron.data.batch_layout import contiguous_share
-from adm_megatron.models.frame_files import write_grid
+from adm_megatron.families.registry import PromptEmbeddings
+from adm_megatron.models.frame_files import sample_name, write_grid
 from adm_megatron.models.generator_source import generator_parts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -67,12 +69,48 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def check_out_dir(out_dir: str, overwrite: bool) -> None:
-    """One-line ValueError for a non-empty ``out_dir`` without ``overwrite`` (or a file)."""
+ARGS_FILE = "sample_args.json"  # what an output directory holds: a --resume must ask for the same
+
+
+def check_out_dir(out_dir: str, overwrite: bool, resume: bool, args: dict) -> None:
+    """One-line ValueError for an ``out_dir`` that may not be written: a file; non-empty without
+    ``overwrite`` or ``resume``; resumed with other arguments than it was started with."""
     if os.path.isfile(out_dir):
         raise ValueError(f"--out {out_dir}: exists and is a file")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise ValueError(f"--out {out_dir}: exists and is not empty (pass --overwrite to replace it)")
+    if not (os.path.isdir(out_dir) and os.listdir(out_dir)) or overwrite:
+        return
+    if not resume:
+        raise ValueError(f"--out {out_dir}: exists and is not empty (pass --overwrite to replace it, or --resume "
+                         "to finish it)")
+    path = os.path.join(out_dir, ARGS_FILE)
+    try:
+        with open(path) as f:
+            before = json.load(f)
+    except (OSError, ValueError):
+        raise ValueError(f"--resume: {path} is missing or unreadable: {out_dir} is not an adm-megatron sample "
+                         "output") from None
+    changed = sorted(k for k in set(before) | set(args) if before.get(k) != args.get(k))
+    if changed:
+        raise ValueError(f"--resume: {out_dir} was started with other {', '.join(changed)} ({path}); use a new --out "
+                         "or --overwrite")
+
+
+def _missing(run_dir: str, share: range, fmt: str) -> list[range]:
+    """The samples of ``share`` without a file in ``run_dir``, as contiguous ranges."""
+    todo = [i for i in share if not os.path.isfile(os.path.join(run_dir, sample_name(i, fmt)))]
+    groups: list[range] = []
+    for i in todo:
+        if groups and groups[-1].stop == i:
+            groups[-1] = range(groups[-1].start, i + 1)
+        else:
+            groups.append(range(i, i + 1))
+    return groups
+
+
+def _rows(embeds: PromptEmbeddings, rows: range) -> PromptEmbeddings:
+    """The prompts ``rows`` of ``embeds`` (the negatives are the one empty prompt)."""
+    pooled = None if embeds.pooled is None else embeds.pooled[rows.start:rows.stop]
+    return dataclasses.replace(embeds, text=embeds.text[rows.start:rows.stop], pooled=pooled)
 
 
 def _world() -> tuple[int, int, torch.device]:
@@ -101,11 +139,14 @@ def _gathered(value, ranks: int) -> list:
 
 
 def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir: str, fmt: str | None = None,
-           seed: int = 0, command: str = "", dtype: str = "auto", overwrite: bool = False) -> dict | None:
+           seed: int = 0, command: str = "", dtype: str = "auto", overwrite: bool = False,
+           resume: bool = False) -> dict | None:
     """Render every prompt with every run; returns (and writes) the timing table on rank 0 (None on
     the other ranks). Launched as several processes, each renders a contiguous share of the prompts
     (sample i is the same file, from the same noise, as in one process). ``fmt`` None: mp4 for
-    video families, png for image families (and a grid of them); ``dtype`` as :func:`resolve_dtype`."""
+    video families, png for image families (and a grid of them); ``dtype`` as :func:`resolve_dtype`.
+    ``resume``: an output directory started with the same arguments keeps its sample files (each is
+    written whole or not at all) and only the missing ones are rendered (and timed)."""
     from adm_megatron.bench.report import environment
     from adm_megatron.families import family_of_model_dir
 
@@ -116,33 +157,44 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
             raise ValueError(f"{run.name} steps={run.steps}: expected >= 1")
     transformer = generator_parts(pipeline_dir, runs[0].transformer_dir)[0]  # a LoRA file: the teacher's
     family = family_of_model_dir(transformer)
-    check_out_dir(out_dir, overwrite)  # on every rank: a refusal stops them all
+    fmt = fmt or ("png" if family.latent_layout == "image" else "mp4")
+    args = {"pipeline": os.path.abspath(pipeline_dir), "prompts": prompts, "fmt": fmt, "seed": seed, "dtype": dtype,
+            "runs": [[r.name, r.transformer_dir and os.path.abspath(r.transformer_dir), r.steps, r.guidance_scale]
+                     for r in runs]}
+    check_out_dir(out_dir, overwrite, resume, args)  # on every rank: a refusal stops them all
     rank, ranks, device = _world()
     torch_dtype = resolve_dtype(dtype, device)
-    if rank == 0 and os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)  # --overwrite: nothing of the earlier run stays beside the new files
+    if rank == 0:
+        if overwrite and os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)  # nothing of the earlier run stays beside the new files
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, ARGS_FILE), "w") as f:
+            json.dump(args, f, indent=2)
     _barrier(ranks)
     mine = contiguous_share(len(prompts), rank, ranks)
+    todo = {run.name: _missing(os.path.join(out_dir, run.name), mine, fmt) for run in runs}
     embeds = (family.encode_prompts(pipeline_dir, prompts[mine.start:mine.stop],
-                                    family.arch_from_pretrained_dir(transformer), device) if len(mine) else None)
-    fmt = fmt or ("png" if family.latent_layout == "image" else "mp4")
+                                    family.arch_from_pretrained_dir(transformer), device)
+              if any(todo.values()) else None)
     rows = []
     for run in runs:
         seconds: list[float] = []
         run_dir = os.path.join(out_dir, run.name)
-        paths = [] if embeds is None else family.render_samples(
-            pipeline_dir, run.transformer_dir, embeds, run.steps, run_dir, fmt=fmt, guidance_scale=run.guidance_scale,
-            seed=seed, device=device, dtype=torch_dtype, seconds=seconds, first=mine.start)
-        shares = _gathered((paths, seconds), ranks)
-        paths = [p for share, _ in shares for p in share]
-        seconds = [t for _, share in shares for t in share]
+        for group in todo[run.name]:
+            family.render_samples(pipeline_dir, run.transformer_dir,
+                                  _rows(embeds, range(group.start - mine.start, group.stop - mine.start)),
+                                  run.steps, run_dir, fmt=fmt, guidance_scale=run.guidance_scale, seed=seed,
+                                  device=device, dtype=torch_dtype, seconds=seconds, first=group.start)
+        seconds = [t for share in _gathered(seconds, ranks) for t in share]
+        paths = [os.path.join(run_dir, sample_name(i, fmt)) for i in range(len(prompts))]
         if rank == 0 and family.latent_layout == "image":  # images: also all of them in one grid
             write_grid(paths, os.path.join(run_dir, "grid.png"))
             paths.append(os.path.join(run_dir, "grid.png"))
         record = read_distillation_record(run.transformer_dir) if run.transformer_dir else None
         rows.append({"model": run.name, "transformer": run.transformer_dir or transformer, "steps": run.steps,
-                     "guidance_scale": run.guidance_scale, "seconds": seconds,
-                     "seconds_per_sample": statistics.median(seconds), "paths": paths, "distillation": record})
+                     "guidance_scale": run.guidance_scale, "rendered": len(seconds), "seconds": seconds,
+                     "seconds_per_sample": statistics.median(seconds) if seconds else None, "paths": paths,
+                     "distillation": record})
     if rank != 0:
         return None
     result = {"environment": environment(device, command), "pipeline": pipeline_dir, "prompts": prompts,
@@ -153,8 +205,9 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
 
 
 def format_timing(result: dict) -> str:
-    lines = [f"{'model':10s} {'steps':>5s} {'CFG':>5s} {'s / sample':>11s}  files"]
+    lines = [f"{'model':10s} {'steps':>5s} {'CFG':>5s} {'rendered':>8s} {'s / sample':>11s}  files"]
     for r in result["runs"]:
-        lines.append(f"{r['model']:10s} {r['steps']:5d} {r['guidance_scale']:5.1f} {r['seconds_per_sample']:11.4g}  "
+        timing = "-" if r["seconds_per_sample"] is None else f"{r['seconds_per_sample']:.4g}"
+        lines.append(f"{r['model']:10s} {r['steps']:5d} {r['guidance_scale']:5.1f} {r['rendered']:8d} {timing:>11s}  "
                      f"{os.path.dirname(r['paths'][0])}/")
     return "\n".join(lines)

@@ -83,7 +83,8 @@ def test_sample_takes_the_distilled_step_count_and_never_mixes_runs(tmp_path, wo
     calls.clear()
     assert main([*args, "--generator", generator, "--teacher-steps", "0", "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"adm-megatron sample: --out {out}: exists and is not empty (pass --overwrite to replace it)")
+        f"adm-megatron sample: --out {out}: exists and is not empty (pass --overwrite to replace it, or --resume to "
+        "finish it)")
     assert calls == [] and (out / "teacher").is_dir()  # refused before any sampling, nothing touched
 
     assert main([*args, "--generator", generator, "--teacher-steps", "0", "--steps", "2", "--dtype", "bf16",
@@ -91,7 +92,7 @@ def test_sample_takes_the_distilled_step_count_and_never_mixes_runs(tmp_path, wo
     assert (f"adm-megatron sample: note: {generator} was distilled for 3 steps; sampling it with 2"
             in capsys.readouterr().err.splitlines())
     assert calls == [torch.bfloat16] * 2
-    assert sorted(os.listdir(out)) == ["generator", "sample_timing.json"]  # the earlier teacher/ is gone
+    assert sorted(os.listdir(out)) == ["generator", "sample_args.json", "sample_timing.json"]  # no earlier teacher/
 
     calls.clear()
     assert main([*args, "--generator", bare, "--out", str(tmp_path / "bare_samples")]) == 2
@@ -179,3 +180,41 @@ def test_sample_splits_a_prompt_file_over_the_ranks_of_a_world(tmp_path, capsys)
     assert _sample_counted([*common[:-1], str(tmp_path / "blank.txt"), "--out", str(tmp_path / "x")]) == (2, 0)
     assert capsys.readouterr().err.strip() == (
         f"adm-megatron sample: {tmp_path / 'blank.txt'}: no prompts (the file is empty or blank; expected one per line)")
+
+
+def test_a_resumed_sampling_renders_only_the_missing_samples(tmp_path, capsys):
+    """--resume on an output started with the same arguments keeps its complete sample files and
+    renders only the missing one (a killed write's partial file does not count), ending with the
+    files of an uninterrupted run; other arguments or a foreign directory are one-line refusals."""
+    import shutil
+
+    import imageio.v3 as iio
+
+    from adm_megatron.data.tiny_sd3_pipeline import build_tiny_sd3_pipeline
+
+    pipeline = build_tiny_sd3_pipeline(str(tmp_path / "pipe"), seed=0)
+    args = ["--pipeline", pipeline, "--generator", f"{pipeline}/transformer", "--steps", "2", "--teacher-steps", "0",
+            "--prompt", "a red cube", "--prompt", "blue sky", "--prompt", "a cat"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert _sample_counted([*args, "--out", str(full)]) == (0, 6)
+    shutil.copytree(full, cut)  # as a job killed while writing sample 1 leaves it
+    (cut / "generator" / "sample-001.png").rename(cut / "generator" / "sample-001.partial.png")
+    (cut / "generator" / "grid.png").unlink()
+    (cut / "sample_timing.json").unlink()
+    capsys.readouterr()
+    assert _sample_counted([*args, "--out", str(cut), "--resume"]) == (0, 2)  # one sample of 2 steps
+    assert "generator      2   1.0        1" in capsys.readouterr().out
+    assert sorted(os.listdir(cut / "generator")) == sorted(os.listdir(full / "generator"))
+    for name in os.listdir(full / "generator"):
+        assert np.array_equal(iio.imread(cut / "generator" / name), iio.imread(full / "generator" / name)), name
+    assert json.loads((cut / "sample_timing.json").read_text())["runs"][0]["rendered"] == 1
+
+    capsys.readouterr()
+    assert _sample_counted([*args[:5], "3", *args[6:], "--out", str(cut), "--resume"]) == (2, 0)
+    assert capsys.readouterr().err.strip() == (
+        f"adm-megatron sample: --resume: {cut} was started with other runs ({cut / 'sample_args.json'}); use a new "
+        "--out or --overwrite")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x").write_text("")
+    assert _sample_counted([*args, "--out", str(tmp_path / "other"), "--resume"]) == (2, 0)
+    assert "is not an adm-megatron sample output" in capsys.readouterr().err

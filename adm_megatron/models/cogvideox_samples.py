@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from adm_megatron.models.frame_files import FORMATS, write_frames
+from adm_megatron.models.frame_files import FORMATS, sample_name, write_frames
 from adm_megatron.models.generator_source import fuse_lora, generator_parts
 from adm_megatron.models.pipeline_files import component_config, read_config
 
@@ -146,6 +146,6 @@ def render_samples(
         ).frames[0]
         if seconds is not None:  # the frames are numpy on the host: the device work is done
             seconds.append(time.perf_counter() - start)
-        paths.append(os.path.join(out_dir, f"sample-{i:03d}.{fmt}"))
+        paths.append(os.path.join(out_dir, sample_name(i, fmt)))
         write_frames(video, paths[-1], fmt, fps)
     return paths

@@ -5,6 +5,7 @@ images tiled into one grid (from arrays, or from written png files)."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -15,21 +16,31 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
     return (pixels * 255).round().clip(0, 255).astype(np.uint8)
 
 
+def sample_name(index: int, fmt: str) -> str:
+    """The file name of sample ``index`` (every writer of samples names them so)."""
+    return f"sample-{index:03d}.{fmt}"
+
+
 def write_frames(frames: np.ndarray, path: str, fmt: str, fps: int = 8) -> None:
+    """Write ``frames`` to ``path`` atomically: beside it first, then renamed, so a file that
+    exists is complete (a resumed sampling keeps it)."""
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    stem, ext = os.path.splitext(path)
+    partial = f"{stem}.partial{ext}"  # the extension tells the writers the format
     if fmt == "gif":
         import imageio.v3 as iio
 
-        iio.imwrite(path, to_uint8(frames), extension=".gif", duration=1000 / fps, loop=0)
+        iio.imwrite(partial, to_uint8(frames), extension=".gif", duration=1000 / fps, loop=0)
     elif fmt == "png":
         import imageio.v3 as iio
 
-        iio.imwrite(path, to_uint8(np.concatenate(list(frames), axis=1)))
+        iio.imwrite(partial, to_uint8(np.concatenate(list(frames), axis=1)), extension=".png")
     else:
         from diffusers.utils import export_to_video
 
-        export_to_video(list(frames), path, fps=fps)
+        export_to_video(list(frames), partial, fps=fps)
+    os.replace(partial, path)
 
 
 def image_grid(images: list[np.ndarray]) -> np.ndarray:

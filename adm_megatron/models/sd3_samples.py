@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from adm_megatron.models.frame_files import write_frames
+from adm_megatron.models.frame_files import sample_name, write_frames
 from adm_megatron.models.generator_source import fuse_lora, generator_parts
 from adm_megatron.models.pipeline_files import component_config, read_config
 
@@ -112,6 +112,6 @@ def render_image_samples(
         ).images[0]
         if seconds is not None:
             seconds.append(time.perf_counter() - start)
-        paths.append(os.path.join(out_dir, f"sample-{i:03d}.png"))
+        paths.append(os.path.join(out_dir, sample_name(i, "png")))
         write_frames(image[None], paths[-1], "png")
     return paths

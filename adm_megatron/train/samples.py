@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from adm_megatron.data.batch_layout import contiguous_share
-from adm_megatron.models.frame_files import write_frames, write_grid
+from adm_megatron.models.frame_files import sample_name, write_frames, write_grid
 
 
 def sample_dir(output_dir: str, iteration: int | None) -> str:
@@ -127,7 +127,7 @@ class RunSamples:
         info = self.trainer.info
         out = sample_dir(self.trainer.config.output_dir, iteration)
         partial = f"{out}.partial"
-        names = [f"sample-{i:03d}.{self.fmt}" for i in range(self.count)]
+        names = [sample_name(i, self.fmt) for i in range(self.count)]
         if info.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
             os.makedirs(partial)
