@@ -235,6 +235,7 @@ class ProfileConfig:
 class LoggingConfig:
     wandb_mode: str = "offline"  # offline | online | disabled
     wandb_project: str = "adm-megatron"
+    wandb_name: str = ""  # the wandb run's name; empty: output_dir's name (one run across resumes)
     progress: bool = True
     # warn once when the discriminator's paired accuracy, averaged over this many of its last
     # updates, is at most dead_discriminator_accuracy (0.5 is chance); 0 disables the check

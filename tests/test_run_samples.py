@@ -11,7 +11,7 @@
 - the files: ``samples/iter_NNNNNNN/`` per sampling iteration and ``samples/`` at the end, and the
   same images as wandb media;
 - a run stopped by a signal at a sampling iteration keeps those samples, and started again renders
-  only the iterations after its checkpoint;
+  only the iterations after its checkpoint, into the same wandb run;
 - a sampling request without samples to render is a one-line error.
 """
 
@@ -166,6 +166,10 @@ def test_a_stopped_run_keeps_its_samples_and_renders_only_later_ones(cogvideox_p
         assert rendered == [3, None]
         assert {i: os.stat(tmp_path / "run" / "samples" / f"iter_{i:07d}" / "sample-000.gif").st_mtime_ns
                 for i in (1, 2)} == first
+        # both starts logged to one wandb run: the id the first one chose
+        run_id = json.load(open(tmp_path / "run" / "wandb_run.json"))["id"]
+        starts = glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*"))
+        assert len(starts) == 2 and all(s.endswith(f"-{run_id}") for s in starts)
     finally:
         samples_module.RunSamples.render = render
 

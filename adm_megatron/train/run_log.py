@@ -2,23 +2,45 @@
 ``train.log_every``-th and the last), wandb (offline unless configured online; also the rendered
 samples, as media) and a progress bar
 (every iteration: each phase's loss and the discriminator's paired accuracy and margin), all on
-rank 0 only."""
+rank 0 only.
+
+A run is one wandb run however many times it is started (preempted, requeued, resumed): its id is
+kept in ``output_dir/wandb_run.json`` and each start resumes it (``resume="allow"``; offline, each
+start's ``wandb/offline-run-*`` directory carries the same id and ``wandb sync`` adds them to that
+run), named ``logging.wandb_name`` or the output directory's name. An iteration logged again after a
+crash (past the checkpoint the run resumed from) has the values it had: a resume is exact.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 
 from tqdm import tqdm
 
 # the discriminator's health (algorithms/discriminator_health.py) beside the losses on the bar
 SHOWN = {"discriminator/paired_accuracy": "D_acc", "discriminator/paired_margin": "D_margin"}
+WANDB_RUN_FILE = "wandb_run.json"
+
+
+def wandb_run_id(output_dir: str) -> str:
+    """The run's wandb id: the one its first start chose (``output_dir/wandb_run.json``), or a new one."""
+    path = os.path.join(output_dir, WANDB_RUN_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)["id"]
+    run_id = uuid.uuid4().hex[:16]  # wandb ids: letters and digits, unique in the project
+    with open(f"{path}.partial", "w") as f:
+        json.dump({"id": run_id}, f)
+    os.replace(f"{path}.partial", path)
+    return run_id
 
 
 class RunLogger:
     def __init__(self, output_dir: str, config: dict, total: int, start: int, enabled: bool,
                  log_every: int = 1, wandb_mode: str = "offline", wandb_project: str = "adm-megatron",
-                 progress: bool = True):
+                 progress: bool = True, wandb_name: str = ""):
         self.enabled = enabled
         self.log_every = log_every
         self.wandb = None
@@ -33,7 +55,8 @@ class RunLogger:
 
             self.wandb = wandb.init(
                 project=wandb_project, dir=output_dir, config=config, mode=wandb_mode,
-                reinit="finish_previous",
+                id=wandb_run_id(output_dir), resume="allow",
+                name=wandb_name or os.path.basename(os.path.normpath(output_dir)), reinit="finish_previous",
             )
         if progress:
             self.bar = tqdm(total=total, initial=start, desc="adm", unit="it", dynamic_ncols=True)

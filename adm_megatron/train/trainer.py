@@ -383,7 +383,7 @@ class Trainer:
             trim_metrics(c.output_dir, start)
         run_log = RunLogger(
             c.output_dir, config_to_dict(c), total, start, rank0, c.train.log_every,
-            c.logging.wandb_mode, c.logging.wandb_project, c.logging.progress,
+            c.logging.wandb_mode, c.logging.wandb_project, c.logging.progress, c.logging.wandb_name,
         )
         stops = StopPoll(c.train.save_interval_minutes)
         samples = RunSamples(self)
