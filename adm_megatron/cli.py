@@ -114,7 +114,10 @@ def _sample(args: argparse.Namespace) -> int:
     from adm_megatron.sampling import SampleRun, format_timing, generator_steps, sample
 
     try:
+        if args.samples_per_prompt < 1:
+            raise ValueError(f"--samples-per-prompt {args.samples_per_prompt}: expected >= 1")
         prompts = args.prompt + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
+        prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]  # sample i: its own seed + i
         runs = [SampleRun("generator", args.generator, generator_steps(args.generator, args.steps), args.guidance_scale)]
         if args.teacher_steps:
             runs.append(SampleRun("teacher", None, args.teacher_steps, args.teacher_guidance_scale))
@@ -263,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--teacher-guidance-scale", type=float, default=6.0, help="the teacher's CFG (default 6)")
     samp.add_argument("--format", default=None, choices=("mp4", "gif", "png"),
                       help="default: mp4 for video families, png for image families (png: a video's frames side by side)")
+    samp.add_argument("--samples-per-prompt", type=int, default=1,
+                      help="samples of each prompt (default 1), consecutive: prompt p's k-th is sample p x K + k")
     samp.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by seed + i")
     samp.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                       help="pipeline dtype (default auto: bf16 on a GPU, fp32 on CPU)")

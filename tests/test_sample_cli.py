@@ -175,6 +175,15 @@ def test_sample_splits_a_prompt_file_over_the_ranks_of_a_world(tmp_path, capsys)
     assert timing["ranks"] == 2 and timing["prompts"] == ["a red cube", "blue sky", "a cat"]
     assert len(timing["runs"][0]["seconds"]) == 3 and timing["runs"][0]["paths"][-1].endswith("grid.png")
 
+    # 2 samples of each prompt: 6 samples, prompt p's k-th is sample 2 p + k, from its own noise
+    assert _sample_counted([*common, "--samples-per-prompt", "2", "--out", str(tmp_path / "twice")]) == (0, 12)
+    twice = json.loads((tmp_path / "twice" / "sample_timing.json").read_text())
+    assert twice["prompts"] == ["a red cube", "a red cube", "blue sky", "blue sky", "a cat", "a cat"]
+    first, second = (iio.imread(tmp_path / "twice" / "generator" / f"sample-00{i}.png") for i in (2, 3))
+    assert not np.array_equal(first, second)  # one prompt, two noises
+    assert np.array_equal(iio.imread(tmp_path / "twice" / "generator" / "sample-000.png"),
+                          iio.imread(tmp_path / "one" / "generator" / "sample-000.png"))
+
     capsys.readouterr()
     (tmp_path / "blank.txt").write_text("\n \n")
     assert _sample_counted([*common[:-1], str(tmp_path / "blank.txt"), "--out", str(tmp_path / "x")]) == (2, 0)
