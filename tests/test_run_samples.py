@@ -248,3 +248,37 @@ def test_data_parallel_replicas_split_the_samples_and_write_the_one_process_file
     assert sorted(os.listdir(tmp_path / "dp2" / "samples")) == ["iter_0000007"]  # no partial directory left
     for got, want in zip(paths, one_paths):
         assert np.array_equal(iio.imread(got), iio.imread(want)), got
+
+
+def test_a_decode_out_of_gpu_memory_costs_its_samples_not_the_run(cogvideox_pipeline, tmp_path, world_of_one, caplog):
+    """The VAE decode is local to the writing rank: out of memory there, the run logs a warning,
+    leaves those samples out and trains on, with the metrics and weights of a run that samples."""
+    from adm_megatron.families import get_family
+    from adm_megatron.parallel import destroy_parallel
+    from adm_megatron.train.trainer import Trainer
+
+    common = ["train.max_iterations=2", "train.export=false", "data.batch_size=1", "train.sample_every=1"]
+    runs = {}
+    family = get_family("cogvideox")
+    decode = family.decode_images
+    for name in ("fine", "oom"):
+        def decode_or_oom(vae, latents, name=name):
+            if name == "oom":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            return decode(vae, latents)
+
+        object.__setattr__(family, "decode_images", decode_or_oom)
+        try:
+            trainer = Trainer(_config("cogvideox", cogvideox_pipeline, tmp_path / name, *common))
+            with caplog.at_level("WARNING", logger="adm_megatron"):
+                result = trainer.fit()
+            runs[name] = (result, {n: p.detach().clone() for n, p in trainer.generator.named_parameters()})
+        finally:
+            object.__setattr__(family, "decode_images", decode)
+            destroy_parallel()
+    (fine, fine_weights), (oom, oom_weights) = runs["fine"], runs["oom"]
+    assert _metrics(tmp_path / "oom") == _metrics(tmp_path / "fine") and oom.iterations == 2
+    assert all(torch.equal(oom_weights[n], w) for n, w in fine_weights.items())
+    assert oom.samples == [] and len(fine.samples) == 2
+    assert os.listdir(tmp_path / "oom" / "samples" / "iter_0000001") == []
+    assert "samples of iteration 1: the VAE decode ran out of GPU memory on rank 0" in caplog.text

@@ -13,7 +13,8 @@ the noise comes from its own generator, so a run's training numbers do not depen
 often it samples. The first rank of each replica (TP and CP rank 0) decodes its share with the
 pipeline's VAE exactly as the pipeline does (``ModelFamily.decode_images``, then ``x / 2 + 0.5``
 clamped to [0, 1]: the pipeline's postprocess) and writes the files into the run's directory (which
-every rank sees, as checkpoints need); the VAE waits in host memory between samplings. So D replicas
+every rank sees, as checkpoints need); the VAE waits in host memory between samplings, and a decode
+that runs out of GPU memory costs its samples only (a warning; training goes on). So D replicas
 render in about 1 / D of one replica's time. Files: ``samples/iter_NNNNNNN/`` during the run,
 ``samples/`` at the end, ``sample-iii.gif`` for videos and ``.png`` for images (and ``grid.png``
 tiling them, by rank 0 from the written images), each directory written beside and renamed into
@@ -23,6 +24,7 @@ place by rank 0 when every writer is done; wandb gets them as media.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 
@@ -31,6 +33,8 @@ import torch.distributed as dist
 
 from adm_megatron.data.batch_layout import contiguous_share
 from adm_megatron.models.frame_files import sample_name, write_frames, write_grid
+
+logger = logging.getLogger("adm_megatron")
 
 
 def sample_dir(output_dir: str, iteration: int | None) -> str:
@@ -103,15 +107,20 @@ class RunSamples:
 
     @torch.no_grad()
     def frames(self, latents: torch.Tensor) -> list:
-        """Rank 0: each sample's frames ``[F, h, w, 3]`` in [0, 1] (numpy), decoded as the pipeline does."""
+        """Each sample's frames ``[F, h, w, 3]`` in [0, 1] (numpy), decoded as the pipeline does, one
+        sample at a time (each leaves the GPU before the next is decoded)."""
         t = self.trainer
         vae = self._vae().to(t.device)
         try:
             dtype = next(vae.parameters()).dtype
-            images = [t.family.decode_images(vae, latent[None].to(t.device, dtype)) for latent in latents]
+            return [self._pixels(t.family.decode_images(vae, latent[None].to(t.device, dtype))) for latent in latents]
         finally:
             vae.to("cpu")  # its GPU memory goes back to training
-        return [(x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() for x in images]
+
+    @staticmethod
+    def _pixels(images: torch.Tensor):
+        """The pipelines' postprocess: ``x / 2 + 0.5`` clamped to [0, 1], as ``[N, h, w, 3]`` numpy."""
+        return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
     def _vae(self):
         if self.vae is None:
@@ -120,6 +129,23 @@ class RunSamples:
             dtype = torch.bfloat16 if t.config.model.dtype == "bf16" else t.dtype
             self.vae = vae.to(dtype).eval().requires_grad_(False)
         return self.vae
+
+    def _write_share(self, latents: torch.Tensor, share: range, directory: str, names: list[str],
+                     iteration: int | None) -> None:
+        """Decode and write this replica's samples. The decode is local (no collective), so a GPU
+        out of memory in it costs these samples only: a warning, and training goes on (the samples
+        watch the run; they must not end it)."""
+        try:
+            frames = self.frames(latents)
+        except torch.OutOfMemoryError as err:
+            logger.warning("samples of %s: the VAE decode ran out of GPU memory on rank %d (%s); samples %d..%d "
+                           "skipped, training goes on", "the end" if iteration is None else f"iteration {iteration}",
+                           self.trainer.info.rank, str(err).splitlines()[0][:120], share.start, share.stop - 1)
+            if torch.cuda.is_available():  # (frames() has moved the VAE back to host memory)
+                torch.cuda.empty_cache()
+            return
+        for i, sample in zip(share, frames):
+            write_frames(sample, os.path.join(directory, names[i]), self.fmt)
 
     def render(self, iteration: int | None) -> list[str]:
         """Collective: render and write the samples of ``iteration`` (``None``: the end), each
@@ -135,12 +161,12 @@ class RunSamples:
         latents = self.latents(mine)
         _barrier()  # the directory exists
         if info.tp_rank == 0 and info.cp_rank == 0 and len(mine):
-            for i, sample in zip(mine, self.frames(latents)):
-                write_frames(sample, os.path.join(partial, names[i]), self.fmt)
+            self._write_share(latents, mine, partial, names, iteration)
         _barrier()  # every share is written
         if info.rank != 0:
             return []
-        if self.fmt == "png":  # images: also all of them in one grid
+        names = [name for name in names if os.path.isfile(os.path.join(partial, name))]
+        if self.fmt == "png" and names:  # images: also all of them in one grid
             write_grid([os.path.join(partial, name) for name in names], os.path.join(partial, "grid.png"))
             names.append("grid.png")
         if iteration is None:  # samples/ also holds the iterations' directories: move the files alone
