@@ -24,6 +24,9 @@ JSON is rewritten after every section, so a run killed at its time limit keeps w
   SDPA backend and under each of flash / cuDNN / memory-efficient forced; which SDPA kernel the
   default picks (read from the profiler's aten op names).
 - ``sdpa``: the attention alone at the same shape for each backend.
+- ``trainer``: the product end to end on the device: a tiny CogVideoX ADM run (bf16) with samples
+  during the run and at its end, its export and throughput metrics (MFU), then ``adm-megatron
+  sample`` of the exported generator (bf16).
 
 FLOP count (model FLOPs, a multiply-add = 2 FLOPs, no recompute), per block with N = text + video
 tokens, hidden d, MLP width 4d, batch B:
@@ -794,6 +797,54 @@ def _fmt(x, spec=".2e"):
     return "-" if x is None else format(x, spec)
 
 
+def section_trainer(plan: Plan, workdir: str) -> dict:
+    """The product end to end on this device: a tiny CogVideoX ADM run (3 iterations; bf16 on a GPU)
+    with samples rendered during the run and at its end (the VAE decode on the device), the export
+    with its distillation.json and the throughput keys in metrics.jsonl (MFU where the card's peak is
+    known); then ``adm-megatron sample`` of the exported generator beside the teacher (bf16 on a GPU)."""
+    from adm_megatron.cli import main as cli_main
+    from adm_megatron.config import load_config
+    from adm_megatron.convert.distillation_record import read_distillation_record
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+    from adm_megatron.train.trainer import Trainer
+
+    pipeline = build_tiny_pipeline(os.path.join(workdir, "trainer_pipe"), seed=0)
+    out = os.path.join(workdir, "trainer_run")
+    dtype = "fp32" if plan.dry_run else "bf16"
+    config = load_config(os.path.join(REPO, "examples", "cogvideox", "tiny_cpu.yaml"), [
+        f"model.teacher={pipeline}", f"output_dir={out}", f"model.dtype={dtype}", "data.source=synthetic",
+        "data.num_prompts=4", "data.batch_size=2", "train.max_iterations=3", "train.sample_every=2",
+        "train.num_samples=2", "train.ema_decay=0.5", "logging.wandb_mode=disabled", "logging.progress=false"])
+    result = Trainer(config).fit()
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    last = rows[-1]
+    record = read_distillation_record(os.path.join(out, "generator"))
+    samples_dir = os.path.join(workdir, "trainer_samples")
+    sample_code = cli_main(["sample", "--pipeline", pipeline, "--generator", os.path.join(out, "generator"),
+                            "--prompt", "a red cat", "--teacher-steps", "4", "--out", samples_dir])
+    timing = json.load(open(os.path.join(samples_dir, "sample_timing.json"))) if sample_code == 0 else {}
+    checks = {
+        "iterations": [r["iteration"] for r in rows] == [0, 1, 2],
+        "finite_losses": all(math.isfinite(v) for r in rows for k, v in r.items() if k.endswith("/loss")),
+        "throughput_keys": all(k in last for k in ("throughput/iteration_seconds", "throughput/tflops_per_gpu")),
+        "mfu_where_the_peak_is_known": plan.dry_run or plan.device.type != "cuda"
+        or ("throughput/mfu" in last and 0 < last["throughput/mfu"] < 1)
+        or not _known_peak(),
+        "samples_during_the_run": len(os.listdir(os.path.join(out, "samples", "iter_0000002"))) == 2,
+        "samples_at_the_end": len(result.samples) == 2,
+        "export_record": record is not None and record["generator_steps"] == config.distill.generator_steps,
+        "sample_tool": sample_code == 0 and timing.get("dtype") == ("float32" if plan.dry_run else "bfloat16"),
+    }
+    return {"ok": all(checks.values()), "checks": checks, "dtype": dtype, "last_metrics": last,
+            "sample_timing": {r["model"]: r["seconds_per_sample"] for r in timing.get("runs", [])}}
+
+
+def _known_peak() -> bool:
+    from adm_megatron.bench.report import device_name, peak_tflops
+
+    return peak_tflops(device_name(torch.device("cuda")), "bf16", None) is not None
+
+
 def print_summary(report: Report) -> None:
     data = report.data
     sec = data["sections"]
@@ -864,6 +915,14 @@ def print_summary(report: Report) -> None:
                          f"ms ({row['forward_backward_tflops']:6.1f})  {','.join(row['ops'])}")
         for key, err in sdpa.get("errors", {}).items():
             lines.append(f"  {key}: {err.splitlines()[0][:110]}")
+    trainer = sec.get("trainer")
+    if trainer:
+        failed = [k for k, v in trainer["checks"].items() if not v]
+        mfu = trainer["last_metrics"].get("throughput/mfu")
+        lines.append("")
+        lines.append(f"trainer ({trainer['dtype']}): {'ok' if trainer['ok'] else 'FAILED ' + ', '.join(failed)}; "
+                     f"last iteration {trainer['last_metrics']['throughput/iteration_seconds']:.3f} s, "
+                     f"mfu {'n/a' if mfu is None else f'{mfu:.4f}'}; sample s / sample: {trainer['sample_timing']}")
     if data["errors"]:
         lines.append("")
         for name, err in data["errors"].items():
@@ -888,7 +947,7 @@ def parse_args(argv=None):
                         help="JSON path (default: $OUT/gpu_check.json, else ./gpu_check.json)")
     parser.add_argument("--budget-s", type=float, default=300.0,
                         help="time budget: sections that would start past it are skipped")
-    parser.add_argument("--sections", default="env,matmul_peak,correctness,te,speed,sdpa",
+    parser.add_argument("--sections", default="env,matmul_peak,correctness,te,speed,sdpa,trainer",
                         help="comma list of sections to run")
     parser.add_argument("--variants", default="", help="correctness variants, e.g. 2b,5b (default all)")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
@@ -953,6 +1012,8 @@ def main(argv=None) -> int:
                                                       else None), need_s=45 * heavy)
         if "sdpa" in sections:
             report.run("sdpa", lambda: section_sdpa(plan, budget), need_s=15 * heavy)
+        if "trainer" in sections:
+            report.run("trainer", lambda: section_trainer(plan, workdir), need_s=40 * heavy)
     finally:
         failed = [k for k, v in report.data["sections"].items()
                   if isinstance(v, dict) and v.get("ok") is False]
