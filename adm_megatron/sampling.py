@@ -8,7 +8,8 @@ encoded with the pipeline's own text encoder(s) as the pipeline would (the famil
 ``render_samples`` (whose deterministic few-step schedule is the PF-ODE the generator was distilled
 on). The generator's step count defaults to the one it was distilled for (the ``distillation.json``
 the trainer exports beside it). Writes ``OUT/generator/``, ``OUT/teacher/`` and
-``OUT/sample_timing.json``; an earlier non-empty ``OUT`` is replaced only when asked. Launched as
+``OUT/sample_timing.json``; an earlier non-empty ``OUT`` is replaced only when asked (or finished:
+``resume``). Launched as
 several processes (torchrun / srun, a GPU each), the ranks split the prompts into contiguous shares
 and rank 0 gathers the paths and timings: the files are those of one process, in 1 / ranks of the
 time (an evaluation set of thousands of prompts).
