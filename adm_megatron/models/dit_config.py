@@ -84,6 +84,13 @@ def make_transformer_config(
     )
 
 
+# megatron-core 0.16 defaults cuda_graph_scope to "full" and then warns, at every config it builds,
+# that "full" is deprecated in favour of the empty list; we use no CUDA graphs, so pass the new form
+# (only where the field exists: releases without it take nothing)
+_NO_CUDA_GRAPH_SCOPE = ({"cuda_graph_scope": []}
+                        if "cuda_graph_scope" in {f.name for f in dataclasses.fields(TransformerConfig)} else {})
+
+
 def _transformer_config(
     *, num_layers, num_attention_heads, head_dim, ffn_hidden_size, bias, norm_eps, qk_layernorm, dropout,
     tensor_parallel, context_parallel, sequence_parallel, recompute, params_dtype, use_cpu_initialization,
@@ -113,4 +120,6 @@ def _transformer_config(
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=use_cpu_initialization,
         perform_initialization=True,
+        **_NO_CUDA_GRAPH_SCOPE,
     )
+
