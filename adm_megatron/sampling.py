@@ -33,6 +33,7 @@ from adm_megatron.data.batch_layout import contiguous_share
 from adm_megatron.families.registry import PromptEmbeddings
 from adm_megatron.models.frame_files import sample_name, write_grid
 from adm_megatron.models.generator_source import generator_parts
+from adm_megatron.parallel import barrier, initialize_parallel, launch_env
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -117,17 +118,10 @@ def _rows(embeds: PromptEmbeddings, rows: range) -> PromptEmbeddings:
 def _world() -> tuple[int, int, torch.device]:
     """(rank, ranks, device) of this sampling process: one process, or the data-parallel world of
     a torchrun / srun launch (process groups from ``adm_megatron.parallel``, a GPU per rank)."""
-    from adm_megatron.parallel import initialize_parallel, launch_env
-
     if launch_env().world_size == 1 and not dist.is_initialized():
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = initialize_parallel(tensor_parallel=1, context_parallel=1, seed=None)
     return info.dp_rank, info.dp_size, info.device
-
-
-def _barrier(ranks: int) -> None:
-    if ranks > 1:
-        dist.barrier()
 
 
 def _gathered(value, ranks: int) -> list:
@@ -171,7 +165,7 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, ARGS_FILE), "w") as f:
             json.dump(args, f, indent=2)
-    _barrier(ranks)
+    barrier()
     mine = contiguous_share(len(prompts), rank, ranks)
     todo = {run.name: _missing(os.path.join(out_dir, run.name), mine, fmt) for run in runs}
     embeds = (family.encode_prompts(pipeline_dir, prompts[mine.start:mine.stop],

@@ -40,6 +40,7 @@ from adm_megatron.config import LoraConfig
 from adm_megatron.convert.distillation_record import write_distillation_record
 from adm_megatron.lora.adapters import apply_lora, lora_adapters
 from adm_megatron.lora.merge import merged_full_state_dict
+from adm_megatron.parallel import barrier
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -94,11 +95,6 @@ def _dist() -> bool:
 
 def _rank() -> int:
     return dist.get_rank() if _dist() else 0
-
-
-def _barrier() -> None:
-    if _dist() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def _from_rank0(value: Any) -> Any:
@@ -179,11 +175,11 @@ def _write_atomically(out_dir: str, overwrite: bool, write: Callable[[str], None
     if not ok:
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        _barrier()
+        barrier()
         if failure is not None:
             raise failure
         raise CheckpointError(f"writing {out_dir} failed on another rank; nothing was written")
-    _barrier()
+    barrier()
     return out_dir
 
 

@@ -122,4 +122,3 @@ def _transformer_config(
         perform_initialization=True,
         **_NO_CUDA_GRAPH_SCOPE,
     )
-

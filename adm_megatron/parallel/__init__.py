@@ -4,6 +4,7 @@ from adm_megatron.parallel.cpu_shim import apply_cpu_shim, cpu_shim_active
 from adm_megatron.parallel.runtime import (
     LaunchEnv,
     ParallelInfo,
+    barrier,
     destroy_parallel,
     ensure_parallel,
     expand_nodelist,

@@ -164,6 +164,12 @@ def _env_int(env: Mapping[str, str], key: str) -> int:
         raise ValueError(f"environment variable {key}={env[key]!r} is not an integer") from None
 
 
+def barrier() -> None:
+    """A barrier over the world when there is more than one process; nothing otherwise."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     """Read rank / world / master from torchrun or SLURM variables; a world of one otherwise.
 

@@ -32,7 +32,6 @@ import uuid
 import warnings
 
 import torch
-import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
@@ -42,6 +41,7 @@ from adm_megatron.convert.checkpoint import (
     save_megatron_checkpoint,
     write_atomically,
 )
+from adm_megatron.parallel import barrier
 from adm_megatron.train.save_workers import bind_writer_processes
 
 LATEST = "latest"
@@ -91,11 +91,6 @@ def read_training_state(ckpt_dir: str) -> dict:
             return json.load(f)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: unreadable ({' '.join(str(err).split())})") from None
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def _network_sharded(trainer, name: str) -> dict:
@@ -150,7 +145,7 @@ def save_training_checkpoint(trainer, iteration: int) -> str:
     if rank0:
         _write_marker(config.output_dir, os.path.basename(path))
         _prune(config.output_dir, config.train.keep_checkpoints, keep=os.path.basename(path))
-    _barrier()
+    barrier()
     return path
 
 

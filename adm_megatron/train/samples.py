@@ -29,10 +29,10 @@ import os
 import shutil
 
 import torch
-import torch.distributed as dist
 
 from adm_megatron.data.batch_layout import contiguous_share
 from adm_megatron.models.frame_files import sample_name, write_frames, write_grid
+from adm_megatron.parallel import barrier
 
 logger = logging.getLogger("adm_megatron")
 
@@ -59,13 +59,17 @@ class RunSamples:
     def enabled(self) -> bool:
         return self.count > 0 and bool(self.trainer.teacher_source.pipeline_dir)
 
+    def latent_shape(self) -> tuple[int, ...]:
+        """One sample's latent shape at the run's size (no batch dimension)."""
+        t = self.trainer
+        d = t.config.data
+        return t.family.latent_shape(t.arch, d.frames, d.height, d.width)
+
     def noise(self, index: int) -> torch.Tensor:
         """Sample ``index``'s starting noise (one row), as ``torch.Generator().manual_seed(seed + i)``."""
         t = self.trainer
-        d = t.config.data
-        shape = (1, *t.family.latent_shape(t.arch, d.frames, d.height, d.width))
         generator = torch.Generator().manual_seed(t.config.seed + index)
-        return torch.randn(shape, generator=generator, dtype=t.dtype)
+        return torch.randn((1, *self.latent_shape()), generator=generator, dtype=t.dtype)
 
     def share(self) -> range:
         """The samples this rank's data-parallel replica renders."""
@@ -82,7 +86,7 @@ class RunSamples:
         rows = t.config.data.batch_size
         to = dict(device=t.device, dtype=t.dtype)
         bf16 = t.config.model.dtype == "bf16"
-        out = [torch.empty(0, *self.noise(0).shape[1:])]
+        out = [torch.empty(0, *self.latent_shape())]
         with self._ema_weights(), torch.autocast(t.device.type, torch.bfloat16, enabled=bf16):
             for lo in range(indices.start, indices.stop, rows):
                 hi = min(lo + rows, indices.stop)
@@ -159,10 +163,10 @@ class RunSamples:
             os.makedirs(partial)
         mine = self.share()
         latents = self.latents(mine)
-        _barrier()  # the directory exists
+        barrier()  # the directory exists
         if info.tp_rank == 0 and info.cp_rank == 0 and len(mine):
             self._write_share(latents, mine, partial, names, iteration)
-        _barrier()  # every share is written
+        barrier()  # every share is written
         if info.rank != 0:
             return []
         names = [name for name in names if os.path.isfile(os.path.join(partial, name))]
@@ -178,8 +182,3 @@ class RunSamples:
             shutil.rmtree(out, ignore_errors=True)  # a resumed run redoing this iteration
             os.replace(partial, out)
         return [os.path.join(out, name) for name in names]
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()

@@ -3,9 +3,8 @@
 Each failure is a one-line ``ConfigError`` naming the key and the numbers: parallel layouts the
 world or the architecture cannot take (heads or tokens not divisible by TP / CP), latent sizes the
 patching cannot take, embeddings that do not fit the teacher, features this machine lacks (TE, an
-attention backend, FP8, a
-GPU for nsys profiling), a profiled rank outside the world, a
-truncated teacher weights file, samples asked of a pipeline without a VAE, and on a GPU a run the
+attention backend, FP8, a GPU for nsys profiling), a profiled rank outside the world, a truncated
+teacher weights file, samples asked of a pipeline without a VAE, and on a GPU a run the
 memory planner says does not fit the card (``memory/preflight.py``).
 """
 
