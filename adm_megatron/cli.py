@@ -122,7 +122,8 @@ def _sample(args: argparse.Namespace) -> int:
         if args.teacher_steps:
             runs.append(SampleRun("teacher", None, args.teacher_steps, args.teacher_guidance_scale))
         result = sample(args.pipeline, runs, prompts, args.out, fmt=args.format, seed=args.seed,
-                        command=args.command_line, dtype=args.dtype, overwrite=args.overwrite, resume=args.resume)
+                        command=args.command_line, dtype=args.dtype, overwrite=args.overwrite, resume=args.resume,
+                        size={"height": args.height, "width": args.width, "num_frames": args.num_frames})
     except (ValueError, FileNotFoundError) as err:
         print(f"adm-megatron sample: {err}", file=sys.stderr)
         return 2
@@ -246,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="render prompts with an exported generator (and the teacher), seconds per sample",
         description="Generate samples from an exported generator (a diffusers transformer directory, "
         "e.g. a run's generator/) through its model family's diffusers pipeline with its N-step "
-        "schedule (N from the distillation.json the trainer exports beside it, or --steps), and with "
+        "schedule and at its size (both from the distillation.json the trainer exports beside it, or "
+        "--steps / --height / --width / --num-frames), and with "
         "the pipeline's own transformer (the teacher) at --teacher-steps; writes OUT/generator/, "
         "OUT/teacher/ and OUT/sample_timing.json and prints seconds per sample. Many processes: "
         "torchrun --nproc-per-node N -m adm_megatron.cli sample ... (or srun) splits the prompts over them.",
@@ -268,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="default: mp4 for video families, png for image families (png: a video's frames side by side)")
     samp.add_argument("--samples-per-prompt", type=int, default=1,
                       help="samples of each prompt (default 1), consecutive: prompt p's k-th is sample p x K + k")
+    for flag, what in (("--height", "pixel height"), ("--width", "pixel width"), ("--num-frames", "video frames")):
+        samp.add_argument(flag, type=int, default=None,
+                          help=f"{what} of every sample, the generator's and the teacher's (default: the size the "
+                          "generator was distilled at, from its distillation.json, else the transformer's native one)")
     samp.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by seed + i")
     samp.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                       help="pipeline dtype (default auto: bf16 on a GPU, fp32 on CPU)")

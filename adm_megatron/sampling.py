@@ -6,8 +6,9 @@ The family comes from the transformer's ``config.json`` (``adm_megatron.families
 encoded with the pipeline's own text encoder(s) as the pipeline would (the family's
 ``encode_prompts``), the negative prompt is the empty string; rendering is the family's
 ``render_samples`` (whose deterministic few-step schedule is the PF-ODE the generator was distilled
-on). The generator's step count defaults to the one it was distilled for (the ``distillation.json``
-the trainer exports beside it). Writes ``OUT/generator/``, ``OUT/teacher/`` and
+on). The generator's step count and size default to the ones it was distilled for (the
+``distillation.json`` the trainer exports beside it; the teacher renders at the same size; a size
+is checked in one line by ``models/pipeline_size.py``). Writes ``OUT/generator/``, ``OUT/teacher/`` and
 ``OUT/sample_timing.json``; an earlier non-empty ``OUT`` is replaced only when asked (or finished:
 ``resume``). Launched as
 several processes (torchrun / srun, a GPU each), the ranks split the prompts into contiguous shares
@@ -33,6 +34,8 @@ from adm_megatron.data.batch_layout import contiguous_share
 from adm_megatron.families.registry import PromptEmbeddings
 from adm_megatron.models.frame_files import sample_name, write_grid
 from adm_megatron.models.generator_source import generator_parts
+from adm_megatron.models.pipeline_files import read_config
+from adm_megatron.models.pipeline_size import FLAGS, PipelineScale, pipeline_scale
 from adm_megatron.parallel import barrier, initialize_parallel, launch_env
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,6 +63,28 @@ def generator_steps(generator_dir: str, steps: int | None) -> int:
         print(f"adm-megatron sample: note: {generator_dir} was distilled for {record['generator_steps']} steps; "
               f"sampling it with {steps}", file=sys.stderr)
     return steps
+
+
+def render_size(scale: PipelineScale, record: dict | None, native: tuple[int, int, int] | None,
+                requested: dict) -> tuple[dict, tuple[int, int, int] | None]:
+    """The pipeline call's size arguments and their latent size: each of ``requested`` (pixel
+    ``height`` / ``width`` / ``num_frames``, None: not given) as given, else the size the generator
+    was distilled at (its ``record``), else the transformer's ``native`` latent size; a note on stderr
+    when the result is not the distilled size; one-line ValueError for a size the pipeline cannot take."""
+    distilled = record.get("latent_size") if record else None
+    default = distilled and (distilled["frames"], distilled["height"], distilled["width"]) or native
+    size = {**(scale.pixels(*default) if default else {}), **{k: v for k, v in requested.items() if v is not None}}
+    if not size:
+        return {}, None
+    missing = [FLAGS[k] for k in ("height", "width") + (() if scale.temporal is None else ("num_frames",))
+               if k not in size]
+    if missing:
+        raise ValueError(f"{', '.join(missing)}: give the whole size (neither the generator nor its family says one)")
+    latents = scale.latents(size)
+    if distilled and latents != default:
+        print(f"adm-megatron sample: note: the generator was distilled at latents {'x'.join(map(str, default))}; "
+              f"sampling at {'x'.join(map(str, latents))}", file=sys.stderr)
+    return size, latents
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -135,11 +160,13 @@ def _gathered(value, ranks: int) -> list:
 
 def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir: str, fmt: str | None = None,
            seed: int = 0, command: str = "", dtype: str = "auto", overwrite: bool = False,
-           resume: bool = False) -> dict | None:
+           resume: bool = False, size: dict | None = None) -> dict | None:
     """Render every prompt with every run; returns (and writes) the timing table on rank 0 (None on
     the other ranks). Launched as several processes, each renders a contiguous share of the prompts
     (sample i is the same file, from the same noise, as in one process). ``fmt`` None: mp4 for
-    video families, png for image families (and a grid of them); ``dtype`` as :func:`resolve_dtype`.
+    video families, png for image families (and a grid of them); ``dtype`` as :func:`resolve_dtype`;
+    ``size``: the pixel ``height`` / ``width`` / ``num_frames`` asked for (the rest as
+    :func:`render_size`: by default the generator's distilled size, for the teacher too).
     ``resume``: an output directory started with the same arguments keeps its sample files (each is
     written whole or not at all) and only the missing ones are rendered (and timed)."""
     from adm_megatron.bench.report import environment
@@ -152,8 +179,14 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
             raise ValueError(f"{run.name} steps={run.steps}: expected >= 1")
     transformer = generator_parts(pipeline_dir, runs[0].transformer_dir)[0]  # a LoRA file: the teacher's
     family = family_of_model_dir(transformer)
-    fmt = fmt or ("png" if family.latent_layout == "image" else "mp4")
+    arch = family.arch_from_pretrained_dir(transformer)
+    video = family.latent_layout == "video"
+    scale = pipeline_scale(pipeline_dir, read_config(transformer, "config.json", "transformer"), video)
+    native = family.native_latent_size(arch) if family.native_latent_size else None
+    size, latents = render_size(scale, read_distillation_record(runs[0].transformer_dir), native, size or {})
+    fmt = fmt or ("mp4" if video else "png")
     args = {"pipeline": os.path.abspath(pipeline_dir), "prompts": prompts, "fmt": fmt, "seed": seed, "dtype": dtype,
+            "size": size,
             "runs": [[r.name, r.transformer_dir and os.path.abspath(r.transformer_dir), r.steps, r.guidance_scale]
                      for r in runs]}
     check_out_dir(out_dir, overwrite, resume, args)  # on every rank: a refusal stops them all
@@ -168,8 +201,7 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
     barrier()
     mine = contiguous_share(len(prompts), rank, ranks)
     todo = {run.name: _missing(os.path.join(out_dir, run.name), mine, fmt) for run in runs}
-    embeds = (family.encode_prompts(pipeline_dir, prompts[mine.start:mine.stop],
-                                    family.arch_from_pretrained_dir(transformer), device)
+    embeds = (family.encode_prompts(pipeline_dir, prompts[mine.start:mine.stop], arch, device)
               if any(todo.values()) else None)
     rows = []
     for run in runs:
@@ -179,7 +211,7 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
             family.render_samples(pipeline_dir, run.transformer_dir,
                                   _rows(embeds, range(group.start - mine.start, group.stop - mine.start)),
                                   run.steps, run_dir, fmt=fmt, guidance_scale=run.guidance_scale, seed=seed,
-                                  device=device, dtype=torch_dtype, seconds=seconds, first=group.start)
+                                  device=device, dtype=torch_dtype, seconds=seconds, first=group.start, **size)
         seconds = [t for share in _gathered(seconds, ranks) for t in share]
         paths = [os.path.join(run_dir, sample_name(i, fmt)) for i in range(len(prompts))]
         if rank == 0 and family.latent_layout == "image":  # images: also all of them in one grid
@@ -193,7 +225,8 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
     if rank != 0:
         return None
     result = {"environment": environment(device, command), "pipeline": pipeline_dir, "prompts": prompts,
-              "ranks": ranks, "dtype": str(torch_dtype).removeprefix("torch."), "runs": rows}
+              "ranks": ranks, "dtype": str(torch_dtype).removeprefix("torch."),
+              "size": {"pixels": size, "latents": latents and list(latents)}, "runs": rows}
     with open(os.path.join(out_dir, "sample_timing.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result

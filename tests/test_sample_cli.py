@@ -227,3 +227,64 @@ def test_a_resumed_sampling_renders_only_the_missing_samples(tmp_path, capsys):
     (tmp_path / "other" / "x").write_text("")
     assert _sample_counted([*args, "--out", str(tmp_path / "other"), "--resume"]) == (2, 0)
     assert "is not an adm-megatron sample output" in capsys.readouterr().err
+
+
+def test_sample_renders_at_the_distilled_size_unless_told(tmp_path, world_of_one, capsys):
+    """The generator and the teacher render at the latent size in the generator's distillation.json
+    (not the pipeline's native size): SD3 latents 8 x 12 are 32 x 48 pixels, CogVideoX 2 x 4 x 6 are
+    num_frames=5 of 16 x 24 (which the VAE decodes into 8 frames); --height / --width / --num-frames
+    override it (with a note); a size the pipeline cannot take exactly is a one-line error before any
+    weights load."""
+    import imageio.v3 as iio
+
+    from adm_megatron.cli import main
+    from adm_megatron.data.tiny_sd3_pipeline import build_tiny_sd3_pipeline
+    from adm_megatron.models import build_model_from_hf
+    from adm_megatron.train.export import export_generator
+
+    def generator_of(pipeline, name, latent_size):
+        model = build_model_from_hf(f"{pipeline}/transformer")
+        return export_generator(model, model.arch, str(tmp_path / name),
+                                record={"generator_steps": 1, "latent_size": latent_size})
+
+    def shapes(out):
+        return {run: iio.imread(out / run / "sample-000.png").shape for run in ("generator", "teacher")}
+
+    sd3 = build_tiny_sd3_pipeline(str(tmp_path / "sd3"), seed=0)
+    common = ["sample", "--pipeline", sd3, "--prompt", "a red cube", "--teacher-steps", "1"]
+    image = generator_of(sd3, "sd3_generator", {"frames": 1, "height": 8, "width": 12})
+    assert main([*common, "--generator", image, "--out", str(tmp_path / "a")]) == 0
+    assert shapes(tmp_path / "a") == {"generator": (32, 48, 3), "teacher": (32, 48, 3)}
+    timing = json.loads((tmp_path / "a" / "sample_timing.json").read_text())
+    assert timing["size"] == {"pixels": {"height": 32, "width": 48}, "latents": [1, 8, 12]}
+    capsys.readouterr()
+    assert main([*common, "--generator", image, "--height", "64", "--out", str(tmp_path / "b")]) == 0
+    assert shapes(tmp_path / "b") == {"generator": (64, 48, 3), "teacher": (64, 48, 3)}
+    assert ("adm-megatron sample: note: the generator was distilled at latents 1x8x12; sampling at 1x16x12"
+            in capsys.readouterr().err.splitlines())
+    native = f"{sd3}/transformer"  # no record: the transformer's sample_size, 32 latents (128 pixels)
+    assert main([*common, "--generator", native, "--steps", "1", "--out", str(tmp_path / "c")]) == 0
+    assert shapes(tmp_path / "c")["generator"] == (128, 128, 3)
+    capsys.readouterr()
+    for flags, error in ((["--width", "36"], "--width 36: expected a multiple of 8 (the VAE's 4 pixels per latent "
+                                             "x the transformer's patch 2)"),
+                         (["--num-frames", "9"], "--num-frames 9: this pipeline renders images"),
+                         (["--height", "0"], "--height 0: expected >= 1")):
+        assert main([*common, "--generator", image, *flags, "--out", str(tmp_path / "bad")]) == 2
+        assert capsys.readouterr().err.strip() == f"adm-megatron sample: {error}"
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+    cog = build_tiny_pipeline(str(tmp_path / "cog"), seed=0)
+    video = generator_of(cog, "cog_generator", {"frames": 2, "height": 4, "width": 6})
+    common = ["sample", "--pipeline", cog, "--generator", video, "--prompt", "a red cat", "--format", "png",
+              "--teacher-steps", "1"]
+    assert main([*common, "--out", str(tmp_path / "v")]) == 0
+    assert shapes(tmp_path / "v") == {"generator": (16, 8 * 24, 3), "teacher": (16, 8 * 24, 3)}
+    assert json.loads((tmp_path / "v" / "sample_timing.json").read_text())["size"] == {
+        "pixels": {"height": 16, "width": 24, "num_frames": 5}, "latents": [2, 4, 6]}
+    assert main([*common, "--num-frames", "9", "--out", str(tmp_path / "w")]) == 0
+    assert shapes(tmp_path / "w")["generator"] == (16, 9 * 24, 3)
+    capsys.readouterr()
+    assert main([*common, "--num-frames", "8", "--out", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "adm-megatron sample: --num-frames 8: expected 1 + a multiple of 4 (the VAE's temporal compression)")

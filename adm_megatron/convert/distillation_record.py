@@ -3,7 +3,7 @@
 A diffusers transformer directory says what the network is, not how to sample it: a generator
 distilled for 4 steps sampled with 8 (or at another size) gives wrong-looking samples without any
 error. The trainer writes this record into the exported ``generator/`` (and ``generator_lora/``) so
-that ``adm-megatron sample`` takes the step count from it, and a reader of the directory sees the
+that ``adm-megatron sample`` takes the step count and the size from it, and a reader of the directory sees the
 method, teacher, latent size and iteration it came from. diffusers ignores the file.
 """
 
