@@ -80,6 +80,19 @@ def test_plan_is_within_15_percent_of_measured_peak_of_every_phase(name, pipelin
     assert_within_tolerance(plan_and_measure(pipelines[rope], str(tmp_path), overrides), name)
 
 
+def test_the_generator_ema_is_planned_as_measured(pipelines, tmp_path, world_of_one):
+    """train.ema_decay > 0 keeps an fp32 copy of the generator's trained weights on the device: every
+    phase's resident memory and peak grow by what the measurement sees grow (within 5%), and the plan
+    with the EMA stays within the 15% bar."""
+    small = TINY_RUNS["2b-2x4x4"][1]
+    without = plan_and_measure(pipelines[False], str(tmp_path / "without"), small)
+    with_ema = plan_and_measure(pipelines[False], str(tmp_path / "with"), [*small, "train.ema_decay=0.5"])
+    assert_within_tolerance(with_ema, "ema")
+    for phase in without:
+        planned, measured = (with_ema[phase][i] - without[phase][i] for i in (0, 1))
+        assert measured > 0 and abs(planned / measured - 1) <= 0.05, (phase, planned, measured)
+
+
 def _sd3_lora_targets() -> str:
     """The adapters of the real SD3-Medium LoRA example (both streams' attention and MLP linears)."""
     targets = load_config(SD3_LORA_EXAMPLE).model.lora.target_modules

@@ -280,6 +280,33 @@ def test_generator_ema_follows_the_generator(pipeline_dir, tmp_path, world_of_on
         assert torch.allclose(trainer.ema.shadow[name], expected, atol=1e-7), name
 
 
+def test_the_ema_of_bf16_weights_is_held_in_fp32_and_swapped_in_and_out_bit_for_bit():
+    """With bf16 parameters (model.bf16_params) the average is fp32 and moves: 1000 updates at decay
+    0.999 from 1.0 towards 1.5 reach 1.5 - 0.5 x 0.999^1000 (a bf16 average stays at 1.0: each update
+    is below its resolution). Swapped in, the module runs with the average rounded to bf16, and gets
+    its own weights back bit for bit, the average untouched; fp32 weights are exchanged likewise."""
+    from adm_megatron.train.ema import ParameterEMA
+
+    for dtype in (torch.bfloat16, torch.float32):
+        module = torch.nn.Linear(4, 3).to(dtype)
+        with torch.no_grad():
+            module.weight.fill_(1.0)
+        ema = ParameterEMA(module, 0.999)
+        with torch.no_grad():
+            module.weight.fill_(1.5)
+            module.bias.copy_(torch.tensor([0.1234, -2.5, 3.75]))
+        for _ in range(1000):
+            ema.update(module)
+        assert ema.shadow["weight"].dtype == torch.float32
+        assert ema.shadow["weight"][0, 0].item() == pytest.approx(1.5 - 0.5 * 0.999**1000, abs=1e-4), dtype
+        own, average = _snapshot(module), {n: s.clone() for n, s in ema.shadow.items()}
+        with ema.swapped_in(module):
+            for name, param in module.named_parameters():
+                assert param.dtype == dtype and torch.equal(param, average[name].to(dtype)), (dtype, name)
+        for name, param in module.named_parameters():
+            assert torch.equal(param, own[name]) and torch.equal(ema.shadow[name], average[name]), (dtype, name)
+
+
 def test_generator_init_starts_the_generator_from_a_diffusers_dir(tmp_path, world_of_one):
     from adm_megatron.models.build import load_hf_weights
     from adm_megatron.train.trainer import Trainer

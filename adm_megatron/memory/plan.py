@@ -41,7 +41,9 @@ override them for every network at once):
   pairs: x_T, x_0 and their prompts' embeddings), for each of an update's micro-batches (all are
   made before its first phase; ``data.global_batch_size``); with SP, megatron's global
   all-gather buffer ``s B h e`` that trainable linears gather their input into (linears with
-  frozen weights, as the CFG teacher's, gather into fresh tensors: part of their working set).
+  frozen weights, as the CFG teacher's, gather into fresh tensors: part of their working set);
+  with ``train.ema_decay`` > 0 the generator's EMA, ``P x 4`` (fp32 whatever the weights' dtype;
+  the generator's trained elements: a LoRA generator's adapters), on the GPU throughout.
 
 Activations autograd saves in one forward with grad of a backbone: per block, the family's counts
 for each stream (image / video tokens, text tokens) and the network's kind: trainable (its params
@@ -182,6 +184,7 @@ class Settings:
     margin: float = 0.1  # fraction of the card kept free
     pinned_memory: bool = True  # the host can pin memory (offload needs it)
     cpu_threads: int = 1  # device=cpu only: torch's intra-op threads (per-thread conv workspaces)
+    ema: bool = False  # the generator keeps an EMA of its trained weights (train.ema_decay > 0)
 
     def recompute_mode(self, network: str, phase: str) -> str:
         if isinstance(self.recompute, bool):
@@ -520,6 +523,8 @@ def plan_memory(shape: Shape, sizes: dict[str, NetworkSize], settings: Settings,
         fixed["ODE pairs"] = rows * (shape.text_tokens * shape.text_dim + shape.pooled_dim + 2 * latent) * 4
     if settings.sequence_parallel and settings.tensor_parallel > 1:
         fixed["SP all-gather buffer"] = f.tokens * settings.batch_size * shape.hidden * f.e
+    if settings.ema:
+        fixed["generator EMA (fp32)"] = sizes["generator"].trained * 4
     if pixel is not None:
         fixed["pixel backbone (VAE, vision encoder)"] = pixel.backbone_bytes
     phases = {}

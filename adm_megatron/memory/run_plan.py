@@ -90,6 +90,7 @@ def config_memory_settings(config: Config) -> dict:
         params="bf16" if m.bf16_params else "fp32",
         shard_optimizer=frozenset(n for n in TRAINABLE if getattr(config.optim, n).shard_over_dp),
         offload=tuple((n, getattr(config.optim, n).offload) for n in TRAINABLE),
+        ema=config.train.ema_decay > 0,
     )
 
 

@@ -96,18 +96,10 @@ class RunSamples:
                 out.append(t.algorithm.sample_generator(noise, cond).float().cpu())
         return torch.cat(out)
 
-    @contextlib.contextmanager
     def _ema_weights(self):
-        """The generator holds its EMA weights inside the block (swapped, not copied: no extra model)."""
+        """The generator holds its EMA weights inside the block (``ParameterEMA.swapped_in``)."""
         ema = self.trainer.ema
-        if ema is None:
-            yield
-            return
-        ema.swap(self.trainer.generator)
-        try:
-            yield
-        finally:
-            ema.swap(self.trainer.generator)
+        return contextlib.nullcontext() if ema is None else ema.swapped_in(self.trainer.generator)
 
     @torch.no_grad()
     def frames(self, latents: torch.Tensor) -> list:
