@@ -32,4 +32,4 @@ def test_every_section_of_the_gpu_check_passes_in_a_dry_run(tmp_path, monkeypatc
     assert set(report["sections"]) == {"env", "matmul_peak", "correctness.2b", "correctness.5b", "te", "speed",
                                        "sdpa", "trainer"}
     trainer = report["sections"]["trainer"]
-    assert trainer["ok"] and all(trainer["checks"].values()) and len(trainer["checks"]) == 8
+    assert trainer["ok"] and all(trainer["checks"].values()) and len(trainer["checks"]) == 9

@@ -24,7 +24,8 @@ JSON is rewritten after every section, so a run killed at its time limit keeps w
   SDPA backend and under each of flash / cuDNN / memory-efficient forced; which SDPA kernel the
   default picks (read from the profiler's aten op names).
 - ``sdpa``: the attention alone at the same shape for each backend.
-- ``trainer``: the product end to end on the device: a tiny CogVideoX ADM run (bf16) with samples
+- ``trainer``: the product end to end on the device: a tiny CogVideoX ADM run (bf16, bf16 weights,
+  an fp32 EMA that must move) with samples
   during the run and at its end, its export and throughput metrics (MFU), then ``adm-megatron
   sample`` of the exported generator (bf16).
 
@@ -798,7 +799,8 @@ def _fmt(x, spec=".2e"):
 
 
 def section_trainer(plan: Plan, workdir: str) -> dict:
-    """The product end to end on this device: a tiny CogVideoX ADM run (3 iterations; bf16 on a GPU)
+    """The product end to end on this device: a tiny CogVideoX ADM run (3 iterations; bf16 with bf16
+    weights on a GPU, whose generator EMA must be fp32 and move)
     with samples rendered during the run and at its end (the VAE decode on the device), the export
     with its distillation.json and the throughput keys in metrics.jsonl (MFU where the card's peak is
     known); then ``adm-megatron sample`` of the exported generator beside the teacher (bf16 on a GPU)."""
@@ -814,8 +816,12 @@ def section_trainer(plan: Plan, workdir: str) -> dict:
     config = load_config(os.path.join(REPO, "examples", "cogvideox", "tiny_cpu.yaml"), [
         f"model.teacher={pipeline}", f"output_dir={out}", f"model.dtype={dtype}", "data.source=synthetic",
         "data.num_prompts=4", "data.batch_size=2", "train.max_iterations=3", "train.sample_every=2",
-        "train.num_samples=2", "train.ema_decay=0.5", "logging.wandb_mode=disabled", "logging.progress=false"])
-    result = Trainer(config).fit()
+        "train.num_samples=2", "train.ema_decay=0.5", "logging.wandb_mode=disabled", "logging.progress=false",
+        *([] if plan.dry_run else ["model.bf16_params=true"])])
+    trainer = Trainer(config)
+    start = {n: p.detach().float().clone() for n, p in trainer.generator.named_parameters()}
+    result = trainer.fit()
+    ema_moved = max((s - start[n]).abs().max().item() for n, s in trainer.ema.shadow.items())
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     last = rows[-1]
     record = read_distillation_record(os.path.join(out, "generator"))
@@ -833,6 +839,7 @@ def section_trainer(plan: Plan, workdir: str) -> dict:
         "samples_during_the_run": len(os.listdir(os.path.join(out, "samples", "iter_0000002"))) == 2,
         "samples_at_the_end": len(result.samples) == 2,
         "export_record": record is not None and record["generator_steps"] == config.distill.generator_steps,
+        "ema_fp32_and_moving": all(s.dtype == torch.float32 for s in trainer.ema.shadow.values()) and ema_moved > 0,
         "sample_tool": sample_code == 0 and timing.get("dtype") == ("float32" if plan.dry_run else "bfloat16"),
     }
     return {"ok": all(checks.values()), "checks": checks, "dtype": dtype, "last_metrics": last,
