@@ -99,6 +99,9 @@ class ModelConfig:
     dtype: str = "fp32"
     # with dtype=bf16: the trainable networks' weights in bf16 too, fp32 main params in the optimizer
     bf16_params: bool = False
+    # with bf16_params: gradients accumulated over micro-batches and reduced over DP in fp32 buffers
+    # (Megatron-LM's and NeMo's bf16 default); false keeps them bf16, half the grad memory
+    grad_reduce_in_fp32: bool = True
     lora: LoraConfig | None = None  # LoRA generator (only the adapters train); null: full fine-tune
     # none | blocks: torch.compile of each transformer block of every backbone (models/compile.py)
     compile: str = "none"
@@ -473,6 +476,9 @@ def _check_fields(config: Config, source: str) -> None:
                           "attention comes with the TE spec (model.impl=te or auto)")
     if config.model.bf16_params and config.model.dtype != "bf16":
         raise ConfigError(f"{source}: model.bf16_params=true needs model.dtype=bf16 (got {config.model.dtype})")
+    if not config.model.grad_reduce_in_fp32 and not config.model.bf16_params:
+        raise ConfigError(f"{source}: model.grad_reduce_in_fp32=false applies to bf16 weights (model.bf16_params=true); "
+                          "fp32 weights' gradients are fp32")
     for name in ("generator", "fake_score", "discriminator"):
         opt = getattr(config.optim, name)
         if opt.lr <= 0 or opt.grad_clip < 0 or opt.weight_decay < 0:

@@ -78,6 +78,7 @@ def test_sharding_without_data_parallel_is_refused_in_one_line(overrides, messag
                                                "selective, full or PHASE:MODE"),
     ("model.recompute=sometimes", "model.recompute='sometimes': expected true, false"),
     ("model.bf16_params=true", "model.bf16_params=true needs model.dtype=bf16 (got fp32)"),
+    ("model.grad_reduce_in_fp32=false", "model.grad_reduce_in_fp32=false applies to bf16 weights (model.bf16_params=true)"),
     ("optim.fake_score={offload: optimizer_and_params, shard_over_dp: true}",
      "optim.fake_score.offload=optimizer_and_params with shard_over_dp=true"),
 ])

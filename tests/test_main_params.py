@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 
-def _network(dtype):
+def _network(dtype, ddp_config=None):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer import TransformerConfig
 
@@ -18,7 +18,7 @@ def _network(dtype):
     config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True)
     module = SingleStage(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)), config)
     module.to(dtype)
-    return DistributedDataParallel(config, DistributedDataParallelConfig(), module)
+    return DistributedDataParallel(config, ddp_config or DistributedDataParallelConfig(), module)
 
 
 def _backward(ddp, dtype, seed):
@@ -73,3 +73,29 @@ def test_fp32_params_are_their_own_main_params(world_of_one):
     assert not opt.main.has_master_copy
     assert all(slot.main is slot.param for slot in opt.main.slots)
     assert opt.state_numel() == 2 * sum(p.numel() for p in opt.params)
+
+
+def test_bf16_params_accumulate_and_reduce_their_gradients_in_fp32(world_of_one):
+    """With bf16 weights (model.bf16_params) DDP's gradient buffer is fp32 (Megatron-LM's and NeMo's
+    bf16 default): 8 accumulated micro-batches' gradients are their exact fp32 sum, where a bf16
+    buffer rounds every partial sum; fp32 weights keep fp32 gradients, as before."""
+    from adm_megatron.config import ParallelConfig
+    from adm_megatron.train.grad_sync import ddp_config
+
+    ddp = _network(torch.bfloat16, ddp_config(ParallelConfig(), False, fp32_grads=True))
+    singles = []
+    for seed in range(8):  # each micro-batch's gradient alone (a bf16 value, exact in fp32)
+        _backward(ddp, torch.bfloat16, seed)
+        singles.append([p.main_grad.clone() for p in ddp.module.parameters()])
+    ddp.zero_grad_buffer()
+    for seed in range(8):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+        ddp(x).float().pow(2).mean().backward()
+    ddp.finish_grad_sync()
+    for i, p in enumerate(ddp.module.parameters()):
+        expected = singles[0][i]
+        for single in singles[1:]:
+            expected = expected + single[i]
+        assert p.dtype == torch.bfloat16 and p.main_grad.dtype == torch.float32
+        assert torch.equal(p.main_grad, expected), i
+    assert ddp_config(ParallelConfig(), False).grad_reduce_in_fp32 is False  # fp32 / fp64 weights: their own dtype

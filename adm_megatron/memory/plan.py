@@ -25,8 +25,10 @@ Resident state, per network (the settings are the run config's: ``model.bf16_par
 override them for every network at once):
 - weights ``P x w`` (``w`` 4 for fp32 params; 2 for bf16 params, ``model.bf16_params``; the frozen
   teacher is held in bf16 whenever ``model.dtype=bf16``) plus buffers;
-- grads (trainable networks): megatron DDP's ``main_grad`` buffer, ``P x w`` (megatron's default,
-  ``grad_reduce_in_fp32=False``, keeps grads in the params' dtype); for a LoRA generator
+- grads (trainable networks): megatron DDP's ``main_grad`` buffer, ``P x 4``: fp32 params' grads are
+  fp32, and bf16 params' are accumulated and reduced in fp32 (``model.grad_reduce_in_fp32``, as
+  Megatron-LM and NeMo do for bf16; ``train/grad_sync.py``), or ``P x 2`` in bf16 when that is off
+  (the optimizer then steps fp32 copies of them, ``P x 4``); for a LoRA generator
   (``model.lora``) ``P`` in the grad, optimizer and step terms is its adapters' elements only, its
   weights the frozen base plus the adapters (its activations are planned as a trainable network's,
   an upper bound: a frozen base linear with an adapter saves the adapter's input);
@@ -97,7 +99,6 @@ Phases (the peak of each is resident + the largest of its moments):
   clips in place and steps its ``P / DP`` shard.
 - BF16 autocast with fp32 params: each network run with grad in the phase keeps bf16 copies of its
   weights for backward, ``P x 2`` (none for bf16 weights, the teacher's included).
-- bf16 params: the optimizer steps fp32 copies of the gradients, ``P x 4`` (as the clipped copy).
 
 A run fits when the largest phase peak is at most ``card x (1 - margin)``; the margin covers what
 the formulas leave out (CUDA context, allocator fragmentation, NCCL buffers, kernels' workspaces).
@@ -175,6 +176,7 @@ class Settings:
     recompute: bool | str | tuple = False
     activations: str = "fp32"  # fp32 | bf16 (autocast, as model.dtype=bf16; the teacher then in bf16)
     params: str = "fp32"  # trainable weights: fp32 | bf16 (model.bf16_params: fp32 master in the optimizer)
+    grads_fp32: bool = True  # bf16 params' grads accumulated and reduced in fp32 (model.grad_reduce_in_fp32)
     shard_optimizer: frozenset = frozenset()  # trainable networks whose optimizer state is sharded over DP
     # idle networks' state on the CPU: one of OFFLOAD for every trainable network, or ((network, mode), ...)
     offload: str | tuple = "none"
@@ -424,7 +426,8 @@ def _resident(sizes: dict[str, NetworkSize], s: Settings) -> dict[str, dict[str,
         state = size.trained * (8 + (4 if s.params == "bf16" else 0))
         if name in s.shard_optimizer:
             state /= s.data_parallel
-        out[name] = {"weights": weights, "grads": size.trained * float(w), "optimizer": state}
+        grads = size.trained * (4.0 if s.params == "fp32" or s.grads_fp32 else 2.0)
+        out[name] = {"weights": weights, "grads": grads, "optimizer": state}
     return out
 
 
@@ -444,7 +447,8 @@ def _step(size: NetworkSize, name: str, s: Settings) -> float:
     if name in s.shard_optimizer:  # megatron's distributed optimizer: in-place clipping, its shard
         return size.trained / s.data_parallel * 4
     temporaries = size.trained * 4 if s.device == "cuda" else min(size.largest_param, size.trained) * 4
-    fp32_grads = s.grad_clip or s.params == "bf16"  # the clipped copy, or bf16 grads cast for the fp32 step
+    # the clipped copy of the grads, or bf16 grads cast for the fp32 step
+    fp32_grads = s.grad_clip or (s.params == "bf16" and not s.grads_fp32)
     return (size.trained * 4 if fp32_grads else 0.0) + temporaries
 
 

@@ -91,6 +91,7 @@ def config_memory_settings(config: Config) -> dict:
         shard_optimizer=frozenset(n for n in TRAINABLE if getattr(config.optim, n).shard_over_dp),
         offload=tuple((n, getattr(config.optim, n).offload) for n in TRAINABLE),
         ema=config.train.ema_decay > 0,
+        grads_fp32=m.grad_reduce_in_fp32,
     )
 
 

@@ -50,10 +50,16 @@ class GradSyncError(RuntimeError):
     """The overlapped gradient reduction cannot serve this network; the message is one line."""
 
 
-def ddp_config(parallel: ParallelConfig, sharded: bool) -> DistributedDataParallelConfig:
+def ddp_config(parallel: ParallelConfig, sharded: bool, fp32_grads: bool = False) -> DistributedDataParallelConfig:
     """The DDP config of one trainable network; ``sharded``: its optimizer state is sharded over DP
-    (DDP then reduce-scatters and all-gathers its buffers)."""
+    (DDP then reduce-scatters and all-gathers its buffers); ``fp32_grads``: its bf16 weights'
+    (``model.bf16_params``) gradients are accumulated over micro-batches and reduced over DP in an
+    fp32 buffer (``model.grad_reduce_in_fp32``, default true), as Megatron-LM
+    (``--accumulate-allreduce-grads-in-fp32``, set for every bf16 run) and NeMo's bf16 mixed
+    precision do: a bf16 sum of many micro-batches' or ranks' gradients loses their low bits.
+    Otherwise gradients are held in the weights' own dtype (fp32 / fp64 weights: exact either way)."""
     return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=fp32_grads,
         use_distributed_optimizer=sharded,
         overlap_grad_reduce=parallel.overlap_grad_reduce,
         bucket_size=parallel.grad_bucket_size or None,  # None: megatron's default

@@ -168,7 +168,9 @@ class Trainer:
         config.autocast_dtype = torch.bfloat16
         # a sharded optimizer needs DDP's per-DP-rank buffer shards (reduce-scatter, param all-gather)
         sharded = getattr(self.config.optim, name).shard_over_dp
-        return DistributedDataParallel(config, ddp_config(self.config.parallel, sharded), module)
+        fp32_grads = self.config.model.bf16_params and self.config.model.grad_reduce_in_fp32
+        return DistributedDataParallel(config, ddp_config(self.config.parallel, sharded, fp32_grads),
+                                       module)
 
     def _build_networks(self) -> None:
         c = self.config
