@@ -5,6 +5,7 @@ checkpointed state carries the master copies (model space) so a reload restores 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -99,3 +100,52 @@ def test_bf16_params_accumulate_and_reduce_their_gradients_in_fp32(world_of_one)
         assert p.dtype == torch.bfloat16 and p.main_grad.dtype == torch.float32
         assert torch.equal(p.main_grad, expected), i
     assert ddp_config(ParallelConfig(), False).grad_reduce_in_fp32 is False  # fp32 / fp64 weights: their own dtype
+
+
+
+def _bf16_steps(sharded: bool) -> list[torch.Tensor]:
+    """3 clipped AdamW updates of the bf16 test network with fp32 gradient buffers; update s takes the
+    micro-batches of seeds 10 s and 10 s + 1: one each on the ranks of a world of 2 (rank r: 10 s + r),
+    both accumulated in a world of one. Returns the weights."""
+    import torch.distributed as dist
+
+    from adm_megatron.config import OptimizerConfig, ParallelConfig
+    from adm_megatron.parallel import initialize_parallel
+    from adm_megatron.train.grad_sync import ddp_config
+    from adm_megatron.train.optimizer import NetworkOptimizer
+
+    if not dist.is_initialized():
+        initialize_parallel(tensor_parallel=1, context_parallel=1, seed=0)
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    ddp = _network(torch.bfloat16, ddp_config(ParallelConfig(), sharded, fp32_grads=True))
+    opt = NetworkOptimizer(ddp, OptimizerConfig(lr=1e-2, grad_clip=0.05, shard_over_dp=sharded), total_updates=3)
+    norms = []
+    for step in range(3):
+        ddp.zero_grad_buffer()
+        seeds = [10 * step + rank] if ranks == 2 else [10 * step, 10 * step + 1]
+        for seed in seeds:
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+            (ddp(x).float().pow(2).mean() / len(seeds)).backward()  # (DDP averages over the DP ranks)
+        ddp.finish_grad_sync()
+        norm, stepped = opt.step(skip_if_not_finite=False)
+        assert stepped
+        norms.append(norm)
+    return [norms, *(p.detach().clone() for p in ddp.module.parameters())]
+
+
+def test_bf16_params_with_fp32_grads_sharded_over_dp2_equal_one_process(world_of_one):
+    """bf16 weights, fp32 gradient buffers (the GPU default) and the optimizer state sharded over
+    DP = 2 (gloo: megatron DDP reduce-scatters the fp32 buffer, each rank steps the fp32 masters of
+    its half, the bf16 weights are all-gathered): after 3 clipped updates both ranks hold the weights
+    one process reaches with both micro-batches accumulated, bit for bit (halving and adding two fp32
+    values is exact in any order), and clipping saw the same gradient norms."""
+    from multiproc import run_world
+
+    one = _bf16_steps(False)
+    world = run_world(_bf16_steps, 2, True, timeout_s=300)
+    for rank in world:
+        assert rank[0] == pytest.approx(one[0], rel=1e-5) and one[0][0] > 0.05  # clipped
+        for mine, theirs in zip(rank[1:], one[1:]):
+            assert mine.dtype == torch.bfloat16
+            assert torch.equal(mine, theirs)
+    assert any(not torch.equal(a, b) for a, b in zip(one[1:], _network(torch.bfloat16).module.parameters()))
