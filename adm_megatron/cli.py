@@ -111,7 +111,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     from adm_megatron.data.prompt_file import read_prompt_file
-    from adm_megatron.sampling import SampleRun, format_timing, generator_steps, sample
+    from adm_megatron.sampling import SampleRun, format_timing, generator_steps, sample, teacher_guidance
 
     try:
         if args.samples_per_prompt < 1:
@@ -120,7 +120,8 @@ def _sample(args: argparse.Namespace) -> int:
         prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]  # sample i: its own seed + i
         runs = [SampleRun("generator", args.generator, generator_steps(args.generator, args.steps), args.guidance_scale)]
         if args.teacher_steps:
-            runs.append(SampleRun("teacher", None, args.teacher_steps, args.teacher_guidance_scale))
+            runs.append(SampleRun("teacher", None, args.teacher_steps,
+                                  teacher_guidance(args.generator, args.teacher_guidance_scale)))
         result = sample(args.pipeline, runs, prompts, args.out, fmt=args.format, seed=args.seed,
                         command=args.command_line, dtype=args.dtype, overwrite=args.overwrite, resume=args.resume,
                         size={"height": args.height, "width": args.width, "num_frames": args.num_frames})
@@ -265,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--guidance-scale", type=float, default=1.0,
                       help="CFG for the generator (default 1: none; > 1: the paper's 'ADM w/ CFG')")
     samp.add_argument("--teacher-steps", type=int, default=50, help="teacher steps (default 50; 0: no teacher)")
-    samp.add_argument("--teacher-guidance-scale", type=float, default=6.0, help="the teacher's CFG (default 6)")
+    samp.add_argument("--teacher-guidance-scale", type=float, default=None,
+                      help="the teacher's CFG (default: the middle of the CFG range the generator was distilled "
+                      "against, from its distillation.json, else 6)")
     samp.add_argument("--format", default=None, choices=("mp4", "gif", "png"),
                       help="default: mp4 for video families, png for image families (png: a video's frames side by side)")
     samp.add_argument("--samples-per-prompt", type=int, default=1,

@@ -65,6 +65,19 @@ def generator_steps(generator_dir: str, steps: int | None) -> int:
     return steps
 
 
+DEFAULT_TEACHER_GUIDANCE = 6.0  # CogVideoX's recommended CFG
+
+
+def teacher_guidance(generator_dir: str, scale: float | None) -> float:
+    """The teacher's CFG: ``scale`` when given, else the middle of the CFG range the generator was
+    distilled against (its ``distillation.json``: SD3.5-Large's 3-4 gives 3.5), else 6."""
+    if scale is not None:
+        return scale
+    record = read_distillation_record(generator_dir)
+    low, high = (record or {}).get("teacher_guidance_scale") or (DEFAULT_TEACHER_GUIDANCE,) * 2
+    return (low + high) / 2
+
+
 def render_size(scale: PipelineScale, record: dict | None, native: tuple[int, int, int] | None,
                 requested: dict) -> tuple[dict, tuple[int, int, int] | None]:
     """The pipeline call's size arguments and their latent size: each of ``requested`` (pixel

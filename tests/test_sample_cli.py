@@ -234,7 +234,7 @@ def test_sample_renders_at_the_distilled_size_unless_told(tmp_path, world_of_one
     (not the pipeline's native size): SD3 latents 8 x 12 are 32 x 48 pixels, CogVideoX 2 x 4 x 6 are
     num_frames=5 of 16 x 24 (which the VAE decodes into 8 frames); --height / --width / --num-frames
     override it (with a note); a size the pipeline cannot take exactly is a one-line error before any
-    weights load."""
+    weights load. The teacher's CFG defaults to the middle of the generator's distillation CFG range."""
     import imageio.v3 as iio
 
     from adm_megatron.cli import main
@@ -244,8 +244,8 @@ def test_sample_renders_at_the_distilled_size_unless_told(tmp_path, world_of_one
 
     def generator_of(pipeline, name, latent_size):
         model = build_model_from_hf(f"{pipeline}/transformer")
-        return export_generator(model, model.arch, str(tmp_path / name),
-                                record={"generator_steps": 1, "latent_size": latent_size})
+        return export_generator(model, model.arch, str(tmp_path / name), record={
+            "generator_steps": 1, "latent_size": latent_size, "teacher_guidance_scale": [3.0, 4.0]})
 
     def shapes(out):
         return {run: iio.imread(out / run / "sample-000.png").shape for run in ("generator", "teacher")}
@@ -257,14 +257,18 @@ def test_sample_renders_at_the_distilled_size_unless_told(tmp_path, world_of_one
     assert shapes(tmp_path / "a") == {"generator": (32, 48, 3), "teacher": (32, 48, 3)}
     timing = json.loads((tmp_path / "a" / "sample_timing.json").read_text())
     assert timing["size"] == {"pixels": {"height": 32, "width": 48}, "latents": [1, 8, 12]}
+    assert timing["runs"][1]["guidance_scale"] == 3.5  # the middle of the CFG range it was distilled against
     capsys.readouterr()
-    assert main([*common, "--generator", image, "--height", "64", "--out", str(tmp_path / "b")]) == 0
+    assert main([*common, "--generator", image, "--height", "64", "--teacher-guidance-scale", "5",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "sample_timing.json").read_text())["runs"][1]["guidance_scale"] == 5.0
     assert shapes(tmp_path / "b") == {"generator": (64, 48, 3), "teacher": (64, 48, 3)}
     assert ("adm-megatron sample: note: the generator was distilled at latents 1x8x12; sampling at 1x16x12"
             in capsys.readouterr().err.splitlines())
     native = f"{sd3}/transformer"  # no record: the transformer's sample_size, 32 latents (128 pixels)
     assert main([*common, "--generator", native, "--steps", "1", "--out", str(tmp_path / "c")]) == 0
     assert shapes(tmp_path / "c")["generator"] == (128, 128, 3)
+    assert json.loads((tmp_path / "c" / "sample_timing.json").read_text())["runs"][1]["guidance_scale"] == 6.0
     capsys.readouterr()
     for flags, error in ((["--width", "36"], "--width 36: expected a multiple of 8 (the VAE's 4 pixels per latent "
                                              "x the transformer's patch 2)"),
