@@ -85,6 +85,10 @@ def _bench(args: argparse.Namespace) -> int:
         peak_tflops=args.peak_tflops, seed=args.seed, config=args.config, overrides=args.overrides,
         command=args.command_line,
     )
+    if args.out and os.path.exists(args.out) and not args.overwrite:  # before minutes of measuring
+        print(f"adm-megatron bench: --out {args.out}: exists (an earlier measurement; pass --overwrite to replace "
+              "it)", file=sys.stderr)
+        return 2
     try:
         result = run_bench(opts)
     except ValueError as err:
@@ -103,8 +107,9 @@ def _bench(args: argparse.Namespace) -> int:
     ratio = result["dit"]["ratio_ours_over_diffusers"]
     print(f"time ours / diffusers: forward {ratio['forward']:.3f}, forward+backward {ratio['forward_backward']:.3f}")
     if args.out:
-        with open(args.out, "w") as f:
+        with open(f"{args.out}.partial", "w") as f:  # whole or not at all
             json.dump(result, f, indent=2)
+        os.replace(f"{args.out}.partial", args.out)
         print(f"written: {args.out}")
     return 0
 
@@ -238,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="peak TFLOP/s for MFU (default: the dense BF16 peak of a known card; none on CPU)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--config", default=None, help="a run config for the trainer (model and data keys are set by bench)")
-    bench.add_argument("--out", default=None, help="write the result as JSON here")
+    bench.add_argument("--out", default=None, help="write the result as JSON here (a new file, unless --overwrite)")
+    bench.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     bench.add_argument("overrides", nargs="*", metavar="key=value",
                        help="trainer overrides, e.g. distill.generator_steps=8 distill.head_every=3 "
                        "model.attention_backend=auto model.fp8=hybrid")

@@ -147,6 +147,12 @@ def test_bench_cli_runs_both_models_and_every_phase(tmp_path, world_of_one, caps
     assert "DiT forward_backward diffusers" in printed and "adm discriminator" in printed
     assert "time ours / diffusers" in printed
     assert f"attention auto ({', '.join(sorted(chosen))})" in printed and "fp8 off, DP grad overlap off" in printed
+    calls = len(ours_calls)
+    capsys.readouterr()
+    assert main(["bench", "--model", pipeline, "--out", str(out)]) == 2  # an earlier measurement is kept
+    assert capsys.readouterr().err.strip() == (
+        f"adm-megatron bench: --out {out}: exists (an earlier measurement; pass --overwrite to replace it)")
+    assert len(ours_calls) == calls and json.loads(out.read_text()) == result  # refused before measuring
 
 
 def test_bench_refuses_layers_for_a_directory(tmp_path, world_of_one, capsys):
