@@ -214,6 +214,7 @@ class TrainConfig:
     save_interval_minutes: float = 0.0  # also save when this much time passed since the last save
     num_samples: int = 2  # samples of the first prompts rendered at the end (adm_megatron/train/samples.py)
     sample_every: int = 0  # also every this many iterations, into samples/iter_NNNNNNN/ and wandb; 0: at the end only
+    sample_vae_tiling: bool = False  # the samples' VAE decodes in tiles (diffusers' enable_tiling): less memory
     export: bool = True  # export the generator as a diffusers directory at the end
     # a LoRA generator's export: merged (generator/, a full diffusers transformer), adapter
     # (generator_lora/pytorch_lora_weights.safetensors for load_lora_weights) or both

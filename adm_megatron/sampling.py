@@ -173,13 +173,14 @@ def _gathered(value, ranks: int) -> list:
 
 def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir: str, fmt: str | None = None,
            seed: int = 0, command: str = "", dtype: str = "auto", overwrite: bool = False,
-           resume: bool = False, size: dict | None = None) -> dict | None:
+           resume: bool = False, size: dict | None = None, vae_tiling: bool = False) -> dict | None:
     """Render every prompt with every run; returns (and writes) the timing table on rank 0 (None on
     the other ranks). Launched as several processes, each renders a contiguous share of the prompts
     (sample i is the same file, from the same noise, as in one process). ``fmt`` None: mp4 for
     video families, png for image families (and a grid of them); ``dtype`` as :func:`resolve_dtype`;
     ``size``: the pixel ``height`` / ``width`` / ``num_frames`` asked for (the rest as
-    :func:`render_size`: by default the generator's distilled size, for the teacher too).
+    :func:`render_size`: by default the generator's distilled size, for the teacher too);
+    ``vae_tiling``: the pipelines' VAE decodes in tiles (less memory, blended seams).
     ``resume``: an output directory started with the same arguments keeps its sample files (each is
     written whole or not at all) and only the missing ones are rendered (and timed)."""
     from adm_megatron.bench.report import environment
@@ -199,7 +200,7 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
     size, latents = render_size(scale, read_distillation_record(runs[0].transformer_dir), native, size or {})
     fmt = fmt or ("mp4" if video else "png")
     args = {"pipeline": os.path.abspath(pipeline_dir), "prompts": prompts, "fmt": fmt, "seed": seed, "dtype": dtype,
-            "size": size,
+            "size": size, "vae_tiling": vae_tiling,
             "runs": [[r.name, r.transformer_dir and os.path.abspath(r.transformer_dir), r.steps, r.guidance_scale]
                      for r in runs]}
     check_out_dir(out_dir, overwrite, resume, args)  # on every rank: a refusal stops them all
@@ -224,7 +225,8 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
             family.render_samples(pipeline_dir, run.transformer_dir,
                                   _rows(embeds, range(group.start - mine.start, group.stop - mine.start)),
                                   run.steps, run_dir, fmt=fmt, guidance_scale=run.guidance_scale, seed=seed,
-                                  device=device, dtype=torch_dtype, seconds=seconds, first=group.start, **size)
+                                  device=device, dtype=torch_dtype, seconds=seconds, first=group.start,
+                                  vae_tiling=vae_tiling, **size)
         seconds = [t for share in _gathered(seconds, ranks) for t in share]
         paths = [os.path.join(run_dir, sample_name(i, fmt)) for i in range(len(prompts))]
         if rank == 0 and family.latent_layout == "image":  # images: also all of them in one grid
@@ -239,7 +241,7 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
         return None
     result = {"environment": environment(device, command), "pipeline": pipeline_dir, "prompts": prompts,
               "ranks": ranks, "dtype": str(torch_dtype).removeprefix("torch."),
-              "size": {"pixels": size, "latents": latents and list(latents)}, "runs": rows}
+              "size": {"pixels": size, "latents": latents and list(latents)}, "vae_tiling": vae_tiling, "runs": rows}
     with open(os.path.join(out_dir, "sample_timing.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result

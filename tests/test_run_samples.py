@@ -41,7 +41,8 @@ def _config(family, pipeline_dir, out, *overrides):
                        [f"model.teacher={pipeline_dir}", f"output_dir={out}", *QUIET, *overrides])
 
 
-def _pipeline_frames(family: str, pipeline_dir: str, generator_dir: str, trainer) -> list[np.ndarray]:
+def _pipeline_frames(family: str, pipeline_dir: str, generator_dir: str, trainer,
+                     vae_tiling: bool = False) -> list[np.ndarray]:
     """The diffusers pipeline's render of the exported generator: sample i from seed + i, at the run's size."""
     config = trainer.config
     d, steps, count = config.data, config.distill.generator_steps, config.train.num_samples
@@ -50,7 +51,7 @@ def _pipeline_frames(family: str, pipeline_dir: str, generator_dir: str, trainer
     if family == "cogvideox":
         from adm_megatron.models.cogvideox_samples import _load_pipeline
 
-        pipe = _load_pipeline(pipeline_dir, generator_dir, torch.float32, "cpu")
+        pipe = _load_pipeline(pipeline_dir, generator_dir, torch.float32, "cpu", vae_tiling)
         size = dict(height=d.height * pipe.vae_scale_factor_spatial, width=d.width * pipe.vae_scale_factor_spatial,
                     num_frames=(d.frames - 1) * pipe.vae_scale_factor_temporal + 1)
         for i in range(count):
@@ -60,7 +61,7 @@ def _pipeline_frames(family: str, pipeline_dir: str, generator_dir: str, trainer
     else:
         from adm_megatron.models.sd3_samples import _load_pipeline
 
-        pipe = _load_pipeline(pipeline_dir, generator_dir, torch.float32, "cpu")
+        pipe = _load_pipeline(pipeline_dir, generator_dir, torch.float32, "cpu", vae_tiling)
         pooled = trainer.text_source.get_pooled(torch.arange(count))
         for i in range(count):
             image = pipe(prompt_embeds=text[i:i + 1], pooled_prompt_embeds=pooled[i:i + 1], num_inference_steps=steps,
@@ -92,6 +93,44 @@ def test_samples_are_the_pipelines_render_of_the_exported_generator(family, cogv
         assert a.shape == b.shape and a.shape[-1] == 3, (i, a.shape, b.shape)
         assert np.abs(a - b).max() <= 1e-4, (family, i, np.abs(a - b).max())
     assert np.abs(ours[0] - ours[1]).max() > 0.01  # different prompts and noises, different samples
+
+
+def test_tiled_samples_are_the_pipelines_tiled_render(cogvideox_pipeline, tmp_path, world_of_one, monkeypatch):
+    """train.sample_vae_tiling: the VAE decodes the run's samples in tiles, exactly as the pipeline does
+    after vae.enable_tiling(), and not as the untiled decode does. (diffusers sizes CogVideoX's tiles
+    from the VAE's sample size, 480 x 720: tiles of 240 x 360 pixels step 200 x 288. The tiny VAE is
+    given 48 x 40, tiles of 24 x 20 stepping 20 x 16, so its 32-pixel frames are 2 x 2 tiles.)"""
+    import shutil
+
+    from diffusers import AutoencoderKLCogVideoX
+
+    from adm_megatron.train.export import export_generator
+    from adm_megatron.train.samples import RunSamples
+    from adm_megatron.train.trainer import Trainer
+
+    tiled_calls = []
+    tiled = AutoencoderKLCogVideoX.tiled_decode
+    monkeypatch.setattr(AutoencoderKLCogVideoX, "tiled_decode",
+                        lambda self, *a, **k: tiled_calls.append(1) or tiled(self, *a, **k))
+    pipeline_dir = str(tmp_path / "pipe")
+    shutil.copytree(cogvideox_pipeline, pipeline_dir)
+    vae_config = os.path.join(pipeline_dir, "vae", "config.json")
+    with open(vae_config) as f:
+        config = json.load(f)
+    with open(vae_config, "w") as f:
+        json.dump({**config, "sample_height": 48, "sample_width": 40}, f)
+    trainer = Trainer(_config("cogvideox", pipeline_dir, tmp_path / "run", "train.num_samples=2",
+                              "train.sample_vae_tiling=true"))
+    samples = RunSamples(trainer)
+    latents = samples.latents()
+    ours = samples.frames(latents)
+    assert len(tiled_calls) == 2  # one tiled decode per sample
+    generator_dir = export_generator(trainer.generator, trainer.arch, str(tmp_path / "generator"))
+    theirs = _pipeline_frames("cogvideox", pipeline_dir, generator_dir, trainer, vae_tiling=True)
+    untiled = _pipeline_frames("cogvideox", pipeline_dir, generator_dir, trainer)
+    for a, b, c in zip(ours, theirs, untiled):
+        assert a.shape == c.shape == (9, 32, 32, 3) and np.abs(a - b).max() <= 1e-4
+        assert np.abs(a - c).max() > 1e-3  # the tiles are blended: not the whole-frame decode
 
 
 def _metrics(out) -> list[dict]:

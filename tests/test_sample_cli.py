@@ -292,3 +292,30 @@ def test_sample_renders_at_the_distilled_size_unless_told(tmp_path, world_of_one
     assert main([*common, "--num-frames", "8", "--out", str(tmp_path / "bad")]) == 2
     assert capsys.readouterr().err.strip() == (
         "adm-megatron sample: --num-frames 8: expected 1 + a multiple of 4 (the VAE's temporal compression)")
+
+
+def test_sample_decodes_in_tiles_when_asked(tmp_path, world_of_one, monkeypatch):
+    """--vae-tiling: the pipelines' VAE decodes in tiles (diffusers' enable_tiling; the tiny VAE is
+    given a 24-pixel tile, so its 32-pixel frames tile), for the generator and the teacher alike, and
+    the timing JSON says so; without it nothing is tiled."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    from adm_megatron.cli import main
+
+    pipeline = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    vae_config = os.path.join(pipeline, "vae", "config.json")
+    with open(vae_config) as f:
+        config = json.load(f)
+    with open(vae_config, "w") as f:
+        json.dump({**config, "sample_height": 48, "sample_width": 40}, f)
+    calls = []
+    tiled = AutoencoderKLCogVideoX.tiled_decode
+    monkeypatch.setattr(AutoencoderKLCogVideoX, "tiled_decode", lambda self, *a, **k: calls.append(1)
+                        or tiled(self, *a, **k))
+    args = ["sample", "--pipeline", pipeline, "--generator", f"{pipeline}/transformer", "--prompt", "a red cat",
+            "--steps", "1", "--teacher-steps", "1", "--format", "png"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert calls == []
+    assert main([*args, "--vae-tiling", "--out", str(tmp_path / "tiled")]) == 0
+    assert len(calls) == 2
+    assert json.loads((tmp_path / "tiled" / "sample_timing.json").read_text())["vae_tiling"] is True

@@ -23,7 +23,8 @@ _NO_TEXT_ENCODERS = dict(text_encoder=None, tokenizer=None, text_encoder_2=None,
                          text_encoder_3=None, tokenizer_3=None)
 
 
-def _load_pipeline(pipeline_dir: str, transformer_dir: str | None, dtype: torch.dtype, device):
+def _load_pipeline(pipeline_dir: str, transformer_dir: str | None, dtype: torch.dtype, device,
+                   vae_tiling: bool = False):
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
     from adm_megatron.diffusion import FlowMatchSchedule
@@ -42,6 +43,8 @@ def _load_pipeline(pipeline_dir: str, transformer_dir: str | None, dtype: torch.
         pipeline_dir, transformer=transformer, dtype=dtype, **_NO_TEXT_ENCODERS)
     if lora_dir is not None:
         fuse_lora(pipeline, lora_dir)
+    if vae_tiling:
+        pipeline.vae.enable_tiling()
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
@@ -73,12 +76,14 @@ def render_image_samples(
     dtype: torch.dtype = torch.float32,
     seconds: list[float] | None = None,
     first: int = 0,
+    vae_tiling: bool = False,
 ) -> list[str]:
     """One image per row of ``prompt_embeds`` ``[B, L, D]`` / ``pooled_embeds`` ``[B, P]``: row ``j``
     is sample ``i = first + j``, written to ``out_dir/sample-{i:03d}.png``, from noise seeded by
     ``seed + i`` (so a set of prompts split into parts renders as it does whole). The negatives
     (``[L, D]`` / ``[P]`` or batched) are read only when ``guidance_scale > 1``. ``seconds``, when
-    given, receives each sample's generation time."""
+    given, receives each sample's generation time. ``vae_tiling``: diffusers' tiled VAE decode (which
+    only tiles images larger than the VAE's ``sample_size``, 1024 for SD3)."""
     if prompt_embeds.dim() != 3 or pooled_embeds.dim() != 2 or len(prompt_embeds) != len(pooled_embeds):
         raise ValueError(f"prompt_embeds must be [B, L, D] and pooled_embeds [B, P], got "
                          f"{tuple(prompt_embeds.shape)} and {tuple(pooled_embeds.shape)}")
@@ -86,7 +91,7 @@ def render_image_samples(
     if guided:
         negative_embeds = _expand(negative_embeds, prompt_embeds, "negative_embeds")
         negative_pooled = _expand(negative_pooled, pooled_embeds, "negative_pooled")
-    pipeline = _load_pipeline(pipeline_dir, transformer_dir, dtype, device)
+    pipeline = _load_pipeline(pipeline_dir, transformer_dir, dtype, device, vae_tiling)
     config = pipeline.transformer.config
     if prompt_embeds.shape[-1] != config.joint_attention_dim or pooled_embeds.shape[-1] != config.pooled_projection_dim:
         raise ValueError(f"embedding widths {prompt_embeds.shape[-1]} / {pooled_embeds.shape[-1]} != the "

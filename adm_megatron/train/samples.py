@@ -12,7 +12,8 @@ same at every sampling iteration and for any layout, so the samples show the gen
 the noise comes from its own generator, so a run's training numbers do not depend on whether or how
 often it samples. The first rank of each replica (TP and CP rank 0) decodes its share with the
 pipeline's VAE exactly as the pipeline does (``ModelFamily.decode_images``, then ``x / 2 + 0.5``
-clamped to [0, 1]: the pipeline's postprocess) and writes the files into the run's directory (which
+clamped to [0, 1]: the pipeline's postprocess; ``train.sample_vae_tiling``: in overlapping tiles, as
+the pipeline after ``vae.enable_tiling()``, for less memory) and writes the files into the run's directory (which
 every rank sees, as checkpoints need); the VAE waits in host memory between samplings, and a decode
 that runs out of GPU memory costs its samples only (a warning; training goes on). So D replicas
 render in about 1 / D of one replica's time. Files: ``samples/iter_NNNNNNN/`` during the run,
@@ -124,6 +125,8 @@ class RunSamples:
             vae = t.family.load_vae(os.path.join(t.teacher_source.pipeline_dir, "vae"))
             dtype = torch.bfloat16 if t.config.model.dtype == "bf16" else t.dtype
             self.vae = vae.to(dtype).eval().requires_grad_(False)
+            if t.config.train.sample_vae_tiling:
+                self.vae.enable_tiling()
         return self.vae
 
     def _write_share(self, latents: torch.Tensor, share: range, directory: str, names: list[str],
