@@ -40,6 +40,13 @@ def _train(args: argparse.Namespace) -> int:
     from adm_megatron.train.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
+    if args.print_config:  # the run as it would start: the file, the overrides and every default
+        import yaml
+
+        from adm_megatron.config import config_to_dict
+
+        print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+        return 0
     try:
         result = Trainer(config).fit()
     except NonFiniteError as err:
@@ -176,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint (run the same command to go on).",
     )
     train.add_argument("--config", required=True, help="YAML run config (see examples/cogvideox/)")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the whole run config (the file, the overrides and every default, as the run "
+                       "saves it in output_dir/config.yaml) and exit without training")
     train.add_argument(
         "overrides", nargs="*", metavar="key=value",
         help="dotted overrides in YAML syntax, e.g. train.max_iterations=10 distill.method=dmd2",
