@@ -107,6 +107,40 @@ def test_a_run_that_does_not_fit_the_gpu_is_refused_before_building(pipeline_dir
     validate_run(load_config(None, config), teacher, 1)
 
 
+def test_samples_that_do_not_fit_the_gpu_are_a_warning_not_a_refusal(pipeline_dir, tmp_path, monkeypatch, caplog,
+                                                                    capsys):
+    """The samples' decode is planned after the last phase: when training fits the card and the
+    samples do not (a 10 GiB decode stands in for CogVideoX's full-size one on an 8 GiB card), train
+    warns in one line and goes on (a decode out of memory costs its samples only), and plan says so
+    with exit status 0; with train.num_samples=0 there is nothing to warn about."""
+    import logging
+
+    from adm_megatron.cli import main
+    from adm_megatron.memory import preflight, run_plan
+    from adm_megatron.memory.sample_decode import SampleDecode
+    from adm_megatron.train.teacher import resolve_teacher
+    from adm_megatron.train.validate import validate_run
+
+    monkeypatch.setattr(run_plan, "count_sample_decode", lambda *a: SampleDecode(vae_bytes=2**20, decode_peak=10 * 2**30))
+    monkeypatch.setattr(preflight, "this_gpu", lambda: ("test card", 8.0))
+    config = [f"model.teacher={pipeline_dir}", "distill.head_every=1", "data.frames=2", "data.height=4", "data.width=4"]
+    with caplog.at_level(logging.WARNING, logger="adm_megatron"):
+        validate_run(load_config(None, [*config, "train.num_samples=2"]), resolve_teacher(pipeline_dir), 1)
+    warnings = [r.getMessage() for r in caplog.records if "samples need" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0], caplog.text
+    assert "set train.sample_vae_tiling=true, or train.num_samples=0" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="adm_megatron"):
+        validate_run(load_config(None, [*config, "train.num_samples=0"]), resolve_teacher(pipeline_dir), 1)
+    assert "samples need" not in caplog.text
+    capsys.readouterr()
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("{}\n")
+    assert main(["plan", "--config", str(yaml_file), "--gpus", "1", "--card", "8", *config]) == 0
+    out = capsys.readouterr()
+    assert "(samples)" in out.out and "adm-megatron plan: warning: the samples need 10.1" in out.err
+
+
 def test_offload_without_pinned_memory_on_a_gpu_is_refused_in_one_line(pipeline_dir, tmp_path, monkeypatch):
     from adm_megatron.memory import preflight
 

@@ -93,6 +93,40 @@ def test_the_generator_ema_is_planned_as_measured(pipelines, tmp_path, world_of_
         assert measured > 0 and abs(planned / measured - 1) <= 0.05, (phase, planned, measured)
 
 
+def test_the_samples_are_planned_after_the_last_phase(pipelines, tmp_path, world_of_one):
+    """train.num_samples > 0 adds a samples row: the resident state the measurement sees when the run
+    samples (within 15%), then the VAE's weights and one sample's decode, counted on fake tensors.
+    The count leaves out the convolutions' own workspaces, which on a CPU are large (an im2col buffer
+    per 3D conv), so the measured peak is above the planned one here; the count is at least the
+    decoded frames and their fp32 postprocess, and tiling lowers it. A run without samples has no row."""
+    from adm_megatron.families import family_of_model_dir
+    from adm_megatron.memory.measure import measure_phases
+    from adm_megatron.memory.run_plan import plan_run
+    from adm_megatron.train.trainer import Trainer
+
+    def config_of(*overrides):
+        return load_config(None, [f"model.teacher={pipelines[False]}", f"output_dir={tmp_path / 'run'}", *BASE,
+                                  *TINY_RUNS["2b-3x16x16"][1], *overrides])
+
+    def plan_of(config):
+        return plan_run(config, 1, device="cpu", card_gib=1.0, cpu_threads=torch.get_num_threads())
+
+    config = config_of("train.num_samples=2")
+    measured = measure_phases(lambda: Trainer(config), samples=True)["samples"]
+    samples = plan_of(config).samples
+    assert abs(samples.resident / measured.resident_bytes - 1) <= TOLERANCE, (samples.resident, measured)
+    vae_weights = samples.transients["VAE weights"]
+    decode = samples.transients["decode and postprocess"]
+    assert samples.peak_moment == "VAE decode" and samples.peak == samples.resident + vae_weights + decode
+    assert samples.peak < measured.peak_bytes  # the CPU's conv workspaces on top
+    frames = 9 * 3 * 64 * 64 * 4  # 3 latent frames of 16 x 16: 9 frames of 64 x 64 pixels, fp32
+    vae = family_of_model_dir(f"{pipelines[False]}/transformer").load_vae(f"{pipelines[False]}/vae")
+    assert decode >= 2 * frames and vae_weights == sum(p.numel() * 4 for p in vae.parameters())
+    tiled = plan_of(config_of("train.num_samples=2", "train.sample_vae_tiling=true")).samples
+    assert tiled.transients["decode and postprocess"] < decode / 2
+    assert plan_of(config_of("train.num_samples=0")).samples is None
+
+
 def _sd3_lora_targets() -> str:
     """The adapters of the real SD3-Medium LoRA example (both streams' attention and MLP linears)."""
     targets = load_config(SD3_LORA_EXAMPLE).model.lora.target_modules

@@ -28,6 +28,8 @@ JSON is rewritten after every section, so a run killed at its time limit keeps w
   an fp32 EMA that must move) with samples
   during the run and at its end, its export and throughput metrics (MFU), then ``adm-megatron
   sample`` of the exported generator (bf16).
+- ``decode_memory``: the memory plan's fake-tensor count of the samples' VAE decode against the
+  CUDA allocator's peak (CogVideoX's VAE, 13 x 30 x 45 latents, bf16, whole and tiled).
 
 FLOP count (model FLOPs, a multiply-add = 2 FLOPs, no recompute), per block with N = text + video
 tokens, hidden d, MLP width 4d, batch B:
@@ -735,6 +737,56 @@ def section_speed(plan: Plan, budget: Budget, datasheet: float | None, matmul: f
     return result
 
 
+def section_decode_memory(plan: Plan, workdir: str) -> dict:
+    """The memory plan's count of the samples' VAE decode (``memory/sample_decode.py``, on fake
+    tensors) against the CUDA allocator's peak for the same decode: CogVideoX's VAE at its real
+    architecture (random weights), one sample of 13 x 30 x 45 latents in bf16, whole and tiled. (Dry
+    run: the tiny VAE at 3 x 8 x 8 in fp32, measured with the profiler; the CPU's conv workspaces,
+    which the count leaves out, make the ratio meaningless there.)"""
+    from diffusers import AutoencoderKLCogVideoX
+
+    from adm_megatron.config import load_config
+    from adm_megatron.families.cogvideox import COGVIDEOX
+    from adm_megatron.memory.measure import peak_during
+    from adm_megatron.memory.sample_decode import count_sample_decode
+    from adm_megatron.train.samples import decoded_pixels, sample_vae
+
+    vae_dir = os.path.join(workdir, "decode_vae")
+    if plan.dry_run:
+        vae = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8), latent_channels=4, layers_per_block=1,
+                                     norm_num_groups=2, sample_height=32, sample_width=32,
+                                     down_block_types=("CogVideoXDownBlock3D",) * 3,
+                                     up_block_types=("CogVideoXUpBlock3D",) * 3)
+        latent, dtype = (3, 4, 8, 8), "fp32"
+    else:
+        vae, latent, dtype = AutoencoderKLCogVideoX(), (13, 16, 30, 45), "bf16"
+    vae.save_config(vae_dir)
+    rows = {}
+    for tiled in (False, True):
+        config = load_config(None, ["model.teacher=unused", f"model.dtype={dtype}",
+                                    f"train.sample_vae_tiling={str(tiled).lower()}"])
+        counted = count_sample_decode(config, COGVIDEOX, latent, vae_dir)
+        model = sample_vae(vae, config).to(plan.device)
+        z = torch.randn(1, *latent, device=plan.device, dtype=next(model.parameters()).dtype)
+        with torch.no_grad():
+            if plan.device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                decoded_pixels(COGVIDEOX, model, z)
+                torch.cuda.synchronize()
+                measured = torch.cuda.max_memory_allocated() - base
+            else:
+                measured = peak_during(lambda: decoded_pixels(COGVIDEOX, model, z))
+        rows["tiled" if tiled else "whole"] = {
+            "counted_bytes": counted.decode_peak, "measured_bytes": measured,
+            "measured_over_counted": measured / counted.decode_peak, "vae_bytes": counted.vae_bytes}
+        log(f"  decode {'tiled' if tiled else 'whole'}: counted {counted.decode_peak / 2**30:.3f} GiB, "
+            f"measured {measured / 2**30:.3f} GiB")
+    ok = plan.dry_run or all(0.8 <= r["measured_over_counted"] <= 1.5 for r in rows.values())
+    return {"ok": ok, "latent": list(latent), "dtype": dtype, "rows": rows}
+
+
 def section_sdpa(plan: Plan, budget: Budget) -> dict:
     """The attention alone at the speed slice's shape, per backend, contiguous [b, h, s, d] and the
     permuted [s, b, h, d] view ours passes."""
@@ -922,6 +974,11 @@ def print_summary(report: Report) -> None:
                          f"ms ({row['forward_backward_tflops']:6.1f})  {','.join(row['ops'])}")
         for key, err in sdpa.get("errors", {}).items():
             lines.append(f"  {key}: {err.splitlines()[0][:110]}")
+    decode = sec.get("decode_memory")
+    if decode:
+        lines.append("samples' VAE decode, measured / counted: " + ", ".join(
+            f"{k} {r['measured_bytes'] / 2**30:.2f} / {r['counted_bytes'] / 2**30:.2f} GiB"
+            for k, r in decode["rows"].items()))
     trainer = sec.get("trainer")
     if trainer:
         failed = [k for k, v in trainer["checks"].items() if not v]
@@ -954,7 +1011,7 @@ def parse_args(argv=None):
                         help="JSON path (default: $OUT/gpu_check.json, else ./gpu_check.json)")
     parser.add_argument("--budget-s", type=float, default=300.0,
                         help="time budget: sections that would start past it are skipped")
-    parser.add_argument("--sections", default="env,matmul_peak,correctness,te,speed,sdpa,trainer",
+    parser.add_argument("--sections", default="env,matmul_peak,correctness,te,speed,sdpa,trainer,decode_memory",
                         help="comma list of sections to run")
     parser.add_argument("--variants", default="", help="correctness variants, e.g. 2b,5b (default all)")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
@@ -1021,6 +1078,8 @@ def main(argv=None) -> int:
             report.run("sdpa", lambda: section_sdpa(plan, budget), need_s=15 * heavy)
         if "trainer" in sections:
             report.run("trainer", lambda: section_trainer(plan, workdir), need_s=40 * heavy)
+        if "decode_memory" in sections:
+            report.run("decode_memory", lambda: section_decode_memory(plan, workdir), need_s=20 * heavy)
     finally:
         failed = [k for k, v in report.data["sections"].items()
                   if isinstance(v, dict) and v.get("ok") is False]

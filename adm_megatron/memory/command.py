@@ -12,7 +12,7 @@ import sys
 
 from adm_megatron.config import ConfigError, load_config
 from adm_megatron.memory.plan import OFFLOAD, TRAINABLE, PlanError, gib
-from adm_megatron.memory.report import format_table, plan_to_dict
+from adm_megatron.memory.report import format_table, plan_to_dict, samples_warning
 from adm_megatron.families import preset_names
 
 
@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(plan_to_dict(plan), f, indent=2)
+    if plan.fits and not plan.samples_fit:
+        print(f"adm-megatron plan: warning: {samples_warning(plan)}", file=sys.stderr)
     if not plan.fits:
         print(f"adm-megatron plan: does not fit: peak {gib(plan.peak):.2f} GiB ({plan.peak_phase} phase) > "
               f"{gib(plan.budget):.2f} GiB usable of {args.card:g} GiB", file=sys.stderr)

@@ -82,9 +82,11 @@ def peak_during(fn: Callable[[], object]) -> int:
     return peak
 
 
-def measure_phases(build_trainer: Callable[[], object], iterations: int = 2) -> dict[str, PhaseMeasurement]:
+def measure_phases(build_trainer: Callable[[], object], iterations: int = 2,
+                   samples: bool = False) -> dict[str, PhaseMeasurement]:
     """Build a trainer and run ``iterations`` ADM iterations under the memory profiler; returns each
-    phase's resident and peak tensor bytes in the last iteration, keyed by phase name."""
+    phase's resident and peak tensor bytes in the last iteration, keyed by phase name; with
+    ``samples`` also the run's samples rendered after it (``samples``)."""
     if iterations < 2:
         raise ValueError(f"iterations={iterations}: need >= 2 (the first one allocates the optimizer states)")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -98,6 +100,11 @@ def measure_phases(build_trainer: Callable[[], object], iterations: int = 2) -> 
         trainer.phases.run = marked_run
         for iteration in range(iterations):
             trainer.train_iteration(iteration)
+        if samples:
+            from adm_megatron.train.samples import RunSamples
+
+            with record_function(f"{_MARK}samples:{iterations - 1}"):
+                RunSamples(trainer).render(iterations)
     allocations, marks = _allocations_and_marks(prof)
     last = iterations - 1
     windows = {name.rsplit(":", 1)[0]: span for name, span in marks.items() if name.endswith(f":{last}")}

@@ -99,6 +99,10 @@ Phases (the peak of each is resident + the largest of its moments):
   clips in place and steps its ``P / DP`` shard.
 - BF16 autocast with fp32 params: each network run with grad in the phase keeps bf16 copies of its
   weights for backward, ``P x 2`` (none for bf16 weights, the teacher's included).
+- samples (``train.num_samples`` > 0; not a training phase): after an iteration's last phase, with
+  every network's weights on the device and that phase's optimizer state; the generator's rollout
+  without grad on ``B``, then one sample at a time the VAE's weights and its decode (counted on fake
+  tensors, ``memory/sample_decode.py``). A decode that does not fit costs the samples, not the run.
 
 A run fits when the largest phase peak is at most ``card x (1 - margin)``; the margin covers what
 the formulas leave out (CUDA context, allocator fragmentation, NCCL buffers, kernels' workspaces).
@@ -113,6 +117,7 @@ from dataclasses import dataclass, field
 
 from adm_megatron.memory.counts import NetworkSize
 from adm_megatron.memory.pixel_branch import PixelBranch
+from adm_megatron.memory.sample_decode import SampleDecode
 from adm_megatron.memory.terms import ActivationTerms, TokenCounts
 
 GIB = 1024**3
@@ -222,6 +227,7 @@ class MemoryPlan:
     networks: dict[str, dict[str, float]]  # name -> weights / grads / optimizer bytes (GPU-resident)
     phases: dict[str, PhasePlan]
     fixed: dict[str, float] = field(default_factory=dict)  # persistent buffers not owned by a network
+    samples: PhasePlan | None = None  # the run's samples between iterations (train.num_samples > 0)
 
     @property
     def peak_phase(self) -> str:
@@ -237,7 +243,12 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
+        """Whether training fits (the samples, whose decode failing costs only them: ``samples_fit``)."""
         return self.peak <= self.budget
+
+    @property
+    def samples_fit(self) -> bool:
+        return self.samples is None or self.samples.peak <= self.budget
 
 
 def check_settings(shape: Shape, s: Settings) -> None:
@@ -432,13 +443,16 @@ def _resident(sizes: dict[str, NetworkSize], s: Settings) -> dict[str, dict[str,
 
 
 def _phase_resident(networks: dict, phase: str, s: Settings) -> float:
+    """A phase's resident state; ``samples``: after an iteration's last phase, with every network's
+    weights back on the device (the trainer restores them) and that phase's optimizer state."""
+    owner = METHOD_PHASES[s.method][-1] if phase == "samples" else phase
     total = 0.0
     for name, parts in networks.items():
-        used = name in PHASE_NETWORKS[phase]
+        used = phase == "samples" or name in PHASE_NETWORKS[phase]
         offload = s.offload_mode(name)
         if offload != "optimizer_and_params" or used:
             total += parts["weights"]
-        if offload == "none" or name == phase:
+        if offload == "none" or name == owner:
             total += parts["grads"] + parts["optimizer"]
     return total
 
@@ -512,10 +526,11 @@ PIXEL_MOMENTS = {
 
 
 def plan_memory(shape: Shape, sizes: dict[str, NetworkSize], settings: Settings,
-                pixel: PixelBranch | None = None) -> MemoryPlan:
+                pixel: PixelBranch | None = None, sample_decode: SampleDecode | None = None) -> MemoryPlan:
     """The per-rank memory plan; ``sizes`` as ``counts.py`` gives them for ``settings``' TP (the
     discriminator's with ADP's pixel heads); ``pixel``: ADP's pixel branch, counted on fake tensors
-    (``memory/pixel_branch.py``), added to the latent plan where it runs."""
+    (``memory/pixel_branch.py``), added to the latent plan where it runs; ``sample_decode``: the
+    run's samples' VAE decode (``memory/sample_decode.py``), planned after the last phase."""
     check_settings(shape, settings)
     f = _Formulas(shape, settings)
     latent = shape.frames * shape.latent_channels * shape.height * shape.width
@@ -554,7 +569,15 @@ def plan_memory(shape: Shape, sizes: dict[str, NetworkSize], settings: Settings,
             if best is None or total > best.peak:
                 best = PhasePlan(resident, saved, {k: v for k, v in transients.items() if v}, total, moment)
         phases[phase] = best
-    return MemoryPlan(settings, networks, phases, fixed)
+    samples = None
+    if sample_decode is not None:  # the generator's N-step rollout, then one sample's decode at a time
+        resident = _phase_resident(networks, "samples", settings) + sum(fixed.values())
+        moments = {"generator rollout": {"forward without grad": f.no_grad(settings.batch_size)},
+                   "VAE decode": {"VAE weights": sample_decode.vae_bytes,
+                                  "decode and postprocess": sample_decode.decode_peak}}
+        moment = max(moments, key=lambda m: sum(moments[m].values()))
+        samples = PhasePlan(resident, 0.0, moments[moment], resident + sum(moments[moment].values()), moment)
+    return MemoryPlan(settings, networks, phases, fixed, samples)
 
 
 def gib(value: float) -> float:

@@ -7,10 +7,15 @@ offload moves state to plain host memory (the mechanics the tests check), so nei
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from adm_megatron.config import Config, ConfigError
 from adm_megatron.memory.plan import GIB, TRAINABLE, PlanError
+from adm_megatron.memory.report import samples_warning
+
+logger = logging.getLogger("adm_megatron")
 
 
 def this_gpu() -> tuple[str, float] | None:
@@ -50,6 +55,8 @@ def check_run_fits(config: Config, world_size: int, card_gib: float, source: str
         plan = plan_run(config, world_size, card_gib=card_gib, device="cuda", pinned_memory=True)
     except PlanError as err:
         raise ConfigError(f"memory plan: {err}") from None
+    if not plan.samples_fit and plan.fits:
+        logger.warning("memory plan: %s", samples_warning(plan))
     if not plan.fits:
         raise ConfigError(
             f"memory plan: the {plan.peak_phase} phase needs {plan.peak / GIB:.1f} GiB per GPU, {source} has "

@@ -41,12 +41,23 @@ def plan_to_dict(plan: MemoryPlan) -> dict:
             }
             for name, p in plan.phases.items()
         },
+        "samples": None if plan.samples is None else {
+            "resident": _r(plan.samples.resident), "transients": {k: _r(v) for k, v in plan.samples.transients.items()},
+            "peak": _r(plan.samples.peak), "peak_moment": plan.samples.peak_moment, "fits": plan.samples_fit},
         "peak_phase": plan.peak_phase,
         "peak": _r(plan.peak),
         "card": plan.settings.card_gib,
         "budget": _r(plan.budget),
         "fits": plan.fits,
     }
+
+
+def samples_warning(plan: MemoryPlan) -> str:
+    """One line: the run's samples will not fit the card (training may)."""
+    return (f"the samples need {gib(plan.samples.peak):.2f} GiB per GPU at their {plan.samples.peak_moment}, more than "
+            f"the {gib(plan.budget):.2f} GiB usable: each sampling would run out of memory and be skipped (training "
+            "goes on); set train.sample_vae_tiling=true, or train.num_samples=0 and render the exported generator "
+            "with adm-megatron sample")
 
 
 def format_table(plan: MemoryPlan, title: str = "") -> str:
@@ -73,7 +84,14 @@ def format_table(plan: MemoryPlan, title: str = "") -> str:
         parts = ", ".join(f"{k} {gib(v):.2f}" for k, v in sorted(p.transients.items(), key=lambda kv: -kv[1]))
         lines.append(f"{name:<{w}}{gib(p.resident):>10.2f}{gib(p.activations):>10.2f}"
                      f"{gib(sum(p.transients.values())):>11.2f}{gib(p.peak):>10.2f}   {p.peak_moment} ({parts})")
+    if plan.samples is not None:
+        p = plan.samples
+        parts = ", ".join(f"{k} {gib(v):.2f}" for k, v in sorted(p.transients.items(), key=lambda kv: -kv[1]))
+        lines.append(f"{'(samples)':<{w}}{gib(p.resident):>10.2f}{0:>10.2f}{gib(sum(p.transients.values())):>11.2f}"
+                     f"{gib(p.peak):>10.2f}   {p.peak_moment} ({parts})")
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     lines.append(f"peak {gib(plan.peak):.2f} GiB in the {plan.peak_phase} phase; card {s.card_gib:g} GiB with "
                  f"{s.margin:.0%} margin = {gib(plan.budget):.2f} GiB: {verdict}")
+    if not plan.samples_fit:
+        lines.append(samples_warning(plan))
     return "\n".join(lines)

@@ -4,7 +4,9 @@ of ``plan.py`` with the family's per-block counts (``memory_terms``). Layout err
 before any model is built. Families whose spec lists the ``memory-plan`` tool are planned; others
 are refused in one line, and so are methods the phases of ``plan.py`` do not describe. ADP's pixel
 branch (the VAE decode and the vision encoder) is counted on fake tensors from the pipeline's and the
-encoder's config files (``pixel_branch.py``)."""
+encoder's config files (``pixel_branch.py``), and the samples' VAE decode from the pipeline's VAE
+config (``sample_decode.py``; a plan without the pipeline's files, e.g. from a preset, has no
+samples row)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from adm_megatron.config import Config, ConfigError
 from adm_megatron.data.batch_layout import microbatches_for
 from adm_megatron.memory.counts import NetworkSize, backbone_size, heads_size, lora_generator_size
 from adm_megatron.memory.pixel_branch import pixel_branch
+from adm_megatron.memory.sample_decode import count_sample_decode, vae_config_dir
 from adm_megatron.memory.plan import (
     METHOD_PHASES,
     MemoryPlan,
@@ -139,17 +142,21 @@ def plan_run(config: Config, world_size: int, preset: str = "", **memory) -> Mem
         del sizes["fake_score"]
     pixel = None
     d = config.distill
+    family = family_of_arch(arch)
+    latent_shape = family.latent_shape(arch, config.data.frames, config.data.height, config.data.width)
     if d.method == "adp" and d.pixel_weight > 0:
-        family = family_of_arch(arch)
         try:
-            pixel = pixel_branch(config, family, family.latent_shape(arch, config.data.frames, config.data.height,
-                                                                       config.data.width))
+            pixel = pixel_branch(config, family, latent_shape)
         except ValueError as err:
             raise PlanError(str(err)) from None
         latent = sizes["discriminator"]
         sizes["discriminator"] = NetworkSize(latent.params + pixel.heads_params,
                                              max(latent.largest_param, pixel.heads_largest_param), latent.buffer_bytes)
-    return plan_memory(shape, sizes, settings, pixel)
+    samples = None
+    vae_dir = vae_config_dir(config)
+    if config.train.num_samples > 0 and vae_dir is not None and family.decode_images is not None:
+        samples = count_sample_decode(config, family, latent_shape, vae_dir)
+    return plan_memory(shape, sizes, settings, pixel, samples)
 
 
 __all__ = ["ConfigError", "plan_run", "resolve_arch", "settings_for", "shape_for"]

@@ -38,6 +38,24 @@ from adm_megatron.parallel import barrier
 logger = logging.getLogger("adm_megatron")
 
 
+def sample_vae(vae, config):
+    """The pipeline's VAE as a run's samples use it: frozen, in bf16 for bf16 runs (else fp32), tiled
+    with ``train.sample_vae_tiling``."""
+    dtype = {"bf16": torch.bfloat16, "fp64": torch.float64}.get(config.model.dtype, torch.float32)
+    if next(vae.parameters()).dtype != dtype:
+        vae = vae.to(dtype)
+    vae = vae.eval().requires_grad_(False)
+    if config.train.sample_vae_tiling:
+        vae.enable_tiling()
+    return vae
+
+
+def decoded_pixels(family, vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> every frame ``[N, h, w, 3]`` in [0, 1] on the VAE's device: the family's pipeline
+    decode, then the pipelines' postprocess (``x / 2 + 0.5`` clamped)."""
+    return (family.decode_images(vae, latents).float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+
+
 def sample_dir(output_dir: str, iteration: int | None) -> str:
     """Where the samples of ``iteration`` go (``None``: the finished run's)."""
     root = os.path.join(output_dir, "samples")
@@ -110,23 +128,14 @@ class RunSamples:
         vae = self._vae().to(t.device)
         try:
             dtype = next(vae.parameters()).dtype
-            return [self._pixels(t.family.decode_images(vae, latent[None].to(t.device, dtype))) for latent in latents]
+            return [decoded_pixels(t.family, vae, latent[None].to(t.device, dtype)).cpu().numpy() for latent in latents]
         finally:
             vae.to("cpu")  # its GPU memory goes back to training
-
-    @staticmethod
-    def _pixels(images: torch.Tensor):
-        """The pipelines' postprocess: ``x / 2 + 0.5`` clamped to [0, 1], as ``[N, h, w, 3]`` numpy."""
-        return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
     def _vae(self):
         if self.vae is None:
             t = self.trainer
-            vae = t.family.load_vae(os.path.join(t.teacher_source.pipeline_dir, "vae"))
-            dtype = torch.bfloat16 if t.config.model.dtype == "bf16" else t.dtype
-            self.vae = vae.to(dtype).eval().requires_grad_(False)
-            if t.config.train.sample_vae_tiling:
-                self.vae.enable_tiling()
+            self.vae = sample_vae(t.family.load_vae(os.path.join(t.teacher_source.pipeline_dir, "vae")), t.config)
         return self.vae
 
     def _write_share(self, latents: torch.Tensor, share: range, directory: str, names: list[str],
