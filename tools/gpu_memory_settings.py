@@ -7,7 +7,8 @@ Builds a medium random CogVideoX (diffusers directory: 8 blocks, hidden 512; ``-
 ``--heads``) and runs, for each variant, two ADM iterations with BF16 autocast; the second
 iteration's peak ``torch.cuda.max_memory_allocated`` of each phase is reported, with the losses.
 Variants: baseline; the idle networks' optimizer state offloaded; optimizer state and weights
-offloaded; bf16 trainable weights (fp32 main params); and, with two or more ranks (DP >= 2), every
+offloaded; bf16 trainable weights (fp32 main params) with fp32 and with bf16 grads; and, with two or
+more ranks (DP >= 2), every
 network's optimizer state sharded over DP, alone and with optimizer offload. Offload must not change
 the losses (the JSON records the largest difference to the baseline). Part of
 ``tools/gpu_check.sh`` (its ``memory_settings_check`` step).
@@ -52,7 +53,8 @@ def variants(dp: int, smoke: bool) -> dict[str, list[str]]:
         "offload optimizer+params": [f"optim.{n}.offload=optimizer_and_params" for n in NETWORKS],
     }
     if not smoke:  # bf16 needs a GPU
-        out["bf16 params"] = ["model.bf16_params=true"]
+        out["bf16 params"] = ["model.bf16_params=true"]  # fp32 grads (model.grad_reduce_in_fp32, the default)
+        out["bf16 params + bf16 grads"] = ["model.bf16_params=true", "model.grad_reduce_in_fp32=false"]
     if dp >= 2:
         shard = [f"optim.{n}.shard_over_dp=true" for n in NETWORKS]
         out["sharded"] = shard
