@@ -49,6 +49,12 @@ class SampleRun:
     guidance_scale: float
 
 
+def _note(message: str) -> None:
+    """A note on stderr, from the first process of a launch only (every rank reaches the same one)."""
+    if launch_env().rank == 0:
+        print(f"adm-megatron sample: note: {message}", file=sys.stderr)
+
+
 def generator_steps(generator_dir: str, steps: int | None) -> int:
     """The generator's sampling steps: ``steps`` when given (a note on stderr when it differs from
     the distilled count), else the count in its ``distillation.json``; one-line ValueError when
@@ -60,8 +66,7 @@ def generator_steps(generator_dir: str, steps: int | None) -> int:
                              "into generator/); give the step count the generator was distilled for")
         return record["generator_steps"]
     if record is not None and steps != record["generator_steps"]:
-        print(f"adm-megatron sample: note: {generator_dir} was distilled for {record['generator_steps']} steps; "
-              f"sampling it with {steps}", file=sys.stderr)
+        _note(f"{generator_dir} was distilled for {record['generator_steps']} steps; sampling it with {steps}")
     return steps
 
 
@@ -95,8 +100,8 @@ def render_size(scale: PipelineScale, record: dict | None, native: tuple[int, in
         raise ValueError(f"{', '.join(missing)}: give the whole size (neither the generator nor its family says one)")
     latents = scale.latents(size)
     if distilled and latents != default:
-        print(f"adm-megatron sample: note: the generator was distilled at latents {'x'.join(map(str, default))}; "
-              f"sampling at {'x'.join(map(str, latents))}", file=sys.stderr)
+        _note(f"the generator was distilled at latents {'x'.join(map(str, default))}; "
+              f"sampling at {'x'.join(map(str, latents))}")
     return size, latents
 
 
