@@ -746,6 +746,7 @@ def section_decode_memory(plan: Plan, workdir: str) -> dict:
     from diffusers import AutoencoderKLCogVideoX
 
     from adm_megatron.config import load_config
+    from adm_megatron.data.tiny_pipeline import VAE as TINY_VAE
     from adm_megatron.families.cogvideox import COGVIDEOX
     from adm_megatron.memory.measure import peak_during
     from adm_megatron.memory.sample_decode import count_sample_decode
@@ -753,10 +754,7 @@ def section_decode_memory(plan: Plan, workdir: str) -> dict:
 
     vae_dir = os.path.join(workdir, "decode_vae")
     if plan.dry_run:
-        vae = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8), latent_channels=4, layers_per_block=1,
-                                     norm_num_groups=2, sample_height=32, sample_width=32,
-                                     down_block_types=("CogVideoXDownBlock3D",) * 3,
-                                     up_block_types=("CogVideoXUpBlock3D",) * 3)
+        vae = AutoencoderKLCogVideoX(**TINY_VAE)
         latent, dtype = (3, 4, 8, 8), "fp32"
     else:
         vae, latent, dtype = AutoencoderKLCogVideoX(), (13, 16, 30, 45), "bf16"

@@ -38,10 +38,10 @@ def count_sample_decode(config, family, latent_shape: tuple[int, ...], vae_dir: 
     """The figures above for one sample of ``latent_shape`` (no batch dimension)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from adm_megatron.train.samples import decoded_pixels, sample_vae
+    from adm_megatron.train.samples import decoded_pixels, sample_vae, sample_vae_dtype
 
     vae_class = family.vae_type()
-    dtype = {"bf16": torch.bfloat16, "fp64": torch.float64}.get(config.model.dtype, torch.float32)
+    dtype = sample_vae_dtype(config)
     with FakeTensorMode():
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)  # built in the run's dtype: a fake module cannot be cast

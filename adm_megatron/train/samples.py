@@ -38,10 +38,15 @@ from adm_megatron.parallel import barrier
 logger = logging.getLogger("adm_megatron")
 
 
+def sample_vae_dtype(config) -> torch.dtype:
+    """The dtype a run's samples decode in: bf16 for bf16 runs, else the run's (fp32 / fp64)."""
+    return {"bf16": torch.bfloat16, "fp64": torch.float64}.get(config.model.dtype, torch.float32)
+
+
 def sample_vae(vae, config):
-    """The pipeline's VAE as a run's samples use it: frozen, in bf16 for bf16 runs (else fp32), tiled
-    with ``train.sample_vae_tiling``."""
-    dtype = {"bf16": torch.bfloat16, "fp64": torch.float64}.get(config.model.dtype, torch.float32)
+    """The pipeline's VAE as a run's samples use it: frozen, in ``sample_vae_dtype``, tiled with
+    ``train.sample_vae_tiling``."""
+    dtype = sample_vae_dtype(config)
     if next(vae.parameters()).dtype != dtype:
         vae = vae.to(dtype)
     vae = vae.eval().requires_grad_(False)
