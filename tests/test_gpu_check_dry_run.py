@@ -30,8 +30,10 @@ def test_every_section_of_the_gpu_check_passes_in_a_dry_run(tmp_path, monkeypatc
     report = json.loads(out.read_text())
     assert report["status"] == "ok" and not report["errors"] and not report["skipped"]
     assert set(report["sections"]) == {"env", "matmul_peak", "correctness.2b", "correctness.5b", "te", "speed",
-                                       "sdpa", "trainer", "decode_memory"}
+                                       "sdpa", "trainer", "decode_memory", "offload"}
     decode = report["sections"]["decode_memory"]
     assert decode["ok"] and all(r["counted_bytes"] > 0 and r["measured_bytes"] > 0 for r in decode["rows"].values())
     trainer = report["sections"]["trainer"]
     assert trainer["ok"] and all(trainer["checks"].values()) and len(trainer["checks"]) == 9
+    offload = report["sections"]["offload"]
+    assert offload["ok"] and offload["bit_identical"] and offload["checks"]["optimizer_state_in_checkpoint"]

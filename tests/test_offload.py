@@ -65,3 +65,32 @@ def test_offload_is_bit_identical_and_idle_state_waits_on_the_host(tmp_path, wor
         for name in NETWORKS:
             expected_params = "device" if iteration == 0 or name in runs else "host"
             assert where[name]["params"] == expected_params, (iteration, phase, name, where)
+
+
+def test_a_checkpoint_reads_offloaded_optimizer_states_only_after_their_copies_land(tmp_path, world_of_one,
+                                                                                     monkeypatch):
+    """With CUDA the offload copies to host run on a side stream that the CPU does not wait for, and a
+    checkpoint taken after an iteration writes the optimizer states offloaded at the start of its last
+    phase from their host buffers: it must first wait for those copies (``Offloader.settle``), or it
+    may write half-copied moments. The order is checked here (on CPU the copies are synchronous);
+    tools/gpu_check.py's ``offload`` section shows the race on a GPU."""
+    from megatron.core import dist_checkpointing
+
+    from adm_megatron.config import load_config
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+    from adm_megatron.train.checkpoint import save_training_checkpoint
+    from adm_megatron.train.trainer import Trainer
+
+    pipeline_dir = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    config = load_config(None, [f"model.teacher={pipeline_dir}", f"output_dir={tmp_path / 'run'}", *COMMON, *OFFLOAD])
+    trainer = Trainer(config)
+    trainer.train_iteration(0)
+    events = []
+    settle, save = trainer.offload.mover.settle, dist_checkpointing.save
+    monkeypatch.setattr(trainer.offload.mover, "settle", lambda: (events.append("settle"), settle())[1])
+    monkeypatch.setattr(dist_checkpointing, "save", lambda *a, **k: (
+        events.append(("save", trainer.offload.where("generator")["optimizer"])), save(*a, **k))[1])
+    save_training_checkpoint(trainer, 1)
+    saves = [i for i, e in enumerate(events) if e != "settle"]
+    assert ("save", "host") in events  # the generator's moments are written from the host buffers
+    assert "settle" in events and events.index("settle") < saves[0], events

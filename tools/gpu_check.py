@@ -30,6 +30,9 @@ JSON is rewritten after every section, so a run killed at its time limit keeps w
   sample`` of the exported generator (bf16).
 - ``decode_memory``: the memory plan's fake-tensor count of the samples' VAE decode against the
   CUDA allocator's peak (CogVideoX's VAE, 13 x 30 x 45 latents, bf16, whole and tiled).
+- ``offload``: a tiny ADM run with every network offloaded (optimizer state and weights) against
+  the same run without: losses, weights and the checkpoint's optimizer state; and the host-copy race
+  that ``Offloader.settle`` closes before a checkpoint reads the host buffers.
 
 FLOP count (model FLOPs, a multiply-add = 2 FLOPs, no recompute), per block with N = text + video
 tokens, hidden d, MLP width 4d, batch B:
@@ -896,6 +899,93 @@ def section_trainer(plan: Plan, workdir: str) -> dict:
             "sample_timing": {r["model"]: r["seconds_per_sample"] for r in timing.get("runs", [])}}
 
 
+def _offloaded_run(pipeline: str, out: str, offload: bool) -> tuple[list, dict, dict]:
+    """Three iterations of a tiny fp32 CogVideoX ADM run, then a checkpoint (as a run saves one):
+    the losses, every trained weight, and the checkpoint's train_state read back with torch DCP."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from adm_megatron.config import load_config
+    from adm_megatron.train.checkpoint import save_training_checkpoint
+    from adm_megatron.train.trainer import Trainer
+
+    config = load_config(os.path.join(REPO, "examples", "cogvideox", "tiny_cpu.yaml"), [
+        f"model.teacher={pipeline}", f"output_dir={out}", "model.dtype=fp32", "data.num_prompts=4",
+        "train.max_iterations=3", "train.num_samples=0", "train.export=false", "logging.wandb_mode=disabled",
+        "logging.progress=false",
+        *([f"optim.{n}.offload=optimizer_and_params" for n in ("generator", "fake_score", "discriminator")]
+          if offload else [])])
+    trainer = Trainer(config)
+    losses = [{k: v for k, v in trainer.train_iteration(i).items() if k.endswith("/loss")} for i in range(3)]
+    path = save_training_checkpoint(trainer, 3)
+    weights = {f"{p}.{n}": w.detach().cpu().clone() for p, net in trainer.trainable.items()
+               for n, w in net.module.named_parameters()}
+    dcp_to_torch_save(os.path.join(path, "train_state"), os.path.join(out, "train_state.pt"))
+    state = torch.load(os.path.join(out, "train_state.pt"), weights_only=False)
+    flat, stack = {}, [("", state)]
+    while stack:
+        prefix, node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((f"{prefix}.{k}", v) for k, v in node.items())
+        elif torch.is_tensor(node):
+            flat[prefix] = node
+    return losses, weights, flat
+
+
+def _settle_race(device: torch.device) -> dict:
+    """A host buffer read on the CPU right after its copy was queued behind device work, then after
+    ``settle``: what a checkpoint of offloaded optimizer states would have written without it."""
+    from adm_megatron.train.offload import HostMover
+
+    mover = HostMover(device)
+    gpu = device.type == "cuda"
+    a = torch.randn((4096, 4096) if gpu else (64, 64), device=device)
+    tensor = torch.zeros((64 << 20) if gpu else 4096, device=device)  # 256 MiB on a GPU
+    for _ in range(16):  # device work ahead of the value (tens of ms on a GPU)
+        a = torch.tanh(a @ a)
+    tensor.fill_(7.0)  # queued after the chain: the copy to the host can only start after it
+    mover.to_host([tensor])
+    before = float(tensor.data[-1])  # what the CPU reads at once
+    mover.settle()
+    settled = bool((tensor.data == 7.0).all())
+    mover.to_device([tensor])
+    back = bool((tensor == 7.0).all()) and tensor.device.type == device.type
+    return {"read_before_settle": before, "stale_before_settle": before != 7.0, "settled_read_right": settled,
+            "back_on_device_right": back}
+
+
+def section_offload(plan: Plan, workdir: str) -> dict:
+    """Offload's CUDA path, which no CPU run takes (pinned host buffers, copies on a side stream,
+    megatron's grad-buffer release on CUDA): a tiny fp32 CogVideoX ADM run with every network's
+    optimizer state and weights offloaded against the same run without it -- the losses, the
+    weights and the checkpoint's optimizer state (written from the host buffers, after
+    ``Offloader.settle``) must agree (bit for bit, unless the GPU's kernels are not deterministic:
+    then within 1e-4 relative; a half-copied moment is off by O(1)); and the race ``settle``
+    closes, shown on one 256 MiB buffer (``stale_before_settle`` is expected true on a GPU)."""
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+    pipeline = build_tiny_pipeline(os.path.join(workdir, "offload_pipe"), seed=0)
+    ref_losses, ref_weights, ref_state = _offloaded_run(pipeline, os.path.join(workdir, "offload_off"), False)
+    losses, weights, state = _offloaded_run(pipeline, os.path.join(workdir, "offload_on"), True)
+
+    def worst(got: dict, want: dict) -> float:
+        return max((rel_max(got[k].float(), want[k].float()) for k in want if want[k].numel()), default=0.0)
+
+    loss_diff = max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for a, b in zip(losses, ref_losses) for k in b)
+    diffs = {"losses": loss_diff, "weights": worst(weights, ref_weights), "train_state": worst(state, ref_state)}
+    race = _settle_race(plan.device)
+    checks = {
+        "same_keys": weights.keys() == ref_weights.keys() and state.keys() == ref_state.keys(),
+        "optimizer_state_in_checkpoint": any(".exp_avg." in k for k in state),
+        "agree": all(d <= 1e-4 for d in diffs.values()),
+        "settled_read_right": race["settled_read_right"],
+        "back_on_device_right": race["back_on_device_right"],
+    }
+    log(f"  offload vs none: max rel diff {', '.join(f'{k} {v:.2e}' for k, v in diffs.items())}; "
+        f"read before settle {race['read_before_settle']} (stale: {race['stale_before_settle']})")
+    return {"ok": all(checks.values()), "checks": checks, "max_rel_diff": diffs,
+            "bit_identical": all(d == 0 for d in diffs.values()), "race": race}
+
+
 def _known_peak() -> bool:
     from adm_megatron.bench.report import device_name, peak_tflops
 
@@ -985,6 +1075,12 @@ def print_summary(report: Report) -> None:
         lines.append(f"trainer ({trainer['dtype']}): {'ok' if trainer['ok'] else 'FAILED ' + ', '.join(failed)}; "
                      f"last iteration {trainer['last_metrics']['throughput/iteration_seconds']:.3f} s, "
                      f"mfu {'n/a' if mfu is None else f'{mfu:.4f}'}; sample s / sample: {trainer['sample_timing']}")
+    offload = sec.get("offload")
+    if offload:
+        failed = [k for k, v in offload["checks"].items() if not v]
+        lines.append(f"offload vs none: {'ok' if offload['ok'] else 'FAILED ' + ', '.join(failed)}; max rel diff "
+                     + ", ".join(f"{k} {v:.1e}" for k, v in offload["max_rel_diff"].items())
+                     + f"; host buffer read before settle stale: {offload['race']['stale_before_settle']}")
     if data["errors"]:
         lines.append("")
         for name, err in data["errors"].items():
@@ -1009,7 +1105,7 @@ def parse_args(argv=None):
                         help="JSON path (default: $OUT/gpu_check.json, else ./gpu_check.json)")
     parser.add_argument("--budget-s", type=float, default=300.0,
                         help="time budget: sections that would start past it are skipped")
-    parser.add_argument("--sections", default="env,matmul_peak,correctness,te,speed,sdpa,trainer,decode_memory",
+    parser.add_argument("--sections", default="env,matmul_peak,correctness,te,speed,sdpa,trainer,decode_memory,offload",
                         help="comma list of sections to run")
     parser.add_argument("--variants", default="", help="correctness variants, e.g. 2b,5b (default all)")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
@@ -1078,6 +1174,8 @@ def main(argv=None) -> int:
             report.run("trainer", lambda: section_trainer(plan, workdir), need_s=40 * heavy)
         if "decode_memory" in sections:
             report.run("decode_memory", lambda: section_decode_memory(plan, workdir), need_s=20 * heavy)
+        if "offload" in sections:
+            report.run("offload", lambda: section_offload(plan, workdir), need_s=30 * heavy)
     finally:
         failed = [k for k, v in report.data["sections"].items()
                   if isinstance(v, dict) and v.get("ok") is False]

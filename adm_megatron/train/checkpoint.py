@@ -127,6 +127,7 @@ def save_training_checkpoint(trainer, iteration: int) -> str:
     rank0 = trainer.info.rank == 0
     bind_writer_processes()
     trainer.offload.restore_weights()
+    trainer.offload.settle()  # offloaded optimizer states are written from their host buffers
     state = _train_state(trainer, iteration)
 
     def write(tmp: str) -> None:

@@ -25,7 +25,8 @@ synchronous, and where a tensor lives (its storage is or is not the host buffer)
 check; iterations are bit-identical with offload on and off.
 
 Before a checkpoint is written and at the end of a run, ``restore_weights`` brings the weights
-back; optimizer states are checkpointed from wherever they are.
+back; optimizer states are checkpointed from wherever they are, after ``settle`` (the CPU reads the
+host buffers, so their copies must have landed, not only be ordered before the device's next use).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import contextlib
 import torch
 
 
-class _Mover:
+class HostMover:
     """Moves tensors between the compute device and their host buffers."""
 
     def __init__(self, device: torch.device):
@@ -85,6 +86,13 @@ class _Mover:
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
+    def settle(self) -> None:
+        """Block the CPU until every queued copy has landed. The compute stream waits for the side
+        stream on the device, the CPU does not: a host buffer just queued for a device-to-host copy
+        may still be filling while the CPU reads it."""
+        if self.cuda:
+            self.stream.synchronize()
+
 
 class Offloader:
     """Per-phase placement of the trainable networks' optimizer state (and weights); see the module
@@ -93,7 +101,7 @@ class Offloader:
     def __init__(self, networks: dict, modes: dict[str, str], device: torch.device):
         self.networks = networks
         self.modes = {name: mode for name, mode in modes.items() if name in networks and mode != "none"}
-        self.mover = _Mover(torch.device(device))
+        self.mover = HostMover(torch.device(device))
         self.phase: str | None = None
         self.used: dict[str, set[str]] = {}  # phase -> networks whose weights it ran (last time it ran)
         for name, mode in self.modes.items():
@@ -142,6 +150,12 @@ class Offloader:
         are checkpointed from host memory as well."""
         for name in self.modes:
             self.mover.to_device(self._params(name))
+
+    def settle(self) -> None:
+        """Every copy to and from host memory has landed once this returns, so the host buffers may
+        be read on the CPU: a checkpoint writes the optimizer states from there (with CUDA, those
+        offloaded at the start of the iteration's last phase may still be on their way)."""
+        self.mover.settle()
 
     def _grads_released(self, name: str) -> bool:
         buffers = self.networks[name].module.buffers
