@@ -178,3 +178,27 @@ def test_trainer_refuses_bad_lora_targets_before_building_networks(pipeline_dir,
                                 "logging.wandb_mode=disabled"])
     with pytest.raises(ConfigError, match="to_q targets only part of the fused layer"):
         Trainer(config)
+
+
+def test_merged_bf16_weights_are_the_exact_sum_rounded_once(pipeline_dir, world_of_one):
+    """With bf16 weights (``model.bf16_params``) the merged export's adapted weights are
+    W + (alpha / r) B A computed exactly and rounded to bf16 once -- not the delta rounded to bf16
+    first and the sum rounded again, which lands one bf16 step off wherever the first rounding
+    crosses a tie. The adapters are small next to the weights, as a trained LoRA's are."""
+    from adm_megatron.lora import apply_lora
+    from adm_megatron.lora.merge import full_adapters, merged_full_state_dict
+    from adm_megatron.models import build_model_from_hf
+
+    model = build_model_from_hf(os.path.join(pipeline_dir, "transformer")).to(torch.bfloat16)
+    base = {n: p.detach().clone() for n, p in model.state_dict().items() if torch.is_tensor(p)}
+    adapters = apply_lora(model, LoraConfig(rank=4, alpha=12.0, target_modules=ALL_TARGETS), seed=1)
+    _perturb(adapters)
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.mul_(0.05)
+    merged = merged_full_state_dict(model)
+    for key, (a, b) in full_adapters(adapters).items():
+        name = f"{adapters.targets[key].path}.weight"
+        exact = base[name].double() + 3.0 * (b.double() @ a.double())
+        assert merged[name].dtype == torch.bfloat16
+        assert torch.equal(merged[name], exact.to(torch.bfloat16)), name

@@ -98,8 +98,9 @@ class LoraAdapter(torch.nn.Module):
         return F.linear(h, self.lora_B) * self.scale
 
     def delta_weight(self, a_full: torch.Tensor, b_full: torch.Tensor) -> torch.Tensor:
-        """scale · B A from whole A and B (what merging adds to the whole weight)."""
-        return (b_full.double() @ a_full.double() * self.scale).to(b_full.dtype)
+        """scale · B A from whole A and B (what merging adds to the whole weight), in float64 so that
+        the merged weight is rounded to its dtype once."""
+        return b_full.double() @ a_full.double() * self.scale
 
 
 class LoraAdapters(torch.nn.ModuleDict):

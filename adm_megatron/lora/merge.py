@@ -33,5 +33,6 @@ def merged_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     full = {k: v for k, v in gather_full_state_dict(model).items() if not k.startswith(LORA_MODULE + ".")}
     for key, (a, b) in full_adapters(adapters).items():
         name = f"{adapters.targets[key].path}.weight"
-        full[name] = full[name] + adapters[key].delta_weight(a, b).to(full[name].dtype)
+        weight = full[name]  # W + scale B A summed in float64 and rounded once (to bf16: as closely as bf16 can)
+        full[name] = (weight.double() + adapters[key].delta_weight(a, b)).to(weight.dtype)
     return full
