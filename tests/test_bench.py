@@ -164,6 +164,20 @@ def test_bench_refuses_layers_for_a_directory(tmp_path, world_of_one, capsys):
         "(cogvideox-2b, cogvideox-5b, sd3-medium, sd3.5-large, sd3.5-medium) only")
 
 
+def test_bench_refuses_a_bad_run_key_before_writing_a_preset(tmp_path, world_of_one, capsys, monkeypatch):
+    """A preset's random weights take minutes to write at real size (CogVideoX-2b: 86 s here), so
+    the run keys are checked first: a bad key costs one line, and no model is written."""
+    import adm_megatron.bench.run as bench_run
+    from adm_megatron.cli import main
+
+    written = []
+    monkeypatch.setattr(bench_run, "resolve_model", lambda *a: written.append(a))
+    assert main(["bench", "--model", "cogvideox-2b", "model.bogus=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("adm-megatron bench: command line: unknown key 'model.bogus'") and "\n" not in err
+    assert written == []
+
+
 def test_bench_runs_an_sd3_pipeline(sd3_pipeline, tmp_path, world_of_one, monkeypatch):
     """The same benchmark on an image family: SD3's diffusers transformer beside ours (pooled text
     embedding, 333 text tokens), the trainer's phases on images, FLOPs from SD3's formula."""

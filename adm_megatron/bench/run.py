@@ -110,14 +110,25 @@ def _evaluations_text(evals: dict) -> str:
     return ", ".join(f"{role} {v['calls']:g}x{v['samples'] / max(v['calls'], 1):g}" for role, v in evals.items())
 
 
+def check_run_keys(opts: BenchOptions) -> None:
+    """The run config and its key=value overrides, refused in one line before a preset's random
+    weights are written (minutes at real size): the keys the bench sets from the model (its
+    directories and latent shape) are stand-ins here, replaced once the model is written."""
+    shape = LatentShape(opts.batch, opts.frames or 1, opts.height or 1, opts.width or 1)
+    pending = "(written by the bench)"
+    load_config(opts.config, [*trainer_overrides(pending, pending, pending, shape, opts.dtype),
+                              f"model.impl={opts.impl}", *opts.overrides])
+
+
 def run_bench(opts: BenchOptions) -> dict:
     from adm_megatron.parallel import initialize_parallel
 
     if opts.dtype not in (*DTYPES, "auto"):
         raise ValueError(f"--dtype={opts.dtype!r}: expected auto or one of {', '.join(DTYPES)}")
+    if opts.dtype == "auto":  # the device initialize_parallel takes: a GPU where CUDA is available
+        opts.dtype = "bf16" if torch.cuda.is_available() else "fp32"
+    check_run_keys(opts)
     device = initialize_parallel(1, 1, seed=opts.seed).device
-    if opts.dtype == "auto":
-        opts.dtype = "bf16" if device.type == "cuda" else "fp32"
     env = environment(device, opts.command)
     peak = peak_tflops(env["device"], opts.dtype, opts.peak_tflops)
     with tempfile.TemporaryDirectory(prefix="adm-bench-") as workdir:
