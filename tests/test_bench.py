@@ -178,6 +178,25 @@ def test_bench_refuses_a_bad_run_key_before_writing_a_preset(tmp_path, world_of_
     assert written == []
 
 
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--layers", "0", "--layers=0: expected >= 1"),  # was a ZeroDivisionError traceback
+    ("--frames", "0", "--frames=0: expected >= 1"),  # 0 used to mean the model's size: 13 x 60 x 90 on a CPU
+    ("--height", "-2", "--height=-2: expected >= 1"),
+    ("--repeats", "0", "--repeats=0: expected >= 1"),  # was "no median for empty data", after measuring
+    ("--warmup", "-1", "--warmup=-1: expected >= 0"),
+    ("--peak-tflops", "0", "--peak-tflops=0.0: expected > 0"),
+])
+def test_bench_refuses_out_of_range_flags_in_one_line(flag, value, expected, world_of_one, capsys, monkeypatch):
+    import adm_megatron.bench.run as bench_run
+    from adm_megatron.cli import main
+
+    written = []
+    monkeypatch.setattr(bench_run, "resolve_model", lambda *a: written.append(a))
+    assert main(["bench", "--model", "cogvideox-2b", flag, value]) == 2
+    assert capsys.readouterr().err.strip() == f"adm-megatron bench: {expected}"
+    assert written == []
+
+
 def test_bench_runs_an_sd3_pipeline(sd3_pipeline, tmp_path, world_of_one, monkeypatch):
     """The same benchmark on an image family: SD3's diffusers transformer beside ours (pooled text
     embedding, 333 text tokens), the trainer's phases on images, FLOPs from SD3's formula."""

@@ -110,6 +110,20 @@ def _evaluations_text(evals: dict) -> str:
     return ", ".join(f"{role} {v['calls']:g}x{v['samples'] / max(v['calls'], 1):g}" for role, v in evals.items())
 
 
+def check_options(opts: BenchOptions) -> None:
+    """One-line ValueError for a flag out of range (before anything is built)."""
+    least = {"--layers": (opts.layers, 1), "--batch": (opts.batch, 1), "--frames": (opts.frames, 1),
+             "--height": (opts.height, 1), "--width": (opts.width, 1), "--repeats": (opts.repeats, 1),
+             "--warmup": (opts.warmup, 0)}
+    for flag, (value, minimum) in least.items():
+        if value is not None and value < minimum:
+            raise ValueError(f"{flag}={value}: expected >= {minimum}")
+    if opts.peak_tflops is not None and not opts.peak_tflops > 0:
+        raise ValueError(f"--peak-tflops={opts.peak_tflops}: expected > 0")
+    if opts.dtype not in (*DTYPES, "auto"):
+        raise ValueError(f"--dtype={opts.dtype!r}: expected auto or one of {', '.join(DTYPES)}")
+
+
 def check_run_keys(opts: BenchOptions) -> None:
     """The run config and its key=value overrides, refused in one line before a preset's random
     weights are written (minutes at real size): the keys the bench sets from the model (its
@@ -123,8 +137,7 @@ def check_run_keys(opts: BenchOptions) -> None:
 def run_bench(opts: BenchOptions) -> dict:
     from adm_megatron.parallel import initialize_parallel
 
-    if opts.dtype not in (*DTYPES, "auto"):
-        raise ValueError(f"--dtype={opts.dtype!r}: expected auto or one of {', '.join(DTYPES)}")
+    check_options(opts)
     if opts.dtype == "auto":  # the device initialize_parallel takes: a GPU where CUDA is available
         opts.dtype = "bf16" if torch.cuda.is_available() else "fp32"
     check_run_keys(opts)
@@ -136,8 +149,8 @@ def run_bench(opts: BenchOptions) -> dict:
         family = family_of_model_dir(transformer).require("bench", "adm-megatron bench")
         arch = family.arch_from_pretrained_dir(transformer)
         real = LatentShape.native(arch, opts.batch)
-        shape = LatentShape(opts.batch, opts.frames or real.frames, opts.height or real.height,
-                            opts.width or real.width)
+        shape = LatentShape(opts.batch, *(real_size if size is None else size for size, real_size in (
+            (opts.frames, real.frames), (opts.height, real.height), (opts.width, real.width))))
         overrides = [*trainer_overrides(transformer, pipeline, os.path.join(workdir, "run"), shape, opts.dtype),
                      f"model.impl={opts.impl}", *opts.overrides]
         config = load_config(opts.config, overrides)  # the DiT section builds ours with its model keys too
