@@ -283,3 +283,31 @@ def test_precompute_tool_rejects_empty_prompt_file(tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
     with pytest.raises(SystemExit, match=r"empty\.txt: no prompts"):
         _tool("precompute_text_embeddings").read_prompts(str(tmp_path / "empty.txt"))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--batch-size", "0"], "--batch-size=0: expected >= 1"),  # was a traceback after loading the encoder
+    (["--max-length", "0"], "--max-length=0: expected >= 1"),  # 0 used to mean the default length
+    (["--out-is-full"], "not empty (earlier embeddings; pass --overwrite to replace them)"),
+])
+def test_precompute_tool_refuses_bad_arguments_before_loading_the_encoder(extra, message, tmp_path, monkeypatch):
+    tool = _tool("precompute_text_embeddings")
+    loaded = []
+    monkeypatch.setattr(tool, "load_encoder", lambda *a: loaded.append(a))
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    out = tmp_path / "emb"
+    if extra == ["--out-is-full"]:
+        out.mkdir()
+        (out / "index.json").write_text("{}")
+        extra = []
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["--prompts", str(tmp_path / "prompts.txt"), "--encoder", str(tmp_path), "--out", str(out), *extra])
+    assert message in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
+    assert loaded == []
+
+
+def test_precompute_tool_names_a_directory_without_an_encoder_in_one_line(tmp_path):
+    tool = _tool("precompute_text_embeddings")
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    with pytest.raises(SystemExit, match=r"^--encoder: .*neither a pipeline root"):
+        tool.main(["--prompts", str(tmp_path / "prompts.txt"), "--encoder", str(tmp_path), "--out", str(tmp_path / "e")])

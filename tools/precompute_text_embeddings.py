@@ -37,6 +37,29 @@ def read_prompts(path: str) -> list[str]:
         raise SystemExit(str(err)) from None
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """One-line refusals before any encoder is loaded (a T5-XXL takes minutes)."""
+    for flag, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size),
+                        ("--max-length", args.max_length)):
+        if value is not None and value < 1:
+            raise SystemExit(f"{flag}={value}: expected >= 1")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"--out {args.out}: exists and is not a directory")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        raise SystemExit(f"--out {args.out}: not empty (earlier embeddings; pass --overwrite to replace them)")
+
+
+def load_encoder(args: argparse.Namespace, dtype: torch.dtype):
+    """The SD3 text pipeline or the T5 (encoder, tokenizer) that ``--encoder`` holds; a directory
+    without one is refused in one line."""
+    try:
+        if is_sd3_pipeline(args.encoder):
+            return load_sd3_text_pipeline(args.encoder, dtype, args.device)
+        return load_t5(args.encoder, dtype, args.device)
+    except FileNotFoundError as err:
+        raise SystemExit(f"--encoder: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", required=True, help="text file, one prompt per line")
@@ -53,16 +76,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
 
+    check_args(args)
     prompts = read_prompts(args.prompts)
     start = time.time()
     dtype = DTYPES[args.dtype][0]
+    encoder = load_encoder(args, dtype)
     if is_sd3_pipeline(args.encoder):
-        pipeline = load_sd3_text_pipeline(args.encoder, dtype, args.device)
-
         def encode(batch: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return encode_sd3_prompts(pipeline, batch, args.max_length or 256, args.batch_size)
+            return encode_sd3_prompts(encoder, batch, args.max_length or 256, args.batch_size)
     else:
-        text_encoder, tokenizer = load_t5(args.encoder, dtype, args.device)
+        text_encoder, tokenizer = encoder
 
         def encode(batch: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
             return encode_prompts(text_encoder, tokenizer, batch, args.max_length or 226, args.batch_size), None
