@@ -115,3 +115,17 @@ def test_export_refuses_bad_input_in_one_line_before_reading_weights(runs, tmp_p
         assert main(["export", *args]) == 2
         assert capsys.readouterr().err.strip() == message
     assert (taken / "x").read_text() == "earlier"
+
+    import shutil  # a checkpoint whose weight shard was cut after it was written
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out["ema"], damaged)
+    ckpt = damaged / "checkpoints" / "iter_0000002"
+    shard = ckpt / "generator" / "__0_0.distcp"
+    os.truncate(shard, 100)
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(damaged), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"adm-megatron: config error: {ckpt}: damaged checkpoint, nothing was loaded ({shard}: "
+                          "100 bytes, its tensors need ") and "\n" not in err
+    assert err.endswith("(truncated)); no earlier whole checkpoint is left beside it")

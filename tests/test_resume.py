@@ -187,6 +187,84 @@ def test_a_finished_run_started_again_does_nothing_and_other_configs_are_refused
     assert len(proc.stderr.strip().splitlines()) == 1 and a_file.read_text() == "not a run"
 
 
+def _truncate(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _flip_a_byte(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 3)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _unfinished_copy(run: str, out: str) -> str:
+    import shutil
+
+    shutil.copytree(run, out)
+    os.remove(os.path.join(out, "finished.json"))  # as if stopped after its last checkpoint
+    return out
+
+
+DAMAGES = {  # how the latest checkpoint (iter_0000008) is damaged -> the file the refusal names
+    "truncated optimizer shard": (lambda c: _truncate(glob.glob(os.path.join(c, "train_state", "__0_0.distcp"))[0]),
+                                  "train_state/__0_0.distcp: "),
+    "missing weight shard": (lambda c: os.remove(os.path.join(c, "generator", "__0_1.distcp")),
+                             "generator/__0_1.distcp: missing"),
+    "unreadable shard index": (lambda c: _truncate(os.path.join(c, "fake_score", ".metadata")),
+                               "fake_score/.metadata: unreadable"),
+    "corrupt discriminator heads": (lambda c: _flip_a_byte(os.path.join(c, "discriminator.pt")),
+                                    "discriminator.pt"),
+    "cut run state": (lambda c: _truncate(os.path.join(c, "trainer_state.json")), "trainer_state.json: unreadable"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_damaged_latest_checkpoint_is_refused_in_one_line_naming_the_newest_whole_one(damage, pipeline_dir,
+                                                                                       uninterrupted, tmp_path):
+    """A checkpoint's files damaged after it was written (a cut copy, a full quota, a node lost before
+    its data reached the disk) are found from the checkpoint's own records before anything loads:
+    the refusal names the file and the newest whole checkpoint (iter_0000006) to start from."""
+    from adm_megatron.config import ConfigError, load_config
+    from adm_megatron.train.resume import plan_resume
+
+    out = _unfinished_copy(uninterrupted, str(tmp_path / "run"))
+    latest = os.path.join(out, "checkpoints", "iter_0000008")
+    config = load_config(os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"),
+                         [f"model.teacher={pipeline_dir}", f"output_dir={out}", *RUN])
+    assert plan_resume(config, 1).checkpoint == latest  # whole: it would be loaded
+    damage_fn, named = DAMAGES[damage]
+    damage_fn(latest)
+    with pytest.raises(ConfigError) as refusal:
+        plan_resume(config, 1)
+    message = str(refusal.value)
+    assert message.startswith(f"{latest}: damaged checkpoint, nothing was loaded") and "\n" not in message
+    assert named in message, message
+    assert message.endswith(f"start from the newest whole one once with train.resume="
+                            f"{os.path.join(out, 'checkpoints', 'iter_0000006')}")
+
+
+def test_a_run_refused_for_a_damaged_checkpoint_goes_on_from_the_one_named_exactly(pipeline_dir, uninterrupted,
+                                                                                   tmp_path):
+    """Through the command line: the refusal (exit 2, one line, nothing trained or written), then the
+    command with the named checkpoint, whose run ends bit for bit as the uninterrupted one."""
+    out = _unfinished_copy(uninterrupted, str(tmp_path / "run"))
+    _truncate(os.path.join(out, "checkpoints", "iter_0000008", "train_state", "__0_1.distcp"))
+    before = _files(out)
+    proc = subprocess.run(_command(pipeline_dir, out), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert "damaged checkpoint" in proc.stderr and _files(out) == before
+    earlier = os.path.join(out, "checkpoints", "iter_0000006")
+    again = _finish(_command(pipeline_dir, out, f"train.resume={earlier}"))
+    assert f"{ITERATIONS} iterations (2 trained now)" in again.stdout
+    _same_metrics(_metrics(out), _metrics(uninterrupted))
+    want, got = _weights(uninterrupted), _weights(out)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_keys_newer_than_a_saved_run_pass_at_their_defaults_and_kernels_may_change():
     """A run saved before a config key existed (its config.yaml lacks it) resumes when the key is at
     its default -- the behaviour the run was trained with -- and is refused in one line otherwise;

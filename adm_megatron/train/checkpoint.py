@@ -46,7 +46,7 @@ from adm_megatron.train.save_workers import bind_writer_processes
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
-_ITER = re.compile(r"^iter_(\d{7})$")
+ITERATION_DIR = re.compile(r"^iter_(\d{7})$")
 
 
 def checkpoints_root(output_dir: str) -> str:
@@ -166,7 +166,7 @@ def _prune(output_dir: str, keep_last: int, keep: str) -> None:
     if keep_last <= 0:
         return
     root = checkpoints_root(output_dir)
-    names = sorted(n for n in os.listdir(root) if _ITER.match(n))
+    names = sorted(n for n in os.listdir(root) if ITERATION_DIR.match(n))
     for name in names[:-keep_last]:
         if name == keep:
             continue

@@ -21,6 +21,7 @@ from adm_megatron.config import ConfigError, config_from_dict
 from adm_megatron.convert.checkpoint import check_output_dir, load_megatron_checkpoint
 from adm_megatron.convert.distillation_record import distillation_record
 from adm_megatron.train.checkpoint import STATE_FILE, checkpoint_from, read_training_state
+from adm_megatron.train.checkpoint_files import check_whole
 from adm_megatron.train.ema import ParameterEMA
 from adm_megatron.train.export import export_generator
 
@@ -47,6 +48,7 @@ def export_checkpoint(path: str, out_dir: str, weights: str = "auto", overwrite:
     if weights not in WEIGHTS:
         raise ConfigError(f"--weights {weights}: expected one of {', '.join(WEIGHTS)}")
     ckpt = checkpoint_from(path, "--checkpoint")
+    check_whole(ckpt, "the newest whole one is {}")
     state = read_training_state(ckpt)
     config = config_from_dict(state["config"], os.path.join(ckpt, STATE_FILE))
     decay = config.train.ema_decay

@@ -15,8 +15,9 @@ defaults; the first differing key is named in one line. The global
 batch (``data.global_batch_size``, or ``data.batch_size`` x data-parallel size when it is 0) must
 stay the same; how it is split over ranks and micro-batches may change (``adm_megatron.data.batch_layout``:
 the rows an iteration sees do not depend on the split), so a run saved on 8 GPUs goes on on 4 with
-twice the micro-batches. All of it reads small files
-only, before any process group or model exists.
+twice the micro-batches. A checkpoint whose files are damaged (``train.checkpoint_files``) is
+refused in one line naming the file and the newest whole checkpoint to start from instead. All of
+it reads small files only, before any process group or model exists.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from adm_megatron.train.checkpoint import (
     latest_checkpoint,
     read_training_state,
 )
+from adm_megatron.train.checkpoint_files import check_whole
 
+_WAY_ON = "start from the newest whole one once with train.resume={}"
 FINISHED = "finished.json"  # in output_dir, written when a run has exported everything
 # keys that may differ between the invocations of one run (prefixes end in a dot)
 MAY_CHANGE = (
@@ -109,7 +112,12 @@ def plan_resume(config: Config, world_size: int) -> ResumePoint:
     if ckpt is None:
         return ResumePoint(None, 0)
     state_file = os.path.join(ckpt, STATE_FILE)
-    state = read_training_state(ckpt)
+    try:
+        state = read_training_state(ckpt)
+    except ConfigError:
+        if os.path.isfile(state_file):  # there but cut: damaged like any other of its files
+            check_whole(ckpt, _WAY_ON)
+        raise
     check_compatible(state["config"], config, state_file)
     tp_cp = config.parallel.tensor_parallel * config.parallel.context_parallel
     saved_data = state["config"]["data"]
@@ -129,6 +137,8 @@ def plan_resume(config: Config, world_size: int) -> ResumePoint:
         and os.path.abspath(ckpt).startswith(os.path.abspath(out) + os.sep)
         and os.path.isfile(os.path.join(out, FINISHED))
     )
+    if not finished:  # it will be loaded
+        check_whole(ckpt, _WAY_ON)
     return ResumePoint(ckpt, iteration, finished)
 
 

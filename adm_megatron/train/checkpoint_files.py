@@ -1,0 +1,108 @@
+"""A training checkpoint's files checked against its own records before a resume loads it.
+
+A checkpoint is written atomically (``train/checkpoint.py``), yet its files can still be damaged
+afterwards: a copy between filesystems cut short, a full quota during a staged restore, a node
+lost before the filesystem flushed its data. Loading such a checkpoint ends deep inside torch's
+reader (``EOFError``, a pickle error) or, on many ranks, in a hang until ``parallel.timeout_s``.
+:func:`damage` finds that from small files only, before any process group or model exists
+(``check_whole`` turns it into the one-line refusal of a resume or an export):
+
+- each megatron-core distributed checkpoint (``generator/``, ``fake_score/``, ``train_state/``):
+  torch DCP's ``.metadata`` lists, for every tensor chunk, its file, offset and length; every
+  listed file must exist and reach the end of its last chunk (a truncated shard is caught; the
+  shards carry no checksums, and reading them whole would cost as much as the load). megatron's
+  ``metadata.json`` and ``common.pt`` must be there too;
+- the zip archives ``torch.save`` writes (``discriminator.pt``, each ``common.pt``): their CRCs are
+  checked (they are small);
+- ``trainer_state.json`` must parse, and ``generator/`` and ``train_state/`` exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+from torch.distributed.checkpoint import FileSystemReader
+
+from adm_megatron.config import ConfigError
+from adm_megatron.train.checkpoint import ITERATION_DIR, STATE_FILE
+
+REQUIRED = ("generator", "train_state")
+DISTRIBUTED = ("generator", "fake_score", "train_state")
+
+
+def _zip_damage(path: str) -> str | None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile) as err:
+        return f"{path}: unreadable ({' '.join(str(err).split())})"
+    return None if bad is None else f"{path}: {bad} fails its CRC check"
+
+
+def _distributed_damage(directory: str) -> str | None:
+    for name in (".metadata", "metadata.json", "common.pt"):
+        if not os.path.isfile(os.path.join(directory, name)):
+            return f"{directory}: {name} is missing"
+    try:
+        metadata = FileSystemReader(directory).read_metadata()
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same: unreadable
+        return f"{os.path.join(directory, '.metadata')}: unreadable ({type(err).__name__})"
+    ends: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            return f"{path}: missing"
+        size = os.path.getsize(path)
+        if size < end:
+            return f"{path}: {size} bytes, its tensors need {end} (truncated)"
+    return _zip_damage(os.path.join(directory, "common.pt"))
+
+
+def damage(ckpt_dir: str) -> str | None:
+    """What is wrong with the checkpoint's files (one line), or None when they are whole."""
+    state = os.path.join(ckpt_dir, STATE_FILE)
+    try:
+        with open(state) as f:
+            json.load(f)
+    except (OSError, ValueError) as err:
+        return f"{state}: unreadable ({' '.join(str(err).split())})"
+    for name in REQUIRED:
+        if not os.path.isdir(os.path.join(ckpt_dir, name)):
+            return f"{os.path.join(ckpt_dir, name)}: missing"
+    for name in DISTRIBUTED:
+        directory = os.path.join(ckpt_dir, name)
+        if os.path.isdir(directory):
+            problem = _distributed_damage(directory)
+            if problem:
+                return problem
+    heads = os.path.join(ckpt_dir, "discriminator.pt")
+    return _zip_damage(heads) if os.path.exists(heads) else None
+
+
+def earlier_whole_checkpoint(ckpt_dir: str) -> str | None:
+    """The newest checkpoint beside ``ckpt_dir`` with a smaller iteration whose files are whole."""
+    root, name = os.path.split(os.path.normpath(ckpt_dir))
+    match = ITERATION_DIR.match(name)
+    if match is None or not os.path.isdir(root):
+        return None
+    earlier = sorted((n for n in os.listdir(root) if (m := ITERATION_DIR.match(n)) and int(m[1]) < int(match[1])),
+                     reverse=True)
+    for other in earlier:
+        path = os.path.join(root, other)
+        if damage(path) is None:
+            return path
+    return None
+
+
+def check_whole(ckpt_dir: str, way_on: str) -> None:
+    """One-line ConfigError for a checkpoint whose files are damaged: the file, and ``way_on``
+    formatted with the newest whole checkpoint before it (when there is one)."""
+    problem = damage(ckpt_dir)
+    if problem is not None:
+        earlier = earlier_whole_checkpoint(ckpt_dir)
+        then = way_on.format(earlier) if earlier else "no earlier whole checkpoint is left beside it"
+        raise ConfigError(f"{ckpt_dir}: damaged checkpoint, nothing was loaded ({problem}); {then}")
