@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--pipeline", required=True, help="the teacher's diffusers pipeline directory (VAE, text encoder, scheduler)")
     samp.add_argument("--generator", required=True,
                       help="the exported generator: a diffusers transformer directory (a run's generator/) or a "
-                      "LoRA directory (a run's generator_lora/: fused into the pipeline's transformer)")
+                      "LoRA directory (a run's generator_lora/: its adapters on the pipeline's transformer)")
     samp.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
     samp.add_argument("--prompt-file", default=None,
                       help="a text file with one prompt per line (after the --prompt ones; blank lines skipped)")

@@ -104,8 +104,10 @@ def test_sample_takes_the_distilled_step_count_and_never_mixes_runs(tmp_path, wo
 
 def test_sample_renders_a_lora_directory_as_its_merged_generator(tmp_path, world_of_one, capsys):
     """``--generator`` a run's ``generator_lora/`` (the LoRA file alone) samples the teacher with the
-    adapters fused in through the pipeline's ``load_lora_weights``: the merged export's images (to
-    one 8-bit level), and not the teacher's."""
+    adapters loaded through the pipeline's ``load_lora_weights``: the merged export's images (to
+    one 8-bit level), and not the teacher's. The adapters stay beside the teacher's weights, which
+    are left bit for bit as they are: fused into bf16 weights, a small trained delta would mostly
+    round away."""
     import imageio.v3 as iio
 
     from adm_megatron.cli import main
@@ -132,6 +134,17 @@ def test_sample_renders_a_lora_directory_as_its_merged_generator(tmp_path, world
         images[name] = iio.imread(out / "generator" / "sample-000.png").astype(int)
     assert np.abs(images["lora"] - images["merged"]).max() <= 1
     assert np.abs(images["lora"] - images["teacher"]).max() > 10  # the adapters matter
+
+    from diffusers import CogVideoXTransformer3DModel
+
+    from adm_megatron.models.cogvideox_samples import _load_pipeline
+
+    loaded = _load_pipeline(pipeline, str(tmp_path / "generator_lora"), torch.bfloat16, torch.device("cpu"))
+    teacher = CogVideoXTransformer3DModel.from_pretrained(f"{pipeline}/transformer", torch_dtype=torch.bfloat16)
+    base = {n.replace(".base_layer", ""): p for n, p in loaded.transformer.named_parameters() if "lora_" not in n}
+    assert base.keys() == dict(teacher.named_parameters()).keys()
+    assert all(torch.equal(base[n], p) for n, p in teacher.named_parameters())  # not fused
+    assert any("lora_B" in n for n, _ in loaded.transformer.named_parameters())
 
 
 def _sample_counted(args: list[str]) -> tuple[int, int]:

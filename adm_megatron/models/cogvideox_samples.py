@@ -19,7 +19,7 @@ import time
 import torch
 
 from adm_megatron.models.frame_files import FORMATS, sample_name, write_frames
-from adm_megatron.models.generator_source import fuse_lora, generator_parts
+from adm_megatron.models.generator_source import generator_parts, load_lora
 from adm_megatron.models.pipeline_files import component_config, read_config
 
 
@@ -75,7 +75,7 @@ def _load_pipeline(pipeline_dir: str, transformer_dir: str | None, dtype: torch.
     pipeline = CogVideoXPipeline.from_pretrained(
         pipeline_dir, transformer=transformer, text_encoder=None, tokenizer=None, dtype=dtype)
     if lora_dir is not None:
-        fuse_lora(pipeline, lora_dir)
+        load_lora(pipeline, lora_dir)
     pipeline.scheduler = CogVideoXDDIMScheduler.from_config(scheduler_config)
     if vae_tiling:
         pipeline.vae.enable_tiling()

@@ -21,10 +21,10 @@ def generator_parts(pipeline_dir: str, generator_dir: str | None) -> tuple[str, 
     return generator_dir, None
 
 
-def fuse_lora(pipeline, lora_dir: str) -> None:
+def load_lora(pipeline, lora_dir: str) -> None:
     """The LoRA file's adapters through the pipeline's own ``load_lora_weights`` (its alpha / r scale
-    from the file's metadata), fused into the transformer's weights and unloaded, so sampling runs
-    the plain fused model at the speed of a merged one."""
+    from the file's metadata), left beside the transformer's weights as PEFT layers: each adapted
+    linear computes W x + (alpha / r) B A x, as the trained generator did. Not fused: fusing adds
+    B A into the weights in their dtype, and bf16 weights round most of a small trained delta away
+    (see the README's LoRA section); the unfused adapters cost two rank-r products per layer."""
     pipeline.load_lora_weights(lora_dir)
-    pipeline.fuse_lora()
-    pipeline.unload_lora_weights()

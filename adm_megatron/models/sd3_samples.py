@@ -16,7 +16,7 @@ import time
 import torch
 
 from adm_megatron.models.frame_files import sample_name, write_frames
-from adm_megatron.models.generator_source import fuse_lora, generator_parts
+from adm_megatron.models.generator_source import generator_parts, load_lora
 from adm_megatron.models.pipeline_files import component_config, read_config
 
 _NO_TEXT_ENCODERS = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
@@ -42,7 +42,7 @@ def _load_pipeline(pipeline_dir: str, transformer_dir: str | None, dtype: torch.
     pipeline = StableDiffusion3Pipeline.from_pretrained(
         pipeline_dir, transformer=transformer, dtype=dtype, **_NO_TEXT_ENCODERS)
     if lora_dir is not None:
-        fuse_lora(pipeline, lora_dir)
+        load_lora(pipeline, lora_dir)
     if vae_tiling:
         pipeline.vae.enable_tiling()
     pipeline.set_progress_bar_config(disable=True)
