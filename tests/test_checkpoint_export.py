@@ -126,6 +126,6 @@ def test_export_refuses_bad_input_in_one_line_before_reading_weights(runs, tmp_p
     capsys.readouterr()
     assert main(["export", "--checkpoint", str(damaged), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"adm-megatron: config error: {ckpt}: damaged checkpoint, nothing was loaded ({shard}: "
-                          "100 bytes, its tensors need ") and "\n" not in err
-    assert err.endswith("(truncated)); no earlier whole checkpoint is left beside it")
+    assert err.startswith(f"adm-megatron: config error: {ckpt}: damaged checkpoint, nothing was loaded "
+                          f"({shard.parent}: shard file {shard.name} is truncated (100 bytes, needs ") and "\n" not in err
+    assert err.endswith("); no earlier whole checkpoint is left beside it")

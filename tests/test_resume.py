@@ -210,11 +210,11 @@ def _unfinished_copy(run: str, out: str) -> str:
 
 DAMAGES = {  # how the latest checkpoint (iter_0000008) is damaged -> the file the refusal names
     "truncated optimizer shard": (lambda c: _truncate(glob.glob(os.path.join(c, "train_state", "__0_0.distcp"))[0]),
-                                  "train_state/__0_0.distcp: "),
+                                  "train_state: shard file __0_0.distcp is truncated"),
     "missing weight shard": (lambda c: os.remove(os.path.join(c, "generator", "__0_1.distcp")),
-                             "generator/__0_1.distcp: missing"),
+                             "generator: shard file __0_1.distcp is missing"),
     "unreadable shard index": (lambda c: _truncate(os.path.join(c, "fake_score", ".metadata")),
-                               "fake_score/.metadata: unreadable"),
+                               "fake_score/.metadata: unreadable checkpoint metadata"),
     "corrupt discriminator heads": (lambda c: _flip_a_byte(os.path.join(c, "discriminator.pt")),
                                     "discriminator.pt"),
     "cut run state": (lambda c: _truncate(os.path.join(c, "trainer_state.json")), "trainer_state.json: unreadable"),

@@ -49,6 +49,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "check_output_dir",
+    "check_shard_files",
     "export_diffusers",
     "export_full_state_dict",
     "hf_to_megatron_checkpoint",
@@ -286,7 +287,7 @@ def verify_checkpoint(ckpt_dir: str) -> dict[str, Any]:
     """Checks that need no model (and no process group): :func:`read_checkpoint_meta`, the
     megatron metadata readable, every shard file present and long enough. Returns the JSON."""
     meta = read_checkpoint_meta(ckpt_dir)
-    _check_shard_files(ckpt_dir, _read_dcp_metadata(ckpt_dir))
+    check_shard_files(ckpt_dir)
     return meta
 
 
@@ -395,13 +396,15 @@ def _precheck(sd: dict, ckpt_dir: str) -> None:
             f"{ckpt_dir}: the checkpoint has tensor {extra[0]!r} that the model does not "
             f"({len(extra)} in all; a different architecture?)"
         )
-    _check_shard_files(ckpt_dir, metadata)
+    check_shard_files(ckpt_dir, metadata)
 
 
-def _check_shard_files(ckpt_dir: str, metadata) -> None:
-    """Every shard file the metadata points to exists and holds the bytes it should."""
+def check_shard_files(ckpt_dir: str, metadata=None) -> None:
+    """Every shard file the checkpoint's DCP metadata (read here when not given) points to exists and
+    holds the bytes it should: one-line CheckpointError naming the file and a tensor it holds."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    metadata = _read_dcp_metadata(ckpt_dir) if metadata is None else metadata
     stored = metadata.state_dict_metadata
     by_file: dict[str, list] = {}
     for index, info in (metadata.storage_data or {}).items():

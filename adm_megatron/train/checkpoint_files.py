@@ -1,4 +1,4 @@
-"""A training checkpoint's files checked against its own records before a resume loads it.
+"""A training checkpoint's files checked against its own records before a resume or an export loads it.
 
 A checkpoint is written atomically (``train/checkpoint.py``), yet its files can still be damaged
 afterwards: a copy between filesystems cut short, a full quota during a staged restore, a node
@@ -7,14 +7,14 @@ reader (``EOFError``, a pickle error) or, on many ranks, in a hang until ``paral
 :func:`damage` finds that from small files only, before any process group or model exists
 (``check_whole`` turns it into the one-line refusal of a resume or an export):
 
-- each megatron-core distributed checkpoint (``generator/``, ``fake_score/``, ``train_state/``):
-  torch DCP's ``.metadata`` lists, for every tensor chunk, its file, offset and length; every
-  listed file must exist and reach the end of its last chunk (a truncated shard is caught; the
-  shards carry no checksums, and reading them whole would cost as much as the load). megatron's
-  ``metadata.json`` and ``common.pt`` must be there too;
+- ``trainer_state.json`` must parse;
+- the networks' megatron checkpoints (``generator/``, ``fake_score/``) pass the converter's own
+  ``verify_checkpoint``, and ``train_state/`` the same shard check (``check_shard_files``): torch
+  DCP's ``.metadata`` lists, for every tensor chunk, its file, offset and length, and every listed
+  file must exist and reach the end of its last chunk (the shards carry no checksums, and reading
+  them whole would cost as much as the load);
 - the zip archives ``torch.save`` writes (``discriminator.pt``, each ``common.pt``): their CRCs are
-  checked (they are small);
-- ``trainer_state.json`` must parse, and ``generator/`` and ``train_state/`` exist.
+  checked (they are small).
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ import json
 import os
 import zipfile
 
-from torch.distributed.checkpoint import FileSystemReader
-
 from adm_megatron.config import ConfigError
+from adm_megatron.convert.checkpoint import CheckpointError, check_shard_files, verify_checkpoint
 from adm_megatron.train.checkpoint import ITERATION_DIR, STATE_FILE
 
-REQUIRED = ("generator", "train_state")
-DISTRIBUTED = ("generator", "fake_score", "train_state")
+NETWORKS = ("generator", "fake_score")  # megatron checkpoints of the weights (ADP has no fake score)
+MCORE_FILES = (".metadata", "metadata.json", "common.pt")  # what megatron-core's save writes besides the shards
 
 
 def _zip_damage(path: str) -> str | None:
@@ -41,24 +40,16 @@ def _zip_damage(path: str) -> str | None:
     return None if bad is None else f"{path}: {bad} fails its CRC check"
 
 
-def _distributed_damage(directory: str) -> str | None:
-    for name in (".metadata", "metadata.json", "common.pt"):
+def _distributed_damage(directory: str, network: bool) -> str | None:
+    if not os.path.isdir(directory):
+        return f"{directory}: missing"
+    for name in MCORE_FILES:
         if not os.path.isfile(os.path.join(directory, name)):
             return f"{directory}: {name} is missing"
     try:
-        metadata = FileSystemReader(directory).read_metadata()
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same: unreadable
-        return f"{os.path.join(directory, '.metadata')}: unreadable ({type(err).__name__})"
-    ends: dict[str, int] = {}
-    for info in metadata.storage_data.values():
-        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
-    for name, end in sorted(ends.items()):
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
-            return f"{path}: missing"
-        size = os.path.getsize(path)
-        if size < end:
-            return f"{path}: {size} bytes, its tensors need {end} (truncated)"
+        verify_checkpoint(directory) if network else check_shard_files(directory)
+    except CheckpointError as err:
+        return str(err)
     return _zip_damage(os.path.join(directory, "common.pt"))
 
 
@@ -70,15 +61,14 @@ def damage(ckpt_dir: str) -> str | None:
             json.load(f)
     except (OSError, ValueError) as err:
         return f"{state}: unreadable ({' '.join(str(err).split())})"
-    for name in REQUIRED:
-        if not os.path.isdir(os.path.join(ckpt_dir, name)):
-            return f"{os.path.join(ckpt_dir, name)}: missing"
-    for name in DISTRIBUTED:
-        directory = os.path.join(ckpt_dir, name)
-        if os.path.isdir(directory):
-            problem = _distributed_damage(directory)
-            if problem:
-                return problem
+    parts = [(os.path.join(ckpt_dir, "generator"), True), (os.path.join(ckpt_dir, "train_state"), False)]
+    fake_score = os.path.join(ckpt_dir, "fake_score")
+    if os.path.isdir(fake_score):
+        parts.insert(1, (fake_score, True))
+    for directory, network in parts:
+        problem = _distributed_damage(directory, network)
+        if problem:
+            return problem
     heads = os.path.join(ckpt_dir, "discriminator.pt")
     return _zip_damage(heads) if os.path.exists(heads) else None
 
