@@ -33,7 +33,8 @@ from adm_megatron.convert.distillation_record import DISTILLATION_FILE, read_dis
 from adm_megatron.data.batch_layout import contiguous_share
 from adm_megatron.families.registry import PromptEmbeddings
 from adm_megatron.models.frame_files import sample_name, write_grid
-from adm_megatron.models.generator_source import generator_parts
+from adm_megatron.models.diffusers_files import check_diffusers_weights, check_safetensors_file
+from adm_megatron.models.generator_source import LORA_WEIGHTS, generator_parts
 from adm_megatron.models.pipeline_files import read_config
 from adm_megatron.models.pipeline_size import FLAGS, PipelineScale, pipeline_scale
 from adm_megatron.parallel import barrier, initialize_parallel, launch_env
@@ -208,6 +209,11 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
             "size": size, "vae_tiling": vae_tiling,
             "runs": [[r.name, r.transformer_dir and os.path.abspath(r.transformer_dir), r.steps, r.guidance_scale]
                      for r in runs]}
+    for run in runs:  # a cut copy of the weights: one line now, not a traceback from diffusers later
+        run_transformer, lora_dir = generator_parts(pipeline_dir, run.transformer_dir)
+        check_diffusers_weights(run_transformer)
+        if lora_dir is not None:
+            check_safetensors_file(os.path.join(lora_dir, LORA_WEIGHTS))
     check_out_dir(out_dir, overwrite, resume, args)  # on every rank: a refusal stops them all
     rank, ranks, device = _world()
     torch_dtype = resolve_dtype(dtype, device)

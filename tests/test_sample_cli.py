@@ -101,6 +101,14 @@ def test_sample_takes_the_distilled_step_count_and_never_mixes_runs(tmp_path, wo
         "generator/); give the step count the generator was distilled for")
     assert calls == []
 
+    weights = os.path.join(generator, "diffusion_pytorch_model.safetensors")  # a copy cut short
+    size = os.path.getsize(weights)
+    os.truncate(weights, size - 1000)
+    assert main([*args, "--generator", generator, "--out", str(tmp_path / "cut_samples")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"adm-megatron sample: {weights}: truncated ({size - 1000} bytes, its header needs {size})")
+    assert calls == [] and not (tmp_path / "cut_samples").exists()
+
 
 def test_sample_renders_a_lora_directory_as_its_merged_generator(tmp_path, world_of_one, capsys):
     """``--generator`` a run's ``generator_lora/`` (the LoRA file alone) samples the teacher with the
@@ -145,6 +153,14 @@ def test_sample_renders_a_lora_directory_as_its_merged_generator(tmp_path, world
     assert base.keys() == dict(teacher.named_parameters()).keys()
     assert all(torch.equal(base[n], p) for n, p in teacher.named_parameters())  # not fused
     assert any("lora_B" in n for n, _ in loaded.transformer.named_parameters())
+
+    lora_file = tmp_path / "generator_lora" / "pytorch_lora_weights.safetensors"  # a copy cut short
+    os.truncate(lora_file, 6)
+    capsys.readouterr()
+    assert main(["sample", "--pipeline", pipeline, "--generator", str(tmp_path / "generator_lora"), "--prompt", "x",
+                 "--teacher-steps", "0", "--out", str(tmp_path / "cut")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"adm-megatron sample: {lora_file}: not a readable safetensors file (6 bytes; truncated?)")
 
 
 def _sample_counted(args: list[str]) -> tuple[int, int]:
