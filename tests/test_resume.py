@@ -246,6 +246,27 @@ def test_a_damaged_latest_checkpoint_is_refused_in_one_line_naming_the_newest_wh
                             f"{os.path.join(out, 'checkpoints', 'iter_0000006')}")
 
 
+@pytest.mark.parametrize("marker", ["", "iter_0000010"])
+def test_a_latest_marker_naming_no_checkpoint_is_refused_naming_the_newest_whole_one(marker, pipeline_dir,
+                                                                                     uninterrupted, tmp_path):
+    """checkpoints/latest emptied, or naming a checkpoint that is gone: the same one-line refusal,
+    pointing at the newest whole checkpoint there is (iter_0000008)."""
+    from adm_megatron.config import ConfigError, load_config
+    from adm_megatron.train.resume import plan_resume
+
+    out = _unfinished_copy(uninterrupted, str(tmp_path / "run"))
+    with open(os.path.join(out, "checkpoints", "latest"), "w") as f:
+        f.write(marker + "\n")
+    config = load_config(os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"),
+                         [f"model.teacher={pipeline_dir}", f"output_dir={out}", *RUN])
+    with pytest.raises(ConfigError) as refusal:
+        plan_resume(config, 1)
+    message = str(refusal.value)
+    named = os.path.join(out, "checkpoints", marker)
+    assert message.startswith(f"{named}: damaged checkpoint, nothing was loaded (") and "\n" not in message
+    assert message.endswith(f"train.resume={os.path.join(out, 'checkpoints', 'iter_0000008')}")
+
+
 def test_a_run_refused_for_a_damaged_checkpoint_goes_on_from_the_one_named_exactly(pipeline_dir, uninterrupted,
                                                                                    tmp_path):
     """Through the command line: the refusal (exit 2, one line, nothing trained or written), then the

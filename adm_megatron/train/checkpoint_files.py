@@ -74,12 +74,14 @@ def damage(ckpt_dir: str) -> str | None:
 
 
 def earlier_whole_checkpoint(ckpt_dir: str) -> str | None:
-    """The newest checkpoint beside ``ckpt_dir`` with a smaller iteration whose files are whole."""
-    root, name = os.path.split(os.path.normpath(ckpt_dir))
-    match = ITERATION_DIR.match(name)
-    if match is None or not os.path.isdir(root):
+    """The newest checkpoint beside ``ckpt_dir`` with a smaller iteration whose files are whole (any
+    iteration when ``ckpt_dir`` is no ``iter_NNNNNNN``: a ``latest`` marker naming something else)."""
+    root, name = os.path.split(ckpt_dir)  # name "": an empty latest marker
+    if not os.path.isdir(root):
         return None
-    earlier = sorted((n for n in os.listdir(root) if (m := ITERATION_DIR.match(n)) and int(m[1]) < int(match[1])),
+    match = ITERATION_DIR.match(name)
+    below = int(match[1]) if match else float("inf")
+    earlier = sorted((n for n in os.listdir(root) if (m := ITERATION_DIR.match(n)) and int(m[1]) < below),
                      reverse=True)
     for other in earlier:
         path = os.path.join(root, other)

@@ -115,7 +115,7 @@ def plan_resume(config: Config, world_size: int) -> ResumePoint:
     try:
         state = read_training_state(ckpt)
     except ConfigError:
-        if os.path.isfile(state_file):  # there but cut: damaged like any other of its files
+        if os.path.isfile(state_file) or resume == "auto":  # cut, or gone though checkpoints/latest names it
             check_whole(ckpt, _WAY_ON)
         raise
     check_compatible(state["config"], config, state_file)
