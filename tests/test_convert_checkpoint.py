@@ -437,7 +437,12 @@ def test_cli_bad_input_exits_2_with_one_line(world_of_one, hf_dirs, tmp_path):
     hf_to_megatron_checkpoint(hf_dirs["2b"], ckpt)
     shutil.copytree(ckpt, damaged)
     os.remove(os.path.join(damaged, "__0_1.distcp"))
+    cut = str(tmp_path / "cut")  # a diffusers directory whose weight file was copied short
+    shutil.copytree(hf_dirs["2b"], cut)
+    weights = os.path.join(cut, "diffusion_pytorch_model.safetensors")
+    os.truncate(weights, os.path.getsize(weights) - 10)
     cases = [
+        (["hf-to-megatron", "--model", "cogvideox", "--hf-path", cut, "--out", out], f"{weights}: truncated ("),
         (["hf-to-megatron", "--model", "cogvideox", "--hf-path", str(tmp_path / "nowhere"), "--out", out],
          "--hf-path " + str(tmp_path / "nowhere") + ": no such directory"),
         (["hf-to-megatron", "--model", "sd9", "--hf-path", hf_dirs["2b"], "--out", out],

@@ -143,6 +143,9 @@ def _check_inputs(args) -> int:
             if family.name != args.model:
                 _fail(f"--hf-path {source} holds a {family.name!r} model, not {args.model!r}")
             heads = family.arch_from_pretrained_dir(source).num_attention_heads
+            from adm_megatron.models.diffusers_files import check_diffusers_weights
+
+            check_diffusers_weights(source)  # a weight file cut short: one line, before any process group
         else:
             meta = verify_checkpoint(source)
             if meta["model"] != args.model:
