@@ -27,7 +27,6 @@ from adm_megatron.config import ConfigError
 from adm_megatron.convert.checkpoint import CheckpointError, check_shard_files, verify_checkpoint
 from adm_megatron.train.checkpoint import ITERATION_DIR, STATE_FILE
 
-NETWORKS = ("generator", "fake_score")  # megatron checkpoints of the weights (ADP has no fake score)
 MCORE_FILES = (".metadata", "metadata.json", "common.pt")  # what megatron-core's save writes besides the shards
 
 
@@ -47,7 +46,10 @@ def _distributed_damage(directory: str, network: bool) -> str | None:
         if not os.path.isfile(os.path.join(directory, name)):
             return f"{directory}: {name} is missing"
     try:
-        verify_checkpoint(directory) if network else check_shard_files(directory)
+        if network:  # a network's megatron checkpoint: its JSON too
+            verify_checkpoint(directory)
+        else:
+            check_shard_files(directory)
     except CheckpointError as err:
         return str(err)
     return _zip_damage(os.path.join(directory, "common.pt"))
@@ -63,7 +65,7 @@ def damage(ckpt_dir: str) -> str | None:
         return f"{state}: unreadable ({' '.join(str(err).split())})"
     parts = [(os.path.join(ckpt_dir, "generator"), True), (os.path.join(ckpt_dir, "train_state"), False)]
     fake_score = os.path.join(ckpt_dir, "fake_score")
-    if os.path.isdir(fake_score):
+    if os.path.isdir(fake_score):  # ADP has no fake score
         parts.insert(1, (fake_score, True))
     for directory, network in parts:
         problem = _distributed_damage(directory, network)

@@ -15,7 +15,7 @@ defaults; the first differing key is named in one line. The global
 batch (``data.global_batch_size``, or ``data.batch_size`` x data-parallel size when it is 0) must
 stay the same; how it is split over ranks and micro-batches may change (``adm_megatron.data.batch_layout``:
 the rows an iteration sees do not depend on the split), so a run saved on 8 GPUs goes on on 4 with
-twice the micro-batches. A checkpoint whose files are damaged (``train.checkpoint_files``) is
+twice the micro-batches. A checkpoint whose files are damaged (``adm_megatron.train.checkpoint_files``) is
 refused in one line naming the file and the newest whole checkpoint to start from instead. All of
 it reads small files only, before any process group or model exists.
 """
