@@ -441,8 +441,19 @@ def test_cli_bad_input_exits_2_with_one_line(world_of_one, hf_dirs, tmp_path):
     shutil.copytree(hf_dirs["2b"], cut)
     weights = os.path.join(cut, "diffusion_pytorch_model.safetensors")
     os.truncate(weights, os.path.getsize(weights) - 10)
+    run_dir = tmp_path / "run"  # a training run's layout: checkpoints/latest -> iter_0000002/trainer_state.json
+    (run_dir / "checkpoints" / "iter_0000002").mkdir(parents=True)
+    (run_dir / "checkpoints" / "iter_0000002" / "trainer_state.json").write_text("{}")
+    (run_dir / "checkpoints" / "latest").write_text("iter_0000002\n")
+    iteration = run_dir / "checkpoints" / "iter_0000002"
     cases = [
         (["hf-to-megatron", "--model", "cogvideox", "--hf-path", cut, "--out", out], f"{weights}: truncated ("),
+        (["megatron-to-hf", "--model", "cogvideox", "--ckpt", str(run_dir), "--out", out],
+         f"--ckpt {run_dir}: a training run, not one network's; convert its generator with --ckpt {iteration}/generator "
+         f"(the raw weights), or run adm-megatron export --checkpoint {run_dir} (what the run exports: its EMA where it "
+         "keeps one)"),
+        (["megatron-to-hf", "--model", "cogvideox", "--ckpt", str(iteration), "--out", out],
+         f"--ckpt {iteration}: a training checkpoint, not one network's"),
         (["hf-to-megatron", "--model", "cogvideox", "--hf-path", str(tmp_path / "nowhere"), "--out", out],
          "--hf-path " + str(tmp_path / "nowhere") + ": no such directory"),
         (["hf-to-megatron", "--model", "sd9", "--hf-path", hf_dirs["2b"], "--out", out],

@@ -113,6 +113,19 @@ def _world_size() -> int:
     return 1
 
 
+def _refuse_training_checkpoint(path: str) -> None:
+    """A training checkpoint (``iter_NNNNNNN``) or a run directory holds several networks: name the
+    generator's checkpoint inside it, and ``adm-megatron export`` (which takes the EMA, as the run
+    exports), instead of calling it no checkpoint."""
+    from adm_megatron.train.checkpoint import STATE_FILE, latest_checkpoint
+
+    ckpt = path if os.path.isfile(os.path.join(path, STATE_FILE)) else latest_checkpoint(path)
+    if ckpt is not None:
+        _fail(f"--ckpt {path}: a training {'checkpoint' if ckpt == path else 'run'}, not one network's; convert its "
+              f"generator with --ckpt {os.path.join(ckpt, 'generator')} (the raw weights), or run adm-megatron "
+              f"export --checkpoint {path} (what the run exports: its EMA where it keeps one)")
+
+
 def _check_inputs(args) -> int:
     """Everything that can be checked before a process group exists (cheap checks first, before
     torch is imported); returns num_attention_heads."""
@@ -147,6 +160,7 @@ def _check_inputs(args) -> int:
 
             check_diffusers_weights(source)  # a weight file cut short: one line, before any process group
         else:
+            _refuse_training_checkpoint(source)
             meta = verify_checkpoint(source)
             if meta["model"] != args.model:
                 _fail(f"--ckpt {source} holds a {meta['model']!r} model, not {args.model!r}")
