@@ -72,6 +72,7 @@ from adm_megatron.train.preemption import StopPoll
 from adm_megatron.train.profiling import IterationProfiler
 from adm_megatron.train.recompute import RecomputeSwitch
 from adm_megatron.train.resume import mark_finished, plan_resume, trim_metrics
+from adm_megatron.train.run_lock import RunLock
 from adm_megatron.train.run_log import RunLogger
 from adm_megatron.train.samples import RunSamples
 from adm_megatron.train.single_stage import SingleStage
@@ -140,6 +141,7 @@ class Trainer:
             config.parallel.tensor_parallel, config.parallel.context_parallel, seed=config.seed,
             timeout_s=config.parallel.timeout_s,
         )
+        self.run_lock = RunLock(config.output_dir, self.info.rank == 0)  # one run at a time in output_dir
         self.device = self.info.device
         # parameters stay fp32 under BF16 autocast; fp64 makes layout comparisons exact
         self.dtype = torch.float64 if config.model.dtype == "fp64" else torch.float32
@@ -423,6 +425,7 @@ class Trainer:
                 run_log.media(total, paths)
         finally:
             self.profiler.close()  # a window the run did not finish: what it recorded
+            self.run_lock.release()
             run_log.close()
             stops.close()
         if rank0:

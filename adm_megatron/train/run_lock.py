@@ -1,0 +1,74 @@
+"""One run at a time in an output directory: ``output_dir/.run.lock``, an exclusive ``flock`` that the
+launch's first process holds while the run trains.
+
+A second run started into the same ``output_dir`` -- the same sbatch script submitted twice, a
+command started again while the first one still runs -- would otherwise train beside the first one,
+both appending to ``metrics.jsonl`` and moving ``checkpoints/latest``. It is refused in one line
+naming the holder (host, pid, start time), after the process group exists and before any network is
+built. The kernel drops a ``flock`` with the process that holds it, however it ends (SIGKILL
+included), so the file left behind is harmless and the next start takes it again. A filesystem
+without ``flock`` (some NFS mounts) gets a warning and no lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import time
+
+import torch.distributed as dist
+
+from adm_megatron.config import ConfigError
+
+logger = logging.getLogger("adm_megatron")
+
+LOCK_FILE = ".run.lock"
+
+
+def _agreed(value):
+    """Rank 0's ``value`` on every rank (collective when a process group exists)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class RunLock:
+    """Collective: take the lock of ``output_dir`` on the first rank (``holder``), or raise a one-line
+    ConfigError on every rank when another run holds it. ``release`` (or the process's end) frees it."""
+
+    def __init__(self, output_dir: str, holder: bool):
+        self._file = None
+        refusal = self._take(output_dir) if holder else None
+        refusal = _agreed(refusal)
+        if refusal is not None:
+            raise ConfigError(refusal)
+
+    def _take(self, output_dir: str) -> str | None:
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, LOCK_FILE)
+        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read().strip() or "its holder unknown"
+            f.close()
+            return (f"output_dir={output_dir!r} is in use by another run ({holder}); wait for it to end, "
+                    "or use a new output_dir")
+        except OSError as err:  # flock not supported here
+            f.close()
+            logger.warning("%s: cannot lock (%s); nothing stops a second run from writing here too", path, err)
+            return None
+        f.truncate(0)
+        f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+        f.flush()
+        self._file = f
+        return None
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
