@@ -40,7 +40,7 @@ from adm_megatron.config import LoraConfig
 from adm_megatron.convert.distillation_record import write_distillation_record
 from adm_megatron.lora.adapters import apply_lora, lora_adapters
 from adm_megatron.lora.merge import merged_full_state_dict
-from adm_megatron.parallel import barrier
+from adm_megatron.parallel import barrier, from_rank0
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -98,15 +98,6 @@ def _rank() -> int:
     return dist.get_rank() if _dist() else 0
 
 
-def _from_rank0(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank."""
-    if not _dist() or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _all_true(flag: bool) -> bool:
     if not _dist() or dist.get_world_size() == 1:
         return flag
@@ -144,11 +135,11 @@ def _write_atomically(out_dir: str, overwrite: bool, write: Callable[[str], None
             check_output_dir(out_dir, overwrite)
         except CheckpointError as exc:
             error = str(exc)
-    error = _from_rank0(error)
+    error = from_rank0(error)
     if error:
         raise CheckpointError(error)
 
-    tmp = _from_rank0(f"{out_dir}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp = from_rank0(f"{out_dir}.tmp-{uuid.uuid4().hex[:12]}")
     made = None
     if _rank() == 0:
         try:
@@ -156,7 +147,7 @@ def _write_atomically(out_dir: str, overwrite: bool, write: Callable[[str], None
             os.mkdir(tmp)
         except OSError as exc:
             made = f"cannot create {tmp}: {_one_line(exc)}"
-    made = _from_rank0(made)
+    made = from_rank0(made)
     if made:
         raise CheckpointError(made)
 
@@ -172,7 +163,7 @@ def _write_atomically(out_dir: str, overwrite: bool, write: Callable[[str], None
         except OSError as exc:
             failure = CheckpointError(f"cannot move {tmp} to {out_dir}: {_one_line(exc)}")
         ok = failure is None
-    ok = _from_rank0(ok)
+    ok = from_rank0(ok)
     if not ok:
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)

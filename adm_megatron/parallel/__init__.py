@@ -8,6 +8,7 @@ from adm_megatron.parallel.runtime import (
     destroy_parallel,
     ensure_parallel,
     expand_nodelist,
+    from_rank0,
     get_device,
     initialize_parallel,
     launch_env,

@@ -170,6 +170,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def from_rank0(value):
+    """Rank 0's ``value`` on every rank (collective over the world when there is more than one
+    process; ``value`` itself otherwise)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     """Read rank / world / master from torchrun or SLURM variables; a world of one otherwise.
 

@@ -18,22 +18,12 @@ import os
 import socket
 import time
 
-import torch.distributed as dist
-
 from adm_megatron.config import ConfigError
+from adm_megatron.parallel import from_rank0
 
 logger = logging.getLogger("adm_megatron")
 
 LOCK_FILE = ".run.lock"
-
-
-def _agreed(value):
-    """Rank 0's ``value`` on every rank (collective when a process group exists)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class RunLock:
@@ -43,7 +33,7 @@ class RunLock:
     def __init__(self, output_dir: str, holder: bool):
         self._file = None
         refusal = self._take(output_dir) if holder else None
-        refusal = _agreed(refusal)
+        refusal = from_rank0(refusal)
         if refusal is not None:
             raise ConfigError(refusal)
 
