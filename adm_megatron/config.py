@@ -212,6 +212,10 @@ class TrainConfig:
     resume: str = "auto"  # auto (latest checkpoint in output_dir) | never | a checkpoint or run dir
     keep_checkpoints: int = 0  # keep the last K checkpoints in output_dir/checkpoints; 0 keeps all
     save_interval_minutes: float = 0.0  # also save when this much time passed since the last save
+    # write the periodic checkpoints in a process of their own while training goes on (host memory
+    # for a copy of each rank's share while it is written); the last one and a preemption's are
+    # written before the run ends (adm_megatron/train/background_save.py)
+    async_save: bool = False
     num_samples: int = 2  # samples of the first prompts rendered at the end (adm_megatron/train/samples.py)
     sample_every: int = 0  # also every this many iterations, into samples/iter_NNNNNNN/ and wandb; 0: at the end only
     sample_vae_tiling: bool = False  # the samples' VAE decodes in tiles (diffusers' enable_tiling): less memory

@@ -132,9 +132,13 @@ def uninterrupted(pipeline_dir, tmp_path_factory):
     return out
 
 
-def test_sigkill_at_several_moments_then_the_same_command_resumes_exactly(pipeline_dir, uninterrupted, tmp_path):
+@pytest.mark.parametrize("saving", [[], ["train.async_save=true"]], ids=["synchronous", "background"])
+def test_sigkill_at_several_moments_then_the_same_command_resumes_exactly(saving, pipeline_dir, uninterrupted,
+                                                                         tmp_path):
+    """With background saves too: there the kill "during a checkpoint save" lands while iter_0000004's
+    writer process runs beside the training, and the writer must end with the trainer."""
     out = str(tmp_path / "run")
-    cmd = _command(pipeline_dir, out)
+    cmd = _command(pipeline_dir, out, *saving)
     logged_past = random.Random(os.getpid()).choice([3, 4])  # after an iteration, somewhere after iter_2
     moments = [
         ("after an iteration", lambda: len(_metrics(out)) > logged_past and _latest(out) is not None),

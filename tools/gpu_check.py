@@ -31,8 +31,9 @@ JSON is rewritten after every section, so a run killed at its time limit keeps w
 - ``decode_memory``: the memory plan's fake-tensor count of the samples' VAE decode against the
   CUDA allocator's peak (CogVideoX's VAE, 13 x 30 x 45 latents, bf16, whole and tiled).
 - ``offload``: a tiny ADM run with every network offloaded (optimizer state and weights) against
-  the same run without: losses, weights and the checkpoint's optimizer state; and the host-copy race
-  that ``Offloader.settle`` closes before a checkpoint reads the host buffers.
+  the same run without: losses, weights and the checkpoint's optimizer state; the host-copy race
+  that ``Offloader.settle`` closes before a checkpoint reads the host buffers; and the same
+  checkpoint written in the background (``train.async_save``) while an iteration runs.
 
 FLOP count (model FLOPs, a multiply-add = 2 FLOPs, no recompute), per block with N = text + video
 tokens, hidden d, MLP width 4d, batch B:
@@ -899,18 +900,37 @@ def section_trainer(plan: Plan, workdir: str) -> dict:
             "sample_timing": {r["model"]: r["seconds_per_sample"] for r in timing.get("runs", [])}}
 
 
-def _offloaded_run(pipeline: str, out: str, offload: bool) -> tuple[list, dict, dict]:
-    """Three iterations of a tiny fp32 CogVideoX ADM run, then a checkpoint (as a run saves one):
-    the losses, every trained weight, and the checkpoint's train_state read back with torch DCP."""
+def _train_state_tensors(ckpt: str, out: str) -> dict:
+    """A checkpoint's train_state read back with torch DCP: its tensors by flat key."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+    dcp_to_torch_save(os.path.join(ckpt, "train_state"), out)
+    flat, stack = {}, [("", torch.load(out, weights_only=False))]
+    while stack:
+        prefix, node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((f"{prefix}.{k}", v) for k, v in node.items())
+        elif torch.is_tensor(node):
+            flat[prefix] = node
+    return flat
+
+
+def _offloaded_run(pipeline: str, out: str, offload: bool) -> tuple[list, dict, dict, dict | None]:
+    """Three iterations of a tiny fp32 CogVideoX ADM run, then a checkpoint (as a run saves one):
+    the losses, every trained weight, and the checkpoint's train_state read back with torch DCP.
+    With offload also the same checkpoint written in the background (``train.async_save``: device
+    tensors staged on the host, the writer a fork) while a fourth iteration updates everything in
+    place, read back the same way (else None)."""
+    import dataclasses
+
     from adm_megatron.config import load_config
-    from adm_megatron.train.checkpoint import save_training_checkpoint
+    from adm_megatron.train.background_save import BackgroundSaves
+    from adm_megatron.train.checkpoint import save_training_checkpoint, start_training_checkpoint
     from adm_megatron.train.trainer import Trainer
 
     config = load_config(os.path.join(REPO, "examples", "cogvideox", "tiny_cpu.yaml"), [
         f"model.teacher={pipeline}", f"output_dir={out}", "model.dtype=fp32", "data.num_prompts=4",
-        "train.max_iterations=3", "train.num_samples=0", "train.export=false", "logging.wandb_mode=disabled",
+        "train.max_iterations=4", "train.num_samples=0", "train.export=false", "logging.wandb_mode=disabled",
         "logging.progress=false",
         *([f"optim.{n}.offload=optimizer_and_params" for n in ("generator", "fake_score", "discriminator")]
           if offload else [])])
@@ -919,16 +939,15 @@ def _offloaded_run(pipeline: str, out: str, offload: bool) -> tuple[list, dict, 
     path = save_training_checkpoint(trainer, 3)
     weights = {f"{p}.{n}": w.detach().cpu().clone() for p, net in trainer.trainable.items()
                for n, w in net.module.named_parameters()}
-    dcp_to_torch_save(os.path.join(path, "train_state"), os.path.join(out, "train_state.pt"))
-    state = torch.load(os.path.join(out, "train_state.pt"), weights_only=False)
-    flat, stack = {}, [("", state)]
-    while stack:
-        prefix, node = stack.pop()
-        if isinstance(node, dict):
-            stack.extend((f"{prefix}.{k}", v) for k, v in node.items())
-        elif torch.is_tensor(node):
-            flat[prefix] = node
-    return losses, weights, flat
+    state = _train_state_tensors(path, os.path.join(out, "train_state.pt"))
+    background = None
+    if offload:
+        trainer.config = dataclasses.replace(config, output_dir=out + "_background")
+        saves = BackgroundSaves()
+        saves.start(start_training_checkpoint(trainer, 3))
+        trainer.train_iteration(3)
+        background = _train_state_tensors(saves.wait(), os.path.join(out, "background_state.pt"))
+    return losses, weights, state, background
 
 
 def _settle_race(device: torch.device) -> dict:
@@ -960,12 +979,14 @@ def section_offload(plan: Plan, workdir: str) -> dict:
     weights and the checkpoint's optimizer state (written from the host buffers, after
     ``Offloader.settle``) must agree (bit for bit, unless the GPU's kernels are not deterministic:
     then within 1e-4 relative; a half-copied moment is off by O(1)); and the race ``settle``
-    closes, shown on one 256 MiB buffer (``stale_before_settle`` is expected true on a GPU)."""
+    closes, shown on one 256 MiB buffer (``stale_before_settle`` is expected true on a GPU). Also
+    the offloaded run's checkpoint written in the background (``train.async_save``) while the next
+    iteration runs: its optimizer state must equal the synchronous one's bit for bit."""
     from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
 
     pipeline = build_tiny_pipeline(os.path.join(workdir, "offload_pipe"), seed=0)
-    ref_losses, ref_weights, ref_state = _offloaded_run(pipeline, os.path.join(workdir, "offload_off"), False)
-    losses, weights, state = _offloaded_run(pipeline, os.path.join(workdir, "offload_on"), True)
+    ref_losses, ref_weights, ref_state, _ = _offloaded_run(pipeline, os.path.join(workdir, "offload_off"), False)
+    losses, weights, state, background = _offloaded_run(pipeline, os.path.join(workdir, "offload_on"), True)
 
     def worst(got: dict, want: dict) -> float:
         return max((rel_max(got[k].float(), want[k].float()) for k in want if want[k].numel()), default=0.0)
@@ -979,6 +1000,9 @@ def section_offload(plan: Plan, workdir: str) -> dict:
         "agree": all(d <= 1e-4 for d in diffs.values()),
         "settled_read_right": race["settled_read_right"],
         "back_on_device_right": race["back_on_device_right"],
+        # the same checkpoint written in the background while an iteration ran: the same bits
+        "background_save_identical": background.keys() == state.keys()
+        and all(torch.equal(background[k], state[k]) for k in state),
     }
     log(f"  offload vs none: max rel diff {', '.join(f'{k} {v:.2e}' for k, v in diffs.items())}; "
         f"read before settle {race['read_before_settle']} (stale: {race['stale_before_settle']})")

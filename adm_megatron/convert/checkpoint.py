@@ -56,6 +56,10 @@ __all__ = [
     "is_megatron_checkpoint",
     "load_megatron_checkpoint",
     "load_megatron_checkpoint_into",
+    "make_temporary_dir",
+    "megatron_checkpoint_contents",
+    "one_line",
+    "publish_temporary_dir",
     "megatron_to_hf_checkpoint",
     "read_checkpoint_arch",
     "read_checkpoint_family",
@@ -64,6 +68,7 @@ __all__ = [
     "sharded_state_dict",
     "verify_checkpoint",
     "write_atomically",
+    "write_checkpoint_meta",
 ]
 
 CHECKPOINT_FORMAT = "adm_megatron.megatron_checkpoint"
@@ -81,7 +86,8 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """A checkpoint (or diffusers) directory or one of its files does not exist."""
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line of at most ``limit`` characters."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -124,10 +130,9 @@ def check_output_dir(out_dir: str, overwrite: bool = False) -> None:
         )
 
 
-def _write_atomically(out_dir: str, overwrite: bool, write: Callable[[str], None]) -> str:
-    """Collective: ``write(tmp)`` on every rank into a shared temporary directory, then rank 0
-    renames it to ``out_dir``. On any rank's failure the temporary directory is removed and every
-    rank raises (the failing rank its own exception)."""
+def make_temporary_dir(out_dir: str, overwrite: bool) -> tuple[str, str]:
+    """Collective: check that ``out_dir`` may be written, then create the shared temporary
+    directory its contents are written into. Returns (absolute ``out_dir``, temporary dir)."""
     out_dir = os.path.abspath(out_dir)
     error = None
     if _rank() == 0:
@@ -146,22 +151,23 @@ def _write_atomically(out_dir: str, overwrite: bool, write: Callable[[str], None
             os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
             os.mkdir(tmp)
         except OSError as exc:
-            made = f"cannot create {tmp}: {_one_line(exc)}"
+            made = f"cannot create {tmp}: {one_line(exc)}"
     made = from_rank0(made)
     if made:
         raise CheckpointError(made)
+    return out_dir, tmp
 
-    failure: BaseException | None = None
-    try:
-        write(tmp)
-    except BaseException as exc:  # noqa: BLE001 - cleaned up and re-raised below
-        failure = exc
+
+def publish_temporary_dir(tmp: str, out_dir: str, failure: BaseException | None = None) -> str:
+    """Collective: once every rank has written its part of ``tmp`` (``failure`` None on each),
+    rank 0 renames it to ``out_dir``. On any rank's failure ``tmp`` is removed and every rank
+    raises (the failing rank its own exception)."""
     ok = _all_true(failure is None)
     if ok and _rank() == 0:
         try:
             _replace_dir(tmp, out_dir)
         except OSError as exc:
-            failure = CheckpointError(f"cannot move {tmp} to {out_dir}: {_one_line(exc)}")
+            failure = CheckpointError(f"cannot move {tmp} to {out_dir}: {one_line(exc)}")
         ok = failure is None
     ok = from_rank0(ok)
     if not ok:
@@ -173,6 +179,18 @@ def _write_atomically(out_dir: str, overwrite: bool, write: Callable[[str], None
         raise CheckpointError(f"writing {out_dir} failed on another rank; nothing was written")
     barrier()
     return out_dir
+
+
+def write_atomically(out_dir: str, overwrite: bool, write: Callable[[str], None]) -> str:
+    """Collective: ``write(tmp)`` on every rank into a shared temporary directory, then rank 0
+    renames it to ``out_dir`` (:func:`make_temporary_dir`, :func:`publish_temporary_dir`)."""
+    out_dir, tmp = make_temporary_dir(out_dir, overwrite)
+    failure: BaseException | None = None
+    try:
+        write(tmp)
+    except BaseException as exc:  # noqa: BLE001 - cleaned up and re-raised by the publication
+        failure = exc
+    return publish_temporary_dir(tmp, out_dir, failure)
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:
@@ -253,7 +271,7 @@ def read_checkpoint_meta(ckpt_dir: str) -> dict[str, Any]:
         with open(path) as f:
             meta = json.load(f)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({_one_line(exc)})") from None
+        raise CheckpointError(f"{path}: unreadable ({one_line(exc)})") from None
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: format is not {CHECKPOINT_FORMAT!r}")
     version = meta.get("format_version")
@@ -292,24 +310,20 @@ def _family_from_meta(meta: dict[str, Any], ckpt_dir: str):
             meta["diffusers_config"], os.path.join(ckpt_dir, CHECKPOINT_META_FILE)
         )
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(_one_line(exc)) from None
+        raise CheckpointError(one_line(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------
 # save / load
 
 
-def save_megatron_checkpoint(model, out_dir: str, arch=None, *, overwrite: bool = False) -> str:
-    """Collective: write ``model`` (at any TP / CP / DP layout) as a megatron-core distributed
-    checkpoint in ``out_dir`` plus the architecture JSON (``arch`` defaults to ``model.arch``).
-    Returns the absolute ``out_dir``."""
-    from megatron.core import dist_checkpointing
-
+def megatron_checkpoint_contents(model, arch=None) -> tuple[dict, dict[str, Any]]:
+    """What :func:`save_megatron_checkpoint` writes for ``model`` (``arch`` defaults to
+    ``model.arch``): its sharded state dict and the checkpoint JSON (:func:`write_checkpoint_meta`)."""
     from adm_megatron.families import family_of_arch
 
     arch = arch if arch is not None else model.arch
     family = family_of_arch(arch)
-    sd = sharded_state_dict(model)
     adapters = lora_adapters(model)
     meta = {
         "format": CHECKPOINT_FORMAT,
@@ -323,15 +337,30 @@ def save_megatron_checkpoint(model, out_dir: str, arch=None, *, overwrite: bool 
     }
     if adapters is not None:  # a LoRA generator: loading rebuilds the same adapters (see _build)
         meta["lora"] = dataclasses.asdict(adapters.config)
+    return sharded_state_dict(model), meta
+
+
+def write_checkpoint_meta(ckpt_dir: str, meta: dict[str, Any]) -> None:
+    """Rank 0: the checkpoint JSON next to megatron's files."""
+    if _rank() == 0:
+        with open(os.path.join(ckpt_dir, CHECKPOINT_META_FILE), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def save_megatron_checkpoint(model, out_dir: str, arch=None, *, overwrite: bool = False) -> str:
+    """Collective: write ``model`` (at any TP / CP / DP layout) as a megatron-core distributed
+    checkpoint in ``out_dir`` plus the architecture JSON (``arch`` defaults to ``model.arch``).
+    Returns the absolute ``out_dir``."""
+    from megatron.core import dist_checkpointing
+
+    sd, meta = megatron_checkpoint_contents(model, arch)
 
     def write(tmp: str) -> None:
         dist_checkpointing.save(sd, tmp)
-        if _rank() == 0:
-            with open(os.path.join(tmp, CHECKPOINT_META_FILE), "w") as f:
-                json.dump(meta, f, indent=2, sort_keys=True)
-                f.write("\n")
+        write_checkpoint_meta(tmp, meta)
 
-    return _write_atomically(out_dir, overwrite, write)
+    return write_atomically(out_dir, overwrite, write)
 
 
 def _version(dist_name: str) -> str | None:
@@ -351,7 +380,7 @@ def _read_dcp_metadata(ckpt_dir: str):
     except Exception as exc:  # noqa: BLE001 - any unpickling / IO error of a damaged file
         raise CheckpointError(
             f"{os.path.join(ckpt_dir, _DCP_METADATA)}: unreadable checkpoint metadata "
-            f"({type(exc).__name__}: {_one_line(exc, 150)})"
+            f"({type(exc).__name__}: {one_line(exc, 150)})"
         ) from None
 
 
@@ -433,8 +462,8 @@ def _describe_load_failure(exc: BaseException) -> str:
         rank = sorted(failures)[0]
         inner = failures[rank]
         inner = inner[0] if isinstance(inner, tuple) else inner
-        return f"rank {rank}: {type(inner).__name__}: {_one_line(inner, 200)}"
-    return f"{type(exc).__name__}: {_one_line(exc, 200)}"
+        return f"rank {rank}: {type(inner).__name__}: {one_line(inner, 200)}"
+    return f"{type(exc).__name__}: {one_line(exc, 200)}"
 
 
 def load_megatron_checkpoint_into(model, ckpt_dir: str) -> dict[str, Any]:
@@ -457,7 +486,7 @@ def load_megatron_checkpoint_into(model, ckpt_dir: str) -> dict[str, Any]:
     try:
         model.load_state_dict(loaded, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{ckpt_dir}: {_one_line(exc)}") from exc
+        raise CheckpointError(f"{ckpt_dir}: {one_line(exc)}") from exc
     return meta
 
 
@@ -498,7 +527,7 @@ def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, *, overwrite: bool = Fa
     try:
         family = family_of_model_dir(hf_dir)
     except ValueError as exc:
-        raise CheckpointError(_one_line(exc)) from None
+        raise CheckpointError(one_line(exc)) from None
     model = family.build_model_from_hf(hf_dir, **build_kwargs)
     return save_megatron_checkpoint(model, out_dir, model.arch, overwrite=overwrite)
 
@@ -512,7 +541,7 @@ def _diffusers_model(model_class: type, config: dict[str, Any], state: dict[str,
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{name}: {_one_line(exc)}") from exc
+        raise CheckpointError(f"{name}: {one_line(exc)}") from exc
     leftover = [n for n, t in model.state_dict().items() if t.is_meta]
     if leftover:
         raise CheckpointError(f"{name}: tensor {leftover[0]!r} not loaded")
@@ -577,7 +606,5 @@ def export_full_state_dict(full: dict[str, torch.Tensor], arch, out_dir: str, *,
             if record is not None:
                 write_distillation_record(tmp, record)
 
-    return _write_atomically(out_dir, overwrite, write)
+    return write_atomically(out_dir, overwrite, write)
 
-
-write_atomically = _write_atomically

@@ -20,6 +20,9 @@ so no RNG state is consumed between iterations.
 The directory appears under its final name only once every rank has written its part; ``latest``
 is replaced (atomically) only after that, so a save killed at any moment leaves the previous
 checkpoint as the one a resume loads. ``train.keep_checkpoints`` then removes the oldest ones.
+With ``train.async_save`` the same files are written by a process of their own while training
+goes on (:func:`start_training_checkpoint`, ``adm_megatron.train.background_save``); the
+directory is published, and ``latest`` moves, once every rank's process has finished.
 """
 
 from __future__ import annotations
@@ -28,20 +31,27 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 import warnings
+from typing import Callable, NamedTuple
 
 import torch
+import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from adm_megatron.config import ConfigError, config_to_dict
 from adm_megatron.convert.checkpoint import (
     load_megatron_checkpoint_into,
-    save_megatron_checkpoint,
+    make_temporary_dir,
+    megatron_checkpoint_contents,
+    publish_temporary_dir,
     write_atomically,
+    write_checkpoint_meta,
 )
 from adm_megatron.parallel import barrier
+from adm_megatron.train.background_save import BackgroundCheckpoint
 from adm_megatron.train.save_workers import bind_writer_processes
 
 LATEST = "latest"
@@ -120,34 +130,89 @@ def _layout(trainer) -> dict:
     }
 
 
-def save_training_checkpoint(trainer, iteration: int) -> str:
-    """Collective: the complete training state after ``iteration`` iterations; then the ``latest``
-    marker and the pruning of old checkpoints. Returns the checkpoint directory."""
-    config = trainer.config
-    rank0 = trainer.info.rank == 0
+class CheckpointContents(NamedTuple):
+    """One checkpoint's contents, gathered on this rank."""
+
+    target: str  # the checkpoint directory
+    sharded: dict[str, dict]  # sub-directory -> its megatron-core sharded state dict
+    write_small: Callable[[str], None]  # rank 0: the small files, into a directory
+
+
+def _contents(trainer, iteration: int) -> CheckpointContents:
+    """Every rank gathers its own part of the checkpoint after ``iteration``; nothing is written yet."""
     bind_writer_processes()
     trainer.offload.restore_weights()
     trainer.offload.settle()  # offloaded optimizer states are written from their host buffers
-    state = _train_state(trainer, iteration)
+    sharded, metas = {}, {}
+    for name in ("generator", "fake_score"):  # ADP has no fake score
+        if getattr(trainer, name) is not None:
+            sharded[name], metas[name] = megatron_checkpoint_contents(getattr(trainer, name), trainer.arch)
+    sharded["train_state"] = _train_state(trainer, iteration)
+    state = {"iteration": iteration, "layout": _layout(trainer), "config": config_to_dict(trainer.config)}
+
+    def write_small(directory: str) -> None:
+        if trainer.info.rank != 0:
+            return
+        for name, meta in metas.items():
+            write_checkpoint_meta(os.path.join(directory, name), meta)
+        if trainer.heads is not None:
+            torch.save(trainer.heads.state_dict(), os.path.join(directory, "discriminator.pt"))
+        with open(os.path.join(directory, STATE_FILE), "w") as f:
+            json.dump(state, f, indent=2)
+
+    return CheckpointContents(checkpoint_dir(trainer.config.output_dir, iteration), sharded, write_small)
+
+
+def _make_parts(tmp: str, contents: CheckpointContents) -> None:
+    """Collective: the sub-directories megatron writes into (it wants them to exist)."""
+    for name in contents.sharded:
+        if dist.get_rank() == 0:
+            os.mkdir(os.path.join(tmp, name))
+    barrier()
+
+
+def save_training_checkpoint(trainer, iteration: int) -> str:
+    """Collective: the complete training state after ``iteration`` iterations; then the ``latest``
+    marker and the pruning of old checkpoints. Returns the checkpoint directory."""
+    contents = _contents(trainer, iteration)
 
     def write(tmp: str) -> None:
-        save_megatron_checkpoint(trainer.generator, os.path.join(tmp, "generator"), trainer.arch)
-        if trainer.fake_score is not None:  # ADP has no fake score
-            save_megatron_checkpoint(trainer.fake_score, os.path.join(tmp, "fake_score"), trainer.arch)
-        write_atomically(os.path.join(tmp, "train_state"), False, lambda d: dist_checkpointing.save(state, d))
-        if rank0:
-            if trainer.heads is not None:
-                torch.save(trainer.heads.state_dict(), os.path.join(tmp, "discriminator.pt"))
-            with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                json.dump({"iteration": iteration, "layout": _layout(trainer),
-                           "config": config_to_dict(config)}, f, indent=2)
+        _make_parts(tmp, contents)
+        for name, sharded in contents.sharded.items():
+            dist_checkpointing.save(sharded, os.path.join(tmp, name))
+        contents.write_small(tmp)
 
-    path = write_atomically(checkpoint_dir(config.output_dir, iteration), True, write)  # ends in a barrier
-    if rank0:
+    path = write_atomically(contents.target, True, write)  # ends in a barrier
+    _after_publication(trainer.config, path)
+    return path
+
+
+def start_training_checkpoint(trainer, iteration: int) -> BackgroundCheckpoint:
+    """Collective: what :func:`save_training_checkpoint` writes, staged on the host for a process
+    of its own to write (``BackgroundSaves.start``) while training goes on. Until every rank's
+    part is written the checkpoint stays a temporary directory and ``latest`` does not move."""
+    began = time.monotonic()
+    contents = _contents(trainer, iteration)
+    target, tmp = make_temporary_dir(contents.target, True)
+    _make_parts(tmp, contents)
+    requests = [dist_checkpointing.save(sharded, os.path.join(tmp, name), async_sharded_save=True)
+                for name, sharded in contents.sharded.items()]
+    contents.write_small(tmp)
+
+    def publish(failure: BaseException | None) -> str:
+        path = publish_temporary_dir(tmp, target, failure)
+        _after_publication(trainer.config, path)
+        return path
+
+    return BackgroundCheckpoint(target, requests, publish, began)
+
+
+def _after_publication(config, path: str) -> None:
+    """Collective: ``latest`` names the checkpoint just published; old ones go."""
+    if dist.get_rank() == 0:
         _write_marker(config.output_dir, os.path.basename(path))
         _prune(config.output_dir, config.train.keep_checkpoints, keep=os.path.basename(path))
     barrier()
-    return path
 
 
 def _write_marker(output_dir: str, name: str) -> None:

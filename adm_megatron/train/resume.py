@@ -48,7 +48,7 @@ MAY_CHANGE = (
     "model.attention_backend", "model.compile", "model.fp8", "model.fp8_margin", "model.fp8_amax_history_len",
     "model.fp8_amax_compute_algo", "model.grad_reduce_in_fp32",
     *(f"optim.{n}.{k}" for n in ("generator", "fake_score", "discriminator") for k in ("shard_over_dp", "offload")),
-    "train.resume", "train.keep_checkpoints", "train.save_every", "train.save_interval_minutes",
+    "train.resume", "train.keep_checkpoints", "train.save_every", "train.save_interval_minutes", "train.async_save",
     "train.log_every", "train.num_samples", "train.sample_every", "train.sample_vae_tiling", "train.export", "train.export_lora", "train.max_skipped_steps", "train.memory_check",
     "train.nan_policy", "logging.", "output_dir",
 )

@@ -7,7 +7,9 @@ keeps for the life of the trainer. A trainer killed with SIGKILL (an OOM killer,
 on, and a writer caught mid-save hung for good on a queue lock. :func:`bind_writer_processes` sets
 ``PR_SET_PDEATHSIG`` (SIGKILL) in every process this one forks (``os.register_at_fork``) and in a
 Manager it starts itself and gives megatron, so the kernel ends them with the trainer; the
-resource tracker then sees its last client go and exits too. Saves run in the main thread, which
+resource tracker then sees its last client go and exits too. Forks of forks (an asynchronous
+save's process forks megatron's writers) get it as well, bound to their own parent, so a chain
+ends from its top. Saves run in the main thread, which
 lives as long as the process (the death signal follows the thread that forked). Linux only.
 """
 
@@ -39,8 +41,9 @@ def bind_writer_processes() -> None:
         return
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    parent = os.getpid()
-    os.register_at_fork(after_in_child=lambda: _die_with_parent(parent))
+    forking = [os.getpid()]  # the process that forks, seen by its child (a fork copies it)
+    os.register_at_fork(before=lambda: forking.__setitem__(0, os.getpid()),
+                        after_in_child=lambda: _die_with_parent(forking[0]))
     manager = SyncManager(ctx=mp.get_context("spawn"))
     manager.start(initializer=_die_with_parent)
     filesystem_async._results_queue = manager.Queue()  # the queue megatron would start a Manager for

@@ -60,7 +60,13 @@ from adm_megatron.models import tapped_block_indices
 from adm_megatron.parallel import initialize_parallel, launch_env
 from adm_megatron.models.kernel_options import apply_kernel_options
 from adm_megatron.models.weights import load_full_state_dict
-from adm_megatron.train.checkpoint import load_training_checkpoint, remove_leftovers, save_training_checkpoint
+from adm_megatron.train.background_save import BackgroundSaves
+from adm_megatron.train.checkpoint import (
+    load_training_checkpoint,
+    remove_leftovers,
+    save_training_checkpoint,
+    start_training_checkpoint,
+)
 from adm_megatron.train.discriminator_monitor import DiscriminatorMonitor
 from adm_megatron.train.ema import ParameterEMA
 from adm_megatron.train.export import export_generator
@@ -391,6 +397,7 @@ class Trainer:
         )
         stops = StopPoll(c.train.save_interval_minutes)
         samples = RunSamples(self)
+        saves = BackgroundSaves()  # train.async_save's checkpoint in flight
         metrics: dict = {}
         done = start
         try:
@@ -399,10 +406,15 @@ class Trainer:
                     metrics = self.train_iteration(iteration)
                 run_log.log(metrics, last=iteration == total - 1)
                 done = iteration + 1
+                saves.poll()
                 stop, due = stops.poll()
                 periodic = c.train.save_every and done % c.train.save_every == 0
                 if done < total and (periodic or due or stop):
-                    save_training_checkpoint(self, done)
+                    saves.wait()  # one checkpoint at a time, published in order
+                    if c.train.async_save and not stop:  # a stopping run's last one is written before it exits
+                        saves.start(start_training_checkpoint(self, done))
+                    else:
+                        save_training_checkpoint(self, done)
                     stops.saved()
                 # after the save: a run stopped here keeps these samples, and its next start renders
                 # only later iterations'
@@ -411,6 +423,7 @@ class Trainer:
                     run_log.media(done, samples.render(done))
                 if stop and done < total:
                     return RunResult(c.output_dir, done, None, [], metrics, trained=done - start, preempted=True)
+            saves.wait()
             if start < total:  # (a run resumed at its end loaded this very checkpoint)
                 save_training_checkpoint(self, total)
             generator_dir, paths = None, []
@@ -424,6 +437,7 @@ class Trainer:
                 paths = samples.render(None)
                 run_log.media(total, paths)
         finally:
+            saves.abort()  # a save still in flight here means this rank failed: the previous one stays latest
             self.profiler.close()  # a window the run did not finish: what it recorded
             self.run_lock.release()
             run_log.close()

@@ -1,0 +1,124 @@
+"""Checkpoints written while training goes on (``train.async_save``), as Megatron-LM's ``--async-save``.
+
+``adm_megatron.train.checkpoint.start_training_checkpoint`` gathers a checkpoint's state, has
+megatron-core plan its files (``dist_checkpointing.save(..., async_sharded_save=True)``, one
+request per part) and writes the small files. :meth:`BackgroundSaves.start` copies the device
+tensors to host memory (megatron's preload) and forks one process per rank that writes the parts
+in order (megatron-core's ``AsyncCallsQueue`` with its fork-per-save caller). The fork is the
+snapshot: the training steps that follow update parameters, moments and host-offloaded states in
+place, and none of that reaches the files. Each iteration :meth:`BackgroundSaves.poll` asks every
+rank (one all-reduce of an int while a save is in flight, nothing otherwise) whether all writes
+have finished; once they have, megatron's finalizers write each part's metadata and the checkpoint
+is published: its temporary directory is renamed, ``latest`` moves and old ones are pruned.
+
+A trainer killed meanwhile takes its writer with it (``adm_megatron.train.save_workers``) and
+leaves a temporary directory that the next start removes; the previous checkpoint stays the latest.
+A write that fails on any rank is reported on every rank in one line and stops the run, with the
+temporary directory removed.
+
+Costs: host memory for a copy of the rank's share of the checkpoint while it is written, and a
+training pause of the device-to-host copy and the fork instead of the whole write.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import Callable, NamedTuple
+
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest
+from torch.distributed.checkpoint.api import CheckpointException
+
+from adm_megatron.convert.checkpoint import CheckpointError, one_line
+
+logger = logging.getLogger(__name__)
+
+
+class BackgroundCheckpoint(NamedTuple):
+    """A checkpoint staged by ``start_training_checkpoint``, not yet written."""
+
+    target: str  # the directory it is published as
+    requests: list[AsyncRequest]  # megatron-core's, one per part, in the order they are written
+    publish: Callable[[BaseException | None], str]  # collective: rename, ``latest``, pruning
+    began: float  # time.monotonic() when training paused for it
+
+
+def _write_in_order(calls: list[tuple]) -> None:
+    """The writer process: each part's megatron write function (their results go through
+    megatron's queue, first in first out, to the finalizers that run in the same order)."""
+    for fn, args, kwargs in calls:
+        fn(*args, **kwargs)
+
+
+def _reason(exc: BaseException) -> str:
+    """One line: the first failed rank's error (torch DCP wraps them with their tracebacks)."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        rank, (error, _trace) = next(iter(sorted(exc.failures.items())))
+        return f"rank {rank}: {one_line(error)}"
+    return one_line(exc)
+
+
+class BackgroundSaves:
+    """At most one checkpoint in flight; every method but :meth:`abort` is collective."""
+
+    def __init__(self):
+        self._queue = AsyncCallsQueue(persistent=False)
+        self._pending: BackgroundCheckpoint | None = None
+        self._started = 0.0
+
+    @property
+    def pending(self) -> str | None:
+        """The checkpoint being written, if any."""
+        return None if self._pending is None else self._pending.target
+
+    def start(self, checkpoint: BackgroundCheckpoint) -> None:
+        """Stage ``checkpoint``'s tensors on the host and fork its writer; returns at once."""
+        if self._pending is not None:
+            raise RuntimeError(f"{checkpoint.target}: {self._pending.target} is still being written; wait() first")
+        calls = []
+        for request in checkpoint.requests:
+            if request.async_fn is None:  # nothing of this part on this rank
+                continue
+            args = list(request.async_fn_args)
+            if request.preload_fn is not None:  # megatron's convention: args[1] are the write buckets
+                args[1] = request.preload_fn()
+            calls.append((request.async_fn, args, request.async_fn_kwargs))
+        finalizers = [fn for request in checkpoint.requests for fn in request.finalize_fns]
+        writer = partial(_write_in_order, calls) if calls else None
+        self._queue.schedule_async_request(AsyncRequest(writer, (), finalizers))
+        self._pending, self._started = checkpoint, time.monotonic()
+        logger.info("%s: writing in the background (training paused %.2f s)", checkpoint.target,
+                    self._started - checkpoint.began)
+
+    def poll(self, blocking: bool = False) -> str | None:
+        """Publish the checkpoint in flight once every rank's writer has finished (``blocking``:
+        wait for them). Returns its directory when it was published now."""
+        checkpoint = self._pending
+        if checkpoint is None:
+            return None
+        failure = None
+        try:
+            if not self._queue.maybe_finalize_async_calls(blocking=blocking):
+                return None
+        # megatron raises torch DCP's CheckpointException (a BaseException) on every rank when one
+        # rank's write failed
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001
+            failure = CheckpointError(f"{checkpoint.target}: writing it in the background failed "
+                                      f"({_reason(exc)}); the previous checkpoint stays the latest")
+        self._pending = None
+        path = checkpoint.publish(failure)
+        logger.info("%s: written (%.1f s in the background)", path, time.monotonic() - self._started)
+        return path
+
+    def wait(self) -> str | None:
+        """Publish the checkpoint in flight, waiting for its writers."""
+        return self.poll(blocking=True)
+
+    def abort(self) -> None:
+        """Local (a rank that fails calls it alone): end this rank's writer. Its temporary
+        directory stays for the next start to remove, and ``latest`` names the previous checkpoint."""
+        for active in self._queue.async_calls:
+            active.async_caller.close(abort=True)
+        self._queue.async_calls.clear()
+        self._pending = None

@@ -1,0 +1,146 @@
+"""Checkpoints written in the background (``train.async_save``): a checkpoint started after an
+iteration and written while the next iterations update every weight and optimizer state in place
+(offloaded ones included) holds exactly what a synchronous save of that iteration holds; it
+appears, and ``latest`` moves, only when its writer has finished; a write that fails is reported in
+one line with nothing left behind and ``latest`` unchanged. (tests/test_resume.py kills such a run
+with SIGKILL in the middle of a background save and resumes it exactly.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from test_offload import COMMON, OFFLOAD
+
+
+def _trainer(pipeline_dir: str, output_dir: str, overrides: list[str] = ()):
+    from adm_megatron.config import load_config
+    from adm_megatron.train.trainer import Trainer
+
+    return Trainer(load_config(None, [f"model.teacher={pipeline_dir}", f"output_dir={output_dir}", "train.ema_decay=0.9",
+                                      *COMMON, *OFFLOAD, *overrides]))
+
+
+def _tensors(ckpt: str, tmp: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's megatron parts, read back with torch DCP, by part and key."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = {}
+    os.makedirs(tmp)
+    for part in ("generator", "fake_score", "train_state"):
+        out = os.path.join(tmp, f"{part}.pt")
+        dcp_to_torch_save(os.path.join(ckpt, part), out)
+        stack = [(part, torch.load(out, weights_only=False))]
+        while stack:
+            prefix, node = stack.pop()
+            if isinstance(node, dict):
+                stack.extend((f"{prefix}.{k}", v) for k, v in node.items())
+            elif torch.is_tensor(node):
+                flat[prefix] = node
+    return flat
+
+
+def _synchronous_copy(trainer, iteration: int, output_dir: str) -> str:
+    """The same trainer's checkpoint written the usual way, into another run directory."""
+    from adm_megatron.train.checkpoint import save_training_checkpoint
+
+    config = trainer.config
+    trainer.config = dataclasses.replace(config, output_dir=output_dir)
+    try:
+        return save_training_checkpoint(trainer, iteration)
+    finally:
+        trainer.config = config
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+    return build_tiny_pipeline(str(tmp_path_factory.mktemp("teacher") / "pipe"), seed=0)
+
+
+def _save_in_the_background_while_training(pipeline_dir: str, tmp: str, overrides: list[str]) -> dict:
+    """Collective: iteration 0, a background checkpoint of it, iterations 1 and 2 while it is
+    written, then synchronous copies of iterations 1 and 3 to compare with (rank 0 reads them)."""
+    import torch.distributed as dist
+
+    from adm_megatron.train.background_save import BackgroundSaves
+    from adm_megatron.train.checkpoint import checkpoint_dir, latest_checkpoint, start_training_checkpoint
+
+    out = os.path.join(tmp, "run")
+    trainer = _trainer(pipeline_dir, out, overrides)
+    trainer.train_iteration(0)
+    want_dir = _synchronous_copy(trainer, 1, os.path.join(tmp, "sync"))
+    saves = BackgroundSaves()
+    saves.start(start_training_checkpoint(trainer, 1))
+    target = checkpoint_dir(out, 1)
+    seen = {"pending": saves.pending, "published early": os.path.exists(target) or latest_checkpoint(out) is not None}
+    for iteration in (1, 2):  # every weight and optimizer state changes in place meanwhile
+        trainer.train_iteration(iteration)
+    seen.update(waited=saves.wait(), latest=latest_checkpoint(out), pending_after=saves.pending,
+                listing=sorted(os.listdir(os.path.dirname(target))))
+    later_dir = _synchronous_copy(trainer, 3, os.path.join(tmp, "later"))
+    if dist.get_rank() == 0:
+        seen.update(want=_tensors(want_dir, os.path.join(tmp, "want")), got=_tensors(target, os.path.join(tmp, "got")),
+                    later=_tensors(later_dir, os.path.join(tmp, "later-read")))
+    return seen
+
+
+def _check(seen: dict, out: str) -> None:
+    target = os.path.join(out, "checkpoints", "iter_0000001")
+    assert seen["pending"] == target and not seen["published early"]  # nothing published while it is written
+    assert seen["waited"] == target and seen["latest"] == target and seen["pending_after"] is None
+    assert seen["listing"] == ["iter_0000001", "latest"]  # no temporary directory left
+    want, got, later = seen["want"], seen["got"], seen["later"]
+    assert got.keys() == want.keys() and any(".exp_avg_sq" in k for k in got)
+    for key, tensor in want.items():
+        assert torch.equal(got[key], tensor), key
+    changed = [k for k in want if not torch.equal(later[k], want[k])]  # the in-place updates were real
+    assert any(k.startswith("generator.") for k in changed) and any(".exp_avg_sq" in k for k in changed)
+
+
+def test_a_background_checkpoint_holds_its_iteration_while_training_goes_on(pipeline_dir, tmp_path, world_of_one):
+    _check(_save_in_the_background_while_training(pipeline_dir, str(tmp_path), []), str(tmp_path / "run"))
+
+
+def test_a_background_checkpoint_of_two_ranks_matches_their_synchronous_one(pipeline_dir, tmp_path):
+    """Tensor parallel 2: both ranks' writers, megatron's finalizers and the publication are collective."""
+    from multiproc import run_world
+
+    seen = run_world(_save_in_the_background_while_training, 2, pipeline_dir, str(tmp_path),
+                     ["parallel.tensor_parallel=2"], timeout_s=300)
+    _check(seen[0], str(tmp_path / "run"))
+    assert seen[1] == {k: v for k, v in seen[0].items() if k not in ("want", "got", "later")}
+
+
+def test_a_failed_background_write_is_one_line_and_leaves_latest_alone(pipeline_dir, tmp_path, world_of_one,
+                                                                       monkeypatch):
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from adm_megatron.convert.checkpoint import CheckpointError
+    from adm_megatron.train.background_save import BackgroundSaves
+    from adm_megatron.train.checkpoint import latest_checkpoint, save_training_checkpoint, start_training_checkpoint
+
+    out = str(tmp_path / "run")
+    trainer = _trainer(pipeline_dir, out)
+    trainer.train_iteration(0)
+    first = save_training_checkpoint(trainer, 1)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    # the writers are forks of this process, so they write items with this patched function
+    monkeypatch.setattr(filesystem_async, "_write_item", disk_full)
+    saves = BackgroundSaves()
+    trainer.train_iteration(1)
+    saves.start(start_training_checkpoint(trainer, 2))
+    with pytest.raises(CheckpointError) as err:
+        saves.wait()
+    message = str(err.value)
+    assert "\n" not in message and "iter_0000002: writing it in the background failed" in message
+    assert "No space left on device" in message
+    assert latest_checkpoint(out) == first and saves.pending is None
+    assert sorted(os.listdir(os.path.dirname(first))) == ["iter_0000001", "latest"]  # the temporary one removed
