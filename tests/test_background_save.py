@@ -144,3 +144,5 @@ def test_a_failed_background_write_is_one_line_and_leaves_latest_alone(pipeline_
     assert "No space left on device" in message
     assert latest_checkpoint(out) == first and saves.pending is None
     assert sorted(os.listdir(os.path.dirname(first))) == ["iter_0000001", "latest"]  # the temporary one removed
+    monkeypatch.undo()  # the disk has room again: the next save in this process is whole
+    assert save_training_checkpoint(trainer, 2) == os.path.join(os.path.dirname(first), "iter_0000002")

@@ -23,10 +23,12 @@ training pause of the device-to-host copy and the fork instead of the whole writ
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from functools import partial
 from typing import Callable, NamedTuple
 
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -49,6 +51,17 @@ def _write_in_order(calls: list[tuple]) -> None:
     megatron's queue, first in first out, to the finalizers that run in the same order)."""
     for fn, args, kwargs in calls:
         fn(*args, **kwargs)
+
+
+def _drop_unread_results() -> None:
+    """After a failed finalizer the later parts' finalizers do not run, and their write results
+    (every writer has finished) would be read by the next save's: drop them."""
+    results = filesystem_async._get_write_results_queue()
+    while True:
+        try:
+            results.get_nowait()
+        except queue.Empty:
+            return
 
 
 def _reason(exc: BaseException) -> str:
@@ -104,6 +117,7 @@ class BackgroundSaves:
         # megatron raises torch DCP's CheckpointException (a BaseException) on every rank when one
         # rank's write failed
         except (Exception, CheckpointException) as exc:  # noqa: BLE001
+            _drop_unread_results()
             failure = CheckpointError(f"{checkpoint.target}: writing it in the background failed "
                                       f"({_reason(exc)}); the previous checkpoint stays the latest")
         self._pending = None
