@@ -89,6 +89,7 @@ def _bench(args: argparse.Namespace) -> int:
     opts = BenchOptions(
         model=args.model, layers=args.layers, batch=args.batch, frames=args.frames, height=args.height,
         width=args.width, dtype=args.dtype, impl=args.impl, repeats=args.repeats, warmup=args.warmup,
+        checkpoint_repeats=args.checkpoint_repeats,
         peak_tflops=args.peak_tflops, seed=args.seed, config=args.config, overrides=args.overrides,
         command=args.command_line,
     )
@@ -230,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and forward+backward and the same through the family's diffusers transformer with the same "
         "weights, dtype and inputs; then each phase and the whole iteration of a distillation through "
         "the trainer (ADM unless distill.method=... is given), with analytic model FLOPs, TFLOP/s, MFU "
-        "(needs a known card or --peak-tflops), peak memory (GPU) and network evaluations per phase. "
-        "Random weights; prints a table, writes JSON with --out.",
+        "(needs a known card or --peak-tflops), peak memory (GPU) and network evaluations per phase; "
+        "then how long a checkpoint of that run stops training, synchronous and in the background "
+        "(train.async_save). Random weights; prints a table, writes JSON with --out.",
     )
     bench.add_argument("--model", required=True,
                        help=" | ".join(preset_names("bench")) + " (real shapes, random weights) or a diffusers "
@@ -250,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(recorded in the JSON's kernels; diffusers' model stays eager)")
     bench.add_argument("--repeats", type=int, default=7, help="timed repeats, the median is reported (default 7)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    bench.add_argument("--checkpoint-repeats", type=int, default=2,
+                       help="timed checkpoints of each kind, after an untimed one each (default 2; 0: none)")
     bench.add_argument("--peak-tflops", type=float, default=None,
                        help="peak TFLOP/s for MFU (default: the dense BF16 peak of a known card; none on CPU)")
     bench.add_argument("--seed", type=int, default=0)

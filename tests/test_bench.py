@@ -139,6 +139,10 @@ def test_bench_cli_runs_both_models_and_every_phase(tmp_path, world_of_one, caps
         "generator": {"generator": one, "fake_score": one, "teacher": cfg, "teacher.features": one},
         "discriminator": {"teacher.features": one},  # x_real only: x_fake's features are reused
     }
+    ckpt = adm["checkpoint"]  # how long a checkpoint stops training, both ways, timed twice each
+    for key in ("synchronous_s", "background_pause_s", "background_write_s"):
+        assert len(ckpt[key]) == 2 and all(s > 0 for s in ckpt[key]) and ckpt[f"median_{key}"] > 0
+    assert ckpt["bytes"] > 100_000  # whole checkpoints: weights and Adam moments of this tiny run
     # every forward really ran: diffusers once for the agreement check and 2 x 2 timed; ours as
     # often, plus each counted evaluation of the 2 timed iterations
     evaluations = sum(v["calls"] for roles in adm["evaluations_per_iteration"].values() for v in roles.values())
@@ -146,6 +150,7 @@ def test_bench_cli_runs_both_models_and_every_phase(tmp_path, world_of_one, caps
     printed = capsys.readouterr().out
     assert "DiT forward_backward diffusers" in printed and "adm discriminator" in printed
     assert "time ours / diffusers" in printed
+    assert "checkpoint: synchronous save" in printed and "checkpoint: background pause" in printed
     assert f"attention auto ({', '.join(sorted(chosen))})" in printed and "fp8 off, DP grad overlap off" in printed
     calls = len(ours_calls)
     capsys.readouterr()
@@ -184,6 +189,7 @@ def test_bench_refuses_a_bad_run_key_before_writing_a_preset(tmp_path, world_of_
     ("--height", "-2", "--height=-2: expected >= 1"),
     ("--repeats", "0", "--repeats=0: expected >= 1"),  # was "no median for empty data", after measuring
     ("--warmup", "-1", "--warmup=-1: expected >= 0"),
+    ("--checkpoint-repeats", "-1", "--checkpoint-repeats=-1: expected >= 0"),
     ("--peak-tflops", "0", "--peak-tflops=0.0: expected > 0"),
 ])
 def test_bench_refuses_out_of_range_flags_in_one_line(flag, value, expected, world_of_one, capsys, monkeypatch):

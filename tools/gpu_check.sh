@@ -16,7 +16,8 @@
 #    GPU_CHECK_BENCH_MODEL (default cogvideox-2b) cut to GPU_CHECK_BENCH_LAYERS blocks (default 4),
 #    with GPU_CHECK_BENCH_ARGS (default: 3 repeats, 1 warm-up, 2 generator steps, a head on every
 #    2nd block) and model.attention_backend=auto (the fastest SDPA kernel, timed; its choice is in
-#    the JSON's "kernels"), into $OUT/bench.json and $OUT/bench.log, under GPU_CHECK_BENCH_TIMEOUT_S
+#    the JSON's "kernels"), and how long one checkpoint of that run stops training (synchronous and
+#    in the background), into $OUT/bench.json and $OUT/bench.log, under GPU_CHECK_BENCH_TIMEOUT_S
 #    (default 150 s). GPU_CHECK_BENCH_TIMEOUT_S=0 skips it;
 # 5. the same bench with model.compile=blocks (each of our blocks through torch.compile; diffusers'
 #    model eager) into $OUT/bench_compiled.json / bench_compiled.log, under GPU_CHECK_COMPILE_TIMEOUT_S
@@ -93,7 +94,8 @@ fi
 
 # bench NAME STEP_DEFAULT_S [extra overrides]: adm-megatron bench into $OUT/NAME.json / NAME.log
 bench() {
-    local name=$1 step_s
+    local name=$1 step_s checkpoints=0
+    [ "$name" = bench ] && checkpoints=1  # the checkpoint pause once: the other benches change only kernels
     step_s=$(limit "$2")
     shift 2
     if [ "$step_s" = 0 ]; then
@@ -103,7 +105,8 @@ bench() {
     # shellcheck disable=SC2086  # the extra arguments are meant to split
     timeout -k 10 "$step_s" $PY -m adm_megatron.cli bench \
         --model "${GPU_CHECK_BENCH_MODEL:-cogvideox-2b}" --layers "${GPU_CHECK_BENCH_LAYERS:-4}" \
-        --out "$OUT/$name.json" ${GPU_CHECK_BENCH_ARGS:---repeats 3 --warmup 1 distill.generator_steps=2 distill.head_every=2} \
+        --out "$OUT/$name.json" --checkpoint-repeats "$checkpoints" \
+        ${GPU_CHECK_BENCH_ARGS:---repeats 3 --warmup 1 distill.generator_steps=2 distill.head_every=2} \
         model.attention_backend=auto "$@" > "$OUT/$name.log" 2>&1
     echo "== adm-megatron bench ($name) exit status: $? (log: $OUT/$name.log, JSON: $OUT/$name.json)"
     tail -n 25 "$OUT/$name.log"

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from adm_megatron.bench.checkpoint_pause import measure_checkpoint_pause
 from adm_megatron.bench.counting import EvalCounter
 from adm_megatron.bench.timing import peak_memory_bytes, reset_peak_memory, synchronize
 from adm_megatron.config import load_config
@@ -74,10 +75,13 @@ class TimedPhases:
         return result
 
 
-def measure_iterations(config_file: str | None, overrides: list[str], repeats: int, warmup: int) -> dict:
+def measure_iterations(config_file: str | None, overrides: list[str], repeats: int, warmup: int,
+                       checkpoint_repeats: int = 0) -> dict:
     """Build the trainer and time ``warmup`` + ``repeats`` iterations. Returns per phase (and
     ``iteration``): per-repeat seconds and FLOPs, the median seconds, the peak memory, and the
-    network evaluations of the measured iterations (per iteration, averaged)."""
+    network evaluations of the measured iterations (per iteration, averaged); then, with
+    ``checkpoint_repeats``, how long a checkpoint stops training, synchronous and in the
+    background (``checkpoint_pause.py``; else None)."""
     from adm_megatron.train.trainer import Trainer
 
     trainer = Trainer(load_config(config_file, overrides))
@@ -109,9 +113,11 @@ def measure_iterations(config_file: str | None, overrides: list[str], repeats: i
                 slot = evals.setdefault(phase, {}).setdefault(role, {"calls": 0, "samples": 0})
                 slot["calls"] += tally["calls"] / repeats
                 slot["samples"] += tally["samples"] / repeats
+    checkpoint = measure_checkpoint_pause(trainer, checkpoint_repeats) if checkpoint_repeats else None
     for row in rows.values():
         row["median_s"] = statistics.median(row["seconds"])
         row["tflops_per_s"] = statistics.median(f / s for f, s in zip(row["flops"], row["seconds"])) / 1e12
     return {"phases": rows, "evaluations_per_iteration": evals, "method": trainer.config.distill.method,
             "generator_steps": trainer.config.distill.generator_steps,
-            "head_every": trainer.config.distill.head_every, "model_dtype": trainer.config.model.dtype}
+            "head_every": trainer.config.distill.head_every, "model_dtype": trainer.config.model.dtype,
+            "checkpoint": checkpoint}

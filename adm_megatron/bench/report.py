@@ -62,14 +62,14 @@ def _fmt(value, spec: str, unit: str = "") -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """One line per measurement: name, median seconds, TFLOP/s, MFU, peak memory, evaluations."""
+    """One line per measurement: name, median seconds, TFLOP/s, MFU, peak memory, evaluations (or a note)."""
     lines = [f"{'measurement':38s} {'median s':>10s} {'TFLOP/s':>10s} {'MFU':>7s} {'peak GiB':>9s}  "
-             "network evaluations (calls x batch)"]
+             "network evaluations (calls x batch) / note"]
     for r in rows:
         peak = r.get("peak_memory_bytes")
         mfu = _fmt(None if r.get("mfu") is None else 100 * r["mfu"], ".1f", "%")
         lines.append(
             f"{r['name']:38s} {r['median_s']:10.4g} {_fmt(r.get('tflops_per_s'), '.4g'):>10s} {mfu:>7s} "
-            f"{_fmt(None if peak is None else peak / 2**30, '.2f'):>9s}  {r.get('evaluations', '')}"
+            f"{_fmt(None if peak is None else peak / 2**30, '.2f'):>9s}  {r.get('evaluations') or r.get('note', '')}"
         )
     return "\n".join(lines)

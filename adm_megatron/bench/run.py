@@ -1,7 +1,8 @@
 """``adm-megatron bench``: one run measuring (a) our DiT's forward and forward + backward, (b) the
 same through diffusers with the same weights, dtype and inputs, alternating with (a), and (c) the
-distillation iteration through the real trainer, phase by phase; medians of ``repeats`` timings
-after ``warmup`` rounds. Model FLOPs are analytic (:mod:`adm_megatron.bench.flops`); MFU divides
+distillation iteration through the real trainer, phase by phase, and how long its checkpoint stops
+training (:mod:`adm_megatron.bench.checkpoint_pause`); medians of ``repeats`` timings after
+``warmup`` rounds. Model FLOPs are analytic (:mod:`adm_megatron.bench.flops`); MFU divides
 by the card's peak (:mod:`adm_megatron.bench.report`). Returns the result as a dict (the JSON)."""
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class BenchOptions:
     impl: str = "auto"
     repeats: int = 7
     warmup: int = 2
+    checkpoint_repeats: int = 2  # timed checkpoints of each kind; 0 measures none
     peak_tflops: float | None = None
     seed: int = 0
     config: str | None = None  # a run config for the trainer (its model/data keys are replaced)
@@ -114,7 +116,7 @@ def check_options(opts: BenchOptions) -> None:
     """One-line ValueError for a flag out of range (before anything is built)."""
     least = {"--layers": (opts.layers, 1), "--batch": (opts.batch, 1), "--frames": (opts.frames, 1),
              "--height": (opts.height, 1), "--width": (opts.width, 1), "--repeats": (opts.repeats, 1),
-             "--warmup": (opts.warmup, 0)}
+             "--warmup": (opts.warmup, 0), "--checkpoint-repeats": (opts.checkpoint_repeats, 0)}
     for flag, (value, minimum) in least.items():
         if value is not None and value < minimum:
             raise ValueError(f"{flag}={value}: expected >= {minimum}")
@@ -157,11 +159,16 @@ def run_bench(opts: BenchOptions) -> dict:
         check_kernel_options(config.model, arch.attention_head_dim)
         forget_auto_choices()  # the JSON records this run's
         dit, rows = _dit_section(transformer, family, arch, shape, opts, config.model, device, peak)
-        adm = measure_iterations(opts.config, overrides, opts.repeats, opts.warmup)
+        adm = measure_iterations(opts.config, overrides, opts.repeats, opts.warmup, opts.checkpoint_repeats)
     for phase, row in adm["phases"].items():
         row["mfu"] = None if peak is None else row["tflops_per_s"] / peak
         rows.append({"name": f"{adm['method']} {phase}", **row,
                      "evaluations": _evaluations_text(adm["evaluations_per_iteration"].get(phase, {}))})
+    ckpt = adm["checkpoint"]
+    written = None if ckpt is None else f"checkpoint of {ckpt['bytes'] / 2**30:.3g} GiB"
+    rows += [] if ckpt is None else [{"name": "checkpoint: synchronous save", "median_s": ckpt["median_synchronous_s"], "note": written},
+             {"name": "checkpoint: background pause", "median_s": ckpt["median_background_pause_s"],
+              "note": f"training waits this; the write then takes {ckpt['median_background_write_s']:.3g} s"}]
     p = arch.patch_size
     return {
         "environment": env,
