@@ -110,14 +110,16 @@ def _wait_for_lines(path, count, proc, timeout=300):
         time.sleep(0.02)
 
 
-def test_sigterm_saves_after_the_iteration_exits_75_and_the_same_command_goes_on(tmp_path, world_of_one):
+@pytest.mark.parametrize("saving", [[], ["train.async_save=true"]], ids=["synchronous", "background"])
+def test_sigterm_saves_after_the_iteration_exits_75_and_the_same_command_goes_on(saving, tmp_path, world_of_one):
+    """In the background too: the stop waits for the save in flight, then writes its own."""
     from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
 
     pipeline_dir = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
     out = tmp_path / "run"
     # no save_every: every checkpoint before the signal is a time-based one (every ~6 ms)
     cmd = _command(pipeline_dir, out, "train.max_iterations=8", "train.save_every=0",
-                   "train.save_interval_minutes=0.0001")
+                   "train.save_interval_minutes=0.0001", *saving)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_lines(out / "metrics.jsonl", 2, proc)
