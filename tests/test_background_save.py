@@ -7,8 +7,10 @@ with SIGKILL in the middle of a background save and resumes it exactly.)"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import time
 
 import pytest
 import torch
@@ -55,6 +57,19 @@ def _synchronous_copy(trainer, iteration: int, output_dir: str) -> str:
         trainer.config = config
 
 
+def _live_forks() -> list:
+    """This process's children that are forks of it (a background save's writer), zombies aside."""
+    import psutil
+
+    me = psutil.Process()
+    forks = []
+    for child in me.children():
+        with contextlib.suppress(psutil.Error):
+            if child.status() != psutil.STATUS_ZOMBIE and child.cmdline() == me.cmdline():
+                forks.append(child)
+    return forks
+
+
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
     from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
@@ -74,7 +89,7 @@ def _save_in_the_background_while_training(pipeline_dir: str, tmp: str, override
     trainer = _trainer(pipeline_dir, out, overrides)
     trainer.train_iteration(0)
     want_dir = _synchronous_copy(trainer, 1, os.path.join(tmp, "sync"))
-    saves = BackgroundSaves()
+    saves = BackgroundSaves(600)
     saves.start(start_training_checkpoint(trainer, 1))
     target = checkpoint_dir(out, 1)
     seen = {"pending": saves.pending, "published early": os.path.exists(target) or latest_checkpoint(out) is not None}
@@ -134,7 +149,7 @@ def test_a_failed_background_write_is_one_line_and_leaves_latest_alone(pipeline_
 
     # the writers are forks of this process, so they write items with this patched function
     monkeypatch.setattr(filesystem_async, "_write_item", disk_full)
-    saves = BackgroundSaves()
+    saves = BackgroundSaves(600)
     trainer.train_iteration(1)
     saves.start(start_training_checkpoint(trainer, 2))
     with pytest.raises(CheckpointError) as err:
@@ -146,3 +161,38 @@ def test_a_failed_background_write_is_one_line_and_leaves_latest_alone(pipeline_
     assert sorted(os.listdir(os.path.dirname(first))) == ["iter_0000001", "latest"]  # the temporary one removed
     monkeypatch.undo()  # the disk has room again: the next save in this process is whole
     assert save_training_checkpoint(trainer, 2) == os.path.join(os.path.dirname(first), "iter_0000002")
+
+
+def test_a_dead_writer_stops_the_wait_after_the_limit_in_one_line(pipeline_dir, tmp_path, world_of_one, monkeypatch):
+    """megatron's writer waits for its worker processes without a limit: one killed (the OOM killer,
+    say) left the run waiting for good at its next save."""
+    import psutil
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from adm_megatron.convert.checkpoint import CheckpointError
+    from adm_megatron.train.background_save import BackgroundSaves
+    from adm_megatron.train.checkpoint import latest_checkpoint, save_training_checkpoint, start_training_checkpoint
+
+    out = str(tmp_path / "run")
+    trainer = _trainer(pipeline_dir, out)
+    trainer.train_iteration(0)
+    first = save_training_checkpoint(trainer, 1)
+
+    def killed(*args, **kwargs):
+        os._exit(137)
+
+    # the workers are forks of forks of this process: they die with this patch before reporting
+    monkeypatch.setattr(filesystem_async.FileSystemWriterAsync, "write_preloaded_data", staticmethod(killed))
+    saves = BackgroundSaves(limit_s=3)
+    saves.start(start_training_checkpoint(trainer, 2))
+    time.sleep(1)
+    stuck = _live_forks()
+    assert len(stuck) == 1  # the writer, waiting for its dead workers
+    with pytest.raises(CheckpointError) as err:
+        saves.wait()
+    message = str(err.value)
+    assert "\n" not in message and "iter_0000002: its background write has not finished 3 s after" in message
+    assert latest_checkpoint(out) == first and saves.pending is None
+    assert sorted(os.listdir(os.path.dirname(first))) == ["iter_0000001", "latest"]  # the temporary one removed
+    _, alive = psutil.wait_procs(stuck, timeout=10)
+    assert alive == []  # the stuck writer was ended

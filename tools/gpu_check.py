@@ -943,7 +943,7 @@ def _offloaded_run(pipeline: str, out: str, offload: bool) -> tuple[list, dict, 
     background = None
     if offload:
         trainer.config = dataclasses.replace(config, output_dir=out + "_background")
-        saves = BackgroundSaves()
+        saves = BackgroundSaves(config.parallel.timeout_s)
         saves.start(start_training_checkpoint(trainer, 3))
         trainer.train_iteration(3)
         background = _train_state_tensors(saves.wait(), os.path.join(out, "background_state.pt"))

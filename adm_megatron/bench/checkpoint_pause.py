@@ -29,7 +29,7 @@ def measure_checkpoint_pause(trainer, repeats: int) -> dict:
     from adm_megatron.train.background_save import BackgroundSaves
     from adm_megatron.train.checkpoint import save_training_checkpoint, start_training_checkpoint
 
-    saves = BackgroundSaves()
+    saves = BackgroundSaves(trainer.config.parallel.timeout_s)
     synchronous, pause, write = [], [], []
     label = 10**6  # checkpoint numbers far from the run's own iterations
     size = 0

@@ -14,7 +14,9 @@ is published: its temporary directory is renamed, ``latest`` moves and old ones 
 A trainer killed meanwhile takes its writer with it (``adm_megatron.train.save_workers``) and
 leaves a temporary directory that the next start removes; the previous checkpoint stays the latest.
 A write that fails on any rank is reported on every rank in one line and stops the run, with the
-temporary directory removed.
+temporary directory removed; so is a write that :meth:`BackgroundSaves.wait` has waited for longer
+than its limit (``parallel.timeout_s``; megatron's writer waits for its workers without one, and a
+worker killed by the OOM killer would leave the run waiting for good).
 
 Costs: host memory for a copy of the rank's share of the checkpoint while it is written, and a
 training pause of the device-to-host copy and the fork instead of the whole write.
@@ -33,6 +35,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from torch.distributed.checkpoint.api import CheckpointException
 
 from adm_megatron.convert.checkpoint import CheckpointError, one_line
+from adm_megatron.parallel import from_rank0
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +78,10 @@ def _reason(exc: BaseException) -> str:
 class BackgroundSaves:
     """At most one checkpoint in flight; every method but :meth:`abort` is collective."""
 
-    def __init__(self):
+    POLL_S = 0.2  # wait()'s polling interval
+
+    def __init__(self, limit_s: float):
+        self.limit_s = limit_s  # how long wait() waits for the writers
         self._queue = AsyncCallsQueue(persistent=False)
         self._pending: BackgroundCheckpoint | None = None
         self._started = 0.0
@@ -104,15 +110,15 @@ class BackgroundSaves:
         logger.info("%s: writing in the background (training paused %.2f s)", checkpoint.target,
                     self._started - checkpoint.began)
 
-    def poll(self, blocking: bool = False) -> str | None:
-        """Publish the checkpoint in flight once every rank's writer has finished (``blocking``:
-        wait for them). Returns its directory when it was published now."""
+    def poll(self) -> str | None:
+        """Publish the checkpoint in flight if every rank's writer has finished. Returns its
+        directory when it was published now."""
         checkpoint = self._pending
         if checkpoint is None:
             return None
         failure = None
         try:
-            if not self._queue.maybe_finalize_async_calls(blocking=blocking):
+            if not self._queue.maybe_finalize_async_calls(blocking=False):
                 return None
         # megatron raises torch DCP's CheckpointException (a BaseException) on every rank when one
         # rank's write failed
@@ -126,8 +132,24 @@ class BackgroundSaves:
         return path
 
     def wait(self) -> str | None:
-        """Publish the checkpoint in flight, waiting for its writers."""
-        return self.poll(blocking=True)
+        """Publish the checkpoint in flight, waiting for its writers at most ``limit_s`` seconds
+        (rank 0's clock decides): past that, a writer is taken to be dead or stuck (megatron's
+        writer waits for its workers without a limit, and one killed, by the OOM killer say,
+        leaves it waiting for good), the writers are ended and the run stops in one line."""
+        deadline = time.monotonic() + self.limit_s
+        while self._pending is not None:
+            path = self.poll()
+            if self._pending is None:
+                return path
+            if from_rank0(time.monotonic() > deadline):
+                checkpoint = self._pending
+                self.abort()
+                checkpoint.publish(CheckpointError(
+                    f"{checkpoint.target}: its background write has not finished {self.limit_s:g} s after "
+                    "training began waiting for it (parallel.timeout_s): a writer process died or the "
+                    "filesystem hangs; the previous checkpoint stays the latest"))
+            time.sleep(self.POLL_S)
+        return None
 
     def abort(self) -> None:
         """Local (a rank that fails calls it alone): end this rank's writer. Its temporary

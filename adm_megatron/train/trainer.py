@@ -397,7 +397,7 @@ class Trainer:
         )
         stops = StopPoll(c.train.save_interval_minutes)
         samples = RunSamples(self)
-        saves = BackgroundSaves()  # train.async_save's checkpoint in flight
+        saves = BackgroundSaves(c.parallel.timeout_s)  # train.async_save's checkpoint in flight
         metrics: dict = {}
         done = start
         try:
