@@ -28,21 +28,11 @@ def _trainer(pipeline_dir: str, output_dir: str, overrides: list[str] = ()):
 
 def _tensors(ckpt: str, tmp: str) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint's megatron parts, read back with torch DCP, by part and key."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from adm_megatron.train.checkpoint_files import read_part_tensors
 
-    flat = {}
     os.makedirs(tmp)
-    for part in ("generator", "fake_score", "train_state"):
-        out = os.path.join(tmp, f"{part}.pt")
-        dcp_to_torch_save(os.path.join(ckpt, part), out)
-        stack = [(part, torch.load(out, weights_only=False))]
-        while stack:
-            prefix, node = stack.pop()
-            if isinstance(node, dict):
-                stack.extend((f"{prefix}.{k}", v) for k, v in node.items())
-            elif torch.is_tensor(node):
-                flat[prefix] = node
-    return flat
+    return {f"{part}.{key}": tensor for part in ("generator", "fake_score", "train_state")
+            for key, tensor in read_part_tensors(os.path.join(ckpt, part), os.path.join(tmp, f"{part}.pt")).items()}
 
 
 def _synchronous_copy(trainer, iteration: int, output_dir: str) -> str:

@@ -900,21 +900,6 @@ def section_trainer(plan: Plan, workdir: str) -> dict:
             "sample_timing": {r["model"]: r["seconds_per_sample"] for r in timing.get("runs", [])}}
 
 
-def _train_state_tensors(ckpt: str, out: str) -> dict:
-    """A checkpoint's train_state read back with torch DCP: its tensors by flat key."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    dcp_to_torch_save(os.path.join(ckpt, "train_state"), out)
-    flat, stack = {}, [("", torch.load(out, weights_only=False))]
-    while stack:
-        prefix, node = stack.pop()
-        if isinstance(node, dict):
-            stack.extend((f"{prefix}.{k}", v) for k, v in node.items())
-        elif torch.is_tensor(node):
-            flat[prefix] = node
-    return flat
-
-
 def _offloaded_run(pipeline: str, out: str, offload: bool) -> tuple[list, dict, dict, dict | None]:
     """Three iterations of a tiny fp32 CogVideoX ADM run, then a checkpoint (as a run saves one):
     the losses, every trained weight, and the checkpoint's train_state read back with torch DCP.
@@ -926,6 +911,7 @@ def _offloaded_run(pipeline: str, out: str, offload: bool) -> tuple[list, dict, 
     from adm_megatron.config import load_config
     from adm_megatron.train.background_save import BackgroundSaves
     from adm_megatron.train.checkpoint import save_training_checkpoint, start_training_checkpoint
+    from adm_megatron.train.checkpoint_files import read_part_tensors
     from adm_megatron.train.trainer import Trainer
 
     config = load_config(os.path.join(REPO, "examples", "cogvideox", "tiny_cpu.yaml"), [
@@ -939,14 +925,15 @@ def _offloaded_run(pipeline: str, out: str, offload: bool) -> tuple[list, dict, 
     path = save_training_checkpoint(trainer, 3)
     weights = {f"{p}.{n}": w.detach().cpu().clone() for p, net in trainer.trainable.items()
                for n, w in net.module.named_parameters()}
-    state = _train_state_tensors(path, os.path.join(out, "train_state.pt"))
+    state = read_part_tensors(os.path.join(path, "train_state"), os.path.join(out, "train_state.pt"))
     background = None
     if offload:
         trainer.config = dataclasses.replace(config, output_dir=out + "_background")
         saves = BackgroundSaves(config.parallel.timeout_s)
         saves.start(start_training_checkpoint(trainer, 3))
         trainer.train_iteration(3)
-        background = _train_state_tensors(saves.wait(), os.path.join(out, "background_state.pt"))
+        background = read_part_tensors(os.path.join(saves.wait(), "train_state"),
+                                       os.path.join(out, "background_state.pt"))
     return losses, weights, state, background
 
 

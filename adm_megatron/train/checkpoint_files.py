@@ -15,6 +15,9 @@ reader (``EOFError``, a pickle error) or, on many ranks, in a hang until ``paral
   them whole would cost as much as the load);
 - the zip archives ``torch.save`` writes (``discriminator.pt``, each ``common.pt``): their CRCs are
   checked (they are small).
+
+:func:`read_part_tensors` reads one part's tensors back whole, without a process group or a model
+(to compare two checkpoints).
 """
 
 from __future__ import annotations
@@ -100,3 +103,20 @@ def check_whole(ckpt_dir: str, way_on: str) -> None:
         earlier = earlier_whole_checkpoint(ckpt_dir)
         then = way_on.format(earlier) if earlier else "no earlier whole checkpoint is left beside it"
         raise ConfigError(f"{ckpt_dir}: damaged checkpoint, nothing was loaded ({problem}); {then}")
+
+
+def read_part_tensors(part_dir: str, scratch_file: str) -> dict:
+    """Every tensor of a checkpoint part (a torch DCP directory: ``generator/``, ``train_state/``),
+    whole, by dotted key; torch DCP converts it to one ``torch.save`` file, ``scratch_file``, first."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(part_dir, scratch_file)
+    flat, stack = {}, [("", torch.load(scratch_file, weights_only=False))]
+    while stack:
+        prefix, node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((f"{prefix}.{k}" if prefix else str(k), v) for k, v in node.items())
+        elif torch.is_tensor(node):
+            flat[prefix] = node
+    return flat
