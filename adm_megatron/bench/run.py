@@ -165,10 +165,11 @@ def run_bench(opts: BenchOptions) -> dict:
         rows.append({"name": f"{adm['method']} {phase}", **row,
                      "evaluations": _evaluations_text(adm["evaluations_per_iteration"].get(phase, {}))})
     ckpt = adm["checkpoint"]
-    written = None if ckpt is None else f"checkpoint of {ckpt['bytes'] / 2**30:.3g} GiB"
-    rows += [] if ckpt is None else [{"name": "checkpoint: synchronous save", "median_s": ckpt["median_synchronous_s"], "note": written},
-             {"name": "checkpoint: background pause", "median_s": ckpt["median_background_pause_s"],
-              "note": f"training waits this; the write then takes {ckpt['median_background_write_s']:.3g} s"}]
+    if ckpt is not None:
+        rows += [{"name": "checkpoint: synchronous save", "median_s": ckpt["median_synchronous_s"],
+                  "note": f"checkpoint of {ckpt['bytes'] / 2**30:.3g} GiB"},
+                 {"name": "checkpoint: background pause", "median_s": ckpt["median_background_pause_s"],
+                  "note": f"training waits this; the write then takes {ckpt['median_background_write_s']:.3g} s"}]
     p = arch.patch_size
     return {
         "environment": env,

@@ -138,13 +138,13 @@ class BackgroundSaves:
         leaves it waiting for good), the writers are ended and the run stops in one line."""
         deadline = time.monotonic() + self.limit_s
         while self._pending is not None:
-            path = self.poll()
-            if self._pending is None:
-                return path
+            published = self.poll()
+            if published is not None:
+                return published
             if from_rank0(time.monotonic() > deadline):
                 checkpoint = self._pending
                 self.abort()
-                checkpoint.publish(CheckpointError(
+                checkpoint.publish(CheckpointError(  # raises, after removing the temporary directory
                     f"{checkpoint.target}: its background write has not finished {self.limit_s:g} s after "
                     "training began waiting for it (parallel.timeout_s): a writer process died or the "
                     "filesystem hangs; the previous checkpoint stays the latest"))

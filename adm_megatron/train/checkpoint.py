@@ -165,8 +165,8 @@ def _contents(trainer, iteration: int) -> CheckpointContents:
 
 def _make_parts(tmp: str, contents: CheckpointContents) -> None:
     """Collective: the sub-directories megatron writes into (it wants them to exist)."""
-    for name in contents.sharded:
-        if dist.get_rank() == 0:
+    if dist.get_rank() == 0:
+        for name in contents.sharded:
             os.mkdir(os.path.join(tmp, name))
     barrier()
 
