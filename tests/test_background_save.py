@@ -1,8 +1,9 @@
-"""Checkpoints written in the background (``train.async_save``): a checkpoint started after an
+"""Checkpoints written by a process of their own (``train.async_save``): a checkpoint started after an
 iteration and written while the next iterations update every weight and optimizer state in place
 (offloaded ones included) holds exactly what a synchronous save of that iteration holds; it
 appears, and ``latest`` moves, only when its writer has finished; a write that fails is reported in
-one line with nothing left behind and ``latest`` unchanged. (tests/test_resume.py kills such a run
+one line with nothing left behind and ``latest`` unchanged, and so is a synchronous save's, within
+``parallel.timeout_s`` even when a writer process died. (tests/test_resume.py kills such a run
 with SIGKILL in the middle of a background save and resumes it exactly.)"""
 
 from __future__ import annotations
@@ -145,17 +146,21 @@ def test_a_failed_background_write_is_one_line_and_leaves_latest_alone(pipeline_
     with pytest.raises(CheckpointError) as err:
         saves.wait()
     message = str(err.value)
-    assert "\n" not in message and "iter_0000002: writing it in the background failed" in message
+    assert "\n" not in message and "iter_0000002: writing it failed (rank 0: " in message
     assert "No space left on device" in message
     assert latest_checkpoint(out) == first and saves.pending is None
     assert sorted(os.listdir(os.path.dirname(first))) == ["iter_0000001", "latest"]  # the temporary one removed
+    with pytest.raises(CheckpointError) as err:  # a synchronous save fails the same way
+        save_training_checkpoint(trainer, 2)
+    assert str(err.value) == message
+    assert sorted(os.listdir(os.path.dirname(first))) == ["iter_0000001", "latest"]
     monkeypatch.undo()  # the disk has room again: the next save in this process is whole
     assert save_training_checkpoint(trainer, 2) == os.path.join(os.path.dirname(first), "iter_0000002")
 
 
 def test_a_dead_writer_stops_the_wait_after_the_limit_in_one_line(pipeline_dir, tmp_path, world_of_one, monkeypatch):
     """megatron's writer waits for its worker processes without a limit: one killed (the OOM killer,
-    say) left the run waiting for good at its next save."""
+    say) left the run waiting for good at its next save, background or synchronous."""
     import psutil
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
@@ -164,7 +169,7 @@ def test_a_dead_writer_stops_the_wait_after_the_limit_in_one_line(pipeline_dir, 
     from adm_megatron.train.checkpoint import latest_checkpoint, save_training_checkpoint, start_training_checkpoint
 
     out = str(tmp_path / "run")
-    trainer = _trainer(pipeline_dir, out)
+    trainer = _trainer(pipeline_dir, out, ["parallel.timeout_s=3"])
     trainer.train_iteration(0)
     first = save_training_checkpoint(trainer, 1)
 
@@ -181,8 +186,14 @@ def test_a_dead_writer_stops_the_wait_after_the_limit_in_one_line(pipeline_dir, 
     with pytest.raises(CheckpointError) as err:
         saves.wait()
     message = str(err.value)
-    assert "\n" not in message and "iter_0000002: its background write has not finished 3 s after" in message
+    assert "\n" not in message and "iter_0000002: its writer has not finished 3 s after" in message
     assert latest_checkpoint(out) == first and saves.pending is None
     assert sorted(os.listdir(os.path.dirname(first))) == ["iter_0000001", "latest"]  # the temporary one removed
     _, alive = psutil.wait_procs(stuck, timeout=10)
     assert alive == []  # the stuck writer was ended
+    began = time.monotonic()
+    with pytest.raises(CheckpointError) as err:  # a synchronous save: the same limit (parallel.timeout_s)
+        save_training_checkpoint(trainer, 2)
+    assert str(err.value) == message and time.monotonic() - began < 30
+    assert latest_checkpoint(out) == first and _live_forks() == []
+    assert sorted(os.listdir(os.path.dirname(first))) == ["iter_0000001", "latest"]

@@ -1,4 +1,5 @@
-"""Checkpoints written while training goes on (``train.async_save``), as Megatron-LM's ``--async-save``.
+"""Checkpoints written by a process of their own: while training goes on (``train.async_save``,
+as Megatron-LM's ``--async-save``), or waited for at once (a synchronous save).
 
 ``adm_megatron.train.checkpoint.start_training_checkpoint`` gathers a checkpoint's state, has
 megatron-core plan its files (``dist_checkpointing.save(..., async_sharded_save=True)``, one
@@ -107,7 +108,7 @@ class BackgroundSaves:
         writer = partial(_write_in_order, calls) if calls else None
         self._queue.schedule_async_request(AsyncRequest(writer, (), finalizers))
         self._pending, self._started = checkpoint, time.monotonic()
-        logger.info("%s: writing in the background (training paused %.2f s)", checkpoint.target,
+        logger.info("%s: staged, its writer started (training paused %.2f s)", checkpoint.target,
                     self._started - checkpoint.began)
 
     def poll(self) -> str | None:
@@ -124,11 +125,11 @@ class BackgroundSaves:
         # rank's write failed
         except (Exception, CheckpointException) as exc:  # noqa: BLE001
             _drop_unread_results()
-            failure = CheckpointError(f"{checkpoint.target}: writing it in the background failed "
+            failure = CheckpointError(f"{checkpoint.target}: writing it failed "
                                       f"({_reason(exc)}); the previous checkpoint stays the latest")
         self._pending = None
         path = checkpoint.publish(failure)
-        logger.info("%s: written (%.1f s in the background)", path, time.monotonic() - self._started)
+        logger.info("%s: written (%.1f s after its writer started)", path, time.monotonic() - self._started)
         return path
 
     def wait(self) -> str | None:
@@ -145,7 +146,7 @@ class BackgroundSaves:
                 checkpoint = self._pending
                 self.abort()
                 checkpoint.publish(CheckpointError(  # raises, after removing the temporary directory
-                    f"{checkpoint.target}: its background write has not finished {self.limit_s:g} s after "
+                    f"{checkpoint.target}: its writer has not finished {self.limit_s:g} s after "
                     "training began waiting for it (parallel.timeout_s): a writer process died or the "
                     "filesystem hangs; the previous checkpoint stays the latest"))
             time.sleep(self.POLL_S)

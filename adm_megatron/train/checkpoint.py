@@ -20,9 +20,10 @@ so no RNG state is consumed between iterations.
 The directory appears under its final name only once every rank has written its part; ``latest``
 is replaced (atomically) only after that, so a save killed at any moment leaves the previous
 checkpoint as the one a resume loads. ``train.keep_checkpoints`` then removes the oldest ones.
-With ``train.async_save`` the same files are written by a process of their own while training
-goes on (:func:`start_training_checkpoint`, ``adm_megatron.train.background_save``); the
-directory is published, and ``latest`` moves, once every rank's process has finished.
+Each rank's part is written by a process of its own (:func:`start_training_checkpoint`,
+``adm_megatron.train.background_save``): a synchronous save (:func:`save_training_checkpoint`)
+waits for it at once; with ``train.async_save`` training goes on meanwhile, and the directory is
+published, and ``latest`` moves, once every rank's process has finished.
 """
 
 from __future__ import annotations
@@ -47,11 +48,10 @@ from adm_megatron.convert.checkpoint import (
     make_temporary_dir,
     megatron_checkpoint_contents,
     publish_temporary_dir,
-    write_atomically,
     write_checkpoint_meta,
 )
 from adm_megatron.parallel import barrier
-from adm_megatron.train.background_save import BackgroundCheckpoint
+from adm_megatron.train.background_save import BackgroundCheckpoint, BackgroundSaves
 from adm_megatron.train.save_workers import bind_writer_processes
 
 LATEST = "latest"
@@ -172,25 +172,22 @@ def _make_parts(tmp: str, contents: CheckpointContents) -> None:
 
 
 def save_training_checkpoint(trainer, iteration: int) -> str:
-    """Collective: the complete training state after ``iteration`` iterations; then the ``latest``
-    marker and the pruning of old checkpoints. Returns the checkpoint directory."""
-    contents = _contents(trainer, iteration)
-
-    def write(tmp: str) -> None:
-        _make_parts(tmp, contents)
-        for name, sharded in contents.sharded.items():
-            dist_checkpointing.save(sharded, os.path.join(tmp, name))
-        contents.write_small(tmp)
-
-    path = write_atomically(contents.target, True, write)  # ends in a barrier
-    _after_publication(trainer.config, path)
-    return path
+    """Collective: the complete training state after ``iteration`` iterations, written before it
+    returns; then the ``latest`` marker and the pruning of old checkpoints. Returns the checkpoint
+    directory. It is :func:`start_training_checkpoint` waited for at once, so a failed or stuck
+    write ends the same way as a background one: in one line, within ``parallel.timeout_s``
+    (megatron-core's own synchronous save waits for its worker processes without a limit, and one
+    killed by the OOM killer left the run hanging for good)."""
+    saves = BackgroundSaves(trainer.config.parallel.timeout_s)
+    saves.start(start_training_checkpoint(trainer, iteration))
+    return saves.wait()
 
 
 def start_training_checkpoint(trainer, iteration: int) -> BackgroundCheckpoint:
-    """Collective: what :func:`save_training_checkpoint` writes, staged on the host for a process
-    of its own to write (``BackgroundSaves.start``) while training goes on. Until every rank's
-    part is written the checkpoint stays a temporary directory and ``latest`` does not move."""
+    """Collective: the complete training state after ``iteration`` iterations, planned for a
+    process of its own to write (``BackgroundSaves.start`` stages it on the host and forks it)
+    while training goes on. Until every rank's part is written the checkpoint stays a temporary
+    directory and ``latest`` does not move."""
     began = time.monotonic()
     contents = _contents(trainer, iteration)
     target, tmp = make_temporary_dir(contents.target, True)
