@@ -40,6 +40,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from adm_megatron.config import ConfigError, config_to_dict
@@ -183,6 +185,15 @@ def save_training_checkpoint(trainer, iteration: int) -> str:
     return saves.wait()
 
 
+def _save_strategy() -> FullyParallelSaveStrategyWrapper:
+    """megatron-core's torch_dist strategy, with the tensors that data-parallel (and context-parallel)
+    ranks hold alike split among them for writing, as Megatron-LM's ``--ckpt-fully-parallel-save``
+    (its default): without it data-parallel rank 0 alone writes, and stages in host memory, every
+    replicated weight and optimizer moment while the other ranks write nothing."""
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(),
+                                            parallel_state.get_data_parallel_group(with_context_parallel=True))
+
+
 def start_training_checkpoint(trainer, iteration: int) -> BackgroundCheckpoint:
     """Collective: the complete training state after ``iteration`` iterations, planned for a
     process of its own to write (``BackgroundSaves.start`` stages it on the host and forks it)
@@ -192,7 +203,7 @@ def start_training_checkpoint(trainer, iteration: int) -> BackgroundCheckpoint:
     contents = _contents(trainer, iteration)
     target, tmp = make_temporary_dir(contents.target, True)
     _make_parts(tmp, contents)
-    requests = [dist_checkpointing.save(sharded, os.path.join(tmp, name), async_sharded_save=True)
+    requests = [dist_checkpointing.save(sharded, os.path.join(tmp, name), _save_strategy(), async_sharded_save=True)
                 for name, sharded in contents.sharded.items()]
     contents.write_small(tmp)
 
