@@ -303,6 +303,19 @@ def test_plan_command_prints_the_table_and_writes_json(tmp_path, capsys, world_o
     assert plan["fits"] and plan["settings"]["data_parallel"] == 4
     assert set(plan["phases"]) == {"fake_score", "generator", "discriminator"}
     assert plan["networks"]["teacher"]["grads"] == 0 and plan["networks"]["generator"]["optimizer"] > 0
+    host = plan["host"]  # no offload: the checkpoint staging alone, 8 ranks on a node
+    assert host["offloaded optimizer states"] == 0 and host["checkpoint staging"] > 0
+    assert host["ranks_per_node"] == 8 and host["per_node"] == pytest.approx(8 * host["checkpoint staging"], abs=0.01)
+    assert host["fits"] is None and "host memory per rank: 0.00 GiB offloaded" in table
+
+
+def test_plan_command_checks_the_host_memory_of_a_node_when_given(tmp_path, capsys, world_of_one):
+    assert _plan(tmp_path, "--gpus", "8", "--card", "80", "--gpus-per-node", "4", "--host", "4096") == 0
+    assert "4 ranks per node" in capsys.readouterr().out
+    assert _plan(tmp_path, "--gpus", "8", "--card", "80", "--host", "16") == 1
+    captured = capsys.readouterr()
+    assert "DOES NOT FIT" in captured.out.splitlines()[-1]
+    assert captured.err.count("\n") == 1 and "host memory does not fit: 8 ranks x" in captured.err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -312,6 +325,7 @@ def test_plan_command_prints_the_table_and_writes_json(tmp_path, capsys, world_o
     (["--gpus", "8", "--card", "80", "parallel.context_parallel=4"], "video tokens are not divisible"),
     (["--gpus", "8", "--card", "80", "data.height=62"], "tokens per context-parallel rank are not divisible"),
     (["--gpus", "3", "--card", "80"], "gpus=3: not a positive multiple"),
+    (["--gpus", "8", "--card", "80", "--gpus-per-node", "0"], "gpus_per_node=0, host=0.0 GiB: expected"),
     (["--gpus", "8", "--card", "80", "data.global_batch_size=6"],
      "gpus=8: data.global_batch_size=6: expected a multiple of data.batch_size x data-parallel size = 1 x 4 = 4"),
     (["--gpus", "8", "--card", "80", "--assume-pinned-memory", "--shard-optimizer", "all", "--offload",

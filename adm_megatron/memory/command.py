@@ -1,7 +1,8 @@
 """``adm-megatron plan`` / ``tools/plan_memory.py``: the memory plan of a run config on a card.
 
 Prints the table, optionally writes the JSON, and exits 0 when the run fits, 1 when it does not
-(with a one-line reason) and 2 for a bad config or layout (one line, before any model is built).
+(on the card, or with ``--host`` in a node's host memory; with a one-line reason) and 2 for a bad
+config or layout (one line, before any model is built).
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, required=True, help="world size (DP = gpus / (TP x CP))")
     parser.add_argument("--card", type=float, required=True, help="GPU memory in GiB (e.g. 80 or 40)")
     parser.add_argument("--margin", type=float, default=0.1,
-                        help="fraction of the card kept free for what the formulas leave out (default 0.1)")
+                        help="fraction of the card (and of --host) kept free for what the formulas leave out "
+                        "(default 0.1)")
+    parser.add_argument("--gpus-per-node", type=int, default=8,
+                        help="GPUs of one node, whose ranks share its host memory (default 8)")
+    parser.add_argument("--host", type=float, default=0.0, metavar="GIB",
+                        help="a node's host memory in GiB: also check that offloaded states and checkpoint "
+                        "staging fit it (default: report them only)")
     parser.add_argument("--shard-optimizer", type=_networks, default=None, metavar="NETS",
                         help="optimizer state sharded over DP: all, none or e.g. generator,fake_score "
                         "(default: the config's optim.<network>.shard_over_dp)")
@@ -64,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
             config, args.gpus, preset=args.arch, card_gib=args.card, margin=args.margin,
             shard_optimizer=args.shard_optimizer, offload=args.offload, params=args.params,
             pinned_memory=torch.cuda.is_available() or args.assume_pinned_memory,
+            gpus_per_node=args.gpus_per_node, host_gib=args.host,
         )
     except (ConfigError, PlanError) as err:
         print(f"adm-megatron plan: {err}", file=sys.stderr)
@@ -77,5 +85,11 @@ def run(args: argparse.Namespace) -> int:
     if not plan.fits:
         print(f"adm-megatron plan: does not fit: peak {gib(plan.peak):.2f} GiB ({plan.peak_phase} phase) > "
               f"{gib(plan.budget):.2f} GiB usable of {args.card:g} GiB", file=sys.stderr)
+        return 1
+    if not plan.host_fits:
+        print(f"adm-megatron plan: host memory does not fit: {plan.ranks_per_node} ranks x "
+              f"{gib(sum(plan.host.values())):.2f} GiB = {gib(plan.host_per_node):.2f} GiB > "
+              f"{gib(plan.host_budget):.2f} GiB usable of {args.host:g} GiB per node; shard the optimizer "
+              "over data parallel (optim.<network>.shard_over_dp) or offload less", file=sys.stderr)
         return 1
     return 0

@@ -106,6 +106,19 @@ Phases (the peak of each is resident + the largest of its moments):
 
 A run fits when the largest phase peak is at most ``card x (1 - margin)``; the margin covers what
 the formulas leave out (CUDA context, allocator fragmentation, NCCL buffers, kernels' workspaces).
+
+Host memory, per rank, on top of the process itself (its libraries, CUDA context, data):
+- offloaded optimizer states: every offloaded network's optimizer term above (its host buffers are
+  made at its first move and kept); with ``optimizer_and_params`` also its weights ``P x w``, when
+  some phase of the method does not run it (ADM: each trainable network; ADP: the generator);
+- checkpoint staging, while a checkpoint is written (a background one: until its writer is done):
+  the rank's share of what megatron-core writes, the generator's and fake score's weights ``P x w``,
+  every trainable network's whole optimizer state (moments, fp32 masters) and the generator's EMA,
+  split evenly among the ``DP x CP`` ranks that hold them alike (the fully parallel save, about: it
+  gives whole tensors to ranks). Offloaded states are counted in it too: megatron-core's staging
+  leaves host tensors where they are, but a background save's fork keeps their pages while training
+  rewrites them.
+A node holds ``min(gpus, gpus per node)`` ranks' worth.
 The fp32 figures are tested against measurement on CPU (``tests/test_memory_plan.py``: CogVideoX
 2b / 5b-style and SD3 / SD3.5-style tiny runs, a LoRA generator among them); the BF16
 widths and the GPU-only terms (foreach temporaries, autocast copies) are reasoned, not measured here.
@@ -192,6 +205,8 @@ class Settings:
     pinned_memory: bool = True  # the host can pin memory (offload needs it)
     cpu_threads: int = 1  # device=cpu only: torch's intra-op threads (per-thread conv workspaces)
     ema: bool = False  # the generator keeps an EMA of its trained weights (train.ema_decay > 0)
+    gpus_per_node: int = 8  # ranks sharing one host's memory (at most the world)
+    host_gib: float = 0.0  # a node's host memory, to check the host terms against; 0: not checked
 
     def recompute_mode(self, network: str, phase: str) -> str:
         if isinstance(self.recompute, bool):
@@ -228,6 +243,7 @@ class MemoryPlan:
     phases: dict[str, PhasePlan]
     fixed: dict[str, float] = field(default_factory=dict)  # persistent buffers not owned by a network
     samples: PhasePlan | None = None  # the run's samples between iterations (train.num_samples > 0)
+    host: dict[str, float] = field(default_factory=dict)  # host memory of one rank, by term
 
     @property
     def peak_phase(self) -> str:
@@ -249,6 +265,25 @@ class MemoryPlan:
     @property
     def samples_fit(self) -> bool:
         return self.samples is None or self.samples.peak <= self.budget
+
+    @property
+    def ranks_per_node(self) -> int:
+        s = self.settings
+        return min(s.gpus_per_node, s.tensor_parallel * s.context_parallel * s.data_parallel)
+
+    @property
+    def host_per_node(self) -> float:
+        """Host memory the ranks of one node hold at most (while a checkpoint is written)."""
+        return self.ranks_per_node * sum(self.host.values())
+
+    @property
+    def host_budget(self) -> float:
+        return self.settings.host_gib * GIB * (1 - self.settings.margin)
+
+    @property
+    def host_fits(self) -> bool:
+        """Whether the host terms fit the node's memory (True when it was not given)."""
+        return not self.settings.host_gib or self.host_per_node <= self.host_budget
 
 
 def check_settings(shape: Shape, s: Settings) -> None:
@@ -298,6 +333,9 @@ def check_settings(shape: Shape, s: Settings) -> None:
             raise PlanError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
     if s.card_gib <= 0 or not 0 <= s.margin < 1:
         raise PlanError(f"card={s.card_gib} GiB, margin={s.margin}: expected a card > 0 and 0 <= margin < 1")
+    if s.gpus_per_node < 1 or s.host_gib < 0:
+        raise PlanError(f"gpus_per_node={s.gpus_per_node}, host={s.host_gib} GiB: expected at least one GPU per "
+                        "node and a host memory >= 0 (0: not checked)")
 
 
 class _Formulas:
@@ -442,6 +480,22 @@ def _resident(sizes: dict[str, NetworkSize], s: Settings) -> dict[str, dict[str,
     return out
 
 
+def _host(sizes: dict[str, NetworkSize], networks: dict[str, dict[str, float]], s: Settings) -> dict[str, float]:
+    """Host memory one rank holds (module docstring), by term."""
+    trained = [n for n in TRAINABLE if n in networks]
+    phases = METHOD_PHASES[s.method]
+    moved = [n for n in trained if s.offload_mode(n) == "optimizer_and_params"
+             and any(n not in PHASE_NETWORKS[p] for p in phases)]
+    written = sum(sizes[n].params * _weight_bytes(n, s) for n in ("generator", "fake_score") if n in networks)
+    written += sum(sizes[n].trained * (8 + (4 if s.params == "bf16" else 0)) for n in trained)
+    written += sizes["generator"].trained * 4 if s.ema else 0
+    return {
+        "offloaded optimizer states": sum(networks[n]["optimizer"] for n in trained if s.offload_mode(n) != "none"),
+        "offloaded weights": sum(sizes[n].params * _weight_bytes(n, s) for n in moved),
+        "checkpoint staging": written / (s.data_parallel * s.context_parallel),
+    }
+
+
 def _phase_resident(networks: dict, phase: str, s: Settings) -> float:
     """A phase's resident state; ``samples``: after an iteration's last phase, with every network's
     weights back on the device (the trainer restores them) and that phase's optimizer state."""
@@ -577,7 +631,7 @@ def plan_memory(shape: Shape, sizes: dict[str, NetworkSize], settings: Settings,
                                   "decode and postprocess": sample_decode.decode_peak}}
         moment = max(moments, key=lambda m: sum(moments[m].values()))
         samples = PhasePlan(resident, 0.0, moments[moment], resident + sum(moments[moment].values()), moment)
-    return MemoryPlan(settings, networks, phases, fixed, samples)
+    return MemoryPlan(settings, networks, phases, fixed, samples, _host(sizes, networks, settings))
 
 
 def gib(value: float) -> float:

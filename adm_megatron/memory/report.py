@@ -44,6 +44,9 @@ def plan_to_dict(plan: MemoryPlan) -> dict:
         "samples": None if plan.samples is None else {
             "resident": _r(plan.samples.resident), "transients": {k: _r(v) for k, v in plan.samples.transients.items()},
             "peak": _r(plan.samples.peak), "peak_moment": plan.samples.peak_moment, "fits": plan.samples_fit},
+        "host": {"units": "GiB per rank", **{k: _r(v) for k, v in plan.host.items()},
+                 "ranks_per_node": plan.ranks_per_node, "per_node": _r(plan.host_per_node),
+                 "node_memory": plan.settings.host_gib or None, "fits": plan.host_fits if plan.settings.host_gib else None},
         "peak_phase": plan.peak_phase,
         "peak": _r(plan.peak),
         "card": plan.settings.card_gib,
@@ -58,6 +61,18 @@ def samples_warning(plan: MemoryPlan) -> str:
             f"the {gib(plan.budget):.2f} GiB usable: each sampling would run out of memory and be skipped (training "
             "goes on); set train.sample_vae_tiling=true, or train.num_samples=0 and render the exported generator "
             "with adm-megatron sample")
+
+
+def host_line(plan: MemoryPlan) -> str:
+    """One line: the host memory the plan's terms take, per rank and per node, and against the
+    node's memory when it was given."""
+    held = plan.host["offloaded optimizer states"] + plan.host["offloaded weights"]
+    line = (f"host memory per rank: {gib(held):.2f} GiB offloaded + {gib(plan.host['checkpoint staging']):.2f} GiB "
+            f"while a checkpoint is written; {plan.ranks_per_node} ranks per node: {gib(plan.host_per_node):.2f} GiB")
+    if plan.settings.host_gib:
+        line += (f" of {plan.settings.host_gib:g} GiB with {plan.settings.margin:.0%} margin = "
+                 f"{gib(plan.host_budget):.2f} GiB: {'fits' if plan.host_fits else 'DOES NOT FIT'}")
+    return line
 
 
 def format_table(plan: MemoryPlan, title: str = "") -> str:
@@ -92,6 +107,7 @@ def format_table(plan: MemoryPlan, title: str = "") -> str:
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     lines.append(f"peak {gib(plan.peak):.2f} GiB in the {plan.peak_phase} phase; card {s.card_gib:g} GiB with "
                  f"{s.margin:.0%} margin = {gib(plan.budget):.2f} GiB: {verdict}")
+    lines.append(host_line(plan))
     if not plan.samples_fit:
         lines.append(samples_warning(plan))
     return "\n".join(lines)
