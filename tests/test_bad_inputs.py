@@ -107,6 +107,59 @@ def test_a_run_that_does_not_fit_the_gpu_is_refused_before_building(pipeline_dir
     validate_run(load_config(None, config), teacher, 1)
 
 
+def test_a_run_whose_host_terms_do_not_fit_the_node_is_refused_before_building(pipeline_dir, tmp_path, monkeypatch):
+    """On a GPU, train also checks the plan's host terms (offloaded states, a checkpoint's staging) of
+    the ranks on this node against the memory the node gives the job: 8 torchrun ranks of a run
+    with offloaded optimizer states on a node giving 1 MiB stop in one line; a 64 GiB node takes
+    them, and so does the 1 MiB node with train.memory_check=false."""
+    from adm_megatron.memory import preflight
+    from adm_megatron.memory.plan import GIB
+    from adm_megatron.train.teacher import resolve_teacher
+    from adm_megatron.train.validate import validate_run
+
+    run = ["train.num_samples=0", "optim.generator.offload=optimizer", "optim.fake_score.offload=optimizer"]
+    monkeypatch.setattr(preflight, "this_gpu", lambda: ("test card", 80.0))
+    monkeypatch.setattr(preflight, "pinned_memory_works", lambda: True)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(preflight, "host_memory_gib", lambda: 2**20 / GIB)
+    message = _refusal(pipeline_dir, str(tmp_path / "run"), *run)
+    assert message.startswith("memory plan: host memory: up to ") and "for the 1 rank(s) on this node" in message, message
+    teacher = resolve_teacher(pipeline_dir)
+    config = [f"model.teacher={pipeline_dir}", "distill.head_every=1", *run]
+    with pytest.raises(ConfigError, match=r"^memory plan: host memory: up to .* GiB for the 8 rank\(s\) on this node "
+                                          r"\(each .* GiB offloaded, .* this node gives the job 0.0 GiB") as err:
+        validate_run(load_config(None, config), teacher, 8)
+    assert "\n" not in str(err.value)
+    validate_run(load_config(None, [*config, "train.memory_check=false"]), teacher, 8)
+    monkeypatch.setattr(preflight, "host_memory_gib", lambda: 64.0)
+    validate_run(load_config(None, config), teacher, 8)
+
+
+def test_the_host_memory_is_the_jobs_cgroup_limit_where_lower(tmp_path, monkeypatch):
+    from adm_megatron.memory import preflight
+    from adm_megatron.memory.plan import GIB
+
+    limit = tmp_path / "memory.max"
+    limit.write_text("max\n")
+    monkeypatch.setattr(preflight, "_cgroup_limit_files", lambda: [str(limit), str(tmp_path / "absent")])
+    physical = preflight.host_memory_gib()
+    assert physical > 0.5
+    limit.write_text(f"{2**29}\n")  # SLURM --mem=512M
+    assert preflight.host_memory_gib() == 2**29 / GIB
+
+
+@pytest.mark.parametrize("env, ranks", [({"LOCAL_WORLD_SIZE": "4"}, 4), ({"SLURM_NTASKS_PER_NODE": "8"}, 8),
+                                        ({"SLURM_TASKS_PER_NODE": "6(x2)"}, 6), ({"LOCAL_WORLD_SIZE": "16"}, 12)])
+def test_the_ranks_sharing_a_node_come_from_the_launcher(env, ranks, monkeypatch):
+    from adm_megatron.memory import preflight
+
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert preflight.ranks_on_this_node(12) == ranks
+
+
 def test_samples_that_do_not_fit_the_gpu_are_a_warning_not_a_refusal(pipeline_dir, tmp_path, monkeypatch, caplog,
                                                                     capsys):
     """The samples' decode is planned after the last phase: when training fits the card and the

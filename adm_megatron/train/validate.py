@@ -5,7 +5,7 @@ world or the architecture cannot take (heads or tokens not divisible by TP / CP)
 patching cannot take, embeddings that do not fit the teacher, features this machine lacks (TE, an
 attention backend, FP8, a GPU for nsys profiling), a profiled rank outside the world, a truncated
 teacher weights file, samples asked of a pipeline without a VAE, and on a GPU a run the
-memory planner says does not fit the card (``memory/preflight.py``).
+memory planner says does not fit the card or the node's host memory (``memory/preflight.py``).
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
     preflight.check_offload_can_pin(config)
     card = preflight.this_gpu()
     if config.train.memory_check and card is not None and "memory-plan" in teacher.family.tools:
-        preflight.check_run_fits(config, world_size, card[1], source=f"the {card[0]}")
+        preflight.check_run_fits(config, world_size, card[1], source=f"the {card[0]}",
+                                 host_gib=preflight.host_memory_gib(), ranks_per_node=preflight.ranks_on_this_node(world_size))
     if config.data.source == "shards":
         from adm_megatron.data import TextEmbeddingShards
 
