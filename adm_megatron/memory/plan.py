@@ -118,7 +118,9 @@ Host memory, per rank, on top of the process itself (its libraries, CUDA context
   gives whole tensors to ranks). Offloaded states are counted in it too: megatron-core's staging
   leaves host tensors where they are, but a background save's fork keeps their pages while training
   rewrites them.
-A node holds ``min(gpus, gpus per node)`` ranks' worth.
+A node holds ``min(gpus, gpus per node)`` ranks' worth. ``tests/test_host_memory_plan.py`` measures
+both terms on CPU runs.
+
 The fp32 figures are tested against measurement on CPU (``tests/test_memory_plan.py``: CogVideoX
 2b / 5b-style and SD3 / SD3.5-style tiny runs, a LoRA generator among them); the BF16
 widths and the GPU-only terms (foreach temporaries, autocast copies) are reasoned, not measured here.
