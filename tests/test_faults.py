@@ -110,9 +110,18 @@ def _wait_for_lines(path, count, proc, timeout=300):
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("saving", [[], ["train.async_save=true"]], ids=["synchronous", "background"])
-def test_sigterm_saves_after_the_iteration_exits_75_and_the_same_command_goes_on(saving, tmp_path, world_of_one):
-    """In the background too: the stop waits for the save in flight, then writes its own."""
+@pytest.mark.parametrize("saving, signum, group", [
+    ([], signal.SIGTERM, False), (["train.async_save=true"], signal.SIGTERM, False),
+    ([], signal.SIGUSR1, True), (["train.async_save=true"], signal.SIGUSR1, True), ([], signal.SIGTERM, True),
+], ids=["synchronous, SIGTERM to the trainer", "background, SIGTERM to the trainer",
+        "synchronous, SIGUSR1 to its process group", "background, SIGUSR1 to its process group",
+        "synchronous, SIGTERM to its process group"])
+def test_a_stop_signal_saves_after_the_iteration_exits_75_and_the_same_command_goes_on(saving, signum, group, tmp_path,
+                                                                                      world_of_one):
+    """In the background too: the stop waits for the save in flight, then writes its own. A signal
+    to the whole process group (SLURM signals every process of a step, ``kill -- -PGID``, a
+    launcher's shutdown) also reaches the checkpoint writer's helper processes, which must outlive
+    it: they served every save after the first, and the stop's own save went through a dead one."""
     from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
 
     pipeline_dir = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
@@ -121,9 +130,13 @@ def test_sigterm_saves_after_the_iteration_exits_75_and_the_same_command_goes_on
     cmd = _command(pipeline_dir, out, "train.max_iterations=8", "train.save_every=0",
                    "train.save_interval_minutes=0.0001", *saving)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_lines(out / "metrics.jsonl", 2, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _wait_for_lines(out / "metrics.jsonl", 2, proc)  # a checkpoint is written after each iteration
+    if group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 75, stderr[-3000:]
     logged = [json.loads(line)["iteration"] for line in open(out / "metrics.jsonl")]

@@ -10,7 +10,15 @@ Manager it starts itself and gives megatron, so the kernel ends them with the tr
 resource tracker then sees its last client go and exits too. Forks of forks (an asynchronous
 save's process forks megatron's writers) get it as well, bound to their own parent, so a chain
 ends from its top. Saves run in the main thread, which
-lives as long as the process (the death signal follows the thread that forked). Linux only.
+lives as long as the process (the death signal follows the thread that forked).
+
+A stop signal (SIGTERM, SIGUSR1) is the trainer's to handle, but SLURM signals every process of a
+step, and ``kill -- -PGID`` or a launcher's shutdown every process of the group: the Manager, with
+the default action, died of it, and the stop's own checkpoint then failed on a broken pipe (a rank
+alone, so the others waited out ``parallel.timeout_s``). The Manager and the resource tracker that
+``multiprocessing`` spawns with it ignore them (the tracker: blocked at its start, a mask it
+inherits and keeps); they end with the trainer as above. Forks of the trainer inherit its handlers.
+Linux only.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ import os
 import signal
 import sys
 from multiprocessing.managers import SyncManager
+
+from adm_megatron.train.preemption import STOP_SIGNALS
 
 _PR_SET_PDEATHSIG = 1
 _manager: SyncManager | None = None
@@ -34,6 +44,13 @@ def _die_with_parent(parent: int | None = None) -> None:
         os._exit(1)
 
 
+def _serve_for_the_trainer() -> None:
+    """The Manager's initializer: stop signals are the trainer's; it ends with the trainer."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    _die_with_parent()
+
+
 def bind_writer_processes() -> None:
     """Idempotent; call before the first save."""
     global _manager
@@ -45,6 +62,12 @@ def bind_writer_processes() -> None:
     os.register_at_fork(before=lambda: forking.__setitem__(0, os.getpid()),
                         after_in_child=lambda: _die_with_parent(forking[0]))
     manager = SyncManager(ctx=mp.get_context("spawn"))
-    manager.start(initializer=_die_with_parent)
+    # the resource tracker spawned with it keeps the mask (it ignores SIGTERM itself, not SIGUSR1);
+    # a signal arriving meanwhile stays pending for the trainer, not lost
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        manager.start(initializer=_serve_for_the_trainer)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     filesystem_async._results_queue = manager.Queue()  # the queue megatron would start a Manager for
     _manager = manager
