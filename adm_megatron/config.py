@@ -434,7 +434,7 @@ def _check_fields(config: Config, source: str) -> None:
     lo, hi = config.distill.guidance_scale
     if not 0 <= lo <= hi:
         raise ConfigError(f"{source}: distill.guidance_scale=[{lo}, {hi}]: expected 0 <= low <= high")
-    for key, value in {"train.keep_checkpoints": config.train.keep_checkpoints,
+    for key, value in {"train.save_every": config.train.save_every, "train.keep_checkpoints": config.train.keep_checkpoints,
                        "train.num_samples": config.train.num_samples, "train.sample_every": config.train.sample_every,
                        "train.save_interval_minutes": config.train.save_interval_minutes}.items():
         if value < 0:

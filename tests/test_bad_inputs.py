@@ -88,6 +88,14 @@ def test_bad_memory_settings_are_one_line_config_errors(override, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("override", ["train.save_every=-1", "train.keep_checkpoints=-2", "train.sample_every=-1"])
+def test_negative_intervals_are_refused_in_one_line(override):
+    """``train.save_every=-1`` was taken, and saved a checkpoint after every iteration."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.teacher=x", override])
+    assert str(err.value) == f"command line: {override}: must be >= 0"
+
+
 def test_a_run_that_does_not_fit_the_gpu_is_refused_before_building(pipeline_dir, tmp_path, monkeypatch):
     """On a GPU, train plans the run with its own memory settings for the card it sees: a run that
     does not fit stops in one line (a 0.1 GiB card stands in for the GPU), the same run fits a 4 GiB

@@ -356,3 +356,16 @@ def test_print_config_shows_the_whole_run_without_training(tmp_path, capsys):
     (tmp_path / "printed.yaml").write_text(yaml.safe_dump(printed))
     assert plain(load_config(str(tmp_path / "printed.yaml"))) == printed
     assert not out.exists()
+
+
+def test_an_impossible_layout_for_a_saved_run_names_the_layout(pipeline_dir, tmp_path, world_of_one):
+    """The resume's check of the global batch needs the data-parallel size: it came first and said
+    the global batch 'was 2, now 0 (... data-parallel size 0)'."""
+    from adm_megatron.train.trainer import Trainer
+
+    run = ["train.max_iterations=1", "train.num_samples=0", "train.export=false"]
+    Trainer(_config(pipeline_dir, tmp_path, *run)).fit()
+    with pytest.raises(ConfigError) as err:
+        Trainer(_config(pipeline_dir, tmp_path, *run, "parallel.context_parallel=2"))
+    assert str(err.value) == ("parallel: world size 1 is not divisible by tensor_parallel x context_parallel = "
+                              "1 x 2")

@@ -11,8 +11,9 @@ chance value says little on a small batch. What shows learning is paired:
 * ``loss_vs_chance`` = loss / the loss of a discriminator that outputs 0 everywhere (1 at chance);
 * the first two per head (``paired_margin/hK``, ``paired_accuracy/hK``).
 
-Statistics are averaged over the data-parallel group, so they describe the global batch whatever
-the layout (every rank gets the same figures).
+The trainer averages them, as every logged figure, over the micro-batches and the data-parallel
+ranks (``train/phases.py``'s ``mean_metrics``), so they describe the global batch whatever the
+layout (every rank gets the same figures).
 """
 
 from __future__ import annotations
@@ -20,23 +21,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 PREFIX = "discriminator/"
-
-
-def _data_parallel_mean(values: torch.Tensor) -> torch.Tensor:
-    if not dist.is_available() or not dist.is_initialized():
-        return values
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_data_parallel_group()
-    size = dist.get_world_size(group)
-    if size == 1:
-        return values
-    values = values.clone()
-    dist.all_reduce(values, group=group)
-    return values / size
 
 
 @torch.no_grad()
@@ -53,16 +39,13 @@ def discriminator_health(logits_real: torch.Tensor, logits_fake: torch.Tensor, l
     diff = real[:n] - fake[:n]
     wins = (diff > 0).float() + 0.5 * (diff == 0).float()
     chance = loss_fn(torch.zeros_like(real), torch.zeros_like(fake)).detach().float()
-    per_head = torch.stack([diff.mean(0), wins.mean(0)])  # [2, heads]
-    stats = _data_parallel_mean(torch.cat([per_head.flatten(), (loss.detach().float() / chance).reshape(1)]))
-    heads = real.shape[1]
-    margin, accuracy = stats[:heads], stats[heads:2 * heads]
+    margin, accuracy = diff.mean(0), wins.mean(0)  # per head
     out = {
         PREFIX + "paired_margin": margin.mean().item(),
         PREFIX + "paired_accuracy": accuracy.mean().item(),
-        PREFIX + "loss_vs_chance": stats[-1].item(),
+        PREFIX + "loss_vs_chance": (loss.detach().float() / chance).item(),
     }
-    for h in range(heads):
+    for h in range(real.shape[1]):
         out[f"{PREFIX}paired_margin/h{h}"] = margin[h].item()
         out[f"{PREFIX}paired_accuracy/h{h}"] = accuracy[h].item()
     return out

@@ -5,6 +5,7 @@ from adm_megatron.parallel.runtime import (
     LaunchEnv,
     ParallelInfo,
     barrier,
+    data_parallel_mean,
     destroy_parallel,
     ensure_parallel,
     expand_nodelist,

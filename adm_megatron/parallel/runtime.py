@@ -170,6 +170,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+def data_parallel_mean(values: list[float]) -> list[float]:
+    """Each of ``values`` averaged over the data-parallel group (collective over it when it has more
+    than one rank; ``values`` themselves otherwise): figures of each rank's share of the global
+    batch made figures of the global batch, as Megatron-LM averages the losses it logs."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    size = dist.get_world_size(group)
+    if size == 1:
+        return values
+    summed = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend(group) == "nccl":
+        summed = summed.cuda()
+    dist.all_reduce(summed, group=group)
+    return (summed / size).tolist()
+
+
 def from_rank0(value):
     """Rank 0's ``value`` on every rank (collective over the world when there is more than one
     process; ``value`` itself otherwise)."""

@@ -9,7 +9,9 @@ dispatch), and then calls ``finalize_model_grads`` (DP / CP average, TP sums for
 and q/k-norm gradients) on that phase's DDP-wrapped network once; with
 ``parallel.overlap_grad_reduce`` the DP reduction has been started bucket by bucket from the last
 micro-batch's backward and is only waited for there (``train.grad_sync``). The phase's metrics are
-means over its micro-batches (equal-sized, so the means of the rank's rows); what each micro-batch's
+means over its micro-batches (equal-sized, so the means of the rank's rows) and then over the
+data-parallel ranks, so they are the global batch's on every rank whatever the layout (as
+Megatron-LM averages the losses it logs); the NaN policy reads each rank's own. What each micro-batch's
 loss function returns besides (the generator phase's ODE pair) is kept per micro-batch for the next
 phase. A phase may also train further networks with the same loss
 (``co_trained``: DMD2's classifier heads learn in its fake-score phase); their gradients are
@@ -41,6 +43,7 @@ import torch.distributed as dist
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from adm_megatron.parallel import data_parallel_mean
 from adm_megatron.parallel.device_scope import cpu_device_scope
 from adm_megatron.train.grad_sync import check_grads_arrived
 from adm_megatron.train.offload import Offloader
@@ -104,8 +107,11 @@ def no_sync_all(modules: list[torch.nn.Module]) -> Callable[[], contextlib.Abstr
 
 
 def mean_metrics(per_micro: list[dict]) -> dict:
-    """Each metric's mean over an update's (equal-sized) micro-batches."""
-    return {key: sum(m[key] for m in per_micro) / len(per_micro) for key in per_micro[0]}
+    """Each metric's mean over an update's (equal-sized) micro-batches and over the data-parallel
+    ranks (collective): a figure of the global batch whatever the layout, the same on every rank."""
+    keys = list(per_micro[0])
+    means = [sum(m[key] for m in per_micro) / len(per_micro) for key in keys]
+    return dict(zip(keys, data_parallel_mean(means)))
 
 
 class PhaseRunner:
@@ -170,14 +176,15 @@ class PhaseRunner:
                 finalize_model_grads([self.networks[name].module])
         for name in trained:
             check_grads_arrived(self.networks[name].module, name)
-        loss = sum(losses) / len(losses)
-        metrics = {f"{phase}/loss": loss}
+        loss = sum(losses) / len(losses)  # this rank's
         finite = not any_rank(not all(map(math.isfinite, losses)))  # the same decision on every rank
+        reported = mean_metrics([{f"{phase}/loss": value, **prefixed(m, phase)} for value, m in zip(losses, per_micro)])
+        metrics = {f"{phase}/loss": reported.pop(f"{phase}/loss")}  # the global batch's
         for name in trained:
             metrics.update(self._step(name, loss, finite, iteration, phase))
         metrics["skipped_steps"] = self.skipped_total
         metrics[f"{phase}/seconds"] = time.perf_counter() - start
-        metrics.update(prefixed(mean_metrics(per_micro), phase))
+        metrics.update(reported)
         return metrics, extras
 
     def _step(self, name: str, loss: float, finite: bool, iteration: int, phase: str) -> dict:

@@ -83,7 +83,7 @@ from adm_megatron.train.run_log import RunLogger
 from adm_megatron.train.samples import RunSamples
 from adm_megatron.train.single_stage import SingleStage
 from adm_megatron.train.teacher import TeacherSource, resolve_teacher
-from adm_megatron.train.validate import validate_run
+from adm_megatron.train.validate import data_parallel_size, validate_run
 
 logger = logging.getLogger("adm_megatron")
 
@@ -137,6 +137,7 @@ def build_algorithm(config: Config, networks: Networks, schedule) -> Distillatio
 class Trainer:
     def __init__(self, config: Config):
         self.config = config
+        data_parallel_size(config, launch_env().world_size)  # the layout first: a resume's checks need it
         self.resume_point = plan_resume(config, launch_env().world_size)
         if self.resume_point.finished:
             return  # nothing to build: fit() reports the finished run and writes nothing

@@ -23,15 +23,23 @@ from adm_megatron.train.profiling import check_profile
 from adm_megatron.train.teacher import TeacherSource
 
 
-def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> None:
-    arch = teacher.arch
+def data_parallel_size(config: Config, world_size: int) -> int:
+    """``config``'s data-parallel size on ``world_size`` ranks; a one-line ``ConfigError`` when the
+    world does not divide into tensor x context parallel groups (checked before anything else that
+    needs the size, a resumed run's global batch included)."""
     tp, cp = config.parallel.tensor_parallel, config.parallel.context_parallel
     if world_size % (tp * cp):
         raise ConfigError(
             f"parallel: world size {world_size} is not divisible by tensor_parallel x "
             f"context_parallel = {tp} x {cp}"
         )
-    dp = world_size // (tp * cp)
+    return world_size // (tp * cp)
+
+
+def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> None:
+    arch = teacher.arch
+    tp, cp = config.parallel.tensor_parallel, config.parallel.context_parallel
+    dp = data_parallel_size(config, world_size)
     microbatches_for(config.data.global_batch_size, config.data.batch_size, dp)
     check_profile(config.logging.profile, world_size, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     for name in ("generator", "fake_score", "discriminator"):
