@@ -72,7 +72,7 @@ def test_tiny_sbatch_job_is_preempted_requeued_and_resumes_exactly(tmp_path):
     assert restarts == "1"
     assert "start 0 on" in text and "start 1 on" in text  # SLURM_RESTART_COUNT of the two starts
     assert "stop signal: forwarding SIGUSR1 to the training step" in text
-    assert "training step exited with 75" in text and f"requeueing job {job}" in text
+    assert "training step stopped after saving a checkpoint (exit 75)" in text and f"requeueing job {job}" in text
     stopped = int(re.search(r"run stopped by a signal after iteration (\d+)", text).group(1))
     assert 2 <= stopped < ITERATIONS
     assert f"resumed from {out}/checkpoints/iter_{stopped:07d}:" in text

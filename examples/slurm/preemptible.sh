@@ -8,18 +8,27 @@
 # checkpoint. A TERM (scancel, or preemption, which SLURM requeues by itself) only saves.
 
 run_preemptible() {
-    local requeue=0 rc=0
+    local requeue=0 signalled=0 rc=0
     "$@" &
     local step=$!
-    trap 'requeue=1; echo "[$(date +%T)] stop signal: forwarding SIGUSR1 to the training step"; kill -USR1 "$step" 2>/dev/null' USR1
-    trap 'echo "[$(date +%T)] SIGTERM: forwarding SIGUSR1 to the training step"; kill -USR1 "$step" 2>/dev/null' TERM
+    trap 'requeue=1; signalled=1; echo "[$(date +%T)] stop signal: forwarding SIGUSR1 to the training step"; kill -USR1 "$step" 2>/dev/null' USR1
+    trap 'signalled=1; echo "[$(date +%T)] SIGTERM: forwarding SIGUSR1 to the training step"; kill -USR1 "$step" 2>/dev/null' TERM
     while true; do
         wait "$step"
         rc=$?
         kill -0 "$step" 2>/dev/null || break  # wait was only interrupted by the trap: the step goes on
     done
     trap - USR1 TERM
-    echo "[$(date +%T)] training step exited with $rc (75: stopped after saving a checkpoint)"
+    case $rc in
+        0) echo "[$(date +%T)] training step done" ;;
+        75) echo "[$(date +%T)] training step stopped after saving a checkpoint (exit 75)" ;;
+        # torchrun reports a stop of its workers (75) or its own shutdown on a signal as a failure
+        *) if [ "$signalled" = 1 ]; then
+               echo "[$(date +%T)] training step exited with $rc after a stop signal (torchrun reports its workers' stop as a failure; checkpoints/latest names what they saved)"
+           else
+               echo "[$(date +%T)] training step exited with $rc"
+           fi ;;
+    esac
     if [ "$requeue" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
         echo "[$(date +%T)] requeueing job $SLURM_JOB_ID to go on from the last checkpoint"
         scontrol requeue "$SLURM_JOB_ID"
