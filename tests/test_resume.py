@@ -175,6 +175,8 @@ def test_a_finished_run_started_again_does_nothing_and_other_configs_are_refused
     refusals = {
         "optim.generator.lr=1e-3": "config.yaml: optim.generator.lr=0.0001 there but 0.001 now",
         "train.resume=never": "already holds a run and train.resume=never",
+        "train.max_iterations=10": "config.yaml: train.max_iterations=8 there but 10 now; "
+                                   "optim.generator.decay_style=cosine decays the learning rate over the run's length",
     }
     for override, message in refusals.items():
         proc = subprocess.run(_command(pipeline_dir, uninterrupted, override), cwd=ROOT, env=_env(),
@@ -308,3 +310,33 @@ def test_keys_newer_than_a_saved_run_pass_at_their_defaults_and_kernels_may_chan
         "model.teacher=x", "distill.method=adm", "model.compile=blocks", "model.attention_backend=math"]), "run")
     with pytest.raises(ConfigError, match="distill.delta_t"):  # an existing key still may not change
         check_compatible(config_to_dict(config), load_config(None, ["model.teacher=x", "distill.delta_t=7"]), "run")
+
+
+def test_a_constant_lr_run_is_lengthened_exactly_and_never_cut_below_what_it_did(tmp_path, world_of_one):
+    """A finished run started again with a larger train.max_iterations goes on from its last
+    checkpoint, and its records equal those of a run that had the longer length from the start
+    (fp64; constant learning rates, a warmup included); a length below what a run did is refused."""
+    from tiny_runs import tiny_fp64_run
+
+    from adm_megatron.config import ConfigError, load_config
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+    from adm_megatron.train.trainer import Trainer
+
+    pipeline_dir = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+
+    def trainer(out: str, iterations: int) -> Trainer:
+        return Trainer(load_config(None, [f"model.teacher={pipeline_dir}", f"output_dir={out}",
+                                          *tiny_fp64_run(iterations), "optim.fake_score.warmup_iters=2",
+                                          "train.ema_decay=0.5"]))
+
+    lengthened, whole = str(tmp_path / "lengthened"), str(tmp_path / "whole")
+    assert trainer(lengthened, 3).fit().trained == 3
+    result = trainer(lengthened, 5).fit()
+    assert (result.iterations, result.trained) == (5, 2)
+    trainer(whole, 5).fit()
+    assert [without_timing(r) for r in _metrics(lengthened)] == [without_timing(r) for r in _metrics(whole)]
+    assert trainer(lengthened, 5).fit().trained == 0  # finished at its new length
+    with pytest.raises(ConfigError) as err:
+        trainer(lengthened, 4)
+    assert str(err.value).endswith("the run has done 5 iterations, more than train.max_iterations=4; a run can be "
+                                   "lengthened, not cut below what it has done")

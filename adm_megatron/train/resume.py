@@ -11,7 +11,9 @@ A run never writes into an ``output_dir`` that holds a different run: the curren
 compared with ``output_dir/config.yaml`` and with the checkpoint's config on every key except
 those that may change between invocations (the parallel layout, which loading reshards, the
 kernels, and how the run is logged, saved and exported) and keys newer than the run at their
-defaults; the first differing key is named in one line. The global
+defaults; the first differing key is named in one line. ``train.max_iterations`` may change when
+every learning rate is constant (a finished run started again with more iterations goes on from
+its last checkpoint), never below the iterations done. The global
 batch (``data.global_batch_size``, or ``data.batch_size`` x data-parallel size when it is 0) must
 stay the same; how it is split over ranks and micro-batches may change (``adm_megatron.data.batch_layout``:
 the rows an iteration sees do not depend on the split), so a run saved on 8 GPUs goes on on 4 with
@@ -54,6 +56,10 @@ MAY_CHANGE = (
 )
 
 
+LENGTH = "train.max_iterations"  # may change with constant learning rates (_check_length)
+NETWORKS = ("generator", "fake_score", "discriminator")
+
+
 @dataclass
 class ResumePoint:
     checkpoint: str | None  # checkpoint directory to load, None for a fresh start
@@ -71,6 +77,20 @@ def _flatten(values: dict, prefix: str = "") -> dict:
     return out
 
 
+def _check_length(before: dict, now: dict, source: str) -> None:
+    """``train.max_iterations`` may change (a run lengthened, or shortened to no less than it has
+    done: ``plan_resume``) when no network's learning rate decays over the run's length; otherwise
+    the schedule of the iterations already done would change with it."""
+    decaying = [f"optim.{n}.decay_style={now[f'optim.{n}.decay_style']}" for n in NETWORKS
+                if now[f"optim.{n}.decay_style"] != "constant"]
+    if decaying:
+        raise ConfigError(
+            f"{source}: train.max_iterations={before[LENGTH]!r} there but {now[LENGTH]!r} now; {decaying[0]} "
+            "decays the learning rate over the run's length, so the run cannot change it (a constant schedule "
+            "can; a different run needs a new output_dir)"
+        )
+
+
 def check_compatible(saved: dict, config: Config, source: str) -> None:
     """One-line ConfigError naming the first key that differs and may not. A key the saved config
     does not have (added to adm_megatron after the run was saved) passes at its default value: a new
@@ -80,6 +100,9 @@ def check_compatible(saved: dict, config: Config, source: str) -> None:
     defaults = _flatten(config_to_dict(Config()))
     for key in sorted(set(now) | set(before)):
         if any(key == p or (p.endswith(".") and key.startswith(p)) for p in MAY_CHANGE):
+            continue
+        if key == LENGTH and now.get(key) != before.get(key):
+            _check_length(before, now, source)
             continue
         if key not in before and key in defaults and now.get(key) == defaults[key]:
             continue
@@ -132,6 +155,11 @@ def plan_resume(config: Config, world_size: int) -> ResumePoint:
             f"set data.global_batch_size={before}"
         )
     iteration = int(state["iteration"])
+    if iteration > config.train.max_iterations:
+        raise ConfigError(
+            f"{state_file}: the run has done {iteration} iterations, more than train.max_iterations="
+            f"{config.train.max_iterations}; a run can be lengthened, not cut below what it has done"
+        )
     finished = (
         iteration == config.train.max_iterations
         and os.path.abspath(ckpt).startswith(os.path.abspath(out) + os.sep)
