@@ -60,6 +60,9 @@ def generator_steps(generator_dir: str, steps: int | None) -> int:
     """The generator's sampling steps: ``steps`` when given (a note on stderr when it differs from
     the distilled count), else the count in its ``distillation.json``; one-line ValueError when
     neither says."""
+    if not os.path.isdir(generator_dir):
+        raise ValueError(f"--generator {generator_dir}: not found (a generator directory adm-megatron train or "
+                         "export wrote, or a diffusers transformer directory)")
     record = read_distillation_record(generator_dir)
     if steps is None:
         if record is None:
@@ -199,6 +202,10 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
             raise ValueError(f"{run.name} steps={run.steps}: expected >= 1")
     transformer = generator_parts(pipeline_dir, runs[0].transformer_dir)[0]  # a LoRA file: the teacher's
     family = family_of_model_dir(transformer)
+    pipeline_class = read_config(pipeline_dir, "model_index.json", "a diffusers pipeline").get("_class_name")
+    if pipeline_class not in family.pipeline_classes:  # before anything is written
+        raise ValueError(f"--pipeline {pipeline_dir}: a {pipeline_class} directory, but {transformer} is a "
+                         f"{family.name} transformer (expected a {' or '.join(family.pipeline_classes)} directory)")
     arch = family.arch_from_pretrained_dir(transformer)
     video = family.latent_layout == "video"
     scale = pipeline_scale(pipeline_dir, read_config(transformer, "config.json", "transformer"), video)

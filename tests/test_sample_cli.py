@@ -348,3 +348,31 @@ def test_sample_decodes_in_tiles_when_asked(tmp_path, world_of_one, monkeypatch)
     assert main([*args, "--vae-tiling", "--out", str(tmp_path / "tiled")]) == 0
     assert len(calls) == 2
     assert json.loads((tmp_path / "tiled" / "sample_timing.json").read_text())["vae_tiling"] is True
+
+
+def test_a_generator_of_another_family_or_none_is_refused_before_anything_is_written(tmp_path, capsys):
+    """A CogVideoX generator with an SD3 pipeline was a KeyError traceback; the other way round, a
+    one-line refusal that left sample_args.json behind, so the corrected command found --out taken;
+    a missing --generator was blamed on its distillation.json."""
+    from adm_megatron.cli import main
+    from adm_megatron.data.tiny_sd3_pipeline import build_tiny_sd3_pipeline
+
+    cogvideox = build_tiny_pipeline(str(tmp_path / "cogvideox"), seed=0)
+    sd3 = build_tiny_sd3_pipeline(str(tmp_path / "sd3"), seed=0)
+    capsys.readouterr()
+    out = tmp_path / "samples"
+    cases = [
+        (sd3, f"{cogvideox}/transformer", f"--pipeline {sd3}: a StableDiffusion3Pipeline directory, but "
+                                         f"{cogvideox}/transformer is a cogvideox transformer (expected a "
+                                         "CogVideoXPipeline directory)"),
+        (cogvideox, f"{sd3}/transformer", f"--pipeline {cogvideox}: a CogVideoXPipeline directory, but "
+                                         f"{sd3}/transformer is a sd3 transformer (expected a StableDiffusion3Pipeline "
+                                         "directory)"),
+        (cogvideox, str(tmp_path / "nowhere"), f"--generator {tmp_path / 'nowhere'}: not found"),
+    ]
+    for pipeline, generator, message in cases:
+        assert main(["sample", "--pipeline", pipeline, "--generator", generator, "--steps", "2", "--prompt", "x",
+                     "--teacher-steps", "0", "--out", str(out)]) == 2
+        ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("adm-megatron sample:")]
+        assert len(ours) == 1 and ours[0].startswith(f"adm-megatron sample: {message}"), ours
+        assert not out.exists()
