@@ -107,6 +107,15 @@ def test_round_trip_is_bit_exact_and_loads_in_diffusers(world_of_one, hf_dirs, v
     assert (ours - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+def test_a_pipeline_directory_converts_as_its_transformer(world_of_one, cogvideox_pipeline, tmp_path):
+    from adm_megatron.convert import hf_to_megatron_checkpoint, megatron_to_hf_checkpoint
+
+    ckpt, back = str(tmp_path / "meg"), str(tmp_path / "hf")
+    hf_to_megatron_checkpoint(cogvideox_pipeline, ckpt)  # as model.teacher takes it
+    megatron_to_hf_checkpoint(ckpt, back)
+    _assert_same_weights(_weights(back), _weights(os.path.join(cogvideox_pipeline, "transformer")), "pipeline")
+
+
 def test_a_lora_generator_checkpoint_loads_with_its_adapters_and_converts_merged(world_of_one, hf_dirs, tmp_path):
     """A LoRA run's generator checkpoint (e.g. a mid-run one) records its adapters' settings; it
     loads back with the same adapters and converts to diffusers with them merged into the weights."""

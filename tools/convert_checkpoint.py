@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         "megatron-core distributed checkpoint.",
     )
     h2m.add_argument("--hf-path", required=True, metavar="DIR",
-                     help="diffusers model directory (e.g. CogVideoX-2b/transformer)")
+                     help="diffusers model directory (e.g. CogVideoX-2b/transformer), or a pipeline "
+                     "directory with one in transformer/")
     common(h2m)
     h2m.add_argument("--dtype", choices=DTYPES, default="float32",
                      help="parameter dtype stored in the checkpoint (default float32)")
@@ -141,10 +142,12 @@ def _check_inputs(args) -> int:
     source, flag = (args.hf_path, "--hf-path") if args.command == "hf-to-megatron" else (args.ckpt, "--ckpt")
     if not os.path.isdir(source):
         _fail(f"{flag} {source}: no such directory")
+    from adm_megatron.convert.checkpoint import CheckpointError, transformer_dir_of, verify_checkpoint
+
+    if args.command == "hf-to-megatron":
+        source = transformer_dir_of(source)  # a pipeline directory: its transformer/
     if os.path.isfile(args.out) or (os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite):
         _fail(f"--out {args.out} exists and is not empty (pass --overwrite to replace it)")
-
-    from adm_megatron.convert.checkpoint import CheckpointError, verify_checkpoint
 
     try:
         if args.command == "hf-to-megatron":

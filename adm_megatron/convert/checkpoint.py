@@ -515,14 +515,23 @@ def load_megatron_checkpoint(ckpt_dir: str, *, arch=None, **build_kwargs):
 # conversion
 
 
+def transformer_dir_of(path: str) -> str:
+    """``path``, or the transformer of the diffusers pipeline directory ``path`` (``transformer/``)."""
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return os.path.join(path, "transformer")
+    return path
+
+
 def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, *, overwrite: bool = False, **build_kwargs) -> str:
     """Collective: diffusers transformer directory (of any registered family, by its
-    ``_class_name``) -> megatron checkpoint, written at the current layout (a world of one if none
-    is initialized)."""
+    ``_class_name``), or a pipeline directory with one in ``transformer/`` (as ``model.teacher``
+    takes) -> megatron checkpoint, written at the current layout (a world of one if none is
+    initialized)."""
     from adm_megatron.families import family_of_model_dir
 
     if not os.path.isdir(hf_dir):
         raise CheckpointNotFoundError(f"diffusers model directory {hf_dir} does not exist")
+    hf_dir = transformer_dir_of(hf_dir)
     check_output_dir(os.path.abspath(out_dir), overwrite)
     try:
         family = family_of_model_dir(hf_dir)

@@ -321,7 +321,7 @@ def check_settings(shape: Shape, s: Settings) -> None:
     offloaded = sorted(n for n in TRAINABLE if s.offload_mode(n) != "none")
     if offloaded and not s.pinned_memory:
         raise PlanError(f"offload of {', '.join(offloaded)}: needs pinned host memory, which this machine cannot "
-                        "give (no CUDA); use offload=none")
+                        "give (no CUDA); use offload=none, or --assume-pinned-memory to plan for a GPU machine")
     for name in sorted(s.shard_optimizer):
         if s.offload_mode(name) == "optimizer_and_params":
             raise PlanError(f"{name}: offload=optimizer_and_params with a sharded optimizer: the weights of a "

@@ -98,7 +98,8 @@ def format_table(plan: MemoryPlan, title: str = "") -> str:
     for name, p in plan.phases.items():
         parts = ", ".join(f"{k} {gib(v):.2f}" for k, v in sorted(p.transients.items(), key=lambda kv: -kv[1]))
         lines.append(f"{name:<{w}}{gib(p.resident):>10.2f}{gib(p.activations):>10.2f}"
-                     f"{gib(sum(p.transients.values())):>11.2f}{gib(p.peak):>10.2f}   {p.peak_moment} ({parts})")
+                     f"{gib(sum(p.transients.values())):>11.2f}{gib(p.peak):>10.2f}   {p.peak_moment}"
+                     f"{f' ({parts})' if parts else ''}")
     if plan.samples is not None:
         p = plan.samples
         parts = ", ".join(f"{k} {gib(v):.2f}" for k, v in sorted(p.transients.items(), key=lambda kv: -kv[1]))
