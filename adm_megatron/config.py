@@ -12,7 +12,7 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -383,6 +383,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         _apply(config, values, "", path)
+    overridden = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -392,7 +393,14 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         except yaml.YAMLError:
             value = raw
         _apply(config, _nest(key, value), "", "command line")
-    _check_fields(config, path or "command line")
+        overridden.append(key)
+
+    def where(key: str) -> str:
+        """The command line for a key it set (or a section holding it, or a key inside it), else the file."""
+        on_command_line = any(key == o or key.startswith(f"{o}.") or o.startswith(f"{key}.") for o in overridden)
+        return "command line" if path is None or on_command_line else path
+
+    _check_fields(config, where)
     return config
 
 
@@ -400,18 +408,18 @@ def config_from_dict(values: dict, source: str) -> Config:
     """A ``Config`` from a saved dict (``config_to_dict``'s output, e.g. a checkpoint's), type-checked."""
     config = Config()
     _apply(config, values, "", source)
-    _check_fields(config, source)
+    _check_fields(config, lambda _key: source)
     return config
 
 
-def _check_fields(config: Config, source: str) -> None:
-    """Choices and ranges that need no file system or model."""
+def _check_fields(config: Config, where: Callable[[str], str]) -> None:
+    """Choices and ranges that need no file system or model; ``where(key)`` names where a key was set."""
     for dotted, allowed in CHOICES.items():
         section, name = dotted.split(".")
         value = getattr(getattr(config, section), name)
         if value not in allowed:
             names = ", ".join("null" if a is None else a for a in allowed)
-            raise ConfigError(f"{source}: {dotted}={value!r}: expected one of {names}")
+            raise ConfigError(f"{where(dotted)}: {dotted}={value!r}: expected one of {names}")
     positive = {
         "parallel.tensor_parallel": config.parallel.tensor_parallel,
         "parallel.context_parallel": config.parallel.context_parallel,
@@ -430,119 +438,149 @@ def _check_fields(config: Config, source: str) -> None:
     }
     for key, value in positive.items():
         if value < 1:
-            raise ConfigError(f"{source}: {key}={value}: must be >= 1")
+            raise ConfigError(f"{where(key)}: {key}={value}: must be >= 1")
     lo, hi = config.distill.guidance_scale
     if not 0 <= lo <= hi:
-        raise ConfigError(f"{source}: distill.guidance_scale=[{lo}, {hi}]: expected 0 <= low <= high")
-    for key, value in {"train.save_every": config.train.save_every, "train.keep_checkpoints": config.train.keep_checkpoints,
+        raise ConfigError(f"{where('distill.guidance_scale')}: "
+                          f"distill.guidance_scale=[{lo}, {hi}]: expected 0 <= low <= high")
+    for key, value in {"train.save_every": config.train.save_every,
+                       "train.keep_checkpoints": config.train.keep_checkpoints,
                        "train.num_samples": config.train.num_samples, "train.sample_every": config.train.sample_every,
                        "train.save_interval_minutes": config.train.save_interval_minutes}.items():
         if value < 0:
-            raise ConfigError(f"{source}: {key}={value}: must be >= 0")
+            raise ConfigError(f"{where(key)}: {key}={value}: must be >= 0")
     if config.data.global_batch_size < 0:
-        raise ConfigError(f"{source}: data.global_batch_size={config.data.global_batch_size}: expected >= 0 "
+        raise ConfigError(f"{where('data.global_batch_size')}: "
+                          f"data.global_batch_size={config.data.global_batch_size}: expected >= 0 "
                           "(0: data.batch_size x data-parallel size)")
     if 0 < config.data.global_batch_size < config.data.batch_size:
-        raise ConfigError(f"{source}: data.global_batch_size={config.data.global_batch_size}: smaller than "
+        raise ConfigError(f"{where('data.global_batch_size')}: "
+                          f"data.global_batch_size={config.data.global_batch_size}: smaller than "
                           f"data.batch_size={config.data.batch_size}, the rows of one micro-batch on one rank")
     if config.parallel.grad_bucket_size < 0:
-        raise ConfigError(f"{source}: parallel.grad_bucket_size={config.parallel.grad_bucket_size}: expected >= 0 "
+        raise ConfigError(f"{where('parallel.grad_bucket_size')}: "
+                          f"parallel.grad_bucket_size={config.parallel.grad_bucket_size}: expected >= 0 "
                           "(0: megatron's default)")
     if config.parallel.timeout_s <= 0:
-        raise ConfigError(f"{source}: parallel.timeout_s={config.parallel.timeout_s}: must be > 0")
+        raise ConfigError(f"{where('parallel.timeout_s')}: parallel.timeout_s={config.parallel.timeout_s}: must be > 0")
     if not config.train.resume:
-        raise ConfigError(f"{source}: train.resume is empty: expected auto, never or a checkpoint path")
+        raise ConfigError(f"{where('train.resume')}: train.resume is empty: expected auto, never or a checkpoint path")
     profile = config.logging.profile
     if profile is not None:
         if not 0 <= profile.start < profile.end:
-            raise ConfigError(f"{source}: logging.profile: start={profile.start}, end={profile.end}: expected "
+            raise ConfigError(f"{where('logging.profile')}: "
+                              f"logging.profile: start={profile.start}, end={profile.end}: expected "
                               "0 <= start < end (iterations start .. end - 1 are profiled)")
         if profile.mode not in PROFILE_MODES:
-            raise ConfigError(f"{source}: logging.profile.mode={profile.mode!r}: expected one of "
+            raise ConfigError(f"{where('logging.profile.mode')}: "
+                              f"logging.profile.mode={profile.mode!r}: expected one of "
                               f"{', '.join(PROFILE_MODES)}")
         if not profile.ranks or any(r < 0 for r in profile.ranks):
-            raise ConfigError(f"{source}: logging.profile.ranks={profile.ranks}: expected a non-empty list of ranks >= 0")
+            raise ConfigError(f"{where('logging.profile.ranks')}: "
+                              f"logging.profile.ranks={profile.ranks}: expected a non-empty list of ranks >= 0")
     if not 0 <= config.train.ema_decay < 1:
-        raise ConfigError(f"{source}: train.ema_decay={config.train.ema_decay}: expected 0 <= decay < 1")
+        raise ConfigError(f"{where('train.ema_decay')}: "
+                          f"train.ema_decay={config.train.ema_decay}: expected 0 <= decay < 1")
     for name in ("teacher", "fake_score", "generator"):
-        parse_recompute(getattr(config.model.recompute, name), f"model.recompute.{name}", source)
+        key = f"model.recompute.{name}"
+        parse_recompute(getattr(config.model.recompute, name), key, where(key))
     m = config.model
     if m.fp8 is not None:
         if m.impl == "local":
-            raise ConfigError(f"{source}: model.fp8={m.fp8} needs the Transformer Engine spec (model.impl=te or auto); "
+            raise ConfigError(f"{where('model.fp8')}: "
+                              f"model.fp8={m.fp8} needs the Transformer Engine spec (model.impl=te or auto); "
                               "model.impl=local has no FP8 kernels")
         if m.dtype == "fp64":
-            raise ConfigError(f"{source}: model.fp8={m.fp8} with model.dtype=fp64: expected bf16 or fp32")
+            raise ConfigError(f"{where('model.fp8')}: model.fp8={m.fp8} with model.dtype=fp64: expected bf16 or fp32")
         if m.fp8_margin < 0 or m.fp8_amax_history_len < 1:
-            raise ConfigError(f"{source}: model.fp8_margin={m.fp8_margin} / fp8_amax_history_len="
+            raise ConfigError(f"{where('model.fp8_margin')}: model.fp8_margin={m.fp8_margin} / fp8_amax_history_len="
                               f"{m.fp8_amax_history_len}: expected margin >= 0 and history >= 1")
     if m.attention_backend == "te" and m.impl == "local":
-        raise ConfigError(f"{source}: model.attention_backend=te with model.impl=local: Transformer Engine's "
+        raise ConfigError(f"{where('model.attention_backend')}: "
+                          f"model.attention_backend=te with model.impl=local: Transformer Engine's "
                           "attention comes with the TE spec (model.impl=te or auto)")
     if config.model.bf16_params and config.model.dtype != "bf16":
-        raise ConfigError(f"{source}: model.bf16_params=true needs model.dtype=bf16 (got {config.model.dtype})")
+        raise ConfigError(f"{where('model.bf16_params')}: "
+                          f"model.bf16_params=true needs model.dtype=bf16 (got {config.model.dtype})")
     if not config.model.grad_reduce_in_fp32 and not config.model.bf16_params:
-        raise ConfigError(f"{source}: model.grad_reduce_in_fp32=false applies to bf16 weights (model.bf16_params=true); "
+        raise ConfigError(f"{where('model.grad_reduce_in_fp32')}: "
+                          f"model.grad_reduce_in_fp32=false applies to bf16 weights (model.bf16_params=true); "
                           "fp32 weights' gradients are fp32")
     for name in ("generator", "fake_score", "discriminator"):
         opt = getattr(config.optim, name)
         if opt.lr <= 0 or opt.grad_clip < 0 or opt.weight_decay < 0:
-            raise ConfigError(f"{source}: optim.{name}: lr must be > 0, grad_clip and weight_decay >= 0")
+            raise ConfigError(f"{where(f'optim.{name}')}: "
+                              f"optim.{name}: lr must be > 0, grad_clip and weight_decay >= 0")
         if opt.decay_style not in DECAY_STYLES:
-            raise ConfigError(f"{source}: optim.{name}.decay_style={opt.decay_style!r}: expected one of "
+            raise ConfigError(f"{where(f'optim.{name}.decay_style')}: "
+                              f"optim.{name}.decay_style={opt.decay_style!r}: expected one of "
                               f"{', '.join(DECAY_STYLES)}")
         if opt.offload not in OFFLOAD_CHOICES:
-            raise ConfigError(f"{source}: optim.{name}.offload={opt.offload!r}: expected one of "
+            raise ConfigError(f"{where(f'optim.{name}.offload')}: "
+                              f"optim.{name}.offload={opt.offload!r}: expected one of "
                               f"{', '.join(OFFLOAD_CHOICES)}")
         if opt.shard_over_dp and opt.offload == "optimizer_and_params":
-            raise ConfigError(f"{source}: optim.{name}.offload=optimizer_and_params with shard_over_dp=true: a "
+            raise ConfigError(f"{where(f'optim.{name}.offload')}: "
+                              f"optim.{name}.offload=optimizer_and_params with shard_over_dp=true: a "
                               "sharded network's weights are views into megatron DDP's parameter buffer and "
                               "cannot move; use offload=optimizer")
         if not 0 <= opt.min_lr <= opt.lr:
-            raise ConfigError(f"{source}: optim.{name}.min_lr={opt.min_lr}: expected 0 <= min_lr <= lr={opt.lr}")
+            raise ConfigError(f"{where(f'optim.{name}.min_lr')}: "
+                              f"optim.{name}.min_lr={opt.min_lr}: expected 0 <= min_lr <= lr={opt.lr}")
         updates = network_updates(config, name)
         if not 0 <= opt.warmup_iters < updates:
-            raise ConfigError(f"{source}: optim.{name}.warmup_iters={opt.warmup_iters}: expected 0 <= warmup "
+            raise ConfigError(f"{where(f'optim.{name}.warmup_iters')}: "
+                              f"optim.{name}.warmup_iters={opt.warmup_iters}: expected 0 <= warmup "
                               f"< the network's {updates} updates in train.max_iterations")
     d = config.distill
     lo, hi = d.dmd_t_range
     if not 0 <= lo < hi <= 1:
-        raise ConfigError(f"{source}: distill.dmd_t_range=[{lo}, {hi}]: expected 0 <= low < high <= 1")
+        raise ConfigError(f"{where('distill.dmd_t_range')}: "
+                          f"distill.dmd_t_range=[{lo}, {hi}]: expected 0 <= low < high <= 1")
     if not 0 < d.gan_t_max <= 1:
-        raise ConfigError(f"{source}: distill.gan_t_max={d.gan_t_max}: expected 0 < gan_t_max <= 1")
+        raise ConfigError(f"{where('distill.gan_t_max')}: distill.gan_t_max={d.gan_t_max}: expected 0 < gan_t_max <= 1")
     if d.gan_weight < 0 or d.cls_weight < 0:
-        raise ConfigError(f"{source}: distill.gan_weight / cls_weight: expected >= 0")
+        raise ConfigError(f"{where('distill.gan_weight')}: distill.gan_weight / cls_weight: expected >= 0")
     if config.logging.dead_discriminator_window < 0:
-        raise ConfigError(f"{source}: logging.dead_discriminator_window="
+        raise ConfigError(f"{where('logging.dead_discriminator_window')}: logging.dead_discriminator_window="
                           f"{config.logging.dead_discriminator_window}: expected >= 0 (0 disables)")
     if d.method in ("dmd2", "adp") and not config.data.real_path:
-        raise ConfigError(f"{source}: distill.method={d.method} needs data.real_path (teacher ODE pairs from "
+        raise ConfigError(f"{where('distill.method')}: "
+                          f"distill.method={d.method} needs data.real_path (teacher ODE pairs from "
                           "tools/collect_ode_pairs.py)")
     if d.latent_weight < 0 or d.pixel_weight < 0 or d.latent_weight + d.pixel_weight == 0:
-        raise ConfigError(f"{source}: distill.latent_weight={d.latent_weight} / pixel_weight={d.pixel_weight}: "
+        raise ConfigError(f"{where('distill.latent_weight')}: "
+                          f"distill.latent_weight={d.latent_weight} / pixel_weight={d.pixel_weight}: "
                           "expected >= 0, not both 0")
     if not 0 <= d.pure_noise_share <= 1:
-        raise ConfigError(f"{source}: distill.pure_noise_share={d.pure_noise_share}: expected a share in [0, 1]")
+        raise ConfigError(f"{where('distill.pure_noise_share')}: "
+                          f"distill.pure_noise_share={d.pure_noise_share}: "
+                          "expected a share in [0, 1]")
     for key in ("renoise", "pure_noise_share", "pixel_recompute"):  # ADP's own: refused away from their defaults elsewhere
         value = getattr(d, key)
         if d.method != "adp" and value != getattr(DistillConfig, key):
-            raise ConfigError(f"{source}: distill.{key}={value} is an ADP option (distill.method=adp), "
+            raise ConfigError(f"{where(f'distill.{key}')}: "
+                              f"distill.{key}={value} is an ADP option (distill.method=adp), "
                               f"got distill.method={d.method}")
     if d.method == "adp" and d.pixel_weight > 0 and not d.pixel_encoder_path:
-        raise ConfigError(f"{source}: distill.pixel_weight={d.pixel_weight} needs distill.pixel_encoder_path (a "
+        raise ConfigError(f"{where('distill.pixel_weight')}: "
+                          f"distill.pixel_weight={d.pixel_weight} needs distill.pixel_encoder_path (a "
                           f"local {d.pixel_encoder} encoder directory), or set distill.pixel_weight=0")
     if not config.model.teacher:
-        raise ConfigError(f"{source}: model.teacher is required (a diffusers directory or megatron checkpoint)")
+        raise ConfigError(f"{where('model.teacher')}: "
+                          f"model.teacher is required (a diffusers directory or megatron checkpoint)")
     if config.data.source == "shards" and not config.data.path:
-        raise ConfigError(f"{source}: data.source=shards needs data.path")
+        raise ConfigError(f"{where('data.source')}: data.source=shards needs data.path")
     lora = config.model.lora
     if lora is not None:
         if lora.rank < 1 or lora.alpha <= 0:
-            raise ConfigError(f"{source}: model.lora: rank={lora.rank}, alpha={lora.alpha}: expected rank >= 1 "
+            raise ConfigError(f"{where('model.lora')}: "
+                              f"model.lora: rank={lora.rank}, alpha={lora.alpha}: expected rank >= 1 "
                               "and alpha > 0")
         names = lora.target_modules
         if not names or any(not n for n in names) or len(set(names)) != len(names):
-            raise ConfigError(f"{source}: model.lora.target_modules={names!r}: expected distinct, non-empty "
+            raise ConfigError(f"{where('model.lora.target_modules')}: "
+                              f"model.lora.target_modules={names!r}: expected distinct, non-empty "
                               "diffusers module names (e.g. [to_q, to_k, to_v, to_out.0])")
 
 

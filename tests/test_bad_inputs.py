@@ -237,3 +237,19 @@ def test_trains_pre_flight_plans_adps_pixel_branch(pipeline_dir, tmp_path, monke
     with pytest.raises(ConfigError, match=r"^memory plan: distill.pixel_weight=0.15: the pixel branch is planned from "
                                           r"distill.pixel_encoder_path's config, sam/config.json, which is not there$"):
         preflight.check_run_fits(load_config(None, [*adp, "distill.pixel_encoder_path=sam"]), 1, card)
+
+
+def test_a_bad_value_is_blamed_on_where_it_was_set(tmp_path):
+    """A value from the command line was reported as the config file's."""
+    config = tmp_path / "run.yaml"
+    config.write_text("distill:\n  method: foo\noptim:\n  generator: {lr: 1.0e-5}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(config), ["train.max_iterations=3"])
+    assert str(err.value) == f"{config}: distill.method='foo': expected one of adm, dmd, dmd2, adp"
+    config.write_text("distill:\n  method: adm\n")
+    for override, message in (("distill.method=bar", "distill.method='bar': expected one of"),
+                              ("optim.generator.lr=-1", "optim.generator: lr must be > 0"),
+                              ("optim.generator={lr: -1}", "optim.generator: lr must be > 0")):
+        with pytest.raises(ConfigError) as err:
+            load_config(str(config), [override])
+        assert str(err.value).startswith(f"command line: {message}"), err.value
