@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from adm_megatron.config import LoraConfig
 from adm_megatron.convert.distillation_record import write_distillation_record
+from adm_megatron.file_modes import give_umask_modes
 from adm_megatron.lora.adapters import apply_lora, lora_adapters
 from adm_megatron.lora.merge import merged_full_state_dict
 from adm_megatron.parallel import barrier, from_rank0
@@ -165,6 +166,7 @@ def publish_temporary_dir(tmp: str, out_dir: str, failure: BaseException | None 
     ok = _all_true(failure is None)
     if ok and _rank() == 0:
         try:
+            give_umask_modes(tmp)  # safetensors writes owner-only files
             _replace_dir(tmp, out_dir)
         except OSError as exc:
             failure = CheckpointError(f"cannot move {tmp} to {out_dir}: {one_line(exc)}")

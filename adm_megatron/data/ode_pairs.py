@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from adm_megatron.data.batch_layout import BatchLayout
 from adm_megatron.data.safetensors_rows import ShardedRows
+from adm_megatron.file_modes import give_umask_mode
 
 FORMAT = "adm-megatron/ode-pairs"
 VERSION = 1
@@ -70,6 +71,7 @@ def write_shard(out_dir: str, index: int, tensors: dict[str, torch.Tensor]) -> s
     path = os.path.join(out_dir, shard_name(index))
     tmp = os.path.join(out_dir, f".{shard_name(index)}.tmp-{os.getpid()}")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    give_umask_mode(tmp)  # safetensors creates it owner-only
     os.replace(tmp, path)
     return path
 

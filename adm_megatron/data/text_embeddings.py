@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from adm_megatron.data.batch_layout import BatchLayout
 from adm_megatron.data.safetensors_rows import ShardedRows
+from adm_megatron.file_modes import give_umask_modes
 
 FORMAT = "adm-megatron/text-embeddings"
 VERSION = 1
@@ -195,11 +196,7 @@ class EmbeddingShardWriter:
         return self.out_dir
 
     def _move_into_place(self) -> None:
-        umask = os.umask(0)
-        os.umask(umask)
-        for name in os.listdir(self._tmp):  # mkdtemp and safetensors create owner-only modes
-            os.chmod(os.path.join(self._tmp, name), 0o666 & ~umask)
-        os.chmod(self._tmp, 0o777 & ~umask)
+        give_umask_modes(self._tmp)  # mkdtemp and safetensors create owner-only modes
         old = None
         if os.path.isdir(self.out_dir):
             old = self._tmp + "-old"
