@@ -19,6 +19,7 @@ import warnings
 from adm_megatron.config import ConfigError, load_config
 
 NONFINITE_EXIT_CODE = 3  # train.max_skipped_steps updates in a row were NaN / Inf (or nan_policy=error)
+CHECKPOINT_FAILED_EXIT_CODE = 1  # a checkpoint could not be written; the previous one stays the latest
 
 
 def _setup_logging() -> None:
@@ -34,6 +35,7 @@ def _setup_logging() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from adm_megatron.convert.checkpoint import CheckpointError
     from adm_megatron.train.grad_sync import GradSyncError
     from adm_megatron.train.phases import NonFiniteError
     from adm_megatron.train.preemption import PREEMPTED_EXIT_CODE
@@ -55,6 +57,9 @@ def _train(args: argparse.Namespace) -> int:
     except GradSyncError as err:  # a setting this model cannot take, found at its first update
         print(f"adm-megatron: training stopped: {err}", file=sys.stderr)
         return 2
+    except CheckpointError as err:  # a checkpoint not written (the previous one stays the latest)
+        print(f"adm-megatron: training stopped: {err}", file=sys.stderr)
+        return CHECKPOINT_FAILED_EXIT_CODE
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) != 0:
         return PREEMPTED_EXIT_CODE if result.preempted else 0
     if result.preempted:
@@ -179,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         "adm_megatron.cli train --config FILE ... (or srun with one task per GPU). Started again "
         "with the same command, a run goes on from its latest checkpoint in output_dir "
         "(train.resume=auto | never | PATH); a finished run does nothing.",
-        epilog="exit codes: 0 done; 2 bad config or input (one line, before training); 3 stopped for "
+        epilog="exit codes: 0 done; 1 a checkpoint could not be written (one line; the previous one "
+        "stays the latest); 2 bad config or input (one line, before training); 3 stopped for "
         "NaN / Inf (train.max_skipped_steps); 75 stopped by SIGTERM / SIGUSR1 after saving a "
         "checkpoint (run the same command to go on).",
     )

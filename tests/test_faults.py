@@ -186,3 +186,29 @@ def test_a_dead_or_hung_rank_makes_the_other_exit_within_the_timeout(fault, tmp_
             p.stderr.close()
     assert procs[0].returncode != 0, stderr[-2000:]
     assert waited <= timeout_s + 15, (waited, stderr[-2000:])
+
+
+def test_a_full_checkpoint_disk_stops_the_run_in_one_line_before_writing(tmp_path, world_of_one, monkeypatch, capsys):
+    """A save that ran out of space failed inside megatron-core on the rank that hit it alone (the
+    others waited for it until parallel.timeout_s), and a failed save's error came out of train as
+    a traceback: with less room than the latest checkpoint took, the next save is refused on every
+    rank before anything is written, and train stops in one line with exit status 1."""
+    import shutil as shutil_module
+
+    from adm_megatron.cli import main
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+    pipeline_dir = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    out = tmp_path / "run"
+    full = shutil_module.disk_usage(str(tmp_path))._replace(free=2**20)
+    monkeypatch.setattr("adm_megatron.train.checkpoint.shutil.disk_usage", lambda path: full)
+    capsys.readouterr()
+    rc = main(["train", "--config", os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"), f"model.teacher={pipeline_dir}",
+               f"output_dir={out}", "data.batch_size=1", "train.num_samples=0", "logging.wandb_mode=disabled",
+               "logging.progress=false", "train.max_iterations=3", "train.save_every=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1, err[-5:]
+    assert err[-1].startswith(f"adm-megatron: training stopped: {out}/checkpoints: 0.00 GiB free, less than the ")
+    assert err[-1].endswith("GiB iter_0000001 took; nothing was written and iter_0000001 stays the latest (free "
+                            "space, or keep fewer with train.keep_checkpoints)")
+    assert sorted(os.listdir(out / "checkpoints")) == ["iter_0000001", "latest"]

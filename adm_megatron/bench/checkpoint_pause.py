@@ -11,7 +11,6 @@ directory, as the trainer writes them, removed once measured.
 
 from __future__ import annotations
 
-import os
 import shutil
 import statistics
 import time
@@ -19,15 +18,11 @@ import time
 from adm_megatron.bench.timing import synchronize
 
 
-def _bytes_on_disk(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
-
-
 def measure_checkpoint_pause(trainer, repeats: int) -> dict:
     """Collective: ``repeats`` timed saves of each kind (after one untimed each). Seconds per repeat
     and their medians; ``bytes``: one checkpoint's size."""
     from adm_megatron.train.background_save import BackgroundSaves
-    from adm_megatron.train.checkpoint import save_training_checkpoint, start_training_checkpoint
+    from adm_megatron.train.checkpoint import bytes_on_disk, save_training_checkpoint, start_training_checkpoint
 
     saves = BackgroundSaves(trainer.config.parallel.timeout_s)
     synchronous, pause, write = [], [], []
@@ -43,7 +38,7 @@ def measure_checkpoint_pause(trainer, repeats: int) -> dict:
         saves.start(start_training_checkpoint(trainer, label + 2 * repeat + 1))
         paused = time.perf_counter()
         background = saves.wait()
-        size = _bytes_on_disk(path)
+        size = bytes_on_disk(path)
         for done in (path, background):
             shutil.rmtree(done)
         if repeat:  # the first of each is untimed

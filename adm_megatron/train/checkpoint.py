@@ -46,13 +46,14 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from adm_megatron.config import ConfigError, config_to_dict
 from adm_megatron.convert.checkpoint import (
+    CheckpointError,
     load_megatron_checkpoint_into,
     make_temporary_dir,
     megatron_checkpoint_contents,
     publish_temporary_dir,
     write_checkpoint_meta,
 )
-from adm_megatron.parallel import barrier
+from adm_megatron.parallel import barrier, from_rank0
 from adm_megatron.train.background_save import BackgroundCheckpoint, BackgroundSaves
 from adm_megatron.train.save_workers import bind_writer_processes
 
@@ -194,12 +195,37 @@ def _save_strategy() -> FullyParallelSaveStrategyWrapper:
                                             parallel_state.get_data_parallel_group(with_context_parallel=True))
 
 
+def bytes_on_disk(path: str) -> int:
+    """The bytes of the files under ``path`` (a checkpoint's size)."""
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+
+
+def _check_room(output_dir: str) -> None:
+    """Collective: a one-line ``CheckpointError`` on every rank when the checkpoints' filesystem has
+    less room than the latest checkpoint took (old ones are pruned only after the new one is
+    published). A save that runs out of space fails inside megatron-core on the rank that hit it
+    alone, and the others wait for it until ``parallel.timeout_s``; this finds it before."""
+    problem = None
+    latest = latest_checkpoint(output_dir) if dist.get_rank() == 0 else None
+    if latest is not None:
+        need, free = bytes_on_disk(latest), shutil.disk_usage(checkpoints_root(output_dir)).free
+        if free < need:
+            problem = (f"{checkpoints_root(output_dir)}: {free / 2**30:.2f} GiB free, less than the "
+                       f"{need / 2**30:.2f} GiB {os.path.basename(latest)} took; nothing was written and "
+                       f"{os.path.basename(latest)} stays the latest (free space, or keep fewer with "
+                       "train.keep_checkpoints)")
+    problem = from_rank0(problem)
+    if problem is not None:
+        raise CheckpointError(problem)
+
+
 def start_training_checkpoint(trainer, iteration: int) -> BackgroundCheckpoint:
     """Collective: the complete training state after ``iteration`` iterations, planned for a
     process of its own to write (``BackgroundSaves.start`` stages it on the host and forks it)
     while training goes on. Until every rank's part is written the checkpoint stays a temporary
     directory and ``latest`` does not move."""
     began = time.monotonic()
+    _check_room(trainer.config.output_dir)
     contents = _contents(trainer, iteration)
     target, tmp = make_temporary_dir(contents.target, True)
     _make_parts(tmp, contents)
