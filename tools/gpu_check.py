@@ -32,8 +32,9 @@ JSON is rewritten after every section, so a run killed at its time limit keeps w
   CUDA allocator's peak (CogVideoX's VAE, 13 x 30 x 45 latents, bf16, whole and tiled).
 - ``offload``: a tiny ADM run with every network offloaded (optimizer state and weights) against
   the same run without: losses, weights and the checkpoint's optimizer state; the host-copy race
-  that ``Offloader.settle`` closes before a checkpoint reads the host buffers; and the same
-  checkpoint written in the background (``train.async_save``) while an iteration runs.
+  that ``Offloader.settle`` closes before a checkpoint reads the host buffers; the same
+  checkpoint written in the background (``train.async_save``) while an iteration runs; and the
+  memory plan's host terms against the pinned host buffers' bytes.
 
 FLOP count (model FLOPs, a multiply-add = 2 FLOPs, no recompute), per block with N = text + video
 tokens, hidden d, MLP width 4d, batch B:
@@ -900,15 +901,17 @@ def section_trainer(plan: Plan, workdir: str) -> dict:
             "sample_timing": {r["model"]: r["seconds_per_sample"] for r in timing.get("runs", [])}}
 
 
-def _offloaded_run(pipeline: str, out: str, offload: bool) -> tuple[list, dict, dict, dict | None]:
+def _offloaded_run(pipeline: str, out: str, offload: bool) -> tuple[list, dict, dict, dict | None, dict | None]:
     """Three iterations of a tiny fp32 CogVideoX ADM run, then a checkpoint (as a run saves one):
     the losses, every trained weight, and the checkpoint's train_state read back with torch DCP.
     With offload also the same checkpoint written in the background (``train.async_save``: device
     tensors staged on the host, the writer a fork) while a fourth iteration updates everything in
-    place, read back the same way (else None)."""
+    place, read back the same way, and the offload host buffers' bytes (are they pinned?) against
+    the memory plan's host terms (else None, None)."""
     import dataclasses
 
     from adm_megatron.config import load_config
+    from adm_megatron.memory.run_plan import plan_run
     from adm_megatron.train.background_save import BackgroundSaves
     from adm_megatron.train.checkpoint import save_training_checkpoint, start_training_checkpoint
     from adm_megatron.train.checkpoint_files import read_part_tensors
@@ -926,15 +929,20 @@ def _offloaded_run(pipeline: str, out: str, offload: bool) -> tuple[list, dict, 
     weights = {f"{p}.{n}": w.detach().cpu().clone() for p, net in trainer.trainable.items()
                for n, w in net.module.named_parameters()}
     state = read_part_tensors(os.path.join(path, "train_state"), os.path.join(out, "train_state.pt"))
-    background = None
+    background = host = None
     if offload:
+        buffers = list(trainer.offload.mover.host.values())
+        planned = plan_run(config, 1, card_gib=80.0, pinned_memory=True).host
+        host = {"held": sum(t.numel() * t.element_size() for t in buffers),
+                "planned": planned["offloaded optimizer states"] + planned["offloaded weights"],
+                "pinned": all(t.is_pinned() for t in buffers)}
         trainer.config = dataclasses.replace(config, output_dir=out + "_background")
         saves = BackgroundSaves(config.parallel.timeout_s)
         saves.start(start_training_checkpoint(trainer, 3))
         trainer.train_iteration(3)
         background = read_part_tensors(os.path.join(saves.wait(), "train_state"),
                                        os.path.join(out, "background_state.pt"))
-    return losses, weights, state, background
+    return losses, weights, state, background, host
 
 
 def _settle_race(device: torch.device) -> dict:
@@ -968,12 +976,13 @@ def section_offload(plan: Plan, workdir: str) -> dict:
     then within 1e-4 relative; a half-copied moment is off by O(1)); and the race ``settle``
     closes, shown on one 256 MiB buffer (``stale_before_settle`` is expected true on a GPU). Also
     the offloaded run's checkpoint written in the background (``train.async_save``) while the next
-    iteration runs: its optimizer state must equal the synchronous one's bit for bit."""
+    iteration runs: its optimizer state must equal the synchronous one's bit for bit. And the memory
+    plan's host terms must be the pinned host buffers' bytes exactly."""
     from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
 
     pipeline = build_tiny_pipeline(os.path.join(workdir, "offload_pipe"), seed=0)
-    ref_losses, ref_weights, ref_state, _ = _offloaded_run(pipeline, os.path.join(workdir, "offload_off"), False)
-    losses, weights, state, background = _offloaded_run(pipeline, os.path.join(workdir, "offload_on"), True)
+    ref_losses, ref_weights, ref_state, _, _ = _offloaded_run(pipeline, os.path.join(workdir, "offload_off"), False)
+    losses, weights, state, background, host = _offloaded_run(pipeline, os.path.join(workdir, "offload_on"), True)
 
     def worst(got: dict, want: dict) -> float:
         return max((rel_max(got[k].float(), want[k].float()) for k in want if want[k].numel()), default=0.0)
@@ -990,11 +999,14 @@ def section_offload(plan: Plan, workdir: str) -> dict:
         # the same checkpoint written in the background while an iteration ran: the same bits
         "background_save_identical": background.keys() == state.keys()
         and all(torch.equal(background[k], state[k]) for k in state),
+        # the memory plan's host terms are the pinned buffers' bytes
+        "host_plan_exact": host["held"] == host["planned"],
+        "host_buffers_pinned": host["pinned"] or plan.device.type != "cuda",
     }
     log(f"  offload vs none: max rel diff {', '.join(f'{k} {v:.2e}' for k, v in diffs.items())}; "
         f"read before settle {race['read_before_settle']} (stale: {race['stale_before_settle']})")
     return {"ok": all(checks.values()), "checks": checks, "max_rel_diff": diffs,
-            "bit_identical": all(d == 0 for d in diffs.values()), "race": race}
+            "bit_identical": all(d == 0 for d in diffs.values()), "race": race, "host": host}
 
 
 def _known_peak() -> bool:
