@@ -197,3 +197,42 @@ def test_a_dead_writer_stops_the_wait_after_the_limit_in_one_line(pipeline_dir, 
     assert str(err.value) == message and time.monotonic() - began < 30
     assert latest_checkpoint(out) == first and _live_forks() == []
     assert sorted(os.listdir(os.path.dirname(first))) == ["iter_0000001", "latest"]
+
+
+def _small_files_fail_on_rank0(pipeline_dir: str, tmp: str) -> dict:
+    import torch.distributed as dist
+
+    import adm_megatron.train.checkpoint as checkpoint
+    from adm_megatron.convert.checkpoint import CheckpointError
+
+    out = os.path.join(tmp, "run")
+    trainer = _trainer(pipeline_dir, out)
+    trainer.train_iteration(0)
+    first = checkpoint.save_training_checkpoint(trainer, 1)
+    if dist.get_rank() == 0:
+        def disk_full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        checkpoint.write_checkpoint_meta = disk_full  # rank 0's small files: the others never write them
+    began = time.monotonic()
+    try:
+        checkpoint.save_training_checkpoint(trainer, 2)
+        message = None
+    except CheckpointError as err:
+        message = str(err)
+    return {"message": message, "seconds": time.monotonic() - began, "latest": checkpoint.latest_checkpoint(out),
+            "first": first, "listing": sorted(os.listdir(os.path.dirname(first)))}
+
+
+def test_rank0s_failed_small_files_end_the_save_on_every_rank_in_one_line(pipeline_dir, tmp_path):
+    """Rank 0 alone writes the small files; its OSError left the other ranks waiting for it in the
+    save's next collective until parallel.timeout_s."""
+    from multiproc import run_world
+
+    ranks = run_world(_small_files_fail_on_rank0, 2, pipeline_dir, str(tmp_path), timeout_s=300)
+    target = os.path.join(str(tmp_path), "run", "checkpoints", "iter_0000002")
+    for seen in ranks:
+        assert seen["message"] == (f"{target}: writing its small files failed ([Errno 28] No space left on device); "
+                                   "the previous checkpoint stays the latest")
+        assert seen["seconds"] < 60 and seen["latest"] == seen["first"]
+        assert seen["listing"] == ["iter_0000001", "latest"]  # the temporary directory removed

@@ -50,6 +50,7 @@ from adm_megatron.convert.checkpoint import (
     load_megatron_checkpoint_into,
     make_temporary_dir,
     megatron_checkpoint_contents,
+    one_line,
     publish_temporary_dir,
     write_checkpoint_meta,
 )
@@ -138,7 +139,7 @@ class CheckpointContents(NamedTuple):
 
     target: str  # the checkpoint directory
     sharded: dict[str, dict]  # sub-directory -> its megatron-core sharded state dict
-    write_small: Callable[[str], None]  # rank 0: the small files, into a directory
+    write_small: Callable[[str], None]  # the small files, into a directory (rank 0 calls it)
 
 
 def _contents(trainer, iteration: int) -> CheckpointContents:
@@ -153,9 +154,7 @@ def _contents(trainer, iteration: int) -> CheckpointContents:
     sharded["train_state"] = _train_state(trainer, iteration)
     state = {"iteration": iteration, "layout": _layout(trainer), "config": config_to_dict(trainer.config)}
 
-    def write_small(directory: str) -> None:
-        if trainer.info.rank != 0:
-            return
+    def write_small(directory: str) -> None:  # rank 0
         for name, meta in metas.items():
             write_checkpoint_meta(os.path.join(directory, name), meta)
         if trainer.heads is not None:
@@ -166,12 +165,28 @@ def _contents(trainer, iteration: int) -> CheckpointContents:
     return CheckpointContents(checkpoint_dir(trainer.config.output_dir, iteration), sharded, write_small)
 
 
-def _make_parts(tmp: str, contents: CheckpointContents) -> None:
-    """Collective: the sub-directories megatron writes into (it wants them to exist)."""
+def _on_rank0(target: str, tmp: str, what: str, write: Callable[[], None]) -> None:
+    """Collective: ``write`` on rank 0 (the others wait for it); an ``OSError`` there (a full quota,
+    say) ends the save on every rank in one line, with ``tmp`` removed, instead of leaving the
+    other ranks waiting for rank 0 in the save's next collective until ``parallel.timeout_s``."""
+    problem = None
     if dist.get_rank() == 0:
+        try:
+            write()
+        except OSError as exc:
+            problem = f"{target}: writing {what} failed ({one_line(exc)}); the previous checkpoint stays the latest"
+    problem = from_rank0(problem)
+    if problem is not None:
+        publish_temporary_dir(tmp, target, CheckpointError(problem))  # removes tmp, raises on every rank
+
+
+def _make_parts(target: str, tmp: str, contents: CheckpointContents) -> None:
+    """Collective: the sub-directories megatron writes into (it wants them to exist)."""
+    def make() -> None:
         for name in contents.sharded:
             os.mkdir(os.path.join(tmp, name))
-    barrier()
+
+    _on_rank0(target, tmp, "its directories", make)
 
 
 def save_training_checkpoint(trainer, iteration: int) -> str:
@@ -228,10 +243,10 @@ def start_training_checkpoint(trainer, iteration: int) -> BackgroundCheckpoint:
     _check_room(trainer.config.output_dir)
     contents = _contents(trainer, iteration)
     target, tmp = make_temporary_dir(contents.target, True)
-    _make_parts(tmp, contents)
+    _make_parts(target, tmp, contents)
     requests = [dist_checkpointing.save(sharded, os.path.join(tmp, name), _save_strategy(), async_sharded_save=True)
                 for name, sharded in contents.sharded.items()]
-    contents.write_small(tmp)
+    _on_rank0(target, tmp, "its small files", lambda: contents.write_small(tmp))
 
     def publish(failure: BaseException | None) -> str:
         path = publish_temporary_dir(tmp, target, failure)
