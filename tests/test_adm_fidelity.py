@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -181,3 +182,25 @@ def test_progress_bar_shows_the_discriminators_paired_accuracy_and_margin(tmp_pa
     postfix = log.bar.postfix
     log.close()
     assert "D_acc=0.75" in postfix and "D_margin=0.125" in postfix and "gene=0.5" in postfix
+
+
+def test_log_lines_go_above_the_progress_bar(tmp_path, capsys):
+    """An INFO line logged while the bar was shown was glued to the end of the bar's line in the log."""
+    import sys
+
+    from adm_megatron.train.run_log import RunLogger
+
+    handler = logging.StreamHandler(sys.stderr)  # as the CLI's basicConfig puts on the root logger
+    handler.setFormatter(logging.Formatter("[test] %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        log = RunLogger(str(tmp_path), {}, 2, 0, True, wandb_mode="disabled", progress=True)
+        log.log({"iteration": 0, "generator/loss": 0.5})
+        logging.getLogger("adm_megatron").warning("a line of its own")
+        log.close()
+        logging.getLogger("adm_megatron").warning("after the bar")
+    finally:
+        root.removeHandler(handler)
+    pieces = re.split(r"[\r\n]", capsys.readouterr().err)
+    assert "[test] a line of its own" in pieces and "[test] after the bar" in pieces

@@ -13,11 +13,13 @@ crash (past the checkpoint the run resumed from) has the values it had: a resume
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 # the discriminator's health (algorithms/discriminator_health.py) beside the losses on the bar
 SHOWN = {"discriminator/paired_accuracy": "D_acc", "discriminator/paired_margin": "D_margin"}
@@ -45,6 +47,7 @@ class RunLogger:
         self.log_every = log_every
         self.wandb = None
         self.bar = None
+        self._redirect = contextlib.ExitStack()
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
@@ -60,6 +63,8 @@ class RunLogger:
             )
         if progress:
             self.bar = tqdm(total=total, initial=start, desc="adm", unit="it", dynamic_ncols=True)
+            # log lines go above the bar, not glued to the end of its line (tqdm's own redirect)
+            self._redirect.enter_context(logging_redirect_tqdm())
 
     def log(self, metrics: dict, last: bool = False) -> None:
         """One iteration's metrics (with an ``iteration`` key); ``last`` forces a record."""
@@ -92,6 +97,7 @@ class RunLogger:
             return
         self.file.close()
         if self.bar is not None:
+            self._redirect.close()
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
