@@ -2,7 +2,8 @@
 ``slurm_local``). The tiny training script: a 2-task job gets SIGUSR1 in its batch shell mid-run (as
 ``--signal=B:USR1@N`` sends it), forwards it, every rank saves and exits 75, the job requeues itself,
 starts again (``SLURM_RESTART_COUNT=1``), resumes from that checkpoint, does only the remaining
-iterations and ends with the metrics of an uninterrupted 2-task job, bit for bit. The sampling
+iterations and ends with the metrics of an uninterrupted 2-task job, bit for bit; a SIGUSR1 to
+every process of the step (scancel without --batch) makes every rank save and exit 75. The sampling
 script: 2 tasks split a prompt file and write the files one process writes."""
 
 from __future__ import annotations
@@ -80,6 +81,32 @@ def test_tiny_sbatch_job_is_preempted_requeued_and_resumes_exactly(tmp_path):
     rows, ref_rows = _metrics(out), _metrics(ref_out)
     assert [r["iteration"] for r in rows] == list(range(ITERATIONS))
     assert _without_timings(rows) == _without_timings(ref_rows)
+
+
+@pytest.mark.timeout(2400)
+def test_a_stop_signal_to_every_process_of_the_step_saves_and_exits_75(tmp_path):
+    """``scancel -s USR1 JOB`` (no ``--batch``) signals every process of the step: each rank and
+    the checkpoint writer's helper processes, which died of it, so the stop's save failed (a broken
+    pipe; both ranks crashed with background saves). Now every rank saves and exits 75 (the batch
+    shell got no signal: no requeue)."""
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+    pipeline_dir = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    out, log = str(tmp_path / "run"), str(tmp_path / "run.log")
+    args = [*_args(pipeline_dir, out), "train.save_every=1", "train.async_save=true"]
+    with LocalSlurm(str(tmp_path / "slurm")) as slurm:
+        job = slurm.sbatch(["--output", log, SCRIPT, *args], cwd=ROOT, env={"PYTHON": sys.executable,
+                                                                            "ADM_MEGATRON_ROOT": ROOT})
+        # checkpoints written after each iteration: the writer's helper processes exist by then
+        slurm.wait(lambda: len(_metrics(out)) >= 2, WAIT_S, "two iterations of the job")
+        slurm.scancel("--signal=USR1", job)
+        slurm.wait(lambda: _ended(slurm, job), WAIT_S, "the job to end")
+        restarts = slurm.job(job)["Restarts"]
+    text = open(log).read()
+    assert "training step stopped after saving a checkpoint (exit 75)" in text, text[-3000:]
+    stopped = int(re.search(r"run stopped by a signal after iteration (\d+)", text).group(1))
+    assert stopped < ITERATIONS and restarts == "0"
+    assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == f"iter_{stopped:07d}"
 
 
 @pytest.mark.timeout(1200)
