@@ -43,13 +43,14 @@ from adm_megatron.train.checkpoint_files import check_whole
 
 _WAY_ON = "start from the newest whole one once with train.resume={}"
 FINISHED = "finished.json"  # in output_dir, written when a run has exported everything
+NETWORKS = ("generator", "fake_score", "discriminator")  # the trainable networks' optim.<network> sections
 # keys that may differ between the invocations of one run (prefixes end in a dot)
 MAY_CHANGE = (
     "parallel.", "model.sequence_parallel", "model.recompute", "model.recompute.", "model.impl", "data.batch_size",
     "data.global_batch_size",
     "model.attention_backend", "model.compile", "model.fp8", "model.fp8_margin", "model.fp8_amax_history_len",
     "model.fp8_amax_compute_algo", "model.grad_reduce_in_fp32",
-    *(f"optim.{n}.{k}" for n in ("generator", "fake_score", "discriminator") for k in ("shard_over_dp", "offload")),
+    *(f"optim.{n}.{k}" for n in NETWORKS for k in ("shard_over_dp", "offload")),
     "train.resume", "train.keep_checkpoints", "train.save_every", "train.save_interval_minutes", "train.async_save",
     "train.log_every", "train.num_samples", "train.sample_every", "train.sample_vae_tiling", "train.export", "train.export_lora", "train.max_skipped_steps", "train.memory_check",
     "train.nan_policy", "logging.", "output_dir",
@@ -57,7 +58,6 @@ MAY_CHANGE = (
 
 
 LENGTH = "train.max_iterations"  # may change with constant learning rates (_check_length)
-NETWORKS = ("generator", "fake_score", "discriminator")
 
 
 @dataclass
