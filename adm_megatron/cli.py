@@ -158,13 +158,13 @@ def _export(args: argparse.Namespace) -> int:
     from adm_megatron.train.checkpoint_export import export_checkpoint
 
     try:
-        written, record = export_checkpoint(args.checkpoint, args.out, args.weights, args.overwrite)
+        written, record = export_checkpoint(args.checkpoint, args.out, args.weights, args.overwrite, args.lora)
     except CheckpointError as err:
         print(f"adm-megatron export: {err}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
         print(f"generator of iteration {record['iteration']} ({record['weights']} weights, "
-              f"{record['generator_steps']} steps): {written}")
+              f"{record['generator_steps']} steps): {', '.join(written)}")
     return 0
 
 
@@ -329,7 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output directory (new or empty, unless --overwrite)")
     export.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"),
                         help="auto (default): the EMA when the run keeps one, else the trained weights")
-    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    export.add_argument("--lora", default=None, choices=("merged", "adapter", "both"),
+                        help="a LoRA run's generator: merged into the weights (--out), the diffusers LoRA file "
+                        "(into --out with _lora appended, as a run's generator_lora/), or both; default: the "
+                        "run's train.export_lora")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace non-empty outputs (never one that is or holds the checkpoint)")
     export.set_defaults(func=_export)
     return parser
 

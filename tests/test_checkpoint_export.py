@@ -90,6 +90,43 @@ def test_export_of_a_lora_run_writes_its_merged_ema_and_its_lora_file(runs, tmp_
     assert any(not torch.equal(raw[k], base[k]) for k in base)  # the adapters' EMA differs from their raw values
 
 
+def test_export_of_a_lora_run_writes_what_lora_asks_and_replaces_no_lora_dir_unasked(runs, tmp_path, capsys):
+    from adm_megatron.cli import main
+    from adm_megatron.lora.export import LORA_WEIGHTS
+
+    _, out = runs
+    run = out["lora"]
+    assert main(["export", "--checkpoint", str(run), "--lora", "adapter", "--out", str(tmp_path / "a")]) == 0
+    assert capsys.readouterr().out.strip().endswith(f": {tmp_path / 'a_lora'}")  # the directory it wrote
+    assert not (tmp_path / "a").exists() and sorted(os.listdir(tmp_path / "a_lora"))[-1] == LORA_WEIGHTS
+    taken = tmp_path / "b_lora"  # the LoRA side of --out b holds an earlier export
+    taken.mkdir()
+    (taken / "x").write_text("earlier")
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err.strip() == (f"adm-megatron export: output directory {taken} exists and is not "
+                                               "empty (pass overwrite=True / --overwrite to replace it)")
+    assert (taken / "x").read_text() == "earlier" and not (tmp_path / "b").exists()
+    assert main(["export", "--checkpoint", str(out["plain"]), "--lora", "both", "--out", str(tmp_path / "c")]) == 2
+    assert "--lora both: " in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_export_never_writes_over_the_checkpoint_it_reads(runs, tmp_path, capsys):
+    import shutil
+
+    from adm_megatron.cli import main
+
+    _, out = runs
+    run = tmp_path / "run"
+    shutil.copytree(out["plain"], run)
+    before = sorted(p for p in os.listdir(run))
+    for target in (run, run / "checkpoints" / "iter_0000002"):  # the run directory holds it; the checkpoint is it
+        assert main(["export", "--checkpoint", str(run), "--out", str(target), "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"adm-megatron export: output {target} ") and "writing it would delete what it is " \
+            "written from" in err and "\n" not in err
+    assert sorted(os.listdir(run)) == before and (run / "checkpoints" / "iter_0000002" / "trainer_state.json").exists()
+
+
 def test_export_refuses_bad_input_in_one_line_before_reading_weights(runs, tmp_path, capsys, monkeypatch):
     import adm_megatron.train.checkpoint_export as export
     from adm_megatron.cli import main

@@ -140,15 +140,20 @@ def _check_inputs(args) -> int:
             f" (launch with torchrun --nproc-per-node {tp * cp} or a multiple)"
         )
     source, flag = (args.hf_path, "--hf-path") if args.command == "hf-to-megatron" else (args.ckpt, "--ckpt")
+    if os.path.isfile(source) and os.path.basename(source) == "latest":  # a run's checkpoints/latest names one
+        with open(source) as f:
+            named = os.path.join(os.path.dirname(source), f.read().strip())
+        _fail(f"{flag} {source}: a file naming the run's newest checkpoint; give {named}/generator")
     if not os.path.isdir(source):
         _fail(f"{flag} {source}: no such directory")
-    from adm_megatron.convert.checkpoint import CheckpointError, transformer_dir_of, verify_checkpoint
+    from adm_megatron.convert.checkpoint import CheckpointError, check_output_dir, transformer_dir_of, verify_checkpoint
 
+    try:
+        check_output_dir(args.out, args.overwrite, source=source)
+    except CheckpointError as exc:
+        _fail(f"--out: {exc}")
     if args.command == "hf-to-megatron":
         source = transformer_dir_of(source)  # a pipeline directory: its transformer/
-    if os.path.isfile(args.out) or (os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite):
-        _fail(f"--out {args.out} exists and is not empty (pass --overwrite to replace it)")
-
     try:
         if args.command == "hf-to-megatron":
             if not os.path.isfile(os.path.join(source, "config.json")):

@@ -119,11 +119,17 @@ def _all_true(flag: bool) -> bool:
 # atomic output directories
 
 
-def check_output_dir(out_dir: str, overwrite: bool = False) -> None:
+def check_output_dir(out_dir: str, overwrite: bool = False, source: str | None = None) -> None:
     """One-line CheckpointError if ``out_dir`` may not be written (exists, non-empty, and
-    ``overwrite`` is False; or is a file). Local check, no collectives."""
+    ``overwrite`` is False; or is a file; or is, or contains, the ``source`` it is written from,
+    which replacing it would delete). Local check, no collectives."""
     if os.path.isfile(out_dir):
         raise CheckpointError(f"output {out_dir} exists and is a file")
+    if source is not None:
+        out, src = os.path.realpath(out_dir), os.path.realpath(source)
+        if src == out or src.startswith(out.rstrip(os.sep) + os.sep):
+            raise CheckpointError(f"output {out_dir} {'is' if src == out else 'contains'} the input {source}: "
+                                  "writing it would delete what it is written from; choose another output")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise CheckpointError(
             f"output directory {out_dir} exists and is not empty (pass overwrite=True / --overwrite "
@@ -533,8 +539,8 @@ def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, *, overwrite: bool = Fa
 
     if not os.path.isdir(hf_dir):
         raise CheckpointNotFoundError(f"diffusers model directory {hf_dir} does not exist")
+    check_output_dir(os.path.abspath(out_dir), overwrite, source=hf_dir)
     hf_dir = transformer_dir_of(hf_dir)
-    check_output_dir(os.path.abspath(out_dir), overwrite)
     try:
         family = family_of_model_dir(hf_dir)
     except ValueError as exc:
@@ -565,7 +571,7 @@ def megatron_to_hf_checkpoint(ckpt_dir: str, out_dir: str, *, overwrite: bool = 
     the whole tensors, and rank 0 writes (see :func:`export_diffusers`). A LoRA generator's
     checkpoint is written with its adapters merged into the weights."""
     meta = read_checkpoint_meta(ckpt_dir)
-    check_output_dir(os.path.abspath(out_dir), overwrite)
+    check_output_dir(os.path.abspath(out_dir), overwrite, source=ckpt_dir)
     arch = _family_from_meta(meta, ckpt_dir)[1]
     model = load_megatron_checkpoint(ckpt_dir, arch=arch, **build_kwargs)
     if lora_adapters(model) is not None:  # a LoRA run's generator: its weights with the adapters merged

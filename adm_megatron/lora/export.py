@@ -78,15 +78,22 @@ def export_merged(model: torch.nn.Module, arch, out_dir: str, *, overwrite: bool
     return export_full_state_dict(merged_full_state_dict(model), arch, out_dir, overwrite=overwrite, record=record)
 
 
-def export_lora_generator(model: torch.nn.Module, arch, out_dir: str, mode: str, record: dict | None = None) -> str | None:
-    """Collective: ``mode`` merged -> ``out_dir``, adapter -> ``out_dir`` + ``_lora``, both -> both
-    (existing outputs replaced; ``record`` in each). Returns the merged directory, or None when it
-    was not asked for."""
+def lora_export_dirs(out_dir: str, mode: str) -> dict[str, str]:
+    """The directories a LoRA generator's export ``mode`` writes: ``merged`` -> ``out_dir``,
+    ``adapter`` -> ``out_dir`` + ``_lora`` (a run's ``generator/`` and ``generator_lora/``), ``both``
+    -> both."""
     if mode not in LORA_EXPORTS:
         raise ValueError(f"train.export_lora={mode!r}: expected one of {', '.join(LORA_EXPORTS)}")
-    merged = None
-    if mode in ("merged", "both"):
-        merged = export_merged(model, arch, out_dir, overwrite=True, record=record)
-    if mode in ("adapter", "both"):
-        export_lora_file(model, os.path.normpath(out_dir) + "_lora", overwrite=True, record=record)
-    return merged
+    dirs = {"merged": out_dir, "adapter": os.path.normpath(out_dir) + "_lora"}
+    return {kind: path for kind, path in dirs.items() if mode in (kind, "both")}
+
+
+def export_lora_generator(model: torch.nn.Module, arch, out_dir: str, mode: str, record: dict | None = None) -> str | None:
+    """Collective: the directories of :func:`lora_export_dirs` (existing ones replaced; ``record`` in
+    each). Returns the merged directory, or None when it was not asked for."""
+    dirs = lora_export_dirs(out_dir, mode)
+    if "merged" in dirs:
+        export_merged(model, arch, dirs["merged"], overwrite=True, record=record)
+    if "adapter" in dirs:
+        export_lora_file(model, dirs["adapter"], overwrite=True, record=record)
+    return dirs.get("merged")

@@ -20,6 +20,7 @@ import warnings
 from adm_megatron.config import ConfigError, config_from_dict
 from adm_megatron.convert.checkpoint import check_output_dir, load_megatron_checkpoint
 from adm_megatron.convert.distillation_record import distillation_record
+from adm_megatron.lora.export import lora_export_dirs
 from adm_megatron.train.checkpoint import STATE_FILE, checkpoint_from, read_training_state
 from adm_megatron.train.checkpoint_files import check_whole
 from adm_megatron.train.ema import ParameterEMA
@@ -41,10 +42,13 @@ def load_ema_into(generator, ckpt_dir: str, decay: float) -> None:
     ema.copy_to(generator)
 
 
-def export_checkpoint(path: str, out_dir: str, weights: str = "auto", overwrite: bool = False) -> tuple[str, dict]:
+def export_checkpoint(path: str, out_dir: str, weights: str = "auto", overwrite: bool = False,
+                      lora: str | None = None) -> tuple[list[str], dict]:
     """Collective: export the generator of the checkpoint at ``path`` to ``out_dir``; returns (the
-    diffusers directory, or the LoRA directory when only the adapter was asked for, and the record
-    written beside it). One-line ConfigError for bad input, before any weight is read."""
+    directories written: for a LoRA generator, as ``lora`` says (None: the run's
+    ``train.export_lora``), ``out_dir`` merged and / or ``out_dir + "_lora"`` with the LoRA file; the record
+    written beside them). One-line ConfigError / CheckpointError for bad input, before any weight is
+    read: an output that exists and is not empty (without ``overwrite``), or is or holds the checkpoint."""
     if weights not in WEIGHTS:
         raise ConfigError(f"--weights {weights}: expected one of {', '.join(WEIGHTS)}")
     ckpt = checkpoint_from(path, "--checkpoint")
@@ -57,11 +61,16 @@ def export_checkpoint(path: str, out_dir: str, weights: str = "auto", overwrite:
     use_ema = decay > 0 and weights != "raw"
     if not os.path.isdir(os.path.join(ckpt, "generator")):
         raise ConfigError(f"{ckpt}: no generator/ in the checkpoint")
-    check_output_dir(os.path.abspath(out_dir), overwrite)
+    if lora is not None and config.model.lora is None:
+        raise ConfigError(f"--lora {lora}: {ckpt} is a full fine-tune's (model.lora is null); leave --lora out")
+    lora = lora or config.train.export_lora
+    outputs = list(lora_export_dirs(out_dir, lora).values()) if config.model.lora is not None else [out_dir]
+    for output in outputs:
+        check_output_dir(os.path.abspath(output), overwrite, source=ckpt)
 
     generator = load_megatron_checkpoint(os.path.join(ckpt, "generator"))
     if use_ema:
         load_ema_into(generator, ckpt, decay)
     record = {**distillation_record(config, int(state["iteration"]), ema=use_ema), "checkpoint": os.path.abspath(ckpt)}
-    written = export_generator(generator, generator.arch, out_dir, lora_mode=config.train.export_lora, record=record)
-    return written or os.path.normpath(out_dir) + "_lora", record
+    export_generator(generator, generator.arch, out_dir, lora_mode=lora, record=record)
+    return outputs, record
