@@ -34,7 +34,7 @@ from adm_megatron.data.batch_layout import contiguous_share
 from adm_megatron.families.registry import PromptEmbeddings
 from adm_megatron.models.frame_files import sample_name, write_grid
 from adm_megatron.models.diffusers_files import check_diffusers_weights, check_safetensors_file
-from adm_megatron.models.generator_source import LORA_WEIGHTS, generator_parts
+from adm_megatron.models.generator_source import LORA_WEIGHTS, check_lora_fits, generator_parts
 from adm_megatron.models.pipeline_files import read_config
 from adm_megatron.models.pipeline_size import FLAGS, PipelineScale, pipeline_scale
 from adm_megatron.parallel import barrier, initialize_parallel, launch_env
@@ -107,6 +107,20 @@ def render_size(scale: PipelineScale, record: dict | None, native: tuple[int, in
         _note(f"the generator was distilled at latents {'x'.join(map(str, default))}; "
               f"sampling at {'x'.join(map(str, latents))}")
     return size, latents
+
+
+def _note_other_teacher(pipeline_dir: str, generator_dir: str | None) -> None:
+    """A note when the generator's ``distillation.json`` names another pipeline (or teacher) than
+    ``pipeline_dir``: the prompts are encoded by this pipeline's text encoder(s) and decoded by its
+    VAE, which must be the ones the generator was distilled with (a moved copy is fine)."""
+    record = read_distillation_record(generator_dir) if generator_dir else None
+    recorded = record and (record.get("pipeline") or record.get("teacher"))
+    if not recorded:
+        return
+    same = {os.path.realpath(pipeline_dir), os.path.realpath(os.path.join(pipeline_dir, "transformer"))}
+    if os.path.realpath(recorded) not in same:
+        _note(f"{generator_dir} was distilled with {recorded} ({DISTILLATION_FILE}); sampling it through "
+              f"--pipeline {pipeline_dir}, whose text encoder and VAE must be the same ones")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -200,7 +214,7 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
     for run in runs:
         if run.steps < 1:
             raise ValueError(f"{run.name} steps={run.steps}: expected >= 1")
-    transformer = generator_parts(pipeline_dir, runs[0].transformer_dir)[0]  # a LoRA file: the teacher's
+    transformer = generator_parts(pipeline_dir, runs[0].transformer_dir)[0]  # a LoRA file: its base
     family = family_of_model_dir(transformer)
     pipeline_class = read_config(pipeline_dir, "model_index.json", "a diffusers pipeline").get("_class_name")
     if pipeline_class not in family.pipeline_classes:  # before anything is written
@@ -221,6 +235,8 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
         check_diffusers_weights(run_transformer)
         if lora_dir is not None:
             check_safetensors_file(os.path.join(lora_dir, LORA_WEIGHTS))
+            check_lora_fits(lora_dir, run_transformer)
+    _note_other_teacher(pipeline_dir, runs[0].transformer_dir)
     check_out_dir(out_dir, overwrite, resume, args)  # on every rank: a refusal stops them all
     rank, ranks, device = _world()
     torch_dtype = resolve_dtype(dtype, device)
@@ -251,7 +267,8 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
             write_grid(paths, os.path.join(run_dir, "grid.png"))
             paths.append(os.path.join(run_dir, "grid.png"))
         record = read_distillation_record(run.transformer_dir) if run.transformer_dir else None
-        rows.append({"model": run.name, "transformer": run.transformer_dir or transformer, "steps": run.steps,
+        run_transformer, lora_dir = generator_parts(pipeline_dir, run.transformer_dir)
+        rows.append({"model": run.name, "transformer": run_transformer, "lora": lora_dir, "steps": run.steps,
                      "guidance_scale": run.guidance_scale, "rendered": len(seconds), "seconds": seconds,
                      "seconds_per_sample": statistics.median(seconds) if seconds else None, "paths": paths,
                      "distillation": record})

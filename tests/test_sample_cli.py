@@ -163,6 +163,81 @@ def test_sample_renders_a_lora_directory_as_its_merged_generator(tmp_path, world
         f"adm-megatron sample: {lora_file}: not a readable safetensors file (6 bytes; truncated?)")
 
 
+def test_a_lora_directory_samples_on_the_generator_it_was_trained_from(tmp_path, world_of_one, capsys):
+    """A LoRA run started from ``model.generator_init`` (a LoRA stage after ADP) trained its adapters
+    on that generator, which its ``distillation.json`` records: ``sample`` puts them there, so the
+    LoRA directory renders the merged export (to one 8-bit level), not the teacher plus the adapters.
+    Adapters that do not fit the base (another model's) are refused in one line before rendering, and
+    a pipeline other than the recorded one gets a note."""
+    import imageio.v3 as iio
+    from safetensors.torch import load_file, save_file
+
+    from adm_megatron.cli import main
+    from adm_megatron.config import LoraConfig
+    from adm_megatron.lora import apply_lora
+    from adm_megatron.lora.export import export_lora_generator
+    from adm_megatron.models import build_model_from_hf
+    from adm_megatron.train.export import export_generator
+
+    pipeline = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    model = build_model_from_hf(f"{pipeline}/transformer")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # stage 1's generator: the teacher moved far
+        for p in model.parameters():
+            p.add_(0.3 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    init = export_generator(model, model.arch, str(tmp_path / "stage1"))
+    adapters = apply_lora(model, LoraConfig(rank=2, alpha=4.0, target_modules=["to_out.0", "ff.net.2"]), seed=0)
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    record = {"generator_steps": 2, "teacher": pipeline, "generator_init": init}
+    export_lora_generator(model, model.arch, str(tmp_path / "generator"), "both", record=record)
+    images = {}
+    for name in ("generator", "generator_lora"):
+        out = tmp_path / f"samples_{name}"
+        assert main(["sample", "--pipeline", pipeline, "--generator", str(tmp_path / name), "--prompt", "a red cat",
+                     "--format", "png", "--teacher-steps", "0", "--out", str(out)]) == 0
+        images[name] = iio.imread(out / "generator" / "sample-000.png").astype(int)
+        row = json.loads((out / "sample_timing.json").read_text())["runs"][0]
+        assert row["transformer"] == (init if name == "generator_lora" else str(tmp_path / name))
+    assert np.abs(images["generator_lora"] - images["generator"]).max() <= 1
+    assert "was distilled with" not in capsys.readouterr().err
+
+    other = build_tiny_pipeline(str(tmp_path / "other"), seed=1)  # same model class, another teacher
+    assert main(["sample", "--pipeline", other, "--generator", str(tmp_path / "generator"), "--prompt", "x",
+                 "--format", "png", "--teacher-steps", "0", "--out", str(tmp_path / "samples_other")]) == 0
+    assert (f"note: {tmp_path / 'generator'} was distilled with {pipeline} (distillation.json); sampling it through "
+            f"--pipeline {other}") in capsys.readouterr().err
+
+    lora_file = tmp_path / "generator_lora" / LORA_FILE
+    state = load_file(lora_file)
+    for case, (key, tensor) in {  # adapters on a layer the base lacks, and on one of another width
+            "missing": ("transformer.transformer_blocks.7.ff.net.2.lora_A.weight", torch.zeros(2, 64)),
+            "shape": ("transformer.transformer_blocks.0.ff.net.2.lora_B.weight", torch.zeros(5, 2))}.items():
+        (tmp_path / case).mkdir()
+        (tmp_path / case / "distillation.json").write_text(json.dumps(record))
+        save_file({**state, key: tensor}, str(tmp_path / case / LORA_FILE))
+        assert main(["sample", "--pipeline", pipeline, "--generator", str(tmp_path / case), "--prompt", "x",
+                     "--teacher-steps", "0", "--out", str(tmp_path / f"samples_{case}")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"adm-megatron sample: --generator {tmp_path / case}: adapter {key} "
+                              f"{list(tensor.shape)} does not fit {init} (") and "\n" not in err, err
+        assert err.endswith("LoRA adapters of another model") and not (tmp_path / f"samples_{case}").exists()
+
+    import shutil
+
+    shutil.rmtree(init)
+    assert main(["sample", "--pipeline", pipeline, "--generator", str(tmp_path / "generator_lora"), "--prompt", "x",
+                 "--teacher-steps", "0", "--out", str(tmp_path / "samples_gone")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"adm-megatron sample: --generator {tmp_path / 'generator_lora'}: its adapters were trained on "
+        f"model.generator_init={init} (distillation.json), which is not there; sample the run's merged generator/ "
+        "instead")
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
 def _sample_counted(args: list[str]) -> tuple[int, int]:
     """``adm-megatron sample ARGS`` in this process (a rank of a world, or alone): its exit code and
     the transformer calls it made."""

@@ -18,19 +18,20 @@ DISTILLATION_FILE = "distillation.json"
 def distillation_record(config, iteration: int, ema: bool | None = None) -> dict:
     """The record of a run (``adm_megatron.config.Config``) exported after ``iteration`` iterations,
     its EMA weights (``ema`` None: when the run keeps an EMA, as the trainer exports) or raw ones."""
-    d = config.data
+    d, m = config.data, config.model
     ema = config.train.ema_decay > 0 if ema is None else ema
-    return {
+    return {  # paths absolute: the record is read from other working directories
         "method": config.distill.method,
         "generator_steps": config.distill.generator_steps,
         "latent_size": {"frames": d.frames, "height": d.height, "width": d.width},
-        "teacher": config.model.teacher,
-        "generator_init": config.model.generator_init or None,
+        "teacher": os.path.abspath(m.teacher),
+        "pipeline": os.path.abspath(m.pipeline) if m.pipeline else None,
+        "generator_init": os.path.abspath(m.generator_init) if m.generator_init else None,
         "teacher_guidance_scale": list(config.distill.guidance_scale),
         "iteration": iteration,
         "weights": "ema" if ema else "raw",
         "ema_decay": config.train.ema_decay,
-        "output_dir": config.output_dir,
+        "output_dir": os.path.abspath(config.output_dir),
     }
 
 

@@ -21,6 +21,17 @@ def read_diffusers_weights(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def diffusers_weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of a diffusers model directory with its shape, from the safetensors headers only."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in _weight_files(path):
+        with safe_open(file, "pt") as f:
+            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    return shapes
+
+
 def _weight_files(path: str) -> list[str]:
     single, index = os.path.join(path, _WEIGHTS), os.path.join(path, _INDEX)
     if os.path.isfile(single):

@@ -1,10 +1,17 @@
 """What a generator directory handed to sampling holds: a whole diffusers transformer (a run's
 ``generator/``, a converted checkpoint) or a diffusers LoRA file (a run's ``generator_lora/``:
-``pytorch_lora_weights.safetensors``, adapters for the pipeline's own transformer, the teacher)."""
+``pytorch_lora_weights.safetensors``, adapters for the transformer the run trained them on: the
+pipeline's own, the teacher, or the run's ``model.generator_init``, which its ``distillation.json``
+records), and the cheap checks that the adapters fit that transformer."""
 
 from __future__ import annotations
 
 import os
+
+from safetensors import safe_open
+
+from adm_megatron.convert.distillation_record import read_distillation_record
+from adm_megatron.models.diffusers_files import diffusers_weight_shapes
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
@@ -17,8 +24,39 @@ def generator_parts(pipeline_dir: str, generator_dir: str | None) -> tuple[str, 
         return teacher, None
     if os.path.isfile(os.path.join(generator_dir, LORA_WEIGHTS)) and not os.path.isfile(
             os.path.join(generator_dir, "config.json")):
-        return teacher, generator_dir
+        return lora_base(generator_dir, teacher), generator_dir
     return generator_dir, None
+
+
+def lora_base(lora_dir: str, teacher: str) -> str:
+    """The transformer ``lora_dir``'s adapters were trained on: the run's ``model.generator_init``
+    when its ``distillation.json`` records one (a LoRA stage after ADP: the adapters on the teacher
+    would sample the teacher plus a delta), else ``teacher``; one-line ValueError when it is gone."""
+    init = (read_distillation_record(lora_dir) or {}).get("generator_init")
+    if not init:
+        return teacher
+    if not os.path.isdir(init):
+        raise ValueError(f"--generator {lora_dir}: its adapters were trained on model.generator_init={init} "
+                         "(distillation.json), which is not there; sample the run's merged generator/ instead")
+    return init
+
+
+def check_lora_fits(lora_dir: str, base: str) -> None:
+    """One-line ValueError unless every adapter of ``lora_dir`` sits on a linear of ``base`` of its
+    shape (lora_A [r, in], lora_B [out, r] on a weight [out, in]): diffusers only warns about
+    adapters it cannot place and samples the base model. Reads the safetensors headers only."""
+    weights = diffusers_weight_shapes(base)
+    with safe_open(os.path.join(lora_dir, LORA_WEIGHTS), "pt") as f:
+        adapters = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    for key, shape in sorted(adapters.items()):
+        module, part = key.removeprefix("transformer.").rsplit(".lora_", 1)
+        target = weights.get(f"{module}.weight")
+        fits = target is not None and len(shape) == len(target) == 2 and (
+            shape[1] == target[1] if part.startswith("A") else shape[0] == target[0])
+        if not fits:
+            found = "no such layer" if target is None else f"a weight of shape {list(target)}"
+            raise ValueError(f"--generator {lora_dir}: adapter {key} {list(shape)} does not fit {base} ({found}): "
+                             "LoRA adapters of another model")
 
 
 def load_lora(pipeline, lora_dir: str) -> None:
