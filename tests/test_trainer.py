@@ -356,6 +356,14 @@ def test_print_config_shows_the_whole_run_without_training(tmp_path, capsys):
     (tmp_path / "printed.yaml").write_text(yaml.safe_dump(printed))
     assert plain(load_config(str(tmp_path / "printed.yaml"))) == printed
     assert not out.exists()
+    # overrides on both sides of the options are all taken, in order (argparse alone refused the second run)
+    assert main(["train", "train.max_iterations=5", "--config", example, "train.ema_decay=0.5", "--print-config",
+                 f"output_dir={out}", "train.max_iterations=7"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["train"]["max_iterations"], printed["train"]["ema_decay"], printed["output_dir"]) == (7, 0.5, str(out))
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--config", example, "--print-config", "x=1", "--no-such-flag"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
 def test_an_impossible_layout_for_a_saved_run_names_the_layout(pipeline_dir, tmp_path, world_of_one):
