@@ -1,6 +1,9 @@
 """LoRA adapters on a megatron model's tensor-parallel linears: ``y = W x + (alpha / r) B A x``.
 
-Sharding follows the base layer, so the adapter adds no communication of hidden-size tensors:
+Sharding follows the base layer, so the adapter adds no communication of hidden-size tensors.
+"SP" below is the base layer's own sequence parallelism (its ``sequence_parallel``), which is not
+always the model's: SD3's text-stream linears run without it in a sequence-parallel model, their
+tokens whole on every rank, and so do their adapters.
 
 - column-parallel layer (output split over TP): A [r, in] is whole on every rank, B [out/tp, r]
   is split like the weight's rows. Without SP, ``A x`` goes through megatron's
@@ -59,12 +62,12 @@ def adapter_key(path: str) -> str:
 class LoraAdapter(torch.nn.Module):
     """This rank's shards of one layer's A and B, and the adapter's output for the layer's input."""
 
-    def __init__(self, target: LoraTarget, rank: int, alpha: float, sequence_parallel: bool, seed: int,
-                 dtype: torch.dtype, device: torch.device):
+    def __init__(self, target: LoraTarget, rank: int, alpha: float, seed: int, dtype: torch.dtype,
+                 device: torch.device):
         super().__init__()
         self.kind = target.kind
         self.scale = alpha / rank
-        self.sequence_parallel = sequence_parallel
+        self.sequence_parallel = target.sequence_parallel
         tp = parallel_state.get_tensor_model_parallel_world_size()
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         a_full = torch.empty(rank, target.in_features, dtype=torch.float32)
@@ -79,7 +82,7 @@ class LoraAdapter(torch.nn.Module):
         self.split_dim = 0 if split == "lora_B" else 1
         set_tensor_model_parallel_attributes(getattr(self, split), True, self.split_dim, 1)
         set_defaults_if_not_set_tensor_model_parallel_attributes(getattr(self, whole))
-        if sequence_parallel:  # the parameter whose gradient covers only this rank's rows (see above)
+        if self.sequence_parallel:  # the parameter whose gradient covers only this rank's rows (see above)
             setattr(getattr(self, "lora_A" if self.kind == "column" else "lora_B"), "sequence_parallel", True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,11 +155,10 @@ def apply_lora(model: torch.nn.Module, config: LoraConfig, seed: int, to_hf: Key
         raise RuntimeError(f"the model already has a {LORA_MODULE!r} module (LoRA applied twice?)")
     targets = resolve_targets(model, config.target_modules, to_hf or default_key_mapping(model))
     weight = next(model.parameters())
-    sequence_parallel = bool(getattr(model.config, "sequence_parallel", False))
     model.requires_grad_(False)
     adapters = {
-        adapter_key(t.path): LoraAdapter(t, config.rank, config.alpha, sequence_parallel,
-                                         zlib.crc32(f"{seed}:{t.path}".encode()), weight.dtype, weight.device)
+        adapter_key(t.path): LoraAdapter(t, config.rank, config.alpha, zlib.crc32(f"{seed}:{t.path}".encode()),
+                                         weight.dtype, weight.device)
         for t in targets
     }
     container = LoraAdapters(config, targets, adapters)

@@ -34,6 +34,9 @@ class LoraTarget:
     in_features: int  # whole (unsharded) sizes
     out_features: int
     hf_modules: tuple[str, ...]  # the diffusers modules it stands for (several when fused)
+    # the linear's own flag (megatron's and TE's linears keep it), not the model's: a model with
+    # sequence parallelism can have linears without it (SD3's text stream, whole on every rank)
+    sequence_parallel: bool
 
 
 def parallel_kind(module: torch.nn.Module) -> str | None:
@@ -72,7 +75,8 @@ def resolve_targets(model: torch.nn.Module, target_modules: list[str], to_hf: Ke
             continue
         out_features, in_features = full_shape(module.weight)
         linears.append(LoraTarget(path, kind, in_features, out_features,
-                                  diffusers_modules(path, out_features, to_hf)))
+                                  diffusers_modules(path, out_features, to_hf),
+                                  bool(module.sequence_parallel)))
     used: set[str] = set()
     chosen = []
     for linear in linears:
