@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from adm_megatron.config import ConfigError, load_config
-from tiny_pixel_encoders import LAYERS, make_tiny_encoder, save_tiny_encoder
+from adm_megatron.data.tiny_pixel_encoders import LAYERS, make_tiny_encoder, save_tiny_encoder
 
 BASE = [
     "distill.method=adp", "data.num_prompts=4", "data.batch_size=2", "data.frames=2", "data.height=4",

@@ -215,7 +215,7 @@ def test_trains_pre_flight_plans_adps_pixel_branch(pipeline_dir, tmp_path, monke
     """ADP's pixel branch (the VAE decode and a vision encoder, counted on fake tensors) is in the
     plan: a card between the latent-only peak and the peak with the branch takes the first run and
     refuses the second in one line; an encoder directory without its config is refused in one line."""
-    from tiny_pixel_encoders import save_tiny_encoder
+    from adm_megatron.data.tiny_pixel_encoders import save_tiny_encoder
 
     from adm_megatron.memory import preflight
     from adm_megatron.memory.plan import GIB

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from adm_megatron.config import ConfigError, load_config
-from tiny_pixel_encoders import save_tiny_encoder
+from adm_megatron.data.tiny_pixel_encoders import save_tiny_encoder
 from tiny_runs import is_timing, tiny_fp64_run
 
 ITERATIONS = 3

@@ -184,7 +184,7 @@ def test_adp_plan_is_within_15_percent_of_measured_peak_of_every_phase(name, pip
                                                                         world_of_one):
     from adm_megatron.parallel import destroy_parallel, initialize_parallel
 
-    from tiny_pixel_encoders import save_tiny_encoder
+    from adm_megatron.data.tiny_pixel_encoders import save_tiny_encoder
 
     family, overrides = TINY_ADP_RUNS[name]
     teacher = pipelines[False] if family == "cogvideox" else sd3_pipelines[False]

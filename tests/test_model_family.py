@@ -292,3 +292,10 @@ def test_make_tiny_pipeline_builds_each_familys_tiny_pipelines(tmp_path, capsys)
     assert tool.main(["--like", "sd3.5", "--out", str(tmp_path / "sd3.5")]) == 2
     assert capsys.readouterr().err.strip() == (f"make_tiny_pipeline.py: {tmp_path / 'sd3.5'}: output directory is not "
                                               "empty (pass overwrite=True / --overwrite)")
+    from transformers import AutoConfig  # ADP's pixel encoders, as distill.pixel_encoder_path reads them
+
+    for kind, model_type in (("sam", "sam_vision_model"), ("dinov2", "dinov2")):
+        assert tool.main(["--pixel-encoder", kind, "--out", str(tmp_path / kind)]) == 0
+        found = AutoConfig.from_pretrained(str(tmp_path / kind), local_files_only=True)
+        assert (found.model_type, found.num_hidden_layers) == (model_type, 4)
+    assert tool.main(["--pixel-encoder", "sam", "--out", str(tmp_path / "sam")]) == 2

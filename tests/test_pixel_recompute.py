@@ -18,7 +18,7 @@ from adm_megatron.config import ConfigError, load_config
 from adm_megatron.families import get_family
 from adm_megatron.heads.pixel import build_pixel_features
 from adm_megatron.memory.measure import peak_during
-from tiny_pixel_encoders import save_tiny_encoder
+from adm_megatron.data.tiny_pixel_encoders import save_tiny_encoder
 
 DECODE_BOUND = 0.6  # recomputed / plain peak
 ENCODE_BOUND = 0.75

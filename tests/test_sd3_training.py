@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from adm_megatron.config import ConfigError, LoraConfig, load_config
 from tiny_cogvideox import rel_err
-from tiny_pixel_encoders import save_tiny_encoder
+from adm_megatron.data.tiny_pixel_encoders import save_tiny_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red cat", "blue sky over the sea", "a dog", "green tree at night"]

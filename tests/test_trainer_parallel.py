@@ -19,7 +19,7 @@ import torch
 
 from multiproc import run_world
 from tiny_cogvideox import assert_grads_match
-from tiny_pixel_encoders import save_tiny_encoder
+from adm_megatron.data.tiny_pixel_encoders import save_tiny_encoder
 
 TOL = 1e-5
 COMMON = [

@@ -6,6 +6,11 @@
 ``cogvideox-5b``: rotary embeddings, head dim 16; ``sd3-medium``, ``sd3.5``: QK norm). The component
 sizes are in ``adm_megatron/data/tiny_pipeline.py`` / ``tiny_sd3_pipeline.py``; encode prompts for
 them with ``tools/precompute_text_embeddings.py --max-length 16``.
+
+    python tools/make_tiny_pipeline.py --pixel-encoder sam --out outputs/tiny_sam
+
+writes instead a tiny random vision encoder (``sam`` or ``dinov2``, 4 layers) for ADP's pixel
+discriminator (``distill.pixel_encoder_path``, with ``distill.pixel_layers`` in 1..4).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from adm_megatron.data.tiny_pixel_encoders import LAYERS, save_tiny_encoder  # noqa: E402
 from adm_megatron.families import build_tiny_pipeline_named, tiny_pipeline_names  # noqa: E402
 
 
@@ -26,8 +32,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="the model the tiny pipeline is shaped after (default cogvideox-2b)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    parser.add_argument("--pixel-encoder", choices=("sam", "dinov2"), default=None,
+                        help="write a tiny vision encoder of this kind instead (ADP's distill.pixel_encoder_path; "
+                        f"{LAYERS} layers: set distill.pixel_layers within 1..{LAYERS})")
     args = parser.parse_args(argv)
     try:
+        if args.pixel_encoder:
+            if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+                raise FileExistsError(f"{args.out}: output directory is not empty (pass overwrite=True / --overwrite)")
+            print(save_tiny_encoder(args.pixel_encoder, args.out, args.seed))
+            return 0
         print(build_tiny_pipeline_named(args.like, args.out, args.seed, args.overwrite))
     except FileExistsError as err:
         print(f"make_tiny_pipeline.py: {err}", file=sys.stderr)

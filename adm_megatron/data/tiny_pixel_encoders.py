@@ -1,6 +1,7 @@
 """Tiny random SAM / DINOv2 vision encoders saved as local transformers directories (offline, < 1 s),
-for ADP's pixel discriminator (heads/pixel.py): 4 layers of width 32, 32x32 images, 8x8 patches,
-weights perturbed away from the constructors' initialisation."""
+for ADP's pixel discriminator (heads/pixel.py) in tests and smoke runs (``tools/make_tiny_pipeline.py
+--pixel-encoder``): 4 layers of width 32, 32x32 images, 8x8 patches, weights perturbed away from the
+constructors' initialisation."""
 
 from __future__ import annotations
 
