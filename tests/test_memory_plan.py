@@ -322,7 +322,7 @@ def test_plan_command_checks_the_host_memory_of_a_node_when_given(tmp_path, caps
     (["--gpus", "2", "--card", "80", "--shard-optimizer", "all"], "data_parallel=1 leaves nothing to shard"),
     (["--gpus", "8", "--card", "80", "--offload", "optimizer"], "needs pinned host memory"),
     (["--gpus", "8", "--card", "80", "parallel.tensor_parallel=4"], "30 attention heads are not divisible"),
-    (["--gpus", "8", "--card", "80", "parallel.context_parallel=4"], "video tokens are not divisible"),
+    (["--gpus", "8", "--card", "80", "parallel.context_parallel=4"], "latent (image / video) tokens are not divisible"),
     (["--gpus", "8", "--card", "80", "data.height=62"], "tokens per context-parallel rank are not divisible"),
     (["--gpus", "3", "--card", "80"], "gpus=3: not a positive multiple"),
     (["--gpus", "8", "--card", "80", "--gpus-per-node", "0"], "gpus_per_node=0, host=0.0 GiB: expected"),

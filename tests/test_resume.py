@@ -312,6 +312,27 @@ def test_keys_newer_than_a_saved_run_pass_at_their_defaults_and_kernels_may_chan
         check_compatible(config_to_dict(config), load_config(None, ["model.teacher=x", "distill.delta_t=7"]), "run")
 
 
+def test_a_refused_change_names_the_section_and_what_to_do_instead():
+    """A LoRA run resumed with ``model.lora=null`` names ``model.lora`` (not one of its fields), and a
+    run that goes on with another run's checkpoint (``train.resume=PATH``) is told that a different
+    run starts without it, not that it needs a new output directory (it has one)."""
+    from adm_megatron.config import ConfigError, config_to_dict, load_config
+    from adm_megatron.train.resume import check_compatible
+
+    lora = load_config(None, ["model.teacher=x", "model.lora.rank=8", "model.lora.alpha=8"])
+    saved = config_to_dict(lora)
+    with pytest.raises(ConfigError) as err:
+        check_compatible(saved, load_config(None, ["model.teacher=x"]), "run/config.yaml")
+    assert str(err.value).startswith(f"run/config.yaml: model.lora={saved['model']['lora']!r} there but None now; "
+                                     "a run cannot change it (a different run needs a new output_dir)")
+    with pytest.raises(ConfigError) as err:
+        check_compatible(saved, load_config(None, ["model.teacher=x", "model.lora.rank=4", "model.lora.alpha=8",
+                                                   "train.resume=old/checkpoints/iter_0000015"]), "iter_0000015")
+    assert str(err.value) == ("iter_0000015: model.lora.rank=8 there but 4 now; a run cannot change it "
+                              "(train.resume=PATH goes on with that run; a different one starts without it (from "
+                              "that run's exported generator: model.generator_init))")
+
+
 def test_a_constant_lr_run_is_lengthened_exactly_and_never_cut_below_what_it_did(tmp_path, world_of_one):
     """A finished run started again with a larger train.max_iterations goes on from its last
     checkpoint, and its records equal those of a run that had the longer length from the start

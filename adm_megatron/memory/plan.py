@@ -304,7 +304,7 @@ def check_settings(shape: Shape, s: Settings) -> None:
     if shape.height % shape.patch or shape.width % shape.patch:
         raise PlanError(f"latent {shape.height}x{shape.width}: not divisible by the patch size {shape.patch}")
     if shape.video_tokens % cp:
-        raise PlanError(f"context_parallel={cp}: the {shape.video_tokens} video tokens are not divisible by it")
+        raise PlanError(f"context_parallel={cp}: the {shape.video_tokens} latent (image / video) tokens are not divisible by it")
     # the tokens sequence parallelism splits: the joint sequence, or the image tokens alone
     per_cp = (shape.text_tokens if shape.terms.joint_sequence else 0) + shape.video_tokens // cp
     if s.sequence_parallel and tp > 1 and per_cp % tp:

@@ -77,7 +77,33 @@ def _flatten(values: dict, prefix: str = "") -> dict:
     return out
 
 
-def _check_length(before: dict, now: dict, source: str) -> None:
+def _section_value(flat: dict, key: str):
+    """``key``'s value in a flattened config: a leaf, or a section gathered back into a dict."""
+    section = {k[len(key) + 1:]: v for k, v in flat.items() if k.startswith(key + ".")}
+    return section or flat.get(key)
+
+
+def _differing_key(key: str, before: dict, now: dict) -> str:
+    """``key``, or the section above it that is null on one side (``model.lora: null`` against a
+    LoRA run's ``model.lora.rank`` ... is ``model.lora`` that changed)."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        section = ".".join(parts[:i])
+        if (section in now and now[section] is None) or (section in before and before[section] is None):
+            return section
+    return key
+
+
+def _another_run(config: Config) -> str:
+    """What to do for a run that differs: a new output directory, or, when this one names another
+    run's checkpoint (``train.resume=PATH``, which goes on with that run), no such resume."""
+    if config.train.resume in ("auto", "never"):
+        return "a different run needs a new output_dir"
+    return ("train.resume=PATH goes on with that run; a different one starts without it (from that run's "
+            "exported generator: model.generator_init)")
+
+
+def _check_length(before: dict, now: dict, source: str, config: Config) -> None:
     """``train.max_iterations`` may change (a run lengthened, or shortened to no less than it has
     done: ``plan_resume``) when no network's learning rate decays over the run's length; otherwise
     the schedule of the iterations already done would change with it."""
@@ -86,8 +112,8 @@ def _check_length(before: dict, now: dict, source: str) -> None:
     if decaying:
         raise ConfigError(
             f"{source}: train.max_iterations={before[LENGTH]!r} there but {now[LENGTH]!r} now; {decaying[0]} "
-            "decays the learning rate over the run's length, so the run cannot change it (a constant schedule "
-            "can; a different run needs a new output_dir)"
+            f"decays the learning rate over the run's length, so the run cannot change it (a constant schedule "
+            f"can; {_another_run(config)})"
         )
 
 
@@ -102,14 +128,15 @@ def check_compatible(saved: dict, config: Config, source: str) -> None:
         if any(key == p or (p.endswith(".") and key.startswith(p)) for p in MAY_CHANGE):
             continue
         if key == LENGTH and now.get(key) != before.get(key):
-            _check_length(before, now, source)
+            _check_length(before, now, source, config)
             continue
         if key not in before and key in defaults and now.get(key) == defaults[key]:
             continue
         if now.get(key) != before.get(key):
+            key = _differing_key(key, before, now)
             raise ConfigError(
-                f"{source}: {key}={before.get(key)!r} there but {now.get(key)!r} now; a run cannot "
-                "change it (a different run needs a new output_dir)"
+                f"{source}: {key}={_section_value(before, key)!r} there but {_section_value(now, key)!r} now; a run "
+                f"cannot change it ({_another_run(config)})"
             )
 
 
