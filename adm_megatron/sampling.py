@@ -34,7 +34,7 @@ from adm_megatron.data.batch_layout import contiguous_share
 from adm_megatron.families.registry import PromptEmbeddings
 from adm_megatron.models.frame_files import sample_name, write_grid
 from adm_megatron.models.diffusers_files import check_diffusers_weights, check_safetensors_file
-from adm_megatron.models.generator_source import LORA_WEIGHTS, check_lora_fits, generator_parts
+from adm_megatron.models.generator_source import LORA_WEIGHTS, check_lora_fits, generator_parts, not_a_generator_hint
 from adm_megatron.models.pipeline_files import read_config
 from adm_megatron.models.pipeline_size import FLAGS, PipelineScale, pipeline_scale
 from adm_megatron.parallel import barrier, initialize_parallel, launch_env
@@ -63,6 +63,10 @@ def generator_steps(generator_dir: str, steps: int | None) -> int:
     if not os.path.isdir(generator_dir):
         raise ValueError(f"--generator {generator_dir}: not found (a generator directory adm-megatron train or "
                          "export wrote, or a diffusers transformer directory)")
+    hint = not any(os.path.isfile(os.path.join(generator_dir, f)) for f in ("config.json", LORA_WEIGHTS)) and \
+        not_a_generator_hint(generator_dir)
+    if hint:  # a run's directory or a checkpoint: say where its generator is
+        raise ValueError(f"--generator {generator_dir}: {hint}")
     record = read_distillation_record(generator_dir)
     if steps is None:
         if record is None:

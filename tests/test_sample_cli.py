@@ -108,6 +108,12 @@ def test_sample_takes_the_distilled_step_count_and_never_mixes_runs(tmp_path, wo
     assert capsys.readouterr().err.strip() == (
         f"adm-megatron sample: {weights}: truncated ({size - 1000} bytes, its header needs {size})")
     assert calls == [] and not (tmp_path / "cut_samples").exists()
+    run = tmp_path / "run"  # a run's directory, not its generator/
+    (run / "generator").mkdir(parents=True)
+    (run / "generator" / "config.json").write_text("{}")
+    assert main([*args, "--generator", str(run), "--out", str(tmp_path / "run_samples")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"adm-megatron sample: --generator {run}: a run directory: its exported generator is {run / 'generator'}")
 
 
 def test_sample_renders_a_lora_directory_as_its_merged_generator(tmp_path, world_of_one, capsys):

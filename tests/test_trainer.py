@@ -322,6 +322,19 @@ def test_generator_init_starts_the_generator_from_a_diffusers_dir(tmp_path, worl
     rope = build_tiny_pipeline(str(tmp_path / "rope"), seed=1, rope=True)
     with pytest.raises(ConfigError, match="architecture differs from the teacher's"):
         Trainer(load_config(None, base + [f"model.generator_init={rope}/transformer"]))
+    run = tmp_path / "stage1"  # a run's directory, its checkpoint, its LoRA file: each says what to use
+    (run / "generator").mkdir(parents=True)
+    (run / "generator" / "config.json").write_text("{}")
+    (run / "checkpoints" / "iter_0000002").mkdir(parents=True)
+    (run / "checkpoints" / "iter_0000002" / "trainer_state.json").write_text("{}")
+    (run / "generator_lora").mkdir()
+    (run / "generator_lora" / "pytorch_lora_weights.safetensors").write_text("")
+    for path, hint in ((run, f"a run directory: its exported generator is {run / 'generator'}"),
+                       (run / "checkpoints" / "iter_0000002", "adm-megatron export --checkpoint "),
+                       (run / "generator_lora", "a LoRA file without its base weights: use the run's merged generator/")):
+        with pytest.raises(ConfigError) as err:
+            Trainer(load_config(None, base + [f"model.generator_init={path}"]))
+        assert str(err.value).startswith(f"model.generator_init='{path}': ") and hint in str(err.value), str(err.value)
 
     trainer = Trainer(load_config(None, base + [f"model.generator_init={other}/transformer"]))
     init = load_hf_weights(f"{other}/transformer", trainer.arch)

@@ -59,6 +59,20 @@ def check_lora_fits(lora_dir: str, base: str) -> None:
                              "LoRA adapters of another model")
 
 
+def not_a_generator_hint(path: str) -> str | None:
+    """What to use instead when ``path`` is a run's directory, a training checkpoint or a LoRA
+    directory where a whole diffusers transformer is expected; None for anything else."""
+    if os.path.isfile(os.path.join(path, "generator", "config.json")):
+        return f"a run directory: its exported generator is {os.path.join(path, 'generator')}"
+    if os.path.isfile(os.path.join(path, "trainer_state.json")) or os.path.isdir(os.path.join(path, "checkpoints")):
+        return (f"a training run or checkpoint without an exported generator: adm-megatron export --checkpoint "
+                f"{path} --out DIR writes it")
+    if os.path.isfile(os.path.join(path, LORA_WEIGHTS)):
+        return ("a LoRA file without its base weights: use the run's merged generator/ (train.export_lora merged "
+                "or both, or adm-megatron export --lora merged)")
+    return None
+
+
 def load_lora(pipeline, lora_dir: str) -> None:
     """The LoRA file's adapters through the pipeline's own ``load_lora_weights`` (its alpha / r scale
     from the file's metadata), left beside the transformer's weights as PEFT layers: each adapted

@@ -16,6 +16,7 @@ import torch
 
 from adm_megatron.config import Config, ConfigError
 from adm_megatron.models.diffusers_files import check_diffusers_weights
+from adm_megatron.models.generator_source import not_a_generator_hint
 from adm_megatron.models.kernel_options import check_kernel_options
 from adm_megatron.data.batch_layout import microbatches_for
 from adm_megatron.models.specs import transformer_engine_available
@@ -192,7 +193,9 @@ def _check_generator_init(path: str, teacher: TeacherSource) -> None:
     try:
         found = family.arch_from_pretrained_dir(path)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{key}: not a diffusers {' / '.join(family.diffusers_classes)} directory ({err})") from None
+        hint = not_a_generator_hint(path)
+        raise ConfigError(f"{key}: " + (hint or f"not a diffusers {' / '.join(family.diffusers_classes)} directory "
+                                                f"({err})")) from None
     try:
         check_diffusers_weights(path)
     except (OSError, ValueError) as err:
