@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         "NaN / Inf (train.max_skipped_steps); 75 stopped by SIGTERM / SIGUSR1 after saving a "
         "checkpoint (run the same command to go on).",
     )
-    train.add_argument("--config", required=True, help="YAML run config (see examples/cogvideox/)")
+    train.add_argument("--config", required=True, help="YAML run config (see examples/cogvideox/, examples/sd35/)")
     train.add_argument("--print-config", action="store_true",
                        help="print the whole run config (the file, the overrides and every default, as the run "
                        "saves it in output_dir/config.yaml) and exit without training")
