@@ -2,7 +2,7 @@
 whole benchmark (our DiT and diffusers both run and agree; the trainer's phases are timed and their
 network evaluations counted as Algorithm 1 prescribes; the JSON carries what docs/PERFORMANCE.md
 quotes); a LoRA generator counted as what it computes (no base weight gradients, its adapters'
-own work)."""
+own work) and recorded in the JSON."""
 
 from __future__ import annotations
 
@@ -369,6 +369,40 @@ def test_lora_generator_counts_its_adapters_and_no_base_weight_gradients(family_
     assert lora[8]["grad"] - lora[4]["grad"] == 3 * adapters(arch, 4)
     frozen = counted(LoraConfig(rank=4, alpha=8.0, target_modules=targets), frozen_adapters=True)
     assert frozen["grad"] == 2 * base.linear + 3 * base.attention + 2 * adapters(arch, 4)  # input gradients only
+
+
+def test_bench_counts_a_lora_generator_and_records_its_settings(sd3_pipeline, tmp_path, world_of_one):
+    """The trainer's count (the bench's phases and the logged TFLOP/s) of a LoRA run against a full
+    fine-tune's, on SD3 with context-stream targets: the generator phase loses the base weight
+    gradients of the generator's call and gains its adapters 3x, the fake score phase (the generator
+    under no_grad) gains them 1x, the discriminator phase is unchanged; the result records the LoRA
+    settings (None for a full fine-tune)."""
+    from adm_megatron.bench.adm_iteration import measure_iterations, trainer_overrides
+    from adm_megatron.bench.dit import LatentShape
+    from adm_megatron.models.sd3_config import SD3Arch
+
+    shape, text = LatentShape(2, 1, 8, 8), 77 + 256  # synthetic SD3 prompts: 333 tokens
+    lora = "model.lora={rank: 4, alpha: 8, target_modules: [%s]}" % ", ".join(SD3_LORA_TARGETS)
+    result = {}
+    for name, extra in (("full", []), ("lora", [lora])):
+        overrides = trainer_overrides(f"{sd3_pipeline}/transformer", sd3_pipeline, str(tmp_path / name), shape, "fp32")
+        result[name] = measure_iterations(None, [*overrides, "distill.generator_steps=1", "distill.head_every=1",
+                                                 "distill.head_hidden=16", *extra], repeats=1, warmup=0)
+    arch = SD3Arch.from_pretrained_dir(f"{sd3_pipeline}/transformer")
+    generator = sd3_call_flops(arch, (2, arch.in_channels, 8, 8), text)
+    adapters = _sd3_adapter_flops(arch, 4, 2, 8, 8, text)
+    full, ours = ({phase: row["flops"][0] for phase, row in result[name]["phases"].items()} for name in ("full", "lora"))
+    assert result["full"]["evaluations_per_iteration"] == result["lora"]["evaluations_per_iteration"]
+    assert ours["generator"] - full["generator"] == pytest.approx(3 * adapters - generator.linear, rel=1e-12)
+    assert ours["generator"] < full["generator"]
+    assert ours["fake_score"] - full["fake_score"] == pytest.approx(adapters, rel=1e-12)
+    assert ours["discriminator"] == full["discriminator"]
+
+    d, last = arch.hidden_size, arch.num_layers - 1
+    widths = last * ((d + 3 * d) + (d + d) + (d + 3 * d) + (d + d) + (4 * d + d)) + (d + 3 * d) + (d + d) + (d + 3 * d)
+    assert result["full"]["lora"] is None
+    assert result["lora"]["lora"] == {"rank": 4, "alpha": 8.0, "target_modules": SD3_LORA_TARGETS,
+                                      "adapted_layers": 5 * last + 3, "trainable_parameters": 4 * widths}
 
 
 @pytest.mark.parametrize("family_name", ["cogvideox", "sd3"])
