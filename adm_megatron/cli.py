@@ -117,6 +117,10 @@ def _bench(args: argparse.Namespace) -> int:
     overlap = "on" if k["overlap_grad_reduce"] else "off"
     print(f"kernels: {k['spec']} spec, compile {k['compile']}, attention {attention}, fp8 {k['fp8'] or 'off'}, "
           f"DP grad overlap {overlap}")
+    lora = result["adm"]["lora"]
+    if lora is not None:
+        print(f"LoRA generator: rank {lora['rank']}, alpha {lora['alpha']:g}, {lora['adapted_layers']} adapted layers "
+              f"({', '.join(lora['target_modules'])}), {lora['trainable_parameters']} trainable parameters")
     ratio = result["dit"]["ratio_ours_over_diffusers"]
     print(f"time ours / diffusers: forward {ratio['forward']:.3f}, forward+backward {ratio['forward_backward']:.3f}")
     if args.out:

@@ -1,7 +1,8 @@
 """``adm-megatron bench``: the analytic FLOPs against torch's own count, and a CPU smoke run of the
 whole benchmark (our DiT and diffusers both run and agree; the trainer's phases are timed and their
 network evaluations counted as Algorithm 1 prescribes; the JSON carries what docs/PERFORMANCE.md
-quotes)."""
+quotes); a LoRA generator counted as what it computes (no base weight gradients, its adapters'
+own work) and recorded in the JSON."""
 
 from __future__ import annotations
 
@@ -261,3 +262,181 @@ def test_training_reports_its_throughput_with_the_benchmarks_flop_count(tmp_path
         assert metrics["throughput/tflops_per_gpu"] * seconds * 1e12 == pytest.approx(flops, rel=1e-12)
         assert metrics["throughput/samples_per_second"] == pytest.approx(2 / seconds)
         assert "throughput/mfu" not in metrics
+
+
+# -- LoRA generators: base frozen, adapters trained ------------------------------------------------
+# the test's own count of the adapters' forward FLOPs, 2 rows r (in + out) per adapted linear, from
+# the arch and the targets below (CogVideoX: the joint sequence; SD3: image or text tokens by stream)
+COGVIDEOX_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"]
+SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                    "ff_context.net.2"]
+
+
+def _cogvideox_adapter_flops(arch, rank, batch, frames, height, width, text, blocks=None):
+    d, p = arch.hidden_size, arch.patch_size
+    rows = text + frames * (height // p) * (width // p)  # text and video tokens through every block linear
+    per_block = 2 * rows * rank * ((d + 3 * d) + (d + d) + (d + 4 * d))  # fused QKV, to_out.0, ff.net.0.proj
+    return batch * (arch.num_layers if blocks is None else blocks) * per_block
+
+
+def _sd3_adapter_flops(arch, rank, batch, height, width, text, blocks=None):
+    d, p = arch.hidden_size, arch.patch_size
+    image = (height // p) * (width // p)
+    total = 0
+    for block in range(arch.num_layers if blocks is None else blocks):
+        attentions = 2 if block in arch.dual_attention_layers else 1  # attn2.to_q ... match the names too
+        total += attentions * 2 * image * rank * ((d + 3 * d) + (d + d))  # image QKV, to_out.0
+        total += 2 * text * rank * (d + 3 * d)  # add_q/k/v_proj: the text tokens
+        if block < arch.num_layers - 1:  # the last block's text stream ends at its QKV (context_pre_only)
+            total += 2 * text * rank * ((d + d) + (4 * d + d))  # to_add_out, ff_context.net.2
+    return batch * total
+
+
+class _Uncalled:
+    """A DiTFunction stand-in: the counter reads its module; the call itself is not made."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, x_t, t, cond):
+        return None
+
+    def features(self, x_t, t, cond, every):
+        return None
+
+
+@pytest.mark.parametrize("family_name", ["cogvideox", "sd3"])
+def test_lora_generator_counts_its_adapters_and_no_base_weight_gradients(family_name, world_of_one):
+    """A LoRA generator's call: base linears forward + input gradients only (2x), attention 3x, the
+    adapters 3x (trainable) / 2x (frozen, gradient to the input) / 1x (no_grad); a features-only call
+    counts the adapters of the blocks it runs only. SD3.5-Medium-style (dual attention) with
+    context-stream targets; 3 blocks so that a features call stops before the last."""
+    from adm_megatron.bench.counting import CountingDiT, EvalCounter
+    from adm_megatron.config import LoraConfig
+    from adm_megatron.families import get_family
+    from adm_megatron.lora import apply_lora
+    from adm_megatron.models.taps import feature_depth
+    from tiny_sd3 import VARIANTS
+
+    family = get_family(family_name)
+    batch, text, (frames, height, width) = 2, 7, ((3, 4, 6) if family_name == "cogvideox" else (1, 8, 12))
+    config, targets = (({**TRANSFORMER, "num_layers": 3}, COGVIDEOX_LORA_TARGETS) if family_name == "cogvideox"
+                       else (dict(VARIANTS["sd35m"]), SD3_LORA_TARGETS))
+    arch = family.arch_from_diffusers_config(config, "test")
+    shape = (batch, *family.latent_shape(arch, frames, height, width))
+
+    def adapters(arch, rank, blocks=None):
+        if family_name == "cogvideox":
+            return _cogvideox_adapter_flops(arch, rank, batch, frames, height, width, text, blocks)
+        return _sd3_adapter_flops(arch, rank, batch, height, width, text, blocks)
+
+    x, t, cond = torch.zeros(shape), torch.zeros(batch), torch.zeros(batch, text, 8)
+    base = family.call_flops(arch, shape, text)
+    every = 2  # taps block 1 of 3: the features call runs blocks 0 and 1
+    depth = feature_depth(arch.num_layers, every)
+    assert depth < arch.num_layers
+    head = family.call_flops(arch, shape, text, depth, False)
+
+    def counted(lora=None, frozen_adapters=False):
+        model = family.build_model(arch, device="meta")
+        if lora is not None:
+            apply_lora(model, lora, seed=0)
+            if frozen_adapters:
+                model.lora.requires_grad_(False)
+        counter = EvalCounter()
+        net = CountingDiT(_Uncalled(model), "generator", counter, arch)
+        counter.phase = "grad"
+        net(x.requires_grad_(frozen_adapters), t, cond)
+        x.requires_grad_(False)
+        with torch.no_grad():
+            counter.phase = "no_grad"
+            net(x, t, cond)
+            counter.phase = "features"
+            net.features(x, t, cond, every)
+        return {phase: counter.phase_flops(phase) for phase in ("grad", "no_grad", "features")}
+
+    full = counted()
+    assert full["grad"] == 3 * base.linear + 3 * base.attention  # a full fine-tune: weight gradients too
+    lora = {rank: counted(LoraConfig(rank=rank, alpha=8.0, target_modules=targets)) for rank in (4, 8)}
+    for rank, flops in lora.items():
+        assert adapters(arch, rank) > 0
+        assert flops["grad"] == 2 * base.linear + 3 * base.attention + 3 * adapters(arch, rank)
+        assert flops["no_grad"] == base.linear + base.attention + adapters(arch, rank)
+        assert flops["features"] == head.linear + head.attention + adapters(arch, rank, depth)
+        assert adapters(arch, rank, depth) < adapters(arch, rank)
+        assert flops["grad"] < full["grad"]
+    # the adapter term is linear in the rank: rank 8 counts rank 4's adapters once more
+    assert lora[8]["grad"] - lora[4]["grad"] == 3 * adapters(arch, 4)
+    frozen = counted(LoraConfig(rank=4, alpha=8.0, target_modules=targets), frozen_adapters=True)
+    assert frozen["grad"] == 2 * base.linear + 3 * base.attention + 2 * adapters(arch, 4)  # input gradients only
+
+
+def test_bench_counts_a_lora_generator_and_records_its_settings(sd3_pipeline, tmp_path, world_of_one):
+    """The trainer's count (the bench's phases and the logged TFLOP/s) of a LoRA run against a full
+    fine-tune's, on SD3 with context-stream targets: the generator phase loses the base weight
+    gradients of the generator's call and gains its adapters 3x, the fake score phase (the generator
+    under no_grad) gains them 1x, the discriminator phase is unchanged; the result records the LoRA
+    settings (None for a full fine-tune)."""
+    from adm_megatron.bench.adm_iteration import measure_iterations, trainer_overrides
+    from adm_megatron.bench.dit import LatentShape
+    from adm_megatron.models.sd3_config import SD3Arch
+
+    shape, text = LatentShape(2, 1, 8, 8), 77 + 256  # synthetic SD3 prompts: 333 tokens
+    lora = "model.lora={rank: 4, alpha: 8, target_modules: [%s]}" % ", ".join(SD3_LORA_TARGETS)
+    result = {}
+    for name, extra in (("full", []), ("lora", [lora])):
+        overrides = trainer_overrides(f"{sd3_pipeline}/transformer", sd3_pipeline, str(tmp_path / name), shape, "fp32")
+        result[name] = measure_iterations(None, [*overrides, "distill.generator_steps=1", "distill.head_every=1",
+                                                 "distill.head_hidden=16", *extra], repeats=1, warmup=0)
+    arch = SD3Arch.from_pretrained_dir(f"{sd3_pipeline}/transformer")
+    generator = sd3_call_flops(arch, (2, arch.in_channels, 8, 8), text)
+    adapters = _sd3_adapter_flops(arch, 4, 2, 8, 8, text)
+    full, ours = ({phase: row["flops"][0] for phase, row in result[name]["phases"].items()} for name in ("full", "lora"))
+    assert result["full"]["evaluations_per_iteration"] == result["lora"]["evaluations_per_iteration"]
+    assert ours["generator"] - full["generator"] == pytest.approx(3 * adapters - generator.linear, rel=1e-12)
+    assert ours["generator"] < full["generator"]
+    assert ours["fake_score"] - full["fake_score"] == pytest.approx(adapters, rel=1e-12)
+    assert ours["discriminator"] == full["discriminator"]
+
+    d, last = arch.hidden_size, arch.num_layers - 1
+    widths = last * ((d + 3 * d) + (d + d) + (d + 3 * d) + (d + d) + (4 * d + d)) + (d + 3 * d) + (d + d) + (d + 3 * d)
+    assert result["full"]["lora"] is None
+    assert result["lora"]["lora"] == {"rank": 4, "alpha": 8.0, "target_modules": SD3_LORA_TARGETS,
+                                      "adapted_layers": 5 * last + 3, "trainable_parameters": 4 * widths}
+
+
+@pytest.mark.parametrize("family_name", ["cogvideox", "sd3"])
+def test_adapter_flops_equal_torch_flop_counter_on_our_lora_model(family_name, world_of_one):
+    """The family's adapter formula against torch's count of what the adapters add to our model's
+    forward (the rows each adapted linear really sees), whole and features-only (2 of 3 blocks)."""
+    from adm_megatron.bench.counting import adapted_linears, lora_of
+    from adm_megatron.config import LoraConfig
+    from adm_megatron.families import get_family
+    from adm_megatron.lora import apply_lora
+    from tiny_sd3 import VARIANTS
+
+    family = get_family(family_name)
+    if family_name == "cogvideox":
+        arch = family.arch_from_diffusers_config({**TRANSFORMER, "num_layers": 3}, "test")
+        shape, text_len, targets = (2, 3, arch.in_channels, 4, 6), arch.max_text_seq_length, COGVIDEOX_LORA_TARGETS
+        kwargs = {"image_rotary_emb": family.positional_inputs(arch, 3, 4, 6)}
+        text = torch.randn(2, text_len, arch.text_embed_dim)
+    else:
+        arch = family.arch_from_diffusers_config(dict(VARIANTS["sd35m"]), "test")
+        shape, text_len, targets = (2, arch.in_channels, 8, 12), 7, SD3_LORA_TARGETS
+        kwargs = {"pooled_projections": torch.randn(2, arch.pooled_projection_dim)}
+        text = torch.randn(2, text_len, arch.joint_attention_dim)
+    model = family.build_model(arch, device="cpu")
+    x, t = torch.randn(shape), torch.tensor([3.0, 500.0])
+
+    def counted(**features) -> int:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(hidden_states=x, encoder_hidden_states=text, timestep=t, **kwargs, **features)
+        return counter.get_total_flops()
+
+    features = {"return_features": True, "feature_every": 2}  # taps block 1: runs blocks 0 and 1
+    base, base_features = counted(), counted(**features)
+    apply_lora(model, LoraConfig(rank=4, alpha=8.0, target_modules=targets), seed=0)
+    layers = adapted_linears(lora_of(model))
+    assert counted() - base == family.lora_flops(arch, shape, text_len, layers) > 0
+    assert counted(**features) - base_features == family.lora_flops(arch, shape, text_len, layers, 2) > 0

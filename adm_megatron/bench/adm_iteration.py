@@ -21,6 +21,7 @@ from adm_megatron.bench.checkpoint_pause import measure_checkpoint_pause
 from adm_megatron.bench.counting import EvalCounter
 from adm_megatron.bench.timing import peak_memory_bytes, reset_peak_memory, synchronize
 from adm_megatron.config import load_config
+from adm_megatron.lora.adapters import lora_adapters
 
 
 def write_scheduler_pipeline(out_dir: str, family) -> str:
@@ -75,13 +76,25 @@ class TimedPhases:
         return result
 
 
+def lora_settings(generator) -> dict | None:
+    """A LoRA generator's adapters as the result records them (rank, alpha, target modules, adapted
+    layers, trainable parameters whole); None for a full fine-tune."""
+    adapters = lora_adapters(generator)
+    if adapters is None:
+        return None
+    c = adapters.config
+    return {"rank": c.rank, "alpha": c.alpha, "target_modules": list(c.target_modules),
+            "adapted_layers": len(adapters), "trainable_parameters": adapters.full_numel()}
+
+
 def measure_iterations(config_file: str | None, overrides: list[str], repeats: int, warmup: int,
                        checkpoint_repeats: int = 0) -> dict:
     """Build the trainer and time ``warmup`` + ``repeats`` iterations. Returns per phase (and
     ``iteration``): per-repeat seconds and FLOPs, the median seconds, the peak memory, and the
-    network evaluations of the measured iterations (per iteration, averaged); then, with
-    ``checkpoint_repeats``, how long a checkpoint stops training, synchronous and in the
-    background (``checkpoint_pause.py``; else None)."""
+    network evaluations of the measured iterations (per iteration, averaged); the LoRA generator's
+    settings (``lora_settings``; None for a full fine-tune); then, with ``checkpoint_repeats``, how
+    long a checkpoint stops training, synchronous and in the background (``checkpoint_pause.py``;
+    else None)."""
     from adm_megatron.train.trainer import Trainer
 
     trainer = Trainer(load_config(config_file, overrides))
@@ -120,4 +133,4 @@ def measure_iterations(config_file: str | None, overrides: list[str], repeats: i
     return {"phases": rows, "evaluations_per_iteration": evals, "method": trainer.config.distill.method,
             "generator_steps": trainer.config.distill.generator_steps,
             "head_every": trainer.config.distill.head_every, "model_dtype": trainer.config.model.dtype,
-            "checkpoint": checkpoint}
+            "lora": lora_settings(trainer.generator), "checkpoint": checkpoint}

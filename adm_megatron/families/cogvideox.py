@@ -109,6 +109,7 @@ COGVIDEOX = register_family(ModelFamily(
     },
     tools=frozenset({"bench", "memory-plan", "pixel-discriminator"}),
     call_flops=lazy("adm_megatron.bench.flops", "cogvideox_call_flops"),
+    lora_flops=lazy("adm_megatron.bench.flops", "cogvideox_lora_flops"),
     native_latent_size=_native_latent_size,
     memory_terms=lazy("adm_megatron.memory.cogvideox_terms", "cogvideox_memory_terms"),
     vae_class="AutoencoderKLCogVideoX",

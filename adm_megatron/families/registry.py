@@ -103,6 +103,9 @@ class ModelFamily:
     # (adm_megatron.bench.flops), and arch -> (frames, height, width) of the latents it was trained at
     call_flops: Callable[..., Any] | None = None
     native_latent_size: Callable[[Any], tuple[int, int, int]] | None = None
+    # (arch, latent tensor shape, text length, adapted linears, blocks) -> forward FLOPs of the LoRA
+    # adapters on them (adapted linears: adm_megatron.bench.flops.AdaptedLinear, by megatron path)
+    lora_flops: Callable[..., float] | None = None
     # 'memory-plan': arch -> the planner's per-block counts (adm_megatron.memory.terms.ActivationTerms)
     memory_terms: Callable[[Any], Any] | None = None
     # 'pixel-discriminator' (ADP's pixel branch): the diffusers class of the pipeline's ``vae/``, and
@@ -118,8 +121,8 @@ class ModelFamily:
             raise ValueError(f"family {self.name!r}: head_kind must be one of {HEAD_KINDS}")
         if not self.diffusers_classes:
             raise ValueError(f"family {self.name!r}: needs at least one diffusers class name")
-        if "bench" in self.tools and (self.call_flops is None or self.native_latent_size is None):
-            raise ValueError(f"family {self.name!r}: tool 'bench' needs call_flops and native_latent_size")
+        if "bench" in self.tools and None in (self.call_flops, self.lora_flops, self.native_latent_size):
+            raise ValueError(f"family {self.name!r}: tool 'bench' needs call_flops, lora_flops and native_latent_size")
         if "memory-plan" in self.tools and self.memory_terms is None:
             raise ValueError(f"family {self.name!r}: tool 'memory-plan' needs memory_terms")
         if "pixel-discriminator" in self.tools and (self.vae_class is None or self.decode_images is None):

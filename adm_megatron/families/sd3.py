@@ -108,6 +108,7 @@ SD3 = register_family(ModelFamily(
     },
     tools=frozenset({"bench", "memory-plan", "pixel-discriminator"}),
     call_flops=lazy("adm_megatron.bench.flops", "sd3_call_flops"),
+    lora_flops=lazy("adm_megatron.bench.flops", "sd3_lora_flops"),
     native_latent_size=lambda arch: (1, arch.sample_size, arch.sample_size),  # 1024 px -> 128 x 128
     memory_terms=lazy("adm_megatron.memory.sd3_terms", "sd3_memory_terms"),
     vae_class="AutoencoderKL",

@@ -132,6 +132,10 @@ class LoraAdapters(torch.nn.ModuleDict):
         """Parameters of the adapters on this rank."""
         return sum(p.numel() for p in self.parameters())
 
+    def full_numel(self) -> int:
+        """Parameters of the adapters whole (every TP rank's shards together): r (in + out) each."""
+        return sum(self.config.rank * (t.in_features + t.out_features) for t in self.targets.values())
+
 
 def _add_output(adapter: LoraAdapter):
     def hook(module, args, output):
