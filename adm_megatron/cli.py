@@ -98,6 +98,9 @@ def _bench(args: argparse.Namespace) -> int:
         peak_tflops=args.peak_tflops, seed=args.seed, config=args.config, overrides=args.overrides,
         command=args.command_line,
     )
+    if args.warmup == 0:  # the first round pays for allocations, kernel choices, lazy imports: on one side only
+        print("adm-megatron bench: note: --warmup 0 times each side's first, cold round too; the ratio to diffusers "
+              "is then not a fair one", file=sys.stderr)
     if args.out and os.path.exists(args.out) and not args.overwrite:  # before minutes of measuring
         print(f"adm-megatron bench: --out {args.out}: exists (an earlier measurement; pass --overwrite to replace "
               "it)", file=sys.stderr)
@@ -107,7 +110,8 @@ def _bench(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"adm-megatron bench: {err}", file=sys.stderr)
         return 2
-    print(f"{result['environment']['device']}, {result['dtype']}, {result['model']['num_layers']} layers, "
+    layers = result['model']['num_layers']
+    print(f"{result['environment']['device']}, {result['dtype']}, {layers} layer{'s' * (layers != 1)}, "
           f"{result['model']['latent_tokens']} latent + {result['model']['text_tokens']} text tokens, "
           f"batch {opts.batch}")
     print(result["table"])
