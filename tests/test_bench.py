@@ -148,7 +148,9 @@ def test_bench_cli_runs_both_models_and_every_phase(tmp_path, world_of_one, caps
     # often, plus each counted evaluation of the 2 timed iterations
     evaluations = sum(v["calls"] for roles in adm["evaluations_per_iteration"].values() for v in roles.values())
     assert len(diffusers_calls) == 5 and len(ours_calls) == 5 + 2 * evaluations
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "note: --warmup 0 times each side's first, cold round too" in captured.err
     assert "DiT forward_backward diffusers" in printed and "adm discriminator" in printed
     assert "time ours / diffusers" in printed
     assert "checkpoint: synchronous save" in printed and "checkpoint: background pause" in printed
