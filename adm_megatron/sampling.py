@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from adm_megatron.convert.checkpoint import output_holds
 from adm_megatron.convert.distillation_record import DISTILLATION_FILE, read_distillation_record
 from adm_megatron.data.batch_layout import contiguous_share
 from adm_megatron.families.registry import PromptEmbeddings
@@ -139,11 +140,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 ARGS_FILE = "sample_args.json"  # what an output directory holds: a --resume must ask for the same
 
 
-def check_out_dir(out_dir: str, overwrite: bool, resume: bool, args: dict) -> None:
-    """One-line ValueError for an ``out_dir`` that may not be written: a file; non-empty without
-    ``overwrite`` or ``resume``; resumed with other arguments than it was started with."""
+def check_out_dir(out_dir: str, overwrite: bool, resume: bool, args: dict,
+                  inputs: list[tuple[str, str]] = ()) -> None:
+    """One-line ValueError for an ``out_dir`` that may not be written: a file; one that is or holds
+    one of the ``inputs`` ((flag, directory) read to render, which ``overwrite`` would delete);
+    non-empty without ``overwrite`` or ``resume``; resumed with other arguments than it was started with."""
     if os.path.isfile(out_dir):
         raise ValueError(f"--out {out_dir}: exists and is a file")
+    for flag, path in inputs:
+        relation = output_holds(out_dir, path)
+        if relation:
+            raise ValueError(f"--out {out_dir}: {relation} the {flag} {path} it renders from; choose another --out")
     if not (os.path.isdir(out_dir) and os.listdir(out_dir)) or overwrite:
         return
     if not resume:
@@ -241,7 +248,9 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
             check_safetensors_file(os.path.join(lora_dir, LORA_WEIGHTS))
             check_lora_fits(lora_dir, run_transformer)
     _note_other_teacher(pipeline_dir, runs[0].transformer_dir)
-    check_out_dir(out_dir, overwrite, resume, args)  # on every rank: a refusal stops them all
+    inputs = [("--pipeline", pipeline_dir)] + [("--generator", part) for run in runs if run.transformer_dir
+                                               for part in generator_parts(pipeline_dir, run.transformer_dir) if part]
+    check_out_dir(out_dir, overwrite, resume, args, inputs)  # on every rank: a refusal stops them all
     rank, ranks, device = _world()
     torch_dtype = resolve_dtype(dtype, device)
     if rank == 0:

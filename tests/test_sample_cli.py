@@ -101,6 +101,14 @@ def test_sample_takes_the_distilled_step_count_and_never_mixes_runs(tmp_path, wo
         "generator/); give the step count the generator was distilled for")
     assert calls == []
 
+    kept = sorted(os.listdir(generator))  # --out over what it renders from: refused, even with --overwrite
+    for out, relation, flag, path in ((tmp_path, "contains", "--pipeline", pipeline),
+                                      (generator, "is", "--generator", generator),
+                                      (tmp_path / "pipe", "is", "--pipeline", pipeline)):
+        assert main([*args, "--generator", generator, "--out", str(out), "--overwrite"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"adm-megatron sample: --out {out}: {relation} the {flag} {path} it renders from; choose another --out")
+    assert sorted(os.listdir(generator)) == kept and calls == []
     weights = os.path.join(generator, "diffusion_pytorch_model.safetensors")  # a copy cut short
     size = os.path.getsize(weights)
     os.truncate(weights, size - 1000)

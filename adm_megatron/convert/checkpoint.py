@@ -119,17 +119,25 @@ def _all_true(flag: bool) -> bool:
 # atomic output directories
 
 
+def output_holds(out_dir: str, source: str) -> str | None:
+    """'is' or 'contains' when replacing the directory ``out_dir`` would delete ``source`` (paths
+    resolved, links followed), else None."""
+    out, src = os.path.realpath(out_dir), os.path.realpath(source)
+    if src == out:
+        return "is"
+    return "contains" if src.startswith(out.rstrip(os.sep) + os.sep) else None
+
+
 def check_output_dir(out_dir: str, overwrite: bool = False, source: str | None = None) -> None:
     """One-line CheckpointError if ``out_dir`` may not be written (exists, non-empty, and
     ``overwrite`` is False; or is a file; or is, or contains, the ``source`` it is written from,
     which replacing it would delete). Local check, no collectives."""
     if os.path.isfile(out_dir):
         raise CheckpointError(f"output {out_dir} exists and is a file")
-    if source is not None:
-        out, src = os.path.realpath(out_dir), os.path.realpath(source)
-        if src == out or src.startswith(out.rstrip(os.sep) + os.sep):
-            raise CheckpointError(f"output {out_dir} {'is' if src == out else 'contains'} the input {source}: "
-                                  "writing it would delete what it is written from; choose another output")
+    relation = source is not None and output_holds(out_dir, source)
+    if relation:
+        raise CheckpointError(f"output {out_dir} {relation} the input {source}: writing it would delete what it is "
+                              "written from; choose another output")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise CheckpointError(
             f"output directory {out_dir} exists and is not empty (pass overwrite=True / --overwrite "
