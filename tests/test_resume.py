@@ -361,3 +361,26 @@ def test_a_constant_lr_run_is_lengthened_exactly_and_never_cut_below_what_it_did
         trainer(lengthened, 4)
     assert str(err.value).endswith("the run has done 5 iterations, more than train.max_iterations=4; a run can be "
                                    "lengthened, not cut below what it has done")
+
+
+def test_a_non_empty_output_dir_that_is_no_run_is_refused_before_anything_is_written(tmp_path):
+    """A directory with other files (another program's, or a generator/ copied there by hand) is not a
+    run to go on with: training into it would replace them. Only a lock left by a start killed before
+    it wrote config.yaml is taken as an empty directory."""
+    from adm_megatron.config import ConfigError, load_config
+    from adm_megatron.train.resume import plan_resume
+
+    prev = tmp_path / "prev"
+    (prev / "generator").mkdir(parents=True)
+    (prev / "generator" / "diffusion_pytorch_model.safetensors").write_text("precious")
+    (prev / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError) as err:
+        plan_resume(load_config(None, ["model.teacher=x", f"output_dir={prev}"]), 1)
+    assert str(err.value) == (f"output_dir={str(prev)!r}: not empty (generator, metrics.jsonl) and not a run of "
+                              "adm-megatron (no config.yaml or checkpoints/); nothing was written: use a new or "
+                              "empty output_dir")
+    assert (prev / "generator" / "diffusion_pytorch_model.safetensors").read_text() == "precious"
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / ".run.lock").write_text("host h, pid 1\n")
+    assert plan_resume(load_config(None, ["model.teacher=x", f"output_dir={killed}"]), 1).checkpoint is None

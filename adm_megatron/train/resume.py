@@ -40,6 +40,7 @@ from adm_megatron.train.checkpoint import (
     read_training_state,
 )
 from adm_megatron.train.checkpoint_files import check_whole
+from adm_megatron.train.run_lock import LOCK_FILE
 
 _WAY_ON = "start from the newest whole one once with train.resume={}"
 FINISHED = "finished.json"  # in output_dir, written when a run has exported everything
@@ -147,6 +148,11 @@ def plan_resume(config: Config, world_size: int) -> ResumePoint:
         raise ConfigError(f"output_dir={out!r} exists and is not a directory; expected a directory")
     saved_config = os.path.join(out, "config.yaml")
     holds_run = os.path.isfile(saved_config) or os.path.isdir(checkpoints_root(out))
+    others = sorted(set(os.listdir(out)) - {LOCK_FILE}) if os.path.isdir(out) and not holds_run else []
+    if others:  # another program's files, or this one's put there by hand: a run would write over them
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise ConfigError(f"output_dir={out!r}: not empty ({shown}) and not a run of adm-megatron (no config.yaml "
+                          "or checkpoints/); nothing was written: use a new or empty output_dir")
     resume = config.train.resume
     if resume == "never" and holds_run:
         raise ConfigError(
