@@ -120,6 +120,18 @@ def test_a_batch_reads_its_rows_alone_and_keeps_nothing(tmp_path):
     assert peak(every_shard_one_row_at_a_time) < 0.75 * batch
 
 
+def test_a_truncated_shard_is_refused_when_the_pairs_are_opened(tmp_path):
+    """A cut copy of a shard (``truncate -s 1000``) is found from its header when the directory is
+    opened, before training, not by a traceback when one of its rows is first read."""
+    out = _large_rows_collection(tmp_path / "pairs")
+    shard = os.path.join(out, shard_name(1))
+    size = os.path.getsize(shard)
+    os.truncate(shard, 1000)
+    with pytest.raises(ValueError) as err:
+        OdePairs(out)
+    assert str(err.value) == f"{shard}: truncated (1000 bytes, its header needs {size})"
+
+
 def test_stored_pairs_reproduce_bit_for_bit(reference, pipeline_dir, tmp_path, world_of_one):
     from adm_megatron.algorithms.networks import DiTFunction
     from adm_megatron.data import open_text_source

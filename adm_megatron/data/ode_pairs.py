@@ -77,7 +77,8 @@ def write_shard(out_dir: str, index: int, tensors: dict[str, torch.Tensor]) -> s
 
 
 class OdePairs:
-    """A finished ODE-pair directory (one with a manifest); bad ones fail in one line."""
+    """A finished ODE-pair directory (one with a manifest); bad ones fail in one line, a shard file
+    missing or shorter than its safetensors header says (a cut copy) included, from the headers alone."""
 
     def __init__(self, path: str, key: str = "data.real_path"):
         self.path = path

@@ -256,7 +256,6 @@ class TextEmbeddingShards:
         self._prompts: list[str] = index["prompts"]
         self._files = [os.path.join(path, s["file"]) for s in index["shards"]]
         rows = [s["rows"] for s in index["shards"]]
-        self._shards = ShardedRows(self._files, rows)  # headers only (safetensors_rows.py)
         self._negative_file = os.path.join(path, index["negative"])
         self._negative: dict[str, torch.Tensor] | None = None
         for i, (file, n) in enumerate(zip(self._files, rows)):
@@ -264,6 +263,7 @@ class TextEmbeddingShards:
                              index["dtype"])
         self._check_file(self._negative_file, "negative", {KEY: [self.seq_len, self.dim], POOLED_KEY: [self.pooled_dim]},
                          index["dtype"])
+        self._shards = ShardedRows(self._files, rows)  # headers only (safetensors_rows.py)
 
     def _fail(self, key: str, problem: str) -> ValueError:
         return ValueError(f"{self._index_path}: key {key!r} {problem}")

@@ -9,6 +9,8 @@ import os
 import torch
 from safetensors.torch import load_file
 
+from adm_megatron.data.safetensors_rows import check_safetensors_file
+
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
 _INDEX = _WEIGHTS + ".index.json"
 
@@ -39,20 +41,3 @@ def check_diffusers_weights(path: str) -> None:
         if not os.path.isfile(file):
             raise ValueError(f"{file}: missing (listed in {_INDEX})")
         check_safetensors_file(file)
-
-
-def check_safetensors_file(file: str) -> None:
-    """One safetensors file's header readable and the file as long as the header says (one-line
-    ValueError naming it), reading the header only."""
-    size = os.path.getsize(file)
-    try:
-        with open(file, "rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            if size < 8 or 8 + length > size:
-                raise ValueError("header cut short")
-            header = json.loads(f.read(length))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-        raise ValueError(f"{file}: not a readable safetensors file ({size} bytes; truncated?)") from None
-    if size < 8 + length + end:
-        raise ValueError(f"{file}: truncated ({size} bytes, its header needs {8 + length + end})")
