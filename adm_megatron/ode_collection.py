@@ -92,13 +92,13 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     from adm_megatron.parallel import initialize_parallel, launch_env
     from adm_megatron.data import open_text_source
     from adm_megatron.train.teacher import resolve_teacher
-    from adm_megatron.train.validate import validate_run
+    from adm_megatron.train.validate import validate_collection
 
     if num_pairs < 1 or shard_size < 1 or steps < 1 or batch_size < 1:
         raise ConfigError(f"num_pairs={num_pairs}, shard_size={shard_size}, steps={steps}, "
                           f"batch_size={batch_size}: each must be >= 1")
     source = resolve_teacher(config.model.teacher, config.model.pipeline)
-    validate_run(config, source, launch_env().world_size)
+    validate_collection(config, source, launch_env().world_size)
     settings = _settings(config, source, num_pairs, shard_size, steps)
     if _check_out_dir(out_dir, settings):
         with open(os.path.join(out_dir, MANIFEST)) as f:

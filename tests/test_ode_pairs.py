@@ -234,3 +234,25 @@ def test_the_collection_runs_its_teacher_with_the_configs_kernel_options(pipelin
     assert (model.compile, model.attention_backend) == ("blocks", "math")
     assert all(block._compiled_call_impl is not None for block in teacher.blocks)
     assert OdePairs(str(tmp_path / "pairs")).verify() == []
+
+
+@pytest.mark.parametrize("example, refused_in_training", [
+    ("cogvideox_2b_8step.yaml", "optim.generator.shard_over_dp=true: data parallel is 1"),
+    ("dmdx_stage1_adp.yaml", "distill.head_every=3: the teacher has only 2 blocks"),  # and its data.real_path
+])
+def test_collect_ode_checks_only_the_keys_it_reads(example, refused_in_training, pipeline_dir, tmp_path, world_of_one):
+    """The documented ``collect-ode --config <a training config>`` at DP = 1: the training-only keys
+    (optimizer sharding over DP, discriminator heads, a stage config's data.real_path not collected
+    yet, BF16 on CPU) stay training's checks and do not stop the collection."""
+    from adm_megatron.cli import main
+    from adm_megatron.train.teacher import resolve_teacher
+    from adm_megatron.train.validate import validate_run
+
+    config = os.path.join(ROOT, "examples", "cogvideox", example)
+    run = [f"model.teacher={pipeline_dir}", "data.source=synthetic", "parallel.tensor_parallel=1", "data.frames=2",
+           "data.height=4", "data.width=4"]
+    with pytest.raises(ConfigError, match=f"^{refused_in_training}"):
+        validate_run(load_config(config, [*run, "model.dtype=fp32"]), resolve_teacher(pipeline_dir), 1)
+    assert main(["collect-ode", "--config", config, "--out", str(tmp_path / "pairs"), "--num-pairs", "1",
+                 "--steps", "1", "--no-progress", *run]) == 0
+    assert OdePairs(str(tmp_path / "pairs")).verify() == []
