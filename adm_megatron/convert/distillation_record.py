@@ -26,7 +26,7 @@ def distillation_record(config, iteration: int, ema: bool | None = None) -> dict
         "latent_size": {"frames": d.frames, "height": d.height, "width": d.width},
         "teacher": config.model.teacher,
         "generator_init": config.model.generator_init or None,
-        "teacher_guidance_scale": list(config.distill.guidance_scale),
+        "teacher_guidance_scale": list(config.distill.guidance_scale),  # DMD2 / ADP: their pairs' (checked)
         "iteration": iteration,
         "weights": "ema" if ema else "raw",
         "ema_decay": config.train.ema_decay,

@@ -18,12 +18,13 @@ _INDEX = _WEIGHTS + ".index.json"
 def read_diffusers_weights(path: str) -> dict[str, torch.Tensor]:
     """The state dict of a diffusers model directory (single or sharded safetensors), on CPU."""
     state = {}
-    for file in _weight_files(path):
+    for file in weight_files(path):
         state.update(load_file(file))
     return state
 
 
-def _weight_files(path: str) -> list[str]:
+def weight_files(path: str) -> list[str]:
+    """The safetensors files of a diffusers model directory (one, or the shards its index names)."""
     single, index = os.path.join(path, _WEIGHTS), os.path.join(path, _INDEX)
     if os.path.isfile(single):
         return [single]
@@ -37,7 +38,7 @@ def check_diffusers_weights(path: str) -> None:
     """Cheap checks of a diffusers directory's safetensors files, reading only their headers: each
     file present, its header readable, and the file as long as the header says. One-line
     ValueError naming the file (a truncated download or copy is the usual cause)."""
-    for file in _weight_files(path):
+    for file in weight_files(path):
         if not os.path.isfile(file):
             raise ValueError(f"{file}: missing (listed in {_INDEX})")
         check_safetensors_file(file)

@@ -180,22 +180,77 @@ def _check_pixel_branch(config: Config, teacher: TeacherSource) -> None:
 
 
 def _check_real_samples(config: Config, teacher: TeacherSource) -> None:
-    """``data.real_path`` must be a finished ODE-pair directory with the run's latent shape."""
-    from adm_megatron.data.ode_pairs import OdePairs
+    """``data.real_path`` must be a finished ODE-pair directory collected for this run: the run's latent
+    shape, teacher (architecture, and weights by their fingerprint), CFG range and prompt set (source,
+    rows, embeddings by their fingerprint). Each mismatch is one line naming the manifest field and
+    both values; a manifest from before the fingerprints and row count skips those comparisons, its
+    pairs' prompt ids read instead (they must index the run's prompts). The weights of teachers of
+    different kinds are not compared: a megatron checkpoint converted from the diffusers teacher
+    holds the same weights in other files."""
+    from adm_megatron.data.ode_pairs import OdePairs, prompts_identity, teacher_identity
 
     d = config.data
+    key = f"data.real_path={d.real_path!r}"
     try:
         pairs = OdePairs(d.real_path)
     except (OSError, ValueError, KeyError) as err:
         message = str(err)  # OdePairs names the key itself when the directory is not one
-        raise ConfigError(message if message.startswith("data.real_path=")
-                          else f"data.real_path={d.real_path!r}: {message}") from None
+        raise ConfigError(message if message.startswith("data.real_path=") else f"{key}: {message}") from None
     expected = teacher.family.latent_shape(teacher.arch, d.frames, d.height, d.width)
     if pairs.latent_shape != expected:
         dims = "data.frames, channels, data.height, data.width" if len(expected) == 4 else \
             "channels, data.height, data.width"
-        raise ConfigError(f"data.real_path={d.real_path!r}: latents are {list(pairs.latent_shape)}, the run "
-                          f"samples {list(expected)} ({dims})")
+        raise ConfigError(f"{key}: latents are {list(pairs.latent_shape)}, the run samples {list(expected)} ({dims})")
+
+    def refuse(recorded: str, run: str, what: str, remedy: str) -> ConfigError:
+        return ConfigError(f"{key}: {recorded}, {run}: {what}; {remedy}, or recollect the pairs with this config "
+                           "(adm-megatron collect-ode)")
+
+    manifest = pairs.manifest
+    collected, ours = manifest.get("teacher", {}), teacher_identity(teacher)
+    theirs = f"set model.teacher to theirs ({collected.get('path')})"
+    arch = collected.get("arch", {})
+    differ = [k for k in sorted(arch) if k in ours["arch"] and arch[k] != ours["arch"][k]]
+    if differ:
+        raise refuse(f"manifest teacher.arch has {({k: arch[k] for k in differ})}",
+                     f"model.teacher's {({k: ours['arch'][k] for k in differ})}",
+                     "pairs of a teacher of another architecture", theirs)
+    if "fingerprint" in collected and collected.get("kind") == ours["kind"] \
+            and collected["fingerprint"] != ours["fingerprint"]:
+        raise refuse(f"manifest teacher.fingerprint={collected['fingerprint']}",
+                     f"model.teacher={config.model.teacher!r} has {ours['fingerprint']}",
+                     "pairs of another teacher (other weights)", theirs)
+    sampler = manifest.get("sampler", {})
+    scale = list(config.distill.guidance_scale)
+    if "guidance_scale" in sampler and sampler["guidance_scale"] != scale:
+        raise refuse(f"manifest sampler.guidance_scale={sampler['guidance_scale']}",
+                     f"the run's distill.guidance_scale={scale}", "the teacher's samples at another CFG range (the "
+                     "exported generator's distillation.json records the run's)",
+                     f"set distill.guidance_scale={sampler['guidance_scale']}")
+    prompts = manifest.get("prompts", {})
+    if prompts.get("source") == "synthetic":
+        back = (f"set data.source=synthetic, data.num_prompts={prompts.get('num_prompts')} and "
+                f"seed={sampler.get('seed')}")
+    else:
+        back = f"set data.source=shards and data.path={prompts.get('path')!r}"
+    if "source" in prompts and prompts["source"] != d.source:
+        raise refuse(f"manifest prompts.source={prompts['source']!r}", f"the run's data.source={d.source!r}",
+                     "pairs of other prompts", back)
+    run = "the run's prompts (" + (f"data.path={d.path!r}" if d.source == "shards" else
+                                   f"synthetic, data.num_prompts={d.num_prompts}, seed={config.seed}") + ")"
+    mine = prompts_identity(teacher.text_source(d, config.seed))
+    if "rows" in prompts:
+        if prompts["rows"] != mine["rows"]:
+            raise refuse(f"manifest prompts.rows={prompts['rows']}", f"{run} have {mine['rows']} rows",
+                         "pairs of another prompt set", back)
+    else:  # an older manifest: its pairs' prompt ids (small) must at least index the run's prompts
+        last = int(pairs.get(torch.arange(len(pairs)), "prompt_id").max())
+        if last >= mine["rows"]:
+            raise refuse(f"its pairs' prompt ids go up to {last}", f"{run} have {mine['rows']} rows",
+                         "pairs of another prompt set", back)
+    if "fingerprint" in prompts and prompts["fingerprint"] != mine["fingerprint"]:
+        raise refuse(f"manifest prompts.fingerprint={prompts['fingerprint']}", f"{run} have {mine['fingerprint']}",
+                     "pairs of other prompt embeddings (re-encoded since?)", back)
 
 
 def _check_generator_init(path: str, teacher: TeacherSource) -> None:
