@@ -67,6 +67,18 @@ def _settings(config: Config, source, text_source, num_pairs: int, shard_size: i
     }
 
 
+def _differences(there: dict, now: dict, prefix: str = "") -> list[str]:
+    """``key: <there> there, <now> now`` for each (dotted) key whose value differs between two settings."""
+    out = []
+    for key in sorted(set(there) | set(now)):
+        a, b = there.get(key, "absent"), now.get(key, "absent")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} there, {b!r} now")
+    return out
+
+
 def _check_out_dir(out_dir: str, settings: dict) -> bool:
     """True when the collection is already finished; a one-line error when out_dir can't be used."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -75,10 +87,10 @@ def _check_out_dir(out_dir: str, settings: dict) -> bool:
     if os.path.isfile(path):
         with open(path) as f:
             previous = json.load(f)
-        differ = sorted(k for k in settings if previous.get(k) != settings[k])
+        differ = _differences(previous, settings)
         if differ:
-            raise ConfigError(f"--out {out_dir!r}: holds a collection with other settings ({', '.join(differ)} "
-                              "differ); use a new directory")
+            raise ConfigError(f"--out {out_dir!r}: holds a collection with other settings ({'; '.join(differ)}); "
+                              "use a new directory")
     elif os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ConfigError(f"--out {out_dir!r}: not empty and not an ODE-pair collection")
     return os.path.isfile(os.path.join(out_dir, MANIFEST))

@@ -191,7 +191,8 @@ def test_killed_collection_resumes_to_the_uninterrupted_shards(pipeline_dir, tmp
     assert before == {n: os.path.getmtime(out / n) for n in os.listdir(out)}
     refused = _run(_command(pipeline_dir, out, num_pairs=60, steps=8))
     assert refused.returncode == 2
-    assert "holds a collection with other settings (sampler differ)" in refused.stderr
+    assert "holds a collection with other settings (sampler.steps: 40 there, 8 now); use a new directory" \
+        in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
 
 

@@ -2,7 +2,8 @@
 anything is built: pairs of a teacher of another architecture or with other weights (a cheap
 fingerprint of its weight files, the same for a copy), at another CFG range, of other prompts (another
 source, row count, or embeddings, the same path re-encoded included), and an older manifest's pairs
-whose prompt ids do not index the run's prompts. Collection and the rest of the format:
+whose prompt ids do not index the run's prompts; a collection resumed after its prompt embeddings
+were re-encoded is refused naming the values that differ. Collection and the rest of the format:
 tests/test_ode_pairs.py."""
 
 from __future__ import annotations
@@ -34,16 +35,20 @@ def _prompts(path, n: int, seed: int = 0) -> str:
                                   overwrite=True)
 
 
-def _collect(teacher, out, *overrides) -> str:
-    """``adm-megatron collect-ode`` of 5 pairs (1 step) into ``out``."""
+def _collect_ode(teacher, out, *overrides) -> int:
+    """``adm-megatron collect-ode`` of 5 pairs (1 step) into ``out``; its exit code."""
     from adm_megatron.cli import main
     from adm_megatron.parallel import destroy_parallel
 
     try:
-        assert main(["collect-ode", "--out", str(out), "--num-pairs", "5", "--shard-size", "2", "--steps", "1",
-                     "--no-progress", f"model.teacher={teacher}", *SIZE, *overrides]) == 0
+        return main(["collect-ode", "--out", str(out), "--num-pairs", "5", "--shard-size", "2", "--steps", "1",
+                     "--no-progress", f"model.teacher={teacher}", *SIZE, *overrides])
     finally:
         destroy_parallel()
+
+
+def _collect(teacher, out, *overrides) -> str:
+    assert _collect_ode(teacher, out, *overrides) == 0
     return str(out)
 
 
@@ -191,6 +196,25 @@ def test_an_old_manifest_skips_the_new_comparisons_but_not_its_prompt_ids(cogvid
             "prompt set; set data.source=shards and data.path=") in message, message
     message = _refusal(cogvideox_pipeline, pairs, "data.source=shards", f"data.path={fewer}")  # a new manifest
     assert f"manifest prompts.rows=5, the run's prompts (data.path={fewer!r}) have 3 rows" in message, message
+
+
+def test_prompt_embeddings_re_encoded_at_their_path_are_refused_by_a_resumed_collection_and_by_training(
+        cogvideox_pipeline, tmp_path, capsys):
+    path = _prompts(tmp_path / "emb", 4)
+    run = ["data.source=shards", f"data.path={path}"]
+    pairs = _collect(cogvideox_pipeline, tmp_path / "pairs", *run)
+    before = OdePairs(pairs).manifest["prompts"]["fingerprint"]
+    _prompts(path, 4, seed=1)  # the same path, other prompts
+    capsys.readouterr()
+    assert _collect_ode(cogvideox_pipeline, pairs, *run) == 2
+    after = json.loads((tmp_path / "pairs" / "collection.json").read_text())["prompts"]["fingerprint"]
+    assert after == before  # the refused collection wrote nothing
+    message = capsys.readouterr().err
+    assert message.startswith(f"adm-megatron: config error: --out {pairs!r}: holds a collection with other settings "
+                              f"(prompts.fingerprint: {before!r} there, '"), message
+    assert message.endswith("' now); use a new directory\n") and message.count("\n") == 1, message
+    message = _refusal(cogvideox_pipeline, pairs, *run)
+    assert f"manifest prompts.fingerprint={before}, the run's prompts (data.path={path!r}) have " in message
 
 
 def test_a_collection_of_a_teacher_with_a_tuple_in_its_architecture_resumes(sd3_pipeline, tmp_path):
