@@ -139,7 +139,7 @@ def test_pairs_at_another_cfg_range_are_refused_in_one_line(cogvideox_pipeline, 
     message = _refusal(cogvideox_pipeline, pairs, "data.source=shards", f"data.path={prompts}",
                        "distill.guidance_scale=[5.0, 7.0]")
     assert ("manifest sampler.guidance_scale=[2.0, 4.0], the run's distill.guidance_scale=[5.0, 7.0]: "
-            "the teacher's samples at another CFG range") in message, message
+            "pairs sampled at another CFG range than the run's") in message, message
     assert "set distill.guidance_scale=[2.0, 4.0], or recollect" in message
 
 

@@ -224,8 +224,8 @@ def _check_real_samples(config: Config, teacher: TeacherSource) -> None:
     scale = list(config.distill.guidance_scale)
     if "guidance_scale" in sampler and sampler["guidance_scale"] != scale:
         raise refuse(f"manifest sampler.guidance_scale={sampler['guidance_scale']}",
-                     f"the run's distill.guidance_scale={scale}", "the teacher's samples at another CFG range (the "
-                     "exported generator's distillation.json records the run's)",
+                     f"the run's distill.guidance_scale={scale}", "pairs sampled at another CFG range than the run's "
+                     "(which the exported generator's distillation.json records)",
                      f"set distill.guidance_scale={sampler['guidance_scale']}")
     prompts = manifest.get("prompts", {})
     if prompts.get("source") == "synthetic":
