@@ -135,6 +135,20 @@ def test_pairs_of_another_teacher_are_refused_in_one_line(teachers, pairs, promp
             f"({manifest['path']}), or recollect the pairs with this config (adm-megatron collect-ode)") in message
 
 
+def test_a_megatron_teacher_converted_from_the_pairs_teacher_takes_them(cogvideox_pipeline, pairs, prompts, tmp_path,
+                                                                        world_of_one):
+    """A converted checkpoint holds the teacher's weights in other files: the weights of teachers of
+    different kinds are not compared (the architecture is); a checkpoint's own fingerprint is that
+    of its ``*.distcp`` shards, the same for a copy of it."""
+    from adm_megatron.convert import hf_to_megatron_checkpoint
+
+    checkpoint = hf_to_megatron_checkpoint(cogvideox_pipeline, str(tmp_path / "ckpt"))
+    _validate(checkpoint, pairs, "data.source=shards", f"data.path={prompts}", f"model.pipeline={cogvideox_pipeline}")
+    shutil.copytree(checkpoint, tmp_path / "copy")
+    fingerprints = {resolve_teacher(p, cogvideox_pipeline).weights_fingerprint() for p in (checkpoint, tmp_path / "copy")}
+    assert len(fingerprints) == 1 and fingerprints != {OdePairs(pairs).manifest["teacher"]["fingerprint"]}
+
+
 def test_pairs_at_another_cfg_range_are_refused_in_one_line(cogvideox_pipeline, pairs, prompts):
     message = _refusal(cogvideox_pipeline, pairs, "data.source=shards", f"data.path={prompts}",
                        "distill.guidance_scale=[5.0, 7.0]")
