@@ -22,8 +22,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from adm_megatron.config import Config, ConfigError
-from adm_megatron.data.ode_pairs import (FORMAT, MANIFEST, VERSION, shard_generator, shard_name, sha256,
-                                         write_json_atomically, write_shard)
+from adm_megatron.data.ode_pairs import (FORMAT, MANIFEST, VERSION, prompts_identity, shard_generator, shard_name,
+                                         sha256, teacher_identity, write_json_atomically, write_shard)
 from adm_megatron.diffusion.guidance import cfg_model_output
 from adm_megatron.diffusion.rollout import rollout
 
@@ -52,7 +52,7 @@ def shard_inputs(index: int, rows: int, shard_size: int, latent_shape: tuple, nu
     return {"x_T": x_T, "prompt_id": prompt_id, "guidance_scale": scale}
 
 
-def _settings(config: Config, source, num_pairs: int, shard_size: int, steps: int) -> dict:
+def _settings(config: Config, source, text_source, num_pairs: int, shard_size: int, steps: int) -> dict:
     d = config.data
     return {
         "format": FORMAT, "version": VERSION, "num_pairs": num_pairs, "shard_size": shard_size,
@@ -60,11 +60,23 @@ def _settings(config: Config, source, num_pairs: int, shard_size: int, steps: in
         "dtype": "float32",
         "sampler": {"kind": "pf-ode (DDIM / Euler), trailing", "steps": steps,
                     "guidance_scale": list(config.distill.guidance_scale), "seed": config.seed},
-        "teacher": {"path": os.path.abspath(config.model.teacher), "kind": source.kind,
-                    "arch": {k: v for k, v in vars(source.arch).items()}},
+        "teacher": {"path": os.path.abspath(config.model.teacher), **teacher_identity(source)},
         "prompts": {"source": d.source, "path": os.path.abspath(d.path) if d.path else "",
-                    "num_prompts": d.num_prompts if d.source == "synthetic" else None},
+                    "num_prompts": d.num_prompts if d.source == "synthetic" else None,
+                    **prompts_identity(text_source)},
     }
+
+
+def _differences(there: dict, now: dict, prefix: str = "") -> list[str]:
+    """``key: <there> there, <now> now`` for each (dotted) key whose value differs between two settings."""
+    out = []
+    for key in sorted(set(there) | set(now)):
+        a, b = there.get(key, "absent"), now.get(key, "absent")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} there, {b!r} now")
+    return out
 
 
 def _check_out_dir(out_dir: str, settings: dict) -> bool:
@@ -75,10 +87,10 @@ def _check_out_dir(out_dir: str, settings: dict) -> bool:
     if os.path.isfile(path):
         with open(path) as f:
             previous = json.load(f)
-        differ = sorted(k for k in settings if previous.get(k) != settings[k])
+        differ = _differences(previous, settings)
         if differ:
-            raise ConfigError(f"--out {out_dir!r}: holds a collection with other settings ({', '.join(differ)} "
-                              "differ); use a new directory")
+            raise ConfigError(f"--out {out_dir!r}: holds a collection with other settings ({'; '.join(differ)}); "
+                              "use a new directory")
     elif os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ConfigError(f"--out {out_dir!r}: not empty and not an ODE-pair collection")
     return os.path.isfile(os.path.join(out_dir, MANIFEST))
@@ -90,16 +102,16 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     from adm_megatron.algorithms.networks import DiTFunction, text_condition
     from adm_megatron.models import kernel_options
     from adm_megatron.parallel import initialize_parallel, launch_env
-    from adm_megatron.data import open_text_source
     from adm_megatron.train.teacher import resolve_teacher
-    from adm_megatron.train.validate import validate_run
+    from adm_megatron.train.validate import validate_collection
 
     if num_pairs < 1 or shard_size < 1 or steps < 1 or batch_size < 1:
         raise ConfigError(f"num_pairs={num_pairs}, shard_size={shard_size}, steps={steps}, "
                           f"batch_size={batch_size}: each must be >= 1")
     source = resolve_teacher(config.model.teacher, config.model.pipeline)
-    validate_run(config, source, launch_env().world_size)
-    settings = _settings(config, source, num_pairs, shard_size, steps)
+    validate_collection(config, source, launch_env().world_size)
+    text_source = source.text_source(config.data, config.seed)
+    settings = _settings(config, source, text_source, num_pairs, shard_size, steps)
     if _check_out_dir(out_dir, settings):
         with open(os.path.join(out_dir, MANIFEST)) as f:
             return json.load(f)
@@ -120,9 +132,6 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     d = config.data
     fn = DiTFunction(teacher, source.family.positional_inputs(source.arch, d.frames, d.height, d.width,
                                                               device=info.device))
-    cond = source.family.conditioning(source.arch)
-    text_source = open_text_source(d.source, d.path, d.num_prompts, cond.text_length, cond.text_width, config.seed,
-                                   pooled_dim=cond.pooled_width or 0)
     latent_shape = tuple(settings["latent_shape"])
     n_shards = math.ceil(num_pairs / shard_size)
     mine = [i for i in range(info.dp_rank, n_shards, info.dp_size)

@@ -34,7 +34,8 @@ from adm_megatron.convert.distillation_record import DISTILLATION_FILE, read_dis
 from adm_megatron.data.batch_layout import contiguous_share
 from adm_megatron.families.registry import PromptEmbeddings
 from adm_megatron.models.frame_files import sample_name, write_grid
-from adm_megatron.models.diffusers_files import check_diffusers_weights, check_safetensors_file
+from adm_megatron.data.safetensors_rows import check_safetensors_file
+from adm_megatron.models.diffusers_files import check_diffusers_weights
 from adm_megatron.models.generator_source import LORA_WEIGHTS, check_lora_fits, generator_parts, not_a_generator_hint
 from adm_megatron.models.pipeline_files import read_config
 from adm_megatron.models.pipeline_size import FLAGS, PipelineScale, pipeline_scale

@@ -82,7 +82,8 @@ def cogvideox_pipeline(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cogvideox_ode_pairs(cogvideox_pipeline, tmp_path_factory):
-    """4 teacher ODE pairs (2 steps) of ``cogvideox_pipeline`` at 2 x 4 x 4 latents, from collect-ode."""
+    """4 teacher ODE pairs (2 steps) of ``cogvideox_pipeline`` at 2 x 4 x 4 latents, from collect-ode, on
+    the 4 synthetic prompts the tests train with (training refuses pairs of another prompt set)."""
     from adm_megatron.cli import main
     from adm_megatron.parallel import destroy_parallel
 
@@ -91,6 +92,6 @@ def cogvideox_ode_pairs(cogvideox_pipeline, tmp_path_factory):
     config.write_text(f"model: {{teacher: {cogvideox_pipeline}}}\n")
     assert main(["collect-ode", "--config", str(config), "--out", str(out / "pairs"), "--num-pairs", "4",
                  "--steps", "2", "--no-progress", "data.frames=2", "data.height=4", "data.width=4",
-                 "distill.head_every=1"]) == 0
+                 "data.num_prompts=4"]) == 0
     destroy_parallel()
     return str(out / "pairs")

@@ -192,7 +192,7 @@ def test_adp_plan_is_within_15_percent_of_measured_peak_of_every_phase(name, pip
     encoder = save_tiny_encoder(kind, str(tmp_path / kind), image_size=64)
     (tmp_path / "run.yaml").write_text(f"model: {{teacher: {teacher}}}\n")
     assert main(["collect-ode", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "pairs"),
-                 "--num-pairs", "4", "--steps", "2", "--no-progress", "distill.head_every=1", *overrides[:3]]) == 0
+                 "--num-pairs", "4", "--steps", "2", "--no-progress", "data.num_prompts=4", *overrides[:3]]) == 0
     destroy_parallel()
     initialize_parallel(tensor_parallel=1, context_parallel=1, seed=1234)
     adp = ["distill.method=adp", "distill.generator_steps=1", f"data.real_path={tmp_path / 'pairs'}",

@@ -120,6 +120,18 @@ def test_a_batch_reads_its_rows_alone_and_keeps_nothing(tmp_path):
     assert peak(every_shard_one_row_at_a_time) < 0.75 * batch
 
 
+def test_a_truncated_shard_is_refused_when_the_pairs_are_opened(tmp_path):
+    """A cut copy of a shard (``truncate -s 1000``) is found from its header when the directory is
+    opened, before training, not by a traceback when one of its rows is first read."""
+    out = _large_rows_collection(tmp_path / "pairs")
+    shard = os.path.join(out, shard_name(1))
+    size = os.path.getsize(shard)
+    os.truncate(shard, 1000)
+    with pytest.raises(ValueError) as err:
+        OdePairs(out)
+    assert str(err.value) == f"{shard}: truncated (1000 bytes, its header needs {size})"
+
+
 def test_stored_pairs_reproduce_bit_for_bit(reference, pipeline_dir, tmp_path, world_of_one):
     from adm_megatron.algorithms.networks import DiTFunction
     from adm_megatron.data import open_text_source
@@ -179,7 +191,8 @@ def test_killed_collection_resumes_to_the_uninterrupted_shards(pipeline_dir, tmp
     assert before == {n: os.path.getmtime(out / n) for n in os.listdir(out)}
     refused = _run(_command(pipeline_dir, out, num_pairs=60, steps=8))
     assert refused.returncode == 2
-    assert "holds a collection with other settings (sampler differ)" in refused.stderr
+    assert "holds a collection with other settings (sampler.steps: 40 there, 8 now); use a new directory" \
+        in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
 
 
@@ -221,4 +234,26 @@ def test_the_collection_runs_its_teacher_with_the_configs_kernel_options(pipelin
     ((teacher, model),) = applied
     assert (model.compile, model.attention_backend) == ("blocks", "math")
     assert all(block._compiled_call_impl is not None for block in teacher.blocks)
+    assert OdePairs(str(tmp_path / "pairs")).verify() == []
+
+
+@pytest.mark.parametrize("example, refused_in_training", [
+    ("cogvideox_2b_8step.yaml", "optim.generator.shard_over_dp=true: data parallel is 1"),
+    ("dmdx_stage1_adp.yaml", "distill.head_every=3: the teacher has only 2 blocks"),  # and its data.real_path
+])
+def test_collect_ode_checks_only_the_keys_it_reads(example, refused_in_training, pipeline_dir, tmp_path, world_of_one):
+    """The documented ``collect-ode --config <a training config>`` at DP = 1: the training-only keys
+    (optimizer sharding over DP, discriminator heads, a stage config's data.real_path not collected
+    yet, BF16 on CPU) stay training's checks and do not stop the collection."""
+    from adm_megatron.cli import main
+    from adm_megatron.train.teacher import resolve_teacher
+    from adm_megatron.train.validate import validate_run
+
+    config = os.path.join(ROOT, "examples", "cogvideox", example)
+    run = [f"model.teacher={pipeline_dir}", "data.source=synthetic", "parallel.tensor_parallel=1", "data.frames=2",
+           "data.height=4", "data.width=4"]
+    with pytest.raises(ConfigError, match=f"^{refused_in_training}"):
+        validate_run(load_config(config, [*run, "model.dtype=fp32"]), resolve_teacher(pipeline_dir), 1)
+    assert main(["collect-ode", "--config", config, "--out", str(tmp_path / "pairs"), "--num-pairs", "1",
+                 "--steps", "1", "--no-progress", *run]) == 0
     assert OdePairs(str(tmp_path / "pairs")).verify() == []

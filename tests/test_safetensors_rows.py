@@ -43,7 +43,7 @@ def test_rows_equal_the_librarys_reads_for_every_dtype(tmp_path):
             rows.rows(key, list(range(5)))
     with open(path, "wb") as f:
         f.write(b"not a safetensors file")
-    with pytest.raises(ValueError, match="t.safetensors: not a safetensors file"):
+    with pytest.raises(ValueError, match="t.safetensors: not a readable safetensors file"):
         SafetensorsRows(path)
 
 

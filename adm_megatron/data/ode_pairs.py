@@ -6,9 +6,11 @@ A directory of
   start and end), ``prompt_id`` (``[rows]`` int64, the row of the prompt set it was sampled with)
   and ``guidance_scale`` (``[rows]``, the CFG scale used); every shard is written to a temporary
   name and renamed, so a shard file is complete or absent;
-* ``manifest.json`` -- format, version, the latent shape and dtype, the sampler settings, the
-  teacher's identity, the prompt set, and every shard with its row count and SHA-256; written (also
-  atomically) once all shards exist. A directory without it is an unfinished collection.
+* ``manifest.json`` -- format, version, the latent shape and dtype, the sampler settings (CFG range
+  included), the teacher (path, kind, architecture and a fingerprint of its weights), the prompt
+  set (source, path, row count and a fingerprint of the embeddings), and every shard with its row
+  count and SHA-256; written (also atomically) once all shards exist. A directory without it is an
+  unfinished collection. Manifests written before the fingerprints and row count lack them.
 
 Shard ``i`` holds pairs ``[i S, (i + 1) S)`` of the collection (S = shard size); pair ``j`` uses
 prompt ``j mod num_prompts`` and noise and scale drawn from a generator seeded by
@@ -57,6 +59,20 @@ def shard_generator(seed: int, shard: int) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr((seed, "ode-pairs", shard)).encode()) & 0x7FFFFFFF)
 
 
+def teacher_identity(source) -> dict:
+    """What a collection records of its teacher (a ``train.teacher.TeacherSource``) and training
+    compares with its own: kind, architecture (as JSON holds it) and a weights fingerprint
+    (``adm_megatron/file_fingerprint.py``)."""
+    return {"kind": source.kind, "arch": json.loads(json.dumps(vars(source.arch))),
+            "fingerprint": source.weights_fingerprint()}
+
+
+def prompts_identity(text_source) -> dict:
+    """What a collection records of its prompt embeddings (a ``TextEmbeddingSource``) and training
+    compares with its own: their row count and content fingerprint."""
+    return {"rows": len(text_source), "fingerprint": text_source.fingerprint()}
+
+
 def write_json_atomically(path: str, value: dict) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
@@ -77,7 +93,8 @@ def write_shard(out_dir: str, index: int, tensors: dict[str, torch.Tensor]) -> s
 
 
 class OdePairs:
-    """A finished ODE-pair directory (one with a manifest); bad ones fail in one line."""
+    """A finished ODE-pair directory (one with a manifest); bad ones fail in one line, a shard file
+    missing or shorter than its safetensors header says (a cut copy) included, from the headers alone."""
 
     def __init__(self, path: str, key: str = "data.real_path"):
         self.path = path

@@ -27,24 +27,34 @@ DTYPES = {
 }
 
 
+def check_safetensors_file(path: str) -> tuple[dict, int]:
+    """A safetensors file's tensors (name -> dtype, shape, data_offsets; ``__metadata__`` left out) and
+    the offset its data starts at, from its header alone; a one-line ``ValueError`` naming the file
+    when it is not one or is shorter than its header says (a cut copy or download: found when the
+    file is opened, not when a row past the cut is first read)."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if 8 + length > size:
+                raise ValueError("header cut short")
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError):
+        raise ValueError(f"{path}: not a readable safetensors file ({size} bytes; truncated?)") from None
+    if size < 8 + length + end:
+        raise ValueError(f"{path}: truncated ({size} bytes, its header needs {8 + length + end})")
+    return header, 8 + length
+
+
 class SafetensorsRows:
-    """The rows of one safetensors file's tensors; ``ValueError`` naming the file for what is not one."""
+    """The rows of one safetensors file's tensors; ``ValueError`` naming the file for what is not one
+    (:func:`check_safetensors_file`)."""
 
     def __init__(self, path: str):
         self.path = path
-        try:
-            with open(path, "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                if length > os.fstat(f.fileno()).st_size - 8:
-                    raise ValueError(f"a header of {length} bytes")
-                header = json.loads(f.read(length))
-            if not isinstance(header, dict):
-                raise ValueError("its header is not a JSON object")
-        except (struct.error, ValueError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: not a safetensors file ({err})") from None
-        header.pop("__metadata__", None)
-        self.tensors = header
-        self.data_start = 8 + length
+        self.tensors, self.data_start = check_safetensors_file(path)
 
     def shape(self, key: str) -> list[int]:
         return list(self.tensors[key]["shape"])
@@ -70,21 +80,15 @@ class SafetensorsRows:
 
 
 class ShardedRows:
-    """Rows of tensors split over shard files, shard ``i`` holding ``rows[i]`` consecutive rows; each
-    file's header is read once, its rows at each call."""
+    """Rows of tensors split over shard files, shard ``i`` holding ``rows[i]`` consecutive rows; every
+    file's header is read (and its length checked) at construction, its rows at each call."""
 
     def __init__(self, files: list[str], rows: list[int]):
-        self.files = list(files)
         self.starts = torch.tensor([0, *rows]).cumsum(0)
-        self._readers: dict[int, SafetensorsRows] = {}
+        self._readers = [SafetensorsRows(file) for file in files]
 
     def __len__(self) -> int:
         return int(self.starts[-1])
-
-    def _reader(self, shard: int) -> SafetensorsRows:
-        if shard not in self._readers:
-            self._readers[shard] = SafetensorsRows(self.files[shard])
-        return self._readers[shard]
 
     def get(self, key: str, indices: torch.Tensor) -> torch.Tensor:
         """Rows ``indices`` (1-D, global row numbers) of tensor ``key``, in that order, one read per
@@ -93,8 +97,8 @@ class ShardedRows:
         out = None
         for shard in shards.unique().tolist():
             positions = (shards == shard).nonzero().flatten()
-            read = self._reader(shard).rows(key, (indices[positions] - self.starts[shard]).tolist())
+            read = self._readers[shard].rows(key, (indices[positions] - self.starts[shard]).tolist())
             if out is None:
                 out = read.new_empty((len(indices), *read.shape[1:]))
             out[positions] = read
-        return out if out is not None else self._reader(0).rows(key, [])  # no rows asked
+        return out if out is not None else self._readers[0].rows(key, [])  # no rows asked

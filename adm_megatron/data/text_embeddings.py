@@ -20,6 +20,7 @@ run sees exactly the prompts the interrupted one would have.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ from safetensors.torch import save_file
 
 from adm_megatron.data.batch_layout import BatchLayout
 from adm_megatron.data.safetensors_rows import ShardedRows
+from adm_megatron.file_fingerprint import file_fingerprint
 from adm_megatron.file_modes import give_umask_modes
 
 FORMAT = "adm-megatron/text-embeddings"
@@ -78,6 +80,8 @@ class TextEmbeddingSource(Protocol):
     def get_pooled(self, indices: torch.Tensor) -> torch.Tensor: ...
 
     def negative_pooled(self) -> torch.Tensor: ...
+
+    def fingerprint(self) -> str: ...
 
 
 def _check_indices(indices: torch.Tensor, size: int) -> torch.Tensor:
@@ -256,7 +260,6 @@ class TextEmbeddingShards:
         self._prompts: list[str] = index["prompts"]
         self._files = [os.path.join(path, s["file"]) for s in index["shards"]]
         rows = [s["rows"] for s in index["shards"]]
-        self._shards = ShardedRows(self._files, rows)  # headers only (safetensors_rows.py)
         self._negative_file = os.path.join(path, index["negative"])
         self._negative: dict[str, torch.Tensor] | None = None
         for i, (file, n) in enumerate(zip(self._files, rows)):
@@ -264,6 +267,7 @@ class TextEmbeddingShards:
                              index["dtype"])
         self._check_file(self._negative_file, "negative", {KEY: [self.seq_len, self.dim], POOLED_KEY: [self.pooled_dim]},
                          index["dtype"])
+        self._shards = ShardedRows(self._files, rows)  # headers only (safetensors_rows.py)
 
     def _fail(self, key: str, problem: str) -> ValueError:
         return ValueError(f"{self._index_path}: key {key!r} {problem}")
@@ -340,6 +344,13 @@ class TextEmbeddingShards:
     @property
     def prompts(self) -> list[str]:
         return self._prompts
+
+    def fingerprint(self) -> str:
+        """The SHA-256 of the prompts' text and of the embedding files' cheap fingerprint
+        (``adm_megatron/file_fingerprint.py``; index.json has no hash of its own): the same for a
+        copy, another for the prompts or their embeddings re-encoded."""
+        files = file_fingerprint(self.path, [*self._files, self._negative_file])
+        return hashlib.sha256(json.dumps([self._prompts, files]).encode()).hexdigest()
 
     def _rows(self, name: str, indices: torch.Tensor) -> torch.Tensor:
         """Only the rows asked are read, and none is kept: a run holds a batch of embeddings, not the
@@ -419,6 +430,11 @@ class SyntheticTextEmbeddings:
     @property
     def prompts(self) -> list[str]:
         return [f"synthetic prompt {i}" for i in range(self._num_prompts)]
+
+    def fingerprint(self) -> str:
+        """The SHA-256 of what the rows are drawn from (row ``i`` depends on these and ``i`` alone)."""
+        spec = ["synthetic", self.seed, self.seq_len, self.dim, self.pooled_dim, str(self.dtype)]
+        return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
 
     def _row(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(_mix(self.seed, i))

@@ -9,6 +9,8 @@ import os
 import torch
 from safetensors.torch import load_file
 
+from adm_megatron.data.safetensors_rows import check_safetensors_file
+
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
 _INDEX = _WEIGHTS + ".index.json"
 
@@ -16,7 +18,7 @@ _INDEX = _WEIGHTS + ".index.json"
 def read_diffusers_weights(path: str) -> dict[str, torch.Tensor]:
     """The state dict of a diffusers model directory (single or sharded safetensors), on CPU."""
     state = {}
-    for file in _weight_files(path):
+    for file in weight_files(path):
         state.update(load_file(file))
     return state
 
@@ -26,13 +28,14 @@ def diffusers_weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
     shapes = {}
-    for file in _weight_files(path):
+    for file in weight_files(path):
         with safe_open(file, "pt") as f:
             shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
     return shapes
 
 
-def _weight_files(path: str) -> list[str]:
+def weight_files(path: str) -> list[str]:
+    """The safetensors files of a diffusers model directory (one, or the shards its index names)."""
     single, index = os.path.join(path, _WEIGHTS), os.path.join(path, _INDEX)
     if os.path.isfile(single):
         return [single]
@@ -46,24 +49,7 @@ def check_diffusers_weights(path: str) -> None:
     """Cheap checks of a diffusers directory's safetensors files, reading only their headers: each
     file present, its header readable, and the file as long as the header says. One-line
     ValueError naming the file (a truncated download or copy is the usual cause)."""
-    for file in _weight_files(path):
+    for file in weight_files(path):
         if not os.path.isfile(file):
             raise ValueError(f"{file}: missing (listed in {_INDEX})")
         check_safetensors_file(file)
-
-
-def check_safetensors_file(file: str) -> None:
-    """One safetensors file's header readable and the file as long as the header says (one-line
-    ValueError naming it), reading the header only."""
-    size = os.path.getsize(file)
-    try:
-        with open(file, "rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            if size < 8 or 8 + length > size:
-                raise ValueError("header cut short")
-            header = json.loads(f.read(length))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-        raise ValueError(f"{file}: not a readable safetensors file ({size} bytes; truncated?)") from None
-    if size < 8 + length + end:
-        raise ValueError(f"{file}: truncated ({size} bytes, its header needs {8 + length + end})")

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from adm_megatron.config import ConfigError
 from adm_megatron.diffusion.schedules import NoiseSchedule, schedule_from_diffusers_config
 from adm_megatron.families import ModelFamily, family_for_diffusers_class, known_diffusers_classes
+from adm_megatron.file_fingerprint import file_fingerprint
+from adm_megatron.models.diffusers_files import weight_files
 from adm_megatron.models.weights import load_full_state_dict
 
 
@@ -51,6 +53,24 @@ class TeacherSource:
             return schedule_from_diffusers_config(config)
         except ValueError as err:
             raise ConfigError(f"{path}: {err}") from None
+
+    def text_source(self, data, seed: int):
+        """The prompt set of a run's ``data`` config (shards on disk, or synthetic from ``seed``) at the
+        text shape this teacher takes (``adm_megatron.data.open_text_source``)."""
+        from adm_megatron.data import open_text_source
+
+        text = self.family.conditioning(self.arch)
+        return open_text_source(data.source, data.path, data.num_prompts, text.text_length, text.text_width, seed,
+                                pooled_dim=text.pooled_width or 0)
+
+    def weights_fingerprint(self) -> str:
+        """A cheap fingerprint of the teacher's weight files (``adm_megatron/file_fingerprint.py``):
+        a diffusers directory's safetensors, a megatron checkpoint's ``*.distcp`` shards."""
+        if self.kind == "megatron":
+            files = sorted(os.path.join(self.path, n) for n in os.listdir(self.path) if n.endswith(".distcp"))
+        else:
+            files = weight_files(self.path)
+        return file_fingerprint(self.path, files)
 
     def build_models(self, count: int, **kwargs) -> list:
         """``count`` megatron copies of the teacher for the current parallel layout (``kwargs`` as

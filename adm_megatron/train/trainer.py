@@ -264,14 +264,12 @@ class Trainer:
         ).to(self.device, self.dtype)
 
     def _build_data(self) -> None:
-        from adm_megatron.data import PromptSampler, open_text_source
+        from adm_megatron.data import PromptSampler
 
         d = self.config.data
         self.layout = BatchLayout(d.batch_size, self.info.dp_rank, self.info.dp_size,
                                   microbatches_for(d.global_batch_size, d.batch_size, self.info.dp_size))
-        text = self.family.conditioning(self.arch)
-        self.text_source = open_text_source(d.source, d.path, d.num_prompts, text.text_length, text.text_width,
-                                            self.config.seed, pooled_dim=text.pooled_width or 0)
+        self.text_source = self.teacher_source.text_source(d, self.config.seed)
         self.sampler = PromptSampler(self.text_source, self.layout, seed=self.config.seed)
         if self.info.rank == 0:
             logger.info("global batch %d: %d row(s) per micro-batch x %d data-parallel rank(s) x %d micro-batch(es) "

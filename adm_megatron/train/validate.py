@@ -5,7 +5,12 @@ world or the architecture cannot take (heads or tokens not divisible by TP / CP)
 patching cannot take, embeddings that do not fit the teacher, features this machine lacks (TE, an
 attention backend, FP8, a GPU for nsys profiling), a profiled rank outside the world, a truncated
 teacher weights file, samples asked of a pipeline without a VAE, and on a GPU a run the
-memory planner says does not fit the card or the node's host memory (``memory/preflight.py``).
+memory planner says does not fit the card or the node's host memory (``memory/preflight.py``), and
+teacher ODE pairs (``data.real_path``) that are not the run's.
+
+``validate_run`` checks a training run; ``validate_collection`` only what ``collect-ode`` reads of
+the same config (the teacher, layout, data and kernel options), so that a training config collects
+its pairs at any world size (its optimizer sharding, heads or pairs do not matter there).
 """
 
 from __future__ import annotations
@@ -37,66 +42,31 @@ def data_parallel_size(config: Config, world_size: int) -> int:
     return world_size // (tp * cp)
 
 
-def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> None:
+def validate_collection(config: Config, teacher: TeacherSource, world_size: int) -> None:
+    """The keys ``collect-ode`` reads (``adm_megatron/ode_collection.py``): the teacher and its weights,
+    the TP / CP layout against its heads and tokens, the data (latent size, prompt embeddings) and the
+    kernel options it runs the teacher with. Training's own keys (optimizers, heads, samples,
+    ``data.real_path``, ...) are :func:`validate_run`'s: a training config collects as it is."""
     arch = teacher.arch
-    tp, cp = config.parallel.tensor_parallel, config.parallel.context_parallel
-    dp = data_parallel_size(config, world_size)
-    microbatches_for(config.data.global_batch_size, config.data.batch_size, dp)
-    check_profile(config.logging.profile, world_size, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    for name in ("generator", "fake_score", "discriminator"):
-        if getattr(config.optim, name).shard_over_dp and dp == 1:
-            raise ConfigError(
-                f"optim.{name}.shard_over_dp=true: data parallel is 1 (world {world_size} / tensor_parallel "
-                f"{tp} / context_parallel {cp}); there is nothing to shard over: set it false"
-            )
+    tp = config.parallel.tensor_parallel
+    data_parallel_size(config, world_size)
     if arch.num_attention_heads % tp:
         raise ConfigError(
             f"parallel.tensor_parallel={tp}: the teacher's {arch.num_attention_heads} attention "
             "heads are not divisible by it"
         )
     teacher.family.check_run(arch, config)
-    if config.distill.head_every > arch.num_layers:
-        raise ConfigError(
-            f"distill.head_every={config.distill.head_every}: the teacher has only {arch.num_layers} blocks"
-        )
     if teacher.kind == "diffusers":
         try:
             check_diffusers_weights(teacher.path)
         except (OSError, ValueError) as err:
             raise ConfigError(f"model.teacher={config.model.teacher!r}: {err}") from None
-    if config.train.num_samples > 0 and teacher.pipeline_dir:
-        vae = os.path.join(teacher.pipeline_dir, "vae", "config.json")
-        if not os.path.isfile(vae):
-            raise ConfigError(
-                f"train.num_samples={config.train.num_samples}: the pipeline {teacher.pipeline_dir} has no "
-                f"VAE ({vae} not found) to render samples; set train.num_samples=0 or model.pipeline"
-            )
-    if config.train.sample_every and not (config.train.num_samples and teacher.pipeline_dir):
-        raise ConfigError(
-            f"train.sample_every={config.train.sample_every}: renders train.num_samples={config.train.num_samples} "
-            f"samples with the pipeline's VAE ({'pipeline ' + teacher.pipeline_dir if teacher.pipeline_dir else 'none: set model.pipeline'}); "
-            "set train.num_samples > 0, or train.sample_every=0"
-        )
-    if config.train.num_samples and teacher.pipeline_dir and teacher.family.decode_images is None:
-        raise ConfigError(f"train.num_samples={config.train.num_samples}: the {teacher.family.name} family has no "
-                          "decode (ModelFamily.decode_images) to render samples with; set train.num_samples=0")
-    if config.model.generator_init:
-        _check_generator_init(config.model.generator_init, teacher)
     if config.model.impl == "te" and not transformer_engine_available():
         raise ConfigError("model.impl=te: Transformer Engine with CUDA is not available here; use auto or local")
     try:
         check_kernel_options(config.model, arch.attention_head_dim)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if config.model.dtype == "bf16" and not torch.cuda.is_available():
-        raise ConfigError("model.dtype=bf16: BF16 autocast needs a GPU here; use fp32 on CPU")
-    from adm_megatron.memory import preflight
-
-    preflight.check_offload_can_pin(config)
-    card = preflight.this_gpu()
-    if config.train.memory_check and card is not None and "memory-plan" in teacher.family.tools:
-        preflight.check_run_fits(config, world_size, card[1], source=f"the {card[0]}",
-                                 host_gib=preflight.host_memory_gib(), ranks_per_node=preflight.ranks_on_this_node(world_size))
     if config.data.source == "shards":
         from adm_megatron.data import TextEmbeddingShards
 
@@ -119,6 +89,51 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
             )
 
 
+def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> None:
+    """A training run: :func:`validate_collection`'s checks and those of every key training reads."""
+    arch = teacher.arch
+    tp, cp = config.parallel.tensor_parallel, config.parallel.context_parallel
+    dp = data_parallel_size(config, world_size)
+    microbatches_for(config.data.global_batch_size, config.data.batch_size, dp)
+    check_profile(config.logging.profile, world_size, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    for name in ("generator", "fake_score", "discriminator"):
+        if getattr(config.optim, name).shard_over_dp and dp == 1:
+            raise ConfigError(
+                f"optim.{name}.shard_over_dp=true: data parallel is 1 (world {world_size} / tensor_parallel "
+                f"{tp} / context_parallel {cp}); there is nothing to shard over: set it false"
+            )
+    validate_collection(config, teacher, world_size)
+    if config.distill.head_every > arch.num_layers:
+        raise ConfigError(
+            f"distill.head_every={config.distill.head_every}: the teacher has only {arch.num_layers} blocks"
+        )
+    if config.train.num_samples > 0 and teacher.pipeline_dir:
+        vae = os.path.join(teacher.pipeline_dir, "vae", "config.json")
+        if not os.path.isfile(vae):
+            raise ConfigError(
+                f"train.num_samples={config.train.num_samples}: the pipeline {teacher.pipeline_dir} has no "
+                f"VAE ({vae} not found) to render samples; set train.num_samples=0 or model.pipeline"
+            )
+    if config.train.sample_every and not (config.train.num_samples and teacher.pipeline_dir):
+        raise ConfigError(
+            f"train.sample_every={config.train.sample_every}: renders train.num_samples={config.train.num_samples} "
+            f"samples with the pipeline's VAE ({'pipeline ' + teacher.pipeline_dir if teacher.pipeline_dir else 'none: set model.pipeline'}); "
+            "set train.num_samples > 0, or train.sample_every=0"
+        )
+    if config.train.num_samples and teacher.pipeline_dir and teacher.family.decode_images is None:
+        raise ConfigError(f"train.num_samples={config.train.num_samples}: the {teacher.family.name} family has no "
+                          "decode (ModelFamily.decode_images) to render samples with; set train.num_samples=0")
+    if config.model.generator_init:
+        _check_generator_init(config.model.generator_init, teacher)
+    if config.model.dtype == "bf16" and not torch.cuda.is_available():
+        raise ConfigError("model.dtype=bf16: BF16 autocast needs a GPU here; use fp32 on CPU")
+    from adm_megatron.memory import preflight
+
+    preflight.check_offload_can_pin(config)
+    card = preflight.this_gpu()
+    if config.train.memory_check and card is not None and "memory-plan" in teacher.family.tools:
+        preflight.check_run_fits(config, world_size, card[1], source=f"the {card[0]}",
+                                 host_gib=preflight.host_memory_gib(), ranks_per_node=preflight.ranks_on_this_node(world_size))
     if config.data.real_path:
         _check_real_samples(config, teacher)
     if config.distill.method == "adp" and config.distill.pixel_weight > 0:
@@ -166,22 +181,77 @@ def _check_pixel_branch(config: Config, teacher: TeacherSource) -> None:
 
 
 def _check_real_samples(config: Config, teacher: TeacherSource) -> None:
-    """``data.real_path`` must be a finished ODE-pair directory with the run's latent shape."""
-    from adm_megatron.data.ode_pairs import OdePairs
+    """``data.real_path`` must be a finished ODE-pair directory collected for this run: the run's latent
+    shape, teacher (architecture, and weights by their fingerprint), CFG range and prompt set (source,
+    rows, embeddings by their fingerprint). Each mismatch is one line naming the manifest field and
+    both values; a manifest from before the fingerprints and row count skips those comparisons, its
+    pairs' prompt ids read instead (they must index the run's prompts). The weights of teachers of
+    different kinds are not compared: a megatron checkpoint converted from the diffusers teacher
+    holds the same weights in other files."""
+    from adm_megatron.data.ode_pairs import OdePairs, prompts_identity, teacher_identity
 
     d = config.data
+    key = f"data.real_path={d.real_path!r}"
     try:
         pairs = OdePairs(d.real_path)
     except (OSError, ValueError, KeyError) as err:
         message = str(err)  # OdePairs names the key itself when the directory is not one
-        raise ConfigError(message if message.startswith("data.real_path=")
-                          else f"data.real_path={d.real_path!r}: {message}") from None
+        raise ConfigError(message if message.startswith("data.real_path=") else f"{key}: {message}") from None
     expected = teacher.family.latent_shape(teacher.arch, d.frames, d.height, d.width)
     if pairs.latent_shape != expected:
         dims = "data.frames, channels, data.height, data.width" if len(expected) == 4 else \
             "channels, data.height, data.width"
-        raise ConfigError(f"data.real_path={d.real_path!r}: latents are {list(pairs.latent_shape)}, the run "
-                          f"samples {list(expected)} ({dims})")
+        raise ConfigError(f"{key}: latents are {list(pairs.latent_shape)}, the run samples {list(expected)} ({dims})")
+
+    def refuse(recorded: str, run: str, what: str, remedy: str) -> ConfigError:
+        return ConfigError(f"{key}: {recorded}, {run}: {what}; {remedy}, or recollect the pairs with this config "
+                           "(adm-megatron collect-ode)")
+
+    manifest = pairs.manifest
+    collected, ours = manifest.get("teacher", {}), teacher_identity(teacher)
+    theirs = f"set model.teacher to theirs ({collected.get('path')})"
+    arch = collected.get("arch", {})
+    differ = [k for k in sorted(arch) if k in ours["arch"] and arch[k] != ours["arch"][k]]
+    if differ:
+        raise refuse(f"manifest teacher.arch has {({k: arch[k] for k in differ})}",
+                     f"model.teacher's {({k: ours['arch'][k] for k in differ})}",
+                     "pairs of a teacher of another architecture", theirs)
+    if "fingerprint" in collected and collected.get("kind") == ours["kind"] \
+            and collected["fingerprint"] != ours["fingerprint"]:
+        raise refuse(f"manifest teacher.fingerprint={collected['fingerprint']}",
+                     f"model.teacher={config.model.teacher!r} has {ours['fingerprint']}",
+                     "pairs of another teacher (other weights)", theirs)
+    sampler = manifest.get("sampler", {})
+    scale = list(config.distill.guidance_scale)
+    if "guidance_scale" in sampler and sampler["guidance_scale"] != scale:
+        raise refuse(f"manifest sampler.guidance_scale={sampler['guidance_scale']}",
+                     f"the run's distill.guidance_scale={scale}", "pairs sampled at another CFG range than the run's "
+                     "(which the exported generator's distillation.json records)",
+                     f"set distill.guidance_scale={sampler['guidance_scale']}")
+    prompts = manifest.get("prompts", {})
+    if prompts.get("source") == "synthetic":
+        back = (f"set data.source=synthetic, data.num_prompts={prompts.get('num_prompts')} and "
+                f"seed={sampler.get('seed')}")
+    else:
+        back = f"set data.source=shards and data.path={prompts.get('path')!r}"
+    if "source" in prompts and prompts["source"] != d.source:
+        raise refuse(f"manifest prompts.source={prompts['source']!r}", f"the run's data.source={d.source!r}",
+                     "pairs of other prompts", back)
+    run = "the run's prompts (" + (f"data.path={d.path!r}" if d.source == "shards" else
+                                   f"synthetic, data.num_prompts={d.num_prompts}, seed={config.seed}") + ")"
+    mine = prompts_identity(teacher.text_source(d, config.seed))
+    if "rows" in prompts:
+        if prompts["rows"] != mine["rows"]:
+            raise refuse(f"manifest prompts.rows={prompts['rows']}", f"{run} have {mine['rows']} rows",
+                         "pairs of another prompt set", back)
+    else:  # an older manifest: its pairs' prompt ids (small) must at least index the run's prompts
+        last = int(pairs.get(torch.arange(len(pairs)), "prompt_id").max())
+        if last >= mine["rows"]:
+            raise refuse(f"its pairs' prompt ids go up to {last}", f"{run} have {mine['rows']} rows",
+                         "pairs of another prompt set", back)
+    if "fingerprint" in prompts and prompts["fingerprint"] != mine["fingerprint"]:
+        raise refuse(f"manifest prompts.fingerprint={prompts['fingerprint']}", f"{run} have {mine['fingerprint']}",
+                     "pairs of other prompt embeddings (re-encoded since?)", back)
 
 
 def _check_generator_init(path: str, teacher: TeacherSource) -> None:
