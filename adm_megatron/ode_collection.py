@@ -110,6 +110,9 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
                           f"batch_size={batch_size}: each must be >= 1")
     source = resolve_teacher(config.model.teacher, config.model.pipeline)
     validate_collection(config, source, launch_env().world_size)
+    timesteps = source.schedule().num_train_timesteps
+    if steps > timesteps:
+        raise ConfigError(f"steps={steps}: the teacher's schedule has {timesteps} timesteps; expected at most that many")
     text_source = source.text_source(config.data, config.seed)
     settings = _settings(config, source, text_source, num_pairs, shard_size, steps)
     if _check_out_dir(out_dir, settings):

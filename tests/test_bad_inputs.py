@@ -71,6 +71,18 @@ def test_sharding_without_data_parallel_is_refused_in_one_line(overrides, messag
     assert message in _refusal(pipeline_dir, str(tmp_path / "run"), "train.num_samples=0", *overrides)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["distill.delta_t=1000"], "distill.delta_t=1000: expected 0 < delta_t < 1000 (the teacher's schedule's timesteps)"),
+    (["distill.generator_steps=5000"], "distill.generator_steps=5000: the teacher's schedule has 1000 timesteps; "
+                                       "expected at most that many steps"),
+])
+def test_steps_the_teachers_schedule_cannot_take_are_refused_before_building(overrides, message, pipeline_dir,
+                                                                             tmp_path):
+    """They were ValueErrors with a traceback from the algorithm's or the schedule's constructor, after
+    every network was built."""
+    assert _refusal(pipeline_dir, str(tmp_path / "run"), "train.num_samples=0", *overrides) == message
+
+
 @pytest.mark.parametrize("override, message", [
     ("optim.discriminator.offload=gpu", "optim.discriminator.offload='gpu': expected one of none, optimizer, "
                                         "optimizer_and_params"),

@@ -244,3 +244,16 @@ def test_a_collection_of_a_teacher_with_a_tuple_in_its_architecture_resumes(sd3_
     (tmp_path / SETTINGS).write_text(json.dumps(settings))
     assert _check_out_dir(str(tmp_path), settings) is False
 
+
+
+def test_more_collection_steps_than_the_teachers_schedule_has_are_refused_before_loading(cogvideox_pipeline,
+                                                                                         tmp_path, capsys):
+    """It was the schedule's ValueError, with a traceback, after the teacher was built."""
+    from adm_megatron.cli import main
+
+    out = tmp_path / "pairs"
+    assert main(["collect-ode", "--out", str(out), "--num-pairs", "2", "--steps", "1001", "--no-progress",
+                 f"model.teacher={cogvideox_pipeline}", "data.source=synthetic", *SIZE]) == 2
+    assert capsys.readouterr().err.strip() == ("adm-megatron: config error: steps=1001: the teacher's schedule has "
+                                               "1000 timesteps; expected at most that many")
+    assert not out.exists()

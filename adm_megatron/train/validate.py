@@ -103,6 +103,13 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
                 f"{tp} / context_parallel {cp}); there is nothing to shard over: set it false"
             )
     validate_collection(config, teacher, world_size)
+    timesteps, d = teacher.schedule().num_train_timesteps, config.distill
+    if not d.generator_steps <= timesteps:
+        raise ConfigError(f"distill.generator_steps={d.generator_steps}: the teacher's schedule has {timesteps} "
+                          "timesteps; expected at most that many steps")
+    if d.method == "adm" and not 0 < d.delta_t < timesteps:
+        raise ConfigError(f"distill.delta_t={d.delta_t}: expected 0 < delta_t < {timesteps} (the teacher's "
+                          "schedule's timesteps)")
     if config.distill.head_every > arch.num_layers:
         raise ConfigError(
             f"distill.head_every={config.distill.head_every}: the teacher has only {arch.num_layers} blocks"
