@@ -384,3 +384,20 @@ def test_a_non_empty_output_dir_that_is_no_run_is_refused_before_anything_is_wri
     killed.mkdir()
     (killed / ".run.lock").write_text("host h, pid 1\n")
     assert plan_resume(load_config(None, ["model.teacher=x", f"output_dir={killed}"]), 1).checkpoint is None
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Below a file, or in a directory this user cannot write: a traceback from the first write before."""
+    from adm_megatron.config import ConfigError, load_config
+    from adm_megatron.train.resume import plan_resume
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=f"^output_dir='{tmp_path}/afile/sub': {tmp_path}/afile is a file, not a "
+                                          "directory$"):
+        plan_resume(load_config(None, ["model.teacher=x", f"output_dir={tmp_path / 'afile' / 'sub'}"]), 1)
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    real_access = os.access  # the tests run as root, whom no mode stops: the check asks os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(locked) and real_access(path, mode))
+    with pytest.raises(ConfigError, match=f"^output_dir='{locked}/run': {locked} is not writable by this user$"):
+        plan_resume(load_config(None, ["model.teacher=x", f"output_dir={locked / 'run'}"]), 1)

@@ -141,11 +141,24 @@ def check_compatible(saved: dict, config: Config, source: str) -> None:
             )
 
 
+def _check_writable(out: str) -> None:
+    """One-line ConfigError when ``out`` cannot be created or written: the nearest existing
+    directory above it (or itself) is a file or not writable (a traceback from the first write before)."""
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"output_dir={out!r}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir={out!r}: {existing} is not writable by this user")
+
+
 def plan_resume(config: Config, world_size: int) -> ResumePoint:
     """Where this invocation starts (see the module docstring); one-line ConfigErrors."""
     out = config.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"output_dir={out!r} exists and is not a directory; expected a directory")
+    _check_writable(out)
     saved_config = os.path.join(out, "config.yaml")
     holds_run = os.path.isfile(saved_config) or os.path.isdir(checkpoints_root(out))
     others = sorted(set(os.listdir(out)) - {LOCK_FILE}) if os.path.isdir(out) and not holds_run else []
