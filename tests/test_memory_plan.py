@@ -316,6 +316,11 @@ def test_plan_command_checks_the_host_memory_of_a_node_when_given(tmp_path, caps
     captured = capsys.readouterr()
     assert "DOES NOT FIT" in captured.out.splitlines()[-1]
     assert captured.err.count("\n") == 1 and "host memory does not fit: 8 ranks x" in captured.err
+    assert "(optim.<network>.shard_over_dp; not yet: discriminator, fake_score, generator) or offload less" in \
+        captured.err
+    assert _plan(tmp_path, "--gpus", "8", "--card", "80", "--host", "16", "--shard-optimizer", "all") == 1
+    assert captured.err.count("\n") == 1 and ("every optimizer is sharded already: offload less, or put fewer ranks "
+                                               "on a node (--gpus-per-node)") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -17,6 +17,16 @@ from adm_megatron.memory.report import format_table, plan_to_dict, samples_warni
 from adm_megatron.families import preset_names
 
 
+
+def _host_advice(plan) -> str:
+    """What would make a plan's host memory fit: sharding what is not sharded yet, else fewer ranks a node."""
+    unsharded = sorted(n for n in plan.networks if n in TRAINABLE and n not in plan.settings.shard_optimizer)
+    if unsharded:
+        return (f"shard the optimizer over data parallel (optim.<network>.shard_over_dp; not yet: "
+                f"{', '.join(unsharded)}) or offload less")
+    return "every optimizer is sharded already: offload less, or put fewer ranks on a node (--gpus-per-node)"
+
+
 def _networks(value: str) -> frozenset:
     if value in ("", "none"):
         return frozenset()
@@ -89,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if not plan.host_fits:
         print(f"adm-megatron plan: host memory does not fit: {plan.ranks_per_node} ranks x "
               f"{gib(sum(plan.host.values())):.2f} GiB = {gib(plan.host_per_node):.2f} GiB > "
-              f"{gib(plan.host_budget):.2f} GiB usable of {args.host:g} GiB per node; shard the optimizer "
-              "over data parallel (optim.<network>.shard_over_dp) or offload less", file=sys.stderr)
+              f"{gib(plan.host_budget):.2f} GiB usable of {args.host:g} GiB per node; {_host_advice(plan)}",
+              file=sys.stderr)
         return 1
     return 0
