@@ -88,8 +88,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(format_table(plan, title=f"{args.arch or config.model.teacher} on {args.gpus} GPUs of {args.card:g} GiB"))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(plan_to_dict(plan), f, indent=2)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(plan_to_dict(plan), f, indent=2)
+        except OSError as err:
+            print(f"adm-megatron plan: --json {args.json}: cannot write it ({err.strerror})", file=sys.stderr)
+            return 2
     if plan.fits and not plan.samples_fit:
         print(f"adm-megatron plan: warning: {samples_warning(plan)}", file=sys.stderr)
     if not plan.fits:
