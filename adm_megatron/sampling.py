@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import statistics
@@ -226,6 +227,10 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
     for run in runs:
         if run.steps < 1:
             raise ValueError(f"{run.name} steps={run.steps}: expected >= 1")
+        if not run.guidance_scale >= 1 or math.isinf(run.guidance_scale):  # NaN fails the comparison too
+            flag = "--guidance-scale" if run.name == "generator" else "--teacher-guidance-scale"
+            raise ValueError(f"{flag} {run.guidance_scale}: expected a finite number >= 1 (1: no CFG; the "
+                             "pipeline applies CFG above 1 only)")
     transformer = generator_parts(pipeline_dir, runs[0].transformer_dir)[0]  # a LoRA file: its base
     family = family_of_model_dir(transformer)
     pipeline_class = read_config(pipeline_dir, "model_index.json", "a diffusers pipeline").get("_class_name")

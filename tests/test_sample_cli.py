@@ -51,6 +51,13 @@ def test_sample_renders_the_exported_generator_and_the_teacher(tmp_path, world_o
     assert main(["sample", "--pipeline", pipeline, "--generator", generator, "--prompt", "x", "--steps", "0",
                  "--out", str(tmp_path / "bad")]) == 2
     assert capsys.readouterr().err.strip() == "adm-megatron sample: generator steps=0: expected >= 1"
+    for flag, scale in (("--guidance-scale", "nan"), ("--guidance-scale", "-3"), ("--teacher-guidance-scale", "inf")):
+        assert main(["sample", "--pipeline", pipeline, "--generator", generator, "--prompt", "x", "--steps", "1",
+                     flag, scale, "--out", str(tmp_path / "bad")]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"adm-megatron sample: {flag} {float(scale)}: expected a finite number >= 1 (1: no CFG; the pipeline "
+            "applies CFG above 1 only)")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_sample_takes_the_distilled_step_count_and_never_mixes_runs(tmp_path, world_of_one, capsys, monkeypatch):
