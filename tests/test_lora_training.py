@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 
 from adm_megatron.config import load_config
@@ -91,3 +92,14 @@ def test_lora_adm_run_trains_only_adapters_resumes_exactly_and_exports(tmp_path,
     assert losses == first_losses[1:]
     resumed.ema.copy_to(resumed.generator)
     assert all(torch.equal(p, adapters_at_end[n]) for n, p in _adapters(resumed).items())
+    destroy_parallel()
+
+    # a LoRA generator's checkpoint as the teacher: its adapters would train in every copy of it
+    from adm_megatron.config import ConfigError
+
+    lora_ckpt = os.path.join(first, "checkpoints", "iter_0000001", "generator")
+    with pytest.raises(ConfigError) as err:
+        Trainer(load_config(None, [f"model.teacher={lora_ckpt}", f"model.pipeline={pipeline_dir}",
+                                   f"output_dir={tmp_path / 'third'}", *RUN]))
+    assert str(err.value) == (f"model.teacher={lora_ckpt!r}: a LoRA generator's checkpoint: merge its adapters first "
+                              f"(tools/convert_checkpoint.py megatron-to-hf --ckpt {lora_ckpt} --out DIR) and give DIR")

@@ -103,7 +103,7 @@ def _is_pipeline_dir(path: str) -> bool:
 
 def resolve_teacher(teacher: str, pipeline: str = "") -> TeacherSource:
     """One-line ConfigError when the path is none of the three kinds or its class is unknown."""
-    from adm_megatron.convert.checkpoint import is_megatron_checkpoint, read_checkpoint_family
+    from adm_megatron.convert.checkpoint import is_megatron_checkpoint, read_checkpoint_family, read_checkpoint_meta
 
     if not os.path.isdir(teacher):
         raise ConfigError(f"model.teacher={teacher!r}: directory not found")
@@ -122,6 +122,9 @@ def resolve_teacher(teacher: str, pipeline: str = "") -> TeacherSource:
         if family is not None:
             return TeacherSource("diffusers", teacher, pipeline, family.arch_from_pretrained_dir(teacher), family)
         if is_megatron_checkpoint(teacher):
+            if read_checkpoint_meta(teacher).get("lora"):  # built with them, its adapters would train in every copy
+                raise ValueError("a LoRA generator's checkpoint: merge its adapters first (tools/convert_checkpoint.py "
+                                 f"megatron-to-hf --ckpt {teacher} --out DIR) and give DIR")
             family, arch = read_checkpoint_family(teacher)
             return TeacherSource("megatron", teacher, pipeline, arch, family)
     except ValueError as err:
