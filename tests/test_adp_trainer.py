@@ -94,6 +94,10 @@ def test_bad_pixel_layer_is_a_one_line_error(pipeline_dir, pairs, encoders, tmp_
     with pytest.raises(ConfigError, match="expects 'dinov2'"):
         Trainer(_config(pipeline_dir, pairs, tmp_path, "distill.pixel_encoder=dinov2",
                         f"distill.pixel_encoder_path={encoders['sam']}"))
+    with pytest.raises(ConfigError) as err:  # a placeholder path: not taken for a hub repo id
+        Trainer(_config(pipeline_dir, pairs, tmp_path, "distill.pixel_encoder_path=/models/sam-vit-base"))
+    assert str(err.value) == ("distill.pixel_encoder_path='/models/sam-vit-base': directory not found (a local "
+                              "transformers sam model directory)")
 
 
 class _Counter:

@@ -171,6 +171,9 @@ def _check_pixel_branch(config: Config, teacher: TeacherSource) -> None:
         raise ConfigError(f"{vae}: a {found_vae!r} VAE; the {family.name} pixel discriminator decodes with "
                           f"{family.vae_class!r}")
     path = d.pixel_encoder_path
+    if not os.path.isdir(path):  # else transformers takes it for a hub repo id and says so
+        raise ConfigError(f"distill.pixel_encoder_path={path!r}: directory not found (a local transformers "
+                          f"{d.pixel_encoder} model directory)")
     try:
         found = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
