@@ -9,7 +9,6 @@ naming the file and the key, before any process group or model exists (``validat
 from __future__ import annotations
 
 import dataclasses
-import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -19,6 +18,58 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad configuration: the message is one line naming the source, the key and the value."""
+
+
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one mapping (PyYAML alone keeps the last one silently)."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in first:
+                    raise _DuplicateKeyError(problem=f"duplicate key {key!r} (first at line {first[key].line + 1})",
+                                             problem_mark=key_node.start_mark)
+                first[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: the problem's line and column, what it is, and what it was in."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:  # e.g. a ReaderError (a control character): its first line names the position
+        return str(err).splitlines()[0]
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}"
+    if err.context:
+        start = err.context_mark
+        text += f" ({err.context} at line {start.line + 1}, column {start.column + 1})"
+    return text
+
+
+def _read_yaml(path: str) -> Any:
+    """A config file's YAML; a file that cannot be read, is not UTF-8 or not YAML is a one-line ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as err:  # a directory, no read permission
+        raise ConfigError(f"{path}: cannot read the config file: {err.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
+                          "save it as UTF-8") from None
+    try:
+        return yaml.load(text, _Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
 
 
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -373,13 +424,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     """A ``Config`` from a YAML file (optional) and ``key=value`` overrides, type-checked."""
     config = Config()
     if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"{path}: config file not found")
-        with open(path) as f:
-            try:
-                values = yaml.safe_load(f) or {}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        values = _read_yaml(path) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         _apply(config, values, "", path)
@@ -389,8 +434,10 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. train.max_iterations=10)")
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
+            value = yaml.load(raw, _Loader)
+        except _DuplicateKeyError as err:
+            raise ConfigError(f"command line: {item}: {_yaml_problem(err)}") from None
+        except yaml.YAMLError:  # not YAML: the text itself (a path, a name)
             value = raw
         _apply(config, _nest(key, value), "", "command line")
         overridden.append(key)

@@ -1,0 +1,95 @@
+"""Config input found wrong by users gets one line naming the file (or the command line), the key and
+the value, exit code 2, before anything is built or written: config files that cannot be read or
+are not YAML (with the problem's line and column), keys given twice in one mapping."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from adm_megatron.cli import main
+from adm_megatron.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY = os.path.join(ROOT, "examples", "cogvideox", "toy_adm.yaml")
+
+
+def _refused(capsys, monkeypatch, tmp_path, *args: str) -> str:
+    """``adm-megatron train *args`` run in ``tmp_path``: exit code 2, one line on stderr (returned),
+    no process group and nothing written."""
+    import torch.distributed as dist
+
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("adm-megatron: config error: ") and err.count("\n") == 1, err
+    assert sorted(os.listdir(tmp_path)) == before
+    assert not dist.is_initialized()
+    return err.removeprefix("adm-megatron: config error: ").rstrip("\n")
+
+
+@pytest.mark.parametrize("example", sorted(glob.glob(os.path.join(ROOT, "examples", "*", "*.yaml"))))
+def test_every_example_config_loads(example):
+    """No example gives a key twice or a value the checks refuse."""
+    load_config(example)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  teacher: x\ndistill:\n  generator_steps: 2\n  generator_steps: 7\n",
+     "line 5, column 3: duplicate key 'generator_steps' (first at line 4)"),
+    ("model:\n  teacher: x\ntrain:\n  max_iterations: 1\nmodel:\n  dtype: fp32\n",
+     "line 5, column 1: duplicate key 'model' (first at line 1)"),
+    ("model:\n  teacher: x\ndistill:\n  guidance_scale: [1, 2\n  ttur: 1\n",
+     "line 5, column 7: expected ',' or ']', but got ':' (while parsing a flow sequence at line 4, column 19)"),
+    ("model: {teacher: x\n", "line 2, column 1: expected ',' or '}', but got '<stream end>' "
+                             "(while parsing a flow mapping at line 1, column 8)"),
+    ("model:\n  teacher: x\n dtype: fp32\n", "line 3, column 2: expected <block end>, but found "
+                                            "'<block mapping start>' (while parsing a block mapping at line 1, column 1)"),
+    ("model:\n  teacher: x: y\n", "line 2, column 13: mapping values are not allowed here"),
+])
+def test_yaml_mistakes_are_named_with_their_line_and_column(text, message, capsys, monkeypatch, tmp_path):
+    """A second ``model:`` section wiped the first, a repeated key kept its last value silently, and a
+    syntax error lost its place (``not valid YAML (while parsing a flow sequence)``)."""
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    assert _refused(capsys, monkeypatch, tmp_path, "--config", str(config)) == f"{config}: not valid YAML: {message}"
+
+
+def test_a_key_given_twice_in_an_overrides_mapping_is_refused(capsys, monkeypatch, tmp_path):
+    assert _refused(capsys, monkeypatch, tmp_path, "--config", TOY, "optim.generator={lr: 1.0e-3, lr: 2.0e-3}") == (
+        "command line: optim.generator={lr: 1.0e-3, lr: 2.0e-3}: line 1, column 14: duplicate key 'lr' "
+        "(first at line 1)")
+
+
+def test_a_merge_key_is_not_a_duplicate(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  <<: {teacher: base, dtype: fp32}\n  teacher: mine\n")
+    assert load_config(str(config)).model.teacher == "mine"
+
+
+def test_a_config_that_cannot_be_read_is_named_with_the_reason(capsys, monkeypatch, tmp_path):
+    """A directory was reported as not found; a file without read permission (chmod 000) or not
+    UTF-8 gave a traceback."""
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    assert _refused(capsys, monkeypatch, tmp_path, "--config", str(folder)) == (
+        f"{folder}: cannot read the config file: Is a directory")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"model:\n  teacher: x\n# caf\xe9\n")
+    assert _refused(capsys, monkeypatch, tmp_path, "--config", str(latin1)) == (
+        f"{latin1}: not UTF-8 text (byte 0xe9 on line 3); save it as UTF-8")
+    assert _refused(capsys, monkeypatch, tmp_path, "--config", str(tmp_path / "missing.yaml")) == (
+        f"{tmp_path / 'missing.yaml'}: config file not found")
+    locked = tmp_path / "locked.yaml"
+    locked.write_text("model: {teacher: x}\n")
+    locked.chmod(0)
+    if os.geteuid() == 0:  # root reads it all the same: fail its open as it fails for anyone else
+        def denied(path, *args, **kwargs):
+            raise PermissionError(13, os.strerror(13), path)
+
+        monkeypatch.setattr("adm_megatron.config.open", denied, raising=False)
+    assert _refused(capsys, monkeypatch, tmp_path, "--config", str(locked)) == (
+        f"{locked}: cannot read the config file: Permission denied")
