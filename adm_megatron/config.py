@@ -20,12 +20,31 @@ class ConfigError(ValueError):
     """A bad configuration: the message is one line naming the source, the key and the value."""
 
 
+class _Mapping(dict):
+    """A YAML mapping that keeps how each plain (unquoted) scalar value was written (``written``, by
+    key), so a message can show ``off`` where YAML 1.1 made ``False`` of it."""
+
+    written: dict[str, str | None]
+
+
+class _Sequence(list):
+    """A YAML sequence that keeps how each plain scalar item was written (``written``, by index)."""
+
+    written: dict[int, str | None]
+
+
+def _plain(node: yaml.Node) -> str | None:
+    """A plain (unquoted) scalar's text as written, else None."""
+    return node.value if isinstance(node, yaml.ScalarNode) and node.style is None else None
+
+
 class _DuplicateKeyError(yaml.constructor.ConstructorError):
     """A key given twice in one mapping (PyYAML alone keeps the last one silently)."""
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping."""
+    """PyYAML's safe loader, refusing a key given twice in one mapping; its mappings and sequences
+    keep how their plain scalars were written (``_Mapping``, ``_Sequence``)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         first: dict[Any, yaml.Mark] = {}
@@ -37,6 +56,22 @@ class _Loader(yaml.SafeLoader):
                                              problem_mark=key_node.start_mark)
                 first[key] = key_node.start_mark
         return super().construct_mapping(node, deep)
+
+    def construct_yaml_map(self, node: yaml.MappingNode):
+        data = _Mapping()
+        yield data
+        data.update(self.construct_mapping(node))
+        data.written = {k.value: _plain(v) for k, v in node.value if isinstance(k, yaml.ScalarNode)}
+
+    def construct_yaml_seq(self, node: yaml.SequenceNode):
+        data = _Sequence()
+        yield data
+        data.extend(self.construct_sequence(node))
+        data.written = {i: _plain(item) for i, item in enumerate(node.value)}
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _Loader.construct_yaml_map)
+_Loader.add_constructor("tag:yaml.org,2002:seq", _Loader.construct_yaml_seq)
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
@@ -345,28 +380,49 @@ def _optional_dataclass(hint: Any) -> type | None:
     return None
 
 
-def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+def _setting(key: str, value: Any, written: str | None) -> str:
+    """``key=value`` as a message shows it; an empty YAML value as ``key is empty``."""
+    if value is None:
+        return f"{key} is empty" if written == "" else f"{key}=null"
+    return f"{key}={value!r}"
+
+
+def _not_a_string(key: str, value: Any, source: str, written: str | None) -> str:
+    """Why ``value`` is no string. YAML 1.1 reads an unquoted off / yes as a boolean and 2024 as a
+    number: then say so with the value as written, and how to quote it (on a shell too)."""
+    if written is None or not isinstance(value, (bool, int, float)):
+        return f"{_setting(key, value, written)}: expected a string"
+    quoted = f'"{written}"'
+    if source == "command line" and "[" not in key:  # the shell takes the quotes off key="..."
+        quoted = f"'{key}={quoted}' on a shell"
+    read = str(value).lower() if isinstance(value, bool) else "a number"
+    return f"{key}={written}: expected a string; YAML reads {written} as {read}: quote it ({quoted})"
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str, written: str | None = None) -> Any:
+    """``value`` as a field of type ``hint``; ``written``: its text, where YAML read it from a plain scalar."""
     optional = [a for a in typing.get_args(hint) if a is not type(None)]
     if type(None) in typing.get_args(hint) and len(optional) == 1:  # ``X | None``: null or an X
-        return None if value is None else _coerce(value, optional[0], key, source)
+        return None if value is None else _coerce(value, optional[0], key, source, written)
     origin = typing.get_origin(hint)
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {key}={value!r}: expected a list")
-        return [_coerce(v, item_type, key, source) for v in value]
+            raise ConfigError(f"{source}: {_setting(key, value, written)}: expected a list")
+        return _coerce_items(value, [item_type] * len(value), key, source)
     if origin is tuple:
         item_types = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
-            raise ConfigError(f"{source}: {key}={value!r}: expected a list of {len(item_types)} numbers")
-        return tuple(_coerce(v, t, key, source) for v, t in zip(value, item_types))
+            raise ConfigError(f"{source}: {_setting(key, value, written)}: "
+                              f"expected a list of {len(item_types)} numbers")
+        return tuple(_coerce_items(value, item_types, key, source))
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key}={value!r}: expected true or false")
+            raise ConfigError(f"{source}: {_setting(key, value, written)}: expected true or false")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key}={value!r}: expected an integer")
+            raise ConfigError(f"{source}: {_setting(key, value, written)}: expected an integer")
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -375,13 +431,19 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key}={value!r}: expected a number")
+            raise ConfigError(f"{source}: {_setting(key, value, written)}: expected a number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key}={value!r}: expected a string")
+            raise ConfigError(f"{source}: {_not_a_string(key, value, source, written)}")
         return value
     raise ConfigError(f"{source}: {key}: unsupported field type {hint}")
+
+
+def _coerce_items(values: list | tuple, hints: typing.Sequence, key: str, source: str) -> list:
+    """A list's items as ``hints`` say, item i named ``key[i]``."""
+    written = getattr(values, "written", {})
+    return [_coerce(v, hint, f"{key}[{i}]", source, written.get(i)) for i, (v, hint) in enumerate(zip(values, hints))]
 
 
 def _apply(obj: Any, values: dict, prefix: str, source: str) -> None:
@@ -407,16 +469,16 @@ def _apply(obj: Any, values: dict, prefix: str, source: str) -> None:
                 raise ConfigError(f"{source}: {dotted} must be a mapping, got {value!r}")
             _apply(current, value, dotted + ".", source)
         else:
-            setattr(obj, key, _coerce(value, hints[key], dotted, source))
+            setattr(obj, key, _coerce(value, hints[key], dotted, source, getattr(values, "written", {}).get(key)))
 
 
-def _nest(dotted: str, value: Any) -> dict:
-    out: dict = {}
-    node = out
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
+def _nest(dotted: str, value: Any, written: str) -> dict:
+    """``a.b.c`` and its value -> {a: {b: {c: value}}}, the innermost mapping keeping how it was written."""
+    *sections, name = dotted.split(".")
+    out = _Mapping({name: value})
+    out.written = {name: written}
+    for section in reversed(sections):
+        out = {section: out}
     return out
 
 
@@ -439,7 +501,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"command line: {item}: {_yaml_problem(err)}") from None
         except yaml.YAMLError:  # not YAML: the text itself (a path, a name)
             value = raw
-        _apply(config, _nest(key, value), "", "command line")
+        _apply(config, _nest(key, value, raw.strip()), "", "command line")
         overridden.append(key)
 
     def where(key: str) -> str:

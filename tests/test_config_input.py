@@ -1,6 +1,8 @@
 """Config input found wrong by users gets one line naming the file (or the command line), the key and
 the value, exit code 2, before anything is built or written: config files that cannot be read or
-are not YAML (with the problem's line and column), keys given twice in one mapping."""
+are not YAML (with the problem's line and column), keys given twice in one mapping, YAML 1.1's
+booleans and numbers where a string is expected (shown as written, with how to quote them) and
+empty values."""
 
 from __future__ import annotations
 
@@ -10,10 +12,11 @@ import os
 import pytest
 
 from adm_megatron.cli import main
-from adm_megatron.config import load_config
+from adm_megatron.config import ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "examples", "cogvideox", "toy_adm.yaml")
+REPORTED = ("--config", TOY, "train.max_iterations=1", "output_dir=outputs/err/X")  # the user's command
 
 
 def _refused(capsys, monkeypatch, tmp_path, *args: str) -> str:
@@ -93,3 +96,46 @@ def test_a_config_that_cannot_be_read_is_named_with_the_reason(capsys, monkeypat
         monkeypatch.setattr("adm_megatron.config.open", denied, raising=False)
     assert _refused(capsys, monkeypatch, tmp_path, "--config", str(locked)) == (
         f"{locked}: cannot read the config file: Permission denied")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("logging.wandb_mode=off",
+     "logging.wandb_mode=off: expected a string; YAML reads off as false: quote it ('logging.wandb_mode=\"off\"' on a shell)"),
+    ("model.teacher=yes",
+     "model.teacher=yes: expected a string; YAML reads yes as true: quote it ('model.teacher=\"yes\"' on a shell)"),
+    ("output_dir=2024",
+     "output_dir=2024: expected a string; YAML reads 2024 as a number: quote it ('output_dir=\"2024\"' on a shell)"),
+    ("optim.generator={decay_style: off}", "optim.generator.decay_style=off: expected a string; YAML reads off as "
+                                          "false: quote it ('optim.generator.decay_style=\"off\"' on a shell)"),
+    ("model.lora.target_modules=[to_q, on]",
+     "model.lora.target_modules[1]=on: expected a string; YAML reads on as true: quote it (\"on\")"),
+    ("train.max_iterations=", "train.max_iterations is empty: expected an integer"),
+    ("output_dir=", "output_dir is empty: expected a string"),
+    ("model.teacher=null", "model.teacher=null: expected a string"),
+])
+def test_yaml_11_booleans_and_numbers_where_a_string_is_expected_are_explained(override, message, capsys,
+                                                                               monkeypatch, tmp_path):
+    """``logging.wandb_mode=off`` was reported as ``logging.wandb_mode=False: expected a string``,
+    ``train.max_iterations=`` as ``=None``."""
+    assert _refused(capsys, monkeypatch, tmp_path, *REPORTED, override) == f"command line: {message}"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("logging:\n  wandb_mode: off\n", 'logging.wandb_mode=off: expected a string; YAML reads off as false: quote it ("off")'),
+    ("output_dir: 1.5\n", 'output_dir=1.5: expected a string; YAML reads 1.5 as a number: quote it ("1.5")'),
+    ("train:\n  max_iterations:\n", "train.max_iterations is empty: expected an integer"),
+    ("model:\n  teacher: ~\n", "model.teacher=null: expected a string"),
+])
+def test_a_files_yaml_11_values_are_shown_as_written(text, message, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(config))
+    assert str(err.value) == f"{config}: {message}"
+
+
+def test_quoted_the_values_are_strings():
+    config = load_config(None, ['model.teacher="yes"', "output_dir='2024'", 'model.lora.target_modules=[to_q, "on"]'])
+    assert (config.model.teacher, config.output_dir, config.model.lora.target_modules) == ("yes", "2024", ["to_q", "on"])
+    with pytest.raises(ConfigError, match=r"^command line: logging.wandb_mode='off': expected one of offline, online"):
+        load_config(None, ["model.teacher=x", 'logging.wandb_mode="off"'])
