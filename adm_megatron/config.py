@@ -9,6 +9,7 @@ naming the file and the key, before any process group or model exists (``validat
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -432,7 +433,13 @@ def _coerce(value: Any, hint: Any, key: str, source: str, written: str | None = 
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {_setting(key, value, written)}: expected a number")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past float's range
+            number = math.inf
+        if not math.isfinite(number):  # NaN passes every range check, inf every lower bound: no field takes them
+            raise ConfigError(f"{source}: {key}={value if written is None else written}: expected a finite number")
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{source}: {_not_a_string(key, value, source, written)}")

@@ -1,6 +1,7 @@
 """Config input found wrong by users gets one line naming the file (or the command line), the key and
 the value, exit code 2, before anything is built or written: config files that cannot be read or
-are not YAML (with the problem's line and column), keys given twice in one mapping, YAML 1.1's
+are not YAML (with the problem's line and column), keys given twice in one mapping, NaN or infinite
+numbers (each float, list items too, is refused as it is read), YAML 1.1's
 booleans and numbers where a string is expected (shown as written, with how to quote them) and
 empty values."""
 
@@ -12,7 +13,7 @@ import os
 import pytest
 
 from adm_megatron.cli import main
-from adm_megatron.config import ConfigError, load_config
+from adm_megatron.config import ConfigError, config_from_dict, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "examples", "cogvideox", "toy_adm.yaml")
@@ -139,3 +140,35 @@ def test_quoted_the_values_are_strings():
     assert (config.model.teacher, config.output_dir, config.model.lora.target_modules) == ("yes", "2024", ["to_q", "on"])
     with pytest.raises(ConfigError, match=r"^command line: logging.wandb_mode='off': expected one of offline, online"):
         load_config(None, ["model.teacher=x", 'logging.wandb_mode="off"'])
+
+
+@pytest.mark.parametrize("override, shown", [
+    ("optim.generator.lr=inf", "optim.generator.lr=inf"),  # trained to rc=0, exporting NaN weights
+    ("optim.generator.lr=nan", "optim.generator.lr=nan"),  # reported as a min_lr error, blaming the file
+    ("optim.fake_score.grad_clip=nan", "optim.fake_score.grad_clip=nan"),  # clipping silently off
+    ("train.save_interval_minutes=nan", "train.save_interval_minutes=nan"),
+    ("distill.gan_weight=nan", "distill.gan_weight=nan"),
+    ("distill.latent_weight=nan", "distill.latent_weight=nan"),
+    ("optim.generator.weight_decay=nan", "optim.generator.weight_decay=nan"),  # a traceback
+    ("parallel.timeout_s=nan", "parallel.timeout_s=nan"),  # a traceback
+    ("optim.discriminator.lr=-Infinity", "optim.discriminator.lr=-Infinity"),
+    ("optim.generator.lr=1e999", "optim.generator.lr=1e999"),  # past float's range
+    ("distill.guidance_scale=[1.5, .inf]", "distill.guidance_scale[1]=.inf"),
+    ("distill.dmd_t_range=[.nan, 0.9]", "distill.dmd_t_range[0]=.nan"),
+    ("optim.generator={betas: [0, -.inf]}", "optim.generator.betas[1]=-.inf"),
+])
+def test_nan_and_infinite_numbers_are_refused_as_read(override, shown, capsys, monkeypatch, tmp_path):
+    """Range checks written with < and <= never fail on NaN, and inf passes every lower bound."""
+    message = _refused(capsys, monkeypatch, tmp_path, *REPORTED, override)
+    assert message == f"command line: {shown}: expected a finite number"
+
+
+def test_a_files_or_a_saved_configs_nan_is_refused_naming_it(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  teacher: x\noptim:\n  fake_score:\n    grad_clip: .nan\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(config), ["train.max_iterations=1"])
+    assert str(err.value) == f"{config}: optim.fake_score.grad_clip=.nan: expected a finite number"
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"model": {"teacher": "x"}, "distill": {"guidance_scale": [float("inf"), 7.0]}}, "checkpoint")
+    assert str(err.value) == "checkpoint: distill.guidance_scale[0]=inf: expected a finite number"
