@@ -548,6 +548,8 @@ def _check_fields(config: Config, where: Callable[[str], str]) -> None:
         "distill.delta_t": config.distill.delta_t,
         "distill.ttur": config.distill.ttur,
         "distill.head_every": config.distill.head_every,
+        "distill.head_hidden": config.distill.head_hidden,
+        "distill.head_blocks": config.distill.head_blocks,
         "train.max_iterations": config.train.max_iterations,
         "train.log_every": config.train.log_every,
         "train.max_skipped_steps": config.train.max_skipped_steps,
@@ -559,12 +561,17 @@ def _check_fields(config: Config, where: Callable[[str], str]) -> None:
     if not 0 <= lo <= hi:
         raise ConfigError(f"{where('distill.guidance_scale')}: "
                           f"distill.guidance_scale=[{lo}, {hi}]: expected 0 <= low <= high")
+    networks = ("generator", "fake_score", "discriminator")
     for key, value in {"train.save_every": config.train.save_every,
                        "train.keep_checkpoints": config.train.keep_checkpoints,
                        "train.num_samples": config.train.num_samples, "train.sample_every": config.train.sample_every,
-                       "train.save_interval_minutes": config.train.save_interval_minutes}.items():
+                       "train.save_interval_minutes": config.train.save_interval_minutes,
+                       **{f"optim.{name}.{term}": getattr(getattr(config.optim, name), term)
+                          for name in networks for term in ("grad_clip", "weight_decay")}}.items():
         if value < 0:
             raise ConfigError(f"{where(key)}: {key}={value}: must be >= 0")
+    if not 0 <= config.seed <= 2**63 - 1:  # torch seeds generators with 64 bits; the run adds offsets to it
+        raise ConfigError(f"{where('seed')}: seed={config.seed}: expected an integer in [0, 2**63 - 1]")
     if config.data.global_batch_size < 0:
         raise ConfigError(f"{where('data.global_batch_size')}: "
                           f"data.global_batch_size={config.data.global_batch_size}: expected >= 0 "
@@ -622,11 +629,13 @@ def _check_fields(config: Config, where: Callable[[str], str]) -> None:
         raise ConfigError(f"{where('model.grad_reduce_in_fp32')}: "
                           f"model.grad_reduce_in_fp32=false applies to bf16 weights (model.bf16_params=true); "
                           "fp32 weights' gradients are fp32")
-    for name in ("generator", "fake_score", "discriminator"):
+    for name in networks:
         opt = getattr(config.optim, name)
-        if opt.lr <= 0 or opt.grad_clip < 0 or opt.weight_decay < 0:
-            raise ConfigError(f"{where(f'optim.{name}')}: "
-                              f"optim.{name}: lr must be > 0, grad_clip and weight_decay >= 0")
+        if opt.lr <= 0:
+            raise ConfigError(f"{where(f'optim.{name}.lr')}: optim.{name}.lr={opt.lr}: must be > 0")
+        if not all(0 <= beta < 1 for beta in opt.betas):
+            raise ConfigError(f"{where(f'optim.{name}.betas')}: optim.{name}.betas={list(opt.betas)}: "
+                              "expected each in [0, 1)")
         if opt.decay_style not in DECAY_STYLES:
             raise ConfigError(f"{where(f'optim.{name}.decay_style')}: "
                               f"optim.{name}.decay_style={opt.decay_style!r}: expected one of "

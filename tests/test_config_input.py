@@ -2,8 +2,9 @@
 the value, exit code 2, before anything is built or written: config files that cannot be read or
 are not YAML (with the problem's line and column), keys given twice in one mapping, NaN or infinite
 numbers (each float, list items too, is refused as it is read), YAML 1.1's
-booleans and numbers where a string is expected (shown as written, with how to quote them) and
-empty values."""
+booleans and numbers where a string is expected (shown as written, with how to quote them), empty
+values, settings that crashed after the networks were built (discriminator heads of no width or no
+blocks, Adam betas outside [0, 1), a negative weight decay) and seeds torch cannot take."""
 
 from __future__ import annotations
 
@@ -172,3 +173,29 @@ def test_a_files_or_a_saved_configs_nan_is_refused_naming_it(tmp_path):
     with pytest.raises(ConfigError) as err:
         config_from_dict({"model": {"teacher": "x"}, "distill": {"guidance_scale": [float("inf"), 7.0]}}, "checkpoint")
     assert str(err.value) == "checkpoint: distill.guidance_scale[0]=inf: expected a finite number"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("distill.head_hidden=0", "distill.head_hidden=0: must be >= 1"),
+    ("distill.head_hidden=-8", "distill.head_hidden=-8: must be >= 1"),
+    ("distill.head_blocks=0", "distill.head_blocks=0: must be >= 1"),
+    ("distill.head_blocks=-1", "distill.head_blocks=-1: must be >= 1"),
+    ("optim.generator.betas=[0.9, 1]", "optim.generator.betas=[0.9, 1.0]: expected each in [0, 1)"),
+    ("optim.discriminator.betas=[-0.1, 0.99]", "optim.discriminator.betas=[-0.1, 0.99]: expected each in [0, 1)"),
+    ("optim.fake_score.weight_decay=-0.01", "optim.fake_score.weight_decay=-0.01: must be >= 0"),
+    ("optim.generator.grad_clip=-1", "optim.generator.grad_clip=-1.0: must be >= 0"),
+    ("optim.discriminator.lr=0", "optim.discriminator.lr=0.0: must be > 0"),
+    ("seed=99999999999999999999", "seed=99999999999999999999: expected an integer in [0, 2**63 - 1]"),
+    ("seed=-1", "seed=-1: expected an integer in [0, 2**63 - 1]"),
+])
+def test_settings_that_failed_after_building_are_refused_first(override, message, capsys, monkeypatch, tmp_path):
+    """Each crashed with a traceback once the networks were built (the seed: ``Overflow when
+    unpacking long long``)."""
+    assert _refused(capsys, monkeypatch, tmp_path, *REPORTED, override) == f"command line: {message}"
+
+
+def test_the_largest_seed_torch_takes_is_accepted():
+    import torch
+
+    seed = load_config(None, ["model.teacher=x", f"seed={2**63 - 1}"]).seed
+    torch.Generator().manual_seed(seed + 2718 + 100)  # megatron's tensor-parallel offset, a sample's index
