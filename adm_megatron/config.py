@@ -3,7 +3,13 @@
 A run is described by one YAML file whose sections mirror the dataclasses below; ``key=value``
 overrides use dotted names (``train.max_iterations=10``, ``distill.method=dmd2``) and YAML value
 syntax. Unknown keys, wrong types and impossible settings each give a one-line ``ConfigError``
-naming the file and the key, before any process group or model exists (``validate_config``).
+naming the file and the key, before any process group or model exists (``_check_fields`` here;
+what needs the teacher or the world, ``adm_megatron.train.validate.validate_run``). So do
+a file that cannot be read or is not YAML (the problem's line and column), a key given twice in one
+mapping (PyYAML alone keeps the last), NaN or infinite numbers (refused as they are read: no field
+takes them), and YAML 1.1's readings of unquoted ``off`` / ``yes`` / ``2024`` where a string is
+expected (the message shows the value as written and how to quote it). An override given twice
+takes the last, as in Hydra.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Config input found wrong by users gets one line naming the file (or the command line), the key and
 the value, exit code 2, before anything is built or written: config files that cannot be read or
 are not YAML (with the problem's line and column), keys given twice in one mapping, NaN or infinite
-numbers (each float, list items too, is refused as it is read), YAML 1.1's
-booleans and numbers where a string is expected (shown as written, with how to quote them), empty
-values, settings that crashed after the networks were built (discriminator heads of no width or no
-blocks, Adam betas outside [0, 1), a negative weight decay) and seeds torch cannot take."""
+numbers (each float, list items too, refused as it is read), YAML 1.1's booleans and numbers where
+a string is expected (shown as written, with how to quote them), empty values, settings that
+crashed after the networks were built (discriminator heads of no width or no blocks, Adam betas
+outside [0, 1), a negative weight decay) and seeds torch cannot take. A key overridden twice takes
+the last, as ``--print-config`` shows."""
 
 from __future__ import annotations
 
@@ -199,3 +200,13 @@ def test_the_largest_seed_torch_takes_is_accepted():
 
     seed = load_config(None, ["model.teacher=x", f"seed={2**63 - 1}"]).seed
     torch.Generator().manual_seed(seed + 2718 + 100)  # megatron's tensor-parallel offset, a sample's index
+
+
+def test_a_key_overridden_twice_takes_the_last_as_print_config_shows(capsys, monkeypatch, tmp_path):
+    """As Hydra and OmegaConf do; ``--print-config`` shows the value the run would use."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *REPORTED, "distill.generator_steps=2", "distill.generator_steps=7", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["distill"]["generator_steps"] == 7
+    assert os.listdir(tmp_path) == []
