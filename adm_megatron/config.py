@@ -3,13 +3,19 @@
 A run is described by one YAML file whose sections mirror the dataclasses below; ``key=value``
 overrides use dotted names (``train.max_iterations=10``, ``distill.method=dmd2``) and YAML value
 syntax. Unknown keys, wrong types and impossible settings each give a one-line ``ConfigError``
-naming the file and the key, before any process group or model exists (``validate_config``).
+naming the file and the key, before any process group or model exists (``_check_fields`` here;
+what needs the teacher or the world, ``adm_megatron.train.validate.validate_run``). So do
+a file that cannot be read or is not YAML (the problem's line and column), a key given twice in one
+mapping (PyYAML alone keeps the last), NaN or infinite numbers (refused as they are read: no field
+takes them), and YAML 1.1's readings of unquoted ``off`` / ``yes`` / ``2024`` where a string is
+expected (the message shows the value as written and how to quote it). An override given twice
+takes the last, as in Hydra.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -19,6 +25,93 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad configuration: the message is one line naming the source, the key and the value."""
+
+
+class _Mapping(dict):
+    """A YAML mapping that keeps how each plain (unquoted) scalar value was written (``written``, by
+    key), so a message can show ``off`` where YAML 1.1 made ``False`` of it."""
+
+    written: dict[str, str | None]
+
+
+class _Sequence(list):
+    """A YAML sequence that keeps how each plain scalar item was written (``written``, by index)."""
+
+    written: dict[int, str | None]
+
+
+def _plain(node: yaml.Node) -> str | None:
+    """A plain (unquoted) scalar's text as written, else None."""
+    return node.value if isinstance(node, yaml.ScalarNode) and node.style is None else None
+
+
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one mapping (PyYAML alone keeps the last one silently)."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping; its mappings and sequences
+    keep how their plain scalars were written (``_Mapping``, ``_Sequence``)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in first:
+                    raise _DuplicateKeyError(problem=f"duplicate key {key!r} (first at line {first[key].line + 1})",
+                                             problem_mark=key_node.start_mark)
+                first[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_map(self, node: yaml.MappingNode):
+        data = _Mapping()
+        yield data
+        data.update(self.construct_mapping(node))
+        data.written = {k.value: _plain(v) for k, v in node.value if isinstance(k, yaml.ScalarNode)}
+
+    def construct_yaml_seq(self, node: yaml.SequenceNode):
+        data = _Sequence()
+        yield data
+        data.extend(self.construct_sequence(node))
+        data.written = {i: _plain(item) for i, item in enumerate(node.value)}
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _Loader.construct_yaml_map)
+_Loader.add_constructor("tag:yaml.org,2002:seq", _Loader.construct_yaml_seq)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: the problem's line and column, what it is, and what it was in."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:  # e.g. a ReaderError (a control character): its first line names the position
+        return str(err).splitlines()[0]
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}"
+    if err.context:
+        start = err.context_mark
+        text += f" ({err.context} at line {start.line + 1}, column {start.column + 1})"
+    return text
+
+
+def _read_yaml(path: str) -> Any:
+    """A config file's YAML; a file that cannot be read, is not UTF-8 or not YAML is a one-line ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as err:  # a directory, no read permission
+        raise ConfigError(f"{path}: cannot read the config file: {err.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
+                          "save it as UTF-8") from None
+    try:
+        return yaml.load(text, _Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
 
 
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -294,28 +387,49 @@ def _optional_dataclass(hint: Any) -> type | None:
     return None
 
 
-def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+def _setting(key: str, value: Any, written: str | None) -> str:
+    """``key=value`` as a message shows it; an empty YAML value as ``key is empty``."""
+    if value is None:
+        return f"{key} is empty" if written == "" else f"{key}=null"
+    return f"{key}={value!r}"
+
+
+def _not_a_string(key: str, value: Any, source: str, written: str | None) -> str:
+    """Why ``value`` is no string. YAML 1.1 reads an unquoted off / yes as a boolean and 2024 as a
+    number: then say so with the value as written, and how to quote it (on a shell too)."""
+    if written is None or not isinstance(value, (bool, int, float)):
+        return f"{_setting(key, value, written)}: expected a string"
+    quoted = f'"{written}"'
+    if source == "command line" and "[" not in key:  # the shell takes the quotes off key="..."
+        quoted = f"'{key}={quoted}' on a shell"
+    read = str(value).lower() if isinstance(value, bool) else "a number"
+    return f"{key}={written}: expected a string; YAML reads {written} as {read}: quote it ({quoted})"
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str, written: str | None = None) -> Any:
+    """``value`` as a field of type ``hint``; ``written``: its text, where YAML read it from a plain scalar."""
     optional = [a for a in typing.get_args(hint) if a is not type(None)]
     if type(None) in typing.get_args(hint) and len(optional) == 1:  # ``X | None``: null or an X
-        return None if value is None else _coerce(value, optional[0], key, source)
+        return None if value is None else _coerce(value, optional[0], key, source, written)
     origin = typing.get_origin(hint)
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {key}={value!r}: expected a list")
-        return [_coerce(v, item_type, key, source) for v in value]
+            raise ConfigError(f"{source}: {_setting(key, value, written)}: expected a list")
+        return _coerce_items(value, [item_type] * len(value), key, source)
     if origin is tuple:
         item_types = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
-            raise ConfigError(f"{source}: {key}={value!r}: expected a list of {len(item_types)} numbers")
-        return tuple(_coerce(v, t, key, source) for v, t in zip(value, item_types))
+            raise ConfigError(f"{source}: {_setting(key, value, written)}: "
+                              f"expected a list of {len(item_types)} numbers")
+        return tuple(_coerce_items(value, item_types, key, source))
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key}={value!r}: expected true or false")
+            raise ConfigError(f"{source}: {_setting(key, value, written)}: expected true or false")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key}={value!r}: expected an integer")
+            raise ConfigError(f"{source}: {_setting(key, value, written)}: expected an integer")
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -324,13 +438,25 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key}={value!r}: expected a number")
-        return float(value)
+            raise ConfigError(f"{source}: {_setting(key, value, written)}: expected a number")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past float's range
+            number = math.inf
+        if not math.isfinite(number):  # NaN passes every range check, inf every lower bound: no field takes them
+            raise ConfigError(f"{source}: {key}={value if written is None else written}: expected a finite number")
+        return number
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key}={value!r}: expected a string")
+            raise ConfigError(f"{source}: {_not_a_string(key, value, source, written)}")
         return value
     raise ConfigError(f"{source}: {key}: unsupported field type {hint}")
+
+
+def _coerce_items(values: list | tuple, hints: typing.Sequence, key: str, source: str) -> list:
+    """A list's items as ``hints`` say, item i named ``key[i]``."""
+    written = getattr(values, "written", {})
+    return [_coerce(v, hint, f"{key}[{i}]", source, written.get(i)) for i, (v, hint) in enumerate(zip(values, hints))]
 
 
 def _apply(obj: Any, values: dict, prefix: str, source: str) -> None:
@@ -356,16 +482,16 @@ def _apply(obj: Any, values: dict, prefix: str, source: str) -> None:
                 raise ConfigError(f"{source}: {dotted} must be a mapping, got {value!r}")
             _apply(current, value, dotted + ".", source)
         else:
-            setattr(obj, key, _coerce(value, hints[key], dotted, source))
+            setattr(obj, key, _coerce(value, hints[key], dotted, source, getattr(values, "written", {}).get(key)))
 
 
-def _nest(dotted: str, value: Any) -> dict:
-    out: dict = {}
-    node = out
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
+def _nest(dotted: str, value: Any, written: str) -> dict:
+    """``a.b.c`` and its value -> {a: {b: {c: value}}}, the innermost mapping keeping how it was written."""
+    *sections, name = dotted.split(".")
+    out = _Mapping({name: value})
+    out.written = {name: written}
+    for section in reversed(sections):
+        out = {section: out}
     return out
 
 
@@ -373,13 +499,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     """A ``Config`` from a YAML file (optional) and ``key=value`` overrides, type-checked."""
     config = Config()
     if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"{path}: config file not found")
-        with open(path) as f:
-            try:
-                values = yaml.safe_load(f) or {}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        values = _read_yaml(path) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         _apply(config, values, "", path)
@@ -389,10 +509,12 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. train.max_iterations=10)")
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
+            value = yaml.load(raw, _Loader)
+        except _DuplicateKeyError as err:
+            raise ConfigError(f"command line: {item}: {_yaml_problem(err)}") from None
+        except yaml.YAMLError:  # not YAML: the text itself (a path, a name)
             value = raw
-        _apply(config, _nest(key, value), "", "command line")
+        _apply(config, _nest(key, value, raw.strip()), "", "command line")
         overridden.append(key)
 
     def where(key: str) -> str:
@@ -432,6 +554,8 @@ def _check_fields(config: Config, where: Callable[[str], str]) -> None:
         "distill.delta_t": config.distill.delta_t,
         "distill.ttur": config.distill.ttur,
         "distill.head_every": config.distill.head_every,
+        "distill.head_hidden": config.distill.head_hidden,
+        "distill.head_blocks": config.distill.head_blocks,
         "train.max_iterations": config.train.max_iterations,
         "train.log_every": config.train.log_every,
         "train.max_skipped_steps": config.train.max_skipped_steps,
@@ -443,12 +567,17 @@ def _check_fields(config: Config, where: Callable[[str], str]) -> None:
     if not 0 <= lo <= hi:
         raise ConfigError(f"{where('distill.guidance_scale')}: "
                           f"distill.guidance_scale=[{lo}, {hi}]: expected 0 <= low <= high")
+    networks = ("generator", "fake_score", "discriminator")
     for key, value in {"train.save_every": config.train.save_every,
                        "train.keep_checkpoints": config.train.keep_checkpoints,
                        "train.num_samples": config.train.num_samples, "train.sample_every": config.train.sample_every,
-                       "train.save_interval_minutes": config.train.save_interval_minutes}.items():
+                       "train.save_interval_minutes": config.train.save_interval_minutes,
+                       **{f"optim.{name}.{term}": getattr(getattr(config.optim, name), term)
+                          for name in networks for term in ("grad_clip", "weight_decay")}}.items():
         if value < 0:
             raise ConfigError(f"{where(key)}: {key}={value}: must be >= 0")
+    if not 0 <= config.seed <= 2**63 - 1:  # torch seeds generators with 64 bits; the run adds offsets to it
+        raise ConfigError(f"{where('seed')}: seed={config.seed}: expected an integer in [0, 2**63 - 1]")
     if config.data.global_batch_size < 0:
         raise ConfigError(f"{where('data.global_batch_size')}: "
                           f"data.global_batch_size={config.data.global_batch_size}: expected >= 0 "
@@ -506,11 +635,13 @@ def _check_fields(config: Config, where: Callable[[str], str]) -> None:
         raise ConfigError(f"{where('model.grad_reduce_in_fp32')}: "
                           f"model.grad_reduce_in_fp32=false applies to bf16 weights (model.bf16_params=true); "
                           "fp32 weights' gradients are fp32")
-    for name in ("generator", "fake_score", "discriminator"):
+    for name in networks:
         opt = getattr(config.optim, name)
-        if opt.lr <= 0 or opt.grad_clip < 0 or opt.weight_decay < 0:
-            raise ConfigError(f"{where(f'optim.{name}')}: "
-                              f"optim.{name}: lr must be > 0, grad_clip and weight_decay >= 0")
+        if opt.lr <= 0:
+            raise ConfigError(f"{where(f'optim.{name}.lr')}: optim.{name}.lr={opt.lr}: must be > 0")
+        if not all(0 <= beta < 1 for beta in opt.betas):
+            raise ConfigError(f"{where(f'optim.{name}.betas')}: optim.{name}.betas={list(opt.betas)}: "
+                              "expected each in [0, 1)")
         if opt.decay_style not in DECAY_STYLES:
             raise ConfigError(f"{where(f'optim.{name}.decay_style')}: "
                               f"optim.{name}.decay_style={opt.decay_style!r}: expected one of "

@@ -260,8 +260,8 @@ def test_a_bad_value_is_blamed_on_where_it_was_set(tmp_path):
     assert str(err.value) == f"{config}: distill.method='foo': expected one of adm, dmd, dmd2, adp"
     config.write_text("distill:\n  method: adm\n")
     for override, message in (("distill.method=bar", "distill.method='bar': expected one of"),
-                              ("optim.generator.lr=-1", "optim.generator: lr must be > 0"),
-                              ("optim.generator={lr: -1}", "optim.generator: lr must be > 0")):
+                              ("optim.generator.lr=-1", "optim.generator.lr=-1.0: must be > 0"),
+                              ("optim.generator={lr: -1}", "optim.generator.lr=-1.0: must be > 0")):
         with pytest.raises(ConfigError) as err:
             load_config(str(config), [override])
         assert str(err.value).startswith(f"command line: {message}"), err.value
