@@ -268,6 +268,33 @@ class DistillConfig:
     pure_noise_share: float = 0.0
 
 
+# the keys only some methods read (build_algorithm in adm_megatron/train/trainer.py, the data and the
+# LoRA export): set away from their defaults for another method they change nothing, which the trainer
+# says at its start (a warning, not a refusal: one base config commonly serves several methods)
+METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    "distill.delta_t": ("adm",), "distill.train_discriminator": ("adm",), "distill.fake_score_grad": ("adm",),
+    "distill.dmd_t_range": ("dmd", "dmd2"), "distill.gan_weight": ("dmd2",), "distill.cls_weight": ("dmd2",),
+    "distill.gan_t_max": ("dmd2", "adp"), "distill.latent_weight": ("adp",), "distill.pixel_weight": ("adp",),
+    "distill.pixel_encoder": ("adp",), "distill.pixel_encoder_path": ("adp",), "distill.pixel_layers": ("adp",),
+    "distill.pixel_recompute": ("adp",), "distill.renoise": ("adp",), "distill.pure_noise_share": ("adp",),
+    "data.real_path": ("dmd2", "adp"),
+}
+
+
+def unused_keys(config: "Config") -> list[tuple[str, Any, str]]:
+    """(key, value, the methods that read it) for each of :data:`METHOD_KEYS` set away from its default
+    under a method that does not read it, and ``train.export_lora`` without ``model.lora``."""
+    defaults, found = Config(), []
+    for key, methods in METHOD_KEYS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if config.distill.method not in methods and value != getattr(getattr(defaults, section), name):
+            found.append((key, value, " / ".join(f"distill.method={m}" for m in methods)))
+    if config.model.lora is None and config.train.export_lora != defaults.train.export_lora:
+        found.append(("train.export_lora", config.train.export_lora, "LoRA runs (model.lora)"))
+    return found
+
+
 @dataclass
 class OptimizerConfig:
     lr: float = 1e-6

@@ -390,3 +390,26 @@ def test_an_impossible_layout_for_a_saved_run_names_the_layout(pipeline_dir, tmp
         Trainer(_config(pipeline_dir, tmp_path, *run, "parallel.context_parallel=2"))
     assert str(err.value) == ("parallel: world size 1 is not divisible by tensor_parallel x context_parallel = "
                               "1 x 2")
+
+
+def test_keys_the_method_does_not_read_are_named_at_the_start(pipeline_dir, tmp_path, caplog, world_of_one):
+    """An ablation that changes nothing (DMD with ADM's delta_t or DMD2's GAN weight, a LoRA export
+    without LoRA) is said at the start; a key the method reads, or one left at its default, is not."""
+    import logging
+
+    from adm_megatron.config import unused_keys
+    from adm_megatron.train.trainer import Trainer
+
+    config = _config(pipeline_dir, tmp_path, "distill.method=dmd", "distill.delta_t=100", "distill.gan_weight=0.5",
+                     "distill.dmd_t_range=[0.1, 0.9]", "train.export_lora=adapter")
+    assert [key for key, _, _ in unused_keys(config)] == ["distill.delta_t", "distill.gan_weight", "train.export_lora"]
+    with caplog.at_level(logging.WARNING, logger="adm_megatron"):
+        Trainer(config)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "distill.delta_t=100 applies to distill.method=adm only: distill.method=dmd does not read it" in warned
+    assert ("distill.gan_weight=0.5 applies to distill.method=dmd2 only: distill.method=dmd does not read it"
+            in warned)
+    assert "train.export_lora='adapter' applies to LoRA runs (model.lora) only: distill.method=dmd does not read it" \
+        in warned
+    assert not any("dmd_t_range" in w for w in warned)
+    assert unused_keys(_config(pipeline_dir, tmp_path, "distill.method=adm", "distill.delta_t=100")) == []
