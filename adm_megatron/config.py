@@ -631,6 +631,10 @@ def _check_fields(config: Config, where: Callable[[str], str]) -> None:
             raise ConfigError(f"{where('logging.profile.mode')}: "
                               f"logging.profile.mode={profile.mode!r}: expected one of "
                               f"{', '.join(PROFILE_MODES)}")
+        if profile.start >= config.train.max_iterations:
+            raise ConfigError(f"{where('logging.profile')}: logging.profile.start={profile.start}: the run ends "
+                              f"before it (train.max_iterations={config.train.max_iterations}); nothing would be "
+                              "profiled")
         if not profile.ranks or any(r < 0 for r in profile.ranks):
             raise ConfigError(f"{where('logging.profile.ranks')}: "
                               f"logging.profile.ranks={profile.ranks}: expected a non-empty list of ranks >= 0")
@@ -702,6 +706,10 @@ def _check_fields(config: Config, where: Callable[[str], str]) -> None:
     if config.logging.dead_discriminator_window < 0:
         raise ConfigError(f"{where('logging.dead_discriminator_window')}: logging.dead_discriminator_window="
                           f"{config.logging.dead_discriminator_window}: expected >= 0 (0 disables)")
+    if not 0 <= config.logging.dead_discriminator_accuracy <= 1:
+        raise ConfigError(f"{where('logging.dead_discriminator_accuracy')}: logging.dead_discriminator_accuracy="
+                          f"{config.logging.dead_discriminator_accuracy}: expected an accuracy in [0, 1] (0.5 is "
+                          "chance)")
     if d.method in ("dmd2", "adp") and not config.data.real_path:
         raise ConfigError(f"{where('distill.method')}: "
                           f"distill.method={d.method} needs data.real_path (teacher ODE pairs from "

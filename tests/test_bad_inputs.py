@@ -93,6 +93,7 @@ def test_steps_the_teachers_schedule_cannot_take_are_refused_before_building(ove
     ("model.grad_reduce_in_fp32=false", "model.grad_reduce_in_fp32=false applies to bf16 weights (model.bf16_params=true)"),
     ("optim.fake_score={offload: optimizer_and_params, shard_over_dp: true}",
      "optim.fake_score.offload=optimizer_and_params with shard_over_dp=true"),
+    ("logging.dead_discriminator_accuracy=7", "logging.dead_discriminator_accuracy=7.0: expected an accuracy in [0, 1]"),
 ])
 def test_bad_memory_settings_are_one_line_config_errors(override, message):
     with pytest.raises(ConfigError) as err:

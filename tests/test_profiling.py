@@ -84,6 +84,8 @@ def test_bad_windows_are_one_line_errors_before_anything_is_built(pipeline, tmp_
          "logging.profile: start=3, end=3: expected 0 <= start < end"),
         (["logging.profile.mode=perf"], "logging.profile.mode='perf': expected one of torch, nsys"),
         (["logging.profile.ranks=[]"], r"logging.profile.ranks=\[\]: expected a non-empty list"),
+        (["logging.profile.start=5", "logging.profile.end=8", "train.max_iterations=2"],
+         r"logging.profile.start=5: the run ends before it \(train.max_iterations=2\); nothing would be profiled"),
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, [f"model.teacher={pipeline}", *override])
