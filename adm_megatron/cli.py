@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--width", type=int, default=None, help="latent width (default: the model's: CogVideoX 90, SD3 128)")
     bench.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp64"),
                        help="auto: bf16 on a GPU, fp32 on CPU. The DiT comparison holds both models in it; "
-                       "the trainer runs model.dtype (bf16: fp32 weights under BF16 autocast)")
+                       "the trainer runs model.dtype (bf16: BF16 autocast, the teacher held in bf16, the trainable weights "
+                       "fp32 unless model.bf16_params)")
     bench.add_argument("--impl", default="auto", choices=("auto", "local", "te"),
                        help="our block spec: te (Transformer Engine), local (SDPA), auto; the trainer's model.impl "
                        "too. model.attention_backend / model.fp8 / model.compile overrides apply to both sections "
