@@ -184,6 +184,26 @@ def test_progress_bar_shows_the_discriminators_paired_accuracy_and_margin(tmp_pa
     assert "D_acc=0.75" in postfix and "D_margin=0.125" in postfix and "gene=0.5" in postfix
 
 
+def test_image_samples_go_to_wandb_as_a_list_of_one_size_and_their_grid_apart(tmp_path):
+    """wandb warned 'Images sizes do not match' at the end of every SD3 run: the grid of all the
+    images (another size) went into the same list as the images."""
+    from PIL import Image
+
+    from adm_megatron.train.run_log import RunLogger
+
+    paths = []
+    for name, size in (("sample-000.png", (8, 8)), ("sample-001.png", (8, 8)), ("grid.png", (16, 8))):
+        Image.new("RGB", size).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    logged = []
+    log = RunLogger(str(tmp_path / "run"), {}, 2, 0, True, wandb_mode="disabled", progress=False)
+    log.wandb = type("Run", (), {"log": lambda self, values, step: logged.append((values, step))})()
+    log.media(3, paths)
+    (values, step), = logged
+    assert step == 3 and len(values["samples"]) == 2 and {im.image.size for im in values["samples"]} == {(8, 8)}
+    assert values["samples_grid"].image.size == (16, 8)
+
+
 def test_log_lines_go_above_the_progress_bar(tmp_path, capsys):
     """An INFO line logged while the bar was shown was glued to the end of the bar's line in the log."""
     import sys

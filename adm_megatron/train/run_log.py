@@ -89,8 +89,9 @@ class RunLogger:
             return
         import wandb
 
-        items = [wandb.Video(p, format="gif") if p.endswith(".gif") else wandb.Image(p) for p in paths]
-        self.wandb.log({"samples": items}, step=iteration)
+        grids = [p for p in paths if os.path.basename(p) == "grid.png"]  # images: their grid, of another size
+        items = [wandb.Video(p, format="gif") if p.endswith(".gif") else wandb.Image(p) for p in paths if p not in grids]
+        self.wandb.log({"samples": items, **({"samples_grid": wandb.Image(grids[0])} if grids else {})}, step=iteration)
 
     def close(self) -> None:
         if not self.enabled:
