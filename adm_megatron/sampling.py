@@ -268,7 +268,9 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
     barrier()
     mine = contiguous_share(len(prompts), rank, ranks)
     todo = {run.name: _missing(os.path.join(out_dir, run.name), mine, fmt) for run in runs}
-    embeds = (family.encode_prompts(pipeline_dir, prompts[mine.start:mine.stop], arch, device)
+    text_length = (read_distillation_record(runs[0].transformer_dir) or {}).get("text_length") \
+        if runs[0].transformer_dir else None  # the run's prompt embeddings' length
+    embeds = (family.encode_prompts(pipeline_dir, prompts[mine.start:mine.stop], arch, device, text_length=text_length)
               if any(todo.values()) else None)
     rows = []
     for run in runs:

@@ -90,6 +90,23 @@ def test_sd3_adm_run_trains_exports_and_renders(sd3_pipeline, prompt_dir, tmp_pa
     names = sorted(os.path.basename(p) for p in result.samples)
     assert names == ["grid.png", "sample-000.png", "sample-001.png"]
 
+    # adm-megatron sample renders the run's own samples again: the same prompts, seeds and T5 length (the
+    # embeddings' 16 T5 tokens, from distillation.json; at the pipeline's 256 they differed by up to 14 / 255)
+    import numpy as np
+    from PIL import Image
+
+    from adm_megatron.cli import main
+    from adm_megatron.convert.distillation_record import read_distillation_record
+
+    assert read_distillation_record(result.generator_dir)["text_length"] == 32  # 16 CLIP + 16 T5 tokens
+    out = tmp_path / "sampled"
+    assert main(["sample", "--pipeline", sd3_pipeline, "--generator", result.generator_dir, "--prompt", PROMPTS[0],
+                 "--prompt", PROMPTS[1], "--seed", str(config.seed), "--teacher-steps", "0", "--out", str(out)]) == 0
+    for i in range(2):
+        ours = np.asarray(Image.open(out / "generator" / f"sample-00{i}.png"), dtype=int)
+        runs = np.asarray(Image.open(tmp_path / "run" / "samples" / f"sample-00{i}.png"), dtype=int)
+        assert np.abs(ours - runs).max() <= 1, i
+
 
 def test_sd3_lora_adm_run_exports_a_file_equal_to_its_merged_export(sd3_pipeline, prompt_dir, tmp_path, world_of_one):
     """The LoRA generator of a tiny SD3 ADM run: its file, loaded through the real pipeline's

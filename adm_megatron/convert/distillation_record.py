@@ -27,12 +27,27 @@ def distillation_record(config, iteration: int, ema: bool | None = None) -> dict
         "teacher": os.path.abspath(m.teacher),
         "pipeline": os.path.abspath(m.pipeline) if m.pipeline else None,
         "generator_init": os.path.abspath(m.generator_init) if m.generator_init else None,
-        "teacher_guidance_scale": list(config.distill.guidance_scale),  # DMD2 / ADP: their pairs' (checked)
+        "teacher_guidance_scale": list(config.distill.guidance_scale),
+        "text_length": _text_length(config),  # DMD2 / ADP: their pairs' (checked)
         "iteration": iteration,
         "weights": "ema" if ema else "raw",
         "ema_decay": config.train.ema_decay,
         "output_dir": os.path.abspath(config.output_dir),
     }
+
+
+def _text_length(config) -> int | None:
+    """The token length of the prompt embeddings the run trained on (``data.path``'s, as
+    ``tools/precompute_text_embeddings.py --max-length`` wrote them), which ``sample`` encodes its
+    prompts to; None for synthetic prompts or embeddings no longer there (the pipeline's default)."""
+    from adm_megatron.data.text_embeddings import TextEmbeddingShards
+
+    if config.data.source != "shards" or not config.data.path:
+        return None
+    try:
+        return TextEmbeddingShards(config.data.path).seq_len
+    except (OSError, ValueError):
+        return None
 
 
 def write_distillation_record(directory: str, record: dict) -> None:

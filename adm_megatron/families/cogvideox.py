@@ -74,8 +74,9 @@ def _render_samples(pipeline_dir, transformer_dir, prompts: PromptEmbeddings, nu
                           out_dir, **options)
 
 
-def _encode_prompts(pipeline_dir: str, prompts: list, arch, device) -> PromptEmbeddings:
-    """The pipeline's T5 on the prompts and on the empty negative prompt."""
+def _encode_prompts(pipeline_dir: str, prompts: list, arch, device, text_length: int | None = None) -> PromptEmbeddings:
+    """The pipeline's T5 on the prompts and on the empty negative prompt, to the transformer's text
+    length (``text_length``, the run's, is that length: training checks it)."""
     from adm_megatron.data.encode import encode_prompts, load_t5
 
     text_encoder, tokenizer = load_t5(pipeline_dir, device=device)

@@ -91,7 +91,8 @@ class ModelFamily:
     #  guidance_scale, seed, device, dtype, seconds, first) -> written paths: samples through the real
     #  pipeline, row j being sample first + j (its file name and noise seed + first + j)
     render_samples: Callable[..., list]
-    # (pipeline_dir, prompts, arch, device) -> PromptEmbeddings, with the pipeline's own text encoder(s)
+    # (pipeline_dir, prompts, arch, device, text_length=None) -> PromptEmbeddings, with the pipeline's own text
+    # encoder(s), to the token length the run trained on (None: the pipeline's default)
     encode_prompts: Callable[..., PromptEmbeddings]
     presets: dict = field(default_factory=dict)  # real-size name -> diffusers config (meta builds, plans)
     # name -> (out_dir, seed, overwrite) -> out_dir: a tiny random but complete diffusers pipeline of

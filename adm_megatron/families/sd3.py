@@ -73,12 +73,14 @@ def _render_samples(pipeline_dir, transformer_dir, prompts: PromptEmbeddings, nu
                                 **options)
 
 
-def _encode_prompts(pipeline_dir: str, prompts: list, arch, device) -> PromptEmbeddings:
-    """The pipeline's own three encoders on the prompts and on the empty negative prompt."""
+def _encode_prompts(pipeline_dir: str, prompts: list, arch, device, text_length: int | None = None) -> PromptEmbeddings:
+    """The pipeline's own three encoders on the prompts and on the empty negative prompt: the CLIP
+    tokens, then T5's up to ``text_length`` in all (None: T5's 256, the pipeline's default)."""
     from adm_megatron.data.encode_sd3 import encode_sd3_prompts, load_sd3_text_pipeline
 
     pipeline = load_sd3_text_pipeline(pipeline_dir, device=device)
-    embeds, pooled = encode_sd3_prompts(pipeline, [*prompts, ""])
+    t5 = {"max_length": text_length - pipeline.tokenizer_max_length} if text_length else {}
+    embeds, pooled = encode_sd3_prompts(pipeline, [*prompts, ""], **t5)
     return PromptEmbeddings(text=embeds[:-1], negative=embeds[-1], pooled=pooled[:-1], negative_pooled=pooled[-1])
 
 
