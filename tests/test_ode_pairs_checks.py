@@ -68,7 +68,7 @@ def _validate(teacher, pairs, *overrides) -> None:
     """``validate_run`` of a DMD2 run of ``teacher`` on ``pairs`` (``overrides`` last)."""
     config = load_config(None, [f"model.teacher={teacher}", "distill.method=dmd2", f"data.real_path={pairs}", *SIZE,
                                 *overrides])
-    validate_run(config, resolve_teacher(config.model.teacher), 1)
+    validate_run(config, resolve_teacher(config.model.teacher, config.model.pipeline), 1)
 
 
 def _refusal(teacher, pairs, *overrides) -> str:
