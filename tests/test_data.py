@@ -255,6 +255,8 @@ def test_precompute_tool_matches_pipeline_encode_prompt(tiny_pipeline, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     src = TextEmbeddingShards(str(out))
     assert src.prompts == prompts and (src.seq_len, src.dim, src.encoder) == (16, 32, tiny_pipeline)
+    assert ("warning: 1 of 4 prompts are longer than 16 T5 tokens and were cut to them (raise --max-length to keep "
+            "them whole)") in result.stderr
 
     pipe = CogVideoXPipeline.from_pretrained(tiny_pipeline)
     # The tool encodes shard by shard (3 + 1 prompts) and "" alone; batch composition and grad

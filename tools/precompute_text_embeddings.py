@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from adm_megatron.data import EmbeddingShardWriter, encode_prompts, load_t5  # noqa: E402
+from adm_megatron.data.encode import count_cut  # noqa: E402
 from adm_megatron.data.encode_sd3 import encode_sd3_prompts, is_sd3_pipeline, load_sd3_text_pipeline  # noqa: E402
 from adm_megatron.data.prompt_file import read_prompt_file  # noqa: E402
 from adm_megatron.data.text_embeddings import DTYPES  # noqa: E402
@@ -82,10 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     dtype = DTYPES[args.dtype][0]
     encoder = load_encoder(args, dtype)
     if is_sd3_pipeline(args.encoder):
+        t5_tokens, t5_tokenizer = args.max_length or 256, encoder.tokenizer_3
+
         def encode(batch: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return encode_sd3_prompts(encoder, batch, args.max_length or 256, args.batch_size)
+            return encode_sd3_prompts(encoder, batch, t5_tokens, args.batch_size)
     else:
         text_encoder, tokenizer = encoder
+        t5_tokens, t5_tokenizer = args.max_length or 226, tokenizer
 
         def encode(batch: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
             return encode_prompts(text_encoder, tokenizer, batch, args.max_length or 226, args.batch_size), None
@@ -99,6 +103,10 @@ def main(argv: list[str] | None = None) -> None:
             writer.add(chunk, *encode(chunk))
             print(f"encoded {i + len(chunk)}/{len(prompts)} prompts", flush=True)
         writer.close()
+    cut = count_cut(t5_tokenizer, prompts, t5_tokens)
+    if cut:  # as the pipelines do, silently but for their log's warning
+        print(f"precompute_text_embeddings.py: warning: {cut} of {len(prompts)} prompts are longer than {t5_tokens} "
+              "T5 tokens and were cut to them (raise --max-length to keep them whole)", file=sys.stderr)
     pooled = "" if negative_pooled is None else f" (+ pooled {tuple(negative_pooled.shape)})"
     print(f"wrote {len(prompts)} x {tuple(negative[0].shape)}{pooled} {args.dtype} embeddings to {args.out} "
           f"in {time.time() - start:.1f}s")

@@ -40,6 +40,12 @@ def encode_prompts(
     return torch.cat(out)
 
 
+def count_cut(tokenizer, prompts: Sequence[str], max_length: int) -> int:
+    """How many of ``prompts`` are longer than ``max_length`` tokens (special tokens included), which
+    encoding cuts, as the pipelines do."""
+    return sum(len(ids) > max_length for ids in tokenizer(list(prompts), add_special_tokens=True).input_ids)
+
+
 def _resolve(directory: str) -> tuple[str, str]:
     """``(encoder_dir, tokenizer_dir)`` of a pipeline root or a combined encoder folder."""
     if not os.path.isdir(directory):
