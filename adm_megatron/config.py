@@ -270,7 +270,8 @@ class DistillConfig:
 
 # the keys only some methods read (build_algorithm in adm_megatron/train/trainer.py, the data and the
 # LoRA export): set away from their defaults for another method they change nothing, which the trainer
-# says at its start (a warning, not a refusal: one base config commonly serves several methods)
+# says at its start (a warning, not a refusal: one base config commonly serves several methods), but
+# for REFUSED_ELSEWHERE
 METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "distill.delta_t": ("adm",), "distill.train_discriminator": ("adm",), "distill.fake_score_grad": ("adm",),
     "distill.dmd_t_range": ("dmd", "dmd2"), "distill.gan_weight": ("dmd2",), "distill.cls_weight": ("dmd2",),
@@ -279,6 +280,8 @@ METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "distill.pixel_recompute": ("adp",), "distill.renoise": ("adp",), "distill.pure_noise_share": ("adp",),
     "data.real_path": ("dmd2", "adp"),
 }
+# ADP's own settings of how its inputs are drawn: refused (not a warning) under another method
+REFUSED_ELSEWHERE = ("distill.renoise", "distill.pure_noise_share", "distill.pixel_recompute")
 
 
 def unused_keys(config: "Config") -> list[tuple[str, Any, str]]:
@@ -319,6 +322,9 @@ class OptimConfig:
     generator: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-7))
     fake_score: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-6))
     discriminator: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=5e-6))
+
+
+NETWORKS = tuple(f.name for f in dataclasses.fields(OptimConfig))  # the trainable networks' optim.<network> sections
 
 
 @dataclass
@@ -594,13 +600,12 @@ def _check_fields(config: Config, where: Callable[[str], str]) -> None:
     if not 0 <= lo <= hi:
         raise ConfigError(f"{where('distill.guidance_scale')}: "
                           f"distill.guidance_scale=[{lo}, {hi}]: expected 0 <= low <= high")
-    networks = ("generator", "fake_score", "discriminator")
     for key, value in {"train.save_every": config.train.save_every,
                        "train.keep_checkpoints": config.train.keep_checkpoints,
                        "train.num_samples": config.train.num_samples, "train.sample_every": config.train.sample_every,
                        "train.save_interval_minutes": config.train.save_interval_minutes,
                        **{f"optim.{name}.{term}": getattr(getattr(config.optim, name), term)
-                          for name in networks for term in ("grad_clip", "weight_decay")}}.items():
+                          for name in NETWORKS for term in ("grad_clip", "weight_decay")}}.items():
         if value < 0:
             raise ConfigError(f"{where(key)}: {key}={value}: must be >= 0")
     if not 0 <= config.seed <= 2**63 - 1:  # torch seeds generators with 64 bits; the run adds offsets to it
@@ -666,7 +671,7 @@ def _check_fields(config: Config, where: Callable[[str], str]) -> None:
         raise ConfigError(f"{where('model.grad_reduce_in_fp32')}: "
                           f"model.grad_reduce_in_fp32=false applies to bf16 weights (model.bf16_params=true); "
                           "fp32 weights' gradients are fp32")
-    for name in networks:
+    for name in NETWORKS:
         opt = getattr(config.optim, name)
         if opt.lr <= 0:
             raise ConfigError(f"{where(f'optim.{name}.lr')}: optim.{name}.lr={opt.lr}: must be > 0")
@@ -722,12 +727,9 @@ def _check_fields(config: Config, where: Callable[[str], str]) -> None:
         raise ConfigError(f"{where('distill.pure_noise_share')}: "
                           f"distill.pure_noise_share={d.pure_noise_share}: "
                           "expected a share in [0, 1]")
-    for key in ("renoise", "pure_noise_share", "pixel_recompute"):  # ADP's own: refused away from their defaults elsewhere
-        value = getattr(d, key)
-        if d.method != "adp" and value != getattr(DistillConfig, key):
-            raise ConfigError(f"{where(f'distill.{key}')}: "
-                              f"distill.{key}={value} is an ADP option (distill.method=adp), "
-                              f"got distill.method={d.method}")
+    for key, value, methods in unused_keys(config):  # the rest are a warning at the trainer's start
+        if key in REFUSED_ELSEWHERE:
+            raise ConfigError(f"{where(key)}: {key}={value} is an ADP option ({methods}), got distill.method={d.method}")
     if d.method == "adp" and d.pixel_weight > 0 and not d.pixel_encoder_path:
         raise ConfigError(f"{where('distill.pixel_weight')}: "
                           f"distill.pixel_weight={d.pixel_weight} needs distill.pixel_encoder_path (a "

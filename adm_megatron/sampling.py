@@ -35,7 +35,6 @@ from adm_megatron.convert.distillation_record import DISTILLATION_FILE, read_dis
 from adm_megatron.data.batch_layout import contiguous_share
 from adm_megatron.families.registry import PromptEmbeddings
 from adm_megatron.models.frame_files import sample_name, write_grid
-from adm_megatron.data.safetensors_rows import check_safetensors_file
 from adm_megatron.models.diffusers_files import check_diffusers_weights
 from adm_megatron.models.generator_source import LORA_WEIGHTS, check_lora_fits, generator_parts, not_a_generator_hint
 from adm_megatron.models.pipeline_files import read_config
@@ -116,11 +115,10 @@ def render_size(scale: PipelineScale, record: dict | None, native: tuple[int, in
     return size, latents
 
 
-def _note_other_teacher(pipeline_dir: str, generator_dir: str | None) -> None:
-    """A note when the generator's ``distillation.json`` names another pipeline (or teacher) than
-    ``pipeline_dir``: the prompts are encoded by this pipeline's text encoder(s) and decoded by its
-    VAE, which must be the ones the generator was distilled with (a moved copy is fine)."""
-    record = read_distillation_record(generator_dir) if generator_dir else None
+def _note_other_teacher(pipeline_dir: str, generator_dir: str, record: dict | None) -> None:
+    """A note when the generator's ``distillation.json`` (``record``) names another pipeline (or
+    teacher) than ``pipeline_dir``: the prompts are encoded by this pipeline's text encoder(s) and
+    decoded by its VAE, which must be the ones the generator was distilled with (a moved copy is fine)."""
     recorded = record and (record.get("pipeline") or record.get("teacher"))
     if not recorded:
         return
@@ -241,7 +239,8 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
     video = family.latent_layout == "video"
     scale = pipeline_scale(pipeline_dir, read_config(transformer, "config.json", "transformer"), video)
     native = family.native_latent_size(arch) if family.native_latent_size else None
-    size, latents = render_size(scale, read_distillation_record(runs[0].transformer_dir), native, size or {})
+    record = read_distillation_record(runs[0].transformer_dir) if runs[0].transformer_dir else None
+    size, latents = render_size(scale, record, native, size or {})
     fmt = fmt or ("mp4" if video else "png")
     args = {"pipeline": os.path.abspath(pipeline_dir), "prompts": prompts, "fmt": fmt, "seed": seed, "dtype": dtype,
             "size": size, "vae_tiling": vae_tiling,
@@ -251,9 +250,8 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
         run_transformer, lora_dir = generator_parts(pipeline_dir, run.transformer_dir)
         check_diffusers_weights(run_transformer)
         if lora_dir is not None:
-            check_safetensors_file(os.path.join(lora_dir, LORA_WEIGHTS))
-            check_lora_fits(lora_dir, run_transformer)
-    _note_other_teacher(pipeline_dir, runs[0].transformer_dir)
+            check_lora_fits(lora_dir, run_transformer)  # the file's header too: cut short, one line
+    _note_other_teacher(pipeline_dir, runs[0].transformer_dir, record)
     inputs = [("--pipeline", pipeline_dir)] + [("--generator", part) for run in runs if run.transformer_dir
                                                for part in generator_parts(pipeline_dir, run.transformer_dir) if part]
     check_out_dir(out_dir, overwrite, resume, args, inputs)  # on every rank: a refusal stops them all
@@ -268,8 +266,7 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
     barrier()
     mine = contiguous_share(len(prompts), rank, ranks)
     todo = {run.name: _missing(os.path.join(out_dir, run.name), mine, fmt) for run in runs}
-    text_length = (read_distillation_record(runs[0].transformer_dir) or {}).get("text_length") \
-        if runs[0].transformer_dir else None  # the run's prompt embeddings' length
+    text_length = (record or {}).get("text_length")  # the run's prompt embeddings' length
     embeds = (family.encode_prompts(pipeline_dir, prompts[mine.start:mine.stop], arch, device, text_length=text_length)
               if any(todo.values()) else None)
     rows = []
@@ -287,12 +284,11 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
         if rank == 0 and family.latent_layout == "image":  # images: also all of them in one grid
             write_grid(paths, os.path.join(run_dir, "grid.png"))
             paths.append(os.path.join(run_dir, "grid.png"))
-        record = read_distillation_record(run.transformer_dir) if run.transformer_dir else None
         run_transformer, lora_dir = generator_parts(pipeline_dir, run.transformer_dir)
         rows.append({"model": run.name, "transformer": run_transformer, "lora": lora_dir, "steps": run.steps,
                      "guidance_scale": run.guidance_scale, "rendered": len(seconds), "seconds": seconds,
                      "seconds_per_sample": statistics.median(seconds) if seconds else None, "paths": paths,
-                     "distillation": record})
+                     "distillation": read_distillation_record(run.transformer_dir) if run.transformer_dir else None})
     if rank != 0:
         return None
     result = {"environment": environment(device, command), "pipeline": pipeline_dir, "prompts": prompts,

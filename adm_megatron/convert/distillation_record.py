@@ -27,8 +27,8 @@ def distillation_record(config, iteration: int, ema: bool | None = None) -> dict
         "teacher": os.path.abspath(m.teacher),
         "pipeline": os.path.abspath(m.pipeline) if m.pipeline else None,
         "generator_init": os.path.abspath(m.generator_init) if m.generator_init else None,
-        "teacher_guidance_scale": list(config.distill.guidance_scale),
-        "text_length": _text_length(config),  # DMD2 / ADP: their pairs' (checked)
+        "teacher_guidance_scale": list(config.distill.guidance_scale),  # DMD2 / ADP: their pairs' (checked)
+        "text_length": _text_length(config),
         "iteration": iteration,
         "weights": "ema" if ema else "raw",
         "ema_decay": config.train.ema_decay,

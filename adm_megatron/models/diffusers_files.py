@@ -25,13 +25,8 @@ def read_diffusers_weights(path: str) -> dict[str, torch.Tensor]:
 
 def diffusers_weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
     """Every tensor name of a diffusers model directory with its shape, from the safetensors headers only."""
-    from safetensors import safe_open
-
-    shapes = {}
-    for file in weight_files(path):
-        with safe_open(file, "pt") as f:
-            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-    return shapes
+    return {name: tuple(tensor["shape"]) for file in weight_files(path)
+            for name, tensor in check_safetensors_file(file)[0].items()}
 
 
 def weight_files(path: str) -> list[str]:

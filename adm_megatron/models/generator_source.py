@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import os
 
-from safetensors import safe_open
-
 from adm_megatron.convert.distillation_record import read_distillation_record
+from adm_megatron.data.safetensors_rows import check_safetensors_file
 from adm_megatron.models.diffusers_files import diffusers_weight_shapes
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -46,9 +45,8 @@ def check_lora_fits(lora_dir: str, base: str) -> None:
     shape (lora_A [r, in], lora_B [out, r] on a weight [out, in]): diffusers only warns about
     adapters it cannot place and samples the base model. Reads the safetensors headers only."""
     weights = diffusers_weight_shapes(base)
-    with safe_open(os.path.join(lora_dir, LORA_WEIGHTS), "pt") as f:
-        adapters = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    for key, shape in sorted(adapters.items()):
+    adapters = check_safetensors_file(os.path.join(lora_dir, LORA_WEIGHTS))[0]
+    for key, shape in sorted((k, tuple(t["shape"])) for k, t in adapters.items()):
         module, part = key.removeprefix("transformer.").rsplit(".lora_", 1)
         target = weights.get(f"{module}.weight")
         fits = target is not None and len(shape) == len(target) == 2 and (

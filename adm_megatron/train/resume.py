@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from adm_megatron.config import Config, ConfigError, config_to_dict
+from adm_megatron.config import NETWORKS, Config, ConfigError, config_to_dict
 from adm_megatron.data.batch_layout import global_batch
 from adm_megatron.train.checkpoint import (
     STATE_FILE,
@@ -44,7 +44,6 @@ from adm_megatron.train.run_lock import LOCK_FILE
 
 _WAY_ON = "start from the newest whole one once with train.resume={}"
 FINISHED = "finished.json"  # in output_dir, written when a run has exported everything
-NETWORKS = ("generator", "fake_score", "discriminator")  # the trainable networks' optim.<network> sections
 # keys that may differ between the invocations of one run (prefixes end in a dot)
 MAY_CHANGE = (
     "parallel.", "model.sequence_parallel", "model.recompute", "model.recompute.", "model.impl", "data.batch_size",
@@ -142,11 +141,13 @@ def check_compatible(saved: dict, config: Config, source: str) -> None:
 
 
 def _check_writable(out: str) -> None:
-    """One-line ConfigError when ``out`` cannot be created or written: the nearest existing
-    directory above it (or itself) is a file or not writable (a traceback from the first write before)."""
+    """One-line ConfigError when ``out`` cannot be created or written: it, or the nearest existing
+    directory above it, is a file or not writable (a traceback from the first write before)."""
     existing = os.path.abspath(out)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
+    if existing == os.path.abspath(out) and not os.path.isdir(out):
+        raise ConfigError(f"output_dir={out!r} exists and is not a directory; expected a directory")
     if not os.path.isdir(existing):
         raise ConfigError(f"output_dir={out!r}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -156,8 +157,6 @@ def _check_writable(out: str) -> None:
 def plan_resume(config: Config, world_size: int) -> ResumePoint:
     """Where this invocation starts (see the module docstring); one-line ConfigErrors."""
     out = config.output_dir
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"output_dir={out!r} exists and is not a directory; expected a directory")
     _check_writable(out)
     saved_config = os.path.join(out, "config.yaml")
     holds_run = os.path.isfile(saved_config) or os.path.isdir(checkpoints_root(out))

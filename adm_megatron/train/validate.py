@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from adm_megatron.config import Config, ConfigError
+from adm_megatron.config import NETWORKS, Config, ConfigError
 from adm_megatron.models.diffusers_files import check_diffusers_weights
 from adm_megatron.models.generator_source import not_a_generator_hint
 from adm_megatron.models.kernel_options import check_kernel_options
@@ -96,7 +96,7 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
     dp = data_parallel_size(config, world_size)
     microbatches_for(config.data.global_batch_size, config.data.batch_size, dp)
     check_profile(config.logging.profile, world_size, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    for name in ("generator", "fake_score", "discriminator"):
+    for name in NETWORKS:
         if getattr(config.optim, name).shard_over_dp and dp == 1:
             raise ConfigError(
                 f"optim.{name}.shard_over_dp=true: data parallel is 1 (world {world_size} / tensor_parallel "
