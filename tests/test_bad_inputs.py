@@ -2,7 +2,8 @@
 before any process group, model or output exists: a truncated teacher weights file (or one whose
 header is cut), samples asked of a pipeline that has no VAE, and memory settings train cannot do
 (sharding with DP = 1, weights offload of a sharded network, unknown modes), and on a GPU a run the
-memory planner says does not fit the card, or offload where host memory cannot be pinned."""
+memory planner says does not fit the card, or offload where host memory cannot be pinned; and wandb
+online without credentials."""
 
 from __future__ import annotations
 
@@ -266,3 +267,19 @@ def test_a_bad_value_is_blamed_on_where_it_was_set(tmp_path):
         with pytest.raises(ConfigError) as err:
             load_config(str(config), [override])
         assert str(err.value).startswith(f"command line: {message}"), err.value
+
+
+def test_wandb_online_without_credentials_is_refused_before_building(pipeline_dir, tmp_path, monkeypatch):
+    """``wandb.init`` raised 'No API key configured' from the first iteration's logger, after the teacher
+    and the networks were built: the run is refused at the start instead, and runs with a key."""
+    from adm_megatron.train.run_log import check_wandb_login
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    message = _refusal(pipeline_dir, str(tmp_path / "run"), "logging.wandb_mode=online")
+    assert message.startswith("logging.wandb_mode=online but wandb has no credentials")
+    assert "logging.wandb_mode=offline" in message
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    check_wandb_login("online")  # a key is enough: nothing is asked of the server here

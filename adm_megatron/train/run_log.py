@@ -21,6 +21,8 @@ import uuid
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from adm_megatron.config import ConfigError
+
 # the discriminator's health (algorithms/discriminator_health.py) beside the losses on the bar
 SHOWN = {"discriminator/paired_accuracy": "D_acc", "discriminator/paired_margin": "D_margin"}
 WANDB_RUN_FILE = "wandb_run.json"
@@ -37,6 +39,23 @@ def wandb_run_id(output_dir: str) -> str:
         json.dump({"id": run_id}, f)
     os.replace(f"{path}.partial", path)
     return run_id
+
+
+def check_wandb_login(wandb_mode: str) -> None:
+    """Refuse ``logging.wandb_mode=online`` without wandb credentials before the networks are built
+    (``wandb.init`` would raise only at the first iteration's logger, after the expensive setup). The
+    credentials are found as ``wandb.init`` finds them (``WANDB_API_KEY``, ``~/.netrc``), without contacting
+    the server; at a terminal wandb asks for a key here instead."""
+    if wandb_mode != "online":
+        return
+    import wandb
+
+    try:
+        wandb.login(verify=False)
+    except wandb.errors.UsageError as err:
+        raise ConfigError(f"logging.wandb_mode=online but wandb has no credentials ({err}): run `wandb login` or set "
+                          "WANDB_API_KEY, or use logging.wandb_mode=offline and `wandb sync` output_dir/wandb later"
+                          ) from None
 
 
 class RunLogger:

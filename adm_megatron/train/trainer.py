@@ -79,7 +79,7 @@ from adm_megatron.train.profiling import IterationProfiler
 from adm_megatron.train.recompute import RecomputeSwitch
 from adm_megatron.train.resume import mark_finished, plan_resume, trim_metrics
 from adm_megatron.train.run_lock import RunLock
-from adm_megatron.train.run_log import RunLogger
+from adm_megatron.train.run_log import RunLogger, check_wandb_login
 from adm_megatron.train.samples import RunSamples
 from adm_megatron.train.single_stage import SingleStage
 from adm_megatron.train.teacher import TeacherSource, resolve_teacher
@@ -147,6 +147,8 @@ class Trainer:
                                config.distill.method)
         self.teacher_source: TeacherSource = resolve_teacher(config.model.teacher, config.model.pipeline)
         validate_run(config, self.teacher_source, launch_env().world_size)
+        if launch_env().rank == 0:  # the rank that logs
+            check_wandb_login(config.logging.wandb_mode)
         self.schedule = self.teacher_source.schedule()
         self.info = initialize_parallel(
             config.parallel.tensor_parallel, config.parallel.context_parallel, seed=config.seed,
