@@ -298,6 +298,18 @@ def unused_keys(config: "Config") -> list[tuple[str, Any, str]]:
     return found
 
 
+def start_warnings(config: "Config") -> list[str]:
+    """What the trainer warns of at its start: each of :func:`unused_keys` (an ablation that would change
+    nothing), and an ADP run whose samples and export would not be 1-step."""
+    found = [f"{key}={value!r} applies to {methods} only: distill.method={config.distill.method} does not read it"
+             for key, value, methods in unused_keys(config)]
+    if config.distill.method == "adp" and config.distill.generator_steps != 1:
+        found.append(f"distill.method=adp trains a 1-step generator: distill.generator_steps="
+                     f"{config.distill.generator_steps} only sets the steps its samples and distillation.json name "
+                     "(the DMDX recipes set 1)")
+    return found
+
+
 @dataclass
 class OptimizerConfig:
     lr: float = 1e-6

@@ -413,3 +413,16 @@ def test_keys_the_method_does_not_read_are_named_at_the_start(pipeline_dir, tmp_
         in warned
     assert not any("dmd_t_range" in w for w in warned)
     assert unused_keys(_config(pipeline_dir, tmp_path, "distill.method=adm", "distill.delta_t=100")) == []
+
+
+def test_an_adp_run_that_is_not_1_step_is_warned_of():
+    """ADP trains the 1-step generator; the default generator_steps (8) would render its samples and
+    name its export at 8 steps without a word."""
+    from adm_megatron.config import start_warnings
+
+    adp = ["model.teacher=teacher", "distill.method=adp", "data.real_path=pairs", "distill.pixel_weight=0"]
+    assert start_warnings(load_config(None, adp)) == [
+        "distill.method=adp trains a 1-step generator: distill.generator_steps=8 only sets the steps its samples and "
+        "distillation.json name (the DMDX recipes set 1)"]
+    assert start_warnings(load_config(None, [*adp, "distill.generator_steps=1"])) == []
+    assert start_warnings(load_config(None, ["model.teacher=teacher", "distill.method=adm"])) == []

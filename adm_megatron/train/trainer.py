@@ -50,7 +50,7 @@ from adm_megatron.algorithms.networks import DiTFunction, Networks
 from adm_megatron.algorithms.randomness import PhaseDraws
 from adm_megatron.bench.counting import EvalCounter, instrument
 from adm_megatron.bench.report import device_name, peak_tflops
-from adm_megatron.config import Config, config_to_dict, network_updates, unused_keys
+from adm_megatron.config import Config, config_to_dict, network_updates, start_warnings
 from adm_megatron.convert.distillation_record import distillation_record
 from adm_megatron.data.batch_layout import BatchLayout, microbatches_for
 from adm_megatron.heads import MultiHeadDiscriminator
@@ -142,9 +142,8 @@ class Trainer:
         if self.resume_point.finished:
             return  # nothing to build: fit() reports the finished run and writes nothing
         if launch_env().rank == 0:
-            for key, value, methods in unused_keys(config):  # an ablation that would change nothing
-                logger.warning("%s=%r applies to %s only: distill.method=%s does not read it", key, value, methods,
-                               config.distill.method)
+            for message in start_warnings(config):
+                logger.warning(message)
         self.teacher_source: TeacherSource = resolve_teacher(config.model.teacher, config.model.pipeline)
         validate_run(config, self.teacher_source, launch_env().world_size)
         if launch_env().rank == 0:  # the rank that logs
