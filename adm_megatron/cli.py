@@ -137,11 +137,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     from adm_megatron.data.prompt_file import read_prompt_file
+    from adm_megatron.hub_cache import local_dir
     from adm_megatron.sampling import SampleRun, format_timing, generator_steps, sample, teacher_guidance
 
     try:
         if args.samples_per_prompt < 1:
             raise ValueError(f"--samples-per-prompt {args.samples_per_prompt}: expected >= 1")
+        args.pipeline = local_dir(args.pipeline, "--pipeline")  # a repo id: its snapshot in the local hub cache
+        args.generator = local_dir(args.generator, "--generator")
         prompts = args.prompt + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
         prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]  # sample i: its own seed + i
         runs = [SampleRun("generator", args.generator, generator_steps(args.generator, args.steps), args.guidance_scale)]
@@ -251,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--model", required=True,
                        help=" | ".join(preset_names("bench")) + " (real shapes, random weights) or a diffusers "
-                       "transformer / pipeline directory")
+                       "transformer / pipeline directory (or a Hugging Face repo id in the local hub cache)")
     bench.add_argument("--layers", type=int, default=None, help="presets only: number of blocks (to fit one card)")
     bench.add_argument("--batch", type=int, default=1, help="samples per call (default 1)")
     bench.add_argument("--frames", type=int, default=None, help="latent frames (default: the model's: CogVideoX 13, images 1)")
@@ -290,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/teacher/ and OUT/sample_timing.json and prints seconds per sample. Many processes: "
         "torchrun --nproc-per-node N -m adm_megatron.cli sample ... (or srun) splits the prompts over them.",
     )
-    samp.add_argument("--pipeline", required=True, help="the teacher's diffusers pipeline directory (VAE, text encoder, scheduler)")
+    samp.add_argument("--pipeline", required=True, help="the teacher's diffusers pipeline directory (VAE, text encoder, scheduler), or a Hugging Face "
+                      "repo id in the local hub cache")
     samp.add_argument("--generator", required=True,
                       help="the exported generator: a diffusers transformer directory (a run's generator/) or a "
                       "LoRA directory (a run's generator_lora/: its adapters on the pipeline's transformer)")

@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import yaml
 
+from adm_megatron.hub_cache import local_dir
+
 
 class ConfigError(ValueError):
     """A bad configuration: the message is one line naming the source, the key and the value."""
@@ -540,6 +542,10 @@ def _nest(dotted: str, value: Any, written: str) -> dict:
     return out
 
 
+# the keys that take a model directory, or a Hugging Face repo id in the local cache (hub_cache.py)
+MODEL_DIR_KEYS = ("model.teacher", "model.pipeline", "model.generator_init", "distill.pixel_encoder_path")
+
+
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     """A ``Config`` from a YAML file (optional) and ``key=value`` overrides, type-checked."""
     config = Config()
@@ -568,6 +574,9 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         return "command line" if path is None or on_command_line else path
 
     _check_fields(config, where)
+    for key in MODEL_DIR_KEYS:  # a repo id names its snapshot in the local hub cache, as in from_pretrained
+        section, name = key.split(".")
+        setattr(getattr(config, section), name, local_dir(getattr(getattr(config, section), name), key))
     return config
 
 

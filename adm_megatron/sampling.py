@@ -33,6 +33,7 @@ import torch.distributed as dist
 from adm_megatron.convert.checkpoint import output_holds
 from adm_megatron.convert.distillation_record import DISTILLATION_FILE, read_distillation_record
 from adm_megatron.data.batch_layout import contiguous_share
+from adm_megatron.hub_cache import not_found_hint
 from adm_megatron.families.registry import PromptEmbeddings
 from adm_megatron.models.frame_files import sample_name, write_grid
 from adm_megatron.models.diffusers_files import check_diffusers_weights
@@ -63,8 +64,8 @@ def generator_steps(generator_dir: str, steps: int | None) -> int:
     the distilled count), else the count in its ``distillation.json``; one-line ValueError when
     neither says."""
     if not os.path.isdir(generator_dir):
-        raise ValueError(f"--generator {generator_dir}: not found (a generator directory adm-megatron train or "
-                         "export wrote, or a diffusers transformer directory)")
+        raise ValueError(f"--generator {generator_dir}: not found{not_found_hint(generator_dir)} (a generator "
+                         "directory adm-megatron train or export wrote, or a diffusers transformer directory)")
     hint = not any(os.path.isfile(os.path.join(generator_dir, f)) for f in ("config.json", LORA_WEIGHTS)) and \
         not_a_generator_hint(generator_dir)
     if hint:  # a run's directory or a checkpoint: say where its generator is
@@ -229,6 +230,9 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
             flag = "--guidance-scale" if run.name == "generator" else "--teacher-guidance-scale"
             raise ValueError(f"{flag} {run.guidance_scale}: expected a finite number >= 1 (1: no CFG; the "
                              "pipeline applies CFG above 1 only)")
+    if not os.path.isdir(pipeline_dir):
+        raise ValueError(f"--pipeline {pipeline_dir}: not found{not_found_hint(pipeline_dir)} (a diffusers pipeline "
+                         "directory)")
     transformer = generator_parts(pipeline_dir, runs[0].transformer_dir)[0]  # a LoRA file: its base
     family = family_of_model_dir(transformer)
     pipeline_class = read_config(pipeline_dir, "model_index.json", "a diffusers pipeline").get("_class_name")

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     h2m.add_argument("--hf-path", required=True, metavar="DIR",
                      help="diffusers model directory (e.g. CogVideoX-2b/transformer), or a pipeline "
-                     "directory with one in transformer/")
+                     "directory with one in transformer/ (or a Hugging Face repo id in the local hub cache)")
     common(h2m)
     h2m.add_argument("--dtype", choices=DTYPES, default="float32",
                      help="parameter dtype stored in the checkpoint (default float32)")
@@ -130,6 +130,8 @@ def _refuse_training_checkpoint(path: str) -> None:
 def _check_inputs(args) -> int:
     """Everything that can be checked before a process group exists (cheap checks first, before
     torch is imported); returns num_attention_heads."""
+    from adm_megatron.hub_cache import local_dir, not_found_hint  # no torch
+
     tp, cp = args.tensor_parallel, args.context_parallel
     if tp < 1 or cp < 1:
         _fail(f"--tensor-parallel and --context-parallel must be >= 1 (got {tp} and {cp})")
@@ -139,13 +141,15 @@ def _check_inputs(args) -> int:
             f"world size {world} is not divisible by tensor-parallel x context-parallel = {tp} x {cp}"
             f" (launch with torchrun --nproc-per-node {tp * cp} or a multiple)"
         )
+    if args.command == "hf-to-megatron":  # a repo id: its snapshot in the local hub cache
+        args.hf_path = local_dir(args.hf_path, "--hf-path")
     source, flag = (args.hf_path, "--hf-path") if args.command == "hf-to-megatron" else (args.ckpt, "--ckpt")
     if os.path.isfile(source) and os.path.basename(source) == "latest":  # a run's checkpoints/latest names one
         with open(source) as f:
             named = os.path.join(os.path.dirname(source), f.read().strip())
         _fail(f"{flag} {source}: a file naming the run's newest checkpoint; give {named}/generator")
     if not os.path.isdir(source):
-        _fail(f"{flag} {source}: no such directory")
+        _fail(f"{flag} {source}: no such directory{not_found_hint(source)}")
     from adm_megatron.convert.checkpoint import CheckpointError, check_output_dir, transformer_dir_of, verify_checkpoint
 
     try:

@@ -29,6 +29,7 @@ from adm_megatron.data.encode import count_cut  # noqa: E402
 from adm_megatron.data.encode_sd3 import encode_sd3_prompts, is_sd3_pipeline, load_sd3_text_pipeline  # noqa: E402
 from adm_megatron.data.prompt_file import read_prompt_file  # noqa: E402
 from adm_megatron.data.text_embeddings import DTYPES  # noqa: E402
+from adm_megatron.hub_cache import local_dir  # noqa: E402
 
 
 def read_prompts(path: str) -> list[str]:
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", required=True, help="text file, one prompt per line")
     parser.add_argument("--encoder", required=True,
-                        help="CogVideoX / SD3 pipeline root, or a T5 encoder + tokenizer folder")
+                        help="CogVideoX / SD3 pipeline root, or a T5 encoder + tokenizer folder (or a Hugging Face "
+                        "repo id in the local hub cache)")
     parser.add_argument("--out", required=True, help="output shard directory")
     parser.add_argument("--max-length", type=int, default=None,
                         help="T5 tokens per prompt (default: CogVideoX 226, SD3 256)")
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
 
+    args.encoder = local_dir(args.encoder, "--encoder")  # a repo id: its snapshot in the local hub cache
     check_args(args)
     prompts = read_prompts(args.prompts)
     start = time.time()

@@ -20,6 +20,7 @@ from adm_megatron.bench.report import environment, format_table, peak_tflops
 from adm_megatron.bench.timing import alternating
 from adm_megatron.config import Config, ModelConfig, load_config
 from adm_megatron.families import family_for_preset, family_of_model_dir, preset_names
+from adm_megatron.hub_cache import local_dir, not_found_hint
 from adm_megatron.models.attention_backend import auto_choices, forget_auto_choices
 from adm_megatron.models.kernel_options import check_kernel_options
 from adm_megatron.models.specs import spec_kind
@@ -64,13 +65,14 @@ def resolve_model(opts: BenchOptions, workdir: str) -> tuple[str, str]:
         return transformer, write_scheduler_pipeline(os.path.join(workdir, "pipeline"), family)
     if opts.layers is not None:
         raise ValueError(f"--layers={opts.layers}: applies to presets ({', '.join(preset_names('bench'))}) only")
-    if os.path.isfile(os.path.join(opts.model, "model_index.json")):
-        return os.path.join(opts.model, "transformer"), opts.model
-    if os.path.isfile(os.path.join(opts.model, "config.json")):
-        family = family_of_model_dir(opts.model).require("bench", "adm-megatron bench")
-        return opts.model, write_scheduler_pipeline(os.path.join(workdir, "pipeline"), family)
+    model = local_dir(opts.model, "--model")  # a repo id: its snapshot in the local hub cache
+    if os.path.isfile(os.path.join(model, "model_index.json")):
+        return os.path.join(model, "transformer"), model
+    if os.path.isfile(os.path.join(model, "config.json")):
+        family = family_of_model_dir(model).require("bench", "adm-megatron bench")
+        return model, write_scheduler_pipeline(os.path.join(workdir, "pipeline"), family)
     raise ValueError(f"--model={opts.model!r}: expected a preset ({', '.join(preset_names('bench'))}) or a diffusers "
-                     "transformer or pipeline directory")
+                     f"transformer or pipeline directory{not_found_hint(opts.model)}")
 
 
 def _rate_row(name: str, median_s: float, flops: float, peak: float | None, **extra) -> dict:

@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from adm_megatron.hub_cache import not_found_hint
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
 
 
@@ -49,7 +51,7 @@ def count_cut(tokenizer, prompts: Sequence[str], max_length: int) -> int:
 def _resolve(directory: str) -> tuple[str, str]:
     """``(encoder_dir, tokenizer_dir)`` of a pipeline root or a combined encoder folder."""
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory}: encoder directory not found")
+        raise FileNotFoundError(f"{directory}: encoder directory not found{not_found_hint(directory)}")
     encoder, tokenizer = os.path.join(directory, "text_encoder"), os.path.join(directory, "tokenizer")
     if os.path.isdir(encoder) and os.path.isdir(tokenizer):
         return encoder, tokenizer

@@ -19,6 +19,7 @@ from adm_megatron.config import ConfigError
 from adm_megatron.diffusion.schedules import NoiseSchedule, schedule_from_diffusers_config
 from adm_megatron.families import ModelFamily, family_for_diffusers_class, known_diffusers_classes
 from adm_megatron.file_fingerprint import file_fingerprint
+from adm_megatron.hub_cache import not_found_hint
 from adm_megatron.models.diffusers_files import weight_files
 from adm_megatron.models.weights import load_full_state_dict
 
@@ -106,9 +107,10 @@ def resolve_teacher(teacher: str, pipeline: str = "") -> TeacherSource:
     from adm_megatron.convert.checkpoint import is_megatron_checkpoint, read_checkpoint_family, read_checkpoint_meta
 
     if not os.path.isdir(teacher):
-        raise ConfigError(f"model.teacher={teacher!r}: directory not found")
+        raise ConfigError(f"model.teacher={teacher!r}: directory not found{not_found_hint(teacher)}")
     if pipeline and not _is_pipeline_dir(pipeline):
-        raise ConfigError(f"model.pipeline={pipeline!r}: not a diffusers pipeline directory (no model_index.json)")
+        raise ConfigError(f"model.pipeline={pipeline!r}: not a diffusers pipeline directory (no model_index.json)"
+                          f"{not_found_hint(pipeline)}")
     try:
         if _is_pipeline_dir(teacher):
             transformer = os.path.join(teacher, "transformer")

@@ -21,6 +21,7 @@ import torch
 
 from adm_megatron.config import NETWORKS, Config, ConfigError
 from adm_megatron.models.diffusers_files import check_diffusers_weights
+from adm_megatron.hub_cache import not_found_hint
 from adm_megatron.models.generator_source import not_a_generator_hint
 from adm_megatron.models.kernel_options import check_kernel_options
 from adm_megatron.data.batch_layout import microbatches_for
@@ -171,9 +172,9 @@ def _check_pixel_branch(config: Config, teacher: TeacherSource) -> None:
         raise ConfigError(f"{vae}: a {found_vae!r} VAE; the {family.name} pixel discriminator decodes with "
                           f"{family.vae_class!r}")
     path = d.pixel_encoder_path
-    if not os.path.isdir(path):  # else transformers takes it for a hub repo id and says so
-        raise ConfigError(f"distill.pixel_encoder_path={path!r}: directory not found (a local transformers "
-                          f"{d.pixel_encoder} model directory)")
+    if not os.path.isdir(path):  # a repo id in the hub cache is its snapshot by now (config.MODEL_DIR_KEYS)
+        raise ConfigError(f"distill.pixel_encoder_path={path!r}: directory not found{not_found_hint(path)} (a "
+                          f"local transformers {d.pixel_encoder} model directory)")
     try:
         found = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
@@ -269,7 +270,7 @@ def _check_generator_init(path: str, teacher: TeacherSource) -> None:
     arch, family = teacher.arch, teacher.family
     key = f"model.generator_init={path!r}"
     if not os.path.isdir(path):
-        raise ConfigError(f"{key}: directory not found")
+        raise ConfigError(f"{key}: directory not found{not_found_hint(path)}")
     try:
         found = family.arch_from_pretrained_dir(path)
     except (OSError, ValueError) as err:
