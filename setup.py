@@ -39,7 +39,9 @@ setup(
     extras_require={
         # Transformer Engine kernels (BF16 / FP8, TE attention with context parallel); needs CUDA
         "te": ["transformer-engine[pytorch]"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        # logging.tensorboard: TensorBoard event files beside metrics.jsonl and wandb
+        "tensorboard": ["tensorboard>=2.10"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "tensorboard>=2.10"],
     },
     entry_points={"console_scripts": ["adm-megatron = adm_megatron.cli:main"]},
 )

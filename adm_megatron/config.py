@@ -384,6 +384,9 @@ class LoggingConfig:
     wandb_mode: str = "offline"  # offline | online | disabled
     wandb_project: str = "adm-megatron"
     wandb_name: str = ""  # the wandb run's name; empty: output_dir's name (one run across resumes)
+    # TensorBoard event files in output_dir/tensorboard (the metrics, image samples), as Megatron-LM's
+    # --tensorboard-dir; needs the tensorboard package (pip install 'adm-megatron[tensorboard]')
+    tensorboard: bool = False
     progress: bool = True
     # warn once when the discriminator's paired accuracy, averaged over this many of its last
     # updates, is at most dead_discriminator_accuracy (0.5 is chance); 0 disables the check

@@ -272,7 +272,7 @@ def test_a_bad_value_is_blamed_on_where_it_was_set(tmp_path):
 def test_wandb_online_without_credentials_is_refused_before_building(pipeline_dir, tmp_path, monkeypatch):
     """``wandb.init`` raised 'No API key configured' from the first iteration's logger, after the teacher
     and the networks were built: the run is refused at the start instead, and runs with a key."""
-    from adm_megatron.train.run_log import check_wandb_login
+    from adm_megatron.train.run_log import check_loggers
 
     for name in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(name, raising=False)
@@ -282,4 +282,4 @@ def test_wandb_online_without_credentials_is_refused_before_building(pipeline_di
     assert message.startswith("logging.wandb_mode=online but wandb has no credentials")
     assert "logging.wandb_mode=offline" in message
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
-    check_wandb_login("online")  # a key is enough: nothing is asked of the server here
+    check_loggers("online", False)  # a key is enough: nothing is asked of the server here

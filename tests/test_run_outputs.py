@@ -1,4 +1,5 @@
 """What a run leaves behind, through the real command line: metrics.jsonl, wandb offline files,
+TensorBoard events,
 an atomic checkpoint, the generator as a diffusers directory that diffusers loads and that
 generates the generator's own outputs, and sample videos (tests/test_run_samples.py: the pipeline's); a megatron
 checkpoint works as the teacher; the example configs parse and give the paper's head counts."""
@@ -22,7 +23,7 @@ from adm_megatron.families.cogvideox_presets import PRESETS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "data.batch_size=1", "data.num_prompts=3", "train.max_iterations=3", "train.num_samples=2",
-    "train.save_every=2", "logging.progress=false",
+    "train.save_every=2", "logging.progress=false", "logging.tensorboard=true",
 ]
 
 
@@ -44,12 +45,24 @@ def finished_run(pipeline_dir, tmp_path_factory):
     return out, proc.stdout
 
 
+def tensorboard_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in ``log_dir``'s event files, as TensorBoard reads them: (step, value)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(log_dir)
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def test_run_writes_metrics_wandb_checkpoints_and_prints_where(finished_run):
     out, stdout = finished_run
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert f"outputs in {out}" in stdout and "sample:" in stdout
     assert glob.glob(os.path.join(out, "wandb", "offline-run-*", "*.wandb"))
+    events = tensorboard_scalars(os.path.join(out, "tensorboard"))
+    for key in ("generator/loss", "discriminator/paired_accuracy", "throughput/iteration_seconds"):
+        assert events[key] == [(r["iteration"], pytest.approx(r[key], rel=1e-6)) for r in rows]  # float32 events
     checkpoints = sorted(os.listdir(os.path.join(out, "checkpoints")))
     assert checkpoints == ["iter_0000002", "iter_0000003", "latest"]  # save_every=2 and the end; no temp dirs
     last = os.path.join(out, "checkpoints", "iter_0000003")
@@ -130,3 +143,39 @@ def test_cli_reports_config_errors_in_one_line_with_exit_code_2(tmp_path):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("adm-megatron: config error: ") and "distill.ttur=0: must be >= 1" in last
+
+
+def test_tensorboard_keeps_one_value_per_iteration_across_starts_and_takes_image_samples(tmp_path, monkeypatch):
+    """A start after a crash logs again the iterations past its checkpoint: TensorBoard shows the
+    new values only (purged as metrics.jsonl is trimmed), skipped flags as 0 / 1, png samples as images.
+    Without the package, logging.tensorboard is refused before anything is built."""
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from adm_megatron.config import ConfigError
+    from adm_megatron.train.run_log import RunLogger, check_loggers
+
+    out = str(tmp_path / "run")
+    first = RunLogger(out, {}, 5, 0, True, wandb_mode="disabled", progress=False, tensorboard=True)
+    for i in range(4):  # crashed after iteration 3; its checkpoint is at 2
+        first.log({"iteration": i, "generator/loss": float(i), "generator/skipped": i == 1})
+    first.close()
+    png = str(tmp_path / "sample_0.png")
+    Image.new("RGB", (6, 4), (255, 0, 0)).save(png)
+    again = RunLogger(out, {}, 5, 2, True, wandb_mode="disabled", progress=False, tensorboard=True)
+    for i in range(2, 5):
+        again.log({"iteration": i, "generator/loss": 10.0 * i, "generator/skipped": False}, last=i == 4)
+    again.media(4, [png])
+    again.close()
+    scalars = tensorboard_scalars(os.path.join(out, "tensorboard"))
+    assert scalars["generator/loss"] == [(0, 0.0), (1, 1.0), (2, 20.0), (3, 30.0), (4, 40.0)]
+    assert [v for _, v in scalars["generator/skipped"]] == [0.0, 1.0, 0.0, 0.0, 0.0]
+    events = EventAccumulator(os.path.join(out, "tensorboard"))
+    events.Reload()
+    image = events.Images("samples/sample_0.png")
+    assert [(e.step, e.width, e.height) for e in image] == [(4, 6, 4)]
+
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "tensorboard" else object())
+    with pytest.raises(ConfigError, match=r"^logging.tensorboard=true needs the tensorboard package: pip install"):
+        check_loggers("disabled", True)
+    check_loggers("disabled", False)

@@ -1,8 +1,9 @@
 """What a run reports: ``metrics.jsonl`` (one JSON object per logged iteration: every
 ``train.log_every``-th and the last), wandb (offline unless configured online; also the rendered
-samples, as media) and a progress bar
-(every iteration: each phase's loss and the discriminator's paired accuracy and margin), all on
-rank 0 only.
+samples, as media), TensorBoard where ``logging.tensorboard`` (the same metrics and the image samples;
+a start purges what an earlier start logged past its checkpoint, as the metrics file is trimmed) and a
+progress bar (every iteration: each phase's loss and the discriminator's paired accuracy and margin),
+all on rank 0 only.
 
 A run is one wandb run however many times it is started (preempted, requeued, resumed): its id is
 kept in ``output_dir/wandb_run.json`` and each start resumes it (``resume="allow"``; offline, each
@@ -14,6 +15,7 @@ crash (past the checkpoint the run resumed from) has the values it had: a resume
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import uuid
@@ -41,11 +43,14 @@ def wandb_run_id(output_dir: str) -> str:
     return run_id
 
 
-def check_wandb_login(wandb_mode: str) -> None:
-    """Refuse ``logging.wandb_mode=online`` without wandb credentials before the networks are built
-    (``wandb.init`` would raise only at the first iteration's logger, after the expensive setup). The
-    credentials are found as ``wandb.init`` finds them (``WANDB_API_KEY``, ``~/.netrc``), without contacting
-    the server; at a terminal wandb asks for a key here instead."""
+def check_loggers(wandb_mode: str, tensorboard: bool) -> None:
+    """Refuse, before the networks are built, what the logger would fail on at the first iteration:
+    ``logging.tensorboard`` without the tensorboard package, and ``logging.wandb_mode=online`` without
+    wandb credentials, found as ``wandb.init`` finds them (``WANDB_API_KEY``, ``~/.netrc``) without
+    contacting the server (at a terminal wandb asks for a key here instead)."""
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logging.tensorboard=true needs the tensorboard package: pip install "
+                          "'adm-megatron[tensorboard]' (or pip install tensorboard)")
     if wandb_mode != "online":
         return
     import wandb
@@ -61,10 +66,11 @@ def check_wandb_login(wandb_mode: str) -> None:
 class RunLogger:
     def __init__(self, output_dir: str, config: dict, total: int, start: int, enabled: bool,
                  log_every: int = 1, wandb_mode: str = "offline", wandb_project: str = "adm-megatron",
-                 progress: bool = True, wandb_name: str = ""):
+                 progress: bool = True, wandb_name: str = "", tensorboard: bool = False):
         self.enabled = enabled
         self.log_every = log_every
         self.wandb = None
+        self.tensorboard = None
         self.bar = None
         self._redirect = contextlib.ExitStack()
         if not enabled:
@@ -80,6 +86,12 @@ class RunLogger:
                 id=wandb_run_id(output_dir), resume="allow",
                 name=wandb_name or os.path.basename(os.path.normpath(output_dir)), reinit="finish_previous",
             )
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: events at or past this start's first iteration, from a start that got further
+            # than its last checkpoint, are dropped (the metrics file is trimmed the same way)
+            self.tensorboard = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start)
         if progress:
             self.bar = tqdm(total=total, initial=start, desc="adm", unit="it", dynamic_ncols=True)
             # log lines go above the bar, not glued to the end of its line (tqdm's own redirect)
@@ -94,6 +106,11 @@ class RunLogger:
             self.file.flush()
             if self.wandb is not None:
                 self.wandb.log({k: v for k, v in metrics.items() if k != "iteration"}, step=metrics["iteration"])
+            if self.tensorboard is not None:
+                for key, value in metrics.items():
+                    if key != "iteration" and isinstance(value, (int, float)):  # a bool (skipped) as 0 / 1
+                        self.tensorboard.add_scalar(key, float(value), metrics["iteration"])
+                self.tensorboard.flush()
         if self.bar is not None:
             self.bar.update(1)
             shown = {k.split("/")[0][:4]: round(v, 4) for k, v in metrics.items() if k.endswith("/loss")}
@@ -103,14 +120,28 @@ class RunLogger:
             self.bar.set_postfix(shown)
 
     def media(self, iteration: int, paths: list[str]) -> None:
-        """Rendered samples (gif videos, png images) to wandb at ``iteration``; the files stay where they are."""
-        if not (self.enabled and self.wandb is not None and paths):
+        """Rendered samples (gif videos, png images) to wandb at ``iteration``, the png images to
+        TensorBoard (``samples/<file>``; its videos need moviepy, so gifs go to wandb only); the files
+        stay where they are."""
+        if not (self.enabled and paths):
             return
-        import wandb
-
         grids = [p for p in paths if os.path.basename(p) == "grid.png"]  # images: their grid, of another size
-        items = [wandb.Video(p, format="gif") if p.endswith(".gif") else wandb.Image(p) for p in paths if p not in grids]
-        self.wandb.log({"samples": items, **({"samples_grid": wandb.Image(grids[0])} if grids else {})}, step=iteration)
+        if self.wandb is not None:
+            import wandb
+
+            items = [wandb.Video(p, format="gif") if p.endswith(".gif") else wandb.Image(p)
+                     for p in paths if p not in grids]
+            self.wandb.log({"samples": items, **({"samples_grid": wandb.Image(grids[0])} if grids else {})},
+                           step=iteration)
+        if self.tensorboard is not None:
+            import numpy as np
+            from PIL import Image
+
+            for path in paths:
+                if path.endswith(".png"):
+                    image = np.asarray(Image.open(path).convert("RGB"))
+                    self.tensorboard.add_image(f"samples/{os.path.basename(path)}", image, iteration, dataformats="HWC")
+            self.tensorboard.flush()
 
     def close(self) -> None:
         if not self.enabled:
@@ -121,3 +152,5 @@ class RunLogger:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

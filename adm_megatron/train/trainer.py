@@ -79,7 +79,7 @@ from adm_megatron.train.profiling import IterationProfiler
 from adm_megatron.train.recompute import RecomputeSwitch
 from adm_megatron.train.resume import mark_finished, plan_resume, trim_metrics
 from adm_megatron.train.run_lock import RunLock
-from adm_megatron.train.run_log import RunLogger, check_wandb_login
+from adm_megatron.train.run_log import RunLogger, check_loggers
 from adm_megatron.train.samples import RunSamples
 from adm_megatron.train.single_stage import SingleStage
 from adm_megatron.train.teacher import TeacherSource, resolve_teacher
@@ -147,7 +147,7 @@ class Trainer:
         self.teacher_source: TeacherSource = resolve_teacher(config.model.teacher, config.model.pipeline)
         validate_run(config, self.teacher_source, launch_env().world_size)
         if launch_env().rank == 0:  # the rank that logs
-            check_wandb_login(config.logging.wandb_mode)
+            check_loggers(config.logging.wandb_mode, config.logging.tensorboard)
         self.schedule = self.teacher_source.schedule()
         self.info = initialize_parallel(
             config.parallel.tensor_parallel, config.parallel.context_parallel, seed=config.seed,
@@ -398,6 +398,7 @@ class Trainer:
         run_log = RunLogger(
             c.output_dir, config_to_dict(c), total, start, rank0, c.train.log_every,
             c.logging.wandb_mode, c.logging.wandb_project, c.logging.progress, c.logging.wandb_name,
+            c.logging.tensorboard,
         )
         stops = StopPoll(c.train.save_interval_minutes)
         samples = RunSamples(self)
