@@ -179,6 +179,21 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+class _PrintVersions(argparse.Action):
+    """``--version``: adm-megatron's and its stack's versions on one line (argparse's own action wraps it)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from adm_megatron.versions import stack_versions
+
+        versions = stack_versions()
+        print(f"adm-megatron {versions.pop('adm-megatron')} ("
+              + ", ".join(f"{k} {v or 'not installed'}" for k, v in versions.items()) + ")")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from adm_megatron.families import family_names, preset_names
 
@@ -187,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distil diffusion transformers (model families: " + ", ".join(family_names()) + ") into "
         "few-step generators (ADM / DMD / DMD2 / ADP) on megatron-core.",
     )
+    parser.add_argument("--version", action=_PrintVersions,
+                        help="the versions of adm-megatron and of the stack it runs on, and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
         "train",

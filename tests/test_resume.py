@@ -336,7 +336,8 @@ def test_a_refused_change_names_the_section_and_what_to_do_instead():
 def test_a_constant_lr_run_is_lengthened_exactly_and_never_cut_below_what_it_did(tmp_path, world_of_one):
     """A finished run started again with a larger train.max_iterations goes on from its last
     checkpoint, and its records equal those of a run that had the longer length from the start
-    (fp64; constant learning rates, a warmup included); a length below what a run did is refused."""
+    (fp64; constant learning rates, a warmup included); a length below what a run did is refused.
+    starts.jsonl has a line for each start that trained, with where it went on from."""
     from tiny_runs import tiny_fp64_run
 
     from adm_megatron.config import ConfigError, load_config
@@ -357,6 +358,11 @@ def test_a_constant_lr_run_is_lengthened_exactly_and_never_cut_below_what_it_did
     trainer(whole, 5).fit()
     assert [without_timing(r) for r in _metrics(lengthened)] == [without_timing(r) for r in _metrics(whole)]
     assert trainer(lengthened, 5).fit().trained == 0  # finished at its new length
+    starts = [json.loads(line) for line in open(os.path.join(lengthened, "starts.jsonl"))]  # the finished one: none
+    assert [(s["start_iteration"], s["resumed_from"]) for s in starts] == [
+        (0, None), (3, os.path.join(lengthened, "checkpoints", "iter_0000003"))]
+    assert starts[1]["layout"] == {"tensor_parallel": 1, "context_parallel": 1, "data_parallel": 1}
+    assert starts[1]["versions"]["torch"] == torch.__version__ and starts[1]["versions"]["megatron-core"]
     with pytest.raises(ConfigError) as err:
         trainer(lengthened, 4)
     assert str(err.value).endswith("the run has done 5 iterations, more than train.max_iterations=4; a run can be "

@@ -145,6 +145,33 @@ def test_cli_reports_config_errors_in_one_line_with_exit_code_2(tmp_path):
     assert last.startswith("adm-megatron: config error: ") and "distill.ttur=0: must be >= 1" in last
 
 
+def test_version_names_the_stack_on_one_line(capsys):
+    import importlib.metadata
+    import platform
+
+    import diffusers
+
+    from adm_megatron.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    line = capsys.readouterr().out
+    assert line == (f"adm-megatron {importlib.metadata.version('adm-megatron')} (python {platform.python_version()}, "
+                    f"torch {torch.__version__}, megatron-core {importlib.metadata.version('megatron-core')}, "
+                    f"transformer-engine {_installed('transformer-engine')}, diffusers {diffusers.__version__}, "
+                    f"transformers {importlib.metadata.version('transformers')})\n")
+
+
+def _installed(dist: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def test_tensorboard_keeps_one_value_per_iteration_across_starts_and_takes_image_samples(tmp_path, monkeypatch):
     """A start after a crash logs again the iterations past its checkpoint: TensorBoard shows the
     new values only (purged as metrics.jsonl is trimmed), skipped flags as 0 / 1, png samples as images.

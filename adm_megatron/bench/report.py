@@ -3,12 +3,13 @@ FLOP/s that MFU divides by; and the printed table."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import platform
 from datetime import datetime, timezone
 
 import torch
+
+from adm_megatron.versions import installed_version
 
 # Dense BF16 tensor-core peaks (TFLOP/s, SXM parts, no sparsity) by a substring of the device name.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0,
@@ -37,13 +38,6 @@ def peak_tflops(name: str, dtype: str, given: float | None) -> float | None:
     return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def environment(device: torch.device, command: str) -> dict:
     """The device, the date, ``command`` (the command line that measured) and the versions."""
     return {
@@ -51,7 +45,7 @@ def environment(device: torch.device, command: str) -> dict:
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": command,
         "python": platform.python_version(),
-        "versions": {name: _version(name) for name in
+        "versions": {name: installed_version(name) for name in
                      ("torch", "megatron-core", "transformer-engine", "diffusers")},
         "cuda": torch.version.cuda,
     }

@@ -42,6 +42,7 @@ from adm_megatron.file_modes import give_umask_modes
 from adm_megatron.lora.adapters import apply_lora, lora_adapters
 from adm_megatron.lora.merge import merged_full_state_dict
 from adm_megatron.parallel import barrier, from_rank0
+from adm_megatron.versions import installed_version
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -348,7 +349,7 @@ def megatron_checkpoint_contents(model, arch=None) -> tuple[dict, dict[str, Any]
         "diffusers_config": family.arch_to_diffusers_config(arch),
         "params_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "saved_layout": _layout(),
-        "megatron_core": _version("megatron-core"),
+        "megatron_core": installed_version("megatron-core"),
         "torch": torch.__version__,
     }
     if adapters is not None:  # a LoRA generator: loading rebuilds the same adapters (see _build)
@@ -377,15 +378,6 @@ def save_megatron_checkpoint(model, out_dir: str, arch=None, *, overwrite: bool 
         write_checkpoint_meta(tmp, meta)
 
     return write_atomically(out_dir, overwrite, write)
-
-
-def _version(dist_name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist_name)
-    except PackageNotFoundError:
-        return None
 
 
 def _read_dcp_metadata(ckpt_dir: str):

@@ -80,6 +80,7 @@ from adm_megatron.train.recompute import RecomputeSwitch
 from adm_megatron.train.resume import mark_finished, plan_resume, trim_metrics
 from adm_megatron.train.run_lock import RunLock
 from adm_megatron.train.run_log import RunLogger, check_loggers
+from adm_megatron.train.run_starts import record_start, start_record
 from adm_megatron.train.samples import RunSamples
 from adm_megatron.train.single_stage import SingleStage
 from adm_megatron.train.teacher import TeacherSource, resolve_teacher
@@ -395,6 +396,7 @@ class Trainer:
             for name in remove_leftovers(c.output_dir):
                 logger.info("removed %s left by an interrupted save", name)
             trim_metrics(c.output_dir, start)
+            record_start(c.output_dir, start_record(self.info, start, self.resume_point.checkpoint))
         run_log = RunLogger(
             c.output_dir, config_to_dict(c), total, start, rank0, c.train.log_every,
             c.logging.wandb_mode, c.logging.wandb_project, c.logging.progress, c.logging.wandb_name,

@@ -1,0 +1,22 @@
+"""The installed versions of the stack a run, a checkpoint or a benchmark depends on (package
+metadata, as pip sees it; None for what is not installed): recorded with each, and printed by
+``adm-megatron --version`` for bug reports."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+STACK = ("adm-megatron", "torch", "megatron-core", "transformer-engine", "diffusers", "transformers")
+
+
+def installed_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def stack_versions() -> dict[str, str | None]:
+    """Python's and each :data:`STACK` package's version."""
+    return {"python": platform.python_version(), **{name: installed_version(name) for name in STACK}}
