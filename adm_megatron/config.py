@@ -302,13 +302,17 @@ def unused_keys(config: "Config") -> list[tuple[str, Any, str]]:
 
 def start_warnings(config: "Config") -> list[str]:
     """What the trainer warns of at its start: each of :func:`unused_keys` (an ablation that would change
-    nothing), and an ADP run whose samples and export would not be 1-step."""
+    nothing), an ADP run whose samples and export would not be 1-step, and sequence parallelism without
+    tensor parallelism (nothing to split over; Megatron-LM turns it off with a warning)."""
     found = [f"{key}={value!r} applies to {methods} only: distill.method={config.distill.method} does not read it"
              for key, value, methods in unused_keys(config)]
     if config.distill.method == "adp" and config.distill.generator_steps != 1:
         found.append(f"distill.method=adp trains a 1-step generator: distill.generator_steps="
                      f"{config.distill.generator_steps} only sets the steps its samples and distillation.json name "
                      "(the DMDX recipes set 1)")
+    if config.model.sequence_parallel and config.parallel.tensor_parallel == 1:
+        found.append("model.sequence_parallel=true does nothing with parallel.tensor_parallel=1 (it splits the "
+                     "tensor-parallel group's activations)")
     return found
 
 

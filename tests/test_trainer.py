@@ -426,3 +426,13 @@ def test_an_adp_run_that_is_not_1_step_is_warned_of():
         "distillation.json name (the DMDX recipes set 1)"]
     assert start_warnings(load_config(None, [*adp, "distill.generator_steps=1"])) == []
     assert start_warnings(load_config(None, ["model.teacher=teacher", "distill.method=adm"])) == []
+
+
+def test_sequence_parallel_without_tensor_parallel_is_warned_of():
+    from adm_megatron.config import start_warnings
+
+    assert start_warnings(load_config(None, ["model.teacher=teacher", "model.sequence_parallel=true"])) == [
+        "model.sequence_parallel=true does nothing with parallel.tensor_parallel=1 (it splits the tensor-parallel "
+        "group's activations)"]
+    assert start_warnings(load_config(None, ["model.teacher=teacher", "model.sequence_parallel=true",
+                                             "parallel.tensor_parallel=2"])) == []
