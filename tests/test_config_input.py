@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 
 import pytest
 
@@ -41,6 +42,18 @@ def _refused(capsys, monkeypatch, tmp_path, *args: str) -> str:
 def test_every_example_config_loads(example):
     """No example gives a key twice or a value the checks refuse."""
     load_config(example)
+
+
+def test_no_two_examples_and_not_make_demo_share_an_output_dir():
+    """Each example runs into a directory of its own: a second run into another's output_dir is
+    refused (another config) or resumes it, so README's commands, run in order, would collide."""
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        demo = re.search(r"^DEMO_OUT \?= (\S+)$", f.read(), re.MULTILINE).group(1)
+    seen = {os.path.normpath(demo): "make demo"}
+    for example in sorted(glob.glob(os.path.join(ROOT, "examples", "*", "*.yaml"))):
+        out = os.path.normpath(load_config(example).output_dir)
+        assert out not in seen, f"{example} and {seen[out]} share output_dir {out}"
+        seen[out] = example
 
 
 @pytest.mark.parametrize("text, message", [
