@@ -1,10 +1,13 @@
-"""README, the user manual, against the run config (``adm_megatron/config.py``): it names every key a
-config file takes, and the defaults it states (in its prose and in its "Other run keys" table) are the
-dataclasses' defaults."""
+"""README, the user manual, against the code: it names every key a run config takes
+(``adm_megatron/config.py``), the defaults it states (in its prose and in its "Other run keys" table)
+are the dataclasses' defaults, and the Python API its SD3 section names exists with the keyword
+arguments it shows."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 import os
 import re
 
@@ -111,3 +114,21 @@ def test_the_defaults_readme_states_in_its_prose(pattern, key):
     default = None if key == "model.lora" else _default(key)
     assert _same(yaml.safe_load(found.group(1)), default), \
         f"README states {key} default {found.group(1)}, the config's {default!r}"
+
+
+def test_the_sd3_sections_python_api_exists():
+    part = README.split("## The SD3 / SD3.5 backbone", 1)[1].split("\n## ", 1)[0]
+    models = importlib.import_module("adm_megatron.models")
+    api = re.sub(r"\s+", " ", part.split("`adm_megatron.models` also holds", 1)[1].split("key mapping", 1)[0])
+    calls = re.findall(r"`([\w.]+)\(([^`]*)\)`", api)
+    assert len(calls) >= 3
+    for name, args in calls:
+        obj = models
+        for attr in name.split("."):
+            assert hasattr(obj, attr), f"README names adm_megatron.models.{name}, which does not exist"
+            obj = getattr(obj, attr)
+        params = inspect.signature(obj).parameters
+        for kw in re.findall(r"(\w+)=", args):
+            assert kw in params, f"README shows {name}({kw}=...), which it does not take"
+    mapping = importlib.import_module("adm_megatron.convert.sd3_mapping")
+    assert callable(mapping.hf_to_megatron) and callable(mapping.megatron_to_hf)
