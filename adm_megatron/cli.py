@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--vae-tiling", action="store_true",
                       help="decode in overlapping tiles (diffusers' vae.enable_tiling: CogVideoX at 49 x 480 x 720 in "
                       "about a quarter of the memory, with blended seams)")
-    samp.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by seed + i")
+    samp.add_argument("--seed", type=int, default=0,
+                      help="sample i starts from noise seeded by seed + i (default 0; a run's own samples: its seed)")
     samp.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                       help="pipeline dtype (default auto: bf16 on a GPU, fp32 on CPU)")
     samp.add_argument("--out", required=True, help="output directory (new or empty)")
@@ -337,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, help="a training checkpoint, or a run's output_dir (its latest)")
     export.add_argument("--out", required=True, help="output directory (new or empty, unless --overwrite)")
     export.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"),
-                        help="auto (default): the EMA when the run keeps one, else the trained weights")
+                        help="auto (default): the EMA when the run keeps one, else the trained weights; ema: "
+                        "the EMA (refused when the run kept none); raw: the trained weights")
     export.add_argument("--lora", default=None, choices=("merged", "adapter", "both"),
                         help="a LoRA run's generator: merged into the weights (--out), the diffusers LoRA file "
                         "(into --out with _lora appended, as a run's generator_lora/), or both; default: the "
