@@ -8,7 +8,8 @@ what needs the teacher or the world, ``adm_megatron.train.validate.validate_run`
 a file that cannot be read or is not YAML (the problem's line and column), a key given twice in one
 mapping (PyYAML alone keeps the last), NaN or infinite numbers (refused as they are read: no field
 takes them), and YAML 1.1's readings of unquoted ``off`` / ``yes`` / ``2024`` where a string is
-expected (the message shows the value as written and how to quote it). An override given twice
+expected (the message shows the value as written and how to quote it, or, for a key of fixed
+values, which they are). An override given twice
 takes the last, as in Hydra.
 """
 
@@ -427,11 +428,23 @@ def _setting(key: str, value: Any, written: str | None) -> str:
     return f"{key}={value!r}"
 
 
+def _choices(key: str) -> tuple | None:
+    """The values a string key takes, where they are fixed (checked in ``_check_fields``), else None."""
+    section, name = key.split(".")[0], key.split(".")[-1]
+    if section == "optim":
+        return {"decay_style": DECAY_STYLES, "offload": OFFLOAD_CHOICES}.get(name)
+    return PROFILE_MODES if key == "logging.profile.mode" else CHOICES.get(key)
+
+
 def _not_a_string(key: str, value: Any, source: str, written: str | None) -> str:
     """Why ``value`` is no string. YAML 1.1 reads an unquoted off / yes as a boolean and 2024 as a
-    number: then say so with the value as written, and how to quote it (on a shell too)."""
+    number: then say so with the value as written, and how to quote it (on a shell too) -- unless
+    the key takes fixed values and quoted it would be none of them: then name those."""
     if written is None or not isinstance(value, (bool, int, float)):
         return f"{_setting(key, value, written)}: expected a string"
+    allowed = _choices(key)
+    if allowed is not None and written not in allowed:
+        return f"{key}={written}: expected one of {', '.join('null' if a is None else a for a in allowed)}"
     quoted = f'"{written}"'
     if source == "command line" and "[" not in key:  # the shell takes the quotes off key="..."
         quoted = f"'{key}={quoted}' on a shell"

@@ -115,14 +115,18 @@ def test_a_config_that_cannot_be_read_is_named_with_the_reason(capsys, monkeypat
 
 
 @pytest.mark.parametrize("override, message", [
-    ("logging.wandb_mode=off",
-     "logging.wandb_mode=off: expected a string; YAML reads off as false: quote it ('logging.wandb_mode=\"off\"' on a shell)"),
+    ("logging.wandb_name=off",
+     "logging.wandb_name=off: expected a string; YAML reads off as false: quote it ('logging.wandb_name=\"off\"' on a shell)"),
+    # a key of fixed values that "off" quoted is none of: the values, not a quoting hint that leads nowhere
+    ("logging.wandb_mode=off", "logging.wandb_mode=off: expected one of offline, online, disabled"),
     ("model.teacher=yes",
      "model.teacher=yes: expected a string; YAML reads yes as true: quote it ('model.teacher=\"yes\"' on a shell)"),
     ("output_dir=2024",
      "output_dir=2024: expected a string; YAML reads 2024 as a number: quote it ('output_dir=\"2024\"' on a shell)"),
-    ("optim.generator={decay_style: off}", "optim.generator.decay_style=off: expected a string; YAML reads off as "
-                                          "false: quote it ('optim.generator.decay_style=\"off\"' on a shell)"),
+    ("optim.generator={decay_style: off}",
+     "optim.generator.decay_style=off: expected one of constant, linear, cosine, inverse-square-root"),
+    ("optim.fake_score.offload=no", "optim.fake_score.offload=no: expected one of none, optimizer, optimizer_and_params"),
+    ("logging.profile.mode=on", "logging.profile.mode=on: expected one of torch, nsys"),
     ("model.lora.target_modules=[to_q, on]",
      "model.lora.target_modules[1]=on: expected a string; YAML reads on as true: quote it (\"on\")"),
     ("train.max_iterations=", "train.max_iterations is empty: expected an integer"),
@@ -132,12 +136,14 @@ def test_a_config_that_cannot_be_read_is_named_with_the_reason(capsys, monkeypat
 def test_yaml_11_booleans_and_numbers_where_a_string_is_expected_are_explained(override, message, capsys,
                                                                                monkeypatch, tmp_path):
     """``logging.wandb_mode=off`` was reported as ``logging.wandb_mode=False: expected a string``,
-    ``train.max_iterations=`` as ``=None``."""
+    ``train.max_iterations=`` as ``=None``; then with a hint to quote it, which only led to ``expected
+    one of``."""
     assert _refused(capsys, monkeypatch, tmp_path, *REPORTED, override) == f"command line: {message}"
 
 
 @pytest.mark.parametrize("text, message", [
-    ("logging:\n  wandb_mode: off\n", 'logging.wandb_mode=off: expected a string; YAML reads off as false: quote it ("off")'),
+    ("logging:\n  wandb_name: off\n", 'logging.wandb_name=off: expected a string; YAML reads off as false: quote it ("off")'),
+    ("logging:\n  wandb_mode: off\n", "logging.wandb_mode=off: expected one of offline, online, disabled"),
     ("output_dir: 1.5\n", 'output_dir=1.5: expected a string; YAML reads 1.5 as a number: quote it ("1.5")'),
     ("train:\n  max_iterations:\n", "train.max_iterations is empty: expected an integer"),
     ("model:\n  teacher: ~\n", "model.teacher=null: expected a string"),
