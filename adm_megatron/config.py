@@ -285,17 +285,20 @@ METHOD_KEYS: dict[str, tuple[str, ...]] = {
 REFUSED_ELSEWHERE = ("distill.renoise", "distill.pure_noise_share", "distill.pixel_recompute")
 
 
-def unused_keys(config: "Config") -> list[tuple[str, Any, str]]:
-    """(key, value, the methods that read it) for each of :data:`METHOD_KEYS` set away from its default
-    under a method that does not read it, and ``train.export_lora`` without ``model.lora``."""
+def unused_keys(config: "Config") -> list[tuple[str, Any, str, str]]:
+    """(key, value, the runs that read it, what this run is instead) for each of :data:`METHOD_KEYS` set
+    away from its default under a method that does not read it, and ``train.export_lora`` without
+    ``model.lora``."""
     defaults, found = Config(), []
     for key, methods in METHOD_KEYS.items():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
         if config.distill.method not in methods and value != getattr(getattr(defaults, section), name):
-            found.append((key, value, " / ".join(f"distill.method={m}" for m in methods)))
+            found.append((key, value, " / ".join(f"distill.method={m}" for m in methods),
+                          f"distill.method={config.distill.method}"))
     if config.model.lora is None and config.train.export_lora != defaults.train.export_lora:
-        found.append(("train.export_lora", config.train.export_lora, "LoRA runs (model.lora)"))
+        found.append(("train.export_lora", config.train.export_lora, "LoRA runs (model.lora)",
+                      "a run without model.lora"))
     return found
 
 
@@ -740,7 +743,7 @@ def _check_fields(config: Config, where: Callable[[str], str]) -> None:
         raise ConfigError(f"{where('distill.pure_noise_share')}: "
                           f"distill.pure_noise_share={d.pure_noise_share}: "
                           "expected a share in [0, 1]")
-    for key, value, methods in unused_keys(config):  # the rest are a warning at the trainer's start
+    for key, value, methods, _ in unused_keys(config):  # the rest are a warning at the trainer's start
         if key in REFUSED_ELSEWHERE:
             raise ConfigError(f"{where(key)}: {key}={value} is an ADP option ({methods}), got distill.method={d.method}")
     if d.method == "adp" and d.pixel_weight > 0 and not d.pixel_encoder_path:

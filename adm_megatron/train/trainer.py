@@ -142,9 +142,8 @@ class Trainer:
         if self.resume_point.finished:
             return  # nothing to build: fit() reports the finished run and writes nothing
         if launch_env().rank == 0:
-            for key, value, methods in unused_keys(config):  # an ablation that would change nothing
-                logger.warning("%s=%r applies to %s only: distill.method=%s does not read it", key, value, methods,
-                               config.distill.method)
+            for key, value, readers, this_run in unused_keys(config):  # an ablation that would change nothing
+                logger.warning("%s=%r applies to %s only: %s does not read it", key, value, readers, this_run)
         self.teacher_source: TeacherSource = resolve_teacher(config.model.teacher, config.model.pipeline)
         validate_run(config, self.teacher_source, launch_env().world_size)
         self.schedule = self.teacher_source.schedule()
