@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--config", default=None,
                          help="a run config (YAML) naming the teacher and data (or give them as overrides)")
     collect.add_argument("--out", required=True, help="output directory (new, or an unfinished collection)")
-    collect.add_argument("--num-pairs", type=int, required=True)
+    collect.add_argument("--num-pairs", type=int, required=True, help="pairs to collect in all")
     collect.add_argument("--shard-size", type=int, default=256, help="pairs per shard (default 256)")
     collect.add_argument("--steps", type=int, default=50, help="teacher PF-ODE steps (default 50)")
     collect.add_argument("--batch-size", type=int, default=64, help="pairs sampled at once (default 64)")
