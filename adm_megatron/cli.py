@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--config", default=None,
                          help="a run config (YAML) naming the teacher and data (or give them as overrides)")
     collect.add_argument("--out", required=True, help="output directory (new, or an unfinished collection)")
-    collect.add_argument("--num-pairs", type=int, required=True)
+    collect.add_argument("--num-pairs", type=int, required=True, help="pairs to collect in all")
     collect.add_argument("--shard-size", type=int, default=256, help="pairs per shard (default 256)")
     collect.add_argument("--steps", type=int, default=50, help="teacher PF-ODE steps (default 50)")
     collect.add_argument("--batch-size", type=int, default=64, help="pairs sampled at once (default 64)")
@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--vae-tiling", action="store_true",
                       help="decode in overlapping tiles (diffusers' vae.enable_tiling: CogVideoX at 49 x 480 x 720 in "
                       "about a quarter of the memory, with blended seams)")
-    samp.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by seed + i")
+    samp.add_argument("--seed", type=int, default=0,
+                      help="sample i starts from noise seeded by seed + i (default 0; a run's own samples: its seed)")
     samp.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                       help="pipeline dtype (default auto: bf16 on a GPU, fp32 on CPU)")
     samp.add_argument("--out", required=True, help="output directory (new or empty)")
@@ -358,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, help="a training checkpoint, or a run's output_dir (its latest)")
     export.add_argument("--out", required=True, help="output directory (new or empty, unless --overwrite)")
     export.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"),
-                        help="auto (default): the EMA when the run keeps one, else the trained weights")
+                        help="auto (default): the EMA when the run keeps one, else the trained weights; ema: "
+                        "the EMA (refused when the run kept none); raw: the trained weights")
     export.add_argument("--lora", default=None, choices=("merged", "adapter", "both"),
                         help="a LoRA run's generator: merged into the weights (--out), the diffusers LoRA file "
                         "(into --out with _lora appended, as a run's generator_lora/), or both; default: the "

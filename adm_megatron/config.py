@@ -8,7 +8,8 @@ what needs the teacher or the world, ``adm_megatron.train.validate.validate_run`
 a file that cannot be read or is not YAML (the problem's line and column), a key given twice in one
 mapping (PyYAML alone keeps the last), NaN or infinite numbers (refused as they are read: no field
 takes them), and YAML 1.1's readings of unquoted ``off`` / ``yes`` / ``2024`` where a string is
-expected (the message shows the value as written and how to quote it). An override given twice
+expected (the message shows the value as written and how to quote it, or, for a key of fixed
+values, which they are). An override given twice
 takes the last, as in Hydra.
 """
 
@@ -286,17 +287,20 @@ METHOD_KEYS: dict[str, tuple[str, ...]] = {
 REFUSED_ELSEWHERE = ("distill.renoise", "distill.pure_noise_share", "distill.pixel_recompute")
 
 
-def unused_keys(config: "Config") -> list[tuple[str, Any, str]]:
-    """(key, value, the methods that read it) for each of :data:`METHOD_KEYS` set away from its default
-    under a method that does not read it, and ``train.export_lora`` without ``model.lora``."""
+def unused_keys(config: "Config") -> list[tuple[str, Any, str, str]]:
+    """(key, value, the runs that read it, what this run is instead) for each of :data:`METHOD_KEYS` set
+    away from its default under a method that does not read it, and ``train.export_lora`` without
+    ``model.lora``."""
     defaults, found = Config(), []
     for key, methods in METHOD_KEYS.items():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
         if config.distill.method not in methods and value != getattr(getattr(defaults, section), name):
-            found.append((key, value, " / ".join(f"distill.method={m}" for m in methods)))
+            found.append((key, value, " / ".join(f"distill.method={m}" for m in methods),
+                          f"distill.method={config.distill.method}"))
     if config.model.lora is None and config.train.export_lora != defaults.train.export_lora:
-        found.append(("train.export_lora", config.train.export_lora, "LoRA runs (model.lora)"))
+        found.append(("train.export_lora", config.train.export_lora, "LoRA runs (model.lora)",
+                      "a run without model.lora"))
     return found
 
 
@@ -304,8 +308,8 @@ def start_warnings(config: "Config") -> list[str]:
     """What the trainer warns of at its start: each of :func:`unused_keys` (an ablation that would change
     nothing), an ADP run whose samples and export would not be 1-step, and sequence parallelism without
     tensor parallelism (nothing to split over; Megatron-LM turns it off with a warning)."""
-    found = [f"{key}={value!r} applies to {methods} only: distill.method={config.distill.method} does not read it"
-             for key, value, methods in unused_keys(config)]
+    found = [f"{key}={value!r} applies to {readers} only: {this_run} does not read it"
+             for key, value, readers, this_run in unused_keys(config)]
     if config.distill.method == "adp" and config.distill.generator_steps != 1:
         found.append(f"distill.method=adp trains a 1-step generator: distill.generator_steps="
                      f"{config.distill.generator_steps} only sets the steps its samples and distillation.json name "
@@ -448,11 +452,23 @@ def _setting(key: str, value: Any, written: str | None) -> str:
     return f"{key}={value!r}"
 
 
+def _choices(key: str) -> tuple | None:
+    """The values a string key takes, where they are fixed (checked in ``_check_fields``), else None."""
+    section, name = key.split(".")[0], key.split(".")[-1]
+    if section == "optim":
+        return {"decay_style": DECAY_STYLES, "offload": OFFLOAD_CHOICES}.get(name)
+    return PROFILE_MODES if key == "logging.profile.mode" else CHOICES.get(key)
+
+
 def _not_a_string(key: str, value: Any, source: str, written: str | None) -> str:
     """Why ``value`` is no string. YAML 1.1 reads an unquoted off / yes as a boolean and 2024 as a
-    number: then say so with the value as written, and how to quote it (on a shell too)."""
+    number: then say so with the value as written, and how to quote it (on a shell too) -- unless
+    the key takes fixed values and quoted it would be none of them: then name those."""
     if written is None or not isinstance(value, (bool, int, float)):
         return f"{_setting(key, value, written)}: expected a string"
+    allowed = _choices(key)
+    if allowed is not None and written not in allowed:
+        return f"{key}={written}: expected one of {', '.join('null' if a is None else a for a in allowed)}"
     quoted = f'"{written}"'
     if source == "command line" and "[" not in key:  # the shell takes the quotes off key="..."
         quoted = f"'{key}={quoted}' on a shell"
@@ -755,7 +771,7 @@ def _check_fields(config: Config, where: Callable[[str], str]) -> None:
         raise ConfigError(f"{where('distill.pure_noise_share')}: "
                           f"distill.pure_noise_share={d.pure_noise_share}: "
                           "expected a share in [0, 1]")
-    for key, value, methods in unused_keys(config):  # the rest are a warning at the trainer's start
+    for key, value, methods, _ in unused_keys(config):  # the rest are a warning at the trainer's start
         if key in REFUSED_ELSEWHERE:
             raise ConfigError(f"{where(key)}: {key}={value} is an ADP option ({methods}), got distill.method={d.method}")
     if d.method == "adp" and d.pixel_weight > 0 and not d.pixel_encoder_path:

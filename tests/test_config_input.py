@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 
 import pytest
 
@@ -41,6 +42,18 @@ def _refused(capsys, monkeypatch, tmp_path, *args: str) -> str:
 def test_every_example_config_loads(example):
     """No example gives a key twice or a value the checks refuse."""
     load_config(example)
+
+
+def test_no_two_examples_and_not_make_demo_share_an_output_dir():
+    """Each example runs into a directory of its own: a second run into another's output_dir is
+    refused (another config) or resumes it, so README's commands, run in order, would collide."""
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        demo = re.search(r"^DEMO_OUT \?= (\S+)$", f.read(), re.MULTILINE).group(1)
+    seen = {os.path.normpath(demo): "make demo"}
+    for example in sorted(glob.glob(os.path.join(ROOT, "examples", "*", "*.yaml"))):
+        out = os.path.normpath(load_config(example).output_dir)
+        assert out not in seen, f"{example} and {seen[out]} share output_dir {out}"
+        seen[out] = example
 
 
 @pytest.mark.parametrize("text, message", [
@@ -102,14 +115,18 @@ def test_a_config_that_cannot_be_read_is_named_with_the_reason(capsys, monkeypat
 
 
 @pytest.mark.parametrize("override, message", [
-    ("logging.wandb_mode=off",
-     "logging.wandb_mode=off: expected a string; YAML reads off as false: quote it ('logging.wandb_mode=\"off\"' on a shell)"),
+    ("logging.wandb_name=off",
+     "logging.wandb_name=off: expected a string; YAML reads off as false: quote it ('logging.wandb_name=\"off\"' on a shell)"),
+    # a key of fixed values that "off" quoted is none of: the values, not a quoting hint that leads nowhere
+    ("logging.wandb_mode=off", "logging.wandb_mode=off: expected one of offline, online, disabled"),
     ("model.teacher=yes",
      "model.teacher=yes: expected a string; YAML reads yes as true: quote it ('model.teacher=\"yes\"' on a shell)"),
     ("output_dir=2024",
      "output_dir=2024: expected a string; YAML reads 2024 as a number: quote it ('output_dir=\"2024\"' on a shell)"),
-    ("optim.generator={decay_style: off}", "optim.generator.decay_style=off: expected a string; YAML reads off as "
-                                          "false: quote it ('optim.generator.decay_style=\"off\"' on a shell)"),
+    ("optim.generator={decay_style: off}",
+     "optim.generator.decay_style=off: expected one of constant, linear, cosine, inverse-square-root"),
+    ("optim.fake_score.offload=no", "optim.fake_score.offload=no: expected one of none, optimizer, optimizer_and_params"),
+    ("logging.profile.mode=on", "logging.profile.mode=on: expected one of torch, nsys"),
     ("model.lora.target_modules=[to_q, on]",
      "model.lora.target_modules[1]=on: expected a string; YAML reads on as true: quote it (\"on\")"),
     ("train.max_iterations=", "train.max_iterations is empty: expected an integer"),
@@ -119,12 +136,14 @@ def test_a_config_that_cannot_be_read_is_named_with_the_reason(capsys, monkeypat
 def test_yaml_11_booleans_and_numbers_where_a_string_is_expected_are_explained(override, message, capsys,
                                                                                monkeypatch, tmp_path):
     """``logging.wandb_mode=off`` was reported as ``logging.wandb_mode=False: expected a string``,
-    ``train.max_iterations=`` as ``=None``."""
+    ``train.max_iterations=`` as ``=None``; then with a hint to quote it, which only led to ``expected
+    one of``."""
     assert _refused(capsys, monkeypatch, tmp_path, *REPORTED, override) == f"command line: {message}"
 
 
 @pytest.mark.parametrize("text, message", [
-    ("logging:\n  wandb_mode: off\n", 'logging.wandb_mode=off: expected a string; YAML reads off as false: quote it ("off")'),
+    ("logging:\n  wandb_name: off\n", 'logging.wandb_name=off: expected a string; YAML reads off as false: quote it ("off")'),
+    ("logging:\n  wandb_mode: off\n", "logging.wandb_mode=off: expected one of offline, online, disabled"),
     ("output_dir: 1.5\n", 'output_dir=1.5: expected a string; YAML reads 1.5 as a number: quote it ("1.5")'),
     ("train:\n  max_iterations:\n", "train.max_iterations is empty: expected an integer"),
     ("model:\n  teacher: ~\n", "model.teacher=null: expected a string"),

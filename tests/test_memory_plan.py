@@ -483,6 +483,16 @@ def test_plan_command_plans_the_sd3_examples_on_meta_sizes(tmp_path, capsys, wor
     assert "sd3-medium on 8 GPUs" in table and "fits" in table
 
 
+@pytest.mark.parametrize("example, arch", [("cogvideox/dmdx_stage2_adm.yaml", "cogvideox-2b"),
+                                           ("sd35/dmdx_stage2_adm.yaml", "sd3-medium")])
+def test_the_dmdx_stage_2_examples_fit_the_80_gib_cards_of_their_recipes(example, arch, capsys, world_of_one):
+    """DMDX.md runs stage 2 on nodes of 8 80 GiB GPUs, and ``train`` refuses on a GPU a run the planner
+    says does not fit: the SD3-Medium stage 2 (three 2B networks' fp32 weights, grads and AdamW state
+    on DP = 8) fits only with its optimizer states sharded."""
+    assert main(["plan", "--config", os.path.join(ROOT, "examples", example), "--arch", arch, "--gpus", "8",
+                 "--card", "80"]) == 0, capsys.readouterr().err
+
+
 def test_an_sd3_plan_takes_the_prompt_length_of_the_runs_embedding_shards(tmp_path):
     """SD3 takes prompts of any length: the plan uses the shards' length where they exist (here 16
     tokens), else the pipeline's default 77 CLIP + 256 T5."""

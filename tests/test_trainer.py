@@ -402,15 +402,15 @@ def test_keys_the_method_does_not_read_are_named_at_the_start(pipeline_dir, tmp_
 
     config = _config(pipeline_dir, tmp_path, "distill.method=dmd", "distill.delta_t=100", "distill.gan_weight=0.5",
                      "distill.dmd_t_range=[0.1, 0.9]", "train.export_lora=adapter")
-    assert [key for key, _, _ in unused_keys(config)] == ["distill.delta_t", "distill.gan_weight", "train.export_lora"]
+    assert [key for key, *_ in unused_keys(config)] == ["distill.delta_t", "distill.gan_weight", "train.export_lora"]
     with caplog.at_level(logging.WARNING, logger="adm_megatron"):
         Trainer(config)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "distill.delta_t=100 applies to distill.method=adm only: distill.method=dmd does not read it" in warned
     assert ("distill.gan_weight=0.5 applies to distill.method=dmd2 only: distill.method=dmd does not read it"
             in warned)
-    assert "train.export_lora='adapter' applies to LoRA runs (model.lora) only: distill.method=dmd does not read it" \
-        in warned
+    assert ("train.export_lora='adapter' applies to LoRA runs (model.lora) only: a run without model.lora does not "
+            "read it" in warned)
     assert not any("dmd_t_range" in w for w in warned)
     assert unused_keys(_config(pipeline_dir, tmp_path, "distill.method=adm", "distill.delta_t=100")) == []
 

@@ -13,13 +13,26 @@
 #    and this tree once more with model.compile=blocks (OUT_DIR/cpu_after_compiled.json: our blocks
 #    through torch.compile, diffusers' model eager);
 # 3. prints the tables and the before / after summary.
-# PYTHON (default python3) must import torch, megatron-core and diffusers.
+# PYTHON (default python3) must import torch, megatron-core and diffusers. Earlier figures are kept:
+# an OUT_DIR that holds any of the three JSON files is refused before anything runs, unless
+# OVERWRITE=1 (then all three are measured again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-docs/bench}
 PY=${PYTHON:-python3}
 BEFORE=${BEFORE:-d38e3f3}
 REPEATS=${REPEATS:-15}
+NAMES=(cpu_before.json cpu_after.json cpu_after_compiled.json)
+if [[ ${OVERWRITE:-0} == 1 ]]; then
+    rm -f "${NAMES[@]/#/$OUT/}"  # bench refuses an existing --out (the tree of $BEFORE has no --overwrite)
+else
+    for name in "${NAMES[@]}"; do
+        if [[ -e $OUT/$name ]]; then
+            echo "tools/bench_cpu.sh: $OUT/$name exists (an earlier measurement): give a new OUT_DIR, or OVERWRITE=1 to replace all three" >&2
+            exit 2
+        fi
+    done
+fi
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d)

@@ -71,11 +71,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output shard directory")
     parser.add_argument("--max-length", type=int, default=None,
                         help="T5 tokens per prompt (default: CogVideoX 226, SD3 256)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--shard-size", type=int, default=256, help="prompts per shard file")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts encoded at once (default 8)")
+    parser.add_argument("--shard-size", type=int, default=256, help="prompts per shard file (default 256)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
-                        help="encoder compute and storage dtype")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                        help="encoder compute and storage dtype (default bfloat16)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda when available, else cpu")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
 
