@@ -173,15 +173,16 @@ def test_run_reports_discriminator_health_in_metrics_and_warns_when_dead(pipelin
     assert not [r for r in caplog.records if "discriminator looks dead" in r.getMessage()]
 
 
-def test_progress_bar_shows_the_discriminators_paired_accuracy_and_margin(tmp_path):
+def test_progress_bar_names_the_method_and_shows_the_discriminators_paired_accuracy_and_margin(tmp_path):
     from adm_megatron.train.run_log import RunLogger
 
-    log = RunLogger(str(tmp_path), {}, 2, 0, True, wandb_mode="disabled", progress=True)
+    log = RunLogger(str(tmp_path), {"distill": {"method": "dmd2"}}, 2, 0, True, wandb_mode="disabled", progress=True)
     log.log({"iteration": 0, "generator/loss": 0.5, "discriminator/loss": 5.9,
              "discriminator/paired_accuracy": 0.75, "discriminator/paired_margin": 0.125})
-    postfix = log.bar.postfix
+    postfix, label = log.bar.postfix, log.bar.desc
     log.close()
     assert "D_acc=0.75" in postfix and "D_margin=0.125" in postfix and "gene=0.5" in postfix
+    assert label == "dmd2"  # the run's method, not always "adm"
 
 
 def test_image_samples_go_to_wandb_as_a_list_of_one_size_and_their_grid_apart(tmp_path):

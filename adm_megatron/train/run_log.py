@@ -93,7 +93,8 @@ class RunLogger:
             # than its last checkpoint, are dropped (the metrics file is trimmed the same way)
             self.tensorboard = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start)
         if progress:
-            self.bar = tqdm(total=total, initial=start, desc="adm", unit="it", dynamic_ncols=True)
+            method = config.get("distill", {}).get("method", "adm")  # the bar names the run's method
+            self.bar = tqdm(total=total, initial=start, desc=method, unit="it", dynamic_ncols=True)
             # log lines go above the bar, not glued to the end of its line (tqdm's own redirect)
             self._redirect.enter_context(logging_redirect_tqdm())
 
