@@ -137,7 +137,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     from adm_megatron.data.prompt_file import read_prompt_file
-    from adm_megatron.sampling import SampleRun, format_timing, generator_steps, sample, teacher_guidance
+    from adm_megatron.sampling import SampleRun, format_timing, generator_steps, sample, teacher_dir, teacher_guidance
 
     try:
         if args.samples_per_prompt < 1:
@@ -146,7 +146,7 @@ def _sample(args: argparse.Namespace) -> int:
         prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]  # sample i: its own seed + i
         runs = [SampleRun("generator", args.generator, generator_steps(args.generator, args.steps), args.guidance_scale)]
         if args.teacher_steps:
-            runs.append(SampleRun("teacher", None, args.teacher_steps,
+            runs.append(SampleRun("teacher", teacher_dir(args.pipeline, args.generator), args.teacher_steps,
                                   teacher_guidance(args.generator, args.teacher_guidance_scale)))
         result = sample(args.pipeline, runs, prompts, args.out, fmt=args.format, seed=args.seed,
                         command=args.command_line, dtype=args.dtype, overwrite=args.overwrite, resume=args.resume,
@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. a run's generator/) through its model family's diffusers pipeline with its N-step "
         "schedule and at its size (both from the distillation.json the trainer exports beside it, or "
         "--steps / --height / --width / --num-frames), and with "
-        "the pipeline's own transformer (the teacher) at --teacher-steps; writes OUT/generator/, "
+        "the teacher at --teacher-steps (the pipeline's own transformer, or the transformer directory the "
+        "generator was distilled from when its distillation.json names one); writes OUT/generator/, "
         "OUT/teacher/ and OUT/sample_timing.json and prints seconds per sample. Many processes: "
         "torchrun --nproc-per-node N -m adm_megatron.cli sample ... (or srun) splits the prompts over them.",
     )

@@ -36,7 +36,8 @@ from adm_megatron.data.batch_layout import contiguous_share
 from adm_megatron.families.registry import PromptEmbeddings
 from adm_megatron.models.frame_files import sample_name, write_grid
 from adm_megatron.models.diffusers_files import check_diffusers_weights
-from adm_megatron.models.generator_source import LORA_WEIGHTS, check_lora_fits, generator_parts, not_a_generator_hint
+from adm_megatron.models.generator_source import (LORA_WEIGHTS, check_lora_fits, generator_parts, not_a_generator_hint,
+                                                   teacher_transformer)
 from adm_megatron.models.pipeline_files import read_config
 from adm_megatron.models.pipeline_size import FLAGS, PipelineScale, pipeline_scale
 from adm_megatron.parallel import barrier, initialize_parallel, launch_env
@@ -91,6 +92,14 @@ def teacher_guidance(generator_dir: str, scale: float | None) -> float:
     record = read_distillation_record(generator_dir)
     low, high = (record or {}).get("teacher_guidance_scale") or (DEFAULT_TEACHER_GUIDANCE,) * 2
     return (low + high) / 2
+
+
+def teacher_dir(pipeline_dir: str, generator_dir: str) -> str | None:
+    """The transformer the teacher run renders: the teacher the generator was distilled from when its
+    ``distillation.json`` names a transformer directory of its own (a fine-tuned teacher beside
+    ``model.pipeline``), else None: the pipeline's own transformer."""
+    path = teacher_transformer(pipeline_dir, read_distillation_record(generator_dir))
+    return None if os.path.realpath(path) == os.path.realpath(os.path.join(pipeline_dir, "transformer")) else path
 
 
 def render_size(scale: PipelineScale, record: dict | None, native: tuple[int, int, int] | None,

@@ -256,6 +256,56 @@ def test_a_lora_directory_samples_on_the_generator_it_was_trained_from(tmp_path,
         "instead")
 
 
+def test_a_teacher_given_as_a_transformer_beside_its_pipeline_is_the_one_sampled(tmp_path, world_of_one, capsys):
+    """A run whose ``model.teacher`` is a transformer directory beside ``model.pipeline`` (a fine-tuned
+    teacher) trained its LoRA adapters on that teacher, not on the pipeline's own transformer, and its
+    ``distillation.json`` records both: the LoRA directory renders the merged export (to one 8-bit
+    level; on the pipeline's transformer it was far off), and the teacher run renders that teacher.
+    When the recorded teacher is gone, a one-line refusal."""
+    import shutil
+
+    import imageio.v3 as iio
+
+    from adm_megatron.cli import main
+    from adm_megatron.config import LoraConfig
+    from adm_megatron.lora import apply_lora
+    from adm_megatron.lora.export import export_lora_generator
+    from adm_megatron.models import build_model_from_hf
+    from adm_megatron.train.export import export_generator
+
+    pipeline = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    model = build_model_from_hf(f"{pipeline}/transformer")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the fine-tuned teacher: the pipeline's transformer moved far
+        for p in model.parameters():
+            p.add_(0.3 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    teacher = export_generator(model, model.arch, str(tmp_path / "finetuned"))
+    adapters = apply_lora(model, LoraConfig(rank=2, alpha=4.0, target_modules=["to_out.0", "ff.net.2"]), seed=0)
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    record = {"generator_steps": 2, "teacher": teacher, "pipeline": pipeline}
+    export_lora_generator(model, model.arch, str(tmp_path / "generator"), "both", record=record)
+    images = {}
+    for name in ("generator", "generator_lora"):
+        out = tmp_path / f"samples_{name}"
+        assert main(["sample", "--pipeline", pipeline, "--generator", str(tmp_path / name), "--prompt", "a red cat",
+                     "--format", "png", "--teacher-steps", "1", "--out", str(out)]) == 0
+        images[name] = iio.imread(out / "generator" / "sample-000.png").astype(int)
+        runs = json.loads((out / "sample_timing.json").read_text())["runs"]
+        assert [r["transformer"] for r in runs] == [teacher if name == "generator_lora" else str(tmp_path / name),
+                                                    teacher]
+    assert np.abs(images["generator_lora"] - images["generator"]).max() <= 1
+
+    shutil.rmtree(teacher)
+    capsys.readouterr()
+    assert main(["sample", "--pipeline", pipeline, "--generator", str(tmp_path / "generator_lora"), "--prompt", "x",
+                 "--teacher-steps", "0", "--out", str(tmp_path / "samples_gone")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"adm-megatron sample: --generator {tmp_path / 'generator_lora'}: the teacher {teacher} it was distilled "
+        f"from (distillation.json, beside model.pipeline={pipeline}) is not there")
+
+
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
