@@ -332,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the generator of a training checkpoint (checkpoints/iter_NNNNNNN, or a run "
         "directory: its latest) as the diffusers directory a finished run exports as generator/: its EMA "
         "weights when the run keeps an EMA (--weights auto), a LoRA generator as train.export_lora says, "
-        "with distillation.json (the iteration, the weights, the step count adm-megatron sample uses). "
+        "with distillation.json (the iteration, the weights, the step count adm-megatron sample uses) and a "
+        "README.md with the diffusers call that samples it. "
         "One process, on CPU (host memory for the weights and a copy of them).",
     )
     export.add_argument("--checkpoint", required=True, help="a training checkpoint, or a run's output_dir (its latest)")

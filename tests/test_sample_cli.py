@@ -306,6 +306,44 @@ def test_a_teacher_given_as_a_transformer_beside_its_pipeline_is_the_one_sampled
         f"from (distillation.json, beside model.pipeline={pipeline}) is not there")
 
 
+def test_an_exported_generators_readme_samples_it_with_diffusers_alone(tmp_path, world_of_one):
+    """The README.md beside a generator exported with a run's record is the diffusers call that
+    ``sample`` makes: run in a fresh process from that directory it renders ``sample``'s video pixel
+    for pixel, on a pipeline that ships CogVideoX-5b's stochastic ``CogVideoXDPMScheduler`` (its
+    ``CogVideoXDDIMScheduler`` swapped in), at the distilled size, steps and text length, without CFG."""
+    import imageio.v3 as iio
+
+    from adm_megatron.cli import main
+    from adm_megatron.config import load_config
+    from adm_megatron.convert.distillation_record import distillation_record
+    from adm_megatron.models import build_model_from_hf
+    from adm_megatron.train.export import export_generator
+    from model_card_run import render_card
+
+    pipeline = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    for name in ("model_index.json", "scheduler/scheduler_config.json"):
+        path = os.path.join(pipeline, name)
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(text.replace("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"))
+    config = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "cogvideox",
+                                      "tiny_cpu.yaml"),
+                         [f"model.teacher={pipeline}", "data.frames=2", "data.height=4", "data.width=6",
+                          "distill.generator_steps=2"])
+    model = build_model_from_hf(f"{pipeline}/transformer")
+    generator = export_generator(model, model.arch, str(tmp_path / "generator"),
+                                 record=distillation_record(config, 7, model.arch))
+    assert json.loads((tmp_path / "generator" / "distillation.json").read_text())["sampling"] == {
+        "pipeline_class": "CogVideoXPipeline", "transformer_class": "CogVideoXTransformer3DModel",
+        "scheduler": "CogVideoXDDIMScheduler", "num_inference_steps": 2, "guidance_scale": 1.0,
+        "height": 16, "width": 24, "num_frames": 5, "max_sequence_length": 16}
+    assert main(["sample", "--pipeline", pipeline, "--generator", generator, "--prompt", "a red cat", "--seed", "3",
+                 "--format", "png", "--teacher-steps", "0", "--out", str(tmp_path / "out")]) == 0
+    sampled = iio.imread(tmp_path / "out" / "generator" / "sample-000.png").astype(int)
+    assert np.array_equal(render_card(generator, "a red cat", 3, tmp_path), sampled)
+
+
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
