@@ -29,6 +29,16 @@ def diffusers_weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
             for name, tensor in check_safetensors_file(file)[0].items()}
 
 
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def weights_dtype(path: str) -> torch.dtype:
+    """The floating dtype of a diffusers model directory's weights, from the safetensors headers
+    alone: the one they all have, float32 when they mix (every float16 / bfloat16 value is exact in it)."""
+    found = {tensor["dtype"] for file in weight_files(path) for tensor in check_safetensors_file(file)[0].values()}
+    return _TORCH_DTYPES[found.pop()] if len(found) == 1 and found <= _TORCH_DTYPES.keys() else torch.float32
+
+
 def weight_files(path: str) -> list[str]:
     """The safetensors files of a diffusers model directory (one, or the shards its index names)."""
     single, index = os.path.join(path, _WEIGHTS), os.path.join(path, _INDEX)
