@@ -40,13 +40,15 @@ def weights_dtype(path: str) -> torch.dtype:
 
 
 def weight_files(path: str) -> list[str]:
-    """The safetensors files of a diffusers model directory (one, or the shards its index names)."""
+    """The safetensors files of a diffusers model directory: the shards its index names, else the one
+    file. The index first, as diffusers' ``from_pretrained`` reads it: a sharded ``save_pretrained``
+    into a directory leaves an earlier single file there, stale."""
     single, index = os.path.join(path, _WEIGHTS), os.path.join(path, _INDEX)
-    if os.path.isfile(single):
-        return [single]
     if os.path.isfile(index):
         with open(index) as f:
             return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+    if os.path.isfile(single):
+        return [single]
     raise FileNotFoundError(f"{path}: neither {_WEIGHTS} nor {_INDEX} found (a diffusers model directory expected)")
 
 
