@@ -26,6 +26,7 @@ def model_card(record: dict, lora: bool = False) -> str:
     steps, size = call["num_inference_steps"], record["latent_size"]
     pipeline = record.get("pipeline") or record["teacher"]
     low, high = record["teacher_guidance_scale"]
+    cfg = f"{low:g}" if low == high else f"{low:g} to {high:g}"
     args = "".join(f", {k}={call[k]}" for k in _CALL_KEYS if k in call)
     sampler = f"`{scheduler}` (built from the pipeline's scheduler config)" if scheduler else "the pipeline's scheduler"
     lines = [
@@ -35,8 +36,8 @@ def model_card(record: dict, lora: bool = False) -> str:
         f"{record['iteration']}, {record['weights']} weights) at latents {size['frames']}x{size['height']}x"
         f"{size['width']}; `distillation.json` is the whole record.",
         "",
-        f"Sample it with **{steps} steps of {sampler}** and "
-        f"**`guidance_scale=1.0`**: no classifier-free guidance, the teacher's CFG ({low:g} to {high:g}) is "
+        f"Sample it with **{steps} step{'s' if steps > 1 else ''} of {sampler}** and "
+        f"**`guidance_scale=1.0`**: no classifier-free guidance, the teacher's CFG ({cfg}) is "
         "distilled into the weights. The pipeline's defaults are the teacher's sampler (tens of steps with "
         "CFG): they run without an error and give wrong-looking samples.",
         "",
