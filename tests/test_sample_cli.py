@@ -305,6 +305,17 @@ def test_a_teacher_given_as_a_transformer_beside_its_pipeline_is_the_one_sampled
         f"adm-megatron sample: --generator {tmp_path / 'generator_lora'}: the teacher {teacher} it was distilled "
         f"from (distillation.json, beside model.pipeline={pipeline}) is not there")
 
+    # the pipeline's own transformer named as model.teacher: a moved copy of the pipeline renders it
+    moved = shutil.copytree(pipeline, tmp_path / "moved")
+    (tmp_path / "generator_lora" / "distillation.json").write_text(json.dumps(
+        {**record, "teacher": os.path.join(pipeline, "transformer")}))
+    shutil.rmtree(pipeline)
+    out = tmp_path / "samples_moved"
+    assert main(["sample", "--pipeline", str(moved), "--generator", str(tmp_path / "generator_lora"), "--prompt", "x",
+                 "--teacher-steps", "1", "--out", str(out)]) == 0
+    assert [r["transformer"] for r in json.loads((out / "sample_timing.json").read_text())["runs"]] == [
+        str(moved / "transformer")] * 2
+
 
 def test_an_exported_generators_readme_samples_it_with_diffusers_alone(tmp_path, world_of_one):
     """The README.md beside a generator exported with a run's record is the diffusers call that

@@ -34,12 +34,15 @@ def teacher_transformer(pipeline_dir: str, record: dict | None) -> str:
     pipeline teacher, a moved copy of it, or a megatron checkpoint's). One-line ValueError when the
     recorded teacher, not the pipeline, is gone."""
     record = record or {}
-    teacher = record.get("teacher")
+    teacher, recorded_pipeline = record.get("teacher"), record.get("pipeline")
+    if teacher and recorded_pipeline and os.path.normpath(teacher) == os.path.join(
+            os.path.normpath(recorded_pipeline), "transformer"):  # the pipeline's own, named as a transformer
+        return os.path.join(pipeline_dir, "transformer")
     if teacher and os.path.isfile(os.path.join(teacher, "config.json")):
         return teacher
-    if teacher and record.get("pipeline") and not os.path.isdir(teacher):
+    if teacher and recorded_pipeline and not os.path.isdir(teacher):
         raise ValueError(f"the teacher {teacher} it was distilled from ({DISTILLATION_FILE}, beside model.pipeline="
-                         f"{record['pipeline']}) is not there")
+                         f"{recorded_pipeline}) is not there")
     return os.path.join(pipeline_dir, "transformer")
 
 
