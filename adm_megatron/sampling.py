@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from adm_megatron.convert.checkpoint import output_holds
+from adm_megatron.convert.checkpoint import CHECKPOINT_META_FILE, output_holds
 from adm_megatron.convert.distillation_record import DISTILLATION_FILE, read_distillation_record
 from adm_megatron.data.batch_layout import contiguous_share
 from adm_megatron.families.registry import PromptEmbeddings
@@ -135,6 +135,12 @@ def _note_other_teacher(pipeline_dir: str, generator_dir: str, record: dict | No
     if os.path.realpath(recorded) not in same:
         _note(f"{generator_dir} was distilled with {recorded} ({DISTILLATION_FILE}); sampling it through "
               f"--pipeline {pipeline_dir}, whose text encoder and VAE must be the same ones")
+    teacher = record.get("teacher")
+    if teacher and os.path.isfile(os.path.join(teacher, CHECKPOINT_META_FILE)):  # diffusers cannot render it
+        _note(f"{generator_dir} was distilled from the megatron checkpoint {teacher} ({DISTILLATION_FILE}); the "
+              f"teacher here{' and the LoRA base' if generator_parts(pipeline_dir, generator_dir)[1] else ''} is "
+              f"--pipeline's own transformer, which must hold the same weights (convert_checkpoint.py "
+              "megatron-to-hf gives them)")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -355,6 +355,28 @@ def test_an_exported_generators_readme_samples_it_with_diffusers_alone(tmp_path,
     assert np.array_equal(render_card(generator, "a red cat", 3, tmp_path), sampled)
 
 
+def test_a_generator_of_a_megatron_checkpoint_teacher_gets_a_note(tmp_path, world_of_one, capsys):
+    """diffusers cannot render a megatron checkpoint: when the generator's record names one as its
+    teacher, the teacher run is --pipeline's own transformer, which a note says must be the same weights."""
+    from adm_megatron.cli import main
+    from adm_megatron.convert.checkpoint import CHECKPOINT_META_FILE
+    from adm_megatron.models import build_model_from_hf
+    from adm_megatron.train.export import export_generator
+
+    pipeline = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / CHECKPOINT_META_FILE).write_text("{}")
+    model = build_model_from_hf(f"{pipeline}/transformer")
+    generator = export_generator(model, model.arch, str(tmp_path / "generator"), record={
+        "generator_steps": 1, "teacher": str(tmp_path / "ckpt"), "pipeline": pipeline})
+    capsys.readouterr()
+    assert main(["sample", "--pipeline", pipeline, "--generator", generator, "--prompt", "x", "--format", "png",
+                 "--teacher-steps", "1", "--out", str(tmp_path / "out")]) == 0
+    assert (f"adm-megatron sample: note: {generator} was distilled from the megatron checkpoint {tmp_path / 'ckpt'} "
+            "(distillation.json); the teacher here is --pipeline's own transformer, which must hold the same "
+            "weights (convert_checkpoint.py megatron-to-hf gives them)") in capsys.readouterr().err.splitlines()
+
+
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
