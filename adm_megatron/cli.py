@@ -138,7 +138,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from adm_megatron.data.prompt_file import read_prompt_file
     from adm_megatron.hub_cache import local_dir
-    from adm_megatron.sampling import SampleRun, format_timing, generator_steps, sample, teacher_guidance
+    from adm_megatron.sampling import SampleRun, format_timing, generator_steps, sample, teacher_dir, teacher_guidance
 
     try:
         if args.samples_per_prompt < 1:
@@ -149,7 +149,7 @@ def _sample(args: argparse.Namespace) -> int:
         prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]  # sample i: its own seed + i
         runs = [SampleRun("generator", args.generator, generator_steps(args.generator, args.steps), args.guidance_scale)]
         if args.teacher_steps:
-            runs.append(SampleRun("teacher", None, args.teacher_steps,
+            runs.append(SampleRun("teacher", teacher_dir(args.pipeline, args.generator), args.teacher_steps,
                                   teacher_guidance(args.generator, args.teacher_guidance_scale)))
         result = sample(args.pipeline, runs, prompts, args.out, fmt=args.format, seed=args.seed,
                         command=args.command_line, dtype=args.dtype, overwrite=args.overwrite, resume=args.resume,
@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. a run's generator/) through its model family's diffusers pipeline with its N-step "
         "schedule and at its size (both from the distillation.json the trainer exports beside it, or "
         "--steps / --height / --width / --num-frames), and with "
-        "the pipeline's own transformer (the teacher) at --teacher-steps; writes OUT/generator/, "
+        "the teacher at --teacher-steps (the pipeline's own transformer, or the transformer directory the "
+        "generator was distilled from when its distillation.json names one); writes OUT/generator/, "
         "OUT/teacher/ and OUT/sample_timing.json and prints seconds per sample. Many processes: "
         "torchrun --nproc-per-node N -m adm_megatron.cli sample ... (or srun) splits the prompts over them.",
     )
@@ -353,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the generator of a training checkpoint (checkpoints/iter_NNNNNNN, or a run "
         "directory: its latest) as the diffusers directory a finished run exports as generator/: its EMA "
         "weights when the run keeps an EMA (--weights auto), a LoRA generator as train.export_lora says, "
-        "with distillation.json (the iteration, the weights, the step count adm-megatron sample uses). "
+        "with distillation.json (the iteration, the weights, the step count adm-megatron sample uses) and a "
+        "README.md with the diffusers call that samples it. "
         "One process, on CPU (host memory for the weights and a copy of them).",
     )
     export.add_argument("--checkpoint", required=True, help="a training checkpoint, or a run's output_dir (its latest)")

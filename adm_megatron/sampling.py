@@ -30,14 +30,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from adm_megatron.convert.checkpoint import output_holds
+from adm_megatron.convert.checkpoint import CHECKPOINT_META_FILE, output_holds
 from adm_megatron.convert.distillation_record import DISTILLATION_FILE, read_distillation_record
 from adm_megatron.data.batch_layout import contiguous_share
 from adm_megatron.hub_cache import not_found_hint
 from adm_megatron.families.registry import PromptEmbeddings
 from adm_megatron.models.frame_files import sample_name, write_grid
 from adm_megatron.models.diffusers_files import check_diffusers_weights
-from adm_megatron.models.generator_source import LORA_WEIGHTS, check_lora_fits, generator_parts, not_a_generator_hint
+from adm_megatron.models.generator_source import (LORA_WEIGHTS, check_lora_fits, generator_parts, not_a_generator_hint,
+                                                   teacher_transformer)
 from adm_megatron.models.pipeline_files import read_config
 from adm_megatron.models.pipeline_size import FLAGS, PipelineScale, pipeline_scale
 from adm_megatron.parallel import barrier, initialize_parallel, launch_env
@@ -94,6 +95,14 @@ def teacher_guidance(generator_dir: str, scale: float | None) -> float:
     return (low + high) / 2
 
 
+def teacher_dir(pipeline_dir: str, generator_dir: str) -> str | None:
+    """The transformer the teacher run renders: the teacher the generator was distilled from when its
+    ``distillation.json`` names a transformer directory of its own (a fine-tuned teacher beside
+    ``model.pipeline``), else None: the pipeline's own transformer."""
+    path = teacher_transformer(pipeline_dir, read_distillation_record(generator_dir))
+    return None if os.path.realpath(path) == os.path.realpath(os.path.join(pipeline_dir, "transformer")) else path
+
+
 def render_size(scale: PipelineScale, record: dict | None, native: tuple[int, int, int] | None,
                 requested: dict) -> tuple[dict, tuple[int, int, int] | None]:
     """The pipeline call's size arguments and their latent size: each of ``requested`` (pixel
@@ -127,6 +136,12 @@ def _note_other_teacher(pipeline_dir: str, generator_dir: str, record: dict | No
     if os.path.realpath(recorded) not in same:
         _note(f"{generator_dir} was distilled with {recorded} ({DISTILLATION_FILE}); sampling it through "
               f"--pipeline {pipeline_dir}, whose text encoder and VAE must be the same ones")
+    teacher = record.get("teacher")
+    if teacher and os.path.isfile(os.path.join(teacher, CHECKPOINT_META_FILE)):  # diffusers cannot render it
+        _note(f"{generator_dir} was distilled from the megatron checkpoint {teacher} ({DISTILLATION_FILE}); the "
+              f"teacher here{' and the LoRA base' if generator_parts(pipeline_dir, generator_dir)[1] else ''} is "
+              f"--pipeline's own transformer, which must hold the same weights (convert_checkpoint.py "
+              "megatron-to-hf gives them)")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

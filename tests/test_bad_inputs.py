@@ -54,6 +54,15 @@ def test_a_truncated_teacher_is_refused_in_one_line(pipeline_dir, tmp_path):
     assert f"{weights}: not a readable safetensors file (20 bytes; truncated?)" in _refusal(teacher, str(tmp_path / "run"))
 
 
+def test_a_teacher_without_a_pipeline_is_told_to_name_one(pipeline_dir, tmp_path):
+    """A transformer directory as model.teacher has no schedule: the refusal named
+    'scheduler/scheduler_config.json', a path relative to nowhere, as what was expected."""
+    teacher = os.path.join(pipeline_dir, "transformer")
+    assert _refusal(teacher, str(tmp_path / "run")) == (
+        f"model.teacher={teacher}: a transformer directory has no noise schedule; set model.pipeline to its "
+        "CogVideoXPipeline directory (its scheduler/scheduler_config.json)")
+
+
 def test_samples_from_a_pipeline_without_vae_are_refused_before_training(pipeline_dir, tmp_path):
     teacher = str(tmp_path / "pipe")
     shutil.copytree(pipeline_dir, teacher)

@@ -116,6 +116,43 @@ def test_a_pipeline_directory_converts_as_its_transformer(world_of_one, cogvideo
     _assert_same_weights(_weights(back), _weights(os.path.join(cogvideox_pipeline, "transformer")), "pipeline")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_round_trips_in_its_own_dtype(world_of_one, hf_dirs, dtype, tmp_path):
+    """Converted with the defaults, a bf16 / fp16 diffusers model (as CogVideoX-5b / -2b are published)
+    came back as float32: equal values in files twice the size, not the bit-exact round trip the
+    README promises. The checkpoint now keeps the weights' own dtype; --dtype still chooses one."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from adm_megatron.convert import hf_to_megatron_checkpoint, megatron_to_hf_checkpoint
+
+    half = str(tmp_path / "half")
+    CogVideoXTransformer3DModel.from_pretrained(hf_dirs["2b"], torch_dtype=dtype).save_pretrained(half)
+    hf_to_megatron_checkpoint(half, str(tmp_path / "meg"))
+    megatron_to_hf_checkpoint(str(tmp_path / "meg"), str(tmp_path / "back"))
+    _assert_same_weights(_weights(str(tmp_path / "back")), _weights(half), str(dtype))
+    hf_to_megatron_checkpoint(half, str(tmp_path / "meg32"), params_dtype=torch.float32)
+    megatron_to_hf_checkpoint(str(tmp_path / "meg32"), str(tmp_path / "back32"))
+    assert {t.dtype for t in _weights(str(tmp_path / "back32")).values()} == {torch.float32}
+
+
+def test_a_sharded_save_over_a_single_file_reads_as_diffusers_loads_it(world_of_one, hf_dirs, tmp_path):
+    """A fine-tuned transformer saved sharded into its original directory leaves the old single file
+    beside the shards; diffusers' from_pretrained reads the shards, and so must the teacher loader,
+    the converter and the sampler's checks (the single file won: the run trained on stale weights)."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    path = str(tmp_path / "transformer")
+    shutil.copytree(hf_dirs["2b"], path)
+    model = CogVideoXTransformer3DModel.from_pretrained(path)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    model.save_pretrained(path, max_shard_size="50KB")
+    assert os.path.isfile(os.path.join(path, "diffusion_pytorch_model.safetensors"))  # the stale one
+    loaded = CogVideoXTransformer3DModel.from_pretrained(path).state_dict()
+    _assert_same_weights(_weights(path), loaded, "sharded")
+
+
 def test_a_lora_generator_checkpoint_loads_with_its_adapters_and_converts_merged(world_of_one, hf_dirs, tmp_path):
     """A LoRA run's generator checkpoint (e.g. a mid-run one) records its adapters' settings; it
     loads back with the same adapters and converts to diffusers with them merged into the weights."""

@@ -256,6 +256,127 @@ def test_a_lora_directory_samples_on_the_generator_it_was_trained_from(tmp_path,
         "instead")
 
 
+def test_a_teacher_given_as_a_transformer_beside_its_pipeline_is_the_one_sampled(tmp_path, world_of_one, capsys):
+    """A run whose ``model.teacher`` is a transformer directory beside ``model.pipeline`` (a fine-tuned
+    teacher) trained its LoRA adapters on that teacher, not on the pipeline's own transformer, and its
+    ``distillation.json`` records both: the LoRA directory renders the merged export (to one 8-bit
+    level; on the pipeline's transformer it was far off), and the teacher run renders that teacher.
+    When the recorded teacher is gone, a one-line refusal."""
+    import shutil
+
+    import imageio.v3 as iio
+
+    from adm_megatron.cli import main
+    from adm_megatron.config import LoraConfig
+    from adm_megatron.lora import apply_lora
+    from adm_megatron.lora.export import export_lora_generator
+    from adm_megatron.models import build_model_from_hf
+    from adm_megatron.train.export import export_generator
+
+    pipeline = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    model = build_model_from_hf(f"{pipeline}/transformer")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the fine-tuned teacher: the pipeline's transformer moved far
+        for p in model.parameters():
+            p.add_(0.3 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    teacher = export_generator(model, model.arch, str(tmp_path / "finetuned"))
+    adapters = apply_lora(model, LoraConfig(rank=2, alpha=4.0, target_modules=["to_out.0", "ff.net.2"]), seed=0)
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    record = {"generator_steps": 2, "teacher": teacher, "pipeline": pipeline}
+    export_lora_generator(model, model.arch, str(tmp_path / "generator"), "both", record=record)
+    images = {}
+    for name in ("generator", "generator_lora"):
+        out = tmp_path / f"samples_{name}"
+        assert main(["sample", "--pipeline", pipeline, "--generator", str(tmp_path / name), "--prompt", "a red cat",
+                     "--format", "png", "--teacher-steps", "1", "--out", str(out)]) == 0
+        images[name] = iio.imread(out / "generator" / "sample-000.png").astype(int)
+        runs = json.loads((out / "sample_timing.json").read_text())["runs"]
+        assert [r["transformer"] for r in runs] == [teacher if name == "generator_lora" else str(tmp_path / name),
+                                                    teacher]
+    assert np.abs(images["generator_lora"] - images["generator"]).max() <= 1
+
+    shutil.rmtree(teacher)
+    capsys.readouterr()
+    assert main(["sample", "--pipeline", pipeline, "--generator", str(tmp_path / "generator_lora"), "--prompt", "x",
+                 "--teacher-steps", "0", "--out", str(tmp_path / "samples_gone")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"adm-megatron sample: --generator {tmp_path / 'generator_lora'}: the teacher {teacher} it was distilled "
+        f"from (distillation.json, beside model.pipeline={pipeline}) is not there")
+
+    # the pipeline's own transformer named as model.teacher: a moved copy of the pipeline renders it
+    moved = shutil.copytree(pipeline, tmp_path / "moved")
+    (tmp_path / "generator_lora" / "distillation.json").write_text(json.dumps(
+        {**record, "teacher": os.path.join(pipeline, "transformer")}))
+    shutil.rmtree(pipeline)
+    out = tmp_path / "samples_moved"
+    assert main(["sample", "--pipeline", str(moved), "--generator", str(tmp_path / "generator_lora"), "--prompt", "x",
+                 "--teacher-steps", "1", "--out", str(out)]) == 0
+    assert [r["transformer"] for r in json.loads((out / "sample_timing.json").read_text())["runs"]] == [
+        str(moved / "transformer")] * 2
+
+
+def test_an_exported_generators_readme_samples_it_with_diffusers_alone(tmp_path, world_of_one):
+    """The README.md beside a generator exported with a run's record is the diffusers call that
+    ``sample`` makes: run in a fresh process from that directory it renders ``sample``'s video pixel
+    for pixel, on a pipeline that ships CogVideoX-5b's stochastic ``CogVideoXDPMScheduler`` (its
+    ``CogVideoXDDIMScheduler`` swapped in), at the distilled size, steps and text length, without CFG."""
+    import imageio.v3 as iio
+
+    from adm_megatron.cli import main
+    from adm_megatron.config import load_config
+    from adm_megatron.convert.distillation_record import distillation_record
+    from adm_megatron.models import build_model_from_hf
+    from adm_megatron.train.export import export_generator
+    from model_card_run import render_card
+
+    pipeline = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    for name in ("model_index.json", "scheduler/scheduler_config.json"):
+        path = os.path.join(pipeline, name)
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(text.replace("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"))
+    config = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "cogvideox",
+                                      "tiny_cpu.yaml"),
+                         [f"model.teacher={pipeline}", "data.frames=2", "data.height=4", "data.width=6",
+                          "distill.generator_steps=2"])
+    model = build_model_from_hf(f"{pipeline}/transformer")
+    generator = export_generator(model, model.arch, str(tmp_path / "generator"),
+                                 record=distillation_record(config, 7, model.arch))
+    assert json.loads((tmp_path / "generator" / "distillation.json").read_text())["sampling"] == {
+        "pipeline_class": "CogVideoXPipeline", "transformer_class": "CogVideoXTransformer3DModel",
+        "scheduler": "CogVideoXDDIMScheduler", "num_inference_steps": 2, "guidance_scale": 1.0,
+        "height": 16, "width": 24, "num_frames": 5, "max_sequence_length": 16}
+    assert main(["sample", "--pipeline", pipeline, "--generator", generator, "--prompt", "a red cat", "--seed", "3",
+                 "--format", "png", "--teacher-steps", "0", "--out", str(tmp_path / "out")]) == 0
+    sampled = iio.imread(tmp_path / "out" / "generator" / "sample-000.png").astype(int)
+    assert np.array_equal(render_card(generator, "a red cat", 3, tmp_path), sampled)
+
+
+def test_a_generator_of_a_megatron_checkpoint_teacher_gets_a_note(tmp_path, world_of_one, capsys):
+    """diffusers cannot render a megatron checkpoint: when the generator's record names one as its
+    teacher, the teacher run is --pipeline's own transformer, which a note says must be the same weights."""
+    from adm_megatron.cli import main
+    from adm_megatron.convert.checkpoint import CHECKPOINT_META_FILE
+    from adm_megatron.models import build_model_from_hf
+    from adm_megatron.train.export import export_generator
+
+    pipeline = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / CHECKPOINT_META_FILE).write_text("{}")
+    model = build_model_from_hf(f"{pipeline}/transformer")
+    generator = export_generator(model, model.arch, str(tmp_path / "generator"), record={
+        "generator_steps": 1, "teacher": str(tmp_path / "ckpt"), "pipeline": pipeline})
+    capsys.readouterr()
+    assert main(["sample", "--pipeline", pipeline, "--generator", generator, "--prompt", "x", "--format", "png",
+                 "--teacher-steps", "1", "--out", str(tmp_path / "out")]) == 0
+    assert (f"adm-megatron sample: note: {generator} was distilled from the megatron checkpoint {tmp_path / 'ckpt'} "
+            "(distillation.json); the teacher here is --pipeline's own transformer, which must hold the same "
+            "weights (convert_checkpoint.py megatron-to-hf gives them)") in capsys.readouterr().err.splitlines()
+
+
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -92,7 +93,6 @@ def test_sd3_adm_run_trains_exports_and_renders(sd3_pipeline, prompt_dir, tmp_pa
 
     # adm-megatron sample renders the run's own samples again: the same prompts, seeds and T5 length (the
     # embeddings' 16 T5 tokens, from distillation.json; at the pipeline's 256 they differed by up to 14 / 255)
-    import numpy as np
     from PIL import Image
 
     from adm_megatron.cli import main
@@ -106,6 +106,11 @@ def test_sd3_adm_run_trains_exports_and_renders(sd3_pipeline, prompt_dir, tmp_pa
         ours = np.asarray(Image.open(out / "generator" / f"sample-00{i}.png"), dtype=int)
         runs = np.asarray(Image.open(tmp_path / "run" / "samples" / f"sample-00{i}.png"), dtype=int)
         assert np.abs(ours - runs).max() <= 1, i
+    # and so does the README.md beside the generator, in diffusers alone (T5's max_sequence_length=16 included)
+    from model_card_run import render_card
+
+    first = np.asarray(Image.open(out / "generator" / "sample-000.png"), dtype=int)
+    assert np.array_equal(render_card(result.generator_dir, PROMPTS[0], config.seed, tmp_path), first)
 
 
 def test_sd3_lora_adm_run_exports_a_file_equal_to_its_merged_export(sd3_pipeline, prompt_dir, tmp_path, world_of_one):
@@ -135,6 +140,13 @@ def test_sd3_lora_adm_run_exports_a_file_equal_to_its_merged_export(sd3_pipeline
     assert rel_err(call(merged), teacher_out) > 1e-4  # the adapters trained
     assert rel_err(call(pipe.transformer), call(merged)) <= 1e-5
     assert sorted(os.path.basename(p) for p in result.samples) == ["grid.png", "sample-000.png", "sample-001.png"]
+    # the README.md beside the LoRA file (load_lora_weights on the teacher) renders the merged one's image
+    from model_card_run import card_code, render_card
+
+    assert "pipe.load_lora_weights(generator_dir)" in card_code(os.path.join(tmp_path, "run", "generator_lora"))
+    images = [render_card(os.path.join(tmp_path, "run", name), PROMPTS[0], 0, tmp_path)
+              for name in ("generator", "generator_lora")]
+    assert np.abs(images[0] - images[1]).max() <= 1
 
 
 def test_sd3_lora_file_loads_in_the_sd3_pipeline(sd3_pipeline, tmp_path, world_of_one):

@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="diffusers model directory (e.g. CogVideoX-2b/transformer), or a pipeline "
                      "directory with one in transformer/ (or a Hugging Face repo id in the local hub cache)")
     common(h2m)
-    h2m.add_argument("--dtype", choices=DTYPES, default="float32",
-                     help="parameter dtype stored in the checkpoint (default float32)")
+    h2m.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto",
+                     help="parameter dtype stored in the checkpoint (default auto: the diffusers weights' own, "
+                     "float32 when they mix; the round trip then gives them back bit for bit)")
 
     m2h = sub.add_parser(
         "megatron-to-hf",
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "hf-to-megatron":
             out = hf_to_megatron_checkpoint(
                 args.hf_path, args.out, overwrite=args.overwrite,
-                params_dtype=getattr(torch, args.dtype),
+                params_dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
             )
             what = "megatron checkpoint"
         else:

@@ -534,8 +534,10 @@ def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, *, overwrite: bool = Fa
     """Collective: diffusers transformer directory (of any registered family, by its
     ``_class_name``), or a pipeline directory with one in ``transformer/`` (as ``model.teacher``
     takes) -> megatron checkpoint, written at the current layout (a world of one if none is
-    initialized)."""
+    initialized). ``params_dtype`` None (or not given): the dtype of the diffusers weights, so that
+    the round trip gives them back bit for bit (float32 when they mix)."""
     from adm_megatron.families import family_of_model_dir
+    from adm_megatron.models.diffusers_files import weights_dtype
 
     if not os.path.isdir(hf_dir):
         raise CheckpointNotFoundError(f"diffusers model directory {hf_dir} does not exist")
@@ -543,6 +545,8 @@ def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, *, overwrite: bool = Fa
     hf_dir = transformer_dir_of(hf_dir)
     try:
         family = family_of_model_dir(hf_dir)
+        if build_kwargs.get("params_dtype") is None:
+            build_kwargs["params_dtype"] = weights_dtype(hf_dir)
     except ValueError as exc:
         raise CheckpointError(one_line(exc)) from None
     model = family.build_model_from_hf(hf_dir, **build_kwargs)

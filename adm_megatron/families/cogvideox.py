@@ -25,6 +25,9 @@ from adm_megatron.families.registry import (
 
 DIFFUSERS_CLASS = "CogVideoXTransformer3DModel"
 PIPELINE_CLASS = "CogVideoXPipeline"
+# the deterministic 'trailing' DDIM (PF-ODE) the generator is distilled on, also where the pipeline ships
+# the stochastic CogVideoXDPMScheduler (CogVideoX-5b)
+SAMPLER_SCHEDULER = "CogVideoXDDIMScheduler"
 
 
 def _positional_inputs(arch, frames: int, latent_height: int, latent_width: int, device=None):
@@ -84,6 +87,12 @@ def _encode_prompts(pipeline_dir: str, prompts: list, arch, device, text_length:
     return PromptEmbeddings(text=embeds[:-1], negative=embeds[-1])
 
 
+def _prompt_call_options(pipeline_dir: str, arch, text_length: int | None = None) -> dict:
+    """T5 padded to the transformer's text length, as training's embeddings are (the pipeline's
+    default, 226, is the real models' length)."""
+    return {"max_sequence_length": arch.max_text_seq_length}
+
+
 COGVIDEOX = register_family(ModelFamily(
     name="cogvideox",
     diffusers_classes=(DIFFUSERS_CLASS,),
@@ -103,6 +112,8 @@ COGVIDEOX = register_family(ModelFamily(
     check_run=_check_run,
     render_samples=_render_samples,
     encode_prompts=_encode_prompts,
+    sampler_scheduler=SAMPLER_SCHEDULER,
+    prompt_call_options=_prompt_call_options,
     presets=PRESETS,
     tiny_pipelines={
         "cogvideox-2b": tiny_pipeline("adm_megatron.data.tiny_pipeline", "build_tiny_pipeline"),

@@ -94,6 +94,12 @@ class ModelFamily:
     # (pipeline_dir, prompts, arch, device, text_length=None) -> PromptEmbeddings, with the pipeline's own text
     # encoder(s), to the token length the run trained on (None: the pipeline's default)
     encode_prompts: Callable[..., PromptEmbeddings]
+    # the diffusers scheduler class the few-step generator samples with, built from the pipeline's own
+    # scheduler config (``Class.from_config(pipe.scheduler.config)``); None: the pipeline's scheduler as shipped
+    sampler_scheduler: str | None = None
+    # (pipeline_dir, arch, text_length | None) -> the pipeline call's text arguments (e.g.
+    # max_sequence_length) that encode a prompt as the run's embeddings were; reads configs only
+    prompt_call_options: Callable[..., dict] | None = None
     presets: dict = field(default_factory=dict)  # real-size name -> diffusers config (meta builds, plans)
     # name -> (out_dir, seed, overwrite) -> out_dir: a tiny random but complete diffusers pipeline of
     # the model it is named after, built offline (tests, smoke runs; tools/make_tiny_pipeline.py)

@@ -84,6 +84,17 @@ def _encode_prompts(pipeline_dir: str, prompts: list, arch, device, text_length:
     return PromptEmbeddings(text=embeds[:-1], negative=embeds[-1], pooled=pooled[:-1], negative_pooled=pooled[-1])
 
 
+def _prompt_call_options(pipeline_dir: str, arch, text_length: int | None = None) -> dict:
+    """T5's ``max_sequence_length``: the run's text length past the CLIP tokens (the pipeline's
+    ``tokenizer_max_length``, its CLIP tokenizer's ``model_max_length``); {} for the default 256."""
+    from adm_megatron.models.pipeline_files import component_config
+
+    if not text_length:
+        return {}
+    clip = component_config(pipeline_dir, "tokenizer", "tokenizer_config.json").get("model_max_length", 77)
+    return {"max_sequence_length": text_length - clip}
+
+
 SD3 = register_family(ModelFamily(
     name="sd3",
     diffusers_classes=(DIFFUSERS_CLASS,),
@@ -103,6 +114,8 @@ SD3 = register_family(ModelFamily(
     check_run=_check_run,
     render_samples=_render_samples,
     encode_prompts=_encode_prompts,
+    sampler_scheduler="FlowMatchEulerDiscreteScheduler",
+    prompt_call_options=_prompt_call_options,
     presets=PRESETS,
     tiny_pipelines={
         "sd3-medium": tiny_pipeline("adm_megatron.data.tiny_sd3_pipeline", "build_tiny_sd3_pipeline"),

@@ -67,7 +67,7 @@ def export_lora_file(model: torch.nn.Module, out_dir: str, *, overwrite: bool = 
             pipeline_class.save_lora_weights(tmp, transformer_lora_layers=state, weight_name=LORA_WEIGHTS,
                                              transformer_lora_adapter_metadata=metadata)
             if record is not None:
-                write_distillation_record(tmp, record)
+                write_distillation_record(tmp, record, lora=True)
 
     return write_atomically(out_dir, overwrite, write)
 

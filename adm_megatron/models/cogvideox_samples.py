@@ -58,9 +58,11 @@ def video_shape(pipeline_dir: str, transformer_dir: str | None = None) -> VideoS
 
 def _load_pipeline(pipeline_dir: str, transformer_dir: str | None, dtype: torch.dtype, device,
                    vae_tiling: bool = False):
-    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    import diffusers
+    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
     from adm_megatron.diffusion import VPVPredSchedule
+    from adm_megatron.families.cogvideox import SAMPLER_SCHEDULER
 
     read_config(pipeline_dir, "model_index.json", "pipeline index")
     component_config(pipeline_dir, "vae")
@@ -76,7 +78,7 @@ def _load_pipeline(pipeline_dir: str, transformer_dir: str | None, dtype: torch.
         pipeline_dir, transformer=transformer, text_encoder=None, tokenizer=None, dtype=dtype)
     if lora_dir is not None:
         load_lora(pipeline, lora_dir)
-    pipeline.scheduler = CogVideoXDDIMScheduler.from_config(scheduler_config)
+    pipeline.scheduler = getattr(diffusers, SAMPLER_SCHEDULER).from_config(scheduler_config)
     if vae_tiling:
         pipeline.vae.enable_tiling()
     pipeline.set_progress_bar_config(disable=True)

@@ -29,14 +29,26 @@ def diffusers_weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
             for name, tensor in check_safetensors_file(file)[0].items()}
 
 
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def weights_dtype(path: str) -> torch.dtype:
+    """The floating dtype of a diffusers model directory's weights, from the safetensors headers
+    alone: the one they all have, float32 when they mix (every float16 / bfloat16 value is exact in it)."""
+    found = {tensor["dtype"] for file in weight_files(path) for tensor in check_safetensors_file(file)[0].values()}
+    return _TORCH_DTYPES[found.pop()] if len(found) == 1 and found <= _TORCH_DTYPES.keys() else torch.float32
+
+
 def weight_files(path: str) -> list[str]:
-    """The safetensors files of a diffusers model directory (one, or the shards its index names)."""
+    """The safetensors files of a diffusers model directory: the shards its index names, else the one
+    file. The index first, as diffusers' ``from_pretrained`` reads it: a sharded ``save_pretrained``
+    into a directory leaves an earlier single file there, stale."""
     single, index = os.path.join(path, _WEIGHTS), os.path.join(path, _INDEX)
-    if os.path.isfile(single):
-        return [single]
     if os.path.isfile(index):
         with open(index) as f:
             return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+    if os.path.isfile(single):
+        return [single]
     raise FileNotFoundError(f"{path}: neither {_WEIGHTS} nor {_INDEX} found (a diffusers model directory expected)")
 
 

@@ -1,14 +1,15 @@
 """What a generator directory handed to sampling holds: a whole diffusers transformer (a run's
 ``generator/``, a converted checkpoint) or a diffusers LoRA file (a run's ``generator_lora/``:
 ``pytorch_lora_weights.safetensors``, adapters for the transformer the run trained them on: the
-pipeline's own, the teacher, or the run's ``model.generator_init``, which its ``distillation.json``
-records), and the cheap checks that the adapters fit that transformer."""
+teacher -- the pipeline's own transformer or a transformer directory given as ``model.teacher`` --
+or the run's ``model.generator_init``, which its ``distillation.json`` records), the teacher it was
+distilled from, and the cheap checks that the adapters fit that transformer."""
 
 from __future__ import annotations
 
 import os
 
-from adm_megatron.convert.distillation_record import read_distillation_record
+from adm_megatron.convert.distillation_record import DISTILLATION_FILE, read_distillation_record
 from adm_megatron.data.safetensors_rows import check_safetensors_file
 from adm_megatron.models.diffusers_files import diffusers_weight_shapes
 
@@ -18,22 +19,45 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 def generator_parts(pipeline_dir: str, generator_dir: str | None) -> tuple[str, str | None]:
     """(the transformer directory, the LoRA directory or None) that make up ``generator_dir``
     (``None``: the pipeline's own transformer)."""
-    teacher = os.path.join(pipeline_dir, "transformer")
     if generator_dir is None:
-        return teacher, None
+        return os.path.join(pipeline_dir, "transformer"), None
     if os.path.isfile(os.path.join(generator_dir, LORA_WEIGHTS)) and not os.path.isfile(
             os.path.join(generator_dir, "config.json")):
-        return lora_base(generator_dir, teacher), generator_dir
+        return lora_base(generator_dir, pipeline_dir), generator_dir
     return generator_dir, None
 
 
-def lora_base(lora_dir: str, teacher: str) -> str:
+def teacher_transformer(pipeline_dir: str, record: dict | None) -> str:
+    """The diffusers transformer directory of the teacher a generator was distilled from: the run's
+    ``model.teacher`` when its ``distillation.json`` (``record``) names a transformer directory (e.g.
+    a fine-tuned teacher beside ``model.pipeline``), else the pipeline's own ``transformer/`` (a
+    pipeline teacher, a moved copy of it, or a megatron checkpoint's). One-line ValueError when the
+    recorded teacher, not the pipeline, is gone."""
+    record = record or {}
+    teacher, recorded_pipeline = record.get("teacher"), record.get("pipeline")
+    if teacher and recorded_pipeline and os.path.normpath(teacher) == os.path.join(
+            os.path.normpath(recorded_pipeline), "transformer"):  # the pipeline's own, named as a transformer
+        return os.path.join(pipeline_dir, "transformer")
+    if teacher and os.path.isfile(os.path.join(teacher, "config.json")):
+        return teacher
+    if teacher and recorded_pipeline and not os.path.isdir(teacher):
+        raise ValueError(f"the teacher {teacher} it was distilled from ({DISTILLATION_FILE}, beside model.pipeline="
+                         f"{recorded_pipeline}) is not there")
+    return os.path.join(pipeline_dir, "transformer")
+
+
+def lora_base(lora_dir: str, pipeline_dir: str) -> str:
     """The transformer ``lora_dir``'s adapters were trained on: the run's ``model.generator_init``
     when its ``distillation.json`` records one (a LoRA stage after ADP: the adapters on the teacher
-    would sample the teacher plus a delta), else ``teacher``; one-line ValueError when it is gone."""
-    init = (read_distillation_record(lora_dir) or {}).get("generator_init")
+    would sample the teacher plus a delta), else the teacher it records (:func:`teacher_transformer`
+    of the pipeline whose ``transformer/`` is ``teacher``); one-line ValueError when it is gone."""
+    record = read_distillation_record(lora_dir)
+    init = (record or {}).get("generator_init")
     if not init:
-        return teacher
+        try:
+            return teacher_transformer(pipeline_dir, record)
+        except ValueError as err:
+            raise ValueError(f"--generator {lora_dir}: {err}") from None
     if not os.path.isdir(init):
         raise ValueError(f"--generator {lora_dir}: its adapters were trained on model.generator_init={init} "
                          "(distillation.json), which is not there; sample the run's merged generator/ instead")

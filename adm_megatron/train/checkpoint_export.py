@@ -71,6 +71,6 @@ def export_checkpoint(path: str, out_dir: str, weights: str = "auto", overwrite:
     generator = load_megatron_checkpoint(os.path.join(ckpt, "generator"))
     if use_ema:
         load_ema_into(generator, ckpt, decay)
-    record = {**distillation_record(config, int(state["iteration"]), ema=use_ema), "checkpoint": os.path.abspath(ckpt)}
+    record = {**distillation_record(config, int(state["iteration"]), generator.arch, ema=use_ema), "checkpoint": os.path.abspath(ckpt)}
     export_generator(generator, generator.arch, out_dir, lora_mode=lora, record=record)
     return outputs, record

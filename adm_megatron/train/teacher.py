@@ -39,12 +39,15 @@ class TeacherSource:
 
     def schedule(self, key: str = "model.teacher") -> NoiseSchedule:
         """The noise schedule of the teacher's pipeline (``scheduler/scheduler_config.json``)."""
+        pipelines = " or ".join(self.family.pipeline_classes)
+        if not self.pipeline_dir:
+            raise ConfigError(f"{key}={self.path}: a {'megatron checkpoint' if self.kind == 'megatron' else 'transformer directory'} "
+                              f"has no noise schedule; set model.pipeline to its {pipelines} directory "
+                              "(its scheduler/scheduler_config.json)")
         path = os.path.join(self.pipeline_dir, "scheduler", "scheduler_config.json")
-        if not self.pipeline_dir or not os.path.isfile(path):
-            raise ConfigError(
-                f"{key}: no scheduler config found (expected {path or 'a pipeline directory'}; "
-                f"set model.pipeline to a {' or '.join(self.family.pipeline_classes)} directory)"
-            )
+        if not os.path.isfile(path):
+            raise ConfigError(f"{key}: no scheduler config found (expected {path}; set model.pipeline to a "
+                              f"{pipelines} directory)")
         config = _read_json(path)
         name = config.get("_class_name")
         if name not in self.family.schedulers:

@@ -439,7 +439,7 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.copy_to(self.generator)
                 generator_dir = export_generator(self.generator, self.arch, os.path.join(c.output_dir, "generator"),
-                                                 lora_mode=c.train.export_lora, record=distillation_record(c, total))
+                                                 lora_mode=c.train.export_lora, record=distillation_record(c, total, self.arch))
             if samples.enabled:
                 paths = samples.render(None)
                 run_log.media(total, paths)
