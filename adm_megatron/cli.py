@@ -169,7 +169,8 @@ def _export(args: argparse.Namespace) -> int:
     from adm_megatron.train.checkpoint_export import export_checkpoint
 
     try:
-        written, record = export_checkpoint(args.checkpoint, args.out, args.weights, args.overwrite, args.lora)
+        written, record = export_checkpoint(args.checkpoint, args.out, args.weights, args.overwrite, args.lora,
+                                            args.pipeline_out)
     except CheckpointError as err:
         print(f"adm-megatron export: {err}", file=sys.stderr)
         return 2
@@ -367,8 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a LoRA run's generator: merged into the weights (--out), the diffusers LoRA file "
                         "(into --out with _lora appended, as a run's generator_lora/), or both; default: the "
                         "run's train.export_lora")
+    export.add_argument("--pipeline-out", default=None, metavar="DIR",
+                        help="also write DIR: a whole diffusers pipeline to hand over (the run's pipeline copied, "
+                        "the generator as its transformer, the scheduler it samples with, a README.md with "
+                        "the DiffusionPipeline.from_pretrained call)")
     export.add_argument("--overwrite", action="store_true",
-                        help="replace non-empty outputs (never one that is or holds the checkpoint)")
+                        help="replace non-empty outputs (never one that is or holds the checkpoint or the pipeline)")
     export.set_defaults(func=_export)
     return parser
 

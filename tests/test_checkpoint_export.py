@@ -166,3 +166,60 @@ def test_export_refuses_bad_input_in_one_line_before_reading_weights(runs, tmp_p
     assert err.startswith(f"adm-megatron: config error: {ckpt}: damaged checkpoint, nothing was loaded "
                           f"({shard.parent}: shard file {shard.name} is truncated (100 bytes, needs ") and "\n" not in err
     assert err.endswith("); no earlier whole checkpoint is left beside it")
+
+
+def test_pipeline_out_is_a_whole_pipeline_that_diffusers_samples_as_sample_does(runs, tmp_path, capsys):
+    """``export --pipeline-out DIR`` writes the run's pipeline with the generator as its transformer: in a
+    fresh process, ``DiffusionPipeline.from_pretrained(DIR)`` with the card's call renders what
+    ``adm-megatron sample`` renders from the generator directory, pixel for pixel; the teacher's files
+    are not touched; a pipeline that ships another scheduler gets the one the generator samples with;
+    the pipeline itself, or a LoRA export without the merged generator, is refused in one line."""
+    import hashlib
+    import json
+    import shutil
+
+    import imageio.v3 as iio
+    import numpy as np
+
+    from adm_megatron.cli import main
+    from adm_megatron.convert.distillation_record import read_distillation_record
+    from adm_megatron.convert.pipeline_export import write_pipeline
+    from model_card_run import render_card
+
+    pipeline, out = runs
+    digest = {name: hashlib.sha256(open(os.path.join(pipeline, name), "rb").read()).hexdigest()
+              for name in ("model_index.json", "scheduler/scheduler_config.json", "transformer/" + WEIGHTS)}
+    generator, whole = tmp_path / "generator", tmp_path / "whole"
+    assert main(["export", "--checkpoint", str(out["ema"]), "--out", str(generator), "--pipeline-out",
+                 str(whole)]) == 0
+    assert str(whole) in capsys.readouterr().out
+    exported = _weights(generator)
+    assert all(torch.equal(exported[k], v) for k, v in _weights(whole / "transformer").items())
+    assert sorted(os.listdir(whole)) == sorted([*os.listdir(pipeline), "README.md"])
+    assert main(["sample", "--pipeline", pipeline, "--generator", str(generator), "--prompt", "a red cat", "--seed",
+                 "3", "--format", "png", "--teacher-steps", "0", "--out", str(tmp_path / "sampled")]) == 0
+    sampled = iio.imread(tmp_path / "sampled" / "generator" / "sample-000.png").astype(int)
+    assert np.array_equal(render_card(str(whole), "a red cat", 3, tmp_path), sampled)
+    assert digest == {name: hashlib.sha256(open(os.path.join(pipeline, name), "rb").read()).hexdigest()
+                      for name in digest}
+
+    dpm = tmp_path / "dpm"  # CogVideoX-5b's pipeline ships the stochastic DPM scheduler
+    shutil.copytree(pipeline, dpm)
+    for name in ("model_index.json", "scheduler/scheduler_config.json"):
+        path = dpm / name
+        path.write_text(path.read_text().replace("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"))
+    write_pipeline(str(generator), read_distillation_record(str(generator)), str(dpm), str(tmp_path / "from_dpm"))
+    assert json.loads((tmp_path / "from_dpm" / "scheduler" / "scheduler_config.json").read_text())["_class_name"] \
+        == json.loads((tmp_path / "from_dpm" / "model_index.json").read_text())["scheduler"][1] \
+        == "CogVideoXDDIMScheduler"
+    assert "CogVideoXDPMScheduler" in (dpm / "scheduler" / "scheduler_config.json").read_text()
+
+    for args, message in (
+        (["--checkpoint", str(out["ema"]), "--out", str(tmp_path / "g2"), "--pipeline-out", pipeline, "--overwrite"],
+         f"output {pipeline} is the input {pipeline}"),
+        (["--checkpoint", str(out["lora"]), "--out", str(tmp_path / "g3"), "--lora", "adapter", "--pipeline-out",
+          str(tmp_path / "p3")], "--pipeline-out: the pipeline's transformer is the merged generator"),
+    ):
+        assert main(["export", *args]) == 2
+        assert message in capsys.readouterr().err
+        assert not os.path.exists(tmp_path / "g2") and not os.path.exists(tmp_path / "g3")

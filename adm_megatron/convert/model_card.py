@@ -79,6 +79,42 @@ def model_card(record: dict, lora: bool = False) -> str:
     return "\n".join(lines)
 
 
+def pipeline_card(record: dict, source: str) -> str:
+    """The card of a whole pipeline directory (``adm_megatron.convert.pipeline_export``) holding the
+    generator of ``record`` as its transformer, the other components copied from ``source``."""
+    call = record["sampling"]
+    steps, size = call["num_inference_steps"], record["latent_size"]
+    args = "".join(f", {k}={call[k]}" for k in _CALL_KEYS if k in call)
+    scheduler = call["scheduler"]
+    return "\n".join([
+        f"# {steps}-step {call['pipeline_class']} ({record['method']})",
+        "",
+        f"A whole diffusers pipeline: the components of `{source}` with the generator adm-megatron distilled "
+        f"from it (`{record['method']}`, iteration {record['iteration']}, {record['weights']} weights, latents "
+        f"{size['frames']}x{size['height']}x{size['width']}) as `transformer/` (its `distillation.json` is the "
+        f"whole record){f' and the scheduler set to `{scheduler}`' if scheduler else ''}.",
+        "",
+        f"Sample it with **{steps} step{'s' if steps > 1 else ''}** and **`guidance_scale=1.0`**: the teacher's "
+        "classifier-free guidance is distilled into the weights. The pipeline's defaults are the teacher's "
+        "sampler (tens of steps with CFG): they run without an error and give wrong-looking samples.",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import DiffusionPipeline",
+        "",
+        'pipe = DiffusionPipeline.from_pretrained(".")  # this directory; torch_dtype=torch.bfloat16 on a GPU',
+        f'out = pipe("a prompt", num_inference_steps={steps}, guidance_scale=1.0{args},',
+        "           generator=torch.Generator(pipe.device).manual_seed(0))",
+        "```",
+        "",
+    ])
+
+
+def write_pipeline_card(directory: str, record: dict, source: str) -> None:
+    with open(os.path.join(directory, MODEL_CARD), "w") as f:
+        f.write(pipeline_card(record, source))
+
+
 def write_model_card(directory: str, record: dict, lora: bool = False) -> None:
     with open(os.path.join(directory, MODEL_CARD), "w") as f:
         f.write(model_card(record, lora))

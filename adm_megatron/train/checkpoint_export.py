@@ -20,6 +20,7 @@ import warnings
 from adm_megatron.config import ConfigError, config_from_dict
 from adm_megatron.convert.checkpoint import check_output_dir, load_megatron_checkpoint
 from adm_megatron.convert.distillation_record import distillation_record
+from adm_megatron.convert.pipeline_export import check_pipeline_output, pipeline_source, write_pipeline
 from adm_megatron.lora.export import lora_export_dirs
 from adm_megatron.train.checkpoint import STATE_FILE, checkpoint_from, read_training_state
 from adm_megatron.train.checkpoint_files import check_whole
@@ -43,12 +44,14 @@ def load_ema_into(generator, ckpt_dir: str, decay: float) -> None:
 
 
 def export_checkpoint(path: str, out_dir: str, weights: str = "auto", overwrite: bool = False,
-                      lora: str | None = None) -> tuple[list[str], dict]:
-    """Collective: export the generator of the checkpoint at ``path`` to ``out_dir``; returns (the
-    directories written: for a LoRA generator, as ``lora`` says (None: the run's
-    ``train.export_lora``), ``out_dir`` merged and / or ``out_dir + "_lora"`` with the LoRA file; the record
-    written beside them). One-line ConfigError / CheckpointError for bad input, before any weight is
-    read: an output that exists and is not empty (without ``overwrite``), or is or holds the checkpoint."""
+                      lora: str | None = None, pipeline_out: str | None = None) -> tuple[list[str], dict]:
+    """Collective: export the generator of the checkpoint at ``path`` to ``out_dir``, and with
+    ``pipeline_out`` also as the transformer of a whole copy of the run's pipeline there
+    (``adm_megatron.convert.pipeline_export``); returns (the directories written: for a LoRA
+    generator, as ``lora`` says (None: the run's ``train.export_lora``), ``out_dir`` merged and / or
+    ``out_dir + "_lora"`` with the LoRA file, then ``pipeline_out``; the record written beside them).
+    One-line ConfigError / CheckpointError for bad input, before any weight is read: an output that
+    exists and is not empty (without ``overwrite``), or is or holds the checkpoint (or the pipeline)."""
     if weights not in WEIGHTS:
         raise ConfigError(f"--weights {weights}: expected one of {', '.join(WEIGHTS)}")
     ckpt = checkpoint_from(path, "--checkpoint")
@@ -67,10 +70,18 @@ def export_checkpoint(path: str, out_dir: str, weights: str = "auto", overwrite:
     outputs = list(lora_export_dirs(out_dir, lora).values()) if config.model.lora is not None else [out_dir]
     for output in outputs:
         check_output_dir(os.path.abspath(output), overwrite, source=ckpt)
+    if pipeline_out is not None:
+        if config.model.lora is not None and lora == "adapter":
+            raise ConfigError("--pipeline-out: the pipeline's transformer is the merged generator; export it too "
+                              "(--lora merged or both)")
+        pipeline = pipeline_source(config.model.teacher, config.model.pipeline)
+        check_pipeline_output(pipeline_out, overwrite, [ckpt, pipeline, *outputs])
 
     generator = load_megatron_checkpoint(os.path.join(ckpt, "generator"))
     if use_ema:
         load_ema_into(generator, ckpt, decay)
     record = {**distillation_record(config, int(state["iteration"]), generator.arch, ema=use_ema), "checkpoint": os.path.abspath(ckpt)}
     export_generator(generator, generator.arch, out_dir, lora_mode=lora, record=record)
+    if pipeline_out is not None:
+        outputs.append(write_pipeline(out_dir, record, pipeline, pipeline_out, overwrite))
     return outputs, record
