@@ -184,16 +184,11 @@ def test_sample_renders_a_lora_directory_as_its_merged_generator(tmp_path, world
         f"adm-megatron sample: {lora_file}: not a readable safetensors file (6 bytes; truncated?)")
 
 
-def test_a_lora_directory_samples_on_the_generator_it_was_trained_from(tmp_path, world_of_one, capsys):
-    """A LoRA run started from ``model.generator_init`` (a LoRA stage after ADP) trained its adapters
-    on that generator, which its ``distillation.json`` records: ``sample`` puts them there, so the
-    LoRA directory renders the merged export (to one 8-bit level), not the teacher plus the adapters.
-    Adapters that do not fit the base (another model's) are refused in one line before rendering, and
-    a pipeline other than the recorded one gets a note."""
-    import imageio.v3 as iio
-    from safetensors.torch import load_file, save_file
-
-    from adm_megatron.cli import main
+def _lora_on_a_moved_base(tmp_path, base_name: str, record):
+    """A tiny pipeline; its transformer moved far, exported as ``tmp_path/base_name`` (a stage-1
+    generator, a fine-tuned teacher); LoRA adapters on that base exported merged (``generator/``) and
+    as a LoRA file (``generator_lora/``) with ``record(pipeline, base)`` as their distillation.json.
+    Returns (pipeline, base, that record)."""
     from adm_megatron.config import LoraConfig
     from adm_megatron.lora import apply_lora
     from adm_megatron.lora.export import export_lora_generator
@@ -203,24 +198,51 @@ def test_a_lora_directory_samples_on_the_generator_it_was_trained_from(tmp_path,
     pipeline = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
     model = build_model_from_hf(f"{pipeline}/transformer")
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # stage 1's generator: the teacher moved far
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * p.abs().mean() * torch.randn(p.shape, generator=g))
-    init = export_generator(model, model.arch, str(tmp_path / "stage1"))
+    base = export_generator(model, model.arch, str(tmp_path / base_name))
     adapters = apply_lora(model, LoraConfig(rank=2, alpha=4.0, target_modules=["to_out.0", "ff.net.2"]), seed=0)
     with torch.no_grad():
         for p in adapters.parameters():
             p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    record = {"generator_steps": 2, "teacher": pipeline, "generator_init": init}
-    export_lora_generator(model, model.arch, str(tmp_path / "generator"), "both", record=record)
-    images = {}
+    written = record(pipeline, base)
+    export_lora_generator(model, model.arch, str(tmp_path / "generator"), "both", record=written)
+    return pipeline, base, written
+
+
+def _sample_merged_and_lora(pipeline: str, tmp_path, teacher_steps: int) -> tuple[dict, dict]:
+    """``sample`` of ``generator/`` and ``generator_lora/`` (one png each, "a red cat"): their
+    generator images and their sample_timing.json runs, by directory name."""
+    import imageio.v3 as iio
+
+    from adm_megatron.cli import main
+
+    images, runs = {}, {}
     for name in ("generator", "generator_lora"):
         out = tmp_path / f"samples_{name}"
         assert main(["sample", "--pipeline", pipeline, "--generator", str(tmp_path / name), "--prompt", "a red cat",
-                     "--format", "png", "--teacher-steps", "0", "--out", str(out)]) == 0
+                     "--format", "png", "--teacher-steps", str(teacher_steps), "--out", str(out)]) == 0
         images[name] = iio.imread(out / "generator" / "sample-000.png").astype(int)
-        row = json.loads((out / "sample_timing.json").read_text())["runs"][0]
-        assert row["transformer"] == (init if name == "generator_lora" else str(tmp_path / name))
+        runs[name] = json.loads((out / "sample_timing.json").read_text())["runs"]
+    return images, runs
+
+
+def test_a_lora_directory_samples_on_the_generator_it_was_trained_from(tmp_path, world_of_one, capsys):
+    """A LoRA run started from ``model.generator_init`` (a LoRA stage after ADP) trained its adapters
+    on that generator, which its ``distillation.json`` records: ``sample`` puts them there, so the
+    LoRA directory renders the merged export (to one 8-bit level), not the teacher plus the adapters.
+    Adapters that do not fit the base (another model's) are refused in one line before rendering, and
+    a pipeline other than the recorded one gets a note."""
+    from safetensors.torch import load_file, save_file
+
+    from adm_megatron.cli import main
+
+    pipeline, init, record = _lora_on_a_moved_base(  # stage 1's generator: the teacher moved far
+        tmp_path, "stage1", lambda pipe, base: {"generator_steps": 2, "teacher": pipe, "generator_init": base})
+    images, runs = _sample_merged_and_lora(pipeline, tmp_path, teacher_steps=0)
+    for name in images:
+        assert runs[name][0]["transformer"] == (init if name == "generator_lora" else str(tmp_path / name))
     assert np.abs(images["generator_lora"] - images["generator"]).max() <= 1
     assert "was distilled with" not in capsys.readouterr().err
 
@@ -264,37 +286,14 @@ def test_a_teacher_given_as_a_transformer_beside_its_pipeline_is_the_one_sampled
     When the recorded teacher is gone, a one-line refusal."""
     import shutil
 
-    import imageio.v3 as iio
-
     from adm_megatron.cli import main
-    from adm_megatron.config import LoraConfig
-    from adm_megatron.lora import apply_lora
-    from adm_megatron.lora.export import export_lora_generator
-    from adm_megatron.models import build_model_from_hf
-    from adm_megatron.train.export import export_generator
 
-    pipeline = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
-    model = build_model_from_hf(f"{pipeline}/transformer")
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # the fine-tuned teacher: the pipeline's transformer moved far
-        for p in model.parameters():
-            p.add_(0.3 * p.abs().mean() * torch.randn(p.shape, generator=g))
-    teacher = export_generator(model, model.arch, str(tmp_path / "finetuned"))
-    adapters = apply_lora(model, LoraConfig(rank=2, alpha=4.0, target_modules=["to_out.0", "ff.net.2"]), seed=0)
-    with torch.no_grad():
-        for p in adapters.parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    record = {"generator_steps": 2, "teacher": teacher, "pipeline": pipeline}
-    export_lora_generator(model, model.arch, str(tmp_path / "generator"), "both", record=record)
-    images = {}
-    for name in ("generator", "generator_lora"):
-        out = tmp_path / f"samples_{name}"
-        assert main(["sample", "--pipeline", pipeline, "--generator", str(tmp_path / name), "--prompt", "a red cat",
-                     "--format", "png", "--teacher-steps", "1", "--out", str(out)]) == 0
-        images[name] = iio.imread(out / "generator" / "sample-000.png").astype(int)
-        runs = json.loads((out / "sample_timing.json").read_text())["runs"]
-        assert [r["transformer"] for r in runs] == [teacher if name == "generator_lora" else str(tmp_path / name),
-                                                    teacher]
+    pipeline, teacher, record = _lora_on_a_moved_base(  # the fine-tuned teacher: the pipeline's transformer moved far
+        tmp_path, "finetuned", lambda pipe, base: {"generator_steps": 2, "teacher": base, "pipeline": pipe})
+    images, runs = _sample_merged_and_lora(pipeline, tmp_path, teacher_steps=1)
+    for name in images:
+        assert [r["transformer"] for r in runs[name]] == [
+            teacher if name == "generator_lora" else str(tmp_path / name), teacher]
     assert np.abs(images["generator_lora"] - images["generator"]).max() <= 1
 
     shutil.rmtree(teacher)
