@@ -17,6 +17,7 @@ import sys
 import warnings
 
 from adm_megatron.config import ConfigError, load_config
+from adm_megatron.parallel.startup import FailedElsewhere
 
 NONFINITE_EXIT_CODE = 3  # train.max_skipped_steps updates in a row were NaN / Inf (or nan_policy=error)
 CHECKPOINT_FAILED_EXIT_CODE = 1  # a checkpoint could not be written; the previous one stays the latest
@@ -32,6 +33,17 @@ def _setup_logging() -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     warnings.filterwarnings("ignore", message="Apex is not installed")
+
+
+def _refuse(line: str) -> int:
+    """Print a one-line refusal and return exit code 2. In a multi-process launch that has not
+    started yet the ranks first agree (adm_megatron/parallel/startup.py): the line is printed once,
+    by the lowest rank with it, and the ranks that passed stop too instead of waiting for this one."""
+    from adm_megatron.parallel.startup import agree_on_failure
+
+    for text in agree_on_failure(line):
+        print(text, file=sys.stderr)
+    return 2
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -152,9 +164,10 @@ def _sample(args: argparse.Namespace) -> int:
                         command=args.command_line, dtype=args.dtype, overwrite=args.overwrite, resume=args.resume,
                         size={"height": args.height, "width": args.width, "num_frames": args.num_frames},
                         vae_tiling=args.vae_tiling)
+    except FailedElsewhere:
+        return 2  # the ranks that failed say why
     except (ValueError, FileNotFoundError) as err:
-        print(f"adm-megatron sample: {err}", file=sys.stderr)
-        return 2
+        return _refuse(f"adm-megatron sample: {err}")
     if result is not None:  # rank 0
         print(f"{result['environment']['device']}, {result['ranks']} process(es)")
         print(format_timing(result))
@@ -168,8 +181,7 @@ def _export(args: argparse.Namespace) -> int:
     try:
         written, record = export_checkpoint(args.checkpoint, args.out, args.weights, args.overwrite, args.lora)
     except CheckpointError as err:
-        print(f"adm-megatron export: {err}", file=sys.stderr)
-        return 2
+        return _refuse(f"adm-megatron export: {err}")
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
         print(f"generator of iteration {record['iteration']} ({record['weights']} weights, "
               f"{record['generator_steps']} steps): {', '.join(written)}")
@@ -360,9 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = shlex.join(["adm-megatron", *argv])
     try:
         return args.func(args)
+    except FailedElsewhere:
+        return 2  # the ranks that failed say why
     except ConfigError as err:
-        print(f"adm-megatron: config error: {err}", file=sys.stderr)
-        return 2
+        return _refuse(f"adm-megatron: config error: {err}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,50 @@
+"""A start-up failure that only some ranks of a launch hit (a path one node lacks) stops every rank
+at once with one line, said by the rank that failed (adm_megatron/parallel/startup.py): the ranks
+that passed no longer wait ``parallel.timeout_s`` in the rendezvous for it and then die with a
+store-timeout traceback. One that every rank hits is said once."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import time
+
+from multiproc import run_world
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli_rank(teachers: list[str], out: str) -> tuple[int, str, float]:
+    """``adm-megatron train`` on this rank with its own ``model.teacher``: (exit code, stderr, seconds)."""
+    from adm_megatron.cli import main
+
+    rank = int(os.environ["RANK"])
+    err = io.StringIO()
+    start = time.monotonic()
+    with contextlib.redirect_stderr(err):
+        code = main(["train", "--config", os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"),
+                     f"model.teacher={teachers[rank]}", f"output_dir={out}", "parallel.timeout_s=300",
+                     "data.batch_size=1", "train.max_iterations=1", "logging.wandb_mode=disabled"])
+    said = [line for line in err.getvalue().splitlines() if not line.startswith("[")]  # not the log's lines
+    return code, said, time.monotonic() - start
+
+
+def test_a_path_one_rank_lacks_stops_every_rank_with_one_line(cogvideox_pipeline, tmp_path):
+    missing = str(tmp_path / "not-on-this-node")
+    results = run_world(_cli_rank, 2, [cogvideox_pipeline, missing], str(tmp_path / "run"), timeout_s=120)
+    (code0, err0, seconds0), (code1, err1, _) = results
+    assert (code0, code1) == (2, 2)
+    assert err0 == []  # rank 0 passed: rank 1 says why
+    assert err1 == [f"adm-megatron: config error: model.teacher={missing!r}: directory not found "
+                    f"(on rank 1 of 2, host {os.uname().nodename}; the other ranks passed this check)"]
+    assert seconds0 < 100  # not parallel.timeout_s
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_failure_every_rank_hits_is_said_once(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    results = run_world(_cli_rank, 2, [missing, missing], str(tmp_path / "run"), timeout_s=120)
+    assert [code for code, _, _ in results] == [2, 2]
+    assert results[0][1] == [f"adm-megatron: config error: model.teacher={missing!r}: directory not found"]
+    assert results[1][1] == []
