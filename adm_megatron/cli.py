@@ -46,6 +46,21 @@ def _refuse(line: str) -> int:
     return 2
 
 
+ONE_PROCESS = {  # commands that plan or measure in one process: under torchrun / srun, refused in one line
+    "plan": "--gpus says how many GPUs the run will use",
+    "bench": "it times one process on one device",
+}
+
+
+def _check_one_process(command: str) -> None:
+    from adm_megatron.parallel import launch_env
+
+    world = launch_env().world_size
+    if command in ONE_PROCESS and world > 1:
+        raise ConfigError(f"{command} runs in one process, not under torchrun / srun (this launch started {world}): "
+                          f"run `adm-megatron {command} ...` as a plain command ({ONE_PROCESS[command]})")
+
+
 def _train(args: argparse.Namespace) -> int:
     from adm_megatron.convert.checkpoint import CheckpointError
     from adm_megatron.train.grad_sync import GradSyncError
@@ -371,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.command_line = shlex.join(["adm-megatron", *argv])
     try:
+        _check_one_process(args.command)
         return args.func(args)
     except FailedElsewhere:
         return 2  # the ranks that failed say why

@@ -48,3 +48,29 @@ def test_a_failure_every_rank_hits_is_said_once(tmp_path):
     assert [code for code, _, _ in results] == [2, 2]
     assert results[0][1] == [f"adm-megatron: config error: model.teacher={missing!r}: directory not found"]
     assert results[1][1] == []
+
+
+def _cli(argv: list[str]) -> tuple[int, list[str]]:
+    from adm_megatron.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, [line for line in err.getvalue().splitlines() if not line.startswith("[")]
+
+
+def test_plan_and_bench_refuse_a_multi_process_launch_in_one_line(tmp_path):
+    # bench under torchrun crashed (every rank's checkpoint timing in its own temporary run directory);
+    # plan printed its table once per rank
+    out = str(tmp_path / "bench.json")
+    config = os.path.join(ROOT, "examples/cogvideox/cogvideox_2b_8step.yaml")
+    for argv, what in ((["plan", "--config", config, "--arch", "cogvideox-2b", "--gpus", "8", "--card", "80"],
+                        "--gpus says"),
+                       (["bench", "--model", "cogvideox-2b", "--layers", "1", "--out", out], "it times one")):
+        results = run_world(_cli, 2, argv, timeout_s=120)
+        assert [code for code, _ in results] == [2, 2]
+        assert results[1][1] == []
+        (line,) = results[0][1]
+        assert line.startswith(f"adm-megatron: config error: {argv[0]} runs in one process, not under torchrun / "
+                               "srun (this launch started 2)") and what in line
+    assert not os.path.exists(out)
