@@ -102,6 +102,7 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     from adm_megatron.algorithms.networks import DiTFunction, text_condition
     from adm_megatron.models import kernel_options
     from adm_megatron.parallel import initialize_parallel, launch_env
+    from adm_megatron.parallel.shared_dir import check_shared_dir
     from adm_megatron.train.teacher import resolve_teacher
     from adm_megatron.train.validate import validate_collection
 
@@ -120,6 +121,7 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
             return json.load(f)
     schedule = source.schedule()
     info = initialize_parallel(config.parallel.tensor_parallel, config.parallel.context_parallel, seed=config.seed)
+    check_shared_dir(out_dir, "--out")  # each data-parallel rank writes its shards there, rank 0 the manifest
     if info.rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         write_json_atomically(os.path.join(out_dir, SETTINGS), settings)

@@ -58,6 +58,7 @@ from adm_megatron.heads.pixel import LatentPixelHeads, build_pixel_features
 from adm_megatron.lora import apply_lora, check_targets
 from adm_megatron.models import tapped_block_indices
 from adm_megatron.parallel import initialize_parallel, launch_env
+from adm_megatron.parallel.shared_dir import check_shared_dir
 from adm_megatron.models.kernel_options import apply_kernel_options
 from adm_megatron.models.weights import load_full_state_dict
 from adm_megatron.train.background_save import BackgroundSaves
@@ -152,6 +153,7 @@ class Trainer:
             config.parallel.tensor_parallel, config.parallel.context_parallel, seed=config.seed,
             timeout_s=config.parallel.timeout_s,
         )
+        check_shared_dir(config.output_dir, "output_dir")  # every rank writes its share of the checkpoints there
         self.run_lock = RunLock(config.output_dir, self.info.rank == 0)  # one run at a time in output_dir
         self.device = self.info.device
         # parameters stay fp32 under BF16 autocast; fp64 makes layout comparisons exact
