@@ -74,3 +74,19 @@ def test_plan_and_bench_refuse_a_multi_process_launch_in_one_line(tmp_path):
         assert line.startswith(f"adm-megatron: config error: {argv[0]} runs in one process, not under torchrun / "
                                "srun (this launch started 2)") and what in line
     assert not os.path.exists(out)
+
+
+def test_a_held_output_dir_is_refused_once_under_two_ranks(cogvideox_pipeline, tmp_path):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".run.lock", "w") as held:  # another live run's lock
+        held.write("host h, pid 1, since then\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        results = run_world(_cli_rank, 2, [cogvideox_pipeline] * 2, str(out), timeout_s=120)
+    assert [code for code, _, _ in results] == [2, 2]
+    assert results[0][1] == [f"adm-megatron: config error: output_dir={str(out)!r} is in use by another run (host h, "
+                             "pid 1, since then); wait for it to end, or use a new output_dir"]
+    assert results[1][1] == []  # it printed the same line a second time
