@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import time
 
@@ -90,3 +91,23 @@ def test_a_held_output_dir_is_refused_once_under_two_ranks(cogvideox_pipeline, t
     assert results[0][1] == [f"adm-megatron: config error: output_dir={str(out)!r} is in use by another run (host h, "
                              "pid 1, since then); wait for it to end, or use a new output_dir"]
     assert results[1][1] == []  # it printed the same line a second time
+
+
+def test_a_rank_that_finds_nothing_to_do_still_meets_one_that_failed(cogvideox_ode_pairs, tmp_path):
+    # rank 0 finds the collection finished (no process group to make); rank 1 lacks the teacher
+    args = ["collect-ode", "--out", cogvideox_ode_pairs, "--num-pairs", "4", "--steps", "2",
+            "--no-progress", "data.frames=2", "data.height=4", "data.width=4", "data.num_prompts=4",
+            "parallel.timeout_s=300"]
+    with open(os.path.join(cogvideox_ode_pairs, "manifest.json")) as f:
+        teacher = json.load(f)["teacher"]["path"]
+    missing = str(tmp_path / "not-on-this-node")
+    results = run_world(_cli_by_rank, 2, [[*args, f"model.teacher={teacher}"], [*args, f"model.teacher={missing}"]],
+                        timeout_s=120)
+    assert [code for code, _ in results] == [2, 2]
+    assert results[0][1] == []
+    assert results[1][1] == [f"adm-megatron: config error: model.teacher={missing!r}: directory not found (on rank 1 "
+                             f"of 2, host {os.uname().nodename}; the other ranks passed this check)"]
+
+
+def _cli_by_rank(argvs: list[list[str]]) -> tuple[int, list[str]]:
+    return _cli(argvs[int(os.environ["RANK"])])

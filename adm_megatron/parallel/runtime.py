@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from adm_megatron.parallel.cpu_shim import apply_cpu_shim
-from adm_megatron.parallel.startup import FailedElsewhere, exchange
+from adm_megatron.parallel.startup import meet
 
 __all__ = [
     "LaunchEnv",
@@ -372,10 +372,7 @@ def initialize_parallel(
     if not dist.is_initialized():
         store = rendezvous_store(launch, timeout)
         if launch.world_size > 1:  # ranks that failed their start-up checks meet us here first
-            failures = exchange(store, launch.rank, launch.world_size, None, timeout_s)
-            if failures:
-                raise FailedElsewhere(f"rank(s) {', '.join(str(r) for r, _, _ in failures)} of "
-                                      f"{launch.world_size} failed their start-up checks")
+            meet(store, launch.rank, launch.world_size, timeout_s)
         dist.init_process_group(
             backend=backend,
             store=store,

@@ -21,7 +21,7 @@ import socket
 
 from adm_megatron.config import ConfigError
 
-__all__ = ["FailedElsewhere", "agree_on_failure", "exchange"]
+__all__ = ["FailedElsewhere", "agree_on_failure", "confirm_start", "exchange", "meet"]
 
 _PREFIX = "startup"
 _MET = False  # this process has taken part in an exchange: a failure after it is said by its own rank
@@ -104,3 +104,26 @@ def agree_on_failure(message: str, timeout_s: float = 600) -> list[str]:
     except Exception:  # noqa: BLE001 - no meeting (a rank gone, a store unreachable): say it here
         return [message]
     return to_print(failures, launch.rank, launch.world_size)
+
+
+def confirm_start(timeout_s: float = 600) -> None:
+    """On a rank that passed its checks but makes no process group (nothing left to do: a finished
+    run or collection): meet the ranks that failed theirs, which wait for every rank, and raise
+    :class:`FailedElsewhere` if any did. Nothing in a world of one or once a group exists."""
+    import torch.distributed as dist
+
+    from adm_megatron.parallel.runtime import launch_env, rendezvous_store
+
+    launch = launch_env()
+    if launch.world_size == 1 or dist.is_initialized() or _MET:
+        return
+    meet(rendezvous_store(launch, datetime.timedelta(seconds=timeout_s)), launch.rank, launch.world_size, timeout_s)
+
+
+def meet(store, rank: int, world_size: int, timeout_s: float) -> None:
+    """On a rank that passed its start-up checks: :func:`exchange`, and raise
+    :class:`FailedElsewhere` if any rank failed its own."""
+    failures = exchange(store, rank, world_size, None, timeout_s)
+    if failures:
+        raise FailedElsewhere(f"rank(s) {', '.join(str(r) for r, _, _ in failures)} of {world_size} failed their "
+                              "start-up checks")

@@ -59,6 +59,7 @@ from adm_megatron.lora import apply_lora, check_targets
 from adm_megatron.models import tapped_block_indices
 from adm_megatron.parallel import initialize_parallel, launch_env
 from adm_megatron.parallel.shared_dir import check_shared_dir
+from adm_megatron.parallel.startup import confirm_start
 from adm_megatron.models.kernel_options import apply_kernel_options
 from adm_megatron.models.weights import load_full_state_dict
 from adm_megatron.train.background_save import BackgroundSaves
@@ -141,6 +142,7 @@ class Trainer:
         data_parallel_size(config, launch_env().world_size)  # the layout first: a resume's checks need it
         self.resume_point = plan_resume(config, launch_env().world_size)
         if self.resume_point.finished:
+            confirm_start(config.parallel.timeout_s)  # a rank that failed its checks waits for every rank
             return  # nothing to build: fit() reports the finished run and writes nothing
         if launch_env().rank == 0:
             for key, value, methods in unused_keys(config):  # an ablation that would change nothing
