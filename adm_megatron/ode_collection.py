@@ -104,6 +104,7 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     from adm_megatron.parallel import initialize_parallel, launch_env
     from adm_megatron.parallel.shared_dir import check_shared_dir
     from adm_megatron.parallel.startup import confirm_start
+    from adm_megatron.train.same_config import check_same_config
     from adm_megatron.train.teacher import resolve_teacher
     from adm_megatron.train.validate import validate_collection
 
@@ -124,6 +125,7 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     schedule = source.schedule()
     info = initialize_parallel(config.parallel.tensor_parallel, config.parallel.context_parallel, seed=config.seed,
                                timeout_s=config.parallel.timeout_s)
+    check_same_config(config)  # every rank collects with the same teacher, prompts and settings
     check_shared_dir(out_dir, "--out")  # each data-parallel rank writes its shards there, rank 0 the manifest
     if info.rank == 0:
         os.makedirs(out_dir, exist_ok=True)

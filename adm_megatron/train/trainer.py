@@ -85,6 +85,7 @@ from adm_megatron.train.run_log import RunLogger
 from adm_megatron.train.samples import RunSamples
 from adm_megatron.train.single_stage import SingleStage
 from adm_megatron.train.teacher import TeacherSource, resolve_teacher
+from adm_megatron.train.same_config import check_same_config
 from adm_megatron.train.validate import data_parallel_size, validate_run
 
 logger = logging.getLogger("adm_megatron")
@@ -155,6 +156,7 @@ class Trainer:
             config.parallel.tensor_parallel, config.parallel.context_parallel, seed=config.seed,
             timeout_s=config.parallel.timeout_s,
         )
+        check_same_config(config)  # every replica trains the same run
         check_shared_dir(config.output_dir, "output_dir")  # every rank writes its share of the checkpoints there
         self.run_lock = RunLock(config.output_dir, self.info.rank == 0)  # one run at a time in output_dir
         self.device = self.info.device
