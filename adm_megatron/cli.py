@@ -73,8 +73,12 @@ def _train(args: argparse.Namespace) -> int:
         import yaml
 
         from adm_megatron.config import config_to_dict
+        from adm_megatron.parallel import launch_env
+        from adm_megatron.parallel.startup import confirm_start
 
-        print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+        confirm_start(config.parallel.timeout_s)  # under torchrun: a rank whose config failed waits for every rank
+        if launch_env().rank == 0:  # once, not once per rank
+            print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
         return 0
     try:
         result = Trainer(config).fit()

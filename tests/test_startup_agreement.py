@@ -111,3 +111,19 @@ def test_a_rank_that_finds_nothing_to_do_still_meets_one_that_failed(cogvideox_o
 
 def _cli_by_rank(argvs: list[list[str]]) -> tuple[int, list[str]]:
     return _cli(argvs[int(os.environ["RANK"])])
+
+
+def _print_config(argv: list[str]) -> tuple[int, str]:
+    from adm_megatron.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(argv)
+    return code, out.getvalue()
+
+
+def test_print_config_under_two_ranks_prints_once(tmp_path):
+    argv = ["train", "--config", os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"), "--print-config"]
+    (code0, out0), (code1, out1) = run_world(_print_config, 2, argv, timeout_s=120)
+    assert (code0, code1) == (0, 0)
+    assert out0.count("output_dir: outputs/demo") == 1 and out1 == ""
