@@ -400,11 +400,13 @@ class Trainer:
             for name in remove_leftovers(c.output_dir):
                 logger.info("removed %s left by an interrupted save", name)
             trim_metrics(c.output_dir, start)
+        # the stop signals' handler first: rank 0's wandb start takes seconds, and a SIGTERM then killed
+        # it outright while the other ranks, their handlers in place, died in their first collective
+        stops = StopPoll(c.train.save_interval_minutes)
         run_log = RunLogger(
             c.output_dir, config_to_dict(c), total, start, rank0, c.train.log_every,
             c.logging.wandb_mode, c.logging.wandb_project, c.logging.progress, c.logging.wandb_name,
         )
-        stops = StopPoll(c.train.save_interval_minutes)
         samples = RunSamples(self)
         saves = BackgroundSaves(c.parallel.timeout_s)  # train.async_save's checkpoint in flight
         metrics: dict = {}
