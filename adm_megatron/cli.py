@@ -17,6 +17,7 @@ import sys
 import warnings
 
 from adm_megatron.config import ConfigError, load_config
+from adm_megatron.parallel.startup import FailedElsewhere
 
 NONFINITE_EXIT_CODE = 3  # train.max_skipped_steps updates in a row were NaN / Inf (or nan_policy=error)
 CHECKPOINT_FAILED_EXIT_CODE = 1  # a checkpoint could not be written; the previous one stays the latest
@@ -34,6 +35,32 @@ def _setup_logging() -> None:
     warnings.filterwarnings("ignore", message="Apex is not installed")
 
 
+def _refuse(line: str) -> int:
+    """Print a one-line refusal and return exit code 2. In a multi-process launch that has not
+    started yet the ranks first agree (adm_megatron/parallel/startup.py): the line is printed once,
+    by the lowest rank with it, and the ranks that passed stop too instead of waiting for this one."""
+    from adm_megatron.parallel.startup import agree_on_failure
+
+    for text in agree_on_failure(line):
+        print(text, file=sys.stderr)
+    return 2
+
+
+ONE_PROCESS = {  # commands that plan or measure in one process: under torchrun / srun, refused in one line
+    "plan": "--gpus says how many GPUs the run will use",
+    "bench": "it times one process on one device",
+}
+
+
+def _check_one_process(command: str) -> None:
+    from adm_megatron.parallel import launch_env
+
+    world = launch_env().world_size
+    if command in ONE_PROCESS and world > 1:
+        raise ConfigError(f"{command} runs in one process, not under torchrun / srun (this launch started {world}): "
+                          f"run `adm-megatron {command} ...` as a plain command ({ONE_PROCESS[command]})")
+
+
 def _train(args: argparse.Namespace) -> int:
     from adm_megatron.convert.checkpoint import CheckpointError
     from adm_megatron.train.grad_sync import GradSyncError
@@ -46,8 +73,12 @@ def _train(args: argparse.Namespace) -> int:
         import yaml
 
         from adm_megatron.config import config_to_dict
+        from adm_megatron.parallel import launch_env
+        from adm_megatron.parallel.startup import confirm_start
 
-        print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+        confirm_start(config.parallel.timeout_s)  # under torchrun: a rank whose config failed waits for every rank
+        if launch_env().rank == 0:  # once, not once per rank
+            print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
         return 0
     try:
         result = Trainer(config).fit()
@@ -155,9 +186,10 @@ def _sample(args: argparse.Namespace) -> int:
                         command=args.command_line, dtype=args.dtype, overwrite=args.overwrite, resume=args.resume,
                         size={"height": args.height, "width": args.width, "num_frames": args.num_frames},
                         vae_tiling=args.vae_tiling)
+    except FailedElsewhere:
+        return 2  # the ranks that failed say why
     except (ValueError, FileNotFoundError) as err:
-        print(f"adm-megatron sample: {err}", file=sys.stderr)
-        return 2
+        return _refuse(f"adm-megatron sample: {err}")
     if result is not None:  # rank 0
         print(f"{result['environment']['device']}, {result['ranks']} process(es)")
         print(format_timing(result))
@@ -172,8 +204,7 @@ def _export(args: argparse.Namespace) -> int:
         written, record = export_checkpoint(args.checkpoint, args.out, args.weights, args.overwrite, args.lora,
                                             args.pipeline_out)
     except CheckpointError as err:
-        print(f"adm-megatron export: {err}", file=sys.stderr)
-        return 2
+        return _refuse(f"adm-megatron export: {err}")
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
         print(f"generator of iteration {record['iteration']} ({record['weights']} weights, "
               f"{record['generator_steps']} steps): {', '.join(written)}")
@@ -389,10 +420,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.command_line = shlex.join(["adm-megatron", *argv])
     try:
+        _check_one_process(args.command)
         return args.func(args)
+    except FailedElsewhere:
+        return 2  # the ranks that failed say why
     except ConfigError as err:
-        print(f"adm-megatron: config error: {err}", file=sys.stderr)
-        return 2
+        return _refuse(f"adm-megatron: config error: {err}")
 
 
 if __name__ == "__main__":

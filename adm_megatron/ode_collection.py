@@ -102,6 +102,9 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     from adm_megatron.algorithms.networks import DiTFunction, text_condition
     from adm_megatron.models import kernel_options
     from adm_megatron.parallel import initialize_parallel, launch_env
+    from adm_megatron.parallel.shared_dir import check_shared_dir
+    from adm_megatron.parallel.startup import confirm_start
+    from adm_megatron.train.same_config import check_same_config
     from adm_megatron.train.teacher import resolve_teacher
     from adm_megatron.train.validate import validate_collection
 
@@ -116,10 +119,14 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     text_source = source.text_source(config.data, config.seed)
     settings = _settings(config, source, text_source, num_pairs, shard_size, steps)
     if _check_out_dir(out_dir, settings):
+        confirm_start(config.parallel.timeout_s)  # a rank that failed its checks waits for every rank
         with open(os.path.join(out_dir, MANIFEST)) as f:
             return json.load(f)
     schedule = source.schedule()
-    info = initialize_parallel(config.parallel.tensor_parallel, config.parallel.context_parallel, seed=config.seed)
+    info = initialize_parallel(config.parallel.tensor_parallel, config.parallel.context_parallel, seed=config.seed,
+                               timeout_s=config.parallel.timeout_s)
+    check_same_config(config)  # every rank collects with the same teacher, prompts and settings
+    check_shared_dir(out_dir, "--out")  # each data-parallel rank writes its shards there, rank 0 the manifest
     if info.rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         write_json_atomically(os.path.join(out_dir, SETTINGS), settings)

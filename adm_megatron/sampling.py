@@ -42,6 +42,7 @@ from adm_megatron.models.generator_source import (LORA_WEIGHTS, check_lora_fits,
 from adm_megatron.models.pipeline_files import read_config
 from adm_megatron.models.pipeline_size import FLAGS, PipelineScale, pipeline_scale
 from adm_megatron.parallel import barrier, initialize_parallel, launch_env
+from adm_megatron.parallel.shared_dir import check_shared_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -283,6 +284,7 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
         with open(os.path.join(out_dir, ARGS_FILE), "w") as f:
             json.dump(args, f, indent=2)
     barrier()
+    check_shared_dir(out_dir, "--out")  # each rank writes its share of the samples there
     mine = contiguous_share(len(prompts), rank, ranks)
     todo = {run.name: _missing(os.path.join(out_dir, run.name), mine, fmt) for run in runs}
     text_length = (record or {}).get("text_length")  # the run's prompt embeddings' length

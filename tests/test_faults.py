@@ -212,3 +212,29 @@ def test_a_full_checkpoint_disk_stops_the_run_in_one_line_before_writing(tmp_pat
     assert err[-1].endswith("GiB iter_0000001 took; nothing was written and iter_0000001 stays the latest (free "
                             "space, or keep fewer with train.keep_checkpoints)")
     assert sorted(os.listdir(out / "checkpoints")) == ["iter_0000001", "latest"]
+
+
+def _signal_while_rank0_starts_logging(pipeline_dir: str, output_dir: str) -> tuple[bool, int]:
+    """A stop signal to every rank while rank 0 starts its logger (wandb's start takes seconds)."""
+    from adm_megatron.config import load_config
+    from adm_megatron.train import trainer as trainer_module
+
+    class SignalledLogger(trainer_module.RunLogger):
+        def __init__(self, *args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            super().__init__(*args, **kwargs)
+
+    trainer_module.RunLogger = SignalledLogger
+    config = load_config(os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"), [
+        f"model.teacher={pipeline_dir}", f"output_dir={output_dir}", "data.batch_size=1", "train.max_iterations=4",
+        "train.num_samples=0", "logging.wandb_mode=disabled", "logging.progress=false"])
+    result = trainer_module.Trainer(config).fit()
+    return result.preempted, result.iterations
+
+
+def test_a_stop_signal_while_the_run_starts_its_logging_stops_after_one_iteration(cogvideox_pipeline, tmp_path):
+    # the default SIGTERM action killed the rank in its logger's start (the other ranks then died in a collective)
+    results = run_world(_signal_while_rank0_starts_logging, 2, cogvideox_pipeline, str(tmp_path / "run"), timeout_s=120)
+    assert results == [(True, 1), (True, 1)]
+    with open(tmp_path / "run" / "checkpoints" / "latest") as f:
+        assert f.read().strip() == "iter_0000001"

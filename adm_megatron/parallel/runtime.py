@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from adm_megatron.parallel.cpu_shim import apply_cpu_shim
+from adm_megatron.parallel.startup import meet
 
 __all__ = [
     "LaunchEnv",
@@ -286,7 +287,9 @@ _STORE: tuple[tuple, dist.Store] | None = None
 _GENERATION = 0
 
 
-def _generation_store(launch: LaunchEnv, timeout: datetime.timedelta) -> dist.Store:
+def rendezvous_store(launch: LaunchEnv, timeout: datetime.timedelta) -> dist.Store:
+    """The launch's rendezvous store under this initialization's key prefix (a process's n-th
+    call gets the n-th prefix, the same on every rank)."""
     global _STORE, _GENERATION
     key = (launch.source, launch.master_addr, launch.master_port, launch.rank, launch.world_size)
     if _STORE is None or _STORE[0] != key:
@@ -367,9 +370,12 @@ def initialize_parallel(
     timeout = datetime.timedelta(seconds=timeout_s)
     created_pg = False
     if not dist.is_initialized():
+        store = rendezvous_store(launch, timeout)
+        if launch.world_size > 1:  # ranks that failed their start-up checks meet us here first
+            meet(store, launch.rank, launch.world_size, timeout_s)
         dist.init_process_group(
             backend=backend,
-            store=_generation_store(launch, timeout),
+            store=store,
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=timeout,

@@ -20,6 +20,7 @@ import time
 
 from adm_megatron.config import ConfigError
 from adm_megatron.parallel import from_rank0
+from adm_megatron.parallel.startup import FailedElsewhere
 
 logger = logging.getLogger("adm_megatron")
 
@@ -34,8 +35,8 @@ class RunLock:
         self._file = None
         refusal = self._take(output_dir) if holder else None
         refusal = from_rank0(refusal)
-        if refusal is not None:
-            raise ConfigError(refusal)
+        if refusal is not None:  # said once, by the holder's rank
+            raise ConfigError(refusal) if holder else FailedElsewhere(refusal)
 
     def _take(self, output_dir: str) -> str | None:
         os.makedirs(output_dir, exist_ok=True)

@@ -58,6 +58,8 @@ from adm_megatron.heads.pixel import LatentPixelHeads, build_pixel_features
 from adm_megatron.lora import apply_lora, check_targets
 from adm_megatron.models import tapped_block_indices
 from adm_megatron.parallel import initialize_parallel, launch_env
+from adm_megatron.parallel.shared_dir import check_shared_dir
+from adm_megatron.parallel.startup import confirm_start
 from adm_megatron.models.kernel_options import apply_kernel_options
 from adm_megatron.models.weights import load_full_state_dict
 from adm_megatron.train.background_save import BackgroundSaves
@@ -84,6 +86,7 @@ from adm_megatron.train.run_starts import record_start, start_record
 from adm_megatron.train.samples import RunSamples
 from adm_megatron.train.single_stage import SingleStage
 from adm_megatron.train.teacher import TeacherSource, resolve_teacher
+from adm_megatron.train.same_config import check_same_config
 from adm_megatron.train.validate import data_parallel_size, validate_run
 
 logger = logging.getLogger("adm_megatron")
@@ -141,6 +144,7 @@ class Trainer:
         data_parallel_size(config, launch_env().world_size)  # the layout first: a resume's checks need it
         self.resume_point = plan_resume(config, launch_env().world_size)
         if self.resume_point.finished:
+            confirm_start(config.parallel.timeout_s)  # a rank that failed its checks waits for every rank
             return  # nothing to build: fit() reports the finished run and writes nothing
         if launch_env().rank == 0:
             for message in start_warnings(config):
@@ -154,6 +158,8 @@ class Trainer:
             config.parallel.tensor_parallel, config.parallel.context_parallel, seed=config.seed,
             timeout_s=config.parallel.timeout_s,
         )
+        check_same_config(config)  # every replica trains the same run
+        check_shared_dir(config.output_dir, "output_dir")  # every rank writes its share of the checkpoints there
         self.run_lock = RunLock(config.output_dir, self.info.rank == 0)  # one run at a time in output_dir
         self.device = self.info.device
         # parameters stay fp32 under BF16 autocast; fp64 makes layout comparisons exact
@@ -397,12 +403,14 @@ class Trainer:
                 logger.info("removed %s left by an interrupted save", name)
             trim_metrics(c.output_dir, start)
             record_start(c.output_dir, start_record(self.info, start, self.resume_point.checkpoint))
+        # the stop signals' handler first: rank 0's wandb start takes seconds, and a SIGTERM then killed
+        # it outright while the other ranks, their handlers in place, died in their first collective
+        stops = StopPoll(c.train.save_interval_minutes)
         run_log = RunLogger(
             c.output_dir, config_to_dict(c), total, start, rank0, c.train.log_every,
             c.logging.wandb_mode, c.logging.wandb_project, c.logging.progress, c.logging.wandb_name,
             c.logging.tensorboard,
         )
-        stops = StopPoll(c.train.save_interval_minutes)
         samples = RunSamples(self)
         saves = BackgroundSaves(c.parallel.timeout_s)  # train.async_save's checkpoint in flight
         metrics: dict = {}

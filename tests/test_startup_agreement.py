@@ -1,0 +1,129 @@
+"""A start-up failure that only some ranks of a launch hit (a path one node lacks) stops every rank
+at once with one line, said by the rank that failed (adm_megatron/parallel/startup.py): the ranks
+that passed no longer wait ``parallel.timeout_s`` in the rendezvous for it and then die with a
+store-timeout traceback. One that every rank hits is said once."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import time
+
+from multiproc import run_world
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli_rank(teachers: list[str], out: str) -> tuple[int, str, float]:
+    """``adm-megatron train`` on this rank with its own ``model.teacher``: (exit code, stderr, seconds)."""
+    from adm_megatron.cli import main
+
+    rank = int(os.environ["RANK"])
+    err = io.StringIO()
+    start = time.monotonic()
+    with contextlib.redirect_stderr(err):
+        code = main(["train", "--config", os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"),
+                     f"model.teacher={teachers[rank]}", f"output_dir={out}", "parallel.timeout_s=300",
+                     "data.batch_size=1", "train.max_iterations=1", "logging.wandb_mode=disabled"])
+    said = [line for line in err.getvalue().splitlines() if not line.startswith("[")]  # not the log's lines
+    return code, said, time.monotonic() - start
+
+
+def test_a_path_one_rank_lacks_stops_every_rank_with_one_line(cogvideox_pipeline, tmp_path):
+    missing = str(tmp_path / "not-on-this-node")
+    results = run_world(_cli_rank, 2, [cogvideox_pipeline, missing], str(tmp_path / "run"), timeout_s=120)
+    (code0, err0, seconds0), (code1, err1, _) = results
+    assert (code0, code1) == (2, 2)
+    assert err0 == []  # rank 0 passed: rank 1 says why
+    assert err1 == [f"adm-megatron: config error: model.teacher={missing!r}: directory not found "
+                    f"(on rank 1 of 2, host {os.uname().nodename}; the other ranks passed this check)"]
+    assert seconds0 < 100  # not parallel.timeout_s
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_failure_every_rank_hits_is_said_once(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    results = run_world(_cli_rank, 2, [missing, missing], str(tmp_path / "run"), timeout_s=120)
+    assert [code for code, _, _ in results] == [2, 2]
+    assert results[0][1] == [f"adm-megatron: config error: model.teacher={missing!r}: directory not found"]
+    assert results[1][1] == []
+
+
+def _cli(argv: list[str]) -> tuple[int, list[str]]:
+    from adm_megatron.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, [line for line in err.getvalue().splitlines() if not line.startswith("[")]
+
+
+def test_plan_and_bench_refuse_a_multi_process_launch_in_one_line(tmp_path):
+    # bench under torchrun crashed (every rank's checkpoint timing in its own temporary run directory);
+    # plan printed its table once per rank
+    out = str(tmp_path / "bench.json")
+    config = os.path.join(ROOT, "examples/cogvideox/cogvideox_2b_8step.yaml")
+    for argv, what in ((["plan", "--config", config, "--arch", "cogvideox-2b", "--gpus", "8", "--card", "80"],
+                        "--gpus says"),
+                       (["bench", "--model", "cogvideox-2b", "--layers", "1", "--out", out], "it times one")):
+        results = run_world(_cli, 2, argv, timeout_s=120)
+        assert [code for code, _ in results] == [2, 2]
+        assert results[1][1] == []
+        (line,) = results[0][1]
+        assert line.startswith(f"adm-megatron: config error: {argv[0]} runs in one process, not under torchrun / "
+                               "srun (this launch started 2)") and what in line
+    assert not os.path.exists(out)
+
+
+def test_a_held_output_dir_is_refused_once_under_two_ranks(cogvideox_pipeline, tmp_path):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".run.lock", "w") as held:  # another live run's lock
+        held.write("host h, pid 1, since then\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        results = run_world(_cli_rank, 2, [cogvideox_pipeline] * 2, str(out), timeout_s=120)
+    assert [code for code, _, _ in results] == [2, 2]
+    assert results[0][1] == [f"adm-megatron: config error: output_dir={str(out)!r} is in use by another run (host h, "
+                             "pid 1, since then); wait for it to end, or use a new output_dir"]
+    assert results[1][1] == []  # it printed the same line a second time
+
+
+def test_a_rank_that_finds_nothing_to_do_still_meets_one_that_failed(cogvideox_ode_pairs, tmp_path):
+    # rank 0 finds the collection finished (no process group to make); rank 1 lacks the teacher
+    args = ["collect-ode", "--out", cogvideox_ode_pairs, "--num-pairs", "4", "--steps", "2",
+            "--no-progress", "data.frames=2", "data.height=4", "data.width=4", "data.num_prompts=4",
+            "parallel.timeout_s=300"]
+    with open(os.path.join(cogvideox_ode_pairs, "manifest.json")) as f:
+        teacher = json.load(f)["teacher"]["path"]
+    missing = str(tmp_path / "not-on-this-node")
+    results = run_world(_cli_by_rank, 2, [[*args, f"model.teacher={teacher}"], [*args, f"model.teacher={missing}"]],
+                        timeout_s=120)
+    assert [code for code, _ in results] == [2, 2]
+    assert results[0][1] == []
+    assert results[1][1] == [f"adm-megatron: config error: model.teacher={missing!r}: directory not found (on rank 1 "
+                             f"of 2, host {os.uname().nodename}; the other ranks passed this check)"]
+
+
+def _cli_by_rank(argvs: list[list[str]]) -> tuple[int, list[str]]:
+    return _cli(argvs[int(os.environ["RANK"])])
+
+
+def _print_config(argv: list[str]) -> tuple[int, str]:
+    from adm_megatron.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(argv)
+    return code, out.getvalue()
+
+
+def test_print_config_under_two_ranks_prints_once(tmp_path):
+    argv = ["train", "--config", os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"), "--print-config"]
+    (code0, out0), (code1, out1) = run_world(_print_config, 2, argv, timeout_s=120)
+    assert (code0, code1) == (0, 0)
+    assert out0.count("output_dir: outputs/demo") == 1 and out1 == ""
