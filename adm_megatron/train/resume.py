@@ -67,11 +67,12 @@ class ResumePoint:
     finished: bool = False  # the run in output_dir is complete: nothing to do
 
 
-def _flatten(values: dict, prefix: str = "") -> dict:
+def flatten_keys(values: dict, prefix: str = "") -> dict:
+    """A nested config dict as ``{dotted key: value}`` (tuples as lists, as YAML gives them back)."""
     out = {}
     for key, value in values.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten_keys(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
     return out
@@ -121,9 +122,9 @@ def check_compatible(saved: dict, config: Config, source: str) -> None:
     """One-line ConfigError naming the first key that differs and may not. A key the saved config
     does not have (added to adm_megatron after the run was saved) passes at its default value: a new
     key's default keeps the behaviour the run was trained with."""
-    now = _flatten(config_to_dict(config))
-    before = _flatten(saved)
-    defaults = _flatten(config_to_dict(Config()))
+    now = flatten_keys(config_to_dict(config))
+    before = flatten_keys(saved)
+    defaults = flatten_keys(config_to_dict(Config()))
     for key in sorted(set(now) | set(before)):
         if any(key == p or (p.endswith(".") and key.startswith(p)) for p in MAY_CHANGE):
             continue

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from adm_megatron.config import Config, ConfigError, config_to_dict
 from adm_megatron.parallel.startup import FailedElsewhere
-from adm_megatron.train.resume import _flatten
+from adm_megatron.train.resume import flatten_keys
 
 __all__ = ["check_same_config"]
 
@@ -25,7 +25,7 @@ def check_same_config(config: Config) -> None:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     every: list = [None] * dist.get_world_size()
-    dist.all_gather_object(every, _flatten(config_to_dict(config)))
+    dist.all_gather_object(every, flatten_keys(config_to_dict(config)))
     first = every[0]
     others = [r for r, flat in enumerate(every) if flat != first]
     if not others:
