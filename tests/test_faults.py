@@ -110,9 +110,10 @@ def _wait_for_lines(path, count, proc, timeout=300):
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("saving, signum, group", [
-    ([], signal.SIGTERM, False), (["train.async_save=true"], signal.SIGTERM, False),
-    ([], signal.SIGUSR1, True), (["train.async_save=true"], signal.SIGUSR1, True), ([], signal.SIGTERM, True),
+@pytest.mark.parametrize("saving, signum, group", [  # the fast suite: one plain stop, one background + group
+    ([], signal.SIGTERM, False), pytest.param(["train.async_save=true"], signal.SIGTERM, False, marks=pytest.mark.slow),
+    pytest.param([], signal.SIGUSR1, True, marks=pytest.mark.slow), (["train.async_save=true"], signal.SIGUSR1, True),
+    pytest.param([], signal.SIGTERM, True, marks=pytest.mark.slow),
 ], ids=["synchronous, SIGTERM to the trainer", "background, SIGTERM to the trainer",
         "synchronous, SIGUSR1 to its process group", "background, SIGUSR1 to its process group",
         "synchronous, SIGTERM to its process group"])
