@@ -132,7 +132,8 @@ def uninterrupted(pipeline_dir, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("saving", [[], ["train.async_save=true"]], ids=["synchronous", "background"])
+@pytest.mark.parametrize("saving", [  # the fast suite keeps the background save (its kill moments include the writer's)
+    pytest.param([], marks=pytest.mark.slow), ["train.async_save=true"]], ids=["synchronous", "background"])
 def test_sigkill_at_several_moments_then_the_same_command_resumes_exactly(saving, pipeline_dir, uninterrupted,
                                                                          tmp_path):
     """With background saves too: there the kill "during a checkpoint save" lands while iter_0000004's

@@ -14,6 +14,8 @@ checkpoint. Both continuations' losses equal the runs they came from within 1e-6
 
 from __future__ import annotations
 
+import pytest
+
 from multiproc import run_world
 from tiny_runs import tiny_fp64_run
 
@@ -112,6 +114,7 @@ def test_sharded_optimizer_equals_unsharded_at_dp2_and_resumes_across_layouts(tm
             assert _close(got, want), (i, key, got, want)
 
 
+@pytest.mark.slow  # the fast suite keeps the DP=2 equality and its resume across layouts
 def test_sharded_optimizer_equals_unsharded_at_dp2_tp2(tmp_path):
     from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
 
