@@ -84,19 +84,28 @@ def to_print(failures: list[tuple[int, str, str]], rank: int, world_size: int) -
     return lines
 
 
+def _launch_to_meet():
+    """This launch when its ranks are still to meet (more than one, no process group yet, no meeting
+    taken part in), else None; ValueError from ``launch_env`` for a launch it cannot read."""
+    import torch.distributed as dist
+
+    from adm_megatron.parallel.runtime import launch_env
+
+    launch = launch_env()
+    return None if launch.world_size == 1 or dist.is_initialized() or _MET else launch
+
+
 def agree_on_failure(message: str, timeout_s: float = 600) -> list[str]:
     """On a rank that failed before any process group exists: meet the other ranks (see the module
     docstring) and return the lines this rank prints (``[message]`` in a world of one, or when the
     others cannot be met: then they stop on their own timeout)."""
-    import torch.distributed as dist
-
-    from adm_megatron.parallel.runtime import launch_env, rendezvous_store
+    from adm_megatron.parallel.runtime import rendezvous_store
 
     try:
-        launch = launch_env()
+        launch = _launch_to_meet()
     except ValueError:
         return [message]
-    if launch.world_size == 1 or dist.is_initialized() or _MET:  # after the start: each rank says its own
+    if launch is None:  # a world of one, or after the start: each rank says its own
         return [message]
     try:
         store = rendezvous_store(launch, datetime.timedelta(seconds=timeout_s))
@@ -110,12 +119,10 @@ def confirm_start(timeout_s: float = 600) -> None:
     """On a rank that passed its checks but makes no process group (nothing left to do: a finished
     run or collection): meet the ranks that failed theirs, which wait for every rank, and raise
     :class:`FailedElsewhere` if any did. Nothing in a world of one or once a group exists."""
-    import torch.distributed as dist
+    from adm_megatron.parallel.runtime import rendezvous_store
 
-    from adm_megatron.parallel.runtime import launch_env, rendezvous_store
-
-    launch = launch_env()
-    if launch.world_size == 1 or dist.is_initialized() or _MET:
+    launch = _launch_to_meet()
+    if launch is None:
         return
     meet(rendezvous_store(launch, datetime.timedelta(seconds=timeout_s)), launch.rank, launch.world_size, timeout_s)
 
