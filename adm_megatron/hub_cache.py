@@ -47,10 +47,13 @@ def local_dir(value: str, key: str) -> str:
 
 
 def not_found_hint(value: str) -> str:
-    """What to add to a 'directory not found' for ``value``: for a repo id, where it was looked for."""
-    if not _looks_like_repo_id(value):
-        return ""
+    """What to add to a 'not found' for ``value``: for a relative path, the working directory it was
+    looked for in (a batch job's is often not the submitter's); for a repo id, the cache it was looked
+    for in -- unless its first part is a directory here, which makes it a path."""
+    where = "" if os.path.isabs(value) else f" (relative to the working directory {os.getcwd()})"
+    if not _looks_like_repo_id(value) or os.path.isdir(value.split("/")[0]):
+        return where
     from huggingface_hub import constants
 
-    return (f", nor a Hugging Face repo in the local cache {constants.HF_HUB_CACHE} (nothing is downloaded: "
+    return (f"{where}, nor a Hugging Face repo in the local cache {constants.HF_HUB_CACHE} (nothing is downloaded: "
             f"`hf download {value}` where there is network, or set HF_HUB_CACHE)")

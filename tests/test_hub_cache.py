@@ -40,14 +40,18 @@ def test_a_cached_repo_id_is_its_snapshot_and_an_uncached_one_is_refused_in_one_
     assert config.model.teacher == "org/elsewhere"
     with pytest.raises(ConfigError) as err:
         resolve_teacher(config.model.teacher)
-    assert str(err.value) == (f"model.teacher='org/elsewhere': directory not found, nor a Hugging Face repo in the "
-                              f"local cache {cache} (nothing is downloaded: `hf download org/elsewhere` where there "
-                              "is network, or set HF_HUB_CACHE)")
+    assert str(err.value) == (f"model.teacher='org/elsewhere': directory not found (relative to the working "
+                              f"directory {os.getcwd()}), nor a Hugging Face repo in the local cache {cache} (nothing "
+                              "is downloaded: `hf download org/elsewhere` where there is network, or set HF_HUB_CACHE)")
 
     monkeypatch.chdir(tmp_path)  # a directory on disk is a path, whatever the cache holds
     shutil.copytree(snapshot, tmp_path / "org" / "tiny-cogvideox")
     assert load_config(None, ["model.teacher=org/tiny-cogvideox"]).model.teacher == "org/tiny-cogvideox"
     assert "nor a Hugging Face repo" not in str(pytest.raises(ConfigError, resolve_teacher, "nowhere").value)
+    # a relative path under a directory that exists here (outputs/tiny_teacher before it is made) is a path
+    (tmp_path / "outputs").mkdir()
+    assert str(pytest.raises(ConfigError, resolve_teacher, "outputs/tiny_teacher").value) == (
+        f"model.teacher='outputs/tiny_teacher': directory not found (relative to the working directory {tmp_path})")
 
 
 def test_sample_takes_a_cached_pipeline_by_its_repo_id(hub, tmp_path, capsys):
@@ -60,5 +64,5 @@ def test_sample_takes_a_cached_pipeline_by_its_repo_id(hub, tmp_path, capsys):
     assert os.listdir(out / "generator")
     assert main(["sample", "--pipeline", "org/elsewhere", "--generator", f"{snapshot}/transformer", "--steps", "1",
                  "--teacher-steps", "0", "--prompt", "x", "--out", str(tmp_path / "other")]) == 2
-    assert (f"adm-megatron sample: --pipeline org/elsewhere: not found, nor a Hugging Face repo in the local cache "
-            f"{cache}") in capsys.readouterr().err
+    assert (f"adm-megatron sample: --pipeline org/elsewhere: not found (relative to the working directory "
+            f"{os.getcwd()}), nor a Hugging Face repo in the local cache {cache}") in capsys.readouterr().err
