@@ -118,9 +118,8 @@ def _collect_ode(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import json
-
     from adm_megatron.bench.run import BenchOptions, run_bench
+    from adm_megatron.json_file import write_json_atomically
 
     opts = BenchOptions(
         model=args.model, layers=args.layers, batch=args.batch, frames=args.frames, height=args.height,
@@ -159,9 +158,7 @@ def _bench(args: argparse.Namespace) -> int:
     ratio = result["dit"]["ratio_ours_over_diffusers"]
     print(f"time ours / diffusers: forward {ratio['forward']:.3f}, forward+backward {ratio['forward_backward']:.3f}")
     if args.out:
-        with open(f"{args.out}.partial", "w") as f:  # whole or not at all
-            json.dump(result, f, indent=2)
-        os.replace(f"{args.out}.partial", args.out)
+        write_json_atomically(args.out, result)
         print(f"written: {args.out}")
     return 0
 

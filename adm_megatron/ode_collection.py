@@ -23,9 +23,10 @@ from tqdm import tqdm
 
 from adm_megatron.config import Config, ConfigError
 from adm_megatron.data.ode_pairs import (FORMAT, MANIFEST, VERSION, prompts_identity, shard_generator, shard_name,
-                                         sha256, teacher_identity, write_json_atomically, write_shard)
+                                         sha256, teacher_identity, write_shard)
 from adm_megatron.diffusion.guidance import cfg_model_output
 from adm_megatron.diffusion.rollout import rollout
+from adm_megatron.json_file import write_json_atomically
 
 logger = logging.getLogger("adm_megatron")
 SETTINGS = "collection.json"

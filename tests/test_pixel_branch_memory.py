@@ -39,6 +39,15 @@ def test_pixel_branch_memory_smoke(tmp_path):
         assert 0 < peaks[(component, True)]["counted_peak_bytes"] < peaks[(component, False)]["counted_peak_bytes"]
     assert report["mode"] == "fp32"
 
+    # a second run onto the same --out refuses before measuring (docs/bench holds committed figures)
+    out = tmp_path / "pixel0.json"
+    before = out.read_bytes()
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "pixel_branch_memory.py"), "--out", str(out)],
+                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+    assert again.returncode == 2 and out.read_bytes() == before
+    assert again.stderr.splitlines()[-1].endswith(f"--out {out}: exists (earlier measurements; pass --overwrite to "
+                                                  "replace them)")
+
 
 @pytest.mark.slow
 def test_pixel_branch_memory_under_bf16_autocast(tmp_path):

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import os
 import platform
 import sys
 import time
@@ -201,7 +201,8 @@ def _table(rows: list[dict], mode: str) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="the JSON to write")
+    parser.add_argument("--out", required=True, help="the JSON to write (an existing one only with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (earlier measurements)")
     parser.add_argument("--cogvideox-probe", default="3x16x16",
                         help="latent frames x height x width of the CogVideoX VAE probe (default 3x16x16)")
     parser.add_argument("--sd3-probe", default="32x32", help="latent height x width of the SD3 VAE probe")
@@ -212,6 +213,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--autocast", default="none", choices=("none", "bf16"),
                         help="none: fp32; bf16: BF16 autocast, fp32 weights (as model.dtype=bf16 runs the branch)")
     args = parser.parse_args(argv)
+    if os.path.exists(args.out) and not args.overwrite:  # before minutes of measuring
+        parser.error(f"--out {args.out}: exists (earlier measurements; pass --overwrite to replace them)")
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         parser.error(f"--device={args.device!r}: expected cpu, or cuda where CUDA is available")
     try:
@@ -235,13 +238,14 @@ def main(argv: list[str]) -> int:
     import diffusers
     import transformers
 
-    with open(args.out, "w") as f:
-        json.dump({"rows": rows, "command": " ".join(["python tools/pixel_branch_memory.py", *argv]),
-                   "device": torch.cuda.get_device_name() if args.device == "cuda" else
-                   platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                   "torch": torch.__version__, "diffusers": diffusers.__version__,
-                   "transformers": transformers.__version__, "mode": mode, "date": time.strftime("%Y-%m-%d")},
-                  f, indent=1)
+    from adm_megatron.json_file import write_json_atomically
+
+    record = {"rows": rows, "command": " ".join(["python tools/pixel_branch_memory.py", *argv]),
+              "device": torch.cuda.get_device_name() if args.device == "cuda" else
+              platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "diffusers": diffusers.__version__,
+              "transformers": transformers.__version__, "mode": mode, "date": time.strftime("%Y-%m-%d")}
+    write_json_atomically(args.out, record, indent=1)
     print(f"wrote {args.out}")
     return 0
 

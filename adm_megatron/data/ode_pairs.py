@@ -73,13 +73,6 @@ def prompts_identity(text_source) -> dict:
     return {"rows": len(text_source), "fingerprint": text_source.fingerprint()}
 
 
-def write_json_atomically(path: str, value: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
-
-
 def write_shard(out_dir: str, index: int, tensors: dict[str, torch.Tensor]) -> str:
     """Write shard ``index`` under a temporary name, then rename it into place."""
     if set(tensors) != set(KEYS):

@@ -8,13 +8,13 @@ config or layout (one line, before any model is built).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from adm_megatron.config import ConfigError, load_config
 from adm_megatron.memory.plan import OFFLOAD, TRAINABLE, PlanError, gib
 from adm_megatron.memory.report import format_table, plan_to_dict, samples_warning
 from adm_megatron.families import preset_names
+from adm_megatron.json_file import write_json_atomically
 
 
 
@@ -89,8 +89,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(plan, title=f"{args.arch or config.model.teacher} on {args.gpus} GPUs of {args.card:g} GiB"))
     if args.json:
         try:
-            with open(args.json, "w") as f:
-                json.dump(plan_to_dict(plan), f, indent=2)
+            write_json_atomically(args.json, plan_to_dict(plan))
         except OSError as err:
             print(f"adm-megatron plan: --json {args.json}: cannot write it ({err.strerror})", file=sys.stderr)
             return 2

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from adm_megatron.config import ConfigError
+from adm_megatron.json_file import write_json_atomically
 
 # the discriminator's health (algorithms/discriminator_health.py) beside the losses on the bar
 SHOWN = {"discriminator/paired_accuracy": "D_acc", "discriminator/paired_margin": "D_margin"}
@@ -37,9 +38,7 @@ def wandb_run_id(output_dir: str) -> str:
         with open(path) as f:
             return json.load(f)["id"]
     run_id = uuid.uuid4().hex[:16]  # wandb ids: letters and digits, unique in the project
-    with open(f"{path}.partial", "w") as f:
-        json.dump({"id": run_id}, f)
-    os.replace(f"{path}.partial", path)
+    write_json_atomically(path, {"id": run_id})
     return run_id
 
 

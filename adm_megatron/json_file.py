@@ -1,0 +1,20 @@
+"""JSON files written whole or not at all: a manifest, a measurement, a plan is first written beside
+its destination under a temporary name, then renamed over it (``os.replace`` is atomic on one file
+system), so a reader, or a rerun after a crash, never finds half of one."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def write_json_atomically(path: str, value: dict, indent: int = 2) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"  # per process: two writers never share the temporary
+    try:
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=indent)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
