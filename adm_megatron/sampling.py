@@ -34,6 +34,7 @@ from adm_megatron.convert.checkpoint import CHECKPOINT_META_FILE, output_holds
 from adm_megatron.convert.distillation_record import DISTILLATION_FILE, read_distillation_record
 from adm_megatron.data.batch_layout import contiguous_share
 from adm_megatron.hub_cache import not_found_hint
+from adm_megatron.json_file import write_json_atomically
 from adm_megatron.families.registry import PromptEmbeddings
 from adm_megatron.models.frame_files import sample_name, write_grid
 from adm_megatron.models.diffusers_files import check_diffusers_weights
@@ -281,8 +282,7 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
         if overwrite and os.path.isdir(out_dir):
             shutil.rmtree(out_dir)  # nothing of the earlier run stays beside the new files
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, ARGS_FILE), "w") as f:
-            json.dump(args, f, indent=2)
+        write_json_atomically(os.path.join(out_dir, ARGS_FILE), args)  # a resumed --out compares it
     barrier()
     check_shared_dir(out_dir, "--out")  # each rank writes its share of the samples there
     mine = contiguous_share(len(prompts), rank, ranks)
@@ -315,8 +315,7 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
     result = {"environment": environment(device, command), "pipeline": pipeline_dir, "prompts": prompts,
               "ranks": ranks, "dtype": str(torch_dtype).removeprefix("torch."),
               "size": {"pixels": size, "latents": latents and list(latents)}, "vae_tiling": vae_tiling, "runs": rows}
-    with open(os.path.join(out_dir, "sample_timing.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_json_atomically(os.path.join(out_dir, "sample_timing.json"), result)
     return result
 
 
