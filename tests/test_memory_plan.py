@@ -10,6 +10,7 @@ layouts before any model is built."""
 from __future__ import annotations
 
 import json
+import re
 import os
 
 import pytest
@@ -323,6 +324,17 @@ def test_plan_command_checks_the_host_memory_of_a_node_when_given(tmp_path, caps
     assert _plan(tmp_path, "--gpus", "8", "--card", "80", "--host", "16", "--shard-optimizer", "all") == 1
     assert captured.err.count("\n") == 1 and ("every optimizer is sharded already: offload less, or put fewer ranks "
                                                "on a node (--gpus-per-node)") in capsys.readouterr().err
+
+
+def test_a_plan_under_a_gib_is_printed_in_mib(pipelines, tmp_path, capsys, world_of_one):
+    """A tiny model's table in GiB reads 0.00 throughout; in MiB it says what the run takes."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"model: {{teacher: {pipelines[False]}}}\ndistill: {{head_every: 1}}\n")
+    assert main(["plan", "--config", str(config), "--gpus", "1", "--card", "80"]) == 0
+    table = capsys.readouterr().out
+    assert " on 1 GPU of 80 GiB" in table and "(MiB per GPU)" in table and "1 rank per node" in table
+    peak = re.search(r"^peak (\d+\.\d\d) MiB in the \w+ phase; card 80 GiB", table, re.M)
+    assert peak and float(peak.group(1)) > 0.1, table
 
 
 @pytest.mark.parametrize("args, message", [

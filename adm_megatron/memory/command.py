@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, PlanError) as err:
         print(f"adm-megatron plan: {err}", file=sys.stderr)
         return 2
-    print(format_table(plan, title=f"{args.arch or config.model.teacher} on {args.gpus} GPUs of {args.card:g} GiB"))
+    print(format_table(plan, title=f"{args.arch or config.model.teacher} on {args.gpus} GPU{'s' * (args.gpus != 1)} of "
+                                  f"{args.card:g} GiB"))
     if args.json:
         try:
             write_json_atomically(args.json, plan_to_dict(plan))

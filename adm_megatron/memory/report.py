@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from adm_megatron.memory.plan import PHASES, TRAINABLE, MemoryPlan, gib
+from adm_megatron.memory.plan import GIB, PHASES, TRAINABLE, MemoryPlan, gib
 
 
 def _recompute(s, network: str) -> str:
@@ -63,12 +63,21 @@ def samples_warning(plan: MemoryPlan) -> str:
             "with adm-megatron sample")
 
 
+def _unit(plan: MemoryPlan) -> tuple[str, float]:
+    """The table's unit: GiB, or MiB for a plan whose peak is under 1 GiB (a tiny test model's table
+    would read 0.00 throughout)."""
+    biggest = max(plan.peak, plan.samples.peak if plan.samples is not None else 0.0)
+    return ("GiB", GIB) if biggest >= GIB else ("MiB", 2.0**20)
+
+
 def host_line(plan: MemoryPlan) -> str:
     """One line: the host memory the plan's terms take, per rank and per node, and against the
     node's memory when it was given."""
+    unit, size = _unit(plan)
     held = plan.host["offloaded optimizer states"] + plan.host["offloaded weights"]
-    line = (f"host memory per rank: {gib(held):.2f} GiB offloaded + {gib(plan.host['checkpoint staging']):.2f} GiB "
-            f"while a checkpoint is written; {plan.ranks_per_node} ranks per node: {gib(plan.host_per_node):.2f} GiB")
+    line = (f"host memory per rank: {held / size:.2f} {unit} offloaded + "
+            f"{plan.host['checkpoint staging'] / size:.2f} {unit} while a checkpoint is written; "
+            f"{plan.ranks_per_node} rank{'s' * (plan.ranks_per_node != 1)} per node: {plan.host_per_node / size:.2f} {unit}")
     if plan.settings.host_gib:
         line += (f" of {plan.settings.host_gib:g} GiB with {plan.settings.margin:.0%} margin = "
                  f"{gib(plan.host_budget):.2f} GiB: {'fits' if plan.host_fits else 'DOES NOT FIT'}")
@@ -77,6 +86,7 @@ def host_line(plan: MemoryPlan) -> str:
 
 def format_table(plan: MemoryPlan, title: str = "") -> str:
     s = plan.settings
+    unit, size = _unit(plan)
     lines = [title] if title else []
     lines.append(
         f"layout TP={s.tensor_parallel} CP={s.context_parallel} DP={s.data_parallel}, micro-batch {s.batch_size}"
@@ -88,25 +98,25 @@ def format_table(plan: MemoryPlan, title: str = "") -> str:
                  f"sharded optimizer: {', '.join(sorted(s.shard_optimizer)) or 'none'}; "
                  f"offload {_per_network(s.offload_mode, TRAINABLE)}")
     w = max([16, *(len(name) + 2 for name in plan.fixed)])  # the name column fits every row's name
-    lines.append(f"{'network':<{w}}{'weights':>10}{'grads':>10}{'optimizer':>11}   (GiB per GPU)")
+    lines.append(f"{'network':<{w}}{'weights':>10}{'grads':>10}{'optimizer':>11}   ({unit} per GPU)")
     for name, parts in plan.networks.items():
-        lines.append(f"{name:<{w}}{gib(parts['weights']):>10.2f}{gib(parts['grads']):>10.2f}"
-                     f"{gib(parts['optimizer']):>11.2f}")
+        lines.append(f"{name:<{w}}{parts['weights'] / size:>10.2f}{parts['grads'] / size:>10.2f}"
+                     f"{parts['optimizer'] / size:>11.2f}")
     for name, value in plan.fixed.items():
-        lines.append(f"{name:<{w}}{gib(value):>10.2f}   (fixed)")
+        lines.append(f"{name:<{w}}{value / size:>10.2f}   (fixed)")
     lines.append(f"{'phase':<{w}}{'resident':>10}{'activ.':>10}{'transient':>11}{'peak':>10}   at (largest transients)")
     for name, p in plan.phases.items():
-        parts = ", ".join(f"{k} {gib(v):.2f}" for k, v in sorted(p.transients.items(), key=lambda kv: -kv[1]))
-        lines.append(f"{name:<{w}}{gib(p.resident):>10.2f}{gib(p.activations):>10.2f}"
-                     f"{gib(sum(p.transients.values())):>11.2f}{gib(p.peak):>10.2f}   {p.peak_moment}"
+        parts = ", ".join(f"{k} {v / size:.2f}" for k, v in sorted(p.transients.items(), key=lambda kv: -kv[1]))
+        lines.append(f"{name:<{w}}{p.resident / size:>10.2f}{p.activations / size:>10.2f}"
+                     f"{sum(p.transients.values()) / size:>11.2f}{p.peak / size:>10.2f}   {p.peak_moment}"
                      f"{f' ({parts})' if parts else ''}")
     if plan.samples is not None:
         p = plan.samples
-        parts = ", ".join(f"{k} {gib(v):.2f}" for k, v in sorted(p.transients.items(), key=lambda kv: -kv[1]))
-        lines.append(f"{'(samples)':<{w}}{gib(p.resident):>10.2f}{0:>10.2f}{gib(sum(p.transients.values())):>11.2f}"
-                     f"{gib(p.peak):>10.2f}   {p.peak_moment} ({parts})")
+        parts = ", ".join(f"{k} {v / size:.2f}" for k, v in sorted(p.transients.items(), key=lambda kv: -kv[1]))
+        lines.append(f"{'(samples)':<{w}}{p.resident / size:>10.2f}{0:>10.2f}{sum(p.transients.values()) / size:>11.2f}"
+                     f"{p.peak / size:>10.2f}   {p.peak_moment} ({parts})")
     verdict = "fits" if plan.fits else "DOES NOT FIT"
-    lines.append(f"peak {gib(plan.peak):.2f} GiB in the {plan.peak_phase} phase; card {s.card_gib:g} GiB with "
+    lines.append(f"peak {plan.peak / size:.2f} {unit} in the {plan.peak_phase} phase; card {s.card_gib:g} GiB with "
                  f"{s.margin:.0%} margin = {gib(plan.budget):.2f} GiB: {verdict}")
     lines.append(host_line(plan))
     if not plan.samples_fit:
