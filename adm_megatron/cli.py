@@ -16,7 +16,7 @@ import shlex
 import sys
 import warnings
 
-from adm_megatron.config import ConfigError, load_config
+from adm_megatron.config import ConfigError, keys_located, load_config
 from adm_megatron.parallel.startup import FailedElsewhere
 
 NONFINITE_EXIT_CODE = 3  # train.max_skipped_steps updates in a row were NaN / Inf (or nan_policy=error)
@@ -81,7 +81,8 @@ def _train(args: argparse.Namespace) -> int:
             print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
         return 0
     try:
-        result = Trainer(config).fit()
+        with keys_located(config):
+            result = Trainer(config).fit()
     except NonFiniteError as err:
         print(f"adm-megatron: training stopped: {err}", file=sys.stderr)
         return NONFINITE_EXIT_CODE
@@ -110,8 +111,9 @@ def _collect_ode(args: argparse.Namespace) -> int:
     from adm_megatron.ode_collection import collect_ode_pairs
 
     config = load_config(args.config, args.overrides)
-    manifest = collect_ode_pairs(config, args.out, args.num_pairs, args.shard_size, args.steps,
-                                 args.batch_size, progress=not args.no_progress)
+    with keys_located(config):
+        manifest = collect_ode_pairs(config, args.out, args.num_pairs, args.shard_size, args.steps,
+                                     args.batch_size, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"ode pairs: {manifest['num_pairs']} in {len(manifest['shards'])} shards, {args.out}")
     return 0

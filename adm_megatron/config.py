@@ -15,8 +15,10 @@ takes the last, as in Hydra.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -572,6 +574,7 @@ MODEL_DIR_KEYS = ("model.teacher", "model.pipeline", "model.generator_init", "di
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     """A ``Config`` from a YAML file (optional) and ``key=value`` overrides, type-checked."""
     config = Config()
+    values: dict = {}
     if path is not None:
         values = _read_yaml(path) or {}
         if not isinstance(values, dict):
@@ -592,15 +595,61 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         overridden.append(key)
 
     def where(key: str) -> str:
-        """The command line for a key it set (or a section holding it, or a key inside it), else the file."""
-        on_command_line = any(key == o or key.startswith(f"{o}.") or o.startswith(f"{key}.") for o in overridden)
-        return "command line" if path is None or on_command_line else path
+        """The command line for a key it set (or a section holding it, or a key inside it), else the file
+        when it sets the key, else the default."""
+        if any(key == o or key.startswith(f"{o}.") or o.startswith(f"{key}.") for o in overridden):
+            return "command line"
+        if path is None:
+            return "default"
+        return path if _sets(values, key) else f"default (not set in {path})"
 
+    config.where = where  # not a field: config_to_dict and the comparisons leave it out
     _check_fields(config, where)
     for key in MODEL_DIR_KEYS:  # a repo id names its snapshot in the local hub cache, as in from_pretrained
         section, name = key.split(".")
         setattr(getattr(config, section), name, local_dir(getattr(getattr(config, section), name), key))
     return config
+
+
+def _sets(values: Any, key: str) -> bool:
+    """Whether the YAML mapping ``values`` holds dotted ``key``, or a section holding it."""
+    for part in key.split("."):
+        if not isinstance(values, dict) or part not in values:
+            return False
+        values = values[part]
+    return True
+
+
+def _is_key(config: Config, dotted: str) -> bool:
+    node: Any = config
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            return False
+        node = getattr(node, part)
+    return True
+
+
+_LEADING_KEY = re.compile(r"^(?:config: )?([a-z_]+(?:\.[a-z_]+)+|seed|output_dir)(?==|\[|:)")
+
+
+def located(message: str, config: Config) -> str:
+    """A check's message that begins with the key it is about (``distill.head_every=3: ...``), led by
+    where that key was set: the YAML file, the command line or the default (:func:`load_config`)."""
+    match = _LEADING_KEY.match(message)
+    where = getattr(config, "where", None)
+    if match is None or where is None or not _is_key(config, match.group(1)):  # e.g. a file name: run.yaml: ...
+        return message
+    return f"{where(match.group(1))}: {message[len('config: '):] if message.startswith('config: ') else message}"
+
+
+@contextlib.contextmanager
+def keys_located(config: Config, *kinds: type[Exception]):
+    """Within it, a ConfigError (or one of ``kinds``) about one of ``config``'s keys says where the key
+    was set."""
+    try:
+        yield
+    except (ConfigError, *kinds) as err:
+        raise type(err)(located(str(err), config)) from None
 
 
 def config_from_dict(values: dict, source: str) -> Config:

@@ -229,3 +229,17 @@ def test_a_key_overridden_twice_takes_the_last_as_print_config_shows(capsys, mon
     assert main(["train", *REPORTED, "distill.generator_steps=2", "distill.generator_steps=7", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["distill"]["generator_steps"] == 7
     assert os.listdir(tmp_path) == []
+
+
+def test_a_check_made_after_loading_names_where_its_key_was_set(cogvideox_pipeline, capsys, monkeypatch, tmp_path):
+    """Checks the trainer makes once it reads the teacher (adm_megatron/train/validate.py) name the
+    YAML file, the command line or the default as the source, as the checks made while loading do."""
+    run = tmp_path / "run.yaml"
+    run.write_text("model: {teacher: nowhere}\n")
+    assert _refused(capsys, monkeypatch, tmp_path, "--config", str(run)) == (
+        f"{run}: model.teacher='nowhere': directory not found (relative to the working directory {tmp_path})")
+    assert _refused(capsys, monkeypatch, tmp_path, "--config", str(run), "model.teacher=elsewhere").startswith(
+        "command line: model.teacher='elsewhere': directory not found")
+    run.write_text(f"model: {{teacher: {cogvideox_pipeline}}}\n")  # fewer blocks than the default asks
+    assert _refused(capsys, monkeypatch, tmp_path, "--config", str(run)).startswith(
+        f"default (not set in {run}): distill.head_every=3: the teacher has only ")

@@ -46,8 +46,8 @@ def test_a_second_run_into_a_held_output_dir_is_refused_in_one_line_and_writes_n
         assert proc.returncode == 2, proc.stderr[-2000:]
         # the refusal comes once the process group exists (so every rank gets it): after its log lines
         assert proc.stderr.strip().splitlines()[-1] == (
-            f"adm-megatron: config error: output_dir={str(out)!r} is in use by another run (host h, pid 1, since "
-            "then); wait for it to end, or use a new output_dir")
+            f"adm-megatron: config error: command line: output_dir={str(out)!r} is in use by another run (host h, "
+            "pid 1, since then); wait for it to end, or use a new output_dir")
         assert "Traceback" not in proc.stderr
         assert os.listdir(out) == [".run.lock"]  # no config.yaml, metrics or checkpoints of the second run
     finally:

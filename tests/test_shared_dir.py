@@ -35,9 +35,9 @@ def test_an_output_dir_not_shared_by_every_rank_is_refused_in_one_line(cogvideox
     results = run_world(_train_rank, 2, cogvideox_pipeline, cwds, timeout_s=120)
     assert [code for code, _ in results] == [2, 2]
     host = os.uname().nodename
-    assert results[0][1] == ["adm-megatron: config error: output_dir='run': not one directory on every rank: "
-                             f"rank(s) 1 (host {host}) do not see the files rank 0 (host {host}) writes there; use a "
-                             "directory on a filesystem every node mounts"]
+    assert results[0][1] == ["adm-megatron: config error: command line: output_dir='run': not one directory on "
+                             f"every rank: rank(s) 1 (host {host}) do not see the files rank 0 (host {host}) writes "
+                             "there; use a directory on a filesystem every node mounts"]
     assert results[1][1] == []
     assert os.listdir(tmp_path / "node0" / "run") == [] and os.listdir(tmp_path / "node1") == []
 

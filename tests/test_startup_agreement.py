@@ -15,6 +15,8 @@ from multiproc import run_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+REFUSED = "adm-megatron: config error: command line: "  # the keys below are given as overrides
+
 
 def _cli_rank(teachers: list[str], out: str) -> tuple[int, str, float]:
     """``adm-megatron train`` on this rank with its own ``model.teacher``: (exit code, stderr, seconds)."""
@@ -37,7 +39,7 @@ def test_a_path_one_rank_lacks_stops_every_rank_with_one_line(cogvideox_pipeline
     (code0, err0, seconds0), (code1, err1, _) = results
     assert (code0, code1) == (2, 2)
     assert err0 == []  # rank 0 passed: rank 1 says why
-    assert err1 == [f"adm-megatron: config error: model.teacher={missing!r}: directory not found "
+    assert err1 == [f"{REFUSED}model.teacher={missing!r}: directory not found "
                     f"(on rank 1 of 2, host {os.uname().nodename}; the other ranks passed this check)"]
     assert seconds0 < 100  # not parallel.timeout_s
     assert not os.path.exists(tmp_path / "run")
@@ -47,7 +49,7 @@ def test_a_failure_every_rank_hits_is_said_once(tmp_path):
     missing = str(tmp_path / "nowhere")
     results = run_world(_cli_rank, 2, [missing, missing], str(tmp_path / "run"), timeout_s=120)
     assert [code for code, _, _ in results] == [2, 2]
-    assert results[0][1] == [f"adm-megatron: config error: model.teacher={missing!r}: directory not found"]
+    assert results[0][1] == [f"{REFUSED}model.teacher={missing!r}: directory not found"]
     assert results[1][1] == []
 
 
@@ -88,7 +90,7 @@ def test_a_held_output_dir_is_refused_once_under_two_ranks(cogvideox_pipeline, t
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         results = run_world(_cli_rank, 2, [cogvideox_pipeline] * 2, str(out), timeout_s=120)
     assert [code for code, _, _ in results] == [2, 2]
-    assert results[0][1] == [f"adm-megatron: config error: output_dir={str(out)!r} is in use by another run (host h, "
+    assert results[0][1] == [f"{REFUSED}output_dir={str(out)!r} is in use by another run (host h, "
                              "pid 1, since then); wait for it to end, or use a new output_dir"]
     assert results[1][1] == []  # it printed the same line a second time
 
@@ -105,7 +107,7 @@ def test_a_rank_that_finds_nothing_to_do_still_meets_one_that_failed(cogvideox_o
                         timeout_s=120)
     assert [code for code, _ in results] == [2, 2]
     assert results[0][1] == []
-    assert results[1][1] == [f"adm-megatron: config error: model.teacher={missing!r}: directory not found (on rank 1 "
+    assert results[1][1] == [f"{REFUSED}model.teacher={missing!r}: directory not found (on rank 1 "
                              f"of 2, host {os.uname().nodename}; the other ranks passed this check)"]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from adm_megatron.config import ConfigError, load_config
+from adm_megatron.config import ConfigError, keys_located, load_config
 from adm_megatron.memory.plan import OFFLOAD, TRAINABLE, PlanError, gib
 from adm_megatron.memory.report import format_table, plan_to_dict, samples_warning
 from adm_megatron.families import preset_names
@@ -77,12 +77,13 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config, args.overrides)
-        plan = plan_run(
-            config, args.gpus, preset=args.arch, card_gib=args.card, margin=args.margin,
-            shard_optimizer=args.shard_optimizer, offload=args.offload, params=args.params,
-            pinned_memory=torch.cuda.is_available() or args.assume_pinned_memory,
-            gpus_per_node=args.gpus_per_node, host_gib=args.host,
-        )
+        with keys_located(config, PlanError):
+            plan = plan_run(
+                config, args.gpus, preset=args.arch, card_gib=args.card, margin=args.margin,
+                shard_optimizer=args.shard_optimizer, offload=args.offload, params=args.params,
+                pinned_memory=torch.cuda.is_available() or args.assume_pinned_memory,
+                gpus_per_node=args.gpus_per_node, host_gib=args.host,
+            )
     except (ConfigError, PlanError) as err:
         print(f"adm-megatron plan: {err}", file=sys.stderr)
         return 2
