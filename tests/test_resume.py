@@ -302,11 +302,18 @@ def test_keys_newer_than_a_saved_run_pass_at_their_defaults_and_kernels_may_chan
 
     config = load_config(None, ["model.teacher=x", "distill.method=adm"])
     saved = config_to_dict(config)
-    del saved["distill"]["latent_weight"]  # as an adm_megatron before ADP wrote it
+    del saved["distill"]["fake_score_grad"]  # as an adm_megatron before the key wrote it
     check_compatible(saved, config, "old/config.yaml")
-    newer = load_config(None, ["model.teacher=x", "distill.method=adm", "distill.latent_weight=0.5"])
-    with pytest.raises(ConfigError, match=r"^old/config.yaml: distill.latent_weight=None there but 0.5 now"):
+    newer = load_config(None, ["model.teacher=x", "distill.method=adm", "distill.fake_score_grad=false"])
+    with pytest.raises(ConfigError, match=r"^old/config.yaml: distill.fake_score_grad=None there but False now"):
         check_compatible(saved, newer, "old/config.yaml")
+    # a key only other methods read changes nothing here: an ADP weight, or DMD2's GAN weight, may change
+    check_compatible(saved, load_config(None, ["model.teacher=x", "distill.method=adm", "distill.latent_weight=0.5",
+                                               "distill.gan_weight=0.3"]), "old/config.yaml")
+    with pytest.raises(ConfigError, match=r"^run: distill.gan_weight="):  # but not under the method that reads it
+        dmd2 = ["model.teacher=x", "distill.method=dmd2", "data.real_path=pairs"]
+        check_compatible(config_to_dict(load_config(None, dmd2)), load_config(None, [*dmd2, "distill.gan_weight=0.3"]),
+                         "run")
     check_compatible(config_to_dict(config), load_config(None, [
         "model.teacher=x", "distill.method=adm", "model.compile=blocks", "model.attention_backend=math"]), "run")
     with pytest.raises(ConfigError, match="distill.delta_t"):  # an existing key still may not change

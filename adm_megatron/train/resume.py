@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from adm_megatron.config import NETWORKS, Config, ConfigError, config_to_dict
+from adm_megatron.config import METHOD_KEYS, NETWORKS, Config, ConfigError, config_to_dict
 from adm_megatron.data.batch_layout import global_batch
 from adm_megatron.train.checkpoint import (
     STATE_FILE,
@@ -118,15 +118,22 @@ def _check_length(before: dict, now: dict, source: str, config: Config) -> None:
         )
 
 
+def _unread(key: str, config: Config) -> bool:
+    """A key of another method's (``config.METHOD_KEYS``): it changes nothing in this run, so it may
+    change (the method itself may not)."""
+    return key in METHOD_KEYS and config.distill.method not in METHOD_KEYS[key]
+
+
 def check_compatible(saved: dict, config: Config, source: str) -> None:
-    """One-line ConfigError naming the first key that differs and may not. A key the saved config
+    """One-line ConfigError naming the first key that differs and may not (keys read by other methods
+    only may: :func:`_unread`). A key the saved config
     does not have (added to adm_megatron after the run was saved) passes at its default value: a new
     key's default keeps the behaviour the run was trained with."""
     now = flatten_keys(config_to_dict(config))
     before = flatten_keys(saved)
     defaults = flatten_keys(config_to_dict(Config()))
     for key in sorted(set(now) | set(before)):
-        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in MAY_CHANGE):
+        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in MAY_CHANGE) or _unread(key, config):
             continue
         if key == LENGTH and now.get(key) != before.get(key):
             _check_length(before, now, source, config)
