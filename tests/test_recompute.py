@@ -96,3 +96,46 @@ def test_the_old_boolean_and_one_mode_set_every_network(value, expected):
     for network in ("teacher", "fake_score", "generator"):
         for phase in ("fake_score", "generator", "discriminator"):
             assert recompute.mode(network, phase) == expected
+
+
+def test_selective_recompute_finds_any_familys_core_attention_and_refuses_a_model_without_one(monkeypatch):
+    """The switch knows no family's attention class: a module of a new family with a ``core_attention``
+    submodule gets it recomputed under ``selective``; a model with none is refused in one line rather
+    than silently recomputing nothing."""
+    from megatron.core import tensor_parallel
+
+    from adm_megatron.config import ConfigError, load_config
+    from adm_megatron.train.recompute import RecomputeSwitch
+
+    class Core(torch.nn.Module):  # softmax(QK^T)V of a family the switch has never heard of
+        def forward(self, q, k, v):
+            return q
+
+    class NewFamilyAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.core_attention = Core()
+
+        def forward(self, x):
+            return self.core_attention(x, x, x)
+
+    class Model(torch.nn.Module):
+        def __init__(self, attention: bool):
+            super().__init__()
+            self.config = type("TransformerConfig", (), {"recompute_granularity": None})()
+            self.blocks = torch.nn.ModuleList([NewFamilyAttention() if attention else torch.nn.Linear(2, 2)])
+
+    checkpointed = []
+    monkeypatch.setattr(tensor_parallel, "checkpoint", lambda fn, _distribute, *args: checkpointed.append(fn) or args[0])
+    recompute = load_config(None, ["model.teacher=x", "model.recompute.generator=selective"]).model.recompute
+    model = Model(attention=True)
+    RecomputeSwitch({"generator": model}, recompute).before_phase("generator")
+    assert model.config.recompute_granularity == "selective"
+    with torch.enable_grad():
+        model.blocks[0](torch.ones(2, requires_grad=True))
+    assert len(checkpointed) == 1
+    with pytest.raises(ConfigError, match=r"^model.recompute.generator='selective': the generator's model \(Model\) "
+                                          r"has no core attention"):
+        RecomputeSwitch({"generator": Model(attention=False)}, recompute)
+    RecomputeSwitch({"generator": Model(attention=False)},  # full needs no core attention
+                    load_config(None, ["model.teacher=x", "model.recompute.generator=full"]).model.recompute)

@@ -7,11 +7,11 @@ config gives it for that phase, written into its megatron ``TransformerConfig``:
   (the model's block loop reads this at run time, through ``tensor_parallel.checkpoint``);
 - ``selective``: ``recompute_granularity='selective'`` -- the core attention (softmax(QK^T)V) of
   every block is run again in backward instead of keeping its internals, megatron's meaning of
-  selective recompute (``recompute_modules=['core_attn']``). The model's attention is our own
-  ``JointSelfAttention``, not megatron's ``Attention`` (which reads the granularity once, at
-  construction) -- ``JointSelfAttention`` (CogVideoX) or ``MMDiTAttention`` (SD3) --, so this
-  module wraps each attention's core ``forward`` in ``tensor_parallel.checkpoint`` when the
-  network's config says ``selective``;
+  selective recompute (``recompute_modules=['core_attn']``). The families' attentions are our own
+  modules, not megatron's ``Attention`` (which reads the granularity once, at construction), so this
+  module wraps the ``forward`` of every attention's ``core_attention`` submodule (megatron's name
+  for it, which every family's attention keeps) in ``tensor_parallel.checkpoint`` when the network's
+  config says ``selective``; a network with none is refused ``selective`` in one line;
 - ``none``: nothing is recomputed.
 
 Recompute changes memory and time, never values: the tests check that an iteration is the same with
@@ -23,9 +23,7 @@ from __future__ import annotations
 import torch
 from megatron.core import tensor_parallel
 
-from adm_megatron.config import RecomputeConfig, parse_recompute
-from adm_megatron.models.attention import JointSelfAttention
-from adm_megatron.models.sd3_attention import MMDiTAttention
+from adm_megatron.config import ConfigError, RecomputeConfig, parse_recompute
 
 _GRANULARITY = {"none": None, "selective": "selective", "full": "full"}
 
@@ -57,10 +55,15 @@ class RecomputeSwitch:
         self.models = models
         self.modes = {name: parse_recompute(getattr(config, name), f"model.recompute.{name}", "config")
                       for name in models}
-        for model in models.values():
-            for module in model.modules():
-                if isinstance(module, (JointSelfAttention, MMDiTAttention)):
-                    _checkpointed_core(module.core_attention, model.config)
+        for name, model in models.items():
+            cores = [m.core_attention for m in model.modules()
+                     if isinstance(getattr(m, "core_attention", None), torch.nn.Module)]
+            if not cores and "selective" in self.modes[name].values():
+                raise ConfigError(f"model.recompute.{name}={getattr(config, name)!r}: the {name}'s model "
+                                  f"({type(model).__name__}) has no core attention (an attention's "
+                                  "`core_attention` submodule) to recompute; use full or none")
+            for core in cores:
+                _checkpointed_core(core, model.config)
 
     def before_phase(self, phase: str, trained: tuple[str, ...] = ()) -> None:
         for name, model in self.models.items():
