@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from adm_megatron.versions import installed_version
+from adm_megatron.versions import STACK, installed_version
 
 # Dense BF16 tensor-core peaks (TFLOP/s, SXM parts, no sparsity) by a substring of the device name.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0,
@@ -45,8 +45,7 @@ def environment(device: torch.device, command: str) -> dict:
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": command,
         "python": platform.python_version(),
-        "versions": {name: installed_version(name) for name in
-                     ("torch", "megatron-core", "transformer-engine", "diffusers")},
+        "versions": {name: installed_version(name) for name in STACK},  # as checkpoints and --version
         "cuda": torch.version.cuda,
     }
 
