@@ -217,6 +217,29 @@ def test_nan_policy_error_raises_and_skip_leaves_weights(pipeline_dir, tmp_path,
     assert not _changed(before, trainer.trainable["fake_score"].module)
 
 
+def test_a_skipped_generator_update_leaves_the_ema_and_the_optimizer_as_they_were(pipeline_dir, tmp_path,
+                                                                                  world_of_one):
+    """The EMA moved towards the (unchanged) generator on a skipped update: each skip was an
+    extra EMA step, pulling the average to the current weights."""
+    from adm_megatron.train.trainer import Trainer
+
+    trainer = Trainer(_config(pipeline_dir, tmp_path, "train.nan_policy=skip", "train.ema_decay=0.5"))
+    trainer.train_iteration(0)  # the EMA and the generator now differ
+    ema = {n: t.clone() for n, t in trainer.ema.shadow.items()}
+    before = _snapshot(trainer.generator)
+    optimizer = trainer.trainable["generator"].optimizer
+    adam = {k: v.clone() for k, v in next(iter(optimizer.optimizer.state.values())).items()}
+    updates = optimizer.scheduler.num_steps
+    loss = trainer.algorithm.generator_loss
+    trainer.algorithm.generator_loss = lambda *a: (loss(*a)[0] * math.nan, *loss(*a)[1:])
+    metrics = trainer.train_iteration(1)
+    assert metrics["generator/skipped"] is True and metrics["skipped_steps"] == 1
+    assert not _changed(before, trainer.generator)
+    assert all(torch.equal(ema[n], t) for n, t in trainer.ema.shadow.items())
+    assert all(torch.equal(adam[k], v) for k, v in next(iter(optimizer.optimizer.state.values())).items())
+    assert optimizer.scheduler.num_steps == updates
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -347,7 +347,7 @@ class Trainer:
                 "generator", lambda m: alg.generator_loss(batches[m], draws.micro(m)), iteration, microbatches=k
             )
             metrics.update(phase_metrics)
-            if self.ema is not None:
+            if self.ema is not None and not phase_metrics["generator/skipped"]:  # a skipped update moves nothing
                 self.ema.update(self.generator)
             if alg.discriminator_phase:
                 phase_metrics, _ = self.phases.run(
