@@ -43,7 +43,7 @@ import torch.distributed as dist
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from adm_megatron.parallel import data_parallel_mean
+from adm_megatron.parallel import any_rank, data_parallel_mean
 from adm_megatron.parallel.device_scope import cpu_device_scope
 from adm_megatron.train.grad_sync import check_grads_arrived
 from adm_megatron.train.offload import Offloader
@@ -74,17 +74,6 @@ def frozen(modules: list[torch.nn.Module]):
     finally:
         for p, flag in saved:
             p.requires_grad_(flag)
-
-
-def any_rank(flag: bool) -> bool:
-    """Whether ``flag`` is set on any rank of the world (collective when a world exists)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def prefixed(metrics: dict, phase: str) -> dict:
