@@ -91,6 +91,7 @@ def test_a_nan_gradient_in_a_tensor_parallel_duplicate_is_not_stepped_unseen(wor
     opt = NetworkOptimizer(ddp, OptimizerConfig(lr=1e-2), total_updates=2)
     duplicate = opt.params[0]  # as a TP rank > 0 sees a layer norm's weight
     monkeypatch.setattr(optimizer_module, "param_is_not_tensor_parallel_duplicate", lambda p: p is not duplicate)
+    monkeypatch.setattr(optimizer_module.parallel_state, "get_tensor_model_parallel_world_size", lambda: 2)
     _backward(ddp, torch.float32, 0)
     duplicate.main_grad[0] = float("nan")
     before = [p.detach().clone() for p in opt.params]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
     optim_state_to_sharding_state,
@@ -90,6 +91,8 @@ class NetworkOptimizer:
         norm counts only TP rank 0's copy, as megatron's does; a NaN in another rank's copy alone (a
         fault: the copies compute the same) would otherwise be stepped into that rank's weights with
         a finite norm reported, and the TP ranks' copies would part for good."""
+        if parallel_state.get_tensor_model_parallel_world_size() == 1:
+            return True  # no duplicates: the norm saw every gradient
         grads = [self.main.grad(slot) for slot in self.main.slots
                  if not param_is_not_tensor_parallel_duplicate(slot.param)]
         local = bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
