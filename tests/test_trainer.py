@@ -240,6 +240,30 @@ def test_a_skipped_generator_update_leaves_the_ema_and_the_optimizer_as_they_wer
     assert optimizer.scheduler.num_steps == updates
 
 
+def test_a_phase_that_trains_two_networks_is_skipped_whole(pipeline_dir, real_pairs, tmp_path, world_of_one):
+    """DMD2's fake-score phase also trains the classifier heads: a NaN gradient in the fake score
+    skipped the fake score but still stepped the heads on the same loss."""
+    from adm_megatron.train.phases import NonFiniteError
+    from adm_megatron.train.trainer import Trainer
+
+    trainer = Trainer(_config(pipeline_dir, tmp_path, "distill.method=dmd2", f"data.real_path={real_pairs}",
+                              "train.nan_policy=skip"))
+    assert trainer.algorithm.fake_phase_trains == ("fake_score", "discriminator")
+    fake, heads = _snapshot(trainer.fake_score), _snapshot(trainer.heads)
+    param = next(p for p in trainer.fake_score.parameters() if p.requires_grad)
+    hook = param.register_hook(lambda grad: grad * math.nan)  # the loss stays finite
+    metrics = trainer.train_iteration(0)
+    assert metrics["fake_score/skipped"] is True and metrics["discriminator/skipped"] is True
+    assert math.isfinite(metrics["discriminator/grad_norm"]) and metrics["skipped_steps"] == 2
+    assert not _changed(fake, trainer.fake_score) and not _changed(heads, trainer.heads)
+    assert trainer.trainable["discriminator"].optimizer.scheduler.num_steps == 0
+    trainer.phases.nan_policy = "error"
+    with pytest.raises(NonFiniteError, match="iteration 1, phase fake_score: fake_score gradient norm is nan"):
+        trainer.train_iteration(1)
+    assert not _changed(heads, trainer.heads)
+    hook.remove()
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -98,15 +98,20 @@ class NetworkOptimizer:
         local = bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
         return not any_rank(not local, self.main.norm_group())
 
-    def step(self, skip_if_not_finite: bool) -> tuple[float, bool]:
-        """Clip and step; returns (grad norm before clipping, whether the step was taken).
+    def checked_norm(self) -> float:
+        """The global gradient norm before clipping, NaN when a TP duplicate's gradient is not finite
+        on some rank (collective over the norm group)."""
+        norm = self.grad_norm()
+        return norm if not math.isfinite(norm) or self.duplicates_finite() else float("nan")
+
+    def step(self, skip_if_not_finite: bool, norm: float | None = None) -> tuple[float, bool]:
+        """Clip and step; returns (grad norm before clipping, whether the step was taken). ``norm``:
+        this update's ``checked_norm()`` when the caller has it already.
 
         A non-finite gradient norm, or a non-finite gradient of a TP duplicate on any rank (reported as
         a NaN norm), raises unless ``skip_if_not_finite`` (then nothing changes).
         """
-        norm = self.grad_norm()
-        if math.isfinite(norm) and not self.duplicates_finite():
-            norm = float("nan")
+        norm = self.checked_norm() if norm is None else norm
         if not math.isfinite(norm):
             if not skip_if_not_finite:
                 raise FloatingPointError(f"gradient norm is {norm}")
