@@ -96,6 +96,38 @@ def test_nan_on_one_rank_is_skipped_on_all_and_k_in_a_row_stop_cleanly(tmp_path,
     assert not (out / "finished.json").exists()
 
 
+def test_a_nan_stop_finishes_the_background_checkpoint_in_flight(tmp_path, world_of_one):
+    """With train.async_save the stop threw away the checkpoint still being written (of the state
+    before the NaN): no checkpoint was left at all, the run had to start over."""
+    from adm_megatron.config import load_config
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+    from adm_megatron.train.phases import NonFiniteError
+    from adm_megatron.train.trainer import Trainer
+
+    pipeline_dir = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    out = tmp_path / "run"
+    config = load_config(None, [f"model.teacher={pipeline_dir}", f"output_dir={out}", *TINY, "data.batch_size=1",
+                                "train.max_iterations=4", "train.save_every=2", "train.async_save=true"])
+    trainer = Trainer(config)
+    loss_fn, now = trainer.algorithm.fake_score_loss, {"iteration": 0}
+    run_iteration = trainer.train_iteration
+
+    def train_iteration(iteration):
+        now["iteration"] = iteration
+        return run_iteration(iteration)
+
+    def fake_score_loss(*args):
+        loss, metrics, extra = loss_fn(*args)
+        return loss * (math.nan if now["iteration"] == 2 else 1.0), metrics, extra
+
+    trainer.algorithm.fake_score_loss, trainer.train_iteration = fake_score_loss, train_iteration
+    with pytest.raises(NonFiniteError, match="iteration 2, phase fake_score"):
+        trainer.fit()
+    assert sorted(os.listdir(out / "checkpoints")) == ["iter_0000002", "latest"]
+    assert open(out / "checkpoints" / "latest").read().strip() == "iter_0000002"
+    assert Trainer(config).start_iteration == 2  # a whole checkpoint: the run goes on from it
+
+
 def _nan_in_one_tp_ranks_duplicate(pipeline_dir: str, output_dir: str) -> list:
     """TP = 2: at iteration 1 the fake score's gradient of a TP-duplicated parameter (a layer norm,
     an embedding: whole on every TP rank) is NaN on TP rank 1 only."""
