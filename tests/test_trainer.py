@@ -208,8 +208,11 @@ def test_nan_policy_error_raises_and_skip_leaves_weights(pipeline_dir, tmp_path,
 
     trainer = Trainer(_config(pipeline_dir, tmp_path))
     nan_loss = lambda _micro: (trainer.algorithm.fake_score_loss(trainer.batches(0)[0], trainer.draws(0, "f").micro(0))[0] * math.nan, {}, None)  # noqa: E731,E501
-    with pytest.raises(NonFiniteError, match="iteration 0, phase fake_score"):
+    with pytest.raises(NonFiniteError, match="iteration 0, phase fake_score: loss is nan on this rank"):
         trainer.phases.run("fake_score", nan_loss, 0)
+    # another rank's NaN: this rank's finite loss is not given as the culprit ("loss is 0.5 on this or another rank")
+    with pytest.raises(NonFiniteError, match=r"phase fake_score: loss is not finite on another rank \(this rank's: 0.5\)"):
+        trainer.phases._step("fake_score", 0.5, False, {"fake_score": math.nan}, 0, "fake_score")
     trainer.phases.nan_policy = "skip"
     before = _snapshot(trainer.trainable["fake_score"].module)
     metrics, _ = trainer.phases.run("fake_score", nan_loss, 0)

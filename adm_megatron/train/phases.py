@@ -191,7 +191,8 @@ class PhaseRunner:
         lr = optimizer.lr  # the rate this update uses (the scheduler moves on after the step)
         where = f"iteration {iteration}, phase {phase}"
         if not finite and not skip:
-            raise NonFiniteError(f"{where}: loss is {loss} on this or another rank")
+            raise NonFiniteError(f"{where}: loss is {loss} on this rank" if not math.isfinite(loss) else
+                                 f"{where}: loss is not finite on another rank (this rank's: {loss:.6g})")
         bad = [n for n, v in norms.items() if not math.isfinite(v)]
         if bad and not skip:
             raise NonFiniteError(f"{where}: {bad[0]} gradient norm is {norms[bad[0]]}")
