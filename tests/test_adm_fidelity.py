@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 import logging
 import re
 
@@ -150,6 +151,20 @@ def test_dead_discriminator_monitor_averages_over_its_window_and_warns_once():
     assert monitor.update(0.5) is True  # the last three average 0.5
     assert monitor.update(0.5) is False  # once per run
     assert DiscriminatorMonitor(window=0, threshold=1.0).update(0.0) is False  # disabled
+
+
+def test_nan_logits_give_a_nan_accuracy_that_the_monitor_does_not_count():
+    """A discriminator update skipped for NaN logits (train.nan_policy=skip) reported a paired
+    accuracy of 0.0 (NaN compares false both ways) and the dead-discriminator monitor averaged it in."""
+    real = torch.tensor([[float("nan"), 1.0], [float("nan"), 2.0]])
+    fake = torch.zeros(2, 2)
+    stats = discriminator_health(real, fake, hinge_d_loss(real, fake), hinge_d_loss)
+    assert math.isnan(stats["discriminator/paired_accuracy/h0"])
+    assert stats["discriminator/paired_accuracy/h1"] == 1.0
+    assert math.isnan(stats["discriminator/paired_accuracy"])
+    monitor = DiscriminatorMonitor(window=2, threshold=0.55)
+    assert [monitor.update(a) for a in (0.9, float("nan"), 0.9)] == [False, False, False]
+    assert list(monitor.recent) == [0.9, 0.9]
 
 
 def test_run_reports_discriminator_health_in_metrics_and_warns_when_dead(pipeline_dir, tmp_path, world_of_one,

@@ -8,6 +8,7 @@ iteration, save and exit with code 75, and the same command goes on from there;
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -93,6 +94,82 @@ def test_nan_on_one_rank_is_skipped_on_all_and_k_in_a_row_stop_cleanly(tmp_path,
     state = json.load(open(out / "checkpoints" / "iter_0000004" / "trainer_state.json"))
     assert state["iteration"] == 4
     assert not (out / "finished.json").exists()
+
+
+def test_a_nan_stop_finishes_the_background_checkpoint_in_flight(tmp_path, world_of_one):
+    """With train.async_save the stop threw away the checkpoint still being written (of the state
+    before the NaN): no checkpoint was left at all, the run had to start over."""
+    from adm_megatron.config import load_config
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+    from adm_megatron.train.phases import NonFiniteError
+    from adm_megatron.train.trainer import Trainer
+
+    pipeline_dir = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    out = tmp_path / "run"
+    config = load_config(None, [f"model.teacher={pipeline_dir}", f"output_dir={out}", *TINY, "data.batch_size=1",
+                                "train.max_iterations=4", "train.save_every=2", "train.async_save=true"])
+    trainer = Trainer(config)
+    loss_fn, now = trainer.algorithm.fake_score_loss, {"iteration": 0}
+    run_iteration = trainer.train_iteration
+
+    def train_iteration(iteration):
+        now["iteration"] = iteration
+        return run_iteration(iteration)
+
+    def fake_score_loss(*args):
+        loss, metrics, extra = loss_fn(*args)
+        return loss * (math.nan if now["iteration"] == 2 else 1.0), metrics, extra
+
+    trainer.algorithm.fake_score_loss, trainer.train_iteration = fake_score_loss, train_iteration
+    with pytest.raises(NonFiniteError, match="iteration 2, phase fake_score"):
+        trainer.fit()
+    assert sorted(os.listdir(out / "checkpoints")) == ["iter_0000002", "latest"]
+    assert open(out / "checkpoints" / "latest").read().strip() == "iter_0000002"
+    assert Trainer(config).start_iteration == 2  # a whole checkpoint: the run goes on from it
+
+
+def _nan_in_one_tp_ranks_duplicate(pipeline_dir: str, output_dir: str) -> list:
+    """TP = 2: at iteration 1 the fake score's gradient of a TP-duplicated parameter (a layer norm,
+    an embedding: whole on every TP rank) is NaN on TP rank 1 only."""
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    from adm_megatron.config import load_config
+    from adm_megatron.train.trainer import Trainer
+
+    trainer = Trainer(load_config(None, [f"model.teacher={pipeline_dir}", f"output_dir={output_dir}", *TINY,
+                                         "data.batch_size=2", "parallel.tensor_parallel=2",
+                                         "train.max_iterations=3", "train.nan_policy=skip"]))
+    optimizer, rank = trainer.trainable["fake_score"].optimizer, trainer.info.rank
+    duplicates = [s for s in optimizer.main.slots if not param_is_not_tensor_parallel_duplicate(s.param)]
+    assert bool(duplicates) == (rank == 1)
+    checked_norm, now, records = optimizer.checked_norm, {}, []
+
+    def faulty_norm():  # the gradients as the update reads them
+        if rank == 1 and now["iteration"] == 1:
+            optimizer.main.grad(duplicates[0]).fill_(float("nan"))
+        return checked_norm()
+
+    optimizer.checked_norm = faulty_norm
+    for iteration in range(3):
+        now["iteration"] = iteration
+        metrics = trainer.train_iteration(iteration)
+        finite = all(bool(p.isfinite().all()) for p in trainer.fake_score.parameters())
+        records.append((metrics["fake_score/skipped"], metrics["fake_score/loss"], finite))
+    return records
+
+
+@pytest.mark.slow
+def test_a_nan_gradient_in_one_tp_ranks_duplicate_is_skipped_on_both(tmp_path, world_of_one):
+    """It was stepped into rank 1's copy unseen (a finite norm reported): rank 1's weights went NaN,
+    rank 0's not, and the next iteration's losses were NaN on both."""
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+    pipeline_dir = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    ranks = run_world(_nan_in_one_tp_ranks_duplicate, 2, pipeline_dir, str(tmp_path / "run"), timeout_s=600)
+    for records in ranks:
+        assert [r[0] for r in records] == [False, True, False]  # skipped on both TP ranks
+        assert all(r[2] and math.isfinite(r[1]) for r in records)  # the weights and losses stay finite
+    assert ranks[0] == ranks[1]
 
 
 def _command(pipeline_dir, out, *extra):

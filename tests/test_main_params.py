@@ -5,6 +5,8 @@ checkpointed state carries the master copies (model space) so a reload restores 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -74,6 +76,33 @@ def test_fp32_params_are_their_own_main_params(world_of_one):
     assert not opt.main.has_master_copy
     assert all(slot.main is slot.param for slot in opt.main.slots)
     assert opt.state_numel() == 2 * sum(p.numel() for p in opt.params)
+
+
+def test_a_nan_gradient_in_a_tensor_parallel_duplicate_is_not_stepped_unseen(world_of_one, monkeypatch):
+    """On TP rank > 0 the norm leaves out the duplicates (norms, embeddings: TP rank 0's copy counts):
+    a NaN in that rank's copy alone was stepped into its weights with a finite norm reported and
+    ``skipped`` false, and the TP ranks' copies parted (seen with TP=2 on gloo: rank 1's weights NaN,
+    rank 0's finite, the next losses NaN)."""
+    import adm_megatron.train.optimizer as optimizer_module
+    from adm_megatron.config import OptimizerConfig
+    from adm_megatron.train.optimizer import NetworkOptimizer
+
+    ddp = _network(torch.float32)
+    opt = NetworkOptimizer(ddp, OptimizerConfig(lr=1e-2), total_updates=2)
+    duplicate = opt.params[0]  # as a TP rank > 0 sees a layer norm's weight
+    monkeypatch.setattr(optimizer_module, "param_is_not_tensor_parallel_duplicate", lambda p: p is not duplicate)
+    monkeypatch.setattr(optimizer_module.parallel_state, "get_tensor_model_parallel_world_size", lambda: 2)
+    _backward(ddp, torch.float32, 0)
+    duplicate.main_grad[0] = float("nan")
+    before = [p.detach().clone() for p in opt.params]
+    norm, stepped = opt.step(skip_if_not_finite=True)
+    assert math.isnan(norm) and not stepped
+    assert all(torch.equal(b, p) for b, p in zip(before, opt.params))
+    assert opt.scheduler.num_steps == 0 and not opt.optimizer.state
+    with pytest.raises(FloatingPointError, match="gradient norm is nan"):
+        opt.step(skip_if_not_finite=False)
+    _backward(ddp, torch.float32, 1)  # finite again: the next update steps
+    assert opt.step(skip_if_not_finite=True)[1]
 
 
 def test_bf16_params_accumulate_and_reduce_their_gradients_in_fp32(world_of_one):

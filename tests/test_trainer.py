@@ -208,13 +208,63 @@ def test_nan_policy_error_raises_and_skip_leaves_weights(pipeline_dir, tmp_path,
 
     trainer = Trainer(_config(pipeline_dir, tmp_path))
     nan_loss = lambda _micro: (trainer.algorithm.fake_score_loss(trainer.batches(0)[0], trainer.draws(0, "f").micro(0))[0] * math.nan, {}, None)  # noqa: E731,E501
-    with pytest.raises(NonFiniteError, match="iteration 0, phase fake_score"):
+    with pytest.raises(NonFiniteError, match="iteration 0, phase fake_score: loss is nan on this rank"):
         trainer.phases.run("fake_score", nan_loss, 0)
+    # another rank's NaN: this rank's finite loss is not given as the culprit ("loss is 0.5 on this or another rank")
+    with pytest.raises(NonFiniteError, match=r"phase fake_score: loss is not finite on another rank \(this rank's: 0.5\)"):
+        trainer.phases._step("fake_score", 0.5, False, {"fake_score": math.nan}, 0, "fake_score")
     trainer.phases.nan_policy = "skip"
     before = _snapshot(trainer.trainable["fake_score"].module)
     metrics, _ = trainer.phases.run("fake_score", nan_loss, 0)
     assert metrics["fake_score/skipped"] is True
     assert not _changed(before, trainer.trainable["fake_score"].module)
+
+
+def test_a_skipped_generator_update_leaves_the_ema_and_the_optimizer_as_they_were(pipeline_dir, tmp_path,
+                                                                                  world_of_one):
+    """The EMA moved towards the (unchanged) generator on a skipped update: each skip was an
+    extra EMA step, pulling the average to the current weights."""
+    from adm_megatron.train.trainer import Trainer
+
+    trainer = Trainer(_config(pipeline_dir, tmp_path, "train.nan_policy=skip", "train.ema_decay=0.5"))
+    trainer.train_iteration(0)  # the EMA and the generator now differ
+    ema = {n: t.clone() for n, t in trainer.ema.shadow.items()}
+    before = _snapshot(trainer.generator)
+    optimizer = trainer.trainable["generator"].optimizer
+    adam = {k: v.clone() for k, v in next(iter(optimizer.optimizer.state.values())).items()}
+    updates = optimizer.scheduler.num_steps
+    loss = trainer.algorithm.generator_loss
+    trainer.algorithm.generator_loss = lambda *a: (loss(*a)[0] * math.nan, *loss(*a)[1:])
+    metrics = trainer.train_iteration(1)
+    assert metrics["generator/skipped"] is True and metrics["skipped_steps"] == 1
+    assert not _changed(before, trainer.generator)
+    assert all(torch.equal(ema[n], t) for n, t in trainer.ema.shadow.items())
+    assert all(torch.equal(adam[k], v) for k, v in next(iter(optimizer.optimizer.state.values())).items())
+    assert optimizer.scheduler.num_steps == updates
+
+
+def test_a_phase_that_trains_two_networks_is_skipped_whole(pipeline_dir, real_pairs, tmp_path, world_of_one):
+    """DMD2's fake-score phase also trains the classifier heads: a NaN gradient in the fake score
+    skipped the fake score but still stepped the heads on the same loss."""
+    from adm_megatron.train.phases import NonFiniteError
+    from adm_megatron.train.trainer import Trainer
+
+    trainer = Trainer(_config(pipeline_dir, tmp_path, "distill.method=dmd2", f"data.real_path={real_pairs}",
+                              "train.nan_policy=skip"))
+    assert trainer.algorithm.fake_phase_trains == ("fake_score", "discriminator")
+    fake, heads = _snapshot(trainer.fake_score), _snapshot(trainer.heads)
+    param = next(p for p in trainer.fake_score.parameters() if p.requires_grad)
+    hook = param.register_hook(lambda grad: grad * math.nan)  # the loss stays finite
+    metrics = trainer.train_iteration(0)
+    assert metrics["fake_score/skipped"] is True and metrics["discriminator/skipped"] is True
+    assert math.isfinite(metrics["discriminator/grad_norm"]) and metrics["skipped_steps"] == 2
+    assert not _changed(fake, trainer.fake_score) and not _changed(heads, trainer.heads)
+    assert trainer.trainable["discriminator"].optimizer.scheduler.num_steps == 0
+    trainer.phases.nan_policy = "error"
+    with pytest.raises(NonFiniteError, match="iteration 1, phase fake_score: fake_score gradient norm is nan"):
+        trainer.train_iteration(1)
+    assert not _changed(heads, trainer.heads)
+    hook.remove()
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ chance value says little on a small batch. What shows learning is paired:
 
 * ``paired_margin`` = mean_i,h [D_h(x_real_i) - D_h(x_fake_i)] (0 at chance);
 * ``paired_accuracy`` = the fraction of pairs (i, h) with D_h(x_real_i) > D_h(x_fake_i) (ties
-  count one half; 0.5 at chance); for unpaired real / fake batches (DMD2) it estimates
+  count one half; 0.5 at chance; NaN when a logit is: NaN compares false both ways, which
+  would read as a lost pair); for unpaired real / fake batches (DMD2) it estimates
   P(D(real) > D(fake)) over random pairs, the same quantity;
 * ``loss_vs_chance`` = loss / the loss of a discriminator that outputs 0 everywhere (1 at chance);
 * the first two per head (``paired_margin/hK``, ``paired_accuracy/hK``).
@@ -38,6 +39,7 @@ def discriminator_health(logits_real: torch.Tensor, logits_fake: torch.Tensor, l
     n = min(real.shape[0], fake.shape[0])
     diff = real[:n] - fake[:n]
     wins = (diff > 0).float() + 0.5 * (diff == 0).float()
+    wins[diff.isnan()] = float("nan")  # a NaN logit wins nothing and loses nothing: the accuracy is NaN, not 0
     chance = loss_fn(torch.zeros_like(real), torch.zeros_like(fake)).detach().float()
     margin, accuracy = diff.mean(0), wins.mean(0)  # per head
     out = {

@@ -4,6 +4,7 @@ from adm_megatron.parallel.cpu_shim import apply_cpu_shim, cpu_shim_active
 from adm_megatron.parallel.runtime import (
     LaunchEnv,
     ParallelInfo,
+    any_rank,
     barrier,
     data_parallel_mean,
     destroy_parallel,

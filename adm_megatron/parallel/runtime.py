@@ -190,6 +190,18 @@ def data_parallel_mean(values: list[float]) -> list[float]:
     return (summed / size).tolist()
 
 
+def any_rank(flag: bool, group=None) -> bool:
+    """Whether ``flag`` is set on any rank of ``group`` (None: the world); collective over it when
+    it has more than one rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend(group) == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
 def from_rank0(value):
     """Rank 0's ``value`` on every rank (collective over the world when there is more than one
     process; ``value`` itself otherwise)."""

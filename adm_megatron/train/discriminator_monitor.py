@@ -7,6 +7,7 @@ most ``threshold`` (chance is 0.5), the trainer logs one warning for the run.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 
@@ -22,8 +23,10 @@ class DiscriminatorMonitor:
         return sum(self.recent) / len(self.recent)
 
     def update(self, accuracy: float) -> bool:
-        """Record one update's paired accuracy; True the first time D is found at chance."""
-        if self.window == 0 or self.warned:
+        """Record one update's paired accuracy; True the first time D is found at chance. A NaN
+        accuracy (the logits were non-finite: ``train.nan_policy=skip`` skipped that update) is no
+        measurement and is not recorded."""
+        if self.window == 0 or self.warned or not math.isfinite(accuracy):
             return False
         self.recent.append(accuracy)
         if len(self.recent) == self.window and self.mean <= self.threshold:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
     optim_state_to_sharding_state,
@@ -39,6 +40,7 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from torch.optim.optimizer import _get_scalar_dtype
 
 from adm_megatron.config import OptimizerConfig
+from adm_megatron.parallel import any_rank
 from adm_megatron.parallel.device_scope import cpu_device_scope
 from adm_megatron.train.main_params import FullMainParams, MainParams
 
@@ -83,12 +85,33 @@ class NetworkOptimizer:
         with cpu_device_scope():
             return float(get_grad_norm_fp32(grads, grad_stats_parallel_group=self.main.norm_group()))
 
-    def step(self, skip_if_not_finite: bool) -> tuple[float, bool]:
-        """Clip and step; returns (grad norm before clipping, whether the step was taken).
+    def duplicates_finite(self) -> bool:
+        """Whether the gradients of tensor-parallel duplicates (norms, embeddings: every TP rank holds
+        the parameter whole) are finite on every rank of the norm group (collective over it). The
+        norm counts only TP rank 0's copy, as megatron's does; a NaN in another rank's copy alone (a
+        fault: the copies compute the same) would otherwise be stepped into that rank's weights with
+        a finite norm reported, and the TP ranks' copies would part for good."""
+        if parallel_state.get_tensor_model_parallel_world_size() == 1:
+            return True  # no duplicates: the norm saw every gradient
+        grads = [self.main.grad(slot) for slot in self.main.slots
+                 if not param_is_not_tensor_parallel_duplicate(slot.param)]
+        local = bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
+        return not any_rank(not local, self.main.norm_group())
 
-        A non-finite gradient norm raises unless ``skip_if_not_finite`` (then nothing changes).
-        """
+    def checked_norm(self) -> float:
+        """The global gradient norm before clipping, NaN when a TP duplicate's gradient is not finite
+        on some rank (collective over the norm group)."""
         norm = self.grad_norm()
+        return norm if not math.isfinite(norm) or self.duplicates_finite() else float("nan")
+
+    def step(self, skip_if_not_finite: bool, norm: float | None = None) -> tuple[float, bool]:
+        """Clip and step; returns (grad norm before clipping, whether the step was taken). ``norm``:
+        this update's ``checked_norm()`` when the caller has it already.
+
+        A non-finite gradient norm, or a non-finite gradient of a TP duplicate on any rank (reported as
+        a NaN norm), raises unless ``skip_if_not_finite`` (then nothing changes).
+        """
+        norm = self.checked_norm() if norm is None else norm
         if not math.isfinite(norm):
             if not skip_if_not_finite:
                 raise FloatingPointError(f"gradient norm is {norm}")

@@ -25,7 +25,8 @@ optimizer states (and weights) that the phase does not update in host memory, an
 
 A non-finite loss on any rank, or a non-finite global gradient norm, is decided the same on every
 rank (the loss flag is all-reduced over the world, the norm is already global): the update raises
-or is skipped everywhere, as ``train.nan_policy`` says. Skipped updates are counted (in the
+or is skipped everywhere, as ``train.nan_policy`` says; a phase that trains several networks
+(``co_trained``) takes or skips its update whole. Skipped updates are counted (in the
 checkpoint too); ``max_skipped_steps`` skipped updates of one network in a row stop the run with
 one line.
 """
@@ -43,7 +44,7 @@ import torch.distributed as dist
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from adm_megatron.parallel import data_parallel_mean
+from adm_megatron.parallel import any_rank, data_parallel_mean
 from adm_megatron.parallel.device_scope import cpu_device_scope
 from adm_megatron.train.grad_sync import check_grads_arrived
 from adm_megatron.train.offload import Offloader
@@ -74,17 +75,6 @@ def frozen(modules: list[torch.nn.Module]):
     finally:
         for p, flag in saved:
             p.requires_grad_(flag)
-
-
-def any_rank(flag: bool) -> bool:
-    """Whether ``flag`` is set on any rank of the world (collective when a world exists)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def prefixed(metrics: dict, phase: str) -> dict:
@@ -180,28 +170,35 @@ class PhaseRunner:
         finite = not any_rank(not all(map(math.isfinite, losses)))  # the same decision on every rank
         reported = mean_metrics([{f"{phase}/loss": value, **prefixed(m, phase)} for value, m in zip(losses, per_micro)])
         metrics = {f"{phase}/loss": reported.pop(f"{phase}/loss")}  # the global batch's
+        # every trained network's norm first: one non-finite skips (or stops) the phase's whole update
+        nan = float("nan")
+        norms = {name: self.networks[name].optimizer.checked_norm() if finite else nan for name in trained}
         for name in trained:
-            metrics.update(self._step(name, loss, finite, iteration, phase))
+            metrics.update(self._step(name, loss, finite, norms, iteration, phase))
         metrics["skipped_steps"] = self.skipped_total
         metrics[f"{phase}/seconds"] = time.perf_counter() - start
         metrics.update(reported)
         return metrics, extras
 
-    def _step(self, name: str, loss: float, finite: bool, iteration: int, phase: str) -> dict:
-        """Clip and step network ``name``'s optimiser after ``phase``, as ``nan_policy`` says."""
+    def _step(self, name: str, loss: float, finite: bool, norms: dict[str, float], iteration: int,
+              phase: str) -> dict:
+        """Clip and step network ``name``'s optimiser after ``phase``, as ``nan_policy`` says, given
+        whether the loss was finite on every rank and the global gradient norms of every network the
+        phase trains (NaN where the loss was not finite). Unless all are finite none steps: a phase's
+        update (DMD2's fake score and heads) is taken or skipped whole."""
         optimizer = self.networks[name].optimizer
         skip = self.nan_policy == "skip"
         lr = optimizer.lr  # the rate this update uses (the scheduler moves on after the step)
         where = f"iteration {iteration}, phase {phase}"
-        if not finite:
-            if not skip:
-                raise NonFiniteError(f"{where}: loss is {loss} on this or another rank")
-            norm, stepped = float("nan"), False
-        else:
-            try:
-                norm, stepped = optimizer.step(skip_if_not_finite=skip)
-            except FloatingPointError as err:
-                raise NonFiniteError(f"{where}: {err}") from None
+        if not finite and not skip:
+            raise NonFiniteError(f"{where}: loss is {loss} on this rank" if not math.isfinite(loss) else
+                                 f"{where}: loss is not finite on another rank (this rank's: {loss:.6g})")
+        bad = [n for n, v in norms.items() if not math.isfinite(v)]
+        if bad and not skip:
+            raise NonFiniteError(f"{where}: {bad[0]} gradient norm is {norms[bad[0]]}")
+        norm, stepped = norms[name], False
+        if not bad:
+            norm, stepped = optimizer.step(skip_if_not_finite=False, norm=norm)
         self._count(name, stepped, where)
         return {f"{name}/grad_norm": norm, f"{name}/lr": lr, f"{name}/skipped": not stepped}
 

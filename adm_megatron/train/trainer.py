@@ -51,6 +51,7 @@ from adm_megatron.algorithms.randomness import PhaseDraws
 from adm_megatron.bench.counting import EvalCounter, instrument
 from adm_megatron.bench.report import device_name, peak_tflops
 from adm_megatron.config import Config, config_to_dict, network_updates, start_warnings
+from adm_megatron.convert.checkpoint import CheckpointError
 from adm_megatron.convert.distillation_record import distillation_record
 from adm_megatron.data.batch_layout import BatchLayout, microbatches_for
 from adm_megatron.heads import MultiHeadDiscriminator
@@ -75,7 +76,7 @@ from adm_megatron.train.export import export_generator
 from adm_megatron.train.grad_sync import ddp_config
 from adm_megatron.train.offload import Offloader
 from adm_megatron.train.optimizer import NetworkOptimizer
-from adm_megatron.train.phases import PhaseRunner, TrainableNetwork, mean_metrics, prefixed
+from adm_megatron.train.phases import NonFiniteError, PhaseRunner, TrainableNetwork, mean_metrics, prefixed
 from adm_megatron.train.preemption import StopPoll
 from adm_megatron.train.profiling import IterationProfiler
 from adm_megatron.train.recompute import RecomputeSwitch
@@ -347,7 +348,7 @@ class Trainer:
                 "generator", lambda m: alg.generator_loss(batches[m], draws.micro(m)), iteration, microbatches=k
             )
             metrics.update(phase_metrics)
-            if self.ema is not None:
+            if self.ema is not None and not phase_metrics["generator/skipped"]:  # a skipped update moves nothing
                 self.ema.update(self.generator)
             if alg.discriminator_phase:
                 phase_metrics, _ = self.phases.run(
@@ -384,6 +385,18 @@ class Trainer:
                 loss, d_metrics, _ = self.algorithm.discriminator_loss(pair, batch)
                 per_micro.append({"discriminator/loss": loss.item(), **prefixed(d_metrics, "discriminator")})
         return mean_metrics(per_micro)
+
+    @staticmethod
+    def _finish_save_before_stopping(saves: BackgroundSaves) -> None:
+        """A NaN / Inf stop (``train.nan_policy``) comes at the same update on every rank (the decision
+        is collective): a background checkpoint still being written holds the state staged before that
+        update, so it is finished and published rather than thrown away with the rank's writer (the
+        run would otherwise go back ``train.save_every`` iterations more). A write that fails here is
+        logged; the stop stays the reason the run ends."""
+        try:
+            saves.wait()
+        except CheckpointError as err:
+            logger.error("%s", err)
 
     def fit(self) -> RunResult:
         c = self.config
@@ -451,6 +464,9 @@ class Trainer:
             if samples.enabled:
                 paths = samples.render(None)
                 run_log.media(total, paths)
+        except NonFiniteError:
+            self._finish_save_before_stopping(saves)
+            raise
         finally:
             saves.abort()  # a save still in flight here means this rank failed: the previous one stays latest
             self.profiler.close()  # a window the run did not finish: what it recorded
