@@ -287,6 +287,18 @@ def test_precompute_tool_rejects_empty_prompt_file(tmp_path):
         _tool("precompute_text_embeddings").read_prompts(str(tmp_path / "empty.txt"))
 
 
+def test_prompt_file_reads_a_byte_order_mark_and_crlf_and_names_a_non_utf8_file(tmp_path):
+    from adm_megatron.data.prompt_file import read_prompt_file
+
+    path = tmp_path / "p.txt"
+    # Notepad's UTF-8: a byte-order mark (was kept as the first prompt's first character) and CRLF
+    path.write_bytes("\ufeffa red cat\r\n\r\n  café 日本 \r\n# kept\rblue sky\r\n".encode("utf-8"))
+    assert read_prompt_file(str(path)) == ["a red cat", "café 日本", "# kept", "blue sky"]
+    path.write_bytes(b"\xef\xbb\xbfa cat\nb dog\ncaf\xe9\n")  # Latin-1 after a BOM: was a message naming no file
+    with pytest.raises(ValueError, match=r"^\S*p\.txt: not UTF-8 text \(byte 0xe9 on line 3: .*\); save it as UTF-8$"):
+        read_prompt_file(str(path))
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--batch-size", "0"], "--batch-size=0: expected >= 1"),  # was a traceback after loading the encoder
     (["--max-length", "0"], "--max-length=0: expected >= 1"),  # 0 used to mean the default length
