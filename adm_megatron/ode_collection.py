@@ -5,7 +5,8 @@ of ``config`` would (same layout, TP / CP inside a rank), samples pairs shard by
 (``data/ode_pairs.py`` says what a shard holds and how it is seeded) and writes each finished shard
 atomically; data-parallel rank r takes shards r, r + DP, ... and its TP / CP rank 0 writes them.
 Shards already on disk are skipped, so a killed collection resumes where it stopped and never
-duplicates or misses a pair. ``collection.json`` (the settings, written first) must match on
+duplicates or misses a pair; a shard lost or cut since (a partial copy) is collected again, also in
+a finished collection. ``collection.json`` (the settings, written first) must match on
 resume; ``manifest.json`` (with each shard's SHA-256) is written last, once every shard exists.
 """
 
@@ -79,8 +80,28 @@ def _differences(there: dict, now: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _damaged_shards(out_dir: str, settings: dict) -> dict[str, str]:
+    """The collection's shard files that are missing or not whole (a cut copy: shorter than their
+    safetensors header says; headers only), each with what is wrong."""
+    from adm_megatron.data.safetensors_rows import check_safetensors_file
+
+    damaged = {}
+    for i in range(math.ceil(settings["num_pairs"] / settings["shard_size"])):
+        path = os.path.join(out_dir, shard_name(i))
+        if not os.path.isfile(path):
+            damaged[path] = "missing"
+            continue
+        try:
+            check_safetensors_file(path)
+        except ValueError as err:
+            damaged[path] = str(err).removeprefix(f"{path}: ")
+    return damaged
+
+
 def _check_out_dir(out_dir: str, settings: dict) -> bool:
-    """True when the collection is already finished; a one-line error when out_dir can't be used."""
+    """True when the collection is already finished: its manifest and every shard whole; a finished
+    one whose shards were lost or cut since is collected again, those shards only. A one-line error
+    when out_dir can't be used."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"--out {out_dir!r}: exists and is not a directory")
     path = os.path.join(out_dir, SETTINGS)
@@ -93,7 +114,14 @@ def _check_out_dir(out_dir: str, settings: dict) -> bool:
                               "use a new directory")
     elif os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ConfigError(f"--out {out_dir!r}: not empty and not an ODE-pair collection")
-    return os.path.isfile(os.path.join(out_dir, MANIFEST))
+    if not os.path.isfile(os.path.join(out_dir, MANIFEST)):
+        return False
+    damaged = _damaged_shards(out_dir, settings)
+    if damaged:
+        logger.warning("%s: a finished collection, but %d shards are missing or cut (%s); collecting them again",
+                       out_dir, len(damaged), "; ".join(f"{os.path.basename(p)}: {why}" for p, why in
+                                                        list(damaged.items())[:3]))
+    return not damaged
 
 
 def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: int = 256,
@@ -133,6 +161,9 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
         for name in os.listdir(out_dir):  # what a process killed mid-write left behind
             if name.startswith(".pairs-") and ".tmp-" in name:
                 os.remove(os.path.join(out_dir, name))
+        for path, why in _damaged_shards(out_dir, settings).items():  # cut copies: collected again below
+            if why != "missing":
+                os.remove(path)
     if dist.is_initialized():
         dist.barrier()
     dtype = torch.float64 if config.model.dtype == "fp64" else torch.float32

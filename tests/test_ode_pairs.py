@@ -196,6 +196,24 @@ def test_killed_collection_resumes_to_the_uninterrupted_shards(pipeline_dir, tmp
     assert len(refused.stderr.strip().splitlines()) == 1
 
 
+def test_a_finished_collection_with_a_lost_or_cut_shard_collects_those_again(reference, pipeline_dir, tmp_path,
+                                                                           world_of_one):
+    """A rerun over a finished collection used to say it was done when a shard had gone missing or been
+    cut (a partial copy) since, so training kept refusing it: those shards are collected again."""
+    import shutil
+
+    from adm_megatron.cli import main
+
+    out = tmp_path / "pairs"
+    shutil.copytree(reference, out)
+    os.truncate(out / shard_name(0), 1000)
+    (out / shard_name(2)).unlink()
+    kept = os.stat(out / shard_name(1)).st_mtime_ns
+    assert main(_command(pipeline_dir, out)[3:]) == 0
+    assert os.stat(out / shard_name(1)).st_mtime_ns == kept  # the whole shard was not redone
+    assert _shards(out) == _shards(reference) and OdePairs(str(out)).verify() == []
+
+
 def test_bad_output_directories_fail_in_one_line(pipeline_dir, tmp_path):
     from adm_megatron.ode_collection import _check_out_dir
 
