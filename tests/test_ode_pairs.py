@@ -214,6 +214,31 @@ def test_a_finished_collection_with_a_lost_or_cut_shard_collects_those_again(ref
     assert _shards(out) == _shards(reference) and OdePairs(str(out)).verify() == []
 
 
+def _collect_recording_hashes(pipeline_dir, out) -> list[str]:
+    """A rank of a world collecting ``_command``'s pairs: the shard files it hashed for the manifest."""
+    from adm_megatron import ode_collection
+    from adm_megatron.cli import main
+
+    hashed, real = [], ode_collection.sha256
+    ode_collection.sha256 = lambda path: hashed.append(os.path.basename(path)) or real(path)
+    assert main(_command(pipeline_dir, out)[3:]) == 0
+    return hashed
+
+
+@pytest.mark.slow  # two spawned ranks: about 30 s on 2 cores
+def test_two_data_parallel_ranks_write_one_process_bytes_and_hash_their_own_shards(reference, pipeline_dir, tmp_path):
+    """DP = 2 over 3 shards (not divisible): the shards and manifest one process writes; each rank
+    hashes its own shards for the manifest (every rank used to hash all of them, reading the whole
+    collection once per rank)."""
+    from multiproc import run_world
+
+    out = tmp_path / "pairs"
+    hashed = run_world(_collect_recording_hashes, 2, pipeline_dir, str(out), timeout_s=300)
+    assert hashed == [[shard_name(0), shard_name(2)], [shard_name(1)]]
+    assert _shards(out) == _shards(reference)
+    assert (out / MANIFEST).read_bytes() == open(os.path.join(reference, MANIFEST), "rb").read()
+
+
 def test_bad_output_directories_fail_in_one_line(pipeline_dir, tmp_path):
     from adm_megatron.ode_collection import _check_out_dir
 
