@@ -116,6 +116,27 @@ def test_atomic_write_after_injected_failure(tmp_path, monkeypatch, shards):
     assert torch.equal(TextEmbeddingShards(path).get(torch.arange(7)), emb)
 
 
+def test_a_killed_writers_temporary_directory_is_removed_by_the_next_writer(tmp_path, shards, caplog):
+    """A precompute killed with SIGKILL (OOM, a preempted job) left its hidden temporary directory --
+    up to a whole prompt set's embeddings -- beside --out for good; the next writer of that --out on
+    the host removes those of dead processes and names, but keeps, the others."""
+    import socket
+
+    path, prompts, emb, neg = shards
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    dead = tmp_path / f".emb.tmp-{host}-{int(gone.stdout)}-abc123"
+    old = tmp_path / f".emb.tmp-{host}-{int(gone.stdout)}-abc124-old"  # killed while replacing out_dir
+    alive, other = tmp_path / f".emb.tmp-{host}-{os.getpid()}-abc125", tmp_path / ".emb.tmp-xyz"
+    for leftover in (dead, old, alive, other):
+        leftover.mkdir()
+        (leftover / "shard-00000.safetensors").write_bytes(b"x" * 100)
+    write_embedding_shards(path, prompts[:2], emb[:2], neg, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == sorted([alive.name, other.name, "emb"])
+    assert f"removed 2 temporary directories of writers killed before they finished ({dead}, {old})" in caplog.text
+    assert f"{alive}, {other}: temporary directories of another writer of it" in caplog.text
+
+
 def _edit_index(path, edit):
     file = os.path.join(path, "index.json")
     index = json.load(open(file))
