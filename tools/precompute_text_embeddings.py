@@ -107,10 +107,15 @@ def main(argv: list[str] | None = None) -> None:
             writer.add(chunk, *encode(chunk))
             print(f"encoded {i + len(chunk)}/{len(prompts)} prompts", flush=True)
         writer.close()
-    cut = count_cut(t5_tokenizer, prompts, t5_tokens)
-    if cut:  # as the pipelines do, silently but for their log's warning
-        print(f"precompute_text_embeddings.py: warning: {cut} of {len(prompts)} prompts are longer than {t5_tokens} "
-              "T5 tokens and were cut to them (raise --max-length to keep them whole)", file=sys.stderr)
+    cuts = [("T5", t5_tokenizer, t5_tokens, "raise --max-length to keep them whole")]
+    if is_sd3_pipeline(args.encoder):  # its two CLIP encoders take a fixed length (77), whatever --max-length
+        cuts.append(("CLIP", encoder.tokenizer, encoder.tokenizer_max_length,
+                     "the pipeline's CLIP length is fixed; its T5 part holds up to --max-length"))
+    for name, tokenizer, length, remedy in cuts:
+        cut = count_cut(tokenizer, prompts, length)
+        if cut:  # as the pipelines do, silently but for their log's warning
+            print(f"precompute_text_embeddings.py: warning: {cut} of {len(prompts)} prompts are longer than {length} "
+                  f"{name} tokens and were cut to them ({remedy})", file=sys.stderr)
     pooled = "" if negative_pooled is None else f" (+ pooled {tuple(negative_pooled.shape)})"
     print(f"wrote {len(prompts)} x {tuple(negative[0].shape)}{pooled} {args.dtype} embeddings to {args.out} "
           f"in {time.time() - start:.1f}s")
