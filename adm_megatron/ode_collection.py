@@ -12,7 +12,6 @@ resume; ``manifest.json`` (with each shard's SHA-256) is written last, once ever
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -23,8 +22,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from adm_megatron.config import Config, ConfigError
-from adm_megatron.data.ode_pairs import (FORMAT, MANIFEST, VERSION, prompts_identity, shard_generator, shard_name,
-                                         sha256, teacher_identity, write_json_atomically, write_shard)
+from adm_megatron.data.ode_pairs import (FORMAT, MANIFEST, VERSION, prompts_identity, read_json_object,
+                                         shard_generator, shard_name, sha256, teacher_identity, write_json_atomically,
+                                         write_shard)
 from adm_megatron.diffusion.guidance import cfg_model_output
 from adm_megatron.diffusion.rollout import rollout
 
@@ -106,15 +106,23 @@ def _check_out_dir(out_dir: str, settings: dict) -> bool:
         raise ConfigError(f"--out {out_dir!r}: exists and is not a directory")
     path = os.path.join(out_dir, SETTINGS)
     if os.path.isfile(path):
-        with open(path) as f:
-            previous = json.load(f)
+        try:
+            previous = read_json_object(path)
+        except ValueError as err:
+            raise ConfigError(f"--out {out_dir!r}: {err}; use a new directory") from None
         differ = _differences(previous, settings)
         if differ:
             raise ConfigError(f"--out {out_dir!r}: holds a collection with other settings ({'; '.join(differ)}); "
                               "use a new directory")
     elif os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ConfigError(f"--out {out_dir!r}: not empty and not an ODE-pair collection")
-    if not os.path.isfile(os.path.join(out_dir, MANIFEST)):
+    manifest = os.path.join(out_dir, MANIFEST)
+    if not os.path.isfile(manifest):
+        return False
+    try:
+        read_json_object(manifest)
+    except ValueError as err:  # written last, from the shards: written again
+        logger.warning("%s; writing it again", err)
         return False
     damaged = _damaged_shards(out_dir, settings)
     if damaged:
@@ -148,8 +156,7 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     settings = _settings(config, source, text_source, num_pairs, shard_size, steps)
     if _check_out_dir(out_dir, settings):
         confirm_start(config.parallel.timeout_s)  # a rank that failed its checks waits for every rank
-        with open(os.path.join(out_dir, MANIFEST)) as f:
-            return json.load(f)
+        return read_json_object(os.path.join(out_dir, MANIFEST))
     schedule = source.schedule()
     info = initialize_parallel(config.parallel.tensor_parallel, config.parallel.context_parallel, seed=config.seed,
                                timeout_s=config.parallel.timeout_s)

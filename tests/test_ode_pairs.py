@@ -199,7 +199,8 @@ def test_killed_collection_resumes_to_the_uninterrupted_shards(pipeline_dir, tmp
 def test_a_finished_collection_with_a_lost_or_cut_shard_collects_those_again(reference, pipeline_dir, tmp_path,
                                                                            world_of_one):
     """A rerun over a finished collection used to say it was done when a shard had gone missing or been
-    cut (a partial copy) since, so training kept refusing it: those shards are collected again."""
+    cut (a partial copy) since, so training kept refusing it: those shards are collected again; a cut
+    manifest is written again."""
     import shutil
 
     from adm_megatron.cli import main
@@ -212,6 +213,9 @@ def test_a_finished_collection_with_a_lost_or_cut_shard_collects_those_again(ref
     assert main(_command(pipeline_dir, out)[3:]) == 0
     assert os.stat(out / shard_name(1)).st_mtime_ns == kept  # the whole shard was not redone
     assert _shards(out) == _shards(reference) and OdePairs(str(out)).verify() == []
+    (out / MANIFEST).write_text('{"format": ')  # a cut manifest (a traceback before) is written again
+    assert main(_command(pipeline_dir, out)[3:]) == 0
+    assert (out / MANIFEST).read_bytes() == open(os.path.join(reference, MANIFEST), "rb").read()
 
 
 def _collect_recording_hashes(pipeline_dir, out) -> list[str]:
@@ -254,6 +258,14 @@ def test_bad_output_directories_fail_in_one_line(pipeline_dir, tmp_path):
     manifest.write_text(json.dumps({"format": "something else"}))
     with pytest.raises(ValueError, match="format 'something else'"):
         OdePairs(str(manifest.parent))
+    # cut JSON: a traceback from collect-ode, and training's message named no file
+    manifest.write_text('{"format": ')
+    with pytest.raises(ValueError, match=f"^{manifest}: not valid JSON \\(Expecting value: line 1"):
+        OdePairs(str(manifest.parent))
+    (tmp_path / "bad" / "collection.json").write_text('{"num_pairs": ')
+    with pytest.raises(ConfigError, match=f"^--out '{tmp_path}/bad': {tmp_path}/bad/collection.json: not valid JSON "
+                                          "\\(.*\\); use a new directory$"):
+        _check_out_dir(str(tmp_path / "bad"), {})
 
 
 def test_the_collection_runs_its_teacher_with_the_configs_kernel_options(pipeline_dir, tmp_path, world_of_one,

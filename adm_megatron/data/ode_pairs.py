@@ -73,6 +73,19 @@ def prompts_identity(text_source) -> dict:
     return {"rows": len(text_source), "fingerprint": text_source.fingerprint()}
 
 
+def read_json_object(path: str) -> dict:
+    """The JSON object in ``path``; a one-line ValueError naming it when it is not one (a cut or
+    edited copy)."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def write_json_atomically(path: str, value: dict) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
@@ -102,8 +115,7 @@ class OdePairs:
         if not os.path.isfile(manifest):
             raise ValueError(f"{key}={path!r}: no {MANIFEST} (not an ODE-pair directory, or an "
                              "unfinished collection: rerun tools/collect_ode_pairs.py to finish it)")
-        with open(manifest) as f:
-            self.manifest = json.load(f)
+        self.manifest = read_json_object(manifest)
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{manifest}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
         self.latent_shape = tuple(self.manifest["latent_shape"])
