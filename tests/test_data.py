@@ -318,6 +318,8 @@ def test_prompt_file_reads_a_byte_order_mark_and_crlf_and_names_a_non_utf8_file(
     path.write_bytes(b"\xef\xbb\xbfa cat\nb dog\ncaf\xe9\n")  # Latin-1 after a BOM: was a message naming no file
     with pytest.raises(ValueError, match=r"^\S*p\.txt: not UTF-8 text \(byte 0xe9 on line 3: .*\); save it as UTF-8$"):
         read_prompt_file(str(path))
+    with pytest.raises(ValueError, match=r"^\S*: a directory, not a prompt file$"):  # was "not found"
+        read_prompt_file(str(tmp_path))
 
 
 @pytest.mark.parametrize("extra,message", [

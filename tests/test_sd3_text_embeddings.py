@@ -104,3 +104,16 @@ def test_precompute_tool_on_an_sd3_pipeline_matches_its_encode_prompt(sd3_pipeli
     assert torch.equal(src.get(torch.arange(4)), torch.cat([first, last]))
     assert torch.equal(src.get_pooled(torch.arange(4)), torch.cat([first_pooled, last_pooled]))
     assert torch.equal(src.negative(), negative[0]) and torch.equal(src.negative_pooled(), negative_pooled[0])
+
+
+def test_an_sd3_pipeline_without_a_text_part_its_index_lists_is_named_before_loading(sd3_pipeline, tmp_path):
+    """It was transformers' traceback naming the pipeline root, not the missing folder."""
+    import shutil
+
+    from adm_megatron.data.encode_sd3 import load_sd3_text_pipeline
+
+    broken = tmp_path / "sd3"
+    shutil.copytree(sd3_pipeline, broken, ignore=shutil.ignore_patterns("text_encoder_3", "tokenizer_2"))
+    with pytest.raises(FileNotFoundError) as err:
+        load_sd3_text_pipeline(str(broken))
+    assert str(err.value) == f"{broken}: text_encoder_3/, tokenizer_2/ not found, which its model_index.json lists"

@@ -11,7 +11,7 @@ def read_prompt_file(path: str) -> list[str]:
     """The prompts of ``path``; a one-line ValueError naming it when it is missing, not UTF-8 or has
     none. A leading byte-order mark (Windows editors write one) is not part of the first prompt."""
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: prompt file not found")
+        raise ValueError(f"{path}: {'a directory, not a prompt file' if os.path.isdir(path) else 'prompt file not found'}")
     with open(path, "rb") as f:
         data = f.read()
     try:
