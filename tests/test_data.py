@@ -348,3 +348,15 @@ def test_precompute_tool_names_a_directory_without_an_encoder_in_one_line(tmp_pa
     (tmp_path / "prompts.txt").write_text("a cat\n")
     with pytest.raises(SystemExit, match=r"^--encoder: .*neither a pipeline root"):
         tool.main(["--prompts", str(tmp_path / "prompts.txt"), "--encoder", str(tmp_path), "--out", str(tmp_path / "e")])
+
+
+def test_precompute_tool_names_an_encoder_folder_without_weights_in_one_line(tiny_pipeline, tmp_path):
+    """It was transformers' OSError with a traceback."""
+    import shutil
+
+    tool = _tool("precompute_text_embeddings")
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    pipe = tmp_path / "pipe"
+    shutil.copytree(tiny_pipeline, pipe, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(SystemExit, match=rf"^--encoder: .*no file named model\.safetensors.* {pipe}/text_encoder\.$"):
+        tool.main(["--prompts", str(tmp_path / "prompts.txt"), "--encoder", str(pipe), "--out", str(tmp_path / "e")])

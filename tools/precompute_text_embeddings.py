@@ -53,13 +53,13 @@ def check_args(args: argparse.Namespace) -> None:
 
 def load_encoder(args: argparse.Namespace, dtype: torch.dtype):
     """The SD3 text pipeline or the T5 (encoder, tokenizer) that ``--encoder`` holds; a directory
-    without one is refused in one line."""
+    without one, or without its weights, is refused in one line."""
     try:
         if is_sd3_pipeline(args.encoder):
             return load_sd3_text_pipeline(args.encoder, dtype, args.device)
         return load_t5(args.encoder, dtype, args.device)
-    except FileNotFoundError as err:
-        raise SystemExit(f"--encoder: {err}") from None
+    except OSError as err:  # a folder missing, or transformers' own for weights missing from one
+        raise SystemExit(f"--encoder: {' '.join(str(err).split())}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
