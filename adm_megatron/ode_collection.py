@@ -27,6 +27,7 @@ from adm_megatron.data.ode_pairs import (FORMAT, MANIFEST, VERSION, prompts_iden
                                          write_shard)
 from adm_megatron.diffusion.guidance import cfg_model_output
 from adm_megatron.diffusion.rollout import rollout
+from adm_megatron.train.run_lock import LOCK_FILE
 
 logger = logging.getLogger("adm_megatron")
 SETTINGS = "collection.json"
@@ -114,7 +115,7 @@ def _check_out_dir(out_dir: str, settings: dict) -> bool:
         if differ:
             raise ConfigError(f"--out {out_dir!r}: holds a collection with other settings ({'; '.join(differ)}); "
                               "use a new directory")
-    elif os.path.isdir(out_dir) and os.listdir(out_dir):
+    elif os.path.isdir(out_dir) and set(os.listdir(out_dir)) - {LOCK_FILE}:  # the lock: a collection killed at once
         raise ConfigError(f"--out {out_dir!r}: not empty and not an ODE-pair collection")
     manifest = os.path.join(out_dir, MANIFEST)
     if not os.path.isfile(manifest):
@@ -140,6 +141,7 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     from adm_megatron.parallel import initialize_parallel, launch_env
     from adm_megatron.parallel.shared_dir import check_shared_dir
     from adm_megatron.parallel.startup import confirm_start
+    from adm_megatron.train.run_lock import RunLock
     from adm_megatron.train.same_config import check_same_config
     from adm_megatron.train.teacher import resolve_teacher
     from adm_megatron.train.validate import validate_collection
@@ -162,6 +164,9 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
                                timeout_s=config.parallel.timeout_s)
     check_same_config(config)  # every rank collects with the same teacher, prompts and settings
     check_shared_dir(out_dir, "--out")  # each data-parallel rank writes its shards there, rank 0 the manifest
+    # one collection at a time in out_dir (the same job submitted twice): a second one's rank 0 removed
+    # the first one's shards in the middle of their writing, as a killed run's leftovers
+    lock = RunLock(out_dir, info.rank == 0, "--out", "collect-ode")
     if info.rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         write_json_atomically(os.path.join(out_dir, SETTINGS), settings)
@@ -231,4 +236,5 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
         write_json_atomically(os.path.join(out_dir, MANIFEST), manifest)
     if dist.is_initialized():
         dist.barrier()
+    lock.release()
     return manifest

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -216,6 +217,26 @@ def test_a_finished_collection_with_a_lost_or_cut_shard_collects_those_again(ref
     (out / MANIFEST).write_text('{"format": ')  # a cut manifest (a traceback before) is written again
     assert main(_command(pipeline_dir, out)[3:]) == 0
     assert (out / MANIFEST).read_bytes() == open(os.path.join(reference, MANIFEST), "rb").read()
+
+
+def test_a_second_collection_into_a_held_out_dir_is_refused_in_one_line(reference, pipeline_dir, tmp_path,
+                                                                       world_of_one, capsys):
+    """The same collection job submitted twice: the second one's rank 0 removed the first one's shards
+    in the middle of their writing (as a killed run's leftovers) and both collected the rest."""
+    from adm_megatron.cli import main
+    from adm_megatron.train.run_lock import RunLock
+
+    out = tmp_path / "pairs"
+    held = RunLock(str(out), True, "--out", "collect-ode")  # as the first collection's rank 0 holds it
+    assert main(_command(pipeline_dir, out)[3:]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith(f"adm-megatron: config error: --out={str(out)!r} is in use by another collect-ode "
+                              f"(host {socket.gethostname()}, pid {os.getpid()}, since "), message
+    assert message.endswith("); wait for it to end, or use a new --out\n") and message.count("\n") == 1, message
+    assert os.listdir(out) == [".run.lock"]
+    held.release()
+    assert main(_command(pipeline_dir, out)[3:]) == 0
+    assert _shards(out) == _shards(reference)
 
 
 def _collect_recording_hashes(pipeline_dir, out) -> list[str]:
