@@ -325,6 +325,8 @@ def test_prompt_file_reads_a_byte_order_mark_and_crlf_and_names_a_non_utf8_file(
 @pytest.mark.parametrize("extra,message", [
     (["--batch-size", "0"], "--batch-size=0: expected >= 1"),  # was a traceback after loading the encoder
     (["--max-length", "0"], "--max-length=0: expected >= 1"),  # 0 used to mean the default length
+    (["--device", "gpu"], "--device=gpu: not a torch device (cpu, cuda, cuda:N)"),  # torch's RuntimeError, later
+    (["--device", "cuda:64"], "--device=cuda:64: this machine has "),  # AssertionError without CUDA
     (["--out-is-full"], "not empty (earlier embeddings; pass --overwrite to replace them)"),
 ])
 def test_precompute_tool_refuses_bad_arguments_before_loading_the_encoder(extra, message, tmp_path, monkeypatch):

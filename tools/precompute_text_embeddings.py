@@ -45,6 +45,13 @@ def check_args(args: argparse.Namespace) -> None:
                         ("--max-length", args.max_length)):
         if value is not None and value < 1:
             raise SystemExit(f"{flag}={value}: expected >= 1")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SystemExit(f"--device={args.device}: not a torch device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"--device={args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+                         + ("" if torch.cuda.is_available() else " (no CUDA here: use --device cpu)"))
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise SystemExit(f"--out {args.out}: exists and is not a directory")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
