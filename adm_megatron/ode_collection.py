@@ -133,9 +133,28 @@ def _check_out_dir(out_dir: str, settings: dict) -> bool:
     return not damaged
 
 
+def _verify_shards(out_dir: str, shards) -> dict[int, str]:
+    """Compare the SHA-256s of ``shards`` (indices) of a finished collection with its manifest's:
+    those that differ are removed (to be collected again, with a warning), the others' returned."""
+    recorded = {s["file"]: s["sha256"] for s in read_json_object(os.path.join(out_dir, MANIFEST))["shards"]}
+    good = {}
+    for i in shards:
+        path = os.path.join(out_dir, shard_name(i))
+        digest = sha256(path)
+        if digest == recorded.get(shard_name(i)):
+            good[i] = digest
+        else:
+            logger.warning("%s: SHA-256 %s, the manifest says %s (a corrupted copy?); collecting it again", path,
+                           digest, recorded.get(shard_name(i)))
+            os.remove(path)
+    return good
+
+
 def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: int = 256,
-                      steps: int = 50, batch_size: int = 64, progress: bool = True) -> dict:
-    """Collect (or finish collecting) ``num_pairs`` pairs into ``out_dir``; returns the manifest."""
+                      steps: int = 50, batch_size: int = 64, progress: bool = True, verify: bool = False) -> dict:
+    """Collect (or finish collecting) ``num_pairs`` pairs into ``out_dir``; returns the manifest.
+    ``verify``: a finished collection's shards are checked against the manifest's SHA-256s (each
+    data-parallel rank reads its own), and those that differ (a corrupted copy) are collected again."""
     from adm_megatron.algorithms.networks import DiTFunction, text_condition
     from adm_megatron.models import kernel_options
     from adm_megatron.parallel import initialize_parallel, launch_env
@@ -156,7 +175,8 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
         raise ConfigError(f"steps={steps}: the teacher's schedule has {timesteps} timesteps; expected at most that many")
     text_source = source.text_source(config.data, config.seed)
     settings = _settings(config, source, text_source, num_pairs, shard_size, steps)
-    if _check_out_dir(out_dir, settings):
+    finished = _check_out_dir(out_dir, settings)
+    if finished and not verify:
         confirm_start(config.parallel.timeout_s)  # a rank that failed its checks waits for every rank
         return read_json_object(os.path.join(out_dir, MANIFEST))
     schedule = source.schedule()
@@ -167,6 +187,11 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     # one collection at a time in out_dir (the same job submitted twice): a second one's rank 0 removed
     # the first one's shards in the middle of their writing, as a killed run's leftovers
     lock = RunLock(out_dir, info.rank == 0, "--out", "collect-ode")
+    n_shards = math.ceil(num_pairs / shard_size)
+    writer = info.tp_rank == 0 and info.cp_rank == 0
+    hashes = _verify_shards(out_dir, range(info.dp_rank, n_shards, info.dp_size)) if finished and writer else {}
+    if finished and dist.is_initialized():
+        dist.barrier()  # every rank's corrupted shards removed before rank 0 looks for cut ones
     if info.rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         write_json_atomically(os.path.join(out_dir, SETTINGS), settings)
@@ -186,10 +211,8 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     fn = DiTFunction(teacher, source.family.positional_inputs(source.arch, d.frames, d.height, d.width,
                                                               device=info.device))
     latent_shape = tuple(settings["latent_shape"])
-    n_shards = math.ceil(num_pairs / shard_size)
     mine = [i for i in range(info.dp_rank, n_shards, info.dp_size)
             if not os.path.isfile(os.path.join(out_dir, shard_name(i)))]
-    writer = info.tp_rank == 0 and info.cp_rank == 0
     bar = tqdm(total=len(mine), desc="ode pairs", unit="shard", disable=not (progress and info.rank == 0))
     start, done = time.perf_counter(), 0
     for i in mine:
@@ -223,7 +246,7 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
                     done / (time.perf_counter() - start))
     # each data-parallel rank's writer hashes its own shards (every rank hashing every shard read the
     # whole collection once per rank: 0.9 TB times the world size for 100,000 CogVideoX pairs)
-    hashes = {i: sha256(os.path.join(out_dir, shard_name(i)))
+    hashes = {i: hashes.get(i) or sha256(os.path.join(out_dir, shard_name(i)))  # (those verified above: read once)
               for i in range(info.dp_rank, n_shards, info.dp_size)} if writer else {}
     if dist.is_initialized():
         shares = [None] * dist.get_world_size()

@@ -201,7 +201,7 @@ def test_a_finished_collection_with_a_lost_or_cut_shard_collects_those_again(ref
                                                                            world_of_one):
     """A rerun over a finished collection used to say it was done when a shard had gone missing or been
     cut (a partial copy) since, so training kept refusing it: those shards are collected again; a cut
-    manifest is written again."""
+    manifest is written again; with --verify, a shard whose SHA-256 differs from the manifest's too."""
     import shutil
 
     from adm_megatron.cli import main
@@ -216,6 +216,15 @@ def test_a_finished_collection_with_a_lost_or_cut_shard_collects_those_again(ref
     assert _shards(out) == _shards(reference) and OdePairs(str(out)).verify() == []
     (out / MANIFEST).write_text('{"format": ')  # a cut manifest (a traceback before) is written again
     assert main(_command(pipeline_dir, out)[3:]) == 0
+    assert (out / MANIFEST).read_bytes() == open(os.path.join(reference, MANIFEST), "rb").read()
+    # a corrupted copy (bytes changed, the size kept): only --verify reads the shards whole
+    with open(out / shard_name(1), "r+b") as f:
+        f.seek(-16, os.SEEK_END)
+        f.write(b"\x7f" * 16)
+    corrupted = _shards(out)
+    assert main(_command(pipeline_dir, out)[3:]) == 0 and _shards(out) == corrupted
+    assert main([*_command(pipeline_dir, out)[3:], "--verify"]) == 0
+    assert _shards(out) == _shards(reference)
     assert (out / MANIFEST).read_bytes() == open(os.path.join(reference, MANIFEST), "rb").read()
 
 
