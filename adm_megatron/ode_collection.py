@@ -6,9 +6,10 @@ of ``config`` would (same layout, TP / CP inside a rank), samples pairs shard by
 atomically; data-parallel rank r takes shards r, r + DP, ... and its TP / CP rank 0 writes them.
 Shards already on disk are skipped, so a killed collection resumes where it stopped and never
 duplicates or misses a pair; a shard lost or cut since (a partial copy) is collected again, also in
-a finished collection, and with ``verify`` one whose SHA-256 differs from the manifest's. ``collection.json`` (the settings, written first) must match on
-resume; ``manifest.json`` (with each shard's SHA-256) is written last, once every shard exists.
-"""
+a finished collection, and with ``verify`` one whose SHA-256 differs from the manifest's.
+``collection.json`` (the settings, written first) must match on resume; ``manifest.json`` (with
+each shard's SHA-256) is written last, once every shard exists. One collection at a time writes an
+``out_dir`` (the run lock, ``train/run_lock.py``)."""
 
 from __future__ import annotations
 
