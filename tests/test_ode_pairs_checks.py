@@ -299,3 +299,16 @@ def test_a_run_resumed_on_data_changed_under_it_is_refused_in_one_line(changed, 
         assert f"data.path={path!r} now holds 5 (fingerprint " in message, message
     else:
         assert f"other ODE pairs than data.real_path={pairs!r} holds now" in message, message
+
+
+def test_prompt_embeddings_of_another_length_are_refused_naming_the_length_to_encode(cogvideox_pipeline, tmp_path):
+    """The tool's default CogVideoX length (226) against a teacher of another: the refusal named both
+    shapes but not what to run."""
+    path = write_embedding_shards(str(tmp_path / "emb"), ["a"], torch.zeros(1, 8, TRANSFORMER["text_embed_dim"]),
+                                  torch.zeros(8, TRANSFORMER["text_embed_dim"]))
+    config = load_config(None, [f"model.teacher={cogvideox_pipeline}", *SIZE, "data.source=shards", f"data.path={path}"])
+    with pytest.raises(ConfigError) as err:
+        validate_run(config, resolve_teacher(cogvideox_pipeline), 1)
+    assert str(err.value) == (f"data.path={path!r}: embeddings are 8 x 32, the teacher takes {MAX_TEXT_LENGTH} x 32 "
+                              f"(encode them again with --max-length {MAX_TEXT_LENGTH}: "
+                              "tools/precompute_text_embeddings.py)")
