@@ -113,7 +113,7 @@ def _collect_ode(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     with keys_located(config):
         manifest = collect_ode_pairs(config, args.out, args.num_pairs, args.shard_size, args.steps,
-                                     args.batch_size, progress=not args.no_progress)
+                                     args.batch_size, progress=not args.no_progress, verify=args.verify)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"ode pairs: {manifest['num_pairs']} in {len(manifest['shards'])} shards, {args.out}")
     return 0
@@ -274,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--steps", type=int, default=50, help="teacher PF-ODE steps (default 50)")
     collect.add_argument("--batch-size", type=int, default=64, help="pairs sampled at once (default 64)")
     collect.add_argument("--no-progress", action="store_true", help="no progress bar")
+    collect.add_argument("--verify", action="store_true",
+                         help="check a finished collection's shards against the manifest's SHA-256s (reading all of "
+                         "them, each data-parallel rank its share) and collect those that differ again")
     collect.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     collect.set_defaults(func=_collect_ode)
     plan = sub.add_parser(

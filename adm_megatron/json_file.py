@@ -1,6 +1,7 @@
 """JSON files written whole or not at all: a manifest, a measurement, a plan is first written beside
 its destination under a temporary name, then renamed over it (``os.replace`` is atomic on one file
-system), so a reader, or a rerun after a crash, never finds half of one."""
+system), so a reader, or a rerun after a crash, never finds half of one; and read back with a
+one-line error naming a file that is not a JSON object (a cut or edited copy)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,15 @@ def write_json_atomically(path: str, value: dict, indent: int = 2) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def read_json_object(path: str) -> dict:
+    """The JSON object in ``path``; a one-line ValueError naming it when it is not one."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value

@@ -5,13 +5,14 @@ of ``config`` would (same layout, TP / CP inside a rank), samples pairs shard by
 (``data/ode_pairs.py`` says what a shard holds and how it is seeded) and writes each finished shard
 atomically; data-parallel rank r takes shards r, r + DP, ... and its TP / CP rank 0 writes them.
 Shards already on disk are skipped, so a killed collection resumes where it stopped and never
-duplicates or misses a pair. ``collection.json`` (the settings, written first) must match on
-resume; ``manifest.json`` (with each shard's SHA-256) is written last, once every shard exists.
-"""
+duplicates or misses a pair; a shard lost or cut since (a partial copy) is collected again, also in
+a finished collection, and with ``verify`` one whose SHA-256 differs from the manifest's.
+``collection.json`` (the settings, written first) must match on resume; ``manifest.json`` (with
+each shard's SHA-256) is written last, once every shard exists. One collection at a time writes an
+``out_dir`` (the run lock, ``train/run_lock.py``)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -26,7 +27,8 @@ from adm_megatron.data.ode_pairs import (FORMAT, MANIFEST, VERSION, prompts_iden
                                          sha256, teacher_identity, write_shard)
 from adm_megatron.diffusion.guidance import cfg_model_output
 from adm_megatron.diffusion.rollout import rollout
-from adm_megatron.json_file import write_json_atomically
+from adm_megatron.json_file import read_json_object, write_json_atomically
+from adm_megatron.train.run_lock import LOCK_FILE
 
 logger = logging.getLogger("adm_megatron")
 SETTINGS = "collection.json"
@@ -80,31 +82,86 @@ def _differences(there: dict, now: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _damaged_shards(out_dir: str, settings: dict) -> dict[str, str]:
+    """The collection's shard files that are missing or not whole (a cut copy: shorter than their
+    safetensors header says; headers only), each with what is wrong."""
+    from adm_megatron.data.safetensors_rows import check_safetensors_file
+
+    damaged = {}
+    for i in range(math.ceil(settings["num_pairs"] / settings["shard_size"])):
+        path = os.path.join(out_dir, shard_name(i))
+        if not os.path.isfile(path):
+            damaged[path] = "missing"
+            continue
+        try:
+            check_safetensors_file(path)
+        except ValueError as err:
+            damaged[path] = str(err).removeprefix(f"{path}: ")
+    return damaged
+
+
 def _check_out_dir(out_dir: str, settings: dict) -> bool:
-    """True when the collection is already finished; a one-line error when out_dir can't be used."""
+    """True when the collection is already finished: its manifest and every shard whole; a finished
+    one whose shards were lost or cut since is collected again, those shards only. A one-line error
+    when out_dir can't be used."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"--out {out_dir!r}: exists and is not a directory")
     path = os.path.join(out_dir, SETTINGS)
     if os.path.isfile(path):
-        with open(path) as f:
-            previous = json.load(f)
+        try:
+            previous = read_json_object(path)
+        except ValueError as err:
+            raise ConfigError(f"--out {out_dir!r}: {err}; use a new directory") from None
         differ = _differences(previous, settings)
         if differ:
             raise ConfigError(f"--out {out_dir!r}: holds a collection with other settings ({'; '.join(differ)}); "
                               "use a new directory")
-    elif os.path.isdir(out_dir) and os.listdir(out_dir):
+    elif os.path.isdir(out_dir) and set(os.listdir(out_dir)) - {LOCK_FILE}:  # the lock: a collection killed at once
         raise ConfigError(f"--out {out_dir!r}: not empty and not an ODE-pair collection")
-    return os.path.isfile(os.path.join(out_dir, MANIFEST))
+    manifest = os.path.join(out_dir, MANIFEST)
+    if not os.path.isfile(manifest):
+        return False
+    try:
+        read_json_object(manifest)
+    except ValueError as err:  # written last, from the shards: written again
+        logger.warning("%s; writing it again", err)
+        return False
+    damaged = _damaged_shards(out_dir, settings)
+    if damaged:
+        logger.warning("%s: a finished collection, but %d shards are missing or cut (%s); collecting them again",
+                       out_dir, len(damaged), "; ".join(f"{os.path.basename(p)}: {why}" for p, why in
+                                                        list(damaged.items())[:3]))
+    return not damaged
+
+
+def _verify_shards(out_dir: str, shards) -> dict[int, str]:
+    """Compare the SHA-256s of ``shards`` (indices) of a finished collection with its manifest's:
+    those that differ are removed (to be collected again, with a warning), the others' returned."""
+    recorded = {s["file"]: s["sha256"] for s in read_json_object(os.path.join(out_dir, MANIFEST))["shards"]}
+    good = {}
+    for i in shards:
+        path = os.path.join(out_dir, shard_name(i))
+        digest = sha256(path)
+        if digest == recorded.get(shard_name(i)):
+            good[i] = digest
+        else:
+            logger.warning("%s: SHA-256 %s, the manifest says %s (a corrupted copy?); collecting it again", path,
+                           digest, recorded.get(shard_name(i)))
+            os.remove(path)
+    return good
 
 
 def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: int = 256,
-                      steps: int = 50, batch_size: int = 64, progress: bool = True) -> dict:
-    """Collect (or finish collecting) ``num_pairs`` pairs into ``out_dir``; returns the manifest."""
+                      steps: int = 50, batch_size: int = 64, progress: bool = True, verify: bool = False) -> dict:
+    """Collect (or finish collecting) ``num_pairs`` pairs into ``out_dir``; returns the manifest.
+    ``verify``: a finished collection's shards are checked against the manifest's SHA-256s (each
+    data-parallel rank reads its own), and those that differ (a corrupted copy) are collected again."""
     from adm_megatron.algorithms.networks import DiTFunction, text_condition
     from adm_megatron.models import kernel_options
     from adm_megatron.parallel import initialize_parallel, launch_env
     from adm_megatron.parallel.shared_dir import check_shared_dir
     from adm_megatron.parallel.startup import confirm_start
+    from adm_megatron.train.run_lock import RunLock
     from adm_megatron.train.same_config import check_same_config
     from adm_megatron.train.teacher import resolve_teacher
     from adm_megatron.train.validate import validate_collection
@@ -119,21 +176,32 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
         raise ConfigError(f"steps={steps}: the teacher's schedule has {timesteps} timesteps; expected at most that many")
     text_source = source.text_source(config.data, config.seed)
     settings = _settings(config, source, text_source, num_pairs, shard_size, steps)
-    if _check_out_dir(out_dir, settings):
+    finished = _check_out_dir(out_dir, settings)
+    if finished and not verify:
         confirm_start(config.parallel.timeout_s)  # a rank that failed its checks waits for every rank
-        with open(os.path.join(out_dir, MANIFEST)) as f:
-            return json.load(f)
+        return read_json_object(os.path.join(out_dir, MANIFEST))
     schedule = source.schedule()
     info = initialize_parallel(config.parallel.tensor_parallel, config.parallel.context_parallel, seed=config.seed,
                                timeout_s=config.parallel.timeout_s)
     check_same_config(config)  # every rank collects with the same teacher, prompts and settings
     check_shared_dir(out_dir, "--out")  # each data-parallel rank writes its shards there, rank 0 the manifest
+    # one collection at a time in out_dir (the same job submitted twice): a second one's rank 0 removed
+    # the first one's shards in the middle of their writing, as a killed run's leftovers
+    lock = RunLock(out_dir, info.rank == 0, "--out", "collect-ode")
+    n_shards = math.ceil(num_pairs / shard_size)
+    writer = info.tp_rank == 0 and info.cp_rank == 0
+    hashes = _verify_shards(out_dir, range(info.dp_rank, n_shards, info.dp_size)) if finished and writer else {}
+    if finished and dist.is_initialized():
+        dist.barrier()  # every rank's corrupted shards removed before rank 0 looks for cut ones
     if info.rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         write_json_atomically(os.path.join(out_dir, SETTINGS), settings)
         for name in os.listdir(out_dir):  # what a process killed mid-write left behind
             if name.startswith(".pairs-") and ".tmp-" in name:
                 os.remove(os.path.join(out_dir, name))
+        for path, why in _damaged_shards(out_dir, settings).items():  # cut copies: collected again below
+            if why != "missing":
+                os.remove(path)
     if dist.is_initialized():
         dist.barrier()
     dtype = torch.float64 if config.model.dtype == "fp64" else torch.float32
@@ -144,10 +212,8 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     fn = DiTFunction(teacher, source.family.positional_inputs(source.arch, d.frames, d.height, d.width,
                                                               device=info.device))
     latent_shape = tuple(settings["latent_shape"])
-    n_shards = math.ceil(num_pairs / shard_size)
     mine = [i for i in range(info.dp_rank, n_shards, info.dp_size)
             if not os.path.isfile(os.path.join(out_dir, shard_name(i)))]
-    writer = info.tp_rank == 0 and info.cp_rank == 0
     bar = tqdm(total=len(mine), desc="ode pairs", unit="shard", disable=not (progress and info.rank == 0))
     start, done = time.perf_counter(), 0
     for i in mine:
@@ -179,13 +245,20 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     if mine:
         logger.info("rank %d: %d pairs in %.1fs (%.2f pairs/s)", info.rank, done, time.perf_counter() - start,
                     done / (time.perf_counter() - start))
+    # each data-parallel rank's writer hashes its own shards (every rank hashing every shard read the
+    # whole collection once per rank: 0.9 TB times the world size for 100,000 CogVideoX pairs)
+    hashes = {i: hashes.get(i) or sha256(os.path.join(out_dir, shard_name(i)))  # (those verified above: read once)
+              for i in range(info.dp_rank, n_shards, info.dp_size)} if writer else {}
     if dist.is_initialized():
-        dist.barrier()
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, hashes)
+        hashes = {i: digest for share in shares for i, digest in share.items()}
     manifest = {**settings, "shards": [
-        {"file": shard_name(i), "rows": min(shard_size, num_pairs - i * shard_size),
-         "sha256": sha256(os.path.join(out_dir, shard_name(i)))} for i in range(n_shards)]}
+        {"file": shard_name(i), "rows": min(shard_size, num_pairs - i * shard_size), "sha256": hashes[i]}
+        for i in range(n_shards)]}
     if info.rank == 0:
         write_json_atomically(os.path.join(out_dir, MANIFEST), manifest)
     if dist.is_initialized():
         dist.barrier()
+    lock.release()
     return manifest

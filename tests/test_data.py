@@ -116,6 +116,27 @@ def test_atomic_write_after_injected_failure(tmp_path, monkeypatch, shards):
     assert torch.equal(TextEmbeddingShards(path).get(torch.arange(7)), emb)
 
 
+def test_a_killed_writers_temporary_directory_is_removed_by_the_next_writer(tmp_path, shards, caplog):
+    """A precompute killed with SIGKILL (OOM, a preempted job) left its hidden temporary directory --
+    up to a whole prompt set's embeddings -- beside --out for good; the next writer of that --out on
+    the host removes those of dead processes and names, but keeps, the others."""
+    import socket
+
+    path, prompts, emb, neg = shards
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    dead = tmp_path / f".emb.tmp-{host}-{int(gone.stdout)}-abc123"
+    old = tmp_path / f".emb.tmp-{host}-{int(gone.stdout)}-abc124-old"  # killed while replacing out_dir
+    alive, other = tmp_path / f".emb.tmp-{host}-{os.getpid()}-abc125", tmp_path / ".emb.tmp-xyz"
+    for leftover in (dead, old, alive, other):
+        leftover.mkdir()
+        (leftover / "shard-00000.safetensors").write_bytes(b"x" * 100)
+    write_embedding_shards(path, prompts[:2], emb[:2], neg, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == sorted([alive.name, other.name, "emb"])
+    assert f"removed 2 temporary directories of writers killed before they finished ({dead}, {old})" in caplog.text
+    assert f"{alive}, {other}: temporary directories of another writer of it" in caplog.text
+
+
 def _edit_index(path, edit):
     file = os.path.join(path, "index.json")
     index = json.load(open(file))
@@ -287,9 +308,25 @@ def test_precompute_tool_rejects_empty_prompt_file(tmp_path):
         _tool("precompute_text_embeddings").read_prompts(str(tmp_path / "empty.txt"))
 
 
+def test_prompt_file_reads_a_byte_order_mark_and_crlf_and_names_a_non_utf8_file(tmp_path):
+    from adm_megatron.data.prompt_file import read_prompt_file
+
+    path = tmp_path / "p.txt"
+    # Notepad's UTF-8: a byte-order mark (was kept as the first prompt's first character) and CRLF
+    path.write_bytes("\ufeffa red cat\r\n\r\n  café 日本 \r\n# kept\rblue sky\r\n".encode("utf-8"))
+    assert read_prompt_file(str(path)) == ["a red cat", "café 日本", "# kept", "blue sky"]
+    path.write_bytes(b"\xef\xbb\xbfa cat\nb dog\ncaf\xe9\n")  # Latin-1 after a BOM: was a message naming no file
+    with pytest.raises(ValueError, match=r"^\S*p\.txt: not UTF-8 text \(byte 0xe9 on line 3: .*\); save it as UTF-8$"):
+        read_prompt_file(str(path))
+    with pytest.raises(ValueError, match=r"^\S*: a directory, not a prompt file$"):  # was "not found"
+        read_prompt_file(str(tmp_path))
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--batch-size", "0"], "--batch-size=0: expected >= 1"),  # was a traceback after loading the encoder
     (["--max-length", "0"], "--max-length=0: expected >= 1"),  # 0 used to mean the default length
+    (["--device", "gpu"], "--device=gpu: not a torch device (cpu, cuda, cuda:N)"),  # torch's RuntimeError, later
+    (["--device", "cuda:64"], "--device=cuda:64: this machine has "),  # AssertionError without CUDA
     (["--out-is-full"], "not empty (earlier embeddings; pass --overwrite to replace them)"),
 ])
 def test_precompute_tool_refuses_bad_arguments_before_loading_the_encoder(extra, message, tmp_path, monkeypatch):
@@ -313,3 +350,15 @@ def test_precompute_tool_names_a_directory_without_an_encoder_in_one_line(tmp_pa
     (tmp_path / "prompts.txt").write_text("a cat\n")
     with pytest.raises(SystemExit, match=r"^--encoder: .*neither a pipeline root"):
         tool.main(["--prompts", str(tmp_path / "prompts.txt"), "--encoder", str(tmp_path), "--out", str(tmp_path / "e")])
+
+
+def test_precompute_tool_names_an_encoder_folder_without_weights_in_one_line(tiny_pipeline, tmp_path):
+    """It was transformers' OSError with a traceback."""
+    import shutil
+
+    tool = _tool("precompute_text_embeddings")
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    pipe = tmp_path / "pipe"
+    shutil.copytree(tiny_pipeline, pipe, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(SystemExit, match=rf"^--encoder: .*no file named model\.safetensors.* {pipe}/text_encoder\.$"):
+        tool.main(["--prompts", str(tmp_path / "prompts.txt"), "--encoder", str(pipe), "--out", str(tmp_path / "e")])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -196,6 +197,82 @@ def test_killed_collection_resumes_to_the_uninterrupted_shards(pipeline_dir, tmp
     assert len(refused.stderr.strip().splitlines()) == 1
 
 
+def test_a_finished_collection_with_a_lost_or_cut_shard_collects_those_again(reference, pipeline_dir, tmp_path,
+                                                                           world_of_one):
+    """A rerun over a finished collection used to say it was done when a shard had gone missing or been
+    cut (a partial copy) since, so training kept refusing it: those shards are collected again; a cut
+    manifest is written again; with --verify, a shard whose SHA-256 differs from the manifest's too."""
+    import shutil
+
+    from adm_megatron.cli import main
+
+    out = tmp_path / "pairs"
+    shutil.copytree(reference, out)
+    os.truncate(out / shard_name(0), 1000)
+    (out / shard_name(2)).unlink()
+    kept = os.stat(out / shard_name(1)).st_mtime_ns
+    assert main(_command(pipeline_dir, out)[3:]) == 0
+    assert os.stat(out / shard_name(1)).st_mtime_ns == kept  # the whole shard was not redone
+    assert _shards(out) == _shards(reference) and OdePairs(str(out)).verify() == []
+    (out / MANIFEST).write_text('{"format": ')  # a cut manifest (a traceback before) is written again
+    assert main(_command(pipeline_dir, out)[3:]) == 0
+    assert (out / MANIFEST).read_bytes() == open(os.path.join(reference, MANIFEST), "rb").read()
+    # a corrupted copy (bytes changed, the size kept): only --verify reads the shards whole
+    with open(out / shard_name(1), "r+b") as f:
+        f.seek(-16, os.SEEK_END)
+        f.write(b"\x7f" * 16)
+    corrupted = _shards(out)
+    assert main(_command(pipeline_dir, out)[3:]) == 0 and _shards(out) == corrupted
+    assert main([*_command(pipeline_dir, out)[3:], "--verify"]) == 0
+    assert _shards(out) == _shards(reference)
+    assert (out / MANIFEST).read_bytes() == open(os.path.join(reference, MANIFEST), "rb").read()
+
+
+def test_a_second_collection_into_a_held_out_dir_is_refused_in_one_line(reference, pipeline_dir, tmp_path,
+                                                                       world_of_one, capsys):
+    """The same collection job submitted twice: the second one's rank 0 removed the first one's shards
+    in the middle of their writing (as a killed run's leftovers) and both collected the rest."""
+    from adm_megatron.cli import main
+    from adm_megatron.train.run_lock import RunLock
+
+    out = tmp_path / "pairs"
+    held = RunLock(str(out), True, "--out", "collect-ode")  # as the first collection's rank 0 holds it
+    assert main(_command(pipeline_dir, out)[3:]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith(f"adm-megatron: config error: --out={str(out)!r} is in use by another collect-ode "
+                              f"(host {socket.gethostname()}, pid {os.getpid()}, since "), message
+    assert message.endswith("); wait for it to end, or use a new --out\n") and message.count("\n") == 1, message
+    assert os.listdir(out) == [".run.lock"]
+    held.release()
+    assert main(_command(pipeline_dir, out)[3:]) == 0
+    assert _shards(out) == _shards(reference)
+
+
+def _collect_recording_hashes(pipeline_dir, out) -> list[str]:
+    """A rank of a world collecting ``_command``'s pairs: the shard files it hashed for the manifest."""
+    from adm_megatron import ode_collection
+    from adm_megatron.cli import main
+
+    hashed, real = [], ode_collection.sha256
+    ode_collection.sha256 = lambda path: hashed.append(os.path.basename(path)) or real(path)
+    assert main(_command(pipeline_dir, out)[3:]) == 0
+    return hashed
+
+
+@pytest.mark.slow  # two spawned ranks: about 30 s on 2 cores
+def test_two_data_parallel_ranks_write_one_process_bytes_and_hash_their_own_shards(reference, pipeline_dir, tmp_path):
+    """DP = 2 over 3 shards (not divisible): the shards and manifest one process writes; each rank
+    hashes its own shards for the manifest (every rank used to hash all of them, reading the whole
+    collection once per rank)."""
+    from multiproc import run_world
+
+    out = tmp_path / "pairs"
+    hashed = run_world(_collect_recording_hashes, 2, pipeline_dir, str(out), timeout_s=300)
+    assert hashed == [[shard_name(0), shard_name(2)], [shard_name(1)]]
+    assert _shards(out) == _shards(reference)
+    assert (out / MANIFEST).read_bytes() == open(os.path.join(reference, MANIFEST), "rb").read()
+
+
 def test_bad_output_directories_fail_in_one_line(pipeline_dir, tmp_path):
     from adm_megatron.ode_collection import _check_out_dir
 
@@ -211,6 +288,14 @@ def test_bad_output_directories_fail_in_one_line(pipeline_dir, tmp_path):
     manifest.write_text(json.dumps({"format": "something else"}))
     with pytest.raises(ValueError, match="format 'something else'"):
         OdePairs(str(manifest.parent))
+    # cut JSON: a traceback from collect-ode, and training's message named no file
+    manifest.write_text('{"format": ')
+    with pytest.raises(ValueError, match=f"^{manifest}: not valid JSON \\(Expecting value: line 1"):
+        OdePairs(str(manifest.parent))
+    (tmp_path / "bad" / "collection.json").write_text('{"num_pairs": ')
+    with pytest.raises(ConfigError, match=f"^--out '{tmp_path}/bad': {tmp_path}/bad/collection.json: not valid JSON "
+                                          "\\(.*\\); use a new directory$"):
+        _check_out_dir(str(tmp_path / "bad"), {})
 
 
 def test_the_collection_runs_its_teacher_with_the_configs_kernel_options(pipeline_dir, tmp_path, world_of_one,

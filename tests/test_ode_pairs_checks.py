@@ -257,3 +257,58 @@ def test_more_collection_steps_than_the_teachers_schedule_has_are_refused_before
     assert capsys.readouterr().err.strip() == ("adm-megatron: config error: steps=1001: the teacher's schedule has "
                                                "1000 timesteps; expected at most that many")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("changed", ["prompts", "pairs"])
+def test_a_run_resumed_on_data_changed_under_it_is_refused_in_one_line(changed, cogvideox_pipeline, tmp_path):
+    """The same data.path re-encoded (one prompt more) or data.real_path recollected (from other
+    noise) between two starts of one run: the resumed run went on silently over other data, every
+    later epoch's order and rows changed (train/data_identity.py)."""
+    from tiny_runs import tiny_fp64_run
+
+    from adm_megatron.parallel import destroy_parallel
+    from adm_megatron.train.trainer import Trainer
+
+    path = _prompts(tmp_path / "emb", 4)
+    data = ["data.source=shards", f"data.path={path}"]
+    pairs = _collect(cogvideox_pipeline, tmp_path / "pairs", *data) if changed == "pairs" else ""
+    method = ["distill.method=dmd2", f"data.real_path={pairs}"] if pairs else ["distill.method=adm"]
+    out = tmp_path / "run"
+
+    def trainer(iterations: int) -> Trainer:
+        return Trainer(load_config(None, [f"model.teacher={cogvideox_pipeline}", f"output_dir={out}",
+                                          *tiny_fp64_run(iterations), *SIZE, *data, *method]))
+
+    try:
+        assert trainer(1).fit().trained == 1
+        trainer(2)  # the same data: it goes on
+        if changed == "prompts":
+            _prompts(path, 5)
+        else:
+            shutil.rmtree(pairs)
+            _collect(cogvideox_pipeline, pairs, *data, "seed=7")  # what training compares of pairs is the same
+        with pytest.raises(ConfigError) as err:
+            trainer(2)
+    finally:
+        destroy_parallel()
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(str(out / "checkpoints" / "iter_0000001" / "trainer_state.json"))
+    assert message.endswith("; a run cannot change its data: restore them, or start a new run (a new output_dir)")
+    if changed == "prompts":
+        assert "the run was trained on 4 prompts (fingerprint " in message, message
+        assert f"data.path={path!r} now holds 5 (fingerprint " in message, message
+    else:
+        assert f"other ODE pairs than data.real_path={pairs!r} holds now" in message, message
+
+
+def test_prompt_embeddings_of_another_length_are_refused_naming_the_length_to_encode(cogvideox_pipeline, tmp_path):
+    """The tool's default CogVideoX length (226) against a teacher of another: the refusal named both
+    shapes but not what to run."""
+    path = write_embedding_shards(str(tmp_path / "emb"), ["a"], torch.zeros(1, 8, TRANSFORMER["text_embed_dim"]),
+                                  torch.zeros(8, TRANSFORMER["text_embed_dim"]))
+    config = load_config(None, [f"model.teacher={cogvideox_pipeline}", *SIZE, "data.source=shards", f"data.path={path}"])
+    with pytest.raises(ConfigError) as err:
+        validate_run(config, resolve_teacher(cogvideox_pipeline), 1)
+    assert str(err.value) == (f"data.path={path!r}: embeddings are 8 x 32, the teacher takes {MAX_TEXT_LENGTH} x 32 "
+                              f"(encode them again with --max-length {MAX_TEXT_LENGTH}: "
+                              "tools/precompute_text_embeddings.py)")

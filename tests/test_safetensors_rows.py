@@ -1,6 +1,6 @@
 """Row reads of safetensors files (``data/safetensors_rows.py``) and the two readers built on them:
 rows equal the library's whole-tensor reads for every stored dtype (bf16 included), in the order
-asked; a row out of range and a truncated file fail naming the file; and reading the rows of every
+asked; a row out of range, a truncated file and a file changed under its reader fail naming the file; and reading the rows of every
 shard of a text-embedding set keeps none of it (a long run holds a batch, not the shards it
 touched). ODE pairs: tests/test_ode_pairs.py."""
 
@@ -38,9 +38,11 @@ def test_rows_equal_the_librarys_reads_for_every_dtype(tmp_path):
         data = f.read()
     with open(path, "wb") as f:
         f.write(data[:-8])  # the file's last tensor loses its tail
-    with pytest.raises(ValueError, match="t.safetensors: truncated"):
-        for key in stored:
+    with pytest.raises(ValueError, match="t.safetensors: replaced or rewritten since it was opened"):
+        for key in stored:  # cut under the open reader
             rows.rows(key, list(range(5)))
+    with pytest.raises(ValueError, match="t.safetensors: truncated"):
+        SafetensorsRows(path)  # cut before
     with open(path, "wb") as f:
         f.write(b"not a safetensors file")
     with pytest.raises(ValueError, match="t.safetensors: not a readable safetensors file"):
@@ -70,3 +72,30 @@ def test_text_embeddings_keep_nothing_of_the_shards_they_read(tmp_path):
     shards = TextEmbeddingShards(out)
     torch_peak = peak_during(lambda: every_shard_one_row_at_a_time(shards))
     assert max(torch_peak, python) < 3 * embeddings[0].nbytes  # a shard is 8 rows
+
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten"])
+def test_text_embeddings_rewritten_under_a_reader_are_refused_not_read(how, tmp_path):
+    """A prompt set re-encoded (--overwrite: a new directory renamed into place) or a shard rewritten
+    in place while a run reads it: the run went on reading the new files through the old headers."""
+    import os
+
+    from adm_megatron.data.text_embeddings import TextEmbeddingShards, shard_name, write_embedding_shards
+
+    path = str(tmp_path / "emb")
+    write_embedding_shards(path, ["a", "b", "c"], torch.zeros(3, 4, 2), torch.zeros(4, 2), shard_size=2)
+    source = TextEmbeddingShards(path)
+    assert torch.equal(source.get(torch.tensor([2, 0])), torch.zeros(2, 4, 2))
+    if how == "replaced":
+        write_embedding_shards(path, ["a", "b", "c"], torch.ones(3, 4, 2), torch.zeros(4, 2), shard_size=2,
+                               overwrite=True)
+    else:
+        shard = os.path.join(path, shard_name(1))
+        before = os.stat(shard).st_mtime_ns
+        save_file({"embeddings": torch.ones(1, 4, 2)}, shard)
+        os.utime(shard, ns=(before + 1, before + 1))  # a coarse clock: still another version
+    with pytest.raises(ValueError) as err:
+        source.get(torch.tensor([2]))
+    assert str(err.value) == (f"{os.path.join(path, shard_name(1))}: replaced or rewritten since it was opened "
+                              "(re-encoded or recollected under a running run?); a run's data must not change while "
+                              "it reads them")

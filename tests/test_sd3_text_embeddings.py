@@ -76,23 +76,44 @@ def test_a_pooled_tensor_of_the_wrong_shape_is_named(tmp_path):
 def test_precompute_tool_on_an_sd3_pipeline_matches_its_encode_prompt(sd3_pipeline, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    prompts = ["a cat walking in the city at night", "red car", "ZEBRA on a blue sea!"]
+    # prompts cut to CLIP's fixed length were not counted in the summary, which named T5's alone
+    prompts = ["a cat walking in the city at night", "red car", "ZEBRA on a blue sea!",
+               "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     out = tmp_path / "emb"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "precompute_text_embeddings.py"),
            "--prompts", str(tmp_path / "prompts.txt"), "--encoder", sd3_pipeline, "--out", str(out),
-           "--max-length", "16", "--batch-size", "8", "--shard-size", "2", "--dtype", "float32", "--device", "cpu"]
+           "--max-length", "24", "--batch-size", "8", "--shard-size", "2", "--dtype", "float32", "--device", "cpu"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": ROOT})
     assert result.returncode == 0, result.stderr[-2000:]
     src = TextEmbeddingShards(str(out))
-    assert (src.seq_len, src.dim, src.pooled_dim) == (32, 32, 64)
+    assert (src.seq_len, src.dim, src.pooled_dim) == (40, 32, 64)
+    assert "warning: 1 of 4 prompts are longer than 24 T5 tokens and were cut to them" in result.stderr
+    # (the tiny CLIP tokenizer's vocabulary is small: 3 are over its 16 tokens)
+    assert ("warning: 3 of 4 prompts are longer than 16 CLIP tokens and were cut to them (the pipeline's CLIP "
+            "length is fixed; its T5 part holds up to --max-length)") in result.stderr
 
     pipe = StableDiffusion3Pipeline.from_pretrained(sd3_pipeline)
-    with torch.no_grad():  # the same batches as the tool (2 + 1 prompts, then "" alone)
+    with torch.no_grad():  # the same batches as the tool (2 + 2 prompts, then "" alone)
         first, _, first_pooled, _ = pipe.encode_prompt(prompts[:2], None, None, do_classifier_free_guidance=False,
-                                                       max_sequence_length=16)
-        last, negative, last_pooled, negative_pooled = pipe.encode_prompt(
-            prompts[2:], None, None, do_classifier_free_guidance=True, negative_prompt="", max_sequence_length=16)
-    assert torch.equal(src.get(torch.arange(3)), torch.cat([first, last]))
-    assert torch.equal(src.get_pooled(torch.arange(3)), torch.cat([first_pooled, last_pooled]))
+                                                       max_sequence_length=24)
+        last, _, last_pooled, _ = pipe.encode_prompt(prompts[2:], None, None, do_classifier_free_guidance=False,
+                                                     max_sequence_length=24)
+        negative, _, negative_pooled, _ = pipe.encode_prompt([""], None, None, do_classifier_free_guidance=False,
+                                                             max_sequence_length=24)
+    assert torch.equal(src.get(torch.arange(4)), torch.cat([first, last]))
+    assert torch.equal(src.get_pooled(torch.arange(4)), torch.cat([first_pooled, last_pooled]))
     assert torch.equal(src.negative(), negative[0]) and torch.equal(src.negative_pooled(), negative_pooled[0])
+
+
+def test_an_sd3_pipeline_without_a_text_part_its_index_lists_is_named_before_loading(sd3_pipeline, tmp_path):
+    """It was transformers' traceback naming the pipeline root, not the missing folder."""
+    import shutil
+
+    from adm_megatron.data.encode_sd3 import load_sd3_text_pipeline
+
+    broken = tmp_path / "sd3"
+    shutil.copytree(sd3_pipeline, broken, ignore=shutil.ignore_patterns("text_encoder_3", "tokenizer_2"))
+    with pytest.raises(FileNotFoundError) as err:
+        load_sd3_text_pipeline(str(broken))
+    assert str(err.value) == f"{broken}: text_encoder_3/, tokenizer_2/ not found, which its model_index.json lists"

@@ -45,6 +45,13 @@ def check_args(args: argparse.Namespace) -> None:
                         ("--max-length", args.max_length)):
         if value is not None and value < 1:
             raise SystemExit(f"{flag}={value}: expected >= 1")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SystemExit(f"--device={args.device}: not a torch device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"--device={args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+                         + ("" if torch.cuda.is_available() else " (no CUDA here: use --device cpu)"))
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise SystemExit(f"--out {args.out}: exists and is not a directory")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
@@ -53,13 +60,13 @@ def check_args(args: argparse.Namespace) -> None:
 
 def load_encoder(args: argparse.Namespace, dtype: torch.dtype):
     """The SD3 text pipeline or the T5 (encoder, tokenizer) that ``--encoder`` holds; a directory
-    without one is refused in one line."""
+    without one, or without its weights, is refused in one line."""
     try:
         if is_sd3_pipeline(args.encoder):
             return load_sd3_text_pipeline(args.encoder, dtype, args.device)
         return load_t5(args.encoder, dtype, args.device)
-    except FileNotFoundError as err:
-        raise SystemExit(f"--encoder: {err}") from None
+    except OSError as err:  # a folder missing, or transformers' own for weights missing from one
+        raise SystemExit(f"--encoder: {' '.join(str(err).split())}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,10 +114,15 @@ def main(argv: list[str] | None = None) -> None:
             writer.add(chunk, *encode(chunk))
             print(f"encoded {i + len(chunk)}/{len(prompts)} prompts", flush=True)
         writer.close()
-    cut = count_cut(t5_tokenizer, prompts, t5_tokens)
-    if cut:  # as the pipelines do, silently but for their log's warning
-        print(f"precompute_text_embeddings.py: warning: {cut} of {len(prompts)} prompts are longer than {t5_tokens} "
-              "T5 tokens and were cut to them (raise --max-length to keep them whole)", file=sys.stderr)
+    cuts = [("T5", t5_tokenizer, t5_tokens, "raise --max-length to keep them whole")]
+    if is_sd3_pipeline(args.encoder):  # its two CLIP encoders take a fixed length (77), whatever --max-length
+        cuts.append(("CLIP", encoder.tokenizer, encoder.tokenizer_max_length,
+                     "the pipeline's CLIP length is fixed; its T5 part holds up to --max-length"))
+    for name, tokenizer, length, remedy in cuts:
+        cut = count_cut(tokenizer, prompts, length)
+        if cut:  # as the pipelines do, silently but for their log's warning
+            print(f"precompute_text_embeddings.py: warning: {cut} of {len(prompts)} prompts are longer than {length} "
+                  f"{name} tokens and were cut to them ({remedy})", file=sys.stderr)
     pooled = "" if negative_pooled is None else f" (+ pooled {tuple(negative_pooled.shape)})"
     print(f"wrote {len(prompts)} x {tuple(negative[0].shape)}{pooled} {args.dtype} embeddings to {args.out} "
           f"in {time.time() - start:.1f}s")

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
+TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 
 
 def is_sd3_pipeline(directory: str) -> bool:
@@ -33,6 +34,13 @@ def load_sd3_text_pipeline(directory: str, dtype: torch.dtype = torch.float32, d
 
     if not is_sd3_pipeline(directory):
         raise FileNotFoundError(f"{directory}: not a {PIPELINE_CLASS} directory (model_index.json)")
+    with open(os.path.join(directory, "model_index.json")) as f:
+        index = json.load(f)
+    missing = [part for part in TEXT_PARTS if index.get(part) not in (None, [None, None])  # not left out on purpose
+               and not os.path.isdir(os.path.join(directory, part))]
+    if missing:  # diffusers' own error names none of them, after loading the others
+        raise FileNotFoundError(f"{directory}: {', '.join(p + '/' for p in missing)} not found, which its "
+                                "model_index.json lists")
     pipeline = StableDiffusion3Pipeline.from_pretrained(
         directory, transformer=None, vae=None, dtype=dtype, local_files_only=True
     )

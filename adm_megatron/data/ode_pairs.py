@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from adm_megatron.data.batch_layout import BatchLayout
 from adm_megatron.data.safetensors_rows import ShardedRows
 from adm_megatron.file_modes import give_umask_mode
+from adm_megatron.json_file import read_json_object
 
 FORMAT = "adm-megatron/ode-pairs"
 VERSION = 1
@@ -95,8 +96,7 @@ class OdePairs:
         if not os.path.isfile(manifest):
             raise ValueError(f"{key}={path!r}: no {MANIFEST} (not an ODE-pair directory, or an "
                              "unfinished collection: rerun tools/collect_ode_pairs.py to finish it)")
-        with open(manifest) as f:
-            self.manifest = json.load(f)
+        self.manifest = read_json_object(manifest)
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{manifest}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
         self.latent_shape = tuple(self.manifest["latent_shape"])

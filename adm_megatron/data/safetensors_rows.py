@@ -1,6 +1,8 @@
 """Single rows of the tensors of a safetensors file, read without reading the file: its header gives
 each tensor's dtype, shape and byte range, and a row of a (row-major) tensor is one contiguous range
-of that, read with ``os.preadv``. Nothing but the header is kept. :class:`ShardedRows` does the
+of that, read with ``os.preadv``. Nothing but the header is kept, and the file's identity: a file
+replaced or rewritten since (data re-encoded or recollected under a running run) is refused at the
+next read, not read through the old header. :class:`ShardedRows` does the
 same over a set of shard files that hold consecutive rows (ODE pairs, text embeddings).
 
 Why not the library's readers (safetensors 0.8): the torch one copies the whole file into memory at
@@ -25,6 +27,11 @@ DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """Which file a path named, and its version: replaced (another inode) or rewritten in place."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def check_safetensors_file(path: str) -> tuple[dict, int]:
@@ -54,6 +61,7 @@ class SafetensorsRows:
 
     def __init__(self, path: str):
         self.path = path
+        self._identity = _identity(os.stat(path))
         self.tensors, self.data_start = check_safetensors_file(path)
 
     def shape(self, key: str) -> list[int]:
@@ -69,6 +77,9 @@ class SafetensorsRows:
         buffer = memoryview(out.view(-1).view(torch.uint8).numpy())  # the rows land in ``out`` directly
         fd = os.open(self.path, os.O_RDONLY)
         try:
+            if _identity(os.fstat(fd)) != self._identity:  # the header read at the start describes another file
+                raise ValueError(f"{self.path}: replaced or rewritten since it was opened (re-encoded or recollected "
+                                 "under a running run?); a run's data must not change while it reads them")
             for i, row in enumerate(indices):
                 if not 0 <= row < shape[0]:
                     raise IndexError(f"{self.path}: row {row} of {key!r}, which has {shape[0]}")

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 from typing import Protocol, Sequence
 
@@ -36,6 +38,7 @@ from adm_megatron.data.safetensors_rows import ShardedRows
 from adm_megatron.file_fingerprint import file_fingerprint
 from adm_megatron.file_modes import give_umask_modes
 
+logger = logging.getLogger("adm_megatron")
 FORMAT = "adm-megatron/text-embeddings"
 VERSION = 1
 INDEX_FILE = "index.json"
@@ -95,12 +98,55 @@ def _check_indices(indices: torch.Tensor, size: int) -> torch.Tensor:
 # -- writing -------------------------------------------------------------------------------------
 
 
+def _tmp_prefix(out_dir: str) -> str:
+    return f".{os.path.basename(out_dir)}.tmp-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_killed_writers(out_dir: str) -> list[str]:
+    """Remove the temporary directories beside ``out_dir`` that writers of it killed on this host
+    left (``.NAME.tmp-HOST-PID-*`` of a PID that is gone, and the ``-old`` copy a replaced ``out_dir``
+    waits in: a kill -9 or an OOM kill skips the clean-up, and each left up to a whole prompt set's
+    embeddings, hidden); returns them. Those of live writers, of other hosts or of older versions
+    (no host and PID in the name) are left alone and named in a warning."""
+    parent, prefix = os.path.dirname(os.path.abspath(out_dir)), _tmp_prefix(out_dir)
+    host = socket.gethostname()
+    removed, others = [], []
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        path, rest = os.path.join(parent, name), name[len(prefix):]
+        if not (name.startswith(prefix) and os.path.isdir(path)):
+            continue
+        pid = rest[len(host) + 1:].split("-", 1)[0] if rest.startswith(f"{host}-") else ""
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        else:
+            others.append(path)
+    if removed:
+        logger.warning("%s: removed %d temporary director%s of writers killed before they finished (%s)", out_dir,
+                       len(removed), "y" if len(removed) == 1 else "ies", ", ".join(removed))
+    if others:
+        logger.warning("%s: %s: temporary director%s of another writer of it (still running, on another host, or from "
+                       "an older version); remove %s once no other writer is running", out_dir, ", ".join(others),
+                       "y" if len(others) == 1 else "ies", "it" if len(others) == 1 else "them")
+    return removed
+
+
 class EmbeddingShardWriter:
     """Streams ``[n, L, D]`` chunks (with ``[n, P]`` pooled rows when ``negative_pooled`` is
     given) into fixed-size shards inside a temporary directory next to ``out_dir``; :meth:`close`
     writes the negative and the index, then renames the directory into place. Used as a context
     manager, an exception removes the temporary directory, so ``out_dir`` is either complete or
-    untouched."""
+    untouched; one a killed writer left is removed by the next writer (:func:`remove_killed_writers`)."""
 
     def __init__(
         self,
@@ -130,7 +176,9 @@ class EmbeddingShardWriter:
         self.encoder = encoder
         parent = os.path.dirname(self.out_dir)
         os.makedirs(parent, exist_ok=True)
-        self._tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out_dir)}.tmp-", dir=parent)
+        remove_killed_writers(self.out_dir)
+        self._tmp = tempfile.mkdtemp(prefix=f"{_tmp_prefix(self.out_dir)}{socket.gethostname()}-{os.getpid()}-",
+                                     dir=parent)
         self._prompts: list[str] = []
         self._pending = self.negative.new_empty(0, *self.negative.shape)  # rows not yet in a shard
         self._pending_pooled = None if self.negative_pooled is None else self.negative.new_empty(0, len(self.negative_pooled))

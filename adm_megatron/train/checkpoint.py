@@ -152,7 +152,8 @@ def _contents(trainer, iteration: int) -> CheckpointContents:
         if getattr(trainer, name) is not None:
             sharded[name], metas[name] = megatron_checkpoint_contents(getattr(trainer, name), trainer.arch)
     sharded["train_state"] = _train_state(trainer, iteration)
-    state = {"iteration": iteration, "layout": _layout(trainer), "config": config_to_dict(trainer.config)}
+    state = {"iteration": iteration, "layout": _layout(trainer), "config": config_to_dict(trainer.config),
+             "data": trainer.data_identity}  # a resume refuses data changed since (train/data_identity.py)
 
     def write_small(directory: str) -> None:  # rank 0
         for name, meta in metas.items():

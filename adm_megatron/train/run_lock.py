@@ -31,8 +31,11 @@ class RunLock:
     """Collective: take the lock of ``output_dir`` on the first rank (``holder``), or raise a one-line
     ConfigError on every rank when another run holds it. ``release`` (or the process's end) frees it."""
 
-    def __init__(self, output_dir: str, holder: bool):
+    def __init__(self, output_dir: str, holder: bool, key: str = "output_dir", user: str = "run"):
+        """``key``: how the command names ``output_dir`` (``--out`` for collect-ode); ``user``: what
+        holds it."""
         self._file = None
+        self._key, self._user = key, user
         refusal = self._take(output_dir) if holder else None
         refusal = from_rank0(refusal)
         if refusal is not None:  # said once, by the holder's rank
@@ -47,11 +50,11 @@ class RunLock:
         except BlockingIOError:
             holder = f.read().strip() or "its holder unknown"
             f.close()
-            return (f"output_dir={output_dir!r} is in use by another run ({holder}); wait for it to end, "
-                    "or use a new output_dir")
+            return (f"{self._key}={output_dir!r} is in use by another {self._user} ({holder}); wait for it to end, "
+                    f"or use a new {self._key}")
         except OSError as err:  # flock not supported here
             f.close()
-            logger.warning("%s: cannot lock (%s); nothing stops a second run from writing here too", path, err)
+            logger.warning("%s: cannot lock (%s); nothing stops a second %s from writing here too", path, err, self._user)
             return None
         f.truncate(0)
         f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")

@@ -64,8 +64,11 @@ from adm_megatron.parallel.startup import confirm_start
 from adm_megatron.models.kernel_options import apply_kernel_options
 from adm_megatron.models.weights import load_full_state_dict
 from adm_megatron.train.background_save import BackgroundSaves
+from adm_megatron.train.data_identity import check_same_data, data_identity
 from adm_megatron.train.checkpoint import (
+    STATE_FILE,
     load_training_checkpoint,
+    read_training_state,
     remove_leftovers,
     save_training_checkpoint,
     start_training_checkpoint,
@@ -152,6 +155,12 @@ class Trainer:
                 logger.warning(message)
         self.teacher_source: TeacherSource = resolve_teacher(config.model.teacher, config.model.pipeline)
         validate_run(config, self.teacher_source, launch_env().world_size)
+        self.text_source = self.teacher_source.text_source(config.data, config.seed)
+        self.data_identity = data_identity(config, self.text_source)
+        if self.resume_point.checkpoint is not None:
+            state_file = os.path.join(self.resume_point.checkpoint, STATE_FILE)
+            check_same_data(read_training_state(self.resume_point.checkpoint).get("data"), self.data_identity,
+                            state_file, config)
         if launch_env().rank == 0:  # the rank that logs
             check_loggers(config.logging.wandb_mode, config.logging.tensorboard)
         self.schedule = self.teacher_source.schedule()
@@ -282,7 +291,6 @@ class Trainer:
         d = self.config.data
         self.layout = BatchLayout(d.batch_size, self.info.dp_rank, self.info.dp_size,
                                   microbatches_for(d.global_batch_size, d.batch_size, self.info.dp_size))
-        self.text_source = self.teacher_source.text_source(d, self.config.seed)
         self.sampler = PromptSampler(self.text_source, self.layout, seed=self.config.seed)
         if self.info.rank == 0:
             logger.info("global batch %d: %d row(s) per micro-batch x %d data-parallel rank(s) x %d micro-batch(es) "

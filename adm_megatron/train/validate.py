@@ -78,9 +78,11 @@ def validate_collection(config: Config, teacher: TeacherSource, world_size: int)
         text = teacher.family.conditioning(arch)
         length = shards.seq_len if text.any_text_length else text.text_length
         if (shards.seq_len, shards.dim) != (length, text.text_width):
+            remedy = (f"encode them again with --max-length {length}" if shards.dim == text.text_width else
+                      "encode the prompts with the teacher's own pipeline")
             raise ConfigError(
                 f"data.path={config.data.path!r}: embeddings are {shards.seq_len} x {shards.dim}, "
-                f"the teacher takes {length} x {text.text_width}"
+                f"the teacher takes {length} x {text.text_width} ({remedy}: tools/precompute_text_embeddings.py)"
             )
         if shards.pooled_dim != (text.pooled_width or 0):
             raise ConfigError(
