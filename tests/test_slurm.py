@@ -4,7 +4,8 @@
 starts again (``SLURM_RESTART_COUNT=1``), resumes from that checkpoint, does only the remaining
 iterations and ends with the metrics of an uninterrupted 2-task job, bit for bit; a SIGUSR1 to
 every process of the step (scancel without --batch) makes every rank save and exit 75. The sampling
-script: 2 tasks split a prompt file and write the files one process writes."""
+script: 2 tasks split a prompt file and write the files one process writes. ``preemptible.sh`` alone
+(a stub ``scontrol``): a step that finished despite the time-limit warning is not requeued."""
 
 from __future__ import annotations
 
@@ -139,3 +140,29 @@ def test_sample_sbatch_splits_the_prompts_over_its_tasks(tmp_path):
         assert np.array_equal(iio.imread(tmp_path / "slurm_out" / "generator" / name),
                               iio.imread(tmp_path / "one" / "generator" / name)), name
     assert json.loads((tmp_path / "slurm_out" / "sample_timing.json").read_text())["ranks"] == 2
+
+
+def _preemptible(tmp_path, step: str) -> tuple[str, str]:
+    """``run_preemptible`` on ``bash -c STEP`` in a batch shell that gets SIGUSR1 (the time-limit
+    warning) once the step has written ``$READY``; ``scontrol`` is a stub that records its
+    arguments. No SLURM needed."""
+    bin_dir, calls, ready = tmp_path / "bin", tmp_path / "scontrol.calls", tmp_path / "ready"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    shell = (f"source {os.path.join(ROOT, 'examples', 'slurm', 'preemptible.sh')}; "
+             f"(while [ ! -e {ready} ]; do sleep 0.1; done; kill -USR1 $$) & run_preemptible bash -c {step!r}")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", READY=str(ready))
+    proc = subprocess.run(["bash", "-c", shell], env=env, capture_output=True, text=True, timeout=60)
+    return proc.stdout, calls.read_text() if calls.exists() else ""
+
+
+def test_preemptible_requeues_a_stopped_step_but_not_one_that_finished(tmp_path):
+    """The time-limit warning that came during a run's last iterations: the step finished (exit 0)
+    and the job was requeued anyway, a whole new start (queue wait, loading) that only found the
+    run finished. A step that stopped (75) is requeued."""
+    out, calls = _preemptible(tmp_path / "stopped", 'trap "exit 75" USR1; touch $READY; sleep 9 >/dev/null 2>&1 & wait $!')
+    assert "stopped after saving a checkpoint (exit 75)" in out and calls == "requeue 4242\n", out
+    out, calls = _preemptible(tmp_path / "finished", 'trap "" USR1; touch $READY; sleep 1; exit 0')
+    assert "stop signal: forwarding SIGUSR1" in out and "training step done" in out, out
+    assert "requeueing" not in out and calls == "", out
