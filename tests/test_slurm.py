@@ -132,7 +132,7 @@ def test_sample_sbatch_splits_the_prompts_over_its_tasks(tmp_path):
                             capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert single.returncode == 0, single.stderr[-3000:]
     text = open(log).read()
-    assert "2 tasks on" in text and "2 process(es)" in text
+    assert "2 task(s) on" in text and "2 process(es)" in text
     names = sorted(os.listdir(tmp_path / "one" / "generator"))
     assert names == ["grid.png", "sample-000.png", "sample-001.png", "sample-002.png"]
     assert sorted(os.listdir(tmp_path / "slurm_out" / "generator")) == names
@@ -142,14 +142,21 @@ def test_sample_sbatch_splits_the_prompts_over_its_tasks(tmp_path):
     assert json.loads((tmp_path / "slurm_out" / "sample_timing.json").read_text())["ranks"] == 2
 
 
+def _stub(tmp_path, command: str, calls) -> str:
+    """A directory to put first on PATH, where ``command`` only appends its arguments to ``calls``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / command).write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / command).chmod(0o755)
+    return str(bin_dir)
+
+
 def _preemptible(tmp_path, step: str) -> tuple[str, str]:
     """``run_preemptible`` on ``bash -c STEP`` in a batch shell that gets SIGUSR1 (the time-limit
     warning) once the step has written ``$READY``; ``scontrol`` is a stub that records its
     arguments. No SLURM needed."""
-    bin_dir, calls, ready = tmp_path / "bin", tmp_path / "scontrol.calls", tmp_path / "ready"
-    bin_dir.mkdir(parents=True)
-    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    (bin_dir / "scontrol").chmod(0o755)
+    calls, ready = tmp_path / "scontrol.calls", tmp_path / "ready"
+    bin_dir = _stub(tmp_path, "scontrol", calls)
     shell = (f"source {os.path.join(ROOT, 'examples', 'slurm', 'preemptible.sh')}; "
              f"(while [ ! -e {ready} ]; do sleep 0.1; done; kill -USR1 $$) & run_preemptible bash -c {step!r}")
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", READY=str(ready))
@@ -166,3 +173,16 @@ def test_preemptible_requeues_a_stopped_step_but_not_one_that_finished(tmp_path)
     out, calls = _preemptible(tmp_path / "finished", 'trap "" USR1; touch $READY; sleep 1; exit 0')
     assert "stop signal: forwarding SIGUSR1" in out and "training step done" in out, out
     assert "requeueing" not in out and calls == "", out
+
+
+def test_sample_sbatch_runs_without_ntasks(tmp_path):
+    """``sbatch examples/slurm/sample.sbatch ...`` without --ntasks (one GPU, one task): the job has no
+    SLURM_NTASKS and the script failed at once with "SLURM_NTASKS: unbound variable" (set -u)."""
+    calls = tmp_path / "srun.calls"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{_stub(tmp_path, 'srun', calls)}:{env['PATH']}", SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n1",
+               PYTHON="py")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "slurm", "sample.sbatch"), "--out", "o"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "job 7: 1 task(s) on n1" in proc.stdout, proc.stderr
+    assert calls.read_text() == "py -m adm_megatron.cli sample --out o\n"
