@@ -71,6 +71,7 @@ def _check_one_process(command: str, print_only: bool = False) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from adm_megatron.convert.checkpoint import CheckpointError
+    from adm_megatron.parallel import launch_env
     from adm_megatron.train.grad_sync import GradSyncError
     from adm_megatron.train.phases import NonFiniteError
     from adm_megatron.train.preemption import PREEMPTED_EXIT_CODE
@@ -81,7 +82,6 @@ def _train(args: argparse.Namespace) -> int:
         import yaml
 
         from adm_megatron.config import config_to_dict
-        from adm_megatron.parallel import launch_env
         from adm_megatron.parallel.startup import confirm_start
 
         confirm_start(config.parallel.timeout_s)  # under torchrun: a rank whose config failed waits for every rank
@@ -90,8 +90,9 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     try:
         result = Trainer(config).fit()
-    except NonFiniteError as err:
-        print(f"adm-megatron: training stopped: {err}", file=sys.stderr)
+    except NonFiniteError as err:  # decided alike on every rank (all-reduced): said once
+        if launch_env().rank == 0:
+            print(f"adm-megatron: training stopped: {err}", file=sys.stderr)
         return NONFINITE_EXIT_CODE
     except GradSyncError as err:  # a setting this model cannot take, found at its first update
         print(f"adm-megatron: training stopped: {err}", file=sys.stderr)

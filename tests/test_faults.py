@@ -262,3 +262,26 @@ def test_a_stop_is_announced_by_rank_0_only(rank, said, monkeypatch, caplog):
     finally:
         poll.close()
     assert sum("stop requested (SIGUSR1)" in r.getMessage() for r in caplog.records) == said
+
+
+@pytest.mark.parametrize("rank, lines", [("0", 1), ("1", 0)])
+def test_a_nan_stop_is_said_by_rank_0_only(rank, lines, monkeypatch, capsys):
+    """The NaN / Inf stop is decided alike on every rank (all-reduced), and every rank printed its
+    "training stopped" line: one per GPU in a SLURM job's log. Rank 0 says it; all exit 3."""
+    from adm_megatron import cli
+    from adm_megatron.train import trainer
+    from adm_megatron.train.phases import NonFiniteError
+
+    class Stops:
+        def __init__(self, config):
+            pass
+
+        def fit(self):
+            raise NonFiniteError("iteration 0, phase generator: loss is nan on this or another rank")
+
+    monkeypatch.setattr(trainer, "Trainer", Stops)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = cli._train(cli.build_parser().parse_args(
+        ["train", "--config", os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml")]))
+    assert code == 3 and capsys.readouterr().err.count("training stopped: iteration 0") == lines
