@@ -186,3 +186,16 @@ def test_sample_sbatch_runs_without_ntasks(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "job 7: 1 task(s) on n1" in proc.stdout, proc.stderr
     assert calls.read_text() == "py -m adm_megatron.cli sample --out o\n"
+
+
+@pytest.mark.parametrize("script", ["tiny_cpu.sbatch", "train.sbatch"])
+def test_a_job_submitted_away_from_the_repository_says_so_in_one_line(script, tmp_path):
+    """Submitted from another directory without ADM_MEGATRON_ROOT, the script went on past the failed
+    ``source`` and ended on "run_preemptible: command not found" (exit 127)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "ADM_MEGATRON_ROOT"}
+    env.update(SLURM_SUBMIT_DIR=str(tmp_path), SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n1", SLURM_NNODES="1")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "slurm", script), "config.yaml"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert proc.stderr == (f"{script}: {tmp_path}/examples/slurm/preemptible.sh not found: submit from the "
+                           "repository root or set ADM_MEGATRON_ROOT\n")
