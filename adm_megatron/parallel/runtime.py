@@ -6,7 +6,7 @@ megatron-core layout (tensor x context x data parallel; pipeline parallel is 1 f
 * torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``),
 * SLURM ``srun`` (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, ``SLURM_JOB_NODELIST``;
   the master is the first host of the node list and the port comes from ``MASTER_PORT`` or is
-  derived from ``SLURM_JOB_ID``),
+  derived from ``SLURM_JOB_ID``; in a job step only: a batch script is one process),
 * a plain process: a world of one on 127.0.0.1 and a free port.
 
 The backend is nccl with CUDA (each rank on ``cuda:LOCAL_RANK``) and gloo without it; in the
