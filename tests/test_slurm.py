@@ -184,7 +184,7 @@ def test_sample_sbatch_runs_without_ntasks(tmp_path):
                PYTHON="py")
     proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "slurm", "sample.sbatch"), "--out", "o"], env=env,
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and "job 7: 1 task(s) on n1" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "job 7 start 0: 1 task(s) on n1" in proc.stdout, proc.stderr
     assert calls.read_text() == "py -m adm_megatron.cli sample --out o\n"
 
 
@@ -199,3 +199,14 @@ def test_a_job_submitted_away_from_the_repository_says_so_in_one_line(script, tm
     assert proc.returncode == 2 and proc.stdout == "", proc
     assert proc.stderr == (f"{script}: {tmp_path}/examples/slurm/preemptible.sh not found: submit from the "
                            "repository root or set ADM_MEGATRON_ROOT\n")
+
+
+def test_every_sbatch_script_appends_its_log_across_requeues():
+    """sample.sbatch's log was opened anew (SLURM's default, truncate) when the job was requeued:
+    the first start's lines, its progress and why it stopped, were gone."""
+    folder = os.path.join(ROOT, "examples", "slurm")
+    scripts = sorted(name for name in os.listdir(folder) if name.endswith(".sbatch"))
+    assert scripts == ["sample.sbatch", "tiny_cpu.sbatch", "train.sbatch"]
+    for name in scripts:
+        options = [line.split()[1] for line in open(os.path.join(folder, name)) if line.startswith("#SBATCH")]
+        assert "--open-mode=append" in options, name
