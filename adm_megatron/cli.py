@@ -52,17 +52,26 @@ ONE_PROCESS = {  # commands that plan or measure in one process: under torchrun 
 }
 
 
-def _check_one_process(command: str) -> None:
-    from adm_megatron.parallel import launch_env
+MANY_PROCESSES = ("train", "collect-ode", "sample")  # one process per GPU, started by torchrun / srun
+
+
+def _check_one_process(command: str, print_only: bool = False) -> None:
+    from adm_megatron.parallel import launch_env, slurm_batch_shell_tasks
 
     world = launch_env().world_size
     if command in ONE_PROCESS and world > 1:
         raise ConfigError(f"{command} runs in one process, not under torchrun / srun (this launch started {world}): "
                           f"run `adm-megatron {command} ...` as a plain command ({ONE_PROCESS[command]})")
+    tasks = slurm_batch_shell_tasks()
+    if command in MANY_PROCESSES and tasks and not print_only:  # it would wait for ranks nobody starts
+        raise ConfigError(f"{command}: started by the batch script of SLURM job {os.environ.get('SLURM_JOB_ID')}, "
+                          f"which asked for {tasks} tasks, not by srun: start one process per task with "
+                          f"`srun python -m adm_megatron.cli {command} ...` (or torchrun), or ask for --ntasks=1")
 
 
 def _train(args: argparse.Namespace) -> int:
     from adm_megatron.convert.checkpoint import CheckpointError
+    from adm_megatron.parallel import launch_env
     from adm_megatron.train.grad_sync import GradSyncError
     from adm_megatron.train.phases import NonFiniteError
     from adm_megatron.train.preemption import PREEMPTED_EXIT_CODE
@@ -73,7 +82,6 @@ def _train(args: argparse.Namespace) -> int:
         import yaml
 
         from adm_megatron.config import config_to_dict
-        from adm_megatron.parallel import launch_env
         from adm_megatron.parallel.startup import confirm_start
 
         confirm_start(config.parallel.timeout_s)  # under torchrun: a rank whose config failed waits for every rank
@@ -83,8 +91,9 @@ def _train(args: argparse.Namespace) -> int:
     try:
         with keys_located(config):
             result = Trainer(config).fit()
-    except NonFiniteError as err:
-        print(f"adm-megatron: training stopped: {err}", file=sys.stderr)
+    except NonFiniteError as err:  # decided alike on every rank (all-reduced): said once
+        if launch_env().rank == 0:
+            print(f"adm-megatron: training stopped: {err}", file=sys.stderr)
         return NONFINITE_EXIT_CODE
     except GradSyncError as err:  # a setting this model cannot take, found at its first update
         print(f"adm-megatron: training stopped: {err}", file=sys.stderr)
@@ -422,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.command_line = shlex.join(["adm-megatron", *argv])
     try:
-        _check_one_process(args.command)
+        _check_one_process(args.command, getattr(args, "print_config", False))
         return args.func(args)
     except FailedElsewhere:
         return 2  # the ranks that failed say why

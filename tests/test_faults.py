@@ -316,3 +316,49 @@ def test_a_stop_signal_while_the_run_starts_its_logging_stops_after_one_iteratio
     assert results == [(True, 1), (True, 1)]
     with open(tmp_path / "run" / "checkpoints" / "latest") as f:
         assert f.read().strip() == "iter_0000001"
+
+
+@pytest.mark.parametrize("rank, said", [(0, 1), (1, 0)])
+def test_a_stop_is_announced_by_rank_0_only(rank, said, monkeypatch, caplog):
+    """Every rank logged "stop requested (SIGUSR1)" at WARNING (which non-zero ranks show): one line
+    per GPU in a SLURM job's log at each time-limit stop."""
+    import logging
+
+    import torch.distributed as dist
+
+    from adm_megatron.train.preemption import StopPoll
+
+    for name, value in {"is_initialized": lambda: True, "get_world_size": lambda: 2, "get_rank": lambda: rank,
+                        "get_backend": lambda: "gloo", "all_reduce": lambda *a, **k: None}.items():
+        monkeypatch.setattr(dist, name, value)
+    poll = StopPoll()
+    try:
+        poll.signal = signal.SIGUSR1
+        with caplog.at_level(logging.INFO, logger="adm_megatron"):
+            assert poll.poll() == (True, False)
+    finally:
+        poll.close()
+    assert sum("stop requested (SIGUSR1)" in r.getMessage() for r in caplog.records) == said
+
+
+@pytest.mark.parametrize("rank, lines", [("0", 1), ("1", 0)])
+def test_a_nan_stop_is_said_by_rank_0_only(rank, lines, monkeypatch, capsys):
+    """The NaN / Inf stop is decided alike on every rank (all-reduced), and every rank printed its
+    "training stopped" line: one per GPU in a SLURM job's log. Rank 0 says it; all exit 3."""
+    from adm_megatron import cli
+    from adm_megatron.train import trainer
+    from adm_megatron.train.phases import NonFiniteError
+
+    class Stops:
+        def __init__(self, config):
+            pass
+
+        def fit(self):
+            raise NonFiniteError("iteration 0, phase generator: loss is nan on this or another rank")
+
+    monkeypatch.setattr(trainer, "Trainer", Stops)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = cli._train(cli.build_parser().parse_args(
+        ["train", "--config", os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml")]))
+    assert code == 3 and capsys.readouterr().err.count("training stopped: iteration 0") == lines

@@ -26,6 +26,7 @@ from adm_megatron.parallel import (
     initialize_parallel,
     launch_env,
     parallel_info,
+    slurm_batch_shell_tasks,
 )
 from multiproc import run_world
 
@@ -378,7 +379,7 @@ def test_destroy_and_uninitialized_errors(monkeypatch):
     [
         ({"RANK": "0", "WORLD_SIZE": "6", "LOCAL_RANK": "0"}, 4, 1, ["6", "4"]),
         ({"RANK": "1", "WORLD_SIZE": "6", "LOCAL_RANK": "1"}, 2, 2, ["6", "2 x 2 = 4"]),
-        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "3", "SLURM_JOB_NODELIST": "n1"}, 2, 1, ["3", "2"]),
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "3", "SLURM_JOB_NODELIST": "n1", "SLURM_STEP_ID": "0"}, 2, 1, ["3", "2"]),
     ],
 )
 def test_bad_layout_raises_before_any_process_group(monkeypatch, env, tp, cp, numbers):
@@ -430,6 +431,7 @@ def test_launch_env_sources():
         "SLURM_LOCALID": "1",
         "SLURM_JOB_NODELIST": "gpu[07-10]",
         "SLURM_JOB_ID": "123456",
+        "SLURM_STEP_ID": "0",  # srun started this task
     }
     le = launch_env(slurm)
     assert (le.rank, le.world_size, le.local_rank, le.source) == (5, 8, 1, "slurm")
@@ -455,6 +457,15 @@ def test_launch_env_sources():
 
     le = launch_env({})
     assert (le.rank, le.world_size, le.local_rank, le.source) == (0, 1, 0, "single")
+    # the batch script of an 8-task job (SLURM_PROCID=0, SLURM_NTASKS=8, no step id) is one process:
+    # read as rank 0 of 8 it waited for ranks nobody starts
+    batch = {k: v for k, v in slurm.items() if k != "SLURM_STEP_ID"} | {"SLURM_PROCID": "0"}
+    le = launch_env(batch)
+    assert (le.rank, le.world_size, le.source) == (0, 1, "single")
+    assert slurm_batch_shell_tasks(batch) == 8
+    assert slurm_batch_shell_tasks(slurm) == 0 and slurm_batch_shell_tasks(torchrun | batch) == 0
+    assert slurm_batch_shell_tasks(batch | {"SLURM_NTASKS": "1"}) == 0
+    assert launch_env(batch | {"SLURM_STEPID": "0"}).world_size == 8  # the older name of the step id
 
     with pytest.raises(ValueError, match="RANK"):
         launch_env({"RANK": "x", "WORLD_SIZE": "2"})

@@ -4,7 +4,8 @@
 starts again (``SLURM_RESTART_COUNT=1``), resumes from that checkpoint, does only the remaining
 iterations and ends with the metrics of an uninterrupted 2-task job, bit for bit; a SIGUSR1 to
 every process of the step (scancel without --batch) makes every rank save and exit 75. The sampling
-script: 2 tasks split a prompt file and write the files one process writes."""
+script: 2 tasks split a prompt file and write the files one process writes. ``preemptible.sh`` alone
+(a stub ``scontrol``): a step that finished despite the time-limit warning is not requeued."""
 
 from __future__ import annotations
 
@@ -131,7 +132,7 @@ def test_sample_sbatch_splits_the_prompts_over_its_tasks(tmp_path):
                             capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert single.returncode == 0, single.stderr[-3000:]
     text = open(log).read()
-    assert "2 tasks on" in text and "2 process(es)" in text
+    assert "2 task(s) on" in text and "2 process(es)" in text
     names = sorted(os.listdir(tmp_path / "one" / "generator"))
     assert names == ["grid.png", "sample-000.png", "sample-001.png", "sample-002.png"]
     assert sorted(os.listdir(tmp_path / "slurm_out" / "generator")) == names
@@ -139,3 +140,73 @@ def test_sample_sbatch_splits_the_prompts_over_its_tasks(tmp_path):
         assert np.array_equal(iio.imread(tmp_path / "slurm_out" / "generator" / name),
                               iio.imread(tmp_path / "one" / "generator" / name)), name
     assert json.loads((tmp_path / "slurm_out" / "sample_timing.json").read_text())["ranks"] == 2
+
+
+def _stub(tmp_path, command: str, calls) -> str:
+    """A directory to put first on PATH, where ``command`` only appends its arguments to ``calls``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / command).write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / command).chmod(0o755)
+    return str(bin_dir)
+
+
+def _preemptible(tmp_path, step: str) -> tuple[str, str]:
+    """``run_preemptible`` on ``bash -c STEP`` in a batch shell that gets SIGUSR1 (the time-limit
+    warning) once the step has written ``$READY``; ``scontrol`` is a stub that records its
+    arguments. No SLURM needed."""
+    calls, ready = tmp_path / "scontrol.calls", tmp_path / "ready"
+    bin_dir = _stub(tmp_path, "scontrol", calls)
+    shell = (f"source {os.path.join(ROOT, 'examples', 'slurm', 'preemptible.sh')}; "
+             f"(while [ ! -e {ready} ]; do sleep 0.1; done; kill -USR1 $$) & run_preemptible bash -c {step!r}")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", READY=str(ready))
+    proc = subprocess.run(["bash", "-c", shell], env=env, capture_output=True, text=True, timeout=60)
+    return proc.stdout, calls.read_text() if calls.exists() else ""
+
+
+def test_preemptible_requeues_a_stopped_step_but_not_one_that_finished(tmp_path):
+    """The time-limit warning that came during a run's last iterations: the step finished (exit 0)
+    and the job was requeued anyway, a whole new start (queue wait, loading) that only found the
+    run finished. A step that stopped (75) is requeued."""
+    out, calls = _preemptible(tmp_path / "stopped", 'trap "exit 75" USR1; touch $READY; sleep 9 >/dev/null 2>&1 & wait $!')
+    assert "stopped after saving a checkpoint (exit 75)" in out and calls == "requeue 4242\n", out
+    out, calls = _preemptible(tmp_path / "finished", 'trap "" USR1; touch $READY; sleep 1; exit 0')
+    assert "stop signal: forwarding SIGUSR1" in out and "training step done" in out, out
+    assert "requeueing" not in out and calls == "", out
+
+
+def test_sample_sbatch_runs_without_ntasks(tmp_path):
+    """``sbatch examples/slurm/sample.sbatch ...`` without --ntasks (one GPU, one task): the job has no
+    SLURM_NTASKS and the script failed at once with "SLURM_NTASKS: unbound variable" (set -u)."""
+    calls = tmp_path / "srun.calls"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{_stub(tmp_path, 'srun', calls)}:{env['PATH']}", SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n1",
+               PYTHON="py")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "slurm", "sample.sbatch"), "--out", "o"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "job 7 start 0: 1 task(s) on n1" in proc.stdout, proc.stderr
+    assert calls.read_text() == "py -m adm_megatron.cli sample --out o\n"
+
+
+@pytest.mark.parametrize("script", ["tiny_cpu.sbatch", "train.sbatch"])
+def test_a_job_submitted_away_from_the_repository_says_so_in_one_line(script, tmp_path):
+    """Submitted from another directory without ADM_MEGATRON_ROOT, the script went on past the failed
+    ``source`` and ended on "run_preemptible: command not found" (exit 127)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "ADM_MEGATRON_ROOT"}
+    env.update(SLURM_SUBMIT_DIR=str(tmp_path), SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n1", SLURM_NNODES="1")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "slurm", script), "config.yaml"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert proc.stderr == (f"{script}: {tmp_path}/examples/slurm/preemptible.sh not found: submit from the "
+                           "repository root or set ADM_MEGATRON_ROOT\n")
+
+
+def test_every_sbatch_script_appends_its_log_across_requeues():
+    """sample.sbatch's log was opened anew (SLURM's default, truncate) when the job was requeued:
+    the first start's lines, its progress and why it stopped, were gone."""
+    folder = os.path.join(ROOT, "examples", "slurm")
+    scripts = sorted(name for name in os.listdir(folder) if name.endswith(".sbatch"))
+    assert scripts == ["sample.sbatch", "tiny_cpu.sbatch", "train.sbatch"]
+    for name in scripts:
+        options = [line.split()[1] for line in open(os.path.join(folder, name)) if line.startswith("#SBATCH")]
+        assert "--open-mode=append" in options, name

@@ -79,6 +79,28 @@ def test_plan_and_bench_refuse_a_multi_process_launch_in_one_line(tmp_path):
     assert not os.path.exists(out)
 
 
+def test_a_multi_process_command_in_the_batch_script_of_a_multi_task_job_is_refused_in_one_line(monkeypatch, tmp_path):
+    # the batch script of `sbatch --ntasks=2` has SLURM_PROCID=0 and SLURM_NTASKS=2 but no step id:
+    # `adm-megatron train` run there without srun took itself for rank 0 of 2 and waited for a rank 1
+    # nobody starts (parallel.timeout_s, 600 s, then a traceback)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_ID", "SLURM_STEPID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {"SLURM_JOB_ID": "5419", "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
+                       "SLURM_JOB_NODELIST": "vm"}.items():
+        monkeypatch.setenv(key, value)
+    out = str(tmp_path / "out")
+    config = os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml")
+    for argv in (["train", "--config", config, f"output_dir={out}", "parallel.timeout_s=5"],
+                 ["collect-ode", "--config", config, "--out", out, "--num-pairs", "2"],
+                 ["sample", "--pipeline", "p", "--generator", "g", "--prompt", "x", "--out", out]):
+        code, said = _cli(argv)
+        assert code == 2 and said == [
+            f"adm-megatron: config error: {argv[0]}: started by the batch script of SLURM job 5419, which asked for 2 "
+            f"tasks, not by srun: start one process per task with `srun python -m adm_megatron.cli {argv[0]} ...` "
+            "(or torchrun), or ask for --ntasks=1"], said
+    assert not os.path.exists(out)
+
+
 def test_a_held_output_dir_is_refused_once_under_two_ranks(cogvideox_pipeline, tmp_path):
     import fcntl
 

@@ -15,4 +15,5 @@ from adm_megatron.parallel.runtime import (
     initialize_parallel,
     launch_env,
     parallel_info,
+    slurm_batch_shell_tasks,
 )

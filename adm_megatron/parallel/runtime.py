@@ -6,7 +6,7 @@ megatron-core layout (tensor x context x data parallel; pipeline parallel is 1 f
 * torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``),
 * SLURM ``srun`` (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, ``SLURM_JOB_NODELIST``;
   the master is the first host of the node list and the port comes from ``MASTER_PORT`` or is
-  derived from ``SLURM_JOB_ID``),
+  derived from ``SLURM_JOB_ID``; in a job step only: a batch script is one process),
 * a plain process: a world of one on 127.0.0.1 and a free port.
 
 The backend is nccl with CUDA (each rank on ``cuda:LOCAL_RANK``) and gloo without it; in the
@@ -40,6 +40,7 @@ __all__ = [
     "initialize_parallel",
     "launch_env",
     "parallel_info",
+    "slurm_batch_shell_tasks",
 ]
 
 logger = logging.getLogger("adm_megatron")
@@ -212,10 +213,32 @@ def from_rank0(value):
     return box[0]
 
 
+def _in_slurm_step(env: Mapping[str, str]) -> bool:
+    """Whether srun started this process as a task of a job step. A job's batch script has
+    ``SLURM_PROCID=0`` and the job's ``SLURM_NTASKS`` too, but no step id: those describe the
+    allocation, not a launch of that many processes."""
+    return "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
+
+
+def slurm_batch_shell_tasks(environ: Mapping[str, str] | None = None) -> int:
+    """The task count of the SLURM job whose batch script (not an srun step) runs this process, when
+    that is more than one; 0 otherwise. Such a process is one, however many tasks the job asked
+    for (a multi-process command there waits for ranks nobody starts: run it with srun)."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env or "SLURM_PROCID" not in env or _in_slurm_step(env):
+        return 0
+    try:
+        tasks = int(env.get("SLURM_NTASKS", "1"))
+    except ValueError:
+        return 0
+    return tasks if tasks > 1 else 0
+
+
 def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     """Read rank / world / master from torchrun or SLURM variables; a world of one otherwise.
 
-    torchrun variables win over SLURM ones (torchrun inside an srun step sets both).  Under SLURM,
+    torchrun variables win over SLURM ones (torchrun inside an srun step sets both). SLURM's are
+    read in an srun step only (a batch script is one process: :func:`slurm_batch_shell_tasks`). Under SLURM,
     MASTER_ADDR / MASTER_PORT from the environment are used when set; otherwise the first host of
     SLURM_JOB_NODELIST (or SLURM_NODELIST) and port 15000 + SLURM_JOB_ID % 10000.
     """
@@ -226,7 +249,7 @@ def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
         addr = env.get("MASTER_ADDR", "127.0.0.1")
         port = _env_int(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500
         return LaunchEnv(rank, world, local, addr, port, "torchrun")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and _in_slurm_step(env):
         rank, world = _env_int(env, "SLURM_PROCID"), _env_int(env, "SLURM_NTASKS")
         local = _env_int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
         addr = env.get("MASTER_ADDR")

@@ -40,7 +40,7 @@ class StopPoll:
                 flags = flags.cuda()
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         stop, due = bool(flags[0]), bool(flags[1])
-        if stop:
+        if stop and (not dist.is_initialized() or dist.get_rank() == 0):  # once, not once per rank
             name = signal.Signals(self.signal).name if self.signal else "another rank's signal"
             logger.warning("stop requested (%s): saving a checkpoint, then exiting with %d",
                            name, PREEMPTED_EXIT_CODE)

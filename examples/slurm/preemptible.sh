@@ -3,9 +3,11 @@
 # runs. SLURM sends the batch shell SIGUSR1 shortly before the time limit (--signal=B:USR1@N) and
 # SIGTERM when the job is cancelled or preempted; either is forwarded to the step as SIGUSR1, on
 # which every rank finishes its iteration, saves a checkpoint and exits with code 75. Once the step
-# has ended, a job that got the time-limit warning (USR1) requeues itself (scontrol requeue, with
-# #SBATCH --requeue); the next start runs the same command and train.resume=auto goes on from that
-# checkpoint. A TERM (scancel, or preemption, which SLURM requeues by itself) only saves.
+# has ended, a job that got the time-limit warning (USR1) and whose step stopped short of the end
+# (exit 75; torchrun's 1) requeues itself (scontrol requeue, with #SBATCH --requeue); the next start
+# runs the same command and train.resume=auto goes on from that checkpoint. A step that finished the
+# run anyway (exit 0: the signal came during its last iterations) is not requeued. A TERM (scancel,
+# or preemption, which SLURM requeues by itself) only saves.
 
 run_preemptible() {
     local requeue=0 signalled=0 rc=0
@@ -29,7 +31,7 @@ run_preemptible() {
                echo "[$(date +%T)] training step exited with $rc"
            fi ;;
     esac
-    if [ "$requeue" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    if [ "$requeue" = 1 ] && [ "$rc" != 0 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
         echo "[$(date +%T)] requeueing job $SLURM_JOB_ID to go on from the last checkpoint"
         scontrol requeue "$SLURM_JOB_ID"
     fi
