@@ -29,9 +29,11 @@ DTYPES = {
 }
 
 
-def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
-    """Which file a path named, and its version: replaced (another inode) or rewritten in place."""
-    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+def _identity(stat: os.stat_result) -> tuple[int, int, int]:
+    """Which file a path named: replaced (another inode, as every writer of shards here replaces them)
+    or rewritten in place to another size. Not its modification time: ``touch``, which clusters'
+    scratch purges make users run over their data, changes nothing a reader reads."""
+    return stat.st_dev, stat.st_ino, stat.st_size
 
 
 def check_safetensors_file(path: str) -> tuple[dict, int]:
