@@ -223,3 +223,67 @@ def test_pipeline_out_is_a_whole_pipeline_that_diffusers_samples_as_sample_does(
         assert main(["export", *args]) == 2
         assert message in capsys.readouterr().err
         assert not os.path.exists(tmp_path / "g2") and not os.path.exists(tmp_path / "g3")
+
+
+def _live_run(runs, tmp_path):
+    """A copy of the EMA run with a second, newer checkpoint (iter_0000003, a copy) that ``latest``
+    names, as a live run with train.keep_checkpoints=1 has just before it prunes iter_0000002."""
+    import shutil
+
+    from adm_megatron.train.checkpoint import _write_marker
+
+    run = tmp_path / "live"
+    shutil.copytree(runs[1]["ema"], run)
+    shutil.copytree(run / "checkpoints" / "iter_0000002", run / "checkpoints" / "iter_0000003")
+    _write_marker(str(run), "iter_0000003")
+    return run
+
+
+def _prune_during_the_read(monkeypatch, run):
+    """The live run's pruning (keep_checkpoints=1) strikes between the export's reads of generator/
+    and of train_state/ (its EMA)."""
+    import adm_megatron.train.checkpoint_export as export
+    from adm_megatron.train.checkpoint import _prune
+
+    read_ema = export.load_ema_into
+
+    def prune_then_read(*args):
+        _prune(str(run), 1, keep="iter_0000003")
+        read_ema(*args)
+
+    monkeypatch.setattr(export, "load_ema_into", prune_then_read)
+
+
+def test_export_holds_the_checkpoint_it_reads_so_the_live_runs_pruning_skips_it(runs, tmp_path, capsys, monkeypatch):
+    from adm_megatron.cli import main
+    from adm_megatron.train.checkpoint import _prune
+
+    run = _live_run(runs, tmp_path)
+    _prune_during_the_read(monkeypatch, run)
+    ckpt = run / "checkpoints" / "iter_0000002"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "gen")]) == 0
+    assert "generator of iteration 2 (ema weights" in capsys.readouterr().out
+    exported, reference = _weights(tmp_path / "gen"), _weights(runs[1]["ema"] / "generator")
+    assert exported.keys() == reference.keys() and all(torch.equal(exported[k], reference[k]) for k in reference)
+    assert ckpt.is_dir()  # kept while it was read...
+    _prune(str(run), 1, keep="iter_0000003")
+    assert sorted(os.listdir(run / "checkpoints")) == ["iter_0000003", "latest"]  # ...and removed by the next save
+
+
+def test_export_of_a_checkpoint_pruned_mid_read_without_flock_stops_in_one_line(runs, tmp_path, capsys, monkeypatch):
+    import adm_megatron.train.checkpoint_hold as hold
+    from adm_megatron.cli import main
+
+    def no_flock(*_):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(hold.fcntl, "flock", no_flock)  # a Lustre mount without -o flock
+    run = _live_run(runs, tmp_path)
+    _prune_during_the_read(monkeypatch, run)
+    ckpt = run / "checkpoints" / "iter_0000002"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "gen")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"adm-megatron: config error: {ckpt}: removed while it was being read (the run writing it pruned "
+                   f"it: train.keep_checkpoints); nothing was written: its run's latest is now "
+                   f"{run / 'checkpoints' / 'iter_0000003'}, read that one or pass the run directory for its latest")
+    assert not (tmp_path / "gen").exists()

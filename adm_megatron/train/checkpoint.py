@@ -29,6 +29,7 @@ published, and ``latest`` moves, once every rank's process has finished.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -56,7 +57,10 @@ from adm_megatron.convert.checkpoint import (
 )
 from adm_megatron.parallel import barrier, from_rank0
 from adm_megatron.train.background_save import BackgroundCheckpoint, BackgroundSaves
+from adm_megatron.train.checkpoint_hold import READERS, CheckpointGone, CheckpointHold, free_to_remove
 from adm_megatron.train.save_workers import bind_writer_processes
+
+logger = logging.getLogger("adm_megatron")
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -93,6 +97,20 @@ def checkpoint_from(path: str, what: str) -> str:
         f"{what}={path!r}: neither a checkpoint (no {STATE_FILE}) nor a run directory with "
         "checkpoints/latest"
     )
+
+
+def hold_checkpoint_from(path: str, what: str) -> CheckpointHold:
+    """:func:`checkpoint_from`, held against the pruning of the run that writes it
+    (``adm_megatron.train.checkpoint_hold``) until the hold is released; a run directory whose
+    latest was pruned before the hold took it is resolved again."""
+    for attempt in range(3):
+        ckpt = checkpoint_from(path, what)
+        try:
+            return CheckpointHold(ckpt)
+        except CheckpointGone:
+            if ckpt == path or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def read_training_state(ckpt_dir: str) -> dict:
@@ -162,6 +180,7 @@ def _contents(trainer, iteration: int) -> CheckpointContents:
             torch.save(trainer.heads.state_dict(), os.path.join(directory, "discriminator.pt"))
         with open(os.path.join(directory, STATE_FILE), "w") as f:
             json.dump(state, f, indent=2)
+        open(os.path.join(directory, READERS), "w").close()  # what readers lock (train/checkpoint_hold.py)
 
     return CheckpointContents(checkpoint_dir(trainer.config.output_dir, iteration), sharded, write_small)
 
@@ -277,7 +296,9 @@ def _write_marker(output_dir: str, name: str) -> None:
 
 def _prune(output_dir: str, keep_last: int, keep: str) -> None:
     """Remove all but the newest ``keep_last`` checkpoints (never ``keep``); 0 keeps all. Each is
-    renamed out of the ``iter_*`` namespace first, so a removal cut short never looks complete."""
+    renamed out of the ``iter_*`` namespace first, so a removal cut short never looks complete. One
+    that a reader holds (an export, another run's resume: ``train/checkpoint_hold.py``) stays until
+    a later save's pruning finds it free."""
     if keep_last <= 0:
         return
     root = checkpoints_root(output_dir)
@@ -286,7 +307,12 @@ def _prune(output_dir: str, keep_last: int, keep: str) -> None:
         if name == keep:
             continue
         trash = os.path.join(root, f"{name}.removing-{uuid.uuid4().hex[:12]}")
-        os.rename(os.path.join(root, name), trash)
+        with free_to_remove(os.path.join(root, name)) as free:
+            if not free:
+                logger.info("%s: kept for now, a reader holds it (an export or a resume); a later save removes it",
+                            os.path.join(root, name))
+                continue
+            os.rename(os.path.join(root, name), trash)
         shutil.rmtree(trash, ignore_errors=True)
 
 

@@ -22,7 +22,7 @@ from adm_megatron.convert.checkpoint import check_output_dir, load_megatron_chec
 from adm_megatron.convert.distillation_record import distillation_record
 from adm_megatron.convert.pipeline_export import check_pipeline_output, pipeline_source, write_pipeline
 from adm_megatron.lora.export import lora_export_dirs
-from adm_megatron.train.checkpoint import STATE_FILE, checkpoint_from, read_training_state
+from adm_megatron.train.checkpoint import STATE_FILE, hold_checkpoint_from, read_training_state
 from adm_megatron.train.checkpoint_files import check_whole
 from adm_megatron.train.ema import ParameterEMA
 from adm_megatron.train.export import export_generator
@@ -54,7 +54,12 @@ def export_checkpoint(path: str, out_dir: str, weights: str = "auto", overwrite:
     exists and is not empty (without ``overwrite``), or is or holds the checkpoint (or the pipeline)."""
     if weights not in WEIGHTS:
         raise ConfigError(f"--weights {weights}: expected one of {', '.join(WEIGHTS)}")
-    ckpt = checkpoint_from(path, "--checkpoint")
+    with hold_checkpoint_from(path, "--checkpoint") as hold:  # the live run does not prune it meanwhile
+        return _export(hold.path, out_dir, weights, overwrite, lora, pipeline_out)
+
+
+def _export(ckpt: str, out_dir: str, weights: str, overwrite: bool, lora: str | None,
+            pipeline_out: str | None) -> tuple[list[str], dict]:
     check_whole(ckpt, "the newest whole one is {}")
     state = read_training_state(ckpt)
     config = config_from_dict(state["config"], os.path.join(ckpt, STATE_FILE))

@@ -30,6 +30,7 @@ A run goes on from its latest checkpoint when started again (``train.resume``, s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -189,7 +190,8 @@ class Trainer:
                                             config.logging.dead_discriminator_accuracy)
         self.start_iteration = 0
         if self.resume_point.checkpoint is not None:
-            self.start_iteration = load_training_checkpoint(self, self.resume_point.checkpoint)
+            with self.resume_point.hold or contextlib.nullcontext():  # released once loaded
+                self.start_iteration = load_training_checkpoint(self, self.resume_point.checkpoint)
             logger.info("resumed from %s: iterations %d..%d to go", self.resume_point.checkpoint,
                         self.start_iteration, config.train.max_iterations - 1)
 
