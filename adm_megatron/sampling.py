@@ -44,6 +44,7 @@ from adm_megatron.models.pipeline_files import read_config
 from adm_megatron.models.pipeline_size import FLAGS, PipelineScale, pipeline_scale
 from adm_megatron.parallel import barrier, initialize_parallel, launch_env
 from adm_megatron.parallel.shared_dir import check_shared_dir
+from adm_megatron.train.checkpoint import check_outside_checkpoints
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -165,6 +166,7 @@ def check_out_dir(out_dir: str, overwrite: bool, resume: bool, args: dict,
     non-empty without ``overwrite`` or ``resume``; resumed with other arguments than it was started with."""
     if os.path.isfile(out_dir):
         raise ValueError(f"--out {out_dir}: exists and is a file")
+    check_outside_checkpoints(out_dir, "--out")  # a run's pruning would remove it
     for flag, path in inputs:
         relation = output_holds(out_dir, path)
         if relation:

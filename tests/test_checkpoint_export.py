@@ -146,12 +146,25 @@ def test_export_refuses_bad_input_in_one_line_before_reading_weights(runs, tmp_p
         (["--checkpoint", str(out["ema"]), "--out", str(taken)],
          f"adm-megatron export: output directory {taken} exists and is not empty (pass overwrite=True / --overwrite "
          "to replace it)"),
+        (["--checkpoint", str(out["ema"]), "--out", str(out["ema"] / "checkpoints" / "iter_0000002" / "hf")],
+         f"adm-megatron: config error: --out {out['ema'] / 'checkpoints' / 'iter_0000002' / 'hf'}: inside "
+         f"{out['ema'] / 'checkpoints' / 'iter_0000002'}, whose run removes what is there (pruning old checkpoints, "
+         "clearing leftovers at a restart); choose an output outside checkpoints/"),
+        (["--checkpoint", str(out["ema"]), "--out", str(tmp_path / "d"), "--pipeline-out",
+          str(out["ema"] / "checkpoints" / "pipe")],
+         f"adm-megatron: config error: --pipeline-out {out['ema'] / 'checkpoints' / 'pipe'}: inside "
+         f"{out['ema'] / 'checkpoints'}, whose run removes what is there (pruning old checkpoints, "
+         "clearing leftovers at a restart); choose an output outside checkpoints/"),
     ]
     for args, message in cases:
         capsys.readouterr()
         assert main(["export", *args]) == 2
         assert capsys.readouterr().err.strip() == message
     assert (taken / "x").read_text() == "earlier"
+    from adm_megatron.sampling import check_out_dir  # sample's --out the same
+
+    with pytest.raises(ValueError, match=r"^--out .*/checkpoints/samples: inside .*/checkpoints, whose run removes"):
+        check_out_dir(str(out["ema"] / "checkpoints" / "samples"), False, False, {})
 
     import shutil  # a checkpoint whose weight shard was cut after it was written
 

@@ -113,6 +113,23 @@ def hold_checkpoint_from(path: str, what: str) -> CheckpointHold:
     raise AssertionError("unreachable")
 
 
+def check_outside_checkpoints(out: str, flag: str) -> None:
+    """One-line ConfigError when the output ``out`` would lie inside a training checkpoint or a run's
+    ``checkpoints/`` (links followed): the run removes what is there (``train.keep_checkpoints``
+    prunes whole checkpoints, a restart removes ``*.tmp-*`` leftovers), so an export or samples
+    written there would vanish with them."""
+    here = os.path.dirname(os.path.realpath(out))
+    while True:
+        if os.path.isfile(os.path.join(here, STATE_FILE)) or (
+                os.path.basename(here) == "checkpoints" and os.path.isfile(os.path.join(here, LATEST))):
+            raise ConfigError(f"{flag} {out}: inside {here}, whose run removes what is there (pruning old "
+                              "checkpoints, clearing leftovers at a restart); choose an output outside checkpoints/")
+        parent = os.path.dirname(here)
+        if parent == here:
+            return
+        here = parent
+
+
 def read_training_state(ckpt_dir: str) -> dict:
     """``trainer_state.json`` of a checkpoint (iteration, layout, run config); one-line ConfigErrors."""
     path = os.path.join(ckpt_dir, STATE_FILE)
