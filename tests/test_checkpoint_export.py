@@ -6,6 +6,7 @@ weight is read, and no earlier output is replaced unasked."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -296,7 +297,33 @@ def test_export_of_a_checkpoint_pruned_mid_read_without_flock_stops_in_one_line(
     ckpt = run / "checkpoints" / "iter_0000002"
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "gen")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"adm-megatron: config error: {ckpt}: removed while it was being read (the run writing it pruned "
-                   f"it: train.keep_checkpoints); nothing was written: its run's latest is now "
-                   f"{run / 'checkpoints' / 'iter_0000003'}, read that one or pass the run directory for its latest")
+    assert err == (f"adm-megatron: config error: {ckpt}: removed or replaced while it was being read (by the run "
+                   "writing it: its pruning, train.keep_checkpoints, or a save of the same iteration after a rewind); "
+                   f"nothing was written: its run's latest is now {run / 'checkpoints' / 'iter_0000003'}, read that "
+                   "one or pass the run directory for its latest")
+    assert not (tmp_path / "gen").exists()
+
+
+def test_export_of_a_checkpoint_saved_again_mid_read_stops_in_one_line(runs, tmp_path, capsys, monkeypatch):
+    """A run rewound to an earlier checkpoint saves iter_0000002 again while it is exported: the
+    export's reads after that would come from the new directory under the same name."""
+    import adm_megatron.train.checkpoint_export as export
+    from adm_megatron.cli import main
+    from adm_megatron.convert.checkpoint import _replace_dir
+
+    run = _live_run(runs, tmp_path)
+    ckpt = run / "checkpoints" / "iter_0000002"
+    read_ema = export.load_ema_into
+
+    def save_again_then_read(*args):
+        again = run / "checkpoints" / "iter_0000002.tmp-again"
+        shutil.copytree(run / "checkpoints" / "iter_0000003", again)
+        _replace_dir(str(again), str(ckpt))  # as publish_temporary_dir does
+        read_ema(*args)
+
+    monkeypatch.setattr(export, "load_ema_into", save_again_then_read)
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "gen")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"adm-megatron: config error: {ckpt}: removed or replaced while it was being read") and \
+        "\n" not in err
     assert not (tmp_path / "gen").exists()

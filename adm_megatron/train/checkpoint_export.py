@@ -55,11 +55,12 @@ def export_checkpoint(path: str, out_dir: str, weights: str = "auto", overwrite:
     if weights not in WEIGHTS:
         raise ConfigError(f"--weights {weights}: expected one of {', '.join(WEIGHTS)}")
     with hold_checkpoint_from(path, "--checkpoint") as hold:  # the live run does not prune it meanwhile
-        return _export(hold.path, out_dir, weights, overwrite, lora, pipeline_out)
+        return _export(hold, out_dir, weights, overwrite, lora, pipeline_out)
 
 
-def _export(ckpt: str, out_dir: str, weights: str, overwrite: bool, lora: str | None,
+def _export(hold, out_dir: str, weights: str, overwrite: bool, lora: str | None,
             pipeline_out: str | None) -> tuple[list[str], dict]:
+    ckpt = hold.path
     check_whole(ckpt, "the newest whole one is {}")
     state = read_training_state(ckpt)
     config = config_from_dict(state["config"], os.path.join(ckpt, STATE_FILE))
@@ -87,6 +88,7 @@ def _export(ckpt: str, out_dir: str, weights: str, overwrite: bool, lora: str | 
     generator = load_megatron_checkpoint(os.path.join(ckpt, "generator"))
     if use_ema:
         load_ema_into(generator, ckpt, decay)
+    hold.check()  # all of it from the one checkpoint, before anything is written
     record = {**distillation_record(config, int(state["iteration"]), generator.arch, ema=use_ema), "checkpoint": os.path.abspath(ckpt)}
     export_generator(generator, generator.arch, out_dir, lora_mode=lora, record=record)
     if pipeline_out is not None:

@@ -10,27 +10,24 @@ reader (its shard files gone).
 Each checkpoint directory holds an empty file, ``.readers`` (the trainer writes it; a reader or
 the pruning creates it in an older one). A reader holds a shared ``flock`` on it
 (:class:`CheckpointHold`) from before it checks the checkpoint until it has loaded it; the pruning
-takes an exclusive one without waiting (:func:`free_to_remove`) and skips a held checkpoint, which a
+takes an exclusive one without waiting (:class:`free_to_remove`) and skips a held checkpoint, which a
 later save's pruning removes. The pruning renames a checkpoint while it holds the lock, so a reader
 that opened ``.readers`` just before must find it still under the checkpoint's name once it holds
-the lock, else the checkpoint is gone: said in one line (:class:`CheckpointGone`), as it is when the
-checkpoint disappears before the reader comes, and when a read fails because it disappeared on a
-filesystem without ``flock`` (a Lustre mount without ``-o flock``; NFS and GPFS lock across nodes)
-or a directory this user cannot write into. A read that completes is whole either way: the
-pruning renames a checkpoint out of its name before removing any file, and a file opened before
-that reads to its end.
+the lock, else the checkpoint is gone: said in one line (:class:`CheckpointGone`). The same line
+comes when the checkpoint disappears before the reader comes; when a read fails because it
+disappeared where there is no ``flock`` (a Lustre mount without ``-o flock``; NFS and GPFS lock
+across nodes) or the reader cannot open ``.readers``; and when, once read, the directory under the
+checkpoint's name is not the one the hold took (:meth:`CheckpointHold.check`: a run rewound to an
+earlier checkpoint saves that iteration again, replacing it, and a read across that would mix two).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
 
 from adm_megatron.config import ConfigError
-
-logger = logging.getLogger("adm_megatron")
 
 READERS = ".readers"
 
@@ -47,8 +44,9 @@ def _gone(ckpt_dir: str) -> CheckpointGone:
     except OSError:
         latest = "its run holds no checkpoint now"
     return CheckpointGone(
-        f"{ckpt_dir}: removed while it was being read (the run writing it pruned it: train.keep_checkpoints); "
-        f"nothing was written: {latest}, read that one or pass the run directory for its latest")
+        f"{ckpt_dir}: removed or replaced while it was being read (by the run writing it: its pruning, "
+        f"train.keep_checkpoints, or a save of the same iteration after a rewind); nothing was written: {latest}, "
+        "read that one or pass the run directory for its latest")
 
 
 def _inode(path: str) -> tuple[int, int] | None:
@@ -95,6 +93,14 @@ class CheckpointHold:
 
     def gone(self) -> bool:
         return _inode(self.path) != self._dir
+
+    def check(self) -> None:
+        """``CheckpointGone`` when the checkpoint is no longer the directory the hold took: called once
+        it is read, before anything is written from it. The pruning skips a held checkpoint, but a
+        run rewound to an earlier one saves this iteration again, replacing the directory under its
+        name, and a read that went on there would mix the two."""
+        if self.gone():
+            raise _gone(self.path)
 
     def release(self) -> None:
         if self._fd is not None:

@@ -193,6 +193,8 @@ class Trainer:
         if self.resume_point.checkpoint is not None:
             with self.resume_point.hold or contextlib.nullcontext():  # released once loaded
                 self.start_iteration = load_training_checkpoint(self, self.resume_point.checkpoint)
+                if self.resume_point.hold is not None:
+                    self.resume_point.hold.check()
             logger.info("resumed from %s: iterations %d..%d to go", self.resume_point.checkpoint,
                         self.start_iteration, config.train.max_iterations - 1)
 
