@@ -162,15 +162,16 @@ ARGS_FILE = "sample_args.json"  # what an output directory holds: a --resume mus
 def check_out_dir(out_dir: str, overwrite: bool, resume: bool, args: dict,
                   inputs: list[tuple[str, str]] = ()) -> None:
     """One-line ValueError for an ``out_dir`` that may not be written: a file; one that is or holds
-    one of the ``inputs`` ((flag, directory) read to render, which ``overwrite`` would delete);
+    one of the ``inputs`` ((flag, directory) read to render, which ``overwrite`` would delete); one
+    inside or holding a training run's checkpoints (``train.checkpoint.check_outside_checkpoints``);
     non-empty without ``overwrite`` or ``resume``; resumed with other arguments than it was started with."""
     if os.path.isfile(out_dir):
         raise ValueError(f"--out {out_dir}: exists and is a file")
-    check_outside_checkpoints(out_dir, "--out")  # a run's pruning would remove it
     for flag, path in inputs:
         relation = output_holds(out_dir, path)
         if relation:
             raise ValueError(f"--out {out_dir}: {relation} the {flag} {path} it renders from; choose another --out")
+    check_outside_checkpoints(out_dir, "--out")  # not a run's: its pruning, or --overwrite, would remove it
     if not (os.path.isdir(out_dir) and os.listdir(out_dir)) or overwrite:
         return
     if not resume:

@@ -113,15 +113,25 @@ def hold_checkpoint_from(path: str, what: str) -> CheckpointHold:
     raise AssertionError("unreachable")
 
 
+def _is_checkpoints(path: str) -> bool:
+    """``path`` is a training checkpoint or a run's ``checkpoints/``."""
+    return os.path.isfile(os.path.join(path, STATE_FILE)) or (
+        os.path.basename(path) == "checkpoints" and os.path.isfile(os.path.join(path, LATEST)))
+
+
 def check_outside_checkpoints(out: str, flag: str) -> None:
     """One-line ConfigError when the output ``out`` would lie inside a training checkpoint or a run's
     ``checkpoints/`` (links followed): the run removes what is there (``train.keep_checkpoints``
     prunes whole checkpoints, a restart removes ``*.tmp-*`` leftovers), so an export or samples
-    written there would vanish with them."""
-    here = os.path.dirname(os.path.realpath(out))
+    written there would vanish with them; or when ``out`` is one, or a run's directory, which
+    ``--overwrite`` would remove, a live run's included."""
+    here = os.path.realpath(out)
+    if _is_checkpoints(here) or _is_checkpoints(os.path.join(here, "checkpoints")):
+        raise ConfigError(f"{flag} {out}: holds a training run's checkpoints, which writing there would remove; "
+                          "choose another output")
+    here = os.path.dirname(here)
     while True:
-        if os.path.isfile(os.path.join(here, STATE_FILE)) or (
-                os.path.basename(here) == "checkpoints" and os.path.isfile(os.path.join(here, LATEST))):
+        if _is_checkpoints(here):
             raise ConfigError(f"{flag} {out}: inside {here}, whose run removes what is there (pruning old "
                               "checkpoints, clearing leftovers at a restart); choose an output outside checkpoints/")
         parent = os.path.dirname(here)
