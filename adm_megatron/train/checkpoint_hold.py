@@ -75,7 +75,9 @@ class CheckpointHold:
                 fd = os.open(path, flags, 0o644)
                 break
             except FileNotFoundError:
-                raise _gone(self.path) from None
+                if self.gone():
+                    raise _gone(self.path) from None
+                return None  # read-only, and written before checkpoints had the file: only the checks
             except OSError:
                 continue
         else:
