@@ -151,6 +151,11 @@ def test_export_refuses_bad_input_in_one_line_before_reading_weights(runs, tmp_p
          f"adm-megatron: config error: --out {out['ema'] / 'checkpoints' / 'iter_0000002' / 'hf'}: inside "
          f"{out['ema'] / 'checkpoints' / 'iter_0000002'}, whose run removes what is there (pruning old checkpoints, "
          "clearing leftovers at a restart); choose an output outside checkpoints/"),
+        (["--checkpoint", str(out["ema"] / "checkpoints" / "iter_0000001"), "--out", str(tmp_path / "e")],  # pruned
+         f"adm-megatron: config error: --checkpoint={str(out['ema'] / 'checkpoints' / 'iter_0000001')!r}: no such "
+         f"checkpoint ({out['ema'] / 'checkpoints'} holds no iter_0000001: train.keep_checkpoints removes old ones; "
+         f"the latest is now {out['ema'] / 'checkpoints' / 'iter_0000002'}, or give the run directory {out['ema']} "
+         "for its latest)"),
         (["--checkpoint", str(out["ema"]), "--out", str(out["plain"]), "--overwrite"],  # another run, maybe live
          f"adm-megatron: config error: --out {out['plain']}: holds a training run's checkpoints, which writing there "
          "would remove; choose another output"),

@@ -167,7 +167,9 @@ def _check_inputs(args) -> int:
             named = os.path.join(os.path.dirname(source), f.read().strip())
         _fail(f"{flag} {source}: a file naming the run's newest checkpoint; give {named}/generator")
     if not os.path.isdir(source):
-        _fail(f"{flag} {source}: no such directory{not_found_hint(source)}")
+        from adm_megatron.train.checkpoint import pruned_hint
+
+        _fail(f"{flag} {source}: no such directory{not_found_hint(source)}{pruned_hint(source)}")
     from adm_megatron.convert.checkpoint import CheckpointError, check_output_dir, transformer_dir_of, verify_checkpoint
 
     try:

@@ -85,6 +85,21 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return os.path.join(checkpoints_root(output_dir), name)
 
 
+def pruned_hint(path: str) -> str:
+    """For a ``path`` that is not there: when it is (or is in) an ``iter_NNNNNNN`` of a run's
+    ``checkpoints/``, what to add -- its run may have removed it (``train.keep_checkpoints``: a live
+    run's checkpoint named a moment ago) and which checkpoint is the latest now; else ''."""
+    ckpt = os.path.abspath(path)
+    while ckpt != os.path.dirname(ckpt) and not ITERATION_DIR.match(os.path.basename(ckpt)):
+        ckpt = os.path.dirname(ckpt)
+    root = os.path.dirname(ckpt)
+    if os.path.isdir(ckpt) or not os.path.isfile(os.path.join(root, LATEST)):
+        return ""
+    latest = latest_checkpoint(os.path.dirname(root))
+    return (f" ({root} holds no {os.path.basename(ckpt)}: train.keep_checkpoints removes old ones; the latest is "
+            f"now {latest}, or give the run directory {os.path.dirname(root)} for its latest)")
+
+
 def checkpoint_from(path: str, what: str) -> str:
     """A training checkpoint directory from ``path``: a checkpoint, or a run directory (its
     ``checkpoints/latest``); a one-line ConfigError naming ``what`` (the key or flag) otherwise."""
@@ -93,6 +108,9 @@ def checkpoint_from(path: str, what: str) -> str:
     latest = latest_checkpoint(path)
     if latest is not None:
         return latest
+    gone = pruned_hint(path)
+    if gone:
+        raise ConfigError(f"{what}={path!r}: no such checkpoint{gone}")
     raise ConfigError(
         f"{what}={path!r}: neither a checkpoint (no {STATE_FILE}) nor a run directory with "
         "checkpoints/latest"
