@@ -6,6 +6,7 @@ weight is read, and no earlier output is replaced unasked."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -146,12 +147,33 @@ def test_export_refuses_bad_input_in_one_line_before_reading_weights(runs, tmp_p
         (["--checkpoint", str(out["ema"]), "--out", str(taken)],
          f"adm-megatron export: output directory {taken} exists and is not empty (pass overwrite=True / --overwrite "
          "to replace it)"),
+        (["--checkpoint", str(out["ema"]), "--out", str(out["ema"] / "checkpoints" / "iter_0000002" / "hf")],
+         f"adm-megatron: config error: --out {out['ema'] / 'checkpoints' / 'iter_0000002' / 'hf'}: inside "
+         f"{out['ema'] / 'checkpoints' / 'iter_0000002'}, whose run removes what is there (pruning old checkpoints, "
+         "clearing leftovers at a restart); choose an output outside checkpoints/"),
+        (["--checkpoint", str(out["ema"] / "checkpoints" / "iter_0000001"), "--out", str(tmp_path / "e")],  # pruned
+         f"adm-megatron: config error: --checkpoint={str(out['ema'] / 'checkpoints' / 'iter_0000001')!r}: no such "
+         f"checkpoint ({out['ema'] / 'checkpoints'} holds no iter_0000001: train.keep_checkpoints removes old ones; "
+         f"the latest is now {out['ema'] / 'checkpoints' / 'iter_0000002'}, or give the run directory {out['ema']} "
+         "for its latest)"),
+        (["--checkpoint", str(out["ema"]), "--out", str(out["plain"]), "--overwrite"],  # another run, maybe live
+         f"adm-megatron: config error: --out {out['plain']}: holds a training run's checkpoints, which writing there "
+         "would remove; choose another output"),
+        (["--checkpoint", str(out["ema"]), "--out", str(tmp_path / "d"), "--pipeline-out",
+          str(out["ema"] / "checkpoints" / "pipe")],
+         f"adm-megatron: config error: --pipeline-out {out['ema'] / 'checkpoints' / 'pipe'}: inside "
+         f"{out['ema'] / 'checkpoints'}, whose run removes what is there (pruning old checkpoints, "
+         "clearing leftovers at a restart); choose an output outside checkpoints/"),
     ]
     for args, message in cases:
         capsys.readouterr()
         assert main(["export", *args]) == 2
         assert capsys.readouterr().err.strip() == message
     assert (taken / "x").read_text() == "earlier"
+    from adm_megatron.sampling import check_out_dir  # sample's --out the same
+
+    with pytest.raises(ValueError, match=r"^--out .*/checkpoints/samples: inside .*/checkpoints, whose run removes"):
+        check_out_dir(str(out["ema"] / "checkpoints" / "samples"), False, False, {})
 
     import shutil  # a checkpoint whose weight shard was cut after it was written
 
@@ -223,3 +245,93 @@ def test_pipeline_out_is_a_whole_pipeline_that_diffusers_samples_as_sample_does(
         assert main(["export", *args]) == 2
         assert message in capsys.readouterr().err
         assert not os.path.exists(tmp_path / "g2") and not os.path.exists(tmp_path / "g3")
+
+
+def _live_run(runs, tmp_path):
+    """A copy of the EMA run with a second, newer checkpoint (iter_0000003, a copy) that ``latest``
+    names, as a live run with train.keep_checkpoints=1 has just before it prunes iter_0000002."""
+    import shutil
+
+    from adm_megatron.train.checkpoint import _write_marker
+
+    run = tmp_path / "live"
+    shutil.copytree(runs[1]["ema"], run)
+    shutil.copytree(run / "checkpoints" / "iter_0000002", run / "checkpoints" / "iter_0000003")
+    _write_marker(str(run), "iter_0000003")
+    return run
+
+
+def _prune_during_the_read(monkeypatch, run):
+    """The live run's pruning (keep_checkpoints=1) strikes between the export's reads of generator/
+    and of train_state/ (its EMA)."""
+    import adm_megatron.train.checkpoint_export as export
+    from adm_megatron.train.checkpoint import _prune
+
+    read_ema = export.load_ema_into
+
+    def prune_then_read(*args):
+        _prune(str(run), 1, keep="iter_0000003")
+        read_ema(*args)
+
+    monkeypatch.setattr(export, "load_ema_into", prune_then_read)
+
+
+def test_export_holds_the_checkpoint_it_reads_so_the_live_runs_pruning_skips_it(runs, tmp_path, capsys, monkeypatch):
+    from adm_megatron.cli import main
+    from adm_megatron.train.checkpoint import _prune
+
+    run = _live_run(runs, tmp_path)
+    _prune_during_the_read(monkeypatch, run)
+    ckpt = run / "checkpoints" / "iter_0000002"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "gen")]) == 0
+    assert "generator of iteration 2 (ema weights" in capsys.readouterr().out
+    exported, reference = _weights(tmp_path / "gen"), _weights(runs[1]["ema"] / "generator")
+    assert exported.keys() == reference.keys() and all(torch.equal(exported[k], reference[k]) for k in reference)
+    assert ckpt.is_dir()  # kept while it was read...
+    _prune(str(run), 1, keep="iter_0000003")
+    assert sorted(os.listdir(run / "checkpoints")) == ["iter_0000003", "latest"]  # ...and removed by the next save
+
+
+def test_export_of_a_checkpoint_pruned_mid_read_without_flock_stops_in_one_line(runs, tmp_path, capsys, monkeypatch):
+    import adm_megatron.train.checkpoint_hold as hold
+    from adm_megatron.cli import main
+
+    def no_flock(*_):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(hold.fcntl, "flock", no_flock)  # a Lustre mount without -o flock
+    run = _live_run(runs, tmp_path)
+    _prune_during_the_read(monkeypatch, run)
+    ckpt = run / "checkpoints" / "iter_0000002"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "gen")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"adm-megatron: config error: {ckpt}: removed or replaced while it was being read (by the run "
+                   "writing it: its pruning, train.keep_checkpoints, or a save of the same iteration after a rewind); "
+                   f"nothing was written: its run's latest is now {run / 'checkpoints' / 'iter_0000003'}, read that "
+                   "one or pass the run directory for its latest")
+    assert not (tmp_path / "gen").exists()
+
+
+def test_export_of_a_checkpoint_saved_again_mid_read_stops_in_one_line(runs, tmp_path, capsys, monkeypatch):
+    """A run rewound to an earlier checkpoint saves iter_0000002 again while it is exported: the
+    export's reads after that would come from the new directory under the same name."""
+    import adm_megatron.train.checkpoint_export as export
+    from adm_megatron.cli import main
+    from adm_megatron.convert.checkpoint import _replace_dir
+
+    run = _live_run(runs, tmp_path)
+    ckpt = run / "checkpoints" / "iter_0000002"
+    read_ema = export.load_ema_into
+
+    def save_again_then_read(*args):
+        again = run / "checkpoints" / "iter_0000002.tmp-again"
+        shutil.copytree(run / "checkpoints" / "iter_0000003", again)
+        _replace_dir(str(again), str(ckpt))  # as publish_temporary_dir does
+        read_ema(*args)
+
+    monkeypatch.setattr(export, "load_ema_into", save_again_then_read)
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "gen")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"adm-megatron: config error: {ckpt}: removed or replaced while it was being read") and \
+        "\n" not in err
+    assert not (tmp_path / "gen").exists()

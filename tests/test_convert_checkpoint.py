@@ -528,6 +528,13 @@ def test_cli_bad_input_exits_2_with_one_line(world_of_one, hf_dirs, tmp_path, ca
          "no adm_megatron_checkpoint.json"),
         (["megatron-to-hf", "--model", "cogvideox", "--ckpt", damaged, "--out", out],
          "shard file __0_1.distcp is missing; it holds tensor '"),
+        (["megatron-to-hf", "--model", "cogvideox", "--ckpt", str(run_dir / "checkpoints" / "iter_0000001" / "generator"),
+          "--out", out],  # pruned by its run a moment ago
+         f"no such directory ({run_dir / 'checkpoints'} holds no iter_0000001: train.keep_checkpoints removes old ones; "
+         f"the latest is now {iteration}, or give the run directory {run_dir} for its latest)"),
+        (["hf-to-megatron", "--model", "cogvideox", "--hf-path", hf_dirs["2b"], "--out", str(iteration / "meg")],
+         f"--out {iteration / 'meg'}: inside {iteration}, whose run removes what is there (pruning old checkpoints, "
+         "clearing leftovers at a restart); choose an output outside checkpoints/"),
     ]
     tool = _tool_module()
     for i, (args, expected) in enumerate(cases):

@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -415,3 +416,25 @@ def test_an_output_dir_that_cannot_be_written_is_refused_in_one_line(tmp_path, m
     monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(locked) and real_access(path, mode))
     with pytest.raises(ConfigError, match=f"^output_dir='{locked}/run': {locked} is not writable by this user$"):
         plan_resume(load_config(None, ["model.teacher=x", f"output_dir={locked / 'run'}"]), 1)
+
+
+def test_a_resume_from_another_live_run_holds_its_checkpoint_until_loaded(pipeline_dir, uninterrupted, tmp_path):
+    """train.resume=RUN of a run still training (keep_checkpoints): the checkpoint it resolves is held
+    from the checks until the load (trainer.py releases it), so that run's pruning skips it meanwhile."""
+    from adm_megatron.config import load_config
+    from adm_megatron.train.checkpoint import _prune
+    from adm_megatron.train.resume import plan_resume
+
+    live = _unfinished_copy(uninterrupted, str(tmp_path / "live"))
+    chosen = os.path.join(live, "checkpoints", "iter_0000008")
+    config = load_config(os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"),
+                         [f"model.teacher={pipeline_dir}", f"output_dir={tmp_path / 'new'}", f"train.resume={live}",
+                          *RUN])
+    point = plan_resume(config, 1)
+    assert point.checkpoint == chosen
+    shutil.copytree(chosen, os.path.join(live, "checkpoints", "iter_0000010"))  # the live run saves on
+    _prune(live, 1, keep="iter_0000010")
+    assert os.path.isdir(chosen) and not os.path.isdir(os.path.join(live, "checkpoints", "iter_0000006"))
+    point.hold.release()  # loaded
+    _prune(live, 1, keep="iter_0000010")
+    assert not os.path.isdir(chosen)

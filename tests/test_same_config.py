@@ -8,6 +8,7 @@ import contextlib
 import io
 import os
 
+import pytest
 from multiproc import run_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,3 +36,33 @@ def test_ranks_with_different_configs_are_stopped_in_one_line(cogvideox_pipeline
         "same config file and overrides"]
     assert results[1][1] == []
     assert not os.path.exists(out / "checkpoints") and not os.path.exists(out / "metrics.jsonl")
+
+
+def _resume_rank(cases: list[list[str]]) -> list[str]:
+    from adm_megatron.config import ConfigError
+    from adm_megatron.parallel import initialize_parallel
+    from adm_megatron.parallel.startup import FailedElsewhere
+    from adm_megatron.train.same_config import check_same_resume
+
+    initialize_parallel(tensor_parallel=1, context_parallel=1, seed=0)
+    results = []
+    for checkpoints in cases:
+        try:
+            check_same_resume(checkpoints[int(os.environ["RANK"])], "/runs/live")
+            results.append("passed")
+        except (ConfigError, FailedElsewhere) as err:
+            results.append(f"{type(err).__name__}: {err}")
+    return results
+
+
+@pytest.mark.slow  # a 2-process world: about 10 s
+def test_ranks_that_resolved_another_runs_latest_on_either_side_of_its_save_are_stopped_in_one_line():
+    """train.resume=RUN of a run still training: each rank reads its checkpoints/latest, and a save in
+    between used to have them load their shards of two checkpoints."""
+    same, moved = ["/runs/live/checkpoints/iter_0000008"] * 2, ["/runs/live/checkpoints/iter_0000008",
+                                                                "/runs/live/checkpoints/iter_0000010"]
+    assert run_world(_resume_rank, 2, [same, moved], timeout_s=120) == [
+        ["passed", "ConfigError: train.resume=/runs/live: rank 0 resolved /runs/live/checkpoints/iter_0000008 but "
+                   "rank 1 /runs/live/checkpoints/iter_0000010 (the run there saved in between); nothing was loaded: "
+                   "name one, train.resume=/runs/live/checkpoints/iter_0000008"],
+        ["passed", "FailedElsewhere: the ranks resolved different checkpoints"]]

@@ -128,6 +128,23 @@ def _refuse_training_checkpoint(path: str) -> None:
               f"export --checkpoint {path} (what the run exports: its EMA where it keeps one)")
 
 
+def _hold_training_checkpoint(args):
+    """megatron-to-hf of a training checkpoint's network (``iter_N/generator``): a hold on ``iter_N``
+    against the pruning of a run still training (``adm_megatron/train/checkpoint_hold.py``);
+    otherwise nothing to hold."""
+    import contextlib
+
+    from adm_megatron.train.checkpoint_hold import CheckpointGone, CheckpointHold
+
+    parent = os.path.dirname(os.path.abspath(args.ckpt)) if args.command == "megatron-to-hf" else ""
+    if not os.path.isfile(os.path.join(parent, "trainer_state.json")):
+        return contextlib.nullcontext()
+    try:
+        return CheckpointHold(parent)
+    except CheckpointGone as err:
+        _fail(str(err))
+
+
 def _check_inputs(args) -> int:
     """Everything that can be checked before a process group exists (cheap checks first, before
     torch is imported); returns num_attention_heads."""
@@ -150,13 +167,21 @@ def _check_inputs(args) -> int:
             named = os.path.join(os.path.dirname(source), f.read().strip())
         _fail(f"{flag} {source}: a file naming the run's newest checkpoint; give {named}/generator")
     if not os.path.isdir(source):
-        _fail(f"{flag} {source}: no such directory{not_found_hint(source)}")
+        from adm_megatron.train.checkpoint import pruned_hint
+
+        _fail(f"{flag} {source}: no such directory{not_found_hint(source)}{pruned_hint(source)}")
     from adm_megatron.convert.checkpoint import CheckpointError, check_output_dir, transformer_dir_of, verify_checkpoint
 
     try:
         check_output_dir(args.out, args.overwrite, source=source)
     except CheckpointError as exc:
         _fail(f"--out: {exc}")
+    from adm_megatron.train.checkpoint import check_outside_checkpoints
+
+    try:
+        check_outside_checkpoints(args.out, "--out")  # a run's pruning would remove it
+    except ValueError as exc:
+        _fail(str(exc))
     if args.command == "hf-to-megatron":
         source = transformer_dir_of(source)  # a pipeline directory: its transformer/
     try:
@@ -196,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     for message in _QUIET:
         warnings.filterwarnings("ignore", message=f".*{message}")
     args = build_parser().parse_args(argv)
+    hold = _hold_training_checkpoint(args)
     _check_inputs(args)
 
     import torch
@@ -212,15 +238,16 @@ def main(argv: list[str] | None = None) -> int:
         tensor_parallel=args.tensor_parallel, context_parallel=args.context_parallel, seed=1234
     )
     try:
-        if args.command == "hf-to-megatron":
-            out = hf_to_megatron_checkpoint(
-                args.hf_path, args.out, overwrite=args.overwrite,
-                params_dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
-            )
-            what = "megatron checkpoint"
-        else:
-            out = megatron_to_hf_checkpoint(args.ckpt, args.out, overwrite=args.overwrite)
-            what = "diffusers model"
+        with hold:  # a read that fails because the checkpoint was pruned meanwhile says so (a ValueError)
+            if args.command == "hf-to-megatron":
+                out = hf_to_megatron_checkpoint(
+                    args.hf_path, args.out, overwrite=args.overwrite,
+                    params_dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
+                )
+                what = "megatron checkpoint"
+            else:
+                out = megatron_to_hf_checkpoint(args.ckpt, args.out, overwrite=args.overwrite)
+                what = "diffusers model"
     except (CheckpointError, OSError, ValueError) as exc:  # anything else keeps its traceback
         if info.is_main:
             print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)

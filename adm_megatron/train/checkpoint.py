@@ -29,6 +29,7 @@ published, and ``latest`` moves, once every rank's process has finished.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -56,7 +57,10 @@ from adm_megatron.convert.checkpoint import (
 )
 from adm_megatron.parallel import barrier, from_rank0
 from adm_megatron.train.background_save import BackgroundCheckpoint, BackgroundSaves
+from adm_megatron.train.checkpoint_hold import READERS, CheckpointGone, CheckpointHold, free_to_remove
 from adm_megatron.train.save_workers import bind_writer_processes
+
+logger = logging.getLogger("adm_megatron")
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -81,6 +85,21 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return os.path.join(checkpoints_root(output_dir), name)
 
 
+def pruned_hint(path: str) -> str:
+    """For a ``path`` that is not there: when it is (or is in) an ``iter_NNNNNNN`` of a run's
+    ``checkpoints/``, what to add -- its run may have removed it (``train.keep_checkpoints``: a live
+    run's checkpoint named a moment ago) and which checkpoint is the latest now; else ''."""
+    ckpt = os.path.abspath(path)
+    while ckpt != os.path.dirname(ckpt) and not ITERATION_DIR.match(os.path.basename(ckpt)):
+        ckpt = os.path.dirname(ckpt)
+    root = os.path.dirname(ckpt)
+    if os.path.isdir(ckpt) or not os.path.isfile(os.path.join(root, LATEST)):
+        return ""
+    latest = latest_checkpoint(os.path.dirname(root))
+    return (f" ({root} holds no {os.path.basename(ckpt)}: train.keep_checkpoints removes old ones; the latest is "
+            f"now {latest}, or give the run directory {os.path.dirname(root)} for its latest)")
+
+
 def checkpoint_from(path: str, what: str) -> str:
     """A training checkpoint directory from ``path``: a checkpoint, or a run directory (its
     ``checkpoints/latest``); a one-line ConfigError naming ``what`` (the key or flag) otherwise."""
@@ -89,10 +108,54 @@ def checkpoint_from(path: str, what: str) -> str:
     latest = latest_checkpoint(path)
     if latest is not None:
         return latest
+    gone = pruned_hint(path)
+    if gone:
+        raise ConfigError(f"{what}={path!r}: no such checkpoint{gone}")
     raise ConfigError(
         f"{what}={path!r}: neither a checkpoint (no {STATE_FILE}) nor a run directory with "
         "checkpoints/latest"
     )
+
+
+def hold_checkpoint_from(path: str, what: str) -> CheckpointHold:
+    """:func:`checkpoint_from`, held against the pruning of the run that writes it
+    (``adm_megatron.train.checkpoint_hold``) until the hold is released; a run directory whose
+    latest was pruned before the hold took it is resolved again."""
+    for attempt in range(3):
+        ckpt = checkpoint_from(path, what)
+        try:
+            return CheckpointHold(ckpt)
+        except CheckpointGone:
+            if ckpt == path or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _is_checkpoints(path: str) -> bool:
+    """``path`` is a training checkpoint or a run's ``checkpoints/``."""
+    return os.path.isfile(os.path.join(path, STATE_FILE)) or (
+        os.path.basename(path) == "checkpoints" and os.path.isfile(os.path.join(path, LATEST)))
+
+
+def check_outside_checkpoints(out: str, flag: str) -> None:
+    """One-line ConfigError when the output ``out`` would lie inside a training checkpoint or a run's
+    ``checkpoints/`` (links followed): the run removes what is there (``train.keep_checkpoints``
+    prunes whole checkpoints, a restart removes ``*.tmp-*`` leftovers), so an export or samples
+    written there would vanish with them; or when ``out`` is one, or a run's directory, which
+    ``--overwrite`` would remove, a live run's included."""
+    here = os.path.realpath(out)
+    if _is_checkpoints(here) or _is_checkpoints(os.path.join(here, "checkpoints")):
+        raise ConfigError(f"{flag} {out}: holds a training run's checkpoints, which writing there would remove; "
+                          "choose another output")
+    here = os.path.dirname(here)
+    while True:
+        if _is_checkpoints(here):
+            raise ConfigError(f"{flag} {out}: inside {here}, whose run removes what is there (pruning old "
+                              "checkpoints, clearing leftovers at a restart); choose an output outside checkpoints/")
+        parent = os.path.dirname(here)
+        if parent == here:
+            return
+        here = parent
 
 
 def read_training_state(ckpt_dir: str) -> dict:
@@ -162,6 +225,7 @@ def _contents(trainer, iteration: int) -> CheckpointContents:
             torch.save(trainer.heads.state_dict(), os.path.join(directory, "discriminator.pt"))
         with open(os.path.join(directory, STATE_FILE), "w") as f:
             json.dump(state, f, indent=2)
+        open(os.path.join(directory, READERS), "w").close()  # what readers lock (train/checkpoint_hold.py)
 
     return CheckpointContents(checkpoint_dir(trainer.config.output_dir, iteration), sharded, write_small)
 
@@ -277,7 +341,9 @@ def _write_marker(output_dir: str, name: str) -> None:
 
 def _prune(output_dir: str, keep_last: int, keep: str) -> None:
     """Remove all but the newest ``keep_last`` checkpoints (never ``keep``); 0 keeps all. Each is
-    renamed out of the ``iter_*`` namespace first, so a removal cut short never looks complete."""
+    renamed out of the ``iter_*`` namespace first, so a removal cut short never looks complete. One
+    that a reader holds (an export, another run's resume: ``train/checkpoint_hold.py``) stays until
+    a later save's pruning finds it free."""
     if keep_last <= 0:
         return
     root = checkpoints_root(output_dir)
@@ -286,7 +352,12 @@ def _prune(output_dir: str, keep_last: int, keep: str) -> None:
         if name == keep:
             continue
         trash = os.path.join(root, f"{name}.removing-{uuid.uuid4().hex[:12]}")
-        os.rename(os.path.join(root, name), trash)
+        with free_to_remove(os.path.join(root, name)) as free:
+            if not free:
+                logger.info("%s: kept for now, a reader holds it (an export or a resume); a later save removes it",
+                            os.path.join(root, name))
+                continue
+            os.rename(os.path.join(root, name), trash)
         shutil.rmtree(trash, ignore_errors=True)
 
 

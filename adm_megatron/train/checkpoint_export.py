@@ -22,7 +22,7 @@ from adm_megatron.convert.checkpoint import check_output_dir, load_megatron_chec
 from adm_megatron.convert.distillation_record import distillation_record
 from adm_megatron.convert.pipeline_export import check_pipeline_output, pipeline_source, write_pipeline
 from adm_megatron.lora.export import lora_export_dirs
-from adm_megatron.train.checkpoint import STATE_FILE, checkpoint_from, read_training_state
+from adm_megatron.train.checkpoint import STATE_FILE, check_outside_checkpoints, hold_checkpoint_from, read_training_state
 from adm_megatron.train.checkpoint_files import check_whole
 from adm_megatron.train.ema import ParameterEMA
 from adm_megatron.train.export import export_generator
@@ -54,7 +54,13 @@ def export_checkpoint(path: str, out_dir: str, weights: str = "auto", overwrite:
     exists and is not empty (without ``overwrite``), or is or holds the checkpoint (or the pipeline)."""
     if weights not in WEIGHTS:
         raise ConfigError(f"--weights {weights}: expected one of {', '.join(WEIGHTS)}")
-    ckpt = checkpoint_from(path, "--checkpoint")
+    with hold_checkpoint_from(path, "--checkpoint") as hold:  # the live run does not prune it meanwhile
+        return _export(hold, out_dir, weights, overwrite, lora, pipeline_out)
+
+
+def _export(hold, out_dir: str, weights: str, overwrite: bool, lora: str | None,
+            pipeline_out: str | None) -> tuple[list[str], dict]:
+    ckpt = hold.path
     check_whole(ckpt, "the newest whole one is {}")
     state = read_training_state(ckpt)
     config = config_from_dict(state["config"], os.path.join(ckpt, STATE_FILE))
@@ -70,16 +76,19 @@ def export_checkpoint(path: str, out_dir: str, weights: str = "auto", overwrite:
     outputs = list(lora_export_dirs(out_dir, lora).values()) if config.model.lora is not None else [out_dir]
     for output in outputs:
         check_output_dir(os.path.abspath(output), overwrite, source=ckpt)
+        check_outside_checkpoints(output, "--out")
     if pipeline_out is not None:
         if config.model.lora is not None and lora == "adapter":
             raise ConfigError("--pipeline-out: the pipeline's transformer is the merged generator; export it too "
                               "(--lora merged or both)")
         pipeline = pipeline_source(config.model.teacher, config.model.pipeline)
         check_pipeline_output(pipeline_out, overwrite, [ckpt, pipeline, *outputs])
+        check_outside_checkpoints(pipeline_out, "--pipeline-out")
 
     generator = load_megatron_checkpoint(os.path.join(ckpt, "generator"))
     if use_ema:
         load_ema_into(generator, ckpt, decay)
+    hold.check()  # all of it from the one checkpoint, before anything is written
     record = {**distillation_record(config, int(state["iteration"]), generator.arch, ema=use_ema), "checkpoint": os.path.abspath(ckpt)}
     export_generator(generator, generator.arch, out_dir, lora_mode=lora, record=record)
     if pipeline_out is not None:

@@ -34,12 +34,13 @@ from adm_megatron.config import METHOD_KEYS, NETWORKS, Config, ConfigError, conf
 from adm_megatron.data.batch_layout import global_batch
 from adm_megatron.train.checkpoint import (
     STATE_FILE,
-    checkpoint_from,
     checkpoints_root,
+    hold_checkpoint_from,
     latest_checkpoint,
     read_training_state,
 )
 from adm_megatron.train.checkpoint_files import check_whole
+from adm_megatron.train.checkpoint_hold import CheckpointHold
 from adm_megatron.train.run_lock import LOCK_FILE
 
 _WAY_ON = "start from the newest whole one once with train.resume={}"
@@ -65,6 +66,7 @@ class ResumePoint:
     checkpoint: str | None  # checkpoint directory to load, None for a fresh start
     iteration: int  # the first iteration to run
     finished: bool = False  # the run in output_dir is complete: nothing to do
+    hold: CheckpointHold | None = None  # train.resume=PATH: held against its run's pruning until loaded
 
 
 def flatten_keys(values: dict, prefix: str = "") -> dict:
@@ -184,7 +186,8 @@ def plan_resume(config: Config, world_size: int) -> ResumePoint:
             check_compatible(yaml.safe_load(f) or {}, config, saved_config)
     if resume == "never":
         return ResumePoint(None, 0)
-    ckpt = latest_checkpoint(out) if resume == "auto" else checkpoint_from(resume, "train.resume")
+    hold = None if resume == "auto" else hold_checkpoint_from(resume, "train.resume")  # another run's, maybe live
+    ckpt = latest_checkpoint(out) if hold is None else hold.path
     if ckpt is None:
         return ResumePoint(None, 0)
     state_file = os.path.join(ckpt, STATE_FILE)
@@ -220,7 +223,7 @@ def plan_resume(config: Config, world_size: int) -> ResumePoint:
     )
     if not finished:  # it will be loaded
         check_whole(ckpt, _WAY_ON)
-    return ResumePoint(ckpt, iteration, finished)
+    return ResumePoint(ckpt, iteration, finished, hold)
 
 
 def _iteration(line: str) -> float:

@@ -2,7 +2,8 @@
 copy edited on one of them) or overrides given to some ranks only would have each replica train
 (or collect) with its own settings -- another seed, learning rate or method -- and nothing would
 say so. :func:`check_same_config` compares the ranks' whole configs once the process group
-exists, before anything is built, and stops in one line naming the keys that differ.
+exists, before anything is built, and stops in one line naming the keys that differ;
+:func:`check_same_resume` the checkpoint each rank resolved to go on from.
 """
 
 from __future__ import annotations
@@ -13,25 +14,45 @@ from adm_megatron.config import Config, ConfigError, config_to_dict
 from adm_megatron.parallel.startup import FailedElsewhere
 from adm_megatron.train.resume import flatten_keys
 
-__all__ = ["check_same_config"]
+__all__ = ["check_same_config", "check_same_resume"]
 
 SHOWN = 3  # differing keys named in the message
+
+
+def _differing_ranks(value, elsewhere: str) -> tuple[list, list[int]]:
+    """Collective: every rank's ``value`` and the ranks whose value differs from rank 0's (none in a
+    world of one); a rank other than 0 raises :class:`FailedElsewhere` (``elsewhere``) when any differs,
+    rank 0 says what."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value], []
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, value)
+    others = [r for r, other in enumerate(every) if other != every[0]]
+    if others and dist.get_rank() != 0:
+        raise FailedElsewhere(elsewhere)
+    return every, others
+
+
+def check_same_resume(checkpoint: str | None, resume: str) -> None:
+    """Collective: every rank goes on from the same checkpoint. ``train.resume=RUN`` names a run's
+    ``checkpoints/latest``, which each rank reads for itself before the process group exists; a run
+    still training moves it, and ranks that read it on either side of a save would each load their
+    shards of another checkpoint. One line on rank 0, naming the checkpoint to give instead."""
+    every, others = _differing_ranks(checkpoint, "the ranks resolved different checkpoints")
+    if others:
+        raise ConfigError(f"train.resume={resume}: rank 0 resolved {every[0]} but rank {others[0]} "
+                          f"{every[others[0]]} (the run there saved in between); nothing was loaded: name one, "
+                          f"train.resume={every[0]}")
 
 
 def check_same_config(config: Config) -> None:
     """Collective over the world (nothing in a world of one): rank 0 raises a one-line
     :class:`ConfigError` when any rank's config differs from its own, the other ranks
     :class:`FailedElsewhere`."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    every: list = [None] * dist.get_world_size()
-    dist.all_gather_object(every, flatten_keys(config_to_dict(config)))
-    first = every[0]
-    others = [r for r, flat in enumerate(every) if flat != first]
+    every, others = _differing_ranks(flatten_keys(config_to_dict(config)), "the ranks' configs differ")
     if not others:
         return
-    if dist.get_rank() != 0:
-        raise FailedElsewhere("the ranks' configs differ")
+    first = every[0]
     other = every[others[0]]
     keys = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
     shown = ", ".join(f"{k}={first.get(k)!r} on rank 0 but {other.get(k)!r} on rank {others[0]}" for k in keys[:SHOWN])

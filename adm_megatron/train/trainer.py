@@ -30,6 +30,7 @@ A run goes on from its latest checkpoint when started again (``train.resume``, s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -90,7 +91,7 @@ from adm_megatron.train.run_starts import record_start, start_record
 from adm_megatron.train.samples import RunSamples
 from adm_megatron.train.single_stage import SingleStage
 from adm_megatron.train.teacher import TeacherSource, resolve_teacher
-from adm_megatron.train.same_config import check_same_config
+from adm_megatron.train.same_config import check_same_config, check_same_resume
 from adm_megatron.train.validate import data_parallel_size, validate_run
 
 logger = logging.getLogger("adm_megatron")
@@ -171,6 +172,7 @@ class Trainer:
         check_same_config(config)  # every replica trains the same run
         check_shared_dir(config.output_dir, "output_dir")  # every rank writes its share of the checkpoints there
         self.run_lock = RunLock(config.output_dir, self.info.rank == 0)  # one run at a time in output_dir
+        check_same_resume(self.resume_point.checkpoint, config.train.resume)  # every rank from the same checkpoint
         self.device = self.info.device
         # parameters stay fp32 under BF16 autocast; fp64 makes layout comparisons exact
         self.dtype = torch.float64 if config.model.dtype == "fp64" else torch.float32
@@ -189,7 +191,10 @@ class Trainer:
                                             config.logging.dead_discriminator_accuracy)
         self.start_iteration = 0
         if self.resume_point.checkpoint is not None:
-            self.start_iteration = load_training_checkpoint(self, self.resume_point.checkpoint)
+            with self.resume_point.hold or contextlib.nullcontext():  # released once loaded
+                self.start_iteration = load_training_checkpoint(self, self.resume_point.checkpoint)
+                if self.resume_point.hold is not None:
+                    self.resume_point.hold.check()
             logger.info("resumed from %s: iterations %d..%d to go", self.resume_point.checkpoint,
                         self.start_iteration, config.train.max_iterations - 1)
 
