@@ -56,11 +56,11 @@ def _one_iteration(pipeline_dir: str, output_dir: str, overrides: list[str]) -> 
     trainer = Trainer(config)
     grads = {}
     for phase, net in trainer.trainable.items():
-        def step(skip_if_not_finite, _phase=phase, _net=net, _step=net.optimizer.step):
+        def step(skip_if_not_finite, norm=None, _phase=phase, _net=net, _step=net.optimizer.step):
             grads[_phase] = {
                 n: gather_tensor_parallel(p.main_grad, p).clone() for n, p in _net.module.named_parameters()
             }
-            return _step(skip_if_not_finite)
+            return _step(skip_if_not_finite, norm=norm)
         net.optimizer.step = step
     metrics = trainer.train_iteration(0)
     weights = {
