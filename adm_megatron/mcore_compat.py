@@ -13,6 +13,13 @@ whose API it has.
 * The queue the asynchronous writers put their results on: ``filesystem_async.
   _get_write_results_queue()`` up to 0.16, ``get_write_results_queue(mp_mode='spawn')`` from 0.17
   (see :func:`write_results_queue`).
+* A checkpoint's common (non-sharded) state: up to 0.18 ``dist_checkpointing.save`` writes it to
+  ``common.pt`` and names its ``common_backend`` in ``metadata.json``; from 0.19 it is one more
+  object inside the torch_dist shards (a ``common_state`` entry in ``.metadata``), there is no
+  ``common.pt`` and ``metadata.json`` names no ``common_backend``.  0.19 still reads the older
+  layout; up to 0.18 the newer one cannot be read (megatron fails deep in its loader), so
+  :func:`unreadable_layout` says so in one line first.  :func:`common_state_in_file` tells the
+  damage checks whether a ``common.pt`` belongs to a checkpoint.
 
 The CPU-only redirections of CUDA calls (one of which, ``torch.cuda.current_stream``, only newer
 releases need) are in ``adm_megatron.parallel.cpu_shim``.
@@ -20,10 +27,22 @@ releases need) are in ``adm_megatron.parallel.cpu_shim``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import json
+import os
 
-__all__ = ["async_save_kwargs", "write_results_queue"]
+__all__ = [
+    "COMMON_STATE_FILE",
+    "async_save_kwargs",
+    "common_state_in_file",
+    "reads_common_state_in_shards",
+    "unreadable_layout",
+    "write_results_queue",
+]
+
+COMMON_STATE_FILE = "common.pt"  # a checkpoint's common state, written by megatron-core up to 0.18
 
 
 @functools.cache
@@ -51,3 +70,40 @@ def write_results_queue():
             "not supported by adm-megatron's background checkpoint saves"
         )
     return get()
+
+
+def common_state_in_file(ckpt_dir: str) -> bool:
+    """Whether the megatron checkpoint ``ckpt_dir`` keeps its common state in ``common.pt`` (its
+    ``metadata.json`` names a ``common_backend``: written by megatron-core up to 0.18) rather than
+    inside its shards (0.19 on).  An unreadable ``metadata.json`` counts as the older layout: the
+    damage checks report the file itself."""
+    try:
+        with open(os.path.join(ckpt_dir, "metadata.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return True
+    return not isinstance(config, dict) or "common_backend" in config
+
+
+@functools.cache
+def reads_common_state_in_shards() -> bool:
+    """Whether the installed megatron-core reads checkpoints that keep their common state inside
+    the shards (its ``CheckpointingConfig`` no longer has a ``common_backend``)."""
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig
+
+    return "common_backend" not in {field.name for field in dataclasses.fields(CheckpointingConfig)}
+
+
+def unreadable_layout(ckpt_dir: str) -> str | None:
+    """One line when the installed megatron-core cannot read the checkpoint ``ckpt_dir``'s layout
+    (written by a newer one), else None."""
+    if common_state_in_file(ckpt_dir) or reads_common_state_in_shards():
+        return None
+    from adm_megatron.versions import installed_version
+
+    return (
+        f"{ckpt_dir}: written by megatron-core 0.19 or later (its common state is inside the shards, "
+        f"there is no {COMMON_STATE_FILE}), which the installed megatron-core "
+        f"{installed_version('megatron-core')} cannot read: load it with megatron-core >= 0.19 "
+        "(Python >= 3.12)"
+    )
