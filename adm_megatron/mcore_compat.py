@@ -21,6 +21,12 @@ whose API it has.
   :func:`unreadable_layout` says so in one line first.  :func:`common_state_in_file` tells the
   damage checks whether a ``common.pt`` belongs to a checkpoint.
 
+* From 0.17 importing megatron-core (``tensor_parallel.random``) imports
+  ``torch.utils.cpp_extension``; with a CUDA build of torch on a host without a GPU but with a CUDA
+  toolkit (a login node converting checkpoints, say) torch then logs "No CUDA runtime is found,
+  using CUDA_HOME=..." to stderr, a notice about building C++ extensions, which this project never
+  does.  :func:`quiet_import_notices` drops it, so the commands' one-line errors stay one line.
+
 The CPU-only redirections of CUDA calls (one of which, ``torch.cuda.current_stream``, only newer
 releases need) are in ``adm_megatron.parallel.cpu_shim``.
 """
@@ -31,12 +37,14 @@ import dataclasses
 import functools
 import inspect
 import json
+import logging
 import os
 
 __all__ = [
     "COMMON_STATE_FILE",
     "async_save_kwargs",
     "common_state_in_file",
+    "quiet_import_notices",
     "reads_common_state_in_shards",
     "unreadable_layout",
     "write_results_queue",
@@ -107,3 +115,19 @@ def unreadable_layout(ckpt_dir: str) -> str | None:
         f"{installed_version('megatron-core')} cannot read: load it with megatron-core >= 0.19 "
         "(Python >= 3.12)"
     )
+
+
+_CUDA_HOME_NOTICE = "No CUDA runtime is found"
+
+
+class _DropCudaHomeNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _CUDA_HOME_NOTICE not in record.getMessage()
+
+
+def quiet_import_notices() -> None:
+    """Drop torch's "No CUDA runtime is found" notice that importing megatron-core >= 0.17 brings
+    on a GPU-less host with a CUDA build of torch; call before megatron-core is imported."""
+    extension_logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _DropCudaHomeNotice) for f in extension_logger.filters):
+        extension_logger.addFilter(_DropCudaHomeNotice())
