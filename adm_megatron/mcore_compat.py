@@ -57,9 +57,9 @@ COMMON_STATE_FILE = "common.pt"  # a checkpoint's common state, written by megat
 def async_save_kwargs() -> dict:
     """Keyword arguments for ``dist_checkpointing.save(..., async_sharded_save=True)`` that make it
     plan megatron-core's own asynchronous write on every supported release."""
-    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import serialization  # where save is defined (not a wrapper)
 
-    if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
+    if "async_strategy" in inspect.signature(serialization.save).parameters:
         return {"async_strategy": "mcore"}
     return {}
 
