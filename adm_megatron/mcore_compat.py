@@ -27,8 +27,12 @@ whose API it has.
   using CUDA_HOME=..." to stderr, a notice about building C++ extensions, which this project never
   does.  :func:`quiet_import_notices` drops it, so the commands' one-line errors stay one line.
 
-The CPU-only redirections of CUDA calls (one of which, ``torch.cuda.current_stream``, only newer
-releases need) are in ``adm_megatron.parallel.cpu_shim``.
+The CPU-only redirections of CUDA calls (one of which, ``torch.cuda.current_stream``, only 0.19
+on needs) are in ``adm_megatron.parallel.cpu_shim``.
+
+Not handled here, for whoever maintains this: from 0.17 megatron-core logs once per process that
+its own asynchronous save ("mcore") is deprecated in favour of NVRx; a release that removes it
+will need the background saves moved to ``nvidia-resiliency-ext``'s queue.
 """
 
 from __future__ import annotations

@@ -23,10 +23,10 @@ queued forever as a lazy CUDA call), although the surrounding code would run fin
   inside it; with the shim on that is the intended effect, so that one message is filtered.
 * ``torch.cuda.synchronize()`` is a no-op (CPU ops are synchronous).
 * ``torch.cuda.current_stream()`` returns torch's CPU stream (``torch.cpu.current_stream()``),
-  whose ``wait_event`` / ``wait_stream`` / ``record_event`` are no-ops.  megatron-core 0.16 does
-  not ask for the current stream in the DDP grad sync; from 0.17 on (checked against 0.19.2)
-  ``_ParamAndGradBucketGroup.start_grad_sync`` does, on every call, to wait for CUDA-graph
-  events, so without this ``finish_grad_sync`` fails on a CPU host.
+  whose ``wait_event`` / ``wait_stream`` / ``record_event`` are no-ops.  Up to megatron-core 0.18
+  the DDP grad sync asks for the current stream only with several distributed-optimizer
+  instances; from 0.19 ``_ParamAndGradBucketGroup.start_grad_sync`` does on every call (to wait
+  for CUDA-graph events), so without this ``finish_grad_sync`` fails on a CPU host.
 
 Everything else about CUDA stays as torch has it (``torch.cuda.is_available()`` stays False, so
 code paths that check it keep taking their CPU branch).  The patch is process-wide and idempotent;
