@@ -148,7 +148,7 @@ def test_a_failed_background_write_is_one_line_and_leaves_latest_alone(pipeline_
     message = str(err.value)
     assert "\n" not in message and "iter_0000002: writing it failed (rank 0: " in message
     if hasattr(filesystem_async.FileSystemWriterAsync, "write_preloaded_data_multithread"):
-        # megatron-core >= 0.19's threaded writer reports only the class of its main worker's error
+        # megatron-core >= 0.17's threaded writer reports only the class of its main worker's error
         # (its check_local_output asserts on the returned exception): the text is lost inside megatron
         assert "OSError" in message
     else:
@@ -187,7 +187,7 @@ def test_a_dead_writer_stops_the_wait_after_the_limit_in_one_line(pipeline_dir, 
     saves.start(start_training_checkpoint(trainer, 2))
     time.sleep(1)
     if hasattr(filesystem_async.FileSystemWriterAsync, "write_preloaded_data_multithread"):
-        # megatron-core >= 0.19 writes with threads of the writer: the kill takes the writer itself,
+        # megatron-core >= 0.17 writes with threads of the writer: the kill takes the writer itself,
         # which megatron finds at once; the save fails in one line all the same, latest untouched
         with pytest.raises(CheckpointError) as err:
             saves.wait()

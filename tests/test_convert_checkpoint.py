@@ -215,7 +215,7 @@ def test_damaged_or_foreign_checkpoints_give_one_line_errors(world_of_one, hf_di
 
     shards = sorted(f for f in os.listdir(ckpt) if f.endswith(".distcp"))
     assert shards, os.listdir(ckpt)
-    # megatron-core up to 0.18 writes two shard files per rank here, 0.19 one: name whichever tensor
+    # megatron-core 0.16 writes two shard files per rank here, 0.17 on one: name whichever tensor
     message = damaged("missing", lambda p: os.remove(os.path.join(p, shards[-1])))
     assert f"shard file {shards[-1]} is missing; it holds tensor '" in message, message
 

@@ -225,7 +225,7 @@ DAMAGES = {  # how the latest checkpoint (iter_0000008) is damaged -> the file t
     "truncated optimizer shard": (lambda c: _truncate(glob.glob(os.path.join(c, "train_state", "__0_0.distcp"))[0]),
                                   "train_state: shard file __0_0.distcp is truncated"),
     "missing weight shard": (lambda c: os.remove(_last_shard(os.path.join(c, "generator"))),
-                             "generator: shard file __0_"),  # __0_1 up to megatron-core 0.18, __0_0 from 0.19
+                             "generator: shard file __0_"),  # __0_1 with megatron-core 0.16, __0_0 from 0.17
     "unreadable shard index": (lambda c: _truncate(os.path.join(c, "fake_score", ".metadata")),
                                "fake_score/.metadata: unreadable checkpoint metadata"),
     "corrupt discriminator heads": (lambda c: _flip_a_byte(os.path.join(c, "discriminator.pt")),
