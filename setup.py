@@ -20,7 +20,9 @@ setup(
     python_requires=">=3.11",
     install_requires=[
         # no upper pins: megatron-core 0.17+ needs Python >= 3.12 and a newer torch, and both are
-        # meant to work; torch itself is best installed first (CPU wheel or the cluster's CUDA build)
+        # meant to work (checked: 0.16.1 on 3.11 / torch 2.13; 0.19.2, and 0.17.1 for what differs,
+        # on 3.12 / torch 2.11; adm_megatron/mcore_compat.py); torch itself is best installed first
+        # (CPU wheel or the cluster's CUDA build)
         "torch>=2.4",
         "megatron-core>=0.16",
         "diffusers>=0.32",

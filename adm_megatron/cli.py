@@ -17,6 +17,7 @@ import sys
 import warnings
 
 from adm_megatron.config import ConfigError, keys_located, load_config
+from adm_megatron.mcore_compat import quiet_import_notices
 from adm_megatron.parallel.startup import FailedElsewhere
 
 NONFINITE_EXIT_CODE = 3  # train.max_skipped_steps updates in a row were NaN / Inf (or nan_policy=error)
@@ -33,6 +34,7 @@ def _setup_logging() -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     warnings.filterwarnings("ignore", message="Apex is not installed")
+    quiet_import_notices()
 
 
 def _refuse(line: str) -> int:

@@ -147,7 +147,12 @@ def test_a_failed_background_write_is_one_line_and_leaves_latest_alone(pipeline_
         saves.wait()
     message = str(err.value)
     assert "\n" not in message and "iter_0000002: writing it failed (rank 0: " in message
-    assert "No space left on device" in message
+    if hasattr(filesystem_async.FileSystemWriterAsync, "write_preloaded_data_multithread"):
+        # megatron-core >= 0.17's threaded writer reports only the class of its main worker's error
+        # (its check_local_output asserts on the returned exception): the text is lost inside megatron
+        assert "OSError" in message
+    else:
+        assert "No space left on device" in message
     assert latest_checkpoint(out) == first and saves.pending is None
     assert sorted(os.listdir(os.path.dirname(first))) == ["iter_0000001", "latest"]  # the temporary one removed
     with pytest.raises(CheckpointError) as err:  # a synchronous save fails the same way
@@ -181,6 +186,16 @@ def test_a_dead_writer_stops_the_wait_after_the_limit_in_one_line(pipeline_dir, 
     saves = BackgroundSaves(limit_s=3)
     saves.start(start_training_checkpoint(trainer, 2))
     time.sleep(1)
+    if hasattr(filesystem_async.FileSystemWriterAsync, "write_preloaded_data_multithread"):
+        # megatron-core >= 0.17 writes with threads of the writer: the kill takes the writer itself,
+        # which megatron finds at once; the save fails in one line all the same, latest untouched
+        with pytest.raises(CheckpointError) as err:
+            saves.wait()
+        message = str(err.value)
+        assert "\n" not in message and "iter_0000002: writing it failed (rank 0: " in message
+        assert latest_checkpoint(out) == first and saves.pending is None and _live_forks() == []
+        assert sorted(os.listdir(os.path.dirname(first))) == ["iter_0000001", "latest"]
+        return
     stuck = _live_forks()
     assert len(stuck) == 1  # the writer, waiting for its dead workers
     with pytest.raises(CheckpointError) as err:

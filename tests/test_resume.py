@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.metadata
 import json
 import os
 import random
@@ -200,6 +201,11 @@ def _truncate(path: str) -> None:
         f.truncate(os.path.getsize(path) // 2)
 
 
+def _last_shard(part: str) -> str:
+    """A checkpoint part's last shard file (how many a rank writes is megatron-core's choice)."""
+    return sorted(glob.glob(os.path.join(part, "__*.distcp")))[-1]
+
+
 def _flip_a_byte(path: str) -> None:
     with open(path, "r+b") as f:
         f.seek(os.path.getsize(path) // 3)
@@ -219,8 +225,8 @@ def _unfinished_copy(run: str, out: str) -> str:
 DAMAGES = {  # how the latest checkpoint (iter_0000008) is damaged -> the file the refusal names
     "truncated optimizer shard": (lambda c: _truncate(glob.glob(os.path.join(c, "train_state", "__0_0.distcp"))[0]),
                                   "train_state: shard file __0_0.distcp is truncated"),
-    "missing weight shard": (lambda c: os.remove(os.path.join(c, "generator", "__0_1.distcp")),
-                             "generator: shard file __0_1.distcp is missing"),
+    "missing weight shard": (lambda c: os.remove(_last_shard(os.path.join(c, "generator"))),
+                             "generator: shard file __0_"),  # __0_1 with megatron-core 0.16, __0_0 from 0.17
     "unreadable shard index": (lambda c: _truncate(os.path.join(c, "fake_score", ".metadata")),
                                "fake_score/.metadata: unreadable checkpoint metadata"),
     "corrupt discriminator heads": (lambda c: _flip_a_byte(os.path.join(c, "discriminator.pt")),
@@ -280,7 +286,7 @@ def test_a_run_refused_for_a_damaged_checkpoint_goes_on_from_the_one_named_exact
     """Through the command line: the refusal (exit 2, one line, nothing trained or written), then the
     command with the named checkpoint, whose run ends bit for bit as the uninterrupted one."""
     out = _unfinished_copy(uninterrupted, str(tmp_path / "run"))
-    _truncate(os.path.join(out, "checkpoints", "iter_0000008", "train_state", "__0_1.distcp"))
+    _truncate(_last_shard(os.path.join(out, "checkpoints", "iter_0000008", "train_state")))
     before = _files(out)
     proc = subprocess.run(_command(pipeline_dir, out), cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=300)
@@ -371,7 +377,9 @@ def test_a_constant_lr_run_is_lengthened_exactly_and_never_cut_below_what_it_did
     assert [(s["start_iteration"], s["resumed_from"]) for s in starts] == [
         (0, None), (3, os.path.join(lengthened, "checkpoints", "iter_0000003"))]
     assert starts[1]["layout"] == {"tensor_parallel": 1, "context_parallel": 1, "data_parallel": 1}
-    assert starts[1]["versions"]["torch"] == torch.__version__ and starts[1]["versions"]["megatron-core"]
+    # pip's version (adm_megatron.versions): PyPI's CUDA torch says 2.11.0 there, 2.11.0+cu130 in torch.__version__
+    assert starts[1]["versions"]["torch"] == importlib.metadata.version("torch")
+    assert starts[1]["versions"]["megatron-core"]
     with pytest.raises(ConfigError) as err:
         trainer(lengthened, 4)
     assert str(err.value).endswith("the run has done 5 iterations, more than train.max_iterations=4; a run can be "

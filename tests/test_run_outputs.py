@@ -157,8 +157,9 @@ def test_version_names_the_stack_on_one_line(capsys):
         main(["--version"])
     assert exit_.value.code == 0
     line = capsys.readouterr().out
+    # pip's versions (adm_megatron.versions): PyPI's CUDA torch is 2.11.0 there, 2.11.0+cu130 in torch.__version__
     assert line == (f"adm-megatron {importlib.metadata.version('adm-megatron')} (python {platform.python_version()}, "
-                    f"torch {torch.__version__}, megatron-core {importlib.metadata.version('megatron-core')}, "
+                    f"torch {importlib.metadata.version('torch')}, megatron-core {importlib.metadata.version('megatron-core')}, "
                     f"transformer-engine {_installed('transformer-engine')}, diffusers {diffusers.__version__}, "
                     f"transformers {importlib.metadata.version('transformers')})\n")
 

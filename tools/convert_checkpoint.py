@@ -220,6 +220,9 @@ _QUIET = (
 def main(argv: list[str] | None = None) -> int:
     for message in _QUIET:
         warnings.filterwarnings("ignore", message=f".*{message}")
+    from adm_megatron.mcore_compat import quiet_import_notices  # no torch, no megatron-core
+
+    quiet_import_notices()
     args = build_parser().parse_args(argv)
     hold = _hold_training_checkpoint(args)
     _check_inputs(args)

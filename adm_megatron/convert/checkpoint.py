@@ -2,7 +2,8 @@
 ``adm_megatron.families``), and conversion to and from diffusers directories.
 
 A checkpoint directory holds megatron-core's ``dist_checkpointing`` output (torch_dist backend:
-``*.distcp`` shards, ``.metadata``, ``common.pt``, ``metadata.json``) plus
+``*.distcp`` shards, ``.metadata``, ``metadata.json`` and, written by megatron-core up to 0.18,
+``common.pt``: see ``adm_megatron.mcore_compat``) plus
 ``adm_megatron_checkpoint.json``: the format version, the model family (``model``), the
 diffusers architecture config and, for a LoRA generator, its adapters' settings (``lora``), from which :func:`load_megatron_checkpoint` rebuilds the model for
 whatever tensor / context parallel layout is in force when it loads (tensors are stored
@@ -306,6 +307,11 @@ def read_checkpoint_meta(ckpt_dir: str) -> dict[str, Any]:
     for name in (_MCORE_CONFIG, _DCP_METADATA):
         if not os.path.isfile(os.path.join(ckpt_dir, name)):
             raise CheckpointNotFoundError(f"{ckpt_dir}: megatron checkpoint file {name} is missing")
+    from adm_megatron.mcore_compat import unreadable_layout
+
+    problem = unreadable_layout(ckpt_dir)
+    if problem is not None:
+        raise CheckpointError(problem)
     return meta
 
 

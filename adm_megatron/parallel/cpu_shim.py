@@ -22,6 +22,11 @@ queued forever as a lazy CUDA call), although the surrounding code would run fin
   which is what the tracker means on a GPU.  megatron's fork() warns when the CPU state changes
   inside it; with the shim on that is the intended effect, so that one message is filtered.
 * ``torch.cuda.synchronize()`` is a no-op (CPU ops are synchronous).
+* ``torch.cuda.current_stream()`` returns torch's CPU stream (``torch.cpu.current_stream()``),
+  whose ``wait_event`` / ``wait_stream`` / ``record_event`` are no-ops.  Up to megatron-core 0.18
+  the DDP grad sync asks for the current stream only with several distributed-optimizer
+  instances; from 0.19 ``_ParamAndGradBucketGroup.start_grad_sync`` does on every call (to wait
+  for CUDA-graph events), so without this ``finish_grad_sync`` fails on a CPU host.
 
 Everything else about CUDA stays as torch has it (``torch.cuda.is_available()`` stays False, so
 code paths that check it keep taking their CPU branch).  The patch is process-wide and idempotent;
@@ -57,6 +62,10 @@ def _current_device() -> str:
 
 def _synchronize(device=None) -> None:  # noqa: ARG001 - same signature as torch.cuda
     return None
+
+
+def _current_stream(device=None):  # noqa: ARG001
+    return torch.cpu.current_stream()
 
 
 def _get_rng_state(device="cuda") -> torch.Tensor:  # noqa: ARG001
@@ -97,6 +106,7 @@ def apply_cpu_shim() -> bool:
 
     torch.cuda.current_device = _current_device
     torch.cuda.synchronize = _synchronize
+    torch.cuda.current_stream = _current_stream
     torch.cuda.get_rng_state = _get_rng_state
     torch.cuda.set_rng_state = _set_rng_state
     torch.cuda.manual_seed = _manual_seed
@@ -115,6 +125,6 @@ def apply_cpu_shim() -> bool:
     _ACTIVE = True
     logger.info(
         "adm_megatron CPU shim on: no CUDA, so torch.cuda.current_device/synchronize/"
-        "get_rng_state/set_rng_state/manual_seed are redirected to the CPU for megatron-core (gloo)"
+        "current_stream/get_rng_state/set_rng_state/manual_seed are redirected to the CPU for megatron-core (gloo)"
     )
     return True

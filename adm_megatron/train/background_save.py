@@ -31,11 +31,11 @@ import time
 from functools import partial
 from typing import Callable, NamedTuple
 
-from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest
 from torch.distributed.checkpoint.api import CheckpointException
 
 from adm_megatron.convert.checkpoint import CheckpointError, one_line
+from adm_megatron.mcore_compat import write_results_queue
 from adm_megatron.parallel import from_rank0
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def _write_in_order(calls: list[tuple]) -> None:
 def _drop_unread_results() -> None:
     """After a failed finalizer the later parts' finalizers do not run, and their write results
     (every writer has finished) would be read by the next save's: drop them."""
-    results = filesystem_async._get_write_results_queue()
+    results = write_results_queue()
     while True:
         try:
             results.get_nowait()

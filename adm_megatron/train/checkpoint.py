@@ -55,6 +55,7 @@ from adm_megatron.convert.checkpoint import (
     publish_temporary_dir,
     write_checkpoint_meta,
 )
+from adm_megatron.mcore_compat import async_save_kwargs
 from adm_megatron.parallel import barrier, from_rank0
 from adm_megatron.train.background_save import BackgroundCheckpoint, BackgroundSaves
 from adm_megatron.train.checkpoint_hold import READERS, CheckpointGone, CheckpointHold, free_to_remove
@@ -309,7 +310,8 @@ def start_training_checkpoint(trainer, iteration: int) -> BackgroundCheckpoint:
     contents = _contents(trainer, iteration)
     target, tmp = make_temporary_dir(contents.target, True)
     _make_parts(target, tmp, contents)
-    requests = [dist_checkpointing.save(sharded, os.path.join(tmp, name), _save_strategy(), async_sharded_save=True)
+    requests = [dist_checkpointing.save(sharded, os.path.join(tmp, name), _save_strategy(), async_sharded_save=True,
+                                       **async_save_kwargs())
                 for name, sharded in contents.sharded.items()]
     _on_rank0(target, tmp, "its small files", lambda: contents.write_small(tmp))
 

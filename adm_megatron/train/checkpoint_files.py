@@ -13,8 +13,12 @@ reader (``EOFError``, a pickle error) or, on many ranks, in a hang until ``paral
   DCP's ``.metadata`` lists, for every tensor chunk, its file, offset and length, and every listed
   file must exist and reach the end of its last chunk (the shards carry no checksums, and reading
   them whole would cost as much as the load);
-- the zip archives ``torch.save`` writes (``discriminator.pt``, each ``common.pt``): their CRCs are
+- the zip archives ``torch.save`` writes (``discriminator.pt``, each ``common.pt`` where
+  megatron-core wrote one: up to 0.18, see ``adm_megatron.mcore_compat``): their CRCs are
   checked (they are small).
+
+A checkpoint whose layout the installed megatron-core cannot read (written by a newer one) is
+refused by :func:`check_whole` in one line of its own, not as damage.
 
 :func:`read_part_tensors` reads one part's tensors back whole, without a process group or a model
 (to compare two checkpoints).
@@ -28,9 +32,10 @@ import zipfile
 
 from adm_megatron.config import ConfigError
 from adm_megatron.convert.checkpoint import CheckpointError, check_shard_files, verify_checkpoint
+from adm_megatron.mcore_compat import COMMON_STATE_FILE, common_state_in_file, unreadable_layout
 from adm_megatron.train.checkpoint import ITERATION_DIR, STATE_FILE
 
-MCORE_FILES = (".metadata", "metadata.json", "common.pt")  # what megatron-core's save writes besides the shards
+MCORE_FILES = (".metadata", "metadata.json")  # what megatron-core's save writes besides the shards
 
 
 def _zip_damage(path: str) -> str | None:
@@ -45,7 +50,8 @@ def _zip_damage(path: str) -> str | None:
 def _distributed_damage(directory: str, network: bool) -> str | None:
     if not os.path.isdir(directory):
         return f"{directory}: missing"
-    for name in MCORE_FILES:
+    common_file = common_state_in_file(directory)
+    for name in MCORE_FILES + ((COMMON_STATE_FILE,) if common_file else ()):
         if not os.path.isfile(os.path.join(directory, name)):
             return f"{directory}: {name} is missing"
     try:
@@ -55,7 +61,16 @@ def _distributed_damage(directory: str, network: bool) -> str | None:
             check_shard_files(directory)
     except CheckpointError as err:
         return str(err)
-    return _zip_damage(os.path.join(directory, "common.pt"))
+    return _zip_damage(os.path.join(directory, COMMON_STATE_FILE)) if common_file else None
+
+
+def _parts(ckpt_dir: str) -> list[tuple[str, bool]]:
+    """The checkpoint's megatron parts: (directory, whether it is a network's checkpoint)."""
+    parts = [(os.path.join(ckpt_dir, "generator"), True), (os.path.join(ckpt_dir, "train_state"), False)]
+    fake_score = os.path.join(ckpt_dir, "fake_score")
+    if os.path.isdir(fake_score):  # ADP has no fake score
+        parts.insert(1, (fake_score, True))
+    return parts
 
 
 def damage(ckpt_dir: str) -> str | None:
@@ -66,11 +81,7 @@ def damage(ckpt_dir: str) -> str | None:
             json.load(f)
     except (OSError, ValueError) as err:
         return f"{state}: unreadable ({' '.join(str(err).split())})"
-    parts = [(os.path.join(ckpt_dir, "generator"), True), (os.path.join(ckpt_dir, "train_state"), False)]
-    fake_score = os.path.join(ckpt_dir, "fake_score")
-    if os.path.isdir(fake_score):  # ADP has no fake score
-        parts.insert(1, (fake_score, True))
-    for directory, network in parts:
+    for directory, network in _parts(ckpt_dir):
         problem = _distributed_damage(directory, network)
         if problem:
             return problem
@@ -97,7 +108,12 @@ def earlier_whole_checkpoint(ckpt_dir: str) -> str | None:
 
 def check_whole(ckpt_dir: str, way_on: str) -> None:
     """One-line ConfigError for a checkpoint whose files are damaged: the file, and ``way_on``
-    formatted with the newest whole checkpoint before it (when there is one)."""
+    formatted with the newest whole checkpoint before it (when there is one). A checkpoint written
+    by a newer megatron-core than the installed one can read is refused first, in a line of its own."""
+    for directory, _network in _parts(ckpt_dir):
+        problem = unreadable_layout(directory) if os.path.isdir(directory) else None
+        if problem is not None:
+            raise ConfigError(problem)
     problem = damage(ckpt_dir)
     if problem is not None:
         earlier = earlier_whole_checkpoint(ckpt_dir)
