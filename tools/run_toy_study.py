@@ -327,6 +327,11 @@ def merge_results(committed: dict, new: dict) -> dict:
     return merged
 
 
+def _log_path(run: dict) -> str:
+    """A run's captured output: ``WORK/NAME.train.log``, beside its output directory."""
+    return f"{run['output_dir']}.train.log"
+
+
 def execute(runs: list[dict], jobs: int, resume: bool) -> int:
     """Run the trainings, at most ``jobs`` at a time, each after the run it depends on; returns
     how many were run (with ``resume``, finished runs are kept)."""
@@ -352,7 +357,8 @@ def execute(runs: list[dict], jobs: int, resume: bool) -> int:
             if os.path.isdir(run["output_dir"]):
                 shutil.rmtree(run["output_dir"])
             os.makedirs(run["output_dir"])
-            log = open(os.path.join(run["output_dir"], "train.log"), "w")
+            # beside the run, not in it: train refuses an output_dir holding files that are no run's
+            log = open(_log_path(run), "w")
             cmd = [sys.executable, "-m", "adm_megatron.cli", "train", "--config", run["config"], *run["overrides"]]
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             running[proc.pid] = (run, proc, time.time(), log)
@@ -370,7 +376,7 @@ def execute(runs: list[dict], jobs: int, resume: bool) -> int:
         with open(os.path.join(run["output_dir"], "timing.json"), "w") as f:
             json.dump({"wall_seconds": run["wall_seconds"], "cpu_seconds": run["cpu_seconds"]}, f)
         if proc.returncode != 0:
-            raise RuntimeError(f"{run['name']} failed (exit {proc.returncode}); see {run['output_dir']}/train.log")
+            raise RuntimeError(f"{run['name']} failed (exit {proc.returncode}); see {_log_path(run)}")
         done.add(run["name"])
         print(f"[{time.strftime('%H:%M:%S')}] done  {run['name']}: {run['wall_seconds']}s wall, "
               f"{run['cpu_seconds']}s cpu", flush=True)
