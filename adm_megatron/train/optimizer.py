@@ -95,7 +95,8 @@ class NetworkOptimizer:
             return True  # no duplicates: the norm saw every gradient
         grads = [self.main.grad(slot) for slot in self.main.slots
                  if not param_is_not_tensor_parallel_duplicate(slot.param)]
-        local = bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
+        # a sum is non-finite when any element is (no tensor of the gradient's size, as isfinite makes)
+        local = bool(torch.stack([g.sum() for g in grads]).isfinite().all()) if grads else True
         return not any_rank(not local, self.main.norm_group())
 
     def checked_norm(self) -> float:
