@@ -18,6 +18,7 @@ import os
 
 from adm_megatron.config import Config, ConfigError
 from adm_megatron.data.ode_pairs import MANIFEST, prompts_identity
+from adm_megatron.json_file import read_json_object
 
 
 def data_identity(config: Config, text_source) -> dict:
@@ -25,8 +26,7 @@ def data_identity(config: Config, text_source) -> dict:
     ``TextEmbeddingSource``), and ``data.real_path``'s pairs when it names any."""
     identity = {"prompts": prompts_identity(text_source)}
     if config.data.real_path:
-        with open(os.path.join(config.data.real_path, MANIFEST)) as f:
-            shards = json.load(f)["shards"]
+        shards = read_json_object(os.path.join(config.data.real_path, MANIFEST))["shards"]
         identity["real"] = hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()
     return identity
 
