@@ -180,3 +180,20 @@ def test_guidance_scales_per_sample_in_range_and_reproducible():
     assert torch.equal(sample_guidance_scales(3, (4.0, 4.0), torch.Generator()), torch.full((3,), 4.0))
     with pytest.raises(ValueError, match="lo <= hi"):
         sample_guidance_scales(2, (8.0, 6.0), torch.Generator())
+
+
+@pytest.mark.parametrize("pair", [vp_pair, flow_pair], ids=["vp", "flow"])
+def test_model_gets_its_timestep_on_the_sample_device(pair):
+    """The schedule's timesteps live on the CPU; the model (a GPU's, in training) must receive them
+    where x_t is, or its time embedding's matmul mixes devices. The meta device stands in for CUDA."""
+    _, schedule = pair()
+    seen = []
+
+    def model_fn(x, t, cond):
+        seen.append(t.device)
+        return torch.zeros_like(x)
+
+    x_T = torch.empty(SHAPE, device="meta")
+    rollout(model_fn, schedule, x_T, None, schedule.inference_timesteps(2))
+    predict_x0(model_fn, schedule, x_T, schedule.inference_timesteps(2)[0], None)
+    assert seen == [x_T.device] * 3

@@ -19,6 +19,8 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 def _model_out(
     model_fn: ModelFn, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, cond: Any
 ) -> torch.Tensor:
+    # the schedule's timesteps live on the CPU; the model's time embedding runs where x_t is
+    t = torch.as_tensor(t, device=x_t.device)
     return model_fn(x_t, schedule.model_timestep(t).expand(x_t.shape[0]), cond)
 
 
