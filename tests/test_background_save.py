@@ -112,6 +112,44 @@ def test_a_background_checkpoint_holds_its_iteration_while_training_goes_on(pipe
     _check(_save_in_the_background_while_training(pipeline_dir, str(tmp_path), []), str(tmp_path / "run"))
 
 
+def test_offloaded_states_in_memory_shared_with_the_writer_are_snapshot_before_the_fork(
+        pipeline_dir, tmp_path, world_of_one, monkeypatch):
+    """On a GPU the offload host buffers are pinned, and pinned pages are no copy-on-write after a fork:
+    the writer saw the next iterations' moments (the first GPU run's background checkpoint differed
+    from the synchronous one). Shared memory behaves the same on the CPU: the buffers are moved there
+    and called pinned, and the writer starts its write only after two more iterations have updated
+    them in place. The checkpoint must still hold iteration 1 exactly."""
+    from adm_megatron.train import background_save
+    from adm_megatron.train.checkpoint import start_training_checkpoint
+
+    trainer = _trainer(pipeline_dir, str(tmp_path / "run"))
+    trainer.train_iteration(0)
+    buffers = list(trainer.offload.mover.host.values())
+    assert buffers and any(trainer.offload.mover.is_on_host(t) for net in trainer.trainable.values()
+                           for t in net.optimizer.state_tensors())
+    want = _tensors(_synchronous_copy(trainer, 1, str(tmp_path / "sync")), str(tmp_path / "want"))
+    for buffer in buffers:
+        buffer.share_memory_()  # in place: the offloaded tensors keep pointing at them
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: self.is_shared())
+    write, go = background_save._write_in_order, tmp_path / "go"
+
+    def write_later(calls):  # in the forked writer: only once the parent has trained on
+        deadline = time.monotonic() + 120
+        while not go.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        write(calls)
+
+    monkeypatch.setattr(background_save, "_write_in_order", write_later)
+    saves = background_save.BackgroundSaves(600)
+    saves.start(start_training_checkpoint(trainer, 1))
+    for iteration in (1, 2):
+        trainer.train_iteration(iteration)
+    go.touch()
+    got = _tensors(saves.wait(), str(tmp_path / "got"))
+    assert got.keys() == want.keys()
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
+
+
 def test_a_background_checkpoint_of_two_ranks_matches_their_synchronous_one(pipeline_dir, tmp_path):
     """Tensor parallel 2: both ranks' writers, megatron's finalizers and the publication are collective."""
     from multiproc import run_world

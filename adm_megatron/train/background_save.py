@@ -7,7 +7,14 @@ request per part) and writes the small files. :meth:`BackgroundSaves.start` copi
 tensors to host memory (megatron's preload) and forks one process per rank that writes the parts
 in order (megatron-core's ``AsyncCallsQueue`` with its fork-per-save caller). The fork is the
 snapshot: the training steps that follow update parameters, moments and host-offloaded states in
-place, and none of that reaches the files. Each iteration :meth:`BackgroundSaves.poll` asks every
+place, and none of that reaches the files. Pinned host memory is no copy-on-write page after a fork
+(the child sees the parent's later writes: Megatron-LM PR #2288), and megatron's preload passes
+host tensors through as they are, so the pinned buffers of host-offloaded states
+(``train/offload.py``) are first copied to pageable memory (:func:`pageable_copies`; the first GPU
+run showed a background checkpoint holding the next iteration's offloaded moments without it). The
+pinned tensors the preload stages are written once, before the fork, and megatron's queue holds
+them (in the request it keeps) until the write's finalizers have run, so torch's host allocator
+cannot hand them out again meanwhile. Each iteration :meth:`BackgroundSaves.poll` asks every
 rank (one all-reduce of an int while a save is in flight, nothing otherwise) whether all writes
 have finished; once they have, megatron's finalizers write each part's metadata and the checkpoint
 is published: its temporary directory is renamed, ``latest`` moves and old ones are pruned.
@@ -31,6 +38,7 @@ import time
 from functools import partial
 from typing import Callable, NamedTuple
 
+import torch
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -48,6 +56,35 @@ class BackgroundCheckpoint(NamedTuple):
     requests: list[AsyncRequest]  # megatron-core's, one per part, in the order they are written
     publish: Callable[[BaseException | None], str]  # collective: rename, ``latest``, pruning
     began: float  # time.monotonic() when training paused for it
+
+
+def _map_tensors(obj, fn):
+    """``obj`` (megatron's write buckets: nested lists, tuples and dicts of tensors and the rest)
+    with every tensor ``t`` replaced by ``fn(t)``."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, list):
+        return [_map_tensors(item, fn) for item in obj]
+    if isinstance(obj, tuple):
+        items = [_map_tensors(item, fn) for item in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    if isinstance(obj, dict):
+        return {key: _map_tensors(value, fn) for key, value in obj.items()}
+    return obj
+
+
+def _pinned_on_host(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == "cpu" and tensor.is_pinned()
+
+
+def pageable_copies(staged, unstaged):
+    """``staged`` (what megatron's preload made of the write buckets ``unstaged``) with a pageable
+    copy of every pinned host tensor that was on the host already (passed through, not staged:
+    host-offloaded optimizer states), which the writer's fork then snapshots. Tensors the preload
+    copied from the device stay as they are (see the module docstring)."""
+    shared: set[int] = set()
+    _map_tensors(unstaged, lambda t: shared.add(id(t)) if _pinned_on_host(t) else None)
+    return _map_tensors(staged, lambda t: torch.empty(t.shape, dtype=t.dtype).copy_(t) if id(t) in shared else t)
 
 
 def _write_in_order(calls: list[tuple]) -> None:
@@ -102,7 +139,7 @@ class BackgroundSaves:
                 continue
             args = list(request.async_fn_args)
             if request.preload_fn is not None:  # megatron's convention: args[1] are the write buckets
-                args[1] = request.preload_fn()
+                args[1] = pageable_copies(request.preload_fn(), args[1])
             calls.append((request.async_fn, args, request.async_fn_kwargs))
         finalizers = [fn for request in checkpoint.requests for fn in request.finalize_fns]
         writer = partial(_write_in_order, calls) if calls else None
