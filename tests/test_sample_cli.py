@@ -592,3 +592,32 @@ def test_a_generator_of_another_family_or_none_is_refused_before_anything_is_wri
         ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("adm-megatron sample:")]
         assert len(ours) == 1 and ours[0].startswith(f"adm-megatron sample: {message}"), ours
         assert not out.exists()
+
+
+def test_mp4_without_ffmpeg_is_refused_before_anything_is_rendered(tmp_path, world_of_one, capsys, monkeypatch):
+    """Where imageio-ffmpeg is missing (a GPU machine's environment put together by hand), mp4 failed
+    in diffusers' exporter after the whole render; now one line first, and gif still works."""
+    import sys
+
+    from adm_megatron.cli import main
+
+    from adm_megatron.models import build_model_from_hf
+    from adm_megatron.train.export import export_generator
+
+    pipeline = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    model = build_model_from_hf(f"{pipeline}/transformer")
+    generator = export_generator(model, model.arch, str(tmp_path / "generator"))
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import imageio_ffmpeg -> ImportError
+    out = tmp_path / "samples"
+    assert main(["sample", "--pipeline", pipeline, "--generator", generator, "--prompt", "x", "--steps", "1",
+                 "--teacher-steps", "0",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("adm-megatron sample: --format mp4: no ffmpeg to write mp4 with (") and \
+        err.endswith("install imageio-ffmpeg, or use --format gif or png"), err
+    assert not out.exists()
+    assert main(["sample", "--pipeline", pipeline, "--generator", generator, "--prompt", "x", "--steps", "1",
+                 "--teacher-steps", "0",
+                 "--format", "gif", "--out", str(out)]) == 0
+    assert (out / "generator" / "sample-000.gif").is_file()

@@ -79,11 +79,13 @@ def _render_samples(pipeline_dir, transformer_dir, prompts: PromptEmbeddings, nu
 
 def _encode_prompts(pipeline_dir: str, prompts: list, arch, device, text_length: int | None = None) -> PromptEmbeddings:
     """The pipeline's T5 on the prompts and on the empty negative prompt, to the transformer's text
-    length (``text_length``, the run's, is that length: training checks it)."""
+    length (``text_length``, the run's, is that length: training checks it). One prompt at a time,
+    as SD3's (a sample does not depend on which prompts share its rank)."""
     from adm_megatron.data.encode import encode_prompts, load_t5
 
     text_encoder, tokenizer = load_t5(pipeline_dir, device=device)
-    embeds = encode_prompts(text_encoder, tokenizer, [*prompts, ""], max_length=arch.max_text_seq_length)
+    embeds = encode_prompts(text_encoder, tokenizer, [*prompts, ""], max_length=arch.max_text_seq_length,
+                            batch_size=1)
     return PromptEmbeddings(text=embeds[:-1], negative=embeds[-1])
 
 

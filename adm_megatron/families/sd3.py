@@ -75,12 +75,14 @@ def _render_samples(pipeline_dir, transformer_dir, prompts: PromptEmbeddings, nu
 
 def _encode_prompts(pipeline_dir: str, prompts: list, arch, device, text_length: int | None = None) -> PromptEmbeddings:
     """The pipeline's own three encoders on the prompts and on the empty negative prompt: the CLIP
-    tokens, then T5's up to ``text_length`` in all (None: T5's 256, the pipeline's default)."""
+    tokens, then T5's up to ``text_length`` in all (None: T5's 256, the pipeline's default). One
+    prompt at a time, so a sample does not depend on which prompts share its rank (a batched
+    encoder's sums differed in the last bits with the batch size on an AMD EPYC CPU)."""
     from adm_megatron.data.encode_sd3 import encode_sd3_prompts, load_sd3_text_pipeline
 
     pipeline = load_sd3_text_pipeline(pipeline_dir, device=device)
     t5 = {"max_length": text_length - pipeline.tokenizer_max_length} if text_length else {}
-    embeds, pooled = encode_sd3_prompts(pipeline, [*prompts, ""], **t5)
+    embeds, pooled = encode_sd3_prompts(pipeline, [*prompts, ""], batch_size=1, **t5)
     return PromptEmbeddings(text=embeds[:-1], negative=embeds[-1], pooled=pooled[:-1], negative_pooled=pooled[-1])
 
 
