@@ -36,7 +36,7 @@ from adm_megatron.data.batch_layout import contiguous_share
 from adm_megatron.hub_cache import not_found_hint
 from adm_megatron.json_file import write_json_atomically
 from adm_megatron.families.registry import PromptEmbeddings
-from adm_megatron.models.frame_files import sample_name, write_grid
+from adm_megatron.models.frame_files import check_writer, sample_name, write_grid
 from adm_megatron.models.diffusers_files import check_diffusers_weights
 from adm_megatron.models.generator_source import (LORA_WEIGHTS, check_lora_fits, generator_parts, not_a_generator_hint,
                                                    teacher_transformer)
@@ -266,6 +266,7 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
     record = read_distillation_record(runs[0].transformer_dir) if runs[0].transformer_dir else None
     size, latents = render_size(scale, record, native, size or {})
     fmt = fmt or ("mp4" if video else "png")
+    check_writer(fmt)
     args = {"pipeline": os.path.abspath(pipeline_dir), "prompts": prompts, "fmt": fmt, "seed": seed, "dtype": dtype,
             "size": size, "vae_tiling": vae_tiling,
             "runs": [[r.name, r.transformer_dir and os.path.abspath(r.transformer_dir), r.steps, r.guidance_scale]

@@ -882,7 +882,9 @@ def section_trainer(plan: Plan, workdir: str) -> dict:
     record = read_distillation_record(os.path.join(out, "generator"))
     samples_dir = os.path.join(workdir, "trainer_samples")
     sample_code = cli_main(["sample", "--pipeline", pipeline, "--generator", os.path.join(out, "generator"),
-                            "--prompt", "a red cat", "--teacher-steps", "4", "--out", samples_dir])
+                            "--prompt", "a red cat", "--teacher-steps", "4", "--out", samples_dir,
+                            # gif: imageio-ffmpeg (mp4), a 66 MB wheel, does not fit the device's 64 MiB carry
+                            "--format", "gif"])
     timing = json.load(open(os.path.join(samples_dir, "sample_timing.json"))) if sample_code == 0 else {}
     checks = {
         "iterations": [r["iteration"] for r in rows] == [0, 1, 2],

@@ -21,6 +21,22 @@ def sample_name(index: int, fmt: str) -> str:
     return f"sample-{index:03d}.{fmt}"
 
 
+def check_writer(fmt: str) -> None:
+    """Refuse, in one line, a format this environment cannot write, before anything is rendered: mp4
+    goes through diffusers' exporter, which needs imageio-ffmpeg's ffmpeg (a dependency of this
+    package, but an environment put together by hand may lack it; it then failed after the render)."""
+    if fmt != "mp4":
+        return
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"--format mp4: no ffmpeg to write mp4 with ({reason}); install imageio-ffmpeg, or "
+                         "use --format gif or png") from None
+
+
 def write_frames(frames: np.ndarray, path: str, fmt: str, fps: int = 8) -> None:
     """Write ``frames`` to ``path`` atomically: beside it first, then renamed, so a file that
     exists is complete (a resumed sampling keeps it)."""
