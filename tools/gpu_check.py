@@ -903,6 +903,21 @@ def section_trainer(plan: Plan, workdir: str) -> dict:
             "sample_timing": {r["model"]: r["seconds_per_sample"] for r in timing.get("runs", [])}}
 
 
+@contextlib.contextmanager
+def _deterministic_kernels():
+    """torch's deterministic algorithms (a kernel without one warns) and cuDNN's deterministic
+    choice, for the offload comparison; the settings as they were afterwards."""
+    was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = was[2], was[3]
+
+
 def _offloaded_run(pipeline: str, out: str, offload: bool) -> tuple[list, dict, dict, dict | None, dict | None]:
     """Three iterations of a tiny fp32 CogVideoX ADM run, then a checkpoint (as a run saves one):
     the losses, every trained weight, and the checkpoint's train_state read back with torch DCP.
@@ -922,7 +937,7 @@ def _offloaded_run(pipeline: str, out: str, offload: bool) -> tuple[list, dict, 
     config = load_config(os.path.join(REPO, "examples", "cogvideox", "tiny_cpu.yaml"), [
         f"model.teacher={pipeline}", f"output_dir={out}", "model.dtype=fp32", "data.num_prompts=4",
         "train.max_iterations=4", "train.num_samples=0", "train.export=false", "logging.wandb_mode=disabled",
-        "logging.progress=false",
+        "logging.progress=false", "model.attention_backend=math",  # deterministic, unlike the fused kernels
         *([f"optim.{n}.offload=optimizer_and_params" for n in ("generator", "fake_score", "discriminator")]
           if offload else [])])
     trainer = Trainer(config)
@@ -974,8 +989,12 @@ def section_offload(plan: Plan, workdir: str) -> dict:
     megatron's grad-buffer release on CUDA): a tiny fp32 CogVideoX ADM run with every network's
     optimizer state and weights offloaded against the same run without it -- the losses, the
     weights and the checkpoint's optimizer state (written from the host buffers, after
-    ``Offloader.settle``) must agree (bit for bit, unless the GPU's kernels are not deterministic:
-    then within 1e-4 relative; a half-copied moment is off by O(1)); and the race ``settle``
+    ``Offloader.settle``) must agree. The runs use deterministic kernels (torch's deterministic
+    algorithms, the math SDPA backend), and the run without offload is made twice: its two copies'
+    difference is the noise floor (the first GPU run, with the default kernels, differed by 2.7e-2 in
+    the losses and O(1) in weights and moments: Adam turns any difference in a near-zero gradient
+    into a full step). Agreement: within 1e-4 relative, or within twice the noise floor where the
+    kernels were not deterministic after all; a half-copied moment is off by O(1). And the race ``settle``
     closes, shown on one 256 MiB buffer (``stale_before_settle`` is expected true on a GPU). Also
     the offloaded run's checkpoint written in the background (``train.async_save``) while the next
     iteration runs: its optimizer state must equal the synchronous one's bit for bit. And the memory
@@ -983,19 +1002,27 @@ def section_offload(plan: Plan, workdir: str) -> dict:
     from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
 
     pipeline = build_tiny_pipeline(os.path.join(workdir, "offload_pipe"), seed=0)
-    ref_losses, ref_weights, ref_state, _, _ = _offloaded_run(pipeline, os.path.join(workdir, "offload_off"), False)
-    losses, weights, state, background, host = _offloaded_run(pipeline, os.path.join(workdir, "offload_on"), True)
+    with _deterministic_kernels():
+        ref_losses, ref_weights, ref_state, _, _ = _offloaded_run(pipeline, os.path.join(workdir, "offload_off"), False)
+        again_losses, again_weights, again_state, _, _ = _offloaded_run(
+            pipeline, os.path.join(workdir, "offload_off_again"), False)
+        losses, weights, state, background, host = _offloaded_run(pipeline, os.path.join(workdir, "offload_on"), True)
 
     def worst(got: dict, want: dict) -> float:
         return max((rel_max(got[k].float(), want[k].float()) for k in want if want[k].numel()), default=0.0)
 
-    loss_diff = max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for a, b in zip(losses, ref_losses) for k in b)
-    diffs = {"losses": loss_diff, "weights": worst(weights, ref_weights), "train_state": worst(state, ref_state)}
+    def loss_diff(got: list, want: list) -> float:
+        return max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for a, b in zip(got, want) for k in b)
+
+    diffs = {"losses": loss_diff(losses, ref_losses), "weights": worst(weights, ref_weights),
+             "train_state": worst(state, ref_state)}
+    noise = {"losses": loss_diff(again_losses, ref_losses), "weights": worst(again_weights, ref_weights),
+             "train_state": worst(again_state, ref_state)}
     race = _settle_race(plan.device)
     checks = {
         "same_keys": weights.keys() == ref_weights.keys() and state.keys() == ref_state.keys(),
         "optimizer_state_in_checkpoint": any(".exp_avg." in k for k in state),
-        "agree": all(d <= 1e-4 for d in diffs.values()),
+        "agree": all(diffs[k] <= max(1e-4, 2 * noise[k]) for k in diffs),
         "settled_read_right": race["settled_read_right"],
         "back_on_device_right": race["back_on_device_right"],
         # the same checkpoint written in the background while an iteration ran: the same bits
@@ -1005,9 +1032,10 @@ def section_offload(plan: Plan, workdir: str) -> dict:
         "host_plan_exact": host["held"] == host["planned"],
         "host_buffers_pinned": host["pinned"] or plan.device.type != "cuda",
     }
-    log(f"  offload vs none: max rel diff {', '.join(f'{k} {v:.2e}' for k, v in diffs.items())}; "
+    log(f"  offload vs none: max rel diff {', '.join(f'{k} {v:.2e}' for k, v in diffs.items())} (none vs none: "
+        f"{', '.join(f'{k} {v:.2e}' for k, v in noise.items())}); "
         f"read before settle {race['read_before_settle']} (stale: {race['stale_before_settle']})")
-    return {"ok": all(checks.values()), "checks": checks, "max_rel_diff": diffs,
+    return {"ok": all(checks.values()), "checks": checks, "max_rel_diff": diffs, "noise_floor": noise,
             "bit_identical": all(d == 0 for d in diffs.values()), "race": race, "host": host}
 
 
@@ -1105,7 +1133,8 @@ def print_summary(report: Report) -> None:
         failed = [k for k, v in offload["checks"].items() if not v]
         lines.append(f"offload vs none: {'ok' if offload['ok'] else 'FAILED ' + ', '.join(failed)}; max rel diff "
                      + ", ".join(f"{k} {v:.1e}" for k, v in offload["max_rel_diff"].items())
-                     + f"; host buffer read before settle stale: {offload['race']['stale_before_settle']}")
+                     + " (none vs none: " + ", ".join(f"{k} {v:.1e}" for k, v in offload["noise_floor"].items())
+                     + f"); host buffer read before settle stale: {offload['race']['stale_before_settle']}")
     if data["errors"]:
         lines.append("")
         for name, err in data["errors"].items():
