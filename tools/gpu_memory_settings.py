@@ -5,7 +5,8 @@
 
 Builds a medium random CogVideoX (diffusers directory: 8 blocks, hidden 512; ``--layers`` /
 ``--heads``) and runs, for each variant, two ADM iterations with BF16 autocast; the second
-iteration's peak ``torch.cuda.max_memory_allocated`` of each phase is reported, with the losses.
+iteration's peak ``torch.cuda.max_memory_allocated`` of each phase is reported, with the losses and
+the memory allocated right before and after the phase's offload placement.
 Variants: baseline; the idle networks' optimizer state offloaded; optimizer state and weights
 offloaded; bf16 trainable weights (fp32 main params) with fp32 and with bf16 grads; and, with two or
 more ranks (DP >= 2), every
@@ -91,11 +92,29 @@ def measure(teacher: str, workdir: str, name: str, overrides: list[str], smoke: 
         return out
 
     trainer.phases.run = measured
+    # where the memory is right before and right after the offload's placement of each phase (the
+    # first GPU run's offload variants peaked 0.7-0.8 GiB above the baseline: these say whether the
+    # placement frees what it moves)
+    placement: dict[str, dict[str, float]] = {}
+    place, *others = trainer.phases.before_phase
+
+    def allocated() -> float:
+        torch.cuda.synchronize()
+        torch.empty(1, device=trainer.device)  # an allocation: blocks freed behind the side stream's copies return
+        return torch.cuda.memory_allocated() / 2**30
+
+    def placed(phase, trained):
+        before = allocated() if cuda else None
+        place(phase, trained)
+        if cuda:
+            placement[phase] = {"before_gib": before, "after_gib": allocated()}
+
+    trainer.phases.before_phase = (placed, *others)
     losses = []
     for i in range(2):
         metrics = trainer.train_iteration(i)
         losses.append({k: v for k, v in metrics.items() if k.endswith("/loss")})
-    result = {"overrides": overrides, "peak_gib_per_phase": peaks or None,
+    result = {"overrides": overrides, "peak_gib_per_phase": peaks or None, "placement_gib_per_phase": placement or None,
               "peak_gib": max(peaks.values()) if peaks else None, "losses": losses,
               "optimizer_state_numel": {n: net.optimizer.state_numel() for n, net in trainer.trainable.items()}}
     del trainer
@@ -141,7 +160,10 @@ def main(argv=None) -> int:
                        else "cpu", "variants": results}, f, indent=2)
         for name, r in results.items():
             peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.3f} GiB"
-            print(f"{name:<30} peak {peak:>12}   loss diff to baseline {r['max_loss_difference_to_baseline']:.2e}")
+            placed = ", ".join(f"{phase} {m['before_gib']:.2f}->{m['after_gib']:.2f}"
+                               for phase, m in (r["placement_gib_per_phase"] or {}).items())
+            print(f"{name:<30} peak {peak:>12}   loss diff to baseline {r['max_loss_difference_to_baseline']:.2e}"
+                  + (f"   allocated before->after placement (GiB): {placed}" if placed else ""))
     return 0
 
 
