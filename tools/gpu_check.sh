@@ -7,27 +7,28 @@
 # 1. installs the carried wheels (megatron-core, diffusers) into /tmp/site (GPU_CHECK_SITE), as the device README
 #    says (no index, no deps: everything else is on the machine already);
 # 2. runs tools/gpu_check.py with a time budget (GPU_CHECK_BUDGET_S, default 300 s) under a hard
-#    limit (GPU_CHECK_TIMEOUT_S, default 420 s); it writes $OUT/gpu_check.json, the log goes to
-#    $OUT/gpu_check.log;
+#    limit (GPU_CHECK_TIMEOUT_S, default 420 s); it writes gpu_check.json, the log goes to
+#    gpu_check.log (each step's files go into GPU_CHECK_RESULTS, default /tmp/gpu_check_results,
+#    packed on exit into $OUT/gpu_check_all.tgz: the device tool brings back at most 8 files);
 # 3. runs tests/test_te_spec.py (the TE parity tests run only where Transformer Engine imports)
-#    into $OUT/pytest_te_spec.log, under its own limit (GPU_CHECK_PYTEST_TIMEOUT_S, default 150 s);
+#    into pytest_te_spec.log, under its own limit (GPU_CHECK_PYTEST_TIMEOUT_S, default 150 s);
 # 4. runs `adm-megatron bench` (issue 14: our DiT vs diffusers' forward / forward+backward at the real
 #    token count, each ADM phase and the whole iteration: seconds, TFLOP/s, MFU, peak memory) on
 #    GPU_CHECK_BENCH_MODEL (default cogvideox-2b) cut to GPU_CHECK_BENCH_LAYERS blocks (default 4),
 #    with GPU_CHECK_BENCH_ARGS (default: 3 repeats, 1 warm-up, 2 generator steps, a head on every
 #    2nd block) and model.attention_backend=auto (the fastest SDPA kernel, timed; its choice is in
 #    the JSON's "kernels"), and how long one checkpoint of that run stops training (synchronous and
-#    in the background), into $OUT/bench.json and $OUT/bench.log, under GPU_CHECK_BENCH_TIMEOUT_S
+#    in the background), into bench.json and bench.log, under GPU_CHECK_BENCH_TIMEOUT_S
 #    (default 150 s). GPU_CHECK_BENCH_TIMEOUT_S=0 skips it;
 # 5. the same bench with model.compile=blocks (each of our blocks through torch.compile; diffusers'
-#    model eager) into $OUT/bench_compiled.json / bench_compiled.log, under GPU_CHECK_COMPILE_TIMEOUT_S
-#    (default 120 s; 0 skips it);
+#    model eager) into bench_compiled.json / bench_compiled.log, under GPU_CHECK_COMPILE_TIMEOUT_S
+#    (default 240 s: compiling took over 120 s on an H200; 0 skips it);
 # 6. where Transformer Engine imports: the same bench with model.fp8=hybrid (TE spec, FP8 delayed
-#    scaling) into $OUT/bench_fp8.json / bench_fp8.log, to set beside step 4's bf16 one, under
+#    scaling) into bench_fp8.json / bench_fp8.log, to set beside step 4's bf16 one, under
 #    GPU_CHECK_FP8_TIMEOUT_S (default 120 s; 0 skips it); else a line saying why not;
 # 7. the memory-settings check (tools/gpu_memory_settings.py);
 # 8. ADP's pixel branch under BF16 autocast on the GPU (tools/pixel_branch_memory.py --autocast bf16
-#    --device cuda) into $OUT/pixel_branch_bf16.json / .log, under GPU_CHECK_PIXEL_TIMEOUT_S (default
+#    --device cuda) into pixel_branch_bf16.json / .log, under GPU_CHECK_PIXEL_TIMEOUT_S (default
 #    60 s; 0 skips it): the bf16 figures docs/PERFORMANCE.md could not measure on a CPU, each beside the
 #    memory planner's count of the same run on CUDA fake tensors.
 # Every step's limit is also cut to what is left of GPU_CHECK_TOTAL_S (default 570 s) since the start, so
@@ -44,8 +45,17 @@ limit() {
     local left=$((TOTAL_S - SECONDS))
     if [ "$left" -lt 20 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
 }
-OUT=${OUT:-/tmp/gpu_check_out}
-mkdir -p "$OUT"
+# The device tool brings back at most 8 files from $OUT: every step writes into GPU_CHECK_RESULTS, and
+# on exit the script packs that folder into $OUT/gpu_check_all.tgz beside copies of the main JSONs.
+DEST=${OUT:-/tmp/gpu_check_out}
+OUT=${GPU_CHECK_RESULTS:-/tmp/gpu_check_results}
+mkdir -p "$OUT" "$DEST"
+pack() {
+    tar czf "$DEST/gpu_check_all.tgz" -C "$OUT" . && \
+        for f in gpu_check.json bench.json gpu_check.log; do [ -f "$OUT/$f" ] && cp "$OUT/$f" "$DEST/"; done
+    echo "== results: $DEST/gpu_check_all.tgz (every step's log and JSON)"
+}
+trap pack EXIT
 PY=${PYTHON:-python3}
 SITE=${GPU_CHECK_SITE:-/tmp/site}
 
@@ -114,8 +124,8 @@ bench() {
 if [ "${GPU_CHECK_BENCH_TIMEOUT_S:-150}" != 0 ]; then
     bench bench "${GPU_CHECK_BENCH_TIMEOUT_S:-150}"
 fi
-if [ "${GPU_CHECK_COMPILE_TIMEOUT_S:-120}" != 0 ]; then
-    bench bench_compiled "${GPU_CHECK_COMPILE_TIMEOUT_S:-120}" model.compile=blocks
+if [ "${GPU_CHECK_COMPILE_TIMEOUT_S:-240}" != 0 ]; then
+    bench bench_compiled "${GPU_CHECK_COMPILE_TIMEOUT_S:-240}" model.compile=blocks
 fi
 if [ "${GPU_CHECK_FP8_TIMEOUT_S:-120}" != 0 ]; then
     if te_error=$($PY -c 'import transformer_engine.pytorch' 2>&1); then
