@@ -18,6 +18,7 @@ the losses (the JSON records the largest difference to the baseline). Part of
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -76,6 +77,8 @@ def measure(teacher: str, workdir: str, name: str, overrides: list[str], smoke: 
         "distill.generator_steps=2", "distill.head_every=2", "train.max_iterations=2", "train.num_samples=0",
         "train.export=false", "logging.wandb_mode=disabled", "logging.progress=false", *overrides,
     ])
+    # what an earlier variant left allocated (nothing, if its trainer was collected) is in every figure below
+    left_over = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None
     trainer = Trainer(config)
     cuda = trainer.device.type == "cuda"
     peaks: dict[str, float] = {}
@@ -100,7 +103,7 @@ def measure(teacher: str, workdir: str, name: str, overrides: list[str], smoke: 
 
     def allocated() -> float:
         torch.cuda.synchronize()
-        torch.empty(1, device=trainer.device)  # an allocation: blocks freed behind the side stream's copies return
+        torch.empty(1, device="cuda")  # an allocation: blocks freed behind the side stream's copies return
         return torch.cuda.memory_allocated() / 2**30
 
     def placed(phase, trained):
@@ -115,10 +118,12 @@ def measure(teacher: str, workdir: str, name: str, overrides: list[str], smoke: 
         metrics = trainer.train_iteration(i)
         losses.append({k: v for k, v in metrics.items() if k.endswith("/loss")})
     result = {"overrides": overrides, "peak_gib_per_phase": peaks or None, "placement_gib_per_phase": placement or None,
+              "allocated_before_the_trainer_gib": left_over,
               "peak_gib": max(peaks.values()) if peaks else None, "losses": losses,
               "optimizer_state_numel": {n: net.optimizer.state_numel() for n, net in trainer.trainable.items()}}
     del trainer
     destroy_parallel()
+    gc.collect()  # the trainer's reference cycles (hooks, closures) too, before the next variant
     if cuda:
         torch.cuda.empty_cache()
     return result
@@ -163,7 +168,9 @@ def main(argv=None) -> int:
             placed = ", ".join(f"{phase} {m['before_gib']:.2f}->{m['after_gib']:.2f}"
                                for phase, m in (r["placement_gib_per_phase"] or {}).items())
             print(f"{name:<30} peak {peak:>12}   loss diff to baseline {r['max_loss_difference_to_baseline']:.2e}"
-                  + (f"   allocated before->after placement (GiB): {placed}" if placed else ""))
+                  + (f"   allocated before->after placement (GiB): {placed}" if placed else "")
+                  + ("" if not r["allocated_before_the_trainer_gib"] else
+                     f"   (left allocated by earlier variants: {r['allocated_before_the_trainer_gib']:.3f} GiB)"))
     return 0
 
 
