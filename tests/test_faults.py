@@ -187,9 +187,12 @@ def _wait_for_lines(path, count, proc, timeout=300):
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("saving, signum, group", [  # the fast suite: one plain stop, one background + group
+# the fast suite: one plain stop (test_slurm.py's stop signal to every process of a step covers a background
+# save with SIGUSR1 to the writer's processes too)
+@pytest.mark.parametrize("saving, signum, group", [
     ([], signal.SIGTERM, False), pytest.param(["train.async_save=true"], signal.SIGTERM, False, marks=pytest.mark.slow),
-    pytest.param([], signal.SIGUSR1, True, marks=pytest.mark.slow), (["train.async_save=true"], signal.SIGUSR1, True),
+    pytest.param([], signal.SIGUSR1, True, marks=pytest.mark.slow),
+    pytest.param(["train.async_save=true"], signal.SIGUSR1, True, marks=pytest.mark.slow),
     pytest.param([], signal.SIGTERM, True, marks=pytest.mark.slow),
 ], ids=["synchronous, SIGTERM to the trainer", "background, SIGTERM to the trainer",
         "synchronous, SIGUSR1 to its process group", "background, SIGUSR1 to its process group",

@@ -5,27 +5,34 @@ planner's fake-tensor count of each run is recorded beside it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(tmp_path, *extra) -> tuple[str, dict]:
+def _tool():
+    """tools/pixel_branch_memory.py as a module (run in this process: no second interpreter's imports)."""
+    spec = importlib.util.spec_from_file_location("pixel_branch_memory", os.path.join(ROOT, "tools",
+                                                                                     "pixel_branch_memory.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(tmp_path, capsys, *extra) -> tuple[str, dict]:
     out = tmp_path / f"pixel{len(extra)}.json"
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "pixel_branch_memory.py"), "--out", str(out),
-           "--cogvideox-probe", "1x4x4", "--sd3-probe", "8x8", "--encoder-image-size", "64", *extra]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": ROOT})
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout, json.loads(out.read_text())
+    capsys.readouterr()
+    assert _tool().main(["--out", str(out), "--cogvideox-probe", "1x4x4", "--sd3-probe", "8x8",
+                         "--encoder-image-size", "64", *extra]) == 0
+    return capsys.readouterr().out, json.loads(out.read_text())
 
 
-def test_pixel_branch_memory_smoke(tmp_path):
-    table, report = _run(tmp_path)
+def test_pixel_branch_memory_smoke(tmp_path, capsys):
+    table, report = _run(tmp_path, capsys)
     assert "| cogvideox VAE decode | yes |" in table and "| sam encoder | no |" in table
     assert {"torch", "diffusers", "transformers", "command", "device", "mode"} <= set(report)
     peaks = {(r["component"], r["recompute"]): r for r in report["rows"]}
@@ -42,17 +49,17 @@ def test_pixel_branch_memory_smoke(tmp_path):
     # a second run onto the same --out refuses before measuring (docs/bench holds committed figures)
     out = tmp_path / "pixel0.json"
     before = out.read_bytes()
-    again = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "pixel_branch_memory.py"), "--out", str(out)],
-                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
-    assert again.returncode == 2 and out.read_bytes() == before
-    assert again.stderr.splitlines()[-1].endswith(f"--out {out}: exists (earlier measurements; pass --overwrite to "
-                                                  "replace them)")
+    with pytest.raises(SystemExit) as refused:
+        _tool().main(["--out", str(out)])
+    assert refused.value.code == 2 and out.read_bytes() == before
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f"--out {out}: exists (earlier measurements; pass --overwrite to replace them)")
 
 
 @pytest.mark.slow
-def test_pixel_branch_memory_under_bf16_autocast(tmp_path):
+def test_pixel_branch_memory_under_bf16_autocast(tmp_path, capsys):
     """``--autocast bf16`` (how a model.dtype=bf16 run computes the branch; bf16 convolutions are slow
     on a CPU: about 6 min here) measures every row in that mode."""
-    table, report = _run(tmp_path, "--autocast", "bf16", "--encoders", "dinov2")
+    table, report = _run(tmp_path, capsys, "--autocast", "bf16", "--encoders", "dinov2")
     assert report["mode"] == "bf16 autocast" and "per unit (bf16 autocast)" in table
     assert len(report["rows"]) == 6 and all(r["peak_bytes"] > 0 for r in report["rows"])

@@ -169,7 +169,9 @@ def test_sigkill_at_several_moments_then_the_same_command_resumes_exactly(saving
 
 
 def test_a_finished_run_started_again_does_nothing_and_other_configs_are_refused(pipeline_dir, uninterrupted,
-                                                                                  tmp_path):
+                                                                                  tmp_path, world_of_one, capsys):
+    from adm_megatron.cli import main
+
     before = _files(uninterrupted)
     again = _finish(_command(pipeline_dir, uninterrupted))
     assert f"{ITERATIONS} iterations (0 trained now)" in again.stdout
@@ -181,19 +183,19 @@ def test_a_finished_run_started_again_does_nothing_and_other_configs_are_refused
         "train.max_iterations=10": "config.yaml: train.max_iterations=8 there but 10 now; "
                                    "optim.generator.decay_style=cosine decays the learning rate over the run's length",
     }
-    for override, message in refusals.items():
-        proc = subprocess.run(_command(pipeline_dir, uninterrupted, override), cwd=ROOT, env=_env(),
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 2
-        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    capsys.readouterr()
+    for override, message in refusals.items():  # in this process: the refusals come before any work
+        assert main(_command(pipeline_dir, uninterrupted, override)[3:]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err[-2000:]
     assert _files(uninterrupted) == before
 
     a_file = tmp_path / "a-file"
     a_file.write_text("not a run")
-    proc = subprocess.run(_command(pipeline_dir, str(a_file)), cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 2 and "exists and is not a directory" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and a_file.read_text() == "not a run"
+    assert main(_command(pipeline_dir, str(a_file))[3:]) == 2
+    err = capsys.readouterr().err
+    assert "exists and is not a directory" in err
+    assert len(err.strip().splitlines()) == 1 and a_file.read_text() == "not a run"
 
 
 def _truncate(path: str) -> None:

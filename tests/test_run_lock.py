@@ -36,26 +36,29 @@ def _command(pipeline_dir, out):
             f"output_dir={out}", *RUN]
 
 
-def test_a_second_run_into_a_held_output_dir_is_refused_in_one_line_and_writes_nothing(pipeline_dir, tmp_path):
+def test_a_second_run_into_a_held_output_dir_is_refused_in_one_line_and_writes_nothing(pipeline_dir, tmp_path,
+                                                                                        world_of_one, capsys):
+    from adm_megatron.cli import main
+
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        proc = subprocess.run(_command(pipeline_dir, out), cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 2, proc.stderr[-2000:]
+        capsys.readouterr()
+        assert main(_command(pipeline_dir, out)[3:]) == 2  # in this process: the lock is another process's
+        err = capsys.readouterr().err
         # the refusal comes once the process group exists (so every rank gets it): after its log lines
-        assert proc.stderr.strip().splitlines()[-1] == (
+        assert err.strip().splitlines()[-1] == (
             f"adm-megatron: config error: command line: output_dir={str(out)!r} is in use by another run (host h, "
             "pid 1, since then); wait for it to end, or use a new output_dir")
-        assert "Traceback" not in proc.stderr
+        assert "Traceback" not in err
         assert os.listdir(out) == [".run.lock"]  # no config.yaml, metrics or checkpoints of the second run
     finally:
         holder.send_signal(signal.SIGKILL)  # the kernel drops its lock with it
         holder.wait()
-    proc = subprocess.run(_command(pipeline_dir, out), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "run finished: 1 iterations" in proc.stdout
+    assert main(_command(pipeline_dir, out)[3:]) == 0
+    assert "run finished: 1 iterations" in capsys.readouterr().out
 
 
 def test_the_lock_is_held_while_a_trainer_lives_and_freed_when_fit_ends(pipeline_dir, tmp_path, world_of_one):
