@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from multiproc import run_world
+from tool_scripts import load_tool
 from tiny_cogvideox import make_inputs, save_diffusers_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -477,16 +478,6 @@ def test_cli_one_process_and_torchrun(hf_dirs, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["hf", "meg"]
 
 
-def _tool_module():
-    """tools/convert_checkpoint.py imported as a module (its ``main`` called in this process)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("convert_checkpoint_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli_bad_input_exits_2_with_one_line(world_of_one, hf_dirs, tmp_path, capsys):
     from adm_megatron.convert import hf_to_megatron_checkpoint
 
@@ -538,7 +529,7 @@ def test_cli_bad_input_exits_2_with_one_line(world_of_one, hf_dirs, tmp_path, ca
          f"--out {iteration / 'meg'}: inside {iteration}, whose run removes what is there (pruning old checkpoints, "
          "clearing leftovers at a restart); choose an output outside checkpoints/"),
     ]
-    tool = _tool_module()
+    tool = load_tool("convert_checkpoint")
     for i, (args, expected) in enumerate(cases):
         if i < 2:  # as a command: nothing else reaches stderr (import-time warnings, logging)
             run = _cli(*args)

@@ -3,7 +3,6 @@ sampler, and the precompute tool end to end against ``CogVideoXPipeline.encode_p
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,6 +23,7 @@ from adm_megatron.data import (
     write_embedding_shards,
 )
 from adm_megatron.data import text_embeddings
+from tool_scripts import load_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L, D = 5, 6
@@ -255,13 +255,6 @@ def tiny_pipeline(tmp_path_factory):
     return build_tiny_pipeline(str(tmp_path_factory.mktemp("tiny") / "pipe"), seed=1)
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_precompute_tool_matches_pipeline_encode_prompt(tiny_pipeline, tmp_path):
     from diffusers import CogVideoXPipeline
 
@@ -305,7 +298,7 @@ def test_encoder_folder_layouts(tiny_pipeline, tmp_path):
 def test_precompute_tool_rejects_empty_prompt_file(tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
     with pytest.raises(SystemExit, match=r"empty\.txt: no prompts"):
-        _tool("precompute_text_embeddings").read_prompts(str(tmp_path / "empty.txt"))
+        load_tool("precompute_text_embeddings").read_prompts(str(tmp_path / "empty.txt"))
 
 
 def test_prompt_file_reads_a_byte_order_mark_and_crlf_and_names_a_non_utf8_file(tmp_path):
@@ -330,7 +323,7 @@ def test_prompt_file_reads_a_byte_order_mark_and_crlf_and_names_a_non_utf8_file(
     (["--out-is-full"], "not empty (earlier embeddings; pass --overwrite to replace them)"),
 ])
 def test_precompute_tool_refuses_bad_arguments_before_loading_the_encoder(extra, message, tmp_path, monkeypatch):
-    tool = _tool("precompute_text_embeddings")
+    tool = load_tool("precompute_text_embeddings")
     loaded = []
     monkeypatch.setattr(tool, "load_encoder", lambda *a: loaded.append(a))
     (tmp_path / "prompts.txt").write_text("a cat\n")
@@ -346,7 +339,7 @@ def test_precompute_tool_refuses_bad_arguments_before_loading_the_encoder(extra,
 
 
 def test_precompute_tool_names_a_directory_without_an_encoder_in_one_line(tmp_path):
-    tool = _tool("precompute_text_embeddings")
+    tool = load_tool("precompute_text_embeddings")
     (tmp_path / "prompts.txt").write_text("a cat\n")
     with pytest.raises(SystemExit, match=r"^--encoder: .*neither a pipeline root"):
         tool.main(["--prompts", str(tmp_path / "prompts.txt"), "--encoder", str(tmp_path), "--out", str(tmp_path / "e")])
@@ -356,7 +349,7 @@ def test_precompute_tool_names_an_encoder_folder_without_weights_in_one_line(tin
     """It was transformers' OSError with a traceback."""
     import shutil
 
-    tool = _tool("precompute_text_embeddings")
+    tool = load_tool("precompute_text_embeddings")
     (tmp_path / "prompts.txt").write_text("a cat\n")
     pipe = tmp_path / "pipe"
     shutil.copytree(tiny_pipeline, pipe, ignore=shutil.ignore_patterns("*.safetensors"))

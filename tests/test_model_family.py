@@ -7,7 +7,6 @@ no code change: a new family is one module plus one registry line."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 from types import SimpleNamespace
@@ -39,6 +38,7 @@ from adm_megatron.families.cogvideox import COGVIDEOX
 from adm_megatron.models.cogvideox_config import CogVideoXArch
 from adm_megatron.train.teacher import resolve_teacher
 from tiny_cogvideox import make_diffusers_model, save_diffusers_model
+from tool_scripts import load_tool
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,10 +204,7 @@ def test_a_registered_family_is_picked_up_by_teacher_loader_trainer_and_converte
 
 
 def test_the_converter_cli_offers_the_registered_families(fake_family):
-    spec = importlib.util.spec_from_file_location(
-        "convert_checkpoint", os.path.join(os.path.dirname(__file__), "..", "tools", "convert_checkpoint.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("convert_checkpoint")
     args = tool.build_parser().parse_args(["hf-to-megatron", "--model", "fakevideo", "--hf-path", "x", "--out", "y"])
     assert args.model == "fakevideo"
     with pytest.raises(SystemExit):
@@ -274,9 +271,7 @@ def test_make_tiny_pipeline_builds_each_familys_tiny_pipelines(tmp_path, capsys)
     tiny pipelines of every registered family."""
     from adm_megatron.families import family_of_model_dir, tiny_pipeline_names
 
-    spec = importlib.util.spec_from_file_location("make_tiny_pipeline", os.path.join(ROOT, "tools", "make_tiny_pipeline.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("make_tiny_pipeline")
     assert tiny_pipeline_names() == ("cogvideox-2b", "cogvideox-5b", "sd3-medium", "sd3.5")
     variant = {  # what tells the variants apart in the transformer's config
         "cogvideox-2b": ("use_rotary_positional_embeddings", False), "cogvideox-5b": ("use_rotary_positional_embeddings", True),

@@ -5,28 +5,16 @@ planner's fake-tensor count of each run is recorded beside it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _tool():
-    """tools/pixel_branch_memory.py as a module (run in this process: no second interpreter's imports)."""
-    spec = importlib.util.spec_from_file_location("pixel_branch_memory", os.path.join(ROOT, "tools",
-                                                                                     "pixel_branch_memory.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from tool_scripts import load_tool
 
 def _run(tmp_path, capsys, *extra) -> tuple[str, dict]:
     out = tmp_path / f"pixel{len(extra)}.json"
     capsys.readouterr()
-    assert _tool().main(["--out", str(out), "--cogvideox-probe", "1x4x4", "--sd3-probe", "8x8",
+    assert load_tool("pixel_branch_memory").main(["--out", str(out), "--cogvideox-probe", "1x4x4", "--sd3-probe", "8x8",
                          "--encoder-image-size", "64", *extra]) == 0
     return capsys.readouterr().out, json.loads(out.read_text())
 
@@ -50,7 +38,7 @@ def test_pixel_branch_memory_smoke(tmp_path, capsys):
     out = tmp_path / "pixel0.json"
     before = out.read_bytes()
     with pytest.raises(SystemExit) as refused:
-        _tool().main(["--out", str(out)])
+        load_tool("pixel_branch_memory").main(["--out", str(out)])
     assert refused.value.code == 2 and out.read_bytes() == before
     assert capsys.readouterr().err.splitlines()[-1].endswith(
         f"--out {out}: exists (earlier measurements; pass --overwrite to replace them)")

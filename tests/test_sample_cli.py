@@ -600,7 +600,6 @@ def test_mp4_without_ffmpeg_is_refused_before_anything_is_rendered(tmp_path, wor
     import sys
 
     from adm_megatron.cli import main
-
     from adm_megatron.models import build_model_from_hf
     from adm_megatron.train.export import export_generator
 
@@ -610,14 +609,12 @@ def test_mp4_without_ffmpeg_is_refused_before_anything_is_rendered(tmp_path, wor
     capsys.readouterr()
     monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import imageio_ffmpeg -> ImportError
     out = tmp_path / "samples"
-    assert main(["sample", "--pipeline", pipeline, "--generator", generator, "--prompt", "x", "--steps", "1",
-                 "--teacher-steps", "0",
-                 "--out", str(out)]) == 2
+    args = ["sample", "--pipeline", pipeline, "--generator", generator, "--prompt", "x", "--steps", "1",
+            "--teacher-steps", "0", "--out", str(out)]
+    assert main(args) == 2  # mp4, the video default
     err = capsys.readouterr().err.strip()
     assert err.startswith("adm-megatron sample: --format mp4: no ffmpeg to write mp4 with (") and \
         err.endswith("install imageio-ffmpeg, or use --format gif or png"), err
     assert not out.exists()
-    assert main(["sample", "--pipeline", pipeline, "--generator", generator, "--prompt", "x", "--steps", "1",
-                 "--teacher-steps", "0",
-                 "--format", "gif", "--out", str(out)]) == 0
+    assert main([*args, "--format", "gif"]) == 0
     assert (out / "generator" / "sample-000.gif").is_file()

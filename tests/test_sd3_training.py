@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from adm_megatron.config import ConfigError, LoraConfig, load_config
 from tiny_cogvideox import rel_err
+from tool_scripts import load_tool
 from adm_megatron.data.tiny_pixel_encoders import save_tiny_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,12 +185,7 @@ def test_sd3_lora_file_loads_in_the_sd3_pipeline(sd3_pipeline, tmp_path, world_o
 
 
 def test_converter_round_trips_an_sd3_transformer(sd3_pipeline, tmp_path, world_of_one):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("convert_checkpoint_tool",
-                                                  os.path.join(ROOT, "tools", "convert_checkpoint.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)  # its main in this process (a subprocess each took ~6 s)
+    tool = load_tool("convert_checkpoint")  # its main in this process (a subprocess each took ~6 s)
     hf = os.path.join(sd3_pipeline, "transformer")
     for args in (["hf-to-megatron", "--model", "sd3", "--hf-path", hf, "--out", str(tmp_path / "meg")],
                  ["megatron-to-hf", "--model", "sd3", "--ckpt", str(tmp_path / "meg"), "--out", str(tmp_path / "hf")]):

@@ -83,7 +83,13 @@ def pageable_copies(staged, unstaged):
     host-offloaded optimizer states), which the writer's fork then snapshots. Tensors the preload
     copied from the device stay as they are (see the module docstring)."""
     shared: set[int] = set()
-    _map_tensors(unstaged, lambda t: shared.add(id(t)) if _pinned_on_host(t) else None)
+
+    def note(tensor: torch.Tensor) -> torch.Tensor:
+        if _pinned_on_host(tensor):
+            shared.add(id(tensor))
+        return tensor
+
+    _map_tensors(unstaged, note)
     return _map_tensors(staged, lambda t: torch.empty(t.shape, dtype=t.dtype).copy_(t) if id(t) in shared else t)
 
 
