@@ -102,3 +102,33 @@ def test_bad_compile_settings_fail_in_one_line(monkeypatch):
         compile_module.check_compile("blocks", torch.device("cpu"))
     assert "\n" not in str(error.value)
     compile_module.check_compile("none", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", ["math", "auto"])
+def test_a_compiled_block_is_one_graph(world_of_one, tmp_path, backend):
+    """No graph break inside a block (each one would split inductor's fusion and add a graph to
+    compile for every shape): the linears' per-layer flag is a plain attribute (a
+    functools.cached_property's lock breaks on Python < 3.12), and ``auto`` times its candidates
+    outside the graph once per shape -- a break at that first call, never a trace of the timing
+    code -- then finds its choice as a traced constant."""
+    from adm_megatron.models.attention_backend import forget_auto_choices
+    from adm_megatron.models.core_attention import set_attention_backend
+
+    model = build_model_from_hf(save_diffusers_model("5b", str(tmp_path)))
+    set_attention_backend(model, backend)
+    forget_auto_choices()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compile_blocks(model, "blocks")
+    inputs = make_inputs(model.arch, 1, 3, 8, 8)
+    _run(model, inputs)
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    if backend == "auto":  # the first call of the shape: only the eager timing's own break
+        assert breaks and all("disable" in reason for reason in breaks), dict(breaks)
+    else:
+        assert not breaks, dict(breaks)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    _run(model, inputs)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

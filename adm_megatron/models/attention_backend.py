@@ -40,6 +40,11 @@ SDPA_BACKENDS = {
 ATTENTION_BACKENDS = CHOICES["model.attention_backend"]  # default, auto, te and the SDPA names
 
 _AUTO: dict[tuple, dict] = {}  # call signature -> {"backend", "seconds" per candidate, ...}
+# call signature -> backend name, read by ``sdpa``: inside a compiled block (``model.compile``) dynamo
+# traces the lookup into a constant, guarded on the signature being in the dict, so the kernel choice
+# is part of one graph; the first call of a shape times the candidates eagerly (``choose`` is never
+# traced: a graph break there once, then a recompile that finds the choice).
+_CHOSEN: dict[tuple, str] = {}
 
 
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, backend: str) -> torch.Tensor:
@@ -47,7 +52,8 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, backend: s
     if backend == "default":
         return F.scaled_dot_product_attention(query, key, value)
     if backend == "auto":
-        backend = choose(query, key, value)
+        chosen = _CHOSEN.get(_signature(query, key))
+        backend = choose(query, key, value) if chosen is None else chosen
     with sdpa_kernel([SDPA_BACKENDS[backend]]):
         return F.scaled_dot_product_attention(query, key, value)
 
@@ -68,6 +74,7 @@ def _time(fn, device: torch.device, repeats: int = 3) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+@torch.compiler.disable
 def choose(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str:
     """The fastest SDPA backend for calls shaped like this one (timed at the first such call)."""
     signature = _signature(query, key)
@@ -90,6 +97,7 @@ def choose(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str:
         raise RuntimeError(f"model.attention_backend=auto: no SDPA backend serves attention of shape "
                            f"{tuple(query.shape)} {query.dtype} on {query.device}")
     best = min(timed, key=timed.get)
+    _CHOSEN[signature] = best
     _AUTO[signature] = {"backend": best, "device": str(query.device), "dtype": str(query.dtype).replace("torch.", ""),
                         "query_shape": list(query.shape), "key_shape": list(key.shape), "seconds": seconds}
     logger.info("attention_backend=auto: %s for q %s k %s %s on %s (forward + backward: %s)", best,
@@ -107,6 +115,7 @@ def auto_choices() -> list[dict]:
 def forget_auto_choices() -> None:
     """Time again at the next call of each shape (a benchmark records its own run's choices)."""
     _AUTO.clear()
+    _CHOSEN.clear()
 
 
 def probe(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:

@@ -23,8 +23,6 @@ differ, and only where the call needs nothing of megatron's.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear as _MegatronColumn
@@ -52,10 +50,11 @@ class _LocalWhenAlone:
     nothing but identity regions: no expert / deferred-wgrad / activation-offloading machinery, no
     fused gradient accumulation, the layer's own weight."""
 
-    @functools.cached_property
-    def _one_plain_rank(self) -> bool:
-        """What holds for the layer's whole life (read once, not on every call)."""
-        return (
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # what holds for the layer's whole life, set once (not a functools.cached_property: on
+        # Python < 3.12 its lock is a graph break for torch.compile, model.compile=blocks)
+        self._one_plain_rank = (
             get_pg_size(self.tp_group) == 1
             and not self.is_expert
             and not self.gradient_accumulation_fusion
