@@ -23,6 +23,10 @@
 # 5. the same bench with model.compile=blocks (each of our blocks through torch.compile; diffusers'
 #    model eager) into bench_compiled.json / bench_compiled.log, under GPU_CHECK_COMPILE_TIMEOUT_S
 #    (default 240 s: compiling took over 120 s on an H200; 0 skips it);
+#    and then with model.compile=blocks model.bf16_params=true as well (the trainable networks held in
+#    bf16, fp32 main params in the optimizer: the elementwise work and autocast's casts in bf16) into
+#    bench_compiled_bf16_params.json / .log, under GPU_CHECK_BF16_PARAMS_TIMEOUT_S (default 180 s; 0
+#    skips it; the DiT section's graphs come from inductor's cache of the step before);
 # 6. where Transformer Engine imports: the same bench with model.fp8=hybrid (TE spec, FP8 delayed
 #    scaling) into bench_fp8.json / bench_fp8.log, to set beside step 4's bf16 one, under
 #    GPU_CHECK_FP8_TIMEOUT_S (default 120 s; 0 skips it); else a line saying why not;
@@ -126,6 +130,9 @@ if [ "${GPU_CHECK_BENCH_TIMEOUT_S:-150}" != 0 ]; then
 fi
 if [ "${GPU_CHECK_COMPILE_TIMEOUT_S:-240}" != 0 ]; then
     bench bench_compiled "${GPU_CHECK_COMPILE_TIMEOUT_S:-240}" model.compile=blocks
+fi
+if [ "${GPU_CHECK_BF16_PARAMS_TIMEOUT_S:-180}" != 0 ]; then
+    bench bench_compiled_bf16_params "${GPU_CHECK_BF16_PARAMS_TIMEOUT_S:-180}" model.compile=blocks model.bf16_params=true
 fi
 if [ "${GPU_CHECK_FP8_TIMEOUT_S:-120}" != 0 ]; then
     if te_error=$($PY -c 'import transformer_engine.pytorch' 2>&1); then

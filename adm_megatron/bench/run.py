@@ -8,6 +8,7 @@ by the card's peak (:mod:`adm_megatron.bench.report`). Returns the result as a d
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from adm_megatron.hub_cache import local_dir, not_found_hint
 from adm_megatron.models.attention_backend import auto_choices, forget_auto_choices
 from adm_megatron.models.kernel_options import check_kernel_options
 from adm_megatron.models.specs import spec_kind
+
+logger = logging.getLogger("adm_megatron")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
@@ -161,6 +164,10 @@ def run_bench(opts: BenchOptions) -> dict:
         check_kernel_options(config.model, arch.attention_head_dim)
         forget_auto_choices()  # the JSON records this run's
         dit, rows = _dit_section(transformer, family, arch, shape, opts, config.model, device, peak)
+        # logged now as well: a bench stopped in the trainer section (a time limit) keeps these figures
+        logger.info("DiT section (time ours / diffusers: forward %.3f, forward+backward %.3f):\n%s",
+                    dit["ratio_ours_over_diffusers"]["forward"],
+                    dit["ratio_ours_over_diffusers"]["forward_backward"], format_table(rows))
         adm = measure_iterations(opts.config, overrides, opts.repeats, opts.warmup, opts.checkpoint_repeats)
     for phase, row in adm["phases"].items():
         row["mfu"] = None if peak is None else row["tflops_per_s"] / peak
