@@ -158,12 +158,12 @@ memory_settings_check() {
         echo "== memory settings: skipped, no time left of GPU_CHECK_TOTAL_S=$TOTAL_S"
         return 0
     fi
-    timeout -k 10 "$step_s" "$PY" -m torch.distributed.run --standalone \
-        --nproc_per_node="$nproc" tools/gpu_memory_settings.py --out "$OUT/memory_settings.json" \
-        > "$OUT/memory_settings.log" 2>&1
+    # each variant in its own torchrun of $nproc processes (the tool launches them)
+    timeout -k 10 "$step_s" "$PY" tools/gpu_memory_settings.py --nproc "$nproc" \
+        --out "$OUT/memory_settings.json" > "$OUT/memory_settings.log" 2>&1
     rc=$?
     echo "== tools/gpu_memory_settings.py exit status: $rc on $nproc GPU(s) (log: $OUT/memory_settings.log)"
-    tail -n 8 "$OUT/memory_settings.log"
+    grep -E '^(baseline|offload|bf16|sharded|    )' "$OUT/memory_settings.log" | tail -n 16
     return 0
 }
 memory_settings_check

@@ -1,7 +1,10 @@
 """Peak GPU memory of an ADM iteration with the memory settings on and off (issue #12).
 
-    torchrun --standalone --nproc_per_node=2 tools/gpu_memory_settings.py --out memory_settings.json
+    python tools/gpu_memory_settings.py --out memory_settings.json   # DP = min(2, GPUs); --nproc N
     python tools/gpu_memory_settings.py --smoke     # tiny, on CPU: the script runs (no memory figures)
+
+Each variant runs in its own ``torchrun`` (``--nproc`` processes), so no figure holds another
+variant's memory; each also reports what outlived its trainer once deleted and collected.
 
 Builds a medium random CogVideoX (diffusers directory: 8 blocks, hidden 512; ``--layers`` /
 ``--heads``) and runs, for each variant, two ADM iterations with BF16 autocast; the second
@@ -21,6 +24,7 @@ import argparse
 import gc
 import json
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -77,8 +81,6 @@ def measure(teacher: str, workdir: str, name: str, overrides: list[str], smoke: 
         "distill.generator_steps=2", "distill.head_every=2", "train.max_iterations=2", "train.num_samples=0",
         "train.export=false", "logging.wandb_mode=disabled", "logging.progress=false", *overrides,
     ])
-    # what an earlier variant left allocated (nothing, if its trainer was collected) is in every figure below
-    left_over = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None
     trainer = Trainer(config)
     cuda = trainer.device.type == "cuda"
     peaks: dict[str, float] = {}
@@ -118,15 +120,72 @@ def measure(teacher: str, workdir: str, name: str, overrides: list[str], smoke: 
         metrics = trainer.train_iteration(i)
         losses.append({k: v for k, v in metrics.items() if k.endswith("/loss")})
     result = {"overrides": overrides, "peak_gib_per_phase": peaks or None, "placement_gib_per_phase": placement or None,
-              "allocated_before_the_trainer_gib": left_over,
               "peak_gib": max(peaks.values()) if peaks else None, "losses": losses,
               "optimizer_state_numel": {n: net.optimizer.state_numel() for n, net in trainer.trainable.items()}}
     del trainer
     destroy_parallel()
-    gc.collect()  # the trainer's reference cycles (hooks, closures) too, before the next variant
-    if cuda:
-        torch.cuda.empty_cache()
+    gc.collect()  # the trainer's reference cycles (hooks, closures) too
     return result
+
+
+def cuda_tensors() -> list[torch.Tensor]:
+    return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.is_cuda]
+
+
+def _hop(node, below, module: str | None) -> str:
+    """How ``node`` holds ``below``: a module global, a dict key, a sequence index or an attribute."""
+    if isinstance(node, dict):
+        key = next((k for k, v in node.items() if v is below), None)
+        return f"module {module}, global {key!r}" if module else f"dict[{key!r}]"
+    if isinstance(node, (list, tuple)):
+        return f"{type(node).__name__}[{next((i for i, v in enumerate(node) if v is below), '?')}]"
+    attribute = next((k for k, v in getattr(node, "__dict__", {}).items() if v is below), None)
+    return type(node).__name__ + (f".{attribute}" if attribute else "")
+
+
+def holders(tensors: list[torch.Tensor], max_nodes: int = 20000) -> list[str] | None:
+    """What keeps the largest of ``tensors`` alive: the chain of referrers from a module's global
+    (``module NAME, global KEY``) down to it, one entry per hop, or None for no tensors. Run on the
+    CUDA tensors left after a variant's trainer was deleted and collected: what outlived it."""
+    if not tensors:
+        return None
+    target = max(tensors, key=lambda t: t.untyped_storage().nbytes())
+    globals_of = {id(m.__dict__): name for name, m in list(sys.modules.items()) if hasattr(m, "__dict__")}
+    ignore = {id(tensors)}
+    below_of = {id(target): None}  # id(referrer) -> the object it was found referring to
+    queue = [target]
+    del tensors
+    while queue and len(below_of) < max_nodes:
+        child = queue.pop(0)
+        for ref in gc.get_referrers(child):
+            if id(ref) in below_of or id(ref) in ignore or ref is queue or ref is below_of or type(ref).__name__ == "frame":
+                continue
+            below_of[id(ref)] = child
+            if id(ref) in globals_of:  # reached a module global: the chain down to the tensor
+                chain, node = [], ref
+                while node is not target:
+                    chain.append(_hop(node, below_of[id(node)], globals_of.get(id(node))))
+                    node = below_of[id(node)]
+                return chain + [f"Tensor {tuple(target.shape)} {target.dtype} "
+                                f"({target.untyped_storage().nbytes() / 2**20:.1f} MiB)"]
+            queue.append(ref)
+    return [f"no module global within {len(below_of)} referrers of the largest tensor "
+            f"({tuple(target.shape)} {target.dtype}): held from C / C++ (e.g. a signal handler, an autograd "
+            "node) or by a cycle the collector cannot see"]
+
+
+def run_variant(args) -> int:
+    """One variant in this process's world (the driver's torchrun): rank 0 writes its figures."""
+    rank = int(os.environ.get("RANK", "0"))
+    workdir = os.path.dirname(os.path.abspath(args.out))  # the driver's, shared by the ranks
+    result = measure(args.teacher, workdir, args.variant, variants(args.world, args.smoke)[args.variant], args.smoke)
+    result["allocated_after_the_trainer_gib"] = (torch.cuda.memory_allocated() / 2**30
+                                                 if torch.cuda.is_available() else None)
+    result["left_allocated_by"] = holders(cuda_tensors()) if torch.cuda.is_available() else None
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -135,42 +194,50 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="processes (GPUs) per variant, DP = nproc (default: min(2, GPUs), 1 on CPU)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, fp32: checks the script runs (CPU)")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: one variant, in the driver's torchrun
+    parser.add_argument("--teacher", help=argparse.SUPPRESS)
+    parser.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    if args.variant:
+        return run_variant(args)
+    nproc = args.nproc or max(1, min(2, torch.cuda.device_count()))
+    results = {}
     with tempfile.TemporaryDirectory(prefix="memory_settings_") as workdir:
-        size = "smoke" if args.smoke else f"{args.layers}x{args.heads}x{args.head_dim}"
-        shared = workdir if world == 1 else os.path.join(tempfile.gettempdir(), f"memory_settings_teacher_{size}")
-        teacher = os.path.join(shared, "teacher")
-        if rank == 0 and not os.path.isdir(teacher):
-            os.makedirs(shared, exist_ok=True)
-            build_teacher(shared, 2 if args.smoke else args.layers, 2 if args.smoke else args.heads,
-                          8 if args.smoke else args.head_dim)
-        if world > 1:  # the others wait for rank 0's teacher without a process group
-            import time
-
-            while not os.path.isfile(os.path.join(teacher, "config.json")):
-                time.sleep(1)
-            time.sleep(2)
-        results = {name: measure(teacher, workdir, name, overrides, args.smoke)
-                   for name, overrides in variants(world, args.smoke).items()}
+        size = (2, 2, 8) if args.smoke else (args.layers, args.heads, args.head_dim)
+        teacher = build_teacher(workdir, *size)
+        # each variant in a fresh torchrun: in one process, a deleted and collected trainer's memory was
+        # still allocated on the H200 when the next variant ran (0.5-1.7 GiB in every figure after the
+        # first); the variant reports what outlived its trainer and what holds it (left_allocated_by)
+        for k, (name, overrides) in enumerate(variants(nproc, args.smoke).items()):
+            part = os.path.join(workdir, f"variant{k}.json")
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                       os.path.abspath(__file__), "--variant", name, "--teacher", teacher, "--world", str(nproc),
+                       "--out", part, *(["--smoke"] if args.smoke else [])]
+            code = subprocess.run(command).returncode
+            if code != 0:
+                print(f"variant {name!r}: exit status {code}", file=sys.stderr)
+                return code
+            with open(part) as f:
+                results[name] = json.load(f)
     base = results["baseline"]["losses"]
     for name, r in results.items():
         r["max_loss_difference_to_baseline"] = max(
             abs(r["losses"][i][k] - base[i][k]) for i in range(len(base)) for k in base[i])
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump({"world_size": world, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
-                       else "cpu", "variants": results}, f, indent=2)
-        for name, r in results.items():
-            peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.3f} GiB"
-            placed = ", ".join(f"{phase} {m['before_gib']:.2f}->{m['after_gib']:.2f}"
-                               for phase, m in (r["placement_gib_per_phase"] or {}).items())
-            print(f"{name:<30} peak {peak:>12}   loss diff to baseline {r['max_loss_difference_to_baseline']:.2e}"
-                  + (f"   allocated before->after placement (GiB): {placed}" if placed else "")
-                  + ("" if not r["allocated_before_the_trainer_gib"] else
-                     f"   (left allocated by earlier variants: {r['allocated_before_the_trainer_gib']:.3f} GiB)"))
+    with open(args.out, "w") as f:
+        json.dump({"world_size": nproc, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+                   else "cpu", "variants": results}, f, indent=2)
+    for name, r in results.items():
+        peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.3f} GiB"
+        placed = ", ".join(f"{phase} {m['before_gib']:.2f}->{m['after_gib']:.2f}"
+                           for phase, m in (r["placement_gib_per_phase"] or {}).items())
+        print(f"{name:<30} peak {peak:>12}   loss diff to baseline {r['max_loss_difference_to_baseline']:.2e}"
+              + (f"   allocated before->after placement (GiB): {placed}" if placed else ""))
+        if r["left_allocated_by"]:
+            print(f"    {r['allocated_after_the_trainer_gib']:.3f} GiB outlived the trainer, held by: "
+                  + " <- ".join(reversed(r["left_allocated_by"])))
     return 0
 
 
