@@ -37,3 +37,8 @@ def test_every_section_of_the_gpu_check_passes_in_a_dry_run(tmp_path, monkeypatc
     assert trainer["ok"] and all(trainer["checks"].values()) and len(trainer["checks"]) == 9
     offload = report["sections"]["offload"]
     assert offload["ok"] and offload["bit_identical"] and offload["checks"]["optimizer_state_in_checkpoint"]
+    diagnosis = offload["diagnosis"]  # what bisects a disagreement on a GPU: all zero on the CPU
+    assert len(diagnosis["losses_per_iteration"]) == 3 and not any(v for it in diagnosis["losses_per_iteration"]
+                                                                   for v in it.values())
+    assert diagnosis["optimizer_only"]["losses"] == 0 and diagnosis["optimizer_only"]["train_state"] == 0
+    assert diagnosis["worst_weights"] == {} and diagnosis["worst_train_state"] == {}

@@ -918,13 +918,14 @@ def _deterministic_kernels():
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = was[2], was[3]
 
 
-def _offloaded_run(pipeline: str, out: str, offload: bool) -> tuple[list, dict, dict, dict | None, dict | None]:
+def _offloaded_run(pipeline: str, out: str, offload: str | None) -> tuple[list, dict, dict, dict | None, dict | None]:
     """Three iterations of a tiny fp32 CogVideoX ADM run, then a checkpoint (as a run saves one):
     the losses, every trained weight, and the checkpoint's train_state read back with torch DCP.
     With offload also the same checkpoint written in the background (``train.async_save``: device
     tensors staged on the host, the writer a fork) while a fourth iteration updates everything in
     place, read back the same way, and the offload host buffers' bytes (are they pinned?) against
-    the memory plan's host terms (else None, None)."""
+    the memory plan's host terms (else None, None). ``offload``: None, or the ``optim.<network>.offload``
+    setting of every network (the background save and host figures: ``optimizer_and_params`` only)."""
     import dataclasses
 
     from adm_megatron.config import load_config
@@ -938,7 +939,7 @@ def _offloaded_run(pipeline: str, out: str, offload: bool) -> tuple[list, dict, 
         f"model.teacher={pipeline}", f"output_dir={out}", "model.dtype=fp32", "data.num_prompts=4",
         "train.max_iterations=4", "train.num_samples=0", "train.export=false", "logging.wandb_mode=disabled",
         "logging.progress=false", "model.attention_backend=math",  # deterministic, unlike the fused kernels
-        *([f"optim.{n}.offload=optimizer_and_params" for n in ("generator", "fake_score", "discriminator")]
+        *([f"optim.{n}.offload={offload}" for n in ("generator", "fake_score", "discriminator")]
           if offload else [])])
     trainer = Trainer(config)
     losses = [{k: v for k, v in trainer.train_iteration(i).items() if k.endswith("/loss")} for i in range(3)]
@@ -947,7 +948,7 @@ def _offloaded_run(pipeline: str, out: str, offload: bool) -> tuple[list, dict, 
                for n, w in net.module.named_parameters()}
     state = read_part_tensors(os.path.join(path, "train_state"), os.path.join(out, "train_state.pt"))
     background = host = None
-    if offload:
+    if offload == "optimizer_and_params":
         buffers = list(trainer.offload.mover.host.values())
         planned = plan_run(config, 1, card_gib=80.0, pinned_memory=True).host
         host = {"held": sum(t.numel() * t.element_size() for t in buffers),
@@ -1003,16 +1004,40 @@ def section_offload(plan: Plan, workdir: str) -> dict:
 
     pipeline = build_tiny_pipeline(os.path.join(workdir, "offload_pipe"), seed=0)
     with _deterministic_kernels():
-        ref_losses, ref_weights, ref_state, _, _ = _offloaded_run(pipeline, os.path.join(workdir, "offload_off"), False)
+        ref_losses, ref_weights, ref_state, _, _ = _offloaded_run(pipeline, os.path.join(workdir, "offload_off"), None)
         again_losses, again_weights, again_state, _, _ = _offloaded_run(
-            pipeline, os.path.join(workdir, "offload_off_again"), False)
-        losses, weights, state, background, host = _offloaded_run(pipeline, os.path.join(workdir, "offload_on"), True)
+            pipeline, os.path.join(workdir, "offload_off_again"), None)
+        losses, weights, state, background, host = _offloaded_run(
+            pipeline, os.path.join(workdir, "offload_on"), "optimizer_and_params")
+        # the optimizer state alone offloaded (no weights move): which of the two moves differs
+        opt_losses, opt_weights, opt_state, _, _ = _offloaded_run(
+            pipeline, os.path.join(workdir, "offload_optimizer"), "optimizer")
+
+    def each(got: dict, want: dict) -> dict[str, float]:
+        return {k: rel_max(got[k].float(), want[k].float()) for k in want if want[k].numel()}
 
     def worst(got: dict, want: dict) -> float:
-        return max((rel_max(got[k].float(), want[k].float()) for k in want if want[k].numel()), default=0.0)
+        return max(each(got, want).values(), default=0.0)
 
     def loss_diff(got: list, want: list) -> float:
         return max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for a, b in zip(got, want) for k in b)
+
+    def first_tensors(got: dict, want: dict, count: int = 8) -> dict[str, float]:
+        """The ``count`` tensors that differ most, by name (which network, which moment)."""
+        diffs = sorted(each(got, want).items(), key=lambda kv: -kv[1])
+        return {k: v for k, v in diffs[:count] if v > 0}
+
+    # where the runs part: each iteration's relative loss differences, phase by phase, and the tensors
+    diagnosis = {
+        "losses_per_iteration": [{k: abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in b}
+                                 for a, b in zip(losses, ref_losses)],
+        "worst_weights": first_tensors(weights, ref_weights),
+        "worst_train_state": first_tensors(state, ref_state),
+        "optimizer_only": {"losses": loss_diff(opt_losses, ref_losses), "weights": worst(opt_weights, ref_weights),
+                           "train_state": worst(opt_state, ref_state),
+                           "losses_per_iteration": [{k: abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in b}
+                                                    for a, b in zip(opt_losses, ref_losses)]},
+    }
 
     diffs = {"losses": loss_diff(losses, ref_losses), "weights": worst(weights, ref_weights),
              "train_state": worst(state, ref_state)}
@@ -1035,8 +1060,11 @@ def section_offload(plan: Plan, workdir: str) -> dict:
     log(f"  offload vs none: max rel diff {', '.join(f'{k} {v:.2e}' for k, v in diffs.items())} (none vs none: "
         f"{', '.join(f'{k} {v:.2e}' for k, v in noise.items())}); "
         f"read before settle {race['read_before_settle']} (stale: {race['stale_before_settle']})")
+    if not checks["agree"]:
+        log(f"  where they part: {json.dumps(diagnosis)}")
     return {"ok": all(checks.values()), "checks": checks, "max_rel_diff": diffs, "noise_floor": noise,
-            "bit_identical": all(d == 0 for d in diffs.values()), "race": race, "host": host}
+            "bit_identical": all(d == 0 for d in diffs.values()), "race": race, "host": host,
+            "diagnosis": diagnosis}
 
 
 def _known_peak() -> bool:

@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -143,10 +144,12 @@ def _hop(node, below, module: str | None) -> str:
     return type(node).__name__ + (f".{attribute}" if attribute else "")
 
 
-def holders(tensors: list[torch.Tensor], max_nodes: int = 20000) -> list[str] | None:
+def holders(tensors: list[torch.Tensor], max_nodes: int = 2000, max_seconds: float = 10.0) -> list[str] | None:
     """What keeps the largest of ``tensors`` alive: the chain of referrers from a module's global
     (``module NAME, global KEY``) down to it, one entry per hop, or None for no tensors. Run on the
-    CUDA tensors left after a variant's trainer was deleted and collected: what outlived it."""
+    CUDA tensors left after a variant's trainer was deleted and collected: what outlived it. Each
+    hop scans the whole heap (``gc.get_referrers``), so the walk stops after ``max_nodes`` referrers
+    or ``max_seconds`` (the first GPU run's unbounded walk took most of a variant's time)."""
     if not tensors:
         return None
     target = max(tensors, key=lambda t: t.untyped_storage().nbytes())
@@ -155,7 +158,8 @@ def holders(tensors: list[torch.Tensor], max_nodes: int = 20000) -> list[str] | 
     below_of = {id(target): None}  # id(referrer) -> the object it was found referring to
     queue = [target]
     del tensors
-    while queue and len(below_of) < max_nodes:
+    deadline = time.monotonic() + max_seconds
+    while queue and len(below_of) < max_nodes and time.monotonic() < deadline:
         child = queue.pop(0)
         for ref in gc.get_referrers(child):
             if id(ref) in below_of or id(ref) in ignore or ref is queue or ref is below_of or type(ref).__name__ == "frame":
@@ -169,7 +173,7 @@ def holders(tensors: list[torch.Tensor], max_nodes: int = 20000) -> list[str] | 
                 return chain + [f"Tensor {tuple(target.shape)} {target.dtype} "
                                 f"({target.untyped_storage().nbytes() / 2**20:.1f} MiB)"]
             queue.append(ref)
-    return [f"no module global within {len(below_of)} referrers of the largest tensor "
+    return [f"no module global within {len(below_of)} referrers ({max_seconds:g} s at most) of the largest tensor "
             f"({tuple(target.shape)} {target.dtype}): held from C / C++ (e.g. a signal handler, an autograd "
             "node) or by a cycle the collector cannot see"]
 
@@ -179,13 +183,30 @@ def run_variant(args) -> int:
     rank = int(os.environ.get("RANK", "0"))
     workdir = os.path.dirname(os.path.abspath(args.out))  # the driver's, shared by the ranks
     result = measure(args.teacher, workdir, args.variant, variants(args.world, args.smoke)[args.variant], args.smoke)
-    result["allocated_after_the_trainer_gib"] = (torch.cuda.memory_allocated() / 2**30
-                                                 if torch.cuda.is_available() else None)
-    result["left_allocated_by"] = holders(cuda_tensors()) if torch.cuda.is_available() else None
+    left = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    result["allocated_after_the_trainer_gib"] = left / 2**30 if torch.cuda.is_available() else None
+    result["left_allocated_by"] = holders(cuda_tensors()) if left else None
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
     return 0
+
+
+def report(result: dict, name: str, baseline: dict | None) -> dict:
+    """``result`` with its largest loss difference to the baseline's (the baseline runs first),
+    printed as one line at once: a step stopped by its time limit keeps the variants done."""
+    base = (baseline or result)["losses"]
+    result["max_loss_difference_to_baseline"] = max(
+        abs(result["losses"][i][k] - base[i][k]) for i in range(len(base)) for k in base[i])
+    peak = "n/a" if result["peak_gib"] is None else f"{result['peak_gib']:.3f} GiB"
+    placed = ", ".join(f"{phase} {m['before_gib']:.2f}->{m['after_gib']:.2f}"
+                       for phase, m in (result["placement_gib_per_phase"] or {}).items())
+    print(f"{name:<30} peak {peak:>12}   loss diff to baseline {result['max_loss_difference_to_baseline']:.2e}"
+          + (f"   allocated before->after placement (GiB): {placed}" if placed else ""), flush=True)
+    if result["left_allocated_by"]:
+        print(f"    {result['allocated_after_the_trainer_gib']:.3f} GiB outlived the trainer, held by: "
+              + " <- ".join(reversed(result["left_allocated_by"])), flush=True)
+    return result
 
 
 def main(argv=None) -> int:
@@ -221,23 +242,10 @@ def main(argv=None) -> int:
                 print(f"variant {name!r}: exit status {code}", file=sys.stderr)
                 return code
             with open(part) as f:
-                results[name] = json.load(f)
-    base = results["baseline"]["losses"]
-    for name, r in results.items():
-        r["max_loss_difference_to_baseline"] = max(
-            abs(r["losses"][i][k] - base[i][k]) for i in range(len(base)) for k in base[i])
-    with open(args.out, "w") as f:
-        json.dump({"world_size": nproc, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
-                   else "cpu", "variants": results}, f, indent=2)
-    for name, r in results.items():
-        peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.3f} GiB"
-        placed = ", ".join(f"{phase} {m['before_gib']:.2f}->{m['after_gib']:.2f}"
-                           for phase, m in (r["placement_gib_per_phase"] or {}).items())
-        print(f"{name:<30} peak {peak:>12}   loss diff to baseline {r['max_loss_difference_to_baseline']:.2e}"
-              + (f"   allocated before->after placement (GiB): {placed}" if placed else ""))
-        if r["left_allocated_by"]:
-            print(f"    {r['allocated_after_the_trainer_gib']:.3f} GiB outlived the trainer, held by: "
-                  + " <- ".join(reversed(r["left_allocated_by"])))
+                results[name] = report(json.load(f), name, results.get("baseline"))
+            with open(args.out, "w") as f:  # after each variant, for the same reason as the lines
+                json.dump({"world_size": nproc, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+                           else "cpu", "variants": results}, f, indent=2)
     return 0
 
 
