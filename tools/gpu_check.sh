@@ -153,7 +153,7 @@ memory_settings_check() {
         return 0
     fi
     local step_s
-    step_s=$(limit "${GPU_CHECK_MEMORY_TIMEOUT_S:-150}")
+    step_s=$(limit "${GPU_CHECK_MEMORY_TIMEOUT_S:-200}")
     if [ "$step_s" = 0 ]; then
         echo "== memory settings: skipped, no time left of GPU_CHECK_TOTAL_S=$TOTAL_S"
         return 0
