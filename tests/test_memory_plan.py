@@ -216,11 +216,11 @@ def test_plan_is_within_15_percent_on_each_rank_under_sequence_and_context_paral
     overrides = ["data.frames=3", "data.height=16", "data.width=16", *layout]
     ranks = run_world(_rank_plan_and_measure, 2, pipelines[False], str(tmp_path), overrides, timeout_s=900)
     for rank, figures in enumerate(ranks):
-        # peaks only: gloo's worker threads drop the last reference to some collectives' tensors, and
-        # the profiler sees no free on a thread it does not profile until the address is reused
-        # (measure.py), so a phase's measured starting memory is too high by a varying amount (up to
-        # ~0.5 MB of 2 MB here, run to run); its peak, where those blocks are reused, is not
-        assert_within_tolerance(figures, (layout, rank), resident=False)
+        # resident memory too: the blocks gloo's worker threads free (the profiler sees no free on a
+        # thread it does not profile) are counted free where the worker drops them (measure.py); when
+        # they were counted live until their address was reused, the measured figures varied run to
+        # run and rank to rank (0.79-0.98 of the plan) and this layout failed on loaded machines
+        assert_within_tolerance(figures, (layout, rank))
 
 
 @pytest.mark.slow
@@ -234,7 +234,7 @@ def test_sd3_plan_is_within_15_percent_on_each_rank_under_sequence_and_context_p
     overrides = ["data.frames=1", "data.height=32", "data.width=32", *layout]
     ranks = run_world(_rank_plan_and_measure, 2, sd3_pipelines[False], str(tmp_path), overrides, timeout_s=900)
     for rank, figures in enumerate(ranks):
-        assert_within_tolerance(figures, (layout, rank), resident=False)  # peaks only: see the CogVideoX test
+        assert_within_tolerance(figures, (layout, rank))
 
 
 def test_measurement_counts_only_the_blocks_the_profile_saw_allocated():
@@ -244,6 +244,25 @@ def test_measurement_counts_only_the_blocks_the_profile_saw_allocated():
 
     events = [(1, 100, 0xA), (2, -7, 0xB), (3, 50, 0xC), (4, 30, 0xA), (5, -50, 0xC), (6, -30, 0xA)]
     assert signed_sizes(events) == [(1, 100), (3, 50), (4, -100), (4, 30), (5, -50), (6, -30)]
+
+
+def test_blocks_freed_on_another_thread_are_freed_where_a_collective_completes():
+    """A block without a free event (gloo's worker dropped it) is counted free at the end of the
+    first collective that completes after it was made -- when reused later, and when no live tensor
+    holds its address at the end --; a block still held at the end stays live. (The TP + SP test
+    above failed on loaded machines before: such blocks counted live until their address was reused.)"""
+    from adm_megatron.memory.measure import signed_sizes
+
+    events = [(1, 100, 0xA), (2, 40, 0xB), (3, 8, 0xC), (10, 30, 0xA), (11, -8, 0xC), (12, 5, 0xD)]
+    collectives = [2, 5, 9]  # work completions
+    assert signed_sizes(events, alive_at_end={0xA, 0xD}, collective_ends=collectives) == [
+        (1, 100), (2, -100), (2, 40), (3, 8), (5, -40), (10, 30), (11, -8), (12, 5)]
+    # without the collectives' times the reuse, and the end of the profile, are the bounds
+    assert signed_sizes(events, alive_at_end={0xA, 0xD}) == [
+        (1, 100), (2, 40), (3, 8), (10, -100), (10, 30), (11, -8), (12, -40), (12, 5)]
+    # a block made outside any op (a loader's storage) is never inferred dead from the scan
+    assert signed_sizes(events, alive_at_end={0xA, 0xD}, collective_ends=collectives, outside_ops={(2, 0xB)}) == [
+        (1, 100), (2, -100), (2, 40), (3, 8), (10, 30), (11, -8), (12, 5)]
 
 
 def test_a_tensor_freed_during_the_measurement_does_not_count(pipelines, tmp_path, world_of_one):
