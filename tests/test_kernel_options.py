@@ -28,7 +28,7 @@ def _output_and_grads(model, inputs):
 def test_every_available_backend_equals_math_and_auto_records_its_choice(world_of_one):
     from adm_megatron.families import family_of_arch
     from adm_megatron.models import CogVideoXArch
-    from adm_megatron.models.attention_backend import auto_choices, forget_auto_choices, probe
+    from adm_megatron.models.attention_backend import MATH_SKIPPED, auto_choices, forget_auto_choices, probe
     from adm_megatron.models.core_attention import SDPACoreAttention, set_attention_backend
     from adm_megatron.models.weights import load_full_state_dict
 
@@ -58,12 +58,29 @@ def test_every_available_backend_equals_math_and_auto_records_its_choice(world_o
     assert choice["query_shape"] == [2, arch.num_attention_heads, 16 + 2 * 2 * 2, arch.attention_head_dim]
     assert set(choice["seconds"]) == set(SDPA_NAMES)
     for name in SDPA_NAMES:  # timed where available, the reason where not
-        assert isinstance(choice["seconds"][name], float) == (name in available), name
+        if name != "math":
+            assert isinstance(choice["seconds"][name], float) == (name in available), name
+    # math only where no fused kernel serves (it materialises the whole score matrix)
+    assert choice["seconds"]["math"] == MATH_SKIPPED and choice["backend"] != "math"
     unavailable = [n for n in SDPA_NAMES if n not in available]
     assert unavailable  # CPU torch has no memory-efficient / cuDNN kernels
     set_attention_backend(model, unavailable[0])  # really that kernel: no silent fallback
     with pytest.raises(RuntimeError, match="No viable backend"):
         _output_and_grads(model, inputs)
+
+
+def test_auto_times_math_only_where_no_fused_kernel_serves(monkeypatch):
+    from adm_megatron.models import attention_backend
+
+    q = torch.randn(1, 2, 16, 8)
+    attention_backend.forget_auto_choices()
+    # CPU torch's one fused kernel (flash) taken away: math is what serves, so it is timed and chosen
+    monkeypatch.setattr(attention_backend, "SDPA_BACKENDS",
+                        {k: v for k, v in attention_backend.SDPA_BACKENDS.items() if k != "flash"})
+    assert attention_backend.choose(q, q, q) == "math"
+    (choice,) = attention_backend.auto_choices()
+    assert isinstance(choice["seconds"]["math"], float)
+    attention_backend.forget_auto_choices()
 
 
 def test_a_backend_this_machine_lacks_is_refused_in_one_line(cogvideox_pipeline, tmp_path, monkeypatch):

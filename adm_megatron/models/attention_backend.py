@@ -5,8 +5,8 @@
   key existed; deterministic from one run to the next, hence the default.
 - ``flash`` / ``efficient`` / ``cudnn`` / ``math``: that one ``torch.nn.attention.SDPBackend``, run
   under ``torch.nn.attention.sdpa_kernel`` (an error, not a silent fallback, if it cannot serve a call).
-- ``auto``: the fastest of the SDPA backends that serve the call on this device, timed once per
-  process and call shape (forward + backward on copies of the first call's tensors; ``choose``)
+- ``auto``: the fastest of the SDPA backends that serve the call on this device (math only where no
+  fused kernel does), timed once per process and call shape (forward + backward on copies of the first call's tensors; ``choose``)
   and cached; the choice is logged and kept in ``auto_choices()`` for the bench's JSON. Processes
   time on their own, so two runs (or a resumed run) may pick different kernels: their results then
   differ by rounding.
@@ -38,6 +38,11 @@ SDPA_BACKENDS = {
     "math": SDPBackend.MATH,
 }
 ATTENTION_BACKENDS = CHOICES["model.attention_backend"]  # default, auto, te and the SDPA names
+
+# ``auto`` times the math kernel only when no fused one serves the call: it materialises the whole
+# [b, h, s, s] score matrix -- 35 GiB at CogVideoX-2b's 17,776 tokens, which on an H200 either failed
+# or ran (230 ms against cuDNN's 19 ms) and left that much reserved in the caching allocator.
+MATH_SKIPPED = "skipped (a fused kernel serves this call; math materialises the whole score matrix)"
 
 _AUTO: dict[tuple, dict] = {}  # call signature -> {"backend", "seconds" per candidate, ...}
 # call signature -> backend name, read by ``sdpa``: inside a compiled block (``model.compile``) dynamo
@@ -84,6 +89,9 @@ def choose(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str:
     leaves = [t.detach().clone().requires_grad_(True) for t in (query, key, value)]
     seconds: dict[str, float | str] = {}
     for name, backend in SDPA_BACKENDS.items():
+        if name == "math" and any(isinstance(v, float) for v in seconds.values()):
+            seconds[name] = MATH_SKIPPED
+            continue
         def run(backend=backend):
             with sdpa_kernel([backend]):
                 F.scaled_dot_product_attention(*leaves).sum().backward()
@@ -102,8 +110,8 @@ def choose(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str:
                         "query_shape": list(query.shape), "key_shape": list(key.shape), "seconds": seconds}
     logger.info("attention_backend=auto: %s for q %s k %s %s on %s (forward + backward: %s)", best,
                 tuple(query.shape), tuple(key.shape), query.dtype, query.device,
-                ", ".join(f"{n} {s * 1e3:.3g} ms" if isinstance(s, float) else f"{n} unavailable"
-                          for n, s in seconds.items()))
+                ", ".join(f"{n} {s * 1e3:.3g} ms" if isinstance(s, float) else
+                          f"{n} {'skipped' if s == MATH_SKIPPED else 'unavailable'}" for n, s in seconds.items()))
     return best
 
 
