@@ -260,9 +260,10 @@ def test_blocks_freed_on_another_thread_are_freed_where_a_collective_completes()
     # without the collectives' times the reuse, and the end of the profile, are the bounds
     assert signed_sizes(events, alive_at_end={0xA, 0xD}) == [
         (1, 100), (2, 40), (3, 8), (10, -100), (10, 30), (11, -8), (12, -40), (12, 5)]
-    # a block made outside any op (a loader's storage) is never inferred dead from the scan
-    assert signed_sizes(events, alive_at_end={0xA, 0xD}, collective_ends=collectives, outside_ops={(2, 0xB)}) == [
-        (1, 100), (2, -100), (2, 40), (3, 8), (10, 30), (11, -8), (12, 5)]
+    # blocks made outside any op (a loader's storages) are freed at their address's reuse only
+    assert signed_sizes(events, alive_at_end={0xA, 0xD}, collective_ends=collectives,
+                        outside_ops={(1, 0xA), (2, 0xB)}) == [
+        (1, 100), (2, 40), (3, 8), (10, -100), (10, 30), (11, -8), (12, 5)]
 
 
 def test_a_tensor_freed_during_the_measurement_does_not_count(pipelines, tmp_path, world_of_one):

@@ -72,13 +72,14 @@ def signed_sizes(events: list[tuple[int, int, int]], alive_at_end: set[int] | No
       completes, racing the calling thread) has no free event. Such a block was freed if the
       allocator hands its address out again (it cannot while the block is in use), or if no live
       tensor holds its address when the profile is over (``alive_at_end``: the storages' addresses
-      then; None: not known; blocks made outside any op, ``outside_ops`` (time, address), are left to
-      the reuse rule: storages a loader makes directly, such as ``torch.load``'s, which the scan of
-      Python's tensors does not always reach). Its free is placed where a worker drops it: at the end of the first
+      then; None: not known). Its free is placed where a worker drops it: at the end of the first
       collective's work (``collective_ends``) that ends after the block was made, or at the reuse if
-      that comes first. Counting it live until its address happened to be reused (or for ever) made a
-      TP + SP run's phases 16-17% larger than the plan on loaded machines, by an amount that changed
-      from run to run."""
+      that comes first. Counting it live until its address happened to be reused (or for ever) made
+      a TP + SP run's phases 16-17% larger than the plan on loaded machines, by an amount that
+      changed from run to run. Blocks made outside any op (``outside_ops``: (time, address)),
+      storages a loader makes directly such as ``torch.load``'s, are no collective's: they count
+      free at their address's reuse only (the scan of Python's tensors did not reach two such that
+      were alive)."""
     ends = sorted(collective_ends)
     last = max((t for t, _, _ in events), default=0)
 
@@ -92,7 +93,8 @@ def signed_sizes(events: list[tuple[int, int, int]], alive_at_end: set[int] | No
         if size > 0:
             if ptr in live:  # reused: the block there was freed unseen
                 made, old = live.pop(ptr)
-                allocations.append((freed_by_a_worker(made, time_ns), -old))
+                freed = time_ns if (made, ptr) in outside_ops else freed_by_a_worker(made, time_ns)
+                allocations.append((freed, -old))
             live[ptr] = (time_ns, size)
         elif live.pop(ptr, None) is None:
             continue
