@@ -1016,11 +1016,14 @@ def section_offload(plan: Plan, workdir: str) -> dict:
     def each(got: dict, want: dict) -> dict[str, float]:
         return {k: rel_max(got[k].float(), want[k].float()) for k in want if want[k].numel()}
 
-    def worst(got: dict, want: dict) -> float:
-        return max(each(got, want).values(), default=0.0)
+    def per_iteration(got: list, want: list) -> list[dict[str, float]]:
+        return [{k: abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in b} for a, b in zip(got, want)]
 
-    def loss_diff(got: list, want: list) -> float:
-        return max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for a, b in zip(got, want) for k in b)
+    def compare(got_losses: list, got_weights: dict, got_state: dict) -> dict[str, float]:
+        """The largest relative differences of a run's losses, weights and train_state to the reference."""
+        return {"losses": max(v for it in per_iteration(got_losses, ref_losses) for v in it.values()),
+                "weights": max(each(got_weights, ref_weights).values(), default=0.0),
+                "train_state": max(each(got_state, ref_state).values(), default=0.0)}
 
     def first_tensors(got: dict, want: dict, count: int = 8) -> dict[str, float]:
         """The ``count`` tensors that differ most, by name (which network, which moment)."""
@@ -1029,20 +1032,15 @@ def section_offload(plan: Plan, workdir: str) -> dict:
 
     # where the runs part: each iteration's relative loss differences, phase by phase, and the tensors
     diagnosis = {
-        "losses_per_iteration": [{k: abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in b}
-                                 for a, b in zip(losses, ref_losses)],
+        "losses_per_iteration": per_iteration(losses, ref_losses),
         "worst_weights": first_tensors(weights, ref_weights),
         "worst_train_state": first_tensors(state, ref_state),
-        "optimizer_only": {"losses": loss_diff(opt_losses, ref_losses), "weights": worst(opt_weights, ref_weights),
-                           "train_state": worst(opt_state, ref_state),
-                           "losses_per_iteration": [{k: abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in b}
-                                                    for a, b in zip(opt_losses, ref_losses)]},
+        "optimizer_only": {**compare(opt_losses, opt_weights, opt_state),
+                           "losses_per_iteration": per_iteration(opt_losses, ref_losses)},
     }
 
-    diffs = {"losses": loss_diff(losses, ref_losses), "weights": worst(weights, ref_weights),
-             "train_state": worst(state, ref_state)}
-    noise = {"losses": loss_diff(again_losses, ref_losses), "weights": worst(again_weights, ref_weights),
-             "train_state": worst(again_state, ref_state)}
+    diffs = compare(losses, weights, state)
+    noise = compare(again_losses, again_weights, again_state)
     race = _settle_race(plan.device)
     checks = {
         "same_keys": weights.keys() == ref_weights.keys() and state.keys() == ref_state.keys(),

@@ -129,10 +129,6 @@ def measure(teacher: str, workdir: str, name: str, overrides: list[str], smoke: 
     return result
 
 
-def cuda_tensors() -> list[torch.Tensor]:
-    return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.is_cuda]
-
-
 def _hop(node, below, module: str | None) -> str:
     """How ``node`` holds ``below``: a module global, a dict key, a sequence index or an attribute."""
     if isinstance(node, dict):
@@ -180,12 +176,14 @@ def holders(tensors: list[torch.Tensor], max_nodes: int = 2000, max_seconds: flo
 
 def run_variant(args) -> int:
     """One variant in this process's world (the driver's torchrun): rank 0 writes its figures."""
-    rank = int(os.environ.get("RANK", "0"))
+    from adm_megatron.memory.measure import live_tensors
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     workdir = os.path.dirname(os.path.abspath(args.out))  # the driver's, shared by the ranks
-    result = measure(args.teacher, workdir, args.variant, variants(args.world, args.smoke)[args.variant], args.smoke)
+    result = measure(args.teacher, workdir, args.variant, variants(world, args.smoke)[args.variant], args.smoke)
     left = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     result["allocated_after_the_trainer_gib"] = left / 2**30 if torch.cuda.is_available() else None
-    result["left_allocated_by"] = holders(cuda_tensors()) if left else None
+    result["left_allocated_by"] = holders([t for t in live_tensors() if t.is_cuda]) if left else None
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
@@ -220,7 +218,6 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, fp32: checks the script runs (CPU)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: one variant, in the driver's torchrun
     parser.add_argument("--teacher", help=argparse.SUPPRESS)
-    parser.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.variant:
         return run_variant(args)
@@ -235,8 +232,7 @@ def main(argv=None) -> int:
         for k, (name, overrides) in enumerate(variants(nproc, args.smoke).items()):
             part = os.path.join(workdir, f"variant{k}.json")
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                       os.path.abspath(__file__), "--variant", name, "--teacher", teacher, "--world", str(nproc),
-                       "--out", part, *(["--smoke"] if args.smoke else [])]
+                       os.path.abspath(__file__), "--variant", name, "--teacher", teacher, "--out", part, *(["--smoke"] if args.smoke else [])]
             code = subprocess.run(command).returncode
             if code != 0:
                 print(f"variant {name!r}: exit status {code}", file=sys.stderr)

@@ -6,8 +6,8 @@ allocator (the CPU allocator here, the CUDA caching allocator's tensor blocks on
 so the running sum of those sizes is the live tensor memory of the run (tensors that existed before
 the trainer are left out: none of them belongs to it). The profiler sees the allocator only on the
 threads it profiles; a block freed on a gloo worker thread is counted free where that worker drops
-it, inferred from the collectives' ranges (see ``signed_sizes``). Each phase of each iteration is marked with a
-``record_function`` range (the trainer's ``PhaseRunner.run`` wrapped on this one instance); a
+it, inferred from the collectives' ranges (see ``signed_sizes``). Each phase of each iteration is
+marked with a ``record_function`` range (the trainer's ``PhaseRunner.run`` wrapped on this one instance); a
 phase's measured peak is the largest running sum inside its range, and its resident memory the sum
 at its start. Only the last iteration counts: by then every optimizer state exists (AdamW allocates
 its moments at a network's first step), so the figures are the steady state the planner predicts.
@@ -105,18 +105,22 @@ def signed_sizes(events: list[tuple[int, int, int]], alive_at_end: set[int] | No
     return sorted(allocations)
 
 
-def _live_storage_addresses() -> set[int]:
-    """The storage addresses of every tensor Python still holds (parameters, optimizer states,
-    buffers): the blocks alive when a profile ends."""
-    addresses = set()
+def live_tensors() -> list[torch.Tensor]:
+    """Every tensor Python still holds (parameters, optimizer states, buffers), from the garbage
+    collector's objects."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # isinstance on some deprecated module attributes warns
-        for obj in gc.get_objects():
-            if isinstance(obj, torch.Tensor):
-                try:
-                    addresses.add(obj.untyped_storage().data_ptr())
-                except (RuntimeError, NotImplementedError):  # tensors without a storage
-                    continue
+        return [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+
+
+def _live_storage_addresses() -> set[int]:
+    """The storage addresses of :func:`live_tensors`: the blocks alive when a profile ends."""
+    addresses = set()
+    for tensor in live_tensors():
+        try:
+            addresses.add(tensor.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # tensors without a storage
+            continue
     return addresses
 
 

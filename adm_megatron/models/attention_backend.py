@@ -6,8 +6,8 @@
 - ``flash`` / ``efficient`` / ``cudnn`` / ``math``: that one ``torch.nn.attention.SDPBackend``, run
   under ``torch.nn.attention.sdpa_kernel`` (an error, not a silent fallback, if it cannot serve a call).
 - ``auto``: the fastest of the SDPA backends that serve the call on this device (math only where no
-  fused kernel does), timed once per process and call shape (forward + backward on copies of the first call's tensors; ``choose``)
-  and cached; the choice is logged and kept in ``auto_choices()`` for the bench's JSON. Processes
+  fused kernel does), timed once per process and call shape (forward + backward on copies of the
+  first call's tensors; ``choose``) and cached; the choice is logged and kept in ``auto_choices()`` for the bench's JSON. Processes
   time on their own, so two runs (or a resumed run) may pick different kernels: their results then
   differ by rounding.
 - ``te``: Transformer Engine's ``DotProductAttention`` (``models.te_core_attention``); it needs the
