@@ -38,7 +38,8 @@ def test_every_section_of_the_gpu_check_passes_in_a_dry_run(tmp_path, monkeypatc
     offload = report["sections"]["offload"]
     assert offload["ok"] and offload["bit_identical"] and offload["checks"]["optimizer_state_in_checkpoint"]
     diagnosis = offload["diagnosis"]  # what bisects a disagreement on a GPU: all zero on the CPU
-    assert len(diagnosis["losses_per_iteration"]) == 3 and not any(v for it in diagnosis["losses_per_iteration"]
-                                                                   for v in it.values())
+    per_iteration = diagnosis["per_iteration"]
+    assert len(per_iteration) == 3 and not any(v for it in per_iteration for v in it.values())
+    assert {"generator/loss", "generator/grad_norm", "discriminator/grad_norm"} <= set(per_iteration[0])
     assert diagnosis["optimizer_only"]["losses"] == 0 and diagnosis["optimizer_only"]["train_state"] == 0
     assert diagnosis["worst_weights"] == {} and diagnosis["worst_train_state"] == {}

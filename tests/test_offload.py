@@ -94,3 +94,104 @@ def test_a_checkpoint_reads_offloaded_optimizer_states_only_after_their_copies_l
     saves = [i for i, e in enumerate(events) if e != "settle"]
     assert ("save", "host") in events  # the generator's moments are written from the host buffers
     assert "settle" in events and events.index("settle") < saves[0], events
+
+
+class LateCopies:
+    """CUDA's offload hazards made visible on the CPU, where copies are synchronous and nothing is
+    freed while referenced: a copy to the host lands, as far as the CPU can tell, only at ``settle``
+    (the device sees it in order: a copy back to the device lands it first), its host buffer reads NaN
+    until then; once landed, the
+    device storage it left is NaN (CUDA frees and reuses it); a host buffer copied back to the device
+    reads NaN (its value is stale from then on); and a released gradient buffer is kept filled with a
+    sentinel that must still be there when it is restored (CUDA would have written into freed memory)."""
+
+    SENTINEL = 12345.0
+
+    def __init__(self, monkeypatch):
+        from megatron.core.distributed.distributed_data_parallel import DistributedDataParallel
+
+        from adm_megatron.train.offload import HostMover, Offloader
+
+        self.pending, self.written_while_released = {}, []  # id(host buffer) -> (it, storage left)
+        to_host, to_device = HostMover.to_host, HostMover.to_device
+        late = self
+
+        @torch.no_grad()
+        def late_to_host(mover, tensors):
+            leaving = [(t, t.data) for t in tensors if not mover.is_on_host(t)]
+            to_host(mover, tensors)
+            for t, old in leaving:
+                mover.host[id(t)].fill_(float("nan"))
+                late.pending[id(mover.host[id(t)])] = (mover.host[id(t)], old)
+
+        @torch.no_grad()
+        def late_to_device(mover, tensors):
+            hosts = [mover.host[id(t)] for t in tensors if mover.is_on_host(t)]
+            late.land(hosts)
+            to_device(mover, tensors)
+            for host in hosts:
+                host.fill_(float("nan"))
+
+        def release(ddp, synchronize=True, empty_cache=True):
+            for buffer in ddp.buffers:
+                buffer.grad_data.fill_(self.SENTINEL)
+                buffer.released = True
+
+        def restore(ddp, synchronize=True):
+            for buffer in ddp.buffers:
+                if getattr(buffer, "released", False):
+                    self.written_while_released += [int((buffer.grad_data != self.SENTINEL).sum())]
+                    buffer.grad_data.zero_()
+                    buffer.released = False
+
+        monkeypatch.setattr(HostMover, "to_host", late_to_host)
+        monkeypatch.setattr(HostMover, "to_device", late_to_device)
+        monkeypatch.setattr(HostMover, "settle", lambda mover: late.land())
+        monkeypatch.setattr(DistributedDataParallel, "offload_grad_buffers", release)
+        monkeypatch.setattr(DistributedDataParallel, "restore_grad_buffers", restore)
+        monkeypatch.setattr(Offloader, "_grads_released", lambda offloader, name: any(
+            getattr(b, "released", False) for b in offloader.networks[name].module.buffers))
+
+    @torch.no_grad()
+    def land(self, hosts=None):
+        """The pending copies into ``hosts`` (all: None) land."""
+        for key in list(self.pending) if hosts is None else [id(h) for h in hosts if id(h) in self.pending]:
+            host, old = self.pending.pop(key)
+            host.copy_(old)
+            old.fill_(float("nan"))
+
+
+def _checkpointed_run(pipeline_dir: str, output_dir: str, overrides: list[str]):
+    """Three iterations, then a checkpoint: the losses, every weight and the checkpoint's train_state."""
+    from adm_megatron.config import load_config
+    from adm_megatron.train.checkpoint import save_training_checkpoint
+    from adm_megatron.train.checkpoint_files import read_part_tensors
+    from adm_megatron.train.trainer import Trainer
+
+    config = load_config(None, [f"model.teacher={pipeline_dir}", f"output_dir={output_dir}", *COMMON, *overrides])
+    trainer = Trainer(config)
+    losses = [{k: v for k, v in trainer.train_iteration(i).items() if k.endswith("/loss")} for i in range(3)]
+    path = save_training_checkpoint(trainer, 3)
+    weights = {f"{p}.{n}": w.detach().clone() for p, net in trainer.trainable.items()
+               for n, w in net.module.named_parameters()}
+    import os
+
+    state = read_part_tensors(os.path.join(path, "train_state"), os.path.join(output_dir, "state.pt"))
+    return losses, weights, state
+
+
+def test_offload_stays_exact_when_copies_land_late_and_freed_memory_is_reused(tmp_path, world_of_one, monkeypatch):
+    """The CPU stand-in for offload's CUDA path (``LateCopies``): nothing reads a host buffer before its
+    copy has landed, nothing keeps using storage a tensor has left, and no gradient reaches a released
+    buffer -- the run, its weights and its checkpointed optimizer state are still those of the run
+    without offload, bit for bit."""
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+    pipeline_dir = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    ref_losses, ref_weights, ref_state = _checkpointed_run(pipeline_dir, str(tmp_path / "off"), [])
+    late = LateCopies(monkeypatch)
+    losses, weights, state = _checkpointed_run(pipeline_dir, str(tmp_path / "on"), OFFLOAD)
+    assert late.written_while_released and not any(late.written_while_released)  # restores happened, clean
+    assert losses == ref_losses
+    for name, want in {**ref_weights, **ref_state}.items():
+        assert torch.equal({**weights, **state}[name], want), name

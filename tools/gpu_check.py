@@ -920,7 +920,7 @@ def _deterministic_kernels():
 
 def _offloaded_run(pipeline: str, out: str, offload: str | None) -> tuple[list, dict, dict, dict | None, dict | None]:
     """Three iterations of a tiny fp32 CogVideoX ADM run, then a checkpoint (as a run saves one):
-    the losses, every trained weight, and the checkpoint's train_state read back with torch DCP.
+    the losses and gradient norms, every trained weight, and the checkpoint's train_state read back with torch DCP.
     With offload also the same checkpoint written in the background (``train.async_save``: device
     tensors staged on the host, the writer a fork) while a fourth iteration updates everything in
     place, read back the same way, and the offload host buffers' bytes (are they pinned?) against
@@ -942,7 +942,10 @@ def _offloaded_run(pipeline: str, out: str, offload: str | None) -> tuple[list, 
         *([f"optim.{n}.offload={offload}" for n in ("generator", "fake_score", "discriminator")]
           if offload else [])])
     trainer = Trainer(config)
-    losses = [{k: v for k, v in trainer.train_iteration(i).items() if k.endswith("/loss")} for i in range(3)]
+    # each phase's loss and its networks' gradient norms: the norms say whether a phase's backward
+    # already differs before any update does
+    losses = [{k: v for k, v in trainer.train_iteration(i).items() if k.endswith(("/loss", "/grad_norm"))}
+              for i in range(3)]
     path = save_training_checkpoint(trainer, 3)
     weights = {f"{p}.{n}": w.detach().cpu().clone() for p, net in trainer.trainable.items()
                for n, w in net.module.named_parameters()}
@@ -1016,27 +1019,34 @@ def section_offload(plan: Plan, workdir: str) -> dict:
     def each(got: dict, want: dict) -> dict[str, float]:
         return {k: rel_max(got[k].float(), want[k].float()) for k in want if want[k].numel()}
 
+    def worst(values) -> float:
+        """The largest, NaN when any is (Python's ``max`` keeps a NaN only when it comes first)."""
+        values = list(values)
+        return math.nan if any(math.isnan(v) for v in values) else max(values, default=0.0)
+
     def per_iteration(got: list, want: list) -> list[dict[str, float]]:
         return [{k: abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in b} for a, b in zip(got, want)]
 
     def compare(got_losses: list, got_weights: dict, got_state: dict) -> dict[str, float]:
         """The largest relative differences of a run's losses, weights and train_state to the reference."""
-        return {"losses": max(v for it in per_iteration(got_losses, ref_losses) for v in it.values()),
-                "weights": max(each(got_weights, ref_weights).values(), default=0.0),
-                "train_state": max(each(got_state, ref_state).values(), default=0.0)}
+        return {"losses": worst(v for it in per_iteration(got_losses, ref_losses)
+                                for k, v in it.items() if k.endswith("/loss")),
+                "weights": worst(each(got_weights, ref_weights).values()),
+                "train_state": worst(each(got_state, ref_state).values())}
 
     def first_tensors(got: dict, want: dict, count: int = 8) -> dict[str, float]:
         """The ``count`` tensors that differ most, by name (which network, which moment)."""
-        diffs = sorted(each(got, want).items(), key=lambda kv: -kv[1])
-        return {k: v for k, v in diffs[:count] if v > 0}
+        diffs = sorted(each(got, want).items(), key=lambda kv: (not math.isnan(kv[1]), -kv[1]))  # NaN first
+        return {k: v for k, v in diffs[:count] if not v <= 0}
 
-    # where the runs part: each iteration's relative loss differences, phase by phase, and the tensors
+    # where the runs part: each iteration's relative loss and gradient-norm differences, phase by
+    # phase, and the tensors
     diagnosis = {
-        "losses_per_iteration": per_iteration(losses, ref_losses),
+        "per_iteration": per_iteration(losses, ref_losses),
         "worst_weights": first_tensors(weights, ref_weights),
         "worst_train_state": first_tensors(state, ref_state),
         "optimizer_only": {**compare(opt_losses, opt_weights, opt_state),
-                           "losses_per_iteration": per_iteration(opt_losses, ref_losses)},
+                           "per_iteration": per_iteration(opt_losses, ref_losses)},
     }
 
     diffs = compare(losses, weights, state)

@@ -75,11 +75,12 @@ class HostMover:
         tensors = [t for t in tensors if self.is_on_host(t)]
         if not tensors:
             return
+        # allocated on the compute stream, which uses them, before the side stream waits for it: with
+        # torch's deterministic algorithms ``empty`` queues a NaN fill there that must land first
+        targets = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in tensors]
         if self.cuda:  # the side stream's copies come after what the compute stream has queued
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        for t in tensors:
-            # allocated on the compute stream, which uses it; written on the side stream
-            on_device = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+        for t, on_device in zip(tensors, targets):
             with self._stream():
                 on_device.copy_(t.data, non_blocking=self.cuda)
             t.data = on_device
