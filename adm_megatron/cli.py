@@ -137,7 +137,7 @@ def _bench(args: argparse.Namespace) -> int:
     opts = BenchOptions(
         model=args.model, layers=args.layers, batch=args.batch, frames=args.frames, height=args.height,
         width=args.width, dtype=args.dtype, impl=args.impl, repeats=args.repeats, warmup=args.warmup,
-        checkpoint_repeats=args.checkpoint_repeats,
+        checkpoint_repeats=args.checkpoint_repeats, profile=args.profile,
         peak_tflops=args.peak_tflops, seed=args.seed, config=args.config, overrides=args.overrides,
         command=args.command_line,
     )
@@ -170,6 +170,11 @@ def _bench(args: argparse.Namespace) -> int:
               f"({', '.join(lora['target_modules'])}), {lora['trainable_parameters']} trainable parameters")
     ratio = result["dit"]["ratio_ours_over_diffusers"]
     print(f"time ours / diffusers: forward {ratio['forward']:.3f}, forward+backward {ratio['forward_backward']:.3f}")
+    profiles = result["dit"].get("profile_forward_backward")
+    if profiles:
+        from adm_megatron.bench.kernel_profile import format_comparison
+
+        print(f"DiT forward+backward by kernel kind ({profiles['ours']['events']}):\n{format_comparison(profiles)}")
     if args.out:
         write_json_atomically(args.out, result)
         print(f"written: {args.out}")
@@ -336,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="timed checkpoints of each kind, after an untimed one each (default 2; 0: none)")
     bench.add_argument("--peak-tflops", type=float, default=None,
                        help="peak TFLOP/s for MFU (default: the dense BF16 peak of a known card; none on CPU)")
+    bench.add_argument("--profile", action="store_true",
+                       help="also one forward+backward of each DiT under torch.profiler: time by kernel kind "
+                            "(attention, GEMM, normalisation, copies, ...) and the heaviest kernels, side by side")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--config", default=None, help="a run config for the trainer (model and data keys are set by bench)")
     bench.add_argument("--out", default=None, help="write the result as JSON here (a new file, unless --overwrite)")

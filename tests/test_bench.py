@@ -99,7 +99,7 @@ def test_bench_cli_runs_both_models_and_every_phase(tmp_path, world_of_one, caps
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", pipeline, "--repeats", "2", "--warmup", "0", "--frames", "2", "--height", "4",
                  "--width", "4", "--batch", "2", "--peak-tflops", "1", "--out", str(out),
-                 "distill.generator_steps=1", "distill.head_every=1", "distill.head_hidden=16",
+                 "--profile", "distill.generator_steps=1", "distill.head_every=1", "distill.head_hidden=16",
                  "model.attention_backend=auto"]) == 0
     result = json.loads(out.read_text())
     env = result["environment"]
@@ -148,12 +148,18 @@ def test_bench_cli_runs_both_models_and_every_phase(tmp_path, world_of_one, caps
     # every forward really ran: diffusers once for the agreement check and 2 x 2 timed; ours as
     # often, plus each counted evaluation of the 2 timed iterations
     evaluations = sum(v["calls"] for roles in adm["evaluations_per_iteration"].values() for v in roles.values())
-    assert len(diffusers_calls) == 5 and len(ours_calls) == 5 + 2 * evaluations
+    assert len(diffusers_calls) == 6 and len(ours_calls) == 6 + 2 * evaluations  # + 1 profiled each
+    for side, profile in dit["profile_forward_backward"].items():  # where each side's time went
+        spent = profile["categories_ms"]
+        assert profile["events"] == "aten operators, self CPU time"
+        assert spent["attention"] > 0 and spent["gemm"] > 0 and spent["normalization"] > 0, (side, spent)
+        assert profile["total_ms"] == pytest.approx(sum(spent.values())) and profile["total_ms"] <= profile["wall_ms"]
+        assert profile["top"] and all(row["ms"] > 0 for row in profile["top"])
     captured = capsys.readouterr()
     printed = captured.out
     assert "note: --warmup 0 times each side's first, cold round too" in captured.err
     assert "DiT forward_backward diffusers" in printed and "adm discriminator" in printed
-    assert "time ours / diffusers" in printed
+    assert "time ours / diffusers" in printed and "DiT forward+backward by kernel kind" in printed
     assert "checkpoint: synchronous save" in printed and "checkpoint: background pause" in printed
     assert f"attention auto ({', '.join(sorted(chosen))})" in printed and "fp8 off, DP grad overlap off" in printed
     calls = len(ours_calls)
@@ -443,3 +449,30 @@ def test_adapter_flops_equal_torch_flop_counter_on_our_lora_model(family_name, w
     layers = adapted_linears(lora_of(model))
     assert counted() - base == family.lora_flops(arch, shape, text_len, layers) > 0
     assert counted(**features) - base_features == family.lora_flops(arch, shape, text_len, layers, 2) > 0
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0", "attention"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>", "attention"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_kernel__5x_cublas",
+     "gemm"),
+    ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT", "gemm"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution"),
+    ("triton_red_fused_native_layer_norm_native_layer_norm_backward_0", "normalization"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>", "normalization"),
+    ("Memcpy DtoD (Device -> Device)", "copy"),
+    ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)>",
+     "copy"),
+    ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<c10::BFloat16, unsigned int, 4, 64, 64>", "copy"),
+    ("triton_poi_fused_add_mul_silu_3", "other"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "other"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"),
+    ("aten::addmm", "gemm"),
+    ("aten::convolution_backward", "convolution"),
+])
+def test_profile_sorts_kernel_names_into_kinds(name, expected):
+    """The kinds ``bench --profile`` sums a side's time into, from kernel names as a GPU trace shows
+    them (cuDNN / flash attention, cuBLAS GEMMs, cuDNN convolutions, Triton fusions) and CPU operators."""
+    from adm_megatron.bench.kernel_profile import category
+
+    assert category(name) == expected

@@ -17,6 +17,7 @@ import torch
 
 from adm_megatron.bench.adm_iteration import measure_iterations, trainer_overrides, write_scheduler_pipeline
 from adm_megatron.bench.dit import LatentShape, build_pair
+from adm_megatron.bench.kernel_profile import format_comparison, profile_call
 from adm_megatron.bench.report import environment, format_table, peak_tflops
 from adm_megatron.bench.timing import alternating
 from adm_megatron.config import Config, ModelConfig, load_config
@@ -44,6 +45,7 @@ class BenchOptions:
     repeats: int = 7
     warmup: int = 2
     checkpoint_repeats: int = 2  # timed checkpoints of each kind; 0 measures none
+    profile: bool = False  # one more forward+backward of each side under torch.profiler, by kernel kind
     peak_tflops: float | None = None
     seed: int = 0
     config: str | None = None  # a run config for the trainer (its model/data keys are replaced)
@@ -102,6 +104,10 @@ def _dit_section(transformer: str, family, arch, shape: LatentShape, opts: Bench
         section.setdefault("ours" if who == "ours" else "diffusers", {})[what] = rows[-1]
     section["ratio_ours_over_diffusers"] = {
         what: section["ours"][what]["median_s"] / section["diffusers"][what]["median_s"] for what in flops}
+    if opts.profile:  # after the timed rounds: both sides warm (and ours compiled, where it is)
+        section["profile_forward_backward"] = {
+            side: profile_call(pair.forward_backward(who), device)
+            for side, who in (("ours", "ours"), ("diffusers", "reference"))}
     del pair
     gc.collect()
     if device.type == "cuda":
@@ -168,6 +174,10 @@ def run_bench(opts: BenchOptions) -> dict:
         logger.info("DiT section (time ours / diffusers: forward %.3f, forward+backward %.3f):\n%s",
                     dit["ratio_ours_over_diffusers"]["forward"],
                     dit["ratio_ours_over_diffusers"]["forward_backward"], format_table(rows))
+        if opts.profile:
+            logger.info("DiT forward+backward by kernel kind (%s):\n%s",
+                        dit["profile_forward_backward"]["ours"]["events"],
+                        format_comparison(dit["profile_forward_backward"]))
         adm = measure_iterations(opts.config, overrides, opts.repeats, opts.warmup, opts.checkpoint_repeats)
     for phase, row in adm["phases"].items():
         row["mfu"] = None if peak is None else row["tflops_per_s"] / peak
