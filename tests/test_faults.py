@@ -86,8 +86,13 @@ def test_nan_on_one_rank_is_skipped_on_all_and_k_in_a_row_stop_cleanly(tmp_path,
         assert "train.max_skipped_steps=2" in error
     for a, b in zip(ranks[0]["records"], ranks[1]["records"]):
         assert torch.equal(a[3], b[3])  # the replicas stayed identical
-    logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    def strict(constant):  # what jq or JavaScript make of NaN / Infinity
+        raise ValueError(f"metrics.jsonl: {constant} is not JSON")
+
+    logged = [json.loads(line, parse_constant=strict) for line in open(out / "metrics.jsonl")]
     assert [r["skipped_steps"] for r in logged] == [0, 1, 1, 2]
+    # the skipped updates' loss (NaN on rank 1, so in the mean) is written null
+    assert [r["fake_score/loss"] is None for r in logged] == [False, True, False, True]
     checkpoints = sorted(os.listdir(out / "checkpoints"))
     assert checkpoints == [f"iter_{i:07d}" for i in range(1, 5)] + ["latest"]  # none half-written
     assert open(out / "checkpoints" / "latest").read().strip() == "iter_0000004"

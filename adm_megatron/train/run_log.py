@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import uuid
 
@@ -40,6 +41,15 @@ def wandb_run_id(output_dir: str) -> str:
     run_id = uuid.uuid4().hex[:16]  # wandb ids: letters and digits, unique in the project
     write_json_atomically(path, {"id": run_id})
     return run_id
+
+
+def metrics_line(metrics: dict) -> str:
+    """One ``metrics.jsonl`` record as strict JSON: a non-finite value (a NaN loss of a skipped update
+    under ``train.nan_policy=skip``) is written ``null`` -- Python would write ``NaN``, which jq,
+    JavaScript and other strict readers refuse; pandas reads ``null`` back as NaN, and the
+    ``<network>/skipped`` flags say which update it was."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()},
+                      allow_nan=False)
 
 
 def check_loggers(wandb_mode: str, tensorboard: bool) -> None:
@@ -102,7 +112,7 @@ class RunLogger:
         if not self.enabled:
             return
         if metrics["iteration"] % self.log_every == 0 or last:
-            self.file.write(json.dumps(metrics) + "\n")
+            self.file.write(metrics_line(metrics) + "\n")
             self.file.flush()
             if self.wandb is not None:
                 self.wandb.log({k: v for k, v in metrics.items() if k != "iteration"}, step=metrics["iteration"])
