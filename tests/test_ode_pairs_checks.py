@@ -263,7 +263,7 @@ def test_more_collection_steps_than_the_teachers_schedule_has_are_refused_before
 def test_a_run_resumed_on_data_changed_under_it_is_refused_in_one_line(changed, cogvideox_pipeline, tmp_path):
     """The same data.path re-encoded (one prompt more) or data.real_path recollected (from other
     noise) between two starts of one run: the resumed run went on silently over other data, every
-    later epoch's order and rows changed (train/data_identity.py)."""
+    later epoch's order and rows changed (train/input_identity.py)."""
     from tiny_runs import tiny_fp64_run
 
     from adm_megatron.parallel import destroy_parallel

@@ -448,3 +448,44 @@ def test_a_resume_from_another_live_run_holds_its_checkpoint_until_loaded(pipeli
     point.hold.release()  # loaded
     _prune(live, 1, keep="iter_0000010")
     assert not os.path.isdir(chosen)
+
+
+def test_a_run_resumed_with_its_teacher_replaced_is_refused_in_one_line(cogvideox_pipeline, tmp_path):
+    """The teacher is read from ``model.teacher`` at every start, never from a checkpoint: its directory
+    replaced between two starts (a newer hub snapshot, a re-converted checkpoint) changed the real
+    score and the discriminator's backbone for the rest of the run without a word. A checkpoint
+    records the teacher's weight fingerprint, and a resume over other weights is refused in one line
+    before anything is built (train/input_identity.py)."""
+    from safetensors.torch import save_file
+    from tiny_runs import tiny_fp64_run
+
+    from adm_megatron.config import ConfigError, load_config
+    from adm_megatron.models.diffusers_files import transformer_fingerprint, weight_files
+    from adm_megatron.parallel import destroy_parallel
+    from adm_megatron.train.trainer import Trainer
+
+    teacher = shutil.copytree(cogvideox_pipeline, tmp_path / "teacher")
+    out = tmp_path / "run"
+
+    def trainer(iterations: int) -> Trainer:
+        return Trainer(load_config(None, [f"model.teacher={teacher}", f"output_dir={out}", *tiny_fp64_run(iterations)]))
+
+    try:
+        assert trainer(1).fit().trained == 1
+        destroy_parallel()
+        trainer(2)  # the same teacher: it goes on
+        destroy_parallel()
+        (file,) = weight_files(str(teacher / "transformer"))
+        weights = load_file(file)
+        save_file({k: v * 1.001 for k, v in weights.items()}, file)
+        with pytest.raises(ConfigError) as err:
+            trainer(2)
+    finally:
+        destroy_parallel()
+    message = str(err.value)
+    state = json.loads((out / "checkpoints" / "iter_0000001" / "trainer_state.json").read_text())
+    assert "\n" not in message and message == (
+        f"{out / 'checkpoints' / 'iter_0000001' / 'trainer_state.json'}: the run was trained with a teacher of "
+        f"fingerprint {state['weights']['teacher'][:12]}, model.teacher={str(teacher)!r} now has "
+        f"{transformer_fingerprint(str(teacher / 'transformer'))[:12]} (its weight files changed since); a run cannot change its teacher: restore it, or start a new run "
+        "(a new output_dir)")

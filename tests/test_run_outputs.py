@@ -85,6 +85,10 @@ def test_exported_generator_loads_in_diffusers_and_generates(finished_run, pipel
     record = read_distillation_record(os.path.join(out, "generator"))  # what it was distilled for
     assert (record["method"], record["generator_steps"], record["iteration"]) == ("adm", 4, 3)
     assert record["teacher"] == pipeline_dir and record["latent_size"] == {"frames": 3, "height": 8, "width": 8}
+    from adm_megatron.models.diffusers_files import transformer_fingerprint  # what LoRA adapters would sit on
+
+    assert record["weights_fingerprints"] == {"teacher": transformer_fingerprint(os.path.join(pipeline_dir, "transformer")),
+                                              "teacher_kind": "diffusers", "generator_init": None}
     teacher = CogVideoXTransformer3DModel.from_pretrained(os.path.join(pipeline_dir, "transformer"))
     assert any(not torch.equal(a, b) for a, b in zip(exported.parameters(), teacher.parameters()))
     trained = load_megatron_checkpoint(os.path.join(out, "checkpoints", "iter_0000003", "generator"))

@@ -8,6 +8,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
@@ -618,3 +619,43 @@ def test_mp4_without_ffmpeg_is_refused_before_anything_is_rendered(tmp_path, wor
     assert not out.exists()
     assert main([*args, "--format", "gif"]) == 0
     assert (out / "generator" / "sample-000.gif").is_file()
+
+
+@pytest.mark.parametrize("base", ["generator_init", "teacher"])
+def test_lora_adapters_are_refused_on_a_base_whose_weights_changed(base, tmp_path, world_of_one, capsys):
+    """A LoRA directory's adapters sit on a transformer read from disk when sampled (the run's
+    ``model.generator_init``, or its teacher); a run records that transformer's weight fingerprint
+    (``distillation.json``'s ``weights_fingerprints``), so a base replaced since -- a generator_init
+    directory re-exported, a teacher snapshot updated -- is refused in one line before anything
+    renders, instead of sampling the adapters on another model."""
+    from safetensors.torch import load_file, save_file
+
+    from adm_megatron.cli import main
+    from adm_megatron.models.diffusers_files import transformer_fingerprint, weight_files
+
+    def record(pipe, moved):
+        teacher = moved if base == "teacher" else pipe
+        return {"generator_steps": 2, "teacher": teacher, "pipeline": pipe if base == "teacher" else None,
+                "generator_init": moved if base == "generator_init" else None,
+                "weights_fingerprints": {"teacher": transformer_fingerprint(
+                    moved if base == "teacher" else os.path.join(pipe, "transformer")), "teacher_kind": "diffusers",
+                    "generator_init": transformer_fingerprint(moved) if base == "generator_init" else None}}
+
+    pipeline, moved, _ = _lora_on_a_moved_base(tmp_path, "base", record)
+    lora = str(tmp_path / "generator_lora")
+    assert main(["sample", "--pipeline", pipeline, "--generator", lora, "--prompt", "x", "--format", "png",
+                 "--teacher-steps", "0", "--out", str(tmp_path / "before")]) == 0  # the same base: it samples
+    (file,) = weight_files(moved)
+    weights = load_file(file)
+    name = sorted(weights)[0]
+    save_file({**weights, name: weights[name] + 1e-3}, file)  # the base re-exported after more training
+    capsys.readouterr()
+    assert main(["sample", "--pipeline", pipeline, "--generator", lora, "--prompt", "x", "--teacher-steps", "0",
+                 "--out", str(tmp_path / "after")]) == 2
+    err = capsys.readouterr().err.strip()
+    what = "the teacher" if base == "teacher" else f"model.generator_init={moved}"
+    assert err.startswith(f"adm-megatron sample: --generator {lora}: its adapters were trained on {what} of "
+                          "fingerprint ") and "\n" not in err, err
+    assert err.endswith(f"(distillation.json), {moved} now has {transformer_fingerprint(moved)[:12]} (its weight "
+                        "files changed since); sample the run's merged generator/ instead"), err
+    assert not (tmp_path / "after").exists()

@@ -16,10 +16,12 @@ import os
 DISTILLATION_FILE = "distillation.json"
 
 
-def distillation_record(config, iteration: int, arch, ema: bool | None = None) -> dict:
+def distillation_record(config, iteration: int, arch, ema: bool | None = None, weights: dict | None = None) -> dict:
     """The record of a run (``adm_megatron.config.Config``) of a generator of architecture ``arch``
     exported after ``iteration`` iterations, its EMA weights (``ema`` None: when the run keeps an EMA,
-    as the trainer exports) or raw ones."""
+    as the trainer exports) or raw ones; ``weights``: the fingerprints of the teacher's and
+    ``model.generator_init``'s weight files the run trained with (``train/input_identity.py``; None:
+    not known, as for a checkpoint from before they were recorded)."""
     d, m = config.data, config.model
     ema = config.train.ema_decay > 0 if ema is None else ema
     text_length = _text_length(config)
@@ -30,6 +32,7 @@ def distillation_record(config, iteration: int, arch, ema: bool | None = None) -
         "teacher": os.path.abspath(m.teacher),
         "pipeline": os.path.abspath(m.pipeline) if m.pipeline else None,
         "generator_init": os.path.abspath(m.generator_init) if m.generator_init else None,
+        "weights_fingerprints": weights,  # of the teacher and generator_init: what LoRA adapters sit on
         "teacher_guidance_scale": list(config.distill.guidance_scale),  # DMD2 / ADP: their pairs' (checked)
         "text_length": text_length,
         "iteration": iteration,

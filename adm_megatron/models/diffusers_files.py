@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from adm_megatron.data.safetensors_rows import check_safetensors_file
+from adm_megatron.file_fingerprint import file_fingerprint
 
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
 _INDEX = _WEIGHTS + ".index.json"
@@ -21,6 +22,12 @@ def read_diffusers_weights(path: str) -> dict[str, torch.Tensor]:
     for file in weight_files(path):
         state.update(load_file(file))
     return state
+
+
+def transformer_fingerprint(path: str) -> str:
+    """The cheap fingerprint (``adm_megatron/file_fingerprint.py``) of a diffusers model directory's
+    weight files: what a run records of the frozen transformers it reads (teacher, generator_init)."""
+    return file_fingerprint(path, weight_files(path))
 
 
 def diffusers_weight_shapes(path: str) -> dict[str, tuple[int, ...]]:

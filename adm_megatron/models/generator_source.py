@@ -11,7 +11,7 @@ import os
 
 from adm_megatron.convert.distillation_record import DISTILLATION_FILE, read_distillation_record
 from adm_megatron.data.safetensors_rows import check_safetensors_file
-from adm_megatron.models.diffusers_files import diffusers_weight_shapes
+from adm_megatron.models.diffusers_files import diffusers_weight_shapes, transformer_fingerprint
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
@@ -51,17 +51,33 @@ def lora_base(lora_dir: str, pipeline_dir: str) -> str:
     when its ``distillation.json`` records one (a LoRA stage after ADP: the adapters on the teacher
     would sample the teacher plus a delta), else the teacher it records (:func:`teacher_transformer`
     of the pipeline whose ``transformer/`` is ``teacher``); one-line ValueError when it is gone."""
-    record = read_distillation_record(lora_dir)
-    init = (record or {}).get("generator_init")
+    record = read_distillation_record(lora_dir) or {}
+    init = record.get("generator_init")
+    recorded = record.get("weights_fingerprints") or {}  # none in records from before them
     if not init:
         try:
-            return teacher_transformer(pipeline_dir, record)
+            base = teacher_transformer(pipeline_dir, record)
         except ValueError as err:
             raise ValueError(f"--generator {lora_dir}: {err}") from None
+        if recorded.get("teacher_kind") == "diffusers":  # a megatron teacher's are of its shards
+            _check_unchanged(lora_dir, base, "the teacher", recorded["teacher"])
+        return base
     if not os.path.isdir(init):
         raise ValueError(f"--generator {lora_dir}: its adapters were trained on model.generator_init={init} "
                          "(distillation.json), which is not there; sample the run's merged generator/ instead")
+    if recorded.get("generator_init"):
+        _check_unchanged(lora_dir, init, f"model.generator_init={init}", recorded["generator_init"])
     return init
+
+
+def _check_unchanged(lora_dir: str, base: str, what: str, fingerprint: str) -> None:
+    """One-line ValueError when the weight files of ``base`` no longer have the ``fingerprint`` the run
+    recorded of them: the adapters would be sampled on another transformer."""
+    now = transformer_fingerprint(base)
+    if now != fingerprint:
+        raise ValueError(f"--generator {lora_dir}: its adapters were trained on {what} of fingerprint {fingerprint[:12]} "
+                         f"(distillation.json), {base} now has {now[:12]} (its weight files changed since); sample "
+                         "the run's merged generator/ instead")
 
 
 def check_lora_fits(lora_dir: str, base: str) -> None:

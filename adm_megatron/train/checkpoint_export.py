@@ -89,7 +89,8 @@ def _export(hold, out_dir: str, weights: str, overwrite: bool, lora: str | None,
     if use_ema:
         load_ema_into(generator, ckpt, decay)
     hold.check()  # all of it from the one checkpoint, before anything is written
-    record = {**distillation_record(config, int(state["iteration"]), generator.arch, ema=use_ema), "checkpoint": os.path.abspath(ckpt)}
+    record = {**distillation_record(config, int(state["iteration"]), generator.arch, ema=use_ema,
+                                    weights=state.get("weights")), "checkpoint": os.path.abspath(ckpt)}
     export_generator(generator, generator.arch, out_dir, lora_mode=lora, record=record)
     if pipeline_out is not None:
         outputs.append(write_pipeline(out_dir, record, pipeline, pipeline_out, overwrite))

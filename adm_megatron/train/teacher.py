@@ -20,7 +20,7 @@ from adm_megatron.diffusion.schedules import NoiseSchedule, schedule_from_diffus
 from adm_megatron.families import ModelFamily, family_for_diffusers_class, known_diffusers_classes
 from adm_megatron.file_fingerprint import file_fingerprint
 from adm_megatron.hub_cache import not_found_hint
-from adm_megatron.models.diffusers_files import weight_files
+from adm_megatron.models.diffusers_files import transformer_fingerprint
 from adm_megatron.models.weights import load_full_state_dict
 
 
@@ -70,11 +70,10 @@ class TeacherSource:
     def weights_fingerprint(self) -> str:
         """A cheap fingerprint of the teacher's weight files (``adm_megatron/file_fingerprint.py``):
         a diffusers directory's safetensors, a megatron checkpoint's ``*.distcp`` shards."""
-        if self.kind == "megatron":
-            files = sorted(os.path.join(self.path, n) for n in os.listdir(self.path) if n.endswith(".distcp"))
-        else:
-            files = weight_files(self.path)
-        return file_fingerprint(self.path, files)
+        if self.kind != "megatron":
+            return transformer_fingerprint(self.path)
+        return file_fingerprint(self.path, sorted(os.path.join(self.path, n) for n in os.listdir(self.path)
+                                                  if n.endswith(".distcp")))
 
     def build_models(self, count: int, **kwargs) -> list:
         """``count`` megatron copies of the teacher for the current parallel layout (``kwargs`` as

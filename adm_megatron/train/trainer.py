@@ -65,7 +65,7 @@ from adm_megatron.parallel.startup import confirm_start
 from adm_megatron.models.kernel_options import apply_kernel_options
 from adm_megatron.models.weights import load_full_state_dict
 from adm_megatron.train.background_save import BackgroundSaves
-from adm_megatron.train.data_identity import check_same_data, data_identity
+from adm_megatron.train.input_identity import check_same_data, check_same_teacher, data_identity, weights_identity
 from adm_megatron.train.checkpoint import (
     STATE_FILE,
     load_training_checkpoint,
@@ -158,10 +158,12 @@ class Trainer:
         validate_run(config, self.teacher_source, launch_env().world_size)
         self.text_source = self.teacher_source.text_source(config.data, config.seed)
         self.data_identity = data_identity(config, self.text_source)
+        self.weights_identity = weights_identity(config, self.teacher_source)
         if self.resume_point.checkpoint is not None:
             state_file = os.path.join(self.resume_point.checkpoint, STATE_FILE)
-            check_same_data(read_training_state(self.resume_point.checkpoint).get("data"), self.data_identity,
-                            state_file, config)
+            saved = read_training_state(self.resume_point.checkpoint)
+            check_same_data(saved.get("data"), self.data_identity, state_file, config)
+            check_same_teacher(saved.get("weights"), self.weights_identity, state_file, config)
         if launch_env().rank == 0:  # the rank that logs
             check_loggers(config.logging.wandb_mode, config.logging.tensorboard)
         self.schedule = self.teacher_source.schedule()
@@ -473,7 +475,7 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.copy_to(self.generator)
                 generator_dir = export_generator(self.generator, self.arch, os.path.join(c.output_dir, "generator"),
-                                                 lora_mode=c.train.export_lora, record=distillation_record(c, total, self.arch))
+                                                 lora_mode=c.train.export_lora, record=distillation_record(c, total, self.arch, weights=self.weights_identity))
             if samples.enabled:
                 paths = samples.render(None)
                 run_log.media(total, paths)

@@ -1,13 +1,23 @@
-"""What a run's data were when it was saved, so that a resumed run refuses data changed under it.
+"""What a run's inputs were when it was saved, so that a resumed run refuses inputs changed under it.
 
-A run's prompts and real samples are pure functions of (seed, iteration) over its data set
+Data: a run's prompts and real samples are pure functions of (seed, iteration) over its data set
 (``PromptSampler``, ``RealSampler``), so the same ``data.path`` / ``data.real_path`` re-encoded or
 recollected between two starts of one run (more prompts, another encoder, other pairs) changes every
 later epoch's order and rows: the run would go on as if nothing happened, neither continuing its data
 nor starting anew. Each checkpoint records the data's identity (``trainer_state.json``'s ``data``:
 the prompt set's row count and fingerprint, ``ode_pairs.prompts_identity``, and the ODE pairs'
 manifest shard list hashed: names, rows and SHA-256s), and a resume compares it with the data there
-now, in one line, before anything is built. Checkpoints from before record none and are not compared.
+now, in one line, before anything is built.
+
+Frozen weights: the teacher (the real score and the discriminator's backbone) is read from
+``model.teacher`` at every start, never from a checkpoint, so a teacher directory replaced between
+two starts (a newer snapshot in the hub cache, a re-converted checkpoint) would change the rest of
+the run silently. Each checkpoint records the fingerprints (``adm_megatron/file_fingerprint.py``) of
+the teacher's weight files and of ``model.generator_init``'s (``trainer_state.json``'s ``weights``),
+a resume compares the teacher's, and an exported generator's ``distillation.json`` carries both, so
+that sampling a LoRA generator can tell that the transformer under its adapters is not the one they
+were trained on (``models/generator_source.py``). Checkpoints from before a record have none and are
+not compared.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import os
 from adm_megatron.config import Config, ConfigError
 from adm_megatron.data.ode_pairs import MANIFEST, prompts_identity
 from adm_megatron.json_file import read_json_object
+from adm_megatron.models.diffusers_files import transformer_fingerprint
 
 
 def data_identity(config: Config, text_source) -> dict:
@@ -49,3 +60,22 @@ def check_same_data(saved: dict | None, now: dict, state_file: str, config: Conf
         raise ConfigError(
             f"{state_file}: the run was trained on other ODE pairs than data.real_path={d.real_path!r} holds "
             f"now (its {MANIFEST} lists other shards: recollected since); {remedy}")
+
+
+def weights_identity(config: Config, teacher_source) -> dict:
+    """The fingerprints of the frozen weights a run reads at every start: the teacher's
+    (``teacher_source``, a ``TeacherSource``: of a diffusers transformer's safetensors or a megatron
+    checkpoint's shards, as ``teacher_kind`` says) and ``model.generator_init``'s (None without one)."""
+    init = config.model.generator_init
+    return {"teacher": teacher_source.weights_fingerprint(), "teacher_kind": teacher_source.kind,
+            "generator_init": transformer_fingerprint(init) if init else None}
+
+
+def check_same_teacher(saved: dict | None, now: dict, state_file: str, config: Config) -> None:
+    """One-line ConfigError when the teacher a checkpoint was trained with (``saved``: its
+    ``weights`` record, None for a checkpoint from before it) is not the one ``model.teacher`` holds now."""
+    if saved and saved.get("teacher") != now["teacher"]:
+        raise ConfigError(
+            f"{state_file}: the run was trained with a teacher of fingerprint {str(saved.get('teacher'))[:12]}, "
+            f"model.teacher={config.model.teacher!r} now has {now['teacher'][:12]} (its weight files changed since); "
+            "a run cannot change its teacher: restore it, or start a new run (a new output_dir)")
