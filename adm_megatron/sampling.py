@@ -44,7 +44,7 @@ from adm_megatron.models.pipeline_files import read_config
 from adm_megatron.models.pipeline_size import FLAGS, PipelineScale, pipeline_scale
 from adm_megatron.parallel import barrier, initialize_parallel, launch_env
 from adm_megatron.parallel.shared_dir import check_shared_dir
-from adm_megatron.train.checkpoint import check_outside_checkpoints
+from adm_megatron.train.checkpoint import check_outside_runs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -163,7 +163,7 @@ def check_out_dir(out_dir: str, overwrite: bool, resume: bool, args: dict,
                   inputs: list[tuple[str, str]] = ()) -> None:
     """One-line ValueError for an ``out_dir`` that may not be written: a file; one that is or holds
     one of the ``inputs`` ((flag, directory) read to render, which ``overwrite`` would delete); one
-    inside or holding a training run's checkpoints (``train.checkpoint.check_outside_checkpoints``);
+    inside or holding a training run's checkpoints (``train.checkpoint.check_outside_runs``);
     non-empty without ``overwrite`` or ``resume``; resumed with other arguments than it was started with."""
     if os.path.isfile(out_dir):
         raise ValueError(f"--out {out_dir}: exists and is a file")
@@ -171,7 +171,7 @@ def check_out_dir(out_dir: str, overwrite: bool, resume: bool, args: dict,
         relation = output_holds(out_dir, path)
         if relation:
             raise ValueError(f"--out {out_dir}: {relation} the {flag} {path} it renders from; choose another --out")
-    check_outside_checkpoints(out_dir, "--out")  # not a run's: its pruning, or --overwrite, would remove it
+    check_outside_runs(out_dir, "--out")  # not a run's: its pruning, or --overwrite, would remove it
     if not (os.path.isdir(out_dir) and os.listdir(out_dir)) or overwrite:
         return
     if not resume:

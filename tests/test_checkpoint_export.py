@@ -159,6 +159,15 @@ def test_export_refuses_bad_input_in_one_line_before_reading_weights(runs, tmp_p
         (["--checkpoint", str(out["ema"]), "--out", str(out["plain"]), "--overwrite"],  # another run, maybe live
          f"adm-megatron: config error: --out {out['plain']}: holds a training run's checkpoints, which writing there "
          "would remove; choose another output"),
+        # the run's own export (replaced at its end; a finished run's final one), or inside it
+        (["--checkpoint", str(out["ema"] / "checkpoints" / "iter_0000002"), "--out", str(out["ema"] / "generator"),
+          "--overwrite"],
+         f"adm-megatron: config error: --out {out['ema'] / 'generator'}: the run {out['ema']} writes its own "
+         "generator/ there (its export or samples, replaced at its end); choose an output outside the run's"),
+        (["--checkpoint", str(out["ema"]), "--out", str(out["ema"] / "generator_lora" / "mine")],
+         f"adm-megatron: config error: --out {out['ema'] / 'generator_lora' / 'mine'}: the run {out['ema']} writes "
+         "its own generator_lora/ there (its export or samples, replaced at its end); choose an output outside the "
+         "run's"),
         (["--checkpoint", str(out["ema"]), "--out", str(tmp_path / "d"), "--pipeline-out",
           str(out["ema"] / "checkpoints" / "pipe")],
          f"adm-megatron: config error: --pipeline-out {out['ema'] / 'checkpoints' / 'pipe'}: inside "
@@ -174,6 +183,9 @@ def test_export_refuses_bad_input_in_one_line_before_reading_weights(runs, tmp_p
 
     with pytest.raises(ValueError, match=r"^--out .*/checkpoints/samples: inside .*/checkpoints, whose run removes"):
         check_out_dir(str(out["ema"] / "checkpoints" / "samples"), False, False, {})
+    with pytest.raises(ValueError, match=r"^--out .*/ema/samples: the run .*/ema writes its own samples/ there"):
+        check_out_dir(str(out["ema"] / "samples"), False, False, {})  # where the run renders its own
+    assert (out["ema"] / "generator" / "config.json").exists()  # the run's export is untouched
 
     import shutil  # a checkpoint whose weight shard was cut after it was written
 

@@ -176,10 +176,10 @@ def _check_inputs(args) -> int:
         check_output_dir(args.out, args.overwrite, source=source)
     except CheckpointError as exc:
         _fail(f"--out: {exc}")
-    from adm_megatron.train.checkpoint import check_outside_checkpoints
+    from adm_megatron.train.checkpoint import check_outside_runs
 
     try:
-        check_outside_checkpoints(args.out, "--out")  # a run's pruning would remove it
+        check_outside_runs(args.out, "--out")  # a run's pruning would remove it
     except ValueError as exc:
         _fail(str(exc))
     if args.command == "hf-to-megatron":

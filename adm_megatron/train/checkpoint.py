@@ -138,24 +138,30 @@ def _is_checkpoints(path: str) -> bool:
         os.path.basename(path) == "checkpoints" and os.path.isfile(os.path.join(path, LATEST)))
 
 
-def check_outside_checkpoints(out: str, flag: str) -> None:
-    """One-line ConfigError when the output ``out`` would lie inside a training checkpoint or a run's
-    ``checkpoints/`` (links followed): the run removes what is there (``train.keep_checkpoints``
-    prunes whole checkpoints, a restart removes ``*.tmp-*`` leftovers), so an export or samples
-    written there would vanish with them; or when ``out`` is one, or a run's directory, which
-    ``--overwrite`` would remove, a live run's included."""
+RUN_OUTPUTS = ("generator", "generator_lora", "samples")  # what a run writes into its output_dir besides checkpoints
+
+
+def check_outside_runs(out: str, flag: str) -> None:
+    """One-line ConfigError when the output ``out`` would lie inside what a training run owns (links
+    followed): a training checkpoint or a run's ``checkpoints/``, which the run removes (``train.keep_checkpoints``
+    prunes whole checkpoints, a restart removes ``*.tmp-*`` leftovers); a run's own exports and samples
+    (``RUN_OUTPUTS``), which the run writes or replaces at its end (and the run's own outputs would be
+    gone); or when ``out`` is a checkpoint, or a run's directory, which ``--overwrite`` would remove,
+    a live run's included."""
     here = os.path.realpath(out)
     if _is_checkpoints(here) or _is_checkpoints(os.path.join(here, "checkpoints")):
         raise ConfigError(f"{flag} {out}: holds a training run's checkpoints, which writing there would remove; "
                           "choose another output")
-    here = os.path.dirname(here)
     while True:
-        if _is_checkpoints(here):
-            raise ConfigError(f"{flag} {out}: inside {here}, whose run removes what is there (pruning old "
-                              "checkpoints, clearing leftovers at a restart); choose an output outside checkpoints/")
         parent = os.path.dirname(here)
         if parent == here:
             return
+        if _is_checkpoints(parent):
+            raise ConfigError(f"{flag} {out}: inside {parent}, whose run removes what is there (pruning old "
+                              "checkpoints, clearing leftovers at a restart); choose an output outside checkpoints/")
+        if os.path.basename(here) in RUN_OUTPUTS and _is_checkpoints(os.path.join(parent, "checkpoints")):
+            raise ConfigError(f"{flag} {out}: the run {parent} writes its own {os.path.basename(here)}/ there (its "
+                              "export or samples, replaced at its end); choose an output outside the run's")
         here = parent
 
 

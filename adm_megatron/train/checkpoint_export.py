@@ -22,7 +22,7 @@ from adm_megatron.convert.checkpoint import check_output_dir, load_megatron_chec
 from adm_megatron.convert.distillation_record import distillation_record
 from adm_megatron.convert.pipeline_export import check_pipeline_output, pipeline_source, write_pipeline
 from adm_megatron.lora.export import lora_export_dirs
-from adm_megatron.train.checkpoint import STATE_FILE, check_outside_checkpoints, hold_checkpoint_from, read_training_state
+from adm_megatron.train.checkpoint import STATE_FILE, check_outside_runs, hold_checkpoint_from, read_training_state
 from adm_megatron.train.checkpoint_files import check_whole
 from adm_megatron.train.ema import ParameterEMA
 from adm_megatron.train.export import export_generator
@@ -76,14 +76,14 @@ def _export(hold, out_dir: str, weights: str, overwrite: bool, lora: str | None,
     outputs = list(lora_export_dirs(out_dir, lora).values()) if config.model.lora is not None else [out_dir]
     for output in outputs:
         check_output_dir(os.path.abspath(output), overwrite, source=ckpt)
-        check_outside_checkpoints(output, "--out")
+        check_outside_runs(output, "--out")
     if pipeline_out is not None:
         if config.model.lora is not None and lora == "adapter":
             raise ConfigError("--pipeline-out: the pipeline's transformer is the merged generator; export it too "
                               "(--lora merged or both)")
         pipeline = pipeline_source(config.model.teacher, config.model.pipeline)
         check_pipeline_output(pipeline_out, overwrite, [ckpt, pipeline, *outputs])
-        check_outside_checkpoints(pipeline_out, "--pipeline-out")
+        check_outside_runs(pipeline_out, "--pipeline-out")
 
     generator = load_megatron_checkpoint(os.path.join(ckpt, "generator"))
     if use_ema:
