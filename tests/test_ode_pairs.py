@@ -121,6 +121,31 @@ def test_a_batch_reads_its_rows_alone_and_keeps_nothing(tmp_path):
     assert peak(every_shard_one_row_at_a_time) < 0.75 * batch
 
 
+def test_real_samples_come_in_epochs_whatever_the_split_and_resume_exactly(tmp_path):
+    """The 24 pairs are drawn in epochs: with a global batch of 6, iterations 0-3 see every pair once
+    (they were drawn with replacement: about a third of a collection went unseen per pass over it); a
+    split over two ranks and three micro-batches draws the same global batch; a fresh sampler (a
+    resumed run) draws what the first drew; and the order is not the prompts' (another stream)."""
+    from adm_megatron.data import BatchLayout, PromptSampler, SyntheticTextEmbeddings
+    from adm_megatron.data.ode_pairs import RealSampler
+
+    pairs = OdePairs(_large_rows_collection(tmp_path / "pairs"))
+    whole = RealSampler(pairs, BatchLayout(6), seed=5)
+    epoch = torch.cat([whole.indices(i) for i in range(4)])
+    assert sorted(epoch.tolist()) == list(range(24))
+    assert not torch.equal(torch.cat([whole.indices(i) for i in range(4, 8)]), epoch)  # the next epoch: another order
+    split = [RealSampler(pairs, BatchLayout(1, rank, 2, 3), seed=5) for rank in range(2)]  # 1 row x 2 ranks x 3
+    for i in (0, 3, 9):
+        slots = [split[rank].indices(i, micro) for micro in range(3) for rank in range(2)]  # slot m x DP + r
+        assert torch.equal(torch.cat(slots), whole.indices(i))
+    fresh = RealSampler(pairs, BatchLayout(6), seed=5)
+    assert all(torch.equal(fresh.indices(i), whole.indices(i)) for i in (7, 2, 7))
+    prompts = PromptSampler(SyntheticTextEmbeddings(24, 2, 2), BatchLayout(6), seed=5)
+    assert not torch.equal(prompts.indices(0), whole.indices(0))
+    x_T, x_0, prompt_id = whole.batch(1)
+    assert torch.equal(prompt_id, pairs.get(whole.indices(1), "prompt_id")) and x_T.shape == x_0.shape == (6, 2, 4, 16, 16)
+
+
 def test_a_truncated_shard_is_refused_when_the_pairs_are_opened(tmp_path):
     """A cut copy of a shard (``truncate -s 1000``) is found from its header when the directory is
     opened, before training, not by a traceback when one of its rows is first read."""

@@ -18,8 +18,8 @@ prompt ``j mod num_prompts`` and noise and scale drawn from a generator seeded b
 collection resumes by writing the missing shards only.
 
 :class:`OdePairs` reads a finished directory; :class:`RealSampler` draws a training iteration's
-real samples (and, for ADP, their starting noises) from it as a pure function of (seed, iteration), each data-parallel rank keeping its
-rows of the global batch.
+real samples (and, for ADP, their starting noises) from it as a pure function of (seed, iteration): epochs
+over the pairs, every pair once per epoch, each data-parallel rank keeping its rows of the global batch.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adm_megatron.data.batch_layout import BatchLayout
+from adm_megatron.data.epochs import EpochStream
 from adm_megatron.data.safetensors_rows import ShardedRows
 from adm_megatron.file_modes import give_umask_mode
 from adm_megatron.json_file import read_json_object
@@ -42,6 +43,7 @@ FORMAT = "adm-megatron/ode-pairs"
 VERSION = 1
 MANIFEST = "manifest.json"
 KEYS = ("x_T", "x_0", "prompt_id", "guidance_scale")
+REAL_STREAM = zlib.crc32(b"real")  # the pairs' epochs are a stream apart from the prompts'
 
 
 def shard_name(i: int) -> str:
@@ -130,18 +132,18 @@ class OdePairs:
 
 
 class RealSampler:
-    """Real samples for iteration i: the global batch's pair indices drawn from a generator seeded by
-    (seed, i), each (rank, micro-batch) keeping its slot's rows (``adm_megatron.data.batch_layout``)
-    -- no state to checkpoint, the same whatever the split of the global batch."""
+    """Real samples for iteration i: epochs over the pairs (``adm_megatron.data.epochs``, a stream of
+    its own beside the prompts'), each (rank, micro-batch) keeping its slot's rows of the global batch
+    -- every pair once per epoch, no state to checkpoint, the same whatever the split of the global batch."""
 
     def __init__(self, pairs: OdePairs, layout: BatchLayout, seed: int):
         self.pairs = pairs
         self.layout = layout
         self.seed = seed
+        self.stream = EpochStream(len(pairs), layout, seed, key=(REAL_STREAM,))
 
     def indices(self, iteration: int, micro: int = 0) -> torch.Tensor:
-        g = torch.Generator().manual_seed(zlib.crc32(repr((self.seed, iteration, "real")).encode()) & 0x7FFFFFFF)
-        return torch.randint(0, len(self.pairs), (self.layout.global_batch,), generator=g)[self.layout.rows(micro)]
+        return self.stream.indices(iteration, micro)
 
     def batch(self, iteration: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x_T, x_0 [B, F, C, H, W], prompt ids [B])``: DMD2 reads x_0, ADP both ends."""

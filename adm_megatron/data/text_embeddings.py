@@ -34,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from adm_megatron.data.batch_layout import BatchLayout
+from adm_megatron.data.epochs import EpochStream, mix_seed
 from adm_megatron.data.safetensors_rows import ShardedRows
 from adm_megatron.file_fingerprint import file_fingerprint
 from adm_megatron.file_modes import give_umask_modes
@@ -438,15 +439,6 @@ class TextEmbeddingShards:
 # -- synthetic -----------------------------------------------------------------------------------
 
 
-def _mix(*values: int) -> int:
-    """A 63-bit seed from integers (splitmix64-style), so nearby inputs give unrelated streams."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
 class SyntheticTextEmbeddings:
     """Fixed random embeddings with the :class:`TextEmbeddingShards` interface: row ``i`` is
     standard normal (unit variance, like T5 encoder outputs) from a generator seeded by
@@ -485,7 +477,7 @@ class SyntheticTextEmbeddings:
         return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
 
     def _row(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(_mix(self.seed, i))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, i))
         embedding = torch.randn(self.seq_len, self.dim, generator=g).to(self.dtype)
         return embedding, torch.randn(self.pooled_dim, generator=g).to(self.dtype)
 
@@ -521,19 +513,9 @@ def open_text_source(kind: str, path: str, num_prompts: int, seq_len: int, dim: 
 
 
 class PromptSampler:
-    """Each data-parallel rank's prompt indices for an iteration and micro-batch, with no state to
-    checkpoint.
-
-    The prompts form an endless stream of epochs, each a permutation of ``range(len(source))``
-    drawn from a generator seeded by ``(seed, epoch)``. Iteration ``i`` consumes stream positions
-    ``[i G, (i + 1) G)`` with ``G`` the global batch (``batch_size x dp_size x microbatches``), cut
-    into slots as ``adm_megatron.data.batch_layout`` says (rank ``r``'s micro-batch ``m`` takes slot
-    ``m dp_size + r``). So every prompt is seen once per epoch, the ranks and micro-batches of one
-    iteration draw different prompts (unless ``G`` exceeds the prompt count or the batch straddles
-    two epochs), and ``indices(i, m)`` depends only on ``(seed, i, m, layout)``: exact resume. The
-    global batch (all slots' indices in slot order) depends only on ``(seed, i, G)``, not on how
-    ``G`` is split over ranks and micro-batches.
-    """
+    """Each data-parallel rank's prompts for an iteration and micro-batch, with no state to
+    checkpoint: epochs over the prompt set (``adm_megatron.data.epochs``, seeded by ``(seed, epoch)``),
+    so every prompt is seen once per epoch and a resumed run draws what it would have drawn."""
 
     def __init__(self, source: TextEmbeddingSource, layout: BatchLayout, seed: int):
         if len(source) < 1:
@@ -541,25 +523,11 @@ class PromptSampler:
         self.source = source
         self.layout = layout
         self.seed = seed
-        self._epochs: dict[int, torch.Tensor] = {}
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._epochs:
-            if len(self._epochs) >= 2:
-                self._epochs.pop(min(self._epochs))
-            g = torch.Generator().manual_seed(_mix(self.seed, epoch))
-            self._epochs[epoch] = torch.randperm(len(self.source), generator=g)
-        return self._epochs[epoch]
+        self.stream = EpochStream(len(source), layout, seed)
 
     def indices(self, iteration: int, micro: int = 0) -> torch.Tensor:
         """This rank's ``[batch_size]`` prompt indices for ``iteration`` (>= 0), micro-batch ``micro``."""
-        if iteration < 0:
-            raise ValueError(f"PromptSampler: iteration must be >= 0, got {iteration}")
-        n = len(self.source)
-        rows = self.layout.rows(micro)
-        start = iteration * self.layout.global_batch
-        positions = range(start + rows.start, start + rows.stop)
-        return torch.stack([self._permutation(p // n)[p % n] for p in positions])
+        return self.stream.indices(iteration, micro)
 
     def batch(self, iteration: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(embeds, negative)``, both ``[batch_size, L, D]``."""
