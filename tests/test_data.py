@@ -355,3 +355,51 @@ def test_precompute_tool_names_an_encoder_folder_without_weights_in_one_line(tin
     shutil.copytree(tiny_pipeline, pipe, ignore=shutil.ignore_patterns("*.safetensors"))
     with pytest.raises(SystemExit, match=rf"^--encoder: .*no file named model\.safetensors.* {pipe}/text_encoder\.$"):
         tool.main(["--prompts", str(tmp_path / "prompts.txt"), "--encoder", str(pipe), "--out", str(tmp_path / "e")])
+
+
+def test_a_killed_precompute_resumes_and_writes_the_uninterrupted_bytes(tiny_pipeline, tmp_path, monkeypatch, capsys):
+    """A precompute killed part-way (a preempted job) started from its first prompt again; now the same
+    command encodes only the prompts after the last shard written, and its output is the uninterrupted
+    run's byte for byte. Another precompute of that --out at the same time, or the unfinished one's
+    settings changed (another --max-length), are refused in one line before the encoder loads."""
+    from adm_megatron.data.resumable_shards import lock_work_dir
+
+    tool = load_tool("precompute_text_embeddings")
+    prompts = [f"prompt number {i} of seven" for i in range(7)]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    args = ["--prompts", str(tmp_path / "prompts.txt"), "--encoder", tiny_pipeline, "--max-length", "16",
+            "--shard-size", "2", "--batch-size", "2", "--dtype", "float32", "--device", "cpu"]
+    tool.main([*args, "--out", str(tmp_path / "whole")])
+    encode, calls = tool.encode_prompts, []
+
+    def recorded(encoder, tokenizer, batch, *rest):
+        calls.append(list(batch))
+        if len(calls) == 4 and dying:  # the negative, two shards, then the third chunk
+            raise KeyboardInterrupt
+        return encode(encoder, tokenizer, batch, *rest)
+
+    monkeypatch.setattr(tool, "encode_prompts", recorded)
+    out, work = tmp_path / "emb", tmp_path / ".emb.partial"
+    dying = True
+    with pytest.raises(KeyboardInterrupt):
+        tool.main([*args, "--out", str(out)])
+    assert not out.exists() and sorted(os.listdir(work)) == [".run.lock", "progress.json", "shard-00000.safetensors",
+                                                           "shard-00001.safetensors"]
+    with pytest.raises(SystemExit) as refused:  # an unfinished precompute with other settings
+        tool.main([*args[:-8], "--max-length", "8", *args[-6:], "--out", str(out)])
+    assert str(refused.value) == (f"--out {out}: an unfinished precompute in {work} has max_length=16, this one 8: run "
+                                  "it again as it was to finish it, or remove that directory to start anew")
+    lock = lock_work_dir(str(out))  # a precompute of the same --out running meanwhile
+    with pytest.raises(SystemExit, match=rf"^--out='{out}' is in use by another precompute \(host .*, pid {os.getpid()}"):
+        tool.main([*args, "--out", str(out)])
+    lock.release()
+    assert len(calls) == 4  # neither refusal encoded anything
+    calls.clear()
+    dying = False
+    capsys.readouterr()
+    tool.main([*args, "--out", str(out)])
+    assert calls == [[""], prompts[4:6], prompts[6:]]  # the negative, then only what was left
+    assert f"resuming: 4 of 7 prompts already encoded (in {work})" in capsys.readouterr().out
+    assert not work.exists() and sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "whole"))
+    for name in os.listdir(out):
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name

@@ -10,12 +10,16 @@
 as ``CogVideoXPipeline.encode_prompt`` does --, or a ``StableDiffusion3Pipeline`` root, encoded by
 that pipeline's own ``encode_prompt`` (two CLIP encoders and T5; the shards also hold the pooled
 CLIP embedding). The negative (unconditional) embedding is that of "". Shards are written one at a
-time, so memory stays at one shard.
+time, so memory stays at one shard. A precompute killed part-way (a preempted job) resumes when the
+same command is run again: it encodes only the prompts after the last shard written
+(``adm_megatron/data/resumable_shards.py``), into the same bytes as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 import time
@@ -24,10 +28,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from adm_megatron.data import EmbeddingShardWriter, encode_prompts, load_t5  # noqa: E402
-from adm_megatron.data.encode import count_cut  # noqa: E402
+from adm_megatron.config import ConfigError  # noqa: E402
+from adm_megatron.data import encode_prompts, load_t5  # noqa: E402
+from adm_megatron.data.encode import count_cut, text_encoder_fingerprint  # noqa: E402
 from adm_megatron.data.encode_sd3 import encode_sd3_prompts, is_sd3_pipeline, load_sd3_text_pipeline  # noqa: E402
 from adm_megatron.data.prompt_file import read_prompt_file  # noqa: E402
+from adm_megatron.data.resumable_shards import (  # noqa: E402
+    ResumableShardWriter, check_resumable, lock_work_dir, work_dir_of)
 from adm_megatron.data.text_embeddings import DTYPES  # noqa: E402
 from adm_megatron.hub_cache import local_dir  # noqa: E402
 
@@ -56,6 +63,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"--out {args.out}: exists and is not a directory")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise SystemExit(f"--out {args.out}: not empty (earlier embeddings; pass --overwrite to replace them)")
+
+
+def settings(args: argparse.Namespace, prompts: list[str]) -> dict:
+    """Everything that decides the output's bytes: what a resumed precompute must have in common
+    with the one it finishes."""
+    return {"prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "num_prompts": len(prompts),
+            "encoder": os.path.abspath(args.encoder), "encoder_fingerprint": text_encoder_fingerprint(args.encoder),
+            "max_length": args.max_length, "dtype": args.dtype, "batch_size": args.batch_size,
+            "shard_size": args.shard_size, "device_type": torch.device(args.device).type}
 
 
 def load_encoder(args: argparse.Namespace, dtype: torch.dtype):
@@ -90,6 +106,23 @@ def main(argv: list[str] | None = None) -> None:
     args.encoder = local_dir(args.encoder, "--encoder")  # a repo id: its snapshot in the local hub cache
     check_args(args)
     prompts = read_prompts(args.prompts)
+    wanted = settings(args, prompts)
+    try:  # before the encoder loads: another precompute of --out running, or one of other settings to finish
+        lock = lock_work_dir(args.out)
+    except ConfigError as err:
+        raise SystemExit(str(err)) from None
+    try:
+        try:
+            check_resumable(args.out, wanted)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+        encode_all(args, prompts, wanted, lock)
+    finally:
+        lock.release()  # (also when the encoder cannot load; the writer releases it once it has it)
+
+
+def encode_all(args: argparse.Namespace, prompts: list[str], wanted: dict, lock) -> None:
+    """Load the encoder and write the shards (after those an earlier start wrote) into place."""
     start = time.time()
     dtype = DTYPES[args.dtype][0]
     encoder = load_encoder(args, dtype)
@@ -107,9 +140,13 @@ def main(argv: list[str] | None = None) -> None:
 
     negative, negative_pooled = encode([""])
     negative_pooled = None if negative_pooled is None else negative_pooled[0]
-    with EmbeddingShardWriter(args.out, negative[0], args.shard_size, args.encoder, args.overwrite,
+    with ResumableShardWriter(args.out, negative[0], wanted, lock, args.shard_size, args.encoder, args.overwrite,
                               negative_pooled) as writer:
-        for i in range(0, len(prompts), args.shard_size):
+        if writer.done:
+            print(f"resuming: {writer.done} of {len(prompts)} prompts already encoded (in {work_dir_of(args.out)})",
+                  flush=True)
+            writer.skip(prompts[: writer.done])
+        for i in range(writer.done, len(prompts), args.shard_size):
             chunk = prompts[i : i + args.shard_size]
             writer.add(chunk, *encode(chunk))
             print(f"encoded {i + len(chunk)}/{len(prompts)} prompts", flush=True)

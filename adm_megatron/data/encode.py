@@ -3,7 +3,8 @@
 The pipeline pads / truncates every prompt to ``max_sequence_length`` tokens (226 for CogVideoX)
 with the tokenizer's special tokens, runs the encoder without an attention mask and takes its
 last hidden state. :func:`encode_prompts` reproduces that in batches; :func:`load_t5` finds the
-encoder and tokenizer in a pipeline root (``text_encoder/`` + ``tokenizer/``) or in one folder.
+encoder and tokenizer in a pipeline root (``text_encoder/`` + ``tokenizer/``) or in one folder;
+:func:`text_encoder_fingerprint` tells the encoders of two precomputes apart.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from adm_megatron.file_fingerprint import file_fingerprint
 from adm_megatron.hub_cache import not_found_hint
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
@@ -46,6 +48,20 @@ def count_cut(tokenizer, prompts: Sequence[str], max_length: int) -> int:
     """How many of ``prompts`` are longer than ``max_length`` tokens (special tokens included), which
     encoding cuts, as the pipelines do."""
     return sum(len(ids) > max_length for ids in tokenizer(list(prompts), add_special_tokens=True).input_ids)
+
+
+def text_encoder_fingerprint(directory: str) -> str:
+    """The cheap fingerprint (``adm_megatron/file_fingerprint.py``) of what decides an encoding: the
+    files of a pipeline root's ``text_encoder*/`` and ``tokenizer*/`` (T5, and SD3's two CLIPs), or
+    of an encoder folder."""
+    if os.path.isfile(os.path.join(directory, "model_index.json")):
+        parts = [os.path.join(directory, d) for d in sorted(os.listdir(directory))
+                 if d.startswith(("text_encoder", "tokenizer")) and os.path.isdir(os.path.join(directory, d))]
+    else:
+        parts = [directory]
+    files = [os.path.join(root, name) for part in parts for root, dirs, names in sorted(os.walk(part))
+             for name in sorted(names)]
+    return file_fingerprint(directory, files)
 
 
 def _resolve(directory: str) -> tuple[str, str]:

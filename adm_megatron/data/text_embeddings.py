@@ -175,15 +175,19 @@ class EmbeddingShardWriter:
         self.dtype = dtype_name(self.negative.dtype)
         self.shard_size = shard_size
         self.encoder = encoder
-        parent = os.path.dirname(self.out_dir)
-        os.makedirs(parent, exist_ok=True)
-        remove_killed_writers(self.out_dir)
-        self._tmp = tempfile.mkdtemp(prefix=f"{_tmp_prefix(self.out_dir)}{socket.gethostname()}-{os.getpid()}-",
-                                     dir=parent)
+        os.makedirs(os.path.dirname(self.out_dir), exist_ok=True)
         self._prompts: list[str] = []
         self._pending = self.negative.new_empty(0, *self.negative.shape)  # rows not yet in a shard
         self._pending_pooled = None if self.negative_pooled is None else self.negative.new_empty(0, len(self.negative_pooled))
         self._shards: list[dict] = []
+        self._tmp = self._work_dir()
+
+    def _work_dir(self) -> str:
+        """Where the shards are written until :meth:`close` moves them into place: a new temporary
+        directory beside ``out_dir`` (those killed writers left removed first)."""
+        remove_killed_writers(self.out_dir)
+        return tempfile.mkdtemp(prefix=f"{_tmp_prefix(self.out_dir)}{socket.gethostname()}-{os.getpid()}-",
+                                dir=os.path.dirname(self.out_dir))
 
     def add(self, prompts: Sequence[str], embeddings: torch.Tensor, pooled: torch.Tensor | None = None) -> None:
         """Append ``len(prompts)`` rows (and their ``[n, P]`` pooled rows, exactly when the writer
@@ -215,9 +219,14 @@ class EmbeddingShardWriter:
         if self._pending_pooled is not None:
             tensors[POOLED_KEY] = self._pending_pooled[:rows].contiguous()
             self._pending_pooled = self._pending_pooled[rows:]
-        save_file(tensors, os.path.join(self._tmp, name))
+        save_file(tensors, os.path.join(self._tmp, name + ".tmp"))
+        os.replace(os.path.join(self._tmp, name + ".tmp"), os.path.join(self._tmp, name))  # whole or absent
         self._shards.append({"file": name, "rows": rows})
         self._pending = self._pending[rows:]
+        self._shard_written()
+
+    def _shard_written(self) -> None:
+        """Called once each shard is in the work directory (what a resumable writer records)."""
 
     def close(self) -> str:
         """Write the last shard, the negative and the index; move the result to ``out_dir``."""

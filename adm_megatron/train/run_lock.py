@@ -31,11 +31,13 @@ class RunLock:
     """Collective: take the lock of ``output_dir`` on the first rank (``holder``), or raise a one-line
     ConfigError on every rank when another run holds it. ``release`` (or the process's end) frees it."""
 
-    def __init__(self, output_dir: str, holder: bool, key: str = "output_dir", user: str = "run"):
+    def __init__(self, output_dir: str, holder: bool, key: str = "output_dir", user: str = "run",
+                 shown: str | None = None):
         """``key``: how the command names ``output_dir`` (``--out`` for collect-ode); ``user``: what
-        holds it."""
+        holds it; ``shown``: the directory the refusal names (default ``output_dir``; precompute locks
+        the work directory of its ``--out``)."""
         self._file = None
-        self._key, self._user = key, user
+        self._key, self._user, self._shown = key, user, shown
         refusal = self._take(output_dir) if holder else None
         refusal = from_rank0(refusal)
         if refusal is not None:  # said once, by the holder's rank
@@ -50,8 +52,8 @@ class RunLock:
         except BlockingIOError:
             holder = f.read().strip() or "its holder unknown"
             f.close()
-            return (f"{self._key}={output_dir!r} is in use by another {self._user} ({holder}); wait for it to end, "
-                    f"or use a new {self._key}")
+            return (f"{self._key}={self._shown or output_dir!r} is in use by another {self._user} ({holder}); wait for "
+                    f"it to end, or use a new {self._key}")
         except OSError as err:  # flock not supported here
             f.close()
             logger.warning("%s: cannot lock (%s); nothing stops a second %s from writing here too", path, err, self._user)
