@@ -33,3 +33,11 @@ def file_fingerprint(root: str, files: list[str]) -> str:
                 f.seek(offset)
                 digest.update(f.read(SAMPLE_BYTES))
     return digest.hexdigest()
+
+
+def directory_fingerprint(root: str, parts: list[str] | None = None) -> str:
+    """:func:`file_fingerprint` of every file under ``parts`` (directories under ``root``; default:
+    ``root`` itself), walked in name order."""
+    files = [os.path.join(where, name) for part in (parts if parts is not None else [root])
+             for where, _, names in sorted(os.walk(part)) for name in sorted(names)]
+    return file_fingerprint(root, files)

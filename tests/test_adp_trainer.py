@@ -188,3 +188,27 @@ def test_dmdx_example_configs_chain_the_stages_with_the_papers_rates(example):
     for key in ("guidance_scale", "head_every", "head_hidden"):
         assert getattr(stage1.distill, key) == getattr(stage2.distill, key), key
     assert stage1.model.teacher == stage2.model.teacher and stage1.data.path == stage2.data.path
+
+
+def test_a_resume_refuses_a_pixel_encoder_replaced_since(pipeline_dir, pairs, encoders, tmp_path):
+    """ADP's pixel encoder (``distill.pixel_encoder_path``) is frozen and read at every start: replaced
+    between two starts (another checkpoint of the encoder in the same directory) it changed the pixel
+    discriminator's features silently; the checkpoint's fingerprint refuses it in one line."""
+    import shutil
+
+    from adm_megatron.parallel import destroy_parallel
+    from adm_megatron.train.trainer import Trainer
+
+    encoder = shutil.copytree(encoders["sam"], tmp_path / "sam")
+    overrides = [f"distill.pixel_encoder_path={encoder}", "train.save_every=1"]
+    try:
+        assert Trainer(_config(pipeline_dir, pairs, tmp_path / "run", *overrides)).fit().trained == 1
+        destroy_parallel()
+        save_tiny_encoder("sam", str(encoder), seed=1)  # other weights, same files
+        with pytest.raises(ConfigError) as err:
+            Trainer(_config(pipeline_dir, pairs, tmp_path / "run", *overrides, "train.max_iterations=2"))
+    finally:
+        destroy_parallel()
+    message = str(err.value)
+    assert "\n" not in message and "the run was trained with the pixel encoder of fingerprint " in message
+    assert f"distill.pixel_encoder_path={str(encoder)!r} now has " in message, message

@@ -450,12 +450,13 @@ def test_a_resume_from_another_live_run_holds_its_checkpoint_until_loaded(pipeli
     assert not os.path.isdir(chosen)
 
 
-def test_a_run_resumed_with_its_teacher_replaced_is_refused_in_one_line(cogvideox_pipeline, tmp_path):
-    """The teacher is read from ``model.teacher`` at every start, never from a checkpoint: its directory
-    replaced between two starts (a newer hub snapshot, a re-converted checkpoint) changed the real
-    score and the discriminator's backbone for the rest of the run without a word. A checkpoint
-    records the teacher's weight fingerprint, and a resume over other weights is refused in one line
-    before anything is built (train/input_identity.py)."""
+@pytest.mark.parametrize("changed", ["weights", "schedule"])
+def test_a_run_resumed_with_its_teacher_replaced_is_refused_in_one_line(changed, cogvideox_pipeline, tmp_path):
+    """The teacher is read from ``model.teacher`` at every start, never from a checkpoint: its weights or
+    its noise schedule replaced between two starts (a newer hub snapshot, a re-converted checkpoint)
+    changed the real score and the discriminator's backbone for the rest of the run without a word. A
+    checkpoint records their fingerprints, and a resume over other files is refused in one line before
+    anything is built (train/input_identity.py)."""
     from safetensors.torch import save_file
     from tiny_runs import tiny_fp64_run
 
@@ -475,17 +476,24 @@ def test_a_run_resumed_with_its_teacher_replaced_is_refused_in_one_line(cogvideo
         destroy_parallel()
         trainer(2)  # the same teacher: it goes on
         destroy_parallel()
-        (file,) = weight_files(str(teacher / "transformer"))
-        weights = load_file(file)
-        save_file({k: v * 1.001 for k, v in weights.items()}, file)
+        if changed == "weights":
+            (file,) = weight_files(str(teacher / "transformer"))
+            weights = load_file(file)
+            save_file({k: v * 1.001 for k, v in weights.items()}, file)
+        else:  # another beta schedule in the same directory
+            path = teacher / "scheduler" / "scheduler_config.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "beta_end": 0.013}))
         with pytest.raises(ConfigError) as err:
             trainer(2)
     finally:
         destroy_parallel()
     message = str(err.value)
     state = json.loads((out / "checkpoints" / "iter_0000001" / "trainer_state.json").read_text())
-    assert "\n" not in message and message == (
-        f"{out / 'checkpoints' / 'iter_0000001' / 'trainer_state.json'}: the run was trained with a teacher of "
-        f"fingerprint {state['weights']['teacher'][:12]}, model.teacher={str(teacher)!r} now has "
-        f"{transformer_fingerprint(str(teacher / 'transformer'))[:12]} (its weight files changed since); a run cannot change its teacher: restore it, or start a new run "
-        "(a new output_dir)")
+    key, what = ("teacher", "the teacher's weights") if changed == "weights" else ("schedule", "the noise schedule (scheduler/)")
+    assert "\n" not in message and message.startswith(
+        f"{out / 'checkpoints' / 'iter_0000001' / 'trainer_state.json'}: the run was trained with {what} of "
+        f"fingerprint {state['weights'][key][:12]}, model.teacher={str(teacher)!r} now has "), message
+    assert message.endswith(" (its files changed since); a run cannot change them: restore them, or start a new run "
+                            "(a new output_dir)"), message
+    if changed == "weights":
+        assert f" now has {transformer_fingerprint(str(teacher / 'transformer'))[:12]} (" in message

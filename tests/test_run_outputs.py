@@ -87,8 +87,10 @@ def test_exported_generator_loads_in_diffusers_and_generates(finished_run, pipel
     assert record["teacher"] == pipeline_dir and record["latent_size"] == {"frames": 3, "height": 8, "width": 8}
     from adm_megatron.models.diffusers_files import transformer_fingerprint  # what LoRA adapters would sit on
 
-    assert record["weights_fingerprints"] == {"teacher": transformer_fingerprint(os.path.join(pipeline_dir, "transformer")),
-                                              "teacher_kind": "diffusers", "generator_init": None}
+    fingerprints = record["weights_fingerprints"]
+    assert fingerprints["teacher"] == transformer_fingerprint(os.path.join(pipeline_dir, "transformer"))
+    assert fingerprints["teacher_kind"] == "diffusers" and fingerprints["schedule"]
+    assert fingerprints["generator_init"] is fingerprints["pixel_encoder"] is fingerprints["vae"] is None
     teacher = CogVideoXTransformer3DModel.from_pretrained(os.path.join(pipeline_dir, "transformer"))
     assert any(not torch.equal(a, b) for a, b in zip(exported.parameters(), teacher.parameters()))
     trained = load_megatron_checkpoint(os.path.join(out, "checkpoints", "iter_0000003", "generator"))

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from adm_megatron.file_fingerprint import file_fingerprint
+from adm_megatron.file_fingerprint import directory_fingerprint
 from adm_megatron.hub_cache import not_found_hint
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
@@ -54,14 +54,11 @@ def text_encoder_fingerprint(directory: str) -> str:
     """The cheap fingerprint (``adm_megatron/file_fingerprint.py``) of what decides an encoding: the
     files of a pipeline root's ``text_encoder*/`` and ``tokenizer*/`` (T5, and SD3's two CLIPs), or
     of an encoder folder."""
-    if os.path.isfile(os.path.join(directory, "model_index.json")):
-        parts = [os.path.join(directory, d) for d in sorted(os.listdir(directory))
-                 if d.startswith(("text_encoder", "tokenizer")) and os.path.isdir(os.path.join(directory, d))]
-    else:
-        parts = [directory]
-    files = [os.path.join(root, name) for part in parts for root, dirs, names in sorted(os.walk(part))
-             for name in sorted(names)]
-    return file_fingerprint(directory, files)
+    if not os.path.isfile(os.path.join(directory, "model_index.json")):
+        return directory_fingerprint(directory)
+    return directory_fingerprint(directory, [os.path.join(directory, d) for d in sorted(os.listdir(directory))
+                                             if d.startswith(("text_encoder", "tokenizer"))
+                                             and os.path.isdir(os.path.join(directory, d))])
 
 
 def _resolve(directory: str) -> tuple[str, str]:

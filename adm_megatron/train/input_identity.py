@@ -9,15 +9,15 @@ the prompt set's row count and fingerprint, ``ode_pairs.prompts_identity``, and 
 manifest shard list hashed: names, rows and SHA-256s), and a resume compares it with the data there
 now, in one line, before anything is built.
 
-Frozen weights: the teacher (the real score and the discriminator's backbone) is read from
-``model.teacher`` at every start, never from a checkpoint, so a teacher directory replaced between
-two starts (a newer snapshot in the hub cache, a re-converted checkpoint) would change the rest of
-the run silently. Each checkpoint records the fingerprints (``adm_megatron/file_fingerprint.py``) of
-the teacher's weight files and of ``model.generator_init``'s (``trainer_state.json``'s ``weights``),
-a resume compares the teacher's, and an exported generator's ``distillation.json`` carries both, so
-that sampling a LoRA generator can tell that the transformer under its adapters is not the one they
-were trained on (``models/generator_source.py``). Checkpoints from before a record have none and are
-not compared.
+Frozen files: the teacher (the real score and the discriminator's backbone), its noise schedule,
+and ADP's pixel encoder and VAE are read from their directories at every start, never from a
+checkpoint, so a directory replaced between two starts (a newer snapshot in the hub cache, a
+re-converted checkpoint) would change the rest of the run silently. Each checkpoint records their
+fingerprints (``adm_megatron/file_fingerprint.py``; ``trainer_state.json``'s ``weights``, with
+``model.generator_init``'s), a resume compares them, and an exported generator's ``distillation.json``
+carries them, so that sampling a LoRA generator can tell that the transformer under its adapters is
+not the one they were trained on (``models/generator_source.py``). Checkpoints from before a record
+have none and are not compared.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import os
 
 from adm_megatron.config import Config, ConfigError
 from adm_megatron.data.ode_pairs import MANIFEST, prompts_identity
+from adm_megatron.file_fingerprint import directory_fingerprint
 from adm_megatron.json_file import read_json_object
 from adm_megatron.models.diffusers_files import transformer_fingerprint
 
@@ -63,19 +64,42 @@ def check_same_data(saved: dict | None, now: dict, state_file: str, config: Conf
 
 
 def weights_identity(config: Config, teacher_source) -> dict:
-    """The fingerprints of the frozen weights a run reads at every start: the teacher's
-    (``teacher_source``, a ``TeacherSource``: of a diffusers transformer's safetensors or a megatron
-    checkpoint's shards, as ``teacher_kind`` says) and ``model.generator_init``'s (None without one)."""
-    init = config.model.generator_init
+    """The fingerprints of the frozen files a run reads at every start: the teacher's weights
+    (``teacher_source``, a ``TeacherSource``: a diffusers transformer's safetensors or a megatron
+    checkpoint's shards, as ``teacher_kind`` says), its noise schedule (the pipeline's
+    ``scheduler/``), ``model.generator_init``'s weights, and ADP's pixel branch (the pipeline's VAE and
+    ``distill.pixel_encoder_path``); None where the run has none."""
+    d, init, pipeline = config.distill, config.model.generator_init, teacher_source.pipeline_dir
+    pixel = d.method == "adp" and d.pixel_weight > 0
     return {"teacher": teacher_source.weights_fingerprint(), "teacher_kind": teacher_source.kind,
-            "generator_init": transformer_fingerprint(init) if init else None}
+            "schedule": directory_fingerprint(pipeline, [os.path.join(pipeline, "scheduler")]) if pipeline else None,
+            "generator_init": transformer_fingerprint(init) if init else None,
+            "pixel_encoder": directory_fingerprint(d.pixel_encoder_path) if pixel else None,
+            "vae": directory_fingerprint(pipeline, [os.path.join(pipeline, "vae")]) if pixel else None}
 
 
-def check_same_teacher(saved: dict | None, now: dict, state_file: str, config: Config) -> None:
-    """One-line ConfigError when the teacher a checkpoint was trained with (``saved``: its
-    ``weights`` record, None for a checkpoint from before it) is not the one ``model.teacher`` holds now."""
-    if saved and saved.get("teacher") != now["teacher"]:
-        raise ConfigError(
-            f"{state_file}: the run was trained with a teacher of fingerprint {str(saved.get('teacher'))[:12]}, "
-            f"model.teacher={config.model.teacher!r} now has {now['teacher'][:12]} (its weight files changed since); "
-            "a run cannot change its teacher: restore it, or start a new run (a new output_dir)")
+# what a resume compares: record key -> what it is
+_FROZEN = {"teacher": "the teacher's weights", "schedule": "the noise schedule (scheduler/)",
+           "pixel_encoder": "the pixel encoder", "vae": "the VAE (vae/)"}
+
+
+def _named(key: str, config: Config) -> str:
+    """The config key and value naming the directory that ``weights_identity``'s ``key`` is of."""
+    m = config.model
+    if key == "pixel_encoder":
+        return f"distill.pixel_encoder_path={config.distill.pixel_encoder_path!r}"
+    if key in ("schedule", "vae") and m.pipeline:
+        return f"model.pipeline={m.pipeline!r}"
+    return f"model.teacher={m.teacher!r}"
+
+
+def check_same_weights(saved: dict | None, now: dict, state_file: str, config: Config) -> None:
+    """One-line ConfigError when a frozen input a checkpoint was trained with (``saved``: its
+    ``weights`` record, None for a checkpoint from before it; keys it lacks are not compared) is not
+    what its directory holds now."""
+    for key, what in _FROZEN.items():
+        if saved and key in saved and saved[key] != now[key]:
+            raise ConfigError(
+                f"{state_file}: the run was trained with {what} of fingerprint {str(saved[key])[:12]}, "
+                f"{_named(key, config)} now has {str(now[key])[:12]} (its files changed since); a run cannot change "
+                "them: restore them, or start a new run (a new output_dir)")

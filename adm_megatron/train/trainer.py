@@ -65,7 +65,7 @@ from adm_megatron.parallel.startup import confirm_start
 from adm_megatron.models.kernel_options import apply_kernel_options
 from adm_megatron.models.weights import load_full_state_dict
 from adm_megatron.train.background_save import BackgroundSaves
-from adm_megatron.train.input_identity import check_same_data, check_same_teacher, data_identity, weights_identity
+from adm_megatron.train.input_identity import check_same_data, check_same_weights, data_identity, weights_identity
 from adm_megatron.train.checkpoint import (
     STATE_FILE,
     load_training_checkpoint,
@@ -163,7 +163,7 @@ class Trainer:
             state_file = os.path.join(self.resume_point.checkpoint, STATE_FILE)
             saved = read_training_state(self.resume_point.checkpoint)
             check_same_data(saved.get("data"), self.data_identity, state_file, config)
-            check_same_teacher(saved.get("weights"), self.weights_identity, state_file, config)
+            check_same_weights(saved.get("weights"), self.weights_identity, state_file, config)
         if launch_env().rank == 0:  # the rank that logs
             check_loggers(config.logging.wandb_mode, config.logging.tensorboard)
         self.schedule = self.teacher_source.schedule()
