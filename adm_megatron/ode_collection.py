@@ -9,7 +9,7 @@ duplicates or misses a pair; a shard lost or cut since (a partial copy) is colle
 a finished collection, and with ``verify`` one whose SHA-256 differs from the manifest's.
 ``collection.json`` (the settings, written first) must match on resume; ``manifest.json`` (with
 each shard's SHA-256) is written last, once every shard exists. One collection at a time writes an
-``out_dir`` (the run lock, ``train/run_lock.py``)."""
+``out_dir`` (the run lock, ``parallel/run_lock.py``)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from adm_megatron.data.ode_pairs import (FORMAT, MANIFEST, VERSION, prompts_iden
 from adm_megatron.diffusion.guidance import cfg_model_output
 from adm_megatron.diffusion.rollout import rollout
 from adm_megatron.json_file import read_json_object, write_json_atomically
-from adm_megatron.train.run_lock import LOCK_FILE
+from adm_megatron.parallel.run_lock import LOCK_FILE
 
 logger = logging.getLogger("adm_megatron")
 SETTINGS = "collection.json"
@@ -161,7 +161,7 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     from adm_megatron.parallel import initialize_parallel, launch_env
     from adm_megatron.parallel.shared_dir import check_shared_dir
     from adm_megatron.parallel.startup import confirm_start
-    from adm_megatron.train.run_lock import RunLock
+    from adm_megatron.parallel.run_lock import RunLock
     from adm_megatron.train.same_config import check_same_config
     from adm_megatron.train.teacher import resolve_teacher
     from adm_megatron.train.validate import validate_collection

@@ -265,7 +265,7 @@ def test_a_second_collection_into_a_held_out_dir_is_refused_in_one_line(referenc
     """The same collection job submitted twice: the second one's rank 0 removed the first one's shards
     in the middle of their writing (as a killed run's leftovers) and both collected the rest."""
     from adm_megatron.cli import main
-    from adm_megatron.train.run_lock import RunLock
+    from adm_megatron.parallel.run_lock import RunLock
 
     out = tmp_path / "pairs"
     held = RunLock(str(out), True, "--out", "collect-ode")  # as the first collection's rank 0 holds it

@@ -1,4 +1,4 @@
-"""One run at a time in an output directory (``adm_megatron/train/run_lock.py``): a run started into
+"""One run at a time in an output directory (``adm_megatron/parallel/run_lock.py``): a run started into
 an output_dir that another live run holds is refused in one line naming the holder, before it builds
 any network and without writing anything; the lock goes with its holder's process (a killed holder
 leaves a file that the next run takes again) and with the end of ``fit``."""

@@ -10,7 +10,7 @@ whole. The same command started again continues after the last recorded shard: t
 same chunks as an uninterrupted run (shard boundaries are chunk boundaries), so the result is the
 same bit for bit; other settings are refused in one line naming the first that differs, before the
 encoder loads. A precompute of the same ``--out`` still running (on any host) holds the work
-directory's lock (``train/run_lock.py``'s ``flock``) and a second one is refused. ``close`` moves the
+directory's lock (``parallel/run_lock.py``'s ``flock``) and a second one is refused. ``close`` moves the
 directory into place as :class:`EmbeddingShardWriter` does (``--out`` complete or untouched); an
 exception keeps it, for the next start to resume.
 """
@@ -22,7 +22,7 @@ import os
 from adm_megatron.data.safetensors_rows import check_safetensors_file
 from adm_megatron.data.text_embeddings import EmbeddingShardWriter
 from adm_megatron.json_file import read_json_object, write_json_atomically
-from adm_megatron.train.run_lock import LOCK_FILE, RunLock
+from adm_megatron.parallel.run_lock import LOCK_FILE, RunLock
 
 PROGRESS_FILE = "progress.json"
 

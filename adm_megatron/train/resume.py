@@ -41,7 +41,7 @@ from adm_megatron.train.checkpoint import (
 )
 from adm_megatron.train.checkpoint_files import check_whole
 from adm_megatron.train.checkpoint_hold import CheckpointHold
-from adm_megatron.train.run_lock import LOCK_FILE
+from adm_megatron.parallel.run_lock import LOCK_FILE
 
 _WAY_ON = "start from the newest whole one once with train.resume={}"
 FINISHED = "finished.json"  # in output_dir, written when a run has exported everything

@@ -85,7 +85,7 @@ from adm_megatron.train.preemption import StopPoll
 from adm_megatron.train.profiling import IterationProfiler
 from adm_megatron.train.recompute import RecomputeSwitch
 from adm_megatron.train.resume import mark_finished, plan_resume, trim_metrics
-from adm_megatron.train.run_lock import RunLock
+from adm_megatron.parallel.run_lock import RunLock
 from adm_megatron.train.run_log import RunLogger, check_loggers
 from adm_megatron.train.run_starts import record_start, start_record
 from adm_megatron.train.samples import RunSamples

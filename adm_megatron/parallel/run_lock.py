@@ -19,7 +19,7 @@ import socket
 import time
 
 from adm_megatron.config import ConfigError
-from adm_megatron.parallel import from_rank0
+from adm_megatron.parallel.runtime import from_rank0
 from adm_megatron.parallel.startup import FailedElsewhere
 
 logger = logging.getLogger("adm_megatron")
