@@ -44,6 +44,7 @@ from adm_megatron.models.pipeline_files import read_config
 from adm_megatron.models.pipeline_size import FLAGS, PipelineScale, pipeline_scale
 from adm_megatron.parallel import barrier, initialize_parallel, launch_env
 from adm_megatron.parallel.shared_dir import check_shared_dir
+from adm_megatron.parallel.run_lock import LOCK_FILE, RunLock
 from adm_megatron.train.checkpoint import check_outside_runs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -172,7 +173,7 @@ def check_out_dir(out_dir: str, overwrite: bool, resume: bool, args: dict,
         if relation:
             raise ValueError(f"--out {out_dir}: {relation} the {flag} {path} it renders from; choose another --out")
     check_outside_runs(out_dir, "--out")  # not a run's: its pruning, or --overwrite, would remove it
-    if not (os.path.isdir(out_dir) and os.listdir(out_dir)) or overwrite:
+    if not (os.path.isdir(out_dir) and set(os.listdir(out_dir)) - {LOCK_FILE}) or overwrite:
         return
     if not resume:
         raise ValueError(f"--out {out_dir}: exists and is not empty (pass --overwrite to replace it, or --resume "
@@ -282,45 +283,52 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
     check_out_dir(out_dir, overwrite, resume, args, inputs)  # on every rank: a refusal stops them all
     rank, ranks, device = _world()
     torch_dtype = resolve_dtype(dtype, device)
-    if rank == 0:
-        if overwrite and os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)  # nothing of the earlier run stays beside the new files
-        os.makedirs(out_dir, exist_ok=True)
-        write_json_atomically(os.path.join(out_dir, ARGS_FILE), args)  # a resumed --out compares it
-    barrier()
-    check_shared_dir(out_dir, "--out")  # each rank writes its share of the samples there
-    mine = contiguous_share(len(prompts), rank, ranks)
-    todo = {run.name: _missing(os.path.join(out_dir, run.name), mine, fmt) for run in runs}
-    text_length = (record or {}).get("text_length")  # the run's prompt embeddings' length
-    embeds = (family.encode_prompts(pipeline_dir, prompts[mine.start:mine.stop], arch, device, text_length=text_length)
-              if any(todo.values()) else None)
-    rows = []
-    for run in runs:
-        seconds: list[float] = []
-        run_dir = os.path.join(out_dir, run.name)
-        for group in todo[run.name]:
-            family.render_samples(pipeline_dir, run.transformer_dir,
-                                  _rows(embeds, range(group.start - mine.start, group.stop - mine.start)),
-                                  run.steps, run_dir, fmt=fmt, guidance_scale=run.guidance_scale, seed=seed,
-                                  device=device, dtype=torch_dtype, seconds=seconds, first=group.start,
-                                  vae_tiling=vae_tiling, **size)
-        seconds = [t for share in _gathered(seconds, ranks) for t in share]
-        paths = [os.path.join(run_dir, sample_name(i, fmt)) for i in range(len(prompts))]
-        if rank == 0 and family.latent_layout == "image":  # images: also all of them in one grid
-            write_grid(paths, os.path.join(run_dir, "grid.png"))
-            paths.append(os.path.join(run_dir, "grid.png"))
-        run_transformer, lora_dir = generator_parts(pipeline_dir, run.transformer_dir)
-        rows.append({"model": run.name, "transformer": run_transformer, "lora": lora_dir, "steps": run.steps,
-                     "guidance_scale": run.guidance_scale, "rendered": len(seconds), "seconds": seconds,
-                     "seconds_per_sample": statistics.median(seconds) if seconds else None, "paths": paths,
-                     "distillation": read_distillation_record(run.transformer_dir) if run.transformer_dir else None})
-    if rank != 0:
-        return None
-    result = {"environment": environment(device, command), "pipeline": pipeline_dir, "prompts": prompts,
-              "ranks": ranks, "dtype": str(torch_dtype).removeprefix("torch."),
-              "size": {"pixels": size, "latents": latents and list(latents)}, "vae_tiling": vae_tiling, "runs": rows}
-    write_json_atomically(os.path.join(out_dir, "sample_timing.json"), result)
-    return result
+    # one sample at a time in --out (the same job submitted twice, array tasks given one --out): taken
+    # before --overwrite removes anything, held until the samples are written
+    lock = RunLock(out_dir, rank == 0, "--out", "sample")
+    try:
+        if rank == 0:
+            if overwrite:  # nothing of the earlier run stays beside the new files (but the lock just taken)
+                for name in set(os.listdir(out_dir)) - {LOCK_FILE}:
+                    path = os.path.join(out_dir, name)
+                    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            write_json_atomically(os.path.join(out_dir, ARGS_FILE), args)  # a resumed --out compares it
+        barrier()
+        check_shared_dir(out_dir, "--out")  # each rank writes its share of the samples there
+        mine = contiguous_share(len(prompts), rank, ranks)
+        todo = {run.name: _missing(os.path.join(out_dir, run.name), mine, fmt) for run in runs}
+        text_length = (record or {}).get("text_length")  # the run's prompt embeddings' length
+        embeds = (family.encode_prompts(pipeline_dir, prompts[mine.start:mine.stop], arch, device, text_length=text_length)
+                  if any(todo.values()) else None)
+        rows = []
+        for run in runs:
+            seconds: list[float] = []
+            run_dir = os.path.join(out_dir, run.name)
+            for group in todo[run.name]:
+                family.render_samples(pipeline_dir, run.transformer_dir,
+                                      _rows(embeds, range(group.start - mine.start, group.stop - mine.start)),
+                                      run.steps, run_dir, fmt=fmt, guidance_scale=run.guidance_scale, seed=seed,
+                                      device=device, dtype=torch_dtype, seconds=seconds, first=group.start,
+                                      vae_tiling=vae_tiling, **size)
+            seconds = [t for share in _gathered(seconds, ranks) for t in share]
+            paths = [os.path.join(run_dir, sample_name(i, fmt)) for i in range(len(prompts))]
+            if rank == 0 and family.latent_layout == "image":  # images: also all of them in one grid
+                write_grid(paths, os.path.join(run_dir, "grid.png"))
+                paths.append(os.path.join(run_dir, "grid.png"))
+            run_transformer, lora_dir = generator_parts(pipeline_dir, run.transformer_dir)
+            rows.append({"model": run.name, "transformer": run_transformer, "lora": lora_dir, "steps": run.steps,
+                         "guidance_scale": run.guidance_scale, "rendered": len(seconds), "seconds": seconds,
+                         "seconds_per_sample": statistics.median(seconds) if seconds else None, "paths": paths,
+                         "distillation": read_distillation_record(run.transformer_dir) if run.transformer_dir else None})
+        if rank != 0:
+            return None
+        result = {"environment": environment(device, command), "pipeline": pipeline_dir, "prompts": prompts,
+                  "ranks": ranks, "dtype": str(torch_dtype).removeprefix("torch."),
+                  "size": {"pixels": size, "latents": latents and list(latents)}, "vae_tiling": vae_tiling, "runs": rows}
+        write_json_atomically(os.path.join(out_dir, "sample_timing.json"), result)
+        return result
+    finally:
+        lock.release()
 
 
 def format_timing(result: dict) -> str:

@@ -100,7 +100,7 @@ def test_sample_takes_the_distilled_step_count_and_never_mixes_runs(tmp_path, wo
     assert (f"adm-megatron sample: note: {generator} was distilled for 3 steps; sampling it with 2"
             in capsys.readouterr().err.splitlines())
     assert calls == [torch.bfloat16] * 2
-    assert sorted(os.listdir(out)) == ["generator", "sample_args.json", "sample_timing.json"]  # no earlier teacher/
+    assert sorted(os.listdir(out)) == [".run.lock", "generator", "sample_args.json", "sample_timing.json"]  # no teacher/
 
     calls.clear()
     assert main([*args, "--generator", bare, "--out", str(tmp_path / "bare_samples")]) == 2
@@ -473,6 +473,22 @@ def test_a_resumed_sampling_renders_only_the_missing_samples(tmp_path, capsys):
     (tmp_path / "other" / "x").write_text("")
     assert _sample_counted([*args, "--out", str(tmp_path / "other"), "--resume"]) == (2, 0)
     assert "is not an adm-megatron sample output" in capsys.readouterr().err
+
+    # another sample writing the same --out meanwhile (the job submitted twice, array tasks given one
+    # --out): refused in one line, --overwrite included, before anything of it is touched or rendered
+    from adm_megatron.parallel.run_lock import RunLock
+
+    held = RunLock(str(cut), True, "--out", "sample")
+    before = {name: (cut / "generator" / name).read_bytes() for name in os.listdir(cut / "generator")}
+    for extra in (["--resume"], ["--overwrite"]):
+        capsys.readouterr()
+        assert _sample_counted([*args, "--out", str(cut), *extra]) == (2, 0)
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"adm-megatron sample: --out={str(cut)!r} is in use by another sample (host ") and \
+            err.endswith("wait for it to end, or use a new --out") and "\n" not in err, err
+    assert {name: (cut / "generator" / name).read_bytes() for name in os.listdir(cut / "generator")} == before
+    held.release()
+    assert _sample_counted([*args, "--out", str(cut), "--resume"]) == (0, 0)  # free again: nothing left to render
 
 
 def test_sample_renders_at_the_distilled_size_unless_told(tmp_path, world_of_one, capsys):
