@@ -205,15 +205,16 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     if dist.is_initialized():
         dist.barrier()
     dtype = torch.float64 if config.model.dtype == "fp64" else torch.float32
-    teacher = source.build_models(1, sequence_parallel=config.model.sequence_parallel, impl=config.model.impl,
-                                  params_dtype=dtype)[0].eval().requires_grad_(False)
-    kernel_options.apply_kernel_options(teacher, config.model)  # attention backend, FP8, compile, as in train
-    d = config.data
-    fn = DiTFunction(teacher, source.family.positional_inputs(source.arch, d.frames, d.height, d.width,
-                                                              device=info.device))
     latent_shape = tuple(settings["latent_shape"])
     mine = [i for i in range(info.dp_rank, n_shards, info.dp_size)
             if not os.path.isfile(os.path.join(out_dir, shard_name(i)))]
+    if mine:  # (the same on a data-parallel rank's TP / CP ranks) an intact collection verified builds no teacher
+        teacher = source.build_models(1, sequence_parallel=config.model.sequence_parallel, impl=config.model.impl,
+                                      params_dtype=dtype)[0].eval().requires_grad_(False)
+        kernel_options.apply_kernel_options(teacher, config.model)  # attention backend, FP8, compile, as in train
+        d = config.data
+        fn = DiTFunction(teacher, source.family.positional_inputs(source.arch, d.frames, d.height, d.width,
+                                                                  device=info.device))
     bar = tqdm(total=len(mine), desc="ode pairs", unit="shard", disable=not (progress and info.rank == 0))
     start, done = time.perf_counter(), 0
     for i in mine:

@@ -230,10 +230,11 @@ def test_killed_collection_resumes_to_the_uninterrupted_shards(pipeline_dir, tmp
 
 
 def test_a_finished_collection_with_a_lost_or_cut_shard_collects_those_again(reference, pipeline_dir, tmp_path,
-                                                                           world_of_one):
+                                                                           world_of_one, monkeypatch):
     """A rerun over a finished collection used to say it was done when a shard had gone missing or been
     cut (a partial copy) since, so training kept refusing it: those shards are collected again; a cut
-    manifest is written again; with --verify, a shard whose SHA-256 differs from the manifest's too."""
+    manifest is written again; with --verify, a shard whose SHA-256 differs from the manifest's too,
+    and an intact collection verified loads no teacher."""
     import shutil
 
     from adm_megatron.cli import main
@@ -257,6 +258,13 @@ def test_a_finished_collection_with_a_lost_or_cut_shard_collects_those_again(ref
     assert main(_command(pipeline_dir, out)[3:]) == 0 and _shards(out) == corrupted
     assert main([*_command(pipeline_dir, out)[3:], "--verify"]) == 0
     assert _shards(out) == _shards(reference)
+    assert (out / MANIFEST).read_bytes() == open(os.path.join(reference, MANIFEST), "rb").read()
+    # --verify over an intact collection reads the shards and builds no teacher (minutes at 5b)
+    from adm_megatron.train.teacher import TeacherSource
+
+    built = []
+    monkeypatch.setattr(TeacherSource, "build_models", lambda *a, **k: built.append(a) or pytest.fail("built"))
+    assert main([*_command(pipeline_dir, out)[3:], "--verify"]) == 0 and built == []
     assert (out / MANIFEST).read_bytes() == open(os.path.join(reference, MANIFEST), "rb").read()
 
 
