@@ -37,6 +37,7 @@ def test_every_section_of_the_gpu_check_passes_in_a_dry_run(tmp_path, monkeypatc
     assert trainer["ok"] and all(trainer["checks"].values()) and len(trainer["checks"]) == 9
     offload = report["sections"]["offload"]
     assert offload["ok"] and offload["bit_identical"] and offload["checks"]["optimizer_state_in_checkpoint"]
+    assert offload["checks"]["grad_accumulators_kept"] is True
     diagnosis = offload["diagnosis"]  # what bisects a disagreement on a GPU: all zero on the CPU
     per_iteration = diagnosis["per_iteration"]
     assert len(per_iteration) == 3 and not any(v for it in per_iteration for v in it.values())

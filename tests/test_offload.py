@@ -3,10 +3,12 @@ optimizer state and weights offloaded are bit-identical to the same run without 
 and every weight), and during each phase the networks it does not update keep their optimizer
 state in the host buffers -- read from the tensors' storage -- and their gradient buffers released,
 while the weights of networks the phase does not run (learned from the previous iteration) wait on
-the host too."""
+the host too, their storage released in place: no parameter is given another tensor as its data,
+and each keeps the autograd gradient accumulator megatron DDP hooked."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 COMMON = [
@@ -34,8 +36,19 @@ def _run(pipeline_dir: str, output_dir: str, overrides: list[str]):
             places.append((_phase, {n: trainer.offload.where(n) for n in trainer.offload.modes}))
             return _loss(*args)
         setattr(alg, attr, record)
-    losses = [{k: v for k, v in trainer.train_iteration(i).items() if k.endswith("/loss")} for i in range(3)]
+    # a parameter given another tensor as its .data (on a GPU: another device's) loses its autograd
+    # gradient accumulator, which megatron DDP hooked: its gradients would never reach main_grad
+    assigned, data = [], torch.Tensor.data
+    accumulators = {id(p): p.view_as(p).grad_fn.next_functions[0][0] for net in trainer.trainable.values()
+                    for p in net.module.parameters()}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.Parameter, "data", property(data.__get__, lambda p, v: (
+            assigned.append(tuple(p.shape)), data.__set__(p, v))), raising=False)
+        losses = [{k: v for k, v in trainer.train_iteration(i).items() if k.endswith("/loss")} for i in range(3)]
     trainer.offload.restore_weights()
+    assert assigned == []
+    assert all(p.view_as(p).grad_fn.next_functions[0][0] is accumulators[id(p)]
+               for net in trainer.trainable.values() for p in net.module.parameters())
     weights = {f"{p}.{n}": w.detach().clone() for p, net in trainer.trainable.items()
                for n, w in net.module.named_parameters()}
     return losses, weights, places
@@ -100,10 +113,10 @@ class LateCopies:
     """CUDA's offload hazards made visible on the CPU, where copies are synchronous and nothing is
     freed while referenced: a copy to the host lands, as far as the CPU can tell, only at ``settle``
     (the device sees it in order: a copy back to the device lands it first), its host buffer reads NaN
-    until then; once landed, the
-    device storage it left is NaN (CUDA frees and reuses it); a host buffer copied back to the device
-    reads NaN (its value is stale from then on); and a released gradient buffer is kept filled with a
-    sentinel that must still be there when it is restored (CUDA would have written into freed memory)."""
+    until then; once landed, an optimizer state's device storage it left is NaN (CUDA frees and reuses
+    it; a parameter's is released outright); a host buffer copied back to the device reads NaN (its
+    value is stale from then on); and a released gradient buffer is kept filled with a sentinel that
+    must still be there when it is restored (CUDA would have written into freed memory)."""
 
     SENTINEL = 12345.0
 
@@ -112,17 +125,19 @@ class LateCopies:
 
         from adm_megatron.train.offload import HostMover, Offloader
 
-        self.pending, self.written_while_released = {}, []  # id(host buffer) -> (it, storage left)
+        # id(host buffer) -> (it, the value on its way, the storage left: None for a parameter's)
+        self.pending, self.written_while_released = {}, []
         to_host, to_device = HostMover.to_host, HostMover.to_device
         late = self
 
         @torch.no_grad()
         def late_to_host(mover, tensors):
-            leaving = [(t, t.data) for t in tensors if not mover.is_on_host(t)]
+            leaving = [(t, t.detach().clone(), None if isinstance(t, torch.nn.Parameter) else t.data)
+                       for t in tensors if t.numel() and not mover.is_on_host(t)]
             to_host(mover, tensors)
-            for t, old in leaving:
+            for t, value, old in leaving:
                 mover.host[id(t)].fill_(float("nan"))
-                late.pending[id(mover.host[id(t)])] = (mover.host[id(t)], old)
+                late.pending[id(mover.host[id(t)])] = (mover.host[id(t)], value, old)
 
         @torch.no_grad()
         def late_to_device(mover, tensors):
@@ -156,9 +171,10 @@ class LateCopies:
     def land(self, hosts=None):
         """The pending copies into ``hosts`` (all: None) land."""
         for key in list(self.pending) if hosts is None else [id(h) for h in hosts if id(h) in self.pending]:
-            host, old = self.pending.pop(key)
-            host.copy_(old)
-            old.fill_(float("nan"))
+            host, value, old = self.pending.pop(key)
+            host.copy_(value)
+            if old is not None:
+                old.fill_(float("nan"))
 
 
 def _checkpointed_run(pipeline_dir: str, output_dir: str, overrides: list[str]):

@@ -15,14 +15,21 @@
   views into megatron DDP's parameter buffer (a network with ``shard_over_dp``) cannot move one by
   one; the config refuses that combination.
 
-A tensor moves by swapping its ``.data`` between a compute-device tensor and a host buffer kept for
-it (allocated at the first move, pinned when CUDA is present), so the optimizer and the module keep
-the same tensor objects. With CUDA, device-to-host copies run non-blocking on a side stream (the
-compute stream goes on with the phase while they drain; the device memory is released once they
-are done) and host-to-device copies on the same stream, which the compute stream waits for before the
-phase's first kernel. Without CUDA the host buffer is a second CPU tensor: the copies are real but
-synchronous, and where a tensor lives (its storage is or is not the host buffer) is what the tests
-check; iterations are bit-identical with offload on and off.
+A parameter keeps its device and its storage object while its value waits in the host buffer kept
+for it (allocated at the first move, pinned when CUDA is present): its storage is released
+(``resize_(0)``, as megatron's own ``offload_to_cpu`` releases its buffers) and reserved again before
+the value is copied back. It must not be given another device's tensor as its ``.data``: autograd then
+drops the parameter's gradient accumulator, the node megatron DDP hooked to put gradients into
+``main_grad``, and on a GPU every later gradient of the weights offloaded went to ``param.grad``
+instead -- steps of zero gradient, training that silently parted from the run without offload (the
+CPU, where the host is the same device, never showed it). An optimizer state (Adam's moments, fp32
+main params: no autograd node) swaps its ``.data`` with its host buffer, so that a checkpoint reads it
+where it is. With CUDA, device-to-host copies run non-blocking on a side stream (the compute stream
+goes on with the phase while they drain; the device memory is reused only once they are done) and
+host-to-device copies on the same stream, which the compute stream waits for before the phase's
+first kernel. Without CUDA the copies are real but synchronous, and where a tensor lives (its storage
+released, or the host buffer's) is what the tests check; iterations are bit-identical with offload on
+and off.
 
 Before a checkpoint is written and at the end of a run, ``restore_weights`` brings the weights
 back; optimizer states are checkpointed from wherever they are, after ``settle`` (the CPU reads the
@@ -37,7 +44,8 @@ import torch
 
 
 class HostMover:
-    """Moves tensors between the compute device and their host buffers."""
+    """Moves tensors between the compute device and their host buffers (see the module docstring:
+    parameters keep their device and storage object, other tensors swap their ``.data``)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -50,40 +58,65 @@ class HostMover:
 
     def is_on_host(self, tensor: torch.Tensor) -> bool:
         host = self.host.get(id(tensor))
-        return host is not None and tensor.data_ptr() == host.data_ptr()
+        if host is None:
+            return False
+        if isinstance(tensor, torch.nn.Parameter):
+            return tensor.untyped_storage().nbytes() == 0
+        return tensor.data_ptr() == host.data_ptr()
+
+    def _host_buffer(self, t: torch.Tensor) -> torch.Tensor:
+        host = self.host.get(id(t))
+        if host is None:
+            if isinstance(t, torch.nn.Parameter) and not (
+                    t.is_contiguous() and t.storage_offset() == 0
+                    and t.untyped_storage().nbytes() == t.numel() * t.element_size()):
+                raise ValueError(f"offload: a parameter of shape {tuple(t.shape)} shares its storage with other "
+                                 "tensors; its memory cannot be released alone")
+            host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.cuda)
+            self.host[id(t)] = host
+        return host
 
     @torch.no_grad()
     def to_host(self, tensors: list[torch.Tensor]) -> None:
-        tensors = [t for t in tensors if not self.is_on_host(t)]
+        tensors = [t for t in tensors if t.numel() and not self.is_on_host(t)]
         if not tensors:
             return
         if self.cuda:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the values are final
         with self._stream():
             for t in tensors:
-                host = self.host.get(id(t))
-                if host is None:
-                    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.cuda)
-                    self.host[id(t)] = host
+                host = self._host_buffer(t)
                 host.copy_(t.data, non_blocking=self.cuda)
                 if self.cuda:
-                    t.data.record_stream(self.stream)  # freed only once the copy is done
-                t.data = host
+                    t.data.record_stream(self.stream)  # its memory is reused only once the copy is done
+                if isinstance(t, torch.nn.Parameter):
+                    t.untyped_storage().resize_(0)  # released in place: the same tensor, device and storage
+                else:
+                    t.data = host
 
     @torch.no_grad()
     def to_device(self, tensors: list[torch.Tensor]) -> None:
         tensors = [t for t in tensors if self.is_on_host(t)]
         if not tensors:
             return
-        # allocated on the compute stream, which uses them, before the side stream waits for it: with
-        # torch's deterministic algorithms ``empty`` queues a NaN fill there that must land first
-        targets = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in tensors]
+        # the device memory is taken on the compute stream, which uses it, before the side stream
+        # waits for it: with torch's deterministic algorithms ``empty`` / ``resize_`` queue a NaN fill
+        # there that must land first
+        targets = []
+        for t in tensors:
+            if isinstance(t, torch.nn.Parameter):
+                t.untyped_storage().resize_(t.numel() * t.element_size())
+                targets.append(t.data)
+            else:
+                targets.append(torch.empty(t.shape, dtype=t.dtype, device=self.device))
         if self.cuda:  # the side stream's copies come after what the compute stream has queued
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with self._stream():
+            for t, on_device in zip(tensors, targets):
+                on_device.copy_(self.host[id(t)], non_blocking=self.cuda)
         for t, on_device in zip(tensors, targets):
-            with self._stream():
-                on_device.copy_(t.data, non_blocking=self.cuda)
-            t.data = on_device
+            if not isinstance(t, torch.nn.Parameter):
+                t.data = on_device
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
