@@ -175,6 +175,10 @@ def _bench(args: argparse.Namespace) -> int:
         from adm_megatron.bench.kernel_profile import format_comparison
 
         print(f"DiT forward+backward by kernel kind ({profiles['ours']['events']}):\n{format_comparison(profiles)}")
+        it = result["adm"]["profile_iteration"]
+        print(f"{result['adm']['method']} iteration by kernel kind: its events {it['total_ms']:.1f} ms of "
+              f"{it['wall_ms']:.1f} ms wall ({100 * it['total_ms'] / it['wall_ms']:.0f}%)\n"
+              + format_comparison({"iteration": it}))
     if args.out:
         write_json_atomically(args.out, result)
         print(f"written: {args.out}")
@@ -342,8 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--peak-tflops", type=float, default=None,
                        help="peak TFLOP/s for MFU (default: the dense BF16 peak of a known card; none on CPU)")
     bench.add_argument("--profile", action="store_true",
-                       help="also one forward+backward of each DiT under torch.profiler: time by kernel kind "
-                            "(attention, GEMM, normalisation, copies, ...) and the heaviest kernels, side by side")
+                       help="also one forward+backward of each DiT, and one iteration, under torch.profiler: time by "
+                            "kernel kind (attention, GEMM, normalisation, copies, ...) and the heaviest kernels, the "
+                            "DiTs side by side; the iteration's kernel time against its wall time")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--config", default=None, help="a run config for the trainer (model and data keys are set by bench)")
     bench.add_argument("--out", default=None, help="write the result as JSON here (a new file, unless --overwrite)")

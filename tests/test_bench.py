@@ -148,18 +148,22 @@ def test_bench_cli_runs_both_models_and_every_phase(tmp_path, world_of_one, caps
     # every forward really ran: diffusers once for the agreement check and 2 x 2 timed; ours as
     # often, plus each counted evaluation of the 2 timed iterations
     evaluations = sum(v["calls"] for roles in adm["evaluations_per_iteration"].values() for v in roles.values())
-    assert len(diffusers_calls) == 6 and len(ours_calls) == 6 + 2 * evaluations  # + 1 profiled each
+    assert len(diffusers_calls) == 6 and len(ours_calls) == 6 + 3 * evaluations  # + 1 profiled call / iteration
     for side, profile in dit["profile_forward_backward"].items():  # where each side's time went
         spent = profile["categories_ms"]
         assert profile["events"] == "aten operators, self CPU time"
         assert spent["attention"] > 0 and spent["gemm"] > 0 and spent["normalization"] > 0, (side, spent)
         assert profile["total_ms"] == pytest.approx(sum(spent.values())) and profile["total_ms"] <= profile["wall_ms"]
         assert profile["top"] and all(row["ms"] > 0 for row in profile["top"])
+    it = adm["profile_iteration"]  # one more iteration, profiled: its events against its wall time
+    assert it["categories_ms"]["gemm"] > 0 and it["categories_ms"]["attention"] > 0
+    assert 0 < it["total_ms"] <= it["wall_ms"] and it["total_ms"] == pytest.approx(sum(it["categories_ms"].values()))
     captured = capsys.readouterr()
     printed = captured.out
     assert "note: --warmup 0 times each side's first, cold round too" in captured.err
     assert "DiT forward_backward diffusers" in printed and "adm discriminator" in printed
     assert "time ours / diffusers" in printed and "DiT forward+backward by kernel kind" in printed
+    assert "adm iteration by kernel kind: its events " in printed
     assert "checkpoint: synchronous save" in printed and "checkpoint: background pause" in printed
     assert f"attention auto ({', '.join(sorted(chosen))})" in printed and "fp8 off, DP grad overlap off" in printed
     calls = len(ours_calls)

@@ -19,7 +19,8 @@
 #    2nd block) and model.attention_backend=auto (the fastest SDPA kernel, timed; its choice is in
 #    the JSON's "kernels"), and how long one checkpoint of that run stops training (synchronous and
 #    in the background), and (--profile) each side's DiT forward+backward time by kernel kind
-#    (attention, GEMM, normalisation, copies, other), into bench.json and bench.log, under
+#    (attention, GEMM, normalisation, copies, other) and one iteration's (its kernel time against its
+#    wall time), into bench.json and bench.log, under
 #    GPU_CHECK_BENCH_TIMEOUT_S (default 150 s). GPU_CHECK_BENCH_TIMEOUT_S=0 skips it;
 # 5. the same bench with model.compile=blocks (each of our blocks through torch.compile; diffusers'
 #    model eager) into bench_compiled.json / bench_compiled.log, under GPU_CHECK_COMPILE_TIMEOUT_S
@@ -124,7 +125,7 @@ bench() {
         ${GPU_CHECK_BENCH_ARGS:---repeats 3 --warmup 1 distill.generator_steps=2 distill.head_every=2} \
         model.attention_backend=auto "$@" > "$OUT/$name.log" 2>&1
     echo "== adm-megatron bench ($name) exit status: $? (log: $OUT/$name.log, JSON: $OUT/$name.json)"
-    tail -n 35 "$OUT/$name.log"
+    tail -n 45 "$OUT/$name.log"
 }
 if [ "${GPU_CHECK_BENCH_TIMEOUT_S:-150}" != 0 ]; then
     bench bench "${GPU_CHECK_BENCH_TIMEOUT_S:-150}"

@@ -19,6 +19,7 @@ import torch
 
 from adm_megatron.bench.checkpoint_pause import measure_checkpoint_pause
 from adm_megatron.bench.counting import EvalCounter
+from adm_megatron.bench.kernel_profile import profile_call
 from adm_megatron.bench.timing import peak_memory_bytes, reset_peak_memory, synchronize
 from adm_megatron.config import load_config
 from adm_megatron.lora.adapters import lora_adapters
@@ -88,13 +89,15 @@ def lora_settings(generator) -> dict | None:
 
 
 def measure_iterations(config_file: str | None, overrides: list[str], repeats: int, warmup: int,
-                       checkpoint_repeats: int = 0) -> dict:
+                       checkpoint_repeats: int = 0, profile: bool = False) -> dict:
     """Build the trainer and time ``warmup`` + ``repeats`` iterations. Returns per phase (and
     ``iteration``): per-repeat seconds and FLOPs, the median seconds, the peak memory, and the
     network evaluations of the measured iterations (per iteration, averaged); the LoRA generator's
-    settings (``lora_settings``; None for a full fine-tune); then, with ``checkpoint_repeats``, how
-    long a checkpoint stops training, synchronous and in the background (``checkpoint_pause.py``;
-    else None)."""
+    settings (``lora_settings``; None for a full fine-tune); with ``profile``, one more iteration
+    under ``torch.profiler`` by kernel kind (``kernel_profile.py``: its events' time against its wall
+    time says how much of the iteration the device was idle; else None); then, with
+    ``checkpoint_repeats``, how long a checkpoint stops training, synchronous and in the background
+    (``checkpoint_pause.py``; else None)."""
     from adm_megatron.train.trainer import Trainer
 
     trainer = Trainer(load_config(config_file, overrides))
@@ -126,6 +129,7 @@ def measure_iterations(config_file: str | None, overrides: list[str], repeats: i
                 slot = evals.setdefault(phase, {}).setdefault(role, {"calls": 0, "samples": 0})
                 slot["calls"] += tally["calls"] / repeats
                 slot["samples"] += tally["samples"] / repeats
+    iteration_profile = profile_call(lambda: trainer.train_iteration(warmup + repeats), device) if profile else None
     checkpoint = measure_checkpoint_pause(trainer, checkpoint_repeats) if checkpoint_repeats else None
     for row in rows.values():
         row["median_s"] = statistics.median(row["seconds"])
@@ -133,4 +137,4 @@ def measure_iterations(config_file: str | None, overrides: list[str], repeats: i
     return {"phases": rows, "evaluations_per_iteration": evals, "method": trainer.config.distill.method,
             "generator_steps": trainer.config.distill.generator_steps,
             "head_every": trainer.config.distill.head_every, "model_dtype": trainer.config.model.dtype,
-            "lora": lora_settings(trainer.generator), "checkpoint": checkpoint}
+            "lora": lora_settings(trainer.generator), "checkpoint": checkpoint, "profile_iteration": iteration_profile}

@@ -45,7 +45,7 @@ class BenchOptions:
     repeats: int = 7
     warmup: int = 2
     checkpoint_repeats: int = 2  # timed checkpoints of each kind; 0 measures none
-    profile: bool = False  # one more forward+backward of each side under torch.profiler, by kernel kind
+    profile: bool = False  # one more DiT forward+backward of each side, and iteration, under torch.profiler
     peak_tflops: float | None = None
     seed: int = 0
     config: str | None = None  # a run config for the trainer (its model/data keys are replaced)
@@ -178,7 +178,8 @@ def run_bench(opts: BenchOptions) -> dict:
             logger.info("DiT forward+backward by kernel kind (%s):\n%s",
                         dit["profile_forward_backward"]["ours"]["events"],
                         format_comparison(dit["profile_forward_backward"]))
-        adm = measure_iterations(opts.config, overrides, opts.repeats, opts.warmup, opts.checkpoint_repeats)
+        adm = measure_iterations(opts.config, overrides, opts.repeats, opts.warmup, opts.checkpoint_repeats,
+                                 profile=opts.profile)
     for phase, row in adm["phases"].items():
         row["mfu"] = None if peak is None else row["tflops_per_s"] / peak
         rows.append({"name": f"{adm['method']} {phase}", **row,
