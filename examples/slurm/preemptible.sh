@@ -4,7 +4,7 @@
 # SIGTERM when the job is cancelled or preempted; either is forwarded to the step as SIGUSR1, on
 # which every rank finishes its iteration, saves a checkpoint and exits with code 75. Once the step
 # has ended, a job that got the time-limit warning (USR1) and whose step stopped short of the end
-# (exit 75; torchrun's 1) requeues itself (scontrol requeue, with #SBATCH --requeue); the next start
+# (exit 75; under adm_megatron.launch, torchrun's, 128 + the signal) requeues itself (scontrol requeue, with #SBATCH --requeue); the next start
 # runs the same command and train.resume=auto goes on from that checkpoint. A step that finished the
 # run anyway (exit 0: the signal came during its last iterations) is not requeued. A TERM (scancel,
 # or preemption, which SLURM requeues by itself) only saves.
@@ -24,9 +24,9 @@ run_preemptible() {
     case $rc in
         0) echo "[$(date +%T)] training step done" ;;
         75) echo "[$(date +%T)] training step stopped after saving a checkpoint (exit 75)" ;;
-        # torchrun reports a stop of its workers (75) or its own shutdown on a signal as a failure
+        # the launcher (torchrun) ends with 128 + the signal it stopped on, after its workers saved
         *) if [ "$signalled" = 1 ]; then
-               echo "[$(date +%T)] training step exited with $rc after a stop signal (torchrun reports its workers' stop as a failure; checkpoints/latest names what they saved)"
+               echo "[$(date +%T)] training step exited with $rc after a stop signal (checkpoints/latest names what it saved)"
            else
                echo "[$(date +%T)] training step exited with $rc"
            fi ;;

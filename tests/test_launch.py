@@ -1,0 +1,45 @@
+"""``python -m adm_megatron.launch`` (torchrun as the sbatch scripts start it): a run stopped by a
+signal the launcher passes on to its workers saves its checkpoint, and the launcher says so in one
+line and exits 128 + the signal's number -- torchrun itself ended on a 28-line traceback there."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from multiproc import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_signal_stop_under_the_launcher_is_one_line_after_the_workers_saved(tmp_path):
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+    teacher = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "adm_megatron.launch", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "--signals-to-handle", "SIGTERM,SIGUSR1", "--shutdown-timeout", "300", "-m", "adm_megatron.cli", "train",
+           "--config", os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"), f"model.teacher={teacher}",
+           f"output_dir={out}", "train.max_iterations=100000", "train.num_samples=0", "data.batch_size=1",
+           "logging.wandb_mode=disabled", "logging.progress=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGUSR1)  # as preemptible.sh forwards SLURM's time-limit warning
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGUSR1, stderr[-3000:]
+    assert "Traceback" not in stderr and "SignalException" not in stderr, stderr[-3000:]
+    assert ("adm_megatron.launch: stopped by SIGUSR1: it was passed on to the workers, which have ended (a run saves "
+            "a checkpoint first: checkpoints/latest names it)\n") in stderr
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert "run stopped by a signal after iteration" in stdout and latest.startswith("iter_")
