@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--encoder", required=True,
                         help="CogVideoX / SD3 pipeline root, or a T5 encoder + tokenizer folder (or a Hugging Face "
                         "repo id in the local hub cache)")
-    parser.add_argument("--out", required=True, help="output shard directory")
+    parser.add_argument("--out", required=True,
+                        help="output shard directory (written whole at the end; a killed precompute resumes when "
+                             "the same command is run again)")
     parser.add_argument("--max-length", type=int, default=None,
                         help="T5 tokens per prompt (default: CogVideoX 226, SD3 256)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts encoded at once (default 8)")
