@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 
 from adm_megatron.data.safetensors_rows import check_safetensors_file
-from adm_megatron.data.text_embeddings import EmbeddingShardWriter
+from adm_megatron.data.text_embeddings import EmbeddingShardWriter, remove_killed_writers
 from adm_megatron.json_file import read_json_object, write_json_atomically
 from adm_megatron.parallel.run_lock import LOCK_FILE, RunLock
 
@@ -72,6 +72,7 @@ class ResumableShardWriter(EmbeddingShardWriter):
 
     def _work_dir(self) -> str:
         path = work_dir_of(self.out_dir)
+        remove_killed_writers(self.out_dir)  # temporary directories of writers from before this one
         check_resumable(self.out_dir, self.settings)
         progress = os.path.join(path, PROGRESS_FILE)
         self._shards = read_json_object(progress)["shards"] if os.path.isfile(progress) else []
