@@ -51,6 +51,7 @@ def _refuse(line: str) -> int:
 ONE_PROCESS = {  # commands that plan or measure in one process: under torchrun / srun, refused in one line
     "plan": "--gpus says how many GPUs the run will use",
     "bench": "it times one process on one device",
+    "export": "it writes one directory from the whole checkpoint; every rank would read its own checkpoints/latest",
 }
 
 

@@ -62,14 +62,16 @@ def _cli(argv: list[str]) -> tuple[int, list[str]]:
     return code, [line for line in err.getvalue().splitlines() if not line.startswith("[")]
 
 
-def test_plan_and_bench_refuse_a_multi_process_launch_in_one_line(tmp_path):
+def test_plan_bench_and_export_refuse_a_multi_process_launch_in_one_line(tmp_path):
     # bench under torchrun crashed (every rank's checkpoint timing in its own temporary run directory);
-    # plan printed its table once per rank
+    # plan printed its table once per rank; export's ranks each resolved a live run's checkpoints/latest
+    # (a save between their reads: two checkpoints) and wrote the same directory
     out = str(tmp_path / "bench.json")
     config = os.path.join(ROOT, "examples/cogvideox/cogvideox_2b_8step.yaml")
     for argv, what in ((["plan", "--config", config, "--arch", "cogvideox-2b", "--gpus", "8", "--card", "80"],
                         "--gpus says"),
-                       (["bench", "--model", "cogvideox-2b", "--layers", "1", "--out", out], "it times one")):
+                       (["bench", "--model", "cogvideox-2b", "--layers", "1", "--out", out], "it times one"),
+                       (["export", "--checkpoint", str(tmp_path / "run"), "--out", out], "writes one directory")):
         results = run_world(_cli, 2, argv, timeout_s=120)
         assert [code for code, _ in results] == [2, 2]
         assert results[1][1] == []
