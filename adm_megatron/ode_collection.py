@@ -159,9 +159,9 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     from adm_megatron.algorithms.networks import DiTFunction, text_condition
     from adm_megatron.models import kernel_options
     from adm_megatron.parallel import initialize_parallel, launch_env
+    from adm_megatron.parallel.run_lock import RunLock
     from adm_megatron.parallel.shared_dir import check_shared_dir
     from adm_megatron.parallel.startup import confirm_start
-    from adm_megatron.parallel.run_lock import RunLock
     from adm_megatron.train.same_config import check_same_config
     from adm_megatron.train.teacher import resolve_teacher
     from adm_megatron.train.validate import validate_collection

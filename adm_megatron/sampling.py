@@ -43,8 +43,8 @@ from adm_megatron.models.generator_source import (LORA_WEIGHTS, check_lora_fits,
 from adm_megatron.models.pipeline_files import read_config
 from adm_megatron.models.pipeline_size import FLAGS, PipelineScale, pipeline_scale
 from adm_megatron.parallel import barrier, initialize_parallel, launch_env
-from adm_megatron.parallel.shared_dir import check_shared_dir
 from adm_megatron.parallel.run_lock import LOCK_FILE, RunLock
+from adm_megatron.parallel.shared_dir import check_shared_dir
 from adm_megatron.train.checkpoint import check_outside_runs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -31,7 +31,7 @@ def mix_seed(*values: int) -> int:
 class EpochStream:
     def __init__(self, n: int, layout: BatchLayout, seed: int, key: tuple[int, ...] = ()):
         if n < 1:
-            raise ValueError("EpochStream: the data set is empty")
+            raise ValueError("EpochStream: the data set (prompts, ODE pairs) is empty")
         self.n = n
         self.layout = layout
         self.seed = seed

@@ -138,8 +138,6 @@ class RealSampler:
 
     def __init__(self, pairs: OdePairs, layout: BatchLayout, seed: int):
         self.pairs = pairs
-        self.layout = layout
-        self.seed = seed
         self.stream = EpochStream(len(pairs), layout, seed, key=(REAL_STREAM,))
 
     def indices(self, iteration: int, micro: int = 0) -> torch.Tensor:

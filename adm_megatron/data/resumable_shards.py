@@ -39,12 +39,13 @@ def lock_work_dir(out_dir: str) -> RunLock:
     return RunLock(work_dir_of(out_dir), True, "--out", "precompute", shown=os.path.abspath(out_dir))
 
 
-def check_resumable(out_dir: str, settings: dict) -> int:
-    """How many prompts an unfinished precompute of ``out_dir`` with these ``settings`` has written
-    (0: none to resume); a one-line ValueError when it was started with other settings."""
+def check_resumable(out_dir: str, settings: dict) -> list[dict]:
+    """The shards (``{"file", "rows"}``) an unfinished precompute of ``out_dir`` with these
+    ``settings`` has recorded ([]: none to resume); a one-line ValueError when it was started with
+    other settings."""
     progress_file = os.path.join(work_dir_of(out_dir), PROGRESS_FILE)
     if not os.path.isfile(progress_file):
-        return 0
+        return []
     progress = read_json_object(progress_file)
     saved = progress.get("settings", {})
     for key in sorted(set(saved) | set(settings)):
@@ -52,7 +53,7 @@ def check_resumable(out_dir: str, settings: dict) -> int:
             raise ValueError(
                 f"--out {out_dir}: an unfinished precompute in {work_dir_of(out_dir)} has {key}={saved.get(key)!r}, this "
                 f"one {settings.get(key)!r}: run it again as it was to finish it, or remove that directory to start anew")
-    return sum(shard["rows"] for shard in progress["shards"])
+    return progress["shards"]
 
 
 class ResumableShardWriter(EmbeddingShardWriter):
@@ -73,15 +74,12 @@ class ResumableShardWriter(EmbeddingShardWriter):
     def _work_dir(self) -> str:
         path = work_dir_of(self.out_dir)
         remove_killed_writers(self.out_dir)  # temporary directories of writers from before this one
-        check_resumable(self.out_dir, self.settings)
-        progress = os.path.join(path, PROGRESS_FILE)
-        self._shards = read_json_object(progress)["shards"] if os.path.isfile(progress) else []
-        for shard in self._shards:  # whole (renamed into place), unless cut since: then it is written again
-            file = os.path.join(path, shard["file"])
+        self._shards = check_resumable(self.out_dir, self.settings)
+        for i, shard in enumerate(self._shards):  # whole (renamed into place), unless cut since: written again
             try:
-                check_safetensors_file(file)
+                check_safetensors_file(os.path.join(path, shard["file"]))
             except (OSError, ValueError):
-                self._shards = self._shards[: self._shards.index(shard)]
+                self._shards = self._shards[:i]
                 break
         for name in os.listdir(path):  # a shard being written when the process died
             if name.endswith(".tmp"):

@@ -527,12 +527,8 @@ class PromptSampler:
     so every prompt is seen once per epoch and a resumed run draws what it would have drawn."""
 
     def __init__(self, source: TextEmbeddingSource, layout: BatchLayout, seed: int):
-        if len(source) < 1:
-            raise ValueError("PromptSampler: the prompt source is empty")
         self.source = source
-        self.layout = layout
-        self.seed = seed
-        self.stream = EpochStream(len(source), layout, seed)
+        self.stream = EpochStream(len(source), layout, seed)  # (refuses an empty prompt set)
 
     def indices(self, iteration: int, micro: int = 0) -> torch.Tensor:
         """This rank's ``[batch_size]`` prompt indices for ``iteration`` (>= 0), micro-batch ``micro``."""

@@ -223,7 +223,7 @@ def _contents(trainer, iteration: int) -> CheckpointContents:
             sharded[name], metas[name] = megatron_checkpoint_contents(getattr(trainer, name), trainer.arch)
     sharded["train_state"] = _train_state(trainer, iteration)
     state = {"iteration": iteration, "layout": _layout(trainer), "config": config_to_dict(trainer.config),
-             # a resume refuses data and a teacher changed since (train/input_identity.py)
+             # a resume refuses data and frozen inputs changed since (train/input_identity.py)
              "data": trainer.data_identity, "weights": trainer.weights_identity}
 
     def write_small(directory: str) -> None:  # rank 0

@@ -32,6 +32,7 @@ import yaml
 
 from adm_megatron.config import METHOD_KEYS, NETWORKS, Config, ConfigError, config_to_dict
 from adm_megatron.data.batch_layout import global_batch
+from adm_megatron.parallel.run_lock import LOCK_FILE
 from adm_megatron.train.checkpoint import (
     STATE_FILE,
     checkpoints_root,
@@ -41,7 +42,6 @@ from adm_megatron.train.checkpoint import (
 )
 from adm_megatron.train.checkpoint_files import check_whole
 from adm_megatron.train.checkpoint_hold import CheckpointHold
-from adm_megatron.parallel.run_lock import LOCK_FILE
 
 _WAY_ON = "start from the newest whole one once with train.resume={}"
 FINISHED = "finished.json"  # in output_dir, written when a run has exported everything

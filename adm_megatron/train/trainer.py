@@ -60,6 +60,7 @@ from adm_megatron.heads.pixel import LatentPixelHeads, build_pixel_features
 from adm_megatron.lora import apply_lora, check_targets
 from adm_megatron.models import tapped_block_indices
 from adm_megatron.parallel import initialize_parallel, launch_env
+from adm_megatron.parallel.run_lock import RunLock
 from adm_megatron.parallel.shared_dir import check_shared_dir
 from adm_megatron.parallel.startup import confirm_start
 from adm_megatron.models.kernel_options import apply_kernel_options
@@ -85,7 +86,6 @@ from adm_megatron.train.preemption import StopPoll
 from adm_megatron.train.profiling import IterationProfiler
 from adm_megatron.train.recompute import RecomputeSwitch
 from adm_megatron.train.resume import mark_finished, plan_resume, trim_metrics
-from adm_megatron.parallel.run_lock import RunLock
 from adm_megatron.train.run_log import RunLogger, check_loggers
 from adm_megatron.train.run_starts import record_start, start_record
 from adm_megatron.train.samples import RunSamples
