@@ -9,7 +9,7 @@ on first use (inside the functions, or through ``registry.lazy``), so registerin
 
 from __future__ import annotations
 
-from adm_megatron.families.cogvideox_presets import COGVIDEOX_2B_SCHEDULER, PRESETS
+from adm_megatron.families.cogvideox_presets import COGVIDEOX_2B_SCHEDULER, PRESETS, SAMPLER_SCHEDULER
 from adm_megatron.families.registry import (
     Conditioning,
     ModelFamily,
@@ -25,9 +25,6 @@ from adm_megatron.families.registry import (
 
 DIFFUSERS_CLASS = "CogVideoXTransformer3DModel"
 PIPELINE_CLASS = "CogVideoXPipeline"
-# the deterministic 'trailing' DDIM (PF-ODE) the generator is distilled on, also where the pipeline ships
-# the stochastic CogVideoXDPMScheduler (CogVideoX-5b)
-SAMPLER_SCHEDULER = "CogVideoXDDIMScheduler"
 
 
 def _positional_inputs(arch, frames: int, latent_height: int, latent_width: int, device=None):

@@ -1,7 +1,8 @@
 """Real-size diffusers configs of the CogVideoX transformers (as published with the checkpoints).
 
 Used to build full-size models on the ``meta`` device (shapes, parameter counts, memory plans) and
-to check the example configs, since no weights can be downloaded in tests.
+to check the example configs, since no weights can be downloaded in tests; and the scheduler the
+family samples with.
 """
 
 COGVIDEOX_2B = dict(
@@ -23,3 +24,6 @@ COGVIDEOX_2B_SCHEDULER = dict(  # CogVideoX-2b's scheduler/scheduler_config.json
     prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=3.0,
     timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False, steps_offset=0,
 )
+# the deterministic 'trailing' DDIM (PF-ODE) the generator is distilled on, also where the pipeline ships
+# the stochastic CogVideoXDPMScheduler (CogVideoX-5b)
+SAMPLER_SCHEDULER = "CogVideoXDDIMScheduler"

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from adm_megatron.families.cogvideox_presets import SAMPLER_SCHEDULER
 from adm_megatron.models.frame_files import FORMATS, sample_name, write_frames
 from adm_megatron.models.generator_source import generator_parts, load_lora
 from adm_megatron.models.pipeline_files import component_config, read_config
@@ -62,7 +63,6 @@ def _load_pipeline(pipeline_dir: str, transformer_dir: str | None, dtype: torch.
     from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
     from adm_megatron.diffusion import VPVPredSchedule
-    from adm_megatron.families.cogvideox import SAMPLER_SCHEDULER
 
     read_config(pipeline_dir, "model_index.json", "pipeline index")
     component_config(pipeline_dir, "vae")

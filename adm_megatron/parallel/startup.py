@@ -20,6 +20,7 @@ import datetime
 import socket
 
 from adm_megatron.config import ConfigError
+from adm_megatron.parallel.launch_env import launch_env, rendezvous_store
 
 __all__ = ["FailedElsewhere", "agree_on_failure", "confirm_start", "exchange", "meet"]
 
@@ -89,8 +90,6 @@ def _launch_to_meet():
     taken part in), else None; ValueError from ``launch_env`` for a launch it cannot read."""
     import torch.distributed as dist
 
-    from adm_megatron.parallel.runtime import launch_env
-
     launch = launch_env()
     return None if launch.world_size == 1 or dist.is_initialized() or _MET else launch
 
@@ -99,8 +98,6 @@ def agree_on_failure(message: str, timeout_s: float = 600) -> list[str]:
     """On a rank that failed before any process group exists: meet the other ranks (see the module
     docstring) and return the lines this rank prints (``[message]`` in a world of one, or when the
     others cannot be met: then they stop on their own timeout)."""
-    from adm_megatron.parallel.runtime import rendezvous_store
-
     try:
         launch = _launch_to_meet()
     except ValueError:
@@ -119,8 +116,6 @@ def confirm_start(timeout_s: float = 600) -> None:
     """On a rank that passed its checks but makes no process group (nothing left to do: a finished
     run or collection): meet the ranks that failed theirs, which wait for every rank, and raise
     :class:`FailedElsewhere` if any did. Nothing in a world of one or once a group exists."""
-    from adm_megatron.parallel.runtime import rendezvous_store
-
     launch = _launch_to_meet()
     if launch is None:
         return
