@@ -185,8 +185,9 @@ class ModelConfig:
     # the local spec's attention kernel: default (torch's choice) | auto (fastest, timed once per
     # shape) | flash | efficient | cudnn | math (torch SDPBackend) | te (the TE spec's), models/attention_backend.py
     attention_backend: str = "default"
-    # FP8 through Transformer Engine (TE spec, compute capability >= 8.9): null | hybrid | e4m3, with
-    # the delayed-scaling recipe's options (TE's DelayedScaling), models/fp8.py
+    # FP8 (compute capability >= 8.9): null | hybrid | e4m3 (Transformer Engine's spec, with the
+    # delayed-scaling recipe's options below, TE's DelayedScaling; models/fp8.py) | tensorwise | rowwise |
+    # rowwise_with_gw_hp (torchao's dynamic scaling in the local spec's linears, one TP rank; models/fp8_torchao.py)
     fp8: str | None = None
     fp8_margin: int = 0
     fp8_amax_history_len: int = 1024
@@ -424,7 +425,7 @@ PROFILE_MODES = ("torch", "nsys")
 CHOICES = {
     "model.impl": ("auto", "local", "te"),
     "model.attention_backend": ("default", "auto", "te", "flash", "efficient", "cudnn", "math"),
-    "model.fp8": (None, "hybrid", "e4m3"),
+    "model.fp8": (None, "hybrid", "e4m3", "tensorwise", "rowwise", "rowwise_with_gw_hp"),
     "model.fp8_amax_compute_algo": ("max", "most_recent"),
     "model.dtype": ("fp32", "bf16", "fp64"),
     "model.compile": ("none", "blocks"),
@@ -660,6 +661,28 @@ def config_from_dict(values: dict, source: str) -> Config:
     return config
 
 
+def _check_torchao_fp8(config: Config, where) -> None:
+    """torchao's FP8 recipes (``model.fp8=tensorwise | rowwise | rowwise_with_gw_hp``,
+    models/fp8_torchao.py): in the local spec's linears on one tensor-parallel rank, without context
+    parallelism."""
+    m, p = config.model, config.parallel
+    key = where("model.fp8")
+    if m.impl == "te":
+        raise ConfigError(f"{key}: model.fp8={m.fp8} runs in the local spec's linears, not with model.impl=te: set "
+                          "model.impl=local (or auto without Transformer Engine), or use TE's model.fp8=hybrid")
+    if p.tensor_parallel > 1 or m.sequence_parallel:
+        raise ConfigError(f"{key}: model.fp8={m.fp8} computes in FP8 where a linear communicates nothing, one "
+                          f"tensor-parallel rank without sequence parallelism (here parallel.tensor_parallel="
+                          f"{p.tensor_parallel}, model.sequence_parallel={m.sequence_parallel}); with TP > 1 use "
+                          "Transformer Engine's model.fp8=hybrid")
+    if p.context_parallel > 1:
+        raise ConfigError(f"{key}: model.fp8={m.fp8} with parallel.context_parallel={p.context_parallel}: each rank's "
+                          "copy of the text tokens gets a partial gradient, whose FP8 scales and rounding would not be "
+                          "one process's; use parallel.context_parallel=1 (or Transformer Engine's model.fp8=hybrid)")
+    if m.dtype == "fp64":
+        raise ConfigError(f"{key}: model.fp8={m.fp8} with model.dtype=fp64: expected bf16 or fp32")
+
+
 def _check_fields(config: Config, where: Callable[[str], str]) -> None:
     """Choices and ranges that need no file system or model; ``where(key)`` names where a key was set."""
     for dotted, allowed in CHOICES.items():
@@ -743,7 +766,9 @@ def _check_fields(config: Config, where: Callable[[str], str]) -> None:
         key = f"model.recompute.{name}"
         parse_recompute(getattr(config.model.recompute, name), key, where(key))
     m = config.model
-    if m.fp8 is not None:
+    if m.fp8 in ("tensorwise", "rowwise", "rowwise_with_gw_hp"):
+        _check_torchao_fp8(config, where)
+    elif m.fp8 is not None:
         if m.impl == "local":
             raise ConfigError(f"{where('model.fp8')}: "
                               f"model.fp8={m.fp8} needs the Transformer Engine spec (model.impl=te or auto); "

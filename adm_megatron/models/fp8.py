@@ -10,7 +10,9 @@ reduction group of the parallel layout; with ``config.fp8`` unset, or without TE
 context. The whole block loop is one context, as megatron's ``TransformerBlock`` does for delayed
 scaling (entering it per block would reduce amaxes per block). Only TE's linears compute in FP8:
 ``check_fp8`` refuses, in one line and before anything is built, FP8 where that cannot happen
-(the local spec, no TE, no CUDA or a card below compute capability 8.9).
+(the local spec, no TE, no CUDA or a card below compute capability 8.9). The other values of
+``model.fp8`` (``rowwise``, ``tensorwise``) are torchao's recipes in the local spec's linears
+(``models/fp8_torchao.py``): neither function here acts on them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import torch
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper and later: the first cards with FP8 tensor cores
+TE_RECIPES = ("hybrid", "e4m3")
 
 
 def check_fp8(fp8: str | None, spec: str, capability: tuple[int, int] | None) -> None:
@@ -27,10 +30,17 @@ def check_fp8(fp8: str | None, spec: str, capability: tuple[int, int] | None) ->
         return
     if spec != "te":
         raise ValueError(f"model.fp8={fp8}: FP8 runs in Transformer Engine's linears, and this run builds the local "
-                         "spec (model.impl=local, or Transformer Engine with CUDA is not available here)")
+                         "spec (model.impl=local, or Transformer Engine with CUDA is not available here; there, "
+                         "model.fp8=rowwise runs torchao's FP8)")
     if capability is None:
         raise ValueError(f"model.fp8={fp8}: needs a CUDA GPU")
-    if tuple(capability) < FP8_MIN_CAPABILITY:
+    check_fp8_card(fp8, capability)
+
+
+def check_fp8_card(fp8: str, capability: tuple[int, int] | None) -> None:
+    """One-line ValueError when this CUDA card (``capability``; None: no CUDA, nothing to check) has no
+    FP8 tensor cores."""
+    if capability is not None and tuple(capability) < FP8_MIN_CAPABILITY:
         raise ValueError(f"model.fp8={fp8}: this GPU (compute capability {capability[0]}.{capability[1]}) has no FP8 "
                          f"tensor cores; FP8 needs {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} or later "
                          "(Ada, Hopper): set model.fp8=null")
@@ -43,9 +53,10 @@ def device_capability() -> tuple[int, int] | None:
 
 def enable_fp8(model: torch.nn.Module, fp8: str | None, margin: int = 0, amax_history_len: int = 1024,
                amax_compute_algo: str = "max") -> None:
-    """Write the FP8 recipe into ``model.config`` (megatron's fields); ``fp8=None`` leaves it off."""
+    """Write the FP8 recipe into ``model.config`` (megatron's fields); ``fp8=None`` (or a torchao recipe)
+    leaves it off."""
     config = model.config
-    config.fp8 = fp8
+    config.fp8 = fp8 if fp8 in TE_RECIPES else None
     config.fp8_recipe = "delayed"
     config.fp8_margin = margin
     config.fp8_amax_history_len = amax_history_len

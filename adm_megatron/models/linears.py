@@ -18,12 +18,13 @@ wraps the product in its identity ``copy_to`` / ``reduce_from`` region functions
 nodes that do nothing at TP = 1) and adds a row-parallel layer's bias after the GEMM.
 
 Parameters, names, sharding and checkpoints are megatron's: only ``forward`` / ``_forward_impl``
-differ, and only where the call needs nothing of megatron's.
+differ, and only where the call needs nothing of megatron's. There, ``fp8_gemm`` (set by
+``models/fp8_torchao.enable_local_fp8`` for ``model.fp8=rowwise | tensorwise``) replaces ``F.linear``
+with the same product in FP8.
 """
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear as _MegatronColumn
 from megatron.core.tensor_parallel.layers import RowParallelLinear as _MegatronRow
@@ -39,19 +40,14 @@ def _communicates(kwargs: dict) -> bool:
     )
 
 
-def _linear_or_megatron(megatron_impl, input: torch.Tensor, weight: torch.Tensor, args: tuple, kwargs: dict):
-    if args or _communicates(kwargs):
-        return megatron_impl(input, weight, *args, **kwargs)
-    return F.linear(input, weight, kwargs.get("bias"))
-
-
-class _LocalWhenAlone:
+class LocalWhenAlone:
     """``forward`` as ``F.linear`` on one tensor-parallel rank when megatron's forward would add
     nothing but identity regions: no expert / deferred-wgrad / activation-offloading machinery, no
     fused gradient accumulation, the layer's own weight."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.fp8_gemm = None  # F.linear's product in FP8 (models/fp8_torchao.py), or None: F.linear
         # what holds for the layer's whole life, set once (not a functools.cached_property: on
         # Python < 3.12 its lock is a graph break for torch.compile, model.compile=blocks)
         self._one_plain_rank = (
@@ -68,24 +64,26 @@ class _LocalWhenAlone:
             and getattr(self.config, "_cpu_offloading_context", None) is None
         )
 
+    def _linear(self, input, weight, bias):
+        return F.linear(input, weight, bias) if self.fp8_gemm is None else self.fp8_gemm(input, weight, bias)
+
     def forward(self, input_, weight=None, **kwargs):
         if not self._alone(weight):
             return super().forward(input_, **({} if weight is None else {"weight": weight}), **kwargs)
         if self.skip_bias_add:
-            return F.linear(input_, self.weight), self.bias
-        return F.linear(input_, self.weight, self.bias), None
+            return self._linear(input_, self.weight, None), self.bias
+        return self._linear(input_, self.weight, self.bias), None
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if args or _communicates(kwargs):
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        return self._linear(input, weight, kwargs.get("bias"))
 
 
-class ColumnParallelLinear(_LocalWhenAlone, _MegatronColumn):
+class ColumnParallelLinear(LocalWhenAlone, _MegatronColumn):
     """megatron's ``ColumnParallelLinear``; ``F.linear`` when the call communicates nothing."""
 
-    def _forward_impl(self, input, weight, *args, **kwargs):
-        return _linear_or_megatron(super()._forward_impl, input, weight, args, kwargs)
 
-
-class RowParallelLinear(_LocalWhenAlone, _MegatronRow):
+class RowParallelLinear(LocalWhenAlone, _MegatronRow):
     """megatron's ``RowParallelLinear``; on one TP rank all of it as ``F.linear``, else its local
     product as ``F.linear`` (the TP reduction and the bias stay megatron's, after it)."""
-
-    def _forward_impl(self, input, weight, *args, **kwargs):
-        return _linear_or_megatron(super()._forward_impl, input, weight, args, kwargs)

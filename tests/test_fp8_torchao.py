@@ -1,0 +1,168 @@
+"""``model.fp8=tensorwise | rowwise | rowwise_with_gw_hp``: torchao's FP8 GEMMs in the local spec's
+linears (models/fp8_torchao.py), on CPU (torch computes the same scaled GEMMs there).
+
+- Every block linear's forward GEMM and its FP8 backward GEMMs (two, or one with the weight gradient
+  in high precision) multiply FP8 operands, and nothing else does: counted in a dispatch mode.
+- The result is FP8's: within a few per cent of the same model without FP8 and not equal to it.
+- Data parallel (2 gloo processes) equals one process that runs the same micro-batches one after the
+  other, for every recipe (fp32 summation order: 1e-5).
+- The config refuses what cannot run, in one line.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from adm_megatron.config import ConfigError, load_config
+from multiproc import run_world
+from tiny_cogvideox import rel_err, save_diffusers_model
+
+RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+SIZE = (3, 4, 12)  # latent frames x height x width: 18 video tokens (+16 text)
+
+
+class _CountFloat8MM(TorchDispatchMode):
+    """Matrix products whose operands are FP8 (torchao's float8 tensors, which run ``_scaled_mm``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torchao.float8.float8_training_tensor import Float8TrainingTensor
+
+        if func is torch.ops.aten.mm.default and all(isinstance(a, Float8TrainingTensor) for a in args[:2]):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return save_diffusers_model("5b", str(tmp_path_factory.mktemp("hf")))
+
+
+def _inputs(hf_dir):
+    from parallel_parity import FAMILIES
+
+    _, build, _, _, latents, weight, call = FAMILIES["cogvideox"](hf_dir, SIZE)
+    return build, latents, weight, call
+
+
+def _forward_backward(model, call, latents, weight, share):
+    x = latents[share].clone().requires_grad_(True)
+    out = call(model, x, share)
+    (out * weight[share]).sum().backward()
+    return out.detach(), x.grad
+
+
+def _block_linears(model):
+    from adm_megatron.models.linears import LocalWhenAlone
+
+    return [m for m in model.blocks.modules() if isinstance(m, LocalWhenAlone)]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_block_linears_compute_in_fp8(world_of_one, hf_dir, recipe):
+    from adm_megatron.models.fp8_torchao import enable_local_fp8
+
+    build, latents, weight, call = _inputs(hf_dir)
+    plain, fp8 = build(hf_dir), build(hf_dir)
+    assert enable_local_fp8(fp8, recipe) == len(_block_linears(fp8)) == 8  # 2 blocks: qkv, proj, fc1, fc2
+    with _CountFloat8MM() as unconverted:
+        out_plain, dx_plain = _forward_backward(plain, call, latents, weight, slice(None))
+    assert unconverted.calls == 0
+
+    x = latents.clone().requires_grad_(True)
+    with _CountFloat8MM() as forward:
+        out = call(fp8, x, slice(None))
+    with _CountFloat8MM() as backward:
+        (out * weight).sum().backward()
+    assert forward.calls == 8
+    assert backward.calls == 8 * (1 if recipe == "rowwise_with_gw_hp" else 2)
+
+    assert 1e-4 < rel_err(out.detach(), out_plain) < 0.1
+    assert 1e-4 < rel_err(x.grad, dx_plain) < 0.2
+    grads = dict(fp8.named_parameters())
+    errors = {name: rel_err(grads[name].grad, param.grad) for name, param in plain.named_parameters()}
+    assert max(errors.values()) < 0.3, errors
+
+
+def test_fp8_follows_bf16_autocast(world_of_one, hf_dir):
+    from adm_megatron.models.fp8_torchao import enable_local_fp8
+
+    build, latents, weight, call = _inputs(hf_dir)
+    plain, fp8 = build(hf_dir), build(hf_dir)
+    enable_local_fp8(fp8, "rowwise")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_plain = call(plain, latents, slice(None))
+        out = call(fp8, latents, slice(None))
+    assert out.dtype == out_plain.dtype == torch.bfloat16
+    assert 1e-4 < rel_err(out.float(), out_plain.float()) < 0.1
+
+
+def _data_parallel_against_one_process(hf_dir, recipe):
+    """In each of 2 ranks: one process's result (no communication: its micro-batches one after the
+    other), then data parallelism's; the largest relative errors come back."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    from adm_megatron.models.fp8_torchao import enable_local_fp8
+    from adm_megatron.parallel import destroy_parallel, initialize_parallel
+
+    build, latents, weight, call = _inputs(hf_dir)
+    info = initialize_parallel(seed=7)
+    reference = build(hf_dir)
+    enable_local_fp8(reference, recipe)
+    ref = [_forward_backward(reference, call, latents, weight, slice(i, i + 1)) for i in range(2)]
+    ref_grads = {n: p.grad for n, p in reference.named_parameters()}
+
+    model = build(hf_dir)
+    enable_local_fp8(model, recipe)
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    share = slice(info.dp_rank, info.dp_rank + 1)
+    out, dx = _forward_backward(ddp, call, latents, weight, share)
+    finalize_model_grads([ddp])
+    errors = {"out": rel_err(out, ref[info.dp_rank][0]), "dx": rel_err(dx, ref[info.dp_rank][1])}
+    for name, param in model.named_parameters():
+        errors[name] = rel_err(param.main_grad * info.dp_size, ref_grads[name])  # undo DP's mean
+    destroy_parallel()
+    return errors
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_data_parallel_equals_one_process_over_the_same_micro_batches(hf_dir, recipe):
+    for errors in run_world(_data_parallel_against_one_process, 2, hf_dir, recipe):
+        worst = max(errors, key=errors.get)
+        assert errors[worst] <= 1e-5, (worst, errors[worst])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.fp8=rowwise", "model.impl=te"], "model.fp8=rowwise runs in the local spec's linears, not with model.impl=te"),
+    (["model.fp8=tensorwise", "parallel.tensor_parallel=2"],
+     "model.fp8=tensorwise computes in FP8 where a linear communicates nothing, one tensor-parallel rank"),
+    (["model.fp8=rowwise_with_gw_hp", "parallel.context_parallel=2"],
+     "model.fp8=rowwise_with_gw_hp with parallel.context_parallel=2: each rank's copy of the text tokens"),
+    (["model.fp8=rowwise_with_gw_hp", "model.dtype=fp64"], "model.fp8=rowwise_with_gw_hp with model.dtype=fp64"),
+])
+def test_config_refuses_what_cannot_run(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, ["model.teacher=/x", *overrides])
+    assert load_config(None, ["model.teacher=/x", "model.fp8=tensorwise"]).model.fp8 == "tensorwise"
+
+
+def test_machine_checks(monkeypatch):
+    import sys
+
+    from adm_megatron.models.fp8_torchao import check_local_fp8
+
+    check_local_fp8("rowwise", "local", None)  # CPU: torch's scaled GEMMs
+    check_local_fp8("tensorwise", "local", (9, 0))  # an H100 / H200
+    check_local_fp8("hybrid", "te", None)  # Transformer Engine's recipe: not this module's
+    with pytest.raises(ValueError, match="this run builds Transformer Engine's"):
+        check_local_fp8("rowwise", "te", (9, 0))
+    with pytest.raises(ValueError, match=r"compute capability 8.0\) has no FP8 tensor cores"):
+        check_local_fp8("rowwise", "local", (8, 0))
+    monkeypatch.setitem(sys.modules, "torchao.float8.float8_linear", None)  # torchao absent
+    with pytest.raises(ValueError, match=r"model.fp8=rowwise needs torchao's float8 training \(pip install"):
+        check_local_fp8("rowwise", "local", None)
