@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 
-STACK = ("adm-megatron", "torch", "megatron-core", "transformer-engine", "diffusers", "transformers")
+STACK = ("adm-megatron", "torch", "megatron-core", "transformer-engine", "torchao", "diffusers", "transformers")
 
 
 def installed_version(dist: str) -> str | None:

@@ -105,7 +105,7 @@ def test_bench_cli_runs_both_models_and_every_phase(tmp_path, world_of_one, caps
     env = result["environment"]
     assert env["device"].startswith("CPU") and env["date_utc"]
     assert env["command"].startswith("adm-megatron bench --model ") and env["command"].endswith("attention_backend=auto")
-    assert set(env["versions"]) == {"adm-megatron", "torch", "megatron-core", "transformer-engine", "diffusers",
+    assert set(env["versions"]) == {"adm-megatron", "torch", "megatron-core", "transformer-engine", "torchao", "diffusers",
                                     "transformers"}
     assert env["versions"]["torch"] == torch.__version__
     assert result["dtype"] == "fp32" and result["model"]["latent_tokens"] == 2 * 2 * 2

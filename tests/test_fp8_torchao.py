@@ -166,3 +166,25 @@ def test_machine_checks(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.float8.float8_linear", None)  # torchao absent
     with pytest.raises(ValueError, match=r"model.fp8=rowwise needs torchao's float8 training \(pip install"):
         check_local_fp8("rowwise", "local", None)
+
+
+def test_a_run_trains_every_backbone_in_fp8(world_of_one, tmp_path):
+    import math
+
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+    from adm_megatron.train.trainer import Trainer
+
+    pipeline = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    config = load_config(None, [
+        f"model.teacher={pipeline}", f"output_dir={tmp_path / 'run'}", "model.fp8=tensorwise",
+        "data.num_prompts=2", "data.batch_size=2", "data.frames=2", "data.height=4", "data.width=4",
+        "distill.generator_steps=2", "distill.head_every=1", "distill.head_hidden=16", "train.max_iterations=1",
+        "train.num_samples=0", "train.export=false", "logging.wandb_mode=disabled", "logging.progress=false"])
+    trainer = Trainer(config)
+    n = trainer.networks
+    for network in (n.teacher, n.fake_score, n.generator):  # the teacher is the discriminator's backbone too
+        linears = _block_linears(network.module.module if hasattr(network.module, "module") else network.module)
+        assert linears and all(linear.fp8_gemm.recipe == "tensorwise" for linear in linears)
+    metrics = trainer.train_iteration(0)
+    losses = {k: v for k, v in metrics.items() if "loss" in k}
+    assert losses and all(math.isfinite(v) for v in losses.values()), losses

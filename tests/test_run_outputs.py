@@ -166,7 +166,8 @@ def test_version_names_the_stack_on_one_line(capsys):
     # pip's versions (adm_megatron.versions): PyPI's CUDA torch is 2.11.0 there, 2.11.0+cu130 in torch.__version__
     assert line == (f"adm-megatron {importlib.metadata.version('adm-megatron')} (python {platform.python_version()}, "
                     f"torch {importlib.metadata.version('torch')}, megatron-core {importlib.metadata.version('megatron-core')}, "
-                    f"transformer-engine {_installed('transformer-engine')}, diffusers {diffusers.__version__}, "
+                    f"transformer-engine {_installed('transformer-engine')}, torchao {_installed('torchao')}, "
+                    f"diffusers {diffusers.__version__}, "
                     f"transformers {importlib.metadata.version('transformers')})\n")
 
 

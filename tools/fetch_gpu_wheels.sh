@@ -10,6 +10,8 @@
 #   diffusers     0.42.1  py3 (needs huggingface-hub>=1.32 (1.33 there), safetensors>=0.8 (0.8
 #                         there), filelock, numpy, regex, requests, Pillow (all there) and
 #                         importlib_metadata, which it imports only on Python < 3.8: not carried)
+#   torchao       0.16.0  abi3 (no deps): model.fp8=tensorwise | rowwise (torchao's FP8 GEMMs in the
+#                         local spec), since Transformer Engine is too large to carry (DESIGN.md 8)
 # The versions are the ones CI pins (requirements-ci.txt).  Keep one version of each package in
 # .whl/: two stop the whole install there.  .whl/ is ignored by git (/.whl/ in .gitignore).
 #
@@ -20,6 +22,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 MEGATRON_CORE_VERSION=${MEGATRON_CORE_VERSION:-0.16.1}
 DIFFUSERS_VERSION=${DIFFUSERS_VERSION:-0.42.1}
+TORCHAO_VERSION=${TORCHAO_VERSION:-0.16.0}
 DEST=.whl
 
 if ! git check-ignore -q "$DEST/x.whl" 2>/dev/null; then
@@ -32,11 +35,12 @@ mkdir -p "$DEST"
 "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-    -d "$DEST" "megatron-core==${MEGATRON_CORE_VERSION}" "diffusers==${DIFFUSERS_VERSION}"
+    -d "$DEST" "megatron-core==${MEGATRON_CORE_VERSION}" "diffusers==${DIFFUSERS_VERSION}" \
+    "torchao==${TORCHAO_VERSION}"
 
 count=$(ls "$DEST"/*.whl | wc -l)
-if [ "$count" -ne 2 ]; then
-    echo "expected 2 wheels in $DEST, found $count" >&2
+if [ "$count" -ne 3 ]; then
+    echo "expected 3 wheels in $DEST, found $count" >&2
     exit 1
 fi
 for whl in "$DEST"/*.whl; do

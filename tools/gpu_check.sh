@@ -29,9 +29,11 @@
 #    bf16, fp32 main params in the optimizer: the elementwise work and autocast's casts in bf16) into
 #    bench_compiled_bf16_params.json / .log, under GPU_CHECK_BF16_PARAMS_TIMEOUT_S (default 180 s; 0
 #    skips it; the DiT section's graphs come from inductor's cache of the step before);
-# 6. where Transformer Engine imports: the same bench with model.fp8=hybrid (TE spec, FP8 delayed
-#    scaling) into bench_fp8.json / bench_fp8.log, to set beside step 4's bf16 one, under
-#    GPU_CHECK_FP8_TIMEOUT_S (default 120 s; 0 skips it); else a line saying why not;
+# 6. FP8, under GPU_CHECK_FP8_TIMEOUT_S (default 180 s; 0 skips it), into bench_fp8.json / .log, to set
+#    beside the bf16 benches: where Transformer Engine imports, the bench with model.fp8=hybrid (TE
+#    spec, delayed scaling); else, where torchao imports (carried in .whl/), with model.fp8=tensorwise
+#    (torchao's FP8 GEMMs in the local spec's linears) and step 5's model.compile=blocks
+#    model.bf16_params=true; else a line saying why not;
 # 7. the memory-settings check (tools/gpu_memory_settings.py);
 # 8. ADP's pixel branch under BF16 autocast on the GPU (tools/pixel_branch_memory.py --autocast bf16
 #    --device cuda) into pixel_branch_bf16.json / .log, under GPU_CHECK_PIXEL_TIMEOUT_S (default
@@ -136,11 +138,15 @@ fi
 if [ "${GPU_CHECK_BF16_PARAMS_TIMEOUT_S:-180}" != 0 ]; then
     bench bench_compiled_bf16_params "${GPU_CHECK_BF16_PARAMS_TIMEOUT_S:-180}" model.compile=blocks model.bf16_params=true
 fi
-if [ "${GPU_CHECK_FP8_TIMEOUT_S:-120}" != 0 ]; then
+if [ "${GPU_CHECK_FP8_TIMEOUT_S:-180}" != 0 ]; then
     if te_error=$($PY -c 'import transformer_engine.pytorch' 2>&1); then
-        bench bench_fp8 "${GPU_CHECK_FP8_TIMEOUT_S:-120}" model.fp8=hybrid
+        bench bench_fp8 "${GPU_CHECK_FP8_TIMEOUT_S:-180}" model.fp8=hybrid
+    elif ao_error=$($PY -c 'import torchao.float8.float8_linear' 2>&1); then
+        bench bench_fp8 "${GPU_CHECK_FP8_TIMEOUT_S:-180}" model.fp8=tensorwise model.compile=blocks \
+            model.bf16_params=true
     else
-        echo "== fp8 bench: skipped, Transformer Engine does not import here ($(echo "$te_error" | tail -n 1))"
+        echo "== fp8 bench: skipped, neither Transformer Engine ($(echo "$te_error" | tail -n 1)) nor torchao" \
+             "($(echo "$ao_error" | tail -n 1)) imports here"
     fi
 fi
 

@@ -24,9 +24,10 @@ TE_RECIPES = ("hybrid", "e4m3")
 
 
 def check_fp8(fp8: str | None, spec: str, capability: tuple[int, int] | None) -> None:
-    """One-line ValueError when ``model.fp8`` cannot run: ``spec`` is the block spec the run builds
-    ('te' or 'local'), ``capability`` the CUDA card's compute capability (None without CUDA)."""
-    if fp8 is None:
+    """One-line ValueError when ``model.fp8`` (a Transformer Engine recipe) cannot run: ``spec`` is the
+    block spec the run builds ('te' or 'local'), ``capability`` the CUDA card's compute capability (None
+    without CUDA)."""
+    if fp8 not in TE_RECIPES:
         return
     if spec != "te":
         raise ValueError(f"model.fp8={fp8}: FP8 runs in Transformer Engine's linears, and this run builds the local "
