@@ -431,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the generator as its transformer, the scheduler it samples with, a README.md with "
                         "the DiffusionPipeline.from_pretrained call)")
     export.add_argument("--overwrite", action="store_true",
-                        help="replace non-empty outputs (never one that is or holds the checkpoint or the pipeline)")
+                        help="replace non-empty outputs (never one that is, holds or lies inside the checkpoint or the "
+                             "run's teacher or pipeline)")
     export.set_defaults(func=_export)
     return parser
 

@@ -122,10 +122,28 @@ def test_export_never_writes_over_the_checkpoint_it_reads(runs, tmp_path, capsys
     before = sorted(p for p in os.listdir(run))
     for target in (run, run / "checkpoints" / "iter_0000002"):  # the run directory holds it; the checkpoint is it
         assert main(["export", "--checkpoint", str(run), "--out", str(target), "--overwrite"]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith(f"adm-megatron export: output {target} ") and "writing it would delete what it is " \
-            "written from" in err and "\n" not in err
+        assert capsys.readouterr().err.strip() == (
+            f"adm-megatron: config error: --out {target}: holds a training run's checkpoints, which writing there "
+            "would remove; choose another output")
     assert sorted(os.listdir(run)) == before and (run / "checkpoints" / "iter_0000002" / "trainer_state.json").exists()
+
+    pipeline, _ = runs  # the run's teacher: its transformer/ replaced by the generator would be read as the teacher
+    teacher = sorted(os.listdir(os.path.join(pipeline, "transformer")))
+    target = os.path.join(pipeline, "transformer")
+    assert main(["export", "--checkpoint", str(run), "--out", target, "--overwrite"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"adm-megatron export: output {target} lies inside the input {pipeline}: writing it would change what it is "
+        "written from; choose another output")
+    for pipeline_out, out_dir in ((tmp_path / "e" / "pipe", tmp_path / "e"), (tmp_path / "p", tmp_path / "p" / "gen")):
+        assert main(["export", "--checkpoint", str(run), "--out", str(out_dir), "--pipeline-out", str(pipeline_out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"adm-megatron export: --pipeline-out {pipeline_out} and --out {out_dir}: one ") and \
+            err.endswith("the other; give them directories apart")
+    new_pipeline = os.path.join(pipeline, "copy")  # a copy of the pipeline inside itself
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "g"), "--pipeline-out", new_pipeline]) == 2
+    assert f"output {new_pipeline} lies inside the input {pipeline}" in capsys.readouterr().err
+    assert sorted(os.listdir(target)) == teacher and not os.path.exists(new_pipeline)
+    assert not any(os.path.exists(tmp_path / d) for d in ("e", "p", "g"))
 
 
 def test_export_refuses_bad_input_in_one_line_before_reading_weights(runs, tmp_path, capsys, monkeypatch):

@@ -515,6 +515,9 @@ def test_cli_bad_input_exits_2_with_one_line(world_of_one, hf_dirs, tmp_path, ca
          f"--out: output {ckpt} is the input {ckpt}: writing it would delete what it is written from"),
         (["hf-to-megatron", "--model", "cogvideox", "--hf-path", cut, "--out", str(tmp_path), "--overwrite"],
          f"--out: output {tmp_path} contains the input {cut}: writing it would delete"),
+        (["hf-to-megatron", "--model", "cogvideox", "--hf-path", cut, "--out", os.path.join(cut, "meg"), "--overwrite"],
+         f"--out: output {os.path.join(cut, 'meg')} lies inside the input {cut}: writing it would change what it is "
+         "written from"),
         (["megatron-to-hf", "--model", "cogvideox", "--ckpt", str(run_dir / "checkpoints" / "latest"), "--out", out],
          f"a file naming the run's newest checkpoint; give {iteration}/generator"),
         (["megatron-to-hf", "--model", "cogvideox", "--ckpt", hf_dirs["2b"], "--out", out],

@@ -112,7 +112,8 @@ def test_sample_takes_the_distilled_step_count_and_never_mixes_runs(tmp_path, wo
     kept = sorted(os.listdir(generator))  # --out over what it renders from: refused, even with --overwrite
     for out, relation, flag, path in ((tmp_path, "contains", "--pipeline", pipeline),
                                       (generator, "is", "--generator", generator),
-                                      (tmp_path / "pipe", "is", "--pipeline", pipeline)):
+                                      (tmp_path / "pipe", "is", "--pipeline", pipeline),
+                                      (os.path.join(pipeline, "vae"), "lies inside", "--pipeline", pipeline)):
         assert main([*args, "--generator", generator, "--out", str(out), "--overwrite"]) == 2
         assert capsys.readouterr().err.strip() == (
             f"adm-megatron sample: --out {out}: {relation} the {flag} {path} it renders from; choose another --out")

@@ -122,24 +122,29 @@ def _all_true(flag: bool) -> bool:
 
 
 def output_holds(out_dir: str, source: str) -> str | None:
-    """'is' or 'contains' when replacing the directory ``out_dir`` would delete ``source`` (paths
-    resolved, links followed), else None."""
+    """How the directory ``out_dir`` sits against an input ``source`` it may not be written over
+    (paths resolved, links followed): 'is' or 'contains' (replacing it would delete the input), 'lies
+    inside' (writing it, or replacing it with --overwrite, would change the input: a pipeline's
+    transformer/ or vae/ given as the output), else None."""
     out, src = os.path.realpath(out_dir), os.path.realpath(source)
     if src == out:
         return "is"
-    return "contains" if src.startswith(out.rstrip(os.sep) + os.sep) else None
+    if src.startswith(out.rstrip(os.sep) + os.sep):
+        return "contains"
+    return "lies inside" if out.startswith(src.rstrip(os.sep) + os.sep) else None
 
 
 def check_output_dir(out_dir: str, overwrite: bool = False, source: str | None = None) -> None:
     """One-line CheckpointError if ``out_dir`` may not be written (exists, non-empty, and
-    ``overwrite`` is False; or is a file; or is, or contains, the ``source`` it is written from,
-    which replacing it would delete). Local check, no collectives."""
+    ``overwrite`` is False; or is a file; or is, contains or lies inside the ``source`` it is written
+    from, which writing it would delete or change). Local check, no collectives."""
     if os.path.isfile(out_dir):
         raise CheckpointError(f"output {out_dir} exists and is a file")
     relation = source is not None and output_holds(out_dir, source)
     if relation:
-        raise CheckpointError(f"output {out_dir} {relation} the input {source}: writing it would delete what it is "
-                              "written from; choose another output")
+        raise CheckpointError(f"output {out_dir} {relation} the input {source}: writing it would "
+                              f"{'change' if relation == 'lies inside' else 'delete'} what it is written from; "
+                              "choose another output")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise CheckpointError(
             f"output directory {out_dir} exists and is not empty (pass overwrite=True / --overwrite "

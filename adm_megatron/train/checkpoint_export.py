@@ -18,7 +18,7 @@ import os
 import warnings
 
 from adm_megatron.config import ConfigError, config_from_dict
-from adm_megatron.convert.checkpoint import check_output_dir, load_megatron_checkpoint
+from adm_megatron.convert.checkpoint import CheckpointError, check_output_dir, load_megatron_checkpoint, output_holds
 from adm_megatron.convert.distillation_record import distillation_record
 from adm_megatron.convert.pipeline_export import check_pipeline_output, pipeline_source, write_pipeline
 from adm_megatron.lora.export import lora_export_dirs
@@ -74,15 +74,25 @@ def _export(hold, out_dir: str, weights: str, overwrite: bool, lora: str | None,
         raise ConfigError(f"--lora {lora}: {ckpt} is a full fine-tune's (model.lora is null); leave --lora out")
     lora = lora or config.train.export_lora
     outputs = list(lora_export_dirs(out_dir, lora).values()) if config.model.lora is not None else [out_dir]
+    # what the run reads besides the checkpoint: an output in the teacher's pipeline (its transformer/,
+    # with --overwrite) would replace the teacher that sampling and a resume read
+    inputs = [ckpt, *(p for p in (config.model.teacher, config.model.pipeline, config.model.generator_init)
+                      if p and os.path.isdir(p))]
     for output in outputs:
-        check_output_dir(os.path.abspath(output), overwrite, source=ckpt)
-        check_outside_runs(output, "--out")
+        check_outside_runs(output, "--out")  # first: it says why a run's own folders are out of bounds
+        for source in inputs:
+            check_output_dir(os.path.abspath(output), overwrite, source=source)
     if pipeline_out is not None:
         if config.model.lora is not None and lora == "adapter":
             raise ConfigError("--pipeline-out: the pipeline's transformer is the merged generator; export it too "
                               "(--lora merged or both)")
         pipeline = pipeline_source(config.model.teacher, config.model.pipeline)
-        check_pipeline_output(pipeline_out, overwrite, [ckpt, pipeline, *outputs])
+        for output in outputs:  # one inside the other: the copy would copy itself, or be replaced
+            relation = output_holds(pipeline_out, output) or output_holds(output, pipeline_out)
+            if relation:
+                raise CheckpointError(f"--pipeline-out {pipeline_out} and --out {output}: one {relation} the other; "
+                                      "give them directories apart")
+        check_pipeline_output(pipeline_out, overwrite, [*inputs, pipeline])
         check_outside_runs(pipeline_out, "--pipeline-out")
 
     generator = load_megatron_checkpoint(os.path.join(ckpt, "generator"))
