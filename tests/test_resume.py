@@ -234,6 +234,10 @@ DAMAGES = {  # how the latest checkpoint (iter_0000008) is damaged -> the file t
     "corrupt discriminator heads": (lambda c: _flip_a_byte(os.path.join(c, "discriminator.pt")),
                                     "discriminator.pt"),
     "cut run state": (lambda c: _truncate(os.path.join(c, "trainer_state.json")), "trainer_state.json: unreadable"),
+    "missing discriminator heads": (lambda c: os.remove(os.path.join(c, "discriminator.pt")),
+                                    "discriminator.pt: missing (the checkpoint lists it)"),
+    "missing fake score": (lambda c: shutil.rmtree(os.path.join(c, "fake_score")),
+                           "fake_score: missing (the checkpoint lists it)"),
 }
 
 

@@ -222,7 +222,9 @@ def _contents(trainer, iteration: int) -> CheckpointContents:
         if getattr(trainer, name) is not None:
             sharded[name], metas[name] = megatron_checkpoint_contents(getattr(trainer, name), trainer.arch)
     sharded["train_state"] = _train_state(trainer, iteration)
+    parts = [*sharded, *(["discriminator.pt"] if trainer.heads is not None else [])]
     state = {"iteration": iteration, "layout": _layout(trainer), "config": config_to_dict(trainer.config),
+             "parts": parts,  # what a whole checkpoint holds (train/checkpoint_files.py checks it)
              # a resume refuses data and frozen inputs changed since (train/input_identity.py)
              "data": trainer.data_identity, "weights": trainer.weights_identity}
 

@@ -7,7 +7,8 @@ reader (``EOFError``, a pickle error) or, on many ranks, in a hang until ``paral
 :func:`damage` finds that from small files only, before any process group or model exists
 (``check_whole`` turns it into the one-line refusal of a resume or an export):
 
-- ``trainer_state.json`` must parse;
+- ``trainer_state.json`` must parse, and every part it lists (``parts``: the networks' directories,
+  ``train_state/``, ``discriminator.pt`` where the method has heads) must be there;
 - the networks' megatron checkpoints (``generator/``, ``fake_score/``) pass the converter's own
   ``verify_checkpoint``, and ``train_state/`` the same shard check (``check_shard_files``): torch
   DCP's ``.metadata`` lists, for every tensor chunk, its file, offset and length, and every listed
@@ -78,9 +79,12 @@ def damage(ckpt_dir: str) -> str | None:
     state = os.path.join(ckpt_dir, STATE_FILE)
     try:
         with open(state) as f:
-            json.load(f)
+            recorded = json.load(f)
     except (OSError, ValueError) as err:
         return f"{state}: unreadable ({' '.join(str(err).split())})"
+    for name in recorded.get("parts", ()) if isinstance(recorded, dict) else ():  # older checkpoints: none listed
+        if not os.path.exists(os.path.join(ckpt_dir, name)):
+            return f"{os.path.join(ckpt_dir, name)}: missing (the checkpoint lists it)"
     for directory, network in _parts(ckpt_dir):
         problem = _distributed_damage(directory, network)
         if problem:
