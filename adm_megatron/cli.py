@@ -77,7 +77,7 @@ def _train(args: argparse.Namespace) -> int:
     from adm_megatron.parallel import launch_env
     from adm_megatron.train.grad_sync import GradSyncError
     from adm_megatron.train.phases import NonFiniteError
-    from adm_megatron.train.preemption import PREEMPTED_EXIT_CODE
+    from adm_megatron.train.preemption import PREEMPTED_EXIT_CODE, StartupStop, stops_end_startup
     from adm_megatron.train.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
@@ -92,8 +92,12 @@ def _train(args: argparse.Namespace) -> int:
             print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
         return 0
     try:
-        with keys_located(config):
+        with keys_located(config), stops_end_startup():
             result = Trainer(config).fit()
+    except StartupStop as err:  # each rank that got the signal: a stop is sent to every task
+        print(f"adm-megatron: stopped by {err} during the start-up, before training; nothing new to save: run the "
+              "same command to go on", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except NonFiniteError as err:  # decided alike on every rank (all-reduced): said once
         if launch_env().rank == 0:
             print(f"adm-megatron: training stopped: {err}", file=sys.stderr)

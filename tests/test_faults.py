@@ -370,3 +370,33 @@ def test_a_nan_stop_is_said_by_rank_0_only(rank, lines, monkeypatch, capsys):
     code = cli._train(cli.build_parser().parse_args(
         ["train", "--config", os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml")]))
     assert code == 3 and capsys.readouterr().err.count("training stopped: iteration 0") == lines
+
+
+def test_a_stop_signal_during_the_start_up_exits_75_in_one_line_having_written_nothing(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """SIGTERM / SIGUSR1 before the training loop's handler exists (here while the resume is planned,
+    a point of a start-up that takes minutes for a large model): the command ends at once with the
+    preemption's exit code and one line, the output directory untouched, the handlers as they were."""
+    import adm_megatron.train.trainer as trainer_module
+    from adm_megatron.cli import main
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+    pipeline_dir = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    planned = trainer_module.plan_resume
+    for sent in (signal.SIGTERM, signal.SIGUSR1):
+        def signalled(*args, sent=sent, **kwargs):
+            os.kill(os.getpid(), sent)
+            return planned(*args, **kwargs)
+
+        monkeypatch.setattr(trainer_module, "plan_resume", signalled)
+        before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        out = tmp_path / f"run_{sent.name}"
+        rc = main(["train", "--config", os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"),
+                   f"model.teacher={pipeline_dir}", f"output_dir={out}", "logging.wandb_mode=disabled",
+                   "logging.progress=false"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 75 and err[-1] == (
+            f"adm-megatron: stopped by {sent.name} during the start-up, before training; nothing new to save: run "
+            "the same command to go on"), err[-3:]
+        assert not out.exists() or os.listdir(out) == []
+        assert {s: signal.getsignal(s) for s in before} == before

@@ -4,10 +4,17 @@ SIGTERM or SIGUSR1 (SLURM's ``--signal=B:USR1@N``, a scheduler's TERM) only sets
 trainer asks :meth:`StopPoll.poll` after each iteration, which all-reduces (MAX) the flag and
 "``train.save_interval_minutes`` have passed" over the world, so every rank finishes the same
 iteration, saves the same checkpoint and exits with :data:`PREEMPTED_EXIT_CODE`.
+
+Before that handler exists -- the start-up: building the networks, reading the teacher, loading a
+checkpoint, minutes for a large model -- :func:`stops_end_startup` ends the process on such a signal
+at once (:class:`StartupStop`; the command exits with the same code, saying so in one line): there
+is nothing to save yet, and waiting for the start-up to finish could outlast the scheduler's grace
+period.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -19,6 +26,25 @@ logger = logging.getLogger("adm_megatron")
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved a checkpoint and stopped; run it again to go on
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StartupStop(Exception):
+    """A stop signal arrived before training began: nothing trained, nothing to save."""
+
+
+@contextlib.contextmanager
+def stops_end_startup():
+    """Inside the block a stop signal raises :class:`StartupStop` (until :class:`StopPoll` takes the
+    signals over for the training loop); the previous handlers come back after it."""
+    def stop(signum, frame):
+        raise StartupStop(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class StopPoll:

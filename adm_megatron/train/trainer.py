@@ -421,6 +421,9 @@ class Trainer:
             return RunResult(c.output_dir, total, None, [], {}, trained=0)
         rank0 = self.info.rank == 0
         start = self.start_iteration
+        # the stop signals' handler before the run's files are touched (a signal raising in the middle of
+        # writing config.yaml would cut it) and before rank 0's wandb start, which takes seconds
+        stops = StopPoll(c.train.save_interval_minutes)
         if rank0:
             os.makedirs(c.output_dir, exist_ok=True)
             config_path = os.path.join(c.output_dir, "config.yaml")
@@ -431,9 +434,6 @@ class Trainer:
                 logger.info("removed %s left by an interrupted save", name)
             trim_metrics(c.output_dir, start)
             record_start(c.output_dir, start_record(self.info, start, self.resume_point.checkpoint))
-        # the stop signals' handler first: rank 0's wandb start takes seconds, and a SIGTERM then killed
-        # it outright while the other ranks, their handlers in place, died in their first collective
-        stops = StopPoll(c.train.save_interval_minutes)
         run_log = RunLogger(
             c.output_dir, config_to_dict(c), total, start, rank0, c.train.log_every,
             c.logging.wandb_mode, c.logging.wandb_project, c.logging.progress, c.logging.wandb_name,
