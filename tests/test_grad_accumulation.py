@@ -134,3 +134,25 @@ def test_a_global_batch_that_does_not_split_is_refused_before_any_model(cogvideo
     for value, expected in (("-2", "expected >= 0"), ("1", "smaller than data.batch_size=2")):
         with pytest.raises(ConfigError, match=f"data.global_batch_size={value}: {expected}"):
             _config(cogvideox_pipeline, tmp_path / "b", "data.batch_size=2", f"data.global_batch_size={value}")
+
+
+@pytest.mark.parametrize("before, batch_size, dp", [(2, 2, 2), (2, 1, 1), (8, 3, 2), (12, 4, 3), (3, 1, 2)])
+def test_the_refusal_of_a_changed_global_batch_names_settings_that_give_it_back(before, batch_size, dp):
+    """What the refusal suggests is accepted and gives the run's global batch at the new layout (a
+    suggestion of data.global_batch_size alone failed where data.batch_size x DP did not divide it)."""
+    import re
+
+    from adm_megatron.data.batch_layout import global_batch, microbatches_for
+    from adm_megatron.train.resume import _same_global_batch
+
+    hint = _same_global_batch(before, batch_size, dp)
+    if before % dp:
+        assert hint == (f"{dp} data-parallel ranks cannot share {before} samples; use a data-parallel size that "
+                        f"divides {before}")
+        return
+    settings = dict(re.findall(r"data\.(\w+)=(\d+)", hint))
+    assert hint.startswith(f"set data.global_batch_size={before}")
+    micro = int(settings.get("batch_size", batch_size))
+    assert micro <= batch_size
+    microbatches_for(before, micro, dp)  # accepted: no ConfigError
+    assert global_batch(before, micro, dp) == before

@@ -205,10 +205,11 @@ def plan_resume(config: Config, world_size: int) -> ResumePoint:
     d = config.data
     now = global_batch(d.global_batch_size, d.batch_size, world_size // tp_cp)
     if before != now:
+        dp = world_size // tp_cp
         raise ConfigError(
             f"{state_file}: global batch was {before}, now {now} (data.global_batch_size={d.global_batch_size}, "
-            f"data.batch_size={d.batch_size}, data-parallel size {world_size // tp_cp}); a run cannot change it: "
-            f"set data.global_batch_size={before}"
+            f"data.batch_size={d.batch_size}, data-parallel size {dp}); a run cannot change it: "
+            f"{_same_global_batch(before, d.batch_size, dp)}"
         )
     iteration = int(state["iteration"])
     if iteration > config.train.max_iterations:
@@ -258,3 +259,13 @@ def mark_finished(output_dir: str, iterations: int) -> None:
     with open(tmp, "w") as f:
         json.dump({"iterations": iterations}, f)
     os.replace(tmp, os.path.join(output_dir, FINISHED))
+
+
+def _same_global_batch(before: int, batch_size: int, dp: int) -> str:
+    """The settings that give the global batch ``before`` on ``dp`` data-parallel ranks: the largest
+    micro-batch up to ``batch_size`` that divides each rank's share, or why there is none."""
+    if before % dp:
+        return (f"{dp} data-parallel ranks cannot share {before} samples; use a data-parallel size that divides "
+                f"{before}")
+    micro = max(b for b in range(1, min(batch_size, before // dp) + 1) if (before // dp) % b == 0)
+    return f"set data.global_batch_size={before}" + (f" data.batch_size={micro}" if micro != batch_size else "")
