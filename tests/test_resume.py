@@ -501,3 +501,28 @@ def test_a_run_resumed_with_its_teacher_replaced_is_refused_in_one_line(changed,
                             "(a new output_dir)"), message
     if changed == "weights":
         assert f" now has {transformer_fingerprint(str(teacher / 'transformer'))[:12]} (" in message
+
+
+def test_a_lengthened_run_leaves_only_its_new_ends_export_and_samples(tmp_path, world_of_one):
+    """The earlier end's generator/ (the run now ends without an export) and its end samples beyond
+    the new end's are removed: the directory shows what this end wrote; the periodic samples stay."""
+    from tiny_runs import tiny_fp64_run
+
+    from adm_megatron.config import load_config
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+    from adm_megatron.train.trainer import Trainer
+
+    pipeline_dir = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    out = tmp_path / "run"
+
+    def fit(iterations: int, *extra: str):
+        overrides = [f"model.teacher={pipeline_dir}", f"output_dir={out}", *tiny_fp64_run(iterations),
+                     "model.dtype=fp32", "train.sample_every=1", *extra]
+        return Trainer(load_config(None, overrides)).fit()
+
+    fit(2, "train.export=true", "train.num_samples=2")
+    assert (out / "generator" / "distillation.json").is_file()
+    assert sorted(os.listdir(out / "samples")) == ["iter_0000001", "sample-000.gif", "sample-001.gif"]
+    fit(3, "train.export=false", "train.num_samples=1")
+    assert not (out / "generator").exists()
+    assert sorted(os.listdir(out / "samples")) == ["iter_0000001", "sample-000.gif"]

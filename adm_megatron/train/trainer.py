@@ -77,6 +77,7 @@ from adm_megatron.train.checkpoint import (
 )
 from adm_megatron.train.discriminator_monitor import DiscriminatorMonitor
 from adm_megatron.train.ema import ParameterEMA
+from adm_megatron.train.end_outputs import clear_earlier_end
 from adm_megatron.train.export import export_generator
 from adm_megatron.train.grad_sync import ddp_config
 from adm_megatron.train.offload import Offloader
@@ -470,6 +471,8 @@ class Trainer:
             if start < total:  # (a run resumed at its end loaded this very checkpoint)
                 save_training_checkpoint(self, total)
             generator_dir, paths = None, []
+            if rank0:
+                clear_earlier_end(c.output_dir)  # a lengthened run's earlier end: its export and samples
             self.offload.restore_weights()
             if c.train.export:
                 if self.ema is not None:
