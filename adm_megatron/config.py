@@ -92,9 +92,11 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     if mark is None:  # e.g. a ReaderError (a control character): its first line names the position
         return str(err).splitlines()[0]
     text = f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}"
-    if err.context:
-        start = err.context_mark
+    start = getattr(err, "context_mark", None)
+    if err.context and start is not None:
         text += f" ({err.context} at line {start.line + 1}, column {start.column + 1})"
+    elif err.context:  # a scanner's context without a mark of its own (a tab where indentation goes)
+        text += f" ({err.context})"
     return text
 
 

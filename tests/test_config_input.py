@@ -68,6 +68,8 @@ def test_no_two_examples_and_not_make_demo_share_an_output_dir():
     ("model:\n  teacher: x\n dtype: fp32\n", "line 3, column 2: expected <block end>, but found "
                                             "'<block mapping start>' (while parsing a block mapping at line 1, column 1)"),
     ("model:\n  teacher: x: y\n", "line 2, column 13: mapping values are not allowed here"),
+    ("model:\n\tteacher: x\n", "line 2, column 1: found character '\\t' that cannot start any token (while "
+                             "scanning for the next token)"),  # a tab: a scanner error without a context mark
 ])
 def test_yaml_mistakes_are_named_with_their_line_and_column(text, message, capsys, monkeypatch, tmp_path):
     """A second ``model:`` section wiped the first, a repeated key kept its last value silently, and a
