@@ -137,7 +137,7 @@ def _collect_ode(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from adm_megatron.bench.run import BenchOptions, run_bench
-    from adm_megatron.json_file import write_json_atomically
+    from adm_megatron.json_file import check_json_destination, write_json_atomically
 
     opts = BenchOptions(
         model=args.model, layers=args.layers, batch=args.batch, frames=args.frames, height=args.height,
@@ -154,6 +154,8 @@ def _bench(args: argparse.Namespace) -> int:
               "it)", file=sys.stderr)
         return 2
     try:
+        if args.out:
+            check_json_destination(args.out, "--out")
         result = run_bench(opts)
     except ValueError as err:
         print(f"adm-megatron bench: {err}", file=sys.stderr)

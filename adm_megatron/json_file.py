@@ -9,6 +9,18 @@ import json
 import os
 
 
+def check_json_destination(path: str, flag: str) -> None:
+    """One-line ValueError, before the work whose result goes to ``path``, when it could not be written
+    there: a directory, or a folder that does not exist or takes no new file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a directory; give a file name")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: the folder {folder} is not writable")
+
+
 def write_json_atomically(path: str, value: dict, indent: int = 2) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"  # per process: two writers never share the temporary
     try:

@@ -174,6 +174,21 @@ def test_bench_cli_runs_both_models_and_every_phase(tmp_path, world_of_one, caps
     assert len(ours_calls) == calls and json.loads(out.read_text()) == result  # refused before measuring
 
 
+def test_bench_refuses_an_out_it_could_not_write_before_measuring(tmp_path, world_of_one, capsys, monkeypatch):
+    """The JSON written at the end of minutes of measuring: a folder that is not there was a
+    traceback then, the measurement lost."""
+    import adm_megatron.bench.run as bench_run
+    from adm_megatron.cli import main
+
+    written = []
+    monkeypatch.setattr(bench_run, "resolve_model", lambda *a: written.append(a))
+    out = tmp_path / "nowhere" / "bench.json"
+    assert main(["bench", "--model", "cogvideox-2b", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"adm-megatron bench: --out {out}: the folder {out.parent} does not exist")
+    assert written == []
+
+
 def test_bench_refuses_layers_for_a_directory(tmp_path, world_of_one, capsys):
     from adm_megatron.cli import main
 

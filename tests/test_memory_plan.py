@@ -328,8 +328,13 @@ def test_plan_command_prints_the_table_and_writes_json(tmp_path, capsys, world_o
     assert host["offloaded optimizer states"] == 0 and host["checkpoint staging"] > 0
     assert host["ranks_per_node"] == 8 and host["per_node"] == pytest.approx(8 * host["checkpoint staging"], abs=0.01)
     assert host["fits"] is None and "host memory per rank: 0.00 GiB offloaded" in table
+    capsys.readouterr()
     assert _plan(tmp_path, "--gpus", "8", "--card", "80", "--json", str(tmp_path)) == 2  # a directory
-    assert capsys.readouterr().err.strip() == f"adm-megatron plan: --json {tmp_path}: cannot write it (Is a directory)"
+    assert capsys.readouterr() == ("", f"adm-megatron plan: --json {tmp_path}: is a directory; give a file name\n")
+    missing = tmp_path / "nowhere" / "plan.json"  # refused before the plan is printed, not after
+    assert _plan(tmp_path, "--gpus", "8", "--card", "80", "--json", str(missing)) == 2
+    assert capsys.readouterr() == ("", f"adm-megatron plan: --json {missing}: the folder {missing.parent} does not "
+                                       "exist\n")
 
 
 def test_plan_command_checks_the_host_memory_of_a_node_when_given(tmp_path, capsys, world_of_one):

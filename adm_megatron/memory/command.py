@@ -14,7 +14,7 @@ from adm_megatron.config import ConfigError, keys_located, load_config
 from adm_megatron.memory.plan import OFFLOAD, TRAINABLE, PlanError, gib
 from adm_megatron.memory.report import format_table, plan_to_dict, samples_warning
 from adm_megatron.families import preset_names
-from adm_megatron.json_file import write_json_atomically
+from adm_megatron.json_file import check_json_destination, write_json_atomically
 
 
 
@@ -75,6 +75,12 @@ def run(args: argparse.Namespace) -> int:
 
     from adm_megatron.memory.run_plan import plan_run
 
+    try:
+        if args.json:  # before the plan is printed: a plan whose JSON cannot be written is no plan
+            check_json_destination(args.json, "--json")
+    except ValueError as err:
+        print(f"adm-megatron plan: {err}", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config, args.overrides)
         with keys_located(config, PlanError):
