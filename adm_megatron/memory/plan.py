@@ -145,7 +145,9 @@ PHASE_NETWORKS = {
     "discriminator": ("teacher", "discriminator"),
 }
 # the phases each planned method runs, in order (distill.method); ADP builds no fake score
-METHOD_PHASES = {"adm": PHASES, "dmd": PHASES, "dmd2": PHASES, "adp": ("generator", "discriminator")}
+METHOD_PHASES = {"adm": PHASES, "dmd": ("fake_score", "generator"), "dmd2": PHASES,
+                 "adp": ("generator", "discriminator")}
+HEADS = ("adm", "dmd2", "adp")  # the methods with discriminator heads (DMD has none: no discriminator phase)
 READS_PAIRS = ("dmd2", "adp")  # methods whose batches carry teacher ODE pairs (data.real_path)
 OFFLOAD = ("none", "optimizer", "optimizer_and_params")  # as optim.<network>.offload
 RECOMPUTE = ("none", "selective", "full")  # as model.recompute
@@ -547,6 +549,17 @@ def _moments(f: _Formulas, sizes: dict[str, NetworkSize], phase: str) -> dict[st
                 "backward working set": f.extra(b, "frozen"),
                 "autocast weight copies": copies * (sizes["generator"].params + sizes["discriminator"].params)
                 + teacher_copies * sizes["teacher"].params}),
+            "optimizer step": (0.0, step),
+        }
+    if phase == "generator" and s.method == "dmd":  # the distribution-matching gradient alone: no D backward
+        g_saved, _ = f.saved(b, "trainable", mode("generator", phase))
+        autocast = copies * sizes["generator"].params
+        return {
+            "generator rollout": (0.0, {"forward without grad": f.no_grad(b)}),
+            "CFG teacher": (g_saved, {"CFG doubled batch": f.no_grad(2 * b), "autocast weight copies": autocast
+                                      + teacher_copies * sizes["teacher"].params}),
+            "generator backward": (g_saved, {"backward working set": f.extra(b, "trainable"),
+                                             "autocast weight copies": autocast}),
             "optimizer step": (0.0, step),
         }
     if phase == "generator":

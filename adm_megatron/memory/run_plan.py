@@ -18,6 +18,7 @@ from adm_megatron.memory.counts import NetworkSize, backbone_size, heads_size, l
 from adm_megatron.memory.pixel_branch import pixel_branch
 from adm_megatron.memory.sample_decode import count_sample_decode, vae_config_dir
 from adm_megatron.memory.plan import (
+    HEADS,
     METHOD_PHASES,
     MemoryPlan,
     PlanError,
@@ -140,6 +141,8 @@ def plan_run(config: Config, world_size: int, preset: str = "", **memory) -> Mem
     }
     if "fake_score" not in METHOD_PHASES[settings.method]:  # ADP builds none
         del sizes["fake_score"]
+    if settings.method not in HEADS:  # DMD builds no discriminator
+        del sizes["discriminator"]
     pixel = None
     d = config.distill
     family = family_of_arch(arch)
