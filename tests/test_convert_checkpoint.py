@@ -490,6 +490,12 @@ def test_cli_bad_input_exits_2_with_one_line(world_of_one, hf_dirs, tmp_path, ca
     shutil.copytree(hf_dirs["2b"], cut)
     weights = os.path.join(cut, "diffusion_pytorch_model.safetensors")
     os.truncate(weights, os.path.getsize(weights) - 10)
+    edited = str(tmp_path / "edited")  # its config.json asks for a block more than its weights hold
+    shutil.copytree(hf_dirs["2b"], edited)
+    with open(os.path.join(edited, "config.json")) as f:
+        hf_config = json.load(f)
+    with open(os.path.join(edited, "config.json"), "w") as f:
+        json.dump({**hf_config, "num_layers": hf_config["num_layers"] + 1}, f)
     run_dir = tmp_path / "run"  # a training run's layout: checkpoints/latest -> iter_0000002/trainer_state.json
     (run_dir / "checkpoints" / "iter_0000002").mkdir(parents=True)
     (run_dir / "checkpoints" / "iter_0000002" / "trainer_state.json").write_text("{}")
@@ -497,6 +503,8 @@ def test_cli_bad_input_exits_2_with_one_line(world_of_one, hf_dirs, tmp_path, ca
     iteration = run_dir / "checkpoints" / "iter_0000002"
     cases = [
         (["hf-to-megatron", "--model", "cogvideox", "--hf-path", cut, "--out", out], f"{weights}: truncated ("),
+        (["hf-to-megatron", "--model", "cogvideox", "--hf-path", edited, "--out", out],
+         f"{edited}: its weights do not match its config: "),  # was a KeyError traceback
         (["megatron-to-hf", "--model", "cogvideox", "--ckpt", str(run_dir), "--out", out],
          f"--ckpt {run_dir}: a training run, not one network's; convert its generator with --ckpt {iteration}/generator "
          f"(the raw weights), or run adm-megatron export --checkpoint {run_dir} (what the run exports: its EMA where it "

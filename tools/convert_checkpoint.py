@@ -19,8 +19,8 @@ adm_megatron/families); it must match the source's.
 Outputs appear atomically (written to OUT.tmp-<id>, renamed at the end); an existing non-empty
 --out is replaced only with --overwrite. Exit status: 0 done, 2 bad arguments or inputs (checked
 before any process group starts: missing directories, an existing --out, a checkpoint whose JSON,
-metadata or shard files are missing or cut short, sizes that do not divide), 1 the conversion
-failed; either way one line on stderr.
+metadata or shard files are missing or cut short, sizes that do not divide; or, once read, weights
+that do not match their config.json), 1 the conversion failed; either way one line on stderr.
 """
 
 from __future__ import annotations
@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from adm_megatron.config import ConfigError
     from adm_megatron.convert.checkpoint import (
         CheckpointError,
         hf_to_megatron_checkpoint,
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, OSError, ValueError) as exc:  # anything else keeps its traceback
         if info.is_main:
             print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return 2 if isinstance(exc, ConfigError) else 1  # bad input found on reading it (weights unlike config)
     finally:
         destroy_parallel()
     if info.is_main:

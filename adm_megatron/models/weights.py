@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from adm_megatron.config import ConfigError
+
 
 def _is_sharded(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False)) and (
@@ -31,11 +33,14 @@ def load_full_state_dict(module: torch.nn.Module, full: dict[str, torch.Tensor],
     own = dict(module.named_parameters())
     own.update((n, b) for n, b in module.named_buffers() if n in module.state_dict())
     missing = sorted(set(own) - set(full))
-    if missing:
-        raise KeyError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    if missing:  # a config.json edited, or weights of another size: one line (a traceback was a KeyError)
+        raise ConfigError(f"{source}: its weights do not match its config: {len(missing)} tensor(s) the model it "
+                          f"describes needs are not in the weight files (the first, by megatron name: {missing[0]!r})")
     unexpected = sorted(set(full) - set(own))
     if unexpected:
-        raise KeyError(f"{source}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+        raise ConfigError(f"{source}: its weights do not match its config: {len(unexpected)} tensor(s) in the weight "
+                          f"files have no place in the model it describes (the first, by megatron name: "
+                          f"{unexpected[0]!r})")
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     with torch.no_grad():
