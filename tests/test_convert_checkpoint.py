@@ -234,6 +234,17 @@ def test_damaged_or_foreign_checkpoints_give_one_line_errors(world_of_one, hf_di
     assert "unreadable checkpoint metadata" in damaged("garbled", garble)
     message = damaged("no-json", lambda p: os.remove(os.path.join(p, "adm_megatron_checkpoint.json")))
     assert "no adm_megatron_checkpoint.json" in message
+    from adm_megatron.mcore_compat import common_state_in_file
+
+    if common_state_in_file(ckpt):  # megatron-core up to 0.18 keeps its common state in common.pt
+        message = damaged("no-common", lambda p: os.remove(os.path.join(p, "common.pt")))
+        assert message.endswith("no-common: common.pt is missing"), message  # was an AttributeError
+
+        def cut_common(path):
+            with open(os.path.join(path, "common.pt"), "r+b") as f:
+                f.truncate(200)
+
+        assert "common.pt: unreadable (" in damaged("cut-common", cut_common)
     with pytest.raises(CheckpointNotFoundError, match="does not exist"):
         load_megatron_checkpoint(str(tmp_path / "nowhere"))
 

@@ -32,6 +32,7 @@ import os
 import shutil
 import uuid
 import warnings
+import zipfile
 from typing import Any, Callable
 
 import torch
@@ -42,6 +43,7 @@ from adm_megatron.convert.distillation_record import write_distillation_record
 from adm_megatron.file_modes import give_umask_modes
 from adm_megatron.lora.adapters import apply_lora, lora_adapters
 from adm_megatron.lora.merge import merged_full_state_dict
+from adm_megatron.mcore_compat import COMMON_STATE_FILE, common_state_in_file
 from adm_megatron.parallel import barrier, from_rank0
 from adm_megatron.versions import installed_version
 
@@ -321,11 +323,39 @@ def read_checkpoint_meta(ckpt_dir: str) -> dict[str, Any]:
 
 
 def verify_checkpoint(ckpt_dir: str) -> dict[str, Any]:
-    """Checks that need no model (and no process group): :func:`read_checkpoint_meta`, the
-    megatron metadata readable, every shard file present and long enough. Returns the JSON."""
+    """Checks that need no model (and no process group): :func:`read_checkpoint_meta`, megatron-core's
+    own files there and whole (:func:`check_megatron_files`), every shard file present and long
+    enough. Returns the JSON."""
     meta = read_checkpoint_meta(ckpt_dir)
+    check_megatron_files(ckpt_dir)
     check_shard_files(ckpt_dir)
     return meta
+
+
+MCORE_FILES = (".metadata", "metadata.json")  # what megatron-core's save writes besides the shards
+
+
+def zip_damage(path: str) -> str | None:
+    """What is wrong with a ``torch.save`` zip archive (unreadable, a member failing its CRC), or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile) as err:
+        return f"{path}: unreadable ({' '.join(str(err).split())})"
+    return None if bad is None else f"{path}: {bad} fails its CRC check"
+
+
+def check_megatron_files(ckpt_dir: str) -> None:
+    """megatron-core's files of a distributed checkpoint: ``.metadata``, ``metadata.json`` and, where
+    it keeps its common state there (up to 0.18), ``common.pt`` with its CRCs whole; one-line
+    CheckpointError (a missing ``common.pt`` ended the load in an AttributeError)."""
+    common_file = common_state_in_file(ckpt_dir)
+    for name in MCORE_FILES + ((COMMON_STATE_FILE,) if common_file else ()):
+        if not os.path.isfile(os.path.join(ckpt_dir, name)):
+            raise CheckpointError(f"{ckpt_dir}: {name} is missing")
+    problem = zip_damage(os.path.join(ckpt_dir, COMMON_STATE_FILE)) if common_file else None
+    if problem:
+        raise CheckpointError(problem)
 
 
 def _family_from_meta(meta: dict[str, Any], ckpt_dir: str):
@@ -406,10 +436,12 @@ def _read_dcp_metadata(ckpt_dir: str):
 def _precheck(sd: dict, ckpt_dir: str) -> None:
     """Compare what the model needs with what the checkpoint holds, before megatron reads any
     tensor: every tensor present with the same global shape, every shard file there and long
-    enough. One-line CheckpointError naming the tensor (and the shapes / file)."""
+    enough, megatron-core's own files there and whole. One-line CheckpointError naming the tensor (and
+    the shapes / file)."""
     from megatron.core.dist_checkpointing import ShardedTensor
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    check_megatron_files(ckpt_dir)
     metadata = _read_dcp_metadata(ckpt_dir)
     stored = metadata.state_dict_metadata
     for key, sh in sd.items():

@@ -29,40 +29,31 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 
 from adm_megatron.config import ConfigError
-from adm_megatron.convert.checkpoint import CheckpointError, check_shard_files, verify_checkpoint
-from adm_megatron.mcore_compat import COMMON_STATE_FILE, common_state_in_file, unreadable_layout
+from adm_megatron.convert.checkpoint import (
+    CheckpointError,
+    check_megatron_files,
+    check_shard_files,
+    verify_checkpoint,
+    zip_damage,
+)
+from adm_megatron.mcore_compat import unreadable_layout
 from adm_megatron.train.checkpoint import ITERATION_DIR, STATE_FILE
-
-MCORE_FILES = (".metadata", "metadata.json")  # what megatron-core's save writes besides the shards
-
-
-def _zip_damage(path: str) -> str | None:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (OSError, zipfile.BadZipFile) as err:
-        return f"{path}: unreadable ({' '.join(str(err).split())})"
-    return None if bad is None else f"{path}: {bad} fails its CRC check"
 
 
 def _distributed_damage(directory: str, network: bool) -> str | None:
     if not os.path.isdir(directory):
         return f"{directory}: missing"
-    common_file = common_state_in_file(directory)
-    for name in MCORE_FILES + ((COMMON_STATE_FILE,) if common_file else ()):
-        if not os.path.isfile(os.path.join(directory, name)):
-            return f"{directory}: {name} is missing"
     try:
+        check_megatron_files(directory)
         if network:  # a network's megatron checkpoint: its JSON too
             verify_checkpoint(directory)
         else:
             check_shard_files(directory)
     except CheckpointError as err:
         return str(err)
-    return _zip_damage(os.path.join(directory, COMMON_STATE_FILE)) if common_file else None
+    return None
 
 
 def _parts(ckpt_dir: str) -> list[tuple[str, bool]]:
@@ -90,7 +81,7 @@ def damage(ckpt_dir: str) -> str | None:
         if problem:
             return problem
     heads = os.path.join(ckpt_dir, "discriminator.pt")
-    return _zip_damage(heads) if os.path.exists(heads) else None
+    return zip_damage(heads) if os.path.exists(heads) else None
 
 
 def earlier_whole_checkpoint(ckpt_dir: str) -> str | None:
