@@ -362,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     bench.add_argument("overrides", nargs="*", metavar="key=value",
                        help="trainer overrides, e.g. distill.generator_steps=8 distill.head_every=3 "
-                       "model.attention_backend=auto model.fp8=hybrid")
+                       "model.attention_backend=auto model.fp8=hybrid (the keys the bench sets from its flags -- "
+                       "data.batch_size / frames / height / width, model.dtype / impl -- are refused: use the flags)")
     bench.set_defaults(func=_bench)
     samp = sub.add_parser(
         "sample",

@@ -212,6 +212,24 @@ def test_bench_refuses_a_bad_run_key_before_writing_a_preset(tmp_path, world_of_
     assert written == []
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("data.batch_size=4", "data.batch_size=4: the bench sets data.batch_size itself; use --batch"),
+    ("model.dtype=fp64", "model.dtype=fp64: the bench sets model.dtype itself; use --dtype"),
+    ("train.export=true", "train.export=true: the bench sets train.export itself"),
+])
+def test_bench_refuses_keys_it_sets_from_its_flags(override, expected, world_of_one, capsys, monkeypatch):
+    """Such an override reached the iteration section alone: its rows ran at another batch, size or
+    dtype than the DiT section, the header and the JSON said."""
+    import adm_megatron.bench.run as bench_run
+    from adm_megatron.cli import main
+
+    written = []
+    monkeypatch.setattr(bench_run, "resolve_model", lambda *a: written.append(a))
+    assert main(["bench", "--model", "cogvideox-2b", override]) == 2
+    assert capsys.readouterr().err.strip() == f"adm-megatron bench: {expected}"
+    assert written == []
+
+
 @pytest.mark.parametrize("flag,value,expected", [
     ("--layers", "0", "--layers=0: expected >= 1"),  # was a ZeroDivisionError traceback
     ("--frames", "0", "--frames=0: expected >= 1"),  # 0 used to mean the model's size: 13 x 60 x 90 on a CPU

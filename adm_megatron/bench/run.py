@@ -138,14 +138,26 @@ def check_options(opts: BenchOptions) -> None:
         raise ValueError(f"--dtype={opts.dtype!r}: expected auto or one of {', '.join(DTYPES)}")
 
 
+# the run keys the bench sets from its own flags
+OWN_FLAGS = {"data.batch_size": "--batch", "data.frames": "--frames", "data.height": "--height",
+             "data.width": "--width", "model.dtype": "--dtype", "model.impl": "--impl", "model.teacher": "--model",
+             "model.pipeline": "--model"}
+
+
 def check_run_keys(opts: BenchOptions) -> None:
     """The run config and its key=value overrides, refused in one line before a preset's random
     weights are written (minutes at real size): the keys the bench sets from the model (its
     directories and latent shape) are stand-ins here, replaced once the model is written."""
     shape = LatentShape(opts.batch, opts.frames or 1, opts.height or 1, opts.width or 1)
     pending = "(written by the bench)"
-    load_config(opts.config, [*trainer_overrides(pending, pending, pending, shape, opts.dtype),
-                              f"model.impl={opts.impl}", *opts.overrides])
+    own = [*trainer_overrides(pending, pending, pending, shape, opts.dtype), f"model.impl={opts.impl}"]
+    set_here = {item.partition("=")[0] for item in own}
+    for item in opts.overrides:  # they would reach the iteration section only, unlike the DiT section and the JSON
+        key = item.partition("=")[0].strip()
+        if key in set_here:
+            flag = OWN_FLAGS.get(key)
+            raise ValueError(f"{item}: the bench sets {key} itself" + (f"; use {flag}" if flag else ""))
+    load_config(opts.config, [*own, *opts.overrides])
 
 
 def run_bench(opts: BenchOptions) -> dict:
