@@ -189,6 +189,23 @@ def test_bench_refuses_an_out_it_could_not_write_before_measuring(tmp_path, worl
     assert written == []
 
 
+def test_bench_refuses_what_the_trainer_would_before_the_dit_section(tmp_path, world_of_one, capsys, monkeypatch):
+    """distill.head_every beyond the model's blocks was refused by the trainer section, after the DiT
+    section had run (minutes at real size) and with no JSON written."""
+    from adm_megatron.cli import main
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+    from adm_megatron.models.cogvideox import CogVideoXTransformer
+
+    ours_calls = _count_forwards(monkeypatch, CogVideoXTransformer)
+    pipeline = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)  # 2 blocks; head_every defaults to 3
+    capsys.readouterr()
+    assert main(["bench", "--model", pipeline, "--repeats", "1", "--warmup", "1", "--frames", "2", "--height", "4",
+                 "--width", "4"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "adm-megatron bench: distill.head_every=3: the teacher has only 2 blocks")
+    assert ours_calls == []
+
+
 def test_bench_refuses_layers_for_a_directory(tmp_path, world_of_one, capsys):
     from adm_megatron.cli import main
 

@@ -27,6 +27,8 @@ from adm_megatron.models.attention_backend import auto_choices, forget_auto_choi
 from adm_megatron.models.fp8 import TE_RECIPES
 from adm_megatron.models.kernel_options import check_kernel_options
 from adm_megatron.models.specs import spec_kind
+from adm_megatron.train.teacher import resolve_teacher
+from adm_megatron.train.validate import validate_run
 
 logger = logging.getLogger("adm_megatron")
 
@@ -181,6 +183,9 @@ def run_bench(opts: BenchOptions) -> dict:
                      f"model.impl={opts.impl}", *opts.overrides]
         config = load_config(opts.config, overrides)  # the DiT section builds ours with its model keys too
         check_kernel_options(config.model, arch.attention_head_dim)
+        # the trainer's own checks (distill.head_every against the blocks, ...) before the DiT section
+        # runs, not after it (minutes at real size)
+        validate_run(config, resolve_teacher(config.model.teacher, config.model.pipeline), 1)
         forget_auto_choices()  # the JSON records this run's
         dit, rows = _dit_section(transformer, family, arch, shape, opts, config.model, device, peak)
         # logged now as well: a bench stopped in the trainer section (a time limit) keeps these figures
