@@ -381,6 +381,8 @@ def test_a_plan_under_a_gib_is_printed_in_mib(pipelines, tmp_path, capsys, world
       "optimizer_and_params"], "offload=optimizer_and_params with a sharded optimizer"),
     (["--gpus", "8", "--card", "80", "optim.generator.shard_over_dp=true", "optim.generator.offload=optimizer_and_params"],
      "optim.generator.offload=optimizer_and_params with shard_over_dp=true"),
+    (["--gpus", "8", "--card", "80", "--params", "bf16", "model.dtype=fp32"],  # train refuses model.bf16_params so
+     "--params bf16 needs model.dtype=bf16 (got fp32)"),
 ])
 def test_bad_layouts_get_one_line_before_any_model_is_built(args, message, tmp_path, capsys, monkeypatch):
     # the same on every machine: pinned host memory is what CUDA gives, so the refusal is for no CUDA

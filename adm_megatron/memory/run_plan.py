@@ -112,6 +112,8 @@ def settings_for(config: Config, world_size: int, **memory) -> Settings:
         raise PlanError("model.dtype=fp64: the planner covers fp32 and bf16 runs")
     opt = config.optim
     chosen = {**config_memory_settings(config), **{k: v for k, v in memory.items() if v is not None}}
+    if chosen["params"] == "bf16" and m.dtype != "bf16":  # as model.bf16_params=true is refused for train
+        raise PlanError(f"--params bf16 needs model.dtype=bf16 (got {m.dtype}): bf16 weights run under bf16 autocast")
     dp = world_size // (tp * cp)
     try:
         microbatches = microbatches_for(config.data.global_batch_size, config.data.batch_size, dp, f"gpus={world_size}")
