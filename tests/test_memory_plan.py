@@ -371,8 +371,11 @@ def test_a_plan_under_a_gib_is_printed_in_mib(pipelines, tmp_path, capsys, world
     (["--gpus", "2", "--card", "80", "--shard-optimizer", "all"], "data_parallel=1 leaves nothing to shard"),
     (["--gpus", "8", "--card", "80", "--offload", "optimizer"], "needs pinned host memory"),
     (["--gpus", "8", "--card", "80", "parallel.tensor_parallel=4"], "30 attention heads are not divisible"),
-    (["--gpus", "8", "--card", "80", "parallel.context_parallel=4"], "latent (image / video) tokens are not divisible"),
-    (["--gpus", "8", "--card", "80", "data.height=62"], "tokens per context-parallel rank are not divisible"),
+    # the family's own checks, as train makes them
+    (["--gpus", "8", "--card", "80", "parallel.context_parallel=4"],
+     "parallel.context_parallel=4: 17550 video tokens (data.frames x h/2 x w/2) are not divisible by it"),
+    (["--gpus", "8", "--card", "80", "data.height=62"],
+     "tokens per context-parallel rank (text 226 + video 18135) are not divisible by tensor_parallel=2"),
     (["--gpus", "3", "--card", "80"], "gpus=3: not a positive multiple"),
     (["--gpus", "8", "--card", "80", "--gpus-per-node", "0"], "gpus_per_node=0, host=0.0 GiB: expected"),
     (["--gpus", "8", "--card", "80", "data.global_batch_size=6"],
@@ -598,3 +601,12 @@ def test_plan_command_plans_adp_with_and_without_its_pixel_branch(tmp_path, caps
     plain = json.loads(out.read_text())["phases"]["generator"]
     assert plain["peak_moment"] == "discriminator backward" and plain["transients"]["pixel branch"] > 1
     assert plain["peak"] > with_pixel["phases"]["generator"]["peak"]
+
+
+def test_plan_refuses_what_train_refuses_for_the_family(capsys, monkeypatch):
+    """SD3 given video frames was planned (and said to fit) though train refuses it."""
+    monkeypatch.setattr("adm_megatron.memory.run_plan.backbone_size", lambda *_, **__: pytest.fail("a model was built"))
+    assert main(["plan", "--config", SD3_LORA_EXAMPLE, "--arch", "sd3-medium", "--gpus", "8", "--card", "80",
+                 "data.frames=13"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "adm-megatron plan: command line: data.frames=13: SD3Transformer2DModel makes images; set data.frames=1")

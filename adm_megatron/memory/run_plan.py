@@ -29,6 +29,7 @@ from adm_megatron.memory.plan import (
 )
 from adm_megatron.families import family_for_preset, family_of_arch
 from adm_megatron.models.taps import tapped_block_indices
+from adm_megatron.train.validate import check_prompt_embeddings
 
 
 def resolve_arch(config: Config, preset: str = ""):
@@ -131,6 +132,11 @@ def settings_for(config: Config, world_size: int, **memory) -> Settings:
 def plan_run(config: Config, world_size: int, preset: str = "", **memory) -> MemoryPlan:
     """The memory plan of ``config`` on ``world_size`` GPUs (``memory`` as ``settings_for``)."""
     arch = resolve_arch(config, preset)
+    try:  # what train refuses for this family and data (SD3 given video frames, embeddings it cannot take)
+        family_of_arch(arch).check_run(arch, config)
+        check_prompt_embeddings(config, family_of_arch(arch), arch)
+    except ConfigError as err:
+        raise PlanError(str(err)) from None
     shape = shape_for(config, arch)
     settings = settings_for(config, world_size, **memory)
     check_settings(shape, settings)  # before anything is built
