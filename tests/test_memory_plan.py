@@ -360,11 +360,14 @@ def test_a_plan_under_a_gib_is_printed_in_mib(pipelines, tmp_path, capsys, world
     """A tiny model's table in GiB reads 0.00 throughout; in MiB it says what the run takes."""
     config = tmp_path / "tiny.yaml"
     config.write_text(f"model: {{teacher: {pipelines[False]}}}\ndistill: {{head_every: 1}}\n")
-    assert main(["plan", "--config", str(config), "--gpus", "1", "--card", "80"]) == 0
+    out = tmp_path / "tiny.json"
+    assert main(["plan", "--config", str(config), "--gpus", "1", "--card", "80", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert " on 1 GPU of 80 GiB" in table and "(MiB per GPU)" in table and "1 rank per node" in table
     peak = re.search(r"^peak (\d+\.\d\d) MiB in the \w+ phase; card 80 GiB", table, re.M)
     assert peak and float(peak.group(1)) > 0.1, table
+    plan = json.loads(out.read_text())  # the same figures in GiB, to the KiB (at 3 decimals they read 0.0)
+    assert abs(plan["peak"] * 1024 - float(peak.group(1))) < 0.01, (plan["peak"], peak.group(1))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -593,7 +596,7 @@ def test_plan_command_plans_adp_with_and_without_its_pixel_branch(tmp_path, caps
     with_pixel = json.loads(out.read_text())
     backbone = sum(p.numel() for p in (*vae.parameters(), *encoder.parameters())) * 4
     # GiB in the JSON; the backbone in fp32, as the run holds it
-    assert with_pixel["fixed"]["pixel backbone (VAE, vision encoder)"] == round(backbone / 2**30, 3)
+    assert with_pixel["fixed"]["pixel backbone (VAE, vision encoder)"] == round(backbone / 2**30, 6)
     assert with_pixel["phases"]["discriminator"]["transients"]["pixel branch"] > 0
     assert with_pixel["networks"]["discriminator"]["weights"] > latent_only["networks"]["discriminator"]["weights"]
     # the example recomputes the branch; without, its generator-phase work sets the peak

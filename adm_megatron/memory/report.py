@@ -22,7 +22,8 @@ def _per_network(value, networks) -> str:
 
 
 def _r(value: float) -> float:
-    return round(gib(value), 3)
+    # to the KiB (6 decimals of a GiB): a toy plan's MiB figures were 0.001 and 0.0 at 3 decimals
+    return round(gib(value), 6)
 
 
 def plan_to_dict(plan: MemoryPlan) -> dict:

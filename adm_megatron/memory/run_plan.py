@@ -134,7 +134,8 @@ def plan_run(config: Config, world_size: int, preset: str = "", **memory) -> Mem
     arch = resolve_arch(config, preset)
     try:  # what train refuses for this family and data (SD3 given video frames, embeddings it cannot take)
         family_of_arch(arch).check_run(arch, config)
-        check_prompt_embeddings(config, family_of_arch(arch), arch)
+        if os.path.isdir(config.data.path):  # a plan may come before the data (the examples' /path/to/...)
+            check_prompt_embeddings(config, family_of_arch(arch), arch)
     except ConfigError as err:
         raise PlanError(str(err)) from None
     shape = shape_for(config, arch)
