@@ -299,6 +299,26 @@ def test_precompute_tool_rejects_empty_prompt_file(tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
     with pytest.raises(SystemExit, match=r"empty\.txt: no prompts"):
         load_tool("precompute_text_embeddings").read_prompts(str(tmp_path / "empty.txt"))
+    # as a command: one line naming the tool, exit status 2 as adm-megatron's for bad input (was 1)
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "precompute_text_embeddings.py"), "--prompts",
+                          str(tmp_path / "empty.txt"), "--encoder", str(tmp_path), "--out", str(tmp_path / "emb")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1] == (
+        f"precompute_text_embeddings.py: {tmp_path / 'empty.txt'}: no prompts (the file is empty or blank; expected "
+        "one per line)"), run.stderr[-1000:]
+
+
+def test_precompute_takes_the_length_a_cogvideox_pipelines_transformer_takes(tmp_path):
+    """Without --max-length the tiny pipeline's prompts were encoded at the published 226 tokens, which
+    its transformer (16) refuses to train on."""
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+    tool = load_tool("precompute_text_embeddings")
+    pipeline = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    with open(os.path.join(pipeline, "transformer", "config.json")) as f:
+        length = json.load(f)["max_text_seq_length"]
+    assert length != 226 and tool.default_max_length(pipeline) == length
+    assert tool.default_max_length(str(tmp_path)) == 226  # no transformer config: the published length
 
 
 def test_prompt_file_reads_a_byte_order_mark_and_crlf_and_names_a_non_utf8_file(tmp_path):

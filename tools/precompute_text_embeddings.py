@@ -39,11 +39,15 @@ from adm_megatron.data.text_embeddings import DTYPES  # noqa: E402
 from adm_megatron.hub_cache import local_dir  # noqa: E402
 
 
+class Refused(SystemExit):
+    """A mistake in the command's input: one line on stderr, exit status 2 (as adm-megatron's)."""
+
+
 def read_prompts(path: str) -> list[str]:
     try:
         return read_prompt_file(path)
     except ValueError as err:
-        raise SystemExit(str(err)) from None
+        raise Refused(str(err)) from None
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -51,18 +55,32 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size),
                         ("--max-length", args.max_length)):
         if value is not None and value < 1:
-            raise SystemExit(f"{flag}={value}: expected >= 1")
+            raise Refused(f"{flag}={value}: expected >= 1")
     try:
         device = torch.device(args.device)
     except RuntimeError:
-        raise SystemExit(f"--device={args.device}: not a torch device (cpu, cuda, cuda:N)") from None
+        raise Refused(f"--device={args.device}: not a torch device (cpu, cuda, cuda:N)") from None
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SystemExit(f"--device={args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        raise Refused(f"--device={args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
                          + ("" if torch.cuda.is_available() else " (no CUDA here: use --device cpu)"))
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise SystemExit(f"--out {args.out}: exists and is not a directory")
+        raise Refused(f"--out {args.out}: exists and is not a directory")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-        raise SystemExit(f"--out {args.out}: not empty (earlier embeddings; pass --overwrite to replace them)")
+        raise Refused(f"--out {args.out}: not empty (earlier embeddings; pass --overwrite to replace them)")
+
+
+def default_max_length(encoder: str) -> int:
+    """T5 tokens per prompt when ``--max-length`` is not given: SD3's 256 (its T5 part; any length
+    trains); for CogVideoX what the pipeline's transformer takes (``max_text_seq_length``: 226 in the
+    published ones, 16 in the tiny test pipeline), 226 for a bare T5 folder."""
+    if is_sd3_pipeline(encoder):
+        return 256
+    path = os.path.join(encoder, "transformer", "config.json")
+    try:
+        with open(path) as f:
+            return int(json.load(f)["max_text_seq_length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 226
 
 
 def settings(args: argparse.Namespace, prompts: list[str]) -> dict:
@@ -82,7 +100,7 @@ def load_encoder(args: argparse.Namespace, dtype: torch.dtype):
             return load_sd3_text_pipeline(args.encoder, dtype, args.device)
         return load_t5(args.encoder, dtype, args.device)
     except OSError as err:  # a folder missing, or transformers' own for weights missing from one
-        raise SystemExit(f"--encoder: {' '.join(str(err).split())}") from None
+        raise Refused(f"--encoder: {' '.join(str(err).split())}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="output shard directory (written whole at the end; a killed precompute resumes when "
                              "the same command is run again)")
     parser.add_argument("--max-length", type=int, default=None,
-                        help="T5 tokens per prompt (default: CogVideoX 226, SD3 256)")
+                        help="T5 tokens per prompt (default: for a CogVideoX pipeline what its transformer takes, "
+                             "max_text_seq_length: 226 in the published ones; SD3 256)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts encoded at once (default 8)")
     parser.add_argument("--shard-size", type=int, default=256, help="prompts per shard file (default 256)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
@@ -107,17 +126,19 @@ def main(argv: list[str] | None = None) -> None:
 
     args.encoder = local_dir(args.encoder, "--encoder")  # a repo id: its snapshot in the local hub cache
     check_args(args)
+    if args.max_length is None:
+        args.max_length = default_max_length(args.encoder)
     prompts = read_prompts(args.prompts)
     wanted = settings(args, prompts)
     try:  # before the encoder loads: another precompute of --out running, or one of other settings to finish
         lock = lock_work_dir(args.out)
     except ConfigError as err:
-        raise SystemExit(str(err)) from None
+        raise Refused(str(err)) from None
     try:
         try:
             check_resumable(args.out, wanted)
         except ValueError as err:
-            raise SystemExit(str(err)) from None
+            raise Refused(str(err)) from None
         encode_all(args, prompts, wanted, lock)
     finally:
         lock.release()  # (also when the encoder cannot load; the writer releases it once it has it)
@@ -129,16 +150,16 @@ def encode_all(args: argparse.Namespace, prompts: list[str], wanted: dict, lock)
     dtype = DTYPES[args.dtype][0]
     encoder = load_encoder(args, dtype)
     if is_sd3_pipeline(args.encoder):
-        t5_tokens, t5_tokenizer = args.max_length or 256, encoder.tokenizer_3
+        t5_tokens, t5_tokenizer = args.max_length, encoder.tokenizer_3
 
         def encode(batch: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
             return encode_sd3_prompts(encoder, batch, t5_tokens, args.batch_size)
     else:
         text_encoder, tokenizer = encoder
-        t5_tokens, t5_tokenizer = args.max_length or 226, tokenizer
+        t5_tokens, t5_tokenizer = args.max_length, tokenizer
 
         def encode(batch: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return encode_prompts(text_encoder, tokenizer, batch, args.max_length or 226, args.batch_size), None
+            return encode_prompts(text_encoder, tokenizer, batch, args.max_length, args.batch_size), None
 
     negative, negative_pooled = encode([""])
     negative_pooled = None if negative_pooled is None else negative_pooled[0]
@@ -168,4 +189,8 @@ def encode_all(args: argparse.Namespace, prompts: list[str], wanted: dict, lock)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Refused as refusal:
+        print(f"precompute_text_embeddings.py: {refusal}", file=sys.stderr)
+        sys.exit(2)
