@@ -55,13 +55,15 @@ def shard_inputs(index: int, rows: int, shard_size: int, latent_shape: tuple, nu
     return {"x_T": x_T, "prompt_id": prompt_id, "guidance_scale": scale}
 
 
-def _settings(config: Config, source, text_source, num_pairs: int, shard_size: int, steps: int) -> dict:
+def _settings(config: Config, source, text_source, num_pairs: int, shard_size: int, steps: int,
+              batch_size: int) -> dict:
     d = config.data
     return {
         "format": FORMAT, "version": VERSION, "num_pairs": num_pairs, "shard_size": shard_size,
         "latent_shape": list(source.family.latent_shape(source.arch, d.frames, d.height, d.width)),
         "dtype": "float32",
-        "sampler": {"kind": "pf-ode (DDIM / Euler), trailing", "steps": steps,
+        # the batch too: the teacher's kernels round a batch of 3 and one of 4 apart (x_0 by 4e-6)
+        "sampler": {"kind": "pf-ode (DDIM / Euler), trailing", "steps": steps, "batch_size": batch_size,
                     "guidance_scale": list(config.distill.guidance_scale), "seed": config.seed},
         "teacher": {"path": os.path.abspath(config.model.teacher), **teacher_identity(source)},
         "prompts": {"source": d.source, "path": os.path.abspath(d.path) if d.path else "",
@@ -175,7 +177,7 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     if steps > timesteps:
         raise ConfigError(f"steps={steps}: the teacher's schedule has {timesteps} timesteps; expected at most that many")
     text_source = source.text_source(config.data, config.seed)
-    settings = _settings(config, source, text_source, num_pairs, shard_size, steps)
+    settings = _settings(config, source, text_source, num_pairs, shard_size, steps, batch_size)
     finished = _check_out_dir(out_dir, settings)
     if finished and not verify:
         confirm_start(config.parallel.timeout_s)  # a rank that failed its checks waits for every rank

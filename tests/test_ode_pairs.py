@@ -227,6 +227,13 @@ def test_killed_collection_resumes_to_the_uninterrupted_shards(pipeline_dir, tmp
     err = capsys.readouterr().err
     assert "holds a collection with other settings (sampler.steps: 40 there, 8 now); use a new directory" in err
     assert len(err.strip().splitlines()) == 1, err
+    other_batch = _command(pipeline_dir, out, **longer)[3:]
+    other_batch[other_batch.index("--batch-size") + 1] = "3"
+    try:  # the batch size rounds x_0 apart (4e-6 here): a collection goes on with its own
+        assert main(other_batch) == 2
+    finally:
+        destroy_parallel()
+    assert "other settings (sampler.batch_size: 4 there, 3 now)" in capsys.readouterr().err
 
 
 def test_a_finished_collection_with_a_lost_or_cut_shard_collects_those_again(reference, pipeline_dir, tmp_path,
