@@ -272,7 +272,7 @@ def test_a_phase_that_trains_two_networks_is_skipped_whole(pipeline_dir, real_pa
     [
         (["distill.bogus=1"], "unknown key 'distill.bogus'"),
         (["parallel.tensor_parallel=3"], "world size 1 is not divisible by tensor_parallel x context_parallel = 3 x 1"),
-        (["data.height=5"], "data.height/width=5x4: not divisible by patch size 2"),
+        (["data.height=5"], "data.height=5: not divisible by the patch size 2 (latent pixels)"),
         (["distill.head_every=3"], "distill.head_every=3: the teacher has only 2 blocks"),
         (["distill.method=gan"], "distill.method='gan': expected one of adm, dmd, dmd2"),
         (["distill.method=dmd2"], "distill.method=dmd2 needs data.real_path"),
@@ -486,3 +486,16 @@ def test_sequence_parallel_without_tensor_parallel_is_warned_of():
         "group's activations)"]
     assert start_warnings(load_config(None, ["model.teacher=teacher", "model.sequence_parallel=true",
                                              "parallel.tensor_parallel=2"])) == []
+
+def test_a_latent_size_that_does_not_patch_says_where_it_was_set(pipeline_dir, tmp_path, capsys):
+    """The message named 'data.height/width', no key of the config, so it did not say where it was set."""
+    from adm_megatron.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {{teacher: {pipeline_dir}}}\ndata: {{height: 4, width: 7}}\n")
+    assert main(["train", "--config", str(config), f"output_dir={tmp_path / 'run'}", "data.height=5"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "adm-megatron: config error: command line: data.height=5: not divisible by the patch size 2 (latent pixels)")
+    assert main(["train", "--config", str(config), f"output_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"adm-megatron: config error: {config}: data.width=7: not divisible by the patch size 2 (latent pixels)")

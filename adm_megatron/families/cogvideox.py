@@ -16,6 +16,7 @@ from adm_megatron.families.registry import (
     PromptEmbeddings,
     arch_reader,
     arch_writer,
+    check_latent_patches,
     lazy,
     lazy_class,
     per_head_mapping,
@@ -49,8 +50,7 @@ def _check_run(arch, config) -> None:
     tp, cp = config.parallel.tensor_parallel, config.parallel.context_parallel
     data = config.data
     p = arch.patch_size
-    if data.height % p or data.width % p:
-        raise ConfigError(f"data.height/width={data.height}x{data.width}: not divisible by patch size {p}")
+    check_latent_patches(data, p)
     video_tokens = data.frames * (data.height // p) * (data.width // p)
     if video_tokens % cp:
         raise ConfigError(

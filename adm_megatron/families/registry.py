@@ -183,6 +183,17 @@ class ModelFamily:
 # -- building blocks of family modules: model code imported on first use, so registering is free --
 
 
+def check_latent_patches(data, patch: int) -> None:
+    """One-line ConfigError naming ``data.height`` or ``data.width`` (so that the message says where
+    the key was set) when it does not split into patches of ``patch``."""
+    from adm_megatron.config import ConfigError
+
+    for key in ("height", "width"):
+        value = getattr(data, key)
+        if value % patch:
+            raise ConfigError(f"data.{key}={value}: not divisible by the patch size {patch} (latent pixels)")
+
+
 def lazy(module: str, name: str) -> Callable:
     """A function that imports ``module`` when first called and calls its ``name``."""
     def call(*args, **kwargs):

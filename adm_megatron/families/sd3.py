@@ -18,6 +18,7 @@ from adm_megatron.families.registry import (
     PromptEmbeddings,
     arch_reader,
     arch_writer,
+    check_latent_patches,
     lazy,
     lazy_class,
     per_head_mapping,
@@ -49,11 +50,11 @@ def _check_run(arch, config) -> None:
     p = arch.patch_size
     if data.frames != 1:
         raise ConfigError(f"data.frames={data.frames}: {DIFFUSERS_CLASS} makes images; set data.frames=1")
-    if data.height % p or data.width % p:
-        raise ConfigError(f"data.height/width={data.height}x{data.width}: not divisible by patch size {p}")
-    if max(data.height, data.width) // p > arch.pos_embed_max_size:
-        raise ConfigError(f"data.height/width={data.height}x{data.width}: more than pos_embed_max_size="
-                          f"{arch.pos_embed_max_size} patches of {p} on a side")
+    check_latent_patches(data, p)
+    side = "height" if data.height >= data.width else "width"
+    if getattr(data, side) // p > arch.pos_embed_max_size:
+        raise ConfigError(f"data.{side}={getattr(data, side)}: more than pos_embed_max_size={arch.pos_embed_max_size} "
+                          f"patches of {p} on a side")
     tokens = (data.height // p) * (data.width // p)
     if tokens % cp:
         raise ConfigError(f"parallel.context_parallel={cp}: {tokens} image tokens are not divisible by it")
