@@ -676,3 +676,30 @@ def test_lora_adapters_are_refused_on_a_base_whose_weights_changed(base, tmp_pat
     assert err.endswith(f"(distillation.json), {moved} now has {transformer_fingerprint(moved)[:12]} (its weight "
                         "files changed since); sample the run's merged generator/ instead"), err
     assert not (tmp_path / "after").exists()
+
+
+def test_lora_adapters_sampled_with_another_pipeline_are_refused_naming_where_they_were_trained(
+        tmp_path, world_of_one, capsys):
+    """Another pipeline given to sample with (another teacher): the refusal said its weight files had
+    changed since, which they had not; it says that the transformer is not the one, and where that was."""
+    from adm_megatron.cli import main
+    from adm_megatron.models.diffusers_files import transformer_fingerprint
+
+    def record(pipe, _moved):
+        return {"generator_steps": 2, "teacher": pipe, "pipeline": None, "generator_init": None,
+                "weights_fingerprints": {"teacher": transformer_fingerprint(os.path.join(pipe, "transformer")),
+                                         "teacher_kind": "diffusers", "generator_init": None}}
+
+    pipeline, _, _ = _lora_on_a_moved_base(tmp_path, "base", record)
+    other = build_tiny_pipeline(str(tmp_path / "other"), seed=1)
+    lora = str(tmp_path / "generator_lora")
+    capsys.readouterr()
+    assert main(["sample", "--pipeline", other, "--generator", lora, "--prompt", "x", "--teacher-steps", "0",
+                 "--out", str(tmp_path / "s")]) == 2
+    fingerprint = transformer_fingerprint(os.path.join(pipeline, "transformer"))[:12]
+    assert capsys.readouterr().err.strip() == (
+        f"adm-megatron sample: --generator {lora}: its adapters were trained on the teacher of fingerprint "
+        f"{fingerprint} (distillation.json), not on {other}/transformer "
+        f"({transformer_fingerprint(os.path.join(other, 'transformer'))[:12]}), which is not where it was "
+        f"({pipeline}): sample with that pipeline, or the run's merged generator/")
+    assert not (tmp_path / "s").exists()

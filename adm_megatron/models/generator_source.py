@@ -60,7 +60,9 @@ def lora_base(lora_dir: str, pipeline_dir: str) -> str:
         except ValueError as err:
             raise ValueError(f"--generator {lora_dir}: {err}") from None
         if recorded.get("teacher_kind") == "diffusers":  # a megatron teacher's are of its shards
-            _check_unchanged(lora_dir, base, "the teacher", recorded["teacher"])
+            trained_on = record.get("teacher") or ""
+            _check_unchanged(lora_dir, base, "the teacher", recorded["teacher"],
+                             trained_on if _elsewhere(base, trained_on) else None)
         return base
     if not os.path.isdir(init):
         raise ValueError(f"--generator {lora_dir}: its adapters were trained on model.generator_init={init} "
@@ -70,14 +72,28 @@ def lora_base(lora_dir: str, pipeline_dir: str) -> str:
     return init
 
 
-def _check_unchanged(lora_dir: str, base: str, what: str, fingerprint: str) -> None:
-    """One-line ValueError when the weight files of ``base`` no longer have the ``fingerprint`` the run
-    recorded of them: the adapters would be sampled on another transformer."""
+def _elsewhere(base: str, trained_on: str) -> bool:
+    """Whether the transformer ``base`` is not where the run's teacher ``trained_on`` (a transformer or
+    pipeline directory, as distillation.json records it) was: another pipeline given to sample with."""
+    if not trained_on:
+        return False
+    here = os.path.realpath(base)
+    return here not in {os.path.realpath(trained_on), os.path.realpath(os.path.join(trained_on, "transformer"))}
+
+
+def _check_unchanged(lora_dir: str, base: str, what: str, fingerprint: str, trained_on: str | None = None) -> None:
+    """One-line ValueError when the weight files of ``base`` do not have the ``fingerprint`` the run
+    recorded of them: the adapters would be sampled on another transformer (``trained_on``: where the
+    run's was, when ``base`` lies elsewhere; else its files changed since)."""
     now = transformer_fingerprint(base)
-    if now != fingerprint:
-        raise ValueError(f"--generator {lora_dir}: its adapters were trained on {what} of fingerprint {fingerprint[:12]} "
-                         f"(distillation.json), {base} now has {now[:12]} (its weight files changed since); sample "
-                         "the run's merged generator/ instead")
+    if now == fingerprint:
+        return
+    trained = f"--generator {lora_dir}: its adapters were trained on {what} of fingerprint {fingerprint[:12]} (distillation.json)"
+    if trained_on:
+        raise ValueError(f"{trained}, not on {base} ({now[:12]}), which is not where it was ({trained_on}): sample with "
+                         "that pipeline, or the run's merged generator/")
+    raise ValueError(f"{trained}, {base} now has {now[:12]} (its weight files changed since); sample the run's merged "
+                     "generator/ instead")
 
 
 def check_lora_fits(lora_dir: str, base: str) -> None:
