@@ -111,7 +111,7 @@ def _train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) != 0:
         return PREEMPTED_EXIT_CODE if result.preempted else 0
     if result.preempted:
-        print(f"run stopped by a signal after iteration {result.iterations} ({result.trained} trained now); "
+        print(f"run stopped by a signal after {result.iterations} iterations ({result.trained} trained now); "
               f"checkpoint saved in {result.output_dir}: run the same command to go on")
         return PREEMPTED_EXIT_CODE
     print(f"run finished: {result.iterations} iterations ({result.trained} trained now), "

@@ -75,7 +75,7 @@ def test_tiny_sbatch_job_is_preempted_requeued_and_resumes_exactly(tmp_path):
     assert "start 0 on" in text and "start 1 on" in text  # SLURM_RESTART_COUNT of the two starts
     assert "stop signal: forwarding SIGUSR1 to the training step" in text
     assert "training step stopped after saving a checkpoint (exit 75)" in text and f"requeueing job {job}" in text
-    stopped = int(re.search(r"run stopped by a signal after iteration (\d+)", text).group(1))
+    stopped = int(re.search(r"run stopped by a signal after (\d+) iterations", text).group(1))
     assert 2 <= stopped < ITERATIONS
     assert f"resumed from {out}/checkpoints/iter_{stopped:07d}:" in text
     assert f"run finished: {ITERATIONS} iterations ({ITERATIONS - stopped} trained now)" in text
@@ -105,7 +105,7 @@ def test_a_stop_signal_to_every_process_of_the_step_saves_and_exits_75(tmp_path)
         restarts = slurm.job(job)["Restarts"]
     text = open(log).read()
     assert "training step stopped after saving a checkpoint (exit 75)" in text, text[-3000:]
-    stopped = int(re.search(r"run stopped by a signal after iteration (\d+)", text).group(1))
+    stopped = int(re.search(r"run stopped by a signal after (\d+) iterations", text).group(1))
     assert stopped < ITERATIONS and restarts == "0"
     assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == f"iter_{stopped:07d}"
 

@@ -300,13 +300,18 @@ def _check_room(output_dir: str) -> None:
     if latest is not None:
         need, free = bytes_on_disk(latest), shutil.disk_usage(checkpoints_root(output_dir)).free
         if free < need:
-            problem = (f"{checkpoints_root(output_dir)}: {free / 2**30:.2f} GiB free, less than the "
-                       f"{need / 2**30:.2f} GiB {os.path.basename(latest)} took; nothing was written and "
+            problem = (f"{checkpoints_root(output_dir)}: {_size(free)} free, less than the "
+                       f"{_size(need)} {os.path.basename(latest)} took; nothing was written and "
                        f"{os.path.basename(latest)} stays the latest (free space, or keep fewer with "
                        "train.keep_checkpoints)")
     problem = from_rank0(problem)
     if problem is not None:
         raise CheckpointError(problem)
+
+
+def _size(n: int) -> str:
+    """Bytes in GiB, or in MiB under one (a small run's checkpoint read 0.00 GiB)."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
 def start_training_checkpoint(trainer, iteration: int) -> BackgroundCheckpoint:

@@ -144,9 +144,11 @@ def check_compatible(saved: dict, config: Config, source: str) -> None:
             continue
         if now.get(key) != before.get(key):
             key = _differing_key(key, before, now)
+            there = (f"{key} absent there (the run is older than it: trained as its default "
+                     f"{defaults[key]!r})" if key not in before and key in defaults and
+                     _section_value(before, key) is None else f"{key}={_section_value(before, key)!r} there")
             raise ConfigError(
-                f"{source}: {key}={_section_value(before, key)!r} there but {_section_value(now, key)!r} now; a run "
-                f"cannot change it ({_another_run(config)})"
+                f"{source}: {there} but {_section_value(now, key)!r} now; a run cannot change it ({_another_run(config)})"
             )
 
 
