@@ -200,6 +200,8 @@ def _sample(args: argparse.Namespace) -> int:
     try:
         if args.samples_per_prompt < 1:
             raise ValueError(f"--samples-per-prompt {args.samples_per_prompt}: expected >= 1")
+        if args.teacher_steps < 0:
+            raise ValueError(f"--teacher-steps {args.teacher_steps}: expected >= 1, or 0 for no teacher")
         args.pipeline = local_dir(args.pipeline, "--pipeline")  # a repo id: its snapshot in the local hub cache
         args.generator = local_dir(args.generator, "--generator")
         prompts = args.prompt + (read_prompt_file(args.prompt_file) if args.prompt_file else [])

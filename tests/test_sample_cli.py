@@ -536,7 +536,10 @@ def test_sample_renders_at_the_distilled_size_unless_told(tmp_path, world_of_one
     for flags, error in ((["--width", "36"], "--width 36: expected a multiple of 8 (the VAE's 4 pixels per latent "
                                              "x the transformer's patch 2)"),
                          (["--num-frames", "9"], "--num-frames 9: this pipeline renders images"),
-                         (["--height", "0"], "--height 0: expected >= 1")):
+                         (["--height", "0"], "--height 0: expected >= 1"),
+                         (["--teacher-steps", "-1"], "--teacher-steps -1: expected >= 1, or 0 for no teacher"),
+                         (["--prompt-file", "/dev/null"], "/dev/null: no prompts (the file is empty or blank; "
+                                                          "expected one per line)")):  # was: 'not found'
         assert main([*common, "--generator", image, *flags, "--out", str(tmp_path / "bad")]) == 2
         assert capsys.readouterr().err.strip() == f"adm-megatron sample: {error}"
     assert not (tmp_path / "bad").exists()  # refused before anything was written

@@ -10,10 +10,15 @@ import os
 def read_prompt_file(path: str) -> list[str]:
     """The prompts of ``path``; a one-line ValueError naming it when it is missing, not UTF-8 or has
     none. A leading byte-order mark (Windows editors write one) is not part of the first prompt."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: {'a directory, not a prompt file' if os.path.isdir(path) else 'prompt file not found'}")
-    with open(path, "rb") as f:
-        data = f.read()
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: a directory, not a prompt file")
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: prompt file not found")
+    try:  # any readable file: a pipe, /dev/stdin, a shell's <(...) too
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read the prompt file ({err.strerror})") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
