@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         "README.md with the diffusers call that samples it. "
         "One process, on CPU (host memory for the weights and a copy of them).",
     )
-    export.add_argument("--checkpoint", required=True, help="a training checkpoint, or a run's output_dir (its latest)")
+    export.add_argument("--checkpoint", required=True, help="a training checkpoint, or a run's output_dir or its checkpoints/latest (the latest)")
     export.add_argument("--out", required=True, help="output directory (new or empty, unless --overwrite)")
     export.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"),
                         help="auto (default): the EMA when the run keeps one, else the trained weights; ema: "

@@ -61,6 +61,9 @@ def test_export_writes_the_runs_own_ema_export_or_the_raw_weights(runs, tmp_path
     record = read_distillation_record(str(tmp_path / "ema"))
     assert {k: v for k, v in record.items() if k != "checkpoint"} == read_distillation_record(str(run / "generator"))
     assert record["checkpoint"] == str(run / "checkpoints" / "iter_0000002") and record["weights"] == "ema"
+    marker = run / "checkpoints" / "latest"  # the marker itself names the same checkpoint (it was refused)
+    assert main(["export", "--checkpoint", str(marker), "--out", str(tmp_path / "by_marker")]) == 0
+    assert read_distillation_record(str(tmp_path / "by_marker"))["checkpoint"] == record["checkpoint"]
 
     assert main(["export", "--checkpoint", str(run / "checkpoints" / "iter_0000002"), "--weights", "raw",
                  "--out", str(tmp_path / "raw")]) == 0

@@ -103,10 +103,14 @@ def pruned_hint(path: str) -> str:
 
 def checkpoint_from(path: str, what: str) -> str:
     """A training checkpoint directory from ``path``: a checkpoint, or a run directory (its
-    ``checkpoints/latest``); a one-line ConfigError naming ``what`` (the key or flag) otherwise."""
+    ``checkpoints/latest``, which may be given itself); a one-line ConfigError naming ``what`` (the key
+    or flag) otherwise."""
     if os.path.isfile(os.path.join(path, STATE_FILE)):
         return path
-    latest = latest_checkpoint(path)
+    run = path
+    if os.path.basename(os.path.normpath(path)) == LATEST and os.path.isfile(path):  # the marker: its run's latest
+        run = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    latest = latest_checkpoint(run)
     if latest is not None:
         return latest
     gone = pruned_hint(path)
