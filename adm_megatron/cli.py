@@ -254,10 +254,20 @@ class _PrintVersions(argparse.Action):
         parser.exit()
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line naming the command (no usage block), exit status 2, said
+    by the first rank of a launch only; its subcommands' parsers are of the same class."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+            print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from adm_megatron.families import family_names, preset_names
 
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="adm-megatron",
         description="Distil diffusion transformers (model families: " + ", ".join(family_names()) + ") into "
         "few-step generators (ADM / DMD / DMD2 / ADP) on megatron-core.",

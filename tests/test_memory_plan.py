@@ -613,3 +613,16 @@ def test_plan_refuses_what_train_refuses_for_the_family(capsys, monkeypatch):
                  "data.frames=13"]) == 2
     assert capsys.readouterr().err.strip() == (
         "adm-megatron plan: command line: data.frames=13: SD3Transformer2DModel makes images; set data.frames=1")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--card", "H100"], "argument --card: invalid float value: 'H100'"),  # after a usage block of 9 lines
+    (["--card", "80", "--shard-optimizer", "generator,,teacher"],
+     "argument --shard-optimizer: '', 'teacher': expected all, none or names among"),  # the empty item was ', teacher'
+])
+def test_a_flag_argparse_refuses_is_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "--config", "x.yaml", "--gpus", "8", *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"adm-megatron plan: error: {message}") and err.endswith("(see adm-megatron plan --help)\n")

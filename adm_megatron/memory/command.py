@@ -31,7 +31,7 @@ def _networks(value: str) -> frozenset:
     if value in ("", "none"):
         return frozenset()
     names = TRAINABLE if value == "all" else tuple(v.strip() for v in value.split(","))
-    unknown = sorted(set(names) - set(TRAINABLE))
+    unknown = sorted({repr(n) for n in names} - {repr(n) for n in TRAINABLE})  # repr: an empty item shows as ''
     if unknown:
         raise argparse.ArgumentTypeError(f"{', '.join(unknown)}: expected all, none or names among "
                                          f"{', '.join(TRAINABLE)}")
