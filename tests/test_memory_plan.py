@@ -626,3 +626,21 @@ def test_a_flag_argparse_refuses_is_one_line(args, message, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"adm-megatron plan: error: {message}") and err.endswith("(see adm-megatron plan --help)\n")
+
+
+def test_dmd2_plan_is_within_15_percent_of_measured_peak_of_every_phase(pipelines, tmp_path, world_of_one):
+    """DMD2: two phases (its classifier heads sit on the fake score and learn in the fake-score phase,
+    on fake and real samples: three fake-score passes with grad); it was planned as ADM, with a
+    discriminator phase that never runs."""
+    from adm_megatron.parallel import destroy_parallel, initialize_parallel
+
+    size = ["data.frames=3", "data.height=16", "data.width=16"]
+    (tmp_path / "run.yaml").write_text(f"model: {{teacher: {pipelines[False]}}}\n")
+    assert main(["collect-ode", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "pairs"),
+                 "--num-pairs", "4", "--steps", "2", "--no-progress", "data.num_prompts=4", *size]) == 0
+    destroy_parallel()
+    initialize_parallel(tensor_parallel=1, context_parallel=1, seed=1234)
+    figures = plan_and_measure(pipelines[False], str(tmp_path / "out"),
+                               ["distill.method=dmd2", f"data.real_path={tmp_path / 'pairs'}", *size])
+    assert set(figures) == {"fake_score", "generator"}
+    assert_within_tolerance(figures, "dmd2-2b-3x16x16")

@@ -83,6 +83,12 @@ Phases (the peak of each is resident + the largest of its moments):
 - generator: rollout; then with the generator's step (trainable) and the fake score (frozen)
   saved: the CFG teacher without grad on ``2B`` (the doubled batch), then the teacher backbone for
   D (frozen) + heads (frozen) + the backward working set; its optimizer step.
+- DMD (``algorithms/dmd.py``): no discriminator heads and no discriminator phase; its generator phase
+  backs through the generator's step alone (the teacher and fake score run without grad).
+- DMD2 (``algorithms/dmd2.py``): no discriminator phase; its classifier heads sit on the fake score
+  and learn with it in the fake-score phase (the denoising pass and the classifier's on fake and
+  real samples: three fake-score passes with grad, the heads on two); its generator phase backs
+  through the frozen fake score and heads (the classifier on x̂0), not through the teacher.
 - ADP (``algorithms/adp.py``) has no
   fake score and no fake-score phase; its generator phase runs no rollout and no CFG teacher: the
   generator's one forward with grad (trainable) on the ODE pair's interpolation, then the teacher
@@ -145,8 +151,19 @@ PHASE_NETWORKS = {
     "discriminator": ("teacher", "discriminator"),
 }
 # the phases each planned method runs, in order (distill.method); ADP builds no fake score
-METHOD_PHASES = {"adm": PHASES, "dmd": ("fake_score", "generator"), "dmd2": PHASES,
+METHOD_PHASES = {"adm": PHASES, "dmd": ("fake_score", "generator"), "dmd2": ("fake_score", "generator"),
                  "adp": ("generator", "discriminator")}
+# DMD2's classifier heads sit on the fake score and learn with it in the fake-score phase (no phase of their own)
+DMD2_FAKE_PHASE = ("generator", "fake_score", "discriminator")
+
+
+def _phase_networks(phase: str, s) -> tuple[str, ...]:
+    """The networks ``phase`` runs, and (``_phase_owners``) those it updates."""
+    return DMD2_FAKE_PHASE if (s.method, phase) == ("dmd2", "fake_score") else PHASE_NETWORKS[phase]
+
+
+def _phase_owners(phase: str, s) -> tuple[str, ...]:
+    return ("fake_score", "discriminator") if (s.method, phase) == ("dmd2", "fake_score") else (phase,)
 HEADS = ("adm", "dmd2", "adp")  # the methods with discriminator heads (DMD has none: no discriminator phase)
 READS_PAIRS = ("dmd2", "adp")  # methods whose batches carry teacher ODE pairs (data.real_path)
 OFFLOAD = ("none", "optimizer", "optimizer_and_params")  # as optim.<network>.offload
@@ -489,7 +506,7 @@ def _host(sizes: dict[str, NetworkSize], networks: dict[str, dict[str, float]], 
     trained = [n for n in TRAINABLE if n in networks]
     phases = METHOD_PHASES[s.method]
     moved = [n for n in trained if s.offload_mode(n) == "optimizer_and_params"
-             and any(n not in PHASE_NETWORKS[p] for p in phases)]
+             and any(n not in _phase_networks(p, s) for p in phases)]
     written = sum(sizes[n].params * _weight_bytes(n, s) for n in ("generator", "fake_score") if n in networks)
     written += sum(sizes[n].trained * (8 + (4 if s.params == "bf16" else 0)) for n in trained)
     written += sizes["generator"].trained * 4 if s.ema else 0
@@ -503,14 +520,14 @@ def _host(sizes: dict[str, NetworkSize], networks: dict[str, dict[str, float]], 
 def _phase_resident(networks: dict, phase: str, s: Settings) -> float:
     """A phase's resident state; ``samples``: after an iteration's last phase, with every network's
     weights back on the device (the trainer restores them) and that phase's optimizer state."""
-    owner = METHOD_PHASES[s.method][-1] if phase == "samples" else phase
+    owners = _phase_owners(METHOD_PHASES[s.method][-1] if phase == "samples" else phase, s)
     total = 0.0
     for name, parts in networks.items():
-        used = phase == "samples" or name in PHASE_NETWORKS[phase]
+        used = phase == "samples" or name in _phase_networks(phase, s)
         offload = s.offload_mode(name)
         if offload != "optimizer_and_params" or used:
             total += parts["weights"]
-        if offload == "none" or name == owner:
+        if offload == "none" or name in owners:
             total += parts["grads"] + parts["optimizer"]
     return total
 
@@ -531,6 +548,18 @@ def _moments(f: _Formulas, sizes: dict[str, NetworkSize], phase: str) -> dict[st
     teacher_copies = 2 if s.activations == "bf16" and not s.teacher_bf16() else 0
     step = {"optimizer step": _step(sizes[phase], phase, s)}
     mode = s.recompute_mode
+    if phase == "fake_score" and s.method == "dmd2":  # the denoising loss, then the classifier on fake and real
+        saved, recomputed = f.saved(b, "trainable", mode("fake_score", phase))
+        disc = sizes["discriminator"]
+        steps = {n: _step(sizes[n], n, s) for n in ("fake_score", "discriminator")}
+        return {
+            "generator rollout": (0.0, {"forward without grad": f.no_grad(b)}),
+            "fake-score backward": (3 * (saved + recomputed) + 2 * (f.taps(b, True) + f.heads(b, "trainable")), {
+                "backward working set": f.extra(b, "trainable"),
+                "conv backward workspace": f.conv_workspace(b, disc.params),
+                "autocast weight copies": copies * (sizes["fake_score"].params + disc.params)}),
+            "optimizer step": (0.0, {"optimizer step": max(steps.values())}),
+        }
     if phase == "fake_score":
         saved, recomputed = f.saved(b, "trainable", mode("fake_score", phase))
         return {
@@ -560,6 +589,21 @@ def _moments(f: _Formulas, sizes: dict[str, NetworkSize], phase: str) -> dict[st
                                       + teacher_copies * sizes["teacher"].params}),
             "generator backward": (g_saved, {"backward working set": f.extra(b, "trainable"),
                                              "autocast weight copies": autocast}),
+            "optimizer step": (0.0, step),
+        }
+    if phase == "generator" and s.method == "dmd2":  # DMD's gradient (no grad through the fake score), then
+        g_saved, _ = f.saved(b, "trainable", mode("generator", phase))  # the classifier on the fake score
+        backbone_saved, backbone_recomputed = f.saved(b, "frozen", mode("fake_score", phase))
+        autocast = copies * sizes["generator"].params
+        return {
+            "generator rollout": (0.0, {"forward without grad": f.no_grad(b)}),
+            "CFG teacher": (g_saved, {"CFG doubled batch": f.no_grad(2 * b), "autocast weight copies": autocast
+                                      + teacher_copies * sizes["teacher"].params}),
+            "classifier backward": (g_saved + backbone_saved + backbone_recomputed + f.taps(b, True)
+                                    + f.heads(b, "frozen"), {
+                "backward working set": f.extra(b, "frozen"),
+                "autocast weight copies": autocast + copies * (sizes["fake_score"].params
+                                                               + sizes["discriminator"].params)}),
             "optimizer step": (0.0, step),
         }
     if phase == "generator":
