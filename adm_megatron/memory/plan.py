@@ -580,32 +580,8 @@ def _moments(f: _Formulas, sizes: dict[str, NetworkSize], phase: str) -> dict[st
                 + teacher_copies * sizes["teacher"].params}),
             "optimizer step": (0.0, step),
         }
-    if phase == "generator" and s.method == "dmd":  # the distribution-matching gradient alone: no D backward
-        g_saved, _ = f.saved(b, "trainable", mode("generator", phase))
-        autocast = copies * sizes["generator"].params
-        return {
-            "generator rollout": (0.0, {"forward without grad": f.no_grad(b)}),
-            "CFG teacher": (g_saved, {"CFG doubled batch": f.no_grad(2 * b), "autocast weight copies": autocast
-                                      + teacher_copies * sizes["teacher"].params}),
-            "generator backward": (g_saved, {"backward working set": f.extra(b, "trainable"),
-                                             "autocast weight copies": autocast}),
-            "optimizer step": (0.0, step),
-        }
-    if phase == "generator" and s.method == "dmd2":  # DMD's gradient (no grad through the fake score), then
-        g_saved, _ = f.saved(b, "trainable", mode("generator", phase))  # the classifier on the fake score
-        backbone_saved, backbone_recomputed = f.saved(b, "frozen", mode("fake_score", phase))
-        autocast = copies * sizes["generator"].params
-        return {
-            "generator rollout": (0.0, {"forward without grad": f.no_grad(b)}),
-            "CFG teacher": (g_saved, {"CFG doubled batch": f.no_grad(2 * b), "autocast weight copies": autocast
-                                      + teacher_copies * sizes["teacher"].params}),
-            "classifier backward": (g_saved + backbone_saved + backbone_recomputed + f.taps(b, True)
-                                    + f.heads(b, "frozen"), {
-                "backward working set": f.extra(b, "frozen"),
-                "autocast weight copies": autocast + copies * (sizes["fake_score"].params
-                                                               + sizes["discriminator"].params)}),
-            "optimizer step": (0.0, step),
-        }
+    if phase == "generator" and s.method in ("dmd", "dmd2"):
+        return _dmd_generator_moments(f, sizes, step, copies, teacher_copies)
     if phase == "generator":
         g_saved, _ = f.saved(b, "trainable", mode("generator", phase))
         fake_saved, _ = f.saved(b, "frozen", mode("fake_score", phase))
@@ -629,6 +605,32 @@ def _moments(f: _Formulas, sizes: dict[str, NetworkSize], phase: str) -> dict[st
                                               "autocast weight copies": copies * sizes["discriminator"].params}),
         "optimizer step": (0.0, step),
     }
+
+
+def _dmd_generator_moments(f: _Formulas, sizes: dict[str, NetworkSize], step: dict, copies: int,
+                           teacher_copies: int) -> dict[str, tuple[float, dict]]:
+    """DMD's and DMD2's generator phase: the rollout, the CFG teacher without grad, then the backward:
+    DMD's through the generator's step alone (its gradient needs no grad through the teacher or the
+    fake score), DMD2's through the frozen fake score and heads of its classifier on x̂0 as well."""
+    s, b = f.s, f.s.batch_size
+    g_saved, _ = f.saved(b, "trainable", s.recompute_mode("generator", "generator"))
+    autocast = copies * sizes["generator"].params
+    moments = {
+        "generator rollout": (0.0, {"forward without grad": f.no_grad(b)}),
+        "CFG teacher": (g_saved, {"CFG doubled batch": f.no_grad(2 * b),
+                                  "autocast weight copies": autocast + teacher_copies * sizes["teacher"].params}),
+    }
+    if s.method == "dmd2":
+        backbone_saved, backbone_recomputed = f.saved(b, "frozen", s.recompute_mode("fake_score", "generator"))
+        moments["classifier backward"] = (
+            g_saved + backbone_saved + backbone_recomputed + f.taps(b, True) + f.heads(b, "frozen"),
+            {"backward working set": f.extra(b, "frozen"),
+             "autocast weight copies": autocast + copies * (sizes["fake_score"].params + sizes["discriminator"].params)})
+    else:
+        moments["generator backward"] = (g_saved, {"backward working set": f.extra(b, "trainable"),
+                                                   "autocast weight copies": autocast})
+    moments["optimizer step"] = (0.0, step)
+    return moments
 
 
 # where ADP's pixel work adds to a phase: after the latent discriminator's forward, before the backward
