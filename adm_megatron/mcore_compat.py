@@ -121,17 +121,31 @@ def unreadable_layout(ckpt_dir: str) -> str | None:
     )
 
 
-_CUDA_HOME_NOTICE = "No CUDA runtime is found"
+# import-time notices that say nothing about a run: torch's on a GPU-less host with a CUDA build
+# (megatron-core >= 0.17 imports its extension loader), and torchao's when diffusers imports it (its
+# quantizer checks) where its C++ kernels or triton are not for this machine -- model.fp8's torchao
+# recipes use neither (models/fp8_torchao.py)
+IMPORT_NOTICES = {
+    "torch.utils.cpp_extension": ("No CUDA runtime is found",),
+    "torchao": ("Skipping import of cpp extensions", "Failed to load "),
+    "torchao.kernel.intmm": ("Warning: Detected no triton",),
+}
 
 
-class _DropCudaHomeNotice(logging.Filter):
+class _DropNotices(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return _CUDA_HOME_NOTICE not in record.getMessage()
+        message = record.getMessage()
+        return not any(start in message for start in self.starts)
 
 
 def quiet_import_notices() -> None:
-    """Drop torch's "No CUDA runtime is found" notice that importing megatron-core >= 0.17 brings
-    on a GPU-less host with a CUDA build of torch; call before megatron-core is imported."""
-    extension_logger = logging.getLogger("torch.utils.cpp_extension")
-    if not any(isinstance(f, _DropCudaHomeNotice) for f in extension_logger.filters):
-        extension_logger.addFilter(_DropCudaHomeNotice())
+    """Drop the :data:`IMPORT_NOTICES` (each logger's own records); call before megatron-core and
+    diffusers are imported."""
+    for name, starts in IMPORT_NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotices) for f in logger.filters):
+            logger.addFilter(_DropNotices(starts))

@@ -59,12 +59,18 @@ def test_the_installed_release_is_described_consistently():
     assert mcore_compat.write_results_queue() is mcore_compat.write_results_queue()  # one queue, made once
 
 
-def test_the_cuda_home_notice_is_dropped_and_nothing_else(caplog):
+@pytest.mark.parametrize("logger, notice", [
+    ("torch.utils.cpp_extension", "No CUDA runtime is found, using CUDA_HOME='/usr/local/cuda'"),
+    # what importing diffusers prints where torchao is installed (model.fp8's torchao recipes need neither)
+    ("torchao", "Skipping import of cpp extensions due to incompatible torch version 2.13.0+cpu for torchao"),
+    ("torchao.kernel.intmm", "Warning: Detected no triton, on systems without Triton certain kernels will not work"),
+])
+def test_the_import_notices_are_dropped_and_nothing_else(logger, notice, caplog):
     mcore_compat.quiet_import_notices()
     mcore_compat.quiet_import_notices()  # idempotent: one filter
-    log = logging.getLogger("torch.utils.cpp_extension")
-    assert sum(isinstance(f, mcore_compat._DropCudaHomeNotice) for f in log.filters) == 1
-    with caplog.at_level(logging.WARNING, logger="torch.utils.cpp_extension"):
-        log.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local/cuda")
+    log = logging.getLogger(logger)
+    assert sum(isinstance(f, mcore_compat._DropNotices) for f in log.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=logger):
+        log.warning(notice)
         log.warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]

@@ -31,27 +31,23 @@ Hopper) or later.
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import torch
 
+from adm_megatron.mcore_compat import quiet_import_notices
 from adm_megatron.models.fp8 import check_fp8_card
 
 LOCAL_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 
 
 def _torchao_float8():
-    """torchao's float8 training pieces; ImportError when torchao is missing or too old. Its
-    C++ extensions (not used here) log a warning each when their CUDA libraries are absent: kept quiet."""
-    log = logging.getLogger("torchao")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        from torchao.float8.config import Float8LinearConfig
-        from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
-        from torchao.float8.float8_training_tensor import LinearMMConfig, ScaledMMConfig
-    finally:
-        log.setLevel(level)
+    """torchao's float8 training pieces; ImportError when torchao is missing or too old. Its import
+    notices about C++ kernels and triton (not used here) are dropped (``mcore_compat.IMPORT_NOTICES``)."""
+    quiet_import_notices()
+    from torchao.float8.config import Float8LinearConfig
+    from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
+    from torchao.float8.float8_training_tensor import LinearMMConfig, ScaledMMConfig
+
     return Float8LinearConfig, matmul_with_hp_or_float8_args, LinearMMConfig, ScaledMMConfig
 
 
