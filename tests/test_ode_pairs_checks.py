@@ -240,7 +240,7 @@ def test_a_collection_of_a_teacher_with_a_tuple_in_its_architecture_resumes(sd3_
                          [f"model.teacher={sd3_pipeline}", "data.source=synthetic"])
     source = resolve_teacher(sd3_pipeline)
     assert isinstance(source.arch.dual_attention_layers, tuple)
-    settings = _settings(config, source, source.text_source(config.data, config.seed), 4, 2, 1)
+    settings = _settings(config, source, source.text_source(config.data, config.seed), 4, 2, 1, 4)
     (tmp_path / SETTINGS).write_text(json.dumps(settings))
     assert _check_out_dir(str(tmp_path), settings) is False
 
