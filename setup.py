@@ -42,10 +42,10 @@ setup(
         # Transformer Engine kernels (BF16 / FP8, TE attention with context parallel); needs CUDA
         "te": ["transformer-engine[pytorch]"],
         # model.fp8=tensorwise | rowwise | rowwise_with_gw_hp: torchao's FP8 GEMMs in the local spec
-        "fp8": ["torchao>=0.14"],
+        "fp8": ["torchao>=0.16"],
         # logging.tensorboard: TensorBoard event files beside metrics.jsonl and wandb
         "tensorboard": ["tensorboard>=2.10"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "tensorboard>=2.10", "torchao>=0.14"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "tensorboard>=2.10", "torchao>=0.16"],
     },
     entry_points={"console_scripts": ["adm-megatron = adm_megatron.cli:main"]},
 )

@@ -62,7 +62,7 @@ def check_local_fp8(fp8: str | None, spec: str, capability: tuple[int, int] | No
     try:
         _torchao_float8()
     except ImportError as err:
-        raise ValueError(f"model.fp8={fp8} needs torchao's float8 training (pip install 'torchao>=0.14'): "
+        raise ValueError(f"model.fp8={fp8} needs torchao's float8 training (pip install 'torchao>=0.16'): "
                          f"{err}") from None
     check_fp8_card(fp8, capability)
 

@@ -19,7 +19,7 @@ nodes that do nothing at TP = 1) and adds a row-parallel layer's bias after the 
 
 Parameters, names, sharding and checkpoints are megatron's: only ``forward`` / ``_forward_impl``
 differ, and only where the call needs nothing of megatron's. There, ``fp8_gemm`` (set by
-``models/fp8_torchao.enable_local_fp8`` for ``model.fp8=rowwise | tensorwise``) replaces ``F.linear``
+``models/fp8_torchao.enable_local_fp8`` for torchao's ``model.fp8`` recipes) replaces ``F.linear``
 with the same product in FP8.
 """
 
