@@ -214,3 +214,43 @@ def test_tensorboard_keeps_one_value_per_iteration_across_starts_and_takes_image
     with pytest.raises(ConfigError, match=r"^logging.tensorboard=true needs the tensorboard package: pip install"):
         check_loggers("disabled", True)
     check_loggers("disabled", False)
+
+
+def test_a_wandb_that_fails_leaves_the_run_going_and_its_metrics_whole(tmp_path, caplog):
+    """A job-wide SIGTERM (scancel, a preemption) reaches wandb's service process first: its finish()
+    raised ConnectionResetError after the preemption's checkpoint, rank 0 ended in a traceback and exit
+    1. wandb is a report: a failing call is one warning, the run goes on without it."""
+    import logging
+
+    from adm_megatron.train.run_log import RunLogger
+
+    class DeadService:
+        calls = []
+
+        def log(self, *args, **kwargs):
+            self.calls.append("log")
+            raise ConnectionResetError("Connection lost")
+
+        def finish(self):
+            self.calls.append("finish")
+            raise ConnectionResetError("Connection lost")
+
+    out = str(tmp_path / "run")
+    log = RunLogger(out, {}, 3, 0, True, wandb_mode="disabled", progress=False)
+    log.wandb = DeadService()
+    with caplog.at_level(logging.WARNING, logger="adm_megatron"):
+        for i in range(3):
+            log.log({"iteration": i, "generator/loss": 1.0})
+        log.close()
+    assert DeadService.calls == ["log"]  # once: the run went on without it
+    assert [r.getMessage() for r in caplog.records] == [
+        "wandb log failed (Connection lost); the run goes on without wandb (metrics.jsonl has "
+        "every record)"]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line)["iteration"] for line in f] == [0, 1, 2]
+
+    finishing = RunLogger(str(tmp_path / "again"), {}, 1, 0, True, wandb_mode="disabled", progress=False)
+    finishing.wandb = DeadService()
+    DeadService.calls.clear()
+    finishing.close()  # no traceback
+    assert DeadService.calls == ["finish"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import uuid
@@ -25,7 +26,10 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from adm_megatron.config import ConfigError
+from adm_megatron.convert.checkpoint import one_line
 from adm_megatron.json_file import write_json_atomically
+
+logger = logging.getLogger("adm_megatron")
 
 # the discriminator's health (algorithms/discriminator_health.py) beside the losses on the bar
 SHOWN = {"discriminator/paired_accuracy": "D_acc", "discriminator/paired_margin": "D_margin"}
@@ -114,8 +118,8 @@ class RunLogger:
         if metrics["iteration"] % self.log_every == 0 or last:
             self.file.write(metrics_line(metrics) + "\n")
             self.file.flush()
-            if self.wandb is not None:
-                self.wandb.log({k: v for k, v in metrics.items() if k != "iteration"}, step=metrics["iteration"])
+            self._wandb("log", lambda run: run.log({k: v for k, v in metrics.items() if k != "iteration"},
+                                                   step=metrics["iteration"]))
             if self.tensorboard is not None:
                 for key, value in metrics.items():
                     if key != "iteration" and isinstance(value, (int, float)):  # a bool (skipped) as 0 / 1
@@ -141,8 +145,8 @@ class RunLogger:
 
             items = [wandb.Video(p, format="gif") if p.endswith(".gif") else wandb.Image(p)
                      for p in paths if p not in grids]
-            self.wandb.log({"samples": items, **({"samples_grid": wandb.Image(grids[0])} if grids else {})},
-                           step=iteration)
+            self._wandb("log", lambda run: run.log(
+                {"samples": items, **({"samples_grid": wandb.Image(grids[0])} if grids else {})}, step=iteration))
         if self.tensorboard is not None:
             import numpy as np
             from PIL import Image
@@ -153,6 +157,20 @@ class RunLogger:
                     self.tensorboard.add_image(f"samples/{os.path.basename(path)}", image, iteration, dataformats="HWC")
             self.tensorboard.flush()
 
+    def _wandb(self, what: str, call) -> None:
+        """``call(run)`` on the wandb run, if any. wandb is a report, not the run's record (that is
+        metrics.jsonl): when it fails -- its service process gone, as a job-wide SIGTERM (``scancel``, a
+        preemption) reaches it first -- the run goes on without it, saying so in one line, instead of
+        ending in a traceback (exit 1 after a preemption's checkpoint was saved)."""
+        if self.wandb is None:
+            return
+        try:
+            call(self.wandb)
+        except Exception as err:  # noqa: BLE001 - whatever wandb raises, the run's own records are complete
+            logger.warning("wandb %s failed (%s); the run goes on without wandb (metrics.jsonl has every record)",
+                           what, one_line(err))
+            self.wandb = None
+
     def close(self) -> None:
         if not self.enabled:
             return
@@ -160,7 +178,6 @@ class RunLogger:
         if self.bar is not None:
             self._redirect.close()
             self.bar.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        self._wandb("finish", lambda run: run.finish())
         if self.tensorboard is not None:
             self.tensorboard.close()
