@@ -164,8 +164,31 @@ def test_eval_toy_before_after_measures_both_and_draws_every_row(tmp_path):
 
 
 def test_eval_toy_refuses_a_missing_generator(tmp_path):
-    with pytest.raises(SystemExit, match="nowhere: no such model directory"):
+    with pytest.raises(SystemExit, match=r"^eval_toy: --generator \S*nowhere: not found"):
         _eval_toy().main(["--generator", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+
+
+def test_eval_toy_scores_a_generator_at_its_own_steps_and_cfg(tmp_path, monkeypatch):
+    """A 1-step generator (ADP's stage) was scored at the default 2 steps, silently 20x worse; a run's
+    directory given for its generator was a diffusers traceback."""
+    import shutil
+
+    eval_toy = _eval_toy()
+    generator = tmp_path / "run" / "generator"
+    shutil.copytree(os.path.join(TEACHER, "transformer"), generator)  # a transformer, as an export writes
+    (generator / "distillation.json").write_text(json.dumps({"generator_steps": 1,
+                                                             "teacher_guidance_scale": [1.0, 2.0]}))
+    seen = []
+    monkeypatch.setattr(eval_toy, "evaluate", lambda manifest, *a: seen.append(manifest) or (_ for _ in ()).throw(
+        KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        eval_toy.main(["--generator", str(generator), "--out", str(tmp_path / "e")])
+    assert [run["steps"] for run in seen[0]["runs"]] == [1, 1] and seen[0]["guidance"] == 1.5
+    with pytest.raises(KeyboardInterrupt):  # what is given still wins
+        eval_toy.main(["--generator", str(generator), "--steps", "2", "--guidance", "3", "--out", str(tmp_path / "e")])
+    assert [run["steps"] for run in seen[1]["runs"]] == [2, 2] and seen[1]["guidance"] == 3.0
+    with pytest.raises(SystemExit, match=r"a run directory: its exported generator is \S*run/generator"):
+        eval_toy.main(["--generator", str(tmp_path / "run"), "--out", str(tmp_path / "e")])
 
 
 def test_study_targets_compare_the_seed_means_with_the_teacher():

@@ -2,7 +2,7 @@
 the teacher's 50-step samples and the true data, write the table, the JSON and the sample grid.
 
     OMP_NUM_THREADS=1 python tools/eval_toy.py --manifest outputs/toy_study/manifest.json --out docs/
-    python tools/eval_toy.py --generator outputs/demo/generator --steps 2 --out outputs/demo/eval
+    python tools/eval_toy.py --generator outputs/demo/generator --out outputs/demo/eval   # its steps and CFG: its distillation.json
 
 The manifest (written by ``tools/run_toy_study.py``) names the teacher and the runs: for each
 run the method label, the number of generator steps, the training seed and the exported generator
@@ -29,6 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from adm_megatron.convert.distillation_record import read_distillation_record  # noqa: E402
+from adm_megatron.sampling import generator_steps, teacher_guidance  # noqa: E402
 from adm_megatron.toy import pipeline as toy_pipeline  # noqa: E402
 from adm_megatron.toy.data import balanced_labels, sample_dataset  # noqa: E402
 from adm_megatron.toy.metrics import (FeatureMap, accuracy, diversity, frechet_distance,  # noqa: E402
@@ -255,6 +257,18 @@ def targets_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+TOY_GUIDANCE = 1.5  # the toy configs' CFG
+
+
+def distilled_guidance(args: argparse.Namespace) -> float:
+    """``--guidance``, else the middle of the CFG range the generator was distilled against (its
+    distillation.json), else the toy configs' :data:`TOY_GUIDANCE`."""
+    if args.guidance is not None:
+        return args.guidance
+    record = read_distillation_record(args.generator) or {}
+    return teacher_guidance(args.generator, None) if record.get("teacher_guidance_scale") else TOY_GUIDANCE
+
+
 def single_generator_manifest(teacher: str, generator: str, steps: int, guidance: float) -> dict:
     """Before / after for one run (``make demo``): the teacher's weights used as the N-step
     generator (what the generator is at iteration 0) and the distilled generator."""
@@ -274,9 +288,12 @@ def main(argv: list[str] | None = None) -> dict:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--manifest", help="manifest.json from tools/run_toy_study.py")
     source.add_argument("--generator", help="one distilled generator directory (before / after, make demo)")
-    parser.add_argument("--steps", type=int, default=2, help="with --generator: its number of steps")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="with --generator: its number of steps (default: its distillation.json's)")
     parser.add_argument("--teacher", default="assets/toy_teacher", help="with --generator: the teacher")
-    parser.add_argument("--guidance", type=float, default=1.5, help="with --generator: the CFG scale distilled")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="with --generator: the CFG scale distilled (default: the middle of its distillation.json's "
+                             f"range, else {TOY_GUIDANCE})")
     parser.add_argument("--out", required=True, help="directory for toy_study.json and toy_samples.png")
     parser.add_argument("--per-class", type=int, default=256)
     parser.add_argument("--cache", default=None, help="directory to cache the teacher's samples in")
@@ -287,7 +304,11 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.manifest) as f:
             manifest = json.load(f)
     else:
-        manifest = single_generator_manifest(args.teacher, args.generator, args.steps, args.guidance)
+        try:  # the generator's own step count and CFG (it was scored at 2 steps whatever it was distilled for)
+            steps = generator_steps(args.generator, args.steps)
+        except ValueError as err:
+            raise SystemExit(f"eval_toy: {err}") from None
+        manifest = single_generator_manifest(args.teacher, args.generator, steps, distilled_guidance(args))
     for path in [manifest["teacher"]] + [run["generator"] for run in manifest["runs"]]:
         if not os.path.isdir(path):
             raise SystemExit(f"eval_toy: {path}: no such model directory")
@@ -419,8 +440,8 @@ def render_report(results: dict, notes: str = "") -> str:
     if teacher:
         lines.append(f"# the teacher (committed in assets/toy_teacher/)\n{teacher.get('command')}")
     if study:
-        lines.append(f"# the whole study: every training below, then the evaluation and this page\n"
-                     f"python tools/run_toy_study.py --out docs/")
+        lines.append("# the whole study: every training below, then the evaluation and this page\n"
+                     "python tools/run_toy_study.py --out docs/")
     for added in results.get("added_studies", []):
         lines.append(f"# rows added later, merged into this page\npython {added['command'].removeprefix('python ')}")
     lines.append("# each training (run by the study; adm-megatron is `python -m adm_megatron.cli`)")
