@@ -185,10 +185,30 @@ def check_out_dir(out_dir: str, overwrite: bool, resume: bool, args: dict,
     except (OSError, ValueError):
         raise ValueError(f"--resume: {path} is missing or unreadable: {out_dir} is not an adm-megatron sample "
                          "output") from None
-    changed = sorted(k for k in set(before) | set(args) if before.get(k) != args.get(k))
+    changed = [_difference(k, before.get(k), args.get(k)) for k in sorted(set(before) | set(args))
+               if before.get(k) != args.get(k)]
     if changed:
-        raise ValueError(f"--resume: {out_dir} was started with other {', '.join(changed)} ({path}); use a new --out "
+        raise ValueError(f"--resume: {out_dir} was started with other arguments ({'; '.join(changed)}: {path}); use a new --out "
                          "or --overwrite")
+
+
+RUN_FIELDS = ("transformer", "steps", "guidance scale")  # after the name, in sample_args.json's runs
+
+
+def _difference(key: str, there, now) -> str:
+    """One argument of ``sample_args.json`` that differs, as ``what: X there, Y now``; a run's fields by
+    name (the generator's or the teacher's steps, ...), prompts by count."""
+    if key == "runs" and isinstance(there, list) and isinstance(now, list):
+        old, new = ({r[0]: r[1:] for r in runs if isinstance(r, list) and r} for runs in (there, now))
+        parts = [f"{name}: {'absent' if name not in old else 'there'}, {'absent' if name not in new else 'now'}"
+                 for name in sorted(set(old) ^ set(new))]
+        for name in sorted(set(old) & set(new)):
+            parts += [f"{name} {field}: {a!r} there, {b!r} now"
+                      for field, a, b in zip(RUN_FIELDS, old[name], new[name]) if a != b]
+        return "; ".join(parts)
+    if key == "prompts" and isinstance(there, list) and isinstance(now, list):
+        return f"prompts: {len(there)} there, {len(now)} now" if len(there) != len(now) else "prompts: other texts"
+    return f"{key}: {there!r} there, {now!r} now"
 
 
 def _missing(run_dir: str, share: range, fmt: str) -> list[range]:

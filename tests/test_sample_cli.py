@@ -468,8 +468,8 @@ def test_a_resumed_sampling_renders_only_the_missing_samples(tmp_path, capsys):
     capsys.readouterr()
     assert _sample_counted([*args[:5], "3", *args[6:], "--out", str(cut), "--resume"]) == (2, 0)
     assert capsys.readouterr().err.strip() == (
-        f"adm-megatron sample: --resume: {cut} was started with other runs ({cut / 'sample_args.json'}); use a new "
-        "--out or --overwrite")
+        f"adm-megatron sample: --resume: {cut} was started with other arguments (generator steps: 2 there, 3 now: "
+        f"{cut / 'sample_args.json'}); use a new --out or --overwrite")  # it named no value
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x").write_text("")
     assert _sample_counted([*args, "--out", str(tmp_path / "other"), "--resume"]) == (2, 0)
