@@ -118,6 +118,9 @@ def _train(args: argparse.Namespace) -> int:
           f"outputs in {result.output_dir}")
     if result.generator_dir:
         print(f"generator (diffusers format): {result.generator_dir}")
+    lora = os.path.join(result.output_dir, "generator_lora")  # train.export_lora adapter / both
+    if result.trained and os.path.isfile(os.path.join(lora, "distillation.json")):
+        print(f"LoRA generator (its adapters, for load_lora_weights): {lora}")
     for path in result.samples:
         print(f"sample: {path}")
     return 0
