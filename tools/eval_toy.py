@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from adm_megatron.convert.distillation_record import read_distillation_record  # noqa: E402
+from adm_megatron.mcore_compat import quiet_import_notices  # noqa: E402
 from adm_megatron.sampling import generator_steps, teacher_guidance  # noqa: E402
 from adm_megatron.toy import pipeline as toy_pipeline  # noqa: E402
 from adm_megatron.toy.data import balanced_labels, sample_dataset  # noqa: E402
@@ -284,6 +285,7 @@ def single_generator_manifest(teacher: str, generator: str, steps: int, guidance
 
 
 def main(argv: list[str] | None = None) -> dict:
+    quiet_import_notices()  # torchao's and torch's import-time notices (adm_megatron/mcore_compat.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--manifest", help="manifest.json from tools/run_toy_study.py")

@@ -23,9 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from adm_megatron.data.tiny_pixel_encoders import LAYERS, save_tiny_encoder  # noqa: E402
 from adm_megatron.families import build_tiny_pipeline_named, tiny_pipeline_names  # noqa: E402
+from adm_megatron.mcore_compat import quiet_import_notices  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_import_notices()  # torchao's and torch's import-time notices (adm_megatron/mcore_compat.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output pipeline directory")
     parser.add_argument("--like", default="cogvideox-2b", choices=tiny_pipeline_names(),

@@ -37,6 +37,7 @@ from adm_megatron.data.resumable_shards import (  # noqa: E402
     ResumableShardWriter, check_resumable, lock_work_dir, work_dir_of)
 from adm_megatron.data.text_embeddings import DTYPES  # noqa: E402
 from adm_megatron.hub_cache import local_dir  # noqa: E402
+from adm_megatron.mcore_compat import quiet_import_notices  # noqa: E402
 
 
 class Refused(SystemExit):
@@ -104,6 +105,7 @@ def load_encoder(args: argparse.Namespace, dtype: torch.dtype):
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_import_notices()  # torchao's and torch's import-time notices (adm_megatron/mcore_compat.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", required=True, help="text file, one prompt per line")
     parser.add_argument("--encoder", required=True,
