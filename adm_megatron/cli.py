@@ -262,7 +262,13 @@ class _OneLineParser(argparse.ArgumentParser):
     by the first rank of a launch only; its subcommands' parsers are of the same class."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
-        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        from adm_megatron.parallel import launch_env
+
+        try:
+            first = launch_env().rank == 0
+        except ValueError:  # a launch environment it cannot read: say it anyway
+            first = True
+        if first:
             print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
         sys.exit(2)
 

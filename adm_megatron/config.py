@@ -424,10 +424,12 @@ class Config:
 DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 OFFLOAD_CHOICES = ("none", "optimizer", "optimizer_and_params")
 PROFILE_MODES = ("torch", "nsys")
+FP8_TE_RECIPES = ("hybrid", "e4m3")  # Transformer Engine's delayed scaling, models/fp8.py
+FP8_TORCHAO_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")  # torchao's, models/fp8_torchao.py
 CHOICES = {
     "model.impl": ("auto", "local", "te"),
     "model.attention_backend": ("default", "auto", "te", "flash", "efficient", "cudnn", "math"),
-    "model.fp8": (None, "hybrid", "e4m3", "tensorwise", "rowwise", "rowwise_with_gw_hp"),
+    "model.fp8": (None, *FP8_TE_RECIPES, *FP8_TORCHAO_RECIPES),
     "model.fp8_amax_compute_algo": ("max", "most_recent"),
     "model.dtype": ("fp32", "bf16", "fp64"),
     "model.compile": ("none", "blocks"),
@@ -768,7 +770,7 @@ def _check_fields(config: Config, where: Callable[[str], str]) -> None:
         key = f"model.recompute.{name}"
         parse_recompute(getattr(config.model.recompute, name), key, where(key))
     m = config.model
-    if m.fp8 in ("tensorwise", "rowwise", "rowwise_with_gw_hp"):
+    if m.fp8 in FP8_TORCHAO_RECIPES:
         _check_torchao_fp8(config, where)
     elif m.fp8 is not None:
         if m.impl == "local":

@@ -89,13 +89,13 @@ def generator_steps(generator_dir: str, steps: int | None) -> int:
 DEFAULT_TEACHER_GUIDANCE = 6.0  # CogVideoX's recommended CFG
 
 
-def teacher_guidance(generator_dir: str, scale: float | None) -> float:
+def teacher_guidance(generator_dir: str, scale: float | None, default: float = DEFAULT_TEACHER_GUIDANCE) -> float:
     """The teacher's CFG: ``scale`` when given, else the middle of the CFG range the generator was
-    distilled against (its ``distillation.json``: SD3.5-Large's 3-4 gives 3.5), else 6."""
+    distilled against (its ``distillation.json``: SD3.5-Large's 3-4 gives 3.5), else ``default`` (6)."""
     if scale is not None:
         return scale
     record = read_distillation_record(generator_dir)
-    low, high = (record or {}).get("teacher_guidance_scale") or (DEFAULT_TEACHER_GUIDANCE,) * 2
+    low, high = (record or {}).get("teacher_guidance_scale") or (default,) * 2
     return (low + high) / 2
 
 
@@ -188,8 +188,8 @@ def check_out_dir(out_dir: str, overwrite: bool, resume: bool, args: dict,
     changed = [_difference(k, before.get(k), args.get(k)) for k in sorted(set(before) | set(args))
                if before.get(k) != args.get(k)]
     if changed:
-        raise ValueError(f"--resume: {out_dir} was started with other arguments ({'; '.join(changed)}: {path}); use a new --out "
-                         "or --overwrite")
+        raise ValueError(f"--resume: {out_dir} was started with other arguments ({'; '.join(changed)}: {path}); "
+                         "use a new --out or --overwrite")
 
 
 RUN_FIELDS = ("transformer", "steps", "guidance scale")  # after the name, in sample_args.json's runs

@@ -644,3 +644,23 @@ def test_dmd2_plan_is_within_15_percent_of_measured_peak_of_every_phase(pipeline
                                ["distill.method=dmd2", f"data.real_path={tmp_path / 'pairs'}", *size])
     assert set(figures) == {"fake_score", "generator"}
     assert_within_tolerance(figures, "dmd2-2b-3x16x16")
+
+
+def test_the_live_tensors_pass_over_a_dead_weak_proxy():
+    """A weak proxy whose object is gone, left in the heap by code run earlier in the process (seen
+    after the FP8 and compile tests in one process), made isinstance raise ReferenceError and stopped
+    every memory measurement."""
+    import weakref
+
+    from adm_megatron.memory.measure import live_tensors
+
+    class Held:
+        pass
+
+    held = Held()
+    proxies = [weakref.proxy(held)]
+    del held
+    with pytest.raises(ReferenceError):
+        proxies[0].anything  # noqa: B018 - the proxy is dead
+    tensor = torch.zeros(3)
+    assert any(t is tensor for t in live_tensors())

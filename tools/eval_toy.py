@@ -29,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from adm_megatron.convert.distillation_record import read_distillation_record  # noqa: E402
 from adm_megatron.mcore_compat import quiet_import_notices  # noqa: E402
 from adm_megatron.sampling import generator_steps, teacher_guidance  # noqa: E402
 from adm_megatron.toy import pipeline as toy_pipeline  # noqa: E402
@@ -261,15 +260,6 @@ def targets_table(results: dict) -> str:
 TOY_GUIDANCE = 1.5  # the toy configs' CFG
 
 
-def distilled_guidance(args: argparse.Namespace) -> float:
-    """``--guidance``, else the middle of the CFG range the generator was distilled against (its
-    distillation.json), else the toy configs' :data:`TOY_GUIDANCE`."""
-    if args.guidance is not None:
-        return args.guidance
-    record = read_distillation_record(args.generator) or {}
-    return teacher_guidance(args.generator, None) if record.get("teacher_guidance_scale") else TOY_GUIDANCE
-
-
 def single_generator_manifest(teacher: str, generator: str, steps: int, guidance: float) -> dict:
     """Before / after for one run (``make demo``): the teacher's weights used as the N-step
     generator (what the generator is at iteration 0) and the distilled generator."""
@@ -310,7 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
             steps = generator_steps(args.generator, args.steps)
         except ValueError as err:
             raise SystemExit(f"eval_toy: {err}") from None
-        manifest = single_generator_manifest(args.teacher, args.generator, steps, distilled_guidance(args))
+        guidance = teacher_guidance(args.generator, args.guidance, default=TOY_GUIDANCE)  # its distillation.json's
+        manifest = single_generator_manifest(args.teacher, args.generator, steps, guidance)
     for path in [manifest["teacher"]] + [run["generator"] for run in manifest["runs"]]:
         if not os.path.isdir(path):
             raise SystemExit(f"eval_toy: {path}: no such model directory")

@@ -71,17 +71,22 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def default_max_length(encoder: str) -> int:
-    """T5 tokens per prompt when ``--max-length`` is not given: SD3's 256 (its T5 part; any length
-    trains); for CogVideoX what the pipeline's transformer takes (``max_text_seq_length``: 226 in the
-    published ones, 16 in the tiny test pipeline), 226 for a bare T5 folder."""
-    if is_sd3_pipeline(encoder):
-        return 256
-    path = os.path.join(encoder, "transformer", "config.json")
-    try:
-        with open(path) as f:
-            return int(json.load(f)["max_text_seq_length"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 226
+    """T5 tokens per prompt when ``--max-length`` is not given: what the pipeline's transformer takes
+    (its family's conditioning: CogVideoX's ``max_text_seq_length``, 226 in the published ones, 16 in
+    the tiny test pipeline); for a family that takes any length (SD3) or a bare T5 folder, the usual
+    T5 length (SD3's 256, CogVideoX's 226)."""
+    from adm_megatron.families import family_of_model_dir
+
+    transformer = os.path.join(encoder, "transformer")
+    if os.path.isfile(os.path.join(transformer, "config.json")):
+        try:
+            family = family_of_model_dir(transformer)
+            text = family.conditioning(family.arch_from_pretrained_dir(transformer))
+        except ValueError:  # a transformer no family reads: the T5 default
+            text = None
+        if text is not None and not text.any_text_length:
+            return text.text_length
+    return 256 if is_sd3_pipeline(encoder) else 226
 
 
 def settings(args: argparse.Namespace, prompts: list[str]) -> dict:

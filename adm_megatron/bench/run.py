@@ -20,11 +20,10 @@ from adm_megatron.bench.dit import LatentShape, build_pair
 from adm_megatron.bench.kernel_profile import format_comparison, profile_call
 from adm_megatron.bench.report import environment, format_table, peak_tflops
 from adm_megatron.bench.timing import alternating
-from adm_megatron.config import Config, ModelConfig, load_config
+from adm_megatron.config import FP8_TE_RECIPES, Config, ModelConfig, load_config
 from adm_megatron.families import family_for_preset, family_of_model_dir, preset_names
 from adm_megatron.hub_cache import local_dir, not_found_hint
 from adm_megatron.models.attention_backend import auto_choices, forget_auto_choices
-from adm_megatron.models.fp8 import TE_RECIPES
 from adm_megatron.models.kernel_options import check_kernel_options
 from adm_megatron.models.specs import spec_kind
 from adm_megatron.train.teacher import resolve_teacher
@@ -229,7 +228,7 @@ def kernel_settings(config: Config) -> dict:
     return {
         "spec": spec_kind(m.impl), "compile": m.compile,
         "attention_backend": m.attention_backend, "attention_auto_choices": auto_choices(),
-        "fp8": m.fp8, "fp8_recipe": None if m.fp8 not in TE_RECIPES else {  # torchao's recipes have no options
+        "fp8": m.fp8, "fp8_recipe": None if m.fp8 not in FP8_TE_RECIPES else {  # torchao's recipes have no options
             "margin": m.fp8_margin, "amax_history_len": m.fp8_amax_history_len,
             "amax_compute_algo": m.fp8_amax_compute_algo},
         "overlap_grad_reduce": p.overlap_grad_reduce, "grad_bucket_size": p.grad_bucket_size or None,

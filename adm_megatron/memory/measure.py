@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import gc
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -110,7 +111,10 @@ def live_tensors() -> list[torch.Tensor]:
     collector's objects."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # isinstance on some deprecated module attributes warns
-        return [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+        # not through a weak proxy: isinstance on one whose object is gone raises ReferenceError (a proxy
+        # some earlier code in the process left in the heap stopped the measurement)
+        return [obj for obj in gc.get_objects()
+                if not isinstance(obj, weakref.ProxyTypes) and isinstance(obj, torch.Tensor)]
 
 
 def _live_storage_addresses() -> set[int]:

@@ -153,21 +153,25 @@ PHASE_NETWORKS = {
 # the phases each planned method runs, in order (distill.method); ADP builds no fake score
 METHOD_PHASES = {"adm": PHASES, "dmd": ("fake_score", "generator"), "dmd2": ("fake_score", "generator"),
                  "adp": ("generator", "discriminator")}
-# DMD2's classifier heads sit on the fake score and learn with it in the fake-score phase (no phase of their own)
-DMD2_FAKE_PHASE = ("generator", "fake_score", "discriminator")
-
-
-def _phase_networks(phase: str, s) -> tuple[str, ...]:
-    """The networks ``phase`` runs, and (``_phase_owners``) those it updates."""
-    return DMD2_FAKE_PHASE if (s.method, phase) == ("dmd2", "fake_score") else PHASE_NETWORKS[phase]
-
-
-def _phase_owners(phase: str, s) -> tuple[str, ...]:
-    return ("fake_score", "discriminator") if (s.method, phase) == ("dmd2", "fake_score") else (phase,)
 HEADS = ("adm", "dmd2", "adp")  # the methods with discriminator heads (DMD has none: no discriminator phase)
+# (method, phase) -> (the networks it runs, those it updates) where not PHASE_NETWORKS and the phase's own:
+# DMD2's classifier heads sit on the fake score and learn with it in the fake-score phase
+PHASE_OVERRIDES = {("dmd2", "fake_score"): (("generator", "fake_score", "discriminator"),
+                                            ("fake_score", "discriminator"))}
 READS_PAIRS = ("dmd2", "adp")  # methods whose batches carry teacher ODE pairs (data.real_path)
 OFFLOAD = ("none", "optimizer", "optimizer_and_params")  # as optim.<network>.offload
 RECOMPUTE = ("none", "selective", "full")  # as model.recompute
+
+
+def _phase_networks(phase: str, s) -> tuple[str, ...]:
+    """The networks ``phase`` runs under ``s.method``."""
+    return PHASE_OVERRIDES.get((s.method, phase), (PHASE_NETWORKS[phase],))[0]
+
+
+def _phase_owners(phase: str, s) -> tuple[str, ...]:
+    """The networks ``phase`` updates under ``s.method``."""
+    return PHASE_OVERRIDES.get((s.method, phase), (None, (phase,)))[1]
+
 
 class PlanError(ValueError):
     """A layout or setting the planner refuses: the message is one line naming the key and value."""

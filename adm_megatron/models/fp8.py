@@ -11,23 +11,24 @@ context. The whole block loop is one context, as megatron's ``TransformerBlock``
 scaling (entering it per block would reduce amaxes per block). Only TE's linears compute in FP8:
 ``check_fp8`` refuses, in one line and before anything is built, FP8 where that cannot happen
 (the local spec, no TE, no CUDA or a card below compute capability 8.9). The other values of
-``model.fp8`` (``rowwise``, ``tensorwise``) are torchao's recipes in the local spec's linears
-(``models/fp8_torchao.py``): neither function here acts on them.
+``model.fp8`` (``tensorwise``, ``rowwise``, ``rowwise_with_gw_hp``) are torchao's recipes in the local
+spec's linears (``models/fp8_torchao.py``): neither function here acts on them.
 """
 
 from __future__ import annotations
 
 import torch
 
+from adm_megatron.config import FP8_TE_RECIPES
+
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper and later: the first cards with FP8 tensor cores
-TE_RECIPES = ("hybrid", "e4m3")
 
 
 def check_fp8(fp8: str | None, spec: str, capability: tuple[int, int] | None) -> None:
     """One-line ValueError when ``model.fp8`` (a Transformer Engine recipe) cannot run: ``spec`` is the
     block spec the run builds ('te' or 'local'), ``capability`` the CUDA card's compute capability (None
     without CUDA)."""
-    if fp8 not in TE_RECIPES:
+    if fp8 not in FP8_TE_RECIPES:
         return
     if spec != "te":
         raise ValueError(f"model.fp8={fp8}: FP8 runs in Transformer Engine's linears, and this run builds the local "
@@ -57,7 +58,7 @@ def enable_fp8(model: torch.nn.Module, fp8: str | None, margin: int = 0, amax_hi
     """Write the FP8 recipe into ``model.config`` (megatron's fields); ``fp8=None`` (or a torchao recipe)
     leaves it off."""
     config = model.config
-    config.fp8 = fp8 if fp8 in TE_RECIPES else None
+    config.fp8 = fp8 if fp8 in FP8_TE_RECIPES else None
     config.fp8_recipe = "delayed"
     config.fp8_margin = margin
     config.fp8_amax_history_len = amax_history_len

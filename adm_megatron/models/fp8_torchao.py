@@ -34,10 +34,10 @@ import dataclasses
 
 import torch
 
+from adm_megatron.config import FP8_TORCHAO_RECIPES
 from adm_megatron.mcore_compat import quiet_import_notices
 from adm_megatron.models.fp8 import check_fp8_card
 
-LOCAL_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 
 
 def _torchao_float8():
@@ -53,7 +53,7 @@ def _torchao_float8():
 
 def check_local_fp8(fp8: str | None, spec: str, capability: tuple[int, int] | None) -> None:
     """One-line ValueError when ``model.fp8`` (a torchao recipe) cannot run here."""
-    if fp8 not in LOCAL_RECIPES:
+    if fp8 not in FP8_TORCHAO_RECIPES:
         return
     if spec != "local":
         raise ValueError(f"model.fp8={fp8} runs in the local spec's linears, and this run builds Transformer Engine's "
@@ -91,8 +91,8 @@ class Float8Gemm:
 
 def enable_local_fp8(network: torch.nn.Module, fp8: str | None) -> int:
     """Give the local linears of ``network``'s blocks FP8 GEMMs under recipe ``fp8`` (one of
-    :data:`LOCAL_RECIPES`; anything else leaves them as they are). Returns how many linears."""
-    if fp8 not in LOCAL_RECIPES:
+    :data:`FP8_TORCHAO_RECIPES`; anything else leaves them as they are). Returns how many linears."""
+    if fp8 not in FP8_TORCHAO_RECIPES:
         return 0
     from adm_megatron.models.linears import LocalWhenAlone
 

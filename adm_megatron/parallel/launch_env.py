@@ -33,8 +33,6 @@ class LaunchEnv:
     source: str  # "torchrun", "slurm" or "single"
 
 
-
-
 _HOST_RANGE = re.compile(r"\[([^\]]*)\]")
 
 
@@ -191,4 +189,3 @@ def rendezvous_store(launch: LaunchEnv, timeout: datetime.timedelta) -> dist.Sto
     store = _STORE[1]
     store.set_timeout(timeout)
     return dist.PrefixStore(f"adm_megatron/{_GENERATION}", store)
-

@@ -46,10 +46,10 @@ def _distributed_damage(directory: str, network: bool) -> str | None:
     if not os.path.isdir(directory):
         return f"{directory}: missing"
     try:
-        check_megatron_files(directory)
-        if network:  # a network's megatron checkpoint: its JSON too
+        if network:  # a network's megatron checkpoint: its JSON, megatron-core's files and the shards
             verify_checkpoint(directory)
         else:
+            check_megatron_files(directory)
             check_shard_files(directory)
     except CheckpointError as err:
         return str(err)
