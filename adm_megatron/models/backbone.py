@@ -98,6 +98,19 @@ class DiTBackbone(MegatronModule):
         ``config.fp8`` is set (``models.fp8``), else a null context."""
         return get_fp8_context(self.config)
 
+    def _into_blocks(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden states the block loop starts from. megatron's ``tensor_parallel.checkpoint``
+        (full recompute) is reentrant: a block's output needs grad only when one of its inputs does.
+        A model whose trained weights all sit in the blocks while what comes before them is frozen --
+        LoRA adapters on a frozen base -- would get no gradient at all, so under full recompute with
+        grad the blocks' input is then made a leaf that needs grad (the reason for transformers'
+        ``enable_input_require_grads``); a model with nothing to train (the frozen teacher) stays
+        out of the graph."""
+        if (self.config.recompute_granularity == "full" and torch.is_grad_enabled() and not hidden.requires_grad
+                and any(p.requires_grad for p in self.parameters())):
+            return hidden.detach().requires_grad_(True)
+        return hidden
+
     def _recomputed(self, fn, *args):
         """``fn(*args)``, its activations recomputed in backward under full recompute."""
         if self.config.recompute_granularity == "full" and torch.is_grad_enabled():

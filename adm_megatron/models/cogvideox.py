@@ -164,6 +164,7 @@ class CogVideoXTransformer(DiTBackbone):
             cos, sin = with_identity_rows([r.to(x.device)[video_slice] for r in image_rotary_emb], num_text)
         if self.config.sequence_parallel:
             x = scatter_to_sequence_parallel_region(x)
+        x = self._into_blocks(x)
 
         taps = set(tapped_block_indices(len(self.blocks), feature_every)) if return_features else set()
         depth = feature_depth(len(self.blocks), feature_every) if return_features else len(self.blocks)

@@ -148,6 +148,7 @@ class SD3Transformer(DiTBackbone):
         text = self.context_embedder(encoder_hidden_states).transpose(0, 1)
         if self.config.sequence_parallel:
             image = scatter_to_sequence_parallel_region(image)
+        image = self._into_blocks(image)
 
         taps = set(tapped_block_indices(len(self.blocks), feature_every)) if return_features else set()
         depth = feature_depth(len(self.blocks), feature_every) if return_features else len(self.blocks)
