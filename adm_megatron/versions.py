@@ -11,10 +11,17 @@ STACK = ("adm-megatron", "torch", "megatron-core", "transformer-engine", "torcha
 
 
 def installed_version(dist: str) -> str | None:
+    """torch's own ``__version__`` for torch: the PyPI CUDA wheels' metadata drops the build
+    (``2.11.0`` for ``2.11.0+cu130``), which a bug report or a benchmark needs."""
     try:
-        return importlib.metadata.version(dist)
+        version = importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
+    if dist == "torch":
+        import torch
+
+        return torch.__version__
+    return version
 
 
 def stack_versions() -> dict[str, str | None]:

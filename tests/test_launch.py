@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from multiproc import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,3 +45,34 @@ def test_a_signal_stop_under_the_launcher_is_one_line_after_the_workers_saved(tm
             "a checkpoint first: checkpoints/latest names it)\n") in stderr
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert "run stopped by a signal after " in stdout and " iterations (" in stdout and latest.startswith("iter_")
+
+
+def test_shutdown_timeout_is_taken_where_torchrun_does_not_know_it(monkeypatch):
+    """torch 2.11's torchrun refused ``--shutdown-timeout`` (the sbatch scripts' command line
+    failed there: "unrecognized arguments") and gave the workers a fixed 30 s; our launcher takes it
+    on such a torch as the grace period of torchrun's process context. Older torch is stood in for
+    by a ``LaunchConfig`` without the field."""
+    import argparse
+    import dataclasses
+    import inspect
+
+    from torch.distributed.elastic.multiprocessing.api import PContext
+
+    from adm_megatron import launch
+
+    def older_parser():  # torchrun's parser before the flag, cut down to what the command line below uses
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--nproc-per-node")
+        parser.add_argument("-m", "--module", action="store_true")
+        parser.add_argument("training_script")
+        parser.add_argument("training_script_args", nargs=argparse.REMAINDER)
+        return parser
+
+    monkeypatch.setattr(launch, "LaunchConfig", dataclasses.make_dataclass("LaunchConfig", [("min_nodes", int)]))
+    monkeypatch.setattr(launch, "get_args_parser", older_parser)
+    monkeypatch.setattr(PContext.close, "__defaults__", PContext.close.__defaults__)  # restored after
+    args = launch._parse(["--nproc-per-node", "2", "--shutdown-timeout", "600", "-m", "adm_megatron.cli", "train"])
+    assert args.shutdown_timeout == 600 and args.module and args.training_script == "adm_megatron.cli"
+    assert inspect.signature(PContext.close).parameters["timeout"].default == 600
+    with pytest.raises(SystemExit):
+        launch._parse(["--shutdown-timeout", "-1", "-m", "adm_megatron.cli"])

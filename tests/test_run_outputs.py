@@ -163,12 +163,25 @@ def test_version_names_the_stack_on_one_line(capsys):
         main(["--version"])
     assert exit_.value.code == 0
     line = capsys.readouterr().out
-    # pip's versions (adm_megatron.versions): PyPI's CUDA torch is 2.11.0 there, 2.11.0+cu130 in torch.__version__
+    # pip's versions (adm_megatron.versions), torch's own for torch (below)
     assert line == (f"adm-megatron {importlib.metadata.version('adm-megatron')} (python {platform.python_version()}, "
-                    f"torch {importlib.metadata.version('torch')}, megatron-core {importlib.metadata.version('megatron-core')}, "
+                    f"torch {torch.__version__}, megatron-core {importlib.metadata.version('megatron-core')}, "
                     f"transformer-engine {_installed('transformer-engine')}, torchao {_installed('torchao')}, "
                     f"diffusers {diffusers.__version__}, "
                     f"transformers {importlib.metadata.version('transformers')})\n")
+
+
+def test_versions_keep_torchs_build(monkeypatch):
+    """PyPI's CUDA torch wheels say ``2.11.0`` in pip's metadata and ``2.11.0+cu130`` in
+    ``torch.__version__``: the build is what a bug report needs."""
+    import importlib.metadata
+
+    from adm_megatron.versions import stack_versions
+
+    pip_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda d: "2.11.0" if d == "torch" else pip_version(d))
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    assert stack_versions()["torch"] == "2.11.0+cu130"
 
 
 def _installed(dist: str) -> str:

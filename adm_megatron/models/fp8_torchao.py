@@ -65,6 +65,21 @@ def check_local_fp8(fp8: str | None, spec: str, capability: tuple[int, int] | No
         raise ValueError(f"model.fp8={fp8} needs torchao's float8 training (pip install 'torchao>=0.16'): "
                          f"{err}") from None
     check_fp8_card(fp8, capability)
+    if capability is None and fp8 != "tensorwise" and not cpu_has_rowwise_scaled_mm():
+        raise ValueError(f"model.fp8={fp8}: this torch ({torch.__version__}) multiplies FP8 on the CPU with per-tensor "
+                         "scales only (torch._scaled_mm; per-row from torch 2.13): use model.fp8=tensorwise on the "
+                         "CPU, or a GPU")
+
+
+def cpu_has_rowwise_scaled_mm() -> bool:
+    """Whether this torch's CPU ``torch._scaled_mm`` takes per-row scales (the rowwise recipes' GEMM):
+    torch 2.11's stops on an internal assertion, torch 2.13's computes it."""
+    a = torch.zeros(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
 
 
 class Float8Gemm:
