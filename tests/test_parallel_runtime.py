@@ -324,6 +324,29 @@ def test_four_ranks_tp2_cp2_then_tp2_dp2(tmp_path):
     assert not torch.equal(rt[0], rd[0])
 
 
+def _one_rank_asks_for_another_layout():
+    """Rank 1 asks for TP=2 where rank 0 asks for TP=1: what each rank raised."""
+    rank = launch_env().rank
+    try:
+        initialize_parallel(tensor_parallel=1 + rank, timeout_s=60)
+    except Exception as error:  # noqa: BLE001 -- the test looks at which
+        return type(error).__name__, str(error)
+    return None
+
+
+def test_ranks_that_ask_for_different_layouts_stop_in_one_line_at_once():
+    """Before, each rank made megatron's groups for its own layout and waited in them until
+    parallel.timeout_s (600 s by default), then ended on a gloo traceback."""
+    import time
+
+    start = time.monotonic()
+    (name0, message0), (name1, _) = run_world(_one_rank_asks_for_another_layout, 2, timeout_s=120)
+    assert time.monotonic() - start < 50  # the collectives' timeout is 60 s
+    assert (name0, name1) == ("ConfigError", "FailedElsewhere")
+    assert message0 == ("parallel.tensor_parallel x parallel.context_parallel differ between the ranks: rank 0 1 x 1 "
+                        "but rank 1: 2 x 1: give every rank the same config file and overrides")
+
+
 def test_world_of_one(world_of_one):
     info = world_of_one
     assert info == ParallelInfo(

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from adm_megatron.config import ConfigError
 from adm_megatron.parallel.cpu_shim import apply_cpu_shim
 from adm_megatron.parallel.launch_env import LaunchEnv, launch_env, rendezvous_store
-from adm_megatron.parallel.startup import meet
+from adm_megatron.parallel.startup import FailedElsewhere, meet
 
 __all__ = [
     "ParallelInfo",
@@ -237,6 +238,7 @@ def initialize_parallel(
     from megatron.core import tensor_parallel as mcore_tp
 
     try:
+        _agree_on_layout(tp, cp)
         ps.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=1,
@@ -263,6 +265,25 @@ def initialize_parallel(
             launch.source,
         )
     return _INFO
+
+
+def _agree_on_layout(tp: int, cp: int) -> None:
+    """Collective over the world's process group: every rank asks for the same TP x CP. Ranks that
+    differ would each create megatron's groups for their own layout and wait in them until
+    ``timeout_s`` ran out (the whole-config comparison, ``train/same_config.py``, comes after the
+    groups); rank 0 says which ranks in one line, the others raise :class:`FailedElsewhere`."""
+    if dist.get_world_size() == 1:
+        return
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (tp, cp))
+    others = [r for r, layout in enumerate(every) if layout != every[0]]
+    if not others:
+        return
+    if dist.get_rank() != 0:
+        raise FailedElsewhere("the ranks asked for different parallel layouts")
+    shown = ", ".join(f"rank {r}: {every[r][0]} x {every[r][1]}" for r in others[:3])
+    raise ConfigError(f"parallel.tensor_parallel x parallel.context_parallel differ between the ranks: rank 0 "
+                      f"{every[0][0]} x {every[0][1]} but {shown}: give every rank the same config file and overrides")
 
 
 def ensure_parallel(seed: int | None = 1234) -> ParallelInfo:
