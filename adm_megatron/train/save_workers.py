@@ -28,6 +28,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+from multiprocessing import resource_tracker
 from multiprocessing.managers import SyncManager
 
 from adm_megatron.train.preemption import STOP_SIGNALS
@@ -66,6 +67,11 @@ def bind_writer_processes() -> None:
     # a signal arriving meanwhile stays pending for the trainer, not lost
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
+        # CPython spawns the tracker with SIGINT / SIGTERM blocked and then *unblocks* them here, so
+        # started inside manager.start it left the Manager spawned with them at their default action:
+        # a stop to the whole group during a run's first save killed it (EOFError in manager.start)
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         manager.start(initializer=_serve_for_the_trainer)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
