@@ -77,7 +77,7 @@ def _train(args: argparse.Namespace) -> int:
     from adm_megatron.parallel import launch_env
     from adm_megatron.train.grad_sync import GradSyncError
     from adm_megatron.train.phases import NonFiniteError
-    from adm_megatron.train.preemption import PREEMPTED_EXIT_CODE, StartupStop, stops_end_startup
+    from adm_megatron.train.preemption import PREEMPTED_EXIT_CODE, startup_stop_in, stops_end_startup
     from adm_megatron.train.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
@@ -94,10 +94,6 @@ def _train(args: argparse.Namespace) -> int:
     try:
         with keys_located(config), stops_end_startup():
             result = Trainer(config).fit()
-    except StartupStop as err:  # each rank that got the signal: a stop is sent to every task
-        print(f"adm-megatron: stopped by {err} during the start-up, before training; nothing new to save: run the "
-              "same command to go on", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
     except NonFiniteError as err:  # decided alike on every rank (all-reduced): said once
         if launch_env().rank == 0:
             print(f"adm-megatron: training stopped: {err}", file=sys.stderr)
@@ -108,6 +104,13 @@ def _train(args: argparse.Namespace) -> int:
     except CheckpointError as err:  # a checkpoint not written (the previous one stays the latest)
         print(f"adm-megatron: training stopped: {err}", file=sys.stderr)
         return CHECKPOINT_FAILED_EXIT_CODE
+    except Exception as err:
+        stop = startup_stop_in(err)  # each rank that got the signal: a stop is sent to every task
+        if stop is None:
+            raise
+        print(f"adm-megatron: stopped by {stop} during the start-up, before training; nothing new to save: run the "
+              "same command to go on", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) != 0:
         return PREEMPTED_EXIT_CODE if result.preempted else 0
     if result.preempted:

@@ -32,6 +32,18 @@ class StartupStop(Exception):
     """A stop signal arrived before training began: nothing trained, nothing to save."""
 
 
+def startup_stop_in(error: BaseException) -> StartupStop | None:
+    """The :class:`StartupStop` that ``error`` is or was raised from (a library that re-raises what
+    it meets as its own error -- diffusers' lazy importer -- wraps the stop), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, StartupStop):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 @contextlib.contextmanager
 def stops_end_startup():
     """Inside the block a stop signal raises :class:`StartupStop` (until :class:`StopPoll` takes the
