@@ -76,3 +76,33 @@ def test_shutdown_timeout_is_taken_where_torchrun_does_not_know_it(monkeypatch):
     assert inspect.signature(PContext.close).parameters["timeout"].default == 600
     with pytest.raises(SystemExit):
         launch._parse(["--shutdown-timeout", "-1", "-m", "adm_megatron.cli"])
+
+
+def test_ranks_whose_torchrun_was_killed_save_and_stop(tmp_path):
+    """SIGUSR1 to a bare torchrun (no --signals-to-handle) ends it at once, its default action; its
+    workers, re-parented, trained on to the end with nobody to report to. They now see their
+    parent change, save a checkpoint and stop as for a signal of their own."""
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+    teacher = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(free_port()),
+           "-m", "adm_megatron.cli", "train", "--config", os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"),
+           f"model.teacher={teacher}", f"output_dir={out}", "train.max_iterations=100000", "train.num_samples=0",
+           "logging.wandb_mode=disabled", "logging.progress=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(timeout=60) == -signal.SIGUSR1  # torchrun is gone; the worker still holds the pipes
+        stdout, stderr = proc.communicate(timeout=300)  # they close when the worker ends
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "has ended): saving a checkpoint, then exiting with 75" in stderr, stderr[-3000:]
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert "run stopped by a signal after " in stdout and latest.startswith("iter_")

@@ -384,13 +384,45 @@ def test_a_constant_lr_run_is_lengthened_exactly_and_never_cut_below_what_it_did
     assert [(s["start_iteration"], s["resumed_from"]) for s in starts] == [
         (0, None), (3, os.path.join(lengthened, "checkpoints", "iter_0000003"))]
     assert starts[1]["layout"] == {"tensor_parallel": 1, "context_parallel": 1, "data_parallel": 1}
-    # pip's version (adm_megatron.versions): PyPI's CUDA torch says 2.11.0 there, 2.11.0+cu130 in torch.__version__
-    assert starts[1]["versions"]["torch"] == importlib.metadata.version("torch")
+    assert starts[1]["versions"]["torch"] == torch.__version__  # with its build (adm_megatron.versions)
     assert starts[1]["versions"]["megatron-core"]
     with pytest.raises(ConfigError) as err:
         trainer(lengthened, 4)
     assert str(err.value).endswith("the run has done 5 iterations, more than train.max_iterations=4; a run can be "
                                    "lengthened, not cut below what it has done")
+
+
+def test_a_run_started_from_another_runs_checkpoint_goes_on_from_its_own_when_started_again(tmp_path, world_of_one,
+                                                                                            caplog):
+    """train.resume=PATH (another run's checkpoint) starts a run; the same command again -- a requeued
+    job -- goes on from the run's own latest checkpoint, not from PATH (which went back each time and
+    grafted the other run's checkpoint onto this run's history)."""
+    import logging
+
+    from tiny_runs import tiny_fp64_run
+
+    from adm_megatron.config import load_config
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+    from adm_megatron.train.trainer import Trainer
+
+    pipeline_dir = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+
+    def trainer(out: str, iterations: int, *extra: str) -> Trainer:
+        return Trainer(load_config(None, [f"model.teacher={pipeline_dir}", f"output_dir={out}",
+                                          *tiny_fp64_run(iterations), "train.save_every=1", *extra]))
+
+    assert trainer(first, 2).fit().trained == 2
+    start = os.path.join(first, "checkpoints", "iter_0000001")
+    assert trainer(second, 3, f"train.resume={start}").fit().trained == 2  # iterations 1 and 2
+    with caplog.at_level(logging.INFO, logger="adm_megatron"):
+        result = trainer(second, 4, f"train.resume={start}").fit()
+    assert (result.iterations, result.trained) == (4, 1)
+    assert any(r.getMessage().endswith("goes on from its latest, iter_0000003 (a path outside output_dir is where a "
+                                       "run starts)") for r in caplog.records)
+    assert [r["iteration"] for r in _metrics(second)] == [1, 2, 3]
+    starts = [json.loads(line)["resumed_from"] for line in open(os.path.join(second, "starts.jsonl"))]
+    assert starts == [start, os.path.join(second, "checkpoints", "iter_0000003")]
 
 
 def test_a_non_empty_output_dir_that_is_no_run_is_refused_before_anything_is_written(tmp_path):

@@ -10,12 +10,18 @@ checkpoint, minutes for a large model -- :func:`stops_end_startup` ends the proc
 at once (:class:`StartupStop`; the command exits with the same code, saying so in one line): there
 is nothing to save yet, and waiting for the start-up to finish could outlast the scheduler's grace
 period.
+
+Under torchrun a rank whose launcher has ended (torchrun killed by a signal it does not pass on:
+a bare ``kill -USR1`` to it, whose default action ends it) is re-parented and would train on with
+nobody to report to; it takes that as a stop too (its parent process changed), so the run saves
+and every rank exits as above.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import time
 
@@ -65,6 +71,9 @@ class StopPoll:
         self.last_save = time.monotonic()
         self.signal: int | None = None
         self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        # torchrun's agent, whose end leaves this rank with another parent; None without torchrun
+        self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+        self.orphaned = False
 
     def _handle(self, signum, frame) -> None:
         self.signal = signum
@@ -72,14 +81,18 @@ class StopPoll:
     def poll(self) -> tuple[bool, bool]:
         """Collective: (stop now, a time-based save is due), agreed by all ranks."""
         due = self.interval_s > 0 and time.monotonic() - self.last_save >= self.interval_s
-        flags = torch.tensor([1.0 if self.signal is not None else 0.0, 1.0 if due else 0.0])
+        self.orphaned = self.orphaned or (self._launcher is not None and os.getppid() != self._launcher)
+        stopping = self.signal is not None or self.orphaned
+        flags = torch.tensor([1.0 if stopping else 0.0, 1.0 if due else 0.0])
         if dist.is_initialized() and dist.get_world_size() > 1:
             if dist.get_backend() == "nccl":
                 flags = flags.cuda()
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         stop, due = bool(flags[0]), bool(flags[1])
         if stop and (not dist.is_initialized() or dist.get_rank() == 0):  # once, not once per rank
-            name = signal.Signals(self.signal).name if self.signal else "another rank's signal"
+            name = (signal.Signals(self.signal).name if self.signal else
+                    f"the launcher that started the ranks, pid {self._launcher}, has ended" if self.orphaned else
+                    "another rank's signal")
             logger.warning("stop requested (%s): saving a checkpoint, then exiting with %d",
                            name, PREEMPTED_EXIT_CODE)
         return stop, due

@@ -5,7 +5,12 @@
   already finished does nothing and writes nothing;
 - ``never``: refuse to start when ``output_dir`` already holds a run;
 - a path (a checkpoint ``.../iter_NNNNNNN`` or a run directory, whose latest checkpoint is used):
-  start from that checkpoint, writing into ``output_dir``.
+  start from that checkpoint, writing into ``output_dir``. Once ``output_dir`` has checkpoints of its
+  own, a path outside it is where the run *started*: the run goes on from its own latest, as with
+  ``auto`` (Megatron-LM's ``--load`` before ``--pretrained-checkpoint``), so that a requeued job, which
+  runs the same command, does not go back to the path each time, and another run's checkpoint is
+  never grafted onto this one's history. A path inside ``output_dir`` (an earlier checkpoint of its
+  own) goes back to it.
 
 A run never writes into an ``output_dir`` that holds a different run: the current config is
 compared with ``output_dir/config.yaml`` and with the checkpoint's config on every key except
@@ -67,6 +72,7 @@ class ResumePoint:
     iteration: int  # the first iteration to run
     finished: bool = False  # the run in output_dir is complete: nothing to do
     hold: CheckpointHold | None = None  # train.resume=PATH: held against its run's pruning until loaded
+    note: str | None = None  # for the log: train.resume=PATH set aside for output_dir's own checkpoints
 
 
 def flatten_keys(values: dict, prefix: str = "") -> dict:
@@ -188,6 +194,12 @@ def plan_resume(config: Config, world_size: int) -> ResumePoint:
             check_compatible(yaml.safe_load(f) or {}, config, saved_config)
     if resume == "never":
         return ResumePoint(None, 0)
+    note = None
+    own = latest_checkpoint(out)
+    if resume != "auto" and own is not None and not _inside(resume, out):
+        note = (f"train.resume={resume}: output_dir={out!r} has checkpoints of its own, so the run goes on from its "
+                f"latest, {os.path.basename(own)} (a path outside output_dir is where a run starts)")
+        resume = "auto"
     hold = None if resume == "auto" else hold_checkpoint_from(resume, "train.resume")  # another run's, maybe live
     ckpt = latest_checkpoint(out) if hold is None else hold.path
     if ckpt is None:
@@ -226,7 +238,13 @@ def plan_resume(config: Config, world_size: int) -> ResumePoint:
     )
     if not finished:  # it will be loaded
         check_whole(ckpt, _WAY_ON)
-    return ResumePoint(ckpt, iteration, finished, hold)
+    return ResumePoint(ckpt, iteration, finished, hold, note)
+
+
+def _inside(path: str, out: str) -> bool:
+    """``path`` is ``out`` or lies in it (links followed)."""
+    path, out = os.path.realpath(path), os.path.realpath(out)
+    return path == out or path.startswith(out + os.sep)
 
 
 def _iteration(line: str) -> float:
