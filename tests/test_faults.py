@@ -90,9 +90,12 @@ def test_nan_on_one_rank_is_skipped_on_all_and_k_in_a_row_stop_cleanly(tmp_path,
         raise ValueError(f"metrics.jsonl: {constant} is not JSON")
 
     logged = [json.loads(line, parse_constant=strict) for line in open(out / "metrics.jsonl")]
-    assert [r["skipped_steps"] for r in logged] == [0, 1, 1, 2]
+    # the iteration that stopped the run has its record too: the phases it ran up to the stop
+    assert [r["iteration"] for r in logged] == [0, 1, 2, 3, 4]
+    assert [r["skipped_steps"] for r in logged] == [0, 1, 1, 2, 3]
     # the skipped updates' loss (NaN on rank 1, so in the mean) is written null
-    assert [r["fake_score/loss"] is None for r in logged] == [False, True, False, True]
+    assert [r["fake_score/loss"] is None for r in logged] == [False, True, False, True, True]
+    assert logged[-1]["fake_score/grad_norm"] is None and "generator/loss" not in logged[-1]
     checkpoints = sorted(os.listdir(out / "checkpoints"))
     assert checkpoints == [f"iter_{i:07d}" for i in range(1, 5)] + ["latest"]  # none half-written
     assert open(out / "checkpoints" / "latest").read().strip() == "iter_0000004"

@@ -54,7 +54,13 @@ PHASES = ("fake_score", "generator", "discriminator")
 
 class NonFiniteError(FloatingPointError):
     """A phase produced a NaN / Inf loss or gradient under ``train.nan_policy=error``, or too many
-    updates in a row were skipped under ``skip``; the message is one line."""
+    updates in a row were skipped under ``skip``; the message is one line. ``metrics``: what the
+    stopped iteration measured up to the stop (its phases' losses and gradient norms), which the
+    trainer logs as that iteration's record."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.metrics: dict = {}
 
 
 @dataclass
@@ -172,8 +178,13 @@ class PhaseRunner:
         # every trained network's norm first: one non-finite skips (or stops) the phase's whole update
         nan = float("nan")
         norms = {name: self.networks[name].optimizer.checked_norm() if finite else nan for name in trained}
-        for name in trained:
-            metrics.update(self._step(name, loss, finite, norms, iteration, phase))
+        try:
+            for name in trained:
+                metrics.update(self._step(name, loss, finite, norms, iteration, phase))
+        except NonFiniteError as stop:
+            stop.metrics = {**metrics, **{f"{n}/grad_norm": norms[n] for n in trained},
+                            "skipped_steps": self.skipped_total, **reported}
+            raise
         metrics["skipped_steps"] = self.skipped_total
         metrics[f"{phase}/seconds"] = time.perf_counter() - start
         metrics.update(reported)

@@ -347,12 +347,19 @@ class Trainer:
         )
 
     def train_iteration(self, iteration: int) -> dict:
+        metrics = {"iteration": iteration}
+        try:
+            return self._train_iteration(iteration, metrics)
+        except NonFiniteError as stop:  # the record of the iteration that stopped: its phases up to the stop
+            stop.metrics = {**metrics, **stop.metrics}
+            raise
+
+    def _train_iteration(self, iteration: int, metrics: dict) -> dict:
         start = time.perf_counter()
         self.flops.reset()
         batches = self.batches(iteration)
         k = self.layout.microbatches
         alg = self.algorithm
-        metrics = {"iteration": iteration}
         if alg.fake_phase_trains:
             draws = self.draws(iteration, "fake_score")
             phase_metrics, _ = self.phases.run(
@@ -484,7 +491,9 @@ class Trainer:
             if samples.enabled:
                 paths = samples.render(None)
                 run_log.media(total, paths)
-        except NonFiniteError:
+        except NonFiniteError as stop:
+            if stop.metrics:
+                run_log.log(stop.metrics, last=True)
             self._finish_save_before_stopping(saves)
             raise
         finally:
