@@ -425,6 +425,32 @@ def test_a_run_started_from_another_runs_checkpoint_goes_on_from_its_own_when_st
     assert starts == [start, os.path.join(second, "checkpoints", "iter_0000003")]
 
 
+def test_a_finished_run_whose_checkpoints_were_removed_is_not_trained_anew(tmp_path, world_of_one):
+    """Its checkpoints deleted to save room, a finished run started again (a requeue) trained from
+    the start over its own outputs -- metrics, generator/ -- as if new; it is refused in one line
+    and nothing is touched. A run stopped before its first checkpoint still starts again."""
+    from tiny_runs import tiny_fp64_run
+
+    from adm_megatron.config import ConfigError, load_config
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+    from adm_megatron.train.trainer import Trainer
+
+    pipeline_dir = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    out = str(tmp_path / "run")
+    overrides = [f"model.teacher={pipeline_dir}", f"output_dir={out}", *tiny_fp64_run(1)]
+    assert Trainer(load_config(None, overrides)).fit().trained == 1
+    shutil.rmtree(os.path.join(out, "checkpoints"))
+    before = {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)}
+    with pytest.raises(ConfigError) as err:
+        Trainer(load_config(None, overrides))
+    assert str(err.value) == (f"output_dir={out!r}: the run there finished (finished.json) but has no checkpoint to go "
+                              "on from (checkpoints/ removed?); its outputs are kept and nothing was written: use a "
+                              "new output_dir")
+    assert {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)} == before
+    os.remove(os.path.join(out, "finished.json"))  # as a run stopped before its first checkpoint leaves it
+    assert Trainer(load_config(None, overrides)).fit().trained == 1
+
+
 def test_a_non_empty_output_dir_that_is_no_run_is_refused_before_anything_is_written(tmp_path):
     """A directory with other files (another program's, or a generator/ copied there by hand) is not a
     run to go on with: training into it would replace them. Only a lock left by a start killed before

@@ -203,6 +203,10 @@ def plan_resume(config: Config, world_size: int) -> ResumePoint:
     hold = None if resume == "auto" else hold_checkpoint_from(resume, "train.resume")  # another run's, maybe live
     ckpt = latest_checkpoint(out) if hold is None else hold.path
     if ckpt is None:
+        if os.path.isfile(os.path.join(out, FINISHED)):  # started again, it would train anew over its outputs
+            raise ConfigError(f"output_dir={out!r}: the run there finished ({FINISHED}) but has no checkpoint to go on "
+                              "from (checkpoints/ removed?); its outputs are kept and nothing was written: use a new "
+                              "output_dir")
         return ResumePoint(None, 0)
     state_file = os.path.join(ckpt, STATE_FILE)
     try:
