@@ -717,9 +717,9 @@ def _check_fields(config: Config, where: Callable[[str], str]) -> None:
         if value < 1:
             raise ConfigError(f"{where(key)}: {key}={value}: must be >= 1")
     lo, hi = config.distill.guidance_scale
-    if not 0 <= lo <= hi:
+    if not 1 <= lo <= hi:  # below 1 diffusers' pipelines run no CFG at all: the generator's samples could not match
         raise ConfigError(f"{where('distill.guidance_scale')}: "
-                          f"distill.guidance_scale=[{lo}, {hi}]: expected 0 <= low <= high")
+                          f"distill.guidance_scale=[{lo}, {hi}]: expected 1 <= low <= high (1: no CFG)")
     for key, value in {"train.save_every": config.train.save_every,
                        "train.keep_checkpoints": config.train.keep_checkpoints,
                        "train.num_samples": config.train.num_samples, "train.sample_every": config.train.sample_every,
@@ -742,8 +742,9 @@ def _check_fields(config: Config, where: Callable[[str], str]) -> None:
         raise ConfigError(f"{where('parallel.grad_bucket_size')}: "
                           f"parallel.grad_bucket_size={config.parallel.grad_bucket_size}: expected >= 0 "
                           "(0: megatron's default)")
-    if config.parallel.timeout_s <= 0:
-        raise ConfigError(f"{where('parallel.timeout_s')}: parallel.timeout_s={config.parallel.timeout_s}: must be > 0")
+    if config.parallel.timeout_s < 1:  # below, the process group's own connection timed out at once (a traceback)
+        raise ConfigError(f"{where('parallel.timeout_s')}: parallel.timeout_s={config.parallel.timeout_s}: expected "
+                          "seconds >= 1")
     if not config.train.resume:
         raise ConfigError(f"{where('train.resume')}: train.resume is empty: expected auto, never or a checkpoint path")
     profile = config.logging.profile

@@ -186,6 +186,19 @@ def test_nan_and_infinite_numbers_are_refused_as_read(override, shown, capsys, m
     assert message == f"command line: {shown}: expected a finite number"
 
 
+@pytest.mark.parametrize("override, message", [
+    # below 1 diffusers runs no CFG: `adm-megatron sample` refused the CFG such a run recorded
+    ("distill.guidance_scale=[0.5, 0.9]", "distill.guidance_scale=[0.5, 0.9]: expected 1 <= low <= high (1: no CFG)"),
+    ("distill.guidance_scale=[7, 5]", "distill.guidance_scale=[7.0, 5.0]: expected 1 <= low <= high (1: no CFG)"),
+    ("parallel.timeout_s=1e-300", "parallel.timeout_s=1e-300: expected seconds >= 1"),  # gloo's traceback at once
+])
+def test_ranges_refused_as_read(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.teacher=x", override])
+    assert str(err.value) == f"command line: {message}"
+    load_config(None, ["model.teacher=x", "distill.guidance_scale=[1, 1]", "parallel.timeout_s=1"])
+
+
 def test_a_files_or_a_saved_configs_nan_is_refused_naming_it(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("model:\n  teacher: x\noptim:\n  fake_score:\n    grad_clip: .nan\n")

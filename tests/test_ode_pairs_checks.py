@@ -157,6 +157,14 @@ def test_pairs_at_another_cfg_range_are_refused_in_one_line(cogvideox_pipeline, 
     assert "set distill.guidance_scale=[2.0, 4.0], or recollect" in message
 
 
+def test_a_method_that_reads_no_pairs_does_not_check_them(cogvideox_pipeline, tmp_path):
+    """data.real_path under ADM is only warned of at the start (one base config serves several
+    methods): it was then refused for the pairs it does not read."""
+    _validate(cogvideox_pipeline, str(tmp_path / "absent"), "distill.method=adm")
+    with pytest.raises(ConfigError, match="no manifest.json"):
+        _validate(cogvideox_pipeline, str(tmp_path / "absent"))
+
+
 def test_pairs_of_other_prompts_are_refused_in_one_line(cogvideox_pipeline, pairs, prompts, tmp_path):
     recorded = OdePairs(pairs).manifest["prompts"]
     assert recorded["rows"] == 5

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from adm_megatron.config import NETWORKS, Config, ConfigError
+from adm_megatron.config import METHOD_KEYS, NETWORKS, Config, ConfigError
 from adm_megatron.models.diffusers_files import check_diffusers_weights
 from adm_megatron.hub_cache import not_found_hint
 from adm_megatron.models.generator_source import not_a_generator_hint
@@ -151,7 +151,7 @@ def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> Non
     if config.train.memory_check and card is not None and "memory-plan" in teacher.family.tools:
         preflight.check_run_fits(config, world_size, card[1], source=f"the {card[0]}",
                                  host_gib=preflight.host_memory_gib(), ranks_per_node=preflight.ranks_on_this_node(world_size))
-    if config.data.real_path:
+    if config.data.real_path and config.distill.method in METHOD_KEYS["data.real_path"]:  # else only warned of
         _check_real_samples(config, teacher)
     if config.distill.method == "adp" and config.distill.pixel_weight > 0:
         _check_pixel_branch(config, teacher)
