@@ -634,7 +634,7 @@ def _is_key(config: Config, dotted: str) -> bool:
     return True
 
 
-_LEADING_KEY = re.compile(r"^(?:config: )?([a-z_]+(?:\.[a-z_]+)+|seed|output_dir)(?==|\[|:)")
+_LEADING_KEY = re.compile(r"^(?:config: )?([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)+|seed|output_dir)(?==|\[|:)")
 
 
 def located(message: str, config: Config) -> str:

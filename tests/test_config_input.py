@@ -187,6 +187,18 @@ def test_nan_and_infinite_numbers_are_refused_as_read(override, shown, capsys, m
 
 
 @pytest.mark.parametrize("override, message", [
+    # a key with a digit (fp8) was not recognised as one, and the layout's message led with no key
+    ("model.fp8=hybrid", "model.fp8=hybrid: FP8 runs in Transformer Engine's linears"),
+    ("parallel.tensor_parallel=3", "parallel.tensor_parallel=3 x parallel.context_parallel=1: the world size 1 is not "
+                                   "divisible by 3"),
+])
+def test_checks_made_once_the_teacher_is_read_say_where_the_key_was_set(override, message, capsys, monkeypatch,
+                                                                        tmp_path):
+    teacher = f"model.teacher={os.path.join(ROOT, 'assets', 'toy_teacher')}"  # _refused runs in tmp_path
+    assert _refused(capsys, monkeypatch, tmp_path, *REPORTED, teacher, override).startswith(f"command line: {message}")
+
+
+@pytest.mark.parametrize("override, message", [
     # below 1 diffusers runs no CFG: `adm-megatron sample` refused the CFG such a run recorded
     ("distill.guidance_scale=[0.5, 0.9]", "distill.guidance_scale=[0.5, 0.9]: expected 1 <= low <= high (1: no CFG)"),
     ("distill.guidance_scale=[7, 5]", "distill.guidance_scale=[7.0, 5.0]: expected 1 <= low <= high (1: no CFG)"),

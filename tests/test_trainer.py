@@ -271,7 +271,8 @@ def test_a_phase_that_trains_two_networks_is_skipped_whole(pipeline_dir, real_pa
     "overrides, message",
     [
         (["distill.bogus=1"], "unknown key 'distill.bogus'"),
-        (["parallel.tensor_parallel=3"], "world size 1 is not divisible by tensor_parallel x context_parallel = 3 x 1"),
+        (["parallel.tensor_parallel=3"],
+         "parallel.tensor_parallel=3 x parallel.context_parallel=1: the world size 1 is not divisible by 3"),
         (["data.height=5"], "data.height=5: not divisible by the patch size 2 (latent pixels)"),
         (["distill.head_every=3"], "distill.head_every=3: the teacher has only 2 blocks"),
         (["distill.method=gan"], "distill.method='gan': expected one of adm, dmd, dmd2"),
@@ -438,8 +439,8 @@ def test_an_impossible_layout_for_a_saved_run_names_the_layout(pipeline_dir, tmp
     Trainer(_config(pipeline_dir, tmp_path, *run)).fit()
     with pytest.raises(ConfigError) as err:
         Trainer(_config(pipeline_dir, tmp_path, *run, "parallel.context_parallel=2"))
-    assert str(err.value) == ("parallel: world size 1 is not divisible by tensor_parallel x context_parallel = "
-                              "1 x 2")
+    assert str(err.value) == ("parallel.tensor_parallel=1 x parallel.context_parallel=2: the world size 1 is not "
+                              "divisible by 2")
 
 
 def test_keys_the_method_does_not_read_are_named_at_the_start(pipeline_dir, tmp_path, caplog, world_of_one):

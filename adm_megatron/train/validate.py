@@ -36,10 +36,8 @@ def data_parallel_size(config: Config, world_size: int) -> int:
     needs the size, a resumed run's global batch included)."""
     tp, cp = config.parallel.tensor_parallel, config.parallel.context_parallel
     if world_size % (tp * cp):
-        raise ConfigError(
-            f"parallel: world size {world_size} is not divisible by tensor_parallel x "
-            f"context_parallel = {tp} x {cp}"
-        )
+        raise ConfigError(f"parallel.tensor_parallel={tp} x parallel.context_parallel={cp}: the world size "
+                          f"{world_size} is not divisible by {tp * cp}")
     return world_size // (tp * cp)
 
 
