@@ -747,6 +747,8 @@ def _check_fields(config: Config, where: Callable[[str], str]) -> None:
                           "seconds >= 1")
     if not config.train.resume:
         raise ConfigError(f"{where('train.resume')}: train.resume is empty: expected auto, never or a checkpoint path")
+    if not config.output_dir.strip():
+        raise ConfigError(f"{where('output_dir')}: output_dir is empty: expected a directory path")
     profile = config.logging.profile
     if profile is not None:
         if not 0 <= profile.start < profile.end:

@@ -203,6 +203,7 @@ def test_checks_made_once_the_teacher_is_read_say_where_the_key_was_set(override
     ("distill.guidance_scale=[0.5, 0.9]", "distill.guidance_scale=[0.5, 0.9]: expected 1 <= low <= high (1: no CFG)"),
     ("distill.guidance_scale=[7, 5]", "distill.guidance_scale=[7.0, 5.0]: expected 1 <= low <= high (1: no CFG)"),
     ("parallel.timeout_s=1e-300", "parallel.timeout_s=1e-300: expected seconds >= 1"),  # gloo's traceback at once
+    ('output_dir=""', "output_dir is empty: expected a directory path"),  # said "'' exists and is not a directory"
 ])
 def test_ranges_refused_as_read(override, message):
     with pytest.raises(ConfigError) as err:
