@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from adm_megatron.config import ConfigError, LoraConfig, load_config
+from adm_megatron.config import ConfigError, LoraConfig, keys_located, load_config
 from tiny_cogvideox import make_inputs, rel_err, save_diffusers_model
 
 TOL = 1e-5
@@ -178,6 +178,13 @@ def test_trainer_refuses_bad_lora_targets_before_building_networks(pipeline_dir,
                                 "logging.wandb_mode=disabled"])
     with pytest.raises(ConfigError, match="to_q targets only part of the fused layer"):
         Trainer(config)
+    # a typo'd rank above the layers' width trained, with adapters larger than the weights they adapt
+    config = load_config(None, [f"model.teacher={pipeline_dir}", f"output_dir={tmp_path}", "model.lora.rank=100000",
+                                "distill.head_every=1", "logging.wandb_mode=disabled"])
+    with pytest.raises(ConfigError, match=r"^command line: model.lora.rank=100000: above the width of blocks\.0\.\S+ "
+                                          r"\(in \d+, out \d+\); expected a rank <= \d+$"):
+        with keys_located(config):
+            Trainer(config)
 
 
 def test_merged_bf16_weights_are_the_exact_sum_rounded_once(pipeline_dir, world_of_one):

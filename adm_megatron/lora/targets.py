@@ -101,13 +101,20 @@ def resolve_targets(model: torch.nn.Module, target_modules: list[str], to_hf: Ke
     return chosen
 
 
-def check_targets(arch, target_modules: list[str], impl: str = "auto") -> None:
+def check_targets(arch, target_modules: list[str], rank: int, impl: str = "auto") -> None:
     """``resolve_targets`` on the model built on the meta device (no memory, no weights): a bad
-    ``target_modules`` fails in one line before the real networks are built and loaded."""
+    ``target_modules``, or a ``rank`` above a target's width (an adapter bigger than the weight it
+    adapts, with no more capacity than a rank of min(in, out): a typo that would allocate it all),
+    fails in one line before the real networks are built and loaded."""
     from adm_megatron.families import family_of_arch
 
     model = family_of_arch(arch).build_model(arch, impl=impl, device="meta")
-    resolve_targets(model, target_modules, default_key_mapping(model))
+    targets = resolve_targets(model, target_modules, default_key_mapping(model))
+    narrowest = min(targets, key=lambda t: min(t.in_features, t.out_features))
+    width = min(narrowest.in_features, narrowest.out_features)
+    if rank > width:
+        raise ConfigError(f"model.lora.rank={rank}: above the width of {narrowest.path} (in {narrowest.in_features}, "
+                          f"out {narrowest.out_features}); expected a rank <= {width}")
 
 
 def default_key_mapping(model: torch.nn.Module) -> KeyMapping:

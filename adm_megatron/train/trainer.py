@@ -219,7 +219,7 @@ class Trainer:
         method = METHODS[c.distill.method]
         has_fake_score = bool(method.fake_phase_trains)  # ADP has none: not built, not stepped, not saved
         if m.lora is not None:  # a bad target list fails in one line before the networks are built
-            check_targets(self.arch, m.lora.target_modules, m.impl)
+            check_targets(self.arch, m.lora.target_modules, m.lora.rank, m.impl)
         models = self.teacher_source.build_models(
             3 if has_fake_score else 2, sequence_parallel=m.sequence_parallel, impl=m.impl,
             params_dtype=self.dtype,
