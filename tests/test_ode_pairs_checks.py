@@ -320,3 +320,16 @@ def test_prompt_embeddings_of_another_length_are_refused_naming_the_length_to_en
     assert str(err.value) == (f"data.path={path!r}: embeddings are 8 x 32, the teacher takes {MAX_TEXT_LENGTH} x 32 "
                               f"(encode them again with --max-length {MAX_TEXT_LENGTH}: "
                               "tools/precompute_text_embeddings.py)")
+
+
+def test_prompt_embeddings_of_a_family_with_a_pooled_embedding_are_refused_as_such(cogvideox_pipeline, tmp_path):
+    """SD3-encoded prompts (with pooled embeddings) given to a CogVideoX teacher were refused for
+    their length, naming a --max-length that could never fix it."""
+    width = TRANSFORMER["text_embed_dim"]
+    path = write_embedding_shards(str(tmp_path / "emb"), ["a"], torch.zeros(1, 8, width), torch.zeros(8, width),
+                                  pooled=torch.zeros(1, 64), negative_pooled=torch.zeros(64))
+    config = load_config(None, [f"model.teacher={cogvideox_pipeline}", *SIZE, "data.source=shards", f"data.path={path}"])
+    with pytest.raises(ConfigError) as err:
+        validate_run(config, resolve_teacher(cogvideox_pipeline), 1)
+    assert str(err.value) == (f"data.path={path!r}: pooled embeddings of width 64, the teacher takes none (encode the "
+                              "prompts with the teacher's own pipeline: tools/precompute_text_embeddings.py)")
