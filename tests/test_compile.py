@@ -52,7 +52,9 @@ def test_none_leaves_the_model_eager(world_of_one, tmp_path):
 
 
 COMMON = [
-    "model.dtype=fp64",
+    # math attention: torch 2.11's inductor compiles the CPU flash kernel's fp64 backward wrongly ("expected
+    # scalar type Double but found Float"); which kernel runs is not what this test is about
+    "model.dtype=fp64", "model.attention_backend=math",
     "data.num_prompts=4", "data.frames=2", "data.height=4", "data.width=4", "data.batch_size=2",
     "distill.generator_steps=2", "distill.head_every=1", "distill.head_hidden=16",
     "train.max_iterations=1", "train.num_samples=0", "train.export=false",
@@ -137,7 +139,7 @@ def test_a_compiled_block_is_one_graph(world_of_one, tmp_path, backend):
 def test_a_compiled_block_with_fp8_gemms_is_one_graph_and_computes_what_eager_fp8_does(world_of_one, tmp_path):
     """``model.fp8=tensorwise`` beside ``model.compile=blocks`` (what the GPU check benches): torchao's
     FP8 GEMM traces into the block's one graph, and the compiled block gives the eager FP8 block's
-    numbers, output and every gradient (1e-5 relative: fp32 rounding of the fused scale and cast
+    numbers, output and every gradient (5e-5 relative: fp32 rounding of the fused scale and cast
     arithmetic, not FP8's own 5e-2)."""
     from adm_megatron.models.fp8_torchao import enable_local_fp8
 
@@ -155,4 +157,4 @@ def test_a_compiled_block_with_fp8_gemms_is_one_graph_and_computes_what_eager_fp
     ref_out, ref_dx, ref_grads = _run(eager, inputs)
     errors = {"out": rel_err(out, ref_out), "dx": rel_err(dx, ref_dx),
               **{n: rel_err(g, ref_grads[n]) for n, g in grads.items()}}
-    assert max(errors.values()) < 1e-5, errors  # measured: 9e-7 at most
+    assert max(errors.values()) < 5e-5, errors  # measured: 9e-7 at most with torch 2.13, 2.1e-5 with 2.11
