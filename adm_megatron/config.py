@@ -288,21 +288,24 @@ METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "distill.pixel_recompute": ("adp",), "distill.renoise": ("adp",), "distill.pure_noise_share": ("adp",),
     "data.real_path": ("dmd2", "adp"),
 }
+# the keys only one data source reads (data.source): warned of, and free to change on a resume, under the other
+SOURCE_KEYS: dict[str, tuple[str, ...]] = {"data.num_prompts": ("synthetic",), "data.path": ("shards",)}
 # ADP's own settings of how its inputs are drawn: refused (not a warning) under another method
 REFUSED_ELSEWHERE = ("distill.renoise", "distill.pure_noise_share", "distill.pixel_recompute")
 
 
 def unused_keys(config: "Config") -> list[tuple[str, Any, str, str]]:
-    """(key, value, the runs that read it, what this run is instead) for each of :data:`METHOD_KEYS` set
-    away from its default under a method that does not read it, and ``train.export_lora`` without
-    ``model.lora``."""
+    """(key, value, the runs that read it, what this run is instead) for each of :data:`METHOD_KEYS`
+    (:data:`SOURCE_KEYS`) set away from its default under a method (a data source) that does not read
+    it, and ``train.export_lora`` without ``model.lora``."""
     defaults, found = Config(), []
-    for key, methods in METHOD_KEYS.items():
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if config.distill.method not in methods and value != getattr(getattr(defaults, section), name):
-            found.append((key, value, " / ".join(f"distill.method={m}" for m in methods),
-                          f"distill.method={config.distill.method}"))
+    for keys, setting in ((METHOD_KEYS, "distill.method"), (SOURCE_KEYS, "data.source")):
+        now = getattr(getattr(config, setting.split(".")[0]), setting.split(".")[1])
+        for key, readers in keys.items():
+            section, name = key.split(".")
+            value = getattr(getattr(config, section), name)
+            if now not in readers and value != getattr(getattr(defaults, section), name):
+                found.append((key, value, " / ".join(f"{setting}={r}" for r in readers), f"{setting}={now}"))
     if config.model.lora is None and config.train.export_lora != defaults.train.export_lora:
         found.append(("train.export_lora", config.train.export_lora, "LoRA runs (model.lora)",
                       "a run without model.lora"))

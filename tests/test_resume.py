@@ -355,6 +355,25 @@ def test_a_refused_change_names_the_section_and_what_to_do_instead():
                               "that run's exported generator: model.generator_init))")
 
 
+def test_a_key_the_data_source_does_not_read_is_warned_of_and_may_change():
+    """data.num_prompts under data.source=shards (and data.path under synthetic) changes nothing: it
+    passed without a word at the start but refused a resume that changed it."""
+    from adm_megatron.config import ConfigError, config_to_dict, load_config, start_warnings
+    from adm_megatron.train.resume import check_compatible
+
+    shards = ["model.teacher=x", "data.source=shards", "data.path=emb"]
+    config = load_config(None, [*shards, "data.num_prompts=5"])
+    assert "data.num_prompts=5 applies to data.source=synthetic only: data.source=shards does not read it" in (
+        start_warnings(config))
+    check_compatible(config_to_dict(load_config(None, shards)), config, "run/config.yaml")
+    synthetic = load_config(None, ["model.teacher=x", "data.path=emb"])
+    assert "data.path='emb' applies to data.source=shards only: data.source=synthetic does not read it" in (
+        start_warnings(synthetic))
+    with pytest.raises(ConfigError, match="data.num_prompts=64 there but 5 now"):  # read by the synthetic source
+        check_compatible(config_to_dict(synthetic), load_config(None, ["model.teacher=x", "data.num_prompts=5"]),
+                         "run/config.yaml")
+
+
 def test_a_constant_lr_run_is_lengthened_exactly_and_never_cut_below_what_it_did(tmp_path, world_of_one):
     """A finished run started again with a larger train.max_iterations goes on from its last
     checkpoint, and its records equal those of a run that had the longer length from the start

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from adm_megatron.config import METHOD_KEYS, NETWORKS, Config, ConfigError, config_to_dict
+from adm_megatron.config import METHOD_KEYS, NETWORKS, SOURCE_KEYS, Config, ConfigError, config_to_dict
 from adm_megatron.data.batch_layout import global_batch
 from adm_megatron.parallel.run_lock import LOCK_FILE
 from adm_megatron.train.checkpoint import (
@@ -127,9 +127,10 @@ def _check_length(before: dict, now: dict, source: str, config: Config) -> None:
 
 
 def _unread(key: str, config: Config) -> bool:
-    """A key of another method's (``config.METHOD_KEYS``): it changes nothing in this run, so it may
-    change (the method itself may not)."""
-    return key in METHOD_KEYS and config.distill.method not in METHOD_KEYS[key]
+    """A key of another method's or data source's (``config.METHOD_KEYS``, ``SOURCE_KEYS``): it changes
+    nothing in this run, so it may change (the method and the source themselves may not)."""
+    return ((key in METHOD_KEYS and config.distill.method not in METHOD_KEYS[key])
+            or (key in SOURCE_KEYS and config.data.source not in SOURCE_KEYS[key]))
 
 
 def check_compatible(saved: dict, config: Config, source: str) -> None:
