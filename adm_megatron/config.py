@@ -785,9 +785,12 @@ def _check_fields(config: Config, where: Callable[[str], str]) -> None:
                               "model.impl=local has no FP8 kernels")
         if m.dtype == "fp64":
             raise ConfigError(f"{where('model.fp8')}: model.fp8={m.fp8} with model.dtype=fp64: expected bf16 or fp32")
-        if m.fp8_margin < 0 or m.fp8_amax_history_len < 1:
-            raise ConfigError(f"{where('model.fp8_margin')}: model.fp8_margin={m.fp8_margin} / fp8_amax_history_len="
-                              f"{m.fp8_amax_history_len}: expected margin >= 0 and history >= 1")
+    # whatever the recipe (TE's delayed scaling reads them): nonsense is refused as read
+    if m.fp8_margin < 0:
+        raise ConfigError(f"{where('model.fp8_margin')}: model.fp8_margin={m.fp8_margin}: expected >= 0")
+    if m.fp8_amax_history_len < 1:
+        raise ConfigError(f"{where('model.fp8_amax_history_len')}: model.fp8_amax_history_len="
+                          f"{m.fp8_amax_history_len}: expected >= 1")
     if m.attention_backend == "te" and m.impl == "local":
         raise ConfigError(f"{where('model.attention_backend')}: "
                           f"model.attention_backend=te with model.impl=local: Transformer Engine's "

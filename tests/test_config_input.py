@@ -204,6 +204,9 @@ def test_checks_made_once_the_teacher_is_read_say_where_the_key_was_set(override
     ("distill.guidance_scale=[7, 5]", "distill.guidance_scale=[7.0, 5.0]: expected 1 <= low <= high (1: no CFG)"),
     ("parallel.timeout_s=1e-300", "parallel.timeout_s=1e-300: expected seconds >= 1"),  # gloo's traceback at once
     ('output_dir=""', "output_dir is empty: expected a directory path"),  # said "'' exists and is not a directory"
+    # TE's delayed-scaling knobs: checked with a TE recipe only, so nonsense passed without one
+    ("model.fp8_amax_history_len=0", "model.fp8_amax_history_len=0: expected >= 1"),
+    ("model.fp8_margin=-1", "model.fp8_margin=-1: expected >= 0"),
 ])
 def test_ranges_refused_as_read(override, message):
     with pytest.raises(ConfigError) as err:
