@@ -231,12 +231,14 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from adm_megatron.convert.checkpoint import CheckpointError
+    from adm_megatron.convert.checkpoint import CheckpointError, OutputNotEmptyError
     from adm_megatron.train.checkpoint_export import export_checkpoint
 
     try:
         written, record = export_checkpoint(args.checkpoint, args.out, args.weights, args.overwrite, args.lora,
                                             args.pipeline_out)
+    except OutputNotEmptyError as err:  # named for this command: its flag, not the Python argument
+        return _refuse(f"adm-megatron export: {err.naming('--overwrite')}")
     except CheckpointError as err:
         return _refuse(f"adm-megatron export: {err}")
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:

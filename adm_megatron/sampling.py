@@ -48,6 +48,7 @@ from adm_megatron.parallel.shared_dir import check_shared_dir
 from adm_megatron.train.checkpoint import check_outside_runs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SEED_END = 2**64  # torch.Generator.manual_seed takes seeds below it (and folds negative ones onto them)
 
 
 @dataclass
@@ -67,7 +68,9 @@ def _note(message: str) -> None:
 def generator_steps(generator_dir: str, steps: int | None) -> int:
     """The generator's sampling steps: ``steps`` when given (a note on stderr when it differs from
     the distilled count), else the count in its ``distillation.json``; one-line ValueError when
-    neither says."""
+    neither says, or ``steps`` is below 1."""
+    if steps is not None and steps < 1:  # before the note below, which is for a count that can run
+        raise ValueError(f"--steps {steps}: expected >= 1")
     if not os.path.isdir(generator_dir):
         raise ValueError(f"--generator {generator_dir}: not found{not_found_hint(generator_dir)} (a generator "
                          "directory adm-megatron train or export wrote, or a diffusers transformer directory)")
@@ -258,12 +261,18 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
     :func:`render_size`: by default the generator's distilled size, for the teacher too);
     ``vae_tiling``: the pipelines' VAE decodes in tiles (less memory, blended seams).
     ``resume``: an output directory started with the same arguments keeps its sample files (each is
-    written whole or not at all) and only the missing ones are rendered (and timed)."""
+    written whole or not at all) and only the missing ones are rendered (and timed); ``overwrite``
+    (not with ``resume``) replaces it. Sample i's noise is seeded with ``seed`` + i (below 2**64)."""
     from adm_megatron.bench.report import environment
     from adm_megatron.families import family_of_model_dir
 
     if not prompts:
         raise ValueError("--prompt / --prompt-file: give at least one prompt")
+    if overwrite and resume:
+        raise ValueError("--overwrite with --resume: give one (--overwrite replaces --out, --resume finishes it)")
+    if not 0 <= seed <= SEED_END - len(prompts):  # a negative seed would repeat another's noise
+        raise ValueError(f"--seed {seed}: expected 0 to {SEED_END - len(prompts)} (sample i is seeded with --seed + i, "
+                         "and torch.Generator.manual_seed takes 0 to 2**64 - 1)")
     for run in runs:
         if run.steps < 1:
             raise ValueError(f"{run.name} steps={run.steps}: expected >= 1")

@@ -96,6 +96,7 @@ def test_export_of_a_lora_run_writes_its_merged_ema_and_its_lora_file(runs, tmp_
 
 def test_export_of_a_lora_run_writes_what_lora_asks_and_replaces_no_lora_dir_unasked(runs, tmp_path, capsys):
     from adm_megatron.cli import main
+    from adm_megatron.convert.checkpoint import CheckpointError, check_output_dir
     from adm_megatron.lora.export import LORA_WEIGHTS
 
     _, out = runs
@@ -108,7 +109,9 @@ def test_export_of_a_lora_run_writes_what_lora_asks_and_replaces_no_lora_dir_una
     (taken / "x").write_text("earlier")
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "b")]) == 2
     assert capsys.readouterr().err.strip() == (f"adm-megatron export: output directory {taken} exists and is not "
-                                               "empty (pass overwrite=True / --overwrite to replace it)")
+                                               "empty (pass --overwrite to replace it)")  # not overwrite=True
+    with pytest.raises(CheckpointError, match=r"not empty \(pass overwrite=True to replace it\)$"):  # the Python API's
+        check_output_dir(str(taken))
     assert (taken / "x").read_text() == "earlier" and not (tmp_path / "b").exists()
     assert main(["export", "--checkpoint", str(out["plain"]), "--lora", "both", "--out", str(tmp_path / "c")]) == 2
     assert "--lora both: " in capsys.readouterr().err and not (tmp_path / "c").exists()
@@ -166,8 +169,7 @@ def test_export_refuses_bad_input_in_one_line_before_reading_weights(runs, tmp_p
          f"adm-megatron: config error: --checkpoint={str(tmp_path)!r}: neither a checkpoint (no trainer_state.json) "
          "nor a run directory with checkpoints/latest"),
         (["--checkpoint", str(out["ema"]), "--out", str(taken)],
-         f"adm-megatron export: output directory {taken} exists and is not empty (pass overwrite=True / --overwrite "
-         "to replace it)"),
+         f"adm-megatron export: output directory {taken} exists and is not empty (pass --overwrite to replace it)"),
         (["--checkpoint", str(out["ema"]), "--out", str(out["ema"] / "checkpoints" / "iter_0000002" / "hf")],
          f"adm-megatron: config error: --out {out['ema'] / 'checkpoints' / 'iter_0000002' / 'hf'}: inside "
          f"{out['ema'] / 'checkpoints' / 'iter_0000002'}, whose run removes what is there (pruning old checkpoints, "

@@ -529,7 +529,7 @@ def test_cli_bad_input_exits_2_with_one_line(world_of_one, hf_dirs, tmp_path, ca
         (["hf-to-megatron", "--model", "cogvideox", "--hf-path", hf_dirs["2b"], "--out", out,
           "--tensor-parallel", "2"], "world size 1 is not divisible"),
         (["hf-to-megatron", "--model", "cogvideox", "--hf-path", hf_dirs["2b"], "--out", ckpt],
-         f"--out: output directory {ckpt} exists and is not empty (pass overwrite=True / --overwrite"),
+         f"--out: output directory {ckpt} exists and is not empty (pass --overwrite to replace it)"),
         (["megatron-to-hf", "--model", "cogvideox", "--ckpt", ckpt, "--out", ckpt, "--overwrite"],
          f"--out: output {ckpt} is the input {ckpt}: writing it would delete what it is written from"),
         (["hf-to-megatron", "--model", "cogvideox", "--hf-path", cut, "--out", str(tmp_path), "--overwrite"],

@@ -317,8 +317,8 @@ def test_precompute_takes_the_length_a_cogvideox_pipelines_transformer_takes(tmp
     pipeline = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
     with open(os.path.join(pipeline, "transformer", "config.json")) as f:
         length = json.load(f)["max_text_seq_length"]
-    assert length != 226 and tool.default_max_length(pipeline) == length
-    assert tool.default_max_length(str(tmp_path)) == 226  # no transformer config: the published length
+    assert length != 226 and tool.max_lengths(pipeline)[:2] == (length, length)  # the default and the most
+    assert tool.max_lengths(str(tmp_path))[:2] == (226, 512)  # no transformer config: the published length, T5's
 
 
 def test_prompt_file_reads_a_byte_order_mark_and_crlf_and_names_a_non_utf8_file(tmp_path):
@@ -363,6 +363,41 @@ def test_precompute_tool_names_a_directory_without_an_encoder_in_one_line(tmp_pa
     (tmp_path / "prompts.txt").write_text("a cat\n")
     with pytest.raises(SystemExit, match=r"^--encoder: .*neither a pipeline root"):
         tool.main(["--prompts", str(tmp_path / "prompts.txt"), "--encoder", str(tmp_path), "--out", str(tmp_path / "e")])
+    assert sorted(os.listdir(tmp_path)) == ["prompts.txt"]  # its work directory (a .run.lock) was left behind
+
+
+@pytest.mark.parametrize("encoder, length, most, why", [
+    ("cogvideox", 17, 16, "the longest prompt (max_sequence_length) the --encoder pipeline renders with"),
+    ("cogvideox", 100000, 16, "the longest prompt (max_sequence_length) the --encoder pipeline renders with"),
+    ("sd3", 513, 512, "the longest prompt (max_sequence_length) the --encoder pipeline renders with"),
+    ("t5", 100000, 512, "the input length T5 was pre-trained at"),
+])
+def test_precompute_tool_refuses_a_longer_max_length_than_the_pipeline_renders_with(
+        encoder, length, most, why, tiny_pipeline, sd3_pipeline, tmp_path, monkeypatch):
+    """SD3 took --max-length 600, whose embeddings StableDiffusion3Pipeline refuses to sample with (it
+    takes max_sequence_length <= 512); 100000 ran T5 out of memory after loading it (a traceback)."""
+    tool = load_tool("precompute_text_embeddings")
+    directory = {"cogvideox": tiny_pipeline, "sd3": sd3_pipeline, "t5": str(tmp_path / "t5")}[encoder]
+    if encoder == "t5":  # a bare T5 folder: no transformer to say what it takes
+        text_encoder, tokenizer = load_t5(tiny_pipeline)
+        text_encoder.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    class Loaded(Exception):
+        pass
+
+    def load(*_):
+        raise Loaded
+
+    monkeypatch.setattr(tool, "load_encoder", load)
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    args = ["--prompts", str(tmp_path / "prompts.txt"), "--encoder", directory, "--out", str(tmp_path / "e")]
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main([*args, "--max-length", str(length)])
+    assert str(exit_info.value.code) == f"--max-length={length}: expected at most {most}, {why}"
+    with pytest.raises(Loaded):  # the most is taken
+        tool.main([*args, "--max-length", str(most)])
+    assert not (tmp_path / ".e.partial").exists() and not (tmp_path / "e").exists()
 
 
 def test_precompute_tool_names_an_encoder_folder_without_weights_in_one_line(tiny_pipeline, tmp_path):
@@ -375,6 +410,36 @@ def test_precompute_tool_names_an_encoder_folder_without_weights_in_one_line(tin
     shutil.copytree(tiny_pipeline, pipe, ignore=shutil.ignore_patterns("*.safetensors"))
     with pytest.raises(SystemExit, match=rf"^--encoder: .*no file named model\.safetensors.* {pipe}/text_encoder\.$"):
         tool.main(["--prompts", str(tmp_path / "prompts.txt"), "--encoder", str(pipe), "--out", str(tmp_path / "e")])
+    assert sorted(os.listdir(tmp_path)) == ["pipe", "prompts.txt"]  # its work directory was left behind
+
+
+def test_a_precompute_that_fails_before_its_first_shard_leaves_no_work_directory(tiny_pipeline, tmp_path,
+                                                                                 monkeypatch):
+    """It left .NAME.partial/ with its .run.lock (and progress.json), which named nothing to resume and
+    refused the next precompute of --out with other settings."""
+    tool = load_tool("precompute_text_embeddings")
+    (tmp_path / "prompts.txt").write_text("a cat\nblue sky\n")
+    encode, calls = tool.encode_prompts, []
+
+    def failing(encoder, tokenizer, batch, *rest):
+        calls.append(batch)
+        if len(calls) == fail_at:
+            raise MemoryError("out of memory")
+        return encode(encoder, tokenizer, batch, *rest)
+
+    monkeypatch.setattr(tool, "encode_prompts", failing)
+    args = ["--prompts", str(tmp_path / "prompts.txt"), "--encoder", tiny_pipeline, "--out", str(tmp_path / "e"),
+            "--shard-size", "1", "--dtype", "float32", "--device", "cpu"]
+    for fail_at in (1, 2):  # the negative prompt, the first shard's
+        calls.clear()
+        with pytest.raises(MemoryError):
+            tool.main(args)
+        assert sorted(os.listdir(tmp_path)) == ["prompts.txt"]
+    calls.clear()
+    fail_at = 3  # after a shard: kept, for the same command to resume
+    with pytest.raises(MemoryError):
+        tool.main(args)
+    assert sorted(os.listdir(tmp_path / ".e.partial")) == [".run.lock", "progress.json", "shard-00000.safetensors"]
 
 
 def test_a_killed_precompute_resumes_and_writes_the_uninterrupted_bytes(tiny_pipeline, tmp_path, monkeypatch, capsys):

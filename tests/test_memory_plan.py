@@ -381,6 +381,11 @@ def test_a_plan_under_a_gib_is_printed_in_mib(pipelines, tmp_path, capsys, world
      "tokens per context-parallel rank (text 226 + video 18135) are not divisible by tensor_parallel=2"),
     (["--gpus", "3", "--card", "80"], "gpus=3: not a positive multiple"),
     (["--gpus", "8", "--card", "80", "--gpus-per-node", "0"], "gpus_per_node=0, host=0.0 GiB: expected"),
+    # not finite: NaN was planned and said not to fit (exit 1), infinity to fit
+    (["--gpus", "8", "--card", "nan"], "card=nan GiB, margin=0.1: expected a finite card > 0 and 0 <= margin < 1"),
+    (["--gpus", "8", "--card", "inf"], "card=inf GiB, margin=0.1: expected a finite card > 0"),
+    (["--gpus", "8", "--card", "80", "--host", "nan"], "host=nan GiB: expected at least one GPU per node and a finite"),
+    (["--gpus", "8", "--card", "80", "--host", "inf"], "host=inf GiB: expected at least one GPU per node and a finite"),
     (["--gpus", "8", "--card", "80", "data.global_batch_size=6"],
      "gpus=8: data.global_batch_size=6: expected a multiple of data.batch_size x data-parallel size = 1 x 4 = 4"),
     (["--gpus", "8", "--card", "80", "--assume-pinned-memory", "--shard-optimizer", "all", "--offload",

@@ -285,8 +285,8 @@ def test_make_tiny_pipeline_builds_each_familys_tiny_pipelines(tmp_path, capsys)
         assert name.startswith(family.name) and json.load(open(os.path.join(out, "transformer", "config.json")))[key] == value
     capsys.readouterr()
     assert tool.main(["--like", "sd3.5", "--out", str(tmp_path / "sd3.5")]) == 2
-    assert capsys.readouterr().err.strip() == (f"make_tiny_pipeline.py: {tmp_path / 'sd3.5'}: output directory is not "
-                                              "empty (pass overwrite=True / --overwrite)")
+    assert capsys.readouterr().err.strip() == (f"make_tiny_pipeline.py: --out {tmp_path / 'sd3.5'}: output directory "
+                                              "is not empty (pass --overwrite)")  # not overwrite=True
     from transformers import AutoConfig  # ADP's pixel encoders, as distill.pixel_encoder_path reads them
 
     for kind, model_type in (("sam", "sam_vision_model"), ("dinov2", "dinov2")):

@@ -51,7 +51,7 @@ def test_sample_renders_the_exported_generator_and_the_teacher(tmp_path, world_o
 
     assert main(["sample", "--pipeline", pipeline, "--generator", generator, "--prompt", "x", "--steps", "0",
                  "--out", str(tmp_path / "bad")]) == 2
-    assert capsys.readouterr().err.strip() == "adm-megatron sample: generator steps=0: expected >= 1"
+    assert capsys.readouterr().err.strip() == "adm-megatron sample: --steps 0: expected >= 1"
     for flag, scale in (("--guidance-scale", "nan"), ("--guidance-scale", "-3"), ("--teacher-guidance-scale", "inf")):
         assert main(["sample", "--pipeline", pipeline, "--generator", generator, "--prompt", "x", "--steps", "1",
                      flag, scale, "--out", str(tmp_path / "bad")]) == 2
@@ -59,6 +59,36 @@ def test_sample_renders_the_exported_generator_and_the_teacher(tmp_path, world_o
             f"adm-megatron sample: {flag} {float(scale)}: expected a finite number >= 1 (1: no CFG; the pipeline "
             "applies CFG above 1 only)")
     assert not (tmp_path / "bad").exists()
+
+
+def test_bad_steps_seeds_and_output_modes_are_one_line_before_anything_is_written(tmp_path, world_of_one, capsys):
+    """--steps 0 on a generator distilled for 3 steps was a note that it samples with 0, then the
+    refusal; --seed -1 was taken (torch folds it onto 2**64 - 1, and sample 1 then repeats seed 0's
+    noise), a seed + i past 2**64 - 1 failed after the first sample was written; --overwrite with
+    --resume was taken (and overwrote)."""
+    from adm_megatron.cli import main
+    from adm_megatron.models import build_model_from_hf
+    from adm_megatron.train.export import export_generator
+
+    pipeline = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    model = build_model_from_hf(f"{pipeline}/transformer")
+    generator = export_generator(model, model.arch, str(tmp_path / "generator"), record={"generator_steps": 3})
+    out = tmp_path / "samples"
+    args = ["sample", "--pipeline", pipeline, "--generator", generator, "--prompt", "a red cat", "--prompt", "x",
+            "--teacher-steps", "0", "--format", "png", "--out", str(out)]
+    capsys.readouterr()
+    for extra, message in ((["--steps", "0"], "--steps 0: expected >= 1"),
+                           (["--seed", "-1"], f"--seed -1: expected 0 to {2**64 - 2} (sample i is seeded with --seed "
+                                              "+ i, and torch.Generator.manual_seed takes 0 to 2**64 - 1)"),
+                           (["--seed", str(2**64 - 1)], f"--seed {2**64 - 1}: expected 0 to {2**64 - 2} "),
+                           (["--overwrite", "--resume"], "--overwrite with --resume: give one (--overwrite replaces "
+                                                         "--out, --resume finishes it)")):
+        assert main([*args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"adm-megatron sample: {message}") and err.count("\n") == 1, err
+        assert not out.exists()
+    assert main([*args, "--seed", str(2**64 - 2)]) == 0  # the last seed that seeds both samples
+    assert sorted(os.listdir(out / "generator")) == ["sample-000.png", "sample-001.png"]
 
 
 def test_sample_takes_the_distilled_step_count_and_never_mixes_runs(tmp_path, world_of_one, capsys, monkeypatch):

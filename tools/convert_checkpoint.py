@@ -170,10 +170,13 @@ def _check_inputs(args) -> int:
         from adm_megatron.train.checkpoint import pruned_hint
 
         _fail(f"{flag} {source}: no such directory{not_found_hint(source)}{pruned_hint(source)}")
-    from adm_megatron.convert.checkpoint import CheckpointError, check_output_dir, transformer_dir_of, verify_checkpoint
+    from adm_megatron.convert.checkpoint import (CheckpointError, OutputNotEmptyError, check_output_dir,
+                                                 transformer_dir_of, verify_checkpoint)
 
     try:
         check_output_dir(args.out, args.overwrite, source=source)
+    except OutputNotEmptyError as exc:  # named for this command: its flag, not the Python argument
+        _fail(f"--out: {exc.naming('--overwrite')}")
     except CheckpointError as exc:
         _fail(f"--out: {exc}")
     from adm_megatron.train.checkpoint import check_outside_runs

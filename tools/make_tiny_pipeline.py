@@ -38,16 +38,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="write a tiny vision encoder of this kind instead (ADP's distill.pixel_encoder_path; "
                         f"{LAYERS} layers: set distill.pixel_layers within 1..{LAYERS})")
     args = parser.parse_args(argv)
-    try:
-        if args.pixel_encoder:
-            if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-                raise FileExistsError(f"{args.out}: output directory is not empty (pass overwrite=True / --overwrite)")
-            print(save_tiny_encoder(args.pixel_encoder, args.out, args.seed))
-            return 0
-        print(build_tiny_pipeline_named(args.like, args.out, args.seed, args.overwrite))
-    except FileExistsError as err:
-        print(f"make_tiny_pipeline.py: {err}", file=sys.stderr)
+    # refused here, not by the builders, whose refusal names their Python argument (overwrite=True)
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        print(f"make_tiny_pipeline.py: --out {args.out}: output directory is not empty (pass --overwrite)",
+              file=sys.stderr)
         return 2
+    if args.pixel_encoder:
+        print(save_tiny_encoder(args.pixel_encoder, args.out, args.seed))
+    else:
+        print(build_tiny_pipeline_named(args.like, args.out, args.seed, args.overwrite))
     return 0
 
 

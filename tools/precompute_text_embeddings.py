@@ -12,7 +12,8 @@ that pipeline's own ``encode_prompt`` (two CLIP encoders and T5; the shards also
 CLIP embedding). The negative (unconditional) embedding is that of "". Shards are written one at a
 time, so memory stays at one shard. A precompute killed part-way (a preempted job) resumes when the
 same command is run again: it encodes only the prompts after the last shard written
-(``adm_megatron/data/resumable_shards.py``), into the same bytes as an uninterrupted run.
+(``adm_megatron/data/resumable_shards.py``), into the same bytes as an uninterrupted run; one refused
+or failed before its first shard leaves no work directory behind.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -36,6 +39,7 @@ from adm_megatron.data.prompt_file import read_prompt_file  # noqa: E402
 from adm_megatron.data.resumable_shards import (  # noqa: E402
     ResumableShardWriter, check_resumable, lock_work_dir, work_dir_of)
 from adm_megatron.data.text_embeddings import DTYPES  # noqa: E402
+from adm_megatron.families.registry import T5_MAX_LENGTH  # noqa: E402
 from adm_megatron.hub_cache import local_dir  # noqa: E402
 from adm_megatron.mcore_compat import quiet_import_notices  # noqa: E402
 
@@ -70,23 +74,35 @@ def check_args(args: argparse.Namespace) -> None:
         raise Refused(f"--out {args.out}: not empty (earlier embeddings; pass --overwrite to replace them)")
 
 
-def default_max_length(encoder: str) -> int:
-    """T5 tokens per prompt when ``--max-length`` is not given: what the pipeline's transformer takes
-    (its family's conditioning: CogVideoX's ``max_text_seq_length``, 226 in the published ones, 16 in
-    the tiny test pipeline); for a family that takes any length (SD3) or a bare T5 folder, the usual
-    T5 length (SD3's 256, CogVideoX's 226)."""
+def _conditioning(encoder: str):
+    """The text conditioning of the pipeline's transformer (its family's), or None: a bare T5 folder,
+    or a transformer no family reads."""
     from adm_megatron.families import family_of_model_dir
 
     transformer = os.path.join(encoder, "transformer")
-    if os.path.isfile(os.path.join(transformer, "config.json")):
-        try:
-            family = family_of_model_dir(transformer)
-            text = family.conditioning(family.arch_from_pretrained_dir(transformer))
-        except ValueError:  # a transformer no family reads: the T5 default
-            text = None
-        if text is not None and not text.any_text_length:
-            return text.text_length
-    return 256 if is_sd3_pipeline(encoder) else 226
+    if not os.path.isfile(os.path.join(transformer, "config.json")):
+        return None
+    try:
+        family = family_of_model_dir(transformer)
+        return family.conditioning(family.arch_from_pretrained_dir(transformer))
+    except ValueError:
+        return None
+
+
+def max_lengths(encoder: str) -> tuple[int, int, str]:
+    """T5 tokens per prompt: (the default when ``--max-length`` is not given, the most, why that most).
+    The default: what the pipeline's transformer takes (its family's conditioning: CogVideoX's
+    ``max_text_seq_length``, 226 in the published ones, 16 in the tiny test pipeline); for a family
+    that takes any length (SD3) or a bare T5 folder, the usual T5 length (SD3's 256, CogVideoX's 226).
+    The most: the longest prompt the pipeline renders with (the family's ``max_sequence_length``:
+    CogVideoX's ``max_text_seq_length``, SD3's 512), else T5's own (``T5_MAX_LENGTH``, 512)."""
+    text = _conditioning(encoder)
+    default = text.text_length if text is not None and not text.any_text_length else \
+        256 if is_sd3_pipeline(encoder) else 226
+    if text is None:
+        return default, T5_MAX_LENGTH, "the input length T5 was pre-trained at"
+    return default, text.max_sequence_length, "the longest prompt (max_sequence_length) the --encoder pipeline " \
+        "renders with"
 
 
 def settings(args: argparse.Namespace, prompts: list[str]) -> dict:
@@ -111,6 +127,8 @@ def load_encoder(args: argparse.Namespace, dtype: torch.dtype):
 
 def main(argv: list[str] | None = None) -> None:
     quiet_import_notices()  # torchao's and torch's import-time notices (adm_megatron/mcore_compat.py)
+    # and megatron-core's, imported to read the pipeline transformer's architecture (max_lengths)
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", required=True, help="text file, one prompt per line")
     parser.add_argument("--encoder", required=True,
@@ -121,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
                              "the same command is run again)")
     parser.add_argument("--max-length", type=int, default=None,
                         help="T5 tokens per prompt (default: for a CogVideoX pipeline what its transformer takes, "
-                             "max_text_seq_length: 226 in the published ones; SD3 256)")
+                             "max_text_seq_length: 226 in the published ones; SD3 256); at most what the pipeline "
+                             "renders with (CogVideoX: that length, SD3: 512), for a bare T5 512")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts encoded at once (default 8)")
     parser.add_argument("--shard-size", type=int, default=256, help="prompts per shard file (default 256)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
@@ -133,8 +152,11 @@ def main(argv: list[str] | None = None) -> None:
 
     args.encoder = local_dir(args.encoder, "--encoder")  # a repo id: its snapshot in the local hub cache
     check_args(args)
+    default, most, why = max_lengths(args.encoder)
     if args.max_length is None:
-        args.max_length = default_max_length(args.encoder)
+        args.max_length = default
+    elif args.max_length > most:  # (a huge one ran T5 out of memory)
+        raise Refused(f"--max-length={args.max_length}: expected at most {most}, {why}")
     prompts = read_prompts(args.prompts)
     wanted = settings(args, prompts)
     try:  # before the encoder loads: another precompute of --out running, or one of other settings to finish
@@ -146,7 +168,12 @@ def main(argv: list[str] | None = None) -> None:
             check_resumable(args.out, wanted)
         except ValueError as err:
             raise Refused(str(err)) from None
-        encode_all(args, prompts, wanted, lock)
+        try:
+            encode_all(args, prompts, wanted, lock)
+        except BaseException:  # refused, failed or stopped: without a shard written there is nothing to resume
+            if not check_resumable(args.out, wanted):
+                shutil.rmtree(work_dir_of(args.out), ignore_errors=True)
+            raise
     finally:
         lock.release()  # (also when the encoder cannot load; the writer releases it once it has it)
 

@@ -53,6 +53,7 @@ __all__ = [
     "CHECKPOINT_META_FILE",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "OutputNotEmptyError",
     "check_output_dir",
     "check_shard_files",
     "export_diffusers",
@@ -89,6 +90,19 @@ class CheckpointError(RuntimeError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """A checkpoint (or diffusers) directory or one of its files does not exist."""
+
+
+class OutputNotEmptyError(CheckpointError):
+    """An output directory that exists and is not empty, written without ``overwrite``: the message
+    names the Python argument; a command names its own flag with :meth:`naming`."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        super().__init__(self.naming("overwrite=True"))
+
+    def naming(self, switch: str) -> str:
+        """The message with ``switch`` (``--overwrite``) as what replaces the directory."""
+        return f"output directory {self.out_dir} exists and is not empty (pass {switch} to replace it)"
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
@@ -148,10 +162,7 @@ def check_output_dir(out_dir: str, overwrite: bool = False, source: str | None =
                               f"{'change' if relation == 'lies inside' else 'delete'} what it is written from; "
                               "choose another output")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise CheckpointError(
-            f"output directory {out_dir} exists and is not empty (pass overwrite=True / --overwrite "
-            "to replace it)"
-        )
+        raise OutputNotEmptyError(out_dir)
 
 
 def make_temporary_dir(out_dir: str, overwrite: bool) -> tuple[str, str]:

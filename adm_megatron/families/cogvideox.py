@@ -40,7 +40,10 @@ def _native_latent_size(arch) -> tuple[int, int, int]:
 
 
 def _conditioning(arch) -> Conditioning:
-    return Conditioning(text_length=arch.max_text_seq_length, text_width=arch.text_embed_dim)
+    # T5 tokens: a run takes max_text_seq_length and no other (train/validate.py), and the 2b-style
+    # transformer's positional table (CogVideoXPatchEmbed) has that many text positions, no more
+    return Conditioning(text_length=arch.max_text_seq_length, text_width=arch.text_embed_dim,
+                        max_sequence_length=arch.max_text_seq_length)
 
 
 def _check_run(arch, config) -> None:

@@ -35,6 +35,10 @@ from typing import Any, Callable
 
 LATENT_LAYOUTS = {"video": "[B, F, C, H, W]", "image": "[B, C, H, W]"}
 HEAD_KINDS = ("3d", "2d")
+# the most T5 tokens of a prompt where no family says: the input length T5 was pre-trained at (the
+# limit StableDiffusion3Pipeline keeps too); beyond it a longer prompt costs memory as the square of
+# its length in T5's attention (100000 tokens asked for 80 GB) and was never trained on
+T5_MAX_LENGTH = 512
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,9 @@ class Conditioning:
     text_width: int  # channels of a prompt embedding
     pooled_width: int | None = None  # width of the pooled text embedding (SD3), None when not used
     any_text_length: bool = False  # True: prompts of any length (text_length is the synthetic default)
+    # the most T5 tokens of a prompt: the longest max_sequence_length the family's pipeline renders with
+    # (tools/precompute_text_embeddings.py refuses a longer --max-length); by default T5's own
+    max_sequence_length: int = T5_MAX_LENGTH
 
 
 @dataclass(frozen=True)

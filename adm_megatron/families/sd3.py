@@ -30,6 +30,7 @@ from adm_megatron.families.sd3_presets import PRESETS, SD3_SCHEDULER
 DIFFUSERS_CLASS = "SD3Transformer2DModel"
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
 DEFAULT_TEXT_LENGTH = 77 + 256  # CLIP tokens + the pipeline's default max_sequence_length of T5
+MAX_SEQUENCE_LENGTH = 512  # the most T5 tokens: StableDiffusion3Pipeline refuses a longer max_sequence_length
 
 
 def _positional_inputs(arch, frames: int, latent_height: int, latent_width: int, device=None):
@@ -38,7 +39,8 @@ def _positional_inputs(arch, frames: int, latent_height: int, latent_width: int,
 
 def _conditioning(arch) -> Conditioning:
     return Conditioning(text_length=DEFAULT_TEXT_LENGTH, text_width=arch.joint_attention_dim,
-                        pooled_width=arch.pooled_projection_dim, any_text_length=True)
+                        pooled_width=arch.pooled_projection_dim, any_text_length=True,
+                        max_sequence_length=MAX_SEQUENCE_LENGTH)
 
 
 def _check_run(arch, config) -> None:

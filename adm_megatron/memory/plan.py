@@ -134,6 +134,7 @@ widths and the GPU-only terms (foreach temporaries, autocast copies) are reasone
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from adm_megatron.memory.counts import NetworkSize
@@ -356,11 +357,11 @@ def check_settings(shape: Shape, s: Settings) -> None:
                                 ("params", s.params, ("fp32", "bf16")), ("device", s.device, ("cuda", "cpu"))):
         if value not in allowed:
             raise PlanError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
-    if s.card_gib <= 0 or not 0 <= s.margin < 1:
-        raise PlanError(f"card={s.card_gib} GiB, margin={s.margin}: expected a card > 0 and 0 <= margin < 1")
-    if s.gpus_per_node < 1 or s.host_gib < 0:
+    if not 0 < s.card_gib < math.inf or not 0 <= s.margin < 1:  # NaN fails the comparisons too
+        raise PlanError(f"card={s.card_gib} GiB, margin={s.margin}: expected a finite card > 0 and 0 <= margin < 1")
+    if s.gpus_per_node < 1 or not 0 <= s.host_gib < math.inf:
         raise PlanError(f"gpus_per_node={s.gpus_per_node}, host={s.host_gib} GiB: expected at least one GPU per "
-                        "node and a host memory >= 0 (0: not checked)")
+                        "node and a finite host memory >= 0 (0: not checked)")
 
 
 class _Formulas:
