@@ -262,9 +262,26 @@ class _PrintVersions(argparse.Action):
         parser.exit()
 
 
+class _StoreOnce(argparse.Action):
+    """argparse's ``store`` for an option given at most once: given twice, the last silently won (two
+    ``--config`` files, which a user may expect to layer, lost the first)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not self.default:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)!r}, then {values!r}): give it "
+                         "once")
+        setattr(namespace, self.dest, values)
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """argparse whose mistakes are one line naming the command (no usage block), exit status 2, said
-    by the first rank of a launch only; its subcommands' parsers are of the same class."""
+    by the first rank of a launch only; its subcommands' parsers are of the same class. An option
+    that takes a value is taken once (:class:`_StoreOnce`)."""
+
+    def add_argument(self, *names, **kwargs):
+        if names and names[0].startswith("-") and kwargs.get("action", "store") == "store":
+            kwargs["action"] = _StoreOnce
+        return super().add_argument(*names, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse API
         from adm_megatron.parallel import launch_env

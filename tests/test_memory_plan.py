@@ -624,6 +624,8 @@ def test_plan_refuses_what_train_refuses_for_the_family(capsys, monkeypatch):
     (["--card", "H100"], "argument --card: invalid float value: 'H100'"),  # after a usage block of 9 lines
     (["--card", "80", "--shard-optimizer", "generator,,teacher"],
      "argument --shard-optimizer: '', 'teacher': expected all, none or names among"),  # the empty item was ', teacher'
+    # the last silently won (two --config files a user may expect to layer: the first was lost)
+    (["--card", "80", "--config", "y.yaml"], "--config given twice ('x.yaml', then 'y.yaml'): give it once"),
 ])
 def test_a_flag_argparse_refuses_is_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
