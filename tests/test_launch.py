@@ -17,23 +17,32 @@ from multiproc import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_a_signal_stop_under_the_launcher_is_one_line_after_the_workers_saved(tmp_path):
+def _train_until_it_logs(tmp_path, launcher: list[str], *overrides: str):
+    """A tiny CPU run started by ``python -m LAUNCHER... -m adm_megatron.cli train``, once it has
+    written its first metrics: (the launcher's process, the run's output directory)."""
     from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
 
     teacher = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "adm_megatron.launch", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "--signals-to-handle", "SIGTERM,SIGUSR1", "--shutdown-timeout", "300", "-m", "adm_megatron.cli", "train",
+    cmd = [sys.executable, "-m", *launcher, "--master-port", str(free_port()), "-m", "adm_megatron.cli", "train",
            "--config", os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"), f"model.teacher={teacher}",
-           f"output_dir={out}", "train.max_iterations=100000", "train.num_samples=0", "data.batch_size=1",
-           "logging.wandb_mode=disabled", "logging.progress=false"]
+           f"output_dir={out}", "train.max_iterations=100000", "train.num_samples=0", "logging.wandb_mode=disabled",
+           "logging.progress=false", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(str(proc.communicate()))
+        time.sleep(0.5)
+    return proc, out
+
+
+def test_a_signal_stop_under_the_launcher_is_one_line_after_the_workers_saved(tmp_path):
+    proc, out = _train_until_it_logs(tmp_path, ["adm_megatron.launch", "--nproc-per-node", "2", "--signals-to-handle",
+                                                "SIGTERM,SIGUSR1", "--shutdown-timeout", "300"], "data.batch_size=1")
     try:
-        deadline = time.time() + 300
-        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
-            time.sleep(0.5)
         proc.send_signal(signal.SIGUSR1)  # as preemptible.sh forwards SLURM's time-limit warning
         stdout, stderr = proc.communicate(timeout=300)
     finally:
@@ -82,21 +91,8 @@ def test_ranks_whose_torchrun_was_killed_save_and_stop(tmp_path):
     """SIGUSR1 to a bare torchrun (no --signals-to-handle) ends it at once, its default action; its
     workers, re-parented, trained on to the end with nobody to report to. They now see their
     parent change, save a checkpoint and stop as for a signal of their own."""
-    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
-
-    teacher = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(free_port()),
-           "-m", "adm_megatron.cli", "train", "--config", os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"),
-           f"model.teacher={teacher}", f"output_dir={out}", "train.max_iterations=100000", "train.num_samples=0",
-           "logging.wandb_mode=disabled", "logging.progress=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, out = _train_until_it_logs(tmp_path, ["torch.distributed.run", "--nproc-per-node", "1"])
     try:
-        deadline = time.time() + 300
-        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
-            time.sleep(0.5)
         proc.send_signal(signal.SIGUSR1)
         assert proc.wait(timeout=60) == -signal.SIGUSR1  # torchrun is gone; the worker still holds the pipes
         stdout, stderr = proc.communicate(timeout=300)  # they close when the worker ends
