@@ -104,7 +104,7 @@ def _train(args: argparse.Namespace) -> int:
     except CheckpointError as err:  # a checkpoint not written (the previous one stays the latest)
         print(f"adm-megatron: training stopped: {err}", file=sys.stderr)
         return CHECKPOINT_FAILED_EXIT_CODE
-    except Exception as err:
+    except BaseException as err:
         stop = startup_stop_in(err)  # each rank that got the signal: a stop is sent to every task
         if stop is None:
             raise

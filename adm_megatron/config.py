@@ -612,7 +612,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         return path if _sets(values, key) else f"default (not set in {path})"
 
     config.where = where  # not a field: config_to_dict and the comparisons leave it out
-    _check_fields(config, where)
+    _check_fields(config, where, new_run=True)
     for key in MODEL_DIR_KEYS:  # a repo id names its snapshot in the local hub cache, as in from_pretrained
         section, name = key.split(".")
         setattr(getattr(config, section), name, local_dir(getattr(getattr(config, section), name), key))
@@ -690,8 +690,10 @@ def _check_torchao_fp8(config: Config, where) -> None:
         raise ConfigError(f"{key}: model.fp8={m.fp8} with model.dtype=fp64: expected bf16 or fp32")
 
 
-def _check_fields(config: Config, where: Callable[[str], str]) -> None:
-    """Choices and ranges that need no file system or model; ``where(key)`` names where a key was set."""
+def _check_fields(config: Config, where: Callable[[str], str], new_run: bool = False) -> None:
+    """Choices and ranges that need no file system or model; ``where(key)`` names where a key was set.
+    ``new_run``: a config to start or go on with, not a saved one read back as it was trained (the
+    CFG range's floor of 1 came later)."""
     for dotted, allowed in CHOICES.items():
         section, name = dotted.split(".")
         value = getattr(getattr(config, section), name)
@@ -720,9 +722,10 @@ def _check_fields(config: Config, where: Callable[[str], str]) -> None:
         if value < 1:
             raise ConfigError(f"{where(key)}: {key}={value}: must be >= 1")
     lo, hi = config.distill.guidance_scale
-    if not 1 <= lo <= hi:  # below 1 diffusers' pipelines run no CFG at all: the generator's samples could not match
+    floor = 1 if new_run else 0  # below 1 diffusers' pipelines run no CFG: the recorded CFG could not be sampled
+    if not floor <= lo <= hi:
         raise ConfigError(f"{where('distill.guidance_scale')}: "
-                          f"distill.guidance_scale=[{lo}, {hi}]: expected 1 <= low <= high (1: no CFG)")
+                          f"distill.guidance_scale=[{lo}, {hi}]: expected {floor} <= low <= high (1: no CFG)")
     for key, value in {"train.save_every": config.train.save_every,
                        "train.keep_checkpoints": config.train.keep_checkpoints,
                        "train.num_samples": config.train.num_samples, "train.sample_every": config.train.sample_every,

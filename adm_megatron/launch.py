@@ -18,24 +18,25 @@ of torchrun's process context (``PContext.close``'s default timeout, which its a
 
 from __future__ import annotations
 
-import dataclasses
+import os
 import sys
 
 from torch.distributed.elastic.multiprocessing.api import PContext, SignalException
 from torch.distributed.elastic.multiprocessing.errors import record
-from torch.distributed.launcher.api import LaunchConfig
 from torch.distributed.run import get_args_parser, run
 
 
 def _parse(argv: list[str] | None):
     """torchrun's arguments, ``--shutdown-timeout`` among them whatever torchrun's version."""
     parser = get_args_parser()
-    if "shutdown_timeout" in {f.name for f in dataclasses.fields(LaunchConfig)}:
-        return parser.parse_args(argv)
-    parser.add_argument("--shutdown-timeout", "--shutdown_timeout", type=int, default=None,
+    if hasattr(parser.parse_known_args(["--shutdown-timeout", "1", "script"])[0], "shutdown_timeout"):
+        return parser.parse_args(argv)  # torchrun's own
+    parser.add_argument("--shutdown-timeout", "--shutdown_timeout", type=int,
+                        default=os.environ.get("PET_SHUTDOWN_TIMEOUT"),  # as torchrun's own reads it
                         help="seconds the workers get after a signal passed on to them, before SIGKILL")
     args = parser.parse_args(argv)
     if args.shutdown_timeout is not None:
+        args.shutdown_timeout = int(args.shutdown_timeout)  # (from the environment: a string)
         if args.shutdown_timeout < 0:
             parser.error(f"--shutdown-timeout {args.shutdown_timeout}: expected seconds >= 0")
         PContext.close.__defaults__ = (None, args.shutdown_timeout)

@@ -20,7 +20,7 @@ def installed_version(dist: str) -> str | None:
     if dist == "torch":
         import torch
 
-        return torch.__version__
+        return str(torch.__version__)  # a plain str: torch's TorchVersion neither YAML nor torch.load takes
     return version
 
 

@@ -215,6 +215,15 @@ def test_ranges_refused_as_read(override, message):
     load_config(None, ["model.teacher=x", "distill.guidance_scale=[1, 1]", "parallel.timeout_s=1"])
 
 
+def test_a_saved_run_below_the_newer_cfg_floor_is_read_back():
+    """A checkpoint's config (export, resume) is read as it was trained: the CFG floor of 1 is a
+    new run's."""
+    from adm_megatron.config import config_from_dict
+
+    config = config_from_dict({"model": {"teacher": "x"}, "distill": {"guidance_scale": [0.5, 1.0]}}, "checkpoint")
+    assert config.distill.guidance_scale == (0.5, 1.0)
+
+
 def test_a_files_or_a_saved_configs_nan_is_refused_naming_it(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("model:\n  teacher: x\noptim:\n  fake_score:\n    grad_clip: .nan\n")

@@ -60,9 +60,8 @@ def test_shutdown_timeout_is_taken_where_torchrun_does_not_know_it(monkeypatch):
     """torch 2.11's torchrun refused ``--shutdown-timeout`` (the sbatch scripts' command line
     failed there: "unrecognized arguments") and gave the workers a fixed 30 s; our launcher takes it
     on such a torch as the grace period of torchrun's process context. Older torch is stood in for
-    by a ``LaunchConfig`` without the field."""
+    by a parser without the flag."""
     import argparse
-    import dataclasses
     import inspect
 
     from torch.distributed.elastic.multiprocessing.api import PContext
@@ -77,7 +76,6 @@ def test_shutdown_timeout_is_taken_where_torchrun_does_not_know_it(monkeypatch):
         parser.add_argument("training_script_args", nargs=argparse.REMAINDER)
         return parser
 
-    monkeypatch.setattr(launch, "LaunchConfig", dataclasses.make_dataclass("LaunchConfig", [("min_nodes", int)]))
     monkeypatch.setattr(launch, "get_args_parser", older_parser)
     monkeypatch.setattr(PContext.close, "__defaults__", PContext.close.__defaults__)  # restored after
     args = launch._parse(["--nproc-per-node", "2", "--shutdown-timeout", "600", "-m", "adm_megatron.cli", "train"])
@@ -85,6 +83,9 @@ def test_shutdown_timeout_is_taken_where_torchrun_does_not_know_it(monkeypatch):
     assert inspect.signature(PContext.close).parameters["timeout"].default == 600
     with pytest.raises(SystemExit):
         launch._parse(["--shutdown-timeout", "-1", "-m", "adm_megatron.cli"])
+    monkeypatch.setenv("PET_SHUTDOWN_TIMEOUT", "90")  # torchrun's own flag reads it there too
+    assert launch._parse(["-m", "adm_megatron.cli"]).shutdown_timeout == 90
+    assert inspect.signature(PContext.close).parameters["timeout"].default == 90
 
 
 def test_ranks_whose_torchrun_was_killed_save_and_stop(tmp_path):

@@ -433,7 +433,7 @@ def test_a_run_started_from_another_runs_checkpoint_goes_on_from_its_own_when_st
     assert trainer(first, 2).fit().trained == 2
     start = os.path.join(first, "checkpoints", "iter_0000001")
     assert trainer(second, 3, f"train.resume={start}").fit().trained == 2  # iterations 1 and 2
-    with caplog.at_level(logging.INFO, logger="adm_megatron"):
+    with caplog.at_level(logging.WARNING, logger="adm_megatron"):
         result = trainer(second, 4, f"train.resume={start}").fit()
     assert (result.iterations, result.trained) == (4, 1)
     assert any(r.getMessage().endswith("goes on from its latest, iter_0000003 (a path outside output_dir is where a "
@@ -465,6 +465,10 @@ def test_a_finished_run_whose_checkpoints_were_removed_is_not_trained_anew(tmp_p
                               "on from (checkpoints/ removed?); its outputs are kept and nothing was written: use a "
                               "new output_dir")
     assert {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)} == before
+    other = str(tmp_path / "other")  # the same from a run started off another run's checkpoint (its requeue)
+    Trainer(load_config(None, [f"model.teacher={pipeline_dir}", f"output_dir={other}", *tiny_fp64_run(1)])).fit()
+    with pytest.raises(ConfigError, match="the run there finished"):
+        Trainer(load_config(None, [*overrides, f"train.resume={other}"]))
     os.remove(os.path.join(out, "finished.json"))  # as a run stopped before its first checkpoint leaves it
     assert Trainer(load_config(None, overrides)).fit().trained == 1
 

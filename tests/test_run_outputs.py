@@ -182,6 +182,8 @@ def test_versions_keep_torchs_build(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", lambda d: "2.11.0" if d == "torch" else pip_version(d))
     monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
     assert stack_versions()["torch"] == "2.11.0+cu130"
+    monkeypatch.undo()
+    assert type(stack_versions()["torch"]) is str  # torch.__version__ is a TorchVersion, which YAML cannot write
 
 
 def _installed(dist: str) -> str:

@@ -439,7 +439,7 @@ def test_an_impossible_layout_for_a_saved_run_names_the_layout(pipeline_dir, tmp
     Trainer(_config(pipeline_dir, tmp_path, *run)).fit()
     with pytest.raises(ConfigError) as err:
         Trainer(_config(pipeline_dir, tmp_path, *run, "parallel.context_parallel=2"))
-    assert str(err.value) == ("parallel.tensor_parallel=1 x parallel.context_parallel=2: the world size 1 is not "
+    assert str(err.value) == ("parallel.context_parallel=2 x parallel.tensor_parallel=1: the world size 1 is not "
                               "divisible by 2")
 
 

@@ -171,7 +171,11 @@ def main(argv: list[str] | None = None) -> None:
         try:
             encode_all(args, prompts, wanted, lock)
         except BaseException:  # refused, failed or stopped: without a shard written there is nothing to resume
-            if not check_resumable(args.out, wanted):
+            try:
+                written = check_resumable(args.out, wanted)
+            except ValueError:  # its record unreadable: kept for a look, the original error raised
+                written = True
+            if not written:
                 shutil.rmtree(work_dir_of(args.out), ignore_errors=True)
             raise
     finally:

@@ -32,15 +32,20 @@ logger = logging.getLogger("adm_megatron")
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved a checkpoint and stopped; run it again to go on
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# torchrun's agent, whose end leaves this rank with another parent: read as the process starts (this
+# module is imported before the start-up, which can take minutes); None without torchrun
+LAUNCHER = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 
 
-class StartupStop(Exception):
-    """A stop signal arrived before training began: nothing trained, nothing to save."""
+class StartupStop(BaseException):
+    """A stop signal arrived before training began: nothing trained, nothing to save. A
+    ``BaseException``, as ``KeyboardInterrupt``: code that turns what it catches into an error of its
+    own (diffusers' lazy importer, our checkpoint-metadata reader) catches ``Exception`` and lets it by."""
 
 
 def startup_stop_in(error: BaseException) -> StartupStop | None:
-    """The :class:`StartupStop` that ``error`` is or was raised from (a library that re-raises what
-    it meets as its own error -- diffusers' lazy importer -- wraps the stop), else None."""
+    """The :class:`StartupStop` that ``error`` is or was raised from (code that catches everything,
+    ``BaseException`` included, and re-raises it as an error of its own wraps the stop), else None."""
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, StartupStop):
@@ -71,8 +76,7 @@ class StopPoll:
         self.last_save = time.monotonic()
         self.signal: int | None = None
         self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
-        # torchrun's agent, whose end leaves this rank with another parent; None without torchrun
-        self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+        self._launcher = LAUNCHER
         self.orphaned = False
 
     def _handle(self, signum, frame) -> None:
@@ -92,7 +96,7 @@ class StopPoll:
         if stop and (not dist.is_initialized() or dist.get_rank() == 0):  # once, not once per rank
             name = (signal.Signals(self.signal).name if self.signal else
                     f"the launcher that started the ranks, pid {self._launcher}, has ended" if self.orphaned else
-                    "another rank's signal")
+                    "another rank's signal or ended launcher")
             logger.warning("stop requested (%s): saving a checkpoint, then exiting with %d",
                            name, PREEMPTED_EXIT_CODE)
         return stop, due

@@ -197,6 +197,10 @@ def plan_resume(config: Config, world_size: int) -> ResumePoint:
         return ResumePoint(None, 0)
     note = None
     own = latest_checkpoint(out)
+    if own is None and os.path.isfile(os.path.join(out, FINISHED)):  # started again, it would train anew over its outputs
+        raise ConfigError(f"output_dir={out!r}: the run there finished ({FINISHED}) but has no checkpoint to go on "
+                          "from (checkpoints/ removed?); its outputs are kept and nothing was written: use a new "
+                          "output_dir")
     if resume != "auto" and own is not None and not _inside(resume, out):
         note = (f"train.resume={resume}: output_dir={out!r} has checkpoints of its own, so the run goes on from its "
                 f"latest, {os.path.basename(own)} (a path outside output_dir is where a run starts)")
@@ -204,10 +208,6 @@ def plan_resume(config: Config, world_size: int) -> ResumePoint:
     hold = None if resume == "auto" else hold_checkpoint_from(resume, "train.resume")  # another run's, maybe live
     ckpt = latest_checkpoint(out) if hold is None else hold.path
     if ckpt is None:
-        if os.path.isfile(os.path.join(out, FINISHED)):  # started again, it would train anew over its outputs
-            raise ConfigError(f"output_dir={out!r}: the run there finished ({FINISHED}) but has no checkpoint to go on "
-                              "from (checkpoints/ removed?); its outputs are kept and nothing was written: use a new "
-                              "output_dir")
         return ResumePoint(None, 0)
     state_file = os.path.join(ckpt, STATE_FILE)
     try:
@@ -236,11 +236,8 @@ def plan_resume(config: Config, world_size: int) -> ResumePoint:
             f"{state_file}: the run has done {iteration} iterations, more than train.max_iterations="
             f"{config.train.max_iterations}; a run can be lengthened, not cut below what it has done"
         )
-    finished = (
-        iteration == config.train.max_iterations
-        and os.path.abspath(ckpt).startswith(os.path.abspath(out) + os.sep)
-        and os.path.isfile(os.path.join(out, FINISHED))
-    )
+    finished = iteration == config.train.max_iterations and _inside(ckpt, out) and os.path.isfile(
+        os.path.join(out, FINISHED))
     if not finished:  # it will be loaded
         check_whole(ckpt, _WAY_ON)
     return ResumePoint(ckpt, iteration, finished, hold, note)

@@ -156,7 +156,7 @@ class Trainer:
             for message in start_warnings(config):
                 logger.warning(message)
             if self.resume_point.note:
-                logger.info(self.resume_point.note)
+                logger.warning(self.resume_point.note)
         self.teacher_source: TeacherSource = resolve_teacher(config.model.teacher, config.model.pipeline)
         validate_run(config, self.teacher_source, launch_env().world_size)
         self.text_source = self.teacher_source.text_source(config.data, config.seed)

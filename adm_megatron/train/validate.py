@@ -36,8 +36,10 @@ def data_parallel_size(config: Config, world_size: int) -> int:
     needs the size, a resumed run's global batch included)."""
     tp, cp = config.parallel.tensor_parallel, config.parallel.context_parallel
     if world_size % (tp * cp):
-        raise ConfigError(f"parallel.tensor_parallel={tp} x parallel.context_parallel={cp}: the world size "
-                          f"{world_size} is not divisible by {tp * cp}")
+        sizes = [f"parallel.tensor_parallel={tp}", f"parallel.context_parallel={cp}"]
+        if tp == 1:  # led by the one set away from 1: where it was set is what the message names
+            sizes.reverse()
+        raise ConfigError(f"{' x '.join(sizes)}: the world size {world_size} is not divisible by {tp * cp}")
     return world_size // (tp * cp)
 
 
