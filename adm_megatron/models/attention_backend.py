@@ -59,6 +59,10 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, backend: s
     if backend == "auto":
         chosen = _CHOSEN.get(_signature(query, key))
         backend = choose(query, key, value) if chosen is None else chosen
+    if backend == "math":  # torch 2.13's inductor computed math attention of permuted (strided) inputs that need
+        # grad wrongly on the CPU (a 3.5 output difference, NaN gradients; tests/test_compile.py): contiguous
+        # copies, small beside the score matrix that math materialises anyway
+        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     with sdpa_kernel([SDPA_BACKENDS[backend]]):
         return F.scaled_dot_product_attention(query, key, value)
 
