@@ -370,3 +370,17 @@ def test_export_of_a_checkpoint_saved_again_mid_read_stops_in_one_line(runs, tmp
     assert err.startswith(f"adm-megatron: config error: {ckpt}: removed or replaced while it was being read") and \
         "\n" not in err
     assert not (tmp_path / "gen").exists()
+
+
+def test_pipeline_out_refuses_a_teacher_without_a_whole_pipeline():
+    """The toy teacher's model_index.json lists its text encoder, tokenizer and VAE as null: the copy
+    --pipeline-out wrote (exit 0) was refused by DiffusionPipeline.from_pretrained."""
+    from adm_megatron.convert.checkpoint import CheckpointError
+    from adm_megatron.convert.pipeline_export import pipeline_source
+
+    toy = os.path.join(ROOT, "assets", "toy_teacher")
+    with pytest.raises(CheckpointError) as err:
+        pipeline_source(toy, "")
+    assert str(err.value) == (f"--pipeline-out: the run's pipeline {toy} has no text_encoder, tokenizer, vae "
+                              "(model_index.json lists them as null), so its copy would not load; give the generator "
+                              "to a whole pipeline by hand")

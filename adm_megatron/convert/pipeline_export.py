@@ -25,9 +25,18 @@ def pipeline_source(teacher: str, pipeline: str) -> str:
     """The pipeline directory a run's generator goes into (``model.pipeline``, else a pipeline
     ``model.teacher``); one-line CheckpointError when the run has none at hand."""
     source = pipeline or teacher
-    if not os.path.isfile(os.path.join(source, "model_index.json")):
+    index = os.path.join(source, "model_index.json")
+    if not os.path.isfile(index):
         raise CheckpointError(f"--pipeline-out: the run's pipeline {source} is not a diffusers pipeline directory "
                               "(no model_index.json) here; give the generator to the pipeline by hand")
+    with open(index) as f:
+        components = json.load(f)
+    # a component saved as None (a transformer-only teacher, as the toy's): from_pretrained refuses the copy
+    missing = sorted(name for name, value in components.items() if isinstance(value, list) and value[0] is None)
+    if missing:
+        raise CheckpointError(f"--pipeline-out: the run's pipeline {source} has no {', '.join(missing)} "
+                              "(model_index.json lists them as null), so its copy would not load; give the generator "
+                              "to a whole pipeline by hand")
     return source
 
 
