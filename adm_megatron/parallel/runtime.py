@@ -22,7 +22,7 @@ import torch.distributed as dist
 from adm_megatron.config import ConfigError
 from adm_megatron.parallel.cpu_shim import apply_cpu_shim
 from adm_megatron.parallel.launch_env import LaunchEnv, launch_env, rendezvous_store
-from adm_megatron.parallel.startup import FailedElsewhere, meet
+from adm_megatron.parallel.startup import differing_ranks, meet
 
 __all__ = [
     "ParallelInfo",
@@ -272,15 +272,9 @@ def _agree_on_layout(tp: int, cp: int) -> None:
     differ would each create megatron's groups for their own layout and wait in them until
     ``timeout_s`` ran out (the whole-config comparison, ``train/same_config.py``, comes after the
     groups); rank 0 says which ranks in one line, the others raise :class:`FailedElsewhere`."""
-    if dist.get_world_size() == 1:
-        return
-    every: list = [None] * dist.get_world_size()
-    dist.all_gather_object(every, (tp, cp))
-    others = [r for r, layout in enumerate(every) if layout != every[0]]
+    every, others = differing_ranks((tp, cp), "the ranks asked for different parallel layouts")
     if not others:
         return
-    if dist.get_rank() != 0:
-        raise FailedElsewhere("the ranks asked for different parallel layouts")
     shown = ", ".join(f"rank {r}: {every[r][0]} x {every[r][1]}" for r in others[:3])
     raise ConfigError(f"parallel.tensor_parallel x parallel.context_parallel differ between the ranks: rank 0 "
                       f"{every[0][0]} x {every[0][1]} but {shown}: give every rank the same config file and overrides")

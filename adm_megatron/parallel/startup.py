@@ -19,6 +19,8 @@ from __future__ import annotations
 import datetime
 import socket
 
+import torch.distributed as dist
+
 from adm_megatron.config import ConfigError
 from adm_megatron.parallel.launch_env import launch_env, rendezvous_store
 
@@ -129,3 +131,17 @@ def meet(store, rank: int, world_size: int, timeout_s: float) -> None:
     if failures:
         raise FailedElsewhere(f"rank(s) {', '.join(str(r) for r, _, _ in failures)} of {world_size} failed their "
                               "start-up checks")
+
+
+def differing_ranks(value, elsewhere: str) -> tuple[list, list[int]]:
+    """Collective: every rank's ``value`` and the ranks whose value differs from rank 0's (none in a
+    world of one); a rank other than 0 raises :class:`FailedElsewhere` (``elsewhere``) when any differs,
+    rank 0 says what."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value], []
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, value)
+    others = [r for r, other in enumerate(every) if other != every[0]]
+    if others and dist.get_rank() != 0:
+        raise FailedElsewhere(elsewhere)
+    return every, others

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import yaml
 
 from adm_megatron.config import METHOD_KEYS, NETWORKS, SOURCE_KEYS, Config, ConfigError, config_to_dict
+from adm_megatron.convert.checkpoint import output_holds
 from adm_megatron.data.batch_layout import global_batch
 from adm_megatron.parallel.run_lock import LOCK_FILE
 from adm_megatron.train.checkpoint import (
@@ -201,7 +202,7 @@ def plan_resume(config: Config, world_size: int) -> ResumePoint:
         raise ConfigError(f"output_dir={out!r}: the run there finished ({FINISHED}) but has no checkpoint to go on "
                           "from (checkpoints/ removed?); its outputs are kept and nothing was written: use a new "
                           "output_dir")
-    if resume != "auto" and own is not None and not _inside(resume, out):
+    if resume != "auto" and own is not None and output_holds(out, resume) not in ("is", "contains"):
         note = (f"train.resume={resume}: output_dir={out!r} has checkpoints of its own, so the run goes on from its "
                 f"latest, {os.path.basename(own)} (a path outside output_dir is where a run starts)")
         resume = "auto"
@@ -236,17 +237,11 @@ def plan_resume(config: Config, world_size: int) -> ResumePoint:
             f"{state_file}: the run has done {iteration} iterations, more than train.max_iterations="
             f"{config.train.max_iterations}; a run can be lengthened, not cut below what it has done"
         )
-    finished = iteration == config.train.max_iterations and _inside(ckpt, out) and os.path.isfile(
-        os.path.join(out, FINISHED))
+    finished = (iteration == config.train.max_iterations and output_holds(out, ckpt) in ("is", "contains")
+                and os.path.isfile(os.path.join(out, FINISHED)))
     if not finished:  # it will be loaded
         check_whole(ckpt, _WAY_ON)
     return ResumePoint(ckpt, iteration, finished, hold, note)
-
-
-def _inside(path: str, out: str) -> bool:
-    """``path`` is ``out`` or lies in it (links followed)."""
-    path, out = os.path.realpath(path), os.path.realpath(out)
-    return path == out or path.startswith(out + os.sep)
 
 
 def _iteration(line: str) -> float:

@@ -8,10 +8,8 @@ exists, before anything is built, and stops in one line naming the keys that dif
 
 from __future__ import annotations
 
-import torch.distributed as dist
-
 from adm_megatron.config import Config, ConfigError, config_to_dict
-from adm_megatron.parallel.startup import FailedElsewhere
+from adm_megatron.parallel.startup import differing_ranks
 from adm_megatron.train.resume import flatten_keys
 
 __all__ = ["check_same_config", "check_same_resume"]
@@ -19,26 +17,12 @@ __all__ = ["check_same_config", "check_same_resume"]
 SHOWN = 3  # differing keys named in the message
 
 
-def _differing_ranks(value, elsewhere: str) -> tuple[list, list[int]]:
-    """Collective: every rank's ``value`` and the ranks whose value differs from rank 0's (none in a
-    world of one); a rank other than 0 raises :class:`FailedElsewhere` (``elsewhere``) when any differs,
-    rank 0 says what."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [value], []
-    every: list = [None] * dist.get_world_size()
-    dist.all_gather_object(every, value)
-    others = [r for r, other in enumerate(every) if other != every[0]]
-    if others and dist.get_rank() != 0:
-        raise FailedElsewhere(elsewhere)
-    return every, others
-
-
 def check_same_resume(checkpoint: str | None, resume: str) -> None:
     """Collective: every rank goes on from the same checkpoint. ``train.resume=RUN`` names a run's
     ``checkpoints/latest``, which each rank reads for itself before the process group exists; a run
     still training moves it, and ranks that read it on either side of a save would each load their
     shards of another checkpoint. One line on rank 0, naming the checkpoint to give instead."""
-    every, others = _differing_ranks(checkpoint, "the ranks resolved different checkpoints")
+    every, others = differing_ranks(checkpoint, "the ranks resolved different checkpoints")
     if others:
         raise ConfigError(f"train.resume={resume}: rank 0 resolved {every[0]} but rank {others[0]} "
                           f"{every[others[0]]} (the run there saved in between); nothing was loaded: name one, "
@@ -49,7 +33,7 @@ def check_same_config(config: Config) -> None:
     """Collective over the world (nothing in a world of one): rank 0 raises a one-line
     :class:`ConfigError` when any rank's config differs from its own, the other ranks
     :class:`FailedElsewhere`."""
-    every, others = _differing_ranks(flatten_keys(config_to_dict(config)), "the ranks' configs differ")
+    every, others = differing_ranks(flatten_keys(config_to_dict(config)), "the ranks' configs differ")
     if not others:
         return
     first = every[0]
