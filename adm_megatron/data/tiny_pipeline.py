@@ -8,7 +8,7 @@ from_pretrained`` reloads the directory and runs end to end on a CPU:
 * VAE: ``AutoencoderKLCogVideoX`` with 3 blocks of 8 channels -- spatial factor 4 (8x8 latents
   <-> 32x32 pixels) and two time-compressing downsamplers (temporal factor 4: 3 <-> 9 frames);
 * text encoder: a 2-layer T5 v1.1 encoder (gated GELU), ``d_model = 32 = text_embed_dim``;
-* tokenizer: a ``T5Tokenizer`` over a small Unigram vocabulary (``<pad>`` 0, ``</s>`` 1,
+* tokenizer: a fast T5 tokenizer over a small Unigram vocabulary (``<pad>`` 0, ``</s>`` 1,
   ``<unk>`` 2, a few words, every printable ASCII character with and without the ``▁`` word
   prefix), ``model_max_length = 16``; call the pipeline with ``max_sequence_length=16``;
 * scheduler: ``CogVideoXDDIMScheduler`` with the CogVideoX-2b settings.
@@ -48,15 +48,30 @@ _WORDS = ("a the of and in on with at to is video cat dog man woman walking runn
 
 
 def tiny_t5_tokenizer(max_length: int = MAX_TEXT_LENGTH):
-    """A ``T5Tokenizer`` built from an in-memory Unigram vocabulary (no files, no hub)."""
-    from transformers import T5Tokenizer
+    """A fast T5 tokenizer built from an in-memory Unigram vocabulary (no files, no hub).
+
+    The ``tokenizers`` object is assembled here, as transformers 5's ``T5Tokenizer(vocab=...)``
+    assembles it (Unigram, whitespace + ``▁`` metaspace pre-tokenizer, ``</s>`` appended), because
+    transformers 4's ``T5Tokenizer`` is the SentencePiece one and needs a model file: the same
+    token ids on transformers 4 and 5 (``T5TokenizerFast`` is ``T5Tokenizer`` in 5)."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import T5TokenizerFast
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     vocab += [("▁" + w, -3.0 - 0.01 * i) for i, w in enumerate(_WORDS)]
     seen = {piece for piece, _ in vocab}
     for char in string.ascii_letters + string.digits + string.punctuation:
         vocab += [(piece, score) for piece, score in (("▁" + char, -7.0), (char, -8.0)) if piece not in seen]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+    unigram = Tokenizer(Unigram(vocab, unk_id=2, byte_fallback=False))
+    metaspace = dict(replacement="▁", prepend_scheme="always", split=True)
+    unigram.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(**metaspace)])
+    unigram.decoder = decoders.Metaspace(**metaspace)
+    unigram.post_processor = processors.TemplateProcessing(
+        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=unigram, extra_ids=0, model_max_length=max_length,
+                           eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
 
 def build_tiny_pipeline(out_dir: str, seed: int = 0, rope: bool = False, overwrite: bool = False) -> str:
