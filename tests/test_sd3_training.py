@@ -112,6 +112,12 @@ def test_sd3_adm_run_trains_exports_and_renders(sd3_pipeline, prompt_dir, tmp_pa
 
     first = np.asarray(Image.open(out / "generator" / "sample-000.png"), dtype=int)
     assert np.array_equal(render_card(result.generator_dir, PROMPTS[0], config.seed, tmp_path), first)
+    # and the whole pipeline export --pipeline-out writes (its image encoder and feature extractor are
+    # optional components the teacher pipeline lists as null: they load as None, not refused)
+    whole = tmp_path / "whole"
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "gen"),
+                 "--pipeline-out", str(whole)]) == 0
+    assert np.array_equal(render_card(str(whole), PROMPTS[0], config.seed, tmp_path), first)
 
 
 def test_sd3_lora_adm_run_exports_a_file_equal_to_its_merged_export(sd3_pipeline, prompt_dir, tmp_path, world_of_one):

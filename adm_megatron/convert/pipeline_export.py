@@ -31,13 +31,24 @@ def pipeline_source(teacher: str, pipeline: str) -> str:
                               "(no model_index.json) here; give the generator to the pipeline by hand")
     with open(index) as f:
         components = json.load(f)
-    # a component saved as None (a transformer-only teacher, as the toy's): from_pretrained refuses the copy
-    missing = sorted(name for name, value in components.items() if isinstance(value, list) and value[0] is None)
+    # a required component saved as None (a transformer-only teacher, as the toy's): from_pretrained refuses
+    # the copy; the pipeline class's optional ones (SD3's image encoder) load as None
+    optional = _optional_components(components.get("_class_name"))
+    missing = sorted(name for name, value in components.items()
+                     if isinstance(value, list) and value[0] is None and name not in optional)
     if missing:
         raise CheckpointError(f"--pipeline-out: the run's pipeline {source} has no {', '.join(missing)} "
                               "(model_index.json lists them as null), so its copy would not load; give the generator "
                               "to a whole pipeline by hand")
     return source
+
+
+def _optional_components(pipeline_class: str | None) -> tuple[str, ...]:
+    """The components diffusers' ``pipeline_class`` loads as None when its model_index.json lists them
+    as null (none for a class diffusers does not have)."""
+    import diffusers
+
+    return tuple(getattr(getattr(diffusers, pipeline_class or "", None), "_optional_components", ()))
 
 
 def check_pipeline_output(out_dir: str, overwrite: bool, sources: list[str]) -> None:
