@@ -151,14 +151,14 @@ def _stub(tmp_path, command: str, calls) -> str:
     return str(bin_dir)
 
 
-def _preemptible(tmp_path, step: str) -> tuple[str, str]:
-    """``run_preemptible`` on ``bash -c STEP`` in a batch shell that gets SIGUSR1 (the time-limit
-    warning) once the step has written ``$READY``; ``scontrol`` is a stub that records its
-    arguments. No SLURM needed."""
+def _preemptible(tmp_path, step: str, signals: str = "kill -USR1 $$") -> tuple[str, str]:
+    """``run_preemptible`` on ``bash -c STEP`` in a batch shell that gets ``signals`` (by default
+    SIGUSR1, the time-limit warning) once the step has written ``$READY``; ``scontrol`` is a stub
+    that records its arguments. No SLURM needed."""
     calls, ready = tmp_path / "scontrol.calls", tmp_path / "ready"
     bin_dir = _stub(tmp_path, "scontrol", calls)
     shell = (f"source {os.path.join(ROOT, 'examples', 'slurm', 'preemptible.sh')}; "
-             f"(while [ ! -e {ready} ]; do sleep 0.1; done; kill -USR1 $$) & run_preemptible bash -c {step!r}")
+             f"(while [ ! -e {ready} ]; do sleep 0.1; done; {signals}) & run_preemptible bash -c {step!r}")
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", READY=str(ready))
     proc = subprocess.run(["bash", "-c", shell], env=env, capture_output=True, text=True, timeout=60)
     return proc.stdout, calls.read_text() if calls.exists() else ""
@@ -173,6 +173,15 @@ def test_preemptible_requeues_a_stopped_step_but_not_one_that_finished(tmp_path)
     out, calls = _preemptible(tmp_path / "finished", 'trap "" USR1; touch $READY; sleep 1; exit 0')
     assert "stop signal: forwarding SIGUSR1" in out and "training step done" in out, out
     assert "requeueing" not in out and calls == "", out
+
+
+def test_preemptible_does_not_requeue_a_job_cancelled_after_the_time_limit_warning(tmp_path):
+    """scancel (SIGTERM) while the step saved for the time-limit warning: the job the user had just
+    cancelled was requeued (the warning's requeue stood)."""
+    out, calls = _preemptible(tmp_path, 'trap "sleep 1; exit 75" USR1; touch $READY; sleep 9 >/dev/null 2>&1 & wait $!',
+                              "kill -USR1 $$; sleep 0.3; kill -TERM $$")
+    assert "stop signal: forwarding SIGUSR1" in out and "SIGTERM: forwarding SIGUSR1" in out, out
+    assert "stopped after saving a checkpoint (exit 75)" in out and "requeueing" not in out and calls == "", out
 
 
 def test_sample_sbatch_runs_without_ntasks(tmp_path):

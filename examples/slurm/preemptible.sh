@@ -7,14 +7,15 @@
 # (exit 75; under adm_megatron.launch, torchrun's, 128 + the signal) requeues itself (scontrol requeue, with #SBATCH --requeue); the next start
 # runs the same command and train.resume=auto goes on from that checkpoint. A step that finished the
 # run anyway (exit 0: the signal came during its last iterations) is not requeued. A TERM (scancel,
-# or preemption, which SLURM requeues by itself) only saves.
+# or preemption, which SLURM requeues by itself) only saves, also when it comes after the time-limit
+# warning (a job cancelled while its step saves for the time limit stays cancelled).
 
 run_preemptible() {
     local requeue=0 signalled=0 rc=0
     "$@" &
     local step=$!
     trap 'requeue=1; signalled=1; echo "[$(date +%T)] stop signal: forwarding SIGUSR1 to the training step"; kill -USR1 "$step" 2>/dev/null' USR1
-    trap 'signalled=1; echo "[$(date +%T)] SIGTERM: forwarding SIGUSR1 to the training step"; kill -USR1 "$step" 2>/dev/null' TERM
+    trap 'requeue=0; signalled=1; echo "[$(date +%T)] SIGTERM: forwarding SIGUSR1 to the training step"; kill -USR1 "$step" 2>/dev/null' TERM
     while true; do
         wait "$step"
         rc=$?
