@@ -535,13 +535,15 @@ def test_a_resume_from_another_live_run_holds_its_checkpoint_until_loaded(pipeli
     assert not os.path.isdir(chosen)
 
 
-@pytest.mark.parametrize("changed", ["weights", "schedule"])
+@pytest.mark.parametrize("changed", ["weights", "schedule", "generator_init"])
 def test_a_run_resumed_with_its_teacher_replaced_is_refused_in_one_line(changed, cogvideox_pipeline, tmp_path):
     """The teacher is read from ``model.teacher`` at every start, never from a checkpoint: its weights or
     its noise schedule replaced between two starts (a newer hub snapshot, a re-converted checkpoint)
     changed the real score and the discriminator's backbone for the rest of the run without a word. A
     checkpoint records their fingerprints, and a resume over other files is refused in one line before
-    anything is built (train/input_identity.py)."""
+    anything is built (train/input_identity.py). So is ``model.generator_init`` (a LoRA generator's
+    base, read at every start): replaced, the run went on and recorded the new files' fingerprint, so
+    sampling its adapters on the wrong base passed the check meant to refuse it."""
     from safetensors.torch import save_file
     from tiny_runs import tiny_fp64_run
 
@@ -551,18 +553,20 @@ def test_a_run_resumed_with_its_teacher_replaced_is_refused_in_one_line(changed,
     from adm_megatron.train.trainer import Trainer
 
     teacher = shutil.copytree(cogvideox_pipeline, tmp_path / "teacher")
+    init = shutil.copytree(cogvideox_pipeline + "/transformer", tmp_path / "init")
     out = tmp_path / "run"
+    inputs = [f"model.teacher={teacher}", *([f"model.generator_init={init}"] if changed == "generator_init" else [])]
 
     def trainer(iterations: int) -> Trainer:
-        return Trainer(load_config(None, [f"model.teacher={teacher}", f"output_dir={out}", *tiny_fp64_run(iterations)]))
+        return Trainer(load_config(None, [*inputs, f"output_dir={out}", *tiny_fp64_run(iterations)]))
 
     try:
         assert trainer(1).fit().trained == 1
         destroy_parallel()
         trainer(2)  # the same teacher: it goes on
         destroy_parallel()
-        if changed == "weights":
-            (file,) = weight_files(str(teacher / "transformer"))
+        if changed in ("weights", "generator_init"):
+            (file,) = weight_files(str(teacher / "transformer" if changed == "weights" else init))
             weights = load_file(file)
             save_file({k: v * 1.001 for k, v in weights.items()}, file)
         else:  # another beta schedule in the same directory
@@ -574,10 +578,14 @@ def test_a_run_resumed_with_its_teacher_replaced_is_refused_in_one_line(changed,
         destroy_parallel()
     message = str(err.value)
     state = json.loads((out / "checkpoints" / "iter_0000001" / "trainer_state.json").read_text())
-    key, what = ("teacher", "the teacher's weights") if changed == "weights" else ("schedule", "the noise schedule (scheduler/)")
+    key, what, named = {
+        "weights": ("teacher", "the teacher's weights", f"model.teacher={str(teacher)!r}"),
+        "schedule": ("schedule", "the noise schedule (scheduler/)", f"model.teacher={str(teacher)!r}"),
+        "generator_init": ("generator_init", "the generator's initial weights (a LoRA generator's frozen base)",
+                           f"model.generator_init={str(init)!r}")}[changed]
     assert "\n" not in message and message.startswith(
         f"{out / 'checkpoints' / 'iter_0000001' / 'trainer_state.json'}: the run was trained with {what} of "
-        f"fingerprint {state['weights'][key][:12]}, model.teacher={str(teacher)!r} now has "), message
+        f"fingerprint {state['weights'][key][:12]}, {named} now has "), message
     assert message.endswith(" (its files changed since); a run cannot change them: restore them, or start a new run "
                             "(a new output_dir)"), message
     if changed == "weights":

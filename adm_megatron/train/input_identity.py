@@ -10,11 +10,11 @@ manifest shard list hashed: names, rows and SHA-256s), and a resume compares it 
 now, in one line, before anything is built.
 
 Frozen files: the teacher (the real score and the discriminator's backbone), its noise schedule,
-and ADP's pixel encoder and VAE are read from their directories at every start, never from a
-checkpoint, so a directory replaced between two starts (a newer snapshot in the hub cache, a
+``model.generator_init`` (a LoRA generator's frozen base) and ADP's pixel encoder and VAE are read
+from their directories at every start, never from a checkpoint, so a directory replaced between two starts (a newer snapshot in the hub cache, a
 re-converted checkpoint) would change the rest of the run silently. Each checkpoint records their
-fingerprints (``adm_megatron/file_fingerprint.py``; ``trainer_state.json``'s ``weights``, with
-``model.generator_init``'s), a resume compares them, and an exported generator's ``distillation.json``
+fingerprints (``adm_megatron/file_fingerprint.py``; ``trainer_state.json``'s ``weights``), a resume
+compares them, and an exported generator's ``distillation.json``
 carries them, so that sampling a LoRA generator can tell that the transformer under its adapters is
 not the one they were trained on (``models/generator_source.py``). Checkpoints from before a record
 have none and are not compared.
@@ -80,6 +80,7 @@ def weights_identity(config: Config, teacher_source) -> dict:
 
 # what a resume compares: record key -> what it is
 _FROZEN = {"teacher": "the teacher's weights", "schedule": "the noise schedule (scheduler/)",
+           "generator_init": "the generator's initial weights (a LoRA generator's frozen base)",
            "pixel_encoder": "the pixel encoder", "vae": "the VAE (vae/)"}
 
 
@@ -88,6 +89,8 @@ def _named(key: str, config: Config) -> str:
     m = config.model
     if key == "pixel_encoder":
         return f"distill.pixel_encoder_path={config.distill.pixel_encoder_path!r}"
+    if key == "generator_init":
+        return f"model.generator_init={m.generator_init!r}"
     if key in ("schedule", "vae") and m.pipeline:
         return f"model.pipeline={m.pipeline!r}"
     return f"model.teacher={m.teacher!r}"
