@@ -8,8 +8,9 @@ Shards already on disk are skipped, so a killed collection resumes where it stop
 duplicates or misses a pair; a shard lost or cut since (a partial copy) is collected again, also in
 a finished collection, and with ``verify`` one whose SHA-256 differs from the manifest's.
 ``collection.json`` (the settings, written first) must match on resume; ``manifest.json`` (with
-each shard's SHA-256) is written last, once every shard exists. One collection at a time writes an
-``out_dir`` (the run lock, ``parallel/run_lock.py``)."""
+each shard's SHA-256) is written last, once every shard exists, keeping a finished collection's
+entries of the shards not collected again (a copy corrupted since stays one that ``verify`` finds).
+One collection at a time writes an ``out_dir`` (the run lock, ``parallel/run_lock.py``)."""
 
 from __future__ import annotations
 
@@ -136,21 +137,36 @@ def _check_out_dir(out_dir: str, settings: dict) -> bool:
     return not damaged
 
 
-def _verify_shards(out_dir: str, shards) -> dict[int, str]:
-    """Compare the SHA-256s of ``shards`` (indices) of a finished collection with its manifest's:
-    those that differ are removed (to be collected again, with a warning), the others' returned."""
-    recorded = {s["file"]: s["sha256"] for s in read_json_object(os.path.join(out_dir, MANIFEST))["shards"]}
-    good = {}
+def _recorded_shards(out_dir: str) -> dict[str, dict]:
+    """The manifest's entry (file, rows, SHA-256) of each shard, by file name; none without a readable
+    manifest (a collection never finished, or a cut one, written again: its shards hashed from disk)."""
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        shards = read_json_object(path)["shards"]
+    except ValueError:  # warned of by _check_out_dir
+        return {}
+    return {s["file"]: s for s in shards}
+
+
+def _verify_shards(out_dir: str, shards, recorded: dict[str, dict]) -> None:
+    """Remove those of ``shards`` (indices) of a finished collection whose SHA-256 differs from the
+    manifest's (``recorded``), with a warning: they are collected again."""
     for i in shards:
         path = os.path.join(out_dir, shard_name(i))
-        digest = sha256(path)
-        if digest == recorded.get(shard_name(i)):
-            good[i] = digest
-        else:
+        digest, expected = sha256(path), recorded.get(shard_name(i), {}).get("sha256")
+        if digest != expected:
             logger.warning("%s: SHA-256 %s, the manifest says %s (a corrupted copy?); collecting it again", path,
-                           digest, recorded.get(shard_name(i)))
+                           digest, expected)
             os.remove(path)
-    return good
+
+
+def _shard_entry(out_dir: str, index: int, rows: int, recorded: dict | None) -> dict:
+    """Shard ``index``'s manifest entry: the one ``recorded`` for it, else its file hashed."""
+    if recorded is not None:
+        return recorded
+    return {"file": shard_name(index), "rows": rows, "sha256": sha256(os.path.join(out_dir, shard_name(index)))}
 
 
 def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: int = 256,
@@ -192,7 +208,10 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     lock = RunLock(out_dir, info.rank == 0, "--out", "collect-ode")
     n_shards = math.ceil(num_pairs / shard_size)
     writer = info.tp_rank == 0 and info.cp_rank == 0
-    hashes = _verify_shards(out_dir, range(info.dp_rank, n_shards, info.dp_size)) if finished and writer else {}
+    # read before anything is removed or written: the shards not collected again keep their entries
+    recorded = _recorded_shards(out_dir)
+    if finished and writer:
+        _verify_shards(out_dir, range(info.dp_rank, n_shards, info.dp_size), recorded)
     if finished and dist.is_initialized():
         dist.barrier()  # every rank's corrupted shards removed before rank 0 looks for cut ones
     if info.rank == 0:
@@ -249,16 +268,17 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
         logger.info("rank %d: %d pairs in %.1fs (%.2f pairs/s)", info.rank, done, time.perf_counter() - start,
                     done / (time.perf_counter() - start))
     # each data-parallel rank's writer hashes its own shards (every rank hashing every shard read the
-    # whole collection once per rank: 0.9 TB times the world size for 100,000 CogVideoX pairs)
-    hashes = {i: hashes.get(i) or sha256(os.path.join(out_dir, shard_name(i)))  # (those verified above: read once)
-              for i in range(info.dp_rank, n_shards, info.dp_size)} if writer else {}
+    # whole collection once per rank: 0.9 TB times the world size for 100,000 CogVideoX pairs); a shard
+    # not collected again keeps the manifest's entry: hashed again, a copy corrupted in place since
+    # would be recorded as good, and --verify could no longer find it
+    entries = {i: _shard_entry(out_dir, i, min(shard_size, num_pairs - i * shard_size),
+                               None if i in mine else recorded.get(shard_name(i)))
+               for i in range(info.dp_rank, n_shards, info.dp_size)} if writer else {}
     if dist.is_initialized():
         shares = [None] * dist.get_world_size()
-        dist.all_gather_object(shares, hashes)
-        hashes = {i: digest for share in shares for i, digest in share.items()}
-    manifest = {**settings, "shards": [
-        {"file": shard_name(i), "rows": min(shard_size, num_pairs - i * shard_size), "sha256": hashes[i]}
-        for i in range(n_shards)]}
+        dist.all_gather_object(shares, entries)
+        entries = {i: entry for share in shares for i, entry in share.items()}
+    manifest = {**settings, "shards": [entries[i] for i in range(n_shards)]}
     if info.rank == 0:
         write_json_atomically(os.path.join(out_dir, MANIFEST), manifest)
     if dist.is_initialized():

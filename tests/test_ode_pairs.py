@@ -275,6 +275,32 @@ def test_a_finished_collection_with_a_lost_or_cut_shard_collects_those_again(ref
     assert (out / MANIFEST).read_bytes() == open(os.path.join(reference, MANIFEST), "rb").read()
 
 
+def test_a_repair_keeps_the_manifests_hash_of_a_shard_corrupted_since(reference, pipeline_dir, tmp_path,
+                                                                     world_of_one):
+    """A rerun that collected a cut shard again wrote the manifest from fresh SHA-256s of every shard
+    on disk: one corrupted in place (its size kept) became good, and --verify no longer found it."""
+    import shutil
+
+    from adm_megatron.cli import main
+
+    out = tmp_path / "pairs"
+    shutil.copytree(reference, out)
+    with open(out / shard_name(1), "r+b") as f:  # corrupted in place
+        f.seek(-16, os.SEEK_END)
+        f.write(b"\x7f" * 16)
+    os.truncate(out / shard_name(2), 1000)  # cut
+    corrupted = (out / shard_name(1)).read_bytes()
+    kept = {i: os.stat(out / shard_name(i)).st_mtime_ns for i in (0, 1)}
+    assert main(_command(pipeline_dir, out)[3:]) == 0
+    assert {i: os.stat(out / shard_name(i)).st_mtime_ns for i in (0, 1)} == kept  # shard 2 alone collected
+    assert (out / shard_name(1)).read_bytes() == corrupted
+    assert (out / MANIFEST).read_bytes() == open(os.path.join(reference, MANIFEST), "rb").read()
+    assert OdePairs(str(out)).verify() == [shard_name(1)]
+    assert main([*_command(pipeline_dir, out)[3:], "--verify"]) == 0
+    assert _shards(out) == _shards(reference)
+    assert (out / MANIFEST).read_bytes() == open(os.path.join(reference, MANIFEST), "rb").read()
+
+
 def test_a_second_collection_into_a_held_out_dir_is_refused_in_one_line(reference, pipeline_dir, tmp_path,
                                                                        world_of_one, capsys):
     """The same collection job submitted twice: the second one's rank 0 removed the first one's shards
