@@ -10,7 +10,8 @@ mapping (PyYAML alone keeps the last), NaN or infinite numbers (refused as they 
 takes them), and YAML 1.1's readings of unquoted ``off`` / ``yes`` / ``2024`` where a string is
 expected (the message shows the value as written and how to quote it, or, for a key of fixed
 values, which they are). An override given twice
-takes the last, as in Hydra.
+takes the last, as in Hydra; an empty one (``model.generator_init=``) sets a string key whose
+default is '' back to '' (``_clears``).
 """
 
 from __future__ import annotations
@@ -562,7 +563,18 @@ def _apply(obj: Any, values: dict, prefix: str, source: str) -> None:
                 raise ConfigError(f"{source}: {dotted} must be a mapping, got {value!r}")
             _apply(current, value, dotted + ".", source)
         else:
-            setattr(obj, key, _coerce(value, hints[key], dotted, source, getattr(values, "written", {}).get(key)))
+            written = getattr(values, "written", {}).get(key)
+            if _clears(obj, key, value, written, source):
+                value = ""
+            setattr(obj, key, _coerce(value, hints[key], dotted, source, written))
+
+
+def _clears(obj: Any, key: str, value: Any, written: str | None, source: str) -> bool:
+    """Whether ``value`` is an empty command-line value (``model.generator_init=``, which YAML reads as
+    null) for a string key whose default is '': it sets the key back to '', clearing what a config
+    file set. Where '' is no default (``output_dir=``) the empty value is refused as such."""
+    default = next(f.default for f in dataclasses.fields(obj) if f.name == key)
+    return source == "command line" and value is None and written == "" and default == ""
 
 
 def _nest(dotted: str, value: Any, written: str) -> dict:

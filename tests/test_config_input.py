@@ -158,6 +158,19 @@ def test_a_files_yaml_11_values_are_shown_as_written(text, message, tmp_path):
     assert str(err.value) == f"{config}: {message}"
 
 
+def test_an_empty_value_clears_a_string_key_whose_default_is_empty(capsys):
+    """A key a config file set could not be cleared on the command line: ``model.generator_init=``
+    (YAML reads the empty text as null) was refused as empty though the key's default is ''. Where ''
+    is no default (``output_dir=``, above) it is still refused."""
+    stage2 = os.path.join(ROOT, "examples", "cogvideox", "dmdx_stage2_adm.yaml")
+    assert load_config(stage2).model.generator_init
+    config = load_config(stage2, ["model.generator_init=", "logging.wandb_name= ", "model.pipeline="])
+    assert (config.model.generator_init, config.logging.wandb_name, config.model.pipeline) == ("", "", "")
+    assert config.where("model.generator_init") == "command line"
+    assert main(["train", "--config", stage2, "model.generator_init=", "--print-config"]) == 0
+    assert "  generator_init: ''\n" in capsys.readouterr().out
+
+
 def test_quoted_the_values_are_strings():
     config = load_config(None, ['model.teacher="yes"', "output_dir='2024'", 'model.lora.target_modules=[to_q, "on"]'])
     assert (config.model.teacher, config.output_dir, config.model.lora.target_modules) == ("yes", "2024", ["to_q", "on"])
