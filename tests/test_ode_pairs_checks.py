@@ -161,8 +161,19 @@ def test_a_method_that_reads_no_pairs_does_not_check_them(cogvideox_pipeline, tm
     """data.real_path under ADM is only warned of at the start (one base config serves several
     methods): it was then refused for the pairs it does not read."""
     _validate(cogvideox_pipeline, str(tmp_path / "absent"), "distill.method=adm")
-    with pytest.raises(ConfigError, match="no manifest.json"):
+    with pytest.raises(ConfigError, match="does not exist"):
         _validate(cogvideox_pipeline, str(tmp_path / "absent"))
+
+
+def test_pairs_that_are_not_there_are_refused_as_such(cogvideox_pipeline, tmp_path):
+    """A data.real_path that does not exist was refused as "no manifest.json (not an ODE-pair
+    directory, or an unfinished collection ...)"."""
+    absent = str(tmp_path / "absent")
+    assert _refusal(cogvideox_pipeline, absent) == (
+        f"data.real_path={absent!r}: does not exist (expected an ODE-pair directory from adm-megatron collect-ode)")
+    os.makedirs(absent)
+    assert "no manifest.json (not an ODE-pair directory, or an unfinished collection" in \
+        _refusal(cogvideox_pipeline, absent)
 
 
 def test_pairs_of_other_prompts_are_refused_in_one_line(cogvideox_pipeline, pairs, prompts, tmp_path):

@@ -277,7 +277,7 @@ def test_a_phase_that_trains_two_networks_is_skipped_whole(pipeline_dir, real_pa
         (["distill.head_every=3"], "distill.head_every=3: the teacher has only 2 blocks"),
         (["distill.method=gan"], "distill.method='gan': expected one of adm, dmd, dmd2"),
         (["distill.method=dmd2"], "distill.method=dmd2 needs data.real_path"),
-        (["distill.method=dmd2", "data.real_path=/nonexistent"], "data.real_path='/nonexistent': no manifest.json"),
+        (["distill.method=dmd2", "data.real_path=/nonexistent"], "data.real_path='/nonexistent': does not exist"),
         (["distill.dmd_t_range=[0.5, 0.2]"], "distill.dmd_t_range=[0.5, 0.2]: expected 0 <= low < high <= 1"),
         (["model.teacher=/nonexistent"], "model.teacher='/nonexistent': directory not found"),
         (["train.max_iterations=0"], "train.max_iterations=0: must be >= 1"),

@@ -95,6 +95,9 @@ class OdePairs:
     def __init__(self, path: str, key: str = "data.real_path"):
         self.path = path
         manifest = os.path.join(path, MANIFEST)
+        if not os.path.exists(path):
+            raise ValueError(f"{key}={path!r}: does not exist (expected an ODE-pair directory from "
+                             "adm-megatron collect-ode)")
         if not os.path.isfile(manifest):
             raise ValueError(f"{key}={path!r}: no {MANIFEST} (not an ODE-pair directory, or an "
                              "unfinished collection: rerun tools/collect_ode_pairs.py to finish it)")
