@@ -233,6 +233,8 @@ def test_bench_refuses_a_bad_run_key_before_writing_a_preset(tmp_path, world_of_
     ("data.batch_size=4", "data.batch_size=4: the bench sets data.batch_size itself; use --batch"),
     ("model.dtype=fp64", "model.dtype=fp64: the bench sets model.dtype itself; use --dtype"),
     ("train.export=true", "train.export=true: the bench sets train.export itself"),
+    # an ADM run's prompts are synthetic: no prompt embeddings to provide
+    ("data.source=shards", "data.source=shards: the bench sets data.source itself"),
 ])
 def test_bench_refuses_keys_it_sets_from_its_flags(override, expected, world_of_one, capsys, monkeypatch):
     """Such an override reached the iteration section alone: its rows ran at another batch, size or
@@ -292,6 +294,35 @@ def test_bench_runs_an_sd3_pipeline(sd3_pipeline, tmp_path, world_of_one, monkey
     assert evaluations["generator"]["teacher"] == {"calls": 1, "samples": 4}  # CFG batched
     assert evaluations["discriminator"] == {"teacher.features": {"calls": 1, "samples": 2}}
     assert all(row["median_s"] > 0 and row["tflops_per_s"] > 0 for row in result["adm"]["phases"].values())
+
+
+def test_bench_times_adp_on_teacher_ode_pairs_of_the_runs_own_prompts(cogvideox_pipeline, tmp_path, world_of_one):
+    """The bench set synthetic prompts for every method, so the trainer refused ADP's (and DMD2's)
+    pairs collected on the run's prompt embeddings ("manifest prompts.source='shards', the run's
+    data.source='synthetic'"), and data.source=shards was refused as a key the bench sets: a method
+    that reads pairs keeps the run's prompts."""
+    from adm_megatron.cli import main
+    from adm_megatron.data.text_embeddings import write_embedding_shards
+    from adm_megatron.data.tiny_pipeline import MAX_TEXT_LENGTH
+    from adm_megatron.parallel import destroy_parallel
+
+    prompts = write_embedding_shards(str(tmp_path / "prompts"), [f"prompt {i}" for i in range(3)],
+                                     torch.randn(3, MAX_TEXT_LENGTH, TRANSFORMER["text_embed_dim"]),
+                                     torch.zeros(MAX_TEXT_LENGTH, TRANSFORMER["text_embed_dim"]), shard_size=2)
+    run = ["data.source=shards", f"data.path={prompts}", "distill.head_every=1", "distill.head_hidden=16"]
+    pairs = str(tmp_path / "pairs")
+    try:
+        assert main(["collect-ode", "--out", pairs, "--num-pairs", "4", "--steps", "1", "--no-progress",
+                     f"model.teacher={cogvideox_pipeline}", "data.frames=2", "data.height=4", "data.width=4",
+                     *run]) == 0
+    finally:
+        destroy_parallel()
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", cogvideox_pipeline, "--repeats", "1", "--warmup", "0", "--checkpoint-repeats",
+                 "0", "--frames", "2", "--height", "4", "--width", "4", "--batch", "2", "--out", str(out), *run,
+                 "distill.method=adp", f"data.real_path={pairs}", "distill.pixel_weight=0"]) == 0
+    adp = json.loads(out.read_text())["adm"]
+    assert adp["method"] == "adp" and set(adp["phases"]) == {"generator", "discriminator", "iteration"}
 
 
 def test_training_reports_its_throughput_with_the_benchmarks_flop_count(tmp_path, world_of_one):
@@ -440,7 +471,7 @@ def test_bench_counts_a_lora_generator_and_records_its_settings(sd3_pipeline, tm
     gradients of the generator's call and gains its adapters 3x, the fake score phase (the generator
     under no_grad) gains them 1x, the discriminator phase is unchanged; the result records the LoRA
     settings (None for a full fine-tune)."""
-    from adm_megatron.bench.adm_iteration import measure_iterations, trainer_overrides
+    from adm_megatron.bench.adm_iteration import measure_iterations, synthetic_prompts, trainer_overrides
     from adm_megatron.bench.dit import LatentShape
     from adm_megatron.models.sd3_config import SD3Arch
 
@@ -448,7 +479,8 @@ def test_bench_counts_a_lora_generator_and_records_its_settings(sd3_pipeline, tm
     lora = "model.lora={rank: 4, alpha: 8, target_modules: [%s]}" % ", ".join(SD3_LORA_TARGETS)
     result = {}
     for name, extra in (("full", []), ("lora", [lora])):
-        overrides = trainer_overrides(f"{sd3_pipeline}/transformer", sd3_pipeline, str(tmp_path / name), shape, "fp32")
+        overrides = [*trainer_overrides(f"{sd3_pipeline}/transformer", sd3_pipeline, str(tmp_path / name), shape,
+                                        "fp32"), *synthetic_prompts(shape.batch)]
         result[name] = measure_iterations(None, [*overrides, "distill.generator_steps=1", "distill.head_every=1",
                                                  "distill.head_hidden=16", *extra], repeats=1, warmup=0)
     arch = SD3Arch.from_pretrained_dir(f"{sd3_pipeline}/transformer")

@@ -2,7 +2,8 @@
 
 A :class:`~adm_megatron.train.trainer.Trainer` is built from a teacher transformer directory and a
 pipeline directory that holds only the scheduler (written here with the model family's reference
-scheduler unless the model came as a whole pipeline), on synthetic prompts at the benchmark's latent size. Its
+scheduler unless the model came as a whole pipeline), at the benchmark's latent size, on synthetic prompts
+unless the method reads teacher ODE pairs (:func:`synthetic_prompts`). Its
 ``PhaseRunner.run`` is wrapped so each phase is synchronised, timed and labelled for the trainer's
 own :class:`~adm_megatron.bench.counting.EvalCounter` (``Trainer.flops``); ``train_iteration`` is then
 called as in training. Everything else (the config, overrides, the method) is the trainer's own.
@@ -41,14 +42,21 @@ def write_scheduler_pipeline(out_dir: str, family) -> str:
 
 
 def trainer_overrides(teacher: str, pipeline: str, output_dir: str, shape, dtype: str) -> list[str]:
-    """The run the benchmark times: synthetic prompts, the latent shape, no logging or export."""
+    """The run the benchmark times: the latent shape, no logging or export (its prompts:
+    :func:`synthetic_prompts`)."""
     return [
         f"model.teacher={teacher}", f"model.pipeline={pipeline}", f"output_dir={output_dir}",
-        f"model.dtype={dtype}", "data.source=synthetic", f"data.num_prompts={max(4, shape.batch)}",
-        f"data.batch_size={shape.batch}", f"data.frames={shape.frames}", f"data.height={shape.height}",
-        f"data.width={shape.width}", "train.export=false", "train.num_samples=0",
+        f"model.dtype={dtype}", f"data.batch_size={shape.batch}", f"data.frames={shape.frames}",
+        f"data.height={shape.height}", f"data.width={shape.width}", "train.export=false", "train.num_samples=0",
         "logging.wandb_mode=disabled", "logging.progress=false",
     ]
+
+
+def synthetic_prompts(batch: int) -> list[str]:
+    """The prompts of a benchmarked run whose method reads no teacher ODE pairs: synthetic, so no
+    prompt embeddings are needed. A method that reads pairs (dmd2, adp) keeps the run's own prompts:
+    its pairs (data.real_path) were collected on them, and the trainer refuses pairs of other prompts."""
+    return ["data.source=synthetic", f"data.num_prompts={max(4, batch)}"]
 
 
 class TimedPhases:

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adm_megatron.bench.adm_iteration import measure_iterations, trainer_overrides, write_scheduler_pipeline
+from adm_megatron.bench.adm_iteration import (measure_iterations, synthetic_prompts, trainer_overrides,
+                                              write_scheduler_pipeline)
 from adm_megatron.bench.dit import LatentShape, build_pair
 from adm_megatron.bench.kernel_profile import format_comparison, profile_call
 from adm_megatron.bench.report import environment, format_table, peak_tflops
 from adm_megatron.bench.timing import alternating
-from adm_megatron.config import FP8_TE_RECIPES, Config, ModelConfig, load_config
+from adm_megatron.config import FP8_TE_RECIPES, METHOD_KEYS, Config, ModelConfig, load_config
 from adm_megatron.families import family_for_preset, family_of_model_dir, preset_names
 from adm_megatron.hub_cache import local_dir, not_found_hint
 from adm_megatron.models.attention_backend import auto_choices, forget_auto_choices
@@ -145,20 +146,38 @@ OWN_FLAGS = {"data.batch_size": "--batch", "data.frames": "--frames", "data.heig
              "model.pipeline": "--model"}
 
 
+def _refuse_own_keys(own: list[str], overrides: list[str]) -> None:
+    """A user override of a key the bench sets (one of ``own``), refused in one line: it would reach
+    the iteration section only, unlike the DiT section and the JSON."""
+    set_here = {item.partition("=")[0] for item in own}
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in set_here:
+            flag = OWN_FLAGS.get(key)
+            raise ValueError(f"{item}: the bench sets {key} itself" + (f"; use {flag}" if flag else ""))
+
+
+def run_overrides(opts: BenchOptions, teacher: str, pipeline: str, output_dir: str, shape: LatentShape) -> list[str]:
+    """The trainer's overrides: the bench's own keys (its model, latent shape, dtype and block spec,
+    and synthetic prompts unless the run's method reads teacher ODE pairs), then the user's."""
+    own = [*trainer_overrides(teacher, pipeline, output_dir, shape, opts.dtype), f"model.impl={opts.impl}"]
+    _refuse_own_keys(own, opts.overrides)
+    prompts = synthetic_prompts(shape.batch)
+    # the run's method (read with the bench's prompts last: the config's own need not be usable)
+    method = load_config(opts.config, [*own, *opts.overrides, *prompts]).distill.method
+    if method not in METHOD_KEYS["data.real_path"]:  # reads no ODE pairs (dmd2 and adp do)
+        _refuse_own_keys(prompts, opts.overrides)
+        own += prompts
+    return [*own, *opts.overrides]
+
+
 def check_run_keys(opts: BenchOptions) -> None:
     """The run config and its key=value overrides, refused in one line before a preset's random
     weights are written (minutes at real size): the keys the bench sets from the model (its
     directories and latent shape) are stand-ins here, replaced once the model is written."""
     shape = LatentShape(opts.batch, opts.frames or 1, opts.height or 1, opts.width or 1)
     pending = "(written by the bench)"
-    own = [*trainer_overrides(pending, pending, pending, shape, opts.dtype), f"model.impl={opts.impl}"]
-    set_here = {item.partition("=")[0] for item in own}
-    for item in opts.overrides:  # they would reach the iteration section only, unlike the DiT section and the JSON
-        key = item.partition("=")[0].strip()
-        if key in set_here:
-            flag = OWN_FLAGS.get(key)
-            raise ValueError(f"{item}: the bench sets {key} itself" + (f"; use {flag}" if flag else ""))
-    load_config(opts.config, [*own, *opts.overrides])
+    load_config(opts.config, run_overrides(opts, pending, pending, pending, shape))
 
 
 def run_bench(opts: BenchOptions) -> dict:
@@ -178,8 +197,7 @@ def run_bench(opts: BenchOptions) -> dict:
         real = LatentShape.native(arch, opts.batch)
         shape = LatentShape(opts.batch, *(real_size if size is None else size for size, real_size in (
             (opts.frames, real.frames), (opts.height, real.height), (opts.width, real.width))))
-        overrides = [*trainer_overrides(transformer, pipeline, os.path.join(workdir, "run"), shape, opts.dtype),
-                     f"model.impl={opts.impl}", *opts.overrides]
+        overrides = run_overrides(opts, transformer, pipeline, os.path.join(workdir, "run"), shape)
         config = load_config(opts.config, overrides)  # the DiT section builds ours with its model keys too
         check_kernel_options(config.model, arch.attention_head_dim)
         # the trainer's own checks (distill.head_every against the blocks, ...) before the DiT section
