@@ -201,17 +201,20 @@ def _bench(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from adm_megatron.data.prompt_file import read_prompt_file
     from adm_megatron.hub_cache import local_dir
-    from adm_megatron.sampling import SampleRun, format_timing, generator_steps, sample, teacher_dir, teacher_guidance
+    from adm_megatron.parallel.startup import FailedElsewhere
+    from adm_megatron.sample_options import check_sample_options
 
     try:
         if args.samples_per_prompt < 1:
             raise ValueError(f"--samples-per-prompt {args.samples_per_prompt}: expected >= 1")
-        if args.teacher_steps < 0:
-            raise ValueError(f"--teacher-steps {args.teacher_steps}: expected >= 1, or 0 for no teacher")
-        args.pipeline = local_dir(args.pipeline, "--pipeline")  # a repo id: its snapshot in the local hub cache
-        args.generator = local_dir(args.generator, "--generator")
         prompts = args.prompt + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
         prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]  # sample i: its own seed + i
+        check_sample_options(args, len(prompts))  # before the imports below (megatron-core: seconds)
+        from adm_megatron.sampling import (SampleRun, format_timing, generator_steps, sample, teacher_dir,
+                                           teacher_guidance)
+
+        args.pipeline = local_dir(args.pipeline, "--pipeline")  # a repo id: its snapshot in the local hub cache
+        args.generator = local_dir(args.generator, "--generator")
         runs = [SampleRun("generator", args.generator, generator_steps(args.generator, args.steps), args.guidance_scale)]
         if args.teacher_steps:
             runs.append(SampleRun("teacher", teacher_dir(args.pipeline, args.generator), args.teacher_steps,
@@ -368,10 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="In one run, alternating, medians of --repeats timings: our megatron DiT's forward "
         "and forward+backward and the same through the family's diffusers transformer with the same "
         "weights, dtype and inputs; then each phase and the whole iteration of a distillation through "
-        "the trainer (ADM unless distill.method=... is given), with analytic model FLOPs, TFLOP/s, MFU "
+        "the trainer (ADM unless distill.method=... is given; on synthetic prompts, but dmd2 and adp read "
+        "teacher ODE pairs, data.real_path, and keep the run's prompts, those the pairs were collected on: "
+        "the pairs must be of the --model directory's teacher at the bench's latent size), with analytic "
+        "model FLOPs, TFLOP/s, MFU "
         "(needs a known card or --peak-tflops), peak memory (GPU) and network evaluations per phase; "
         "then how long a checkpoint of that run stops training, synchronous and in the background "
-        "(train.async_save). Random weights; prints a table, writes JSON with --out.",
+        "(train.async_save). A preset has random weights (--seed); prints a table, writes JSON with --out.",
     )
     bench.add_argument("--model", required=True,
                        help=" | ".join(preset_names("bench")) + " (real shapes, random weights) or a diffusers "
@@ -400,13 +406,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "kernel kind (attention, GEMM, normalisation, copies, ...) and the heaviest kernels, the "
                             "DiTs side by side; the iteration's kernel time against its wall time")
     bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--config", default=None, help="a run config for the trainer (model and data keys are set by bench)")
+    bench.add_argument("--config", default=None,
+                       help="a run config for the trainer (the bench sets its model, dtype, latent size and batch, "
+                       "and its prompts unless the method reads ODE pairs)")
     bench.add_argument("--out", default=None, help="write the result as JSON here (a new file, unless --overwrite)")
     bench.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     bench.add_argument("overrides", nargs="*", metavar="key=value",
                        help="trainer overrides, e.g. distill.generator_steps=8 distill.head_every=3 "
                        "model.attention_backend=auto model.fp8=hybrid (the keys the bench sets from its flags -- "
-                       "data.batch_size / frames / height / width, model.dtype / impl -- are refused: use the flags)")
+                       "data.batch_size / frames / height / width, model.dtype / impl -- are refused: use the "
+                       "flags; so are data.source / num_prompts under a method that reads no ODE pairs)")
     bench.set_defaults(func=_bench)
     samp = sub.add_parser(
         "sample",
@@ -416,7 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
         "schedule and at its size (both from the distillation.json the trainer exports beside it, or "
         "--steps / --height / --width / --num-frames), and with "
         "the teacher at --teacher-steps (the pipeline's own transformer, or the transformer directory the "
-        "generator was distilled from when its distillation.json names one); writes OUT/generator/, "
+        "generator was distilled from when its distillation.json names one; a pipeline whose own transformer is a "
+        "distilled generator, as export --pipeline-out writes, renders the teacher its distillation.json records, "
+        "or refuses the teacher run when that is not here); writes OUT/generator/, "
         "OUT/teacher/ and OUT/sample_timing.json and prints seconds per sample. Many processes: "
         "torchrun --nproc-per-node N -m adm_megatron.cli sample ... (or srun) splits the prompts over them.",
     )
@@ -435,9 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--teacher-steps", type=int, default=50, help="teacher steps (default 50; 0: no teacher)")
     samp.add_argument("--teacher-guidance-scale", type=float, default=None,
                       help="the teacher's CFG (default: the middle of the CFG range the generator was distilled "
-                      "against, from its distillation.json, else 6)")
+                      "against, from its distillation.json, else 6; refused with --teacher-steps 0)")
     samp.add_argument("--format", default=None, choices=("mp4", "gif", "png"),
-                      help="default: mp4 for video families, png for image families (png: a video's frames side by side)")
+                      help="video families (CogVideoX) write mp4 (the default), gif or png (the frames side by side); "
+                      "image families (SD3) write png only")
     samp.add_argument("--samples-per-prompt", type=int, default=1,
                       help="samples of each prompt (default 1), consecutive: prompt p's k-th is sample p x K + k")
     for flag, what in (("--height", "pixel height"), ("--width", "pixel width"), ("--num-frames", "video frames")):
@@ -455,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     samp.add_argument("--resume", action="store_true",
                       help="finish an --out started with the same arguments (e.g. a preempted job): its sample files "
-                      "are kept, only the missing ones rendered")
+                      "are kept, only the missing ones rendered; sample_timing.json keeps the earlier invocations' "
+                      "seconds of the samples they rendered")
     samp.set_defaults(func=_sample)
     export = sub.add_parser(
         "export",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import statistics
@@ -40,15 +39,15 @@ from adm_megatron.models.frame_files import check_writer, sample_name, write_gri
 from adm_megatron.models.diffusers_files import check_diffusers_weights
 from adm_megatron.models.generator_source import (LORA_WEIGHTS, check_lora_fits, generator_parts, not_a_generator_hint,
                                                    teacher_transformer)
-from adm_megatron.models.pipeline_files import read_config
+from adm_megatron.models.pipeline_files import missing_components, read_config
 from adm_megatron.models.pipeline_size import FLAGS, PipelineScale, pipeline_scale
 from adm_megatron.parallel import barrier, initialize_parallel, launch_env
 from adm_megatron.parallel.run_lock import LOCK_FILE, RunLock
 from adm_megatron.parallel.shared_dir import check_shared_dir
+from adm_megatron.sample_options import check_guidance, check_out_modes, check_prompts, check_seed, check_steps
 from adm_megatron.train.checkpoint import check_outside_runs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SEED_END = 2**64  # torch.Generator.manual_seed takes seeds below it (and folds negative ones onto them)
 
 
 @dataclass
@@ -57,6 +56,10 @@ class SampleRun:
     transformer_dir: str | None  # None: the pipeline's own transformer (the teacher)
     steps: int
     guidance_scale: float
+
+    def flag(self, what: str) -> str:
+        """The option that sets this run's ``what`` ('steps' or 'guidance-scale')."""
+        return f"--{what}" if self.name == "generator" else f"--teacher-{what}"
 
 
 def _note(message: str) -> None:
@@ -69,8 +72,8 @@ def generator_steps(generator_dir: str, steps: int | None) -> int:
     """The generator's sampling steps: ``steps`` when given (a note on stderr when it differs from
     the distilled count), else the count in its ``distillation.json``; one-line ValueError when
     neither says, or ``steps`` is below 1."""
-    if steps is not None and steps < 1:  # before the note below, which is for a count that can run
-        raise ValueError(f"--steps {steps}: expected >= 1")
+    if steps is not None:  # before the note below, which is for a count that can run
+        check_steps("--steps", steps)
     if not os.path.isdir(generator_dir):
         raise ValueError(f"--generator {generator_dir}: not found{not_found_hint(generator_dir)} (a generator "
                          "directory adm-megatron train or export wrote, or a diffusers transformer directory)")
@@ -105,9 +108,33 @@ def teacher_guidance(generator_dir: str, scale: float | None, default: float = D
 def teacher_dir(pipeline_dir: str, generator_dir: str) -> str | None:
     """The transformer the teacher run renders: the teacher the generator was distilled from when its
     ``distillation.json`` names a transformer directory of its own (a fine-tuned teacher beside
-    ``model.pipeline``), else None: the pipeline's own transformer."""
+    ``model.pipeline``), else None: the pipeline's own transformer -- unless that is a distilled
+    generator itself (:func:`_recorded_teacher`)."""
     path = teacher_transformer(pipeline_dir, read_distillation_record(generator_dir))
-    return None if os.path.realpath(path) == os.path.realpath(os.path.join(pipeline_dir, "transformer")) else path
+    own = os.path.join(pipeline_dir, "transformer")
+    if os.path.realpath(path) != os.path.realpath(own):
+        return path
+    record = read_distillation_record(own)
+    return None if record is None else _recorded_teacher(own, record)
+
+
+def _recorded_teacher(own: str, record: dict) -> str:
+    """The teacher of a pipeline whose own transformer ``own`` is a distilled generator (it holds
+    the ``distillation.json`` ``record``: ``export --pipeline-out`` writes such pipelines), which
+    must never render as the teacher: the teacher ``record`` names (as :func:`teacher_transformer`
+    finds it for the run's pipeline), with a note; a one-line ValueError when that is not here."""
+    source = record.get("pipeline") or record.get("teacher")
+    try:
+        path = teacher_transformer(source, record) if source else None
+    except ValueError:  # the recorded teacher is gone
+        path = None
+    if not (path and os.path.isfile(os.path.join(path, "config.json"))):
+        raise ValueError(f"--teacher-steps: {own} is a distilled generator ({DISTILLATION_FILE}), not a teacher, and "
+                         f"the teacher it was distilled from ({record.get('teacher')}) is not here: pass --teacher-steps "
+                         "0, or give the teacher's own pipeline as --pipeline")
+    _note(f"{own} is a distilled generator ({DISTILLATION_FILE}); the teacher run renders the teacher it was "
+          f"distilled from, {path}")
+    return path
 
 
 def render_size(scale: PipelineScale, record: dict | None, native: tuple[int, int, int] | None,
@@ -151,6 +178,30 @@ def _note_other_teacher(pipeline_dir: str, generator_dir: str, record: dict | No
               "megatron-to-hf gives them)")
 
 
+def _check_pipeline(pipeline_dir: str, family, transformer: str) -> None:
+    """One-line ValueError for a ``pipeline_dir`` that is not ``family``'s (``transformer``'s) pipeline
+    or lacks a component it lists: sampling loads every one but the transformer (the text encoder(s)
+    and tokenizer(s) to encode the prompts, the VAE and the scheduler to render)."""
+    index = read_config(pipeline_dir, "model_index.json", "a diffusers pipeline")
+    if index.get("_class_name") not in family.pipeline_classes:
+        raise ValueError(f"--pipeline {pipeline_dir}: a {index.get('_class_name')} directory, but {transformer} is a "
+                         f"{family.name} transformer (expected a {' or '.join(family.pipeline_classes)} directory)")
+    missing = missing_components(pipeline_dir, index, [name for name in index if name != "transformer"])
+    if missing:
+        raise ValueError(f"--pipeline {pipeline_dir}: {', '.join(name + '/' for name in missing)} not found, which its "
+                         "model_index.json lists (a whole diffusers pipeline directory is expected)")
+
+
+def _check_format(fmt: str, family) -> None:
+    """One-line ValueError for a ``--format`` the family's samples are not written in, or that this
+    environment cannot write."""
+    formats = family.sample_formats()
+    if fmt not in formats:
+        raise ValueError(f"--format {fmt}: {family.name} samples are {family.latent_layout}s, written as "
+                         f"{' or '.join(formats)}")
+    check_writer(fmt)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on a GPU (diffusers' recommended inference dtype for these models), fp32 on CPU."""
     if name == "auto":
@@ -161,6 +212,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 ARGS_FILE = "sample_args.json"  # what an output directory holds: a --resume must ask for the same
+TIMING_FILE = "sample_timing.json"  # the seconds of every sample, kept over a --resume
 
 
 def check_out_dir(out_dir: str, overwrite: bool, resume: bool, args: dict,
@@ -261,42 +313,32 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
     :func:`render_size`: by default the generator's distilled size, for the teacher too);
     ``vae_tiling``: the pipelines' VAE decodes in tiles (less memory, blended seams).
     ``resume``: an output directory started with the same arguments keeps its sample files (each is
-    written whole or not at all) and only the missing ones are rendered (and timed); ``overwrite``
+    written whole or not at all) and only the missing ones are rendered (and timed: the timing file
+    keeps the earlier invocations' seconds of the others, :func:`_merged_seconds`); ``overwrite``
     (not with ``resume``) replaces it. Sample i's noise is seeded with ``seed`` + i (below 2**64)."""
     from adm_megatron.bench.report import environment
     from adm_megatron.families import family_of_model_dir
 
-    if not prompts:
-        raise ValueError("--prompt / --prompt-file: give at least one prompt")
-    if overwrite and resume:
-        raise ValueError("--overwrite with --resume: give one (--overwrite replaces --out, --resume finishes it)")
-    if not 0 <= seed <= SEED_END - len(prompts):  # a negative seed would repeat another's noise
-        raise ValueError(f"--seed {seed}: expected 0 to {SEED_END - len(prompts)} (sample i is seeded with --seed + i, "
-                         "and torch.Generator.manual_seed takes 0 to 2**64 - 1)")
+    check_prompts(len(prompts))
+    check_out_modes(overwrite, resume)
+    check_seed(seed, len(prompts))
     for run in runs:
-        if run.steps < 1:
-            raise ValueError(f"{run.name} steps={run.steps}: expected >= 1")
-        if not run.guidance_scale >= 1 or math.isinf(run.guidance_scale):  # NaN fails the comparison too
-            flag = "--guidance-scale" if run.name == "generator" else "--teacher-guidance-scale"
-            raise ValueError(f"{flag} {run.guidance_scale}: expected a finite number >= 1 (1: no CFG; the "
-                             "pipeline applies CFG above 1 only)")
+        check_steps(run.flag("steps"), run.steps)
+        check_guidance(run.flag("guidance-scale"), run.guidance_scale)
     if not os.path.isdir(pipeline_dir):
         raise ValueError(f"--pipeline {pipeline_dir}: not found{not_found_hint(pipeline_dir)} (a diffusers pipeline "
                          "directory)")
     transformer = generator_parts(pipeline_dir, runs[0].transformer_dir)[0]  # a LoRA file: its base
     family = family_of_model_dir(transformer)
-    pipeline_class = read_config(pipeline_dir, "model_index.json", "a diffusers pipeline").get("_class_name")
-    if pipeline_class not in family.pipeline_classes:  # before anything is written
-        raise ValueError(f"--pipeline {pipeline_dir}: a {pipeline_class} directory, but {transformer} is a "
-                         f"{family.name} transformer (expected a {' or '.join(family.pipeline_classes)} directory)")
+    _check_pipeline(pipeline_dir, family, transformer)  # before anything is written, as the format below
     arch = family.arch_from_pretrained_dir(transformer)
     video = family.latent_layout == "video"
     scale = pipeline_scale(pipeline_dir, read_config(transformer, "config.json", "transformer"), video)
     native = family.native_latent_size(arch) if family.native_latent_size else None
     record = read_distillation_record(runs[0].transformer_dir) if runs[0].transformer_dir else None
     size, latents = render_size(scale, record, native, size or {})
-    fmt = fmt or ("mp4" if video else "png")
-    check_writer(fmt)
+    fmt = fmt or family.sample_formats()[0]
+    _check_format(fmt, family)
     args = {"pipeline": os.path.abspath(pipeline_dir), "prompts": prompts, "fmt": fmt, "seed": seed, "dtype": dtype,
             "size": size, "vae_tiling": vae_tiling,
             "runs": [[r.name, r.transformer_dir and os.path.abspath(r.transformer_dir), r.steps, r.guidance_scale]
@@ -329,6 +371,7 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
         text_length = (record or {}).get("text_length")  # the run's prompt embeddings' length
         embeds = (family.encode_prompts(pipeline_dir, prompts[mine.start:mine.stop], arch, device, text_length=text_length)
                   if any(todo.values()) else None)
+        earlier = _earlier_timing(out_dir, len(prompts)) if resume and rank == 0 else {"invocations": [], "runs": {}}
         rows = []
         for run in runs:
             seconds: list[float] = []
@@ -339,31 +382,63 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
                                       run.steps, run_dir, fmt=fmt, guidance_scale=run.guidance_scale, seed=seed,
                                       device=device, dtype=torch_dtype, seconds=seconds, first=group.start,
                                       vae_tiling=vae_tiling, **size)
-            seconds = [t for share in _gathered(seconds, ranks) for t in share]
+            timed = dict(zip((i for group in todo[run.name] for i in group), seconds))  # sample -> its seconds
+            timed = {i: t for share in _gathered(timed, ranks) for i, t in share.items()}
             paths = [os.path.join(run_dir, sample_name(i, fmt)) for i in range(len(prompts))]
             if rank == 0 and family.latent_layout == "image":  # images: also all of them in one grid
                 write_grid(paths, os.path.join(run_dir, "grid.png"))
                 paths.append(os.path.join(run_dir, "grid.png"))
             run_transformer, lora_dir = generator_parts(pipeline_dir, run.transformer_dir)
             rows.append({"model": run.name, "transformer": run_transformer, "lora": lora_dir, "steps": run.steps,
-                         "guidance_scale": run.guidance_scale, "rendered": len(seconds), "seconds": seconds,
-                         "seconds_per_sample": statistics.median(seconds) if seconds else None, "paths": paths,
+                         "guidance_scale": run.guidance_scale, "rendered": len(timed),
+                         **_merged_seconds(earlier["runs"].get(run.name), timed, len(earlier["invocations"]),
+                                           len(prompts)), "paths": paths,
                          "distillation": read_distillation_record(run.transformer_dir) if run.transformer_dir else None})
         if rank != 0:
             return None
-        result = {"environment": environment(device, command), "pipeline": pipeline_dir, "prompts": prompts,
-                  "ranks": ranks, "dtype": str(torch_dtype).removeprefix("torch."),
+        env = environment(device, command)
+        result = {"environment": env, "invocations": earlier["invocations"] + [{"environment": env, "ranks": ranks}],
+                  "pipeline": pipeline_dir, "prompts": prompts, "ranks": ranks,
+                  "dtype": str(torch_dtype).removeprefix("torch."),
                   "size": {"pixels": size, "latents": latents and list(latents)}, "vae_tiling": vae_tiling, "runs": rows}
-        write_json_atomically(os.path.join(out_dir, "sample_timing.json"), result)
+        write_json_atomically(os.path.join(out_dir, TIMING_FILE), result)
         return result
     finally:
         lock.release()
 
 
+def _earlier_timing(out_dir: str, samples: int) -> dict:
+    """What the timing file of a resumed ``out_dir`` keeps of its earlier invocations: their
+    ``invocations`` and each run's per-sample ``seconds`` / ``timed_in``; none of them when it has no
+    such file (an invocation killed before its end writes none) or one of another shape."""
+    try:
+        with open(os.path.join(out_dir, TIMING_FILE)) as f:
+            before = json.load(f)
+        runs = {r["model"]: (r["seconds"], r["timed_in"]) for r in before["runs"]
+                if len(r["seconds"]) == len(r["timed_in"]) == samples}
+        return {"invocations": list(before["invocations"]), "runs": runs}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"invocations": [], "runs": {}}
+
+
+def _merged_seconds(earlier: tuple[list, list] | None, timed: dict[int, float], invocation: int,
+                    samples: int) -> dict:
+    """A run's per-sample timing: sample i's ``seconds`` as this invocation (number ``invocation``
+    of the timing file's ``invocations``) measured it when it rendered sample i (``timed``), else as
+    the ``earlier`` invocation that rendered it did (None: not known); ``timed_in`` says which one;
+    the median over every timed sample."""
+    seconds, timed_in = earlier or ([None] * samples, [None] * samples)
+    seconds = [timed.get(i, t) for i, t in enumerate(seconds)]
+    timed_in = [invocation if i in timed else k for i, k in enumerate(timed_in)]
+    known = [t for t in seconds if t is not None]
+    return {"seconds": seconds, "timed_in": timed_in, "timed": len(known),
+            "seconds_per_sample": statistics.median(known) if known else None}
+
+
 def format_timing(result: dict) -> str:
-    lines = [f"{'model':10s} {'steps':>5s} {'CFG':>5s} {'rendered':>8s} {'s / sample':>11s}  files"]
+    lines = [f"{'model':10s} {'steps':>5s} {'CFG':>5s} {'rendered':>8s} {'timed':>6s} {'s / sample':>11s}  files"]
     for r in result["runs"]:
         timing = "-" if r["seconds_per_sample"] is None else f"{r['seconds_per_sample']:.4g}"
-        lines.append(f"{r['model']:10s} {r['steps']:5d} {r['guidance_scale']:5.1f} {r['rendered']:8d} {timing:>11s}  "
-                     f"{os.path.dirname(r['paths'][0])}/")
+        lines.append(f"{r['model']:10s} {r['steps']:5d} {r['guidance_scale']:5.1f} {r['rendered']:8d} {r['timed']:6d} "
+                     f"{timing:>11s}  {os.path.dirname(r['paths'][0])}/")
     return "\n".join(lines)

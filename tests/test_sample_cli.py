@@ -61,11 +61,15 @@ def test_sample_renders_the_exported_generator_and_the_teacher(tmp_path, world_o
     assert not (tmp_path / "bad").exists()
 
 
-def test_bad_steps_seeds_and_output_modes_are_one_line_before_anything_is_written(tmp_path, world_of_one, capsys):
+def test_bad_steps_seeds_and_output_modes_are_one_line_before_anything_is_written(tmp_path, world_of_one, capsys,
+                                                                                    monkeypatch):
     """--steps 0 on a generator distilled for 3 steps was a note that it samples with 0, then the
     refusal; --seed -1 was taken (torch folds it onto 2**64 - 1, and sample 1 then repeats seed 0's
     noise), a seed + i past 2**64 - 1 failed after the first sample was written; --overwrite with
-    --resume was taken (and overwrote)."""
+    --resume was taken (and overwrote); --teacher-guidance-scale without a teacher was ignored. Each
+    is refused before the rendering code is imported (it was after: 10-25 s on a loaded machine)."""
+    import sys
+
     from adm_megatron.cli import main
     from adm_megatron.models import build_model_from_hf
     from adm_megatron.train.export import export_generator
@@ -77,16 +81,22 @@ def test_bad_steps_seeds_and_output_modes_are_one_line_before_anything_is_writte
     args = ["sample", "--pipeline", pipeline, "--generator", generator, "--prompt", "a red cat", "--prompt", "x",
             "--teacher-steps", "0", "--format", "png", "--out", str(out)]
     capsys.readouterr()
-    for extra, message in ((["--steps", "0"], "--steps 0: expected >= 1"),
-                           (["--seed", "-1"], f"--seed -1: expected 0 to {2**64 - 2} (sample i is seeded with --seed "
-                                              "+ i, and torch.Generator.manual_seed takes 0 to 2**64 - 1)"),
-                           (["--seed", str(2**64 - 1)], f"--seed {2**64 - 1}: expected 0 to {2**64 - 2} "),
-                           (["--overwrite", "--resume"], "--overwrite with --resume: give one (--overwrite replaces "
-                                                         "--out, --resume finishes it)")):
-        assert main([*args, *extra]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith(f"adm-megatron sample: {message}") and err.count("\n") == 1, err
-        assert not out.exists()
+    with monkeypatch.context() as patch:  # refused before the rendering code (megatron-core: seconds) is imported
+        patch.setitem(sys.modules, "adm_megatron.sampling", None)
+        for extra, message in ((["--steps", "0"], "--steps 0: expected >= 1"),
+                               (["--seed", "-1"], f"--seed -1: expected 0 to {2**64 - 2} (sample i is seeded with "
+                                                  "--seed + i, and torch.Generator.manual_seed takes 0 to 2**64 - 1)"),
+                               (["--seed", str(2**64 - 1)], f"--seed {2**64 - 1}: expected 0 to {2**64 - 2} "),
+                               (["--guidance-scale", "0"], "--guidance-scale 0.0: expected a finite number >= 1"),
+                               (["--overwrite", "--resume"], "--overwrite with --resume: give one (--overwrite "
+                                                             "replaces --out, --resume finishes it)"),
+                               (["--teacher-guidance-scale", "2"], "--teacher-guidance-scale 2.0 with --teacher-steps "
+                                                                   "0: there is no teacher run to apply it to; drop "
+                                                                   "one of them")):
+            assert main([*args, *extra]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"adm-megatron sample: {message}") and err.count("\n") == 1, err
+            assert not out.exists()
     assert main([*args, "--seed", str(2**64 - 2)]) == 0  # the last seed that seeds both samples
     assert sorted(os.listdir(out / "generator")) == ["sample-000.png", "sample-001.png"]
 
@@ -408,6 +418,41 @@ def test_a_generator_of_a_megatron_checkpoint_teacher_gets_a_note(tmp_path, worl
             "weights (convert_checkpoint.py megatron-to-hf gives them)") in capsys.readouterr().err.splitlines()
 
 
+def test_a_pipeline_whose_transformer_is_a_distilled_generator_never_renders_it_as_the_teacher(
+        tmp_path, world_of_one, capsys):
+    """export --pipeline-out's pipeline holds the generator (with its distillation.json) as its
+    transformer: its teacher run rendered the generator at the teacher's steps and CFG. It renders the
+    teacher the record names (with a note), or, when that is not here, is refused in one line."""
+    import shutil
+
+    from adm_megatron.cli import main
+
+    teacher = build_tiny_pipeline(str(tmp_path / "teacher"), seed=0)
+    exported = str(tmp_path / "exported")
+    shutil.copytree(teacher, exported)  # as --pipeline-out writes it (the generator: any transformer here)
+    record = {"generator_steps": 1, "teacher": teacher, "pipeline": None}
+    with open(os.path.join(exported, "transformer", "distillation.json"), "w") as f:
+        json.dump(record, f)
+    own = os.path.join(exported, "transformer")
+    args = ["sample", "--pipeline", exported, "--generator", own, "--prompt", "x", "--format", "png",
+            "--teacher-steps", "1"]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    runs = json.loads((tmp_path / "out" / "sample_timing.json").read_text())["runs"]
+    assert [r["transformer"] for r in runs] == [own, os.path.join(teacher, "transformer")]
+    assert (f"adm-megatron sample: note: {own} is a distilled generator (distillation.json); the teacher run renders "
+            f"the teacher it was distilled from, {teacher}/transformer") in capsys.readouterr().err.splitlines()
+
+    with open(os.path.join(own, "distillation.json"), "w") as f:  # handed over: its teacher is not here
+        json.dump({**record, "teacher": str(tmp_path / "elsewhere")}, f)
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"adm-megatron sample: --teacher-steps: {own} is a distilled generator (distillation.json), not a teacher, and "
+        f"the teacher it was distilled from ({tmp_path / 'elsewhere'}) is not here: pass --teacher-steps 0, or give "
+        "the teacher's own pipeline as --pipeline")
+    assert not (tmp_path / "refused").exists()
+
+
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
@@ -493,7 +538,24 @@ def test_a_resumed_sampling_renders_only_the_missing_samples(tmp_path, capsys):
     assert sorted(os.listdir(cut / "generator")) == sorted(os.listdir(full / "generator"))
     for name in os.listdir(full / "generator"):
         assert np.array_equal(iio.imread(cut / "generator" / name), iio.imread(full / "generator" / name)), name
-    assert json.loads((cut / "sample_timing.json").read_text())["runs"][0]["rendered"] == 1
+    timing = json.loads((cut / "sample_timing.json").read_text())
+    assert len(timing["invocations"]) == 1  # the killed one wrote no timing file: its samples are not timed
+    assert (timing["runs"][0]["rendered"], timing["runs"][0]["timed"], timing["runs"][0]["timed_in"]) == (
+        1, 1, [None, 0, None])
+
+    # resumed after a whole invocation (its file removed since): the timings of both, per sample
+    again = tmp_path / "again"
+    shutil.copytree(full, again)
+    (again / "generator" / "sample-002.png").unlink()
+    capsys.readouterr()
+    assert _sample_counted([*args, "--out", str(again), "--resume"]) == (0, 2)
+    assert "generator      2   1.0        1      3" in capsys.readouterr().out
+    first = json.loads((full / "sample_timing.json").read_text())
+    timing = json.loads((again / "sample_timing.json").read_text())
+    assert timing["invocations"] == first["invocations"] + [{"environment": timing["environment"], "ranks": 1}]
+    run = timing["runs"][0]
+    assert (run["rendered"], run["timed"], run["timed_in"]) == (1, 3, [0, 0, 1])
+    assert run["seconds"][:2] == first["runs"][0]["seconds"][:2] and run["seconds"][2] > 0
 
     capsys.readouterr()
     assert _sample_counted([*args[:5], "3", *args[6:], "--out", str(cut), "--resume"]) == (2, 0)
@@ -643,6 +705,57 @@ def test_a_generator_of_another_family_or_none_is_refused_before_anything_is_wri
                      "--teacher-steps", "0", "--out", str(out)]) == 2
         ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("adm-megatron sample:")]
         assert len(ours) == 1 and ours[0].startswith(f"adm-megatron sample: {message}"), ours
+        assert not out.exists()
+
+
+def test_a_format_or_pipeline_the_family_cannot_render_is_refused_before_out_is_written(tmp_path, capsys):
+    """--format gif for SD3 was refused (as 'fmt=...') after --out was written, and so was a pipeline
+    without its tokenizer/: the corrected command then found --out taken."""
+    import shutil
+
+    from adm_megatron.cli import main
+    from adm_megatron.data.tiny_sd3_pipeline import build_tiny_sd3_pipeline
+
+    sd3 = build_tiny_sd3_pipeline(str(tmp_path / "sd3"), seed=0)
+    cogvideox = build_tiny_pipeline(str(tmp_path / "cogvideox"), seed=0)
+    shutil.rmtree(os.path.join(cogvideox, "tokenizer"))
+    capsys.readouterr()
+    out = tmp_path / "samples"
+    for pipeline, extra, message in (
+            (sd3, ["--format", "gif"], "--format gif: sd3 samples are images, written as png"),
+            (cogvideox, [], f"--pipeline {cogvideox}: tokenizer/ not found, which its model_index.json lists (a whole "
+                            "diffusers pipeline directory is expected)")):
+        assert main(["sample", "--pipeline", pipeline, "--generator", f"{pipeline}/transformer", "--steps", "1",
+                     "--prompt", "x", "--teacher-steps", "0", *extra, "--out", str(out)]) == 2
+        assert capsys.readouterr().err.strip() == f"adm-megatron sample: {message}"
+        assert not out.exists()
+
+
+def test_a_checkpoint_or_pipeline_given_as_generator_is_named_with_what_to_give(tmp_path, capsys):
+    """A megatron checkpoint (a training checkpoint's network, or a converted one) or a whole
+    pipeline as --generator was asked for --steps, then for a config.json; it is told what to give."""
+    from adm_megatron.cli import main
+    from adm_megatron.convert.checkpoint import CHECKPOINT_META_FILE
+
+    pipeline = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    iteration = tmp_path / "run" / "checkpoints" / "iter_0000003"
+    for network in (iteration / "generator", tmp_path / "converted"):
+        network.mkdir(parents=True)
+        (network / CHECKPOINT_META_FILE).write_text('{"model": "cogvideox"}')
+    (iteration / "trainer_state.json").write_text("{}")
+    capsys.readouterr()
+    out = tmp_path / "samples"
+    for generator, hint in (
+            (iteration / "generator", f"a megatron network of the training checkpoint {iteration}: adm-megatron "
+                                      f"export --checkpoint {iteration} --out DIR writes its generator as a diffusers "
+                                      "directory"),
+            (tmp_path / "converted", "a megatron checkpoint: python tools/convert_checkpoint.py megatron-to-hf --model "
+                                     f"cogvideox --ckpt {tmp_path / 'converted'} --out DIR writes it as a diffusers "
+                                     "directory"),
+            (pipeline, f"a whole diffusers pipeline: give its transformer, {pipeline}/transformer")):
+        assert main(["sample", "--pipeline", pipeline, "--generator", str(generator), "--prompt", "x",
+                     "--teacher-steps", "0", "--out", str(out)]) == 2
+        assert capsys.readouterr().err.strip() == f"adm-megatron sample: --generator {generator}: {hint}"
         assert not out.exists()
 
 

@@ -15,6 +15,8 @@ from typing import Sequence
 
 import torch
 
+from adm_megatron.models.pipeline_files import missing_components
+
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 
@@ -36,9 +38,8 @@ def load_sd3_text_pipeline(directory: str, dtype: torch.dtype = torch.float32, d
         raise FileNotFoundError(f"{directory}: not a {PIPELINE_CLASS} directory (model_index.json)")
     with open(os.path.join(directory, "model_index.json")) as f:
         index = json.load(f)
-    missing = [part for part in TEXT_PARTS if index.get(part) not in (None, [None, None])  # not left out on purpose
-               and not os.path.isdir(os.path.join(directory, part))]
-    if missing:  # diffusers' own error names none of them, after loading the others
+    missing = missing_components(directory, index, TEXT_PARTS)
+    if missing:
         raise FileNotFoundError(f"{directory}: {', '.join(p + '/' for p in missing)} not found, which its "
                                 "model_index.json lists")
     pipeline = StableDiffusion3Pipeline.from_pretrained(

@@ -157,6 +157,11 @@ class ModelFamily:
         """The pipeline's VAE from its local ``vae/`` directory."""
         return self.vae_type().from_pretrained(vae_dir, local_files_only=True)
 
+    def sample_formats(self) -> tuple[str, ...]:
+        """The file formats its rendered samples are written in: a video's mp4, gif or png (its frames
+        side by side), an image's png."""
+        return ("mp4", "gif", "png") if self.latent_layout == "video" else ("png",)
+
     def latent_shape(self, arch, frames: int, height: int, width: int) -> tuple[int, ...]:
         """One sample's latent shape (no batch dimension) at this latent size."""
         if self.latent_layout == "video":

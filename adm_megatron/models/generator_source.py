@@ -7,6 +7,7 @@ distilled from, and the cheap checks that the adapters fit that transformer."""
 
 from __future__ import annotations
 
+import json
 import os
 
 from adm_megatron.convert.distillation_record import DISTILLATION_FILE, read_distillation_record
@@ -114,17 +115,45 @@ def check_lora_fits(lora_dir: str, base: str) -> None:
 
 
 def not_a_generator_hint(path: str) -> str | None:
-    """What to use instead when ``path`` is a run's directory, a training checkpoint or a LoRA
-    directory where a whole diffusers transformer is expected; None for anything else."""
+    """What to use instead when ``path`` is a run's directory, a training checkpoint (or one of its
+    networks), a megatron checkpoint, a whole pipeline or a LoRA directory where a whole diffusers
+    transformer is expected; None for anything else."""
     if os.path.isfile(os.path.join(path, "generator", "config.json")):
         return f"a run directory: its exported generator is {os.path.join(path, 'generator')}"
     if os.path.isfile(os.path.join(path, "trainer_state.json")) or os.path.isdir(os.path.join(path, "checkpoints")):
         return (f"a training run or checkpoint without an exported generator: adm-megatron export --checkpoint "
                 f"{path} --out DIR writes it")
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return f"a whole diffusers pipeline: give its transformer, {os.path.join(path, 'transformer')}"
+    megatron = _megatron_checkpoint_hint(path)
+    if megatron:
+        return megatron
     if os.path.isfile(os.path.join(path, LORA_WEIGHTS)):
         return ("a LoRA file without its base weights: use the run's merged generator/ (train.export_lora merged "
                 "or both, or adm-megatron export --lora merged)")
     return None
+
+
+def _megatron_checkpoint_hint(path: str) -> str | None:
+    """The command that writes the megatron checkpoint ``path`` as a diffusers directory: a training
+    checkpoint's network (``iter_N/generator``) is exported from its checkpoint (the EMA, as the run
+    would), any other is converted; None when ``path`` is not a megatron checkpoint."""
+    from adm_megatron.convert.checkpoint import CHECKPOINT_META_FILE
+
+    meta = os.path.join(path, CHECKPOINT_META_FILE)
+    if not os.path.isfile(meta):
+        return None
+    training = os.path.normpath(os.path.join(path, os.pardir))  # as the user wrote it, relative or not
+    if os.path.isfile(os.path.join(training, "trainer_state.json")):
+        return (f"a megatron network of the training checkpoint {training}: adm-megatron export "
+                f"--checkpoint {training} --out DIR writes its generator as a diffusers directory")
+    try:
+        with open(meta) as f:
+            model = json.load(f).get("model") or "FAMILY"
+    except (OSError, ValueError, AttributeError):  # unreadable, or not a JSON object
+        model = "FAMILY"
+    return (f"a megatron checkpoint: python tools/convert_checkpoint.py megatron-to-hf --model {model} --ckpt {path} "
+            "--out DIR writes it as a diffusers directory")
 
 
 def load_lora(pipeline, lora_dir: str) -> None:
