@@ -227,6 +227,17 @@ def test_damaged_or_foreign_checkpoints_give_one_line_errors(world_of_one, hf_di
     message = damaged("cut", cut)
     assert f"shard file {shards[0]} is truncated (100 bytes" in message and "tensor '" in message
 
+    def flip(path):  # damaged in place, its length kept: was torch's 'Weights only load failed ... PyTorch 2.6'
+        with open(os.path.join(path, shards[0]), "r+b") as f:
+            head = f.read(100)
+            f.seek(0)
+            f.write(bytes(b ^ 0xFF for b in head))
+
+    message = damaged("flipped", flip)
+    assert f"shard file {shards[0]} is damaged: the bytes of " in message and message.endswith(
+        "in it do not check out, though the file has its full length (bytes in it changed); copy the "
+        "checkpoint again"), message
+
     def garble(path):
         with open(os.path.join(path, ".metadata"), "r+b") as f:
             f.truncate(50)

@@ -27,12 +27,14 @@ before anything is written, so such a silent loss cannot recur.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
 import uuid
 import warnings
 import zipfile
+import zlib
 from typing import Any, Callable
 
 import torch
@@ -484,36 +486,70 @@ def _precheck(sd: dict, ckpt_dir: str) -> None:
 def check_shard_files(ckpt_dir: str, metadata=None) -> None:
     """Every shard file the checkpoint's DCP metadata (read here when not given) points to exists and
     holds the bytes it should: one-line CheckpointError naming the file and a tensor it holds."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     metadata = _read_dcp_metadata(ckpt_dir) if metadata is None else metadata
     stored = metadata.state_dict_metadata
-    by_file: dict[str, list] = {}
-    for index, info in (metadata.storage_data or {}).items():
-        by_file.setdefault(str(info.relative_path), []).append((index, info))
-    for name in sorted(by_file):
+    for name, items in _items_by_file(metadata):
         path = os.path.join(ckpt_dir, name)
         size = os.path.getsize(path) if os.path.isfile(path) else None
-        items = by_file[name]
         if size is None:
             bad = items
         else:
             bad = [(index, info) for index, info in items if size < info.offset + info.length]
         if not bad:
             continue
-        # name a tensor (not a sharded object) where the file holds one
-        tensors = [b for b in bad if isinstance(stored.get(b[0].fqn), TensorStorageMetadata)]
-        index, info = (tensors or bad)[0]
-        what = f"tensor {index.fqn!r}" if tensors else f"object {index.fqn!r}"
-        if index.offset:
-            what += f" (chunk at offset {tuple(index.offset)})"
-        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        info, what = _first_item(stored, bad)
         if size is None:
-            raise CheckpointError(f"{ckpt_dir}: shard file {name} is missing; it holds {what}{more}")
+            raise CheckpointError(f"{ckpt_dir}: shard file {name} is missing; it holds {what}")
         raise CheckpointError(
             f"{ckpt_dir}: shard file {name} is truncated ({size} bytes, needs "
-            f"{info.offset + info.length} for {what}{more})"
+            f"{info.offset + info.length} for {what})"
         )
+
+
+def _items_by_file(metadata) -> list[tuple[str, list]]:
+    """The checkpoint's stored items, (storage index, storage info) pairs, by shard file name."""
+    by_file: dict[str, list] = {}
+    for index, info in (metadata.storage_data or {}).items():
+        by_file.setdefault(str(info.relative_path), []).append((index, info))
+    return sorted(by_file.items())
+
+
+def _first_item(stored: dict, items: list) -> tuple[Any, str]:
+    """The storage info of the first of ``items`` -- a tensor (not a sharded object) where there is
+    one -- and what they are for a message: ``tensor 'x' (chunk at offset ...) and N more``."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    tensors = [item for item in items if isinstance(stored.get(item[0].fqn), TensorStorageMetadata)]
+    index, info = (tensors or items)[0]
+    what = f"tensor {index.fqn!r}" if tensors else f"object {index.fqn!r}"
+    if index.offset:
+        what += f" (chunk at offset {tuple(index.offset)})"
+    return info, what + (f" and {len(items) - 1} more" if len(items) > 1 else "")
+
+
+def _damaged_shard_file(ckpt_dir: str) -> str | None:
+    """A one-line message naming the first shard file with a stored item whose bytes are damaged in
+    place (the file has its full length, so :func:`check_shard_files` passes it), or None. Each item
+    is a ``torch.save`` zip archive whose members carry a CRC-32: checked without unpickling anything.
+    Reads every item: for a load that failed only."""
+    metadata = _read_dcp_metadata(ckpt_dir)
+    stored = metadata.state_dict_metadata
+    for name, items in _items_by_file(metadata):
+        with open(os.path.join(ckpt_dir, name), "rb") as f:
+            for index, info in items:
+                if getattr(info, "transform_descriptors", None):  # stored transformed (e.g. compressed)
+                    continue
+                f.seek(info.offset)
+                try:
+                    with zipfile.ZipFile(io.BytesIO(f.read(info.length))) as archive:
+                        damaged = archive.testzip() is not None  # the first member whose CRC differs
+                except (zipfile.BadZipFile, EOFError, ValueError, zlib.error):
+                    damaged = True
+                if damaged:
+                    what = _first_item(stored, [(index, info)])[1]
+                    return (f"{ckpt_dir}: shard file {name} is damaged: the bytes of {what} in it do not check out, "
+                            "though the file has its full length (bytes in it changed); copy the checkpoint again")
+    return None
 
 
 def _describe_load_failure(exc: BaseException) -> str:
@@ -544,7 +580,10 @@ def load_megatron_checkpoint_into(model, ckpt_dir: str) -> dict[str, Any]:
             loaded = dist_checkpointing.load(sd, ckpt_dir)
     # torch DCP's CheckpointException (a BaseException) gathers every rank's traceback
     except (Exception, CheckpointException) as exc:  # noqa: BLE001
-        raise CheckpointError(f"{ckpt_dir}: loading failed ({_describe_load_failure(exc)})") from exc
+        # torch's own error for a damaged shard (an UnpicklingError that suggests weights_only=False)
+        # names no file: find it
+        raise CheckpointError(_damaged_shard_file(ckpt_dir)
+                              or f"{ckpt_dir}: loading failed ({_describe_load_failure(exc)})") from exc
     try:
         model.load_state_dict(loaded, strict=True)
     except RuntimeError as exc:
