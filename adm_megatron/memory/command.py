@@ -19,12 +19,21 @@ from adm_megatron.json_file import check_json_destination, write_json_atomically
 
 
 def _host_advice(plan) -> str:
-    """What would make a plan's host memory fit: sharding what is not sharded yet, else fewer ranks a node."""
-    unsharded = sorted(n for n in plan.networks if n in TRAINABLE and n not in plan.settings.shard_optimizer)
-    if unsharded:
-        return (f"shard the optimizer over data parallel (optim.<network>.shard_over_dp; not yet: "
-                f"{', '.join(unsharded)}) or offload less")
-    return "every optimizer is sharded already: offload less, or put fewer ranks on a node (--gpus-per-node)"
+    """What would make a plan's host memory fit, from the host terms it has: offloaded state (offload
+    less, or shard the offloaded optimizers not sharded yet), and checkpoint staging, which sharding
+    does not change (the save is split over the DP x CP ranks whatever the optimizer)."""
+    s = plan.settings
+    advice = []
+    offloaded = sorted(n for n in plan.networks if n in TRAINABLE and s.offload_mode(n) != "none")
+    if offloaded:
+        unsharded = [n for n in offloaded if s.offload_mode(n) == "optimizer" and n not in s.shard_optimizer]
+        shard = (f" or shard their optimizer over data parallel (optim.<network>.shard_over_dp; not yet: "
+                 f"{', '.join(unsharded)})" if unsharded else "")
+        advice.append(f"offload less (optim.<network>.offload; now: {', '.join(offloaded)}){shard}")
+    if plan.host["checkpoint staging"]:
+        advice.append(f"the checkpoint staging ({gib(plan.host['checkpoint staging']):.2f} GiB a rank) shrinks only "
+                      "with fewer ranks on a node (--gpus-per-node) or more data-parallel ranks to split it")
+    return "; ".join(advice)
 
 
 def _networks(value: str) -> frozenset:

@@ -16,6 +16,7 @@ its moments at a network's first step), so the figures are the steady state the 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import gc
 import warnings
 import weakref
@@ -128,16 +129,26 @@ def _live_storage_addresses() -> set[int]:
     return addresses
 
 
-def peak_during(fn: Callable[[], object]) -> int:
+def peak_during(fn: Callable[[], object], threads: int | None = None) -> int:
     """The largest live tensor bytes, above what was live before, while ``fn`` runs (the same
-    accounting as :func:`measure_phases`)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    accounting as :func:`measure_phases`), with ``threads`` intra-op threads (None: as set)."""
+    with _intra_op_threads(threads), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     live = peak = 0
     for _, size in _allocations_and_marks(prof)[0]:
         live += size
         peak = max(peak, live)
     return peak
+
+
+@contextlib.contextmanager
+def _intra_op_threads(threads: int | None):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def measure_phases(build_trainer: Callable[[], object], iterations: int = 2,

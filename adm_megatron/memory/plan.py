@@ -73,16 +73,21 @@ block's input size ``T x H x W`` and output ``T x H2 x W2``: 3D (conv3d 3x3x3 ->
 stride 2 -> GroupNorm -> SiLU) trainable ``c (T H W + 3 T H2 W2) e`` (conv3d out, conv2d out, norm
 out, SiLU out), frozen with input grad ``2 c T H2 W2 e``; 2D (conv 4x4 stride 2 -> GroupNorm ->
 SiLU, ``T = 1``) trainable ``3 c H2 W2 e`` (conv out, norm out, SiLU out), frozen ``2 c H2 W2 e``.
-On CPU their first conv's backward also takes a workspace that depends on the machine (an im2col
-buffer of the unfolded input, or none: ``memory.cpu_conv_workspace`` measures it at the run's
-shapes) and weight grads per thread; cuDNN's workspace is left to the margin.
+On CPU their first conv also takes a workspace that depends on the machine (an im2col buffer of
+the unfolded input, or none: ``memory.cpu_conv_workspace`` measures it at the run's shapes; at
+micro-batch 1 the native kernel unfolds the input in the forward and in the frozen heads' backward
+too) and, trainable, weight grads per thread; cuDNN's workspace is left to the margin. Likewise on
+CPU a frozen backbone's attention backward takes per-thread fp32 score blocks whatever the batch
+(``memory.cpu_attention_workspace``), planned as the backward's transient where it is larger than
+the working set.
 
 Phases (the peak of each is resident + the largest of its moments):
 - fake score: generator rollout (no grad, ``B``); fake-score forward / backward (trainable);
   its optimizer step.
 - generator: rollout; then with the generator's step (trainable) and the fake score (frozen)
   saved: the CFG teacher without grad on ``2B`` (the doubled batch), then the teacher backbone for
-  D (frozen) + heads (frozen) + the backward working set; its optimizer step.
+  D (frozen) + heads (frozen) + the backward working set (on CPU the heads' backward, with their
+  conv workspace, is a moment of its own); its optimizer step.
 - DMD (``algorithms/dmd.py``): no discriminator heads and no discriminator phase; its generator phase
   backs through the generator's step alone (the teacher and fake score run without grad).
 - DMD2 (``algorithms/dmd2.py``): no discriminator phase; its classifier heads sit on the fake score
@@ -94,13 +99,13 @@ Phases (the peak of each is resident + the largest of its moments):
   generator's one forward with grad (trainable) on the ODE pair's interpolation, then the teacher
   backbone for D (frozen) + heads (frozen) + the backward working set, as ADM's; its discriminator
   phase is ADM's (the pair's real latent re-noised and its clean end are the two latents carried).
-- discriminator: x_fake's tapped features and the ODE pair's two latents (fp32), kept from the
+- discriminator: x_fake's tapped features and the two latents (x_fake, x_real; fp32), kept from the
   generator phase, are resident at its start, one set per micro-batch (the generator phase holds
   those of the micro-batches before the running one, and all at its optimizer step);
   backbone without grad on ``x_real`` (taps kept) + heads on both
   (trainable) + backward; its optimizer step.
 - optimizer step: today's optimizer (``train/optimizer.py``) makes a clipped copy of the grads
-  ``P x 4`` (when ``grad_clip > 0``) and AdamW's temporaries take ``P x 4`` with the foreach
+  ``P x 4`` (when that network's ``grad_clip > 0``) and AdamW's temporaries take ``P x 4`` with the foreach
   implementation (CUDA) or the largest tensor (CPU); a sharded (megatron distributed) optimizer
   clips in place and steps its ``P / DP`` shard.
 - BF16 autocast with fp32 params: each network run with grad in the phase keeps bf16 copies of its
@@ -224,7 +229,7 @@ class Settings:
     shard_optimizer: frozenset = frozenset()  # trainable networks whose optimizer state is sharded over DP
     # idle networks' state on the CPU: one of OFFLOAD for every trainable network, or ((network, mode), ...)
     offload: str | tuple = "none"
-    grad_clip: bool = True
+    grad_clip: frozenset = frozenset(TRAINABLE)  # trainable networks whose optimizer step clips (grad_clip > 0)
     device: str = "cuda"  # cuda (foreach AdamW) | cpu
     card_gib: float = 80.0
     margin: float = 0.1  # fraction of the card kept free
@@ -453,21 +458,49 @@ class _Formulas:
             yield t * hh * ww, t * h2 * w2
             hh, ww = h2, w2
 
-    def conv_workspace(self, batch: int, head_params: int) -> float:
-        """CPU only: the heads' first conv backward's transient buffers, measured on this CPU at the
-        run's shapes (``memory.cpu_conv_workspace``: an im2col buffer of the unfolded input or not,
-        by the batch and the instruction set), and per-thread weight-grad buffers of the heads
-        (``threads x P x 4``, measured on CPU runs); cuDNN's workspace on a GPU is left to the
-        margin."""
+    def conv_workspace(self, batch: int, kind: str, head_params: int = 0) -> float:
+        """CPU only: the transient buffers of the heads' first conv, ``kind`` trainable (its backward
+        to the weights, the discriminator phase) or frozen (its forward and backward into the
+        features, the generator phase), measured on this CPU at the run's shapes
+        (``memory.cpu_conv_workspace``: an im2col buffer of the unfolded input or not, by the batch
+        and the instruction set), and per-thread weight-grad buffers of trainable heads (``threads
+        x P x 4``, measured on CPU runs); cuDNN's workspace on a GPU is left to the margin."""
         if self.s.device != "cpu":
             return 0.0
-        from adm_megatron.memory.cpu_conv_workspace import conv_backward_workspace
+        from adm_megatron.memory.cpu_conv_workspace import conv_workspace
 
         sh = self.shape
         hh, ww = sh.height // sh.patch, sh.width // sh.patch
         size = (sh.frames, hh, ww) if sh.head_kind == "3d" else (hh, ww)
-        first = conv_backward_workspace(sh.head_kind, sh.hidden, sh.head_hidden, batch, size, self.s.cpu_threads)
+        grad = "weights" if kind == "trainable" else "input"
+        first = conv_workspace(sh.head_kind, sh.hidden, sh.head_hidden, batch, size, self.s.cpu_threads, grad)
         return float(first + self.s.cpu_threads * head_params * 4)
+
+    def attention_backward(self, batch: int) -> float:
+        """CPU only: what one attention backward allocates, its gradients and its kernel's per-thread
+        buffers (``memory.cpu_attention_workspace``, measured at the run's shapes: this CP rank's
+        queries over every key, the heads of a TP rank)."""
+        if self.s.device != "cpu":
+            return 0.0
+        from adm_megatron.memory.cpu_attention_workspace import attention_backward_workspace
+
+        sh, s = self.shape, self.s
+        return float(attention_backward_workspace(batch, sh.heads // s.tensor_parallel, self.tokens,
+                                                  sh.text_tokens + sh.video_tokens, sh.hidden // sh.heads,
+                                                  s.cpu_threads))
+
+    def backward(self, batch: int, kind: str) -> dict[str, float]:
+        """A backbone backward's transients on top of what is saved, at its peak: its working set,
+        or for a frozen backbone on a CPU its attention backward where that is larger (the two are
+        not alive together). A trainable block has freed its MLP's saved activations by its
+        attention's backward (CogVideoX: 9 split + 3 rows a token, measured 2.6 MiB at 3x48x48
+        against a 2.1 MiB attention backward), which the counts do not split out: its attention
+        backward is left to the working set."""
+        points = {"backward working set": self.extra(batch, kind)}
+        if kind == "frozen":
+            points["attention backward"] = self.attention_backward(batch)
+        peak = max(points, key=points.get)
+        return {peak: points[peak]}
 
     def heads(self, batch: int, kind: str) -> float:
         """Activations the discriminator heads save. 3D: trainable ``c (T H W + 3 T H2 W2)`` (conv3d
@@ -542,7 +575,7 @@ def _step(size: NetworkSize, name: str, s: Settings) -> float:
         return size.trained / s.data_parallel * 4
     temporaries = size.trained * 4 if s.device == "cuda" else min(size.largest_param, size.trained) * 4
     # the clipped copy of the grads, or bf16 grads cast for the fp32 step
-    fp32_grads = s.grad_clip or (s.params == "bf16" and not s.grads_fp32)
+    fp32_grads = name in s.grad_clip or (s.params == "bf16" and not s.grads_fp32)
     return (size.trained * 4 if fp32_grads else 0.0) + temporaries
 
 
@@ -560,8 +593,8 @@ def _moments(f: _Formulas, sizes: dict[str, NetworkSize], phase: str) -> dict[st
         return {
             "generator rollout": (0.0, {"forward without grad": f.no_grad(b)}),
             "fake-score backward": (3 * (saved + recomputed) + 2 * (f.taps(b, True) + f.heads(b, "trainable")), {
-                "backward working set": f.extra(b, "trainable"),
-                "conv backward workspace": f.conv_workspace(b, disc.params),
+                **f.backward(b, "trainable"),
+                "conv workspace": f.conv_workspace(b, "trainable", disc.params),
                 "autocast weight copies": copies * (sizes["fake_score"].params + disc.params)}),
             "optimizer step": (0.0, {"optimizer step": max(steps.values())}),
         }
@@ -570,21 +603,18 @@ def _moments(f: _Formulas, sizes: dict[str, NetworkSize], phase: str) -> dict[st
         return {
             "generator rollout": (0.0, {"forward without grad": f.no_grad(b)}),
             "fake-score backward": (saved + recomputed, {
-                "backward working set": f.extra(b, "trainable"),
+                **f.backward(b, "trainable"),
                 "autocast weight copies": copies * sizes["fake_score"].params}),
             "optimizer step": (0.0, step),
         }
     if phase == "generator" and s.method == "adp":  # one generator forward, then D on its sample
         g_saved, _ = f.saved(b, "trainable", mode("generator", phase))
         backbone_saved, backbone_recomputed = f.saved(b, "frozen", mode("teacher", phase))
-        return {
-            "discriminator backward": (g_saved + backbone_saved + backbone_recomputed + f.taps(b, True)
-                                       + f.heads(b, "frozen"), {
-                "backward working set": f.extra(b, "frozen"),
-                "autocast weight copies": copies * (sizes["generator"].params + sizes["discriminator"].params)
-                + teacher_copies * sizes["teacher"].params}),
-            "optimizer step": (0.0, step),
-        }
+        autocast = (copies * (sizes["generator"].params + sizes["discriminator"].params)
+                    + teacher_copies * sizes["teacher"].params)
+        return {**_through_frozen_heads(f, g_saved + backbone_saved + backbone_recomputed + f.taps(b, True)
+                                        + f.heads(b, "frozen"), autocast, "discriminator backward"),
+                "optimizer step": (0.0, step)}
     if phase == "generator" and s.method in ("dmd", "dmd2"):
         return _dmd_generator_moments(f, sizes, step, copies, teacher_copies)
     if phase == "generator":
@@ -597,16 +627,15 @@ def _moments(f: _Formulas, sizes: dict[str, NetworkSize], phase: str) -> dict[st
         return {
             "generator rollout": (0.0, {"forward without grad": f.no_grad(b)}),
             "CFG teacher": (g_f, {"CFG doubled batch": f.no_grad(2 * b), "autocast weight copies": autocast}),
-            "discriminator backward": (g_f + disc, {
-                "backward working set": f.extra(b, "frozen"),
-                "autocast weight copies": autocast + teacher_copies * sizes["teacher"].params
-                + copies * sizes["discriminator"].params}),
+            **_through_frozen_heads(f, g_f + disc, autocast + teacher_copies * sizes["teacher"].params
+                                    + copies * sizes["discriminator"].params, "discriminator backward"),
             "optimizer step": (0.0, step),
         }
     taps, heads = f.taps(b, False), f.heads(b, "trainable")  # x_fake's taps are resident (carried)
     return {
         "backbone on x_real": (heads, {"forward without grad": f.no_grad(b)}),
-        "heads backward": (taps + 2 * heads, {"conv backward workspace": f.conv_workspace(b, sizes["discriminator"].params),
+        "heads backward": (taps + 2 * heads, {"conv workspace": f.conv_workspace(b, "trainable",
+                                                                                 sizes["discriminator"].params),
                                               "autocast weight copies": copies * sizes["discriminator"].params}),
         "optimizer step": (0.0, step),
     }
@@ -627,20 +656,28 @@ def _dmd_generator_moments(f: _Formulas, sizes: dict[str, NetworkSize], step: di
     }
     if s.method == "dmd2":
         backbone_saved, backbone_recomputed = f.saved(b, "frozen", s.recompute_mode("fake_score", "generator"))
-        moments["classifier backward"] = (
-            g_saved + backbone_saved + backbone_recomputed + f.taps(b, True) + f.heads(b, "frozen"),
-            {"backward working set": f.extra(b, "frozen"),
-             "autocast weight copies": autocast + copies * (sizes["fake_score"].params + sizes["discriminator"].params)})
+        moments.update(_through_frozen_heads(
+            f, g_saved + backbone_saved + backbone_recomputed + f.taps(b, True) + f.heads(b, "frozen"),
+            autocast + copies * (sizes["fake_score"].params + sizes["discriminator"].params), "classifier backward"))
     else:
-        moments["generator backward"] = (g_saved, {"backward working set": f.extra(b, "trainable"),
-                                                   "autocast weight copies": autocast})
+        moments["generator backward"] = (g_saved, {**f.backward(b, "trainable"), "autocast weight copies": autocast})
     moments["optimizer step"] = (0.0, step)
     return moments
 
 
+def _through_frozen_heads(f: _Formulas, saved: float, autocast: float, backward: str) -> dict[str, tuple[float, dict]]:
+    """A loss on frozen heads backed through the backbone under them, with ``saved`` activations: the
+    heads' backward into their features (on a CPU their first conv's workspace, which its forward
+    takes too), then the backbone's (``backward``: the moment's name)."""
+    b = f.s.batch_size
+    return {"heads backward": (saved, {"conv workspace": f.conv_workspace(b, "frozen"),
+                                       "autocast weight copies": autocast}),
+            backward: (saved, {**f.backward(b, "frozen"), "autocast weight copies": autocast})}
+
+
 # where ADP's pixel work adds to a phase: after the latent discriminator's forward, before the backward
 PIXEL_MOMENTS = {
-    "generator": {"discriminator backward": lambda p: p.generator_peak},
+    "generator": dict.fromkeys(("heads backward", "discriminator backward"), lambda p: p.generator_peak),
     "discriminator": {"heads backward": lambda p: p.discriminator_peak},
 }
 
@@ -666,23 +703,25 @@ def plan_memory(shape: Shape, sizes: dict[str, NetworkSize], settings: Settings,
         fixed["generator EMA (fp32)"] = sizes["generator"].trained * 4
     if pixel is not None:
         fixed["pixel backbone (VAE, vision encoder)"] = pixel.backbone_bytes
+    # a micro-batch's generator phase keeps x_fake's features (reused by the discriminator phase, not
+    # recomputed: the tapped blocks' outputs and ADP's pixel encoder features) and the two latents
+    # (x_fake, x_real; fp32): the discriminator phase starts with every micro-batch's; in the
+    # generator phase those of the micro-batches before the running one are kept, and all of them
+    # at its optimizer step
+    carried = {"kept x_fake / x_real latents": 2 * settings.batch_size * latent * 4,
+               "kept x_fake features": f.taps(settings.batch_size, False)
+               + (pixel.held_features if pixel is not None else 0)}
     phases = {}
     for phase in METHOD_PHASES[settings.method]:
         resident = _phase_resident(networks, phase, settings) + sum(fixed.values())
-        # a micro-batch's generator phase keeps x_fake's features (reused by the discriminator phase,
-        # not recomputed) and its ODE pair (x_fake, x_real latents, fp32): the discriminator phase starts
-        # with every micro-batch's; in the generator phase those of the micro-batches before the
-        # running one are kept, and all of them at its optimizer step
-        pair = f.taps(settings.batch_size, False) + 2 * settings.batch_size * latent * 4
-        pair += pixel.held_features if pixel is not None else 0
         keeps_pairs = phase == "generator" and "discriminator" in METHOD_PHASES[settings.method]
         if phase == "discriminator":
-            resident += settings.microbatches * pair
+            resident += settings.microbatches * sum(carried.values())
         best = None
         for moment, (saved, transients) in _moments(f, sizes, phase).items():
             if keeps_pairs:
                 kept = settings.microbatches if moment == "optimizer step" else settings.microbatches - 1
-                transients = {**transients, "kept ODE pairs": kept * pair}
+                transients = {**transients, **{name: kept * size for name, size in carried.items()}}
             if pixel is not None and moment in PIXEL_MOMENTS.get(phase, ()):
                 transients = {**transients, "pixel branch": PIXEL_MOMENTS[phase][moment](pixel)}
             total = resident + saved + sum(transients.values())

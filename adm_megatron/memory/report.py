@@ -29,6 +29,7 @@ def _r(value: float) -> float:
 def plan_to_dict(plan: MemoryPlan) -> dict:
     settings = dataclasses.asdict(plan.settings)
     settings["shard_optimizer"] = sorted(plan.settings.shard_optimizer)
+    settings["grad_clip"] = sorted(plan.settings.grad_clip)
     return {
         "settings": settings,
         "units": "GiB per GPU",

@@ -94,6 +94,7 @@ def config_memory_settings(config: Config) -> dict:
                         for p in RECOMPUTE_PHASES),
         params="bf16" if m.bf16_params else "fp32",
         shard_optimizer=frozenset(n for n in TRAINABLE if getattr(config.optim, n).shard_over_dp),
+        grad_clip=frozenset(n for n in TRAINABLE if getattr(config.optim, n).grad_clip > 0),
         offload=tuple((n, getattr(config.optim, n).offload) for n in TRAINABLE),
         ema=config.train.ema_decay > 0,
         grads_fp32=m.grad_reduce_in_fp32,
@@ -111,7 +112,6 @@ def settings_for(config: Config, world_size: int, **memory) -> Settings:
     m = config.model
     if m.dtype == "fp64":
         raise PlanError("model.dtype=fp64: the planner covers fp32 and bf16 runs")
-    opt = config.optim
     chosen = {**config_memory_settings(config), **{k: v for k, v in memory.items() if v is not None}}
     if chosen["params"] == "bf16" and m.dtype != "bf16":  # as model.bf16_params=true is refused for train
         raise PlanError(f"--params bf16 needs model.dtype=bf16 (got {m.dtype}): bf16 weights run under bf16 autocast")
@@ -123,8 +123,7 @@ def settings_for(config: Config, world_size: int, **memory) -> Settings:
     return Settings(
         method=config.distill.method, tensor_parallel=tp, context_parallel=cp, data_parallel=dp,
         batch_size=config.data.batch_size, microbatches=microbatches, sequence_parallel=m.sequence_parallel,
-        activations=m.dtype, grad_clip=max(opt.fake_score.grad_clip, opt.generator.grad_clip,
-                                           opt.discriminator.grad_clip) > 0,
+        activations=m.dtype,
         **chosen,
     )
 
