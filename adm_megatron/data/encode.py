@@ -83,5 +83,13 @@ def load_t5(directory: str, dtype: torch.dtype = torch.float32, device: str | to
 
     encoder_dir, tokenizer_dir = _resolve(directory)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    text_encoder = T5EncoderModel.from_pretrained(encoder_dir, dtype=dtype, local_files_only=True)
+    text_encoder = T5EncoderModel.from_pretrained(encoder_dir, **dtype_argument(dtype), local_files_only=True)
     return text_encoder.to(device).eval(), tokenizer
+
+
+def dtype_argument(dtype: torch.dtype) -> dict:
+    """A transformers model's ``from_pretrained`` dtype: ``dtype`` from transformers 5 (its
+    ``torch_dtype`` is deprecated, with a warning), ``torch_dtype`` before (4.x has no ``dtype``)."""
+    import transformers
+
+    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}

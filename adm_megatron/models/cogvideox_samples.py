@@ -73,9 +73,9 @@ def _load_pipeline(pipeline_dir: str, transformer_dir: str | None, dtype: torch.
         raise ValueError(f"{os.path.join(pipeline_dir, 'scheduler', 'scheduler_config.json')}: {err}") from None
     transformer_dir, lora_dir = generator_parts(pipeline_dir, transformer_dir)
     read_config(transformer_dir, "config.json", "transformer")
-    transformer = CogVideoXTransformer3DModel.from_pretrained(transformer_dir, dtype=dtype)
+    transformer = CogVideoXTransformer3DModel.from_pretrained(transformer_dir, torch_dtype=dtype)
     pipeline = CogVideoXPipeline.from_pretrained(
-        pipeline_dir, transformer=transformer, text_encoder=None, tokenizer=None, dtype=dtype)
+        pipeline_dir, transformer=transformer, text_encoder=None, tokenizer=None, torch_dtype=dtype)
     if lora_dir is not None:
         load_lora(pipeline, lora_dir)
     pipeline.scheduler = getattr(diffusers, SAMPLER_SCHEDULER).from_config(scheduler_config)

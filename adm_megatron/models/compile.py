@@ -35,7 +35,9 @@ BLOCK_GRAPHS = 32
 def compile_blocks(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     """Compile each of ``model.blocks`` in place when ``mode`` is ``blocks``; returns ``model``."""
     if mode == "blocks":
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_GRAPHS)
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7's name
+        setattr(config, limit, max(getattr(config, limit), BLOCK_GRAPHS))
         for block in model.blocks:
             block.compile(dynamic=False)
     return model

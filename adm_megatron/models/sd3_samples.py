@@ -38,9 +38,9 @@ def _load_pipeline(pipeline_dir: str, transformer_dir: str | None, dtype: torch.
         raise ValueError(f"{os.path.join(pipeline_dir, 'scheduler', 'scheduler_config.json')}: {err}") from None
     transformer_dir, lora_dir = generator_parts(pipeline_dir, transformer_dir)
     read_config(transformer_dir, "config.json", "transformer")
-    transformer = SD3Transformer2DModel.from_pretrained(transformer_dir, dtype=dtype)
+    transformer = SD3Transformer2DModel.from_pretrained(transformer_dir, torch_dtype=dtype)
     pipeline = StableDiffusion3Pipeline.from_pretrained(
-        pipeline_dir, transformer=transformer, dtype=dtype, **_NO_TEXT_ENCODERS)
+        pipeline_dir, transformer=transformer, torch_dtype=dtype, **_NO_TEXT_ENCODERS)
     if lora_dir is not None:
         load_lora(pipeline, lora_dir)
     if vae_tiling:
