@@ -18,7 +18,6 @@ import warnings
 
 from adm_megatron.config import ConfigError, keys_located, load_config
 from adm_megatron.mcore_compat import quiet_import_notices
-from adm_megatron.parallel.startup import FailedElsewhere
 
 NONFINITE_EXIT_CODE = 3  # train.max_skipped_steps updates in a row were NaN / Inf (or nan_policy=error)
 CHECKPOINT_FAILED_EXIT_CODE = 1  # a checkpoint could not be written; the previous one stays the latest
@@ -77,7 +76,7 @@ def _train(args: argparse.Namespace) -> int:
     from adm_megatron.parallel import launch_env
     from adm_megatron.train.grad_sync import GradSyncError
     from adm_megatron.train.phases import NonFiniteError
-    from adm_megatron.train.preemption import PREEMPTED_EXIT_CODE, startup_stop_in, stops_end_startup
+    from adm_megatron.train.preemption import PREEMPTED_EXIT_CODE, startup_stop_in, stop_received
     from adm_megatron.train.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
@@ -92,7 +91,7 @@ def _train(args: argparse.Namespace) -> int:
             print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
         return 0
     try:
-        with keys_located(config), stops_end_startup():
+        with keys_located(config):
             result = Trainer(config).fit()
     except NonFiniteError as err:  # decided alike on every rank (all-reduced): said once
         if launch_env().rank == 0:
@@ -104,11 +103,14 @@ def _train(args: argparse.Namespace) -> int:
     except CheckpointError as err:  # a checkpoint not written (the previous one stays the latest)
         print(f"adm-megatron: training stopped: {err}", file=sys.stderr)
         return CHECKPOINT_FAILED_EXIT_CODE
-    except BaseException as err:
-        stop = startup_stop_in(err)  # each rank that got the signal: a stop is sent to every task
-        if stop is None:
+    except Exception as err:
+        signalled = stop_received()
+        if signalled is None or startup_stop_in(err):
             raise
-        print(f"adm-megatron: stopped by {stop} during the start-up, before training; nothing new to save: run the "
+        # this rank got the stop, and its run ended in an error before it could save: the other ranks' end
+        # (one stopped during its start-up: "connection closed" in this one's collective), not a bug
+        print(f"adm-megatron: stopped by {signalled}, then ended by {type(err).__name__}: "
+              f"{str(err).splitlines()[0] if str(err) else ''} (another rank ended first); nothing new saved: run the "
               "same command to go on", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) != 0:
@@ -501,7 +503,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line ``argv`` (None: this process's own, ``sys.argv``); returns the exit code."""
+    own_process = argv is None
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] != ["train"]:
+        return _command(argv)
+    # train: a stop signal ends its start-up (the imports below take seconds, loading minutes) at once
+    from adm_megatron.train.preemption import (PREEMPTED_EXIT_CODE, ignore_stop_signals, startup_stop_in,
+                                               stops_end_startup)
+
+    try:
+        with stops_end_startup():
+            code = _command(argv)
+    except BaseException as err:
+        stop = startup_stop_in(err)  # each rank that got the signal: a stop is sent to every task
+        if stop is None:
+            raise
+        print(f"adm-megatron: stopped by {stop} during the start-up, before training; nothing new to save: run the "
+              "same command to go on", file=sys.stderr)
+        code = PREEMPTED_EXIT_CODE
+    if own_process and code == PREEMPTED_EXIT_CODE:
+        ignore_stop_signals()  # a second stop (SLURM's TERM, then the batch shell's USR1) would end the exit
+    return code
+
+
+def _command(argv: list[str]) -> int:
+    from adm_megatron.parallel.startup import FailedElsewhere  # torch: seconds, after train's stop handler
+
     _setup_logging()  # first: building the parser imports megatron-core, whose import-time warnings it filters
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -352,6 +352,22 @@ def test_a_stop_is_announced_by_rank_0_only(rank, said, monkeypatch, caplog):
     assert sum("stop requested (SIGUSR1)" in r.getMessage() for r in caplog.records) == said
 
 
+def test_ctrl_c_stops_with_a_checkpoint_and_twice_at_once():
+    """Ctrl-C (SIGINT) during training was a KeyboardInterrupt traceback (exit 130) that lost the
+    checkpoint being written; it is now a stop like SIGTERM's (save, exit 75), and a second Ctrl-C
+    ends the process at once."""
+    from adm_megatron.train.preemption import StopPoll
+
+    poll = StopPoll()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert poll.poll() == (True, False) and poll.signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        poll.close()
+
+
 @pytest.mark.parametrize("rank, lines", [("0", 1), ("1", 0)])
 def test_a_nan_stop_is_said_by_rank_0_only(rank, lines, monkeypatch, capsys):
     """The NaN / Inf stop is decided alike on every rank (all-reduced), and every rank printed its
@@ -411,3 +427,90 @@ def test_a_stop_signal_during_the_start_up_exits_75_in_one_line_having_written_n
             "the same command to go on"), err[-3:]
         assert not out.exists() or os.listdir(out) == []
         assert {s: signal.getsignal(s) for s in before} == before
+
+
+STOPPED_IN_STARTUP = ("adm-megatron: stopped by SIGUSR1 during the start-up, before training; nothing new to save: run "
+                      "the same command to go on")
+
+
+def test_a_stop_signal_while_the_config_loads_exits_75_in_one_line(tmp_path, monkeypatch, capsys):
+    """The handler was installed only after the trainer's imports and the config (seconds on a loaded
+    node): a stop signal in that window killed the process silently (exit 138). As the process's own
+    command, a stopped one ignores further stop signals to its end (SLURM's TERM, then the batch
+    shell's USR1, killed it mid-exit)."""
+    from adm_megatron import cli
+
+    loaded = cli.load_config
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return loaded(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "load_config", signalled)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    monkeypatch.setattr(sys, "argv", ["adm-megatron", "train", "--config",
+                                      os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"), f"output_dir={tmp_path}"])
+    try:
+        assert cli.main() == 75
+        assert {s: signal.getsignal(s) for s in before} == {s: signal.SIG_IGN for s in before}
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    assert capsys.readouterr().err.strip() == STOPPED_IN_STARTUP
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the finalizer's stop
+def test_a_start_up_stop_swallowed_by_a_finalizer_still_stops_the_run(tmp_path, monkeypatch, capsys):
+    """A stop signal handled inside a ``__del__`` (Python prints the finalizer's exception and drops
+    it): the start-up went on and the run trained to its end, its stop lost. The stop stays pending
+    and the first poll stops the run with a checkpoint."""
+    import adm_megatron.train.trainer as trainer_module
+    from adm_megatron.cli import main
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+    class SignalsWhenFreed:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    planned = trainer_module.plan_resume
+
+    def signalled(*args, **kwargs):
+        SignalsWhenFreed()  # freed at once: the stop is raised inside its finalizer
+        return planned(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "plan_resume", signalled)
+    out = tmp_path / "run"
+    rc = main(["train", "--config", os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"),
+               f"model.teacher={build_tiny_pipeline(str(tmp_path / 'pipe'), seed=0)}", f"output_dir={out}",
+               "train.max_iterations=5", "logging.wandb_mode=disabled", "logging.progress=false"])
+    captured = capsys.readouterr()
+    assert rc == 75 and "run stopped by a signal after 1 iterations" in captured.out, captured.out
+    assert os.path.isdir(out / "checkpoints" / "iter_0000001")
+
+
+def test_an_error_after_a_stop_signal_exits_75_in_one_line(monkeypatch, capsys):
+    """This rank got the stop while training, and its next collective failed because another rank had
+    already ended (stopped during its own start-up): a gloo traceback, exit 1. It is the stop's end."""
+    from adm_megatron import cli
+    from adm_megatron.train import trainer
+    from adm_megatron.train.preemption import StopPoll
+
+    class PeerGone:
+        def __init__(self, config):
+            pass
+
+        def fit(self):
+            poll = StopPoll()
+            try:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                                   "[127.0.0.1]:29500\nmore")
+            finally:
+                poll.close()
+
+    monkeypatch.setattr(trainer, "Trainer", PeerGone)
+    assert cli.main(["train", "--config", os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml")]) == 75
+    assert capsys.readouterr().err.strip() == (
+        "adm-megatron: stopped by SIGUSR1, then ended by RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:"
+        "534] Connection closed by peer [127.0.0.1]:29500 (another rank ended first); nothing new saved: run the same "
+        "command to go on")

@@ -154,3 +154,24 @@ def test_print_config_under_two_ranks_prints_once(tmp_path):
     (code0, out0), (code1, out1) = run_world(_print_config, 2, argv, timeout_s=120)
     assert (code0, code1) == (0, 0)
     assert out0.count(f"output_dir: {tmp_path / 'run'}") == 1 and out1 == ""
+
+
+def test_a_stop_signal_ends_a_wait_for_a_slower_rank_at_once(monkeypatch):
+    """A rank waiting at the start-up meeting for a slower one (another node still loading) sat in
+    the store's C++ wait, where no Python signal handler runs, until parallel.timeout_s (600 s by
+    default, against a scheduler's 120 s grace), while its launcher had been told to stop."""
+    import signal
+    import threading
+
+    import pytest
+    from torch.distributed import TCPStore
+
+    from adm_megatron.parallel.startup import exchange
+    from adm_megatron.train.preemption import StartupStop, stops_end_startup
+
+    store = TCPStore("127.0.0.1", 0, 2, True, wait_for_workers=False)  # rank 1 never comes
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+    start = time.monotonic()
+    with pytest.raises(StartupStop), stops_end_startup():
+        exchange(store, 0, 2, None, timeout_s=30)
+    assert time.monotonic() - start < 5

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import socket
+import time
 
 import torch.distributed as dist
 
@@ -27,6 +28,7 @@ from adm_megatron.parallel.launch_env import launch_env, rendezvous_store
 __all__ = ["FailedElsewhere", "agree_on_failure", "confirm_start", "exchange", "meet"]
 
 _PREFIX = "startup"
+_SLICE_S = 1.0  # the longest single store wait (see _wait)
 _MET = False  # this process has taken part in an exchange: a failure after it is said by its own rank
 
 
@@ -54,21 +56,31 @@ def exchange(store, rank: int, world_size: int, message: str | None, timeout_s: 
 
 
 def _wait(store, keys: list[str], world_size: int, timeout_s: float) -> None:
-    try:
-        store.wait(keys, datetime.timedelta(seconds=timeout_s))
-    except Exception:  # a store timeout (DistStoreError), or its server gone with a rank that exited
-        missing = [k.rsplit("/", 1)[1] for k in keys if not _has(store, k)]
+    """Until every key is set, in waits of at most ``_SLICE_S``: a stop signal's Python handler runs
+    only between them (not inside the store's C++ wait), so a rank told to stop while it waits for a
+    slower one stops at once, not after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            store.wait(keys, datetime.timedelta(seconds=max(min(left, _SLICE_S), 1e-3)))
+            return
+        except Exception:  # a store timeout (DistStoreError), or its server gone with a rank that exited
+            if left > _SLICE_S and _keys_set(store, keys) is not None:
+                continue
+        missing = [k.rsplit("/", 1)[1] for k in keys if not _keys_set(store, [k])]
         raise ConfigError(
             f"rank(s) {', '.join(missing) or '?'} of {world_size} did not start within parallel.timeout_s="
             f"{timeout_s:g} s (see their own output: a rank that stopped before its start, or a launch that "
             "does not start every rank)") from None
 
 
-def _has(store, key: str) -> bool:
+def _keys_set(store, keys: list[str]) -> bool | None:
+    """Whether every key is set; None when the store itself is gone."""
     try:
-        return store.check([key])
-    except Exception:  # the store itself is gone
-        return False
+        return store.check(keys)
+    except Exception:
+        return None
 
 
 def to_print(failures: list[tuple[int, str, str]], rank: int, world_size: int) -> list[str]:
