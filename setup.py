@@ -23,10 +23,13 @@ setup(
         # meant to work (checked: 0.16.1 on 3.11 / torch 2.13; 0.19.2, and 0.17.1 for what differs,
         # on 3.12 / torch 2.11; adm_megatron/mcore_compat.py); torch itself is best installed first
         # (CPU wheel or the cluster's CUDA build)
-        "torch>=2.4",
+        # floors below which the code cannot work (megatron-core 0.16's own torch floor; diffusers'
+        # apply_rotary_emb(sequence_dim=) since 0.35; transformers' SamVisionModel since 4.51); the
+        # oldest tried together: README "Checked"
+        "torch>=2.6",
         "megatron-core>=0.16",
-        "diffusers>=0.32",
-        "transformers>=4.46",
+        "diffusers>=0.35",
+        "transformers>=4.51",
         "einops>=0.7",
         "pyyaml>=6.0",
         "safetensors>=0.4",

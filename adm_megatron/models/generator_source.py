@@ -162,4 +162,4 @@ def load_lora(pipeline, lora_dir: str) -> None:
     linear computes W x + (alpha / r) B A x, as the trained generator did. Not fused: fusing adds
     B A into the weights in their dtype, and bf16 weights round most of a small trained delta away
     (see the README's LoRA section); the unfused adapters cost two rank-r products per layer."""
-    pipeline.load_lora_weights(lora_dir)
+    pipeline.load_lora_weights(lora_dir, weight_name=LORA_WEIGHTS)  # named: diffusers 0.35 offline needs it
