@@ -95,7 +95,7 @@ def test_changed_adapters_equal_diffusers_merged_and_lora_file(targets, pipeline
                          "ff.net.2"] if targets is ALL_TARGETS else ["attn1.to_out.0", "ff.net.2"])}
     assert modules == expect  # the fused QKV split back into to_q / to_k / to_v adapters
     pipe = CogVideoXPipeline.from_pretrained(pipeline_dir)
-    pipe.load_lora_weights(lora_dir)
+    pipe.load_lora_weights(lora_dir, weight_name=LORA_WEIGHTS)
     with torch.no_grad():
         assert rel_err(_forward(pipe.transformer, inputs), ours) <= TOL
 

@@ -16,6 +16,7 @@ import torch
 
 from adm_megatron.config import load_config
 from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+from adm_megatron.lora.export import LORA_WEIGHTS
 from tiny_cogvideox import make_inputs, rel_err
 
 ITERATIONS = 3
@@ -74,7 +75,7 @@ def test_lora_adm_run_trains_only_adapters_resumes_exactly_and_exports(tmp_path,
     latents, text, timestep, rotary, _ = inputs
     merged = CogVideoXTransformer3DModel.from_pretrained(result.generator_dir)
     pipe = CogVideoXPipeline.from_pretrained(pipeline_dir)
-    pipe.load_lora_weights(os.path.join(first, "generator_lora"))
+    pipe.load_lora_weights(os.path.join(first, "generator_lora"), weight_name=LORA_WEIGHTS)
     with torch.no_grad():
         want = merged(latents, text, timestep, image_rotary_emb=rotary).sample
         got = pipe.transformer(latents, text, timestep, image_rotary_emb=rotary).sample

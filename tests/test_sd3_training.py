@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from adm_megatron.config import ConfigError, LoraConfig, load_config
+from adm_megatron.lora.export import LORA_WEIGHTS
 from tiny_cogvideox import rel_err
 from tool_scripts import load_tool
 from adm_megatron.data.tiny_pixel_encoders import save_tiny_encoder
@@ -143,7 +144,7 @@ def test_sd3_lora_adm_run_exports_a_file_equal_to_its_merged_export(sd3_pipeline
             return m(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t).sample
 
     teacher_out = call(pipe.transformer)
-    pipe.load_lora_weights(os.path.join(tmp_path, "run", "generator_lora"))
+    pipe.load_lora_weights(os.path.join(tmp_path, "run", "generator_lora"), weight_name=LORA_WEIGHTS)
     assert rel_err(call(merged), teacher_out) > 1e-4  # the adapters trained
     assert rel_err(call(pipe.transformer), call(merged)) <= 1e-5
     assert sorted(os.path.basename(p) for p in result.samples) == ["grid.png", "sample-000.png", "sample-001.png"]
@@ -184,7 +185,7 @@ def test_sd3_lora_file_loads_in_the_sd3_pipeline(sd3_pipeline, tmp_path, world_o
     lora_dir = export_lora_file(model, str(tmp_path / "lora"))
     keys = load_file(os.path.join(lora_dir, "pytorch_lora_weights.safetensors"))
     assert "transformer.transformer_blocks.0.attn.add_q_proj.lora_A.weight" in keys
-    pipe.load_lora_weights(lora_dir)
+    pipe.load_lora_weights(lora_dir, weight_name=LORA_WEIGHTS)
     assert rel_err(call(pipe.transformer), ours) <= 1e-5
     merged = family.diffusers_model_class().from_pretrained(export_merged(model, model.arch, str(tmp_path / "merged")))
     assert rel_err(call(merged), ours) <= 1e-5

@@ -210,6 +210,24 @@ def test_a_job_submitted_away_from_the_repository_says_so_in_one_line(script, tm
                            "repository root or set ADM_MEGATRON_ROOT\n")
 
 
+@pytest.mark.parametrize("gpus, procs, started, warned", [("4", "", "4", False), ("", "2", "2", False),
+                                                           ("", "", "8", True)])
+def test_train_sbatch_starts_a_process_per_gpu_or_as_told(gpus, procs, started, warned, tmp_path):
+    """On a node SLURM gave no GPUs (a CPU test) train.sbatch started 8 ranks without a word; it now
+    takes PROCS_PER_NODE there, and says so when it falls back to 8."""
+    calls = tmp_path / "srun.calls"
+    bin_dir = _stub(tmp_path, "srun", calls)
+    _stub(tmp_path, "scontrol", tmp_path / "scontrol.calls")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "PROCS_PER_NODE"}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", ADM_MEGATRON_ROOT=ROOT, SLURM_JOB_ID="7",
+               SLURM_JOB_NODELIST="n1", SLURM_NNODES="1", **({"SLURM_GPUS_ON_NODE": gpus} if gpus else {}),
+               **({"PROCS_PER_NODE": procs} if procs else {}))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "slurm", "train.sbatch"), "config.yaml"], env=env,
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0 and f"--nproc-per-node {started} " in calls.read_text(), proc
+    assert ("PROCS_PER_NODE is unset: starting 8 processes per node" in proc.stderr) == warned, proc.stderr
+
+
 def test_every_sbatch_script_appends_its_log_across_requeues():
     """sample.sbatch's log was opened anew (SLURM's default, truncate) when the job was requeued:
     the first start's lines, its progress and why it stopped, were gone."""
