@@ -141,12 +141,13 @@ def _eval_toy():
 
 
 def test_eval_toy_before_after_measures_both_and_draws_every_row(tmp_path):
-    """``make demo``'s evaluation: with the teacher itself as the 'distilled' generator, before and
-    after are the same model, so every figure agrees; the table, JSON and grid are written."""
+    """``make demo``'s evaluation: with the teacher's transformer itself as the 'distilled' generator,
+    before and after are the same model, so every figure agrees; the table, JSON and grid are written
+    (a whole pipeline is refused as a generator: give its transformer)."""
     from PIL import Image
 
     eval_toy = _eval_toy()
-    results = eval_toy.main(["--generator", TEACHER, "--steps", "2", "--per-class", "2",
+    results = eval_toy.main(["--generator", os.path.join(TEACHER, "transformer"), "--steps", "2", "--per-class", "2",
                              "--out", str(tmp_path)])
     before, after = (r for r in results["rows"] if r["kind"] == "distilled")
     assert before["name"].startswith("before") and after["name"].startswith("after")
