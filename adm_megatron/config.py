@@ -906,3 +906,14 @@ def network_updates(config: Config, name: str) -> int:
 
 def config_to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
+
+
+def flatten_keys(values: dict, prefix: str = "") -> dict:
+    """A nested config dict as ``{dotted key: value}`` (tuples as lists, as YAML gives them back)."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flatten_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out

@@ -287,12 +287,12 @@ def _live_run(runs, tmp_path):
     names, as a live run with train.keep_checkpoints=1 has just before it prunes iter_0000002."""
     import shutil
 
-    from adm_megatron.train.checkpoint import _write_marker
+    from adm_megatron.train.checkpoint import write_latest_marker
 
     run = tmp_path / "live"
     shutil.copytree(runs[1]["ema"], run)
     shutil.copytree(run / "checkpoints" / "iter_0000002", run / "checkpoints" / "iter_0000003")
-    _write_marker(str(run), "iter_0000003")
+    write_latest_marker(str(run), "iter_0000003")
     return run
 
 

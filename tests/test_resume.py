@@ -443,6 +443,81 @@ def test_a_run_started_from_another_runs_checkpoint_goes_on_from_its_own_when_st
     assert starts == [start, os.path.join(second, "checkpoints", "iter_0000003")]
 
 
+def test_a_rollback_is_done_once_per_launch_and_a_requeue_goes_on_from_what_it_did_since(tmp_path, world_of_one,
+                                                                                         monkeypatch, caplog):
+    """train.resume naming an earlier checkpoint of the run's own goes back to it, and ``latest`` names
+    it from that start on (a start that dies before its first save leaves the run there, not at the
+    abandoned later checkpoints). The same SLURM job requeued with the same command goes on from the
+    run's latest instead of going back again (it went back at each requeue before, losing the work);
+    a new job, or a process started by hand, goes back again. starts.jsonl records the rollback and
+    the keys a start changed from config.yaml."""
+    import logging
+
+    from tiny_runs import tiny_fp64_run
+
+    from adm_megatron.config import load_config
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+    from adm_megatron.train.trainer import Trainer
+
+    pipeline_dir = build_tiny_pipeline(str(tmp_path / "pipe"), seed=0)
+    out = str(tmp_path / "run")
+    back = os.path.join(out, "checkpoints", "iter_0000001")
+
+    def trainer(iterations: int, *extra: str) -> Trainer:
+        return Trainer(load_config(None, [f"model.teacher={pipeline_dir}", f"output_dir={out}",
+                                          *tiny_fp64_run(iterations), "train.save_every=1", *extra]))
+
+    def job(job_id: str, requeues: int) -> None:
+        monkeypatch.setenv("SLURM_JOB_ID", job_id)
+        monkeypatch.setenv("SLURM_RESTART_COUNT", str(requeues))
+
+    assert trainer(3).fit().trained == 3
+    job("77", 0)
+    dying = trainer(4, f"train.resume={back}")
+    assert dying.start_iteration == 1
+
+    def killed(iteration):
+        raise RuntimeError("killed before its first save")
+
+    monkeypatch.setattr(dying, "train_iteration", killed)
+    with pytest.raises(RuntimeError):
+        dying.fit()
+    assert _latest(out) == "iter_0000001"  # not iter_0000003, which the rollback abandoned
+    job("77", 1)
+    assert trainer(4, f"train.resume={back}").fit().trained == 3  # from latest, the rollback point: 1, 2, 3
+    job("77", 2)
+    with caplog.at_level(logging.WARNING, logger="adm_megatron"):
+        assert trainer(5, f"train.resume={back}").fit().trained == 1  # from iter_0000004, not back to 1
+    assert any(r.getMessage().startswith(f"train.resume={back}: this launch (slurm::77) went back to iter_0000001 at "
+                                         "its start of ") and r.getMessage().endswith(
+        "so started again it goes on from the run's latest, iter_0000004 (a new job goes back again)")
+        for r in caplog.records)
+    job("78", 0)  # a new job asks for it again: it goes back
+    assert trainer(5, f"train.resume={back}").start_iteration == 1
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    assert trainer(5, f"train.resume={back}").start_iteration == 1  # by hand: each start is a launch
+    starts = [json.loads(line) for line in open(os.path.join(out, "starts.jsonl"))]
+    assert [(s["start_iteration"], s["rolled_back_to"], s["launch"], s["restart_counts"]) for s in starts] == [
+        (0, None, None, [0, 0]), (1, "iter_0000001", "slurm::77", [0, 0]), (1, None, "slurm::77", [1, 0]),
+        (4, None, "slurm::77", [2, 0])]
+    assert starts[0]["config_changes"] == {}
+    assert starts[1]["config_changes"] == {"train.max_iterations": [3, 4], "train.resume": ["auto", back]}
+    assert starts[3]["config_changes"]["train.max_iterations"] == [3, 5]
+
+
+def test_a_launch_is_known_by_its_slurm_job_or_torchrun_rendezvous_on_every_rank():
+    """What tells a requeue or restart from a new launch is the same on every rank of a launch."""
+    from adm_megatron.train.run_starts import launch_identity, restart_counts
+
+    node = {"TORCHELASTIC_RUN_ID": "r1", "MASTER_ADDR": "n0", "MASTER_PORT": "29500", "TORCHELASTIC_RESTART_COUNT": "2"}
+    assert launch_identity(node) == launch_identity({**node, "LOCAL_RANK": "3", "RANK": "11"}) == "torchrun:r1:n0:29500"
+    assert restart_counts(node) == [0, 2]
+    assert launch_identity({**node, "SLURM_JOB_ID": "5", "SLURM_CLUSTER_NAME": "c"}) == "slurm:c:5"
+    assert restart_counts({**node, "SLURM_RESTART_COUNT": "1"}) == [1, 2]
+    assert launch_identity({"RANK": "0"}) is None
+
+
 def test_a_finished_run_whose_checkpoints_were_removed_is_not_trained_anew(tmp_path, world_of_one):
     """Its checkpoints deleted to save room, a finished run started again (a requeue) trained from
     the start over its own outputs -- metrics, generator/ -- as if new; it is refused in one line

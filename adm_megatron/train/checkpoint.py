@@ -344,12 +344,13 @@ def start_training_checkpoint(trainer, iteration: int) -> BackgroundCheckpoint:
 def _after_publication(config, path: str) -> None:
     """Collective: ``latest`` names the checkpoint just published; old ones go."""
     if dist.get_rank() == 0:
-        _write_marker(config.output_dir, os.path.basename(path))
+        write_latest_marker(config.output_dir, os.path.basename(path))
         _prune(config.output_dir, config.train.keep_checkpoints, keep=os.path.basename(path))
     barrier()
 
 
-def _write_marker(output_dir: str, name: str) -> None:
+def write_latest_marker(output_dir: str, name: str) -> None:
+    """``checkpoints/latest`` names ``name`` (written whole, then renamed over the old marker)."""
     marker = os.path.join(checkpoints_root(output_dir), LATEST)
     tmp = f"{marker}.tmp-{uuid.uuid4().hex[:12]}"
     with open(tmp, "w") as f:

@@ -10,7 +10,9 @@
   ``auto`` (Megatron-LM's ``--load`` before ``--pretrained-checkpoint``), so that a requeued job, which
   runs the same command, does not go back to the path each time, and another run's checkpoint is
   never grafted onto this one's history. A path inside ``output_dir`` (an earlier checkpoint of its
-  own) goes back to it.
+  own) goes back to it: from this start on ``checkpoints/latest`` names it, and the same launch started
+  again (a requeued SLURM job, torchrun's restart: the same command) goes on from the run's latest
+  rather than going back again (``adm_megatron.train.run_starts``); a new job goes back again.
 
 A run never writes into an ``output_dir`` that holds a different run: the current config is
 compared with ``output_dir/config.yaml`` and with the checkpoint's config on every key except
@@ -35,7 +37,15 @@ from dataclasses import dataclass
 
 import yaml
 
-from adm_megatron.config import METHOD_KEYS, NETWORKS, SOURCE_KEYS, Config, ConfigError, config_to_dict
+from adm_megatron.config import (
+    METHOD_KEYS,
+    NETWORKS,
+    SOURCE_KEYS,
+    Config,
+    ConfigError,
+    config_to_dict,
+    flatten_keys,
+)
 from adm_megatron.convert.checkpoint import output_holds
 from adm_megatron.data.batch_layout import global_batch
 from adm_megatron.parallel.run_lock import LOCK_FILE
@@ -48,6 +58,7 @@ from adm_megatron.train.checkpoint import (
 )
 from adm_megatron.train.checkpoint_files import check_whole
 from adm_megatron.train.checkpoint_hold import CheckpointHold
+from adm_megatron.train.run_starts import earlier_rollback
 
 _WAY_ON = "start from the newest whole one once with train.resume={}"
 FINISHED = "finished.json"  # in output_dir, written when a run has exported everything
@@ -74,17 +85,9 @@ class ResumePoint:
     finished: bool = False  # the run in output_dir is complete: nothing to do
     hold: CheckpointHold | None = None  # train.resume=PATH: held against its run's pruning until loaded
     note: str | None = None  # for the log: train.resume=PATH set aside for output_dir's own checkpoints
-
-
-def flatten_keys(values: dict, prefix: str = "") -> dict:
-    """A nested config dict as ``{dotted key: value}`` (tuples as lists, as YAML gives them back)."""
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(flatten_keys(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return out
+    # train.resume names an earlier checkpoint of output_dir's own run: the run goes back to it
+    # (``latest`` names it from this start on: run_starts.earlier_rollback)
+    rolled_back: bool = False
 
 
 def _section_value(flat: dict, key: str):
@@ -207,6 +210,15 @@ def plan_resume(config: Config, world_size: int) -> ResumePoint:
                 f"latest, {os.path.basename(own)} (a path outside output_dir is where a run starts)")
         resume = "auto"
     hold = None if resume == "auto" else hold_checkpoint_from(resume, "train.resume")  # another run's, maybe live
+    rolled_back = (hold is not None and own is not None and output_holds(out, hold.path) == "contains"
+                   and os.path.realpath(hold.path) != os.path.realpath(own))
+    earlier = earlier_rollback(out, os.path.basename(hold.path)) if rolled_back else None
+    if earlier is not None:  # this launch went back already: a requeue or restart goes on from what it did since
+        note = (f"train.resume={resume}: this launch ({earlier['launch']}) went back to "
+                f"{os.path.basename(hold.path)} at its start of {earlier['time_utc']}, so started again it goes on "
+                f"from the run's latest, {os.path.basename(own)} (a new job goes back again)")
+        hold.release()
+        hold, resume, rolled_back = None, "auto", False
     ckpt = latest_checkpoint(out) if hold is None else hold.path
     if ckpt is None:
         return ResumePoint(None, 0)
@@ -241,7 +253,7 @@ def plan_resume(config: Config, world_size: int) -> ResumePoint:
                 and os.path.isfile(os.path.join(out, FINISHED)))
     if not finished:  # it will be loaded
         check_whole(ckpt, _WAY_ON)
-    return ResumePoint(ckpt, iteration, finished, hold, note)
+    return ResumePoint(ckpt, iteration, finished, hold, note, rolled_back)
 
 
 def _iteration(line: str) -> float:

@@ -8,9 +8,8 @@ exists, before anything is built, and stops in one line naming the keys that dif
 
 from __future__ import annotations
 
-from adm_megatron.config import Config, ConfigError, config_to_dict
+from adm_megatron.config import Config, ConfigError, config_to_dict, flatten_keys
 from adm_megatron.parallel.startup import differing_ranks
-from adm_megatron.train.resume import flatten_keys
 
 __all__ = ["check_same_config", "check_same_resume"]
 

@@ -74,6 +74,7 @@ from adm_megatron.train.checkpoint import (
     remove_leftovers,
     save_training_checkpoint,
     start_training_checkpoint,
+    write_latest_marker,
 )
 from adm_megatron.train.discriminator_monitor import DiscriminatorMonitor
 from adm_megatron.train.ema import ParameterEMA
@@ -88,7 +89,7 @@ from adm_megatron.train.profiling import IterationProfiler
 from adm_megatron.train.recompute import RecomputeSwitch
 from adm_megatron.train.resume import mark_finished, plan_resume, trim_metrics
 from adm_megatron.train.run_log import RunLogger, check_loggers
-from adm_megatron.train.run_starts import record_start, start_record
+from adm_megatron.train.run_starts import config_changes, record_start, start_record
 from adm_megatron.train.samples import RunSamples
 from adm_megatron.train.single_stage import SingleStage
 from adm_megatron.train.teacher import TeacherSource, resolve_teacher
@@ -443,7 +444,11 @@ class Trainer:
             for name in remove_leftovers(c.output_dir):
                 logger.info("removed %s left by an interrupted save", name)
             trim_metrics(c.output_dir, start)
-            record_start(c.output_dir, start_record(self.info, start, self.resume_point.checkpoint))
+            if self.resume_point.rolled_back:  # from now on the run's latest (a requeue before a save goes on here)
+                write_latest_marker(c.output_dir, os.path.basename(self.resume_point.checkpoint))
+            record_start(c.output_dir, start_record(self.info, start, self.resume_point.checkpoint,
+                                                    self.resume_point.rolled_back,
+                                                    config_changes(c.output_dir, config_to_dict(c))))
         run_log = RunLogger(
             c.output_dir, config_to_dict(c), total, start, rank0, c.train.log_every,
             c.logging.wandb_mode, c.logging.wandb_project, c.logging.progress, c.logging.wandb_name,
