@@ -269,3 +269,36 @@ def test_a_wandb_that_fails_leaves_the_run_going_and_its_metrics_whole(tmp_path,
     DeadService.calls.clear()
     finishing.close()  # no traceback
     assert DeadService.calls == ["finish"]
+
+
+_SERVICE_KILLED = """
+import sys, time, psutil
+from adm_megatron.train.run_log import RunLogger
+log = RunLogger(sys.argv[1], {}, 3, 0, True, wandb_mode="offline", progress=False)
+services = psutil.Process().children(recursive=True)
+assert services, "wandb started no service process"
+for service in services:  # as scancel's SIGTERM reaches every process of the step
+    service.terminate()
+psutil.wait_procs(services, timeout=30)
+time.sleep(1)
+for i in range(3):
+    log.log({"iteration": i, "generator/loss": 1.0})
+log.close()
+print("closed")
+"""
+
+
+def test_a_real_wandb_whose_service_was_killed_ends_without_a_traceback(tmp_path):
+    """The real wandb (offline): its service process killed as scancel kills it, the run's logging
+    goes on in one warning and the process ends cleanly -- wandb's own exit hook printed
+    "Exception ignored in atexit callback" and a ConnectionResetError traceback after the run's last
+    line."""
+    out = str(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-c", _SERVICE_KILLED, out], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, WANDB_SILENT="true"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("closed")
+    assert "wandb log failed" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line)["iteration"] for line in f] == [0, 1, 2]

@@ -170,6 +170,17 @@ class RunLogger:
             logger.warning("wandb %s failed (%s); the run goes on without wandb (metrics.jsonl has every record)",
                            what, one_line(err))
             self.wandb = None
+            self._end_wandb_service()
+
+    @staticmethod
+    def _end_wandb_service() -> None:
+        """Close wandb's connection to its (gone) service now: left to wandb's own exit hook, it printed
+        "Exception ignored in atexit callback" and a traceback after the run's last line. The teardown
+        drops that hook first, then fails to reach the service, as expected."""
+        import wandb
+
+        with contextlib.suppress(Exception):
+            wandb.teardown()
 
     def close(self) -> None:
         if not self.enabled:
