@@ -429,6 +429,35 @@ def test_a_stop_signal_during_the_start_up_exits_75_in_one_line_having_written_n
         assert {s: signal.getsignal(s) for s in before} == before
 
 
+@pytest.mark.parametrize("part", ["generator", "train_state"])
+def test_a_stop_signal_while_the_checkpoint_loads_exits_75_not_as_a_damaged_checkpoint(part, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """A stop while the resume reads the checkpoint: torch DCP gathers every rank's exception, the
+    stop's included, into its CheckpointException, which read as a failed load (exit 1, "loading
+    failed (rank 0: StartupStop ...)", after scanning every shard file for damage), or, in the
+    training state's load, a traceback."""
+    import torch.distributed.checkpoint.filesystem as dcp_files
+
+    from adm_megatron.cli import main
+    from adm_megatron.data.tiny_pipeline import build_tiny_pipeline
+
+    run = ["train", "--config", os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml"),
+           f"model.teacher={build_tiny_pipeline(str(tmp_path / 'pipe'), seed=0)}", f"output_dir={tmp_path / 'run'}",
+           "logging.wandb_mode=disabled", "logging.progress=false", "train.num_samples=0", "train.export=false"]
+    assert main([*run, "train.max_iterations=1"]) == 0
+    read = dcp_files.FileSystemReader.read_data
+
+    def signalled(self, *args, **kwargs):
+        if str(self.path).endswith(part):
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(dcp_files.FileSystemReader, "read_data", signalled)
+    capsys.readouterr()
+    assert main([*run, "train.max_iterations=3"]) == 75
+    assert capsys.readouterr().err.strip().splitlines()[-1] == STOPPED_IN_STARTUP
+
+
 STOPPED_IN_STARTUP = ("adm-megatron: stopped by SIGUSR1 during the start-up, before training; nothing new to save: run "
                       "the same command to go on")
 

@@ -552,6 +552,22 @@ def _damaged_shard_file(ckpt_dir: str) -> str | None:
     return None
 
 
+def raise_interruption(exc: BaseException) -> None:
+    """Re-raise what interrupted a load rather than failed it: torch DCP gathers every rank's exception
+    into a CheckpointException, a stop signal's (``StartupStop``) and Ctrl-C's ``KeyboardInterrupt``
+    included, which would otherwise read as a damaged checkpoint (exit 1, not the stop's 75)."""
+    failures = getattr(exc, "failures", None)
+    for failure in (failures.values() if isinstance(failures, dict) else ()):
+        failure = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(failure, BaseException) and not isinstance(failure, Exception):
+            raise failure
+
+
+def load_failure(exc: BaseException, ckpt_dir: str) -> CheckpointError:
+    """The one-line error for a failed load of ``ckpt_dir`` (after :func:`raise_interruption`)."""
+    return CheckpointError(f"{ckpt_dir}: loading failed ({_describe_load_failure(exc)})")
+
+
 def _describe_load_failure(exc: BaseException) -> str:
     """One line for megatron's / torch DCP's load errors (a DCP CheckpointException carries one
     traceback per failing rank: name the first rank's exception)."""
@@ -580,10 +596,11 @@ def load_megatron_checkpoint_into(model, ckpt_dir: str) -> dict[str, Any]:
             loaded = dist_checkpointing.load(sd, ckpt_dir)
     # torch DCP's CheckpointException (a BaseException) gathers every rank's traceback
     except (Exception, CheckpointException) as exc:  # noqa: BLE001
+        raise_interruption(exc)
         # torch's own error for a damaged shard (an UnpicklingError that suggests weights_only=False)
         # names no file: find it
-        raise CheckpointError(_damaged_shard_file(ckpt_dir)
-                              or f"{ckpt_dir}: loading failed ({_describe_load_failure(exc)})") from exc
+        damaged = _damaged_shard_file(ckpt_dir)
+        raise (CheckpointError(damaged) if damaged else load_failure(exc, ckpt_dir)) from exc
     try:
         model.load_state_dict(loaded, strict=True)
     except RuntimeError as exc:

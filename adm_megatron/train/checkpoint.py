@@ -44,15 +44,18 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from torch.distributed.checkpoint.api import CheckpointException
 
 from adm_megatron.config import ConfigError, config_to_dict
 from adm_megatron.convert.checkpoint import (
     CheckpointError,
+    load_failure,
     load_megatron_checkpoint_into,
     make_temporary_dir,
     megatron_checkpoint_contents,
     one_line,
     publish_temporary_dir,
+    raise_interruption,
     write_checkpoint_meta,
 )
 from adm_megatron.mcore_compat import async_save_kwargs
@@ -411,9 +414,13 @@ def load_training_checkpoint(trainer, ckpt_dir: str) -> int:
                            weights_only=True)
         trainer.heads.load_state_dict(heads)
     template = _train_state(trainer, 0)
-    with warnings.catch_warnings():  # megatron-core 0.16 still calls DCP's deprecated load_state_dict
-        warnings.filterwarnings("ignore", message=".*load_state_dict. is deprecated", category=FutureWarning)
-        loaded = dist_checkpointing.load(template, os.path.join(ckpt_dir, "train_state"))
+    try:
+        with warnings.catch_warnings():  # megatron-core 0.16 still calls DCP's deprecated load_state_dict
+            warnings.filterwarnings("ignore", message=".*load_state_dict. is deprecated", category=FutureWarning)
+            loaded = dist_checkpointing.load(template, os.path.join(ckpt_dir, "train_state"))
+    except CheckpointException as exc:  # torch DCP's (a BaseException): every rank's failure in it
+        raise_interruption(exc)
+        raise load_failure(exc, os.path.join(ckpt_dir, "train_state")) from exc
     for name, net in trainer.trainable.items():
         net.optimizer.load_sharded_state_dict(loaded[name])
     if trainer.ema is not None:
