@@ -175,3 +175,29 @@ def test_a_stop_signal_ends_a_wait_for_a_slower_rank_at_once(monkeypatch):
     with pytest.raises(StartupStop), stops_end_startup():
         exchange(store, 0, 2, None, timeout_s=30)
     assert time.monotonic() - start < 5
+
+
+def test_waiting_for_a_slower_rank_logs_nothing_and_reads_its_outcome(capfd):
+    """The meeting's wait for a rank that comes 2.5 s later: no line on stderr (the store's own wait,
+    in 1 s slices, logged two c10d "waitForInput ... likely a timeout" warnings per second on every
+    waiting rank, up to parallel.timeout_s), and the late rank's failure is read."""
+    import threading
+
+    from torch.distributed import TCPStore
+
+    from adm_megatron.parallel.startup import exchange
+
+    server = TCPStore("127.0.0.1", 0, 2, True, wait_for_workers=False)
+    late = TCPStore("127.0.0.1", server.port, 2, False)
+    came = []
+    threading.Timer(2.5, lambda: came.append(exchange(late, 1, 2, "a path it lacks", timeout_s=30))).start()
+    capfd.readouterr()
+    start = time.monotonic()
+    failures = exchange(server, 0, 2, None, timeout_s=30)
+    assert 2.4 < time.monotonic() - start < 6
+    assert [(r, m) for r, _, m in failures] == [(1, "a path it lacks")]
+    deadline = time.monotonic() + 10
+    while not came and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [[(r, m) for r, _, m in f] for f in came] == [[(1, "a path it lacks")]]
+    assert capfd.readouterr().err == ""

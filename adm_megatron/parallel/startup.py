@@ -28,7 +28,7 @@ from adm_megatron.parallel.launch_env import launch_env, rendezvous_store
 __all__ = ["FailedElsewhere", "agree_on_failure", "confirm_start", "exchange", "meet"]
 
 _PREFIX = "startup"
-_SLICE_S = 1.0  # the longest single store wait (see _wait)
+_POLL_S = 0.5  # the longest pause between two looks at the store (see _wait)
 _MET = False  # this process has taken part in an exchange: a failure after it is said by its own rank
 
 
@@ -44,35 +44,44 @@ def exchange(store, rank: int, world_size: int, message: str | None, timeout_s: 
     global _MET
     _MET = True
     store.set(f"{_PREFIX}/{rank}", f"{socket.gethostname()}\n{message or ''}")
-    _wait(store, [f"{_PREFIX}/{r}" for r in range(world_size)], world_size, timeout_s)
+    store.add(f"{_PREFIX}/posted", 1)
+    _wait(store, f"{_PREFIX}/posted", [f"{_PREFIX}/{r}" for r in range(world_size)], world_size, timeout_s)
     failures = []
     for r in range(world_size):
         host, _, text = store.get(f"{_PREFIX}/{r}").decode().partition("\n")
         if text:
             failures.append((r, host, text))
     store.set(f"{_PREFIX}/read/{rank}", "1")
-    _wait(store, [f"{_PREFIX}/read/{r}" for r in range(world_size)], world_size, timeout_s)
+    store.add(f"{_PREFIX}/read_count", 1)
+    _wait(store, f"{_PREFIX}/read_count", [f"{_PREFIX}/read/{r}" for r in range(world_size)], world_size,
+          timeout_s)
     return failures
 
 
-def _wait(store, keys: list[str], world_size: int, timeout_s: float) -> None:
-    """Until every key is set, in waits of at most ``_SLICE_S``: a stop signal's Python handler runs
-    only between them (not inside the store's C++ wait), so a rank told to stop while it waits for a
-    slower one stops at once, not after ``timeout_s``."""
+def _wait(store, counter: str, keys: list[str], world_size: int, timeout_s: float) -> None:
+    """Until ``counter`` (each rank adds 1 to it once its key is set) reaches ``world_size``: one small
+    store request per look, with pauses from 10 ms to :data:`_POLL_S`. A pause is a Python sleep, so a
+    stop signal's handler runs at once; the store's own wait is C++, where none runs (a rank told to
+    stop sat there until ``timeout_s``), and waited in short slices it logged two c10d warnings per
+    slice on every waiting rank. ``keys`` name the ranks that did not come."""
     deadline = time.monotonic() + timeout_s
+    pause = 0.01
     while True:
-        left = deadline - time.monotonic()
         try:
-            store.wait(keys, datetime.timedelta(seconds=max(min(left, _SLICE_S), 1e-3)))
-            return
-        except Exception:  # a store timeout (DistStoreError), or its server gone with a rank that exited
-            if left > _SLICE_S and _keys_set(store, keys) is not None:
-                continue
-        missing = [k.rsplit("/", 1)[1] for k in keys if not _keys_set(store, [k])]
-        raise ConfigError(
-            f"rank(s) {', '.join(missing) or '?'} of {world_size} did not start within parallel.timeout_s="
-            f"{timeout_s:g} s (see their own output: a rank that stopped before its start, or a launch that "
-            "does not start every rank)") from None
+            if store.add(counter, 0) >= world_size:
+                return
+        except Exception:  # noqa: BLE001 - the store's server gone with a rank that exited
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(pause, left))
+        pause = min(2 * pause, _POLL_S)
+    missing = [k.rsplit("/", 1)[1] for k in keys if not _keys_set(store, [k])]
+    raise ConfigError(
+        f"rank(s) {', '.join(missing) or '?'} of {world_size} did not start within parallel.timeout_s="
+        f"{timeout_s:g} s (see their own output: a rank that stopped before its start, or a launch that "
+        "does not start every rank)") from None
 
 
 def _keys_set(store, keys: list[str]) -> bool | None:
