@@ -71,6 +71,16 @@ def _check_one_process(command: str, print_only: bool = False) -> None:
                           f"`srun python -m adm_megatron.cli {command} ...` (or torchrun), or ask for --ntasks=1")
 
 
+def _peer_gone(err: BaseException) -> bool:
+    """Whether ``err`` is a collective's or the store's failure (another rank gone): torch.distributed's
+    errors, and the RuntimeErrors gloo raises for a closed or reset connection."""
+    import torch.distributed as dist
+
+    text = str(err)
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and (
+        "gloo" in text or "NCCL" in text or "Connection closed by peer" in text or "Connection reset" in text))
+
+
 def _train(args: argparse.Namespace) -> int:
     from adm_megatron.convert.checkpoint import CheckpointError
     from adm_megatron.parallel import launch_env
@@ -105,13 +115,13 @@ def _train(args: argparse.Namespace) -> int:
         return CHECKPOINT_FAILED_EXIT_CODE
     except Exception as err:
         signalled = stop_received()
-        if signalled is None or startup_stop_in(err):
-            raise
-        # this rank got the stop, and its run ended in an error before it could save: the other ranks' end
-        # (one stopped during its start-up: "connection closed" in this one's collective), not a bug
+        if signalled is None or startup_stop_in(err) or not _peer_gone(err):
+            raise  # an error of its own, a stop or not: a traceback
+        # this rank got the stop, and a collective failed before it could save: the other ranks' end (one
+        # stopped during its start-up: "connection closed" in this one's collective), not a bug
         print(f"adm-megatron: stopped by {signalled}, then ended by {type(err).__name__}: "
-              f"{str(err).splitlines()[0] if str(err) else ''} (another rank ended first); nothing new saved: run the "
-              "same command to go on", file=sys.stderr)
+              f"{str(err).splitlines()[0] if str(err) else ''} (another rank ended first); run the same command to "
+              "go on from the latest checkpoint", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) != 0:
         return PREEMPTED_EXIT_CODE if result.preempted else 0

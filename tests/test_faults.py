@@ -541,5 +541,29 @@ def test_an_error_after_a_stop_signal_exits_75_in_one_line(monkeypatch, capsys):
     assert cli.main(["train", "--config", os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml")]) == 75
     assert capsys.readouterr().err.strip() == (
         "adm-megatron: stopped by SIGUSR1, then ended by RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:"
-        "534] Connection closed by peer [127.0.0.1]:29500 (another rank ended first); nothing new saved: run the same "
-        "command to go on")
+        "534] Connection closed by peer [127.0.0.1]:29500 (another rank ended first); run the same command to go on "
+        "from the latest checkpoint")
+
+
+def test_a_bug_met_after_a_stop_signal_is_still_a_traceback(monkeypatch):
+    """Only a collective's failure after a stop is the stop's end: any other error (a bug in the
+    save the stop started) was printed as a preemption, exit 75, and the job requeued over it."""
+    from adm_megatron import cli
+    from adm_megatron.train import trainer
+    from adm_megatron.train.preemption import StopPoll
+
+    class SaveBug:
+        def __init__(self, config):
+            pass
+
+        def fit(self):
+            poll = StopPoll()
+            try:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return None.save()
+            finally:
+                poll.close()
+
+    monkeypatch.setattr(trainer, "Trainer", SaveBug)
+    with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'save'"):
+        cli.main(["train", "--config", os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml")])
