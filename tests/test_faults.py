@@ -545,6 +545,31 @@ def test_an_error_after_a_stop_signal_exits_75_in_one_line(monkeypatch, capsys):
         "from the latest checkpoint")
 
 
+def test_a_stop_signal_after_the_training_loop_lets_the_finished_run_end(monkeypatch, capsys):
+    """A stop that comes once the training loop's handler is gone (the run writing finished.json, its
+    last lines): the start-up's handler, back in place, took it for a start-up stop -- "during the
+    start-up, before training", exit 75 for a finished run. It is ignored: the run ends as finished."""
+    from types import SimpleNamespace
+
+    from adm_megatron import cli
+    from adm_megatron.train import trainer
+    from adm_megatron.train.preemption import StopPoll
+
+    class StoppedWhileFinishing:
+        def __init__(self, config):
+            pass
+
+        def fit(self):
+            StopPoll().close()  # the training loop
+            os.kill(os.getpid(), signal.SIGTERM)
+            return SimpleNamespace(preempted=False, iterations=3, trained=3, output_dir="out", generator_dir=None,
+                                   samples=[])
+
+    monkeypatch.setattr(trainer, "Trainer", StoppedWhileFinishing)
+    assert cli.main(["train", "--config", os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml")]) == 0
+    assert capsys.readouterr().out.strip() == "run finished: 3 iterations (3 trained now), outputs in out"
+
+
 def test_a_bug_met_after_a_stop_signal_is_still_a_traceback(monkeypatch):
     """Only a collective's failure after a stop is the stop's end: any other error (a bug in the
     save the stop started) was printed as a preemption, exit 75, and the job requeued over it."""

@@ -39,6 +39,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C
 LAUNCHER = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 _received: int | None = None  # the first stop signal this process got (start-up or training)
 _pending: int | None = None  # a start-up stop not yet acted on (its StartupStop may have been swallowed)
+# the training loop's handler (StopPoll) was installed: the start-up is over, and a stop that comes
+# once the loop has ended (the run finishing: its export, finished.json) is ignored, not a start-up stop
+_training_began = False
 
 
 def stop_received() -> str | None:
@@ -72,18 +75,22 @@ def startup_stop_in(error: BaseException) -> StartupStop | None:
 @contextlib.contextmanager
 def stops_end_startup():
     """Inside the block a stop signal raises :class:`StartupStop` (until :class:`StopPoll` takes the
-    signals over for the training loop), and further ones are ignored; the previous handlers come
-    back after it."""
+    signals over for the training loop; one after the loop, its handler put back, is ignored: the run
+    is ending on its own), and further ones are ignored; the previous handlers come back after it."""
     global _pending, _received
 
     def stop(signum, frame):
         global _pending
         _record(signum)
-        _pending = signum
         ignore_stop_signals()  # until the block ends
+        if _training_began:  # after the training loop (its handler put back): nothing left to stop
+            return
+        _pending = signum
         raise StartupStop(signal.Signals(signum).name)
 
+    global _training_began
     _received = _pending = None  # a command of its own (in one process, as the tests run several)
+    _training_began = False
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
         yield
@@ -103,8 +110,9 @@ class StopPoll:
     def __init__(self, save_interval_minutes: float = 0.0):
         self.interval_s = save_interval_minutes * 60
         self.last_save = time.monotonic()
-        global _pending
+        global _pending, _training_began
         self.signal, _pending = _pending, None  # a start-up stop that did not end the start-up
+        _training_began = True
         self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         self._launcher = LAUNCHER
         self.orphaned = False
