@@ -175,13 +175,21 @@ def test_preemptible_requeues_a_stopped_step_but_not_one_that_finished(tmp_path)
     assert "requeueing" not in out and calls == "", out
 
 
-def test_preemptible_does_not_requeue_a_job_cancelled_after_the_time_limit_warning(tmp_path):
-    """scancel (SIGTERM) while the step saved for the time-limit warning: the job the user had just
-    cancelled was requeued (the warning's requeue stood)."""
+@pytest.mark.parametrize("reason, requeued", [("None", False), ("TimeLimit", True)], ids=["scancel", "time-limit"])
+def test_preemptible_requeues_after_the_warning_unless_the_job_was_cancelled(reason, requeued, tmp_path):
+    """A SIGTERM while the step saved for the time-limit warning: scancel's (squeue's reason None) --
+    the job the user had just cancelled was requeued (the warning's requeue stood) -- stays
+    cancelled; the time limit's own (reason TimeLimit: a save longer than the warning's lead time,
+    which SLURM gives KillWait seconds more) is requeued, as seen on a real slurm-wlm 22.05."""
+    squeue = tmp_path / "bin" / "squeue"
+    squeue.parent.mkdir(parents=True)
+    squeue.write_text(f'#!/bin/sh\n[ "$*" = "-h -j 4242 -o %r" ] && echo {reason}\n')
+    squeue.chmod(0o755)
     out, calls = _preemptible(tmp_path, 'trap "sleep 1; exit 75" USR1; touch $READY; sleep 9 >/dev/null 2>&1 & wait $!',
                               "kill -USR1 $$; sleep 0.3; kill -TERM $$")
     assert "stop signal: forwarding SIGUSR1" in out and "SIGTERM: forwarding SIGUSR1" in out, out
-    assert "stopped after saving a checkpoint (exit 75)" in out and "requeueing" not in out and calls == "", out
+    assert "stopped after saving a checkpoint (exit 75)" in out, out
+    assert (calls == "requeue 4242\n") == requeued and ("requeueing" in out) == requeued, out
 
 
 def test_sample_sbatch_runs_without_ntasks(tmp_path):

@@ -8,14 +8,20 @@
 # runs the same command and train.resume=auto goes on from that checkpoint. A step that finished the
 # run anyway (exit 0: the signal came during its last iterations) is not requeued. A TERM (scancel,
 # or preemption, which SLURM requeues by itself) only saves, also when it comes after the time-limit
-# warning (a job cancelled while its step saves for the time limit stays cancelled).
+# warning (a job cancelled while its step saves for the time limit stays cancelled) -- except the
+# time limit's own TERM (squeue's reason TimeLimit: a step still saving for the warning, or a job
+# without one, has KillWait seconds to end), which requeues as the warning does.
+
+_time_limit_reached() {  # the job is being ended by its time limit (not scancel, not preemption)
+    [ "$(squeue -h -j "$SLURM_JOB_ID" -o %r 2>/dev/null)" = TimeLimit ]
+}
 
 run_preemptible() {
     local requeue=0 signalled=0 rc=0
     "$@" &
     local step=$!
     trap 'requeue=1; signalled=1; echo "[$(date +%T)] stop signal: forwarding SIGUSR1 to the training step"; kill -USR1 "$step" 2>/dev/null' USR1
-    trap 'requeue=0; signalled=1; echo "[$(date +%T)] SIGTERM: forwarding SIGUSR1 to the training step"; kill -USR1 "$step" 2>/dev/null' TERM
+    trap 'if _time_limit_reached; then requeue=1; else requeue=0; fi; signalled=1; echo "[$(date +%T)] SIGTERM: forwarding SIGUSR1 to the training step"; kill -USR1 "$step" 2>/dev/null' TERM
     while true; do
         wait "$step"
         rc=$?
