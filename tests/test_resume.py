@@ -630,7 +630,9 @@ def test_a_run_resumed_with_its_teacher_replaced_is_refused_in_one_line(changed,
     teacher = shutil.copytree(cogvideox_pipeline, tmp_path / "teacher")
     init = shutil.copytree(cogvideox_pipeline + "/transformer", tmp_path / "init")
     out = tmp_path / "run"
-    inputs = [f"model.teacher={teacher}", *([f"model.generator_init={init}"] if changed == "generator_init" else [])]
+    inputs = [f"model.teacher={teacher}", *([f"model.generator_init={init}", "model.lora.rank=2",
+                                             "model.lora.target_modules=[to_out.0]"]
+                                            if changed == "generator_init" else [])]
 
     def trainer(iterations: int) -> Trainer:
         return Trainer(load_config(None, [*inputs, f"output_dir={out}", *tiny_fp64_run(iterations)]))
@@ -665,6 +667,42 @@ def test_a_run_resumed_with_its_teacher_replaced_is_refused_in_one_line(changed,
                             "(a new output_dir)"), message
     if changed == "weights":
         assert f" now has {transformer_fingerprint(str(teacher / 'transformer'))[:12]} (" in message
+
+
+def test_a_full_generators_init_re_exported_in_place_does_not_stop_its_resume(cogvideox_pipeline, tmp_path):
+    """A full (not LoRA) generator's model.generator_init is read at its first start only: its
+    directory changed since (stage 1 exported again, in place) refused every requeue of stage 2,
+    though the run's weights come from its checkpoints. It goes on, exactly as with the files it
+    started from, and keeps recording the init it was trained from."""
+    from safetensors.torch import save_file
+    from tiny_runs import tiny_fp64_run
+
+    from adm_megatron.config import load_config
+    from adm_megatron.models.diffusers_files import transformer_fingerprint, weight_files
+    from adm_megatron.parallel import destroy_parallel
+    from adm_megatron.train.trainer import Trainer
+
+    init = shutil.copytree(cogvideox_pipeline + "/transformer", tmp_path / "init")
+    first_init = transformer_fingerprint(str(init))
+
+    def trainer(out, iterations: int) -> Trainer:
+        return Trainer(load_config(None, [f"model.teacher={cogvideox_pipeline}", f"model.generator_init={init}",
+                                          f"output_dir={out}", "train.save_every=1", *tiny_fp64_run(iterations)]))
+
+    try:
+        trainer(tmp_path / "whole", 2).fit()
+        destroy_parallel()
+        assert trainer(tmp_path / "run", 1).fit().trained == 1
+        destroy_parallel()
+        (file,) = weight_files(str(init))
+        save_file({k: v * 1.001 for k, v in load_file(file).items()}, file)
+        assert trainer(tmp_path / "run", 2).fit().trained == 1
+    finally:
+        destroy_parallel()
+    assert [without_timing(r) for r in _metrics(tmp_path / "run")] == [without_timing(r)
+                                                                       for r in _metrics(tmp_path / "whole")]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "iter_0000002" / "trainer_state.json").read_text())
+    assert state["weights"]["generator_init"] == first_init != transformer_fingerprint(str(init))
 
 
 def test_a_lengthened_run_leaves_only_its_new_ends_export_and_samples(tmp_path, world_of_one):

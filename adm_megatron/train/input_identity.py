@@ -10,7 +10,8 @@ manifest shard list hashed: names, rows and SHA-256s), and a resume compares it 
 now, in one line, before anything is built.
 
 Frozen files: the teacher (the real score and the discriminator's backbone), its noise schedule,
-``model.generator_init`` (a LoRA generator's frozen base) and ADP's pixel encoder and VAE are read
+``model.generator_init`` of a LoRA generator (its frozen base; a full generator's init is read at the
+first start only, its later weights come from checkpoints) and ADP's pixel encoder and VAE are read
 from their directories at every start, never from a checkpoint, so a directory replaced between two starts (a newer snapshot in the hub cache, a
 re-converted checkpoint) would change the rest of the run silently. Each checkpoint records their
 fingerprints (``adm_megatron/file_fingerprint.py``; ``trainer_state.json``'s ``weights``), a resume
@@ -96,13 +97,22 @@ def _named(key: str, config: Config) -> str:
     return f"model.teacher={m.teacher!r}"
 
 
-def check_same_weights(saved: dict | None, now: dict, state_file: str, config: Config) -> None:
+def check_same_weights(saved: dict | None, now: dict, state_file: str, config: Config) -> dict:
     """One-line ConfigError when a frozen input a checkpoint was trained with (``saved``: its
     ``weights`` record, None for a checkpoint from before it; keys it lacks are not compared) is not
-    what its directory holds now."""
+    what its directory holds now. Returns the record the run goes on with: ``now``, but a full (not
+    LoRA) generator's ``generator_init`` as saved -- its weights come from the checkpoint, the init
+    was read at the first start only, so the directory re-exported since (stage 1 again, in place)
+    changes nothing in the run and its record stays the init it was trained from."""
+    record = dict(now)
     for key, what in _FROZEN.items():
-        if saved and key in saved and saved[key] != now[key]:
+        if not saved or key not in saved:
+            continue
+        if key == "generator_init" and config.model.lora is None:
+            record[key] = saved[key]
+        elif saved[key] != now[key]:
             raise ConfigError(
                 f"{state_file}: the run was trained with {what} of fingerprint {str(saved[key])[:12]}, "
                 f"{_named(key, config)} now has {str(now[key])[:12]} (its files changed since); a run cannot change "
                 "them: restore them, or start a new run (a new output_dir)")
+    return record

@@ -167,7 +167,8 @@ class Trainer:
             state_file = os.path.join(self.resume_point.checkpoint, STATE_FILE)
             saved = read_training_state(self.resume_point.checkpoint)
             check_same_data(saved.get("data"), self.data_identity, state_file, config)
-            check_same_weights(saved.get("weights"), self.weights_identity, state_file, config)
+            self.weights_identity = check_same_weights(saved.get("weights"), self.weights_identity, state_file,
+                                                       config)
         if launch_env().rank == 0:  # the rank that logs
             check_loggers(config.logging.wandb_mode, config.logging.tensorboard)
         self.schedule = self.teacher_source.schedule()
@@ -232,7 +233,9 @@ class Trainer:
         teacher.eval().requires_grad_(False)
         if m.dtype == "bf16":  # frozen: held once, in bf16 (BF16 autocast computes in bf16 anyway)
             teacher.to(torch.bfloat16)
-        if m.generator_init:  # e.g. a two-stage run: start G from an earlier run's exported generator
+        # e.g. a two-stage run: start G from an earlier run's exported generator (a full generator's
+        # resume takes all of it from the checkpoint; a LoRA generator's base is read at every start)
+        if m.generator_init and (self.resume_point.checkpoint is None or m.lora is not None):
             load_full_state_dict(self.generator, self.family.load_hf_weights(m.generator_init, self.arch),
                                  source=m.generator_init)
             logger.info("generator initialised from %s", m.generator_init)
