@@ -9,7 +9,8 @@ duplicates or misses a pair; a shard lost or cut since (a partial copy) is colle
 a finished collection, and with ``verify`` one whose SHA-256 differs from the manifest's.
 ``collection.json`` (the settings, written first) must match on resume; ``manifest.json`` (with
 each shard's SHA-256) is written last, once every shard exists, keeping a finished collection's
-entries of the shards not collected again (a copy corrupted since stays one that ``verify`` finds).
+entries of the shards not collected again (a copy corrupted since stays one that ``verify`` finds);
+``recollecting.json`` names the shards a repair collects again until its manifest is written.
 One collection at a time writes an ``out_dir`` (the run lock, ``parallel/run_lock.py``)."""
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from adm_megatron.parallel.run_lock import LOCK_FILE
 
 logger = logging.getLogger("adm_megatron")
 SETTINGS = "collection.json"
+# the shards a repair of a finished collection collects again, written before it does: their manifest
+# entries are stale from then on, also for a later run when this one is killed after writing some
+RECOLLECTING = "recollecting.json"
 
 
 def sample_pairs(teacher_fn, schedule, x_T: torch.Tensor, text, negative, scale: torch.Tensor,
@@ -150,6 +154,28 @@ def _recorded_shards(out_dir: str) -> dict[str, dict]:
     return {s["file"]: s for s in shards}
 
 
+def _record_recollection(out_dir: str, n_shards: int, recorded: dict[str, dict]) -> None:
+    """Rank 0, before a repair collects the missing shards of a finished collection: add them to
+    ``RECOLLECTING`` (with those of an earlier repair that was killed), so that a shard written
+    again is hashed from disk, never given the manifest's entry of the copy it replaced (the teacher
+    on other hardware writes other bytes: --verify then called the new shard corrupted)."""
+    path = os.path.join(out_dir, RECOLLECTING)
+    earlier = read_json_object(path)["shards"] if os.path.isfile(path) else []
+    missing = [shard_name(i) for i in range(n_shards) if not os.path.isfile(os.path.join(out_dir, shard_name(i)))]
+    pending = sorted(set(earlier) | {name for name in missing if name in recorded})
+    if pending != earlier:
+        write_json_atomically(path, {"shards": pending})
+
+
+def _still_recorded(out_dir: str, recorded: dict[str, dict]) -> dict[str, dict]:
+    """``recorded`` without the entries of shards collected again since (``RECOLLECTING``)."""
+    path = os.path.join(out_dir, RECOLLECTING)
+    if not os.path.isfile(path):
+        return recorded
+    stale = set(read_json_object(path)["shards"])
+    return {name: entry for name, entry in recorded.items() if name not in stale}
+
+
 def _verify_shards(out_dir: str, shards, recorded: dict[str, dict]) -> None:
     """Remove those of ``shards`` (indices) of a finished collection whose SHA-256 differs from the
     manifest's (``recorded``), with a warning: they are collected again."""
@@ -223,8 +249,10 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
         for path, why in _damaged_shards(out_dir, settings).items():  # cut copies: collected again below
             if why != "missing":
                 os.remove(path)
+        _record_recollection(out_dir, n_shards, recorded)
     if dist.is_initialized():
         dist.barrier()
+    recorded = _still_recorded(out_dir, recorded)
     dtype = torch.float64 if config.model.dtype == "fp64" else torch.float32
     latent_shape = tuple(settings["latent_shape"])
     mine = [i for i in range(info.dp_rank, n_shards, info.dp_size)
@@ -281,6 +309,8 @@ def collect_ode_pairs(config: Config, out_dir: str, num_pairs: int, shard_size: 
     manifest = {**settings, "shards": [entries[i] for i in range(n_shards)]}
     if info.rank == 0:
         write_json_atomically(os.path.join(out_dir, MANIFEST), manifest)
+        if os.path.isfile(os.path.join(out_dir, RECOLLECTING)):
+            os.remove(os.path.join(out_dir, RECOLLECTING))
     if dist.is_initialized():
         dist.barrier()
     lock.release()

@@ -301,6 +301,45 @@ def test_a_repair_keeps_the_manifests_hash_of_a_shard_corrupted_since(reference,
     assert (out / MANIFEST).read_bytes() == open(os.path.join(reference, MANIFEST), "rb").read()
 
 
+def test_a_shard_collected_again_by_a_killed_repair_gets_its_own_hash(reference, pipeline_dir, tmp_path,
+                                                                     world_of_one, monkeypatch):
+    """A repair of a finished collection killed after writing a shard again (the teacher on other
+    hardware: other bytes): the next run kept the manifest's entry of the copy that shard replaced,
+    so --verify called the new shard corrupted and collected it again. The shards a repair collects
+    are recorded before it does (recollecting.json), and their entries are not kept."""
+    import hashlib
+    import shutil
+
+    import adm_megatron.ode_collection as collection
+    from adm_megatron.cli import main
+    from adm_megatron.parallel.run_lock import LOCK_FILE
+
+    out = tmp_path / "pairs"
+    shutil.copytree(reference, out)
+    (out / shard_name(1)).unlink()
+    (out / shard_name(2)).unlink()
+    write = collection.write_shard
+
+    def other_bytes_then_killed(out_dir, index, tensors):
+        write(out_dir, index, {**tensors, "x_0": tensors["x_0"] + 1e-3})
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(collection, "write_shard", other_bytes_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(_command(pipeline_dir, out)[3:])
+    monkeypatch.setattr(collection, "write_shard", write)
+    (out / LOCK_FILE).unlink(missing_ok=True)  # the killed process's lock (it held it in this one)
+    assert json.loads((out / collection.RECOLLECTING).read_text()) == {"shards": [shard_name(1), shard_name(2)]}
+    rewritten = (out / shard_name(1)).read_bytes()
+    assert rewritten != _shards(reference)[shard_name(1)]
+    assert main(_command(pipeline_dir, out)[3:]) == 0
+    assert not (out / collection.RECOLLECTING).exists()
+    entries = {e["file"]: e["sha256"] for e in json.loads((out / MANIFEST).read_text())["shards"]}
+    assert entries[shard_name(1)] == hashlib.sha256(rewritten).hexdigest()
+    assert OdePairs(str(out)).verify() == []
+    assert main([*_command(pipeline_dir, out)[3:], "--verify"]) == 0 and (out / shard_name(1)).read_bytes() == rewritten
+
+
 def test_a_second_collection_into_a_held_out_dir_is_refused_in_one_line(reference, pipeline_dir, tmp_path,
                                                                        world_of_one, capsys):
     """The same collection job submitted twice: the second one's rank 0 removed the first one's shards
