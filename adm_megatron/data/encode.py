@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from adm_megatron.dtype_keyword import dtype_keyword
 from adm_megatron.file_fingerprint import directory_fingerprint
 from adm_megatron.hub_cache import not_found_hint
 
@@ -83,13 +84,6 @@ def load_t5(directory: str, dtype: torch.dtype = torch.float32, device: str | to
 
     encoder_dir, tokenizer_dir = _resolve(directory)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    text_encoder = T5EncoderModel.from_pretrained(encoder_dir, **dtype_argument(dtype), local_files_only=True)
+    text_encoder = T5EncoderModel.from_pretrained(encoder_dir, **dtype_keyword("transformers", dtype),
+                                                  local_files_only=True)
     return text_encoder.to(device).eval(), tokenizer
-
-
-def dtype_argument(dtype: torch.dtype) -> dict:
-    """A transformers model's ``from_pretrained`` dtype: ``dtype`` from transformers 5 (its
-    ``torch_dtype`` is deprecated, with a warning), ``torch_dtype`` before (4.x has no ``dtype``)."""
-    import transformers
-
-    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}

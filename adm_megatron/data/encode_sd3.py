@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from adm_megatron.dtype_keyword import dtype_keyword
 from adm_megatron.models.pipeline_files import missing_components
 
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
@@ -43,7 +44,7 @@ def load_sd3_text_pipeline(directory: str, dtype: torch.dtype = torch.float32, d
         raise FileNotFoundError(f"{directory}: {', '.join(p + '/' for p in missing)} not found, which its "
                                 "model_index.json lists")
     pipeline = StableDiffusion3Pipeline.from_pretrained(
-        directory, transformer=None, vae=None, torch_dtype=dtype, local_files_only=True
+        directory, transformer=None, vae=None, **dtype_keyword("diffusers", dtype), local_files_only=True
     )
     return pipeline.to(device)
 

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from adm_megatron.dtype_keyword import dtype_keyword
 from adm_megatron.families.cogvideox_presets import SAMPLER_SCHEDULER
 from adm_megatron.models.frame_files import FORMATS, sample_name, write_frames
 from adm_megatron.models.generator_source import generator_parts, load_lora
@@ -73,9 +74,9 @@ def _load_pipeline(pipeline_dir: str, transformer_dir: str | None, dtype: torch.
         raise ValueError(f"{os.path.join(pipeline_dir, 'scheduler', 'scheduler_config.json')}: {err}") from None
     transformer_dir, lora_dir = generator_parts(pipeline_dir, transformer_dir)
     read_config(transformer_dir, "config.json", "transformer")
-    transformer = CogVideoXTransformer3DModel.from_pretrained(transformer_dir, torch_dtype=dtype)
+    transformer = CogVideoXTransformer3DModel.from_pretrained(transformer_dir, **dtype_keyword("diffusers", dtype))
     pipeline = CogVideoXPipeline.from_pretrained(
-        pipeline_dir, transformer=transformer, text_encoder=None, tokenizer=None, torch_dtype=dtype)
+        pipeline_dir, transformer=transformer, text_encoder=None, tokenizer=None, **dtype_keyword("diffusers", dtype))
     if lora_dir is not None:
         load_lora(pipeline, lora_dir)
     pipeline.scheduler = getattr(diffusers, SAMPLER_SCHEDULER).from_config(scheduler_config)

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from adm_megatron.dtype_keyword import dtype_keyword
 from adm_megatron.models.frame_files import sample_name, write_frames
 from adm_megatron.models.generator_source import generator_parts, load_lora
 from adm_megatron.models.pipeline_files import component_config, read_config
@@ -38,9 +39,9 @@ def _load_pipeline(pipeline_dir: str, transformer_dir: str | None, dtype: torch.
         raise ValueError(f"{os.path.join(pipeline_dir, 'scheduler', 'scheduler_config.json')}: {err}") from None
     transformer_dir, lora_dir = generator_parts(pipeline_dir, transformer_dir)
     read_config(transformer_dir, "config.json", "transformer")
-    transformer = SD3Transformer2DModel.from_pretrained(transformer_dir, torch_dtype=dtype)
+    transformer = SD3Transformer2DModel.from_pretrained(transformer_dir, **dtype_keyword("diffusers", dtype))
     pipeline = StableDiffusion3Pipeline.from_pretrained(
-        pipeline_dir, transformer=transformer, torch_dtype=dtype, **_NO_TEXT_ENCODERS)
+        pipeline_dir, transformer=transformer, **dtype_keyword("diffusers", dtype), **_NO_TEXT_ENCODERS)
     if lora_dir is not None:
         load_lora(pipeline, lora_dir)
     if vae_tiling:
