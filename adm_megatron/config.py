@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import math
 import re
 import typing
@@ -123,6 +124,7 @@ def _read_yaml(path: str) -> Any:
 
 
 RECOMPUTE_MODES = ("none", "selective", "full")
+MAX_TIMEOUT_S = 365 * 86400.0  # parallel.timeout_s's ceiling
 RECOMPUTE_PHASES = ("fake_score", "generator", "discriminator")
 
 
@@ -475,7 +477,7 @@ def _not_a_string(key: str, value: Any, source: str, written: str | None) -> str
     """Why ``value`` is no string. YAML 1.1 reads an unquoted off / yes as a boolean and 2024 as a
     number: then say so with the value as written, and how to quote it (on a shell too) -- unless
     the key takes fixed values and quoted it would be none of them: then name those."""
-    if written is None or not isinstance(value, (bool, int, float)):
+    if written is None or not isinstance(value, (bool, int, float, datetime.date)):
         return f"{_setting(key, value, written)}: expected a string"
     allowed = _choices(key)
     if allowed is not None and written not in allowed:
@@ -483,8 +485,13 @@ def _not_a_string(key: str, value: Any, source: str, written: str | None) -> str
     quoted = f'"{written}"'
     if source == "command line" and "[" not in key:  # the shell takes the quotes off key="..."
         quoted = f"'{key}={quoted}' on a shell"
-    read = str(value).lower() if isinstance(value, bool) else "a number"
+    read = (str(value).lower() if isinstance(value, bool) else "a date" if isinstance(value, datetime.date)
+            else "a number")
     return f"{key}={written}: expected a string; YAML reads {written} as {read}: quote it ({quoted})"
+
+
+# integers YAML 1.1 reads in another base: 0123 (octal: 83), 1:30 (base 60: 90), 1:30.5 (90.5)
+_OTHER_BASE = re.compile(r"[-+]?(0[0-7_]+|[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)")
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str, written: str | None = None) -> Any:
@@ -492,6 +499,9 @@ def _coerce(value: Any, hint: Any, key: str, source: str, written: str | None = 
     optional = [a for a in typing.get_args(hint) if a is not type(None)]
     if type(None) in typing.get_args(hint) and len(optional) == 1:  # ``X | None``: null or an X
         return None if value is None else _coerce(value, optional[0], key, source, written)
+    if hint in (int, float) and written is not None and _OTHER_BASE.fullmatch(written):
+        raise ConfigError(f"{source}: {key}={written}: YAML reads {written} as {value!r} (a number in base "
+                          f"{8 if ':' not in written else 60}); write the number in decimal, without leading zeros")
     origin = typing.get_origin(hint)
     if origin is list:
         (item_type,) = typing.get_args(hint)
@@ -611,6 +621,11 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"command line: {item}: {_yaml_problem(err)}") from None
         except yaml.YAMLError:  # not YAML: the text itself (a path, a name)
             value = raw
+        else:
+            dropped = _dropped_by_yaml(raw)
+            if dropped:
+                raise ConfigError(f"command line: {item}: YAML reads {dropped} and drops it; leave it out, or quote "
+                                  f"a text that holds it ('{key}=\"{raw.strip()}\"' on a shell)")
         _apply(config, _nest(key, value, raw.strip()), "", "command line")
         overridden.append(key)
 
@@ -629,6 +644,17 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         section, name = key.split(".")
         setattr(getattr(config, section), name, local_dir(getattr(getattr(config, section), name), key))
     return config
+
+
+def _dropped_by_yaml(raw: str) -> str | None:
+    """What of a command-line value YAML reads as no part of it: a comment (``run #1`` is ``run``)
+    or an anchor (``&x y`` is ``y``), as a message names it; None when it keeps all of it."""
+    node = yaml.compose(raw, _Loader)
+    rest = raw[node.end_mark.index:].strip() if node is not None else ""
+    if rest.startswith("#"):
+        return f"{rest!r} as a comment"
+    anchors = [event.anchor for event in yaml.parse(raw, _Loader) if getattr(event, "anchor", None)]
+    return f"'&{anchors[0]}' as an anchor" if anchors else None
 
 
 def _sets(values: Any, key: str) -> bool:
@@ -760,9 +786,10 @@ def _check_fields(config: Config, where: Callable[[str], str], new_run: bool = F
         raise ConfigError(f"{where('parallel.grad_bucket_size')}: "
                           f"parallel.grad_bucket_size={config.parallel.grad_bucket_size}: expected >= 0 "
                           "(0: megatron's default)")
-    if config.parallel.timeout_s < 1:  # below, the process group's own connection timed out at once (a traceback)
+    if not 1 <= config.parallel.timeout_s <= MAX_TIMEOUT_S:  # below 1, the process group's own connection
+        # timed out at once; past ~2.7e6 years, its timedelta overflowed (tracebacks)
         raise ConfigError(f"{where('parallel.timeout_s')}: parallel.timeout_s={config.parallel.timeout_s}: expected "
-                          "seconds >= 1")
+                          f"seconds in [1, {MAX_TIMEOUT_S:.0f}] (a year)")
     if not config.train.resume:
         raise ConfigError(f"{where('train.resume')}: train.resume is empty: expected auto, never or a checkpoint path")
     if not config.output_dir.strip():
@@ -852,8 +879,9 @@ def _check_fields(config: Config, where: Callable[[str], str], new_run: bool = F
                           f"distill.dmd_t_range=[{lo}, {hi}]: expected 0 <= low < high <= 1")
     if not 0 < d.gan_t_max <= 1:
         raise ConfigError(f"{where('distill.gan_t_max')}: distill.gan_t_max={d.gan_t_max}: expected 0 < gan_t_max <= 1")
-    if d.gan_weight < 0 or d.cls_weight < 0:
-        raise ConfigError(f"{where('distill.gan_weight')}: distill.gan_weight / cls_weight: expected >= 0")
+    for key in ("gan_weight", "cls_weight"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"{where(f'distill.{key}')}: distill.{key}={getattr(d, key)}: expected >= 0")
     if config.logging.dead_discriminator_window < 0:
         raise ConfigError(f"{where('logging.dead_discriminator_window')}: logging.dead_discriminator_window="
                           f"{config.logging.dead_discriminator_window}: expected >= 0 (0 disables)")
@@ -865,10 +893,16 @@ def _check_fields(config: Config, where: Callable[[str], str], new_run: bool = F
         raise ConfigError(f"{where('distill.method')}: "
                           f"distill.method={d.method} needs data.real_path (teacher ODE pairs from "
                           "tools/collect_ode_pairs.py)")
-    if d.latent_weight < 0 or d.pixel_weight < 0 or d.latent_weight + d.pixel_weight == 0:
+    for key in ("latent_weight", "pixel_weight"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"{where(f'distill.{key}')}: distill.{key}={getattr(d, key)}: expected >= 0")
+    if d.latent_weight + d.pixel_weight == 0:
         raise ConfigError(f"{where('distill.latent_weight')}: "
                           f"distill.latent_weight={d.latent_weight} / pixel_weight={d.pixel_weight}: "
                           "expected >= 0, not both 0")
+    if len(set(d.pixel_layers)) != len(d.pixel_layers):
+        raise ConfigError(f"{where('distill.pixel_layers')}: distill.pixel_layers={d.pixel_layers}: a layer given "
+                          "twice (one head per layer)")
     if not 0 <= d.pure_noise_share <= 1:
         raise ConfigError(f"{where('distill.pure_noise_share')}: "
                           f"distill.pure_noise_share={d.pure_noise_share}: "

@@ -134,12 +134,28 @@ def test_a_config_that_cannot_be_read_is_named_with_the_reason(capsys, monkeypat
     ("train.max_iterations=", "train.max_iterations is empty: expected an integer"),
     ("output_dir=", "output_dir is empty: expected a string"),
     ("model.teacher=null", "model.teacher=null: expected a string"),
+    ("output_dir=2024-01-01",
+     "output_dir=2024-01-01: expected a string; YAML reads 2024-01-01 as a date: quote it ('output_dir=\"2024-01-01\"' "
+     "on a shell)"),
+    # YAML 1.1's other bases: the run went on with another number, silently
+    ("seed=0123", "seed=0123: YAML reads 0123 as 83 (a number in base 8); write the number in decimal, without leading "
+                  "zeros"),
+    ("train.max_iterations=1:30", "train.max_iterations=1:30: YAML reads 1:30 as 90 (a number in base 60); write the "
+                                  "number in decimal, without leading zeros"),
+    ("optim.generator.lr=1:30.5", "optim.generator.lr=1:30.5: YAML reads 1:30.5 as 90.5 (a number in base 60); write "
+                                  "the number in decimal, without leading zeros"),
+    # what YAML drops of a command-line value: the run trained into output_dir=/tmp/run, named "y"
+    ("output_dir=/tmp/run #1", "output_dir=/tmp/run #1: YAML reads '#1' as a comment and drops it; leave it out, or "
+                               "quote a text that holds it ('output_dir=\"/tmp/run #1\"' on a shell)"),
+    ("logging.wandb_name=&x y", "logging.wandb_name=&x y: YAML reads '&x' as an anchor and drops it; leave it out, or "
+                                "quote a text that holds it ('logging.wandb_name=\"&x y\"' on a shell)"),
 ])
 def test_yaml_11_booleans_and_numbers_where_a_string_is_expected_are_explained(override, message, capsys,
                                                                                monkeypatch, tmp_path):
     """``logging.wandb_mode=off`` was reported as ``logging.wandb_mode=False: expected a string``,
     ``train.max_iterations=`` as ``=None``; then with a hint to quote it, which only led to ``expected
-    one of``."""
+    one of``. Numbers YAML 1.1 reads in base 8 or 60, and the parts of a value it drops (a comment, an
+    anchor), were taken silently."""
     assert _refused(capsys, monkeypatch, tmp_path, *REPORTED, override) == f"command line: {message}"
 
 
@@ -149,6 +165,10 @@ def test_yaml_11_booleans_and_numbers_where_a_string_is_expected_are_explained(o
     ("output_dir: 1.5\n", 'output_dir=1.5: expected a string; YAML reads 1.5 as a number: quote it ("1.5")'),
     ("train:\n  max_iterations:\n", "train.max_iterations is empty: expected an integer"),
     ("model:\n  teacher: ~\n", "model.teacher=null: expected a string"),
+    ("seed: 0123\n", "seed=0123: YAML reads 0123 as 83 (a number in base 8); write the number in decimal, without "
+                     "leading zeros"),
+    ("distill:\n  pixel_layers: [3, 06, 9]\n", "distill.pixel_layers[1]=06: YAML reads 06 as 6 (a number in base 8); "
+                                                "write the number in decimal, without leading zeros"),
 ])
 def test_a_files_yaml_11_values_are_shown_as_written(text, message, tmp_path):
     config = tmp_path / "run.yaml"
@@ -215,7 +235,13 @@ def test_checks_made_once_the_teacher_is_read_say_where_the_key_was_set(override
     # below 1 diffusers runs no CFG: `adm-megatron sample` refused the CFG such a run recorded
     ("distill.guidance_scale=[0.5, 0.9]", "distill.guidance_scale=[0.5, 0.9]: expected 1 <= low <= high (1: no CFG)"),
     ("distill.guidance_scale=[7, 5]", "distill.guidance_scale=[7.0, 5.0]: expected 1 <= low <= high (1: no CFG)"),
-    ("parallel.timeout_s=1e-300", "parallel.timeout_s=1e-300: expected seconds >= 1"),  # gloo's traceback at once
+    ("parallel.timeout_s=1e-300", "parallel.timeout_s=1e-300: expected seconds in [1, 31536000] (a year)"),  # gloo's
+    # traceback at once; and past timedelta's range an OverflowError once the process group was made
+    ("parallel.timeout_s=1e14", "parallel.timeout_s=100000000000000.0: expected seconds in [1, 31536000] (a year)"),
+    # each weight named with its value, and where it was set (the default of the other was blamed)
+    ("distill.cls_weight=-1", "distill.cls_weight=-1.0: expected >= 0"),
+    ("distill.pixel_weight=-1", "distill.pixel_weight=-1.0: expected >= 0"),
+    ("distill.pixel_layers=[2, 2]", "distill.pixel_layers=[2, 2]: a layer given twice (one head per layer)"),
     ('output_dir=""', "output_dir is empty: expected a directory path"),  # said "'' exists and is not a directory"
     # TE's delayed-scaling knobs: checked with a TE recipe only, so nonsense passed without one
     ("model.fp8_amax_history_len=0", "model.fp8_amax_history_len=0: expected >= 1"),
