@@ -260,6 +260,26 @@ def test_reduced_study_adm_two_step_beats_the_teacher_two_step(tmp_path):
     assert adm["accuracy"] >= 0.9
 
 
+def test_the_studys_paths_are_taken_from_where_it_is_run(tmp_path, monkeypatch):
+    """run_toy_study works in the checkout (its configs' paths) and changed into it before reading
+    --out / --work: run from elsewhere, `--out mystudy` wrote mystudy/ and outputs/toy_study/ into the
+    checkout. Paths given are the caller's; the default teacher is the checkout's."""
+    import run_toy_study
+
+    class Planned(Exception):
+        pass
+
+    def collect_pairs(work, teacher):
+        raise Planned(work, teacher)
+
+    monkeypatch.setattr(run_toy_study, "collect_pairs", collect_pairs)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Planned) as planned:
+        run_toy_study.main(["--out", "mystudy", "--work", "mywork"])
+    assert planned.value.args == (str(tmp_path / "mywork"), os.path.join(ROOT, "assets", "toy_teacher"))
+    assert os.path.isdir(tmp_path / "mywork") and not os.path.exists(os.path.join(ROOT, "mywork"))
+
+
 def test_study_plans_the_adp_two_stage_chain_alone():
     """``--methods adp_two_stage``: per seed, ADP stage 1 (toy_adp.yaml) then ADM 1-step from its generator."""
     import run_toy_study

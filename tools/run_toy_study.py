@@ -383,11 +383,18 @@ def execute(runs: list[dict], jobs: int, resume: bool) -> int:
     return to_run
 
 
+def _in_checkout(path: str) -> str:
+    """``path`` relative to the checkout when it lies in it (as the committed study records it)."""
+    inside = os.path.relpath(path, ROOT)
+    return path if inside.startswith("..") else inside
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="where toy_study.md / .json / toy_samples.png go")
     parser.add_argument("--work", default="outputs/toy_study", help="run directories")
-    parser.add_argument("--teacher", default="assets/toy_teacher")
+    parser.add_argument("--teacher", default=os.path.join(ROOT, "assets", "toy_teacher"),
+                        help="the toy teacher (default: the checkout's assets/toy_teacher)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--iterations", type=int, default=None, help="override train.max_iterations")
@@ -403,6 +410,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--merge-into", default=None,
                         help="then merge the new rows into this directory's committed toy_study.json / .md")
     args = parser.parse_args(argv)
+    for name in ("out", "work", "teacher", "merge_into"):  # from where the command runs: it works in the checkout
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
 
     import eval_toy
 
@@ -435,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
         with open(previous) as f:
             train_seconds = json.load(f).get("train_wall_seconds", train_seconds)
     manifest = {
-        "teacher": args.teacher, "guidance": GUIDANCE, "train_wall_seconds": round(train_seconds, 1),
+        "teacher": _in_checkout(args.teacher), "guidance": GUIDANCE, "train_wall_seconds": round(train_seconds, 1),
         "runs": [{**{k: r[k] for k in ("name", "label", "method", "steps", "seed", "group", "generator",
                                        "command", "wall_seconds", "cpu_seconds") if k in r},
                   "discriminator": discriminator_curve(r["output_dir"])} for r in runs],
