@@ -24,6 +24,7 @@ class CogVideoXArch(DiffusersArch):
 
     diffusers_class_name = DIFFUSERS_CLASS_NAME
     family: ClassVar[str] = "cogvideox"  # its name in adm_megatron.families (checkpoints record it)
+    offsets: ClassVar[frozenset[str]] = frozenset({"freq_shift"})
     num_attention_heads: int = 30
     attention_head_dim: int = 64
     in_channels: int = 16

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, ClassVar
 
@@ -18,11 +19,26 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
+# what a config value of a field of each type (as the dataclasses spell it) must be, and how an error says it:
+# sizes are positive integers (a 0 or a string ended in a traceback once the weights were read)
+_FIELD_VALUES = {
+    "int": (lambda v: type(v) is int and v > 0, "a positive integer"),
+    "float": (lambda v: type(v) in (int, float) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "bool": (lambda v: type(v) is bool, "true or false"),
+    "str": (lambda v: type(v) is str, "a string"),
+    "str | None": (lambda v: v is None or type(v) is str, "a string or null"),
+    "tuple[int, ...]": (lambda v: v is None or isinstance(v, (list, tuple)) and all(type(i) is int for i in v),
+                        "a list of integers"),
+    "offset": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),  # an int field in ``offsets``
+}
+
+
 class DiffusersArch:
     """Base of a frozen dataclass of a diffusers transformer config's fields (names kept): a
     subclass sets ``diffusers_class_name`` and builds itself in ``from_diffusers_config``."""
 
     diffusers_class_name: ClassVar[str]
+    offsets: ClassVar[frozenset[str]] = frozenset()  # int fields that may be 0 (not a size)
 
     @property
     def hidden_size(self) -> int:
@@ -35,14 +51,18 @@ class DiffusersArch:
     @classmethod
     def _known_fields(cls, config: dict[str, Any], source: str) -> dict[str, Any]:
         """The config's values of this dataclass's fields (``out_channels`` None -> ``in_channels``);
-        one-line ValueError when the config is another model's."""
+        one-line ValueError when the config is another model's, or names the key, its value and what
+        is expected when a value is not of its field's type (or range)."""
         expected = cls.diffusers_class_name
         if config.get("_class_name", expected) != expected:
             raise ValueError(f"{source}: _class_name is {config['_class_name']!r}, expected {expected!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in config.items() if k in names}
-        if kwargs.get("out_channels") is None:
-            kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in config.items() if k in types and not (k == "out_channels" and v is None)}
+        for key, value in kwargs.items():
+            valid, what = _FIELD_VALUES["offset" if key in cls.offsets else types[key]]
+            if not valid(value):
+                raise ValueError(f"{source}: {key}={json.dumps(value)}: expected {what}")
+        kwargs.setdefault("out_channels", kwargs.get("in_channels", cls.in_channels))
         return kwargs
 
     @classmethod

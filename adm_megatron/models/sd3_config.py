@@ -52,7 +52,7 @@ class SD3Arch(DiffusersArch):
         kwargs = cls._known_fields(config, source)
         kwargs["dual_attention_layers"] = tuple(kwargs.get("dual_attention_layers") or ())
         arch = cls(**kwargs)
-        if not all(isinstance(i, int) and 0 <= i < arch.num_layers for i in arch.dual_attention_layers):
+        if not all(0 <= i < arch.num_layers for i in arch.dual_attention_layers):
             raise ValueError(
                 f"{source}: dual_attention_layers={list(arch.dual_attention_layers)}: expected block indices "
                 f"in [0, {arch.num_layers})"
@@ -64,9 +64,6 @@ class SD3Arch(DiffusersArch):
                 f"{source}: caption_projection_dim={arch.caption_projection_dim} must equal "
                 f"num_attention_heads x attention_head_dim = {arch.hidden_size}"
             )
-        if not arch.pos_embed_max_size:
-            raise ValueError(f"{source}: pos_embed_max_size={arch.pos_embed_max_size!r}: SD3's cropped "
-                             f"position embedding needs a positive size")
         return arch
 
     def block_config(self) -> dict[str, Any]:

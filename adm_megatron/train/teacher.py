@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 from adm_megatron.config import ConfigError
 from adm_megatron.diffusion.schedules import NoiseSchedule, schedule_from_diffusers_config
-from adm_megatron.families import ModelFamily, family_for_diffusers_class, known_diffusers_classes
+from adm_megatron.families import ModelFamily, family_for_diffusers_class, known_diffusers_classes, read_model_config
 from adm_megatron.file_fingerprint import file_fingerprint
 from adm_megatron.hub_cache import not_found_hint
+from adm_megatron.json_file import read_json_object
 from adm_megatron.models.diffusers_files import transformer_fingerprint
 from adm_megatron.models.weights import load_full_state_dict
 
@@ -93,15 +94,21 @@ class TeacherSource:
 
 def _transformer_family(path: str) -> ModelFamily | None:
     """The family of a diffusers transformer directory; None when there is no config.json; a
-    one-line ValueError for a class no family reads."""
+    one-line ValueError naming the config.json when it is not a JSON object or its class no family reads."""
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
         return None
-    return family_for_diffusers_class(_read_json(config).get("_class_name"), config)
+    return family_for_diffusers_class(read_model_config(path).get("_class_name"), config)
 
 
 def _is_pipeline_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "model_index.json"))
+    """Whether ``path`` holds a ``model_index.json``; a one-line ValueError naming it when that is not a
+    JSON object (diffusers could not load the pipeline)."""
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        return False
+    read_json_object(index)
+    return True
 
 
 def resolve_teacher(teacher: str, pipeline: str = "") -> TeacherSource:
@@ -110,7 +117,11 @@ def resolve_teacher(teacher: str, pipeline: str = "") -> TeacherSource:
 
     if not os.path.isdir(teacher):
         raise ConfigError(f"model.teacher={teacher!r}: directory not found{not_found_hint(teacher)}")
-    if pipeline and not _is_pipeline_dir(pipeline):
+    try:
+        pipeline_found = not pipeline or _is_pipeline_dir(pipeline)
+    except ValueError as err:
+        raise ConfigError(f"model.pipeline={pipeline!r}: {err}") from None
+    if not pipeline_found:
         raise ConfigError(f"model.pipeline={pipeline!r}: not a diffusers pipeline directory (no model_index.json)"
                           f"{not_found_hint(pipeline)}")
     try:
