@@ -128,15 +128,33 @@ def checkpoint_from(path: str, what: str) -> str:
 def hold_checkpoint_from(path: str, what: str) -> CheckpointHold:
     """:func:`checkpoint_from`, held against the pruning of the run that writes it
     (``adm_megatron.train.checkpoint_hold``) until the hold is released; a run directory whose
-    latest was pruned before the hold took it is resolved again."""
+    latest was pruned before the hold took it is resolved again. A ``latest`` marker that still names
+    a checkpoint that is not there (removed by hand, or the marker edited) is a one-line ConfigError
+    naming the newest whole checkpoint beside it."""
     for attempt in range(3):
         ckpt = checkpoint_from(path, what)
         try:
             return CheckpointHold(ckpt)
         except CheckpointGone:
-            if ckpt == path or attempt == 2:
+            if ckpt == path:
+                raise
+            if not os.path.isdir(ckpt) and checkpoint_from(path, what) == ckpt:  # a live run moves latest on
+                raise _dangling_latest(path, what, ckpt) from None
+            if attempt == 2:
                 raise
     raise AssertionError("unreachable")
+
+
+def _dangling_latest(path: str, what: str, ckpt: str) -> ConfigError:
+    """The refusal of ``path`` whose ``latest`` marker names ``ckpt``, which is not there."""
+    from adm_megatron.train.checkpoint_files import earlier_whole_checkpoint
+
+    marker = os.path.join(os.path.dirname(ckpt), LATEST)
+    newest = earlier_whole_checkpoint(marker)  # of any iteration: the marker's own name is no iter_NNNNNNN
+    way_on = (f"the newest whole checkpoint there is {newest}: give {what}={newest}" if newest
+              else "no whole checkpoint is there")
+    return ConfigError(f"{what}={path!r}: {marker} names {os.path.basename(ckpt)!r}, a checkpoint that is not there "
+                       f"(removed, or the marker edited); {way_on}")
 
 
 def _is_checkpoints(path: str) -> bool:
@@ -172,16 +190,41 @@ def check_outside_runs(out: str, flag: str) -> None:
         here = parent
 
 
+# what the readers of a trainer_state.json (a resume, an export) take from it, by dotted key: a parent
+# before its keys
+_STATE_VALUES = (
+    ("iteration", lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+    ("config", lambda v: isinstance(v, dict), "an object (the run config)"),
+    ("config.data", lambda v: isinstance(v, dict), "an object"),
+    ("config.data.batch_size", lambda v: type(v) is int and v > 0, "a positive integer"),
+    ("layout", lambda v: isinstance(v, dict), "an object (the parallel layout it was saved at)"),
+    ("layout.data_parallel", lambda v: type(v) is int and v > 0, "a positive integer"),
+)
+
+
 def read_training_state(ckpt_dir: str) -> dict:
-    """``trainer_state.json`` of a checkpoint (iteration, layout, run config); one-line ConfigErrors."""
+    """``trainer_state.json`` of a checkpoint (iteration, layout, run config); one-line ConfigErrors
+    naming the file when it is not JSON or lacks a value its readers take (``_STATE_VALUES``)."""
     path = os.path.join(ckpt_dir, STATE_FILE)
     if not os.path.isfile(path):
         raise ConfigError(f"{ckpt_dir}: checkpoint has no {STATE_FILE} (incomplete, or not a training checkpoint)")
     try:
         with open(path) as f:
-            return json.load(f)
+            state = json.load(f)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: unreadable ({' '.join(str(err).split())})") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(state).__name__}")
+    for key, valid, what in _STATE_VALUES:
+        *parents, name = key.split(".")
+        section = state
+        for parent in parents:
+            section = section[parent]
+        if name not in section:
+            raise ConfigError(f"{path}: {key} is missing (expected {what})")
+        if not valid(section[name]):
+            raise ConfigError(f"{path}: {key}={json.dumps(section[name])}: expected {what}")
+    return state
 
 
 def _network_sharded(trainer, name: str) -> dict:

@@ -7,7 +7,8 @@ reader (``EOFError``, a pickle error) or, on many ranks, in a hang until ``paral
 :func:`damage` finds that from small files only, before any process group or model exists
 (``check_whole`` turns it into the one-line refusal of a resume or an export):
 
-- ``trainer_state.json`` must parse, and every part it lists (``parts``: the networks' directories,
+- ``trainer_state.json`` must parse and hold what a resume or an export takes from it
+  (``read_training_state``), and every part it lists (``parts``: the networks' directories,
   ``train_state/``, ``discriminator.pt`` where the method has heads) must be there;
 - the networks' megatron checkpoints (``generator/``, ``fake_score/``) pass the converter's own
   ``verify_checkpoint``, and ``train_state/`` the same shard check (``check_shard_files``): torch
@@ -27,7 +28,6 @@ refused by :func:`check_whole` in one line of its own, not as damage.
 
 from __future__ import annotations
 
-import json
 import os
 
 from adm_megatron.config import ConfigError
@@ -39,7 +39,7 @@ from adm_megatron.convert.checkpoint import (
     zip_damage,
 )
 from adm_megatron.mcore_compat import unreadable_layout
-from adm_megatron.train.checkpoint import ITERATION_DIR, STATE_FILE
+from adm_megatron.train.checkpoint import ITERATION_DIR, read_training_state
 
 
 def _distributed_damage(directory: str, network: bool) -> str | None:
@@ -67,13 +67,11 @@ def _parts(ckpt_dir: str) -> list[tuple[str, bool]]:
 
 def damage(ckpt_dir: str) -> str | None:
     """What is wrong with the checkpoint's files (one line), or None when they are whole."""
-    state = os.path.join(ckpt_dir, STATE_FILE)
     try:
-        with open(state) as f:
-            recorded = json.load(f)
-    except (OSError, ValueError) as err:
-        return f"{state}: unreadable ({' '.join(str(err).split())})"
-    for name in recorded.get("parts", ()) if isinstance(recorded, dict) else ():  # older checkpoints: none listed
+        recorded = read_training_state(ckpt_dir)
+    except ConfigError as err:
+        return str(err)
+    for name in recorded.get("parts", ()):  # older checkpoints: none listed
         if not os.path.exists(os.path.join(ckpt_dir, name)):
             return f"{os.path.join(ckpt_dir, name)}: missing (the checkpoint lists it)"
     for directory, network in _parts(ckpt_dir):
