@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -134,8 +135,11 @@ def check_options(opts: BenchOptions) -> None:
     for flag, (value, minimum) in least.items():
         if value is not None and value < minimum:
             raise ValueError(f"{flag}={value}: expected >= {minimum}")
-    if opts.peak_tflops is not None and not opts.peak_tflops > 0:
-        raise ValueError(f"--peak-tflops={opts.peak_tflops}: expected > 0")
+    if opts.peak_tflops is not None and not 0 < opts.peak_tflops < math.inf:  # inf gave an MFU of 0.0%
+        finite = "" if opts.peak_tflops <= 0 else " and finite"
+        raise ValueError(f"--peak-tflops={opts.peak_tflops}: expected > 0{finite}")
+    if not 0 <= opts.seed <= 2**63 - 1:  # as train's seed: torch seeds with 64 bits, and offsets are added to it
+        raise ValueError(f"--seed={opts.seed}: expected an integer in [0, 2**63 - 1]")
     if opts.dtype not in (*DTYPES, "auto"):
         raise ValueError(f"--dtype={opts.dtype!r}: expected auto or one of {', '.join(DTYPES)}")
 
