@@ -29,7 +29,8 @@ LOCK_FILE = ".run.lock"
 
 class RunLock:
     """Collective: take the lock of ``output_dir`` on the first rank (``holder``), or raise a one-line
-    ConfigError on every rank when another run holds it. ``release`` (or the process's end) frees it."""
+    ConfigError on every rank when another run holds it or ``output_dir`` cannot be created or written.
+    ``release`` (or the process's end) frees it."""
 
     def __init__(self, output_dir: str, holder: bool, key: str = "output_dir", user: str = "run",
                  shown: str | None = None):
@@ -44,9 +45,12 @@ class RunLock:
             raise ConfigError(refusal) if holder else FailedElsewhere(refusal)
 
     def _take(self, output_dir: str) -> str | None:
-        os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, LOCK_FILE)
-        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+")
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+")
+        except OSError as err:  # e.g. under /proc, or a read-only mount
+            return f"{self._key}={self._shown or output_dir!r}: cannot be created or written ({err})"
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
