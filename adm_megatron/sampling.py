@@ -32,6 +32,7 @@ import torch.distributed as dist
 from adm_megatron.convert.checkpoint import CHECKPOINT_META_FILE, output_holds
 from adm_megatron.convert.distillation_record import DISTILLATION_FILE, read_distillation_record
 from adm_megatron.data.batch_layout import contiguous_share
+from adm_megatron.diffusion.schedules import VPVPredSchedule, schedule_from_diffusers_config
 from adm_megatron.hub_cache import not_found_hint
 from adm_megatron.json_file import write_json_atomically
 from adm_megatron.families.registry import PromptEmbeddings
@@ -39,7 +40,7 @@ from adm_megatron.models.frame_files import check_writer, sample_name, write_gri
 from adm_megatron.models.diffusers_files import check_diffusers_weights
 from adm_megatron.models.generator_source import (LORA_WEIGHTS, check_lora_fits, generator_parts, not_a_generator_hint,
                                                    teacher_transformer)
-from adm_megatron.models.pipeline_files import missing_components, read_config
+from adm_megatron.models.pipeline_files import component_config, missing_components, read_config
 from adm_megatron.models.pipeline_size import FLAGS, PipelineScale, pipeline_scale
 from adm_megatron.parallel import barrier, initialize_parallel, launch_env
 from adm_megatron.parallel.run_lock import LOCK_FILE, RunLock
@@ -192,6 +193,27 @@ def _check_pipeline(pipeline_dir: str, family, transformer: str) -> None:
                          "model_index.json lists (a whole diffusers pipeline directory is expected)")
 
 
+def _check_step_counts(pipeline_dir: str, family, runs: list[SampleRun]) -> None:
+    """One-line ValueError for a step count the pipeline's scheduler cannot sample: a discrete-time (VP)
+    schedule has ``num_train_timesteps`` timesteps in all, and diffusers' CogVideoX schedulers refuse more
+    steps (after the pipeline is loaded); flow matching takes any count, and a scheduler the family does
+    not read is left to diffusers."""
+    config = component_config(pipeline_dir, "scheduler", "scheduler_config.json")
+    if config.get("_class_name") not in family.schedulers:
+        return
+    path = os.path.join(pipeline_dir, "scheduler", "scheduler_config.json")
+    try:
+        schedule = schedule_from_diffusers_config(config)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    if not isinstance(schedule, VPVPredSchedule):
+        return
+    for run in runs:
+        if run.steps > schedule.num_train_timesteps:
+            raise ValueError(f"{run.flag('steps')} {run.steps}: expected at most {schedule.num_train_timesteps}, the "
+                             f"timesteps of the pipeline's {config['_class_name']} (num_train_timesteps in {path})")
+
+
 def _check_format(fmt: str, family) -> None:
     """One-line ValueError for a ``--format`` the family's samples are not written in, or that this
     environment cannot write."""
@@ -331,6 +353,7 @@ def sample(pipeline_dir: str, runs: list[SampleRun], prompts: list[str], out_dir
     transformer = generator_parts(pipeline_dir, runs[0].transformer_dir)[0]  # a LoRA file: its base
     family = family_of_model_dir(transformer)
     _check_pipeline(pipeline_dir, family, transformer)  # before anything is written, as the format below
+    _check_step_counts(pipeline_dir, family, runs)
     arch = family.arch_from_pretrained_dir(transformer)
     video = family.latent_layout == "video"
     scale = pipeline_scale(pipeline_dir, read_config(transformer, "config.json", "transformer"), video)

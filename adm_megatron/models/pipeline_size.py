@@ -8,7 +8,8 @@ before any weights load. Both families' pipelines map latents to pixels the same
 ``vae_scale_factor = 2 ** (len(vae.block_out_channels) - 1)`` pixels per latent row and column, and
 for video ``num_frames = (latent_frames - 1) * vae.temporal_compression_ratio + 1``
 (``CogVideoXPipeline.prepare_latents`` inverts it); a latent side must also be a whole number of the
-transformer's patches.
+transformer's patches, and no more of them than a cropped position embedding covers (SD3's
+``pos_embed_max_size``; CogVideoX computes its positions for any size).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class PipelineScale:
     spatial: int  # pixels per latent row / column
     temporal: int | None  # video frames per latent frame after the first; None: an image pipeline
     patch: int  # latent rows / columns per token
+    max_patches: int | None = None  # the most tokens on a side (a cropped position embedding's size), None: any
 
     def pixels(self, frames: int, height: int, width: int) -> dict:
         """The pipeline call's size arguments for latents of ``frames`` x ``height`` x ``width``."""
@@ -46,6 +48,10 @@ class PipelineScale:
             if size[key] % side:
                 raise ValueError(f"{FLAGS[key]} {size[key]}: expected a multiple of {side} (the VAE's {self.spatial} "
                                  f"pixels per latent x the transformer's patch {self.patch})")
+            if self.max_patches and size[key] // side > self.max_patches:
+                raise ValueError(f"{FLAGS[key]} {size[key]}: expected at most {self.max_patches * side} (the "
+                                 f"transformer's position embedding covers pos_embed_max_size={self.max_patches} "
+                                 f"patches of {side} pixels on a side)")
         frames = 1
         if self.temporal is not None:
             if (size["num_frames"] - 1) % self.temporal:
@@ -61,4 +67,5 @@ def pipeline_scale(pipeline_dir: str, transformer_config: dict, video: bool) -> 
     vae = component_config(pipeline_dir, "vae")
     return PipelineScale(spatial=2 ** (len(vae["block_out_channels"]) - 1),
                          temporal=vae["temporal_compression_ratio"] if video else None,
-                         patch=transformer_config["patch_size"])
+                         patch=transformer_config["patch_size"],
+                         max_patches=transformer_config.get("pos_embed_max_size"))
