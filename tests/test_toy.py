@@ -280,6 +280,29 @@ def test_the_studys_paths_are_taken_from_where_it_is_run(tmp_path, monkeypatch):
     assert os.path.isdir(tmp_path / "mywork") and not os.path.exists(os.path.join(ROOT, "mywork"))
 
 
+def test_eval_toy_refuses_a_generator_of_another_architecture_and_a_missing_manifest(cogvideox_pipeline, tmp_path,
+                                                                                     capsys):
+    """A generator that is not of the toy teacher's architecture (a tiny CogVideoX run's) failed in its
+    first forward with a shape mismatch, after making --out; a missing --manifest was a traceback;
+    toy_trajectory's config error a traceback too."""
+    import eval_toy
+    import toy_trajectory
+
+    generator = os.path.join(cogvideox_pipeline, "transformer")
+    with pytest.raises(SystemExit) as stop:
+        eval_toy.main(["--generator", generator, "--steps", "2", "--out", str(tmp_path / "ev")])
+    assert str(stop.value).startswith(f"eval_toy: {generator}: not of the teacher's architecture (")
+    assert f"the teacher {os.path.join(ROOT, 'assets', 'toy_teacher')} has " in str(stop.value)
+    assert not (tmp_path / "ev").exists()
+    with pytest.raises(SystemExit) as stop:
+        eval_toy.main(["--manifest", str(tmp_path / "none.json"), "--out", str(tmp_path / "ev")])
+    assert str(stop.value) == f"eval_toy: --manifest {tmp_path / 'none.json'}: No such file or directory"
+    with pytest.raises(SystemExit) as stop:
+        toy_trajectory.main(["--config", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "tr")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == f"toy_trajectory: {tmp_path / 'none.yaml'}: config file not found"
+
+
 def test_study_plans_the_adp_two_stage_chain_alone():
     """``--methods adp_two_stage``: per seed, ADP stage 1 (toy_adp.yaml) then ADM 1-step from its generator."""
     import run_toy_study

@@ -25,7 +25,8 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
@@ -274,6 +275,22 @@ def single_generator_manifest(teacher: str, generator: str, steps: int, guidance
     }
 
 
+def _check_architectures(manifest: dict) -> None:
+    """Each generator is a transformer of the teacher's architecture (another one's, e.g. a tiny
+    CogVideoX run's, failed deep in its first forward with a shape mismatch)."""
+    try:
+        want = toy_pipeline.transformer_config(manifest["teacher"])
+        for run in manifest["runs"]:
+            got = toy_pipeline.transformer_config(run["generator"])
+            differ = [k for k in toy_pipeline.TOY_TRANSFORMER if got.get(k) != want.get(k)]
+            if differ:
+                raise ValueError(f"{run['generator']}: not of the teacher's architecture ({differ[0]}="
+                                 f"{got.get(differ[0])!r}, the teacher {manifest['teacher']} has "
+                                 f"{want.get(differ[0])!r})")
+    except ValueError as err:
+        raise SystemExit(f"eval_toy: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> dict:
     quiet_import_notices()  # torchao's and torch's import-time notices (adm_megatron/mcore_compat.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -282,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
     source.add_argument("--generator", help="one distilled generator directory (before / after, make demo)")
     parser.add_argument("--steps", type=int, default=None,
                         help="with --generator: its number of steps (default: its distillation.json's)")
-    parser.add_argument("--teacher", default="assets/toy_teacher", help="with --generator: the teacher")
+    parser.add_argument("--teacher", default=os.path.join(ROOT, "assets", "toy_teacher"),
+                        help="with --generator: the teacher (default: the checkout's assets/toy_teacher)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="with --generator: the CFG scale distilled (default: the middle of its distillation.json's "
                              f"range, else {TOY_GUIDANCE})")
@@ -293,8 +311,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.manifest:
-        with open(args.manifest) as f:
-            manifest = json.load(f)
+        try:
+            with open(args.manifest) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"eval_toy: --manifest {args.manifest}: {getattr(err, 'strerror', None) or err}") from None
     else:
         try:  # the generator's own step count and CFG (it was scored at 2 steps whatever it was distilled for)
             steps = generator_steps(args.generator, args.steps)
@@ -305,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
     for path in [manifest["teacher"]] + [run["generator"] for run in manifest["runs"]]:
         if not os.path.isdir(path):
             raise SystemExit(f"eval_toy: {path}: no such model directory")
+    _check_architectures(manifest)
     os.makedirs(args.out, exist_ok=True)
     results = evaluate(manifest, args.per_class, args.cache, os.path.join(args.out, "toy_samples.png"))
     with open(os.path.join(args.out, "toy_study.json"), "w") as f:

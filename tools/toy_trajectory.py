@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import torch  # noqa: E402
 
 import eval_toy  # noqa: E402
-from adm_megatron.config import load_config  # noqa: E402
+from adm_megatron.config import ConfigError, load_config  # noqa: E402
 from adm_megatron.toy.sampling import sample_fn  # noqa: E402
 from adm_megatron.train.trainer import Trainer  # noqa: E402
 
@@ -57,8 +57,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    config = load_config(args.config, [*args.overrides, f"output_dir={args.out}", "train.export=false",
-                                       "logging.progress=false", "logging.wandb_mode=disabled"])
+    try:
+        config = load_config(args.config, [*args.overrides, f"output_dir={args.out}", "train.export=false",
+                                           "logging.progress=false", "logging.wandb_mode=disabled"])
+    except ConfigError as err:
+        print(f"toy_trajectory: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     guidance = config.distill.guidance_scale[0]
     ev = eval_toy.Evaluator(config.model.teacher, args.per_class, guidance, args.cache)
     steps = config.distill.generator_steps

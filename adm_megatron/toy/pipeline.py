@@ -39,6 +39,22 @@ def build_transformer(seed: int = 0, **overrides):
         return CogVideoXTransformer3DModel(**{**TOY_TRANSFORMER, **overrides})
 
 
+def transformer_config(path: str) -> dict:
+    """The ``config.json`` of the transformer in ``path`` (a pipeline dir or a transformer dir); ValueError
+    naming the file when it is missing or no JSON object."""
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        path = os.path.join(path, "transformer")
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{file}: {err.strerror if isinstance(err, OSError) else err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    return config
+
+
 def load_transformer(path: str):
     """A diffusers ``CogVideoXTransformer3DModel`` (a pipeline dir or a transformer dir), eval mode."""
     from diffusers import CogVideoXTransformer3DModel
