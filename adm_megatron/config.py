@@ -805,9 +805,10 @@ def _check_fields(config: Config, where: Callable[[str], str], new_run: bool = F
                               f"logging.profile.mode={profile.mode!r}: expected one of "
                               f"{', '.join(PROFILE_MODES)}")
         if profile.start >= config.train.max_iterations:
-            raise ConfigError(f"{where('logging.profile')}: logging.profile.start={profile.start}: the run ends "
+            # where the start was set ("default" when the user set another of the section's keys only)
+            raise ConfigError(f"{where('logging.profile.start')}: logging.profile.start={profile.start}: the run ends "
                               f"before it (train.max_iterations={config.train.max_iterations}); nothing would be "
-                              "profiled")
+                              "profiled: set logging.profile.start / end below it")
         if not profile.ranks or any(r < 0 for r in profile.ranks):
             raise ConfigError(f"{where('logging.profile.ranks')}: "
                               f"logging.profile.ranks={profile.ranks}: expected a non-empty list of ranks >= 0")

@@ -85,7 +85,11 @@ def test_bad_windows_are_one_line_errors_before_anything_is_built(pipeline, tmp_
         (["logging.profile.mode=perf"], "logging.profile.mode='perf': expected one of torch, nsys"),
         (["logging.profile.ranks=[]"], r"logging.profile.ranks=\[\]: expected a non-empty list"),
         (["logging.profile.start=5", "logging.profile.end=8", "train.max_iterations=2"],
-         r"logging.profile.start=5: the run ends before it \(train.max_iterations=2\); nothing would be profiled"),
+         r"^command line: logging.profile.start=5: the run ends before it \(train.max_iterations=2\); nothing would be "
+         r"profiled: set logging.profile.start / end below it$"),
+        # only the mode given: the start it names is the default the user never set, and says so
+        (["logging.profile.mode=torch", "train.max_iterations=1"],
+         r"^default: logging.profile.start=10: the run ends before it \(train.max_iterations=1\)"),
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, [f"model.teacher={pipeline}", *override])
