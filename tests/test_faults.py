@@ -517,14 +517,12 @@ def test_a_start_up_stop_swallowed_by_a_finalizer_still_stops_the_run(tmp_path, 
     assert os.path.isdir(out / "checkpoints" / "iter_0000001")
 
 
-def test_an_error_after_a_stop_signal_exits_75_in_one_line(monkeypatch, capsys):
-    """This rank got the stop while training, and its next collective failed because another rank had
-    already ended (stopped during its own start-up): a gloo traceback, exit 1. It is the stop's end."""
-    from adm_megatron import cli
+def _trainer_stopped_then(monkeypatch, then):
+    """cli's Trainer replaced by one whose fit() gets SIGUSR1 while training, then runs ``then()``."""
     from adm_megatron.train import trainer
     from adm_megatron.train.preemption import StopPoll
 
-    class PeerGone:
+    class Stopped:
         def __init__(self, config):
             pass
 
@@ -532,12 +530,23 @@ def test_an_error_after_a_stop_signal_exits_75_in_one_line(monkeypatch, capsys):
             poll = StopPoll()
             try:
                 os.kill(os.getpid(), signal.SIGUSR1)
-                raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
-                                   "[127.0.0.1]:29500\nmore")
+                return then()
             finally:
                 poll.close()
 
-    monkeypatch.setattr(trainer, "Trainer", PeerGone)
+    monkeypatch.setattr(trainer, "Trainer", Stopped)
+
+
+def test_an_error_after_a_stop_signal_exits_75_in_one_line(monkeypatch, capsys):
+    """This rank got the stop while training, and its next collective failed because another rank had
+    already ended (stopped during its own start-up): a gloo traceback, exit 1. It is the stop's end."""
+    from adm_megatron import cli
+
+    def peer_gone():
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                           "[127.0.0.1]:29500\nmore")
+
+    _trainer_stopped_then(monkeypatch, peer_gone)
     assert cli.main(["train", "--config", os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml")]) == 75
     assert capsys.readouterr().err.strip() == (
         "adm-megatron: stopped by SIGUSR1, then ended by RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:"
@@ -574,21 +583,7 @@ def test_a_bug_met_after_a_stop_signal_is_still_a_traceback(monkeypatch):
     """Only a collective's failure after a stop is the stop's end: any other error (a bug in the
     save the stop started) was printed as a preemption, exit 75, and the job requeued over it."""
     from adm_megatron import cli
-    from adm_megatron.train import trainer
-    from adm_megatron.train.preemption import StopPoll
 
-    class SaveBug:
-        def __init__(self, config):
-            pass
-
-        def fit(self):
-            poll = StopPoll()
-            try:
-                os.kill(os.getpid(), signal.SIGUSR1)
-                return None.save()
-            finally:
-                poll.close()
-
-    monkeypatch.setattr(trainer, "Trainer", SaveBug)
+    _trainer_stopped_then(monkeypatch, lambda: None.save())
     with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'save'"):
         cli.main(["train", "--config", os.path.join(ROOT, "examples/cogvideox/tiny_cpu.yaml")])

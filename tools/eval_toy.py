@@ -287,7 +287,7 @@ def _check_architectures(manifest: dict) -> None:
                 raise ValueError(f"{run['generator']}: not of the teacher's architecture ({differ[0]}="
                                  f"{got.get(differ[0])!r}, the teacher {manifest['teacher']} has "
                                  f"{want.get(differ[0])!r})")
-    except ValueError as err:
+    except (OSError, ValueError) as err:  # read_model_config's one line
         raise SystemExit(f"eval_toy: {err}") from None
 
 

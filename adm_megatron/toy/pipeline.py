@@ -40,19 +40,13 @@ def build_transformer(seed: int = 0, **overrides):
 
 
 def transformer_config(path: str) -> dict:
-    """The ``config.json`` of the transformer in ``path`` (a pipeline dir or a transformer dir); ValueError
-    naming the file when it is missing or no JSON object."""
+    """The ``config.json`` of the transformer in ``path`` (a pipeline dir or a transformer dir);
+    ``read_model_config``'s one-line errors."""
+    from adm_megatron.families.registry import read_model_config
+
     if os.path.isfile(os.path.join(path, "model_index.json")):
         path = os.path.join(path, "transformer")
-    file = os.path.join(path, "config.json")
-    try:
-        with open(file) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{file}: {err.strerror if isinstance(err, OSError) else err}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{file}: expected a JSON object")
-    return config
+    return read_model_config(path)
 
 
 def load_transformer(path: str):
