@@ -61,7 +61,7 @@ from adm_megatron.convert.checkpoint import (
 from adm_megatron.mcore_compat import async_save_kwargs
 from adm_megatron.parallel import barrier, from_rank0
 from adm_megatron.train.background_save import BackgroundCheckpoint, BackgroundSaves
-from adm_megatron.train.checkpoint_hold import READERS, CheckpointGone, CheckpointHold, free_to_remove
+from adm_megatron.train.checkpoint_hold import READERS, free_to_remove
 from adm_megatron.train.save_workers import bind_writer_processes
 
 logger = logging.getLogger("adm_megatron")
@@ -123,38 +123,6 @@ def checkpoint_from(path: str, what: str) -> str:
         f"{what}={path!r}: neither a checkpoint (no {STATE_FILE}) nor a run directory with "
         "checkpoints/latest"
     )
-
-
-def hold_checkpoint_from(path: str, what: str) -> CheckpointHold:
-    """:func:`checkpoint_from`, held against the pruning of the run that writes it
-    (``adm_megatron.train.checkpoint_hold``) until the hold is released; a run directory whose
-    latest was pruned before the hold took it is resolved again. A ``latest`` marker that still names
-    a checkpoint that is not there (removed by hand, or the marker edited) is a one-line ConfigError
-    naming the newest whole checkpoint beside it."""
-    for attempt in range(3):
-        ckpt = checkpoint_from(path, what)
-        try:
-            return CheckpointHold(ckpt)
-        except CheckpointGone:
-            if ckpt == path:
-                raise
-            if not os.path.isdir(ckpt) and checkpoint_from(path, what) == ckpt:  # a live run moves latest on
-                raise _dangling_latest(path, what, ckpt) from None
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
-
-
-def _dangling_latest(path: str, what: str, ckpt: str) -> ConfigError:
-    """The refusal of ``path`` whose ``latest`` marker names ``ckpt``, which is not there."""
-    from adm_megatron.train.checkpoint_files import earlier_whole_checkpoint
-
-    marker = os.path.join(os.path.dirname(ckpt), LATEST)
-    newest = earlier_whole_checkpoint(marker)  # of any iteration: the marker's own name is no iter_NNNNNNN
-    way_on = (f"the newest whole checkpoint there is {newest}: give {what}={newest}" if newest
-              else "no whole checkpoint is there")
-    return ConfigError(f"{what}={path!r}: {marker} names {os.path.basename(ckpt)!r}, a checkpoint that is not there "
-                       f"(removed, or the marker edited); {way_on}")
 
 
 def _is_checkpoints(path: str) -> bool:

@@ -22,8 +22,8 @@ from adm_megatron.convert.checkpoint import CheckpointError, check_output_dir, l
 from adm_megatron.convert.distillation_record import distillation_record
 from adm_megatron.convert.pipeline_export import check_pipeline_output, pipeline_source, write_pipeline
 from adm_megatron.lora.export import lora_export_dirs
-from adm_megatron.train.checkpoint import STATE_FILE, check_outside_runs, hold_checkpoint_from, read_training_state
-from adm_megatron.train.checkpoint_files import check_whole
+from adm_megatron.train.checkpoint import STATE_FILE, check_outside_runs, read_training_state
+from adm_megatron.train.checkpoint_files import check_whole, hold_checkpoint_from
 from adm_megatron.train.ema import ParameterEMA
 from adm_megatron.train.export import export_generator
 

@@ -22,8 +22,10 @@ reader (``EOFError``, a pickle error) or, on many ranks, in a hang until ``paral
 A checkpoint whose layout the installed megatron-core cannot read (written by a newer one) is
 refused by :func:`check_whole` in one line of its own, not as damage.
 
-:func:`read_part_tensors` reads one part's tensors back whole, without a process group or a model
-(to compare two checkpoints).
+:func:`hold_checkpoint_from` resolves a path given to a resume or an export to the checkpoint it
+names, held against its run's pruning; a ``latest`` marker naming a checkpoint that is not there is
+refused naming the newest whole one. :func:`read_part_tensors` reads one part's tensors back whole,
+without a process group or a model (to compare two checkpoints).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from adm_megatron.convert.checkpoint import (
     zip_damage,
 )
 from adm_megatron.mcore_compat import unreadable_layout
-from adm_megatron.train.checkpoint import ITERATION_DIR, read_training_state
+from adm_megatron.train.checkpoint import ITERATION_DIR, LATEST, checkpoint_from, read_training_state
+from adm_megatron.train.checkpoint_hold import CheckpointGone, CheckpointHold
 
 
 def _distributed_damage(directory: str, network: bool) -> str | None:
@@ -129,3 +132,33 @@ def read_part_tensors(part_dir: str, scratch_file: str) -> dict:
         elif torch.is_tensor(node):
             flat[prefix] = node
     return flat
+
+
+def hold_checkpoint_from(path: str, what: str) -> CheckpointHold:
+    """:func:`checkpoint_from`, held against the pruning of the run that writes it
+    (``adm_megatron.train.checkpoint_hold``) until the hold is released; a run directory whose
+    latest was pruned before the hold took it is resolved again. A ``latest`` marker that still names
+    a checkpoint that is not there (removed by hand, or the marker edited) is a one-line ConfigError
+    naming the newest whole checkpoint beside it."""
+    for attempt in range(3):
+        ckpt = checkpoint_from(path, what)
+        try:
+            return CheckpointHold(ckpt)
+        except CheckpointGone:
+            if ckpt == path:
+                raise
+            if not os.path.isdir(ckpt) and checkpoint_from(path, what) == ckpt:  # a live run moves latest on
+                raise _dangling_latest(path, what, ckpt) from None
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _dangling_latest(path: str, what: str, ckpt: str) -> ConfigError:
+    """The refusal of ``path`` whose ``latest`` marker names ``ckpt``, which is not there."""
+    marker = os.path.join(os.path.dirname(ckpt), LATEST)
+    newest = earlier_whole_checkpoint(marker)  # of any iteration: the marker's own name is no iter_NNNNNNN
+    way_on = (f"the newest whole checkpoint there is {newest}: give {what}={newest}" if newest
+              else "no whole checkpoint is there")
+    return ConfigError(f"{what}={path!r}: {marker} names {os.path.basename(ckpt)!r}, a checkpoint that is not there "
+                       f"(removed, or the marker edited); {way_on}")

@@ -52,11 +52,10 @@ from adm_megatron.parallel.run_lock import LOCK_FILE
 from adm_megatron.train.checkpoint import (
     STATE_FILE,
     checkpoints_root,
-    hold_checkpoint_from,
     latest_checkpoint,
     read_training_state,
 )
-from adm_megatron.train.checkpoint_files import check_whole
+from adm_megatron.train.checkpoint_files import check_whole, hold_checkpoint_from
 from adm_megatron.train.checkpoint_hold import CheckpointHold
 from adm_megatron.train.run_starts import earlier_rollback
 
