@@ -29,7 +29,7 @@ from adm_megatron.memory.plan import (
 )
 from adm_megatron.families import family_for_preset, family_of_arch
 from adm_megatron.models.taps import tapped_block_indices
-from adm_megatron.train.validate import check_prompt_embeddings
+from adm_megatron.data.prompt_fit import check_prompt_embeddings
 
 
 def resolve_arch(config: Config, preset: str = ""):

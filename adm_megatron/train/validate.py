@@ -25,6 +25,7 @@ from adm_megatron.hub_cache import not_found_hint
 from adm_megatron.models.generator_source import not_a_generator_hint
 from adm_megatron.models.kernel_options import check_kernel_options
 from adm_megatron.data.batch_layout import microbatches_for
+from adm_megatron.data.prompt_fit import check_prompt_embeddings
 from adm_megatron.models.specs import transformer_engine_available
 from adm_megatron.train.profiling import check_profile
 from adm_megatron.train.teacher import TeacherSource
@@ -69,36 +70,6 @@ def validate_collection(config: Config, teacher: TeacherSource, world_size: int)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     check_prompt_embeddings(config, teacher.family, arch)
-
-
-def check_prompt_embeddings(config: Config, family, arch) -> None:
-    """``data.path``'s prompt embeddings (``data.source=shards``) against what the teacher takes: their
-    length and width, and the pooled embedding's width (the memory plan checks the same)."""
-    if config.data.source != "shards":
-        return
-    from adm_megatron.data import TextEmbeddingShards
-
-    try:
-        shards = TextEmbeddingShards(config.data.path)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"data.path={config.data.path!r}: {err}") from None
-    text = family.conditioning(arch)
-    # the pooled embedding first: one there but not here (or the other way) means another family's
-    # encoders, which a length of their own only seems to explain
-    if shards.pooled_dim != (text.pooled_width or 0):
-        raise ConfigError(
-            f"data.path={config.data.path!r}: pooled embeddings of width {shards.pooled_dim}, the teacher "
-            f"takes {text.pooled_width or 'none'} (encode the prompts with the teacher's own pipeline: "
-            "tools/precompute_text_embeddings.py)"
-        )
-    length = shards.seq_len if text.any_text_length else text.text_length
-    if (shards.seq_len, shards.dim) != (length, text.text_width):
-        remedy = (f"encode them again with --max-length {length}" if shards.dim == text.text_width else
-                  "encode the prompts with the teacher's own pipeline")
-        raise ConfigError(
-            f"data.path={config.data.path!r}: embeddings are {shards.seq_len} x {shards.dim}, "
-            f"the teacher takes {length} x {text.text_width} ({remedy}: tools/precompute_text_embeddings.py)"
-        )
 
 
 def validate_run(config: Config, teacher: TeacherSource, world_size: int) -> None:
