@@ -124,7 +124,6 @@ def _read_yaml(path: str) -> Any:
 
 
 RECOMPUTE_MODES = ("none", "selective", "full")
-MAX_TIMEOUT_S = 365 * 86400.0  # parallel.timeout_s's ceiling
 RECOMPUTE_PHASES = ("fake_score", "generator", "discriminator")
 
 
@@ -728,6 +727,9 @@ def _check_torchao_fp8(config: Config, where) -> None:
         raise ConfigError(f"{key}: model.fp8={m.fp8} with model.dtype=fp64: expected bf16 or fp32")
 
 
+MAX_TIMEOUT_S = 365 * 86400.0  # parallel.timeout_s's ceiling
+
+
 def _check_fields(config: Config, where: Callable[[str], str], new_run: bool = False) -> None:
     """Choices and ranges that need no file system or model; ``where(key)`` names where a key was set.
     ``new_run``: a config to start or go on with, not a saved one read back as it was trained (the
@@ -880,7 +882,7 @@ def _check_fields(config: Config, where: Callable[[str], str], new_run: bool = F
                           f"distill.dmd_t_range=[{lo}, {hi}]: expected 0 <= low < high <= 1")
     if not 0 < d.gan_t_max <= 1:
         raise ConfigError(f"{where('distill.gan_t_max')}: distill.gan_t_max={d.gan_t_max}: expected 0 < gan_t_max <= 1")
-    for key in ("gan_weight", "cls_weight"):
+    for key in ("gan_weight", "cls_weight", "latent_weight", "pixel_weight"):
         if getattr(d, key) < 0:
             raise ConfigError(f"{where(f'distill.{key}')}: distill.{key}={getattr(d, key)}: expected >= 0")
     if config.logging.dead_discriminator_window < 0:
@@ -894,9 +896,6 @@ def _check_fields(config: Config, where: Callable[[str], str], new_run: bool = F
         raise ConfigError(f"{where('distill.method')}: "
                           f"distill.method={d.method} needs data.real_path (teacher ODE pairs from "
                           "tools/collect_ode_pairs.py)")
-    for key in ("latent_weight", "pixel_weight"):
-        if getattr(d, key) < 0:
-            raise ConfigError(f"{where(f'distill.{key}')}: distill.{key}={getattr(d, key)}: expected >= 0")
     if d.latent_weight + d.pixel_weight == 0:
         raise ConfigError(f"{where('distill.latent_weight')}: "
                           f"distill.latent_weight={d.latent_weight} / pixel_weight={d.pixel_weight}: "

@@ -77,19 +77,18 @@ def _wait(store, counter: str, keys: list[str], world_size: int, timeout_s: floa
             break
         time.sleep(min(pause, left))
         pause = min(2 * pause, _POLL_S)
-    missing = [k.rsplit("/", 1)[1] for k in keys if not _keys_set(store, [k])]
+    missing = [k.rsplit("/", 1)[1] for k in keys if not _has(store, k)]
     raise ConfigError(
         f"rank(s) {', '.join(missing) or '?'} of {world_size} did not start within parallel.timeout_s="
         f"{timeout_s:g} s (see their own output: a rank that stopped before its start, or a launch that "
         "does not start every rank)") from None
 
 
-def _keys_set(store, keys: list[str]) -> bool | None:
-    """Whether every key is set; None when the store itself is gone."""
+def _has(store, key: str) -> bool:
     try:
-        return store.check(keys)
-    except Exception:
-        return None
+        return store.check([key])
+    except Exception:  # the store itself is gone
+        return False
 
 
 def to_print(failures: list[tuple[int, str, str]], rank: int, world_size: int) -> list[str]:

@@ -39,23 +39,24 @@ def build_transformer(seed: int = 0, **overrides):
         return CogVideoXTransformer3DModel(**{**TOY_TRANSFORMER, **overrides})
 
 
+def _transformer_dir(path: str) -> str:
+    """The transformer directory of ``path``: a pipeline dir's ``transformer/``, or ``path`` itself."""
+    return os.path.join(path, "transformer") if os.path.isfile(os.path.join(path, "model_index.json")) else path
+
+
 def transformer_config(path: str) -> dict:
     """The ``config.json`` of the transformer in ``path`` (a pipeline dir or a transformer dir);
     ``read_model_config``'s one-line errors."""
     from adm_megatron.families.registry import read_model_config
 
-    if os.path.isfile(os.path.join(path, "model_index.json")):
-        path = os.path.join(path, "transformer")
-    return read_model_config(path)
+    return read_model_config(_transformer_dir(path))
 
 
 def load_transformer(path: str):
     """A diffusers ``CogVideoXTransformer3DModel`` (a pipeline dir or a transformer dir), eval mode."""
     from diffusers import CogVideoXTransformer3DModel
 
-    if os.path.isfile(os.path.join(path, "model_index.json")):
-        path = os.path.join(path, "transformer")
-    return CogVideoXTransformer3DModel.from_pretrained(path, low_cpu_mem_usage=False).eval().requires_grad_(False)
+    return CogVideoXTransformer3DModel.from_pretrained(_transformer_dir(path), low_cpu_mem_usage=False).eval().requires_grad_(False)
 
 
 def schedule():

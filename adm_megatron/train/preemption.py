@@ -77,7 +77,7 @@ def stops_end_startup():
     """Inside the block a stop signal raises :class:`StartupStop` (until :class:`StopPoll` takes the
     signals over for the training loop; one after the loop, its handler put back, is ignored: the run
     is ending on its own), and further ones are ignored; the previous handlers come back after it."""
-    global _pending, _received
+    global _pending, _received, _training_began
 
     def stop(signum, frame):
         global _pending
@@ -88,7 +88,6 @@ def stops_end_startup():
         _pending = signum
         raise StartupStop(signal.Signals(signum).name)
 
-    global _training_began
     _received = _pending = None  # a command of its own (in one process, as the tests run several)
     _training_began = False
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
